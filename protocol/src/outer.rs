@@ -1,0 +1,1 @@
+//! The outer optimizer (being written).
