@@ -1,0 +1,468 @@
+//! Codec tests: round trips within each format's stated bound, the
+//! error-feedback identity, hostile payloads, and a fuzz-style property test.
+
+use super::bench::synthetic_update;
+use super::bitpack::BitWriter;
+use super::*;
+use proptest::prelude::*;
+
+fn encode_once(config: CodecConfig, delta: &[f32]) -> Vec<u8> {
+    match Encoder::new(config, delta.len()).and_then(|mut e| e.encode(delta)) {
+        Ok(payload) => payload,
+        Err(error) => panic!("encoding {config} failed: {error}"),
+    }
+}
+
+fn decoded(payload: &[u8]) -> Vec<f32> {
+    match decode(payload, MAX_UPDATE_PARAMS) {
+        Ok(values) => values,
+        Err(error) => panic!("decoding failed: {error}"),
+    }
+}
+
+// ---- configuration ----
+
+#[test]
+fn config_text_round_trips() {
+    for text in ["fp32", "int8:256", "int8:1", "topk:4096:64:2", "topk:16:16:8", "topk:1:1:4"] {
+        let config: CodecConfig = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(config.to_string(), text);
+    }
+    assert_eq!("int8".parse::<CodecConfig>(), Ok(CodecConfig::int8_default()));
+    assert_eq!("topk".parse::<CodecConfig>(), Ok(CodecConfig::topk_default()));
+}
+
+#[test]
+fn bad_config_text_is_refused() {
+    for text in ["", "fp16", "int8:0", "int8:x", "topk:4096:64", "topk:64:65:2", "topk:64:0:2", "topk:64:8:3", "topk:0:0:2", "topk:4096:64:2:1", "int8:2097152"] {
+        assert!(text.parse::<CodecConfig>().is_err(), "{text} was accepted");
+    }
+}
+
+// ---- round trips ----
+
+#[test]
+fn fp32_is_lossless() {
+    let delta = synthetic_update(1, 1000);
+    let payload = encode_once(CodecConfig::Fp32, &delta);
+    assert_eq!(payload.len(), CodecConfig::Fp32.encoded_len(delta.len()));
+    let back = decoded(&payload);
+    assert!(back.iter().zip(&delta).all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+/// Stated bound: |x - decoded| <= scale/2 (plus float rounding), scale = max|x in block| / 127.
+fn assert_int8_within_bound(delta: &[f32], block: usize) {
+    let config = CodecConfig::Int8 { block: block as u32 };
+    let payload = encode_once(config, delta);
+    assert_eq!(payload.len(), config.encoded_len(delta.len()));
+    let back = decoded(&payload);
+    for (inputs, outputs) in delta.chunks(block).zip(back.chunks(block)) {
+        let scale = inputs.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+        for (x, y) in inputs.iter().zip(outputs) {
+            let bound = scale * 0.5 * (1.0 + 1e-5) + f32::MIN_POSITIVE;
+            assert!((x - y).abs() <= bound, "{x} decoded as {y}, bound {bound}");
+        }
+    }
+}
+
+#[test]
+fn int8_round_trips_within_half_a_step() {
+    assert_int8_within_bound(&synthetic_update(2, 10_000), 256);
+    assert_int8_within_bound(&synthetic_update(3, 1001), 7);
+    assert_int8_within_bound(&[0.0; 300], 256);
+    let mut wide = synthetic_update(4, 512);
+    wide[3] = 1e30;
+    wide[300] = -1e-30;
+    assert_int8_within_bound(&wide, 256);
+}
+
+/// The indices a plain full sort picks: k largest |x|, lower index on ties.
+fn reference_top(values: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].abs().total_cmp(&values[a].abs()).then(a.cmp(&b)));
+    let mut top: Vec<usize> = order.into_iter().take(k).collect();
+    top.sort_unstable();
+    top
+}
+
+/// A fresh encoder (zero residual) sends exactly the reference top-k per
+/// chunk, with the right sign and within half a level step of the value.
+fn assert_topk_round_trip(delta: &[f32], chunk: usize, k: usize, bits: u8) {
+    let config = CodecConfig::TopK { chunk: chunk as u32, k: k as u32, bits };
+    let payload = encode_once(config, delta);
+    assert_eq!(payload.len(), config.encoded_len(delta.len()));
+    let back = decoded(&payload);
+    let top_level = ((1u32 << (bits - 1)) - 1) as f32;
+    for (inputs, outputs) in delta.chunks(chunk).zip(back.chunks(chunk)) {
+        let top = reference_top(inputs, k);
+        let kept: Vec<f32> = top.iter().map(|&i| inputs[i].abs()).collect();
+        let lo = kept.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = kept.iter().copied().fold(0f32, f32::max);
+        let bound = (hi - lo) / top_level * 0.5 * (1.0 + 1e-5) + hi * 1e-6;
+        for (index, (x, y)) in inputs.iter().zip(outputs).enumerate() {
+            if top.binary_search(&index).is_ok() {
+                assert!((x - y).abs() <= bound, "kept {x} decoded as {y}, bound {bound}");
+                assert!(*x == 0.0 || x.signum() == y.signum(), "sign of {x} lost: {y}");
+            } else {
+                assert_eq!(*y, 0.0, "index {index} was not among the top {k} but decoded to {y}");
+            }
+        }
+    }
+}
+
+#[test]
+fn topk_sends_the_exact_top_k_within_half_a_level() {
+    for bits in [2, 4, 8] {
+        assert_topk_round_trip(&synthetic_update(5, 3 * 4096 + 100), 4096, 64, bits);
+    }
+    assert_topk_round_trip(&synthetic_update(6, 1000), 64, 64, 8);
+    assert_topk_round_trip(&synthetic_update(7, 1000), 100, 1, 2);
+    assert_topk_round_trip(&synthetic_update(8, 5), 1, 1, 4);
+}
+
+#[test]
+fn topk_breaks_ties_towards_the_lower_index() {
+    let mut delta = vec![0.5f32; 64];
+    delta[40] = -0.5;
+    let back = decoded(&encode_once(CodecConfig::TopK { chunk: 64, k: 4, bits: 2 }, &delta));
+    let sent: Vec<usize> = (0..64).filter(|&i| back[i] != 0.0).collect();
+    assert_eq!(sent, [0, 1, 2, 3]);
+    // Values spread over many octaves, including ties and zeros, still pick the reference set.
+    let spread: Vec<f32> = (0..4096).map(|i| ((i * 7919) % 97) as f32 * 2f32.powi((i % 40) - 20)).collect();
+    assert_topk_round_trip(&spread, 4096, 64, 4);
+    assert_topk_round_trip(&vec![0.0; 300], 128, 5, 2);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn encoded_len_is_exact(
+        params in 0usize..3000,
+        seed in any::<u64>(),
+        chunk in 1u32..600,
+        k_fraction in 0.0f64..1.0,
+        bits in prop::sample::select(vec![2u8, 4, 8]),
+    ) {
+        let k = 1 + ((chunk - 1) as f64 * k_fraction) as u32;
+        let delta = synthetic_update(seed, params);
+        for config in [CodecConfig::Fp32, CodecConfig::Int8 { block: chunk }, CodecConfig::TopK { chunk, k, bits }] {
+            let payload = encode_once(config, &delta);
+            prop_assert_eq!(payload.len(), config.encoded_len(params));
+            prop_assert_eq!(peek_header(&payload).map(|h| (h.config, h.params)), Ok((config, params as u64)));
+        }
+    }
+}
+
+#[test]
+fn encoding_is_deterministic() {
+    let delta = synthetic_update(9, 20_000);
+    for config in [CodecConfig::Fp32, CodecConfig::int8_default(), CodecConfig::topk_default()] {
+        let mut first = Encoder::new(config, delta.len()).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        let mut second = Encoder::new(config, delta.len()).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        for _ in 0..3 {
+            assert_eq!(first.encode(&delta), second.encode(&delta));
+        }
+    }
+}
+
+#[test]
+fn header_layout_matches_the_spec() {
+    let payload = encode_once(CodecConfig::TopK { chunk: 4096, k: 64, bits: 2 }, &[1.0; 5000]);
+    assert_eq!(&payload[0..4], b"BRUP");
+    assert_eq!(&payload[4..8], &[CODEC_VERSION, 2, 2, 0]);
+    assert_eq!(&payload[8..16], &5000u64.to_le_bytes());
+    assert_eq!(&payload[16..20], &4096u32.to_le_bytes());
+    assert_eq!(&payload[20..24], &64u32.to_le_bytes());
+}
+
+#[test]
+fn default_topk_fits_the_size_target() {
+    let bits = CodecConfig::topk_default().bits_per_param(50_000_000);
+    assert!(bits <= 0.25, "{bits} bits per param");
+}
+
+// ---- error feedback ----
+
+#[test]
+fn error_feedback_loses_nothing_over_many_rounds() {
+    let params = 5000;
+    let config = CodecConfig::TopK { chunk: 512, k: 8, bits: 2 };
+    let mut encoder = Encoder::new(config, params).unwrap_or_else(|e| panic!("{e}"));
+    let mut sent = vec![0f64; params];
+    let mut inputs = vec![0f64; params];
+    let mut scale = 0f64;
+    for round in 0..40 {
+        let delta = synthetic_update(100 + round, params);
+        for (total, x) in inputs.iter_mut().zip(&delta) {
+            *total += f64::from(*x);
+            scale = scale.max(total.abs());
+        }
+        let payload = encoder.encode(&delta).unwrap_or_else(|e| panic!("{e}"));
+        for (total, y) in sent.iter_mut().zip(decoded(&payload)) {
+            *total += f64::from(y);
+        }
+    }
+    for ((sent, residual), input) in sent.iter().zip(encoder.residual()).zip(&inputs) {
+        let drift = (sent + f64::from(*residual) - input).abs();
+        assert!(drift <= 1e-4 * scale, "sent {sent} + residual {residual} != inputs {input}");
+    }
+}
+
+#[test]
+fn decay_zero_forgets_and_restored_residual_continues_identically() {
+    let params = 3000;
+    let config = CodecConfig::TopK { chunk: 256, k: 4, bits: 4 };
+    let delta = synthetic_update(11, params);
+    let mut forgetful = Encoder::new(config, params).unwrap_or_else(|e| panic!("{e}")).with_decay(0.0);
+    let first = forgetful.encode(&delta);
+    assert_eq!(forgetful.encode(&delta), first, "decay 0 must ignore the residual");
+
+    let mut running = Encoder::new(config, params).unwrap_or_else(|e| panic!("{e}")).with_decay(0.9);
+    let _ = running.encode(&delta);
+    let saved = running.residual().to_vec();
+    let mut restored = Encoder::from_residual(config, params, &saved).unwrap_or_else(|e| panic!("{e}")).with_decay(0.9);
+    assert_eq!(running.encode(&delta), restored.encode(&delta));
+    assert!(matches!(Encoder::from_residual(config, params, &saved[1..]), Err(CodecError::ResidualLength { .. })));
+    assert!(Encoder::new(config, params).unwrap_or_else(|e| panic!("{e}")).with_decay(1.5).encode(&delta).is_err());
+}
+
+#[test]
+fn non_finite_input_is_refused_and_leaves_the_residual_alone() {
+    let params = 1000;
+    for config in [CodecConfig::Fp32, CodecConfig::int8_default(), CodecConfig::TopK { chunk: 128, k: 4, bits: 2 }] {
+        let mut encoder = Encoder::new(config, params).unwrap_or_else(|e| panic!("{e}"));
+        let _ = encoder.encode(&synthetic_update(12, params));
+        let before = encoder.residual().to_vec();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut delta = synthetic_update(13, params);
+            delta[777] = bad;
+            let error = encoder.encode(&delta);
+            assert!(matches!(error, Err(CodecError::NonFiniteInput { index: 777, .. })), "{config}: {error:?}");
+            assert_eq!(encoder.residual(), &before[..]);
+        }
+        assert!(matches!(encoder.encode(&[0.0; 10]), Err(CodecError::BufferLength { .. })));
+    }
+}
+
+// ---- decode_add ----
+
+#[test]
+fn decode_add_adds_the_weighted_decoded_update() {
+    let delta = synthetic_update(14, 9000);
+    for config in [CodecConfig::Fp32, CodecConfig::int8_default(), CodecConfig::TopK { chunk: 1024, k: 32, bits: 4 }] {
+        let payload = encode_once(config, &delta);
+        let values = decoded(&payload);
+        let start = synthetic_update(15, delta.len());
+        let mut acc = start.clone();
+        assert!(decode_add(&payload, 0.3, &mut acc).is_ok());
+        for ((a, s), v) in acc.iter().zip(&start).zip(&values) {
+            assert_eq!(a.to_bits(), (s + 0.3 * v).to_bits());
+        }
+        let mut out = vec![7.0; delta.len()];
+        assert!(decode_into(&payload, &mut out).is_ok());
+        assert_eq!(out, values);
+        assert!(matches!(decode_add(&payload, f32::NAN, &mut acc), Err(CodecError::BadWeight(_))));
+        assert!(matches!(decode_add(&payload, 1.0, &mut acc[1..]), Err(CodecError::BufferLength { .. })));
+    }
+}
+
+// ---- hostile payloads ----
+
+/// Decoding must fail, and leave an accumulator exactly as it was.
+fn assert_rejected(payload: &[u8]) -> CodecError {
+    let params = peek_header(payload).map(|h| h.params as usize).unwrap_or(16).min(1 << 16);
+    let start = synthetic_update(16, params);
+    let mut acc = start.clone();
+    let error = match decode_add(payload, 1.0, &mut acc) {
+        Ok(_) => panic!("hostile payload was accepted"),
+        Err(error) => error,
+    };
+    assert!(acc.iter().zip(&start).all(|(a, b)| a.to_bits() == b.to_bits()), "acc changed on {error}");
+    assert!(decode(payload, MAX_UPDATE_PARAMS).is_err());
+    error
+}
+
+fn header(tag: u8, bits: u8, params: u64, first: u32, second: u32) -> Vec<u8> {
+    let mut out = b"BRUP".to_vec();
+    out.extend_from_slice(&[CODEC_VERSION, tag, bits, 0]);
+    out.extend_from_slice(&params.to_le_bytes());
+    out.extend_from_slice(&first.to_le_bytes());
+    out.extend_from_slice(&second.to_le_bytes());
+    out
+}
+
+/// A hand-built top-k payload (chunk 16, k 2, 2 bits) over `params` values.
+fn topk_payload(params: u64, ranges: &[(f32, f32)], indices: &[u32], codes: &[u32]) -> Vec<u8> {
+    let mut out = header(2, 2, params, 16, 2);
+    for (lo, hi) in ranges {
+        out.extend_from_slice(&lo.to_le_bytes());
+        out.extend_from_slice(&hi.to_le_bytes());
+    }
+    let mut stream = Vec::new();
+    let mut writer = BitWriter::new(&mut stream);
+    indices.iter().for_each(|&i| writer.push(i, 4));
+    writer.finish();
+    out.extend_from_slice(&stream);
+    stream.clear();
+    let mut writer = BitWriter::new(&mut stream);
+    codes.iter().for_each(|&c| writer.push(c, 2));
+    writer.finish();
+    out.extend_from_slice(&stream);
+    out
+}
+
+#[test]
+fn hand_built_topk_payload_decodes() {
+    let payload = topk_payload(20, &[(1.0, 2.0), (0.5, 0.5)], &[3, 9, 0, 2], &[0b01, 0b10, 0, 0]);
+    let values = decoded(&payload);
+    let mut expected = vec![0.0; 20];
+    expected[3] = 2.0;
+    expected[9] = -1.0;
+    expected[16] = 0.5;
+    expected[18] = 0.5;
+    assert_eq!(values, expected);
+}
+
+#[test]
+fn hostile_topk_payloads_are_rejected() {
+    let ok = [(1.0, 2.0), (0.5, 0.5)];
+    let cases = [
+        (topk_payload(20, &ok, &[3, 9, 0, 4], &[0; 4]), "index 4 beyond the last chunk of 4"),
+        (topk_payload(20, &ok, &[9, 3, 0, 2], &[0; 4]), "unsorted"),
+        (topk_payload(20, &ok, &[3, 3, 0, 2], &[0; 4]), "duplicate"),
+        (topk_payload(20, &[(f32::NAN, 2.0), (0.5, 0.5)], &[3, 9, 0, 2], &[0; 4]), "NaN lo"),
+        (topk_payload(20, &[(1.0, f32::INFINITY), (0.5, 0.5)], &[3, 9, 0, 2], &[0; 4]), "infinite hi"),
+        (topk_payload(20, &[(2.0, 1.0), (0.5, 0.5)], &[3, 9, 0, 2], &[0; 4]), "lo above hi"),
+        (topk_payload(20, &[(-1.0, 2.0), (0.5, 0.5)], &[3, 9, 0, 2], &[0; 4]), "negative lo"),
+    ];
+    for (payload, what) in cases {
+        let error = assert_rejected(&payload);
+        assert!(!error.to_string().is_empty(), "{what}");
+    }
+    // Non-zero padding: 17 params keep 3 values, so both streams end in
+    // padding bits (12 index bits in 2 bytes, 6 value bits in 1 byte).
+    let mut padded = topk_payload(17, &ok, &[3, 9, 0], &[0; 3]);
+    assert!(decode(&padded, MAX_UPDATE_PARAMS).is_ok());
+    if let Some(last) = padded.last_mut() {
+        *last |= 0x80;
+    }
+    assert!(matches!(assert_rejected(&padded), CodecError::NonZeroPadding { .. }));
+    let mut padded = topk_payload(17, &ok, &[3, 9, 0], &[0; 3]);
+    padded[HEADER_LEN + 16 + 1] |= 0x80;
+    assert!(matches!(assert_rejected(&padded), CodecError::NonZeroPadding { stream: "index" }));
+    // k larger than the chunk, and value bits that do not exist.
+    let mut too_many = topk_payload(20, &ok, &[3, 9, 0, 2], &[0; 4]);
+    too_many[20..24].copy_from_slice(&17u32.to_le_bytes());
+    assert!(matches!(assert_rejected(&too_many), CodecError::InvalidConfig(_)));
+    let mut three_bits = topk_payload(20, &ok, &[3, 9, 0, 2], &[0; 4]);
+    three_bits[6] = 3;
+    assert!(matches!(assert_rejected(&three_bits), CodecError::InvalidConfig(_)));
+}
+
+#[test]
+fn hostile_headers_are_rejected() {
+    let valid = encode_once(CodecConfig::int8_default(), &synthetic_update(17, 600));
+    for cut in 0..valid.len() {
+        assert_rejected(&valid[..cut]);
+    }
+    let mut longer = valid.clone();
+    longer.push(0);
+    assert!(matches!(assert_rejected(&longer), CodecError::LengthMismatch { .. }));
+    let edits: [(usize, u8, &str); 5] = [(0, b'X', "magic"), (4, CODEC_VERSION + 1, "version"), (5, 9, "format"), (6, 1, "bits on int8"), (7, 1, "reserved")];
+    for (at, byte, what) in edits {
+        let mut edited = valid.clone();
+        edited[at] = byte;
+        let error = assert_rejected(&edited);
+        assert!(!error.to_string().is_empty(), "{what}");
+    }
+    // NaN, negative and oversized int8 scales.
+    for scale in [f32::NAN, -1.0, -0.0, f32::MAX] {
+        let mut edited = valid.clone();
+        edited[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&scale.to_le_bytes());
+        assert!(matches!(assert_rejected(&edited), CodecError::BadScale { .. }));
+    }
+    // A NaN inside an fp32 payload.
+    let mut fp32 = encode_once(CodecConfig::Fp32, &[1.0, 2.0, 3.0]);
+    fp32[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&f32::NAN.to_le_bytes());
+    assert!(matches!(assert_rejected(&fp32), CodecError::NonFiniteValue { index: 1 }));
+}
+
+#[test]
+fn huge_param_claims_fail_before_allocating() {
+    // Over the limit: refused from the header alone.
+    for params in [MAX_UPDATE_PARAMS as u64 + 1, 1 << 40, u64::MAX] {
+        let payload = header(0, 0, params, 0, 0);
+        assert!(matches!(assert_rejected(&payload), CodecError::TooManyParams { .. }));
+    }
+    // Within the limit but not backed by bytes: the length check, which runs
+    // before `decode` sizes its output, refuses it. A 4 GB allocation would
+    // not be reached, since the error variant proves the check came first.
+    for (tag, bits, first, second) in [(0, 0, 0, 0), (1, 0, 256, 0), (2, 2, 4096, 64)] {
+        let mut payload = header(tag, bits, 1_000_000_000, first, second);
+        payload.extend_from_slice(&[0; 20]);
+        assert!(matches!(decode(&payload, MAX_UPDATE_PARAMS), Err(CodecError::LengthMismatch { .. })));
+    }
+    // The caller's own limit is applied too.
+    let payload = encode_once(CodecConfig::Fp32, &[1.0; 100]);
+    assert!(matches!(decode(&payload, 99), Err(CodecError::TooManyParams { .. })));
+    assert!(decode(&payload, 100).is_ok());
+    assert!(matches!(Encoder::new(CodecConfig::Fp32, MAX_UPDATE_PARAMS + 1), Err(CodecError::TooManyParams { .. })));
+}
+
+// ---- fuzzing ----
+
+fn valid_payloads() -> Vec<Vec<u8>> {
+    let delta = synthetic_update(18, 700);
+    [CodecConfig::Fp32, CodecConfig::Int8 { block: 64 }, CodecConfig::TopK { chunk: 128, k: 6, bits: 2 }, CodecConfig::TopK { chunk: 100, k: 9, bits: 8 }]
+        .into_iter()
+        .map(|config| encode_once(config, &delta))
+        .collect()
+}
+
+/// Any byte string decodes to finite values or to an error that leaves the
+/// accumulator unchanged; it never panics.
+fn check_total(payload: &[u8]) -> Result<(), TestCaseError> {
+    let params = peek_header(payload).map(|h| h.params as usize).unwrap_or(700).min(1 << 16);
+    let start = synthetic_update(19, params);
+    let mut acc = start.clone();
+    match decode_add(payload, 0.5, &mut acc) {
+        Ok(_) => {
+            let values = decode(payload, MAX_UPDATE_PARAMS).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(values.iter().all(|v| v.is_finite()));
+        }
+        Err(_) => prop_assert!(acc.iter().zip(&start).all(|(a, b)| a.to_bits() == b.to_bits())),
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200), tag in 0u8..4) {
+        let mut payload = bytes;
+        if payload.len() >= 8 && tag < 3 {
+            // Give most cases a plausible header so the body checks are reached.
+            payload[..8].copy_from_slice(&[b'B', b'R', b'U', b'P', CODEC_VERSION, tag, 0, 0]);
+        }
+        check_total(&payload)?;
+    }
+
+    #[test]
+    fn mutated_payloads_never_panic(
+        which in 0usize..4,
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        cut in prop::option::of(any::<prop::sample::Index>()),
+    ) {
+        let mut payload = valid_payloads().swap_remove(which);
+        for (at, byte) in flips {
+            let at = at.index(payload.len());
+            payload[at] ^= byte.max(1);
+        }
+        if let Some(cut) = cut {
+            payload.truncate(cut.index(payload.len()));
+        }
+        check_total(&payload)?;
+    }
+}
