@@ -8,8 +8,17 @@
 //! messages of a round ([`messages`]), the update codec ([`codec`]) and the
 //! outer optimizer ([`outer`]).
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod codec;
 pub mod hash;
+pub mod identity;
+pub mod limits;
+pub mod messages;
 pub mod outer;
+pub mod signed;
+pub mod wire;
 
 pub use hash::Hash;
+pub use identity::{NodeId, OrgId, PublicKey, Signature, SigningKey};
+pub use signed::{Message, MessageKind, Signed};

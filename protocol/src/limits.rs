@@ -1,0 +1,40 @@
+//! Every size limit of the protocol, as named constants. Decoders enforce
+//! them before allocating; encoders refuse to produce larger messages.
+
+/// The protocol version a node states in its `Join`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// libp2p protocol name of the node ⇄ coordinator request-response protocol.
+pub const COORDINATOR_PROTOCOL: &str = "/barnraise/coordinator/1";
+/// libp2p protocol name of the blob transfer protocol.
+pub const BLOB_PROTOCOL: &str = "/barnraise/blob/1";
+
+pub const MAX_JOIN_BYTES: usize = 16 * 1024;
+pub const MAX_CERTIFICATE_BYTES: usize = 2 * 1024;
+/// A welcome carries the run config and the dataset's shard list.
+pub const MAX_WELCOME_BYTES: usize = 4 * 1024 * 1024;
+pub const MAX_ROUND_PLAN_BYTES: usize = 1024 * 1024;
+pub const MAX_COMMIT_BYTES: usize = 64 * 1024;
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Envelope overhead on top of the body: signer, kind, signature, length prefixes.
+pub const ENVELOPE_OVERHEAD: usize = 128;
+/// Largest request or response on the coordinator protocol.
+pub const MAX_COORDINATOR_MESSAGE_BYTES: usize = MAX_WELCOME_BYTES + ENVELOPE_OVERHEAD + 1024;
+
+/// Losses a commit may report (one per inner step).
+pub const MAX_REPORTED_LOSSES: usize = 4096;
+/// Shards in one dataset.
+pub const MAX_DATASET_SHARDS: usize = 65_536;
+/// Workers one node may declare.
+pub const MAX_WORKERS_PER_NODE: usize = 64;
+/// Longest free-text field (names, agent strings, reasons).
+pub const MAX_TEXT_BYTES: usize = 256;
+
+/// One chunk of a blob transfer.
+pub const BLOB_CHUNK_BYTES: usize = 1024 * 1024;
+pub const MAX_BLOB_REQUEST_BYTES: usize = 256;
+pub const MAX_BLOB_RESPONSE_BYTES: usize = BLOB_CHUNK_BYTES + 256;
+/// Largest blob of any kind (a checkpoint of a large model).
+pub const MAX_BLOB_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+/// Largest compressed update.
+pub const MAX_UPDATE_BYTES: u64 = 4 * 1024 * 1024 * 1024;

@@ -1,0 +1,352 @@
+//! The messages of a round, in the order they appear.
+//!
+//! ```text
+//! node                                   coordinator
+//!  | -- Signed<Join> (version, hardware, cert) -->|
+//!  |<-- Signed<Welcome> (run config, round, θ hash, checkpoint) --|
+//!  |<-- Signed<RoundPlan> (per-node shards, H, seed, deadline) ---|  also gossiped
+//!  |   ... fetch shard, train H steps, encode Δ, store as blob ...
+//!  | -- Signed<Commit> (round, update hash, size, tokens, losses) -->|
+//!  |   ... coordinator fetches the update blob and verifies it ...
+//!  |<-- Signed<Manifest> (accepted/rejected, next θ hash, chain) --|  also gossiped
+//! ```
+//!
+//! Every message here travels inside a [`Signed`] envelope; the envelope's
+//! signer is the sender's identity, so messages do not repeat it.
+
+use crate::hash::Hash;
+use crate::identity::{NodeId, OrgId};
+use crate::limits::*;
+use crate::signed::{Message, MessageKind, Signed};
+use serde::{Deserialize, Serialize};
+
+/// A training device a node offers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// "cpu" or "cuda:N".
+    pub device: String,
+    /// Human-readable device name (GPU model, CPU brand).
+    pub name: String,
+    pub memory_bytes: u64,
+}
+
+/// A node's request to take part in a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Join {
+    pub protocol_version: u32,
+    /// Software name and version, e.g. "barnraise/0.1.0".
+    pub agent: String,
+    pub run_id: String,
+    pub workers: Vec<WorkerInfo>,
+    /// Multiaddrs the node listens on, so peers can fetch its updates.
+    pub listen_addrs: Vec<String>,
+    /// Certificate from the node's org, if it has one.
+    pub certificate: Option<Signed<NodeCertificate>>,
+    /// Milliseconds since the Unix epoch; joins far from the coordinator's
+    /// clock are refused, so an old join cannot be replayed.
+    pub timestamp_ms: u64,
+}
+
+/// A content-addressed shard of the dataset.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub hash: Hash,
+    pub tokens: u64,
+    pub bytes: u64,
+}
+
+/// The hyperparameters every party of a run agrees on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub run_id: String,
+    /// The trainer's model config, as JSON; its hash is part of the run's identity.
+    pub model_config_json: String,
+    /// Update codec, e.g. "topk:4096:64:2".
+    pub codec: String,
+    pub inner_steps: u32,
+    pub batch_size: u32,
+    pub seq_len: u32,
+    pub inner_lr: f32,
+    pub outer_lr: f32,
+    pub outer_momentum: f32,
+    /// Aggregation rule name, e.g. "mean", "trimmed-mean:0.2".
+    pub aggregation: String,
+    pub total_rounds: u64,
+    pub dataset: Vec<ShardInfo>,
+    /// Shards held out for evaluation; never assigned for training.
+    pub held_out: Vec<ShardInfo>,
+}
+
+/// Where to get the global params a round starts from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRef {
+    /// The round whose start these params are (θ_round).
+    pub round: u64,
+    pub blob: Hash,
+    pub bytes: u64,
+    pub params_hash: Hash,
+    /// The outer optimizer state travels with θ so a resyncing node continues
+    /// bit-identically; this names that blob.
+    pub optimizer_blob: Hash,
+    pub optimizer_bytes: u64,
+}
+
+/// The coordinator's answer to a `Join`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub node: NodeId,
+    pub config: RunConfig,
+    /// The round now open (or about to open).
+    pub current_round: u64,
+    /// Hash of θ_current_round.
+    pub params_hash: Hash,
+    pub checkpoint: Option<CheckpointRef>,
+    /// Hash of the latest manifest, the head of the chain.
+    pub head_manifest: Hash,
+}
+
+/// One node's work in a round.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub node: NodeId,
+    pub shards: Vec<Hash>,
+    pub seed: u64,
+    pub inner_steps: u32,
+}
+
+/// The coordinator's signed plan that opens a round.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundPlan {
+    pub run_id: String,
+    pub round: u64,
+    /// Hash of θ_round that every assignment starts from.
+    pub params_hash: Hash,
+    pub previous_manifest: Hash,
+    pub assignments: Vec<Assignment>,
+    pub opened_at_ms: u64,
+    pub deadline_ms: u64,
+}
+
+/// A node's claim that it finished its assignment: the update is a blob it serves.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Commit {
+    pub run_id: String,
+    pub round: u64,
+    /// The θ_round the update was trained from.
+    pub base_params_hash: Hash,
+    pub update_hash: Hash,
+    pub update_bytes: u64,
+    pub tokens: u64,
+    /// Training loss per inner step.
+    pub losses: Vec<f32>,
+    pub compute_ms: u64,
+    /// Workers whose pseudo-gradients this update reduces (cluster mode).
+    pub workers: u32,
+}
+
+/// Why the coordinator refused an update. Recorded in the manifest and the ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectReason {
+    BadSignature,
+    UnknownNode,
+    WrongRound,
+    WrongBase,
+    DuplicateCommit,
+    Oversized,
+    NotServed,
+    HashMismatch,
+    Undecodable(String),
+    WrongLength,
+    NonFinite,
+    NormTooLarge,
+    NormTooSmall,
+    SignFlipped,
+    Copycat { of: NodeId },
+    NotUseful,
+    Late,
+}
+
+impl RejectReason {
+    /// A short stable name for tables, metrics and the ledger.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RejectReason::BadSignature => "bad-signature",
+            RejectReason::UnknownNode => "unknown-node",
+            RejectReason::WrongRound => "wrong-round",
+            RejectReason::WrongBase => "wrong-base",
+            RejectReason::DuplicateCommit => "duplicate-commit",
+            RejectReason::Oversized => "oversized",
+            RejectReason::NotServed => "not-served",
+            RejectReason::HashMismatch => "hash-mismatch",
+            RejectReason::Undecodable(_) => "undecodable",
+            RejectReason::WrongLength => "wrong-length",
+            RejectReason::NonFinite => "non-finite",
+            RejectReason::NormTooLarge => "norm-too-large",
+            RejectReason::NormTooSmall => "norm-too-small",
+            RejectReason::SignFlipped => "sign-flipped",
+            RejectReason::Copycat { .. } => "copycat",
+            RejectReason::NotUseful => "not-useful",
+            RejectReason::Late => "late",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AcceptedUpdate {
+    pub node: NodeId,
+    pub update_hash: Hash,
+    pub update_bytes: u64,
+    pub tokens: u64,
+    /// Aggregation weight (normalized; the weights of a manifest sum to 1).
+    pub weight: f32,
+    pub compute_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RejectedUpdate {
+    pub node: NodeId,
+    pub update_hash: Option<Hash>,
+    pub reason: RejectReason,
+}
+
+/// The coordinator's signed result of a round. Manifests form a hash chain
+/// through `previous_manifest` (the body hash of the previous manifest).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub run_id: String,
+    pub round: u64,
+    pub previous_manifest: Hash,
+    /// Hash of θ_round.
+    pub base_params_hash: Hash,
+    pub accepted: Vec<AcceptedUpdate>,
+    pub rejected: Vec<RejectedUpdate>,
+    /// Nodes that were assigned work and did not commit by the deadline.
+    pub missing: Vec<NodeId>,
+    pub aggregation: String,
+    /// Hash of θ_{round+1}.
+    pub next_params_hash: Hash,
+    pub closed_at_ms: u64,
+}
+
+/// An org's statement that a node belongs to it, until `expires_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCertificate {
+    pub org: OrgId,
+    pub org_name: String,
+    pub node: NodeId,
+    pub issued_ms: u64,
+    pub expires_ms: u64,
+}
+
+/// A node's notice that it is leaving the run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leave {
+    pub run_id: String,
+    pub timestamp_ms: u64,
+}
+
+macro_rules! message {
+    ($ty:ty, $kind:ident, $max:expr) => {
+        impl Message for $ty {
+            const KIND: MessageKind = MessageKind::$kind;
+            const MAX_BYTES: usize = $max;
+            const NAME: &'static str = stringify!($kind);
+        }
+    };
+}
+
+message!(Join, Join, MAX_JOIN_BYTES);
+message!(Welcome, Welcome, MAX_WELCOME_BYTES);
+message!(RoundPlan, RoundPlan, MAX_ROUND_PLAN_BYTES);
+message!(Commit, Commit, MAX_COMMIT_BYTES);
+message!(Manifest, Manifest, MAX_MANIFEST_BYTES);
+message!(NodeCertificate, NodeCertificate, MAX_CERTIFICATE_BYTES);
+message!(Leave, Leave, 1024);
+
+/// Requests a node sends the coordinator over [`COORDINATOR_PROTOCOL`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CoordinatorRequest {
+    Join(Signed<Join>),
+    Commit(Signed<Commit>),
+    Leave(Signed<Leave>),
+    /// The plan of the round now open, if any.
+    CurrentPlan,
+    /// The manifest of a closed round.
+    Manifest { round: u64 },
+}
+
+/// The coordinator's answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CoordinatorResponse {
+    Welcome(Signed<Welcome>),
+    CommitAccepted { round: u64 },
+    Plan(Option<Signed<RoundPlan>>),
+    Manifest(Option<Signed<Manifest>>),
+    Ok,
+    /// The request was refused; the text says why in operator's words.
+    Refused { reason: String },
+}
+
+impl CoordinatorRequest {
+    pub fn encode(&self) -> Result<Vec<u8>, crate::wire::WireError> {
+        crate::wire::encode("coordinator request", self, MAX_COORDINATOR_MESSAGE_BYTES)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<Self, crate::wire::WireError> {
+        crate::wire::decode("coordinator request", bytes, MAX_COORDINATOR_MESSAGE_BYTES)
+    }
+}
+
+impl CoordinatorResponse {
+    pub fn encode(&self) -> Result<Vec<u8>, crate::wire::WireError> {
+        crate::wire::encode("coordinator response", self, MAX_COORDINATOR_MESSAGE_BYTES)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<Self, crate::wire::WireError> {
+        crate::wire::decode("coordinator response", bytes, MAX_COORDINATOR_MESSAGE_BYTES)
+    }
+}
+
+/// Requests on the blob protocol: a byte range of a blob named by its hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobRequest {
+    /// Does the peer have this blob, and how large is it?
+    Have { hash: Hash },
+    /// Bytes `[offset, offset + len)`; `len` at most [`BLOB_CHUNK_BYTES`].
+    Chunk { hash: Hash, offset: u64, len: u32 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobResponse {
+    Have { size: Option<u64> },
+    Chunk {
+        #[serde(with = "crate::wire::bytes")]
+        data: Vec<u8>,
+    },
+    NotFound,
+    Refused { reason: String },
+}
+
+impl BlobRequest {
+    pub fn encode(&self) -> Result<Vec<u8>, crate::wire::WireError> {
+        crate::wire::encode("blob request", self, MAX_BLOB_REQUEST_BYTES)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<Self, crate::wire::WireError> {
+        crate::wire::decode("blob request", bytes, MAX_BLOB_REQUEST_BYTES)
+    }
+}
+
+impl BlobResponse {
+    pub fn encode(&self) -> Result<Vec<u8>, crate::wire::WireError> {
+        crate::wire::encode("blob response", self, MAX_BLOB_RESPONSE_BYTES)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<Self, crate::wire::WireError> {
+        crate::wire::decode("blob response", bytes, MAX_BLOB_RESPONSE_BYTES)
+    }
+}
+
+/// Milliseconds since the Unix epoch, for timestamps in messages.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
