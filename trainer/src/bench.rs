@@ -1,0 +1,388 @@
+//! `barnraise bench diloco`: data-parallel training against DiLoCo at equal
+//! total tokens, in one run, on the built-in corpus.
+//!
+//! Arms:
+//! - (a) `dp`: the synchronous data-parallel equivalent — one model, a k-times
+//!   larger batch, R·H steps;
+//! - (b) `diloco-fp32`: k workers, H inner steps, R rounds, lossless updates;
+//! - (c) `diloco-int8`: the same with dense int8 updates;
+//! - (d) `diloco-topk`: the same with chunked top-k + error feedback.
+//!
+//! Every arm starts from the same seeded weights, sees the same total number
+//! of tokens from the same distribution, uses the same inner schedule (warmup
+//! + cosine over R·H steps), and is scored on the same held-out batches.
+//! DiLoCo arms run their k workers one after another in this process and
+//! aggregate exactly as the protocol does: decode each worker's payload,
+//! weighted mean by tokens, Nesterov outer step.
+//!
+//! Bytes are what one worker uploads over the whole run: for (a) one fp32
+//! gradient per step (the parameter-server convention; a ring all-reduce
+//! moves 2(k−1)/k times that per worker), for DiLoCo arms the encoded
+//! payloads of its R updates.
+
+use crate::data::corpus;
+use crate::model::ModelConfig;
+use crate::rng::derive_seed;
+use crate::train::{InnerConfig, TrainError, Trainer};
+use barnraise_protocol::codec::{self, CodecConfig, CodecError, Encoder};
+use barnraise_protocol::outer::{OuterConfig, OuterOptimizer, weighted_mean_into};
+use serde::Serialize;
+use std::fmt;
+use std::time::Instant;
+
+/// How the bench is sized. Defaults finish in a few minutes on 2 CPU cores.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DilocoBenchConfig {
+    pub preset: String,
+    pub model: ModelConfig,
+    /// k: DiLoCo workers (and the data-parallel batch multiplier).
+    pub workers: usize,
+    /// H: inner steps per round.
+    pub inner_steps: usize,
+    /// R: rounds.
+    pub rounds: usize,
+    /// Sequences per worker per step.
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    pub outer: OuterConfig,
+    pub int8: CodecConfig,
+    pub topk: CodecConfig,
+    /// Built-in corpus bytes per worker (each worker its own seed).
+    pub corpus_bytes: usize,
+    /// Held-out batches of 8 sequences for the final loss.
+    pub eval_batches: usize,
+    pub seed: u64,
+}
+
+impl DilocoBenchConfig {
+    /// The defaults for a preset: k=4, H=30, R=10.
+    pub fn for_preset(preset: &str) -> Option<Self> {
+        let model = ModelConfig::preset(preset)?;
+        let seq_len = model.max_seq_len.min(128);
+        Some(DilocoBenchConfig {
+            preset: preset.to_string(),
+            model,
+            workers: 4,
+            inner_steps: 30,
+            rounds: 10,
+            batch_size: 8,
+            seq_len,
+            lr: 3e-3,
+            warmup: 20,
+            outer: OuterConfig::default(),
+            int8: CodecConfig::int8_default(),
+            topk: CodecConfig::topk_default(),
+            corpus_bytes: 256 * 1024,
+            eval_batches: 16,
+            seed: 1,
+        })
+    }
+
+    /// Tokens every arm trains on: k · R · H · batch · seq.
+    pub fn total_tokens(&self) -> u64 {
+        (self.workers * self.rounds * self.inner_steps * self.batch_size * self.seq_len) as u64
+    }
+
+    fn inner(&self, round: usize, batch_size: usize, seed: u64) -> InnerConfig {
+        InnerConfig {
+            steps: self.inner_steps,
+            batch_size,
+            seq_len: self.seq_len,
+            lr: self.lr,
+            min_lr: self.lr * 0.1,
+            warmup: self.warmup,
+            schedule_steps: self.rounds * self.inner_steps,
+            start_step: round * self.inner_steps,
+            seed,
+            ..InnerConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("bench: {0}")]
+    Config(String),
+    #[error("bench training failed: {0}")]
+    Train(#[from] TrainError),
+    #[error("bench codec failed: {0}")]
+    Codec(#[from] CodecError),
+}
+
+/// One arm's result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ArmReport {
+    /// "a" .. "d".
+    pub arm: String,
+    pub name: String,
+    /// The codec, for DiLoCo arms ("fp32", "int8:256", "topk:4096:64:2").
+    pub codec: Option<String>,
+    pub heldout_loss: f32,
+    /// Held-out loss after each round (DiLoCo: of the global params).
+    pub heldout_per_round: Vec<f32>,
+    pub tokens: u64,
+    pub bytes_per_worker: u64,
+    /// Bytes of (a) divided by this arm's bytes.
+    pub reduction_vs_dp: f64,
+    pub wall_s: f64,
+    pub tokens_per_s: f64,
+    pub gflops_per_s: f64,
+}
+
+/// The whole bench: config, the starting loss, every arm, and the targets.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DilocoBenchReport {
+    pub config: DilocoBenchConfig,
+    pub params: usize,
+    pub flops_per_token: f64,
+    pub threads: usize,
+    pub initial_heldout_loss: f32,
+    pub arms: Vec<ArmReport>,
+    /// (b) vs (a) held-out loss, percent (positive = DiLoCo worse).
+    pub fp32_vs_dp_pct: f64,
+    /// (d) vs (b) held-out loss, percent.
+    pub topk_vs_fp32_pct: f64,
+}
+
+/// Progress while the bench runs.
+#[derive(Debug, Clone)]
+pub struct BenchProgress<'a> {
+    pub arm: &'a str,
+    pub round: usize,
+    pub rounds: usize,
+    pub heldout_loss: f32,
+}
+
+struct Data {
+    /// Per-worker token streams.
+    workers: Vec<Vec<u16>>,
+    /// All workers' streams concatenated, for the data-parallel arm.
+    all: Vec<u16>,
+    heldout: Vec<u16>,
+}
+
+fn corpus_data(cfg: &DilocoBenchConfig) -> Data {
+    let tokens = |seed: u64| crate::data::tokenize_bytes(corpus::generate(seed, cfg.corpus_bytes).as_bytes());
+    let workers: Vec<Vec<u16>> =
+        (0..cfg.workers).map(|w| tokens(derive_seed(cfg.seed, &format!("corpus worker {w}")))).collect();
+    let all = workers.concat();
+    let heldout = tokens(derive_seed(cfg.seed, "corpus heldout"));
+    Data { workers, all, heldout }
+}
+
+/// Runs all four arms. `progress` is called after every round of every arm.
+pub fn run_diloco(
+    cfg: &DilocoBenchConfig,
+    device: &candle_core::Device,
+    progress: &mut dyn FnMut(BenchProgress<'_>),
+) -> Result<DilocoBenchReport, BenchError> {
+    if cfg.workers == 0 || cfg.rounds == 0 || cfg.inner_steps == 0 {
+        return Err(BenchError::Config("workers, rounds and inner steps must be positive".to_string()));
+    }
+    if cfg.corpus_bytes <= cfg.seq_len + 1 {
+        return Err(BenchError::Config(format!("corpus of {} bytes is shorter than one sequence", cfg.corpus_bytes)));
+    }
+    let data = corpus_data(cfg);
+    let init_seed = derive_seed(cfg.seed, "init");
+    let eval_seed = derive_seed(cfg.seed, "eval");
+    let initial = Trainer::new(&cfg.model, device.clone(), init_seed)?.eval_loss_with(
+        &data.heldout,
+        cfg.eval_batches,
+        crate::train::EVAL_BATCH_SIZE,
+        cfg.seq_len,
+        eval_seed,
+    )?;
+    let flops_per_token = cfg.model.flops_per_token_at(cfg.seq_len);
+    let mut arms = Vec::new();
+    arms.push(run_data_parallel(cfg, device, &data, init_seed, eval_seed, progress)?);
+    for (arm, name, codec) in [
+        ("b", "diloco-fp32", CodecConfig::Fp32),
+        ("c", "diloco-int8", cfg.int8),
+        ("d", "diloco-topk", cfg.topk),
+    ] {
+        arms.push(run_diloco_arm(cfg, device, &data, init_seed, eval_seed, arm, name, codec, progress)?);
+    }
+    let dp_bytes = arms[0].bytes_per_worker as f64;
+    for arm in &mut arms {
+        arm.reduction_vs_dp = dp_bytes / arm.bytes_per_worker.max(1) as f64;
+        arm.gflops_per_s = arm.tokens_per_s * flops_per_token / 1e9;
+    }
+    let pct = |x: f32, base: f32| f64::from((x - base) / base) * 100.0;
+    Ok(DilocoBenchReport {
+        params: cfg.model.params_count(),
+        flops_per_token,
+        threads: candle_core::utils::get_num_threads(),
+        initial_heldout_loss: initial,
+        fp32_vs_dp_pct: pct(arms[1].heldout_loss, arms[0].heldout_loss),
+        topk_vs_fp32_pct: pct(arms[3].heldout_loss, arms[1].heldout_loss),
+        arms,
+        config: cfg.clone(),
+    })
+}
+
+fn eval(trainer: &Trainer, cfg: &DilocoBenchConfig, data: &Data, eval_seed: u64) -> Result<f32, TrainError> {
+    trainer.eval_loss_with(&data.heldout, cfg.eval_batches, crate::train::EVAL_BATCH_SIZE, cfg.seq_len, eval_seed)
+}
+
+fn run_data_parallel(
+    cfg: &DilocoBenchConfig,
+    device: &candle_core::Device,
+    data: &Data,
+    init_seed: u64,
+    eval_seed: u64,
+    progress: &mut dyn FnMut(BenchProgress<'_>),
+) -> Result<ArmReport, BenchError> {
+    let mut trainer = Trainer::new(&cfg.model, device.clone(), init_seed)?;
+    let mut tokens = 0;
+    let mut train_wall = 0.0;
+    let mut per_round = Vec::new();
+    for round in 0..cfg.rounds {
+        let inner = cfg.inner(round, cfg.batch_size * cfg.workers, derive_seed(cfg.seed, &format!("dp round {round}")));
+        let report = trainer.train_inner(&data.all, &inner)?;
+        tokens += report.tokens;
+        train_wall += report.wall.as_secs_f64();
+        let loss = eval(&trainer, cfg, data, eval_seed)?;
+        per_round.push(loss);
+        progress(BenchProgress { arm: "a: dp", round: round + 1, rounds: cfg.rounds, heldout_loss: loss });
+    }
+    let params = cfg.model.params_count() as u64;
+    Ok(ArmReport {
+        arm: "a".to_string(),
+        name: "dp".to_string(),
+        codec: None,
+        heldout_loss: per_round.last().copied().unwrap_or(f32::NAN),
+        heldout_per_round: per_round,
+        tokens,
+        bytes_per_worker: (cfg.rounds * cfg.inner_steps) as u64 * params * 4,
+        reduction_vs_dp: 1.0,
+        wall_s: train_wall,
+        tokens_per_s: tokens as f64 / train_wall.max(1e-9),
+        gflops_per_s: 0.0,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_diloco_arm(
+    cfg: &DilocoBenchConfig,
+    device: &candle_core::Device,
+    data: &Data,
+    init_seed: u64,
+    eval_seed: u64,
+    arm: &str,
+    name: &str,
+    codec: CodecConfig,
+    progress: &mut dyn FnMut(BenchProgress<'_>),
+) -> Result<ArmReport, BenchError> {
+    let params = cfg.model.params_count();
+    let mut workers = Vec::with_capacity(cfg.workers);
+    let mut encoders = Vec::with_capacity(cfg.workers);
+    for _ in 0..cfg.workers {
+        workers.push(Trainer::new(&cfg.model, device.clone(), init_seed)?);
+        encoders.push(Encoder::new(codec, params)?);
+    }
+    let mut global = workers[0].flat_params()?;
+    let mut outer = OuterOptimizer::new(cfg.outer, params);
+    let mut evaluator = Trainer::new(&cfg.model, device.clone(), init_seed)?;
+    let label = format!("{arm}: {name}");
+    let (mut tokens, mut bytes, mut wall) = (0u64, 0u64, 0.0f64);
+    let mut per_round = Vec::new();
+    let mut decoded: Vec<Vec<f32>> = vec![vec![0.0; params]; cfg.workers];
+    let mut average = vec![0.0f32; params];
+    for round in 0..cfg.rounds {
+        let started = Instant::now();
+        let mut weights = Vec::with_capacity(cfg.workers);
+        for (w, (worker, encoder)) in workers.iter_mut().zip(&mut encoders).enumerate() {
+            worker.set_flat_params(&global)?;
+            let seed = derive_seed(cfg.seed, &format!("worker {w} round {round}"));
+            let report = worker.train_inner(&data.workers[w], &cfg.inner(round, cfg.batch_size, seed))?;
+            tokens += report.tokens;
+            let local = worker.flat_params()?;
+            let delta: Vec<f32> = global.iter().zip(&local).map(|(g, l)| g - l).collect();
+            let payload = encoder.encode(&delta)?;
+            // Each worker's bytes are the same size; count worker 0's.
+            if w == 0 {
+                bytes += payload.len() as u64;
+            }
+            codec::decode_into(&payload, &mut decoded[w])?;
+            weights.push(report.tokens as f32);
+        }
+        let inputs: Vec<(&[f32], f32)> = decoded.iter().map(Vec::as_slice).zip(weights).collect();
+        weighted_mean_into(&inputs, &mut average);
+        outer.step(&mut global, &average);
+        wall += started.elapsed().as_secs_f64();
+        evaluator.set_flat_params(&global)?;
+        let loss = eval(&evaluator, cfg, data, eval_seed)?;
+        per_round.push(loss);
+        progress(BenchProgress { arm: &label, round: round + 1, rounds: cfg.rounds, heldout_loss: loss });
+    }
+    Ok(ArmReport {
+        arm: arm.to_string(),
+        name: name.to_string(),
+        codec: Some(codec.to_string()),
+        heldout_loss: per_round.last().copied().unwrap_or(f32::NAN),
+        heldout_per_round: per_round,
+        tokens,
+        bytes_per_worker: bytes,
+        reduction_vs_dp: 1.0,
+        wall_s: wall,
+        tokens_per_s: tokens as f64 / wall.max(1e-9),
+        gflops_per_s: 0.0,
+    })
+}
+
+fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.2} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+impl fmt::Display for DilocoBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        writeln!(
+            f,
+            "DiLoCo bench: preset {} ({} params, {:.1} MFLOP/token), k={} H={} R={}, batch {}x{} per worker, {} tokens per arm, {} threads",
+            c.preset,
+            self.params,
+            self.flops_per_token / 1e6,
+            c.workers,
+            c.inner_steps,
+            c.rounds,
+            c.batch_size,
+            c.seq_len,
+            c.total_tokens(),
+            self.threads
+        )?;
+        writeln!(f, "initial held-out loss {:.4}", self.initial_heldout_loss)?;
+        writeln!(
+            f,
+            "{:<16} {:<16} {:>10} {:>14} {:>10} {:>10} {:>9} {:>8}",
+            "arm", "codec", "held-out", "bytes/worker", "reduction", "tokens/s", "GFLOP/s", "wall s"
+        )?;
+        for arm in &self.arms {
+            writeln!(
+                f,
+                "{:<16} {:<16} {:>10.4} {:>14} {:>9.1}x {:>10.0} {:>9.2} {:>8.1}",
+                format!("({}) {}", arm.arm, arm.name),
+                arm.codec.as_deref().unwrap_or("-"),
+                arm.heldout_loss,
+                human_bytes(arm.bytes_per_worker),
+                arm.reduction_vs_dp,
+                arm.tokens_per_s,
+                arm.gflops_per_s,
+                arm.wall_s
+            )?;
+        }
+        writeln!(f, "(b) vs (a): {:+.2}% held-out loss (target within 5%)", self.fp32_vs_dp_pct)?;
+        write!(f, "(d) vs (b): {:+.2}% held-out loss (target within 2%)", self.topk_vs_fp32_pct)
+    }
+}

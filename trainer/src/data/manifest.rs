@@ -1,0 +1,203 @@
+//! The dataset manifest and turning text into shards (`barnraise shard`).
+//!
+//! A dataset is a list of content-addressed training shards plus held-out
+//! shards for evaluation. The manifest (`dataset.json`) names each shard by
+//! hash with its token count, so a node can fetch any shard from any peer and
+//! check it.
+
+use super::{ShardError, tokenize_bytes, write_shard_named};
+use barnraise_protocol::Hash;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// File name of the manifest inside a dataset directory.
+pub const MANIFEST_FILE: &str = "dataset.json";
+/// Manifest format version.
+pub const MANIFEST_VERSION: u32 = 1;
+/// Default shard size in tokens (2 MiB of u16 tokens): small enough to move
+/// between peers in one request, large enough to keep the file count low.
+pub const DEFAULT_SHARD_TOKENS: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    #[serde(with = "hex_hash")]
+    pub hash: Hash,
+    pub tokens: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetManifest {
+    pub version: u32,
+    /// How text became tokens; "bytes" = one token per byte.
+    pub tokenizer: String,
+    pub vocab_size: usize,
+    pub train: Vec<ShardEntry>,
+    pub heldout: Vec<ShardEntry>,
+}
+
+/// How to cut a dataset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShardingConfig {
+    pub shard_tokens: usize,
+    /// Fraction of the token stream (taken from its end) kept out of
+    /// training for evaluation.
+    pub heldout_fraction: f64,
+}
+
+impl Default for ShardingConfig {
+    fn default() -> Self {
+        ShardingConfig { shard_tokens: DEFAULT_SHARD_TOKENS, heldout_fraction: 0.05 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("input {path}: cannot read: {source}")]
+    ReadInput { path: PathBuf, source: std::io::Error },
+    #[error("input {path}: no text to shard (the file is empty or the directory holds no files)")]
+    EmptyInput { path: PathBuf },
+    #[error("no input files given")]
+    NoInputs,
+    #[error("dataset has {tokens} tokens, too few to split off a held-out part")]
+    TooSmall { tokens: usize },
+    #[error("sharding: shard size must be positive and the held-out fraction in (0, 1), got {shard_tokens} and {heldout_fraction}")]
+    BadConfig { shard_tokens: usize, heldout_fraction: f64 },
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error("manifest {path}: cannot write: {source}")]
+    WriteManifest { path: PathBuf, source: std::io::Error },
+    #[error("manifest {path}: cannot read: {source}")]
+    ReadManifest { path: PathBuf, source: std::io::Error },
+    #[error("manifest {path}: not a valid dataset manifest: {source}")]
+    ParseManifest { path: PathBuf, source: serde_json::Error },
+}
+
+/// Every file under the given paths (directories recursively), in a stable
+/// sorted order so the same inputs always give the same shards.
+pub fn collect_input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, DatasetError> {
+    if inputs.is_empty() {
+        return Err(DatasetError::NoInputs);
+    }
+    let mut files = Vec::new();
+    for input in inputs {
+        let meta = std::fs::metadata(input).map_err(|source| DatasetError::ReadInput { path: input.clone(), source })?;
+        if meta.is_dir() {
+            let before = files.len();
+            walk_dir(input, &mut files)?;
+            if files.len() == before {
+                return Err(DatasetError::EmptyInput { path: input.clone() });
+            }
+        } else {
+            files.push(input.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn walk_dir(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), DatasetError> {
+    let read_err = |source| DatasetError::ReadInput { path: dir.to_owned(), source };
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        entries.push(entry.map_err(read_err)?.path());
+    }
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            walk_dir(&path, files)?;
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Reads the input files and tokenises them byte-level, documents separated
+/// by a blank line. An empty file is an error naming it: it is almost always
+/// a mistake in the input list.
+pub fn tokenize_files(files: &[PathBuf]) -> Result<Vec<u16>, DatasetError> {
+    let mut tokens = Vec::new();
+    for (i, path) in files.iter().enumerate() {
+        let bytes = std::fs::read(path).map_err(|source| DatasetError::ReadInput { path: path.clone(), source })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(DatasetError::EmptyInput { path: path.clone() });
+        }
+        if i > 0 {
+            tokens.extend(tokenize_bytes(b"\n\n"));
+        }
+        tokens.extend(tokenize_bytes(&bytes));
+    }
+    if tokens.is_empty() {
+        return Err(DatasetError::NoInputs);
+    }
+    Ok(tokens)
+}
+
+/// Cuts `tokens` into content-addressed shards in `out_dir` and writes the
+/// manifest there. The held-out part is the tail of the stream, so it shares
+/// no text with training.
+pub fn build_dataset(tokens: &[u16], out_dir: &Path, config: ShardingConfig) -> Result<DatasetManifest, DatasetError> {
+    let ShardingConfig { shard_tokens, heldout_fraction } = config;
+    if shard_tokens == 0 || !(heldout_fraction > 0.0 && heldout_fraction < 1.0) {
+        return Err(DatasetError::BadConfig { shard_tokens, heldout_fraction });
+    }
+    let heldout_len = ((tokens.len() as f64 * heldout_fraction).ceil() as usize).max(2);
+    if tokens.len() < heldout_len + 2 {
+        return Err(DatasetError::TooSmall { tokens: tokens.len() });
+    }
+    let split = tokens.len() - heldout_len;
+    std::fs::create_dir_all(out_dir).map_err(|source| ShardError::Write { path: out_dir.to_owned(), source })?;
+    let write = |part: &[u16]| -> Result<Vec<ShardEntry>, DatasetError> {
+        let mut entries = Vec::new();
+        for chunk in part.chunks(shard_tokens) {
+            let (hash, _) = write_shard_named(out_dir, chunk)?;
+            entries.push(ShardEntry { hash, tokens: chunk.len() as u64 });
+        }
+        Ok(entries)
+    };
+    let manifest = DatasetManifest {
+        version: MANIFEST_VERSION,
+        tokenizer: "bytes".to_string(),
+        vocab_size: crate::model::BYTE_VOCAB,
+        train: write(&tokens[..split])?,
+        heldout: write(&tokens[split..])?,
+    };
+    manifest.save(&out_dir.join(MANIFEST_FILE))?;
+    Ok(manifest)
+}
+
+impl DatasetManifest {
+    pub fn save(&self, path: &Path) -> Result<(), DatasetError> {
+        let write_err = |source| DatasetError::WriteManifest { path: path.to_owned(), source };
+        let json = serde_json::to_string_pretty(self).map_err(|e| write_err(std::io::Error::other(e)))?;
+        std::fs::write(path, json + "\n").map_err(write_err)
+    }
+
+    pub fn load(path: &Path) -> Result<DatasetManifest, DatasetError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| DatasetError::ReadManifest { path: path.to_owned(), source })?;
+        serde_json::from_str(&text).map_err(|source| DatasetError::ParseManifest { path: path.to_owned(), source })
+    }
+
+    pub fn train_tokens(&self) -> u64 {
+        self.train.iter().map(|s| s.tokens).sum()
+    }
+
+    pub fn heldout_tokens(&self) -> u64 {
+        self.heldout.iter().map(|s| s.tokens).sum()
+    }
+}
+
+/// Hashes in the manifest are hex strings, as everywhere a person reads them.
+mod hex_hash {
+    use barnraise_protocol::Hash;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(hash: &Hash, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hash.to_hex())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Hash, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
