@@ -10,6 +10,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod aggregate;
 pub mod codec;
 pub mod hash;
 pub mod identity;

@@ -1,0 +1,351 @@
+//! Aggregation: how a round's accepted updates become θ_{r+1}.
+//!
+//! The coordinator and every node call [`apply_round`] with the manifest's
+//! accepted updates, in the manifest's order, and must end with the same bits;
+//! the manifest's `next_params_hash` proves they did. So everything here runs
+//! in a fixed order: weights are normalised in f64 in list order, sums run in
+//! list order, sorts break ties by position, and no work is split across
+//! threads.
+//!
+//! Rules:
+//! - `mean`: the token-weighted mean, streamed — each payload is decoded and
+//!   added in place, so n updates never become n dense copies;
+//! - `trimmed-mean:F`: per coordinate, drop the ⌊F·n⌋ smallest and largest
+//!   values, then take the weighted mean of the rest (robust to a minority of
+//!   outliers per coordinate);
+//! - `centered-clip:TAU[:ITERS]`: start from the coordinate-wise median and
+//!   move towards each update by at most TAU in L2 norm per iteration
+//!   (Karimireddy et al.'s centred clipping), weighted by tokens.
+//!
+//! The robust rules need the decoded updates side by side; they cost n dense
+//! vectors of memory, which is why `mean` is the default.
+
+use crate::codec::{self, CodecError};
+use crate::outer::OuterOptimizer;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// How accepted updates are combined.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum AggregationRule {
+    Mean,
+    TrimmedMean { trim: f32 },
+    CenteredClip { tau: f32, iterations: u32 },
+}
+
+impl Default for AggregationRule {
+    fn default() -> Self {
+        AggregationRule::Mean
+    }
+}
+
+/// Why a round could not be aggregated.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregateError {
+    #[error("update {index} does not decode: {source}")]
+    Decode { index: usize, source: CodecError },
+    #[error("update {index} has a non-finite or negative weight {weight}")]
+    BadWeight { index: usize, weight: f32 },
+    #[error("params ({params}) and optimizer momentum ({momentum}) lengths differ")]
+    StateLength { params: usize, momentum: usize },
+    #[error("invalid aggregation rule `{0}`: expected mean, trimmed-mean:F (0 <= F < 0.5) or centered-clip:TAU[:ITERS]")]
+    BadRule(String),
+}
+
+impl FromStr for AggregationRule {
+    type Err = AggregateError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || AggregateError::BadRule(s.to_string());
+        let mut parts = s.trim().split(':');
+        let name = parts.next().unwrap_or_default();
+        let numbers: Vec<&str> = parts.collect();
+        let rule = match (name, numbers.as_slice()) {
+            ("mean", []) => AggregationRule::Mean,
+            ("trimmed-mean", [f]) => {
+                let trim: f32 = f.parse().map_err(|_| bad())?;
+                if !(0.0..0.5).contains(&trim) {
+                    return Err(bad());
+                }
+                AggregationRule::TrimmedMean { trim }
+            }
+            ("centered-clip", [tau, rest @ ..]) if rest.len() <= 1 => {
+                let tau: f32 = tau.parse().map_err(|_| bad())?;
+                let iterations = match rest {
+                    [n] => n.parse().map_err(|_| bad())?,
+                    _ => 3,
+                };
+                if !(tau.is_finite() && tau > 0.0) || !(1..=100).contains(&iterations) {
+                    return Err(bad());
+                }
+                AggregationRule::CenteredClip { tau, iterations }
+            }
+            _ => return Err(bad()),
+        };
+        Ok(rule)
+    }
+}
+
+impl fmt::Display for AggregationRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AggregationRule::Mean => f.write_str("mean"),
+            AggregationRule::TrimmedMean { trim } => write!(f, "trimmed-mean:{trim}"),
+            AggregationRule::CenteredClip { tau, iterations } => write!(f, "centered-clip:{tau}:{iterations}"),
+        }
+    }
+}
+
+/// Normalised f32 weights, computed in f64 in list order.
+fn normalised(weights: impl Iterator<Item = f32>) -> Result<Vec<f32>, AggregateError> {
+    let weights: Vec<f32> = weights.collect();
+    let mut total = 0.0f64;
+    for (index, &weight) in weights.iter().enumerate() {
+        if !(weight.is_finite() && weight >= 0.0) {
+            return Err(AggregateError::BadWeight { index, weight });
+        }
+        total += f64::from(weight);
+    }
+    if total <= 0.0 {
+        // All-zero weights: fall back to equal shares rather than dividing by zero.
+        let n = weights.len().max(1) as f64;
+        return Ok(weights.iter().map(|_| (1.0 / n) as f32).collect());
+    }
+    Ok(weights.iter().map(|&w| (f64::from(w) / total) as f32).collect())
+}
+
+/// Writes the aggregate of `updates` (encoded payloads with their weights)
+/// into `out`. With no updates, `out` is zeroed.
+pub fn aggregate_into(rule: &AggregationRule, updates: &[(&[u8], f32)], out: &mut [f32]) -> Result<(), AggregateError> {
+    out.fill(0.0);
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let shares = normalised(updates.iter().map(|u| u.1))?;
+    if let AggregationRule::Mean = rule {
+        // Validate every payload before adding any, so an error leaves `out` zeroed
+        // rather than holding a partial sum.
+        for (index, (payload, _)) in updates.iter().enumerate() {
+            let header = codec::peek_header(payload).map_err(|source| AggregateError::Decode { index, source })?;
+            if header.params != out.len() as u64 {
+                let source = CodecError::BufferLength { expected: header.params as usize, got: out.len() };
+                return Err(AggregateError::Decode { index, source });
+            }
+        }
+        for (index, ((payload, _), &share)) in updates.iter().zip(&shares).enumerate() {
+            if let Err(source) = codec::decode_add(payload, share, out) {
+                out.fill(0.0);
+                return Err(AggregateError::Decode { index, source });
+            }
+        }
+        return Ok(());
+    }
+    let mut dense = Vec::with_capacity(updates.len());
+    for (index, (payload, _)) in updates.iter().enumerate() {
+        let mut values = vec![0.0f32; out.len()];
+        codec::decode_into(payload, &mut values).map_err(|source| AggregateError::Decode { index, source })?;
+        dense.push(values);
+    }
+    let views: Vec<&[f32]> = dense.iter().map(|v| v.as_slice()).collect();
+    match *rule {
+        // Handled above without dense copies; kept for completeness.
+        AggregationRule::Mean => {
+            let pairs: Vec<(&[f32], f32)> = views.iter().copied().zip(shares.iter().copied()).collect();
+            crate::outer::weighted_mean_into(&pairs, out);
+        }
+        AggregationRule::TrimmedMean { trim } => trimmed_mean_into(&views, &shares, trim, out),
+        AggregationRule::CenteredClip { tau, iterations } => centered_clip_into(&views, &shares, tau, iterations, out),
+    }
+    Ok(())
+}
+
+/// Per coordinate: sort (value, position), drop ⌊trim·n⌋ at each end, take
+/// the share-weighted mean of the rest, renormalised over what is kept.
+pub fn trimmed_mean_into(updates: &[&[f32]], shares: &[f32], trim: f32, out: &mut [f32]) {
+    let n = updates.len();
+    let cut = ((trim as f64) * n as f64).floor() as usize;
+    let cut = cut.min(n.saturating_sub(1) / 2);
+    let mut column: Vec<(f32, usize)> = Vec::with_capacity(n);
+    for (i, o) in out.iter_mut().enumerate() {
+        column.clear();
+        column.extend(updates.iter().enumerate().map(|(j, u)| (u[i], j)));
+        column.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let kept = &column[cut..n - cut];
+        let mut weight = 0.0f64;
+        let mut sum = 0.0f64;
+        for &(value, j) in kept {
+            weight += f64::from(shares[j]);
+            sum += f64::from(shares[j]) * f64::from(value);
+        }
+        *o = if weight > 0.0 { (sum / weight) as f32 } else { 0.0 };
+    }
+}
+
+/// Centred clipping: v₀ = coordinate-wise median; then ITERS times
+/// v ← v + Σ_j s_j · clip(x_j − v, τ), where clip scales a vector down to L2
+/// norm τ if it is longer.
+pub fn centered_clip_into(updates: &[&[f32]], shares: &[f32], tau: f32, iterations: u32, out: &mut [f32]) {
+    let n = updates.len();
+    let mut column: Vec<(f32, usize)> = Vec::with_capacity(n);
+    for (i, o) in out.iter_mut().enumerate() {
+        column.clear();
+        column.extend(updates.iter().enumerate().map(|(j, u)| (u[i], j)));
+        column.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        *o = if n % 2 == 1 { column[n / 2].0 } else { 0.5 * column[n / 2 - 1].0 + 0.5 * column[n / 2].0 };
+    }
+    let mut step = vec![0.0f32; out.len()];
+    for _ in 0..iterations {
+        step.fill(0.0);
+        for (update, &share) in updates.iter().zip(shares) {
+            let mut norm2 = 0.0f64;
+            for (&x, &v) in update.iter().zip(out.iter()) {
+                let d = f64::from(x - v);
+                norm2 += d * d;
+            }
+            let norm = norm2.sqrt();
+            let scale = if norm > f64::from(tau) { (f64::from(tau) / norm) as f32 } else { 1.0 };
+            let factor = share * scale;
+            for ((s, &x), &v) in step.iter_mut().zip(update.iter()).zip(out.iter()) {
+                let diff = x - v;
+                *s += factor * diff;
+            }
+        }
+        for (o, &s) in out.iter_mut().zip(&step) {
+            *o += s;
+        }
+    }
+}
+
+/// Aggregates the round's updates and applies the outer step: `theta` holds
+/// θ_r on entry and θ_{r+1} on return. With no updates the round changes
+/// nothing (θ and momentum stay as they are). On error neither `theta` nor
+/// the optimizer is touched.
+pub fn apply_round(
+    theta: &mut [f32],
+    optimizer: &mut OuterOptimizer,
+    rule: &AggregationRule,
+    updates: &[(&[u8], f32)],
+) -> Result<(), AggregateError> {
+    if optimizer.momentum().len() != theta.len() {
+        return Err(AggregateError::StateLength { params: theta.len(), momentum: optimizer.momentum().len() });
+    }
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let mut delta = vec![0.0f32; theta.len()];
+    aggregate_into(rule, updates, &mut delta)?;
+    optimizer.step(theta, &delta);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{CodecConfig, Encoder};
+    use crate::outer::OuterConfig;
+
+    fn encode(values: &[f32]) -> Vec<u8> {
+        Encoder::new(CodecConfig::Fp32, values.len()).unwrap().encode(values).unwrap()
+    }
+
+    #[test]
+    fn rules_parse_and_print() {
+        for text in ["mean", "trimmed-mean:0.2", "centered-clip:1.5:4"] {
+            let rule: AggregationRule = text.parse().unwrap();
+            assert_eq!(rule.to_string().parse::<AggregationRule>().unwrap(), rule);
+        }
+        assert_eq!("centered-clip:2".parse::<AggregationRule>().unwrap(), AggregationRule::CenteredClip { tau: 2.0, iterations: 3 });
+        for bad in ["", "median", "trimmed-mean", "trimmed-mean:0.5", "trimmed-mean:x", "centered-clip:-1", "mean:1"] {
+            assert!(bad.parse::<AggregationRule>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mean_is_token_weighted() {
+        let a = encode(&[1.0, 2.0]);
+        let b = encode(&[4.0, -1.0]);
+        let mut out = [0.0; 2];
+        aggregate_into(&AggregationRule::Mean, &[(&a, 1.0), (&b, 3.0)], &mut out).unwrap();
+        assert!((out[0] - 3.25).abs() < 1e-6 && (out[1] - (-0.25)).abs() < 1e-6, "{out:?}");
+    }
+
+    #[test]
+    fn trimmed_mean_ignores_an_outlier() {
+        let honest: Vec<Vec<u8>> = (0..4).map(|i| encode(&[1.0 + i as f32 * 0.01; 3])).collect();
+        let evil = encode(&[1000.0; 3]);
+        let mut updates: Vec<(&[u8], f32)> = honest.iter().map(|u| (u.as_slice(), 1.0)).collect();
+        updates.push((&evil, 1.0));
+        let mut out = [0.0; 3];
+        aggregate_into(&"trimmed-mean:0.2".parse().unwrap(), &updates, &mut out).unwrap();
+        assert!(out.iter().all(|&v| (1.0..1.05).contains(&v)), "{out:?}");
+        aggregate_into(&AggregationRule::Mean, &updates, &mut out).unwrap();
+        assert!(out[0] > 100.0, "the plain mean is pulled by the outlier: {out:?}");
+    }
+
+    #[test]
+    fn centered_clip_bounds_an_outlier() {
+        let honest: Vec<Vec<u8>> = (0..4).map(|_| encode(&[0.5, -0.5])).collect();
+        let evil = encode(&[1e6, 1e6]);
+        let mut updates: Vec<(&[u8], f32)> = honest.iter().map(|u| (u.as_slice(), 1.0)).collect();
+        updates.push((&evil, 1.0));
+        let mut out = [0.0; 2];
+        aggregate_into(&"centered-clip:0.1:3".parse().unwrap(), &updates, &mut out).unwrap();
+        // Each iteration moves at most share·tau = 0.2·0.1 towards the outlier.
+        assert!((out[0] - 0.5).abs() <= 3.0 * 0.2 * 0.1 + 1e-6, "{out:?}");
+    }
+
+    #[test]
+    fn apply_round_matches_a_hand_computed_step() {
+        let mut theta = vec![1.0f32, -1.0];
+        let mut optimizer = OuterOptimizer::new(OuterConfig::default(), 2);
+        let a = encode(&[0.2, 0.0]);
+        let b = encode(&[0.0, -0.4]);
+        apply_round(&mut theta, &mut optimizer, &AggregationRule::Mean, &[(&a, 1.0), (&b, 1.0)]).unwrap();
+        // mean Δ = (0.1, -0.2); m = Δ; nesterov u = Δ + 0.9·m = 1.9·Δ; θ -= 0.7·u.
+        let expected = [1.0 - 0.7 * 1.9 * 0.1, -1.0 + 0.7 * 1.9 * 0.2];
+        for (t, e) in theta.iter().zip(expected) {
+            assert!((t - e).abs() < 1e-6, "{theta:?} vs {expected:?}");
+        }
+    }
+
+    #[test]
+    fn errors_leave_state_untouched() {
+        let mut theta = vec![1.0f32; 4];
+        let mut optimizer = OuterOptimizer::new(OuterConfig::default(), 4);
+        let good = encode(&[0.1; 4]);
+        let short = encode(&[0.1; 3]);
+        let garbage = vec![7u8; 40];
+        for bad in [&short, &garbage] {
+            let before = theta.clone();
+            let result = apply_round(&mut theta, &mut optimizer, &AggregationRule::Mean, &[(&good, 1.0), (bad, 1.0)]);
+            assert!(result.is_err());
+            assert_eq!(theta, before);
+            assert!(optimizer.momentum().iter().all(|&m| m == 0.0));
+        }
+        let result = apply_round(&mut theta, &mut optimizer, &AggregationRule::Mean, &[(&good, f32::NAN)]);
+        assert!(matches!(result, Err(AggregateError::BadWeight { .. })));
+        // No updates: nothing moves.
+        apply_round(&mut theta, &mut optimizer, &AggregationRule::Mean, &[]).unwrap();
+        assert_eq!(theta, vec![1.0; 4]);
+    }
+
+    #[test]
+    fn same_inputs_same_bits() {
+        let updates: Vec<Vec<u8>> = (0..5)
+            .map(|j| encode(&(0..1000).map(|i| ((i * 7 + j * 13) % 17) as f32 * 0.01 - 0.08).collect::<Vec<_>>()))
+            .collect();
+        let list: Vec<(&[u8], f32)> = updates.iter().enumerate().map(|(j, u)| (u.as_slice(), 1.0 + j as f32)).collect();
+        for rule in ["mean", "trimmed-mean:0.2", "centered-clip:0.5"] {
+            let rule: AggregationRule = rule.parse().unwrap();
+            let run = || {
+                let mut theta = vec![0.5f32; 1000];
+                let mut optimizer = OuterOptimizer::new(OuterConfig::default(), 1000);
+                for _ in 0..3 {
+                    apply_round(&mut theta, &mut optimizer, &rule, &list).unwrap();
+                }
+                crate::Hash::of_f32s(&theta)
+            };
+            assert_eq!(run(), run());
+        }
+    }
+}
