@@ -5,10 +5,9 @@
 //! then all kept indices (ascending within a chunk, ceil(log2 CHUNK) bits
 //! each), then all value codes (BITS bits each), both bit-packed.
 //!
-//! Selection is exact and fast: a histogram of quarter-octave bins below the
-//! chunk's largest magnitude finds the bin holding the K-th largest, only the
-//! values at or above that bin become candidates, and a selection over those
-//! few fixes the exact cut. All of it works on the integer bits of |x|, which
+//! Selection is exact and fast: a histogram of a fixed sample, in
+//! eighth-octave bins below the chunk's largest magnitude, estimates a
+//! threshold that a few times K values pass; only those are ranked exactly. All of it works on the integer bits of |x|, which
 //! order like the magnitudes, so it is identical on every machine.
 
 use super::bitpack::{BitReader, BitWriter};
@@ -99,8 +98,7 @@ impl Levels {
 #[derive(Default)]
 pub(crate) struct Scratch {
     magnitudes: Vec<u32>,
-    bins: Vec<u8>,
-    candidates: Vec<u32>,
+    candidates: Vec<u64>,
     keys: Vec<u64>,
     kept: Vec<u32>,
     index_stream: Vec<u8>,
@@ -130,7 +128,7 @@ pub(crate) fn encode(
     let chunk = settings.chunk as usize;
     let value_bits = u32::from(settings.bits);
     let index_bits = index_bits(chunk as u64);
-    let Scratch { magnitudes, bins, candidates, keys, kept, index_stream, value_stream } = scratch;
+    let Scratch { magnitudes, candidates, keys, kept, index_stream, value_stream } = scratch;
     magnitudes.resize(chunk.min(delta.len()), 0);
     index_stream.clear();
     value_stream.clear();
@@ -143,7 +141,7 @@ pub(crate) fn encode(
         let magnitudes = &mut magnitudes[..delta.len()];
         let max = fold_in(delta, residual, settings.decay, magnitudes);
         let keep = (settings.k as usize).min(delta.len());
-        select_largest(magnitudes, max, keep, bins, candidates, keys, kept);
+        select_largest(magnitudes, max, keep, candidates, keys, kept);
 
         let lo = kept.iter().map(|&i| magnitudes[i as usize]).min().unwrap_or(max);
         let (lo, hi) = (f32::from_bits(lo), f32::from_bits(max));
@@ -183,62 +181,98 @@ fn fold_in(delta: &[f32], residual: &mut [f32], decay: f32, magnitudes: &mut [u3
     max
 }
 
-/// Quarter-octave bins: the exponent and the top two mantissa bits.
-const BIN_SHIFT: u32 = 21;
+/// Eighth-octave bins below the chunk's largest magnitude: the exponent and
+/// the top three mantissa bits.
+const BIN_SHIFT: u32 = 20;
+/// Every how many values the threshold estimate samples.
+const SAMPLE_STRIDE: usize = 8;
 
 /// Fills `kept` with the indices of the `keep` largest magnitudes, ascending.
+///
+/// A histogram of a fixed sample estimates a magnitude threshold that a few
+/// times `keep` values pass; only those are gathered and ranked exactly. If
+/// the sample misjudged and fewer than `keep` pass, a histogram of every value
+/// gives a threshold that is sure to. Either way the result is the exact top
+/// `keep`, so the sampling affects speed only.
 fn select_largest(
     magnitudes: &[u32],
     max: u32,
     keep: usize,
-    bins: &mut Vec<u8>,
-    candidates: &mut Vec<u32>,
+    candidates: &mut Vec<u64>,
     keys: &mut Vec<u64>,
     kept: &mut Vec<u32>,
 ) {
     kept.clear();
     let len = magnitudes.len();
-    if keep >= len {
-        kept.extend(0..len as u32);
+    if keep >= len || max == 0 {
+        // All kept, or all zero: ties go to the lowest indices.
+        kept.extend(0..keep as u32);
         return;
     }
-    // Four interleaved histograms, so runs of equal bins do not stall on one counter.
-    let mut histogram = [[0u32; 256]; 4];
-    bins.resize(len, 0);
-    for (index, (&magnitude, bin)) in magnitudes.iter().zip(bins.iter_mut()).enumerate() {
-        let below_max = ((max - magnitude) >> BIN_SHIFT).min(255) as u8;
-        *bin = below_max;
-        histogram[index & 3][usize::from(below_max)] += 1;
+    let sample_target = keep.div_ceil(SAMPLE_STRIDE) * 3 / 2 + 4;
+    let estimate = threshold(magnitudes.iter().step_by(SAMPLE_STRIDE), max, sample_target);
+    let mut found = gather(magnitudes, estimate, candidates);
+    if found < keep {
+        found = gather(magnitudes, threshold(magnitudes.iter(), max, keep), candidates);
     }
-    let mut boundary = 255u8;
-    let mut total = 0usize;
-    for bin in 0..256 {
-        total += (0..4).map(|h| histogram[h][bin] as usize).sum::<usize>();
-        if total >= keep {
-            boundary = bin as u8;
-            break;
+    if found > keep {
+        // Larger magnitude first, then lower index: every key is distinct, so
+        // exactly `keep` candidates are at or above the cut.
+        keys.clear();
+        keys.extend_from_slice(candidates);
+        let (_, &mut cut, _) = keys.select_nth_unstable(found - keep);
+        candidates.retain(|&key| key >= cut);
+    }
+    kept.extend(candidates.iter().map(|&key| !(key as u32)));
+}
+
+/// A magnitude (as bits) that at least `count` of `values` reach, from a
+/// histogram of bins below `max`; 0 when they are too few.
+fn threshold<'a>(values: impl Iterator<Item = &'a u32>, max: u32, count: usize) -> u32 {
+    let mut histogram = [0u32; 256];
+    for &magnitude in values {
+        histogram[((max - magnitude) >> BIN_SHIFT).min(255) as usize] += 1;
+    }
+    let mut total = 0;
+    for (bin, &in_bin) in histogram.iter().enumerate().take(255) {
+        total += in_bin as usize;
+        if total >= count {
+            // Bins 0..=bin hold exactly the magnitudes above max - (bin+1) steps.
+            return max.saturating_sub(((bin as u32 + 1) << BIN_SHIFT) - 1);
         }
     }
-    // Everything in bins up to the boundary, in index order; branch-free.
+    0
+}
+
+/// Collects, in index order, the sort key of every magnitude at or above
+/// `threshold`; returns how many. Blocks of 8 with none are skipped by a
+/// vectorized test, which most blocks are.
+fn gather(magnitudes: &[u32], threshold: u32, candidates: &mut Vec<u64>) -> usize {
+    const BLOCK: usize = 8;
     candidates.clear();
-    candidates.resize(len, 0);
+    candidates.resize(magnitudes.len(), 0);
     let mut found = 0;
-    for (index, &bin) in bins[..len].iter().enumerate() {
-        candidates[found] = index as u32;
-        found += usize::from(bin <= boundary);
+    // Magnitudes are below 2^31, so comparing them as i32 is exact and SIMD-friendly.
+    let threshold = threshold as i32;
+    let passes = |magnitude: u32| magnitude as i32 >= threshold;
+    let (blocks, rest) = magnitudes.as_chunks::<BLOCK>();
+    let mut push_block = |start: usize, block: &[u32]| {
+        for (offset, &magnitude) in block.iter().enumerate() {
+            // Branch-free: always write, advance only past the ones that pass.
+            if let Some(slot) = candidates.get_mut(found) {
+                *slot = (u64::from(magnitude) << 32) | u64::from(!((start + offset) as u32));
+            }
+            found += usize::from(passes(magnitude));
+        }
+    };
+    for (block_index, block) in blocks.iter().enumerate() {
+        if block.iter().fold(0u32, |n, &m| n | u32::from(passes(m))) != 0 {
+            push_block(block_index * BLOCK, block);
+        }
     }
+    push_block(blocks.len() * BLOCK, rest);
     candidates.truncate(found);
-    if found == keep {
-        kept.extend_from_slice(candidates);
-        return;
-    }
-    // Larger magnitude first, then lower index: every key is distinct, so
-    // exactly `keep` candidates are at or above the cut.
-    let key = |index: u32| (u64::from(magnitudes[index as usize]) << 32) | u64::from(!index);
-    keys.clear();
-    keys.extend(candidates.iter().map(|&index| key(index)));
-    let (_, &mut cut, _) = keys.select_nth_unstable(found - keep);
-    kept.extend(candidates.iter().copied().filter(|&index| key(index) >= cut));
+    found
 }
 
 /// Validates the whole body, then writes or adds the decoded values.
