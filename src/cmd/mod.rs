@@ -1,0 +1,41 @@
+//! One module per subcommand, plus the logging setup they share.
+
+pub mod bench_codec;
+pub mod bench_diloco;
+pub mod coordinator;
+pub mod id;
+pub mod node;
+pub mod shard;
+pub mod stats;
+pub mod up;
+
+use anyhow::Context;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Logs go to stderr so stdout stays clean for `--json` output.
+pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(filter).with_context(|| format!("invalid log filter `{filter}`"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("could not set up logging: {e}"))
+}
+
+/// The default data directory: `$BARNRAISE_HOME`, else `~/.barnraise`.
+pub fn default_home() -> std::path::PathBuf {
+    if let Some(home) = std::env::var_os("BARNRAISE_HOME") {
+        return home.into();
+    }
+    let base = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
+    base.join(".barnraise")
+}
