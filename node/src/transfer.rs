@@ -1,0 +1,474 @@
+//! Fetching a blob by hash from whoever has it.
+//!
+//! ```text
+//! fetcher                                   providers (any peers)
+//!  | -- Have{hash} to every candidate ------------->|
+//!  |<-- Have{size} / Have{None} --------------------|   size must match what we expect
+//!  | -- Chunk{hash, offset, len} (bounded, spread) >|   chunks go to the least busy provider
+//!  |<-- Chunk{data} --------------------------------|   exact length checked, written, journaled
+//!  |   ... all chunks in: hash the whole blob ...
+//! ```
+//!
+//! Blobs are named by the SHA-256 of the whole, so a single chunk cannot be
+//! checked on arrival; only its length can. When the assembled bytes do not
+//! hash to the name, the fetcher finds the liar by elimination: for each
+//! provider that contributed chunks (most chunks first) it re-fetches that
+//! provider's chunks from the *other* providers and hashes again. The
+//! provider whose chunks, once replaced, make the blob verify is the one that
+//! lied: it is dropped and penalized. Wrong-length chunks, oversized claims
+//! and protocol violations are caught at once and also drop the provider.
+//! Timeouts and refusals are retried with backoff, and a provider that keeps
+//! failing is dropped (without a penalty: it may just be slow).
+//!
+//! Downloads write into the store's partial file and journal, so a restarted
+//! node re-fetches only the chunks it did not finish. Nothing reaches the
+//! blob's final name unless it hashed to that name.
+
+use crate::limiter::RateLimiter;
+use crate::network::{Client, NetworkError};
+use crate::store::{BlobStore, Partial, StoreError, chunk_range};
+use barnraise_protocol::Hash;
+use barnraise_protocol::limits::MAX_BLOB_BYTES;
+use barnraise_protocol::messages::{BlobRequest, BlobResponse};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use libp2p::PeerId;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Chunk requests in flight at once, over all providers.
+pub const MAX_IN_FLIGHT: usize = 8;
+/// Chunk requests in flight at once to one provider.
+pub const MAX_IN_FLIGHT_PER_PROVIDER: usize = 4;
+/// Consecutive failures after which a provider is dropped.
+pub const MAX_PROVIDER_FAILURES: u32 = 4;
+/// How long to wait for a `Have` answer.
+const HAVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for one chunk.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a blob could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no peer has blob {hash} (asked {asked})")]
+    NoProviders { hash: Hash, asked: usize },
+    #[error("blob {hash}: every provider failed or was dropped; {remaining} chunks still missing")]
+    ProvidersExhausted { hash: Hash, remaining: usize },
+    #[error("blob {hash}: providers claim {claimed} bytes, but {expected} bytes were expected")]
+    WrongSize { hash: Hash, claimed: u64, expected: u64 },
+    #[error("blob {hash}: providers' bytes never hashed to its name; download discarded")]
+    Unverifiable { hash: Hash },
+    #[error("blob {hash}: {source}")]
+    Store { hash: Hash, source: StoreError },
+    #[error("download cancelled")]
+    Cancelled,
+}
+
+/// What a fetch did.
+#[derive(Debug, Clone)]
+pub struct FetchReport {
+    pub hash: Hash,
+    pub size: u64,
+    /// The blob was already in the store; nothing was fetched.
+    pub already_had: bool,
+    /// Chunks finished in an earlier run and kept.
+    pub chunks_resumed: u64,
+    /// Chunk downloads in this run (including re-fetches while hunting a liar).
+    pub chunks_fetched: u64,
+    pub bytes_fetched: u64,
+    /// Providers that served at least one chunk.
+    pub providers_used: Vec<PeerId>,
+    /// Providers dropped for misbehaving, with the reason.
+    pub bad_providers: Vec<(PeerId, String)>,
+}
+
+/// Progress callbacks (download bars).
+pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// Fetches blobs into a store.
+#[derive(Clone)]
+pub struct Fetcher {
+    client: Client,
+    store: Arc<BlobStore>,
+    download: RateLimiter,
+    max_in_flight: usize,
+    per_provider: usize,
+    progress: Option<ProgressFn>,
+}
+
+#[derive(Debug)]
+struct Provider {
+    peer: PeerId,
+    in_flight: usize,
+    failures: u32,
+    not_before: Instant,
+    active: bool,
+}
+
+/// What became of one chunk request.
+enum Outcome {
+    Written(u64),
+    WrongLength { got: usize, expected: u64 },
+    NotFound,
+    Refused(String),
+    Unexpected,
+    Failed(String),
+    Store(StoreError),
+}
+
+impl Fetcher {
+    pub fn new(client: Client, store: Arc<BlobStore>, download: RateLimiter) -> Fetcher {
+        Fetcher { client, store, download, max_in_flight: MAX_IN_FLIGHT, per_provider: MAX_IN_FLIGHT_PER_PROVIDER, progress: None }
+    }
+
+    /// Overrides the concurrency bounds (at least 1 each).
+    pub fn with_concurrency(mut self, total: usize, per_provider: usize) -> Fetcher {
+        self.max_in_flight = total.max(1);
+        self.per_provider = per_provider.max(1);
+        self
+    }
+
+    /// Calls `progress(done_bytes, total_bytes)` as chunks land.
+    pub fn with_progress(mut self, progress: ProgressFn) -> Fetcher {
+        self.progress = Some(progress);
+        self
+    }
+
+    pub fn store(&self) -> &Arc<BlobStore> {
+        &self.store
+    }
+
+    /// Fetches blob `hash` from `candidates` (any that have it) unless the
+    /// store already has it. `expected_size`, when the caller knows it (a
+    /// manifest, a dataset entry), pins the size: providers claiming another
+    /// size are dropped.
+    pub async fn fetch(
+        &self,
+        hash: Hash,
+        expected_size: Option<u64>,
+        candidates: &[PeerId],
+        cancel: &CancellationToken,
+    ) -> Result<FetchReport, FetchError> {
+        let mut report = FetchReport {
+            hash,
+            size: 0,
+            already_had: false,
+            chunks_resumed: 0,
+            chunks_fetched: 0,
+            bytes_fetched: 0,
+            providers_used: Vec::new(),
+            bad_providers: Vec::new(),
+        };
+        if let Some(size) = self.store.size(&hash) {
+            report.size = size;
+            report.already_had = true;
+            return Ok(report);
+        }
+        let (size, peers) = self.find_size(hash, expected_size, candidates, &mut report, cancel).await?;
+        report.size = size;
+        let store = Arc::clone(&self.store);
+        let partial = tokio::task::spawn_blocking(move || store.partial(hash, size))
+            .await
+            .map_err(|e| FetchError::Store { hash, source: join_error(e) })?
+            .map_err(|source| FetchError::Store { hash, source })?;
+        let partial = Arc::new(partial);
+        report.chunks_resumed = partial.done_count();
+        if report.chunks_resumed > 0 {
+            tracing::info!(blob = %hash.short(), "resuming download: {} of {} chunks already here", report.chunks_resumed, partial.chunk_count());
+        }
+        let mut providers: Vec<Provider> = peers
+            .into_iter()
+            .map(|peer| Provider { peer, in_flight: 0, failures: 0, not_before: Instant::now(), active: true })
+            .collect();
+        // Who served each chunk; `None` for chunks resumed from disk.
+        let mut served_by: BTreeMap<u64, Option<usize>> = BTreeMap::new();
+        let missing = partial.missing();
+        self.fetch_chunks(&partial, missing, &mut providers, &mut served_by, None, &mut report, cancel).await?;
+        match self.finish(&partial).await {
+            Ok(()) => {
+                self.note_used(&providers, &served_by, &mut report);
+                return Ok(report);
+            }
+            Err(FetchError::Store { source: StoreError::Mismatch { actual, .. }, .. }) => {
+                tracing::warn!(blob = %hash.short(), "assembled bytes hash to {}; looking for the provider that lied", actual.short());
+            }
+            Err(e) => return Err(e),
+        }
+        // Suspects: every contributor, the one with the most chunks first.
+        let mut counts: BTreeMap<Option<usize>, usize> = BTreeMap::new();
+        for index in 0..partial.chunk_count() {
+            *counts.entry(served_by.get(&index).copied().flatten()).or_default() += 1;
+        }
+        let mut suspects: Vec<(Option<usize>, usize)> = counts.into_iter().collect();
+        suspects.sort_by(|a, b| b.1.cmp(&a.1));
+        for (suspect, _) in suspects {
+            let others = providers.iter().enumerate().any(|(i, p)| p.active && Some(i) != suspect);
+            if !others {
+                continue;
+            }
+            let chunks: Vec<u64> = (0..partial.chunk_count())
+                .filter(|i| served_by.get(i).copied().flatten() == suspect)
+                .collect();
+            self.fetch_chunks(&partial, chunks, &mut providers, &mut served_by, suspect, &mut report, cancel).await?;
+            match self.finish(&partial).await {
+                Ok(()) => {
+                    if let Some(index) = suspect {
+                        self.drop_bad(&mut providers, index, "served bytes that do not hash to the blob", &mut report).await;
+                    }
+                    self.note_used(&providers, &served_by, &mut report);
+                    return Ok(report);
+                }
+                Err(FetchError::Store { source: StoreError::Mismatch { .. }, .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.store.discard_partial(&hash);
+        Err(FetchError::Unverifiable { hash })
+    }
+
+    fn note_used(&self, providers: &[Provider], served_by: &BTreeMap<u64, Option<usize>>, report: &mut FetchReport) {
+        let mut used: Vec<PeerId> = served_by.values().flatten().filter_map(|i| providers.get(*i)).map(|p| p.peer).collect();
+        used.sort();
+        used.dedup();
+        report.providers_used = used;
+    }
+
+    async fn finish(&self, partial: &Arc<Partial>) -> Result<(), FetchError> {
+        let hash = partial.hash();
+        let store = Arc::clone(&self.store);
+        let partial = Arc::clone(partial);
+        tokio::task::spawn_blocking(move || partial.finish(&store))
+            .await
+            .map_err(|e| FetchError::Store { hash, source: join_error(e) })?
+            .map_err(|source| FetchError::Store { hash, source })
+    }
+
+    /// Asks every candidate whether it has the blob and settles its size.
+    async fn find_size(
+        &self,
+        hash: Hash,
+        expected: Option<u64>,
+        candidates: &[PeerId],
+        report: &mut FetchReport,
+        cancel: &CancellationToken,
+    ) -> Result<(u64, Vec<PeerId>), FetchError> {
+        let mut unique = candidates.to_vec();
+        unique.sort();
+        unique.dedup();
+        unique.retain(|p| *p != self.client.local_peer_id());
+        let mut asks: FuturesUnordered<_> = unique
+            .iter()
+            .map(|&peer| {
+                let client = self.client.clone();
+                async move {
+                    let answer = tokio::time::timeout(HAVE_TIMEOUT, client.blob_request(peer, BlobRequest::Have { hash })).await;
+                    (peer, answer)
+                }
+            })
+            .collect();
+        let mut claims: Vec<(PeerId, u64)> = Vec::new();
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(FetchError::Cancelled),
+                next = asks.next() => next,
+            };
+            let Some((peer, answer)) = next else { break };
+            match answer {
+                Ok(Ok(BlobResponse::Have { size: Some(size) })) => claims.push((peer, size)),
+                Ok(Ok(BlobResponse::Have { size: None })) | Ok(Ok(BlobResponse::NotFound)) => {}
+                Ok(Ok(other)) => tracing::debug!(%peer, "odd answer to Have: {other:?}"),
+                Ok(Err(e)) => tracing::debug!(%peer, "asking for blob {}: {e}", hash.short()),
+                Err(_) => tracing::debug!(%peer, "no answer about blob {} in time", hash.short()),
+            }
+        }
+        if claims.is_empty() {
+            return Err(FetchError::NoProviders { hash, asked: unique.len() });
+        }
+        // With a known size, anyone claiming another is wrong; without one,
+        // go with the size most providers claim, and never one over the cap.
+        let size = match expected {
+            Some(size) => size,
+            None => {
+                let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
+                for (_, size) in &claims {
+                    *votes.entry(*size).or_default() += 1;
+                }
+                votes.into_iter().max_by_key(|(size, n)| (*n, std::cmp::Reverse(*size))).map(|(s, _)| s).unwrap_or(0)
+            }
+        };
+        let mut peers = Vec::new();
+        for (peer, claimed) in &claims {
+            if *claimed == size && size <= MAX_BLOB_BYTES {
+                peers.push(*peer);
+            } else {
+                let reason = format!("claims blob {} is {claimed} bytes, expected {size}", hash.short());
+                tracing::warn!(%peer, "dropping provider: {reason}");
+                if expected.is_some() || *claimed > MAX_BLOB_BYTES {
+                    let _ = self.client.penalize(*peer, reason.clone()).await;
+                    report.bad_providers.push((*peer, reason));
+                }
+            }
+        }
+        if peers.is_empty() {
+            let claimed = claims.first().map(|c| c.1).unwrap_or(0);
+            return Err(FetchError::WrongSize { hash, claimed, expected: size });
+        }
+        Ok((size, peers))
+    }
+
+    async fn drop_bad(&self, providers: &mut [Provider], index: usize, reason: &str, report: &mut FetchReport) {
+        if let Some(provider) = providers.get_mut(index) {
+            if !provider.active && report.bad_providers.iter().any(|(p, _)| *p == provider.peer) {
+                return;
+            }
+            provider.active = false;
+            tracing::warn!(peer = %provider.peer, "dropping provider: {reason}");
+            let _ = self.client.penalize(provider.peer, reason.to_string()).await;
+            report.bad_providers.push((provider.peer, reason.to_string()));
+        }
+    }
+
+    /// Fetches `chunks` into `partial`, spreading them over the active
+    /// providers except `exclude`, with bounded concurrency.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_chunks(
+        &self,
+        partial: &Arc<Partial>,
+        chunks: Vec<u64>,
+        providers: &mut [Provider],
+        served_by: &mut BTreeMap<u64, Option<usize>>,
+        exclude: Option<usize>,
+        report: &mut FetchReport,
+        cancel: &CancellationToken,
+    ) -> Result<(), FetchError> {
+        let hash = partial.hash();
+        let size = partial.size();
+        let total_chunks = partial.chunk_count();
+        let mut queue: VecDeque<u64> = chunks.into();
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            // Hand out chunks while there is room.
+            let now = Instant::now();
+            while in_flight.len() < self.max_in_flight && !queue.is_empty() {
+                let pick = providers
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, p)| {
+                        p.active && Some(*i) != exclude && p.in_flight < self.per_provider && p.not_before <= now
+                    })
+                    .min_by_key(|(_, p)| (p.in_flight, p.failures))
+                    .map(|(i, _)| i);
+                // Only take a chunk off the queue once someone can fetch it.
+                let Some(index) = pick else { break };
+                let Some(chunk) = queue.pop_front() else { break };
+                providers[index].in_flight += 1;
+                let peer = providers[index].peer;
+                let (offset, len) = chunk_range(size, chunk);
+                let client = self.client.clone();
+                let download = self.download.clone();
+                let partial = Arc::clone(partial);
+                in_flight.push(async move {
+                    let request = BlobRequest::Chunk { hash, offset, len: len as u32 };
+                    let outcome = match tokio::time::timeout(CHUNK_TIMEOUT, client.blob_request(peer, request)).await {
+                        Err(_) => Outcome::Failed("timed out".into()),
+                        Ok(Err(NetworkError::Closed)) => Outcome::Failed("network stopped".into()),
+                        Ok(Err(e)) => Outcome::Failed(e.to_string()),
+                        Ok(Ok(BlobResponse::Chunk { data })) if data.len() as u64 == len => {
+                            download.acquire(len).await;
+                            match tokio::task::spawn_blocking(move || partial.write_chunk(chunk, &data)).await {
+                                Ok(Ok(())) => Outcome::Written(len),
+                                Ok(Err(e)) => Outcome::Store(e),
+                                Err(e) => Outcome::Store(join_error(e)),
+                            }
+                        }
+                        Ok(Ok(BlobResponse::Chunk { data })) => Outcome::WrongLength { got: data.len(), expected: len },
+                        Ok(Ok(BlobResponse::NotFound)) => Outcome::NotFound,
+                        Ok(Ok(BlobResponse::Refused { reason })) => Outcome::Refused(reason),
+                        Ok(Ok(BlobResponse::Have { .. })) => Outcome::Unexpected,
+                    };
+                    (index, chunk, outcome)
+                });
+            }
+            if in_flight.is_empty() {
+                if queue.is_empty() {
+                    return Ok(());
+                }
+                // Nothing running: either every provider is gone, or all
+                // usable ones are backing off.
+                let waiting = providers
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, p)| p.active && Some(*i) != exclude)
+                    .map(|(_, p)| p.not_before)
+                    .min();
+                match waiting {
+                    None => return Err(FetchError::ProvidersExhausted { hash, remaining: queue.len() }),
+                    Some(at) => {
+                        tokio::select! {
+                            biased;
+                            _ = cancel.cancelled() => return Err(FetchError::Cancelled),
+                            _ = tokio::time::sleep_until(at) => continue,
+                        }
+                    }
+                }
+            }
+            let (index, chunk, outcome) = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(FetchError::Cancelled),
+                Some(done) = in_flight.next() => done,
+            };
+            providers[index].in_flight = providers[index].in_flight.saturating_sub(1);
+            let peer = providers[index].peer;
+            match outcome {
+                Outcome::Written(len) => {
+                    providers[index].failures = 0;
+                    served_by.insert(chunk, Some(index));
+                    report.chunks_fetched += 1;
+                    report.bytes_fetched += len;
+                    if let Some(progress) = &self.progress {
+                        let done = (total_chunks - partial.missing().len() as u64).min(total_chunks);
+                        progress((done * crate::store::chunk_range(size, 0).1).min(size), size);
+                    }
+                }
+                Outcome::Store(source) => return Err(FetchError::Store { hash, source }),
+                Outcome::WrongLength { got, expected } => {
+                    let reason = format!("sent {got} bytes for a {expected}-byte chunk (truncated or oversized)");
+                    self.drop_bad(providers, index, &reason, report).await;
+                    queue.push_back(chunk);
+                }
+                Outcome::Unexpected => {
+                    self.drop_bad(providers, index, "answered a chunk request with the wrong message", report).await;
+                    queue.push_back(chunk);
+                }
+                Outcome::NotFound => {
+                    // It said it had the blob and now says it does not: not
+                    // necessarily malice (it may have pruned it), so just drop it.
+                    tracing::info!(%peer, blob = %hash.short(), "provider no longer has the blob");
+                    providers[index].active = false;
+                    queue.push_back(chunk);
+                }
+                Outcome::Refused(reason) | Outcome::Failed(reason) => {
+                    let provider = &mut providers[index];
+                    provider.failures += 1;
+                    // Exponential backoff: 0.5 s, 1 s, 2 s, ... per provider.
+                    let backoff = Duration::from_millis(250u64 << provider.failures.min(6));
+                    provider.not_before = Instant::now() + backoff;
+                    tracing::debug!(%peer, chunk, failures = provider.failures, "chunk request failed: {reason}");
+                    if provider.failures >= MAX_PROVIDER_FAILURES {
+                        tracing::warn!(%peer, blob = %hash.short(), "dropping provider after {} failures: {reason}", provider.failures);
+                        provider.active = false;
+                    }
+                    queue.push_back(chunk);
+                }
+            }
+        }
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Io { path: Default::default(), action: "run blocking task", source: std::io::Error::other(e.to_string()) }
+}

@@ -1,0 +1,312 @@
+//! The node's integration tests: real swarms on 127.0.0.1 exchanging blobs
+//! and gossip, hostile peers included, and the round loop against a small
+//! fake coordinator.
+//!
+//! One test binary on purpose: each binary links libp2p and candle again.
+
+// The counting allocator below needs `unsafe impl GlobalAlloc`; it only
+// forwards to the system allocator and records sizes.
+#![allow(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use barnraise_node::network::codec::read_framed;
+use barnraise_node::network::{BlobSource, Event, Topic};
+use barnraise_node::store::{BlobStore, StoreError};
+use barnraise_node::transfer::{FetchError, Fetcher};
+use barnraise_node::limiter::RateLimiter;
+use barnraise_protocol::limits::BLOB_CHUNK_BYTES;
+use barnraise_protocol::messages::{BlobRequest, BlobResponse, CoordinatorRequest, RoundPlan};
+use barnraise_protocol::{Hash, Signed, SigningKey};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+/// Records the largest single allocation made on the current thread while
+/// tracking is on, so a test can prove a hostile length prefix allocated nothing big.
+struct CountingAllocator;
+
+thread_local! {
+    static TRACKING: Cell<bool> = const { Cell::new(false) };
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = TRACKING.try_with(|tracking| {
+            if tracking.get() {
+                let _ = LARGEST.try_with(|largest| largest.set(largest.get().max(layout.size())));
+            }
+        });
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// Largest allocation made by `f` on this thread.
+fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    LARGEST.with(|l| l.set(0));
+    TRACKING.with(|t| t.set(true));
+    let out = f();
+    TRACKING.with(|t| t.set(false));
+    (out, LARGEST.with(|l| l.get()))
+}
+
+/// A provider that flips one byte in every chunk it serves (but keeps
+/// lengths right, so only the whole-blob hash can catch it).
+struct Corrupting(Arc<BlobStore>);
+
+impl BlobSource for Corrupting {
+    fn size(&self, hash: &Hash) -> Option<u64> {
+        self.0.size(hash)
+    }
+    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
+        let mut data = self.0.read_range(hash, offset, len)?;
+        if let Some(byte) = data.get_mut(len as usize / 2) {
+            *byte ^= 0x5A;
+        }
+        Ok(data)
+    }
+}
+
+/// A provider that counts which chunk offsets it served.
+#[derive(Clone)]
+struct Counting {
+    store: Arc<BlobStore>,
+    served: Arc<Mutex<BTreeMap<u64, u32>>>,
+}
+
+impl BlobSource for Counting {
+    fn size(&self, hash: &Hash) -> Option<u64> {
+        self.store.size(hash)
+    }
+    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
+        *self.served.lock().unwrap().entry(offset).or_default() += 1;
+        self.store.read_range(hash, offset, len)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_from_two_providers_survives_a_corrupting_one() {
+    let size = 50 * 1024 * 1024 + 12_345;
+    let data = pseudo_random_bytes(size, 1);
+    let hash = Hash::of(&data);
+    let honest_dir = tempfile::tempdir().unwrap();
+    let honest_store = Arc::new(BlobStore::open(honest_dir.path()).unwrap());
+    assert_eq!(honest_store.put(&data).unwrap(), hash);
+    let liar_dir = tempfile::tempdir().unwrap();
+    let liar_store = Arc::new(BlobStore::open(liar_dir.path()).unwrap());
+    liar_store.put(&data).unwrap();
+    drop(data);
+
+    let honest = spawn_peer(1, honest_store.clone(), false).await;
+    let liar = spawn_peer(2, Arc::new(Corrupting(liar_store)), false).await;
+    let fetch_dir = tempfile::tempdir().unwrap();
+    let fetch_store = Arc::new(BlobStore::open(fetch_dir.path()).unwrap());
+    let fetcher_peer = spawn_peer(3, fetch_store.clone(), false).await;
+    let honest_id = fetcher_peer.client.dial(honest.addr.clone()).await.unwrap();
+    let liar_id = fetcher_peer.client.dial(liar.addr.clone()).await.unwrap();
+
+    let fetcher = Fetcher::new(fetcher_peer.client.clone(), fetch_store.clone(), RateLimiter::unlimited());
+    let started = std::time::Instant::now();
+    let report = fetcher.fetch(hash, Some(size as u64), &[liar_id, honest_id], &CancellationToken::new()).await.unwrap();
+    let elapsed = started.elapsed();
+    eprintln!(
+        "50 MB from two providers (one lying): {:.1} MB/s incl. re-fetches; {} chunks fetched for {} in the blob",
+        report.bytes_fetched as f64 / 1e6 / elapsed.as_secs_f64(),
+        report.chunks_fetched,
+        size.div_ceil(BLOB_CHUNK_BYTES)
+    );
+    assert!(fetch_store.verify(&hash).is_ok(), "the blob arrived intact");
+    assert_eq!(fetch_store.size(&hash), Some(size as u64));
+    let bad: Vec<_> = report.bad_providers.iter().map(|(p, _)| *p).collect();
+    assert_eq!(bad, vec![liar_id], "the liar, and only the liar, was dropped: {:?}", report.bad_providers);
+    let score = fetcher_peer.client.peer_score(liar_id).await.unwrap();
+    assert!(score.is_some_and(|s| s < 0.0), "the liar was penalized: {score:?}");
+    let honest_score = fetcher_peer.client.peer_score(honest_id).await.unwrap();
+    assert!(honest_score.is_none_or(|s| s >= 0.0), "the honest provider was not: {honest_score:?}");
+    // A second fetch finds it in the store and moves nothing.
+    let again = fetcher.fetch(hash, Some(size as u64), &[honest_id], &CancellationToken::new()).await.unwrap();
+    assert!(again.already_had && again.bytes_fetched == 0);
+    for peer in [honest, liar, fetcher_peer] {
+        peer.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_transfer_resumes_after_restart_without_refetching() {
+    let size = 12 * BLOB_CHUNK_BYTES + 777;
+    let total_chunks = size.div_ceil(BLOB_CHUNK_BYTES) as u64;
+    let data = pseudo_random_bytes(size, 2);
+    let hash = Hash::of(&data);
+    let provider_dir = tempfile::tempdir().unwrap();
+    let provider_store = Arc::new(BlobStore::open(provider_dir.path()).unwrap());
+    provider_store.put(&data).unwrap();
+    let fetch_dir = tempfile::tempdir().unwrap();
+
+    // First run: one chunk at a time, stopped once 5 chunks are in.
+    let first_source = Counting { store: provider_store.clone(), served: Default::default() };
+    let first_provider = spawn_peer(10, Arc::new(first_source), false).await;
+    let first_resumed_or_fetched;
+    {
+        let store = Arc::new(BlobStore::open(fetch_dir.path()).unwrap());
+        let node = spawn_peer(11, store.clone(), false).await;
+        let provider = node.client.dial(first_provider.addr.clone()).await.unwrap();
+        let cancel = CancellationToken::new();
+        let written = Arc::new(AtomicU64::new(0));
+        let progress = {
+            let cancel = cancel.clone();
+            let written = written.clone();
+            Arc::new(move |_done: u64, _total: u64| {
+                if written.fetch_add(1, Ordering::SeqCst) + 1 >= 5 {
+                    cancel.cancel();
+                }
+            })
+        };
+        let fetcher = Fetcher::new(node.client.clone(), store.clone(), RateLimiter::unlimited())
+            .with_concurrency(1, 1)
+            .with_progress(progress);
+        let result = fetcher.fetch(hash, Some(size as u64), &[provider], &cancel).await;
+        assert!(matches!(result, Err(FetchError::Cancelled)), "{result:?}");
+        assert!(!store.contains(&hash), "an unfinished blob never appears under its name");
+        first_resumed_or_fetched = written.load(Ordering::SeqCst);
+        node.stop().await;
+    }
+    first_provider.stop().await;
+    assert!(first_resumed_or_fetched >= 5 && first_resumed_or_fetched < total_chunks);
+
+    // Restart on the same data dir, fetching from a fresh provider that
+    // records exactly which chunks are asked of it.
+    let second_source = Counting { store: provider_store.clone(), served: Default::default() };
+    let served = second_source.served.clone();
+    let second_provider = spawn_peer(12, Arc::new(second_source), false).await;
+    let store = Arc::new(BlobStore::open(fetch_dir.path()).unwrap());
+    let node = spawn_peer(13, store.clone(), false).await;
+    let provider = node.client.dial(second_provider.addr.clone()).await.unwrap();
+    let fetcher = Fetcher::new(node.client.clone(), store.clone(), RateLimiter::unlimited());
+    let report = fetcher.fetch(hash, Some(size as u64), &[provider], &CancellationToken::new()).await.unwrap();
+    assert_eq!(store.read(&hash).unwrap(), data);
+    assert!(report.chunks_resumed >= 5, "{report:?}");
+    assert_eq!(report.chunks_resumed + report.chunks_fetched, total_chunks, "{report:?}");
+    let served = served.lock().unwrap().clone();
+    assert_eq!(served.len() as u64, report.chunks_fetched, "served: {served:?}");
+    assert!(served.values().all(|n| *n == 1), "no chunk was asked twice: {served:?}");
+    node.stop().await;
+    second_provider.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused_without_large_allocations() {
+    // On the wire: a length prefix claiming 4 GiB is refused from its four
+    // bytes, for requests and responses alike, allocating nothing large.
+    for claimed in [u32::MAX, (BLOB_CHUNK_BYTES * 2) as u32] {
+        let mut hostile = claimed.to_le_bytes().to_vec();
+        hostile.extend_from_slice(&[7u8; 64]);
+        let (result, largest) = largest_allocation(|| {
+            futures::executor::block_on(read_framed::<BlobRequest, _>(&mut futures::io::Cursor::new(&hostile)))
+        });
+        assert!(result.is_err());
+        assert!(largest <= 64 * 1024, "refusing a {claimed}-byte request allocated {largest} bytes");
+        let (result, largest) = largest_allocation(|| {
+            futures::executor::block_on(read_framed::<BlobResponse, _>(&mut futures::io::Cursor::new(&hostile)))
+        });
+        assert!(result.is_err());
+        assert!(largest <= 64 * 1024, "refusing a {claimed}-byte response allocated {largest} bytes");
+        let (result, largest) = largest_allocation(|| {
+            futures::executor::block_on(read_framed::<CoordinatorRequest, _>(&mut futures::io::Cursor::new(&hostile)))
+        });
+        assert!(result.is_err());
+        assert!(largest <= 64 * 1024, "refusing a {claimed}-byte coordinator request allocated {largest} bytes");
+    }
+
+    // Over the network: a chunk request over the chunk cap is refused, and
+    // the provider keeps serving.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(BlobStore::open(dir.path()).unwrap());
+    let hash = store.put(&pseudo_random_bytes(1000, 3)).unwrap();
+    let provider = spawn_peer(20, store, false).await;
+    let asker_dir = tempfile::tempdir().unwrap();
+    let asker = spawn_peer(21, Arc::new(BlobStore::open(asker_dir.path()).unwrap()), false).await;
+    let peer = asker.client.dial(provider.addr.clone()).await.unwrap();
+    let too_long = BlobRequest::Chunk { hash, offset: 0, len: u32::MAX };
+    let answer = asker.client.blob_request(peer, too_long).await.unwrap();
+    assert!(matches!(answer, BlobResponse::Refused { .. }), "{answer:?}");
+    let answer = asker.client.blob_request(peer, BlobRequest::Chunk { hash, offset: 990, len: 10 }).await.unwrap();
+    assert!(matches!(answer, BlobResponse::Chunk { ref data } if data.len() == 10), "{answer:?}");
+    let past_end = asker.client.blob_request(peer, BlobRequest::Chunk { hash, offset: 995, len: 10 }).await.unwrap();
+    assert!(matches!(past_end, BlobResponse::Refused { .. }), "{past_end:?}");
+    // A node does not answer the coordinator protocol at all.
+    assert!(asker.client.coordinator_request(peer, CoordinatorRequest::CurrentPlan).await.is_err());
+    asker.stop().await;
+    provider.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_from_a_non_coordinator_signer_is_rejected() {
+    let coordinator_key = SigningKey::from_seed([30; 32]).unwrap();
+    let impostor_key = SigningKey::from_seed([31; 32]).unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let stores: Vec<_> = dirs.iter().map(|d| Arc::new(BlobStore::open(d.path()).unwrap())).collect();
+    let node = spawn_peer(32, stores[0].clone(), false).await;
+    let coordinator = spawn_peer(30, stores[1].clone(), false).await;
+    let impostor = spawn_peer(31, stores[2].clone(), false).await;
+    let topic = Topic::Plans { run_id: "gossip-test".into() };
+    node.client.set_coordinator_key(coordinator_key.public()).await.unwrap();
+    for peer in [&node, &coordinator, &impostor] {
+        peer.client.subscribe(topic.clone()).await.unwrap();
+    }
+    let coordinator_id = node.client.dial(coordinator.addr.clone()).await.unwrap();
+    let impostor_id = node.client.dial(impostor.addr.clone()).await.unwrap();
+    let mut events = node.events.lock().await;
+
+    let plan = |round: u64| RoundPlan {
+        run_id: "gossip-test".into(),
+        round,
+        params_hash: Hash::ZERO,
+        previous_manifest: Hash::ZERO,
+        assignments: vec![],
+        opened_at_ms: 0,
+        deadline_ms: 0,
+    };
+    // The impostor signs a plan with its own key and gossips it.
+    let forged = Signed::sign(&impostor_key, &plan(1)).unwrap().to_bytes().unwrap();
+    publish_when_possible(&impostor.client, &topic, forged).await;
+    let rejected = wait_for(&mut events, |e| matches!(e, Event::GossipRejected { .. }), "a rejection").await;
+    match rejected {
+        Event::GossipRejected { source, reason, .. } => {
+            assert_eq!(source, impostor_id);
+            assert!(reason.contains("signed by"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // The real coordinator's plan gets through, and it is the only plan that does.
+    let genuine = Signed::sign(&coordinator_key, &plan(2)).unwrap().to_bytes().unwrap();
+    publish_when_possible(&coordinator.client, &topic, genuine).await;
+    let accepted = wait_for(&mut events, |e| matches!(e, Event::Plan { .. }), "the genuine plan").await;
+    match accepted {
+        Event::Plan { plan, signed, source } => {
+            assert_eq!(plan.round, 2);
+            assert_eq!(signed.signer, coordinator_key.public());
+            assert_eq!(source, coordinator_id);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let score = node.client.peer_score(impostor_id).await.unwrap();
+    assert!(score.is_some_and(|s| s < 0.0), "the impostor lost score: {score:?}");
+    drop(events);
+    for peer in [node, coordinator, impostor] {
+        peer.stop().await;
+    }
+}
