@@ -112,14 +112,15 @@ fn decode_body(header: &Header, body: &[u8], target: Target<'_>) -> Result<(), C
 pub(crate) const ABS_MASK: u32 = 0x7FFF_FFFF;
 pub(crate) const EXPONENT_BITS: u32 = 0x7F80_0000;
 
-/// Index of the first non-finite value, scanning in blocks with an integer max
-/// (which vectorizes) and only locating the culprit when a block has one.
+/// Index of the first non-finite value, scanning in blocks with a branch-free
+/// "exponent all ones" test (which vectorizes) and only locating the culprit
+/// when a block has one.
 pub(crate) fn first_non_finite<T: Copy>(items: &[T], bits_of: impl Fn(T) -> u32) -> Option<usize> {
     const STRIDE: usize = 1024;
+    let non_finite = |x: T| bits_of(x) & EXPONENT_BITS == EXPONENT_BITS;
     for (block, values) in items.chunks(STRIDE).enumerate() {
-        let worst = values.iter().fold(0u32, |worst, &x| worst.max(bits_of(x) & ABS_MASK));
-        if worst >= EXPONENT_BITS {
-            let position = values.iter().position(|&x| bits_of(x) & ABS_MASK >= EXPONENT_BITS)?;
+        if values.iter().fold(false, |any, &x| any | non_finite(x)) {
+            let position = values.iter().position(|&x| non_finite(x))?;
             return Some(block * STRIDE + position);
         }
     }

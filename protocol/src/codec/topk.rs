@@ -11,7 +11,7 @@
 //! order like the magnitudes, so it is identical on every machine.
 
 use super::bitpack::{BitReader, BitWriter};
-use super::{ABS_MASK, CodecError, Target, first_non_finite, round_small};
+use super::{CodecError, Target, first_non_finite, round_small};
 
 /// Where the parts of a top-k body lie and how many values it carries.
 pub(crate) struct Layout {
@@ -170,15 +170,17 @@ pub(crate) fn encode(
 /// records each |value| as bits. Returns the largest. Sums that overflow are
 /// held at ±f32::MAX so the residual stays finite.
 fn fold_in(delta: &[f32], residual: &mut [f32], decay: f32, magnitudes: &mut [u32]) -> u32 {
-    let mut max = 0;
+    let mut max = 0f32;
     for ((carried, &input), magnitude) in residual.iter_mut().zip(delta).zip(magnitudes.iter_mut()) {
         let value = (input + decay * *carried).clamp(-f32::MAX, f32::MAX);
         *carried = value;
-        let bits = value.to_bits() & ABS_MASK;
-        *magnitude = bits;
-        max = max.max(bits);
+        let absolute = value.abs();
+        *magnitude = absolute.to_bits();
+        // Never NaN here (finite inputs, clamped sum), so a plain compare is
+        // a correct max and compiles to one SIMD instruction.
+        max = if absolute > max { absolute } else { max };
     }
-    max
+    max.to_bits()
 }
 
 /// Eighth-octave bins below the chunk's largest magnitude: the exponent and
@@ -215,15 +217,16 @@ fn select_largest(
     if found < keep {
         found = gather(magnitudes, threshold(magnitudes.iter(), max, keep), candidates);
     }
+    let candidates = &candidates[..found];
+    // Larger magnitude first, then lower index: every key is distinct, so
+    // exactly `keep` candidates are at or above the cut.
+    let mut cut = 0;
     if found > keep {
-        // Larger magnitude first, then lower index: every key is distinct, so
-        // exactly `keep` candidates are at or above the cut.
         keys.clear();
         keys.extend_from_slice(candidates);
-        let (_, &mut cut, _) = keys.select_nth_unstable(found - keep);
-        candidates.retain(|&key| key >= cut);
+        cut = *keys.select_nth_unstable(found - keep).1;
     }
-    kept.extend(candidates.iter().map(|&key| !(key as u32)));
+    kept.extend(candidates.iter().filter(|&&key| key >= cut).map(|&key| !(key as u32)));
 }
 
 /// A magnitude (as bits) that at least `count` of `values` reach, from a
@@ -244,13 +247,15 @@ fn threshold<'a>(values: impl Iterator<Item = &'a u32>, max: u32, count: usize) 
     0
 }
 
-/// Collects, in index order, the sort key of every magnitude at or above
-/// `threshold`; returns how many. Blocks of 8 with none are skipped by a
+/// Writes to the front of `candidates`, in index order, the sort key of every
+/// magnitude at or above `threshold`; returns how many. Blocks of 8 with none are skipped by a
 /// vectorized test, which most blocks are.
 fn gather(magnitudes: &[u32], threshold: u32, candidates: &mut Vec<u64>) -> usize {
     const BLOCK: usize = 8;
-    candidates.clear();
-    candidates.resize(magnitudes.len(), 0);
+    // Sized once and never shrunk: clearing it per chunk would cost a memset.
+    if candidates.len() < magnitudes.len() {
+        candidates.resize(magnitudes.len(), 0);
+    }
     let mut found = 0;
     // Magnitudes are below 2^31, so comparing them as i32 is exact and SIMD-friendly.
     let threshold = threshold as i32;
@@ -265,13 +270,13 @@ fn gather(magnitudes: &[u32], threshold: u32, candidates: &mut Vec<u64>) -> usiz
             found += usize::from(passes(magnitude));
         }
     };
+    // A vectorized test skips the blocks with no passing value, most of them.
     for (block_index, block) in blocks.iter().enumerate() {
-        if block.iter().fold(0u32, |n, &m| n | u32::from(passes(m))) != 0 {
+        if block.iter().fold(false, |any, &m| any | passes(m)) {
             push_block(block_index * BLOCK, block);
         }
     }
     push_block(blocks.len() * BLOCK, rest);
-    candidates.truncate(found);
     found
 }
 
