@@ -211,6 +211,9 @@ mod tests {
         let topk = &report.codecs[2];
         assert_eq!(topk.payload_bytes, CodecConfig::topk_default().encoded_len(10_000));
         assert!(report.to_string().contains("topk:4096:64:2"));
+        let json = serde_json::to_value(&report).map_err(|e| CodecError::InvalidConfig(e.to_string()))?;
+        assert_eq!(json["codecs"][2]["codec"], "topk:4096:64:2");
+        assert!(json["read_pass"]["gparams_per_second"].as_f64().is_some_and(|g| g > 0.0));
         Ok(())
     }
 }
