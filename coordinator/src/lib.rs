@@ -1,1 +1,33 @@
-//! barnraise-coordinator.
+//! barnraise-coordinator: the round state machine ([`rounds`]), seeded work
+//! assignment ([`plan`]), the verification pipeline ([`verify`], [`probe`]),
+//! the ledger ([`ledger`]), and the service that does the I/O around them —
+//! libp2p ([`network`]), blobs ([`store`]), the HTTP API and metrics
+//! ([`http`]) — started with [`start`].
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod admission;
+pub mod close;
+pub mod config;
+pub mod dataset;
+pub mod framing;
+pub mod http;
+pub mod ledger;
+pub mod metrics;
+pub mod network;
+pub mod params;
+pub mod plan;
+pub mod probe;
+pub mod rounds;
+pub mod service;
+pub mod stats;
+pub mod store;
+pub mod summary;
+pub mod verify;
+
+pub use config::{Admission, CoordinatorConfig, DatasetSource, Quorum, VerifyConfig};
+pub use ledger::{ContributorRow, Ledger};
+pub use service::{CoordinatorError, CoordinatorHandle, start};
+pub use summary::{CoordinatorEvent, RoundSummary, RunSummary};
+/// Re-exported so embedders can stop the coordinator without naming tokio-util.
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,278 @@
+//! Closing a round, as one pure function: stages 2–4 of verification over
+//! the round's candidates, the robust aggregation and the outer step (the
+//! shared `barnraise_protocol::aggregate::apply_round`, so every node computes
+//! the same θ_{r+1}), the manifest body and the ledger rows. The service runs
+//! it on a blocking thread and then signs and commits the result.
+
+use crate::config::VerifyConfig;
+use crate::ledger::UpdateRow;
+use crate::probe::{Probe, ProbeError, ProbeResult};
+use crate::rounds::CloseRound;
+use crate::verify::{self, RoundUpdate};
+use barnraise_protocol::aggregate::{AggregateError, AggregationRule, apply_round};
+use barnraise_protocol::codec::CodecConfig;
+use barnraise_protocol::messages::{AcceptedUpdate, Manifest, RejectReason, RejectedUpdate};
+use barnraise_protocol::outer::OuterOptimizer;
+use barnraise_protocol::{Hash, NodeId};
+use barnraise_trainer::ModelConfig;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Why a round could not be closed (the coordinator's fault, never a node's:
+/// bad updates are rejected, not errors).
+#[derive(Debug, thiserror::Error)]
+pub enum CloseError {
+    #[error("aggregating round {round}: {source}")]
+    Aggregate { round: u64, source: AggregateError },
+    #[error("round {round}: {source}")]
+    Probe { round: u64, source: ProbeError },
+}
+
+/// What the close needs besides the round itself.
+pub struct CloseContext<'a> {
+    pub model: &'a ModelConfig,
+    pub codec: CodecConfig,
+    pub rule: &'a AggregationRule,
+    pub verify: &'a VerifyConfig,
+    pub seq_len: usize,
+    /// Tokens of the training shards (by hash), for the probe.
+    pub shard_tokens: &'a HashMap<Hash, Arc<Vec<u16>>>,
+    /// The held-out shard's tokens: the probe's "data the node was not given"
+    /// and the eval set of θ_{r+1}.
+    pub heldout: Option<&'a [u16]>,
+    /// Training FLOPs per token, for credit.
+    pub flops_per_token: f64,
+}
+
+/// One probe measurement, kept for reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeRecord {
+    pub node: NodeId,
+    pub result: ProbeResult,
+}
+
+/// The result of closing a round; the manifest still needs signing.
+#[derive(Clone, Debug)]
+pub struct Closed {
+    pub manifest: Manifest,
+    pub updates: Vec<UpdateRow>,
+    pub mean_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub bytes_received: u64,
+    pub probes: Vec<ProbeRecord>,
+}
+
+/// Verifies, aggregates and steps. `theta` and `optimizer` hold θ_r and its
+/// momentum on entry and θ_{r+1} and the new momentum on success; on error
+/// they are unchanged.
+pub fn close_round(
+    ctx: &CloseContext<'_>,
+    close: &CloseRound,
+    run_id: &str,
+    payloads: &HashMap<Hash, Arc<Vec<u8>>>,
+    theta: &mut [f32],
+    optimizer: &mut OuterOptimizer,
+) -> Result<Closed, CloseError> {
+    let round = close.plan.round;
+    let params = theta.len();
+    let mut rejected: Vec<RejectedUpdate> = close.rejected.clone();
+    let mut bytes_received = 0u64;
+
+    // Stage 2 once more on what the store holds (cheap, and the store is disk).
+    let mut dense: Vec<(usize, Vec<f32>)> = Vec::new();
+    for (i, c) in close.candidates.iter().enumerate() {
+        let reject = |reason| RejectedUpdate { node: c.node, update_hash: Some(c.commit.update_hash), reason };
+        let Some(payload) = payloads.get(&c.commit.update_hash) else {
+            rejected.push(reject(RejectReason::NotServed));
+            continue;
+        };
+        bytes_received += payload.len() as u64;
+        match verify::check_payload(payload, &c.commit, ctx.codec, params) {
+            Ok(values) => dense.push((i, values)),
+            Err(reason) => rejected.push(reject(reason)),
+        }
+    }
+
+    // Stage 3 over the round.
+    let list: Vec<RoundUpdate<'_>> = dense
+        .iter()
+        .map(|(i, v)| RoundUpdate { node: close.candidates[*i].node, hash: close.candidates[*i].commit.update_hash, values: v })
+        .collect();
+    let stats = verify::round_statistics(&list, ctx.verify);
+    let mut survivors = Vec::new();
+    for ((i, values), (verdict, _)) in dense.iter().zip(stats) {
+        let c = &close.candidates[*i];
+        match verdict {
+            Ok(()) => survivors.push((*i, values)),
+            Err(reason) => rejected.push(RejectedUpdate { node: c.node, update_hash: Some(c.commit.update_hash), reason }),
+        }
+    }
+
+    // Stage 4: the usefulness probe.
+    let mut probes = Vec::new();
+    let mut probe = None;
+    let mut accepted_idx = Vec::new();
+    if ctx.verify.probe && !survivors.is_empty() {
+        let seed = crate::plan::derive(0, "probe", round, &[]);
+        let mut p = Probe::new(ctx.model, theta, ctx.verify, ctx.seq_len, seed).map_err(|source| CloseError::Probe { round, source })?;
+        let heldout_base = match ctx.heldout {
+            Some(h) => Some(p.base_loss(h).map_err(|source| CloseError::Probe { round, source })?),
+            None => None,
+        };
+        let mut base_cache: HashMap<Hash, f32> = HashMap::new();
+        for (i, values) in &survivors {
+            let c = &close.candidates[*i];
+            let own_shard = close.plan.assignments.iter().find(|a| a.node == c.node).and_then(|a| a.shards.first()).copied();
+            let own = own_shard.and_then(|h| ctx.shard_tokens.get(&h).map(|t| (h, t.clone())));
+            let (Some((own_hash, own_tokens)), Some(heldout), Some(heldout_base)) = (own, ctx.heldout, heldout_base) else {
+                // Nothing to probe against: the probe cannot judge, so it does not reject.
+                accepted_idx.push(*i);
+                continue;
+            };
+            let own_base = match base_cache.get(&own_hash) {
+                Some(&b) => b,
+                None => {
+                    let b = p.base_loss(&own_tokens).map_err(|source| CloseError::Probe { round, source })?;
+                    base_cache.insert(own_hash, b);
+                    b
+                }
+            };
+            let result = p
+                .measure(values, &own_tokens, own_base, heldout, heldout_base)
+                .map_err(|source| CloseError::Probe { round, source })?;
+            probes.push(ProbeRecord { node: c.node, result });
+            match result.verdict(ctx.verify.probe_margin) {
+                Ok(()) => accepted_idx.push(*i),
+                Err(reason) => rejected.push(RejectedUpdate { node: c.node, update_hash: Some(c.commit.update_hash), reason }),
+            }
+        }
+        probe = Some(p);
+    } else {
+        accepted_idx.extend(survivors.iter().map(|(i, _)| *i));
+    }
+    accepted_idx.sort();
+
+    // Weights: tokens over the accepted total, computed in f64 in manifest order.
+    let total_tokens: f64 = accepted_idx.iter().map(|&i| close.candidates[i].commit.tokens as f64).sum();
+    let accepted: Vec<AcceptedUpdate> = accepted_idx
+        .iter()
+        .map(|&i| {
+            let c = &close.candidates[i];
+            AcceptedUpdate {
+                node: c.node,
+                update_hash: c.commit.update_hash,
+                update_bytes: c.commit.update_bytes,
+                tokens: c.commit.tokens,
+                weight: if total_tokens > 0.0 { (c.commit.tokens as f64 / total_tokens) as f32 } else { 0.0 },
+                compute_ms: c.commit.compute_ms,
+            }
+        })
+        .collect();
+
+    // The outer step, exactly as every node will run it: manifest order, manifest weights.
+    let mut next_theta = theta.to_vec();
+    let mut next_optimizer = optimizer.clone();
+    {
+        let inputs: Vec<(&[u8], f32)> = accepted
+            .iter()
+            .filter_map(|a| payloads.get(&a.update_hash).map(|p| (p.as_slice(), a.weight)))
+            .collect();
+        apply_round(&mut next_theta, &mut next_optimizer, ctx.rule, &inputs).map_err(|source| CloseError::Aggregate { round, source })?;
+    }
+    let eval_loss = match (probe.as_mut(), ctx.heldout) {
+        (Some(p), Some(h)) if !accepted.is_empty() => p.loss_of(&next_theta, h).ok().map(f64::from),
+        _ => None,
+    };
+    theta.copy_from_slice(&next_theta);
+    *optimizer = next_optimizer;
+
+    let mean_losses: Vec<f64> = accepted_idx
+        .iter()
+        .filter_map(|&i| {
+            let l = &close.candidates[i].commit.losses;
+            (!l.is_empty()).then(|| l.iter().map(|&x| f64::from(x)).sum::<f64>() / l.len() as f64)
+        })
+        .filter(|x| x.is_finite())
+        .collect();
+    let mean_loss = (!mean_losses.is_empty()).then(|| mean_losses.iter().sum::<f64>() / mean_losses.len() as f64);
+
+    let updates = ledger_rows(ctx, close, &accepted, &rejected);
+    let manifest = Manifest {
+        run_id: run_id.to_string(),
+        round,
+        previous_manifest: close.plan.previous_manifest,
+        base_params_hash: close.plan.params_hash,
+        accepted,
+        rejected,
+        missing: close.missing.clone(),
+        aggregation: ctx.rule.to_string(),
+        next_params_hash: Hash::of_f32s(theta),
+        closed_at_ms: close.closed_at_ms,
+    };
+    Ok(Closed { manifest, updates, mean_loss, eval_loss, bytes_received, probes })
+}
+
+fn ledger_rows(ctx: &CloseContext<'_>, close: &CloseRound, accepted: &[AcceptedUpdate], rejected: &[RejectedUpdate]) -> Vec<UpdateRow> {
+    let commit_of = |node: &NodeId, hash: &Option<Hash>| {
+        close.candidates.iter().find(|c| &c.node == node && Some(c.commit.update_hash) == *hash).map(|c| &c.commit)
+    };
+    let mean = |l: &[f32]| (!l.is_empty()).then(|| l.iter().map(|&x| f64::from(x)).sum::<f64>() / l.len() as f64);
+    let mut rows = Vec::new();
+    for a in accepted {
+        let losses = commit_of(&a.node, &Some(a.update_hash)).map(|c| c.losses.as_slice()).unwrap_or(&[]);
+        rows.push(UpdateRow {
+            node: a.node.to_string(),
+            update_hash: Some(a.update_hash.to_hex()),
+            verdict: "accepted".into(),
+            reason: None,
+            detail: None,
+            tokens: a.tokens,
+            compute_ms: a.compute_ms,
+            bytes: a.update_bytes,
+            weight: f64::from(a.weight),
+            mean_loss: mean(losses),
+            credit: a.tokens as f64 * ctx.flops_per_token,
+        });
+    }
+    for r in rejected {
+        let commit = commit_of(&r.node, &r.update_hash);
+        let detail = match &r.reason {
+            RejectReason::Undecodable(text) => Some(text.clone()),
+            RejectReason::Copycat { of } => Some(format!("copy of {of}")),
+            _ => None,
+        };
+        rows.push(UpdateRow {
+            node: r.node.to_string(),
+            update_hash: r.update_hash.map(|h| h.to_hex()),
+            verdict: "rejected".into(),
+            reason: Some(r.reason.code().to_string()),
+            detail,
+            tokens: commit.map(|c| c.tokens).unwrap_or(0),
+            compute_ms: commit.map(|c| c.compute_ms).unwrap_or(0),
+            bytes: commit.map(|c| c.update_bytes).unwrap_or(0),
+            weight: 0.0,
+            mean_loss: commit.and_then(|c| mean(&c.losses)),
+            credit: 0.0,
+        });
+    }
+    for node in &close.missing {
+        rows.push(UpdateRow {
+            node: node.to_string(),
+            update_hash: None,
+            verdict: "missing".into(),
+            reason: None,
+            detail: None,
+            tokens: 0,
+            compute_ms: 0,
+            bytes: 0,
+            weight: 0.0,
+            mean_loss: None,
+            credit: 0.0,
+        });
+    }
+    rows
+}
+
+#[cfg(test)]
+#[path = "close_tests.rs"]
+mod tests;

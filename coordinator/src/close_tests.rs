@@ -1,0 +1,160 @@
+//! Tests of the round close: verification over a round, aggregation, weights.
+
+use super::*;
+use crate::rounds::Candidate;
+use barnraise_protocol::codec::Encoder;
+use barnraise_protocol::messages::{Assignment, Commit, RoundPlan};
+use barnraise_protocol::outer::OuterConfig;
+
+const P: usize = 400;
+
+fn node(i: u8) -> NodeId {
+    NodeId::from_bytes([i; 32])
+}
+
+fn honest(seed: u32) -> Vec<f32> {
+    crate::verify::tests::honest(seed, P)
+}
+
+fn fp32(values: &[f32]) -> Vec<u8> {
+    Encoder::new(CodecConfig::Fp32, values.len()).unwrap().encode(values).unwrap()
+}
+
+struct Round {
+    close: CloseRound,
+    payloads: HashMap<Hash, Arc<Vec<u8>>>,
+}
+
+/// A round whose candidates carry these payloads (node i+1 commits payload i),
+/// with `tokens[i]` claimed tokens.
+fn round_of(payloads: Vec<Vec<u8>>, tokens: &[u64]) -> Round {
+    let plan = RoundPlan {
+        run_id: "r".into(),
+        round: 3,
+        params_hash: Hash::of(b"theta"),
+        previous_manifest: Hash::of(b"m2"),
+        assignments: (0..payloads.len())
+            .map(|i| Assignment { node: node(i as u8 + 1), shards: vec![], seed: 0, inner_steps: 1 })
+            .collect(),
+        opened_at_ms: 0,
+        deadline_ms: 10,
+    };
+    let candidates = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Candidate {
+            node: node(i as u8 + 1),
+            commit: Commit {
+                run_id: "r".into(),
+                round: 3,
+                base_params_hash: plan.params_hash,
+                update_hash: Hash::of(p),
+                update_bytes: p.len() as u64,
+                tokens: tokens[i],
+                losses: vec![3.0, 2.0],
+                compute_ms: 7,
+                workers: 1,
+            },
+            order: i as u64,
+        })
+        .collect();
+    let map = payloads.into_iter().map(|p| (Hash::of(&p), Arc::new(p))).collect();
+    Round { close: CloseRound { plan, candidates, rejected: vec![], missing: vec![node(99)], closed_at_ms: 9 }, payloads: map }
+}
+
+fn run(round: &Round, rule: &str) -> (Closed, Vec<f32>) {
+    let model = barnraise_trainer::ModelConfig::preset("tiny").unwrap();
+    let rule: AggregationRule = rule.parse().unwrap();
+    let verify = VerifyConfig { probe: false, ..VerifyConfig::default() };
+    let shards = HashMap::new();
+    let ctx = CloseContext {
+        model: &model,
+        codec: CodecConfig::Fp32,
+        rule: &rule,
+        verify: &verify,
+        seq_len: 8,
+        shard_tokens: &shards,
+        heldout: None,
+        flops_per_token: 6.0,
+    };
+    let mut theta = vec![0.5f32; P];
+    let mut optimizer = OuterOptimizer::new(OuterConfig::default(), P);
+    let closed = close_round(&ctx, &round.close, "r", &round.payloads, &mut theta, &mut optimizer).unwrap();
+    assert_eq!(closed.manifest.next_params_hash, Hash::of_f32s(&theta));
+    (closed, theta)
+}
+
+fn reason_of(closed: &Closed, i: u8) -> Option<&str> {
+    closed.manifest.rejected.iter().find(|r| r.node == node(i)).map(|r| r.reason.code())
+}
+
+#[test]
+fn bad_updates_are_rejected_and_honest_ones_lose_nothing() {
+    let honest_payloads: Vec<Vec<u8>> = (1..=3).map(|s| fp32(&honest(s))).collect();
+    let huge = fp32(&honest(4).iter().map(|v| v * 500.0).collect::<Vec<_>>());
+    let flipped = fp32(&honest(5).iter().map(|v| -v).collect::<Vec<_>>());
+    let copy = honest_payloads[0].clone();
+    let mut nan = fp32(&honest(6));
+    let at = barnraise_protocol::codec::HEADER_LEN + 8;
+    nan[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let mut payloads = honest_payloads.clone();
+    payloads.extend([huge, flipped, copy, nan]);
+    let mut round = round_of(payloads, &[100; 7]);
+    // Node 8 commits, but the bytes its commit names are not what it serves.
+    let mut lie = round.close.candidates[0].clone();
+    lie.node = node(8);
+    lie.commit.update_hash = Hash::of(b"something else");
+    lie.order = 7;
+    round.payloads.insert(lie.commit.update_hash, Arc::new(fp32(&honest(8))));
+    round.close.candidates.push(lie);
+
+    let (closed, theta) = run(&round, "mean");
+    let accepted: Vec<NodeId> = closed.manifest.accepted.iter().map(|a| a.node).collect();
+    assert_eq!(accepted, vec![node(1), node(2), node(3)]);
+    assert_eq!(reason_of(&closed, 4), Some("norm-too-large"));
+    assert_eq!(reason_of(&closed, 5), Some("sign-flipped"));
+    assert_eq!(reason_of(&closed, 6), Some("copycat"));
+    assert_eq!(reason_of(&closed, 7), Some("non-finite"));
+    assert_eq!(reason_of(&closed, 8), Some("hash-mismatch"));
+    assert_eq!(closed.manifest.missing, vec![node(99)]);
+
+    // θ_{r+1} is what the honest updates alone give.
+    let mut expect = vec![0.5f32; P];
+    let mut optimizer = OuterOptimizer::new(OuterConfig::default(), P);
+    let inputs: Vec<(&[u8], f32)> = closed
+        .manifest
+        .accepted
+        .iter()
+        .map(|a| (round.payloads[&a.update_hash].as_slice(), a.weight))
+        .collect();
+    apply_round(&mut expect, &mut optimizer, &AggregationRule::Mean, &inputs).unwrap();
+    assert_eq!(Hash::of_f32s(&expect), Hash::of_f32s(&theta));
+
+    // Ledger rows: three accepted with credit, five rejected, one missing, nothing else.
+    let count = |v: &str| closed.updates.iter().filter(|u| u.verdict == v).count();
+    assert_eq!((count("accepted"), count("rejected"), count("missing")), (3, 5, 1));
+    assert!(closed.updates.iter().all(|u| (u.verdict == "accepted") == (u.credit > 0.0)));
+    assert_eq!(closed.manifest.previous_manifest, Hash::of(b"m2"));
+}
+
+#[test]
+fn weights_are_token_shares_in_commit_order() {
+    let payloads: Vec<Vec<u8>> = (1..=3).map(|s| fp32(&honest(s))).collect();
+    let round = round_of(payloads, &[100, 300, 600]);
+    for rule in ["mean", "trimmed-mean:0.2", "centered-clip:1.0"] {
+        let (closed, _) = run(&round, rule);
+        let weights: Vec<f32> = closed.manifest.accepted.iter().map(|a| a.weight).collect();
+        for (w, e) in weights.iter().zip([0.1f32, 0.3, 0.6]) {
+            assert!((w - e).abs() < 1e-7, "{rule}: {weights:?}");
+        }
+        assert_eq!(closed.manifest.aggregation, rule.parse::<AggregationRule>().unwrap().to_string());
+    }
+}
+
+#[test]
+fn a_round_with_nothing_accepted_keeps_theta() {
+    let round = round_of(vec![], &[]);
+    let (closed, theta) = run(&round, "mean");
+    assert!(closed.manifest.accepted.is_empty());
+    assert_eq!(theta, vec![0.5f32; P]);
+}

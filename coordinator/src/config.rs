@@ -1,0 +1,363 @@
+//! The run config: everything an operator decides about a run, read from a
+//! TOML file (`barnraise coordinator --config run.toml`) or built in code by
+//! `barnraise up` and the tests. `docs/running-a-coordinator.md` documents
+//! every field; the defaults here are the ones it lists.
+
+use barnraise_protocol::aggregate::AggregationRule;
+use barnraise_protocol::codec::CodecConfig;
+use barnraise_protocol::OrgId;
+use barnraise_trainer::ModelConfig;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Why a run config is unusable. Each message names the field to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("run config {path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("run config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("run config: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, reason: reason.into() }
+}
+
+/// How many of a round's assigned nodes must deliver before it may close
+/// early: `quorum = 3` (a count) or `quorum = 0.75` (a fraction).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Quorum {
+    Count(u64),
+    Fraction(f64),
+}
+
+impl Quorum {
+    /// The number of valid updates that lets a round of `assigned` nodes close
+    /// before its deadline; never more than `assigned`, never less than 1.
+    pub fn target(&self, assigned: usize) -> usize {
+        let want = match *self {
+            Quorum::Count(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            Quorum::Fraction(f) => (f * assigned as f64).ceil() as usize,
+        };
+        want.clamp(1, assigned.max(1))
+    }
+}
+
+/// Where the training data comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DatasetSource {
+    /// A directory written by `barnraise shard`: `dataset.json` plus `<hash>.bin` shards.
+    Dir { path: PathBuf },
+    /// Shards generated from the trainer's built-in corpus, written into the data dir.
+    Builtin {
+        #[serde(default = "default_builtin_shards")]
+        shards: usize,
+        #[serde(default = "default_builtin_shard_tokens")]
+        shard_tokens: usize,
+        #[serde(default)]
+        seed: u64,
+    },
+}
+
+fn default_builtin_shards() -> usize {
+    16
+}
+fn default_builtin_shard_tokens() -> usize {
+    32 * 1024
+}
+
+/// Who may join.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "policy", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Admission {
+    /// Anyone with a key.
+    #[default]
+    Open,
+    /// Only nodes with a valid certificate from one of these org keys (64 hex characters each).
+    Orgs { orgs: Vec<String> },
+}
+
+/// Thresholds of the verification pipeline (DESIGN.md, "Verification").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// An update whose L2 norm exceeds this multiple of the round's median norm is rejected.
+    pub max_norm_ratio: f64,
+    /// An update whose L2 norm is below this fraction of the round's median norm is rejected (free riders).
+    pub min_norm_ratio: f64,
+    /// An update whose cosine to the round's coordinate-wise median is below this is rejected as sign-flipped.
+    pub min_cosine: f64,
+    /// Two updates closer than this cosine (and within 1% in norm) are copies; the later one is rejected.
+    pub duplicate_cosine: f64,
+    /// Run the usefulness probe (stage 4): costs a few forward passes per update.
+    pub probe: bool,
+    /// Probe batches per shard.
+    pub probe_batches: usize,
+    /// Sequences per probe batch.
+    pub probe_batch_size: usize,
+    /// How much more (in nats) an update may lower the held-out loss than its own
+    /// shard's before it counts as trained on other data.
+    pub probe_margin: f32,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig {
+            max_norm_ratio: 4.0,
+            min_norm_ratio: 0.1,
+            min_cosine: -0.2,
+            duplicate_cosine: 0.9999,
+            probe: true,
+            probe_batches: 2,
+            probe_batch_size: 8,
+            probe_margin: 0.05,
+        }
+    }
+}
+
+/// A run and how the coordinator serves it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// The run's name; part of every signed message and gossip topic.
+    pub run_id: String,
+    /// A model preset (`tiny`, `small`, `medium`, `large`, `xl`); ignored when `model_config` is set.
+    pub model: String,
+    /// A full model config, for models that are not a preset.
+    pub model_config: Option<ModelConfig>,
+    pub dataset: DatasetSource,
+    /// Inner steps per round (DiLoCo's H).
+    pub inner_steps: u32,
+    pub batch_size: u32,
+    pub seq_len: u32,
+    pub inner_lr: f32,
+    pub outer_lr: f32,
+    pub outer_momentum: f32,
+    /// Update codec: `fp32`, `int8[:BLOCK]`, `topk[:CHUNK:K:BITS]`.
+    pub codec: String,
+    /// `mean`, `trimmed-mean:F`, `centered-clip:TAU[:ITERS]`.
+    pub aggregation: String,
+    pub quorum: Quorum,
+    /// Seconds from a round's plan to its deadline.
+    pub round_deadline_secs: f64,
+    /// Nodes that must have joined before the first round opens.
+    pub min_nodes: usize,
+    /// Shards each node trains on per round.
+    pub shards_per_node: usize,
+    pub total_rounds: u64,
+    /// Publish a checkpoint of θ every this many rounds (1: every round).
+    pub checkpoint_every: u64,
+    pub admission: Admission,
+    pub verify: VerifyConfig,
+    /// libp2p listen multiaddrs.
+    pub listen: Vec<String>,
+    /// Address of the HTTP API and metrics.
+    pub http: SocketAddr,
+    /// Where the ledger, blobs and the key live.
+    pub data_dir: PathBuf,
+    /// The coordinator's key file; default `<data_dir>/coordinator.key` (created if missing).
+    pub key: Option<PathBuf>,
+    /// Seconds to keep serving after the last round (nodes fetch the final manifest and checkpoint).
+    pub linger_secs: f64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            run_id: "barnraise-run".into(),
+            model: "tiny".into(),
+            model_config: None,
+            dataset: DatasetSource::Builtin {
+                shards: default_builtin_shards(),
+                shard_tokens: default_builtin_shard_tokens(),
+                seed: 0,
+            },
+            inner_steps: 20,
+            batch_size: 8,
+            seq_len: 64,
+            inner_lr: 3e-3,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            codec: "int8".into(),
+            aggregation: "mean".into(),
+            quorum: Quorum::Fraction(1.0),
+            round_deadline_secs: 120.0,
+            min_nodes: 1,
+            shards_per_node: 1,
+            total_rounds: 10,
+            checkpoint_every: 1,
+            admission: Admission::Open,
+            verify: VerifyConfig::default(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: PathBuf::from("coordinator-data"),
+            key: None,
+            linger_secs: 5.0,
+        }
+    }
+}
+
+/// The config after validation: parsed codec, rule and model.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub model: ModelConfig,
+    pub codec: CodecConfig,
+    pub aggregation: AggregationRule,
+    pub deadline_ms: u64,
+    /// `None`: open admission; otherwise the org keys whose certificates admit a node.
+    pub admitted_orgs: Option<Vec<OrgId>>,
+}
+
+impl CoordinatorConfig {
+    /// Reads a TOML run config; relative paths in it are taken from the file's directory.
+    pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut config: CoordinatorConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rebase = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        rebase(&mut config.data_dir);
+        if let Some(key) = config.key.as_mut() {
+            rebase(key);
+        }
+        if let DatasetSource::Dir { path } = &mut config.dataset {
+            rebase(path);
+        }
+        Ok(config)
+    }
+
+    /// Checks every field and parses the ones that are strings.
+    pub fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let model = match &self.model_config {
+            Some(m) => m.clone(),
+            None => ModelConfig::preset(&self.model).ok_or_else(|| {
+                invalid("model", format!("unknown preset `{}` (try tiny, small, medium, large, xl)", self.model))
+            })?,
+        };
+        model.validate().map_err(|e| invalid("model_config", e))?;
+        let codec: CodecConfig = self.codec.parse().map_err(|e| invalid("codec", format!("{e}")))?;
+        let aggregation: AggregationRule =
+            self.aggregation.parse().map_err(|e| invalid("aggregation", format!("{e}")))?;
+        if self.run_id.is_empty() || self.run_id.len() > barnraise_protocol::limits::MAX_TEXT_BYTES {
+            return Err(invalid("run_id", "must be 1 to 256 bytes"));
+        }
+        if !self.run_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(invalid("run_id", "use letters, digits, '-', '_' and '.' only (it names gossip topics)"));
+        }
+        if self.inner_steps == 0 || self.batch_size == 0 || self.seq_len == 0 {
+            return Err(invalid("inner_steps/batch_size/seq_len", "must be positive"));
+        }
+        if self.seq_len as usize > model.max_seq_len {
+            return Err(invalid("seq_len", format!("{} exceeds the model's context {}", self.seq_len, model.max_seq_len)));
+        }
+        for (field, value) in [("inner_lr", self.inner_lr), ("outer_lr", self.outer_lr)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(invalid(field, "must be a positive number"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.outer_momentum) {
+            return Err(invalid("outer_momentum", "must be in [0, 1)"));
+        }
+        match self.quorum {
+            Quorum::Count(0) => return Err(invalid("quorum", "a count must be at least 1")),
+            Quorum::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
+                return Err(invalid("quorum", "a fraction must be in (0, 1]"));
+            }
+            _ => {}
+        }
+        if !(self.round_deadline_secs.is_finite() && self.round_deadline_secs > 0.0) {
+            return Err(invalid("round_deadline_secs", "must be a positive number of seconds"));
+        }
+        if self.min_nodes == 0 || self.shards_per_node == 0 || self.total_rounds == 0 || self.checkpoint_every == 0 {
+            return Err(invalid("min_nodes/shards_per_node/total_rounds/checkpoint_every", "must be at least 1"));
+        }
+        if self.listen.is_empty() {
+            return Err(invalid("listen", "give at least one multiaddr"));
+        }
+        if let DatasetSource::Builtin { shards, shard_tokens, .. } = self.dataset
+            && (shards == 0 || shard_tokens < 2 * self.seq_len as usize)
+        {
+            return Err(invalid("dataset", "builtin needs shards >= 1 and shard_tokens >= 2 * seq_len"));
+        }
+        let admitted_orgs = match &self.admission {
+            Admission::Open => None,
+            Admission::Orgs { orgs } => {
+                let mut keys = Vec::with_capacity(orgs.len());
+                for org in orgs {
+                    keys.push(org.parse::<OrgId>().map_err(|e| invalid("admission.orgs", format!("`{org}`: {e}")))?);
+                }
+                if keys.is_empty() {
+                    return Err(invalid("admission.orgs", "list at least one org key, or use policy = \"open\""));
+                }
+                Some(keys)
+            }
+        };
+        Ok(Resolved {
+            admitted_orgs,
+            model,
+            codec,
+            aggregation,
+            deadline_ms: (self.round_deadline_secs * 1000.0).round() as u64,
+        })
+    }
+
+    /// The key file path.
+    pub fn key_path(&self) -> PathBuf {
+        self.key.clone().unwrap_or_else(|| self.data_dir.join("coordinator.key"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_reads_with_defaults_and_quorum_forms() {
+        let text = r#"
+            run_id = "demo"
+            model = "tiny"
+            quorum = 3
+            aggregation = "trimmed-mean:0.2"
+            [dataset]
+            source = "builtin"
+            shards = 4
+            [admission]
+            policy = "open"
+        "#;
+        let config: CoordinatorConfig = toml::from_str(text).unwrap();
+        assert_eq!(config.quorum, Quorum::Count(3));
+        assert_eq!(config.inner_steps, CoordinatorConfig::default().inner_steps);
+        assert!(config.resolve().is_ok());
+        let config: CoordinatorConfig = toml::from_str("quorum = 0.5").unwrap();
+        assert_eq!(config.quorum, Quorum::Fraction(0.5));
+        assert_eq!(Quorum::Fraction(0.5).target(5), 3);
+        assert_eq!(Quorum::Count(9).target(2), 2);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        for (text, field) in [
+            ("codec = \"zip\"", "codec"),
+            ("aggregation = \"median\"", "aggregation"),
+            ("model = \"huge\"", "model"),
+            ("quorum = 1.5", "quorum"),
+            ("seq_len = 4096", "seq_len"),
+            ("run_id = \"a b\"", "run_id"),
+        ] {
+            let config: CoordinatorConfig = toml::from_str(text).unwrap();
+            let err = config.resolve().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(field), "{text}: {err}");
+        }
+        assert!(toml::from_str::<CoordinatorConfig>("nonsense = 1").is_err());
+    }
+}

@@ -1,0 +1,722 @@
+//! The ledger: who contributed what, in SQLite (WAL mode, schema migrations
+//! by `PRAGMA user_version`).
+//!
+//! Tables: `run` (the run's identity), `nodes`, `plans` (every signed plan,
+//! so a restart resumes the open round), `commits` (accepted commits of the
+//! open round, so a restart loses no contribution), `rounds` (one row per
+//! closed round with its signed manifest), `updates` (one row per update or
+//! missing node with its verdict and reason), `checkpoints`, and `refusals`
+//! (messages refused before they belonged to any round).
+//!
+//! Closing a round is one transaction: the round row, its manifest, its
+//! update rows and its checkpoint go in together and the round's pending
+//! commits go out, so a crash at any point leaves either the whole round or
+//! none of it. `rounds.round` is the primary key, so the same round can
+//! never be written twice.
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// What went wrong with the ledger database.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger {path}: {source}")]
+    Sqlite { path: PathBuf, source: rusqlite::Error },
+    #[error("ledger {path} does not exist (is this a coordinator data dir?)")]
+    Missing { path: PathBuf },
+    #[error("ledger {path} has schema version {found}, newer than this barnraise understands ({supported}); upgrade barnraise")]
+    TooNew { path: PathBuf, found: i64, supported: i64 },
+    #[error("ledger {path} belongs to run `{found}`, not `{expected}`; use another data dir")]
+    OtherRun { path: PathBuf, found: String, expected: String },
+    #[error("ledger {path}: round {round} is already closed; refusing to record it twice")]
+    RoundExists { path: PathBuf, round: u64 },
+}
+
+/// Schema steps; `user_version` counts how many have run.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE run (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        run_id TEXT NOT NULL,
+        config_json TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+     );
+     CREATE TABLE nodes (
+        node TEXT PRIMARY KEY,
+        org TEXT,
+        org_name TEXT,
+        agent TEXT NOT NULL,
+        workers INTEGER NOT NULL,
+        listen_addrs TEXT NOT NULL,
+        first_seen_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL
+     );
+     CREATE TABLE plans (
+        round INTEGER PRIMARY KEY,
+        signed BLOB NOT NULL,
+        opened_ms INTEGER NOT NULL
+     );
+     CREATE TABLE commits (
+        round INTEGER NOT NULL,
+        node TEXT NOT NULL,
+        signed BLOB NOT NULL,
+        received_ms INTEGER NOT NULL,
+        PRIMARY KEY (round, node)
+     );
+     CREATE TABLE rounds (
+        round INTEGER PRIMARY KEY,
+        opened_ms INTEGER NOT NULL,
+        closed_ms INTEGER NOT NULL,
+        base_params_hash TEXT NOT NULL,
+        next_params_hash TEXT NOT NULL,
+        manifest_hash TEXT NOT NULL UNIQUE,
+        manifest BLOB NOT NULL,
+        params_blob TEXT NOT NULL,
+        optimizer_blob TEXT NOT NULL,
+        accepted INTEGER NOT NULL,
+        rejected INTEGER NOT NULL,
+        missing INTEGER NOT NULL,
+        mean_loss REAL,
+        eval_loss REAL,
+        bytes_received INTEGER NOT NULL
+     );
+     CREATE TABLE updates (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        round INTEGER NOT NULL REFERENCES rounds(round),
+        node TEXT NOT NULL,
+        update_hash TEXT,
+        verdict TEXT NOT NULL CHECK (verdict IN ('accepted', 'rejected', 'missing')),
+        reason TEXT,
+        detail TEXT,
+        tokens INTEGER NOT NULL,
+        compute_ms INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        weight REAL NOT NULL,
+        mean_loss REAL,
+        credit REAL NOT NULL
+     );
+     CREATE INDEX updates_by_node ON updates(node);
+     CREATE TABLE checkpoints (
+        round INTEGER PRIMARY KEY,
+        blob TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        params_hash TEXT NOT NULL,
+        optimizer_blob TEXT NOT NULL,
+        optimizer_bytes INTEGER NOT NULL
+     );
+     CREATE TABLE refusals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        round INTEGER,
+        claimed_node TEXT,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL
+     );",
+];
+
+/// A node as the ledger knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRow {
+    pub node: String,
+    pub org: Option<String>,
+    pub org_name: Option<String>,
+    pub agent: String,
+    pub workers: u32,
+    pub listen_addrs: Vec<String>,
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+}
+
+/// One update (or one missing node) in a closed round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpdateRow {
+    pub node: String,
+    pub update_hash: Option<String>,
+    /// `accepted`, `rejected` or `missing`.
+    pub verdict: String,
+    /// The reject reason's code (`RejectReason::code`).
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+    pub tokens: u64,
+    pub compute_ms: u64,
+    pub bytes: u64,
+    pub weight: f64,
+    pub mean_loss: Option<f64>,
+    /// FLOP-normalized credit (training FLOPs of the accepted tokens); 0 when rejected.
+    pub credit: f64,
+}
+
+/// A published checkpoint of θ_round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRow {
+    pub round: u64,
+    pub blob: String,
+    pub bytes: u64,
+    pub params_hash: String,
+    pub optimizer_blob: String,
+    pub optimizer_bytes: u64,
+}
+
+/// A closed round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRow {
+    pub round: u64,
+    pub opened_ms: u64,
+    pub closed_ms: u64,
+    pub base_params_hash: String,
+    pub next_params_hash: String,
+    pub manifest_hash: String,
+    /// Blobs holding θ_{round+1} (safetensors) and the outer momentum after it.
+    pub params_blob: String,
+    pub optimizer_blob: String,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub missing: u64,
+    pub mean_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub bytes_received: u64,
+}
+
+/// Everything one round close writes, in one transaction.
+#[derive(Clone, Debug)]
+pub struct RoundRecord {
+    pub row: RoundRow,
+    /// `Signed<Manifest>::to_bytes()`.
+    pub manifest: Vec<u8>,
+    pub updates: Vec<UpdateRow>,
+    pub checkpoint: Option<CheckpointRow>,
+}
+
+/// A node's totals over the run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContributorRow {
+    pub node: String,
+    pub org: Option<String>,
+    pub org_name: Option<String>,
+    pub tokens: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub missing: u64,
+    pub bytes: u64,
+    pub compute_ms: u64,
+    pub credit: f64,
+}
+
+/// A refusal outside any round's manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RefusalRow {
+    pub at_ms: u64,
+    pub round: Option<u64>,
+    pub claimed_node: Option<String>,
+    pub reason: String,
+    pub detail: String,
+}
+
+/// An open ledger database.
+pub struct Ledger {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ledger({})", self.path.display())
+    }
+}
+
+/// Opens (creating if needed) the ledger at `path` and brings its schema up to date.
+pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
+    Ledger::open(path)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Ledger {
+    pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| LedgerError::Sqlite {
+                path: path.into(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|source| LedgerError::Sqlite { path: path.into(), source })?;
+        let mut ledger = Ledger { conn, path: path.into() };
+        ledger.setup()?;
+        Ok(ledger)
+    }
+
+    /// Opens an existing ledger without creating one (for `barnraise stats`).
+    pub fn open_existing(path: &Path) -> Result<Ledger, LedgerError> {
+        if !path.exists() {
+            return Err(LedgerError::Missing { path: path.into() });
+        }
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|source| LedgerError::Sqlite { path: path.into(), source })?;
+        let mut ledger = Ledger { conn, path: path.into() };
+        ledger.setup()?;
+        Ok(ledger)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, source: rusqlite::Error) -> LedgerError {
+        LedgerError::Sqlite { path: self.path.clone(), source }
+    }
+
+    /// Runs a query and maps every row.
+    fn query_all<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, LedgerError> {
+        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+        let rows = stmt.query_map(params, map).and_then(|rows| rows.collect::<Result<Vec<_>, _>>());
+        rows.map_err(|e| self.err(e))
+    }
+
+    fn setup(&mut self) -> Result<(), LedgerError> {
+        // WAL: readers (the HTTP API, `barnraise stats`) never block the writer;
+        // synchronous=FULL so a committed round survives power loss.
+        self.conn
+            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;")
+            .map_err(|e| self.err(e))?;
+        let version: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| self.err(e))?;
+        let supported = MIGRATIONS.len() as i64;
+        if version > supported {
+            return Err(LedgerError::TooNew { path: self.path.clone(), found: version, supported });
+        }
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+            let tx = self.conn.transaction().map_err(|source| LedgerError::Sqlite { path: self.path.clone(), source })?;
+            tx.execute_batch(step).map_err(|source| LedgerError::Sqlite { path: self.path.clone(), source })?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(|source| LedgerError::Sqlite { path: self.path.clone(), source })?;
+            tx.commit().map_err(|source| LedgerError::Sqlite { path: self.path.clone(), source })?;
+        }
+        Ok(())
+    }
+
+    /// Records which run this ledger belongs to, or checks it on a restart.
+    pub fn bind_run(&self, run_id: &str, config_json: &str, now_ms: u64) -> Result<(), LedgerError> {
+        let found: Option<String> = self
+            .conn
+            .query_row("SELECT run_id FROM run WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?;
+        match found {
+            Some(found) if found != run_id => {
+                Err(LedgerError::OtherRun { path: self.path.clone(), found, expected: run_id.into() })
+            }
+            Some(_) => Ok(()),
+            None => {
+                self.conn
+                    .execute(
+                        "INSERT INTO run (id, run_id, config_json, created_ms) VALUES (1, ?1, ?2, ?3)",
+                        params![run_id, config_json, to_i64(now_ms)],
+                    )
+                    .map_err(|e| self.err(e))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The run id, if the ledger has been bound to one.
+    pub fn run_id(&self) -> Result<Option<String>, LedgerError> {
+        self.conn.query_row("SELECT run_id FROM run WHERE id = 1", [], |r| r.get(0)).optional().map_err(|e| self.err(e))
+    }
+
+    pub fn upsert_node(&self, row: &NodeRow) -> Result<(), LedgerError> {
+        let addrs = serde_json::to_string(&row.listen_addrs).unwrap_or_else(|_| "[]".into());
+        self.conn
+            .execute(
+                "INSERT INTO nodes (node, org, org_name, agent, workers, listen_addrs, first_seen_ms, last_seen_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(node) DO UPDATE SET org = ?2, org_name = ?3, agent = ?4, workers = ?5,
+                    listen_addrs = ?6, last_seen_ms = ?8",
+                params![
+                    row.node,
+                    row.org,
+                    row.org_name,
+                    row.agent,
+                    row.workers,
+                    addrs,
+                    to_i64(row.first_seen_ms),
+                    to_i64(row.last_seen_ms)
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeRow>, LedgerError> {
+        self.query_all("SELECT node, org, org_name, agent, workers, listen_addrs, first_seen_ms, last_seen_ms FROM nodes ORDER BY first_seen_ms, node", [], |r| {
+                let addrs: String = r.get(5)?;
+                Ok(NodeRow {
+                    node: r.get(0)?,
+                    org: r.get(1)?,
+                    org_name: r.get(2)?,
+                    agent: r.get(3)?,
+                    workers: r.get(4)?,
+                    listen_addrs: serde_json::from_str(&addrs).unwrap_or_default(),
+                    first_seen_ms: to_u64(r.get(6)?),
+                    last_seen_ms: to_u64(r.get(7)?),
+                })
+            })
+    }
+
+    /// Stores a round's signed plan when it opens. A plan is written once:
+    /// a second plan for the same round is an error.
+    pub fn record_plan(&self, round: u64, signed: &[u8], opened_ms: u64) -> Result<(), LedgerError> {
+        self.conn
+            .execute("INSERT INTO plans (round, signed, opened_ms) VALUES (?1, ?2, ?3)", params![to_i64(round), signed, to_i64(opened_ms)])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Every stored plan, oldest first: `(round, Signed<RoundPlan> bytes)`.
+    pub fn plans(&self) -> Result<Vec<(u64, Vec<u8>)>, LedgerError> {
+        self.query_all("SELECT round, signed FROM plans ORDER BY round", [], |r| Ok((to_u64(r.get(0)?), r.get(1)?)))
+    }
+
+    /// Stores an accepted commit of the open round before the node is told
+    /// it was accepted, so a restart resumes with it.
+    pub fn record_commit(&self, round: u64, node: &str, signed: &[u8], received_ms: u64) -> Result<(), LedgerError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO commits (round, node, signed, received_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![to_i64(round), node, signed, to_i64(received_ms)],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The stored commits of `round`, in arrival order.
+    pub fn pending_commits(&self, round: u64) -> Result<Vec<Vec<u8>>, LedgerError> {
+        self.query_all("SELECT signed FROM commits WHERE round = ?1 ORDER BY received_ms, rowid", [to_i64(round)], |r| r.get(0))
+    }
+
+    pub fn record_refusal(&self, row: &RefusalRow) -> Result<(), LedgerError> {
+        self.conn
+            .execute(
+                "INSERT INTO refusals (at_ms, round, claimed_node, reason, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![to_i64(row.at_ms), row.round.map(to_i64), row.claimed_node, row.reason, row.detail],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn refusals(&self) -> Result<Vec<RefusalRow>, LedgerError> {
+        self.query_all("SELECT at_ms, round, claimed_node, reason, detail FROM refusals ORDER BY id", [], |r| {
+                Ok(RefusalRow {
+                    at_ms: to_u64(r.get(0)?),
+                    round: r.get::<_, Option<i64>>(1)?.map(to_u64),
+                    claimed_node: r.get(2)?,
+                    reason: r.get(3)?,
+                    detail: r.get(4)?,
+                })
+            })
+    }
+
+    /// Writes a closed round — manifest, update rows, checkpoint — in one
+    /// transaction, and drops the round's pending commits in the same one.
+    pub fn close_round(&mut self, record: &RoundRecord) -> Result<(), LedgerError> {
+        let path = self.path.clone();
+        let sql = |source| LedgerError::Sqlite { path: path.clone(), source };
+        let round = record.row.round;
+        let tx = self.conn.transaction().map_err(sql)?;
+        let exists: bool = tx
+            .query_row("SELECT EXISTS(SELECT 1 FROM rounds WHERE round = ?1)", [to_i64(round)], |r| r.get(0))
+            .map_err(sql)?;
+        if exists {
+            return Err(LedgerError::RoundExists { path: path.clone(), round });
+        }
+        let r = &record.row;
+        tx.execute(
+            "INSERT INTO rounds (round, opened_ms, closed_ms, base_params_hash, next_params_hash, manifest_hash, manifest,
+                params_blob, optimizer_blob, accepted, rejected, missing, mean_loss, eval_loss, bytes_received)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            params![
+                to_i64(round),
+                to_i64(r.opened_ms),
+                to_i64(r.closed_ms),
+                r.base_params_hash,
+                r.next_params_hash,
+                r.manifest_hash,
+                record.manifest,
+                r.params_blob,
+                r.optimizer_blob,
+                to_i64(r.accepted),
+                to_i64(r.rejected),
+                to_i64(r.missing),
+                r.mean_loss,
+                r.eval_loss,
+                to_i64(r.bytes_received)
+            ],
+        )
+        .map_err(sql)?;
+        for u in &record.updates {
+            tx.execute(
+                "INSERT INTO updates (round, node, update_hash, verdict, reason, detail, tokens, compute_ms, bytes, weight, mean_loss, credit)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    to_i64(round),
+                    u.node,
+                    u.update_hash,
+                    u.verdict,
+                    u.reason,
+                    u.detail,
+                    to_i64(u.tokens),
+                    to_i64(u.compute_ms),
+                    to_i64(u.bytes),
+                    u.weight,
+                    u.mean_loss,
+                    u.credit
+                ],
+            )
+            .map_err(sql)?;
+        }
+        if let Some(c) = &record.checkpoint {
+            tx.execute(
+                "INSERT OR REPLACE INTO checkpoints (round, blob, bytes, params_hash, optimizer_blob, optimizer_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![to_i64(c.round), c.blob, to_i64(c.bytes), c.params_hash, c.optimizer_blob, to_i64(c.optimizer_bytes)],
+            )
+            .map_err(sql)?;
+        }
+        tx.execute("DELETE FROM commits WHERE round = ?1", [to_i64(round)]).map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
+
+    fn round_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoundRow> {
+        Ok(RoundRow {
+            round: to_u64(r.get(0)?),
+            opened_ms: to_u64(r.get(1)?),
+            closed_ms: to_u64(r.get(2)?),
+            base_params_hash: r.get(3)?,
+            next_params_hash: r.get(4)?,
+            manifest_hash: r.get(5)?,
+            params_blob: r.get(6)?,
+            optimizer_blob: r.get(7)?,
+            accepted: to_u64(r.get(8)?),
+            rejected: to_u64(r.get(9)?),
+            missing: to_u64(r.get(10)?),
+            mean_loss: r.get(11)?,
+            eval_loss: r.get(12)?,
+            bytes_received: to_u64(r.get(13)?),
+        })
+    }
+
+    const ROUND_COLUMNS: &'static str = "round, opened_ms, closed_ms, base_params_hash, next_params_hash, manifest_hash,
+        params_blob, optimizer_blob, accepted, rejected, missing, mean_loss, eval_loss, bytes_received";
+
+    /// Every closed round, oldest first.
+    pub fn rounds(&self) -> Result<Vec<RoundRow>, LedgerError> {
+        let sql = format!("SELECT {} FROM rounds ORDER BY round", Self::ROUND_COLUMNS);
+        self.query_all(&sql, [], Self::round_from)
+    }
+
+    /// The last closed round, if any.
+    pub fn last_round(&self) -> Result<Option<RoundRow>, LedgerError> {
+        let sql = format!("SELECT {} FROM rounds ORDER BY round DESC LIMIT 1", Self::ROUND_COLUMNS);
+        self.conn.query_row(&sql, [], Self::round_from).optional().map_err(|e| self.err(e))
+    }
+
+    /// The signed manifest of a closed round.
+    pub fn manifest(&self, round: u64) -> Result<Option<Vec<u8>>, LedgerError> {
+        self.conn
+            .query_row("SELECT manifest FROM rounds WHERE round = ?1", [to_i64(round)], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// The update rows of one round.
+    pub fn updates(&self, round: u64) -> Result<Vec<UpdateRow>, LedgerError> {
+        self.query_all(
+                "SELECT node, update_hash, verdict, reason, detail, tokens, compute_ms, bytes, weight, mean_loss, credit
+                 FROM updates WHERE round = ?1 ORDER BY id",
+            [to_i64(round)], |r| {
+                Ok(UpdateRow {
+                    node: r.get(0)?,
+                    update_hash: r.get(1)?,
+                    verdict: r.get(2)?,
+                    reason: r.get(3)?,
+                    detail: r.get(4)?,
+                    tokens: to_u64(r.get(5)?),
+                    compute_ms: to_u64(r.get(6)?),
+                    bytes: to_u64(r.get(7)?),
+                    weight: r.get(8)?,
+                    mean_loss: r.get(9)?,
+                    credit: r.get(10)?,
+                })
+            })
+    }
+
+    /// The latest published checkpoint.
+    pub fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>, LedgerError> {
+        self.conn
+            .query_row(
+                "SELECT round, blob, bytes, params_hash, optimizer_blob, optimizer_bytes FROM checkpoints ORDER BY round DESC LIMIT 1",
+                [],
+                |r| {
+                    Ok(CheckpointRow {
+                        round: to_u64(r.get(0)?),
+                        blob: r.get(1)?,
+                        bytes: to_u64(r.get(2)?),
+                        params_hash: r.get(3)?,
+                        optimizer_blob: r.get(4)?,
+                        optimizer_bytes: to_u64(r.get(5)?),
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Per-node totals over every closed round, most credit first.
+    pub fn contributors(&self) -> Result<Vec<ContributorRow>, LedgerError> {
+        self.query_all(
+                "SELECT u.node, n.org, n.org_name,
+                    SUM(CASE WHEN u.verdict = 'accepted' THEN u.tokens ELSE 0 END),
+                    SUM(u.verdict = 'accepted'), SUM(u.verdict = 'rejected'), SUM(u.verdict = 'missing'),
+                    SUM(u.bytes), SUM(CASE WHEN u.verdict = 'accepted' THEN u.compute_ms ELSE 0 END), SUM(u.credit)
+                 FROM updates u LEFT JOIN nodes n ON n.node = u.node
+                 GROUP BY u.node ORDER BY SUM(u.credit) DESC, u.node",
+            [], |r| {
+                Ok(ContributorRow {
+                    node: r.get(0)?,
+                    org: r.get(1)?,
+                    org_name: r.get(2)?,
+                    tokens: to_u64(r.get(3)?),
+                    accepted: to_u64(r.get(4)?),
+                    rejected: to_u64(r.get(5)?),
+                    missing: to_u64(r.get(6)?),
+                    bytes: to_u64(r.get(7)?),
+                    compute_ms: to_u64(r.get(8)?),
+                    credit: r.get(9)?,
+                })
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(round: u64, nodes: &[(&str, &str)]) -> RoundRecord {
+        let updates = nodes
+            .iter()
+            .map(|(node, verdict)| UpdateRow {
+                node: node.to_string(),
+                update_hash: Some(format!("{node}-{round}")),
+                verdict: verdict.to_string(),
+                reason: (*verdict != "accepted").then(|| "norm-too-large".to_string()),
+                detail: None,
+                tokens: 100,
+                compute_ms: 10,
+                bytes: 1000,
+                weight: 0.5,
+                mean_loss: Some(2.0),
+                credit: if *verdict == "accepted" { 600.0 } else { 0.0 },
+            })
+            .collect();
+        RoundRecord {
+            row: RoundRow {
+                round,
+                opened_ms: 1,
+                closed_ms: 2,
+                base_params_hash: format!("base{round}"),
+                next_params_hash: format!("next{round}"),
+                manifest_hash: format!("manifest{round}"),
+                params_blob: "p".into(),
+                optimizer_blob: "o".into(),
+                accepted: 1,
+                rejected: 1,
+                missing: 0,
+                mean_loss: Some(2.0),
+                eval_loss: None,
+                bytes_received: 2000,
+            },
+            manifest: vec![round as u8; 8],
+            updates,
+            checkpoint: Some(CheckpointRow {
+                round: round + 1,
+                blob: format!("ck{round}"),
+                bytes: 10,
+                params_hash: format!("next{round}"),
+                optimizer_blob: "o".into(),
+                optimizer_bytes: 4,
+            }),
+        }
+    }
+
+    #[test]
+    fn ledger_round_close_is_all_or_nothing_and_never_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let mut ledger = open(&path).unwrap();
+        ledger.bind_run("run", "{}", 0).unwrap();
+        ledger.record_commit(0, "a", b"commit-a", 5).unwrap();
+        ledger.close_round(&record(0, &[("a", "accepted"), ("b", "rejected")])).unwrap();
+        assert!(ledger.pending_commits(0).unwrap().is_empty(), "pending commits leave with the close");
+        // A second close of round 0 changes nothing.
+        let again = ledger.close_round(&record(0, &[("a", "accepted")]));
+        assert!(matches!(again, Err(LedgerError::RoundExists { round: 0, .. })), "{again:?}");
+        // A close that fails half-way (a bad verdict trips the CHECK) writes nothing.
+        let broken = record(1, &[("a", "accepted"), ("b", "bogus")]);
+        assert!(ledger.close_round(&broken).is_err());
+        assert_eq!(ledger.rounds().unwrap().len(), 1);
+        assert_eq!(ledger.updates(1).unwrap().len(), 0);
+        assert_eq!(ledger.latest_checkpoint().unwrap().map(|c| c.round), Some(1));
+        let a = ledger.contributors().unwrap().into_iter().find(|c| c.node == "a").unwrap();
+        assert_eq!((a.accepted, a.tokens, a.credit), (1, 100, 600.0));
+    }
+
+    #[test]
+    fn ledger_reopen_after_crash_counts_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        {
+            let mut ledger = open(&path).unwrap();
+            ledger.bind_run("run", "{}", 0).unwrap();
+            ledger.record_plan(0, b"plan0", 1).unwrap();
+            ledger.close_round(&record(0, &[("a", "accepted")])).unwrap();
+            ledger.record_plan(1, b"plan1", 3).unwrap();
+            ledger.record_commit(1, "a", b"commit-a1", 4).unwrap();
+            ledger.record_commit(1, "a", b"commit-a1-again", 5).unwrap();
+            // Dropped without closing round 1: the "crash".
+        }
+        let mut ledger = open(&path).unwrap();
+        assert!(ledger.bind_run("run", "{}", 9).is_ok());
+        assert!(matches!(ledger.bind_run("other", "{}", 9), Err(LedgerError::OtherRun { .. })));
+        assert_eq!(ledger.last_round().unwrap().map(|r| r.round), Some(0));
+        assert_eq!(ledger.plans().unwrap().len(), 2);
+        assert_eq!(ledger.pending_commits(1).unwrap(), vec![b"commit-a1".to_vec()], "one commit per node per round");
+        assert!(ledger.record_plan(1, b"plan1-again", 6).is_err(), "never two plans for one round");
+        ledger.close_round(&record(1, &[("a", "accepted")])).unwrap();
+        let a = ledger.contributors().unwrap().into_iter().find(|c| c.node == "a").unwrap();
+        assert_eq!((a.accepted, a.tokens), (2, 200));
+        assert_eq!(ledger.manifest(1).unwrap(), Some(vec![1u8; 8]));
+    }
+
+    #[test]
+    fn ledger_migrates_and_refuses_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        drop(open(&path).unwrap());
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "user_version", 99).unwrap();
+        }
+        assert!(matches!(open(&path), Err(LedgerError::TooNew { found: 99, .. })));
+        assert!(matches!(Ledger::open_existing(&dir.path().join("none")), Err(LedgerError::Missing { .. })));
+    }
+}

@@ -1,0 +1,100 @@
+//! Counters and gauges for `/metrics`, in the Prometheus text format. Written
+//! by hand: a handful of values does not need a metrics library.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub joins: AtomicU64,
+    pub join_refusals: AtomicU64,
+    pub commits: AtomicU64,
+    pub rounds_closed: AtomicU64,
+    pub updates_accepted: AtomicU64,
+    pub tokens_accepted: AtomicU64,
+    pub update_bytes_received: AtomicU64,
+    pub current_round: AtomicU64,
+    pub active_nodes: AtomicU64,
+    /// f64 bits of the last round's mean training loss.
+    pub last_train_loss: AtomicU64,
+    /// f64 bits of the last held-out eval loss.
+    pub last_eval_loss: AtomicU64,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let m = Metrics::default();
+        m.last_train_loss.store(f64::NAN.to_bits(), Ordering::Relaxed);
+        m.last_eval_loss.store(f64::NAN.to_bits(), Ordering::Relaxed);
+        m
+    }
+
+    /// Counts one rejected update or refused message by its reason code.
+    pub fn rejected(&self, code: &'static str) {
+        if let Ok(mut map) = self.rejected.lock() {
+            *map.entry(code).or_default() += 1;
+        }
+    }
+
+    pub fn set_f64(cell: &AtomicU64, value: Option<f64>) {
+        cell.store(value.unwrap_or(f64::NAN).to_bits(), Ordering::Relaxed);
+    }
+
+    /// The Prometheus exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP barnraise_{name} {help}\n# TYPE barnraise_{name} counter\nbarnraise_{name} {value}");
+        };
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        counter("joins_total", "Joins admitted.", get(&self.joins));
+        counter("join_refusals_total", "Joins refused.", get(&self.join_refusals));
+        counter("commits_total", "Commits received.", get(&self.commits));
+        counter("rounds_closed_total", "Rounds closed with a manifest.", get(&self.rounds_closed));
+        counter("updates_accepted_total", "Updates accepted into an aggregate.", get(&self.updates_accepted));
+        counter("tokens_accepted_total", "Training tokens of accepted updates.", get(&self.tokens_accepted));
+        counter("update_bytes_received_total", "Bytes of update payloads fetched from nodes.", get(&self.update_bytes_received));
+        let _ = writeln!(out, "# HELP barnraise_updates_rejected_total Updates and messages rejected, by reason.");
+        let _ = writeln!(out, "# TYPE barnraise_updates_rejected_total counter");
+        if let Ok(map) = self.rejected.lock() {
+            for (reason, n) in map.iter() {
+                let _ = writeln!(out, "barnraise_updates_rejected_total{{reason=\"{reason}\"}} {n}");
+            }
+        }
+        let mut gauge = |name: &str, help: &str, value: String| {
+            let _ = writeln!(out, "# HELP barnraise_{name} {help}\n# TYPE barnraise_{name} gauge\nbarnraise_{name} {value}");
+        };
+        gauge("current_round", "The round now open or about to open.", get(&self.current_round).to_string());
+        gauge("active_nodes", "Nodes that would get work in the next round.", get(&self.active_nodes).to_string());
+        gauge("train_loss", "Mean training loss of the last round's accepted updates.", fmt_f64(get(&self.last_train_loss)));
+        gauge("eval_loss", "Held-out loss of the latest params.", fmt_f64(get(&self.last_eval_loss)));
+        out
+    }
+}
+
+fn fmt_f64(bits: u64) -> String {
+    let v = f64::from_bits(bits);
+    if v.is_nan() { "NaN".into() } else { v.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new();
+        m.joins.fetch_add(2, Ordering::Relaxed);
+        m.rejected("sign-flipped");
+        m.rejected("sign-flipped");
+        Metrics::set_f64(&m.last_eval_loss, Some(2.5));
+        let text = m.render();
+        assert!(text.contains("barnraise_joins_total 2"));
+        assert!(text.contains("barnraise_updates_rejected_total{reason=\"sign-flipped\"} 2"));
+        assert!(text.contains("barnraise_eval_loss 2.5"));
+        assert!(text.contains("barnraise_train_loss NaN"));
+    }
+}

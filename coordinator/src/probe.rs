@@ -1,0 +1,123 @@
+//! Stage 4 of verification, the usefulness probe: does applying an update to
+//! θ_r lower the loss on a probe batch from the node's own shard, and lower
+//! it more than on data the node was not given (the held-out shard)?
+//!
+//! An honest update was trained on its shard, so it helps there at least as
+//! much as elsewhere; an update trained on other data (or made up) helps its
+//! own shard no more than any other text. The margin and batch counts are in
+//! [`VerifyConfig`]; `docs/running-a-coordinator.md` gives measured figures.
+//!
+//! The probe runs forward passes only, on the CPU, with fixed seeds so the
+//! same update always gets the same verdict.
+
+use crate::config::VerifyConfig;
+use barnraise_protocol::messages::RejectReason;
+use barnraise_trainer::device::{DeviceSpec, select};
+use barnraise_trainer::{ModelConfig, Trainer};
+
+/// Why the probe could not run (a coordinator-side problem, not the node's).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("usefulness probe: {0}")]
+    Trainer(#[from] barnraise_trainer::TrainError),
+    #[error("usefulness probe: no CPU device: {0}")]
+    Device(String),
+    #[error("usefulness probe: update has {found} values, the model has {expected}")]
+    Length { expected: usize, found: usize },
+}
+
+/// How much one update lowered the probe losses (positive: it helped).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProbeResult {
+    pub own_gain: f32,
+    pub other_gain: f32,
+}
+
+impl ProbeResult {
+    /// The verdict for this measurement.
+    pub fn verdict(&self, margin: f32) -> Result<(), RejectReason> {
+        if !(self.own_gain.is_finite() && self.other_gain.is_finite()) || self.own_gain <= 0.0 {
+            return Err(RejectReason::NotUseful);
+        }
+        if self.own_gain + margin < self.other_gain {
+            return Err(RejectReason::NotUseful);
+        }
+        Ok(())
+    }
+}
+
+/// A model at θ_r and the probe's batch shape.
+pub struct Probe {
+    trainer: Trainer,
+    theta: Vec<f32>,
+    scratch: Vec<f32>,
+    batches: usize,
+    batch_size: usize,
+    seq_len: usize,
+    seed: u64,
+}
+
+impl Probe {
+    /// `seed` fixes the probe batches (the coordinator uses one per round).
+    pub fn new(model: &ModelConfig, theta: &[f32], cfg: &VerifyConfig, seq_len: usize, seed: u64) -> Result<Probe, ProbeError> {
+        let device = select(DeviceSpec::Cpu).map_err(|e| ProbeError::Device(e.to_string()))?;
+        let mut trainer = Trainer::new(model, device, 0)?;
+        trainer.set_flat_params(theta)?;
+        Ok(Probe {
+            trainer,
+            theta: theta.to_vec(),
+            scratch: vec![0.0; theta.len()],
+            batches: cfg.probe_batches.max(1),
+            batch_size: cfg.probe_batch_size.max(1),
+            seq_len: seq_len.min(model.max_seq_len).max(1),
+            seed,
+        })
+    }
+
+    fn loss(&self, tokens: &[u16]) -> Result<f32, ProbeError> {
+        let seq_len = self.seq_len.min(tokens.len().saturating_sub(1)).max(1);
+        Ok(self.trainer.eval_loss_with(tokens, self.batches, self.batch_size, seq_len, self.seed)?)
+    }
+
+    /// The probe loss of θ_r on `tokens` (computed once per shard per round).
+    pub fn base_loss(&mut self, tokens: &[u16]) -> Result<f32, ProbeError> {
+        self.trainer.set_flat_params(&self.theta)?;
+        self.loss(tokens)
+    }
+
+    /// The loss of θ_r − Δ (where the node's model ended up) on each text,
+    /// as gains over the given base losses.
+    pub fn measure(&mut self, delta: &[f32], own: &[u16], own_base: f32, other: &[u16], other_base: f32) -> Result<ProbeResult, ProbeError> {
+        if delta.len() != self.theta.len() {
+            return Err(ProbeError::Length { expected: self.theta.len(), found: delta.len() });
+        }
+        for ((s, &t), &d) in self.scratch.iter_mut().zip(&self.theta).zip(delta) {
+            *s = t - d;
+        }
+        self.trainer.set_flat_params(&self.scratch)?;
+        let own_after = self.loss(own)?;
+        let other_after = self.loss(other)?;
+        Ok(ProbeResult { own_gain: own_base - own_after, other_gain: other_base - other_after })
+    }
+
+    /// The loss of arbitrary params (e.g. θ_{r+1}) on `tokens`.
+    pub fn loss_of(&mut self, params: &[f32], tokens: &[u16]) -> Result<f32, ProbeError> {
+        self.trainer.set_flat_params(params)?;
+        self.loss(tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let r = |own_gain, other_gain| ProbeResult { own_gain, other_gain };
+        assert!(r(0.2, 0.1).verdict(0.05).is_ok());
+        assert!(r(0.2, 0.24).verdict(0.05).is_ok());
+        assert_eq!(r(0.2, 0.3).verdict(0.05), Err(RejectReason::NotUseful));
+        assert_eq!(r(-0.1, -0.2).verdict(0.05), Err(RejectReason::NotUseful));
+        assert_eq!(r(f32::NAN, 0.0).verdict(0.05), Err(RejectReason::NotUseful));
+    }
+}

@@ -1,0 +1,464 @@
+//! The round logic as a deterministic state machine with no I/O.
+//!
+//! The service feeds it events (a node joined, a commit arrived, an update
+//! was fetched and checked, a round's manifest was committed) and calls
+//! [`Rounds::tick`] with the current time; it answers with [`Action`]s for the
+//! service to carry out (publish a plan, fetch an update, close a round). It
+//! never reads a clock, so tests step it with a fake one.
+//!
+//! A round moves `Waiting → Open → Closing → (next round) Waiting`. `Closing`
+//! is left only through [`Rounds::round_closed`], which accepts exactly one
+//! manifest per round: the machine can never ask for a second one.
+
+use crate::config::Quorum;
+use crate::plan;
+use barnraise_protocol::messages::{Assignment, Commit, RejectReason, RejectedUpdate, RoundPlan};
+use barnraise_protocol::{Hash, NodeId};
+use std::collections::BTreeMap;
+
+/// The fixed parameters of the round logic.
+#[derive(Clone, Debug)]
+pub struct RoundsConfig {
+    pub run_id: String,
+    /// Seeds shard order and per-node seeds.
+    pub seed: u64,
+    pub inner_steps: u32,
+    pub batch_size: u32,
+    pub seq_len: u32,
+    pub shards_per_node: usize,
+    pub quorum: Quorum,
+    pub deadline_ms: u64,
+    pub min_nodes: usize,
+    pub total_rounds: u64,
+    /// The training shards, in dataset order.
+    pub shards: Vec<Hash>,
+}
+
+/// Where the run stands when the machine starts (fresh or after a restart).
+#[derive(Clone, Debug)]
+pub struct Start {
+    /// The next round to open (0 for a fresh run).
+    pub round: u64,
+    /// Hash of θ_round.
+    pub params_hash: Hash,
+    /// Body hash of the last manifest, [`Hash::ZERO`] before the first.
+    pub head_manifest: Hash,
+    /// How often each training shard has been assigned so far.
+    pub shard_uses: Vec<u32>,
+}
+
+/// What the service must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Sign, store and publish this plan: round `plan.round` is open.
+    PublishPlan(RoundPlan),
+    /// Verify the candidates over the round, aggregate, sign the manifest and
+    /// commit it, then report with [`Rounds::round_closed`].
+    CloseRound(CloseRound),
+    /// The last round has closed.
+    RunFinished,
+}
+
+/// Everything the service needs to close a round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CloseRound {
+    pub plan: RoundPlan,
+    /// Updates that passed stages 1 and 2, in commit order (first committer first).
+    pub candidates: Vec<Candidate>,
+    pub rejected: Vec<RejectedUpdate>,
+    /// Assigned nodes that never committed.
+    pub missing: Vec<NodeId>,
+    pub closed_at_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub node: NodeId,
+    pub commit: Commit,
+    /// Arrival order within the round.
+    pub order: u64,
+}
+
+/// The machine's answer to a commit. On `Accepted` the service fetches the
+/// update and reports the payload check with [`Rounds::update_checked`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum CommitOutcome {
+    /// Taken: the update will be fetched and checked.
+    Accepted { round: u64 },
+    /// The same signed commit again (a retry): nothing changes.
+    AlreadyHave { round: u64 },
+    /// Refused; `in_round` is the open round whose manifest records it, if any.
+    Rejected { reason: RejectReason, in_round: Option<u64> },
+}
+
+/// A call that does not fit the machine's state (a bug in the caller, never network input).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RoundsError {
+    #[error("round {round} is not closing (the machine is {state}); a manifest cannot be recorded for it")]
+    NotClosing { round: u64, state: String },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Slot {
+    Assigned,
+    /// Commit taken, fetch in progress.
+    Committed { commit: Commit, body: Hash, order: u64 },
+    /// Fetched and payload-checked.
+    Ready { commit: Commit, body: Hash, order: u64 },
+    Rejected { body: Hash },
+}
+
+#[derive(Clone, Debug)]
+struct OpenRound {
+    plan: RoundPlan,
+    /// When the round closes at the latest: the plan's deadline, or later
+    /// for a round restored after a restart (so its nodes can still deliver).
+    close_at_ms: u64,
+    slots: BTreeMap<NodeId, Slot>,
+    next_order: u64,
+    rejected: Vec<RejectedUpdate>,
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    Waiting,
+    Open(OpenRound),
+    Closing(RoundPlan),
+    Finished,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Member {
+    active: bool,
+    workers: u32,
+}
+
+/// The round state machine.
+#[derive(Debug)]
+pub struct Rounds {
+    config: RoundsConfig,
+    members: BTreeMap<NodeId, Member>,
+    phase: Phase,
+    round: u64,
+    params_hash: Hash,
+    head_manifest: Hash,
+    shard_uses: Vec<u32>,
+}
+
+impl Rounds {
+    pub fn new(config: RoundsConfig, start: Start) -> Rounds {
+        let mut shard_uses = start.shard_uses;
+        shard_uses.resize(config.shards.len(), 0);
+        let phase = if start.round >= config.total_rounds { Phase::Finished } else { Phase::Waiting };
+        Rounds {
+            config,
+            members: BTreeMap::new(),
+            phase,
+            round: start.round,
+            params_hash: start.params_hash,
+            head_manifest: start.head_manifest,
+            shard_uses,
+        }
+    }
+
+    /// Re-opens a round whose plan was published before a restart. The plan's
+    /// shards must already be counted in `Start::shard_uses`.
+    pub fn restore_open(&mut self, plan: RoundPlan, not_before_ms: u64) {
+        if plan.round != self.round || !matches!(self.phase, Phase::Waiting) {
+            return;
+        }
+        for a in &plan.assignments {
+            self.members.entry(a.node).or_insert(Member { active: true, workers: 1 });
+        }
+        let slots = plan.assignments.iter().map(|a| (a.node, Slot::Assigned)).collect();
+        let close_at_ms = plan.deadline_ms.max(not_before_ms);
+        self.phase = Phase::Open(OpenRound { plan, close_at_ms, slots, next_order: 0, rejected: Vec::new() });
+    }
+
+    /// A node was admitted (or re-joined). `workers` bounds the tokens it may claim.
+    pub fn join(&mut self, node: NodeId, workers: u32) {
+        self.members.insert(node, Member { active: true, workers: workers.max(1) });
+    }
+
+    /// A node said it is leaving: it gets no more work.
+    pub fn leave(&mut self, node: &NodeId) {
+        if let Some(m) = self.members.get_mut(node) {
+            m.active = false;
+        }
+    }
+
+    /// A known node showed it is alive (any request): it gets work again
+    /// after having missed a round.
+    pub fn seen(&mut self, node: &NodeId) {
+        if let Some(m) = self.members.get_mut(node) {
+            m.active = true;
+        }
+    }
+
+    pub fn is_member(&self, node: &NodeId) -> bool {
+        self.members.contains_key(node)
+    }
+
+    /// Nodes that would get work if a round opened now.
+    pub fn active_nodes(&self) -> Vec<NodeId> {
+        self.members.iter().filter(|(_, m)| m.active).map(|(n, _)| *n).collect()
+    }
+
+    /// The round now open or about to open.
+    pub fn current_round(&self) -> u64 {
+        self.round
+    }
+
+    pub fn params_hash(&self) -> Hash {
+        self.params_hash
+    }
+
+    pub fn head_manifest(&self) -> Hash {
+        self.head_manifest
+    }
+
+    pub fn shard_uses(&self) -> &[u32] {
+        &self.shard_uses
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// The plan of the open round, if one is open.
+    pub fn open_plan(&self) -> Option<&RoundPlan> {
+        match &self.phase {
+            Phase::Open(open) => Some(&open.plan),
+            _ => None,
+        }
+    }
+
+    fn state_name(&self) -> String {
+        match &self.phase {
+            Phase::Waiting => format!("waiting to open round {}", self.round),
+            Phase::Open(o) => format!("running round {}", o.plan.round),
+            Phase::Closing(p) => format!("closing round {}", p.round),
+            Phase::Finished => "finished".into(),
+        }
+    }
+
+    /// Stage 1 of verification for what the machine knows: the commit's
+    /// node, round, base and claimed size of work. The signature was checked
+    /// by the caller; `body` is the signed body's hash, so a retry of the same
+    /// message is recognised.
+    pub fn commit(&mut self, node: NodeId, commit: &Commit, body: Hash) -> CommitOutcome {
+        let Some(member) = self.members.get(&node).copied() else {
+            return CommitOutcome::Rejected { reason: RejectReason::UnknownNode, in_round: None };
+        };
+        let max_tokens = self.max_tokens(member.workers);
+        let same_run = commit.run_id == self.config.run_id;
+        let current = self.round;
+        let open = match &mut self.phase {
+            Phase::Open(open) => open,
+            Phase::Closing(plan) if commit.round == plan.round => {
+                return CommitOutcome::Rejected { reason: RejectReason::Late, in_round: None };
+            }
+            _ => {
+                let reason = if commit.round.checked_add(1) == Some(current) { RejectReason::Late } else { RejectReason::WrongRound };
+                return CommitOutcome::Rejected { reason, in_round: None };
+            }
+        };
+        let round = open.plan.round;
+        let reject = |open: &mut OpenRound, reason: RejectReason| {
+            open.rejected.push(RejectedUpdate { node, update_hash: Some(commit.update_hash), reason: reason.clone() });
+            CommitOutcome::Rejected { reason, in_round: Some(round) }
+        };
+        if !same_run || commit.round != round {
+            let reason = if commit.round.checked_add(1) == Some(round) { RejectReason::Late } else { RejectReason::WrongRound };
+            return reject(open, reason);
+        }
+        let Some(slot) = open.slots.get(&node).cloned() else {
+            // Known, but given no work this round.
+            return reject(open, RejectReason::WrongRound);
+        };
+        match slot {
+            Slot::Assigned => {}
+            Slot::Committed { body: first, .. } | Slot::Ready { body: first, .. } | Slot::Rejected { body: first }
+                if first == body =>
+            {
+                return CommitOutcome::AlreadyHave { round };
+            }
+            _ => return reject(open, RejectReason::DuplicateCommit),
+        }
+        // From here the node has used its one commit for the round.
+        let verdict = if commit.base_params_hash != open.plan.params_hash {
+            Some(RejectReason::WrongBase)
+        } else if commit.losses.len() > barnraise_protocol::limits::MAX_REPORTED_LOSSES
+            || commit.update_bytes > barnraise_protocol::limits::MAX_UPDATE_BYTES
+            || commit.workers > member.workers
+            || commit.tokens > max_tokens
+            || commit.tokens == 0
+        {
+            Some(RejectReason::Oversized)
+        } else {
+            None
+        };
+        if let Some(reason) = verdict {
+            open.slots.insert(node, Slot::Rejected { body });
+            return reject(open, reason);
+        }
+        let order = open.next_order;
+        open.next_order += 1;
+        open.slots.insert(node, Slot::Committed { commit: commit.clone(), body, order });
+        CommitOutcome::Accepted { round }
+    }
+
+    /// The most tokens a node with `workers` workers can honestly have trained
+    /// on in one round: claimed tokens weigh its update, so they are capped.
+    fn max_tokens(&self, workers: u32) -> u64 {
+        u64::from(self.config.inner_steps)
+            .saturating_mul(u64::from(self.config.batch_size))
+            .saturating_mul(u64::from(self.config.seq_len))
+            .saturating_mul(u64::from(workers.max(1)))
+    }
+
+    /// The result of fetching and checking a committed update (stage 2).
+    pub fn update_checked(&mut self, round: u64, node: &NodeId, result: Result<(), RejectReason>) {
+        let Phase::Open(open) = &mut self.phase else { return };
+        if open.plan.round != round {
+            return;
+        }
+        let Some(Slot::Committed { commit, body, order }) = open.slots.get(node).cloned() else { return };
+        match result {
+            Ok(()) => {
+                open.slots.insert(*node, Slot::Ready { commit, body, order });
+            }
+            Err(reason) => {
+                open.slots.insert(*node, Slot::Rejected { body });
+                open.rejected.push(RejectedUpdate { node: *node, update_hash: Some(commit.update_hash), reason });
+            }
+        }
+    }
+
+    /// Advances time: opens a round when enough nodes are there, closes the
+    /// open one at quorum or deadline.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Phase::Waiting = self.phase
+            && let Some(plan) = self.try_open(now_ms)
+        {
+            actions.push(Action::PublishPlan(plan));
+        }
+        let should_close = match &self.phase {
+            Phase::Open(open) => {
+                let deadline = now_ms >= open.close_at_ms;
+                let ready = open.slots.values().filter(|s| matches!(s, Slot::Ready { .. })).count();
+                let in_flight = open.slots.values().any(|s| matches!(s, Slot::Committed { .. }));
+                let unresolved = open.slots.values().any(|s| matches!(s, Slot::Assigned | Slot::Committed { .. }));
+                // At quorum, updates already being fetched are still waited for.
+                let quorum = ready >= self.config.quorum.target(open.slots.len()) && !in_flight;
+                deadline || quorum || !unresolved
+            }
+            _ => false,
+        };
+        if should_close && let Phase::Open(open) = std::mem::replace(&mut self.phase, Phase::Waiting) {
+            actions.push(Action::CloseRound(self.begin_close(open, now_ms)));
+        }
+        actions
+    }
+
+    fn try_open(&mut self, now_ms: u64) -> Option<RoundPlan> {
+        let nodes = self.active_nodes();
+        // `min_nodes` gates the start of the run; later rounds run with whoever is active.
+        let needed = if self.round == 0 { self.config.min_nodes.max(1) } else { 1 };
+        if nodes.len() < needed {
+            return None;
+        }
+        let shares = plan::assign(self.config.seed, self.round, &nodes, &mut self.shard_uses, self.config.shards_per_node);
+        if shares.is_empty() {
+            return None;
+        }
+        let assignments: Vec<Assignment> = shares
+            .into_iter()
+            .map(|s| Assignment {
+                node: s.node,
+                shards: s.shards.iter().filter_map(|&i| self.config.shards.get(i).copied()).collect(),
+                seed: s.seed,
+                inner_steps: self.config.inner_steps,
+            })
+            .collect();
+        let plan = RoundPlan {
+            run_id: self.config.run_id.clone(),
+            round: self.round,
+            params_hash: self.params_hash,
+            previous_manifest: self.head_manifest,
+            assignments,
+            opened_at_ms: now_ms,
+            deadline_ms: now_ms.saturating_add(self.config.deadline_ms),
+        };
+        let slots = plan.assignments.iter().map(|a| (a.node, Slot::Assigned)).collect();
+        let close_at_ms = plan.deadline_ms;
+        self.phase = Phase::Open(OpenRound { plan: plan.clone(), close_at_ms, slots, next_order: 0, rejected: Vec::new() });
+        Some(plan)
+    }
+
+    fn begin_close(&mut self, open: OpenRound, now_ms: u64) -> CloseRound {
+        let OpenRound { plan, slots, mut rejected, .. } = open;
+        let mut candidates = Vec::new();
+        let mut missing = Vec::new();
+        for (node, slot) in slots {
+            match slot {
+                Slot::Assigned => missing.push(node),
+                Slot::Committed { commit, .. } => {
+                    // Committed but its update never arrived in time.
+                    rejected.push(RejectedUpdate { node, update_hash: Some(commit.update_hash), reason: RejectReason::NotServed });
+                }
+                Slot::Ready { commit, order, .. } => candidates.push(Candidate { node, commit, order }),
+                Slot::Rejected { .. } => {}
+            }
+        }
+        candidates.sort_by_key(|c| c.order);
+        // A node that missed the round gets no more work until it shows up again.
+        for node in &missing {
+            if let Some(m) = self.members.get_mut(node) {
+                m.active = false;
+            }
+        }
+        self.phase = Phase::Closing(plan.clone());
+        CloseRound { plan, candidates, rejected, missing, closed_at_ms: now_ms }
+    }
+
+    /// The round's manifest is committed: θ_{round+1} is current and the
+    /// next round may open. Refuses anything but the round now closing, so a
+    /// round can never get two manifests.
+    pub fn round_closed(&mut self, round: u64, next_params_hash: Hash, manifest_hash: Hash) -> Result<Vec<Action>, RoundsError> {
+        match &self.phase {
+            Phase::Closing(plan) if plan.round == round => {}
+            _ => return Err(RoundsError::NotClosing { round, state: self.state_name() }),
+        }
+        self.params_hash = next_params_hash;
+        self.head_manifest = manifest_hash;
+        self.round = round + 1;
+        if self.round >= self.config.total_rounds {
+            self.phase = Phase::Finished;
+            return Ok(vec![Action::RunFinished]);
+        }
+        self.phase = Phase::Waiting;
+        Ok(Vec::new())
+    }
+}
+
+/// Counts how often each shard appears in `plans` (to rebuild `Start::shard_uses`).
+pub fn count_shard_uses(shards: &[Hash], plans: &[RoundPlan]) -> Vec<u32> {
+    let index: std::collections::HashMap<Hash, usize> = shards.iter().enumerate().map(|(i, h)| (*h, i)).collect();
+    let mut uses = vec![0u32; shards.len()];
+    for plan in plans {
+        for a in &plan.assignments {
+            for h in &a.shards {
+                if let Some(&i) = index.get(h) {
+                    uses[i] = uses[i].saturating_add(1);
+                }
+            }
+        }
+    }
+    uses
+}
+
+#[cfg(test)]
+#[path = "rounds_tests.rs"]
+mod tests;

@@ -1,0 +1,275 @@
+//! Fake-clock tests of the round state machine.
+
+use super::*;
+use barnraise_protocol::messages::Commit;
+
+const DEADLINE: u64 = 10_000;
+
+fn node(i: u8) -> NodeId {
+    NodeId::from_bytes([i; 32])
+}
+
+fn machine(shards: usize, quorum: Quorum, min_nodes: usize, total_rounds: u64) -> Rounds {
+    let config = RoundsConfig {
+        run_id: "run".into(),
+        seed: 42,
+        inner_steps: 4,
+        batch_size: 2,
+        seq_len: 8,
+        shards_per_node: 1,
+        quorum,
+        deadline_ms: DEADLINE,
+        min_nodes,
+        total_rounds,
+        shards: (0..shards).map(|i| Hash::of(&[i as u8])).collect(),
+    };
+    let start = Start { round: 0, params_hash: Hash::of(b"theta0"), head_manifest: Hash::ZERO, shard_uses: vec![] };
+    Rounds::new(config, start)
+}
+
+fn commit_for(plan: &RoundPlan, tag: u8) -> Commit {
+    Commit {
+        run_id: plan.run_id.clone(),
+        round: plan.round,
+        base_params_hash: plan.params_hash,
+        update_hash: Hash::of(&[tag, 0xAA]),
+        update_bytes: 100,
+        tokens: 64,
+        losses: vec![2.0, 1.9],
+        compute_ms: 5,
+        workers: 1,
+    }
+}
+
+fn open_round(m: &mut Rounds, now: u64) -> RoundPlan {
+    let actions = m.tick(now);
+    match actions.as_slice() {
+        [Action::PublishPlan(plan)] => plan.clone(),
+        other => panic!("expected a plan, got {other:?}"),
+    }
+}
+
+fn close_of(actions: Vec<Action>) -> CloseRound {
+    match actions.as_slice() {
+        [Action::CloseRound(close)] => close.clone(),
+        other => panic!("expected a close, got {other:?}"),
+    }
+}
+
+/// Node `n` commits; its update is not fetched yet.
+fn commit_only(m: &mut Rounds, plan: &RoundPlan, n: NodeId) {
+    let c = commit_for(plan, n.0.0[0]);
+    assert_eq!(m.commit(n, &c, Hash::of(&[n.0.0[0]])), CommitOutcome::Accepted { round: plan.round });
+}
+
+/// Node `n` commits and its update passes the payload check.
+fn deliver(m: &mut Rounds, plan: &RoundPlan, n: NodeId) {
+    commit_only(m, plan, n);
+    m.update_checked(plan.round, &n, Ok(()));
+}
+
+/// A machine with nodes 1..=count joined and round 0 open.
+fn started(quorum: Quorum, count: u8) -> (Rounds, RoundPlan) {
+    let mut m = machine(8, quorum, 1, 5);
+    for i in 1..=count {
+        m.join(node(i), 1);
+    }
+    let plan = open_round(&mut m, 0);
+    (m, plan)
+}
+
+#[test]
+fn waits_for_min_nodes_then_opens() {
+    let mut m = machine(8, Quorum::Fraction(1.0), 2, 3);
+    m.join(node(1), 1);
+    assert!(m.tick(0).is_empty());
+    m.join(node(2), 1);
+    let plan = open_round(&mut m, 5);
+    assert_eq!(plan.round, 0);
+    assert_eq!(plan.assignments.len(), 2);
+    assert_eq!(plan.deadline_ms, 5 + DEADLINE);
+    assert!(m.tick(6).is_empty(), "one plan per round");
+}
+
+#[test]
+fn quorum_closes_before_deadline() {
+    let (mut m, plan) = started(Quorum::Count(2), 3);
+    deliver(&mut m, &plan, node(1));
+    assert!(m.tick(10).is_empty());
+    deliver(&mut m, &plan, node(2));
+    let close = close_of(m.tick(20));
+    assert_eq!(close.candidates.iter().map(|c| c.node).collect::<Vec<_>>(), vec![node(1), node(2)]);
+    assert_eq!(close.missing, vec![node(3)]);
+}
+
+#[test]
+fn quorum_waits_for_fetches_in_flight() {
+    let (mut m, plan) = started(Quorum::Count(1), 2);
+    deliver(&mut m, &plan, node(1));
+    commit_only(&mut m, &plan, node(2));
+    assert!(m.tick(1).is_empty(), "node 2's update is still being fetched");
+    m.update_checked(0, &node(2), Ok(()));
+    assert_eq!(close_of(m.tick(2)).candidates.len(), 2);
+}
+
+#[test]
+fn deadline_closes_with_a_missing_node_and_unserved_commit() {
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 3);
+    deliver(&mut m, &plan, node(1));
+    commit_only(&mut m, &plan, node(2));
+    assert!(m.tick(DEADLINE - 1).is_empty());
+    let close = close_of(m.tick(DEADLINE));
+    assert_eq!(close.candidates.len(), 1);
+    assert_eq!(close.missing, vec![node(3)]);
+    assert_eq!(close.rejected.len(), 1);
+    assert_eq!(close.rejected[0].reason, RejectReason::NotServed);
+    assert_eq!(close.rejected[0].node, node(2));
+    // The missing node gets no work until it is seen again.
+    assert!(m.round_closed(0, Hash::of(b"t1"), Hash::of(b"m0")).is_ok());
+    let next = open_round(&mut m, DEADLINE + 1);
+    assert!(next.assignments.iter().all(|a| a.node != node(3)));
+    assert_eq!(next.previous_manifest, Hash::of(b"m0"));
+    assert_eq!(next.params_hash, Hash::of(b"t1"));
+}
+
+#[test]
+fn never_two_manifests_for_one_round() {
+    let mut m = machine(8, Quorum::Fraction(1.0), 1, 5);
+    m.join(node(1), 1);
+    let plan = open_round(&mut m, 0);
+    deliver(&mut m, &plan, node(1));
+    let close = close_of(m.tick(1));
+    assert!(m.tick(2).is_empty(), "closing: no second close, no new plan");
+    assert!(m.round_closed(close.plan.round, Hash::of(b"a"), Hash::of(b"m")).is_ok());
+    let err = m.round_closed(close.plan.round, Hash::of(b"b"), Hash::of(b"m2"));
+    assert!(matches!(err, Err(RoundsError::NotClosing { round: 0, .. })), "{err:?}");
+    assert!(m.round_closed(7, Hash::of(b"b"), Hash::of(b"m2")).is_err());
+    assert_eq!(m.head_manifest(), Hash::of(b"m"));
+}
+
+#[test]
+fn commit_envelope_rejections_have_reasons() {
+    let mut m = machine(8, Quorum::Fraction(1.0), 2, 5);
+    m.join(node(1), 1);
+    m.join(node(2), 1);
+    let plan = open_round(&mut m, 0);
+    let good = commit_for(&plan, 1);
+
+    let unknown = m.commit(node(9), &good, Hash::of(b"x"));
+    assert_eq!(unknown, CommitOutcome::Rejected { reason: RejectReason::UnknownNode, in_round: None });
+
+    let mut wrong_round = good.clone();
+    wrong_round.round = 5;
+    assert_eq!(
+        m.commit(node(1), &wrong_round, Hash::of(b"w")),
+        CommitOutcome::Rejected { reason: RejectReason::WrongRound, in_round: Some(0) }
+    );
+
+    assert_eq!(m.commit(node(1), &good, Hash::of(b"g")), CommitOutcome::Accepted { round: 0 });
+    assert_eq!(m.commit(node(1), &good, Hash::of(b"g")), CommitOutcome::AlreadyHave { round: 0 }, "a retry is harmless");
+    let mut second = good.clone();
+    second.update_hash = Hash::of(b"other");
+    assert_eq!(
+        m.commit(node(1), &second, Hash::of(b"g2")),
+        CommitOutcome::Rejected { reason: RejectReason::DuplicateCommit, in_round: Some(0) }
+    );
+
+    let mut greedy = commit_for(&plan, 2);
+    greedy.tokens = 1_000_000;
+    assert_eq!(
+        m.commit(node(2), &greedy, Hash::of(b"greedy")),
+        CommitOutcome::Rejected { reason: RejectReason::Oversized, in_round: Some(0) }
+    );
+    m.update_checked(0, &node(1), Ok(()));
+    let close = close_of(m.tick(1));
+    let reasons: Vec<&str> = close.rejected.iter().map(|r| r.reason.code()).collect();
+    assert_eq!(reasons, vec!["wrong-round", "duplicate-commit", "oversized"]);
+    assert_eq!(close.candidates.len(), 1, "the first commit keeps its place");
+}
+
+#[test]
+fn wrong_base_and_replayed_old_commit() {
+    let mut m = machine(8, Quorum::Fraction(1.0), 1, 5);
+    m.join(node(1), 1);
+    let plan0 = open_round(&mut m, 0);
+    deliver(&mut m, &plan0, node(1));
+    close_of(m.tick(1));
+    // While closing, a commit for the closing round is late.
+    let late = commit_for(&plan0, 1);
+    assert!(matches!(m.commit(node(1), &late, Hash::of(b"l")), CommitOutcome::Rejected { reason: RejectReason::Late, .. }));
+    assert!(m.round_closed(0, Hash::of(b"t1"), Hash::of(b"m0")).is_ok());
+    let plan1 = open_round(&mut m, 2);
+    // The old round-0 commit replayed in round 1.
+    let replay = m.commit(node(1), &late, Hash::of(b"old"));
+    assert!(matches!(replay, CommitOutcome::Rejected { reason: RejectReason::Late, in_round: Some(1) }), "{replay:?}");
+    let mut stale = commit_for(&plan1, 1);
+    stale.base_params_hash = Hash::of(b"someone else's theta");
+    assert!(matches!(m.commit(node(1), &stale, Hash::of(b"s")), CommitOutcome::Rejected { reason: RejectReason::WrongBase, .. }));
+}
+
+#[test]
+fn failed_fetch_is_recorded_and_round_still_closes() {
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 2);
+    deliver(&mut m, &plan, node(1));
+    commit_only(&mut m, &plan, node(2));
+    m.update_checked(0, &node(2), Err(RejectReason::HashMismatch));
+    let close = close_of(m.tick(3));
+    assert_eq!(close.candidates.len(), 1);
+    assert_eq!(close.rejected[0].reason, RejectReason::HashMismatch);
+}
+
+#[test]
+fn shards_rotate_over_rounds_and_never_repeat_within_one() {
+    let shards = 6;
+    let mut m = machine(shards, Quorum::Fraction(1.0), 1, 10);
+    for i in 1..=2 {
+        m.join(node(i), 1);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..3u64 {
+        let plan = open_round(&mut m, round * 100);
+        let mut in_round = std::collections::HashSet::new();
+        for a in &plan.assignments {
+            for s in &a.shards {
+                assert!(in_round.insert(*s), "shard given twice in round {round}");
+            }
+        }
+        seen.extend(in_round);
+        for a in &plan.assignments {
+            deliver(&mut m, &plan, a.node);
+        }
+        close_of(m.tick(round * 100 + 1));
+        assert!(m.round_closed(round, Hash::of(&[round as u8]), Hash::of(&[round as u8, 1])).is_ok());
+    }
+    assert_eq!(seen.len(), shards, "three rounds of two nodes cover all six shards");
+}
+
+#[test]
+fn run_finishes_after_total_rounds() {
+    let mut m = machine(4, Quorum::Fraction(1.0), 1, 1);
+    m.join(node(1), 1);
+    let plan = open_round(&mut m, 0);
+    deliver(&mut m, &plan, node(1));
+    close_of(m.tick(1));
+    let actions = m.round_closed(0, Hash::of(b"t"), Hash::of(b"m"));
+    assert_eq!(actions, Ok(vec![Action::RunFinished]));
+    assert!(m.is_finished());
+    assert!(m.tick(2).is_empty());
+}
+
+#[test]
+fn restored_round_keeps_its_plan() {
+    let mut m = machine(4, Quorum::Fraction(1.0), 1, 3);
+    m.join(node(1), 1);
+    let plan = open_round(&mut m, 0);
+    let uses = count_shard_uses(&(0..4).map(|i| Hash::of(&[i as u8])).collect::<Vec<_>>(), std::slice::from_ref(&plan));
+    assert_eq!(uses.iter().sum::<u32>(), 1);
+    let mut restarted = machine(4, Quorum::Fraction(1.0), 1, 3);
+    // Restarted after the plan's deadline: the round gets a grace period, not an instant close.
+    let restart_at = plan.deadline_ms + 50;
+    restarted.restore_open(plan.clone(), restart_at + 1_000);
+    assert_eq!(restarted.open_plan(), Some(&plan));
+    assert!(restarted.tick(restart_at).is_empty(), "no second plan and no early close for the restored round");
+    deliver(&mut restarted, &plan, node(1));
+    assert_eq!(close_of(restarted.tick(restart_at + 1)).candidates.len(), 1);
+}

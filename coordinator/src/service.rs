@@ -1,0 +1,909 @@
+//! The coordinator service: the I/O around the round state machine.
+//!
+//! [`start`] loads (or resumes) the run from the data dir, starts the libp2p
+//! peer and the HTTP server, and runs one actor loop that alone owns the
+//! [`Rounds`] machine. The loop takes node requests from the network, ticks
+//! the machine, and carries out its actions: plans are signed, stored and
+//! gossiped; committed updates are fetched and checked on their own tasks;
+//! rounds are closed on a blocking thread (verification, aggregation, the
+//! outer step, signing and the ledger transaction) and the result fed back.
+//!
+//! Resuming: the ledger holds every plan, the commits of the open round and
+//! every closed round with the blobs of θ after it, so a coordinator killed
+//! at any point restarts on the same data dir where it stopped.
+
+use crate::admission;
+use crate::close::{self, CloseContext, Closed};
+use crate::config::{ConfigError, CoordinatorConfig, Resolved};
+use crate::dataset::{self, Dataset, DatasetError};
+use crate::http::{self, HttpState};
+use crate::ledger::{CheckpointRow, Ledger, LedgerError, NodeRow, RefusalRow, RoundRecord, RoundRow};
+use crate::metrics::Metrics;
+use crate::network::{self, Client, NetworkError};
+use crate::params::{GlobalState, StateError};
+use crate::rounds::{self, Action, CloseRound, CommitOutcome, Rounds, RoundsConfig, Start};
+use crate::store::{BlobStore, StoreError};
+use crate::summary::{CoordinatorEvent, LiveStatus, RunSummary};
+use crate::verify;
+use barnraise_protocol::messages::{
+    CheckpointRef, Commit, CoordinatorRequest, CoordinatorResponse, Manifest, RejectReason, RoundPlan, RunConfig, Welcome,
+};
+use barnraise_protocol::outer::OuterConfig;
+use barnraise_protocol::{Hash, NodeId, PublicKey, Signed, SigningKey, messages::now_ms};
+use libp2p::{Multiaddr, PeerId};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Why the coordinator could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("coordinator key: {0}")]
+    Identity(#[from] barnraise_protocol::identity::IdentityError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("network: {0}")]
+    Network(#[from] NetworkError),
+    #[error("global state: {0}")]
+    State(#[from] StateError),
+    #[error("closing a round: {0}")]
+    Close(#[from] close::CloseError),
+    #[error("data dir {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot sign: {0}")]
+    Sign(#[from] barnraise_protocol::wire::WireError),
+    #[error("the ledger and the blob store disagree: {0}; restore the data dir from one backup")]
+    Inconsistent(String),
+    #[error("listen address `{addr}` is not a multiaddr: {reason}")]
+    BadMultiaddr { addr: String, reason: String },
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// A running coordinator.
+pub struct CoordinatorHandle {
+    multiaddrs: Vec<Multiaddr>,
+    http_addr: SocketAddr,
+    events: broadcast::Sender<CoordinatorEvent>,
+    task: JoinHandle<Result<RunSummary, CoordinatorError>>,
+    ledger_path: PathBuf,
+    public_key: PublicKey,
+}
+
+impl CoordinatorHandle {
+    /// The first listen address, with `/p2p/<peer id>`: what nodes dial.
+    pub fn multiaddr(&self) -> Multiaddr {
+        self.multiaddrs.first().cloned().unwrap_or_else(Multiaddr::empty)
+    }
+
+    pub fn multiaddrs(&self) -> &[Multiaddr] {
+        &self.multiaddrs
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The coordinator's signing key: nodes check plans and manifests against it.
+    pub fn public_key(&self) -> PublicKey {
+        self.public_key
+    }
+
+    /// Live events from now on.
+    pub fn events(&self) -> broadcast::Receiver<CoordinatorEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn ledger_path(&self) -> &std::path::Path {
+        &self.ledger_path
+    }
+
+    /// Waits until the run has finished (and lingered) or shutdown was asked for.
+    pub async fn wait(self) -> Result<RunSummary, CoordinatorError> {
+        self.task.await.map_err(|e| CoordinatorError::Internal(format!("coordinator task: {e}")))?
+    }
+}
+
+/// The ledger file inside a data dir.
+pub fn ledger_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("ledger.sqlite")
+}
+
+/// Starts a coordinator for `config`, resuming the run if its data dir has one.
+pub async fn start(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<CoordinatorHandle, CoordinatorError> {
+    let resolved = config.resolve()?;
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| CoordinatorError::Io { path: data_dir.clone(), source })?;
+    let (key, _) = SigningKey::load_or_create(&config.key_path())?;
+    let listen: Vec<Multiaddr> = config
+        .listen
+        .iter()
+        .map(|a| a.parse().map_err(|e: libp2p::multiaddr::Error| CoordinatorError::BadMultiaddr { addr: a.clone(), reason: e.to_string() }))
+        .collect::<Result<_, _>>()?;
+
+    // Loading the dataset, the ledger and θ is disk and CPU work.
+    let prepared = {
+        let config = config.clone();
+        let resolved = resolved.clone();
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || prepare(&config, &resolved, &key))
+            .await
+            .map_err(|e| CoordinatorError::Internal(e.to_string()))??
+    };
+
+    let topics = [network::topic(&config.run_id, "plans"), network::topic(&config.run_id, "manifests")];
+    let keypair = key.to_libp2p()?;
+    let (client, net_events, event_loop, multiaddrs) = network::new(keypair, &listen, prepared.store.clone(), &topics).await?;
+    let http_listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .map_err(|source| CoordinatorError::Io { path: PathBuf::from(config.http.to_string()), source })?;
+    let http_addr = http_listener.local_addr().map_err(|source| CoordinatorError::Io { path: PathBuf::from(config.http.to_string()), source })?;
+
+    let children = shutdown.child_token();
+    tokio::spawn(event_loop.run(children.clone()));
+    let metrics = Arc::new(Metrics::new());
+    let live = Arc::new(RwLock::new(LiveStatus {
+        run_id: config.run_id.clone(),
+        model_params: resolved.model.params_count(),
+        codec: resolved.codec.to_string(),
+        aggregation: resolved.aggregation.to_string(),
+        inner_steps: config.inner_steps,
+        total_rounds: config.total_rounds,
+        train_shards: prepared.dataset.train.len(),
+        multiaddrs: multiaddrs.iter().map(|a| a.to_string()).collect(),
+        ..LiveStatus::default()
+    }));
+    let http_state = HttpState { ledger: prepared.ledger.clone(), live: live.clone(), metrics: metrics.clone() };
+    {
+        let children = children.clone();
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(http_listener, http_state, children).await {
+                tracing::error!("HTTP server stopped: {e}");
+            }
+        });
+    }
+    for node in prepared.ledger_nodes.iter() {
+        add_node_addresses(&client, &node.node, &node.listen_addrs).await;
+    }
+
+    let (events, _) = broadcast::channel(1024);
+    let (internal_tx, internal_rx) = mpsc::channel(256);
+    let ledger_file = ledger_path(&data_dir);
+    tracing::info!(run = %config.run_id, round = prepared.rounds.current_round(), addr = ?multiaddrs.first(), http = %http_addr, "coordinator started");
+    let public_key = key.public();
+    let service = Service {
+        config,
+        resolved,
+        key,
+        run_config: prepared.run_config,
+        rounds: prepared.rounds,
+        ledger: prepared.ledger,
+        store: prepared.store,
+        dataset: Arc::new(prepared.dataset),
+        heldout: prepared.heldout,
+        state: Some(prepared.state),
+        checkpoint: prepared.checkpoint,
+        open_plan: prepared.open_plan,
+        net: client,
+        events: events.clone(),
+        metrics,
+        live,
+        internal_tx,
+        finished_at: None,
+    };
+    let task = tokio::spawn(service.run(net_events, internal_rx, prepared.pending, shutdown, children));
+    Ok(CoordinatorHandle { multiaddrs, http_addr, events, task, ledger_path: ledger_file, public_key })
+}
+
+/// Everything loaded from disk before the service starts.
+struct Prepared {
+    store: BlobStore,
+    dataset: Dataset,
+    heldout: Option<Arc<Vec<u16>>>,
+    ledger: Arc<Mutex<Ledger>>,
+    ledger_nodes: Vec<NodeRow>,
+    state: GlobalState,
+    checkpoint: CheckpointRef,
+    rounds: Rounds,
+    open_plan: Option<Signed<RoundPlan>>,
+    /// Stored commits of the restored open round, to replay.
+    pending: Vec<Signed<Commit>>,
+    run_config: RunConfig,
+}
+
+fn outer_config(config: &CoordinatorConfig) -> OuterConfig {
+    OuterConfig { lr: config.outer_lr, momentum: config.outer_momentum, nesterov: true }
+}
+
+fn parse_hash(text: &str, what: &str) -> Result<Hash, CoordinatorError> {
+    text.parse().map_err(|e| CoordinatorError::Inconsistent(format!("{what} `{text}` is not a hash: {e}")))
+}
+
+fn prepare(config: &CoordinatorConfig, resolved: &Resolved, key: &SigningKey) -> Result<Prepared, CoordinatorError> {
+    let store = BlobStore::open(&config.data_dir.join("blobs"))?;
+    let dataset = dataset::load(&config.dataset, &config.data_dir, &store)?;
+    let heldout = dataset.held_out_tokens().map(Arc::new);
+    let ledger = Ledger::open(&ledger_path(&config.data_dir))?;
+    let config_json = serde_json::to_string(config).unwrap_or_default();
+    ledger.bind_run(&config.run_id, &config_json, now_ms())?;
+    let outer = outer_config(config);
+
+    // θ: after the last closed round, or θ_0.
+    let last = ledger.last_round()?;
+    let (state, head_manifest) = match &last {
+        None => (GlobalState::initial(&resolved.model, outer), Hash::ZERO),
+        Some(row) => {
+            let reference = resume_reference(row)?;
+            let state = GlobalState::load(&resolved.model, outer, &store, &reference)?;
+            if state.params_hash().to_hex() != row.next_params_hash {
+                return Err(CoordinatorError::Inconsistent(format!(
+                    "round {}'s params blob does not hash to the manifest's next params",
+                    row.round
+                )));
+            }
+            (state, parse_hash(&row.manifest_hash, "manifest hash")?)
+        }
+    };
+    let state_ref = state.save(&resolved.model, &config.run_id, &store)?;
+    let checkpoint = match ledger.latest_checkpoint()? {
+        Some(row) => checkpoint_ref(&row)?,
+        None => state_ref,
+    };
+
+    // Plans so far: shard use counts, and the open round if there is one.
+    let next_round = state.round;
+    let shards: Vec<Hash> = dataset.train.iter().map(|s| s.hash).collect();
+    let mut plans = Vec::new();
+    let mut open_plan = None;
+    for (round, bytes) in ledger.plans()? {
+        let signed = Signed::<RoundPlan>::from_bytes(&bytes)
+            .map_err(|e| CoordinatorError::Inconsistent(format!("stored plan of round {round}: {e}")))?;
+        let plan = signed
+            .verify(Some(&key.public()))
+            .map_err(|e| CoordinatorError::Inconsistent(format!("stored plan of round {round} (another coordinator key?): {e}")))?;
+        if plan.round > next_round {
+            continue;
+        }
+        if plan.round == next_round {
+            open_plan = Some((signed, plan.clone()));
+        }
+        plans.push(plan);
+    }
+    let rounds_config = RoundsConfig {
+        run_id: config.run_id.clone(),
+        seed: crate::plan::derive(0, &config.run_id, 0, &[]),
+        inner_steps: config.inner_steps,
+        batch_size: config.batch_size,
+        seq_len: config.seq_len,
+        shards_per_node: config.shards_per_node,
+        quorum: config.quorum,
+        deadline_ms: resolved.deadline_ms,
+        min_nodes: config.min_nodes,
+        total_rounds: config.total_rounds,
+        shards: shards.clone(),
+    };
+    let start = Start {
+        round: next_round,
+        params_hash: state.params_hash(),
+        head_manifest,
+        shard_uses: rounds::count_shard_uses(&shards, &plans),
+    };
+    let mut rounds = Rounds::new(rounds_config, start);
+    let ledger_nodes = ledger.nodes()?;
+    for node in &ledger_nodes {
+        if let Ok(id) = node.node.parse::<NodeId>() {
+            rounds.join(id, node.workers);
+        }
+    }
+    let mut pending = Vec::new();
+    let open_signed = match open_plan {
+        Some((signed, plan)) => {
+            // Nodes get a full deadline from the restart to deliver.
+            rounds.restore_open(plan, now_ms().saturating_add(resolved.deadline_ms));
+            for bytes in ledger.pending_commits(next_round)? {
+                if let Ok(commit) = Signed::<Commit>::from_bytes(&bytes) {
+                    pending.push(commit);
+                }
+            }
+            tracing::info!(round = next_round, commits = pending.len(), "resuming the open round");
+            Some(signed)
+        }
+        None => None,
+    };
+    let run_config = RunConfig {
+        run_id: config.run_id.clone(),
+        model_config_json: serde_json::to_string(&resolved.model).unwrap_or_default(),
+        codec: resolved.codec.to_string(),
+        inner_steps: config.inner_steps,
+        batch_size: config.batch_size,
+        seq_len: config.seq_len,
+        inner_lr: config.inner_lr,
+        outer_lr: config.outer_lr,
+        outer_momentum: config.outer_momentum,
+        aggregation: resolved.aggregation.to_string(),
+        total_rounds: config.total_rounds,
+        dataset: dataset.train.clone(),
+        held_out: dataset.held_out.clone(),
+    };
+    Ok(Prepared {
+        store,
+        dataset,
+        heldout,
+        ledger: Arc::new(Mutex::new(ledger)),
+        ledger_nodes,
+        state,
+        checkpoint,
+        rounds,
+        open_plan: open_signed,
+        pending,
+        run_config,
+    })
+}
+
+/// The state blobs a closed round left, as a reference.
+fn resume_reference(row: &RoundRow) -> Result<CheckpointRef, CoordinatorError> {
+    Ok(CheckpointRef {
+        round: row.round + 1,
+        blob: parse_hash(&row.params_blob, "params blob")?,
+        bytes: 0,
+        params_hash: parse_hash(&row.next_params_hash, "params hash")?,
+        optimizer_blob: parse_hash(&row.optimizer_blob, "optimizer blob")?,
+        optimizer_bytes: 0,
+    })
+}
+
+fn checkpoint_ref(row: &CheckpointRow) -> Result<CheckpointRef, CoordinatorError> {
+    Ok(CheckpointRef {
+        round: row.round,
+        blob: parse_hash(&row.blob, "checkpoint blob")?,
+        bytes: row.bytes,
+        params_hash: parse_hash(&row.params_hash, "checkpoint params hash")?,
+        optimizer_blob: parse_hash(&row.optimizer_blob, "optimizer blob")?,
+        optimizer_bytes: row.optimizer_bytes,
+    })
+}
+
+async fn add_node_addresses(client: &Client, node: &str, addrs: &[String]) {
+    let Ok(id) = node.parse::<NodeId>() else { return };
+    let Ok(peer) = id.0.to_peer_id() else { return };
+    let addrs: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    if !addrs.is_empty() {
+        let _ = client.add_addresses(peer, addrs).await;
+    }
+}
+
+/// Results that come back to the actor loop from its tasks.
+enum Internal {
+    Checked { round: u64, node: NodeId, result: Result<(), RejectReason> },
+    Closed(Box<Result<CloseDone, CoordinatorError>>),
+}
+
+struct CloseDone {
+    round: u64,
+    state: GlobalState,
+    manifest: Signed<Manifest>,
+    closed: Closed,
+    checkpoint: Option<CheckpointRef>,
+}
+
+struct Service {
+    config: CoordinatorConfig,
+    resolved: Resolved,
+    key: SigningKey,
+    run_config: RunConfig,
+    rounds: Rounds,
+    ledger: Arc<Mutex<Ledger>>,
+    store: BlobStore,
+    dataset: Arc<Dataset>,
+    heldout: Option<Arc<Vec<u16>>>,
+    /// θ_round; `None` while a close is computing θ_{round+1} from it.
+    state: Option<GlobalState>,
+    checkpoint: CheckpointRef,
+    open_plan: Option<Signed<RoundPlan>>,
+    net: Client,
+    events: broadcast::Sender<CoordinatorEvent>,
+    metrics: Arc<Metrics>,
+    live: Arc<RwLock<LiveStatus>>,
+    internal_tx: mpsc::Sender<Internal>,
+    finished_at: Option<tokio::time::Instant>,
+}
+
+impl Service {
+    async fn run(
+        mut self,
+        mut net_events: mpsc::Receiver<network::Event>,
+        mut internal: mpsc::Receiver<Internal>,
+        pending: Vec<Signed<Commit>>,
+        shutdown: CancellationToken,
+        children: CancellationToken,
+    ) -> Result<RunSummary, CoordinatorError> {
+        for signed in pending {
+            self.on_commit(signed, None).await;
+        }
+        if self.rounds.is_finished() {
+            self.finished_at = Some(tokio::time::Instant::now());
+        }
+        let mut ticker = tokio::time::interval(Duration::from_millis(100));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let linger = Duration::from_secs_f64(self.config.linger_secs.max(0.0));
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                Some(message) = internal.recv() => {
+                    if let Err(e) = self.on_internal(message).await {
+                        break Err(e);
+                    }
+                }
+                event = net_events.recv() => match event {
+                    Some(network::Event::Request { peer, request, channel }) => {
+                        let response = self.on_request(peer, request).await;
+                        let _ = self.net.respond(channel, response).await;
+                    }
+                    None => break Err(CoordinatorError::Network(NetworkError::Stopped)),
+                },
+                _ = ticker.tick() => {
+                    if self.finished_at.is_some_and(|at| at.elapsed() >= linger) {
+                        break Ok(());
+                    }
+                    if let Err(e) = self.on_tick().await {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        children.cancel();
+        let ledger = self.ledger.clone();
+        let summary = tokio::task::spawn_blocking(move || match ledger.lock() {
+            Ok(l) => RunSummary::from_ledger(&l).map_err(CoordinatorError::from),
+            Err(_) => Err(CoordinatorError::Internal("ledger lock poisoned".into())),
+        })
+        .await
+        .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+        result?;
+        summary
+    }
+
+    fn with_ledger<T>(&self, f: impl FnOnce(&Ledger) -> Result<T, LedgerError>) -> Result<T, CoordinatorError> {
+        let ledger = self.ledger.lock().map_err(|_| CoordinatorError::Internal("ledger lock poisoned".into()))?;
+        Ok(f(&ledger)?)
+    }
+
+    fn refuse(&self, round: Option<u64>, claimed: Option<&PublicKey>, reason: &str, detail: String) {
+        let row = RefusalRow { at_ms: now_ms(), round, claimed_node: claimed.map(|k| k.to_hex()), reason: reason.to_string(), detail };
+        if let Err(e) = self.with_ledger(|l| l.record_refusal(&row)) {
+            tracing::warn!("could not record a refusal: {e}");
+        }
+    }
+
+    fn update_live(&self) {
+        let phase = if self.rounds.is_finished() {
+            "finished"
+        } else if self.rounds.open_plan().is_some() {
+            "open"
+        } else if self.state.is_none() {
+            "closing"
+        } else {
+            "waiting"
+        };
+        let active = self.rounds.active_nodes().len();
+        self.metrics.current_round.store(self.rounds.current_round(), Ordering::Relaxed);
+        self.metrics.active_nodes.store(active as u64, Ordering::Relaxed);
+        if let Ok(mut live) = self.live.write() {
+            live.current_round = self.rounds.current_round();
+            live.phase = phase.into();
+            live.active_nodes = active;
+            live.params_hash = self.rounds.params_hash().to_hex();
+            live.head_manifest = self.rounds.head_manifest().to_hex();
+        }
+    }
+
+    async fn on_tick(&mut self) -> Result<(), CoordinatorError> {
+        for action in self.rounds.tick(now_ms()) {
+            match action {
+                Action::PublishPlan(plan) => self.publish_plan(plan).await?,
+                Action::CloseRound(close) => self.begin_close(close)?,
+                Action::RunFinished => {}
+            }
+        }
+        self.update_live();
+        Ok(())
+    }
+
+    async fn publish_plan(&mut self, plan: RoundPlan) -> Result<(), CoordinatorError> {
+        let signed = Signed::sign(&self.key, &plan)?;
+        let bytes = signed.to_bytes()?;
+        let round = plan.round;
+        self.with_ledger(|l| l.record_plan(round, &bytes, plan.opened_at_ms))?;
+        self.open_plan = Some(signed);
+        let _ = self.net.publish(network::topic(&self.config.run_id, "plans"), bytes).await;
+        tracing::info!(round, nodes = plan.assignments.len(), "round opened");
+        let _ = self.events.send(CoordinatorEvent::RoundOpened { round, nodes: plan.assignments.len() });
+        Ok(())
+    }
+
+    async fn on_request(&mut self, peer: PeerId, request: CoordinatorRequest) -> CoordinatorResponse {
+        let peer_key = PublicKey::from_peer_id(&peer).ok();
+        match request {
+            CoordinatorRequest::Join(signed) => self.on_join(signed, peer_key).await,
+            CoordinatorRequest::Commit(signed) => self.on_commit(signed, peer_key).await,
+            CoordinatorRequest::Leave(signed) => match signed.verify(None) {
+                Ok(leave) if leave.run_id == self.config.run_id && now_ms().abs_diff(leave.timestamp_ms) <= admission::MAX_CLOCK_SKEW_MS => {
+                    self.rounds.leave(&NodeId(signed.signer));
+                    tracing::info!(node = %NodeId(signed.signer).short(), "node left");
+                    CoordinatorResponse::Ok
+                }
+                _ => CoordinatorResponse::Refused { reason: "the leave notice is not valid for this run".into() },
+            },
+            CoordinatorRequest::CurrentPlan => {
+                if let Some(key) = peer_key {
+                    // Polling for the plan shows the node is alive: it gets work again.
+                    self.rounds.seen(&NodeId(key));
+                }
+                CoordinatorResponse::Plan(self.open_plan.clone().filter(|_| self.rounds.open_plan().is_some()))
+            }
+            CoordinatorRequest::Manifest { round } => {
+                let stored = self.with_ledger(|l| l.manifest(round));
+                match stored {
+                    Ok(Some(bytes)) => CoordinatorResponse::Manifest(Signed::from_bytes(&bytes).ok()),
+                    Ok(None) => CoordinatorResponse::Manifest(None),
+                    Err(e) => {
+                        tracing::warn!("reading manifest {round}: {e}");
+                        CoordinatorResponse::Refused { reason: "the coordinator could not read its ledger".into() }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_join(&mut self, signed: Signed<barnraise_protocol::messages::Join>, peer_key: Option<PublicKey>) -> CoordinatorResponse {
+        let now = now_ms();
+        let admitted = match admission::admit(&signed, peer_key.as_ref(), &self.config.run_id, self.resolved.admitted_orgs.as_deref(), now) {
+            Ok(a) => a,
+            Err(refusal) => {
+                self.metrics.join_refusals.fetch_add(1, Ordering::Relaxed);
+                self.refuse(None, Some(&signed.signer), "join-refused", refusal.to_string());
+                tracing::info!(signer = %signed.signer.to_hex().get(..12).unwrap_or(""), "join refused: {refusal}");
+                return CoordinatorResponse::Refused { reason: refusal.to_string() };
+            }
+        };
+        let node = admitted.node;
+        let workers = admitted.join.workers.len() as u32;
+        let row = NodeRow {
+            node: node.to_string(),
+            org: admitted.certificate.as_ref().map(|c| c.org.to_string()),
+            org_name: admitted.certificate.as_ref().map(|c| c.org_name.clone()),
+            agent: admitted.join.agent.clone(),
+            workers,
+            listen_addrs: admitted.join.listen_addrs.clone(),
+            first_seen_ms: now,
+            last_seen_ms: now,
+        };
+        if let Err(e) = self.with_ledger(|l| l.upsert_node(&row)) {
+            tracing::error!("recording a node: {e}");
+            return CoordinatorResponse::Refused { reason: "the coordinator could not record the join; retry".into() };
+        }
+        add_node_addresses(&self.net, &row.node, &row.listen_addrs).await;
+        let was_member = self.rounds.is_member(&node);
+        self.rounds.join(node, workers);
+        self.metrics.joins.fetch_add(1, Ordering::Relaxed);
+        if !was_member {
+            tracing::info!(node = %node.short(), agent = %row.agent, "node joined");
+            let _ = self.events.send(CoordinatorEvent::NodeJoined { node });
+        }
+        let welcome = Welcome {
+            node,
+            config: self.run_config.clone(),
+            current_round: self.rounds.current_round(),
+            params_hash: self.rounds.params_hash(),
+            checkpoint: Some(self.checkpoint.clone()),
+            head_manifest: self.rounds.head_manifest(),
+        };
+        self.update_live();
+        match Signed::sign(&self.key, &welcome) {
+            Ok(signed) => CoordinatorResponse::Welcome(signed),
+            Err(e) => CoordinatorResponse::Refused { reason: format!("the coordinator could not sign its welcome: {e}") },
+        }
+    }
+
+    /// Stage 1 of verification, then the fetch. `peer_key` is `None` for
+    /// commits replayed from the ledger on a restart.
+    async fn on_commit(&mut self, signed: Signed<Commit>, peer_key: Option<PublicKey>) -> CoordinatorResponse {
+        let from_network = peer_key.is_some();
+        if from_network {
+            self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        let (node, commit, body) = match verify::open_commit(&signed) {
+            Ok(opened) => opened,
+            Err(reason) => {
+                self.metrics.rejected(reason.code());
+                self.refuse(Some(self.rounds.current_round()), Some(&signed.signer), reason.code(), "commit envelope refused".into());
+                return CoordinatorResponse::Refused { reason: format!("{}: the commit's signature or encoding is invalid", reason.code()) };
+            }
+        };
+        self.rounds.seen(&node);
+        match self.rounds.commit(node, &commit, body) {
+            CommitOutcome::Accepted { round } => {
+                if from_network {
+                    let stored = signed.to_bytes().map_err(CoordinatorError::from).and_then(|bytes| {
+                        self.with_ledger(|l| l.record_commit(round, &node.to_string(), &bytes, now_ms()))
+                    });
+                    if let Err(e) = stored {
+                        // The node is told it was accepted only once the commit is durable.
+                        tracing::error!("storing a commit: {e}");
+                        self.rounds.update_checked(round, &node, Err(RejectReason::NotServed));
+                        return CoordinatorResponse::Refused { reason: "the coordinator could not store the commit".into() };
+                    }
+                }
+                self.spawn_fetch(round, node, commit);
+                CoordinatorResponse::CommitAccepted { round }
+            }
+            CommitOutcome::AlreadyHave { round } => CoordinatorResponse::CommitAccepted { round },
+            CommitOutcome::Rejected { reason, in_round } => {
+                self.metrics.rejected(reason.code());
+                if in_round.is_none() {
+                    self.refuse(Some(commit.round), Some(&node.0), reason.code(), format!("commit for round {}", commit.round));
+                }
+                tracing::info!(node = %node.short(), round = commit.round, reason = reason.code(), "commit refused");
+                CoordinatorResponse::Refused { reason: format!("{}: commit for round {} refused", reason.code(), commit.round) }
+            }
+        }
+    }
+
+    fn spawn_fetch(&self, round: u64, node: NodeId, commit: Commit) {
+        let client = self.net.clone();
+        let store = self.store.clone();
+        let tx = self.internal_tx.clone();
+        let codec = self.resolved.codec;
+        let params = self.resolved.model.params_count();
+        let deadline_ms = self.rounds.open_plan().map(|p| p.deadline_ms).unwrap_or(0).max(now_ms() + 1000);
+        tokio::spawn(async move {
+            let result = fetch_and_check(&client, &store, node, &commit, codec, params, deadline_ms).await;
+            if let Err(reason) = &result {
+                tracing::info!(node = %node.short(), round, reason = reason.code(), "update rejected");
+            }
+            let _ = tx.send(Internal::Checked { round, node, result }).await;
+        });
+    }
+
+    async fn on_internal(&mut self, message: Internal) -> Result<(), CoordinatorError> {
+        match message {
+            Internal::Checked { round, node, result } => {
+                self.rounds.update_checked(round, &node, result);
+                Ok(())
+            }
+            Internal::Closed(done) => {
+                let done = (*done)?;
+                self.finish_close(done).await
+            }
+        }
+    }
+
+    fn begin_close(&mut self, close: CloseRound) -> Result<(), CoordinatorError> {
+        let Some(state) = self.state.take() else {
+            return Err(CoordinatorError::Internal("a round closed while another was closing".into()));
+        };
+        self.open_plan = None;
+        let job = CloseJob {
+            config: self.config.clone(),
+            resolved: self.resolved.clone(),
+            key: self.key.clone(),
+            store: self.store.clone(),
+            ledger: self.ledger.clone(),
+            dataset: self.dataset.clone(),
+            heldout: self.heldout.clone(),
+            state,
+            close,
+        };
+        let tx = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || job.run())
+                .await
+                .unwrap_or_else(|e| Err(CoordinatorError::Internal(format!("round close task: {e}"))));
+            let _ = tx.send(Internal::Closed(Box::new(result))).await;
+        });
+        Ok(())
+    }
+
+    async fn finish_close(&mut self, done: CloseDone) -> Result<(), CoordinatorError> {
+        let manifest_hash = done.manifest.body_hash();
+        let actions = self
+            .rounds
+            .round_closed(done.round, done.state.params_hash(), manifest_hash)
+            .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+        for a in &done.closed.manifest.accepted {
+            // Accepted updates stay on disk for nodes that resync; they leave memory.
+            self.store.forget(&a.update_hash);
+        }
+        self.state = Some(done.state);
+        if let Some(c) = done.checkpoint {
+            self.checkpoint = c;
+        }
+        let m = &done.closed.manifest;
+        self.metrics.rounds_closed.fetch_add(1, Ordering::Relaxed);
+        self.metrics.updates_accepted.fetch_add(m.accepted.len() as u64, Ordering::Relaxed);
+        self.metrics.tokens_accepted.fetch_add(m.accepted.iter().map(|a| a.tokens).sum(), Ordering::Relaxed);
+        self.metrics.update_bytes_received.fetch_add(done.closed.bytes_received, Ordering::Relaxed);
+        for r in &m.rejected {
+            self.metrics.rejected(r.reason.code());
+        }
+        Metrics::set_f64(&self.metrics.last_train_loss, done.closed.mean_loss);
+        if done.closed.eval_loss.is_some() {
+            Metrics::set_f64(&self.metrics.last_eval_loss, done.closed.eval_loss);
+        }
+        if let Ok(bytes) = done.manifest.to_bytes() {
+            let _ = self.net.publish(network::topic(&self.config.run_id, "manifests"), bytes).await;
+        }
+        tracing::info!(
+            round = done.round,
+            accepted = m.accepted.len(),
+            rejected = m.rejected.len(),
+            missing = m.missing.len(),
+            train_loss = ?done.closed.mean_loss,
+            eval_loss = ?done.closed.eval_loss,
+            "round closed"
+        );
+        let _ = self.events.send(CoordinatorEvent::RoundClosed {
+            round: done.round,
+            accepted: m.accepted.len(),
+            rejected: m.rejected.clone(),
+            missing: m.missing.len(),
+            mean_loss: done.closed.mean_loss,
+            eval_loss: done.closed.eval_loss,
+            params_hash: m.next_params_hash,
+        });
+        if actions.contains(&Action::RunFinished) {
+            tracing::info!("run finished");
+            let _ = self.events.send(CoordinatorEvent::RunFinished);
+            self.finished_at = Some(tokio::time::Instant::now());
+        }
+        self.update_live();
+        Ok(())
+    }
+}
+
+/// Fetches a committed update (unless the store already has it), then runs
+/// stage 2 on a blocking thread and keeps the payload if it passes.
+async fn fetch_and_check(
+    client: &Client,
+    store: &BlobStore,
+    node: NodeId,
+    commit: &Commit,
+    codec: barnraise_protocol::codec::CodecConfig,
+    params: usize,
+    deadline_ms: u64,
+) -> Result<(), RejectReason> {
+    // The exact size is known from the codec: refuse anything else before fetching a byte.
+    if commit.update_bytes != codec.encoded_len(params) as u64 {
+        return Err(RejectReason::WrongLength);
+    }
+    let payload = match store.get(&commit.update_hash) {
+        Ok(Some(bytes)) => bytes,
+        _ => {
+            let peer = node.0.to_peer_id().map_err(|_| RejectReason::UnknownNode)?;
+            let mut attempt = 0u32;
+            loop {
+                let left = deadline_ms.saturating_sub(now_ms());
+                if left == 0 {
+                    return Err(RejectReason::NotServed);
+                }
+                let fetched = tokio::time::timeout(
+                    Duration::from_millis(left),
+                    network::fetch_blob(client, peer, commit.update_hash, commit.update_bytes),
+                )
+                .await;
+                match fetched {
+                    Ok(Ok(bytes)) => break Arc::new(bytes),
+                    Ok(Err(e)) => {
+                        attempt += 1;
+                        tracing::debug!(node = %node.short(), attempt, "fetching update: {e}");
+                        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(8)))).await;
+                    }
+                    Err(_) => return Err(RejectReason::NotServed),
+                }
+            }
+        }
+    };
+    let checked = {
+        let payload = payload.clone();
+        let commit = commit.clone();
+        tokio::task::spawn_blocking(move || verify::check_payload(&payload, &commit, codec, params).map(|_| ()))
+            .await
+            .unwrap_or(Err(RejectReason::Undecodable("the check crashed".into())))
+    };
+    checked?;
+    if let Err(e) = store.put(payload) {
+        tracing::error!("storing an update: {e}");
+        return Err(RejectReason::NotServed);
+    }
+    Ok(())
+}
+
+/// A round close, owned, for a blocking thread.
+struct CloseJob {
+    config: CoordinatorConfig,
+    resolved: Resolved,
+    key: SigningKey,
+    store: BlobStore,
+    ledger: Arc<Mutex<Ledger>>,
+    dataset: Arc<Dataset>,
+    heldout: Option<Arc<Vec<u16>>>,
+    state: GlobalState,
+    close: CloseRound,
+}
+
+impl CloseJob {
+    fn run(self) -> Result<CloseDone, CoordinatorError> {
+        let round = self.close.plan.round;
+        let mut payloads = HashMap::new();
+        for c in &self.close.candidates {
+            if let Some(bytes) = self.store.get(&c.commit.update_hash)? {
+                payloads.insert(c.commit.update_hash, bytes);
+            }
+        }
+        let ctx = CloseContext {
+            model: &self.resolved.model,
+            codec: self.resolved.codec,
+            rule: &self.resolved.aggregation,
+            verify: &self.config.verify,
+            seq_len: self.config.seq_len as usize,
+            shard_tokens: &self.dataset.tokens,
+            heldout: self.heldout.as_deref().map(|v| v.as_slice()),
+            flops_per_token: self.resolved.model.flops_per_token_at(self.config.seq_len as usize),
+        };
+        let mut state = self.state;
+        let closed = close::close_round(&ctx, &self.close, &self.config.run_id, &payloads, &mut state.theta, &mut state.optimizer)?;
+        state.round = round + 1;
+        let reference = state.save(&self.resolved.model, &self.config.run_id, &self.store)?;
+        let manifest = Signed::sign(&self.key, &closed.manifest)?;
+        let manifest_bytes = manifest.to_bytes()?;
+        let published = state.round.is_multiple_of(self.config.checkpoint_every) || state.round >= self.config.total_rounds;
+        let checkpoint = published.then(|| reference.clone());
+        let m = &closed.manifest;
+        let record = RoundRecord {
+            row: RoundRow {
+                round,
+                opened_ms: self.close.plan.opened_at_ms,
+                closed_ms: self.close.closed_at_ms,
+                base_params_hash: m.base_params_hash.to_hex(),
+                next_params_hash: m.next_params_hash.to_hex(),
+                manifest_hash: manifest.body_hash().to_hex(),
+                params_blob: reference.blob.to_hex(),
+                optimizer_blob: reference.optimizer_blob.to_hex(),
+                accepted: m.accepted.len() as u64,
+                rejected: m.rejected.len() as u64,
+                missing: m.missing.len() as u64,
+                mean_loss: closed.mean_loss,
+                eval_loss: closed.eval_loss,
+                bytes_received: closed.bytes_received,
+            },
+            manifest: manifest_bytes,
+            updates: closed.updates.clone(),
+            checkpoint: checkpoint.as_ref().map(|c| CheckpointRow {
+                round: c.round,
+                blob: c.blob.to_hex(),
+                bytes: c.bytes,
+                params_hash: c.params_hash.to_hex(),
+                optimizer_blob: c.optimizer_blob.to_hex(),
+                optimizer_bytes: c.optimizer_bytes,
+            }),
+        };
+        {
+            let mut ledger = self.ledger.lock().map_err(|_| CoordinatorError::Internal("ledger lock poisoned".into()))?;
+            ledger.close_round(&record)?;
+        }
+        Ok(CloseDone { round, state, manifest, closed, checkpoint })
+    }
+}
