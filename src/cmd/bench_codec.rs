@@ -23,7 +23,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut config = BenchConfig { params: args.params, repeats: args.repeats, ..BenchConfig::default() };
+    let mut config = BenchConfig {
+        params: args.params,
+        repeats: args.repeats,
+        ..BenchConfig::default()
+    };
     if !args.codecs.is_empty() {
         config.codecs = args.codecs;
     }

@@ -22,7 +22,11 @@ impl Default for BenchConfig {
         BenchConfig {
             params: 50_000_000,
             repeats: 5,
-            codecs: vec![CodecConfig::Fp32, CodecConfig::int8_default(), CodecConfig::topk_default()],
+            codecs: vec![
+                CodecConfig::Fp32,
+                CodecConfig::int8_default(),
+                CodecConfig::topk_default(),
+            ],
         }
     }
 }
@@ -102,7 +106,12 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, CodecError> {
             decode_add: measurement(&decode_times),
         });
     }
-    Ok(BenchReport { params, repeats, read_pass: measurement(&read_times), codecs })
+    Ok(BenchReport {
+        params,
+        repeats,
+        read_pass: measurement(&read_times),
+        codecs,
+    })
 }
 
 /// Sums the buffer in 16 independent lanes so the loop vectorizes and runs at
@@ -147,7 +156,11 @@ fn summarize(times: &[f64], params: usize, read_best: f64) -> Measurement {
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "codec benchmark: {} params, single thread, best of {} after a warm-up", self.params, self.repeats)?;
+        writeln!(
+            f,
+            "codec benchmark: {} params, single thread, best of {} after a warm-up",
+            self.params, self.repeats
+        )?;
         let read = &self.read_pass;
         writeln!(
             f,
@@ -205,15 +218,27 @@ mod tests {
 
     #[test]
     fn small_run_reports_every_codec() -> Result<(), CodecError> {
-        let config = BenchConfig { params: 10_000, repeats: 1, ..BenchConfig::default() };
+        let config = BenchConfig {
+            params: 10_000,
+            repeats: 1,
+            ..BenchConfig::default()
+        };
         let report = run(&config)?;
         assert_eq!(report.codecs.len(), 3);
         let topk = &report.codecs[2];
-        assert_eq!(topk.payload_bytes, CodecConfig::topk_default().encoded_len(10_000));
+        assert_eq!(
+            topk.payload_bytes,
+            CodecConfig::topk_default().encoded_len(10_000)
+        );
         assert!(report.to_string().contains("topk:4096:64:2"));
-        let json = serde_json::to_value(&report).map_err(|e| CodecError::InvalidConfig(e.to_string()))?;
+        let json =
+            serde_json::to_value(&report).map_err(|e| CodecError::InvalidConfig(e.to_string()))?;
         assert_eq!(json["codecs"][2]["codec"], "topk:4096:64:2");
-        assert!(json["read_pass"]["gparams_per_second"].as_f64().is_some_and(|g| g > 0.0));
+        assert!(
+            json["read_pass"]["gparams_per_second"]
+                .as_f64()
+                .is_some_and(|g| g > 0.0)
+        );
         Ok(())
     }
 }

@@ -14,7 +14,11 @@ pub(crate) struct BitWriter<'a> {
 
 impl<'a> BitWriter<'a> {
     pub(crate) fn new(out: &'a mut Vec<u8>) -> Self {
-        BitWriter { out, pending: 0, pending_bits: 0 }
+        BitWriter {
+            out,
+            pending: 0,
+            pending_bits: 0,
+        }
     }
 
     /// Appends the low `bits` bits of `value` (bits ≤ 32; higher bits must be zero).
@@ -24,7 +28,8 @@ impl<'a> BitWriter<'a> {
         self.pending_bits += bits;
         // Flushing whole 32-bit words keeps at most 63 bits pending.
         if self.pending_bits >= 32 {
-            self.out.extend_from_slice(&(self.pending as u32).to_le_bytes());
+            self.out
+                .extend_from_slice(&(self.pending as u32).to_le_bytes());
             self.pending >>= 32;
             self.pending_bits -= 32;
         }
@@ -33,7 +38,8 @@ impl<'a> BitWriter<'a> {
     /// Writes the remaining bits, zero-padded to a whole byte.
     pub(crate) fn finish(self) {
         let bytes = self.pending_bits.div_ceil(8) as usize;
-        self.out.extend_from_slice(&self.pending.to_le_bytes()[..bytes]);
+        self.out
+            .extend_from_slice(&self.pending.to_le_bytes()[..bytes]);
     }
 }
 
@@ -46,7 +52,11 @@ pub(crate) struct BitReader<'a> {
 
 impl<'a> BitReader<'a> {
     pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        BitReader { bytes, pending: 0, pending_bits: 0 }
+        BitReader {
+            bytes,
+            pending: 0,
+            pending_bits: 0,
+        }
     }
 
     /// Reads the next `bits` bits (bits ≤ 32). Past the end it reads zeros;
@@ -54,7 +64,10 @@ impl<'a> BitReader<'a> {
     #[inline]
     pub(crate) fn read(&mut self, bits: u32) -> u32 {
         while self.pending_bits < bits {
-            let (byte, rest) = self.bytes.split_first().map_or((0, &[][..]), |(b, r)| (*b, r));
+            let (byte, rest) = self
+                .bytes
+                .split_first()
+                .map_or((0, &[][..]), |(b, r)| (*b, r));
             self.bytes = rest;
             self.pending |= u64::from(byte) << self.pending_bits;
             self.pending_bits += 8;

@@ -30,7 +30,11 @@ impl CodecConfig {
 
     /// Top-64 of every 4096 values at 2 bits: about 0.234 bits per param.
     pub fn topk_default() -> Self {
-        CodecConfig::TopK { chunk: 4096, k: 64, bits: 2 }
+        CodecConfig::TopK {
+            chunk: 4096,
+            k: 64,
+            bits: 2,
+        }
     }
 
     /// Whether the encoder keeps an error-feedback residual for this codec.
@@ -129,7 +133,9 @@ impl FromStr for CodecConfig {
         let config = match parts.as_slice() {
             ["fp32"] => CodecConfig::Fp32,
             ["int8"] => CodecConfig::int8_default(),
-            ["int8", block] => CodecConfig::Int8 { block: number(block)? },
+            ["int8", block] => CodecConfig::Int8 {
+                block: number(block)?,
+            },
             ["topk"] => CodecConfig::topk_default(),
             ["topk", chunk, k, bits] => CodecConfig::TopK {
                 chunk: number(chunk)?,

@@ -21,13 +21,27 @@ impl Encoder {
     pub fn new(config: CodecConfig, params: usize) -> Result<Self, CodecError> {
         config.validate()?;
         check_params(params as u64, super::MAX_UPDATE_PARAMS as u64)?;
-        let residual = if config.has_error_feedback() { vec![0.0; params] } else { Vec::new() };
-        Ok(Encoder { config, params, decay: 1.0, residual, scratch: topk::Scratch::default() })
+        let residual = if config.has_error_feedback() {
+            vec![0.0; params]
+        } else {
+            Vec::new()
+        };
+        Ok(Encoder {
+            config,
+            params,
+            decay: 1.0,
+            residual,
+            scratch: topk::Scratch::default(),
+        })
     }
 
     /// An encoder that resumes with a residual saved by [`Encoder::residual`]
     /// (empty for codecs without error feedback).
-    pub fn from_residual(config: CodecConfig, params: usize, residual: &[f32]) -> Result<Self, CodecError> {
+    pub fn from_residual(
+        config: CodecConfig,
+        params: usize,
+        residual: &[f32],
+    ) -> Result<Self, CodecError> {
         let mut encoder = Encoder::new(config, params)?;
         encoder.set_residual(residual)?;
         Ok(encoder)
@@ -56,7 +70,10 @@ impl Encoder {
     /// Replaces the residual, e.g. with one persisted across a restart.
     pub fn set_residual(&mut self, residual: &[f32]) -> Result<(), CodecError> {
         if residual.len() != self.residual.len() {
-            return Err(CodecError::ResidualLength { expected: self.residual.len(), got: residual.len() });
+            return Err(CodecError::ResidualLength {
+                expected: self.residual.len(),
+                got: residual.len(),
+            });
         }
         if let Some(index) = first_non_finite(residual, f32::to_bits) {
             return Err(CodecError::NonFiniteResidual { index });
@@ -77,7 +94,10 @@ impl Encoder {
     /// residual is unchanged and `out`'s contents are unspecified.
     pub fn encode_into(&mut self, delta: &[f32], out: &mut Vec<u8>) -> Result<(), CodecError> {
         if delta.len() != self.params {
-            return Err(CodecError::BufferLength { expected: self.params, got: delta.len() });
+            return Err(CodecError::BufferLength {
+                expected: self.params,
+                got: delta.len(),
+            });
         }
         out.clear();
         write_header(out, self.config, self.params as u64);
@@ -88,7 +108,12 @@ impl Encoder {
                 if !(0.0..=1.0).contains(&self.decay) {
                     return Err(CodecError::BadDecay(self.decay));
                 }
-                let settings = topk::Settings { chunk, k, bits, decay: self.decay };
+                let settings = topk::Settings {
+                    chunk,
+                    k,
+                    bits,
+                    decay: self.decay,
+                };
                 topk::encode(delta, &mut self.residual, &settings, &mut self.scratch, out)
             }
         }

@@ -16,7 +16,9 @@ pub enum CodecError {
     NonZeroField { field: &'static str, value: u64 },
     #[error("invalid codec config: {0}")]
     InvalidConfig(String),
-    #[error("cannot parse codec `{input}`: {reason} (expected fp32, int8[:BLOCK] or topk[:CHUNK:K:BITS])")]
+    #[error(
+        "cannot parse codec `{input}`: {reason} (expected fp32, int8[:BLOCK] or topk[:CHUNK:K:BITS])"
+    )]
     Parse { input: String, reason: String },
     #[error("update has {params} params, more than the limit of {limit}")]
     TooManyParams { params: u64, limit: u64 },
@@ -33,9 +35,17 @@ pub enum CodecError {
     #[error("chunk {chunk}: magnitude range [{lo}, {hi}] is not finite, non-negative and ordered")]
     BadRange { chunk: usize, lo: f32, hi: f32 },
     #[error("chunk {chunk}: index {index} is outside the chunk of {len} values")]
-    IndexOutOfRange { chunk: usize, index: u32, len: usize },
+    IndexOutOfRange {
+        chunk: usize,
+        index: u32,
+        len: usize,
+    },
     #[error("chunk {chunk}: indices are not strictly increasing ({previous} then {index})")]
-    IndicesNotIncreasing { chunk: usize, previous: u32, index: u32 },
+    IndicesNotIncreasing {
+        chunk: usize,
+        previous: u32,
+        index: u32,
+    },
     #[error("update payload has non-zero padding bits at the end of its {stream} stream")]
     NonZeroPadding { stream: &'static str },
     #[error("aggregation weight {0} is not finite")]

@@ -6,7 +6,10 @@ use super::{CodecError, Target, first_non_finite};
 /// Appends the body for `delta`; non-finite input is refused.
 pub(crate) fn encode(delta: &[f32], out: &mut Vec<u8>) -> Result<(), CodecError> {
     if let Some(index) = first_non_finite(delta, f32::to_bits) {
-        return Err(CodecError::NonFiniteInput { index, value: delta[index] });
+        return Err(CodecError::NonFiniteInput {
+            index,
+            value: delta[index],
+        });
     }
     out.reserve(delta.len() * 4);
     // Through a small stack buffer: a loop the compiler turns into wide copies,

@@ -42,7 +42,10 @@ pub(crate) fn write_header(out: &mut Vec<u8>, config: CodecConfig, params: u64) 
 /// Parses and checks the header, the param limit and the exact payload length.
 pub(crate) fn read_header(payload: &[u8], max_params: u64) -> Result<Header, CodecError> {
     let Some(bytes) = payload.first_chunk::<HEADER_LEN>() else {
-        return Err(CodecError::TruncatedHeader { needed: HEADER_LEN, got: payload.len() });
+        return Err(CodecError::TruncatedHeader {
+            needed: HEADER_LEN,
+            got: payload.len(),
+        });
     };
     let magic = [bytes[0], bytes[1], bytes[2], bytes[3]];
     if magic != MAGIC {
@@ -50,9 +53,13 @@ pub(crate) fn read_header(payload: &[u8], max_params: u64) -> Result<Header, Cod
     }
     let [version, tag, bits, reserved] = [bytes[4], bytes[5], bytes[6], bytes[7]];
     if version != CODEC_VERSION {
-        return Err(CodecError::UnsupportedVersion { found: version, supported: CODEC_VERSION });
+        return Err(CodecError::UnsupportedVersion {
+            found: version,
+            supported: CODEC_VERSION,
+        });
     }
-    let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let u32_at =
+        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let mut params = [0u8; 8];
     params.copy_from_slice(&bytes[8..16]);
     let params = u64::from_le_bytes(params);
@@ -60,7 +67,11 @@ pub(crate) fn read_header(payload: &[u8], max_params: u64) -> Result<Header, Cod
 
     // Unused fields must be zero so that each update has exactly one encoding.
     let zero = |field: &'static str, value: u64| {
-        if value == 0 { Ok(()) } else { Err(CodecError::NonZeroField { field, value }) }
+        if value == 0 {
+            Ok(())
+        } else {
+            Err(CodecError::NonZeroField { field, value })
+        }
     };
     zero("reserved", u64::from(reserved))?;
     let config = match tag {
@@ -75,16 +86,30 @@ pub(crate) fn read_header(payload: &[u8], max_params: u64) -> Result<Header, Cod
             zero("k", u64::from(second))?;
             CodecConfig::Int8 { block: first }
         }
-        TAG_TOPK => CodecConfig::TopK { chunk: first, k: second, bits },
+        TAG_TOPK => CodecConfig::TopK {
+            chunk: first,
+            k: second,
+            bits,
+        },
         other => return Err(CodecError::UnknownFormat(other)),
     };
     config.validate()?;
     check_params(params, max_params)?;
     let expected = config
         .encoded_len_u64(params)
-        .ok_or(CodecError::TooManyParams { params, limit: max_params })?;
+        .ok_or(CodecError::TooManyParams {
+            params,
+            limit: max_params,
+        })?;
     if payload.len() as u64 != expected {
-        return Err(CodecError::LengthMismatch { expected, got: payload.len() });
+        return Err(CodecError::LengthMismatch {
+            expected,
+            got: payload.len(),
+        });
     }
-    Ok(Header { version, config, params })
+    Ok(Header {
+        version,
+        config,
+        params,
+    })
 }

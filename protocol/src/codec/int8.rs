@@ -37,10 +37,15 @@ pub(crate) fn encode(delta: &[f32], block: u32, out: &mut Vec<u8>) -> Result<(),
     for (index, values) in delta.chunks(block).enumerate() {
         // The max of the sign-less bits is the max magnitude, and flags
         // NaN/Inf in the same integer pass.
-        let worst = values.iter().fold(0u32, |m, x| m.max(x.to_bits() & ABS_MASK));
+        let worst = values
+            .iter()
+            .fold(0u32, |m, x| m.max(x.to_bits() & ABS_MASK));
         if worst >= EXPONENT_BITS {
             let at = values.iter().position(|x| !x.is_finite()).unwrap_or(0);
-            return Err(CodecError::NonFiniteInput { index: index * block + at, value: values[at] });
+            return Err(CodecError::NonFiniteInput {
+                index: index * block + at,
+                value: values[at],
+            });
         }
         let scale = (f32::from_bits(worst) / 127.0).min(MAX_SCALE);
         let inverse = 1.0 / scale;
@@ -75,28 +80,38 @@ pub(crate) fn decode(body: &[u8], block: u32, target: Target<'_>) -> Result<(), 
         Target::Add { acc, .. } => acc.len(),
     };
     let blocks = params.div_ceil(block);
-    let (scale_bytes, values) = body
-        .split_at_checked(blocks * 4)
-        .ok_or(CodecError::LengthMismatch { expected: (blocks * 4 + params) as u64, got: body.len() })?;
+    let (scale_bytes, values) =
+        body.split_at_checked(blocks * 4)
+            .ok_or(CodecError::LengthMismatch {
+                expected: (blocks * 4 + params) as u64,
+                got: body.len(),
+            })?;
     let (scales, _) = scale_bytes.as_chunks::<4>();
     for (index, bytes) in scales.iter().enumerate() {
         let value = f32::from_le_bytes(*bytes);
         // Sign bit set (even -0.0), NaN, or too large for 128 * scale.
         if !(value.to_bits() >> 31 == 0 && value <= MAX_SCALE) {
-            return Err(CodecError::BadScale { block: index, value });
+            return Err(CodecError::BadScale {
+                block: index,
+                value,
+            });
         }
     }
     let scales = scales.iter().map(|b| f32::from_le_bytes(*b));
     match target {
         Target::Overwrite(out) => {
-            for ((out, values), scale) in out.chunks_mut(block).zip(values.chunks(block)).zip(scales) {
+            for ((out, values), scale) in
+                out.chunks_mut(block).zip(values.chunks(block)).zip(scales)
+            {
                 for (slot, &q) in out.iter_mut().zip(values) {
                     *slot = f32::from(q as i8) * scale;
                 }
             }
         }
         Target::Add { acc, weight } => {
-            for ((acc, values), scale) in acc.chunks_mut(block).zip(values.chunks(block)).zip(scales) {
+            for ((acc, values), scale) in
+                acc.chunks_mut(block).zip(values.chunks(block)).zip(scales)
+            {
                 for (slot, &q) in acc.iter_mut().zip(values) {
                     *slot += weight * (f32::from(q as i8) * scale);
                 }

@@ -75,8 +75,10 @@ pub fn decode_add(payload: &[u8], weight: f32, acc: &mut [f32]) -> Result<Header
 /// `max_params` (or [`MAX_UPDATE_PARAMS`]) before allocating anything.
 pub fn decode(payload: &[u8], max_params: usize) -> Result<Vec<f32>, CodecError> {
     let header = header::read_header(payload, max_params as u64)?;
-    let params = usize::try_from(header.params)
-        .map_err(|_| CodecError::TooManyParams { params: header.params, limit: max_params as u64 })?;
+    let params = usize::try_from(header.params).map_err(|_| CodecError::TooManyParams {
+        params: header.params,
+        limit: max_params as u64,
+    })?;
     let mut out = vec![0.0f32; params];
     decode_body(&header, &payload[HEADER_LEN..], Target::Overwrite(&mut out))?;
     Ok(out)

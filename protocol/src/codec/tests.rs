@@ -24,17 +24,42 @@ fn decoded(payload: &[u8]) -> Vec<f32> {
 
 #[test]
 fn config_text_round_trips() {
-    for text in ["fp32", "int8:256", "int8:1", "topk:4096:64:2", "topk:16:16:8", "topk:1:1:4"] {
+    for text in [
+        "fp32",
+        "int8:256",
+        "int8:1",
+        "topk:4096:64:2",
+        "topk:16:16:8",
+        "topk:1:1:4",
+    ] {
         let config: CodecConfig = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
         assert_eq!(config.to_string(), text);
     }
-    assert_eq!("int8".parse::<CodecConfig>(), Ok(CodecConfig::int8_default()));
-    assert_eq!("topk".parse::<CodecConfig>(), Ok(CodecConfig::topk_default()));
+    assert_eq!(
+        "int8".parse::<CodecConfig>(),
+        Ok(CodecConfig::int8_default())
+    );
+    assert_eq!(
+        "topk".parse::<CodecConfig>(),
+        Ok(CodecConfig::topk_default())
+    );
 }
 
 #[test]
 fn bad_config_text_is_refused() {
-    for text in ["", "fp16", "int8:0", "int8:x", "topk:4096:64", "topk:64:65:2", "topk:64:0:2", "topk:64:8:3", "topk:0:0:2", "topk:4096:64:2:1", "int8:2097152"] {
+    for text in [
+        "",
+        "fp16",
+        "int8:0",
+        "int8:x",
+        "topk:4096:64",
+        "topk:64:65:2",
+        "topk:64:0:2",
+        "topk:64:8:3",
+        "topk:0:0:2",
+        "topk:4096:64:2:1",
+        "int8:2097152",
+    ] {
         assert!(text.parse::<CodecConfig>().is_err(), "{text} was accepted");
     }
 }
@@ -47,12 +72,18 @@ fn fp32_is_lossless() {
     let payload = encode_once(CodecConfig::Fp32, &delta);
     assert_eq!(payload.len(), CodecConfig::Fp32.encoded_len(delta.len()));
     let back = decoded(&payload);
-    assert!(back.iter().zip(&delta).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(
+        back.iter()
+            .zip(&delta)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
 }
 
 /// Stated bound: |x - decoded| <= scale/2 (plus float rounding), scale = max|x in block| / 127.
 fn assert_int8_within_bound(delta: &[f32], block: usize) {
-    let config = CodecConfig::Int8 { block: block as u32 };
+    let config = CodecConfig::Int8 {
+        block: block as u32,
+    };
     let payload = encode_once(config, delta);
     assert_eq!(payload.len(), config.encoded_len(delta.len()));
     let back = decoded(&payload);
@@ -88,7 +119,11 @@ fn reference_top(values: &[f32], k: usize) -> Vec<usize> {
 /// A fresh encoder (zero residual) sends exactly the reference top-k per
 /// chunk, with the right sign and within half a level step of the value.
 fn assert_topk_round_trip(delta: &[f32], chunk: usize, k: usize, bits: u8) {
-    let config = CodecConfig::TopK { chunk: chunk as u32, k: k as u32, bits };
+    let config = CodecConfig::TopK {
+        chunk: chunk as u32,
+        k: k as u32,
+        bits,
+    };
     let payload = encode_once(config, delta);
     assert_eq!(payload.len(), config.encoded_len(delta.len()));
     let back = decoded(&payload);
@@ -101,10 +136,19 @@ fn assert_topk_round_trip(delta: &[f32], chunk: usize, k: usize, bits: u8) {
         let bound = (hi - lo) / top_level * 0.5 * (1.0 + 1e-5) + hi * 1e-6;
         for (index, (x, y)) in inputs.iter().zip(outputs).enumerate() {
             if top.binary_search(&index).is_ok() {
-                assert!((x - y).abs() <= bound, "kept {x} decoded as {y}, bound {bound}");
-                assert!(*x == 0.0 || x.signum() == y.signum(), "sign of {x} lost: {y}");
+                assert!(
+                    (x - y).abs() <= bound,
+                    "kept {x} decoded as {y}, bound {bound}"
+                );
+                assert!(
+                    *x == 0.0 || x.signum() == y.signum(),
+                    "sign of {x} lost: {y}"
+                );
             } else {
-                assert_eq!(*y, 0.0, "index {index} was not among the top {k} but decoded to {y}");
+                assert_eq!(
+                    *y, 0.0,
+                    "index {index} was not among the top {k} but decoded to {y}"
+                );
             }
         }
     }
@@ -124,11 +168,20 @@ fn topk_sends_the_exact_top_k_within_half_a_level() {
 fn topk_breaks_ties_towards_the_lower_index() {
     let mut delta = vec![0.5f32; 64];
     delta[40] = -0.5;
-    let back = decoded(&encode_once(CodecConfig::TopK { chunk: 64, k: 4, bits: 2 }, &delta));
+    let back = decoded(&encode_once(
+        CodecConfig::TopK {
+            chunk: 64,
+            k: 4,
+            bits: 2,
+        },
+        &delta,
+    ));
     let sent: Vec<usize> = (0..64).filter(|&i| back[i] != 0.0).collect();
     assert_eq!(sent, [0, 1, 2, 3]);
     // Values spread over many octaves, including ties and zeros, still pick the reference set.
-    let spread: Vec<f32> = (0..4096).map(|i| ((i * 7919) % 97) as f32 * 2f32.powi((i % 40) - 20)).collect();
+    let spread: Vec<f32> = (0..4096)
+        .map(|i| ((i * 7919) % 97) as f32 * 2f32.powi((i % 40) - 20))
+        .collect();
     assert_topk_round_trip(&spread, 4096, 64, 4);
     assert_topk_round_trip(&vec![0.0; 300], 128, 5, 2);
 }
@@ -157,9 +210,17 @@ proptest! {
 #[test]
 fn encoding_is_deterministic() {
     let delta = synthetic_update(9, 20_000);
-    for config in [CodecConfig::Fp32, CodecConfig::int8_default(), CodecConfig::topk_default()] {
-        let mut first = Encoder::new(config, delta.len()).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
-        let mut second = Encoder::new(config, delta.len()).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    for config in [
+        CodecConfig::Fp32,
+        CodecConfig::int8_default(),
+        CodecConfig::topk_default(),
+    ] {
+        let mut first = Encoder::new(config, delta.len())
+            .map_err(|e| e.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut second = Encoder::new(config, delta.len())
+            .map_err(|e| e.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
         for _ in 0..3 {
             assert_eq!(first.encode(&delta), second.encode(&delta));
         }
@@ -168,7 +229,14 @@ fn encoding_is_deterministic() {
 
 #[test]
 fn header_layout_matches_the_spec() {
-    let payload = encode_once(CodecConfig::TopK { chunk: 4096, k: 64, bits: 2 }, &[1.0; 5000]);
+    let payload = encode_once(
+        CodecConfig::TopK {
+            chunk: 4096,
+            k: 64,
+            bits: 2,
+        },
+        &[1.0; 5000],
+    );
     assert_eq!(&payload[0..4], b"BRUP");
     assert_eq!(&payload[4..8], &[CODEC_VERSION, 2, 2, 0]);
     assert_eq!(&payload[8..16], &5000u64.to_le_bytes());
@@ -187,7 +255,11 @@ fn default_topk_fits_the_size_target() {
 #[test]
 fn error_feedback_loses_nothing_over_many_rounds() {
     let params = 5000;
-    let config = CodecConfig::TopK { chunk: 512, k: 8, bits: 2 };
+    let config = CodecConfig::TopK {
+        chunk: 512,
+        k: 8,
+        bits: 2,
+    };
     let mut encoder = Encoder::new(config, params).unwrap_or_else(|e| panic!("{e}"));
     let mut sent = vec![0f64; params];
     let mut inputs = vec![0f64; params];
@@ -205,32 +277,66 @@ fn error_feedback_loses_nothing_over_many_rounds() {
     }
     for ((sent, residual), input) in sent.iter().zip(encoder.residual()).zip(&inputs) {
         let drift = (sent + f64::from(*residual) - input).abs();
-        assert!(drift <= 1e-4 * scale, "sent {sent} + residual {residual} != inputs {input}");
+        assert!(
+            drift <= 1e-4 * scale,
+            "sent {sent} + residual {residual} != inputs {input}"
+        );
     }
 }
 
 #[test]
 fn decay_zero_forgets_and_restored_residual_continues_identically() {
     let params = 3000;
-    let config = CodecConfig::TopK { chunk: 256, k: 4, bits: 4 };
+    let config = CodecConfig::TopK {
+        chunk: 256,
+        k: 4,
+        bits: 4,
+    };
     let delta = synthetic_update(11, params);
-    let mut forgetful = Encoder::new(config, params).unwrap_or_else(|e| panic!("{e}")).with_decay(0.0);
+    let mut forgetful = Encoder::new(config, params)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_decay(0.0);
     let first = forgetful.encode(&delta);
-    assert_eq!(forgetful.encode(&delta), first, "decay 0 must ignore the residual");
+    assert_eq!(
+        forgetful.encode(&delta),
+        first,
+        "decay 0 must ignore the residual"
+    );
 
-    let mut running = Encoder::new(config, params).unwrap_or_else(|e| panic!("{e}")).with_decay(0.9);
+    let mut running = Encoder::new(config, params)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_decay(0.9);
     let _ = running.encode(&delta);
     let saved = running.residual().to_vec();
-    let mut restored = Encoder::from_residual(config, params, &saved).unwrap_or_else(|e| panic!("{e}")).with_decay(0.9);
+    let mut restored = Encoder::from_residual(config, params, &saved)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_decay(0.9);
     assert_eq!(running.encode(&delta), restored.encode(&delta));
-    assert!(matches!(Encoder::from_residual(config, params, &saved[1..]), Err(CodecError::ResidualLength { .. })));
-    assert!(Encoder::new(config, params).unwrap_or_else(|e| panic!("{e}")).with_decay(1.5).encode(&delta).is_err());
+    assert!(matches!(
+        Encoder::from_residual(config, params, &saved[1..]),
+        Err(CodecError::ResidualLength { .. })
+    ));
+    assert!(
+        Encoder::new(config, params)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_decay(1.5)
+            .encode(&delta)
+            .is_err()
+    );
 }
 
 #[test]
 fn non_finite_input_is_refused_and_leaves_the_residual_alone() {
     let params = 1000;
-    for config in [CodecConfig::Fp32, CodecConfig::int8_default(), CodecConfig::TopK { chunk: 128, k: 4, bits: 2 }] {
+    for config in [
+        CodecConfig::Fp32,
+        CodecConfig::int8_default(),
+        CodecConfig::TopK {
+            chunk: 128,
+            k: 4,
+            bits: 2,
+        },
+    ] {
         let mut encoder = Encoder::new(config, params).unwrap_or_else(|e| panic!("{e}"));
         let _ = encoder.encode(&synthetic_update(12, params));
         let before = encoder.residual().to_vec();
@@ -238,10 +344,16 @@ fn non_finite_input_is_refused_and_leaves_the_residual_alone() {
             let mut delta = synthetic_update(13, params);
             delta[777] = bad;
             let error = encoder.encode(&delta);
-            assert!(matches!(error, Err(CodecError::NonFiniteInput { index: 777, .. })), "{config}: {error:?}");
+            assert!(
+                matches!(error, Err(CodecError::NonFiniteInput { index: 777, .. })),
+                "{config}: {error:?}"
+            );
             assert_eq!(encoder.residual(), &before[..]);
         }
-        assert!(matches!(encoder.encode(&[0.0; 10]), Err(CodecError::BufferLength { .. })));
+        assert!(matches!(
+            encoder.encode(&[0.0; 10]),
+            Err(CodecError::BufferLength { .. })
+        ));
     }
 }
 
@@ -250,7 +362,15 @@ fn non_finite_input_is_refused_and_leaves_the_residual_alone() {
 #[test]
 fn decode_add_adds_the_weighted_decoded_update() {
     let delta = synthetic_update(14, 9000);
-    for config in [CodecConfig::Fp32, CodecConfig::int8_default(), CodecConfig::TopK { chunk: 1024, k: 32, bits: 4 }] {
+    for config in [
+        CodecConfig::Fp32,
+        CodecConfig::int8_default(),
+        CodecConfig::TopK {
+            chunk: 1024,
+            k: 32,
+            bits: 4,
+        },
+    ] {
         let payload = encode_once(config, &delta);
         let values = decoded(&payload);
         let start = synthetic_update(15, delta.len());
@@ -262,8 +382,14 @@ fn decode_add_adds_the_weighted_decoded_update() {
         let mut out = vec![7.0; delta.len()];
         assert!(decode_into(&payload, &mut out).is_ok());
         assert_eq!(out, values);
-        assert!(matches!(decode_add(&payload, f32::NAN, &mut acc), Err(CodecError::BadWeight(_))));
-        assert!(matches!(decode_add(&payload, 1.0, &mut acc[1..]), Err(CodecError::BufferLength { .. })));
+        assert!(matches!(
+            decode_add(&payload, f32::NAN, &mut acc),
+            Err(CodecError::BadWeight(_))
+        ));
+        assert!(matches!(
+            decode_add(&payload, 1.0, &mut acc[1..]),
+            Err(CodecError::BufferLength { .. })
+        ));
     }
 }
 
@@ -271,14 +397,22 @@ fn decode_add_adds_the_weighted_decoded_update() {
 
 /// Decoding must fail, and leave an accumulator exactly as it was.
 fn assert_rejected(payload: &[u8]) -> CodecError {
-    let params = peek_header(payload).map(|h| h.params as usize).unwrap_or(16).min(1 << 16);
+    let params = peek_header(payload)
+        .map(|h| h.params as usize)
+        .unwrap_or(16)
+        .min(1 << 16);
     let start = synthetic_update(16, params);
     let mut acc = start.clone();
     let error = match decode_add(payload, 1.0, &mut acc) {
         Ok(_) => panic!("hostile payload was accepted"),
         Err(error) => error,
     };
-    assert!(acc.iter().zip(&start).all(|(a, b)| a.to_bits() == b.to_bits()), "acc changed on {error}");
+    assert!(
+        acc.iter()
+            .zip(&start)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "acc changed on {error}"
+    );
     assert!(decode(payload, MAX_UPDATE_PARAMS).is_err());
     error
 }
@@ -314,7 +448,12 @@ fn topk_payload(params: u64, ranges: &[(f32, f32)], indices: &[u32], codes: &[u3
 
 #[test]
 fn hand_built_topk_payload_decodes() {
-    let payload = topk_payload(20, &[(1.0, 2.0), (0.5, 0.5)], &[3, 9, 0, 2], &[0b01, 0b10, 0, 0]);
+    let payload = topk_payload(
+        20,
+        &[(1.0, 2.0), (0.5, 0.5)],
+        &[3, 9, 0, 2],
+        &[0b01, 0b10, 0, 0],
+    );
     let values = decoded(&payload);
     let mut expected = vec![0.0; 20];
     expected[3] = 2.0;
@@ -328,13 +467,33 @@ fn hand_built_topk_payload_decodes() {
 fn hostile_topk_payloads_are_rejected() {
     let ok = [(1.0, 2.0), (0.5, 0.5)];
     let cases = [
-        (topk_payload(20, &ok, &[3, 9, 0, 4], &[0; 4]), "index 4 beyond the last chunk of 4"),
+        (
+            topk_payload(20, &ok, &[3, 9, 0, 4], &[0; 4]),
+            "index 4 beyond the last chunk of 4",
+        ),
         (topk_payload(20, &ok, &[9, 3, 0, 2], &[0; 4]), "unsorted"),
         (topk_payload(20, &ok, &[3, 3, 0, 2], &[0; 4]), "duplicate"),
-        (topk_payload(20, &[(f32::NAN, 2.0), (0.5, 0.5)], &[3, 9, 0, 2], &[0; 4]), "NaN lo"),
-        (topk_payload(20, &[(1.0, f32::INFINITY), (0.5, 0.5)], &[3, 9, 0, 2], &[0; 4]), "infinite hi"),
-        (topk_payload(20, &[(2.0, 1.0), (0.5, 0.5)], &[3, 9, 0, 2], &[0; 4]), "lo above hi"),
-        (topk_payload(20, &[(-1.0, 2.0), (0.5, 0.5)], &[3, 9, 0, 2], &[0; 4]), "negative lo"),
+        (
+            topk_payload(20, &[(f32::NAN, 2.0), (0.5, 0.5)], &[3, 9, 0, 2], &[0; 4]),
+            "NaN lo",
+        ),
+        (
+            topk_payload(
+                20,
+                &[(1.0, f32::INFINITY), (0.5, 0.5)],
+                &[3, 9, 0, 2],
+                &[0; 4],
+            ),
+            "infinite hi",
+        ),
+        (
+            topk_payload(20, &[(2.0, 1.0), (0.5, 0.5)], &[3, 9, 0, 2], &[0; 4]),
+            "lo above hi",
+        ),
+        (
+            topk_payload(20, &[(-1.0, 2.0), (0.5, 0.5)], &[3, 9, 0, 2], &[0; 4]),
+            "negative lo",
+        ),
     ];
     for (payload, what) in cases {
         let error = assert_rejected(&payload);
@@ -347,17 +506,29 @@ fn hostile_topk_payloads_are_rejected() {
     if let Some(last) = padded.last_mut() {
         *last |= 0x80;
     }
-    assert!(matches!(assert_rejected(&padded), CodecError::NonZeroPadding { .. }));
+    assert!(matches!(
+        assert_rejected(&padded),
+        CodecError::NonZeroPadding { .. }
+    ));
     let mut padded = topk_payload(17, &ok, &[3, 9, 0], &[0; 3]);
     padded[HEADER_LEN + 16 + 1] |= 0x80;
-    assert!(matches!(assert_rejected(&padded), CodecError::NonZeroPadding { stream: "index" }));
+    assert!(matches!(
+        assert_rejected(&padded),
+        CodecError::NonZeroPadding { stream: "index" }
+    ));
     // k larger than the chunk, and value bits that do not exist.
     let mut too_many = topk_payload(20, &ok, &[3, 9, 0, 2], &[0; 4]);
     too_many[20..24].copy_from_slice(&17u32.to_le_bytes());
-    assert!(matches!(assert_rejected(&too_many), CodecError::InvalidConfig(_)));
+    assert!(matches!(
+        assert_rejected(&too_many),
+        CodecError::InvalidConfig(_)
+    ));
     let mut three_bits = topk_payload(20, &ok, &[3, 9, 0, 2], &[0; 4]);
     three_bits[6] = 3;
-    assert!(matches!(assert_rejected(&three_bits), CodecError::InvalidConfig(_)));
+    assert!(matches!(
+        assert_rejected(&three_bits),
+        CodecError::InvalidConfig(_)
+    ));
 }
 
 #[test]
@@ -368,8 +539,17 @@ fn hostile_headers_are_rejected() {
     }
     let mut longer = valid.clone();
     longer.push(0);
-    assert!(matches!(assert_rejected(&longer), CodecError::LengthMismatch { .. }));
-    let edits: [(usize, u8, &str); 5] = [(0, b'X', "magic"), (4, CODEC_VERSION + 1, "version"), (5, 9, "format"), (6, 1, "bits on int8"), (7, 1, "reserved")];
+    assert!(matches!(
+        assert_rejected(&longer),
+        CodecError::LengthMismatch { .. }
+    ));
+    let edits: [(usize, u8, &str); 5] = [
+        (0, b'X', "magic"),
+        (4, CODEC_VERSION + 1, "version"),
+        (5, 9, "format"),
+        (6, 1, "bits on int8"),
+        (7, 1, "reserved"),
+    ];
     for (at, byte, what) in edits {
         let mut edited = valid.clone();
         edited[at] = byte;
@@ -380,12 +560,18 @@ fn hostile_headers_are_rejected() {
     for scale in [f32::NAN, -1.0, -0.0, f32::MAX] {
         let mut edited = valid.clone();
         edited[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&scale.to_le_bytes());
-        assert!(matches!(assert_rejected(&edited), CodecError::BadScale { .. }));
+        assert!(matches!(
+            assert_rejected(&edited),
+            CodecError::BadScale { .. }
+        ));
     }
     // A NaN inside an fp32 payload.
     let mut fp32 = encode_once(CodecConfig::Fp32, &[1.0, 2.0, 3.0]);
     fp32[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&f32::NAN.to_le_bytes());
-    assert!(matches!(assert_rejected(&fp32), CodecError::NonFiniteValue { index: 1 }));
+    assert!(matches!(
+        assert_rejected(&fp32),
+        CodecError::NonFiniteValue { index: 1 }
+    ));
 }
 
 #[test]
@@ -393,7 +579,10 @@ fn huge_param_claims_fail_before_allocating() {
     // Over the limit: refused from the header alone.
     for params in [MAX_UPDATE_PARAMS as u64 + 1, 1 << 40, u64::MAX] {
         let payload = header(0, 0, params, 0, 0);
-        assert!(matches!(assert_rejected(&payload), CodecError::TooManyParams { .. }));
+        assert!(matches!(
+            assert_rejected(&payload),
+            CodecError::TooManyParams { .. }
+        ));
     }
     // Within the limit but not backed by bytes: the length check, which runs
     // before `decode` sizes its output, refuses it. A 4 GB allocation would
@@ -401,37 +590,67 @@ fn huge_param_claims_fail_before_allocating() {
     for (tag, bits, first, second) in [(0, 0, 0, 0), (1, 0, 256, 0), (2, 2, 4096, 64)] {
         let mut payload = header(tag, bits, 1_000_000_000, first, second);
         payload.extend_from_slice(&[0; 20]);
-        assert!(matches!(decode(&payload, MAX_UPDATE_PARAMS), Err(CodecError::LengthMismatch { .. })));
+        assert!(matches!(
+            decode(&payload, MAX_UPDATE_PARAMS),
+            Err(CodecError::LengthMismatch { .. })
+        ));
     }
     // The caller's own limit is applied too.
     let payload = encode_once(CodecConfig::Fp32, &[1.0; 100]);
-    assert!(matches!(decode(&payload, 99), Err(CodecError::TooManyParams { .. })));
+    assert!(matches!(
+        decode(&payload, 99),
+        Err(CodecError::TooManyParams { .. })
+    ));
     assert!(decode(&payload, 100).is_ok());
-    assert!(matches!(Encoder::new(CodecConfig::Fp32, MAX_UPDATE_PARAMS + 1), Err(CodecError::TooManyParams { .. })));
+    assert!(matches!(
+        Encoder::new(CodecConfig::Fp32, MAX_UPDATE_PARAMS + 1),
+        Err(CodecError::TooManyParams { .. })
+    ));
 }
 
 // ---- fuzzing ----
 
 fn valid_payloads() -> Vec<Vec<u8>> {
     let delta = synthetic_update(18, 700);
-    [CodecConfig::Fp32, CodecConfig::Int8 { block: 64 }, CodecConfig::TopK { chunk: 128, k: 6, bits: 2 }, CodecConfig::TopK { chunk: 100, k: 9, bits: 8 }]
-        .into_iter()
-        .map(|config| encode_once(config, &delta))
-        .collect()
+    [
+        CodecConfig::Fp32,
+        CodecConfig::Int8 { block: 64 },
+        CodecConfig::TopK {
+            chunk: 128,
+            k: 6,
+            bits: 2,
+        },
+        CodecConfig::TopK {
+            chunk: 100,
+            k: 9,
+            bits: 8,
+        },
+    ]
+    .into_iter()
+    .map(|config| encode_once(config, &delta))
+    .collect()
 }
 
 /// Any byte string decodes to finite values or to an error that leaves the
 /// accumulator unchanged; it never panics.
 fn check_total(payload: &[u8]) -> Result<(), TestCaseError> {
-    let params = peek_header(payload).map(|h| h.params as usize).unwrap_or(700).min(1 << 16);
+    let params = peek_header(payload)
+        .map(|h| h.params as usize)
+        .unwrap_or(700)
+        .min(1 << 16);
     let start = synthetic_update(19, params);
     let mut acc = start.clone();
     match decode_add(payload, 0.5, &mut acc) {
         Ok(_) => {
-            let values = decode(payload, MAX_UPDATE_PARAMS).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let values = decode(payload, MAX_UPDATE_PARAMS)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert!(values.iter().all(|v| v.is_finite()));
         }
-        Err(_) => prop_assert!(acc.iter().zip(&start).all(|(a, b)| a.to_bits() == b.to_bits())),
+        Err(_) => prop_assert!(
+            acc.iter()
+                .zip(&start)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        ),
     }
     Ok(())
 }

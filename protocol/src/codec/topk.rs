@@ -30,7 +30,12 @@ impl Layout {
             None => 0,
             Some(full) => full.checked_mul(k.min(chunk))? + k.min(params - full * chunk),
         };
-        Some(Layout { chunks, kept, index_bits: index_bits(chunk), value_bits: u32::from(bits) })
+        Some(Layout {
+            chunks,
+            kept,
+            index_bits: index_bits(chunk),
+            value_bits: u32::from(bits),
+        })
     }
 
     fn ranges_len(&self) -> Option<u64> {
@@ -38,15 +43,25 @@ impl Layout {
     }
 
     fn index_stream_len(&self) -> Option<u64> {
-        Some(self.kept.checked_mul(u64::from(self.index_bits))?.div_ceil(8))
+        Some(
+            self.kept
+                .checked_mul(u64::from(self.index_bits))?
+                .div_ceil(8),
+        )
     }
 
     fn value_stream_len(&self) -> Option<u64> {
-        Some(self.kept.checked_mul(u64::from(self.value_bits))?.div_ceil(8))
+        Some(
+            self.kept
+                .checked_mul(u64::from(self.value_bits))?
+                .div_ceil(8),
+        )
     }
 
     pub(crate) fn body_len(&self) -> Option<u64> {
-        self.ranges_len()?.checked_add(self.index_stream_len()?)?.checked_add(self.value_stream_len()?)
+        self.ranges_len()?
+            .checked_add(self.index_stream_len()?)?
+            .checked_add(self.value_stream_len()?)
     }
 }
 
@@ -70,7 +85,13 @@ impl Levels {
     fn new(lo: f32, hi: f32, value_bits: u32) -> Levels {
         let top = (1i32 << (value_bits - 1)) - 1;
         let step = (hi - lo) / top as f32;
-        Levels { lo, hi, step, inverse: top as f32 / (hi - lo), top }
+        Levels {
+            lo,
+            hi,
+            step,
+            inverse: top as f32 / (hi - lo),
+            top,
+        }
     }
 
     /// The nearest level to magnitude `m` (in [lo, hi]).
@@ -79,7 +100,11 @@ impl Levels {
             return 0;
         }
         // A subnormal range makes the reciprocal overflow; divide instead.
-        let y = if self.inverse.is_finite() { (m - self.lo) * self.inverse } else { (m - self.lo) / self.step };
+        let y = if self.inverse.is_finite() {
+            (m - self.lo) * self.inverse
+        } else {
+            (m - self.lo) / self.step
+        };
         round_small(y).clamp(0, self.top) as u32
     }
 
@@ -90,7 +115,11 @@ impl Levels {
 
     fn value(&self, code: u32, value_bits: u32) -> f32 {
         let magnitude = self.magnitude(code & self.top as u32);
-        if code >> (value_bits - 1) != 0 { -magnitude } else { magnitude }
+        if code >> (value_bits - 1) != 0 {
+            -magnitude
+        } else {
+            magnitude
+        }
     }
 }
 
@@ -123,12 +152,22 @@ pub(crate) fn encode(
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
     if let Some(index) = first_non_finite(delta, f32::to_bits) {
-        return Err(CodecError::NonFiniteInput { index, value: delta[index] });
+        return Err(CodecError::NonFiniteInput {
+            index,
+            value: delta[index],
+        });
     }
     let chunk = settings.chunk as usize;
     let value_bits = u32::from(settings.bits);
     let index_bits = index_bits(chunk as u64);
-    let Scratch { magnitudes, candidates, keys, kept, index_stream, value_stream } = scratch;
+    let Scratch {
+        magnitudes,
+        candidates,
+        keys,
+        kept,
+        index_stream,
+        value_stream,
+    } = scratch;
     magnitudes.resize(chunk.min(delta.len()), 0);
     index_stream.clear();
     value_stream.clear();
@@ -137,13 +176,21 @@ pub(crate) fn encode(
     let ranges_at = out.len();
     out.resize(ranges_at + delta.len().div_ceil(chunk) * 8, 0);
 
-    for (chunk_index, (delta, residual)) in delta.chunks(chunk).zip(residual.chunks_mut(chunk)).enumerate() {
+    for (chunk_index, (delta, residual)) in delta
+        .chunks(chunk)
+        .zip(residual.chunks_mut(chunk))
+        .enumerate()
+    {
         let magnitudes = &mut magnitudes[..delta.len()];
         let max = fold_in(delta, residual, settings.decay, magnitudes);
         let keep = (settings.k as usize).min(delta.len());
         select_largest(magnitudes, max, keep, candidates, keys, kept);
 
-        let lo = kept.iter().map(|&i| magnitudes[i as usize]).min().unwrap_or(max);
+        let lo = kept
+            .iter()
+            .map(|&i| magnitudes[i as usize])
+            .min()
+            .unwrap_or(max);
         let (lo, hi) = (f32::from_bits(lo), f32::from_bits(max));
         let levels = Levels::new(lo, hi, value_bits);
         for &index in kept.iter() {
@@ -171,7 +218,8 @@ pub(crate) fn encode(
 /// held at ±f32::MAX so the residual stays finite.
 fn fold_in(delta: &[f32], residual: &mut [f32], decay: f32, magnitudes: &mut [u32]) -> u32 {
     let mut max = 0f32;
-    for ((carried, &input), magnitude) in residual.iter_mut().zip(delta).zip(magnitudes.iter_mut()) {
+    for ((carried, &input), magnitude) in residual.iter_mut().zip(delta).zip(magnitudes.iter_mut())
+    {
         let value = (input + decay * *carried).clamp(-f32::MAX, f32::MAX);
         *carried = value;
         let absolute = value.abs();
@@ -215,7 +263,11 @@ fn select_largest(
     let estimate = threshold(magnitudes.iter().step_by(SAMPLE_STRIDE), max, sample_target);
     let mut found = gather(magnitudes, estimate, candidates);
     if found < keep {
-        found = gather(magnitudes, threshold(magnitudes.iter(), max, keep), candidates);
+        found = gather(
+            magnitudes,
+            threshold(magnitudes.iter(), max, keep),
+            candidates,
+        );
     }
     let candidates = &candidates[..found];
     // Larger magnitude first, then lower index: every key is distinct, so
@@ -226,7 +278,12 @@ fn select_largest(
         keys.extend_from_slice(candidates);
         cut = *keys.select_nth_unstable(found - keep).1;
     }
-    kept.extend(candidates.iter().filter(|&&key| key >= cut).map(|&key| !(key as u32)));
+    kept.extend(
+        candidates
+            .iter()
+            .filter(|&&key| key >= cut)
+            .map(|&key| !(key as u32)),
+    );
 }
 
 /// A magnitude (as bits) that at least `count` of `values` reach, from a
@@ -281,8 +338,18 @@ fn gather(magnitudes: &[u32], threshold: u32, candidates: &mut Vec<u64>) -> usiz
 }
 
 /// Validates the whole body, then writes or adds the decoded values.
-pub(crate) fn decode(body: &[u8], chunk: u32, k: u32, bits: u8, target: Target<'_>) -> Result<(), CodecError> {
-    let format = Format { chunk: chunk as usize, k: k as usize, bits };
+pub(crate) fn decode(
+    body: &[u8],
+    chunk: u32,
+    k: u32,
+    bits: u8,
+    target: Target<'_>,
+) -> Result<(), CodecError> {
+    let format = Format {
+        chunk: chunk as usize,
+        k: k as usize,
+        bits,
+    };
     match target {
         Target::Overwrite(out) => {
             format.walk(body, out.len(), |_, _| {})?;
@@ -313,13 +380,26 @@ struct Format {
 impl Format {
     /// Decodes every kept value in order, checking ranges, index order and
     /// range, and padding; calls `visit(global index, value)` for each.
-    fn walk(&self, body: &[u8], params: usize, mut visit: impl FnMut(usize, f32)) -> Result<(), CodecError> {
+    fn walk(
+        &self,
+        body: &[u8],
+        params: usize,
+        mut visit: impl FnMut(usize, f32),
+    ) -> Result<(), CodecError> {
         let layout = Layout::new(params as u64, self.chunk as u32, self.k as u32, self.bits);
-        let lengths = layout.as_ref().and_then(|l| Some((l.ranges_len()?, l.index_stream_len()?)));
-        let truncated = CodecError::LengthMismatch { expected: 0, got: body.len() };
+        let lengths = layout
+            .as_ref()
+            .and_then(|l| Some((l.ranges_len()?, l.index_stream_len()?)));
+        let truncated = CodecError::LengthMismatch {
+            expected: 0,
+            got: body.len(),
+        };
         let (ranges_len, index_len) = lengths.ok_or(truncated.clone())?;
-        let (ranges, rest) = body.split_at_checked(ranges_len as usize).ok_or(truncated.clone())?;
-        let (index_stream, value_stream) = rest.split_at_checked(index_len as usize).ok_or(truncated)?;
+        let (ranges, rest) = body
+            .split_at_checked(ranges_len as usize)
+            .ok_or(truncated.clone())?;
+        let (index_stream, value_stream) =
+            rest.split_at_checked(index_len as usize).ok_or(truncated)?;
         let (ranges, _) = ranges.as_chunks::<8>();
         let value_bits = u32::from(self.bits);
         let index_bits = index_bits(self.chunk as u64);
@@ -328,10 +408,17 @@ impl Format {
 
         for (chunk_index, range) in ranges.iter().enumerate() {
             let [a, b, c, d, e, f, g, h] = *range;
-            let (lo, hi) = (f32::from_le_bytes([a, b, c, d]), f32::from_le_bytes([e, f, g, h]));
+            let (lo, hi) = (
+                f32::from_le_bytes([a, b, c, d]),
+                f32::from_le_bytes([e, f, g, h]),
+            );
             let signs_clear = (lo.to_bits() | hi.to_bits()) >> 31 == 0;
             if !(signs_clear && hi.is_finite() && lo <= hi) {
-                return Err(CodecError::BadRange { chunk: chunk_index, lo, hi });
+                return Err(CodecError::BadRange {
+                    chunk: chunk_index,
+                    lo,
+                    hi,
+                });
             }
             let levels = Levels::new(lo, hi, value_bits);
             let start = chunk_index * self.chunk;
@@ -340,15 +427,26 @@ impl Format {
             for _ in 0..self.k.min(len) {
                 let index = indices.read(index_bits);
                 if index as usize >= len {
-                    return Err(CodecError::IndexOutOfRange { chunk: chunk_index, index, len });
+                    return Err(CodecError::IndexOutOfRange {
+                        chunk: chunk_index,
+                        index,
+                        len,
+                    });
                 }
                 if let Some(previous) = previous
                     && index <= previous
                 {
-                    return Err(CodecError::IndicesNotIncreasing { chunk: chunk_index, previous, index });
+                    return Err(CodecError::IndicesNotIncreasing {
+                        chunk: chunk_index,
+                        previous,
+                        index,
+                    });
                 }
                 previous = Some(index);
-                visit(start + index as usize, levels.value(values.read(value_bits), value_bits));
+                visit(
+                    start + index as usize,
+                    levels.value(values.read(value_bits), value_bits),
+                );
             }
         }
         indices.finish("index")?;
