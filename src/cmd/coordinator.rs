@@ -1,0 +1,69 @@
+//! `barnraise coordinator`: runs a coordinator for the run described by a
+//! TOML run config (reference: docs/running-a-coordinator.md) until the run
+//! ends or Ctrl-C, then prints the contribution table.
+
+use anyhow::Context;
+use barnraise_coordinator::{CancellationToken, CoordinatorConfig, CoordinatorEvent};
+use clap::Args as ClapArgs;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// The run config (TOML): model, dataset, hyperparameters, quorum, admission.
+    #[arg(long, env = "BARNRAISE_RUN_CONFIG")]
+    config: PathBuf,
+    /// Data dir (ledger, blobs, key); overrides the config's `data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// HTTP API address; overrides the config's `http`.
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// libp2p listen multiaddr (repeatable); overrides the config's `listen`.
+    #[arg(long)]
+    listen: Vec<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = CoordinatorConfig::load(&args.config)?;
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(http) = args.http {
+        config.http = http;
+    }
+    if !args.listen.is_empty() {
+        config.listen = args.listen;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let handle = barnraise_coordinator::start(config, shutdown.clone()).await?;
+        println!("coordinator listening on {}", handle.multiaddr());
+        println!("HTTP API and dashboard on http://{}", handle.http_addr());
+        let mut events = handle.events();
+        tokio::spawn(async move {
+            while let Ok(event) = events.recv().await {
+                if let CoordinatorEvent::RoundClosed { round, accepted, rejected, mean_loss, eval_loss, .. } = event {
+                    let loss = |l: Option<f64>| l.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+                    println!(
+                        "round {round}: {accepted} accepted, {} rejected, train loss {}, eval loss {}",
+                        rejected.len(),
+                        loss(mean_loss),
+                        loss(eval_loss)
+                    );
+                }
+            }
+        });
+        let stopper = shutdown.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("stopping (Ctrl-C)…");
+                stopper.cancel();
+            }
+        });
+        let summary = handle.wait().await?;
+        print!("{}", barnraise_coordinator::stats::render_contributors(&summary.contributors));
+        Ok(())
+    })
+}
