@@ -1,6 +1,11 @@
 //! `barnraise bench diloco`: data-parallel vs DiLoCo (fp32, int8, top-k) at
 //! equal total tokens on the built-in corpus.
+//!
+//! The CPU thread count is rayon's: set `RAYON_NUM_THREADS` to pin it.
 
+use barnraise_protocol::codec::CodecConfig;
+use barnraise_trainer::bench::{DilocoBenchConfig, run_diloco};
+use barnraise_trainer::device::{DeviceSpec, select};
 use clap::Args as ClapArgs;
 
 #[derive(Debug, ClapArgs)]
@@ -8,8 +13,102 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Model preset: tiny, small, medium, large, xl.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// k: DiLoCo workers (and the data-parallel batch multiplier).
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// H: inner steps per round.
+    #[arg(long, default_value_t = 30)]
+    pub inner_steps: usize,
+    /// R: rounds.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: usize,
+    /// Sequences per worker per step.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Sequence length (at most the preset's context).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Peak inner learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Outer learning rate.
+    #[arg(long)]
+    pub outer_lr: Option<f32>,
+    /// Outer (Nesterov) momentum.
+    #[arg(long)]
+    pub outer_momentum: Option<f32>,
+    /// Codec of arm (c), e.g. int8:256.
+    #[arg(long)]
+    pub int8: Option<CodecConfig>,
+    /// Codec of arm (d), e.g. topk:4096:64:2.
+    #[arg(long)]
+    pub topk: Option<CodecConfig>,
+    /// Built-in corpus bytes per worker.
+    #[arg(long)]
+    pub corpus_bytes: Option<usize>,
+    /// Held-out batches (of 8 sequences) for the loss.
+    #[arg(long)]
+    pub eval_batches: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
 }
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`barnraise bench diloco` is not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let Some(mut cfg) = DilocoBenchConfig::for_preset(&args.preset) else {
+        anyhow::bail!(
+            "unknown preset '{}'; expected one of {}",
+            args.preset,
+            barnraise_trainer::model::PRESETS.join(", ")
+        );
+    };
+    cfg.workers = args.workers;
+    cfg.inner_steps = args.inner_steps;
+    cfg.rounds = args.rounds;
+    cfg.seed = args.seed;
+    if let Some(v) = args.batch_size {
+        cfg.batch_size = v;
+    }
+    if let Some(v) = args.seq_len {
+        cfg.seq_len = v;
+    }
+    if let Some(v) = args.lr {
+        cfg.lr = v;
+    }
+    if let Some(v) = args.outer_lr {
+        cfg.outer.lr = v;
+    }
+    if let Some(v) = args.outer_momentum {
+        cfg.outer.momentum = v;
+    }
+    if let Some(v) = args.int8 {
+        cfg.int8 = v;
+    }
+    if let Some(v) = args.topk {
+        cfg.topk = v;
+    }
+    if let Some(v) = args.corpus_bytes {
+        cfg.corpus_bytes = v;
+    }
+    if let Some(v) = args.eval_batches {
+        cfg.eval_batches = v;
+    }
+    let device = select(args.device)?;
+    let quiet = args.json;
+    let report = run_diloco(&cfg, &device, &mut |p| {
+        if !quiet {
+            eprintln!("{:<16} round {:>3}/{:<3} held-out loss {:.4}", p.arm, p.round, p.rounds, p.heldout_loss);
+        }
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
 }

@@ -1,5 +1,10 @@
-//! `barnraise shard`: turn text files into content-addressed token shards.
+//! `barnraise shard`: turn text files into content-addressed token shards
+//! (byte-level, llm.c `.bin` layout) plus a dataset manifest with a held-out
+//! split.
 
+use barnraise_trainer::data::manifest::{
+    DEFAULT_SHARD_TOKENS, MANIFEST_FILE, ShardingConfig, build_dataset, collect_input_files, tokenize_files,
+};
 use clap::Args as ClapArgs;
 use std::path::PathBuf;
 
@@ -11,8 +16,31 @@ pub struct Args {
     /// Directory to write shards and the dataset manifest into.
     #[arg(long)]
     pub out: PathBuf,
+    /// Tokens per shard.
+    #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
+    pub shard_tokens: usize,
+    /// Fraction of the tokens (from the end) held out for evaluation.
+    #[arg(long, default_value_t = 0.05)]
+    pub heldout_fraction: f64,
 }
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`barnraise shard` is not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let files = collect_input_files(&args.input)?;
+    let tokens = tokenize_files(&files)?;
+    let config = ShardingConfig { shard_tokens: args.shard_tokens, heldout_fraction: args.heldout_fraction };
+    let manifest = build_dataset(&tokens, &args.out, config)?;
+    println!(
+        "{} files, {} tokens -> {} training shards ({} tokens) and {} held-out shards ({} tokens)",
+        files.len(),
+        tokens.len(),
+        manifest.train.len(),
+        manifest.train_tokens(),
+        manifest.heldout.len(),
+        manifest.heldout_tokens()
+    );
+    for entry in manifest.train.iter().chain(&manifest.heldout) {
+        println!("  {}.bin  {} tokens", entry.hash, entry.tokens);
+    }
+    println!("manifest: {}", args.out.join(MANIFEST_FILE).display());
+    Ok(())
 }
