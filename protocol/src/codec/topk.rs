@@ -297,7 +297,7 @@ fn threshold<'a>(values: impl Iterator<Item = &'a u32>, max: u32, count: usize) 
     for (bin, &in_bin) in histogram.iter().enumerate().take(255) {
         total += in_bin as usize;
         if total >= count {
-            // Bins 0..=bin hold exactly the magnitudes above max - (bin+1) steps.
+            // Bins 0..=bin hold exactly the magnitudes at or above this value.
             return max.saturating_sub(((bin as u32 + 1) << BIN_SHIFT) - 1);
         }
     }
