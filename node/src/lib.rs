@@ -4,10 +4,21 @@
 //! - [`store`] and [`transfer`]: the content-addressed blob store on disk and
 //!   fetching blobs in verified, resumable chunks from several peers.
 //! - [`limiter`]: upload and download caps.
+//! - [`daemon`]: the round loop ([`run_node`]); [`state`]: what it keeps on
+//!   disk between runs; [`config`]: [`NodeConfig`].
+//! - [`doctor`]: `barnraise node doctor`'s checks; [`progress`]: terminal display.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod config;
+pub mod daemon;
 pub mod limiter;
 pub mod network;
+pub mod state;
 pub mod store;
 pub mod transfer;
+
+pub use config::NodeConfig;
+pub use daemon::{NodeError, NodeEvent, NodeSummary, SyncSource, run_node};
+pub use libp2p::Multiaddr;
+pub use tokio_util::sync::CancellationToken;

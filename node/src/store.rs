@@ -283,7 +283,7 @@ impl Partial {
         let mut done = vec![false; chunks];
         let existing = read_journal(&journal_path, size);
         let part_len = fs::metadata(&part_path).map(|m| m.len()).ok();
-        let resumable = matches!(&existing, Some(_) if part_len == Some(size));
+        let resumable = existing.is_some() && part_len == Some(size);
         if !resumable {
             let _ = fs::remove_file(&part_path);
             let _ = fs::remove_file(&journal_path);

@@ -203,7 +203,7 @@ impl Fetcher {
             *counts.entry(served_by.get(&index).copied().flatten()).or_default() += 1;
         }
         let mut suspects: Vec<(Option<usize>, usize)> = counts.into_iter().collect();
-        suspects.sort_by(|a, b| b.1.cmp(&a.1));
+        suspects.sort_by_key(|s| std::cmp::Reverse(s.1));
         for (suspect, _) in suspects {
             let others = providers.iter().enumerate().any(|(i, p)| p.active && Some(i) != suspect);
             if !others {

@@ -16,6 +16,12 @@ use barnraise_node::network::{BlobSource, Event, Topic};
 use barnraise_node::store::{BlobStore, StoreError};
 use barnraise_node::transfer::{FetchError, Fetcher};
 use barnraise_node::limiter::RateLimiter;
+use barnraise_node::{NodeConfig, NodeEvent, SyncSource, run_node};
+use barnraise_protocol::aggregate::{AggregationRule, apply_round};
+use barnraise_protocol::messages::{AcceptedUpdate, Assignment, CoordinatorResponse, Manifest, RunConfig, ShardInfo, Welcome};
+use barnraise_protocol::outer::{OuterConfig, OuterOptimizer};
+use barnraise_protocol::NodeId;
+use barnraise_trainer::ModelConfig;
 use barnraise_protocol::limits::BLOB_CHUNK_BYTES;
 use barnraise_protocol::messages::{BlobRequest, BlobResponse, CoordinatorRequest, RoundPlan};
 use barnraise_protocol::{Hash, Signed, SigningKey};
@@ -309,4 +315,221 @@ async fn gossip_from_a_non_coordinator_signer_is_rejected() {
     for peer in [node, coordinator, impostor] {
         peer.stop().await;
     }
+}
+
+/// A fake coordinator: enough of the contract to drive a node through
+/// rounds (join, plans, commits, manifests), fetching and applying each
+/// update exactly as the real one must.
+struct FakeCoordinator {
+    key: SigningKey,
+    run: RunConfig,
+    shard: Hash,
+    round: u64,
+    theta: Vec<f32>,
+    optimizer: OuterOptimizer,
+    manifests: BTreeMap<u64, Signed<Manifest>>,
+    /// Answer the first manifest poll of round 0 with one signed by an impostor.
+    forge_first_manifest: bool,
+    commits: u64,
+}
+
+impl FakeCoordinator {
+    fn plan(&self, node: NodeId) -> Signed<RoundPlan> {
+        let plan = RoundPlan {
+            run_id: self.run.run_id.clone(),
+            round: self.round,
+            params_hash: Hash::of_f32s(&self.theta),
+            previous_manifest: Hash::ZERO,
+            assignments: vec![Assignment { node, shards: vec![self.shard], seed: self.round + 7, inner_steps: 2 }],
+            opened_at_ms: 0,
+            deadline_ms: u64::MAX,
+        };
+        Signed::sign(&self.key, &plan).unwrap()
+    }
+
+    async fn serve(mut self, peer: Peer, fetcher: Fetcher, done: CancellationToken) -> (Self, Peer) {
+        let mut node = None;
+        let mut events = peer.events.lock().await;
+        loop {
+            let event = tokio::select! {
+                _ = done.cancelled() => break,
+                event = events.recv() => match event { Some(e) => e, None => break },
+            };
+            let Event::CoordinatorRequest { peer: from, request, channel } = event else { continue };
+            let response = match request {
+                CoordinatorRequest::Join(signed) => {
+                    let join = signed.verify(None).unwrap();
+                    assert_eq!(join.protocol_version, barnraise_protocol::limits::PROTOCOL_VERSION);
+                    node = Some(signed.signer);
+                    let welcome = Welcome {
+                        node: NodeId(signed.signer),
+                        config: self.run.clone(),
+                        current_round: self.round,
+                        params_hash: Hash::of_f32s(&self.theta),
+                        checkpoint: None,
+                        head_manifest: Hash::ZERO,
+                    };
+                    CoordinatorResponse::Welcome(Signed::sign(&self.key, &welcome).unwrap())
+                }
+                CoordinatorRequest::CurrentPlan => match node {
+                    Some(key) if !self.manifests.contains_key(&self.round) => {
+                        CoordinatorResponse::Plan(Some(self.plan(NodeId(key))))
+                    }
+                    _ => CoordinatorResponse::Plan(None),
+                },
+                CoordinatorRequest::Commit(signed) => {
+                    let commit = signed.verify(node.as_ref()).unwrap();
+                    assert_eq!(commit.round, self.round);
+                    assert_eq!(commit.base_params_hash, Hash::of_f32s(&self.theta));
+                    self.commits += 1;
+                    let report = fetcher
+                        .fetch(commit.update_hash, Some(commit.update_bytes), &[from], &CancellationToken::new())
+                        .await
+                        .unwrap();
+                    assert_eq!(report.size, commit.update_bytes);
+                    let payload = fetcher.store().read(&commit.update_hash).unwrap();
+                    let base = Hash::of_f32s(&self.theta);
+                    apply_round(&mut self.theta, &mut self.optimizer, &AggregationRule::Mean, &[(&payload, 1.0)]).unwrap();
+                    let manifest = Manifest {
+                        run_id: self.run.run_id.clone(),
+                        round: self.round,
+                        previous_manifest: Hash::ZERO,
+                        base_params_hash: base,
+                        accepted: vec![AcceptedUpdate {
+                            node: NodeId(signed.signer),
+                            update_hash: commit.update_hash,
+                            update_bytes: commit.update_bytes,
+                            tokens: commit.tokens,
+                            weight: 1.0,
+                            compute_ms: commit.compute_ms,
+                        }],
+                        rejected: vec![],
+                        missing: vec![],
+                        aggregation: "mean".into(),
+                        next_params_hash: Hash::of_f32s(&self.theta),
+                        closed_at_ms: 0,
+                    };
+                    self.manifests.insert(self.round, Signed::sign(&self.key, &manifest).unwrap());
+                    self.round += 1;
+                    CoordinatorResponse::CommitAccepted { round: commit.round }
+                }
+                CoordinatorRequest::Manifest { round } => {
+                    let genuine = self.manifests.get(&round).cloned();
+                    match genuine {
+                        Some(signed) if self.forge_first_manifest => {
+                            // Same body, an impostor's signature and a wrong hash: must be ignored.
+                            self.forge_first_manifest = false;
+                            let mut manifest: Manifest = signed.verify(None).unwrap();
+                            manifest.next_params_hash = Hash::of(b"forged");
+                            let impostor = SigningKey::from_seed([99; 32]).unwrap();
+                            CoordinatorResponse::Manifest(Some(Signed::sign(&impostor, &manifest).unwrap()))
+                        }
+                        other => CoordinatorResponse::Manifest(other),
+                    }
+                }
+                CoordinatorRequest::Leave(_) => CoordinatorResponse::Ok,
+            };
+            peer.client.respond_coordinator(channel, response).await.unwrap();
+        }
+        drop(events);
+        (self, peer)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart() {
+    let coordinator_dir = tempfile::tempdir().unwrap();
+    let coordinator_store = Arc::new(BlobStore::open(coordinator_dir.path()).unwrap());
+    let text = barnraise_trainer::data::corpus::generate(5, 20_000);
+    let tokens = barnraise_trainer::data::tokenize_bytes(text.as_bytes());
+    let shard_bytes = barnraise_trainer::data::encode_shard(&tokens, std::path::Path::new("shard")).unwrap();
+    let shard = coordinator_store.put(&shard_bytes).unwrap();
+    let model = ModelConfig::preset("tiny").unwrap();
+    let theta = model.init_flat(barnraise_node::daemon::INIT_SEED);
+    let run = RunConfig {
+        run_id: "fake-run".into(),
+        model_config_json: serde_json::to_string(&model).unwrap(),
+        codec: "topk:1024:64:8".into(),
+        inner_steps: 2,
+        batch_size: 2,
+        seq_len: 16,
+        inner_lr: 1e-3,
+        outer_lr: 0.7,
+        outer_momentum: 0.9,
+        aggregation: "mean".into(),
+        total_rounds: 10,
+        dataset: vec![ShardInfo { hash: shard, tokens: tokens.len() as u64, bytes: shard_bytes.len() as u64 }],
+        held_out: vec![],
+    };
+    let outer = OuterConfig { lr: 0.7, momentum: 0.9, ..OuterConfig::default() };
+    let fake = FakeCoordinator {
+        key: SigningKey::from_seed([40; 32]).unwrap(),
+        optimizer: OuterOptimizer::new(outer, theta.len()),
+        theta,
+        run,
+        shard,
+        round: 0,
+        manifests: BTreeMap::new(),
+        forge_first_manifest: true,
+        commits: 0,
+    };
+    let coordinator = spawn_peer(40, coordinator_store.clone(), true).await;
+    let coordinator_addr = coordinator.addr.clone().with(libp2p::multiaddr::Protocol::P2p(coordinator.key.public().to_peer_id().unwrap()));
+    let fetcher = Fetcher::new(coordinator.client.clone(), coordinator_store.clone(), RateLimiter::unlimited());
+    let stop_fake = CancellationToken::new();
+    let fake_task = tokio::spawn(fake.serve(coordinator, fetcher, stop_fake.clone()));
+
+    let node_dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        coordinator: coordinator_addr,
+        data_dir: node_dir.path().to_path_buf(),
+        device: "cpu".into(),
+        max_rounds: Some(2),
+        poll_interval_ms: 100,
+        ..NodeConfig::default()
+    };
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(1024);
+    let summary = run_node(config.clone(), CancellationToken::new(), Some(events_tx)).await.unwrap();
+    let mut first_events = Vec::new();
+    while let Ok(event) = events_rx.try_recv() {
+        first_events.push(event);
+    }
+    assert_eq!(summary.rounds_completed, 2, "{summary:?}");
+    assert_eq!(summary.rounds_trained, 2);
+    assert_eq!(summary.resyncs, 0, "the forged manifest was ignored, not applied: {first_events:?}");
+    assert!(summary.bytes_downloaded >= shard_bytes.len() as u64, "the shard came over the network");
+    assert!(summary.bytes_uploaded > 0, "the coordinator fetched our updates from us");
+    let applied: Vec<_> = first_events
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::RoundApplied { round, matched, .. } => Some((*round, *matched)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applied, vec![(0, true), (1, true)]);
+    assert!(
+        first_events.iter().any(|e| matches!(e, NodeEvent::Warning { message } if message.contains("does not verify"))),
+        "the forged manifest was noticed: {first_events:?}"
+    );
+    assert!(first_events.iter().any(|e| matches!(e, NodeEvent::Synced { from: SyncSource::SeededInit, .. })));
+    assert!(node_dir.path().join("receipts/round-000000.manifest").exists());
+
+    // Restart on the same data dir: it resumes from its saved state and
+    // cached shard, downloading nothing, and does one more round.
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(1024);
+    let config = NodeConfig { max_rounds: Some(1), ..config };
+    let summary2 = run_node(config, CancellationToken::new(), Some(events_tx)).await.unwrap();
+    let mut second_events = Vec::new();
+    while let Ok(event) = events_rx.try_recv() {
+        second_events.push(event);
+    }
+    assert!(second_events.iter().any(|e| matches!(e, NodeEvent::Synced { round: 2, from: SyncSource::SavedState, .. })), "{second_events:?}");
+    assert_eq!(summary2.rounds_completed, 1);
+    assert_eq!(summary2.bytes_downloaded, 0, "nothing fetched again after the restart");
+
+    stop_fake.cancel();
+    let (fake, coordinator) = fake_task.await.unwrap();
+    assert_eq!(fake.commits, 3);
+    assert_eq!(summary2.final_params_hash, Some(Hash::of_f32s(&fake.theta)), "node and coordinator hold the same params");
+    coordinator.stop().await;
 }

@@ -387,10 +387,8 @@ impl EventLoop {
                     self.emit(Event::PeerConnected { peer: peer_id });
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
-                if num_established == 0 {
-                    self.emit(Event::PeerDisconnected { peer: peer_id });
-                }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.emit(Event::PeerDisconnected { peer: peer_id });
             }
             SwarmEvent::OutgoingConnectionError { connection_id, error, peer_id } => {
                 if let Some((addr, reply)) = self.pending_dial.remove(&connection_id) {
@@ -423,8 +421,13 @@ impl EventLoop {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
             }
-            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
-                if let kad::QueryResult::GetProviders(result) = result {
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            }) => {
+                {
                     let finished = match result {
                         Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
                             if let Some((found, _)) = self.pending_providers.get_mut(&id) {

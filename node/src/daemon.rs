@@ -1,0 +1,938 @@
+//! The node's round loop, as DESIGN.md describes it:
+//!
+//! ```text
+//! join ──► sync θ_r (saved state, checkpoint, or the seeded init)
+//!   └─► wait for the plan of round r (gossip, or polling the coordinator)
+//!        └─► fetch the assigned shards ─► train H steps ─► Δ = θ_r − θ_local
+//!             ─► encode (error feedback) ─► store as a blob ─► signed Commit
+//!        └─► wait for the manifest of round r
+//!             ─► fetch accepted updates ─► apply_round ─► hash == next_params_hash?
+//!                  yes: save state, r += 1       no: resync (join again, load checkpoint)
+//! ```
+//!
+//! Anything from the network is checked before use: plans and manifests by
+//! the coordinator's signature, blobs by their hash, the resulting params by
+//! the manifest's hash. Training and aggregation run on blocking threads.
+//! A coordinator that stops answering is retried with backoff, and a node
+//! that falls behind (a plan for a later round, a mismatched hash) resyncs.
+
+use crate::config::NodeConfig;
+use crate::limiter::RateLimiter;
+use crate::network::{self, Client, Event, NetworkConfig, NetworkError, Topic};
+use crate::state::{StateDir, StateError, StateRecord, f32s_from_bytes, write_atomic};
+use crate::store::{BlobStore, StoreError};
+use crate::transfer::{FetchError, Fetcher};
+use barnraise_protocol::aggregate::{AggregateError, AggregationRule, apply_round};
+use barnraise_protocol::codec::{CodecConfig, Encoder};
+use barnraise_protocol::identity::IdentityError;
+use barnraise_protocol::limits::PROTOCOL_VERSION;
+use barnraise_protocol::messages::{
+    Assignment, CheckpointRef, Commit, CoordinatorRequest, CoordinatorResponse, Join, Manifest, RoundPlan, RunConfig,
+    Welcome, WorkerInfo, now_ms,
+};
+use barnraise_protocol::outer::{OuterConfig, OuterOptimizer};
+use barnraise_protocol::{Hash, NodeId, PublicKey, Signed, SigningKey};
+use barnraise_trainer::device::DeviceSpec;
+use barnraise_trainer::{InnerConfig, ModelConfig, Trainer};
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// What the node reports as it works (for progress bars and `barnraise up`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum NodeEvent {
+    Joined { node: NodeId, run_id: String, round: u64 },
+    Synced { round: u64, params_hash: Hash, from: SyncSource },
+    Downloading { what: String, done: u64, total: u64 },
+    TrainingStarted { round: u64, steps: u32 },
+    TrainingProgress { round: u64, step: u32, loss: f32 },
+    Committed { round: u64, update_hash: Hash, bytes: u64, tokens: u64 },
+    /// The round's plan did not assign us any work.
+    Idle { round: u64 },
+    RoundApplied { round: u64, params_hash: Hash, matched: bool },
+    Resynced { round: u64 },
+    /// A recoverable problem (the coordinator is unreachable, a peer lied).
+    Warning { message: String },
+}
+
+/// Where synced params came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncSource {
+    SavedState,
+    Checkpoint,
+    SeededInit,
+}
+
+/// What a node did, when it stops.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeSummary {
+    pub node: Option<NodeId>,
+    pub rounds_completed: u64,
+    pub rounds_trained: u64,
+    pub tokens_trained: u64,
+    pub bytes_uploaded: u64,
+    pub bytes_downloaded: u64,
+    pub resyncs: u64,
+    pub final_params_hash: Option<Hash>,
+}
+
+/// Why the node stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("node key: {0}")]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("the coordinator refused us: {0}")]
+    Refused(String),
+    #[error("the run's configuration is unusable: {0}")]
+    RunConfig(String),
+    #[error("training failed: {0}")]
+    Training(String),
+    #[error("aggregation failed: {0}")]
+    Aggregate(#[from] AggregateError),
+    #[error("the coordinator address {0} is not usable: {1}")]
+    Coordinator(Multiaddr, String),
+}
+
+/// The initial seed of θ_0 when a run starts without a checkpoint.
+pub const INIT_SEED: u64 = 0;
+/// Longest wait between retries of a failing coordinator request.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long we wait for a round's manifest before assuming we missed it.
+const MANIFEST_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Runs a node until `shutdown` fires, `config.max_rounds` rounds are
+/// applied, or an unrecoverable error (a bad key, an unusable run).
+pub async fn run_node(
+    config: NodeConfig,
+    shutdown: CancellationToken,
+    events: Option<mpsc::Sender<NodeEvent>>,
+) -> Result<NodeSummary, NodeError> {
+    let key_path = config.key_path();
+    let (key, created) = SigningKey::load_or_create(&key_path)?;
+    if created {
+        tracing::info!("created node key {}", key_path.display());
+    }
+    let store = Arc::new(BlobStore::open(&config.data_dir.join("blobs"))?);
+    let coordinator_key = match &config.coordinator_key {
+        Some(hex) => Some(
+            hex.parse::<PublicKey>()
+                .map_err(|e| NodeError::Coordinator(config.coordinator.clone(), format!("coordinator_key: {e}")))?,
+        ),
+        None => None,
+    };
+    let network_config = NetworkConfig {
+        keypair: key.to_libp2p()?,
+        listen: config.listen.clone(),
+        blobs: store.clone(),
+        upload: RateLimiter::new(config.upload_limit),
+        coordinator_key,
+        serve_coordinator: false,
+    };
+    let (client, network_events, mut event_loop) = network::new(network_config)?;
+    let listen_addrs = event_loop.wait_for_listen_addrs(Duration::from_secs(10)).await;
+    let network_shutdown = shutdown.child_token();
+    let network_task = tokio::spawn(event_loop.run(network_shutdown.clone()));
+
+    let (plans_tx, plans_rx) = mpsc::channel(16);
+    let (manifests_tx, manifests_rx) = mpsc::channel(16);
+    let bytes_up = Arc::new(AtomicU64::new(0));
+    let router = tokio::spawn(route_events(network_events, plans_tx, manifests_tx, bytes_up.clone()));
+
+    let fetcher = Fetcher::new(client.clone(), store.clone(), RateLimiter::new(config.download_limit))
+        .with_concurrency(config.max_parallel_chunks, crate::transfer::MAX_IN_FLIGHT_PER_PROVIDER);
+    let mut node = Node {
+        state: StateDir::new(&config.data_dir),
+        receipts: config.data_dir.join("receipts"),
+        config,
+        key,
+        client,
+        fetcher,
+        store,
+        shutdown: shutdown.clone(),
+        events,
+        plans: plans_rx,
+        manifests: manifests_rx,
+        listen_addrs,
+        coordinator: None,
+        coordinator_key,
+        run_id: None,
+        summary: NodeSummary::default(),
+    };
+    let result = node.run().await;
+    let mut summary = node.summary.clone();
+    summary.bytes_uploaded = bytes_up.load(Ordering::Relaxed);
+    // Say goodbye if we can; the coordinator copes if we cannot.
+    node.leave().await;
+    network_shutdown.cancel();
+    let _ = network_task.await;
+    router.abort();
+    match result {
+        Ok(()) | Err(NodeError::Network(NetworkError::Closed)) if shutdown.is_cancelled() => Ok(summary),
+        Ok(()) => Ok(summary),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sorts network events: plans and manifests to the round loop, served
+/// bytes to the counter. Full queues drop (the round loop also polls).
+async fn route_events(
+    mut events: mpsc::Receiver<Event>,
+    plans: mpsc::Sender<(PeerId, RoundPlan)>,
+    manifests: mpsc::Sender<(PeerId, Signed<Manifest>, Manifest)>,
+    bytes_up: Arc<AtomicU64>,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Plan { source, plan, .. } => {
+                let _ = plans.try_send((source, plan));
+            }
+            Event::Manifest { source, manifest, signed } => {
+                let _ = manifests.try_send((source, signed, manifest));
+            }
+            Event::BlobServed { bytes, .. } => {
+                bytes_up.fetch_add(bytes, Ordering::Relaxed);
+            }
+            Event::GossipRejected { source, topic, reason } => {
+                tracing::warn!(peer = %source, %topic, "rejected gossip: {reason}");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The global state of the run as this node holds it.
+struct Synced {
+    run: RunConfig,
+    model: ModelConfig,
+    rule: AggregationRule,
+    round: u64,
+    theta: Vec<f32>,
+    optimizer: OuterOptimizer,
+    encoder: Encoder,
+    trainer: Option<Trainer>,
+    committed: Option<(u64, Hash)>,
+}
+
+struct Node {
+    config: NodeConfig,
+    key: SigningKey,
+    client: Client,
+    fetcher: Fetcher,
+    store: Arc<BlobStore>,
+    state: StateDir,
+    receipts: std::path::PathBuf,
+    shutdown: CancellationToken,
+    events: Option<mpsc::Sender<NodeEvent>>,
+    plans: mpsc::Receiver<(PeerId, RoundPlan)>,
+    manifests: mpsc::Receiver<(PeerId, Signed<Manifest>, Manifest)>,
+    listen_addrs: Vec<Multiaddr>,
+    coordinator: Option<PeerId>,
+    coordinator_key: Option<PublicKey>,
+    run_id: Option<String>,
+    summary: NodeSummary,
+}
+
+/// What happened to one round.
+enum RoundOutcome {
+    Applied,
+    /// We fell behind or disagreed: join again and resync.
+    Resync(String),
+}
+
+impl Node {
+    fn emit(&self, event: NodeEvent) {
+        if let Some(events) = &self.events {
+            // Progress display must never hold up the round loop.
+            let _ = events.try_send(event);
+        }
+    }
+
+    fn warn(&self, message: String) {
+        tracing::warn!("{message}");
+        self.emit(NodeEvent::Warning { message });
+    }
+
+    fn cancelled(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    async fn sleep(&self, duration: Duration) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(duration) => true,
+        }
+    }
+
+    async fn run(&mut self) -> Result<(), NodeError> {
+        let mut synced = None;
+        loop {
+            if self.cancelled() {
+                return Ok(());
+            }
+            let state = match synced.take() {
+                Some(state) => state,
+                None => match self.join_and_sync().await? {
+                    Some(state) => state,
+                    None => return Ok(()),
+                },
+            };
+            let mut state = state;
+            loop {
+                if self.config.max_rounds.is_some_and(|max| self.summary.rounds_completed >= max) {
+                    return Ok(());
+                }
+                if self.cancelled() {
+                    return Ok(());
+                }
+                match self.round(&mut state).await? {
+                    Some(RoundOutcome::Applied) => {}
+                    Some(RoundOutcome::Resync(reason)) => {
+                        self.warn(format!("resyncing: {reason}"));
+                        self.summary.resyncs += 1;
+                        break;
+                    }
+                    None => return Ok(()),
+                }
+            }
+            if let Some(fresh) = self.join_and_sync().await? {
+                self.emit(NodeEvent::Resynced { round: fresh.round });
+                synced = Some(fresh);
+            } else {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Dials the coordinator until it answers (or we are stopped).
+    async fn connect(&mut self) -> Result<Option<PeerId>, NodeError> {
+        if let Some(peer) = self.coordinator {
+            return Ok(Some(peer));
+        }
+        let addr = self.config.coordinator.clone();
+        if addr.is_empty() {
+            return Err(NodeError::Coordinator(addr, "no coordinator address configured".into()));
+        }
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match self.client.dial(addr.clone()).await {
+                Ok(peer) => {
+                    let key = match self.coordinator_key {
+                        Some(key) => key,
+                        None => PublicKey::from_peer_id(&peer).map_err(|e| NodeError::Coordinator(addr.clone(), e.to_string()))?,
+                    };
+                    self.coordinator_key = Some(key);
+                    self.client.set_coordinator_key(key).await?;
+                    let relay = if addr.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+                        addr.clone()
+                    } else {
+                        addr.clone().with(Protocol::P2p(peer))
+                    };
+                    self.client.add_address(peer, strip_p2p(&addr)).await?;
+                    self.client.add_relay(relay).await?;
+                    self.coordinator = Some(peer);
+                    tracing::info!(%peer, "connected to the coordinator at {addr}");
+                    return Ok(Some(peer));
+                }
+                Err(NetworkError::Closed) => return Err(NetworkError::Closed.into()),
+                Err(e) => {
+                    self.warn(format!("coordinator unreachable ({e}); retrying in {:.1} s", backoff.as_secs_f32()));
+                    if !self.sleep(backoff).await {
+                        return Ok(None);
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// One request to the coordinator, retried with backoff until it gets an
+    /// answer or we are stopped. A lost connection is re-dialled.
+    async fn ask(&mut self, request: CoordinatorRequest) -> Result<Option<CoordinatorResponse>, NodeError> {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let Some(peer) = self.connect().await? else { return Ok(None) };
+            match self.client.coordinator_request(peer, request.clone()).await {
+                Ok(response) => return Ok(Some(response)),
+                Err(NetworkError::Closed) => return Err(NetworkError::Closed.into()),
+                Err(e) => {
+                    self.warn(format!("coordinator request failed ({e}); retrying in {:.1} s", backoff.as_secs_f32()));
+                    if !self.sleep(backoff).await {
+                        return Ok(None);
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn worker_info(&self) -> Vec<WorkerInfo> {
+        let gpus = barnraise_trainer::device::discover_gpus();
+        let wants_gpu = !self.config.device.eq_ignore_ascii_case("cpu") && barnraise_trainer::device::cuda_build();
+        match gpus.first() {
+            Some(gpu) if wants_gpu => vec![WorkerInfo {
+                device: format!("cuda:{}", gpu.ordinal),
+                name: gpu.name.clone(),
+                memory_bytes: gpu.memory_bytes,
+            }],
+            _ => vec![WorkerInfo { device: "cpu".into(), name: "cpu".into(), memory_bytes: 0 }],
+        }
+    }
+
+    /// Joins the run and brings θ to the coordinator's current round.
+    async fn join_and_sync(&mut self) -> Result<Option<Synced>, NodeError> {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let join = Join {
+                protocol_version: PROTOCOL_VERSION,
+                agent: format!("barnraise/{}", env!("CARGO_PKG_VERSION")),
+                run_id: self.config.run_id.clone(),
+                workers: self.worker_info(),
+                listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
+                certificate: None,
+                timestamp_ms: now_ms(),
+            };
+            let signed = Signed::sign(&self.key, &join).map_err(|e| NodeError::RunConfig(e.to_string()))?;
+            let Some(response) = self.ask(CoordinatorRequest::Join(signed)).await? else { return Ok(None) };
+            let welcome = match response {
+                CoordinatorResponse::Welcome(signed) => match signed.verify(self.coordinator_key.as_ref()) {
+                    Ok(welcome) => welcome,
+                    Err(e) => {
+                        self.warn(format!("ignoring a welcome that does not verify: {e}"));
+                        if !self.sleep(backoff).await {
+                            return Ok(None);
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                },
+                CoordinatorResponse::Refused { reason } => return Err(NodeError::Refused(reason)),
+                other => {
+                    self.warn(format!("unexpected answer to join: {other:?}"));
+                    if !self.sleep(backoff).await {
+                        return Ok(None);
+                    }
+                    continue;
+                }
+            };
+            self.summary.node = Some(welcome.node);
+            self.run_id = Some(welcome.config.run_id.clone());
+            self.emit(NodeEvent::Joined { node: welcome.node, run_id: welcome.config.run_id.clone(), round: welcome.current_round });
+            tracing::info!(run = %welcome.config.run_id, round = welcome.current_round, "joined as {}", welcome.node.short());
+            for topic in [
+                Topic::Plans { run_id: welcome.config.run_id.clone() },
+                Topic::Manifests { run_id: welcome.config.run_id.clone() },
+            ] {
+                self.client.subscribe(topic).await?;
+            }
+            match self.sync(&welcome).await {
+                Ok(Some(state)) => return Ok(Some(state)),
+                Ok(None) => return Ok(None),
+                Err(NodeError::Fetch(e)) => {
+                    self.warn(format!("could not fetch the checkpoint ({e}); joining again"));
+                    if !self.sleep(backoff).await {
+                        return Ok(None);
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn sync(&mut self, welcome: &Welcome) -> Result<Option<Synced>, NodeError> {
+        let run = welcome.config.clone();
+        let model: ModelConfig = serde_json::from_str(&run.model_config_json)
+            .map_err(|e| NodeError::RunConfig(format!("model config: {e}")))?;
+        model.validate().map_err(NodeError::RunConfig)?;
+        let codec: CodecConfig = run.codec.parse().map_err(|e| NodeError::RunConfig(format!("codec `{}`: {e}", run.codec)))?;
+        let rule: AggregationRule = run.aggregation.parse()?;
+        let params = model.params_count();
+        let outer = OuterConfig { lr: run.outer_lr, momentum: run.outer_momentum, ..OuterConfig::default() };
+
+        // 1. Our own saved state, if it is exactly the coordinator's θ.
+        let saved = match self.state.load() {
+            Ok(saved) => saved,
+            Err(e) => {
+                self.warn(format!("ignoring saved state: {e}"));
+                None
+            }
+        };
+        let mut committed = None;
+        let (theta, momentum, source) = match saved {
+            Some(saved)
+                if saved.record.run_id == run.run_id
+                    && saved.record.round == welcome.current_round
+                    && saved.record.params_hash == welcome.params_hash.to_hex()
+                    && saved.params.len() == params =>
+            {
+                committed = saved.record.committed.as_ref().and_then(|(r, h)| Some((*r, h.parse::<Hash>().ok()?)));
+                (saved.params, saved.momentum, crate::daemon::SyncSource::SavedState)
+            }
+            _ => match &welcome.checkpoint {
+                // 2. The coordinator's checkpoint of θ_current.
+                Some(checkpoint) => {
+                    let Some((theta, momentum)) = self.load_checkpoint(checkpoint, &model, &run.run_id).await? else {
+                        return Ok(None);
+                    };
+                    (theta, momentum, SyncSource::Checkpoint)
+                }
+                // 3. A run that has not moved yet starts from the seeded init.
+                None => {
+                    let model2 = model.clone();
+                    let theta = tokio::task::spawn_blocking(move || model2.init_flat(INIT_SEED))
+                        .await
+                        .map_err(|e| NodeError::Training(e.to_string()))?;
+                    (theta, vec![0.0; params], SyncSource::SeededInit)
+                }
+            },
+        };
+        let hash = Hash::of_f32s(&theta);
+        if hash != welcome.params_hash {
+            return Err(NodeError::RunConfig(format!(
+                "params from {source:?} hash to {}, but the coordinator's round {} params hash to {} \
+                 (is the coordinator using the same model code and init seed?)",
+                hash.short(),
+                welcome.current_round,
+                welcome.params_hash.short()
+            )));
+        }
+        let mut encoder = Encoder::new(codec, params).map_err(|e| NodeError::RunConfig(e.to_string()))?;
+        if let Some(residual) = self.state.load_residual(encoder.residual().len())
+            && source == SyncSource::SavedState
+            && !residual.is_empty()
+        {
+            // Keep the error feedback across a restart.
+            if let Err(e) = encoder.set_residual(&residual) {
+                self.warn(format!("discarding saved codec residual: {e}"));
+            }
+        }
+        let record = StateRecord {
+            run_id: run.run_id.clone(),
+            round: welcome.current_round,
+            params_hash: hash.to_hex(),
+            codec: run.codec.clone(),
+            committed: committed.map(|(r, h): (u64, Hash)| (r, h.to_hex())),
+        };
+        self.state.save(&record, &theta, &momentum)?;
+        self.emit(NodeEvent::Synced { round: welcome.current_round, params_hash: hash, from: source });
+        tracing::info!(round = welcome.current_round, params = %hash.short(), "synced params ({source:?})");
+        Ok(Some(Synced {
+            run,
+            model,
+            rule,
+            round: welcome.current_round,
+            theta,
+            optimizer: OuterOptimizer::from_state(outer, momentum),
+            encoder,
+            trainer: None,
+            committed,
+        }))
+    }
+
+    async fn load_checkpoint(
+        &mut self,
+        checkpoint: &CheckpointRef,
+        model: &ModelConfig,
+        run_id: &str,
+    ) -> Result<Option<(Vec<f32>, Vec<f32>)>, NodeError> {
+        let providers = self.providers(&checkpoint.blob, None).await;
+        self.fetch(&checkpoint.blob, Some(checkpoint.bytes), &providers, "checkpoint").await?;
+        let providers = self.providers(&checkpoint.optimizer_blob, None).await;
+        self.fetch(&checkpoint.optimizer_blob, Some(checkpoint.optimizer_bytes), &providers, "optimizer state").await?;
+        let store = self.store.clone();
+        let (blob, optimizer_blob, model) = (checkpoint.blob, checkpoint.optimizer_blob, model.clone());
+        let expected_hash = checkpoint.params_hash;
+        let run_id = run_id.to_string();
+        let loaded = tokio::task::spawn_blocking(move || -> Result<(Vec<f32>, Vec<f32>), String> {
+            let bytes = store.read(&blob).map_err(|e| e.to_string())?;
+            let path = Path::new("checkpoint blob").join(blob.to_hex());
+            let checkpoint = barnraise_trainer::checkpoint::from_bytes(&bytes, &path, &model).map_err(|e| e.to_string())?;
+            if Hash::of_f32s(&checkpoint.params) != expected_hash {
+                return Err("checkpoint params do not hash to the announced value".into());
+            }
+            if !checkpoint.meta.run.is_empty() && checkpoint.meta.run != run_id {
+                tracing::warn!("checkpoint names run '{}', expected '{run_id}'", checkpoint.meta.run);
+            }
+            let momentum = f32s_from_bytes(&store.read(&optimizer_blob).map_err(|e| e.to_string())?)
+                .filter(|m| m.len() == checkpoint.params.len())
+                .ok_or("optimizer state blob is not one f32 per parameter")?;
+            Ok((checkpoint.params, momentum))
+        })
+        .await
+        .map_err(|e| NodeError::Training(e.to_string()))?
+        .map_err(|e| NodeError::RunConfig(format!("checkpoint of round {}: {e}", checkpoint.round)))?;
+        Ok(Some(loaded))
+    }
+
+    /// Candidate providers of a blob: the coordinator, the peer that made
+    /// it (for updates), and whoever announced it on Kademlia.
+    async fn providers(&self, hash: &Hash, author: Option<PeerId>) -> Vec<PeerId> {
+        let mut peers: Vec<PeerId> = self.coordinator.into_iter().chain(author).collect();
+        let lookup = tokio::time::timeout(Duration::from_secs(5), self.client.get_providers(*hash)).await;
+        if let Ok(Ok(found)) = lookup {
+            peers.extend(found);
+        }
+        peers.sort();
+        peers.dedup();
+        peers
+    }
+
+    async fn fetch(&mut self, hash: &Hash, size: Option<u64>, providers: &[PeerId], what: &str) -> Result<(), NodeError> {
+        if self.store.contains(hash) {
+            return Ok(());
+        }
+        self.emit(NodeEvent::Downloading { what: what.to_string(), done: 0, total: size.unwrap_or(0) });
+        let fetcher = match &self.events {
+            Some(events) => {
+                let events = events.clone();
+                let what = what.to_string();
+                self.fetcher.clone().with_progress(Arc::new(move |done, total| {
+                    let _ = events.try_send(NodeEvent::Downloading { what: what.clone(), done, total });
+                }))
+            }
+            None => self.fetcher.clone(),
+        };
+        let report = fetcher.fetch(*hash, size, providers, &self.shutdown).await?;
+        self.summary.bytes_downloaded += report.bytes_fetched;
+        for (peer, reason) in &report.bad_providers {
+            self.warn(format!("peer {peer} served bad data for {what} {}: {reason}", hash.short()));
+        }
+        Ok(())
+    }
+
+    /// Waits for the plan of `round` (gossip first, polling as a fallback).
+    async fn wait_for_plan(&mut self, round: u64) -> Result<Option<RoundPlan>, NodeError> {
+        let poll = Duration::from_millis(self.config.poll_interval_ms.max(50));
+        loop {
+            while let Ok((_, plan)) = self.plans.try_recv() {
+                if plan.round >= round {
+                    return Ok(Some(plan));
+                }
+            }
+            let Some(response) = self.ask(CoordinatorRequest::CurrentPlan).await? else { return Ok(None) };
+            match response {
+                CoordinatorResponse::Plan(Some(signed)) => match signed.verify(self.coordinator_key.as_ref()) {
+                    Ok(plan) if plan.round >= round => return Ok(Some(plan)),
+                    Ok(_) => {}
+                    Err(e) => self.warn(format!("coordinator sent a plan that does not verify: {e}")),
+                },
+                CoordinatorResponse::Plan(None) => {}
+                other => tracing::debug!("unexpected answer to CurrentPlan: {other:?}"),
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(None),
+                Some((_, plan)) = self.plans.recv() => if plan.round >= round { return Ok(Some(plan)) },
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    /// Waits for the manifest of `round`.
+    async fn wait_for_manifest(&mut self, round: u64) -> Result<Option<Result<(Signed<Manifest>, Manifest), String>>, NodeError> {
+        let poll = Duration::from_millis(self.config.poll_interval_ms.max(50));
+        let started = Instant::now();
+        loop {
+            while let Ok((_, signed, manifest)) = self.manifests.try_recv() {
+                if manifest.round == round {
+                    return Ok(Some(Ok((signed, manifest))));
+                }
+            }
+            let Some(response) = self.ask(CoordinatorRequest::Manifest { round }).await? else { return Ok(None) };
+            match response {
+                CoordinatorResponse::Manifest(Some(signed)) => match signed.verify(self.coordinator_key.as_ref()) {
+                    Ok(manifest) if manifest.round == round => return Ok(Some(Ok((signed, manifest)))),
+                    Ok(manifest) => self.warn(format!("asked for manifest {round}, got {}", manifest.round)),
+                    Err(e) => self.warn(format!("coordinator sent a manifest that does not verify: {e}")),
+                },
+                CoordinatorResponse::Manifest(None) => {}
+                other => tracing::debug!("unexpected answer to Manifest: {other:?}"),
+            }
+            if started.elapsed() > MANIFEST_PATIENCE {
+                return Ok(Some(Err(format!("no manifest for round {round} after {} s", MANIFEST_PATIENCE.as_secs()))));
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(None),
+                Some((_, signed, manifest)) = self.manifests.recv() => {
+                    if manifest.round == round { return Ok(Some(Ok((signed, manifest)))) }
+                }
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    /// One round. `None` means we were stopped.
+    async fn round(&mut self, state: &mut Synced) -> Result<Option<RoundOutcome>, NodeError> {
+        let round = state.round;
+        let Some(plan) = self.wait_for_plan(round).await? else { return Ok(None) };
+        if plan.round > round {
+            return Ok(Some(RoundOutcome::Resync(format!("round {} is open but we hold round {round}", plan.round))));
+        }
+        let our_hash = Hash::of_f32s(&state.theta);
+        if plan.params_hash != our_hash {
+            return Ok(Some(RoundOutcome::Resync(format!(
+                "plan of round {round} starts from {}, we hold {}",
+                plan.params_hash.short(),
+                our_hash.short()
+            ))));
+        }
+        let me = self.key.node_id();
+        let assignment = plan.assignments.iter().find(|a| a.node == me).cloned();
+        match (&assignment, state.committed) {
+            (Some(_), Some((r, hash))) if r == round && self.store.contains(&hash) => {
+                tracing::info!(round, "already committed {} for this round before a restart", hash.short());
+            }
+            (Some(assignment), _) => {
+                let Some(()) = self.train_and_commit(state, &plan, assignment).await? else { return Ok(None) };
+            }
+            (None, _) => {
+                tracing::info!(round, "not assigned work this round");
+                self.emit(NodeEvent::Idle { round });
+            }
+        }
+        let Some(manifest) = self.wait_for_manifest(round).await? else { return Ok(None) };
+        let (signed, manifest) = match manifest {
+            Ok(found) => found,
+            Err(reason) => return Ok(Some(RoundOutcome::Resync(reason))),
+        };
+        if manifest.base_params_hash != our_hash {
+            return Ok(Some(RoundOutcome::Resync(format!("manifest of round {round} is based on other params"))));
+        }
+        // Fetch every accepted update, checked against its hash and size.
+        for accepted in &manifest.accepted {
+            let author = accepted.node.0.to_peer_id().ok();
+            let providers = self.providers(&accepted.update_hash, author).await;
+            if let Err(e) = self.fetch(&accepted.update_hash, Some(accepted.update_bytes), &providers, "update").await {
+                return match e {
+                    NodeError::Fetch(FetchError::Cancelled) => Ok(None),
+                    NodeError::Fetch(e) => Ok(Some(RoundOutcome::Resync(format!("could not fetch an accepted update: {e}")))),
+                    other => Err(other),
+                };
+            }
+        }
+        let payloads: Vec<(Vec<u8>, f32)> = {
+            let mut out = Vec::with_capacity(manifest.accepted.len());
+            for accepted in &manifest.accepted {
+                let store = self.store.clone();
+                let hash = accepted.update_hash;
+                let bytes = tokio::task::spawn_blocking(move || store.read(&hash))
+                    .await
+                    .map_err(|e| NodeError::Training(e.to_string()))??;
+                out.push((bytes, accepted.weight));
+            }
+            out
+        };
+        let rule = state.rule;
+        let mut theta = std::mem::take(&mut state.theta);
+        let mut optimizer = state.optimizer.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            let updates: Vec<(&[u8], f32)> = payloads.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
+            let result = apply_round(&mut theta, &mut optimizer, &rule, &updates);
+            (theta, optimizer, result)
+        })
+        .await
+        .map_err(|e| NodeError::Training(e.to_string()))?;
+        let (theta, optimizer, result) = applied;
+        if let Err(e) = result {
+            state.theta = theta;
+            return Ok(Some(RoundOutcome::Resync(format!("accepted updates do not aggregate: {e}"))));
+        }
+        let next_hash = Hash::of_f32s(&theta);
+        let matched = next_hash == manifest.next_params_hash;
+        self.emit(NodeEvent::RoundApplied { round, params_hash: next_hash, matched });
+        if !matched {
+            state.theta = theta;
+            return Ok(Some(RoundOutcome::Resync(format!(
+                "after round {round} our params hash to {}, the manifest says {}",
+                next_hash.short(),
+                manifest.next_params_hash.short()
+            ))));
+        }
+        state.theta = theta;
+        state.optimizer = optimizer;
+        state.round = round + 1;
+        state.committed = None;
+        let record = StateRecord {
+            run_id: state.run.run_id.clone(),
+            round: state.round,
+            params_hash: next_hash.to_hex(),
+            codec: state.run.codec.clone(),
+            committed: None,
+        };
+        self.state.save(&record, &state.theta, state.optimizer.momentum())?;
+        self.keep_receipt(&signed, &manifest);
+        self.summary.rounds_completed += 1;
+        self.summary.final_params_hash = Some(next_hash);
+        tracing::info!(round, params = %next_hash.short(), accepted = manifest.accepted.len(), "round applied");
+        Ok(Some(RoundOutcome::Applied))
+    }
+
+    /// Keeps a signed manifest that names us: proof of our contribution.
+    fn keep_receipt(&self, signed: &Signed<Manifest>, manifest: &Manifest) {
+        let me = self.key.node_id();
+        let names_us = manifest.accepted.iter().any(|a| a.node == me)
+            || manifest.rejected.iter().any(|r| r.node == me)
+            || manifest.missing.contains(&me);
+        if !names_us {
+            return;
+        }
+        let path = self.receipts.join(format!("round-{:06}.manifest", manifest.round));
+        match signed.to_bytes() {
+            Ok(bytes) => {
+                if let Err(e) = write_atomic(&path, &bytes) {
+                    self.warn(format!("could not keep the receipt of round {}: {e}", manifest.round));
+                }
+            }
+            Err(e) => self.warn(format!("could not encode the receipt of round {}: {e}", manifest.round)),
+        }
+    }
+
+    async fn train_and_commit(
+        &mut self,
+        state: &mut Synced,
+        plan: &RoundPlan,
+        assignment: &Assignment,
+    ) -> Result<Option<()>, NodeError> {
+        let round = plan.round;
+        // Shards: verified by hash on arrival, cached in the store.
+        let mut tokens: Vec<u16> = Vec::new();
+        for shard in &assignment.shards {
+            let size = state.run.dataset.iter().find(|s| s.hash == *shard).map(|s| s.bytes);
+            let providers = self.providers(shard, None).await;
+            match self.fetch(shard, size, &providers, "shard").await {
+                Ok(()) => {}
+                Err(NodeError::Fetch(FetchError::Cancelled)) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            let bytes = self.store.read(shard)?;
+            let decoded = barnraise_trainer::data::Shard::decode(&bytes, &Path::new("shard").join(shard.to_hex()))
+                .map_err(|e| NodeError::RunConfig(e.to_string()))?;
+            tokens.extend_from_slice(&decoded.tokens);
+        }
+        let inner = InnerConfig {
+            steps: assignment.inner_steps as usize,
+            batch_size: state.run.batch_size as usize,
+            seq_len: state.run.seq_len as usize,
+            lr: f64::from(state.run.inner_lr),
+            min_lr: f64::from(state.run.inner_lr) / 10.0,
+            warmup: InnerConfig::default().warmup.min(assignment.inner_steps as usize),
+            schedule_steps: (state.run.total_rounds.max(1) as usize).saturating_mul(state.run.inner_steps as usize),
+            start_step: (round as usize).saturating_mul(state.run.inner_steps as usize),
+            seed: assignment.seed,
+            ..InnerConfig::default()
+        };
+        self.emit(NodeEvent::TrainingStarted { round, steps: assignment.inner_steps });
+        let trainer = match state.trainer.take() {
+            Some(trainer) => trainer,
+            None => {
+                let spec: DeviceSpec = self.config.device.parse().map_err(|e: barnraise_trainer::device::DeviceError| NodeError::Device(e.to_string()))?;
+                let device = barnraise_trainer::device::select(spec).map_err(|e| NodeError::Device(e.to_string()))?;
+                let model = state.model.clone();
+                tokio::task::spawn_blocking(move || Trainer::new(&model, device, INIT_SEED))
+                    .await
+                    .map_err(|e| NodeError::Training(e.to_string()))?
+                    .map_err(|e| NodeError::Training(e.to_string()))?
+            }
+        };
+        let theta = state.theta.clone();
+        let started = Instant::now();
+        let trained = tokio::task::spawn_blocking(move || {
+            let mut trainer = trainer;
+            let result = (|| {
+                trainer.set_flat_params(&theta)?;
+                let report = trainer.train_inner(&tokens, &inner)?;
+                let local = trainer.flat_params()?;
+                // Δ = θ_r − θ_local, element by element.
+                let delta: Vec<f32> = theta.iter().zip(&local).map(|(t, l)| t - l).collect();
+                Ok::<_, barnraise_trainer::TrainError>((report, delta))
+            })();
+            (trainer, result)
+        });
+        let (trainer, result) = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => return Ok(None),
+            joined = trained => joined.map_err(|e| NodeError::Training(e.to_string()))?,
+        };
+        state.trainer = Some(trainer);
+        let (report, delta) = result.map_err(|e| NodeError::Training(e.to_string()))?;
+        let compute_ms = started.elapsed().as_millis() as u64;
+        for (step, loss) in report.losses.iter().enumerate() {
+            self.emit(NodeEvent::TrainingProgress { round, step: step as u32 + 1, loss: *loss });
+        }
+        let payload = state.encoder.encode(&delta).map_err(|e| NodeError::Training(format!("encoding the update: {e}")))?;
+        let store = self.store.clone();
+        let update_bytes = payload.len() as u64;
+        let update_hash = tokio::task::spawn_blocking(move || store.put(&payload))
+            .await
+            .map_err(|e| NodeError::Training(e.to_string()))??;
+        self.state.save_residual(state.encoder.residual())?;
+        let _ = self.client.start_providing(update_hash).await;
+        let commit = Commit {
+            run_id: state.run.run_id.clone(),
+            round,
+            base_params_hash: plan.params_hash,
+            update_hash,
+            update_bytes,
+            tokens: report.tokens,
+            losses: report.losses.iter().copied().take(barnraise_protocol::limits::MAX_REPORTED_LOSSES).collect(),
+            compute_ms,
+            workers: 1,
+        };
+        let signed = Signed::sign(&self.key, &commit).map_err(|e| NodeError::Training(e.to_string()))?;
+        let Some(response) = self.ask(CoordinatorRequest::Commit(signed)).await? else { return Ok(None) };
+        match response {
+            CoordinatorResponse::CommitAccepted { .. } | CoordinatorResponse::Ok => {}
+            CoordinatorResponse::Refused { reason } => self.warn(format!("coordinator refused our commit for round {round}: {reason}")),
+            other => tracing::debug!("unexpected answer to commit: {other:?}"),
+        }
+        state.committed = Some((round, update_hash));
+        let record = StateRecord {
+            run_id: state.run.run_id.clone(),
+            round,
+            params_hash: plan.params_hash.to_hex(),
+            codec: state.run.codec.clone(),
+            committed: Some((round, update_hash.to_hex())),
+        };
+        self.state.save_record(&record)?;
+        self.summary.rounds_trained += 1;
+        self.summary.tokens_trained += report.tokens;
+        let losses = &report.losses;
+        tracing::info!(round, update = %update_hash.short(), bytes = update_bytes, loss = losses.last().copied().unwrap_or(f32::NAN), "committed update");
+        self.emit(NodeEvent::Committed { round, update_hash, bytes: update_bytes, tokens: report.tokens });
+        Ok(Some(()))
+    }
+
+    async fn leave(&mut self) {
+        let (Some(peer), Some(run_id)) = (self.coordinator, self.run_id.clone()) else { return };
+        let leave = barnraise_protocol::messages::Leave { run_id, timestamp_ms: now_ms() };
+        if let Ok(signed) = Signed::sign(&self.key, &leave) {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.client.coordinator_request(peer, CoordinatorRequest::Leave(signed)),
+            )
+            .await;
+        }
+    }
+}
+
+/// `addr` without its trailing `/p2p/...`, for the swarm's address book.
+fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
+}
