@@ -35,7 +35,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // θ after one warm-up round, so the probe sees a model that has started learning.
     let device = select(DeviceSpec::Cpu)?;
     let mut warm = Trainer::new(&model, device.clone(), 0)?;
-    let inner = |seed: u64| InnerConfig { steps, batch_size: 8, seq_len, seed, ..InnerConfig::default() };
+    let inner = |seed: u64| InnerConfig {
+        steps,
+        batch_size: 8,
+        seq_len,
+        seed,
+        ..InnerConfig::default()
+    };
     warm.train_inner(shards[0], &inner(99))?;
     let theta = warm.flat_params()?;
 
@@ -44,21 +50,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut honest_margins = Vec::new();
     let mut off_margins = Vec::new();
     let (mut honest_ok, mut off_ok) = (0, 0);
-    println!("preset {preset}, {} params, H = {steps}, codec {codec}, {trials} trials", model.params_count());
-    println!("{:>5}  {:>22}  {:>22}", "trial", "honest own/other/margin", "off-shard own/other/margin");
+    println!(
+        "preset {preset}, {} params, H = {steps}, codec {codec}, {trials} trials",
+        model.params_count()
+    );
+    println!(
+        "{:>5}  {:>22}  {:>22}",
+        "trial", "honest own/other/margin", "off-shard own/other/margin"
+    );
     for t in 0..trials {
         let own = shards[1 + t];
         let other = shards[2 + t];
-        let update_of = |tokens: &[u16], seed: u64| -> Result<Vec<f32>, Box<dyn std::error::Error>> {
-            let mut trainer = Trainer::new(&model, device.clone(), 0)?;
-            trainer.set_flat_params(&theta)?;
-            trainer.train_inner(tokens, &inner(seed))?;
-            let local = trainer.flat_params()?;
-            let delta: Vec<f32> = theta.iter().zip(&local).map(|(a, b)| a - b).collect();
-            // Through the codec, as a node would send it.
-            let payload = Encoder::new(codec, delta.len())?.encode(&delta)?;
-            Ok(barnraise_protocol::codec::decode(&payload, delta.len())?)
-        };
+        let update_of =
+            |tokens: &[u16], seed: u64| -> Result<Vec<f32>, Box<dyn std::error::Error>> {
+                let mut trainer = Trainer::new(&model, device.clone(), 0)?;
+                trainer.set_flat_params(&theta)?;
+                trainer.train_inner(tokens, &inner(seed))?;
+                let local = trainer.flat_params()?;
+                let delta: Vec<f32> = theta.iter().zip(&local).map(|(a, b)| a - b).collect();
+                // Through the codec, as a node would send it.
+                let payload = Encoder::new(codec, delta.len())?.encode(&delta)?;
+                Ok(barnraise_protocol::codec::decode(&payload, delta.len())?)
+            };
         let honest = update_of(own, t as u64)?;
         let off = update_of(other, t as u64)?;
         let own_base = probe.base_loss(own)?;

@@ -19,13 +19,19 @@ pub const MAX_LISTEN_ADDRS: usize = 16;
 pub enum JoinRefusal {
     #[error("the join is not validly signed")]
     BadSignature,
-    #[error("the join is signed by a key other than the connecting peer's; every node joins for itself")]
+    #[error(
+        "the join is signed by a key other than the connecting peer's; every node joins for itself"
+    )]
     NotTheSender,
-    #[error("protocol version {found} is not supported (this coordinator speaks {supported}); upgrade barnraise")]
+    #[error(
+        "protocol version {found} is not supported (this coordinator speaks {supported}); upgrade barnraise"
+    )]
     Version { found: u32, supported: u32 },
     #[error("this coordinator runs `{expected}`, not `{found}`")]
     WrongRun { expected: String, found: String },
-    #[error("the join's timestamp is {skew_s} s from the coordinator's clock (at most 300 s allowed); check the node's clock")]
+    #[error(
+        "the join's timestamp is {skew_s} s from the coordinator's clock (at most 300 s allowed); check the node's clock"
+    )]
     Clock { skew_s: u64 },
     #[error("the join is malformed: {0}")]
     Malformed(String),
@@ -55,20 +61,32 @@ pub fn admit(
         return Err(JoinRefusal::NotTheSender);
     }
     if join.protocol_version != PROTOCOL_VERSION {
-        return Err(JoinRefusal::Version { found: join.protocol_version, supported: PROTOCOL_VERSION });
+        return Err(JoinRefusal::Version {
+            found: join.protocol_version,
+            supported: PROTOCOL_VERSION,
+        });
     }
     if join.run_id != run_id {
-        return Err(JoinRefusal::WrongRun { expected: run_id.into(), found: join.run_id.chars().take(64).collect() });
+        return Err(JoinRefusal::WrongRun {
+            expected: run_id.into(),
+            found: join.run_id.chars().take(64).collect(),
+        });
     }
     let skew = now_ms.abs_diff(join.timestamp_ms);
     if skew > MAX_CLOCK_SKEW_MS {
-        return Err(JoinRefusal::Clock { skew_s: skew / 1000 });
+        return Err(JoinRefusal::Clock {
+            skew_s: skew / 1000,
+        });
     }
     if join.workers.is_empty() || join.workers.len() > MAX_WORKERS_PER_NODE {
-        return Err(JoinRefusal::Malformed(format!("declare 1 to {MAX_WORKERS_PER_NODE} workers")));
+        return Err(JoinRefusal::Malformed(format!(
+            "declare 1 to {MAX_WORKERS_PER_NODE} workers"
+        )));
     }
     if join.listen_addrs.len() > MAX_LISTEN_ADDRS || join.agent.len() > MAX_TEXT_BYTES {
-        return Err(JoinRefusal::Malformed(format!("at most {MAX_LISTEN_ADDRS} listen addresses and a {MAX_TEXT_BYTES}-byte agent string")));
+        return Err(JoinRefusal::Malformed(format!(
+            "at most {MAX_LISTEN_ADDRS} listen addresses and a {MAX_TEXT_BYTES}-byte agent string"
+        )));
     }
     let node = NodeId(signed.signer);
     let certificate = match &join.certificate {
@@ -82,17 +100,36 @@ pub fn admit(
     if let Some(orgs) = admitted_orgs {
         match &certificate {
             Some(c) if orgs.contains(&c.org) => {}
-            Some(c) => return Err(JoinRefusal::NotAdmitted(format!("org {} is not one of them", c.org))),
-            None => return Err(JoinRefusal::NotAdmitted("the join carries no certificate".into())),
+            Some(c) => {
+                return Err(JoinRefusal::NotAdmitted(format!(
+                    "org {} is not one of them",
+                    c.org
+                )));
+            }
+            None => {
+                return Err(JoinRefusal::NotAdmitted(
+                    "the join carries no certificate".into(),
+                ));
+            }
         }
     }
-    Ok(Admitted { node, join, certificate })
+    Ok(Admitted {
+        node,
+        join,
+        certificate,
+    })
 }
 
 /// A certificate is valid when its org signed it, it names this node, and it
 /// has not expired.
-fn check_certificate(cert: &Signed<NodeCertificate>, node: &NodeId, now_ms: u64) -> Result<NodeCertificate, String> {
-    let body = cert.verify(None).map_err(|e| format!("the certificate does not verify: {e}"))?;
+fn check_certificate(
+    cert: &Signed<NodeCertificate>,
+    node: &NodeId,
+    now_ms: u64,
+) -> Result<NodeCertificate, String> {
+    let body = cert
+        .verify(None)
+        .map_err(|e| format!("the certificate does not verify: {e}"))?;
     if OrgId(cert.signer) != body.org {
         return Err("the certificate is not signed by the org it names".into());
     }
@@ -125,7 +162,11 @@ mod tests {
             protocol_version: PROTOCOL_VERSION,
             agent: "barnraise/test".into(),
             run_id: "run".into(),
-            workers: vec![WorkerInfo { device: "cpu".into(), name: "cpu".into(), memory_bytes: 1 }],
+            workers: vec![WorkerInfo {
+                device: "cpu".into(),
+                name: "cpu".into(),
+                memory_bytes: 1,
+            }],
             listen_addrs: vec![],
             certificate: cert,
             timestamp_ms: NOW,
@@ -133,7 +174,13 @@ mod tests {
     }
 
     fn cert(org: &SigningKey, node: &SigningKey, expires_ms: u64) -> Signed<NodeCertificate> {
-        let body = NodeCertificate { org: org.org_id(), org_name: "Org".into(), node: node.node_id(), issued_ms: 0, expires_ms };
+        let body = NodeCertificate {
+            org: org.org_id(),
+            org_name: "Org".into(),
+            node: node.node_id(),
+            issued_ms: 0,
+            expires_ms,
+        };
         Signed::sign(org, &body).unwrap()
     }
 
@@ -155,18 +202,33 @@ mod tests {
         let mut tampered = sign(&join(None));
         tampered.body[0] ^= 1;
         assert_eq!(check(&tampered, NOW), Err(JoinRefusal::BadSignature));
-        assert_eq!(admit(&sign(&join(None)), Some(&key(2).public()), "run", None, NOW), Err(JoinRefusal::NotTheSender));
+        assert_eq!(
+            admit(&sign(&join(None)), Some(&key(2).public()), "run", None, NOW),
+            Err(JoinRefusal::NotTheSender)
+        );
         let mut old = join(None);
         old.protocol_version = 0;
-        assert!(matches!(check(&sign(&old), NOW), Err(JoinRefusal::Version { .. })));
+        assert!(matches!(
+            check(&sign(&old), NOW),
+            Err(JoinRefusal::Version { .. })
+        ));
         // A join replayed ten minutes later.
-        assert!(matches!(check(&sign(&join(None)), NOW + 10 * 60 * 1000), Err(JoinRefusal::Clock { skew_s: 600 })));
+        assert!(matches!(
+            check(&sign(&join(None)), NOW + 10 * 60 * 1000),
+            Err(JoinRefusal::Clock { skew_s: 600 })
+        ));
         let mut other = join(None);
         other.run_id = "other".into();
-        assert!(matches!(check(&sign(&other), NOW), Err(JoinRefusal::WrongRun { .. })));
+        assert!(matches!(
+            check(&sign(&other), NOW),
+            Err(JoinRefusal::WrongRun { .. })
+        ));
         let mut no_workers = join(None);
         no_workers.workers.clear();
-        assert!(matches!(check(&sign(&no_workers), NOW), Err(JoinRefusal::Malformed(_))));
+        assert!(matches!(
+            check(&sign(&no_workers), NOW),
+            Err(JoinRefusal::Malformed(_))
+        ));
     }
 
     #[test]
@@ -181,8 +243,15 @@ mod tests {
         };
         assert!(try_join(Some(cert(&org, &node, NOW + 1))).is_ok());
         assert!(matches!(try_join(None), Err(JoinRefusal::NotAdmitted(_))));
-        assert!(matches!(try_join(Some(cert(&org, &node, NOW - 1))), Err(JoinRefusal::NotAdmitted(m)) if m.contains("expired")));
-        assert!(matches!(try_join(Some(cert(&stranger_org, &node, NOW + 1))), Err(JoinRefusal::NotAdmitted(_))));
-        assert!(matches!(try_join(Some(cert(&org, &key(3), NOW + 1))), Err(JoinRefusal::NotAdmitted(m)) if m.contains("another node")));
+        assert!(
+            matches!(try_join(Some(cert(&org, &node, NOW - 1))), Err(JoinRefusal::NotAdmitted(m)) if m.contains("expired"))
+        );
+        assert!(matches!(
+            try_join(Some(cert(&stranger_org, &node, NOW + 1))),
+            Err(JoinRefusal::NotAdmitted(_))
+        ));
+        assert!(
+            matches!(try_join(Some(cert(&org, &key(3), NOW + 1))), Err(JoinRefusal::NotAdmitted(m)) if m.contains("another node"))
+        );
     }
 }

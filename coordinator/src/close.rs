@@ -81,7 +81,11 @@ pub fn close_round(
     // Stage 2 once more on what the store holds (cheap, and the store is disk).
     let mut dense: Vec<(usize, Vec<f32>)> = Vec::new();
     for (i, c) in close.candidates.iter().enumerate() {
-        let reject = |reason| RejectedUpdate { node: c.node, update_hash: Some(c.commit.update_hash), reason };
+        let reject = |reason| RejectedUpdate {
+            node: c.node,
+            update_hash: Some(c.commit.update_hash),
+            reason,
+        };
         let Some(payload) = payloads.get(&c.commit.update_hash) else {
             rejected.push(reject(RejectReason::NotServed));
             continue;
@@ -96,7 +100,11 @@ pub fn close_round(
     // Stage 3 over the round.
     let list: Vec<RoundUpdate<'_>> = dense
         .iter()
-        .map(|(i, v)| RoundUpdate { node: close.candidates[*i].node, hash: close.candidates[*i].commit.update_hash, values: v })
+        .map(|(i, v)| RoundUpdate {
+            node: close.candidates[*i].node,
+            hash: close.candidates[*i].commit.update_hash,
+            values: v,
+        })
         .collect();
     let stats = verify::round_statistics(&list, ctx.verify);
     let mut survivors = Vec::new();
@@ -104,7 +112,11 @@ pub fn close_round(
         let c = &close.candidates[*i];
         match verdict {
             Ok(()) => survivors.push((*i, values)),
-            Err(reason) => rejected.push(RejectedUpdate { node: c.node, update_hash: Some(c.commit.update_hash), reason }),
+            Err(reason) => rejected.push(RejectedUpdate {
+                node: c.node,
+                update_hash: Some(c.commit.update_hash),
+                reason,
+            }),
         }
     }
 
@@ -114,17 +126,29 @@ pub fn close_round(
     let mut accepted_idx = Vec::new();
     if ctx.verify.probe && !survivors.is_empty() {
         let seed = crate::plan::derive(0, "probe", round, &[]);
-        let mut p = Probe::new(ctx.model, theta, ctx.verify, ctx.seq_len, seed).map_err(|source| CloseError::Probe { round, source })?;
+        let mut p = Probe::new(ctx.model, theta, ctx.verify, ctx.seq_len, seed)
+            .map_err(|source| CloseError::Probe { round, source })?;
         let heldout_base = match ctx.heldout {
-            Some(h) => Some(p.base_loss(h).map_err(|source| CloseError::Probe { round, source })?),
+            Some(h) => Some(
+                p.base_loss(h)
+                    .map_err(|source| CloseError::Probe { round, source })?,
+            ),
             None => None,
         };
         let mut base_cache: HashMap<Hash, f32> = HashMap::new();
         for (i, values) in &survivors {
             let c = &close.candidates[*i];
-            let own_shard = close.plan.assignments.iter().find(|a| a.node == c.node).and_then(|a| a.shards.first()).copied();
+            let own_shard = close
+                .plan
+                .assignments
+                .iter()
+                .find(|a| a.node == c.node)
+                .and_then(|a| a.shards.first())
+                .copied();
             let own = own_shard.and_then(|h| ctx.shard_tokens.get(&h).map(|t| (h, t.clone())));
-            let (Some((own_hash, own_tokens)), Some(heldout), Some(heldout_base)) = (own, ctx.heldout, heldout_base) else {
+            let (Some((own_hash, own_tokens)), Some(heldout), Some(heldout_base)) =
+                (own, ctx.heldout, heldout_base)
+            else {
                 // Nothing to probe against: the probe cannot judge, so it does not reject.
                 accepted_idx.push(*i);
                 continue;
@@ -132,7 +156,9 @@ pub fn close_round(
             let own_base = match base_cache.get(&own_hash) {
                 Some(&b) => b,
                 None => {
-                    let b = p.base_loss(&own_tokens).map_err(|source| CloseError::Probe { round, source })?;
+                    let b = p
+                        .base_loss(&own_tokens)
+                        .map_err(|source| CloseError::Probe { round, source })?;
                     base_cache.insert(own_hash, b);
                     b
                 }
@@ -140,10 +166,17 @@ pub fn close_round(
             let result = p
                 .measure(values, &own_tokens, own_base, heldout, heldout_base)
                 .map_err(|source| CloseError::Probe { round, source })?;
-            probes.push(ProbeRecord { node: c.node, result });
+            probes.push(ProbeRecord {
+                node: c.node,
+                result,
+            });
             match result.verdict(ctx.verify.probe_margin) {
                 Ok(()) => accepted_idx.push(*i),
-                Err(reason) => rejected.push(RejectedUpdate { node: c.node, update_hash: Some(c.commit.update_hash), reason }),
+                Err(reason) => rejected.push(RejectedUpdate {
+                    node: c.node,
+                    update_hash: Some(c.commit.update_hash),
+                    reason,
+                }),
             }
         }
         probe = Some(p);
@@ -153,7 +186,10 @@ pub fn close_round(
     accepted_idx.sort();
 
     // Weights: tokens over the accepted total, computed in f64 in manifest order.
-    let total_tokens: f64 = accepted_idx.iter().map(|&i| close.candidates[i].commit.tokens as f64).sum();
+    let total_tokens: f64 = accepted_idx
+        .iter()
+        .map(|&i| close.candidates[i].commit.tokens as f64)
+        .sum();
     let accepted: Vec<AcceptedUpdate> = accepted_idx
         .iter()
         .map(|&i| {
@@ -163,7 +199,11 @@ pub fn close_round(
                 update_hash: c.commit.update_hash,
                 update_bytes: c.commit.update_bytes,
                 tokens: c.commit.tokens,
-                weight: if total_tokens > 0.0 { (c.commit.tokens as f64 / total_tokens) as f32 } else { 0.0 },
+                weight: if total_tokens > 0.0 {
+                    (c.commit.tokens as f64 / total_tokens) as f32
+                } else {
+                    0.0
+                },
                 compute_ms: c.commit.compute_ms,
             }
         })
@@ -175,9 +215,14 @@ pub fn close_round(
     {
         let inputs: Vec<(&[u8], f32)> = accepted
             .iter()
-            .filter_map(|a| payloads.get(&a.update_hash).map(|p| (p.as_slice(), a.weight)))
+            .filter_map(|a| {
+                payloads
+                    .get(&a.update_hash)
+                    .map(|p| (p.as_slice(), a.weight))
+            })
             .collect();
-        apply_round(&mut next_theta, &mut next_optimizer, ctx.rule, &inputs).map_err(|source| CloseError::Aggregate { round, source })?;
+        apply_round(&mut next_theta, &mut next_optimizer, ctx.rule, &inputs)
+            .map_err(|source| CloseError::Aggregate { round, source })?;
     }
     let eval_loss = match (probe.as_mut(), ctx.heldout) {
         (Some(p), Some(h)) if !accepted.is_empty() => p.loss_of(&next_theta, h).ok().map(f64::from),
@@ -194,7 +239,8 @@ pub fn close_round(
         })
         .filter(|x| x.is_finite())
         .collect();
-    let mean_loss = (!mean_losses.is_empty()).then(|| mean_losses.iter().sum::<f64>() / mean_losses.len() as f64);
+    let mean_loss = (!mean_losses.is_empty())
+        .then(|| mean_losses.iter().sum::<f64>() / mean_losses.len() as f64);
 
     let updates = ledger_rows(ctx, close, &accepted, &rejected);
     let manifest = Manifest {
@@ -209,17 +255,37 @@ pub fn close_round(
         next_params_hash: Hash::of_f32s(theta),
         closed_at_ms: close.closed_at_ms,
     };
-    Ok(Closed { manifest, updates, mean_loss, eval_loss, bytes_received, probes })
+    Ok(Closed {
+        manifest,
+        updates,
+        mean_loss,
+        eval_loss,
+        bytes_received,
+        probes,
+    })
 }
 
-fn ledger_rows(ctx: &CloseContext<'_>, close: &CloseRound, accepted: &[AcceptedUpdate], rejected: &[RejectedUpdate]) -> Vec<UpdateRow> {
+fn ledger_rows(
+    ctx: &CloseContext<'_>,
+    close: &CloseRound,
+    accepted: &[AcceptedUpdate],
+    rejected: &[RejectedUpdate],
+) -> Vec<UpdateRow> {
     let commit_of = |node: &NodeId, hash: &Option<Hash>| {
-        close.candidates.iter().find(|c| &c.node == node && Some(c.commit.update_hash) == *hash).map(|c| &c.commit)
+        close
+            .candidates
+            .iter()
+            .find(|c| &c.node == node && Some(c.commit.update_hash) == *hash)
+            .map(|c| &c.commit)
     };
-    let mean = |l: &[f32]| (!l.is_empty()).then(|| l.iter().map(|&x| f64::from(x)).sum::<f64>() / l.len() as f64);
+    let mean = |l: &[f32]| {
+        (!l.is_empty()).then(|| l.iter().map(|&x| f64::from(x)).sum::<f64>() / l.len() as f64)
+    };
     let mut rows = Vec::new();
     for a in accepted {
-        let losses = commit_of(&a.node, &Some(a.update_hash)).map(|c| c.losses.as_slice()).unwrap_or(&[]);
+        let losses = commit_of(&a.node, &Some(a.update_hash))
+            .map(|c| c.losses.as_slice())
+            .unwrap_or(&[]);
         rows.push(UpdateRow {
             node: a.node.to_string(),
             update_hash: Some(a.update_hash.to_hex()),

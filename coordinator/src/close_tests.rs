@@ -17,7 +17,10 @@ fn honest(seed: u32) -> Vec<f32> {
 }
 
 fn fp32(values: &[f32]) -> Vec<u8> {
-    Encoder::new(CodecConfig::Fp32, values.len()).unwrap().encode(values).unwrap()
+    Encoder::new(CodecConfig::Fp32, values.len())
+        .unwrap()
+        .encode(values)
+        .unwrap()
 }
 
 struct Round {
@@ -34,7 +37,12 @@ fn round_of(payloads: Vec<Vec<u8>>, tokens: &[u64]) -> Round {
         params_hash: Hash::of(b"theta"),
         previous_manifest: Hash::of(b"m2"),
         assignments: (0..payloads.len())
-            .map(|i| Assignment { node: node(i as u8 + 1), shards: vec![], seed: 0, inner_steps: 1 })
+            .map(|i| Assignment {
+                node: node(i as u8 + 1),
+                shards: vec![],
+                seed: 0,
+                inner_steps: 1,
+            })
             .collect(),
         opened_at_ms: 0,
         deadline_ms: 10,
@@ -58,14 +66,29 @@ fn round_of(payloads: Vec<Vec<u8>>, tokens: &[u64]) -> Round {
             order: i as u64,
         })
         .collect();
-    let map = payloads.into_iter().map(|p| (Hash::of(&p), Arc::new(p))).collect();
-    Round { close: CloseRound { plan, candidates, rejected: vec![], missing: vec![node(99)], closed_at_ms: 9 }, payloads: map }
+    let map = payloads
+        .into_iter()
+        .map(|p| (Hash::of(&p), Arc::new(p)))
+        .collect();
+    Round {
+        close: CloseRound {
+            plan,
+            candidates,
+            rejected: vec![],
+            missing: vec![node(99)],
+            closed_at_ms: 9,
+        },
+        payloads: map,
+    }
 }
 
 fn run(round: &Round, rule: &str) -> (Closed, Vec<f32>) {
     let model = barnraise_trainer::ModelConfig::preset("tiny").unwrap();
     let rule: AggregationRule = rule.parse().unwrap();
-    let verify = VerifyConfig { probe: false, ..VerifyConfig::default() };
+    let verify = VerifyConfig {
+        probe: false,
+        ..VerifyConfig::default()
+    };
     let shards = HashMap::new();
     let ctx = CloseContext {
         model: &model,
@@ -79,13 +102,26 @@ fn run(round: &Round, rule: &str) -> (Closed, Vec<f32>) {
     };
     let mut theta = vec![0.5f32; P];
     let mut optimizer = OuterOptimizer::new(OuterConfig::default(), P);
-    let closed = close_round(&ctx, &round.close, "r", &round.payloads, &mut theta, &mut optimizer).unwrap();
+    let closed = close_round(
+        &ctx,
+        &round.close,
+        "r",
+        &round.payloads,
+        &mut theta,
+        &mut optimizer,
+    )
+    .unwrap();
     assert_eq!(closed.manifest.next_params_hash, Hash::of_f32s(&theta));
     (closed, theta)
 }
 
 fn reason_of(closed: &Closed, i: u8) -> Option<&str> {
-    closed.manifest.rejected.iter().find(|r| r.node == node(i)).map(|r| r.reason.code())
+    closed
+        .manifest
+        .rejected
+        .iter()
+        .find(|r| r.node == node(i))
+        .map(|r| r.reason.code())
 }
 
 #[test]
@@ -105,7 +141,9 @@ fn bad_updates_are_rejected_and_honest_ones_lose_nothing() {
     lie.node = node(8);
     lie.commit.update_hash = Hash::of(b"something else");
     lie.order = 7;
-    round.payloads.insert(lie.commit.update_hash, Arc::new(fp32(&honest(8))));
+    round
+        .payloads
+        .insert(lie.commit.update_hash, Arc::new(fp32(&honest(8))));
     round.close.candidates.push(lie);
 
     let (closed, theta) = run(&round, "mean");
@@ -132,8 +170,16 @@ fn bad_updates_are_rejected_and_honest_ones_lose_nothing() {
 
     // Ledger rows: three accepted with credit, five rejected, one missing, nothing else.
     let count = |v: &str| closed.updates.iter().filter(|u| u.verdict == v).count();
-    assert_eq!((count("accepted"), count("rejected"), count("missing")), (3, 5, 1));
-    assert!(closed.updates.iter().all(|u| (u.verdict == "accepted") == (u.credit > 0.0)));
+    assert_eq!(
+        (count("accepted"), count("rejected"), count("missing")),
+        (3, 5, 1)
+    );
+    assert!(
+        closed
+            .updates
+            .iter()
+            .all(|u| (u.verdict == "accepted") == (u.credit > 0.0))
+    );
     assert_eq!(closed.manifest.previous_manifest, Hash::of(b"m2"));
 }
 
@@ -147,7 +193,10 @@ fn weights_are_token_shares_in_commit_order() {
         for (w, e) in weights.iter().zip([0.1f32, 0.3, 0.6]) {
             assert!((w - e).abs() < 1e-7, "{rule}: {weights:?}");
         }
-        assert_eq!(closed.manifest.aggregation, rule.parse::<AggregationRule>().unwrap().to_string());
+        assert_eq!(
+            closed.manifest.aggregation,
+            rule.parse::<AggregationRule>().unwrap().to_string()
+        );
     }
 }
 

@@ -3,9 +3,9 @@
 //! `barnraise up` and the tests. `docs/running-a-coordinator.md` documents
 //! every field; the defaults here are the ones it lists.
 
+use barnraise_protocol::OrgId;
 use barnraise_protocol::aggregate::AggregationRule;
 use barnraise_protocol::codec::CodecConfig;
-use barnraise_protocol::OrgId;
 use barnraise_trainer::ModelConfig;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("run config {path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("run config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("run config: {field}: {reason}")]
@@ -23,7 +26,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, reason: reason.into() }
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
 }
 
 /// How many of a round's assigned nodes must deliver before it may close
@@ -216,10 +222,15 @@ pub struct Resolved {
 impl CoordinatorConfig {
     /// Reads a TOML run config; relative paths in it are taken from the file's directory.
     pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let mut config: CoordinatorConfig = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: CoordinatorConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let rebase = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -241,24 +252,52 @@ impl CoordinatorConfig {
         let model = match &self.model_config {
             Some(m) => m.clone(),
             None => ModelConfig::preset(&self.model).ok_or_else(|| {
-                invalid("model", format!("unknown preset `{}` (try tiny, small, medium, large, xl)", self.model))
+                invalid(
+                    "model",
+                    format!(
+                        "unknown preset `{}` (try tiny, small, medium, large, xl)",
+                        self.model
+                    ),
+                )
             })?,
         };
         model.validate().map_err(|e| invalid("model_config", e))?;
-        let codec: CodecConfig = self.codec.parse().map_err(|e| invalid("codec", format!("{e}")))?;
-        let aggregation: AggregationRule =
-            self.aggregation.parse().map_err(|e| invalid("aggregation", format!("{e}")))?;
-        if self.run_id.is_empty() || self.run_id.len() > barnraise_protocol::limits::MAX_TEXT_BYTES {
+        let codec: CodecConfig = self
+            .codec
+            .parse()
+            .map_err(|e| invalid("codec", format!("{e}")))?;
+        let aggregation: AggregationRule = self
+            .aggregation
+            .parse()
+            .map_err(|e| invalid("aggregation", format!("{e}")))?;
+        if self.run_id.is_empty() || self.run_id.len() > barnraise_protocol::limits::MAX_TEXT_BYTES
+        {
             return Err(invalid("run_id", "must be 1 to 256 bytes"));
         }
-        if !self.run_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(invalid("run_id", "use letters, digits, '-', '_' and '.' only (it names gossip topics)"));
+        if !self
+            .run_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(
+                "run_id",
+                "use letters, digits, '-', '_' and '.' only (it names gossip topics)",
+            ));
         }
         if self.inner_steps == 0 || self.batch_size == 0 || self.seq_len == 0 {
-            return Err(invalid("inner_steps/batch_size/seq_len", "must be positive"));
+            return Err(invalid(
+                "inner_steps/batch_size/seq_len",
+                "must be positive",
+            ));
         }
         if self.seq_len as usize > model.max_seq_len {
-            return Err(invalid("seq_len", format!("{} exceeds the model's context {}", self.seq_len, model.max_seq_len)));
+            return Err(invalid(
+                "seq_len",
+                format!(
+                    "{} exceeds the model's context {}",
+                    self.seq_len, model.max_seq_len
+                ),
+            ));
         }
         for (field, value) in [("inner_lr", self.inner_lr), ("outer_lr", self.outer_lr)] {
             if !(value.is_finite() && value > 0.0) {
@@ -276,28 +315,51 @@ impl CoordinatorConfig {
             _ => {}
         }
         if !(self.round_deadline_secs.is_finite() && self.round_deadline_secs > 0.0) {
-            return Err(invalid("round_deadline_secs", "must be a positive number of seconds"));
+            return Err(invalid(
+                "round_deadline_secs",
+                "must be a positive number of seconds",
+            ));
         }
-        if self.min_nodes == 0 || self.shards_per_node == 0 || self.total_rounds == 0 || self.checkpoint_every == 0 {
-            return Err(invalid("min_nodes/shards_per_node/total_rounds/checkpoint_every", "must be at least 1"));
+        if self.min_nodes == 0
+            || self.shards_per_node == 0
+            || self.total_rounds == 0
+            || self.checkpoint_every == 0
+        {
+            return Err(invalid(
+                "min_nodes/shards_per_node/total_rounds/checkpoint_every",
+                "must be at least 1",
+            ));
         }
         if self.listen.is_empty() {
             return Err(invalid("listen", "give at least one multiaddr"));
         }
-        if let DatasetSource::Builtin { shards, shard_tokens, .. } = self.dataset
+        if let DatasetSource::Builtin {
+            shards,
+            shard_tokens,
+            ..
+        } = self.dataset
             && (shards == 0 || shard_tokens < 2 * self.seq_len as usize)
         {
-            return Err(invalid("dataset", "builtin needs shards >= 1 and shard_tokens >= 2 * seq_len"));
+            return Err(invalid(
+                "dataset",
+                "builtin needs shards >= 1 and shard_tokens >= 2 * seq_len",
+            ));
         }
         let admitted_orgs = match &self.admission {
             Admission::Open => None,
             Admission::Orgs { orgs } => {
                 let mut keys = Vec::with_capacity(orgs.len());
                 for org in orgs {
-                    keys.push(org.parse::<OrgId>().map_err(|e| invalid("admission.orgs", format!("`{org}`: {e}")))?);
+                    keys.push(
+                        org.parse::<OrgId>()
+                            .map_err(|e| invalid("admission.orgs", format!("`{org}`: {e}")))?,
+                    );
                 }
                 if keys.is_empty() {
-                    return Err(invalid("admission.orgs", "list at least one org key, or use policy = \"open\""));
+                    return Err(invalid(
+                        "admission.orgs",
+                        "list at least one org key, or use policy = \"open\"",
+                    ));
                 }
                 Some(keys)
             }
@@ -313,7 +375,9 @@ impl CoordinatorConfig {
 
     /// The key file path.
     pub fn key_path(&self) -> PathBuf {
-        self.key.clone().unwrap_or_else(|| self.data_dir.join("coordinator.key"))
+        self.key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("coordinator.key"))
     }
 }
 
@@ -355,7 +419,11 @@ mod tests {
             ("run_id = \"a b\"", "run_id"),
         ] {
             let config: CoordinatorConfig = toml::from_str(text).unwrap();
-            let err = config.resolve().err().map(|e| e.to_string()).unwrap_or_default();
+            let err = config
+                .resolve()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             assert!(err.contains(field), "{text}: {err}");
         }
         assert!(toml::from_str::<CoordinatorConfig>("nonsense = 1").is_err());

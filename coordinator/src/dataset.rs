@@ -9,7 +9,9 @@ use crate::store::{BlobStore, StoreError};
 use barnraise_protocol::Hash;
 use barnraise_protocol::messages::ShardInfo;
 use barnraise_trainer::data::manifest::{MANIFEST_FILE, MANIFEST_VERSION};
-use barnraise_trainer::data::{DatasetManifest, Shard, ShardEntry, corpus, shard_path, tokenize_bytes, write_shard_named};
+use barnraise_trainer::data::{
+    DatasetManifest, Shard, ShardEntry, corpus, shard_path, tokenize_bytes, write_shard_named,
+};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -51,14 +53,24 @@ impl Dataset {
 
 /// Writes `shards` training shards of `shard_tokens` tokens each, plus one
 /// held-out shard of the same size from the end of the text, and their manifest.
-fn generate_builtin(dir: &Path, shards: usize, shard_tokens: usize, seed: u64) -> Result<DatasetManifest, DatasetError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|source| barnraise_trainer::data::ShardError::Write { path: dir.to_owned(), source })?;
+fn generate_builtin(
+    dir: &Path,
+    shards: usize,
+    shard_tokens: usize,
+    seed: u64,
+) -> Result<DatasetManifest, DatasetError> {
+    std::fs::create_dir_all(dir).map_err(|source| barnraise_trainer::data::ShardError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
     let tokens = tokenize_bytes(corpus::generate(seed, (shards + 1) * shard_tokens).as_bytes());
     let mut entries = Vec::with_capacity(shards + 1);
     for chunk in tokens.chunks(shard_tokens) {
         let (hash, _) = write_shard_named(dir, chunk)?;
-        entries.push(ShardEntry { hash, tokens: chunk.len() as u64 });
+        entries.push(ShardEntry {
+            hash,
+            tokens: chunk.len() as u64,
+        });
     }
     let heldout = entries.split_off(shards.min(entries.len()));
     let manifest = DatasetManifest {
@@ -73,10 +85,21 @@ fn generate_builtin(dir: &Path, shards: usize, shard_tokens: usize, seed: u64) -
 }
 
 /// Loads (or, for the built-in corpus, first generates) the dataset.
-pub fn load(source: &DatasetSource, data_dir: &Path, store: &BlobStore) -> Result<Dataset, DatasetError> {
+pub fn load(
+    source: &DatasetSource,
+    data_dir: &Path,
+    store: &BlobStore,
+) -> Result<Dataset, DatasetError> {
     let (dir, manifest) = match source {
-        DatasetSource::Dir { path } => (path.clone(), DatasetManifest::load(&path.join(MANIFEST_FILE))?),
-        DatasetSource::Builtin { shards, shard_tokens, seed } => {
+        DatasetSource::Dir { path } => (
+            path.clone(),
+            DatasetManifest::load(&path.join(MANIFEST_FILE))?,
+        ),
+        DatasetSource::Builtin {
+            shards,
+            shard_tokens,
+            seed,
+        } => {
             let dir = data_dir.join("dataset");
             let manifest_path = dir.join(MANIFEST_FILE);
             let manifest = if manifest_path.exists() {
@@ -88,32 +111,55 @@ pub fn load(source: &DatasetSource, data_dir: &Path, store: &BlobStore) -> Resul
         }
     };
     if manifest.train.is_empty() {
-        return Err(DatasetError::Empty { path: dir.display().to_string() });
+        return Err(DatasetError::Empty {
+            path: dir.display().to_string(),
+        });
     }
     let limit = barnraise_protocol::limits::MAX_DATASET_SHARDS;
     if manifest.train.len() + manifest.heldout.len() > limit {
-        return Err(DatasetError::TooMany { count: manifest.train.len() + manifest.heldout.len(), limit });
+        return Err(DatasetError::TooMany {
+            count: manifest.train.len() + manifest.heldout.len(),
+            limit,
+        });
     }
     let mut tokens = HashMap::new();
     let mut read = |entries: &[ShardEntry]| -> Result<Vec<ShardInfo>, DatasetError> {
         let mut infos = Vec::with_capacity(entries.len());
         for entry in entries {
             let path = shard_path(&dir, &entry.hash);
-            let bytes = std::fs::read(&path).map_err(|source| barnraise_trainer::data::ShardError::Read { path: path.clone(), source })?;
+            let bytes = std::fs::read(&path).map_err(|source| {
+                barnraise_trainer::data::ShardError::Read {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
             let shard = Shard::decode(&bytes, &path)?;
             if shard.hash != entry.hash {
-                return Err(barnraise_trainer::data::ShardError::HashMismatch { path, expected: entry.hash, actual: shard.hash }.into());
+                return Err(barnraise_trainer::data::ShardError::HashMismatch {
+                    path,
+                    expected: entry.hash,
+                    actual: shard.hash,
+                }
+                .into());
             }
             let size = bytes.len() as u64;
             store.put(Arc::new(bytes))?;
-            infos.push(ShardInfo { hash: entry.hash, tokens: shard.tokens.len() as u64, bytes: size });
+            infos.push(ShardInfo {
+                hash: entry.hash,
+                tokens: shard.tokens.len() as u64,
+                bytes: size,
+            });
             tokens.insert(entry.hash, Arc::new(shard.tokens));
         }
         Ok(infos)
     };
     let train = read(&manifest.train)?;
     let held_out = read(&manifest.heldout)?;
-    Ok(Dataset { train, held_out, tokens })
+    Ok(Dataset {
+        train,
+        held_out,
+        tokens,
+    })
 }
 
 #[cfg(test)]
@@ -124,11 +170,19 @@ mod tests {
     fn builtin_dataset_has_the_asked_shards_and_is_stable() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(&dir.path().join("blobs")).unwrap();
-        let source = DatasetSource::Builtin { shards: 4, shard_tokens: 2048, seed: 3 };
+        let source = DatasetSource::Builtin {
+            shards: 4,
+            shard_tokens: 2048,
+            seed: 3,
+        };
         let a = load(&source, dir.path(), &store).unwrap();
         assert_eq!(a.train.len(), 4);
         assert_eq!(a.held_out.len(), 1);
-        assert!(a.train.iter().all(|s| s.tokens == 2048 && store.size(&s.hash) == Some(s.bytes)));
+        assert!(
+            a.train
+                .iter()
+                .all(|s| s.tokens == 2048 && store.size(&s.hash) == Some(s.bytes))
+        );
         let b = load(&source, dir.path(), &store).unwrap();
         assert_eq!(a.train, b.train);
         assert!(a.held_out_tokens().is_some_and(|t| t.len() == 2048));

@@ -38,8 +38,14 @@ pub fn router(state: HttpState) -> Router {
 }
 
 /// Serves until `shutdown` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, state: HttpState, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: HttpState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 fn error(status: StatusCode, message: String) -> Response {
@@ -68,7 +74,10 @@ where
 async fn run(State(state): State<HttpState>) -> Response {
     match state.live.read() {
         Ok(live) => Json(live.clone()).into_response(),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "status unavailable".into()),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "status unavailable".into(),
+        ),
     }
 }
 
@@ -89,7 +98,11 @@ async fn contributors(State(state): State<HttpState>) -> Response {
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn dashboard() -> Html<&'static str> {

@@ -22,13 +22,26 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("ledger {path}: {source}")]
-    Sqlite { path: PathBuf, source: rusqlite::Error },
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("ledger {path} does not exist (is this a coordinator data dir?)")]
     Missing { path: PathBuf },
-    #[error("ledger {path} has schema version {found}, newer than this barnraise understands ({supported}); upgrade barnraise")]
-    TooNew { path: PathBuf, found: i64, supported: i64 },
+    #[error(
+        "ledger {path} has schema version {found}, newer than this barnraise understands ({supported}); upgrade barnraise"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
     #[error("ledger {path} belongs to run `{found}`, not `{expected}`; use another data dir")]
-    OtherRun { path: PathBuf, found: String, expected: String },
+    OtherRun {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error("ledger {path}: round {round} is already closed; refusing to record it twice")]
     RoundExists { path: PathBuf, round: u64 },
 }
@@ -246,8 +259,14 @@ impl Ledger {
                 source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
             })?;
         }
-        let conn = Connection::open(path).map_err(|source| LedgerError::Sqlite { path: path.into(), source })?;
-        let mut ledger = Ledger { conn, path: path.into() };
+        let conn = Connection::open(path).map_err(|source| LedgerError::Sqlite {
+            path: path.into(),
+            source,
+        })?;
+        let mut ledger = Ledger {
+            conn,
+            path: path.into(),
+        };
         ledger.setup()?;
         Ok(ledger)
     }
@@ -257,9 +276,18 @@ impl Ledger {
         if !path.exists() {
             return Err(LedgerError::Missing { path: path.into() });
         }
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(|source| LedgerError::Sqlite { path: path.into(), source })?;
-        let mut ledger = Ledger { conn, path: path.into() };
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| LedgerError::Sqlite {
+            path: path.into(),
+            source,
+        })?;
+        let mut ledger = Ledger {
+            conn,
+            path: path.into(),
+        };
         ledger.setup()?;
         Ok(ledger)
     }
@@ -269,7 +297,10 @@ impl Ledger {
     }
 
     fn err(&self, source: rusqlite::Error) -> LedgerError {
-        LedgerError::Sqlite { path: self.path.clone(), source }
+        LedgerError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Runs a query and maps every row.
@@ -280,7 +311,9 @@ impl Ledger {
         map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
     ) -> Result<Vec<T>, LedgerError> {
         let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
-        let rows = stmt.query_map(params, map).and_then(|rows| rows.collect::<Result<Vec<_>, _>>());
+        let rows = stmt
+            .query_map(params, map)
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>());
         rows.map_err(|e| self.err(e))
     }
 
@@ -290,32 +323,66 @@ impl Ledger {
         self.conn
             .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;")
             .map_err(|e| self.err(e))?;
-        let version: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| self.err(e))?;
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
         let supported = MIGRATIONS.len() as i64;
         if version > supported {
-            return Err(LedgerError::TooNew { path: self.path.clone(), found: version, supported });
+            return Err(LedgerError::TooNew {
+                path: self.path.clone(),
+                found: version,
+                supported,
+            });
         }
-        for (i, step) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
-            let tx = self.conn.transaction().map_err(|source| LedgerError::Sqlite { path: self.path.clone(), source })?;
-            tx.execute_batch(step).map_err(|source| LedgerError::Sqlite { path: self.path.clone(), source })?;
+        for (i, step) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(version).unwrap_or(0))
+        {
+            let tx = self
+                .conn
+                .transaction()
+                .map_err(|source| LedgerError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            tx.execute_batch(step)
+                .map_err(|source| LedgerError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                })?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)
-                .map_err(|source| LedgerError::Sqlite { path: self.path.clone(), source })?;
-            tx.commit().map_err(|source| LedgerError::Sqlite { path: self.path.clone(), source })?;
+                .map_err(|source| LedgerError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            tx.commit().map_err(|source| LedgerError::Sqlite {
+                path: self.path.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
 
     /// Records which run this ledger belongs to, or checks it on a restart.
-    pub fn bind_run(&self, run_id: &str, config_json: &str, now_ms: u64) -> Result<(), LedgerError> {
+    pub fn bind_run(
+        &self,
+        run_id: &str,
+        config_json: &str,
+        now_ms: u64,
+    ) -> Result<(), LedgerError> {
         let found: Option<String> = self
             .conn
             .query_row("SELECT run_id FROM run WHERE id = 1", [], |r| r.get(0))
             .optional()
             .map_err(|e| self.err(e))?;
         match found {
-            Some(found) if found != run_id => {
-                Err(LedgerError::OtherRun { path: self.path.clone(), found, expected: run_id.into() })
-            }
+            Some(found) if found != run_id => Err(LedgerError::OtherRun {
+                path: self.path.clone(),
+                found,
+                expected: run_id.into(),
+            }),
             Some(_) => Ok(()),
             None => {
                 self.conn
@@ -331,7 +398,10 @@ impl Ledger {
 
     /// The run id, if the ledger has been bound to one.
     pub fn run_id(&self) -> Result<Option<String>, LedgerError> {
-        self.conn.query_row("SELECT run_id FROM run WHERE id = 1", [], |r| r.get(0)).optional().map_err(|e| self.err(e))
+        self.conn
+            .query_row("SELECT run_id FROM run WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     pub fn upsert_node(&self, row: &NodeRow) -> Result<(), LedgerError> {
@@ -375,21 +445,37 @@ impl Ledger {
 
     /// Stores a round's signed plan when it opens. A plan is written once:
     /// a second plan for the same round is an error.
-    pub fn record_plan(&self, round: u64, signed: &[u8], opened_ms: u64) -> Result<(), LedgerError> {
+    pub fn record_plan(
+        &self,
+        round: u64,
+        signed: &[u8],
+        opened_ms: u64,
+    ) -> Result<(), LedgerError> {
         self.conn
-            .execute("INSERT INTO plans (round, signed, opened_ms) VALUES (?1, ?2, ?3)", params![to_i64(round), signed, to_i64(opened_ms)])
+            .execute(
+                "INSERT INTO plans (round, signed, opened_ms) VALUES (?1, ?2, ?3)",
+                params![to_i64(round), signed, to_i64(opened_ms)],
+            )
             .map_err(|e| self.err(e))?;
         Ok(())
     }
 
     /// Every stored plan, oldest first: `(round, Signed<RoundPlan> bytes)`.
     pub fn plans(&self) -> Result<Vec<(u64, Vec<u8>)>, LedgerError> {
-        self.query_all("SELECT round, signed FROM plans ORDER BY round", [], |r| Ok((to_u64(r.get(0)?), r.get(1)?)))
+        self.query_all("SELECT round, signed FROM plans ORDER BY round", [], |r| {
+            Ok((to_u64(r.get(0)?), r.get(1)?))
+        })
     }
 
     /// Stores an accepted commit of the open round before the node is told
     /// it was accepted, so a restart resumes with it.
-    pub fn record_commit(&self, round: u64, node: &str, signed: &[u8], received_ms: u64) -> Result<(), LedgerError> {
+    pub fn record_commit(
+        &self,
+        round: u64,
+        node: &str,
+        signed: &[u8],
+        received_ms: u64,
+    ) -> Result<(), LedgerError> {
         self.conn
             .execute(
                 "INSERT OR IGNORE INTO commits (round, node, signed, received_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -401,7 +487,11 @@ impl Ledger {
 
     /// The stored commits of `round`, in arrival order.
     pub fn pending_commits(&self, round: u64) -> Result<Vec<Vec<u8>>, LedgerError> {
-        self.query_all("SELECT signed FROM commits WHERE round = ?1 ORDER BY received_ms, rowid", [to_i64(round)], |r| r.get(0))
+        self.query_all(
+            "SELECT signed FROM commits WHERE round = ?1 ORDER BY received_ms, rowid",
+            [to_i64(round)],
+            |r| r.get(0),
+        )
     }
 
     pub fn record_refusal(&self, row: &RefusalRow) -> Result<(), LedgerError> {
@@ -415,7 +505,10 @@ impl Ledger {
     }
 
     pub fn refusals(&self) -> Result<Vec<RefusalRow>, LedgerError> {
-        self.query_all("SELECT at_ms, round, claimed_node, reason, detail FROM refusals ORDER BY id", [], |r| {
+        self.query_all(
+            "SELECT at_ms, round, claimed_node, reason, detail FROM refusals ORDER BY id",
+            [],
+            |r| {
                 Ok(RefusalRow {
                     at_ms: to_u64(r.get(0)?),
                     round: r.get::<_, Option<i64>>(1)?.map(to_u64),
@@ -423,21 +516,32 @@ impl Ledger {
                     reason: r.get(3)?,
                     detail: r.get(4)?,
                 })
-            })
+            },
+        )
     }
 
     /// Writes a closed round — manifest, update rows, checkpoint — in one
     /// transaction, and drops the round's pending commits in the same one.
     pub fn close_round(&mut self, record: &RoundRecord) -> Result<(), LedgerError> {
         let path = self.path.clone();
-        let sql = |source| LedgerError::Sqlite { path: path.clone(), source };
+        let sql = |source| LedgerError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let round = record.row.round;
         let tx = self.conn.transaction().map_err(sql)?;
         let exists: bool = tx
-            .query_row("SELECT EXISTS(SELECT 1 FROM rounds WHERE round = ?1)", [to_i64(round)], |r| r.get(0))
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM rounds WHERE round = ?1)",
+                [to_i64(round)],
+                |r| r.get(0),
+            )
             .map_err(sql)?;
         if exists {
-            return Err(LedgerError::RoundExists { path: path.clone(), round });
+            return Err(LedgerError::RoundExists {
+                path: path.clone(),
+                round,
+            });
         }
         let r = &record.row;
         tx.execute(
@@ -492,7 +596,8 @@ impl Ledger {
             )
             .map_err(sql)?;
         }
-        tx.execute("DELETE FROM commits WHERE round = ?1", [to_i64(round)]).map_err(sql)?;
+        tx.execute("DELETE FROM commits WHERE round = ?1", [to_i64(round)])
+            .map_err(sql)?;
         tx.commit().map_err(sql)
     }
 
@@ -526,14 +631,24 @@ impl Ledger {
 
     /// The last closed round, if any.
     pub fn last_round(&self) -> Result<Option<RoundRow>, LedgerError> {
-        let sql = format!("SELECT {} FROM rounds ORDER BY round DESC LIMIT 1", Self::ROUND_COLUMNS);
-        self.conn.query_row(&sql, [], Self::round_from).optional().map_err(|e| self.err(e))
+        let sql = format!(
+            "SELECT {} FROM rounds ORDER BY round DESC LIMIT 1",
+            Self::ROUND_COLUMNS
+        );
+        self.conn
+            .query_row(&sql, [], Self::round_from)
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     /// The signed manifest of a closed round.
     pub fn manifest(&self, round: u64) -> Result<Option<Vec<u8>>, LedgerError> {
         self.conn
-            .query_row("SELECT manifest FROM rounds WHERE round = ?1", [to_i64(round)], |r| r.get(0))
+            .query_row(
+                "SELECT manifest FROM rounds WHERE round = ?1",
+                [to_i64(round)],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(|e| self.err(e))
     }
@@ -665,18 +780,34 @@ mod tests {
         let mut ledger = open(&path).unwrap();
         ledger.bind_run("run", "{}", 0).unwrap();
         ledger.record_commit(0, "a", b"commit-a", 5).unwrap();
-        ledger.close_round(&record(0, &[("a", "accepted"), ("b", "rejected")])).unwrap();
-        assert!(ledger.pending_commits(0).unwrap().is_empty(), "pending commits leave with the close");
+        ledger
+            .close_round(&record(0, &[("a", "accepted"), ("b", "rejected")]))
+            .unwrap();
+        assert!(
+            ledger.pending_commits(0).unwrap().is_empty(),
+            "pending commits leave with the close"
+        );
         // A second close of round 0 changes nothing.
         let again = ledger.close_round(&record(0, &[("a", "accepted")]));
-        assert!(matches!(again, Err(LedgerError::RoundExists { round: 0, .. })), "{again:?}");
+        assert!(
+            matches!(again, Err(LedgerError::RoundExists { round: 0, .. })),
+            "{again:?}"
+        );
         // A close that fails half-way (a bad verdict trips the CHECK) writes nothing.
         let broken = record(1, &[("a", "accepted"), ("b", "bogus")]);
         assert!(ledger.close_round(&broken).is_err());
         assert_eq!(ledger.rounds().unwrap().len(), 1);
         assert_eq!(ledger.updates(1).unwrap().len(), 0);
-        assert_eq!(ledger.latest_checkpoint().unwrap().map(|c| c.round), Some(1));
-        let a = ledger.contributors().unwrap().into_iter().find(|c| c.node == "a").unwrap();
+        assert_eq!(
+            ledger.latest_checkpoint().unwrap().map(|c| c.round),
+            Some(1)
+        );
+        let a = ledger
+            .contributors()
+            .unwrap()
+            .into_iter()
+            .find(|c| c.node == "a")
+            .unwrap();
         assert_eq!((a.accepted, a.tokens, a.credit), (1, 100, 600.0));
     }
 
@@ -688,7 +819,9 @@ mod tests {
             let mut ledger = open(&path).unwrap();
             ledger.bind_run("run", "{}", 0).unwrap();
             ledger.record_plan(0, b"plan0", 1).unwrap();
-            ledger.close_round(&record(0, &[("a", "accepted")])).unwrap();
+            ledger
+                .close_round(&record(0, &[("a", "accepted")]))
+                .unwrap();
             ledger.record_plan(1, b"plan1", 3).unwrap();
             ledger.record_commit(1, "a", b"commit-a1", 4).unwrap();
             ledger.record_commit(1, "a", b"commit-a1-again", 5).unwrap();
@@ -696,13 +829,30 @@ mod tests {
         }
         let mut ledger = open(&path).unwrap();
         assert!(ledger.bind_run("run", "{}", 9).is_ok());
-        assert!(matches!(ledger.bind_run("other", "{}", 9), Err(LedgerError::OtherRun { .. })));
+        assert!(matches!(
+            ledger.bind_run("other", "{}", 9),
+            Err(LedgerError::OtherRun { .. })
+        ));
         assert_eq!(ledger.last_round().unwrap().map(|r| r.round), Some(0));
         assert_eq!(ledger.plans().unwrap().len(), 2);
-        assert_eq!(ledger.pending_commits(1).unwrap(), vec![b"commit-a1".to_vec()], "one commit per node per round");
-        assert!(ledger.record_plan(1, b"plan1-again", 6).is_err(), "never two plans for one round");
-        ledger.close_round(&record(1, &[("a", "accepted")])).unwrap();
-        let a = ledger.contributors().unwrap().into_iter().find(|c| c.node == "a").unwrap();
+        assert_eq!(
+            ledger.pending_commits(1).unwrap(),
+            vec![b"commit-a1".to_vec()],
+            "one commit per node per round"
+        );
+        assert!(
+            ledger.record_plan(1, b"plan1-again", 6).is_err(),
+            "never two plans for one round"
+        );
+        ledger
+            .close_round(&record(1, &[("a", "accepted")]))
+            .unwrap();
+        let a = ledger
+            .contributors()
+            .unwrap()
+            .into_iter()
+            .find(|c| c.node == "a")
+            .unwrap();
         assert_eq!((a.accepted, a.tokens), (2, 200));
         assert_eq!(ledger.manifest(1).unwrap(), Some(vec![1u8; 8]));
     }
@@ -716,7 +866,13 @@ mod tests {
             let conn = Connection::open(&path).unwrap();
             conn.pragma_update(None, "user_version", 99).unwrap();
         }
-        assert!(matches!(open(&path), Err(LedgerError::TooNew { found: 99, .. })));
-        assert!(matches!(Ledger::open_existing(&dir.path().join("none")), Err(LedgerError::Missing { .. })));
+        assert!(matches!(
+            open(&path),
+            Err(LedgerError::TooNew { found: 99, .. })
+        ));
+        assert!(matches!(
+            Ledger::open_existing(&dir.path().join("none")),
+            Err(LedgerError::Missing { .. })
+        ));
     }
 }

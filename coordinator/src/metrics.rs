@@ -27,8 +27,10 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let m = Metrics::default();
-        m.last_train_loss.store(f64::NAN.to_bits(), Ordering::Relaxed);
-        m.last_eval_loss.store(f64::NAN.to_bits(), Ordering::Relaxed);
+        m.last_train_loss
+            .store(f64::NAN.to_bits(), Ordering::Relaxed);
+        m.last_eval_loss
+            .store(f64::NAN.to_bits(), Ordering::Relaxed);
         m
     }
 
@@ -47,37 +49,89 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP barnraise_{name} {help}\n# TYPE barnraise_{name} counter\nbarnraise_{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP barnraise_{name} {help}\n# TYPE barnraise_{name} counter\nbarnraise_{name} {value}"
+            );
         };
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         counter("joins_total", "Joins admitted.", get(&self.joins));
-        counter("join_refusals_total", "Joins refused.", get(&self.join_refusals));
+        counter(
+            "join_refusals_total",
+            "Joins refused.",
+            get(&self.join_refusals),
+        );
         counter("commits_total", "Commits received.", get(&self.commits));
-        counter("rounds_closed_total", "Rounds closed with a manifest.", get(&self.rounds_closed));
-        counter("updates_accepted_total", "Updates accepted into an aggregate.", get(&self.updates_accepted));
-        counter("tokens_accepted_total", "Training tokens of accepted updates.", get(&self.tokens_accepted));
-        counter("update_bytes_received_total", "Bytes of update payloads fetched from nodes.", get(&self.update_bytes_received));
-        let _ = writeln!(out, "# HELP barnraise_updates_rejected_total Updates and messages rejected, by reason.");
+        counter(
+            "rounds_closed_total",
+            "Rounds closed with a manifest.",
+            get(&self.rounds_closed),
+        );
+        counter(
+            "updates_accepted_total",
+            "Updates accepted into an aggregate.",
+            get(&self.updates_accepted),
+        );
+        counter(
+            "tokens_accepted_total",
+            "Training tokens of accepted updates.",
+            get(&self.tokens_accepted),
+        );
+        counter(
+            "update_bytes_received_total",
+            "Bytes of update payloads fetched from nodes.",
+            get(&self.update_bytes_received),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP barnraise_updates_rejected_total Updates and messages rejected, by reason."
+        );
         let _ = writeln!(out, "# TYPE barnraise_updates_rejected_total counter");
         if let Ok(map) = self.rejected.lock() {
             for (reason, n) in map.iter() {
-                let _ = writeln!(out, "barnraise_updates_rejected_total{{reason=\"{reason}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "barnraise_updates_rejected_total{{reason=\"{reason}\"}} {n}"
+                );
             }
         }
         let mut gauge = |name: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP barnraise_{name} {help}\n# TYPE barnraise_{name} gauge\nbarnraise_{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP barnraise_{name} {help}\n# TYPE barnraise_{name} gauge\nbarnraise_{name} {value}"
+            );
         };
-        gauge("current_round", "The round now open or about to open.", get(&self.current_round).to_string());
-        gauge("active_nodes", "Nodes that would get work in the next round.", get(&self.active_nodes).to_string());
-        gauge("train_loss", "Mean training loss of the last round's accepted updates.", fmt_f64(get(&self.last_train_loss)));
-        gauge("eval_loss", "Held-out loss of the latest params.", fmt_f64(get(&self.last_eval_loss)));
+        gauge(
+            "current_round",
+            "The round now open or about to open.",
+            get(&self.current_round).to_string(),
+        );
+        gauge(
+            "active_nodes",
+            "Nodes that would get work in the next round.",
+            get(&self.active_nodes).to_string(),
+        );
+        gauge(
+            "train_loss",
+            "Mean training loss of the last round's accepted updates.",
+            fmt_f64(get(&self.last_train_loss)),
+        );
+        gauge(
+            "eval_loss",
+            "Held-out loss of the latest params.",
+            fmt_f64(get(&self.last_eval_loss)),
+        );
         out
     }
 }
 
 fn fmt_f64(bits: u64) -> String {
     let v = f64::from_bits(bits);
-    if v.is_nan() { "NaN".into() } else { v.to_string() }
+    if v.is_nan() {
+        "NaN".into()
+    } else {
+        v.to_string()
+    }
 }
 
 #[cfg(test)]

@@ -9,13 +9,19 @@
 
 use crate::framing::Codec;
 use crate::store::BlobStore;
-use barnraise_protocol::limits::{BLOB_CHUNK_BYTES, BLOB_PROTOCOL, COORDINATOR_PROTOCOL, MAX_MANIFEST_BYTES};
-use barnraise_protocol::messages::{BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse};
 use barnraise_protocol::Hash;
+use barnraise_protocol::limits::{
+    BLOB_CHUNK_BYTES, BLOB_PROTOCOL, COORDINATOR_PROTOCOL, MAX_MANIFEST_BYTES,
+};
+use barnraise_protocol::messages::{
+    BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse,
+};
 use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, noise, ping, tcp, yamux,
+};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -50,10 +56,23 @@ pub struct Behaviour {
 
 /// What the service asks of the loop.
 pub enum Command {
-    Respond { channel: ResponseChannel<CoordinatorResponse>, response: CoordinatorResponse },
-    BlobRequest { peer: PeerId, request: BlobRequest, reply: oneshot::Sender<Result<BlobResponse, NetworkError>> },
-    Publish { topic: String, data: Vec<u8> },
-    AddAddresses { peer: PeerId, addrs: Vec<Multiaddr> },
+    Respond {
+        channel: ResponseChannel<CoordinatorResponse>,
+        response: CoordinatorResponse,
+    },
+    BlobRequest {
+        peer: PeerId,
+        request: BlobRequest,
+        reply: oneshot::Sender<Result<BlobResponse, NetworkError>>,
+    },
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+    },
+    AddAddresses {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
     /// A request to another coordinator-protocol peer (tools and tests act as nodes with it).
     CoordinatorRequest {
         peer: PeerId,
@@ -64,7 +83,11 @@ pub enum Command {
 
 /// What the loop hands the service.
 pub enum Event {
-    Request { peer: PeerId, request: CoordinatorRequest, channel: ResponseChannel<CoordinatorResponse> },
+    Request {
+        peer: PeerId,
+        request: CoordinatorRequest,
+        channel: ResponseChannel<CoordinatorResponse>,
+    },
 }
 
 /// A handle to the loop; cheap to clone.
@@ -75,10 +98,17 @@ pub struct Client {
 
 impl Client {
     async fn send(&self, command: Command) -> Result<(), NetworkError> {
-        self.commands.send(command).await.map_err(|_| NetworkError::Stopped)
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| NetworkError::Stopped)
     }
 
-    pub async fn respond(&self, channel: ResponseChannel<CoordinatorResponse>, response: CoordinatorResponse) -> Result<(), NetworkError> {
+    pub async fn respond(
+        &self,
+        channel: ResponseChannel<CoordinatorResponse>,
+        response: CoordinatorResponse,
+    ) -> Result<(), NetworkError> {
         self.send(Command::Respond { channel, response }).await
     }
 
@@ -86,20 +116,42 @@ impl Client {
         self.send(Command::Publish { topic, data }).await
     }
 
-    pub async fn add_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), NetworkError> {
+    pub async fn add_addresses(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    ) -> Result<(), NetworkError> {
         self.send(Command::AddAddresses { peer, addrs }).await
     }
 
     /// Sends a coordinator-protocol request and waits for the answer.
-    pub async fn coordinator_request(&self, peer: PeerId, request: CoordinatorRequest) -> Result<CoordinatorResponse, NetworkError> {
+    pub async fn coordinator_request(
+        &self,
+        peer: PeerId,
+        request: CoordinatorRequest,
+    ) -> Result<CoordinatorResponse, NetworkError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::CoordinatorRequest { peer, request, reply }).await?;
+        self.send(Command::CoordinatorRequest {
+            peer,
+            request,
+            reply,
+        })
+        .await?;
         rx.await.map_err(|_| NetworkError::Stopped)?
     }
 
-    pub async fn blob_request(&self, peer: PeerId, request: BlobRequest) -> Result<BlobResponse, NetworkError> {
+    pub async fn blob_request(
+        &self,
+        peer: PeerId,
+        request: BlobRequest,
+    ) -> Result<BlobResponse, NetworkError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::BlobRequest { peer, request, reply }).await?;
+        self.send(Command::BlobRequest {
+            peer,
+            request,
+            reply,
+        })
+        .await?;
         rx.await.map_err(|_| NetworkError::Stopped)?
     }
 }
@@ -121,21 +173,49 @@ pub enum FetchError {
 
 /// Fetches a whole blob of `size` bytes from `peer`, chunk by chunk. The
 /// caller checks the hash; this only guarantees the size.
-pub async fn fetch_blob(client: &Client, peer: PeerId, hash: Hash, size: u64) -> Result<Vec<u8>, FetchError> {
-    match client.blob_request(peer, BlobRequest::Have { hash }).await? {
-        BlobResponse::Have { size: Some(offered) } if offered == size => {}
-        BlobResponse::Have { size: Some(offered) } => return Err(FetchError::WrongSize { expected: size, offered }),
-        BlobResponse::Have { size: None } | BlobResponse::NotFound => return Err(FetchError::NotFound),
+pub async fn fetch_blob(
+    client: &Client,
+    peer: PeerId,
+    hash: Hash,
+    size: u64,
+) -> Result<Vec<u8>, FetchError> {
+    match client
+        .blob_request(peer, BlobRequest::Have { hash })
+        .await?
+    {
+        BlobResponse::Have {
+            size: Some(offered),
+        } if offered == size => {}
+        BlobResponse::Have {
+            size: Some(offered),
+        } => {
+            return Err(FetchError::WrongSize {
+                expected: size,
+                offered,
+            });
+        }
+        BlobResponse::Have { size: None } | BlobResponse::NotFound => {
+            return Err(FetchError::NotFound);
+        }
         BlobResponse::Refused { reason } => return Err(FetchError::Refused(reason)),
         BlobResponse::Chunk { .. } => return Err(FetchError::Protocol),
     }
-    let total = usize::try_from(size).map_err(|_| FetchError::WrongSize { expected: size, offered: size })?;
+    let total = usize::try_from(size).map_err(|_| FetchError::WrongSize {
+        expected: size,
+        offered: size,
+    })?;
     let mut out = Vec::with_capacity(total);
     while out.len() < total {
         let len = (total - out.len()).min(BLOB_CHUNK_BYTES) as u32;
-        let request = BlobRequest::Chunk { hash, offset: out.len() as u64, len };
+        let request = BlobRequest::Chunk {
+            hash,
+            offset: out.len() as u64,
+            len,
+        };
         match client.blob_request(peer, request).await? {
-            BlobResponse::Chunk { data } if !data.is_empty() && data.len() <= len as usize => out.extend_from_slice(&data),
+            BlobResponse::Chunk { data } if !data.is_empty() && data.len() <= len as usize => {
+                out.extend_from_slice(&data)
+            }
             BlobResponse::Chunk { .. } => return Err(FetchError::Protocol),
             BlobResponse::NotFound => return Err(FetchError::NotFound),
             BlobResponse::Refused { reason } => return Err(FetchError::Refused(reason)),
@@ -157,7 +237,8 @@ pub struct EventLoop {
     events: mpsc::Sender<Event>,
     store: BlobStore,
     pending_blob: HashMap<OutboundRequestId, oneshot::Sender<Result<BlobResponse, NetworkError>>>,
-    pending_coordinator: HashMap<OutboundRequestId, oneshot::Sender<Result<CoordinatorResponse, NetworkError>>>,
+    pending_coordinator:
+        HashMap<OutboundRequestId, oneshot::Sender<Result<CoordinatorResponse, NetworkError>>>,
 }
 
 /// Builds the swarm, starts listening, and waits until the listen addresses
@@ -172,25 +253,42 @@ pub async fn new(
     let setup = |e: &dyn std::fmt::Display| NetworkError::Setup(e.to_string());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| setup(&e))?
         .with_quic()
         .with_behaviour(|key| {
-            let rr_config = request_response::Config::default().with_request_timeout(Duration::from_secs(60));
+            let rr_config =
+                request_response::Config::default().with_request_timeout(Duration::from_secs(60));
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .validation_mode(gossipsub::ValidationMode::Strict)
                 .max_transmit_size(MAX_MANIFEST_BYTES + 64 * 1024)
                 .build()
                 .map_err(|e| e.to_string())?;
-            let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip_config,
+            )?;
             Ok(Behaviour {
                 coordinator: request_response::Behaviour::new(
-                    [(StreamProtocol::new(COORDINATOR_PROTOCOL), ProtocolSupport::Full)],
+                    [(
+                        StreamProtocol::new(COORDINATOR_PROTOCOL),
+                        ProtocolSupport::Full,
+                    )],
                     rr_config.clone(),
                 ),
-                blob: request_response::Behaviour::new([(StreamProtocol::new(BLOB_PROTOCOL), ProtocolSupport::Full)], rr_config),
+                blob: request_response::Behaviour::new(
+                    [(StreamProtocol::new(BLOB_PROTOCOL), ProtocolSupport::Full)],
+                    rr_config,
+                ),
                 gossipsub,
-                identify: identify::Behaviour::new(identify::Config::new("/barnraise/1".into(), key.public())),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/barnraise/1".into(),
+                    key.public(),
+                )),
                 ping: ping::Behaviour::default(),
             })
         })
@@ -199,10 +297,19 @@ pub async fn new(
         .build();
     for t in topics {
         // Subscribing makes the coordinator part of the topic's mesh, so its publishes reach nodes.
-        swarm.behaviour_mut().gossipsub.subscribe(&gossipsub::IdentTopic::new(t)).map_err(|e| setup(&e))?;
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&gossipsub::IdentTopic::new(t))
+            .map_err(|e| setup(&e))?;
     }
     for addr in listen {
-        swarm.listen_on(addr.clone()).map_err(|e| NetworkError::Listen { addr: addr.to_string(), reason: e.to_string() })?;
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetworkError::Listen {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
     }
     let local = *swarm.local_peer_id();
     let mut addrs = Vec::new();
@@ -211,9 +318,14 @@ pub async fn new(
     while addrs.len() < listen.len() {
         let event = tokio::time::timeout_at(deadline, swarm.select_next_some()).await;
         match event {
-            Ok(SwarmEvent::NewListenAddr { address, .. }) => addrs.push(address.with_p2p(local).unwrap_or_else(|a| a)),
+            Ok(SwarmEvent::NewListenAddr { address, .. }) => {
+                addrs.push(address.with_p2p(local).unwrap_or_else(|a| a))
+            }
             Ok(SwarmEvent::ListenerError { error, .. }) => {
-                return Err(NetworkError::Listen { addr: "?".into(), reason: error.to_string() });
+                return Err(NetworkError::Listen {
+                    addr: "?".into(),
+                    reason: error.to_string(),
+                });
             }
             Ok(_) => {}
             Err(_) if !addrs.is_empty() => break,
@@ -222,8 +334,22 @@ pub async fn new(
     }
     let (command_tx, command_rx) = mpsc::channel(256);
     let (event_tx, event_rx) = mpsc::channel(256);
-    let event_loop = EventLoop { swarm, commands: command_rx, events: event_tx, store, pending_blob: HashMap::new(), pending_coordinator: HashMap::new() };
-    Ok((Client { commands: command_tx }, event_rx, event_loop, addrs))
+    let event_loop = EventLoop {
+        swarm,
+        commands: command_rx,
+        events: event_tx,
+        store,
+        pending_blob: HashMap::new(),
+        pending_coordinator: HashMap::new(),
+    };
+    Ok((
+        Client {
+            commands: command_tx,
+        },
+        event_rx,
+        event_loop,
+        addrs,
+    ))
 }
 
 impl EventLoop {
@@ -246,21 +372,36 @@ impl EventLoop {
         let behaviour = self.swarm.behaviour_mut();
         match command {
             Command::Respond { channel, response } => {
-                if behaviour.coordinator.send_response(channel, response).is_err() {
+                if behaviour
+                    .coordinator
+                    .send_response(channel, response)
+                    .is_err()
+                {
                     tracing::debug!("a node hung up before its answer was sent");
                 }
             }
-            Command::BlobRequest { peer, request, reply } => {
+            Command::BlobRequest {
+                peer,
+                request,
+                reply,
+            } => {
                 let id = behaviour.blob.send_request(&peer, request);
                 self.pending_blob.insert(id, reply);
             }
             Command::Publish { topic, data } => {
-                if let Err(e) = behaviour.gossipsub.publish(gossipsub::IdentTopic::new(topic.clone()), data) {
+                if let Err(e) = behaviour
+                    .gossipsub
+                    .publish(gossipsub::IdentTopic::new(topic.clone()), data)
+                {
                     // Nodes also poll for plans and manifests, so a failed publish on a tiny mesh is not fatal.
                     tracing::debug!(%topic, "gossip publish failed: {e}");
                 }
             }
-            Command::CoordinatorRequest { peer, request, reply } => {
+            Command::CoordinatorRequest {
+                peer,
+                request,
+                reply,
+            } => {
                 let id = behaviour.coordinator.send_request(&peer, request);
                 self.pending_coordinator.insert(id, reply);
             }
@@ -276,38 +417,81 @@ impl EventLoop {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Coordinator(event)) => self.on_coordinator(event),
             SwarmEvent::Behaviour(BehaviourEvent::Blob(event)) => self.on_blob(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
                 // A node's self-reported listen addresses, so its updates can be fetched later.
                 for addr in info.listen_addrs.into_iter().take(16) {
                     self.swarm.add_peer_address(peer_id, addr);
                 }
             }
-            SwarmEvent::IncomingConnectionError { error, .. } => tracing::debug!("incoming connection failed: {error}"),
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => tracing::debug!(?peer_id, "dial failed: {error}"),
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                tracing::debug!("incoming connection failed: {error}")
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, "dial failed: {error}")
+            }
             _ => {}
         }
     }
 
-    fn on_coordinator(&mut self, event: request_response::Event<CoordinatorRequest, CoordinatorResponse>) {
+    fn on_coordinator(
+        &mut self,
+        event: request_response::Event<CoordinatorRequest, CoordinatorResponse>,
+    ) {
         match event {
-            request_response::Event::Message { peer, message: request_response::Message::Request { request, channel, .. }, .. } => {
-                match self.events.try_send(Event::Request { peer, request, channel }) {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                match self.events.try_send(Event::Request {
+                    peer,
+                    request,
+                    channel,
+                }) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(Event::Request { channel, .. })) => {
-                        let busy = CoordinatorResponse::Refused { reason: "the coordinator is busy; retry shortly".into() };
-                        let _ = self.swarm.behaviour_mut().coordinator.send_response(channel, busy);
+                        let busy = CoordinatorResponse::Refused {
+                            reason: "the coordinator is busy; retry shortly".into(),
+                        };
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .coordinator
+                            .send_response(channel, busy);
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
             }
-            request_response::Event::Message { message: request_response::Message::Response { request_id, response }, .. } => {
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
                 if let Some(reply) = self.pending_coordinator.remove(&request_id) {
                     let _ = reply.send(Ok(response));
                 }
             }
-            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 if let Some(reply) = self.pending_coordinator.remove(&request_id) {
-                    let _ = reply.send(Err(NetworkError::Request { peer, reason: error.to_string() }));
+                    let _ = reply.send(Err(NetworkError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -319,18 +503,43 @@ impl EventLoop {
 
     fn on_blob(&mut self, event: request_response::Event<BlobRequest, BlobResponse>) {
         match event {
-            request_response::Event::Message { message: request_response::Message::Request { request, channel, .. }, .. } => {
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
                 let response = self.serve_blob(request);
-                let _ = self.swarm.behaviour_mut().blob.send_response(channel, response);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .blob
+                    .send_response(channel, response);
             }
-            request_response::Event::Message { message: request_response::Message::Response { request_id, response }, .. } => {
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
                 if let Some(reply) = self.pending_blob.remove(&request_id) {
                     let _ = reply.send(Ok(response));
                 }
             }
-            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 if let Some(reply) = self.pending_blob.remove(&request_id) {
-                    let _ = reply.send(Err(NetworkError::Request { peer, reason: error.to_string() }));
+                    let _ = reply.send(Err(NetworkError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -342,18 +551,26 @@ impl EventLoop {
 
     fn serve_blob(&self, request: BlobRequest) -> BlobResponse {
         match request {
-            BlobRequest::Have { hash } => BlobResponse::Have { size: self.store.size(&hash) },
-            BlobRequest::Chunk { len, .. } if len as usize > BLOB_CHUNK_BYTES => {
-                BlobResponse::Refused { reason: format!("chunks are at most {BLOB_CHUNK_BYTES} bytes") }
-            }
-            BlobRequest::Chunk { hash, offset, len } => match self.store.chunk(&hash, offset, len as usize) {
-                Ok(Some(data)) => BlobResponse::Chunk { data },
-                Ok(None) => BlobResponse::NotFound,
-                Err(e) => {
-                    tracing::warn!("serving blob {}: {e}", hash.short());
-                    BlobResponse::Refused { reason: "the coordinator could not read that blob".into() }
-                }
+            BlobRequest::Have { hash } => BlobResponse::Have {
+                size: self.store.size(&hash),
             },
+            BlobRequest::Chunk { len, .. } if len as usize > BLOB_CHUNK_BYTES => {
+                BlobResponse::Refused {
+                    reason: format!("chunks are at most {BLOB_CHUNK_BYTES} bytes"),
+                }
+            }
+            BlobRequest::Chunk { hash, offset, len } => {
+                match self.store.chunk(&hash, offset, len as usize) {
+                    Ok(Some(data)) => BlobResponse::Chunk { data },
+                    Ok(None) => BlobResponse::NotFound,
+                    Err(e) => {
+                        tracing::warn!("serving blob {}: {e}", hash.short());
+                        BlobResponse::Refused {
+                            reason: "the coordinator could not read that blob".into(),
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -32,15 +32,23 @@ pub struct Share {
 
 /// Picks the round's nodes and shards. `uses[i]` is how often shard `i` has
 /// been assigned so far; it is updated for the shards handed out.
-pub fn assign(seed: u64, round: u64, nodes: &[NodeId], uses: &mut [u32], shards_per_node: usize) -> Vec<Share> {
+pub fn assign(
+    seed: u64,
+    round: u64,
+    nodes: &[NodeId],
+    uses: &mut [u32],
+    shards_per_node: usize,
+) -> Vec<Share> {
     if nodes.is_empty() || uses.is_empty() || shards_per_node == 0 {
         return Vec::new();
     }
     let per_node = shards_per_node.min(uses.len());
     let capacity = uses.len() / per_node;
     // More nodes than shards: a seeded, round-dependent subset trains.
-    let mut order: Vec<(u64, NodeId)> =
-        nodes.iter().map(|n| (derive(seed, "node-order", round, &n.0.0), *n)).collect();
+    let mut order: Vec<(u64, NodeId)> = nodes
+        .iter()
+        .map(|n| (derive(seed, "node-order", round, &n.0.0), *n))
+        .collect();
     order.sort();
     order.truncate(capacity);
     // The selected nodes in id order, so the plan reads the same for everyone.
@@ -50,7 +58,13 @@ pub fn assign(seed: u64, round: u64, nodes: &[NodeId], uses: &mut [u32], shards_
     let mut candidates: Vec<(u32, u64, usize)> = uses
         .iter()
         .enumerate()
-        .map(|(i, &u)| (u, derive(seed, "shard-order", round, &(i as u64).to_le_bytes()), i))
+        .map(|(i, &u)| {
+            (
+                u,
+                derive(seed, "shard-order", round, &(i as u64).to_le_bytes()),
+                i,
+            )
+        })
         .collect();
     candidates.sort();
     let mut picked = candidates.into_iter().map(|(_, _, i)| i);
@@ -60,7 +74,11 @@ pub fn assign(seed: u64, round: u64, nodes: &[NodeId], uses: &mut [u32], shards_
         for &i in &shards {
             uses[i] = uses[i].saturating_add(1);
         }
-        shares.push(Share { node, shards, seed: derive(seed, "node-seed", round, &node.0.0) });
+        shares.push(Share {
+            node,
+            shards,
+            seed: derive(seed, "node-seed", round, &node.0.0),
+        });
     }
     shares
 }
@@ -84,7 +102,11 @@ mod tests {
             assert_eq!(shares.len(), 3);
             let in_round: Vec<usize> = shares.iter().flat_map(|s| s.shards.clone()).collect();
             let distinct: HashSet<usize> = in_round.iter().copied().collect();
-            assert_eq!(distinct.len(), in_round.len(), "a shard given twice in round {round}");
+            assert_eq!(
+                distinct.len(),
+                in_round.len(),
+                "a shard given twice in round {round}"
+            );
             seen_per_epoch.extend(in_round);
         }
         // 9 of 10 shards after 3 rounds, all distinct: nothing repeated before coverage.
@@ -92,7 +114,10 @@ mod tests {
         let shares = assign(7, 3, &ids, &mut uses, 1);
         let next: Vec<usize> = shares.iter().flat_map(|s| s.shards.clone()).collect();
         let missing: Vec<usize> = (0..10).filter(|i| !seen_per_epoch.contains(i)).collect();
-        assert!(next.contains(&missing[0]), "the unused shard comes first: {next:?}");
+        assert!(
+            next.contains(&missing[0]),
+            "the unused shard comes first: {next:?}"
+        );
         assert!(uses.iter().all(|&u| u == 1 || u == 2));
     }
 
@@ -113,7 +138,11 @@ mod tests {
         assert_eq!(a, b);
         let c = assign(3, 6, &ids, &mut [0; 8], 1);
         let shards = |s: &[Share]| s.iter().map(|x| x.shards.clone()).collect::<Vec<_>>();
-        assert_ne!(shards(&a), shards(&c), "a different round orders shards differently");
+        assert_ne!(
+            shards(&a),
+            shards(&c),
+            "a different round orders shards differently"
+        );
         assert_ne!(a[0].seed, a[1].seed);
     }
 }

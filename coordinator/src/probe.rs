@@ -59,7 +59,13 @@ pub struct Probe {
 
 impl Probe {
     /// `seed` fixes the probe batches (the coordinator uses one per round).
-    pub fn new(model: &ModelConfig, theta: &[f32], cfg: &VerifyConfig, seq_len: usize, seed: u64) -> Result<Probe, ProbeError> {
+    pub fn new(
+        model: &ModelConfig,
+        theta: &[f32],
+        cfg: &VerifyConfig,
+        seq_len: usize,
+        seed: u64,
+    ) -> Result<Probe, ProbeError> {
         let device = select(DeviceSpec::Cpu).map_err(|e| ProbeError::Device(e.to_string()))?;
         let mut trainer = Trainer::new(model, device, 0)?;
         trainer.set_flat_params(theta)?;
@@ -76,7 +82,13 @@ impl Probe {
 
     fn loss(&self, tokens: &[u16]) -> Result<f32, ProbeError> {
         let seq_len = self.seq_len.min(tokens.len().saturating_sub(1)).max(1);
-        Ok(self.trainer.eval_loss_with(tokens, self.batches, self.batch_size, seq_len, self.seed)?)
+        Ok(self.trainer.eval_loss_with(
+            tokens,
+            self.batches,
+            self.batch_size,
+            seq_len,
+            self.seed,
+        )?)
     }
 
     /// The probe loss of θ_r on `tokens` (computed once per shard per round).
@@ -87,9 +99,19 @@ impl Probe {
 
     /// The loss of θ_r − Δ (where the node's model ended up) on each text,
     /// as gains over the given base losses.
-    pub fn measure(&mut self, delta: &[f32], own: &[u16], own_base: f32, other: &[u16], other_base: f32) -> Result<ProbeResult, ProbeError> {
+    pub fn measure(
+        &mut self,
+        delta: &[f32],
+        own: &[u16],
+        own_base: f32,
+        other: &[u16],
+        other_base: f32,
+    ) -> Result<ProbeResult, ProbeError> {
         if delta.len() != self.theta.len() {
-            return Err(ProbeError::Length { expected: self.theta.len(), found: delta.len() });
+            return Err(ProbeError::Length {
+                expected: self.theta.len(),
+                found: delta.len(),
+            });
         }
         for ((s, &t), &d) in self.scratch.iter_mut().zip(&self.theta).zip(delta) {
             *s = t - d;
@@ -97,7 +119,10 @@ impl Probe {
         self.trainer.set_flat_params(&self.scratch)?;
         let own_after = self.loss(own)?;
         let other_after = self.loss(other)?;
-        Ok(ProbeResult { own_gain: own_base - own_after, other_gain: other_base - other_after })
+        Ok(ProbeResult {
+            own_gain: own_base - own_after,
+            other_gain: other_base - other_after,
+        })
     }
 
     /// The loss of arbitrary params (e.g. θ_{r+1}) on `tokens`.
@@ -113,11 +138,72 @@ mod tests {
 
     #[test]
     fn verdicts() {
-        let r = |own_gain, other_gain| ProbeResult { own_gain, other_gain };
+        let r = |own_gain, other_gain| ProbeResult {
+            own_gain,
+            other_gain,
+        };
         assert!(r(0.2, 0.1).verdict(0.05).is_ok());
         assert!(r(0.2, 0.24).verdict(0.05).is_ok());
         assert_eq!(r(0.2, 0.3).verdict(0.05), Err(RejectReason::NotUseful));
         assert_eq!(r(-0.1, -0.2).verdict(0.05), Err(RejectReason::NotUseful));
         assert_eq!(r(f32::NAN, 0.0).verdict(0.05), Err(RejectReason::NotUseful));
+    }
+
+    #[test]
+    fn probe_accepts_a_trained_update_and_rejects_its_sign_flip() {
+        use barnraise_trainer::InnerConfig;
+        use barnraise_trainer::data::{corpus, tokenize_bytes};
+        let model = ModelConfig::preset("tiny").unwrap();
+        let tokens = tokenize_bytes(corpus::generate(5, 40_000).as_bytes());
+        let (own, heldout) = tokens.split_at(20_000);
+        let mut trainer = Trainer::new(&model, select(DeviceSpec::Cpu).unwrap(), 0).unwrap();
+        let theta = trainer.flat_params().unwrap();
+        let inner = InnerConfig {
+            steps: 10,
+            batch_size: 4,
+            seq_len: 32,
+            warmup: 1,
+            ..InnerConfig::default()
+        };
+        trainer.train_inner(own, &inner).unwrap();
+        let local = trainer.flat_params().unwrap();
+        let delta: Vec<f32> = theta.iter().zip(&local).map(|(a, b)| a - b).collect();
+
+        let cfg = VerifyConfig::default();
+        let mut probe = Probe::new(&model, &theta, &cfg, 32, 1).unwrap();
+        let own_base = probe.base_loss(own).unwrap();
+        let heldout_base = probe.base_loss(heldout).unwrap();
+        let honest = probe
+            .measure(&delta, own, own_base, heldout, heldout_base)
+            .unwrap();
+        assert!(honest.own_gain > 0.0, "{honest:?}");
+        assert_eq!(honest.verdict(cfg.probe_margin), Ok(()));
+        let flipped: Vec<f32> = delta.iter().map(|d| -d).collect();
+        let bad = probe
+            .measure(&flipped, own, own_base, heldout, heldout_base)
+            .unwrap();
+        assert_eq!(
+            bad.verdict(cfg.probe_margin),
+            Err(RejectReason::NotUseful),
+            "{bad:?}"
+        );
+        let nothing = probe
+            .measure(
+                &vec![0.0; theta.len()],
+                own,
+                own_base,
+                heldout,
+                heldout_base,
+            )
+            .unwrap();
+        assert_eq!(
+            nothing.verdict(cfg.probe_margin),
+            Err(RejectReason::NotUseful)
+        );
+        assert!(
+            probe
+                .measure(&[0.0; 3], own, own_base, heldout, heldout_base)
+                .is_err()
+        );
     }
 }

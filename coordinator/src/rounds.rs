@@ -88,13 +88,18 @@ pub enum CommitOutcome {
     /// The same signed commit again (a retry): nothing changes.
     AlreadyHave { round: u64 },
     /// Refused; `in_round` is the open round whose manifest records it, if any.
-    Rejected { reason: RejectReason, in_round: Option<u64> },
+    Rejected {
+        reason: RejectReason,
+        in_round: Option<u64>,
+    },
 }
 
 /// A call that does not fit the machine's state (a bug in the caller, never network input).
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RoundsError {
-    #[error("round {round} is not closing (the machine is {state}); a manifest cannot be recorded for it")]
+    #[error(
+        "round {round} is not closing (the machine is {state}); a manifest cannot be recorded for it"
+    )]
     NotClosing { round: u64, state: String },
 }
 
@@ -102,10 +107,20 @@ pub enum RoundsError {
 enum Slot {
     Assigned,
     /// Commit taken, fetch in progress.
-    Committed { commit: Commit, body: Hash, order: u64 },
+    Committed {
+        commit: Commit,
+        body: Hash,
+        order: u64,
+    },
     /// Fetched and payload-checked.
-    Ready { commit: Commit, body: Hash, order: u64 },
-    Rejected { body: Hash },
+    Ready {
+        commit: Commit,
+        body: Hash,
+        order: u64,
+    },
+    Rejected {
+        body: Hash,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -149,7 +164,11 @@ impl Rounds {
     pub fn new(config: RoundsConfig, start: Start) -> Rounds {
         let mut shard_uses = start.shard_uses;
         shard_uses.resize(config.shards.len(), 0);
-        let phase = if start.round >= config.total_rounds { Phase::Finished } else { Phase::Waiting };
+        let phase = if start.round >= config.total_rounds {
+            Phase::Finished
+        } else {
+            Phase::Waiting
+        };
         Rounds {
             config,
             members: BTreeMap::new(),
@@ -168,16 +187,35 @@ impl Rounds {
             return;
         }
         for a in &plan.assignments {
-            self.members.entry(a.node).or_insert(Member { active: true, workers: 1 });
+            self.members.entry(a.node).or_insert(Member {
+                active: true,
+                workers: 1,
+            });
         }
-        let slots = plan.assignments.iter().map(|a| (a.node, Slot::Assigned)).collect();
+        let slots = plan
+            .assignments
+            .iter()
+            .map(|a| (a.node, Slot::Assigned))
+            .collect();
         let close_at_ms = plan.deadline_ms.max(not_before_ms);
-        self.phase = Phase::Open(OpenRound { plan, close_at_ms, slots, next_order: 0, rejected: Vec::new() });
+        self.phase = Phase::Open(OpenRound {
+            plan,
+            close_at_ms,
+            slots,
+            next_order: 0,
+            rejected: Vec::new(),
+        });
     }
 
     /// A node was admitted (or re-joined). `workers` bounds the tokens it may claim.
     pub fn join(&mut self, node: NodeId, workers: u32) {
-        self.members.insert(node, Member { active: true, workers: workers.max(1) });
+        self.members.insert(
+            node,
+            Member {
+                active: true,
+                workers: workers.max(1),
+            },
+        );
     }
 
     /// A node said it is leaving: it gets no more work.
@@ -201,7 +239,11 @@ impl Rounds {
 
     /// Nodes that would get work if a round opened now.
     pub fn active_nodes(&self) -> Vec<NodeId> {
-        self.members.iter().filter(|(_, m)| m.active).map(|(n, _)| *n).collect()
+        self.members
+            .iter()
+            .filter(|(_, m)| m.active)
+            .map(|(n, _)| *n)
+            .collect()
     }
 
     /// The round now open or about to open.
@@ -233,6 +275,15 @@ impl Rounds {
         }
     }
 
+    /// When the open round closes at the latest (after a restart this can be
+    /// later than its plan's deadline).
+    pub fn open_deadline_ms(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Open(open) => Some(open.close_at_ms),
+            _ => None,
+        }
+    }
+
     fn state_name(&self) -> String {
         match &self.phase {
             Phase::Waiting => format!("waiting to open round {}", self.round),
@@ -248,7 +299,10 @@ impl Rounds {
     /// message is recognised.
     pub fn commit(&mut self, node: NodeId, commit: &Commit, body: Hash) -> CommitOutcome {
         let Some(member) = self.members.get(&node).copied() else {
-            return CommitOutcome::Rejected { reason: RejectReason::UnknownNode, in_round: None };
+            return CommitOutcome::Rejected {
+                reason: RejectReason::UnknownNode,
+                in_round: None,
+            };
         };
         let max_tokens = self.max_tokens(member.workers);
         let same_run = commit.run_id == self.config.run_id;
@@ -256,20 +310,41 @@ impl Rounds {
         let open = match &mut self.phase {
             Phase::Open(open) => open,
             Phase::Closing(plan) if commit.round == plan.round => {
-                return CommitOutcome::Rejected { reason: RejectReason::Late, in_round: None };
+                return CommitOutcome::Rejected {
+                    reason: RejectReason::Late,
+                    in_round: None,
+                };
             }
             _ => {
-                let reason = if commit.round.checked_add(1) == Some(current) { RejectReason::Late } else { RejectReason::WrongRound };
-                return CommitOutcome::Rejected { reason, in_round: None };
+                let reason = if commit.round.checked_add(1) == Some(current) {
+                    RejectReason::Late
+                } else {
+                    RejectReason::WrongRound
+                };
+                return CommitOutcome::Rejected {
+                    reason,
+                    in_round: None,
+                };
             }
         };
         let round = open.plan.round;
         let reject = |open: &mut OpenRound, reason: RejectReason| {
-            open.rejected.push(RejectedUpdate { node, update_hash: Some(commit.update_hash), reason: reason.clone() });
-            CommitOutcome::Rejected { reason, in_round: Some(round) }
+            open.rejected.push(RejectedUpdate {
+                node,
+                update_hash: Some(commit.update_hash),
+                reason: reason.clone(),
+            });
+            CommitOutcome::Rejected {
+                reason,
+                in_round: Some(round),
+            }
         };
         if !same_run || commit.round != round {
-            let reason = if commit.round.checked_add(1) == Some(round) { RejectReason::Late } else { RejectReason::WrongRound };
+            let reason = if commit.round.checked_add(1) == Some(round) {
+                RejectReason::Late
+            } else {
+                RejectReason::WrongRound
+            };
             return reject(open, reason);
         }
         let Some(slot) = open.slots.get(&node).cloned() else {
@@ -278,7 +353,9 @@ impl Rounds {
         };
         match slot {
             Slot::Assigned => {}
-            Slot::Committed { body: first, .. } | Slot::Ready { body: first, .. } | Slot::Rejected { body: first }
+            Slot::Committed { body: first, .. }
+            | Slot::Ready { body: first, .. }
+            | Slot::Rejected { body: first }
                 if first == body =>
             {
                 return CommitOutcome::AlreadyHave { round };
@@ -304,7 +381,14 @@ impl Rounds {
         }
         let order = open.next_order;
         open.next_order += 1;
-        open.slots.insert(node, Slot::Committed { commit: commit.clone(), body, order });
+        open.slots.insert(
+            node,
+            Slot::Committed {
+                commit: commit.clone(),
+                body,
+                order,
+            },
+        );
         CommitOutcome::Accepted { round }
     }
 
@@ -319,18 +403,38 @@ impl Rounds {
 
     /// The result of fetching and checking a committed update (stage 2).
     pub fn update_checked(&mut self, round: u64, node: &NodeId, result: Result<(), RejectReason>) {
-        let Phase::Open(open) = &mut self.phase else { return };
+        let Phase::Open(open) = &mut self.phase else {
+            return;
+        };
         if open.plan.round != round {
             return;
         }
-        let Some(Slot::Committed { commit, body, order }) = open.slots.get(node).cloned() else { return };
+        let Some(Slot::Committed {
+            commit,
+            body,
+            order,
+        }) = open.slots.get(node).cloned()
+        else {
+            return;
+        };
         match result {
             Ok(()) => {
-                open.slots.insert(*node, Slot::Ready { commit, body, order });
+                open.slots.insert(
+                    *node,
+                    Slot::Ready {
+                        commit,
+                        body,
+                        order,
+                    },
+                );
             }
             Err(reason) => {
                 open.slots.insert(*node, Slot::Rejected { body });
-                open.rejected.push(RejectedUpdate { node: *node, update_hash: Some(commit.update_hash), reason });
+                open.rejected.push(RejectedUpdate {
+                    node: *node,
+                    update_hash: Some(commit.update_hash),
+                    reason,
+                });
             }
         }
     }
@@ -347,16 +451,28 @@ impl Rounds {
         let should_close = match &self.phase {
             Phase::Open(open) => {
                 let deadline = now_ms >= open.close_at_ms;
-                let ready = open.slots.values().filter(|s| matches!(s, Slot::Ready { .. })).count();
-                let in_flight = open.slots.values().any(|s| matches!(s, Slot::Committed { .. }));
-                let unresolved = open.slots.values().any(|s| matches!(s, Slot::Assigned | Slot::Committed { .. }));
+                let ready = open
+                    .slots
+                    .values()
+                    .filter(|s| matches!(s, Slot::Ready { .. }))
+                    .count();
+                let in_flight = open
+                    .slots
+                    .values()
+                    .any(|s| matches!(s, Slot::Committed { .. }));
+                let unresolved = open
+                    .slots
+                    .values()
+                    .any(|s| matches!(s, Slot::Assigned | Slot::Committed { .. }));
                 // At quorum, updates already being fetched are still waited for.
                 let quorum = ready >= self.config.quorum.target(open.slots.len()) && !in_flight;
                 deadline || quorum || !unresolved
             }
             _ => false,
         };
-        if should_close && let Phase::Open(open) = std::mem::replace(&mut self.phase, Phase::Waiting) {
+        if should_close
+            && let Phase::Open(open) = std::mem::replace(&mut self.phase, Phase::Waiting)
+        {
             actions.push(Action::CloseRound(self.begin_close(open, now_ms)));
         }
         actions
@@ -365,11 +481,21 @@ impl Rounds {
     fn try_open(&mut self, now_ms: u64) -> Option<RoundPlan> {
         let nodes = self.active_nodes();
         // `min_nodes` gates the start of the run; later rounds run with whoever is active.
-        let needed = if self.round == 0 { self.config.min_nodes.max(1) } else { 1 };
+        let needed = if self.round == 0 {
+            self.config.min_nodes.max(1)
+        } else {
+            1
+        };
         if nodes.len() < needed {
             return None;
         }
-        let shares = plan::assign(self.config.seed, self.round, &nodes, &mut self.shard_uses, self.config.shards_per_node);
+        let shares = plan::assign(
+            self.config.seed,
+            self.round,
+            &nodes,
+            &mut self.shard_uses,
+            self.config.shards_per_node,
+        );
         if shares.is_empty() {
             return None;
         }
@@ -377,7 +503,11 @@ impl Rounds {
             .into_iter()
             .map(|s| Assignment {
                 node: s.node,
-                shards: s.shards.iter().filter_map(|&i| self.config.shards.get(i).copied()).collect(),
+                shards: s
+                    .shards
+                    .iter()
+                    .filter_map(|&i| self.config.shards.get(i).copied())
+                    .collect(),
                 seed: s.seed,
                 inner_steps: self.config.inner_steps,
             })
@@ -391,14 +521,29 @@ impl Rounds {
             opened_at_ms: now_ms,
             deadline_ms: now_ms.saturating_add(self.config.deadline_ms),
         };
-        let slots = plan.assignments.iter().map(|a| (a.node, Slot::Assigned)).collect();
+        let slots = plan
+            .assignments
+            .iter()
+            .map(|a| (a.node, Slot::Assigned))
+            .collect();
         let close_at_ms = plan.deadline_ms;
-        self.phase = Phase::Open(OpenRound { plan: plan.clone(), close_at_ms, slots, next_order: 0, rejected: Vec::new() });
+        self.phase = Phase::Open(OpenRound {
+            plan: plan.clone(),
+            close_at_ms,
+            slots,
+            next_order: 0,
+            rejected: Vec::new(),
+        });
         Some(plan)
     }
 
     fn begin_close(&mut self, open: OpenRound, now_ms: u64) -> CloseRound {
-        let OpenRound { plan, slots, mut rejected, .. } = open;
+        let OpenRound {
+            plan,
+            slots,
+            mut rejected,
+            ..
+        } = open;
         let mut candidates = Vec::new();
         let mut missing = Vec::new();
         for (node, slot) in slots {
@@ -406,9 +551,17 @@ impl Rounds {
                 Slot::Assigned => missing.push(node),
                 Slot::Committed { commit, .. } => {
                     // Committed but its update never arrived in time.
-                    rejected.push(RejectedUpdate { node, update_hash: Some(commit.update_hash), reason: RejectReason::NotServed });
+                    rejected.push(RejectedUpdate {
+                        node,
+                        update_hash: Some(commit.update_hash),
+                        reason: RejectReason::NotServed,
+                    });
                 }
-                Slot::Ready { commit, order, .. } => candidates.push(Candidate { node, commit, order }),
+                Slot::Ready { commit, order, .. } => candidates.push(Candidate {
+                    node,
+                    commit,
+                    order,
+                }),
                 Slot::Rejected { .. } => {}
             }
         }
@@ -420,16 +573,32 @@ impl Rounds {
             }
         }
         self.phase = Phase::Closing(plan.clone());
-        CloseRound { plan, candidates, rejected, missing, closed_at_ms: now_ms }
+        CloseRound {
+            plan,
+            candidates,
+            rejected,
+            missing,
+            closed_at_ms: now_ms,
+        }
     }
 
     /// The round's manifest is committed: θ_{round+1} is current and the
     /// next round may open. Refuses anything but the round now closing, so a
     /// round can never get two manifests.
-    pub fn round_closed(&mut self, round: u64, next_params_hash: Hash, manifest_hash: Hash) -> Result<Vec<Action>, RoundsError> {
+    pub fn round_closed(
+        &mut self,
+        round: u64,
+        next_params_hash: Hash,
+        manifest_hash: Hash,
+    ) -> Result<Vec<Action>, RoundsError> {
         match &self.phase {
             Phase::Closing(plan) if plan.round == round => {}
-            _ => return Err(RoundsError::NotClosing { round, state: self.state_name() }),
+            _ => {
+                return Err(RoundsError::NotClosing {
+                    round,
+                    state: self.state_name(),
+                });
+            }
         }
         self.params_hash = next_params_hash;
         self.head_manifest = manifest_hash;
@@ -445,7 +614,8 @@ impl Rounds {
 
 /// Counts how often each shard appears in `plans` (to rebuild `Start::shard_uses`).
 pub fn count_shard_uses(shards: &[Hash], plans: &[RoundPlan]) -> Vec<u32> {
-    let index: std::collections::HashMap<Hash, usize> = shards.iter().enumerate().map(|(i, h)| (*h, i)).collect();
+    let index: std::collections::HashMap<Hash, usize> =
+        shards.iter().enumerate().map(|(i, h)| (*h, i)).collect();
     let mut uses = vec![0u32; shards.len()];
     for plan in plans {
         for a in &plan.assignments {

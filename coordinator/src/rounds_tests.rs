@@ -23,7 +23,12 @@ fn machine(shards: usize, quorum: Quorum, min_nodes: usize, total_rounds: u64) -
         total_rounds,
         shards: (0..shards).map(|i| Hash::of(&[i as u8])).collect(),
     };
-    let start = Start { round: 0, params_hash: Hash::of(b"theta0"), head_manifest: Hash::ZERO, shard_uses: vec![] };
+    let start = Start {
+        round: 0,
+        params_hash: Hash::of(b"theta0"),
+        head_manifest: Hash::ZERO,
+        shard_uses: vec![],
+    };
     Rounds::new(config, start)
 }
 
@@ -59,7 +64,10 @@ fn close_of(actions: Vec<Action>) -> CloseRound {
 /// Node `n` commits; its update is not fetched yet.
 fn commit_only(m: &mut Rounds, plan: &RoundPlan, n: NodeId) {
     let c = commit_for(plan, n.0.0[0]);
-    assert_eq!(m.commit(n, &c, Hash::of(&[n.0.0[0]])), CommitOutcome::Accepted { round: plan.round });
+    assert_eq!(
+        m.commit(n, &c, Hash::of(&[n.0.0[0]])),
+        CommitOutcome::Accepted { round: plan.round }
+    );
 }
 
 /// Node `n` commits and its update passes the payload check.
@@ -98,7 +106,10 @@ fn quorum_closes_before_deadline() {
     assert!(m.tick(10).is_empty());
     deliver(&mut m, &plan, node(2));
     let close = close_of(m.tick(20));
-    assert_eq!(close.candidates.iter().map(|c| c.node).collect::<Vec<_>>(), vec![node(1), node(2)]);
+    assert_eq!(
+        close.candidates.iter().map(|c| c.node).collect::<Vec<_>>(),
+        vec![node(1), node(2)]
+    );
     assert_eq!(close.missing, vec![node(3)]);
 }
 
@@ -107,7 +118,10 @@ fn quorum_waits_for_fetches_in_flight() {
     let (mut m, plan) = started(Quorum::Count(1), 2);
     deliver(&mut m, &plan, node(1));
     commit_only(&mut m, &plan, node(2));
-    assert!(m.tick(1).is_empty(), "node 2's update is still being fetched");
+    assert!(
+        m.tick(1).is_empty(),
+        "node 2's update is still being fetched"
+    );
     m.update_checked(0, &node(2), Ok(()));
     assert_eq!(close_of(m.tick(2)).candidates.len(), 2);
 }
@@ -139,10 +153,19 @@ fn never_two_manifests_for_one_round() {
     let plan = open_round(&mut m, 0);
     deliver(&mut m, &plan, node(1));
     let close = close_of(m.tick(1));
-    assert!(m.tick(2).is_empty(), "closing: no second close, no new plan");
-    assert!(m.round_closed(close.plan.round, Hash::of(b"a"), Hash::of(b"m")).is_ok());
+    assert!(
+        m.tick(2).is_empty(),
+        "closing: no second close, no new plan"
+    );
+    assert!(
+        m.round_closed(close.plan.round, Hash::of(b"a"), Hash::of(b"m"))
+            .is_ok()
+    );
     let err = m.round_closed(close.plan.round, Hash::of(b"b"), Hash::of(b"m2"));
-    assert!(matches!(err, Err(RoundsError::NotClosing { round: 0, .. })), "{err:?}");
+    assert!(
+        matches!(err, Err(RoundsError::NotClosing { round: 0, .. })),
+        "{err:?}"
+    );
     assert!(m.round_closed(7, Hash::of(b"b"), Hash::of(b"m2")).is_err());
     assert_eq!(m.head_manifest(), Hash::of(b"m"));
 }
@@ -156,35 +179,64 @@ fn commit_envelope_rejections_have_reasons() {
     let good = commit_for(&plan, 1);
 
     let unknown = m.commit(node(9), &good, Hash::of(b"x"));
-    assert_eq!(unknown, CommitOutcome::Rejected { reason: RejectReason::UnknownNode, in_round: None });
+    assert_eq!(
+        unknown,
+        CommitOutcome::Rejected {
+            reason: RejectReason::UnknownNode,
+            in_round: None
+        }
+    );
 
     let mut wrong_round = good.clone();
     wrong_round.round = 5;
     assert_eq!(
         m.commit(node(1), &wrong_round, Hash::of(b"w")),
-        CommitOutcome::Rejected { reason: RejectReason::WrongRound, in_round: Some(0) }
+        CommitOutcome::Rejected {
+            reason: RejectReason::WrongRound,
+            in_round: Some(0)
+        }
     );
 
-    assert_eq!(m.commit(node(1), &good, Hash::of(b"g")), CommitOutcome::Accepted { round: 0 });
-    assert_eq!(m.commit(node(1), &good, Hash::of(b"g")), CommitOutcome::AlreadyHave { round: 0 }, "a retry is harmless");
+    assert_eq!(
+        m.commit(node(1), &good, Hash::of(b"g")),
+        CommitOutcome::Accepted { round: 0 }
+    );
+    assert_eq!(
+        m.commit(node(1), &good, Hash::of(b"g")),
+        CommitOutcome::AlreadyHave { round: 0 },
+        "a retry is harmless"
+    );
     let mut second = good.clone();
     second.update_hash = Hash::of(b"other");
     assert_eq!(
         m.commit(node(1), &second, Hash::of(b"g2")),
-        CommitOutcome::Rejected { reason: RejectReason::DuplicateCommit, in_round: Some(0) }
+        CommitOutcome::Rejected {
+            reason: RejectReason::DuplicateCommit,
+            in_round: Some(0)
+        }
     );
 
     let mut greedy = commit_for(&plan, 2);
     greedy.tokens = 1_000_000;
     assert_eq!(
         m.commit(node(2), &greedy, Hash::of(b"greedy")),
-        CommitOutcome::Rejected { reason: RejectReason::Oversized, in_round: Some(0) }
+        CommitOutcome::Rejected {
+            reason: RejectReason::Oversized,
+            in_round: Some(0)
+        }
     );
     m.update_checked(0, &node(1), Ok(()));
     let close = close_of(m.tick(1));
     let reasons: Vec<&str> = close.rejected.iter().map(|r| r.reason.code()).collect();
-    assert_eq!(reasons, vec!["wrong-round", "duplicate-commit", "oversized"]);
-    assert_eq!(close.candidates.len(), 1, "the first commit keeps its place");
+    assert_eq!(
+        reasons,
+        vec!["wrong-round", "duplicate-commit", "oversized"]
+    );
+    assert_eq!(
+        close.candidates.len(),
+        1,
+        "the first commit keeps its place"
+    );
 }
 
 #[test]
@@ -196,15 +248,36 @@ fn wrong_base_and_replayed_old_commit() {
     close_of(m.tick(1));
     // While closing, a commit for the closing round is late.
     let late = commit_for(&plan0, 1);
-    assert!(matches!(m.commit(node(1), &late, Hash::of(b"l")), CommitOutcome::Rejected { reason: RejectReason::Late, .. }));
+    assert!(matches!(
+        m.commit(node(1), &late, Hash::of(b"l")),
+        CommitOutcome::Rejected {
+            reason: RejectReason::Late,
+            ..
+        }
+    ));
     assert!(m.round_closed(0, Hash::of(b"t1"), Hash::of(b"m0")).is_ok());
     let plan1 = open_round(&mut m, 2);
     // The old round-0 commit replayed in round 1.
     let replay = m.commit(node(1), &late, Hash::of(b"old"));
-    assert!(matches!(replay, CommitOutcome::Rejected { reason: RejectReason::Late, in_round: Some(1) }), "{replay:?}");
+    assert!(
+        matches!(
+            replay,
+            CommitOutcome::Rejected {
+                reason: RejectReason::Late,
+                in_round: Some(1)
+            }
+        ),
+        "{replay:?}"
+    );
     let mut stale = commit_for(&plan1, 1);
     stale.base_params_hash = Hash::of(b"someone else's theta");
-    assert!(matches!(m.commit(node(1), &stale, Hash::of(b"s")), CommitOutcome::Rejected { reason: RejectReason::WrongBase, .. }));
+    assert!(matches!(
+        m.commit(node(1), &stale, Hash::of(b"s")),
+        CommitOutcome::Rejected {
+            reason: RejectReason::WrongBase,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -239,9 +312,16 @@ fn shards_rotate_over_rounds_and_never_repeat_within_one() {
             deliver(&mut m, &plan, a.node);
         }
         close_of(m.tick(round * 100 + 1));
-        assert!(m.round_closed(round, Hash::of(&[round as u8]), Hash::of(&[round as u8, 1])).is_ok());
+        assert!(
+            m.round_closed(round, Hash::of(&[round as u8]), Hash::of(&[round as u8, 1]))
+                .is_ok()
+        );
     }
-    assert_eq!(seen.len(), shards, "three rounds of two nodes cover all six shards");
+    assert_eq!(
+        seen.len(),
+        shards,
+        "three rounds of two nodes cover all six shards"
+    );
 }
 
 #[test]
@@ -262,14 +342,21 @@ fn restored_round_keeps_its_plan() {
     let mut m = machine(4, Quorum::Fraction(1.0), 1, 3);
     m.join(node(1), 1);
     let plan = open_round(&mut m, 0);
-    let uses = count_shard_uses(&(0..4).map(|i| Hash::of(&[i as u8])).collect::<Vec<_>>(), std::slice::from_ref(&plan));
+    let uses = count_shard_uses(
+        &(0..4).map(|i| Hash::of(&[i as u8])).collect::<Vec<_>>(),
+        std::slice::from_ref(&plan),
+    );
     assert_eq!(uses.iter().sum::<u32>(), 1);
     let mut restarted = machine(4, Quorum::Fraction(1.0), 1, 3);
     // Restarted after the plan's deadline: the round gets a grace period, not an instant close.
     let restart_at = plan.deadline_ms + 50;
     restarted.restore_open(plan.clone(), restart_at + 1_000);
     assert_eq!(restarted.open_plan(), Some(&plan));
-    assert!(restarted.tick(restart_at).is_empty(), "no second plan and no early close for the restored round");
+    assert_eq!(restarted.open_deadline_ms(), Some(restart_at + 1_000));
+    assert!(
+        restarted.tick(restart_at).is_empty(),
+        "no second plan and no early close for the restored round"
+    );
     deliver(&mut restarted, &plan, node(1));
     assert_eq!(close_of(restarted.tick(restart_at + 1)).candidates.len(), 1);
 }

@@ -17,7 +17,9 @@ use crate::close::{self, CloseContext, Closed};
 use crate::config::{ConfigError, CoordinatorConfig, Resolved};
 use crate::dataset::{self, Dataset, DatasetError};
 use crate::http::{self, HttpState};
-use crate::ledger::{CheckpointRow, Ledger, LedgerError, NodeRow, RefusalRow, RoundRecord, RoundRow};
+use crate::ledger::{
+    CheckpointRow, Ledger, LedgerError, NodeRow, RefusalRow, RoundRecord, RoundRow,
+};
 use crate::metrics::Metrics;
 use crate::network::{self, Client, NetworkError};
 use crate::params::{GlobalState, StateError};
@@ -26,7 +28,8 @@ use crate::store::{BlobStore, StoreError};
 use crate::summary::{CoordinatorEvent, LiveStatus, RunSummary};
 use crate::verify;
 use barnraise_protocol::messages::{
-    CheckpointRef, Commit, CoordinatorRequest, CoordinatorResponse, Manifest, RejectReason, RoundPlan, RunConfig, Welcome,
+    CheckpointRef, Commit, CoordinatorRequest, CoordinatorResponse, Manifest, RejectReason,
+    RoundPlan, RunConfig, Welcome,
 };
 use barnraise_protocol::outer::OuterConfig;
 use barnraise_protocol::{Hash, NodeId, PublicKey, Signed, SigningKey, messages::now_ms};
@@ -61,7 +64,10 @@ pub enum CoordinatorError {
     #[error("closing a round: {0}")]
     Close(#[from] close::CloseError),
     #[error("data dir {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot sign: {0}")]
     Sign(#[from] barnraise_protocol::wire::WireError),
     #[error("the ledger and the blob store disagree: {0}; restore the data dir from one backup")]
@@ -85,7 +91,10 @@ pub struct CoordinatorHandle {
 impl CoordinatorHandle {
     /// The first listen address, with `/p2p/<peer id>`: what nodes dial.
     pub fn multiaddr(&self) -> Multiaddr {
-        self.multiaddrs.first().cloned().unwrap_or_else(Multiaddr::empty)
+        self.multiaddrs
+            .first()
+            .cloned()
+            .unwrap_or_else(Multiaddr::empty)
     }
 
     pub fn multiaddrs(&self) -> &[Multiaddr] {
@@ -112,7 +121,9 @@ impl CoordinatorHandle {
 
     /// Waits until the run has finished (and lingered) or shutdown was asked for.
     pub async fn wait(self) -> Result<RunSummary, CoordinatorError> {
-        self.task.await.map_err(|e| CoordinatorError::Internal(format!("coordinator task: {e}")))?
+        self.task
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("coordinator task: {e}")))?
     }
 }
 
@@ -122,15 +133,28 @@ pub fn ledger_path(data_dir: &std::path::Path) -> PathBuf {
 }
 
 /// Starts a coordinator for `config`, resuming the run if its data dir has one.
-pub async fn start(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<CoordinatorHandle, CoordinatorError> {
+pub async fn start(
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+) -> Result<CoordinatorHandle, CoordinatorError> {
     let resolved = config.resolve()?;
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| CoordinatorError::Io { path: data_dir.clone(), source })?;
+    std::fs::create_dir_all(&data_dir).map_err(|source| CoordinatorError::Io {
+        path: data_dir.clone(),
+        source,
+    })?;
     let (key, _) = SigningKey::load_or_create(&config.key_path())?;
     let listen: Vec<Multiaddr> = config
         .listen
         .iter()
-        .map(|a| a.parse().map_err(|e: libp2p::multiaddr::Error| CoordinatorError::BadMultiaddr { addr: a.clone(), reason: e.to_string() }))
+        .map(|a| {
+            a.parse().map_err(
+                |e: libp2p::multiaddr::Error| CoordinatorError::BadMultiaddr {
+                    addr: a.clone(),
+                    reason: e.to_string(),
+                },
+            )
+        })
         .collect::<Result<_, _>>()?;
 
     // Loading the dataset, the ledger and θ is disk and CPU work.
@@ -143,13 +167,25 @@ pub async fn start(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
             .map_err(|e| CoordinatorError::Internal(e.to_string()))??
     };
 
-    let topics = [network::topic(&config.run_id, "plans"), network::topic(&config.run_id, "manifests")];
+    let topics = [
+        network::topic(&config.run_id, "plans"),
+        network::topic(&config.run_id, "manifests"),
+    ];
     let keypair = key.to_libp2p()?;
-    let (client, net_events, event_loop, multiaddrs) = network::new(keypair, &listen, prepared.store.clone(), &topics).await?;
+    let (client, net_events, event_loop, multiaddrs) =
+        network::new(keypair, &listen, prepared.store.clone(), &topics).await?;
     let http_listener = tokio::net::TcpListener::bind(config.http)
         .await
-        .map_err(|source| CoordinatorError::Io { path: PathBuf::from(config.http.to_string()), source })?;
-    let http_addr = http_listener.local_addr().map_err(|source| CoordinatorError::Io { path: PathBuf::from(config.http.to_string()), source })?;
+        .map_err(|source| CoordinatorError::Io {
+            path: PathBuf::from(config.http.to_string()),
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| CoordinatorError::Io {
+            path: PathBuf::from(config.http.to_string()),
+            source,
+        })?;
 
     let children = shutdown.child_token();
     tokio::spawn(event_loop.run(children.clone()));
@@ -165,7 +201,11 @@ pub async fn start(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         multiaddrs: multiaddrs.iter().map(|a| a.to_string()).collect(),
         ..LiveStatus::default()
     }));
-    let http_state = HttpState { ledger: prepared.ledger.clone(), live: live.clone(), metrics: metrics.clone() };
+    let http_state = HttpState {
+        ledger: prepared.ledger.clone(),
+        live: live.clone(),
+        metrics: metrics.clone(),
+    };
     {
         let children = children.clone();
         tokio::spawn(async move {
@@ -203,8 +243,21 @@ pub async fn start(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         internal_tx,
         finished_at: None,
     };
-    let task = tokio::spawn(service.run(net_events, internal_rx, prepared.pending, shutdown, children));
-    Ok(CoordinatorHandle { multiaddrs, http_addr, events, task, ledger_path: ledger_file, public_key })
+    let task = tokio::spawn(service.run(
+        net_events,
+        internal_rx,
+        prepared.pending,
+        shutdown,
+        children,
+    ));
+    Ok(CoordinatorHandle {
+        multiaddrs,
+        http_addr,
+        events,
+        task,
+        ledger_path: ledger_file,
+        public_key,
+    })
 }
 
 /// Everything loaded from disk before the service starts.
@@ -224,14 +277,23 @@ struct Prepared {
 }
 
 fn outer_config(config: &CoordinatorConfig) -> OuterConfig {
-    OuterConfig { lr: config.outer_lr, momentum: config.outer_momentum, nesterov: true }
+    OuterConfig {
+        lr: config.outer_lr,
+        momentum: config.outer_momentum,
+        nesterov: true,
+    }
 }
 
 fn parse_hash(text: &str, what: &str) -> Result<Hash, CoordinatorError> {
-    text.parse().map_err(|e| CoordinatorError::Inconsistent(format!("{what} `{text}` is not a hash: {e}")))
+    text.parse()
+        .map_err(|e| CoordinatorError::Inconsistent(format!("{what} `{text}` is not a hash: {e}")))
 }
 
-fn prepare(config: &CoordinatorConfig, resolved: &Resolved, key: &SigningKey) -> Result<Prepared, CoordinatorError> {
+fn prepare(
+    config: &CoordinatorConfig,
+    resolved: &Resolved,
+    key: &SigningKey,
+) -> Result<Prepared, CoordinatorError> {
     let store = BlobStore::open(&config.data_dir.join("blobs"))?;
     let dataset = dataset::load(&config.dataset, &config.data_dir, &store)?;
     let heldout = dataset.held_out_tokens().map(Arc::new);
@@ -268,11 +330,14 @@ fn prepare(config: &CoordinatorConfig, resolved: &Resolved, key: &SigningKey) ->
     let mut plans = Vec::new();
     let mut open_plan = None;
     for (round, bytes) in ledger.plans()? {
-        let signed = Signed::<RoundPlan>::from_bytes(&bytes)
-            .map_err(|e| CoordinatorError::Inconsistent(format!("stored plan of round {round}: {e}")))?;
-        let plan = signed
-            .verify(Some(&key.public()))
-            .map_err(|e| CoordinatorError::Inconsistent(format!("stored plan of round {round} (another coordinator key?): {e}")))?;
+        let signed = Signed::<RoundPlan>::from_bytes(&bytes).map_err(|e| {
+            CoordinatorError::Inconsistent(format!("stored plan of round {round}: {e}"))
+        })?;
+        let plan = signed.verify(Some(&key.public())).map_err(|e| {
+            CoordinatorError::Inconsistent(format!(
+                "stored plan of round {round} (another coordinator key?): {e}"
+            ))
+        })?;
         if plan.round > next_round {
             continue;
         }
@@ -317,7 +382,11 @@ fn prepare(config: &CoordinatorConfig, resolved: &Resolved, key: &SigningKey) ->
                     pending.push(commit);
                 }
             }
-            tracing::info!(round = next_round, commits = pending.len(), "resuming the open round");
+            tracing::info!(
+                round = next_round,
+                commits = pending.len(),
+                "resuming the open round"
+            );
             Some(signed)
         }
         None => None,
@@ -376,7 +445,9 @@ fn checkpoint_ref(row: &CheckpointRow) -> Result<CheckpointRef, CoordinatorError
 }
 
 async fn add_node_addresses(client: &Client, node: &str, addrs: &[String]) {
-    let Ok(id) = node.parse::<NodeId>() else { return };
+    let Ok(id) = node.parse::<NodeId>() else {
+        return;
+    };
     let Ok(peer) = id.0.to_peer_id() else { return };
     let addrs: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
     if !addrs.is_empty() {
@@ -386,7 +457,11 @@ async fn add_node_addresses(client: &Client, node: &str, addrs: &[String]) {
 
 /// Results that come back to the actor loop from its tasks.
 enum Internal {
-    Checked { round: u64, node: NodeId, result: Result<(), RejectReason> },
+    Checked {
+        round: u64,
+        node: NodeId,
+        result: Result<(), RejectReason>,
+    },
     Closed(Box<Result<CloseDone, CoordinatorError>>),
 }
 
@@ -476,13 +551,31 @@ impl Service {
         summary
     }
 
-    fn with_ledger<T>(&self, f: impl FnOnce(&Ledger) -> Result<T, LedgerError>) -> Result<T, CoordinatorError> {
-        let ledger = self.ledger.lock().map_err(|_| CoordinatorError::Internal("ledger lock poisoned".into()))?;
+    fn with_ledger<T>(
+        &self,
+        f: impl FnOnce(&Ledger) -> Result<T, LedgerError>,
+    ) -> Result<T, CoordinatorError> {
+        let ledger = self
+            .ledger
+            .lock()
+            .map_err(|_| CoordinatorError::Internal("ledger lock poisoned".into()))?;
         Ok(f(&ledger)?)
     }
 
-    fn refuse(&self, round: Option<u64>, claimed: Option<&PublicKey>, reason: &str, detail: String) {
-        let row = RefusalRow { at_ms: now_ms(), round, claimed_node: claimed.map(|k| k.to_hex()), reason: reason.to_string(), detail };
+    fn refuse(
+        &self,
+        round: Option<u64>,
+        claimed: Option<&PublicKey>,
+        reason: &str,
+        detail: String,
+    ) {
+        let row = RefusalRow {
+            at_ms: now_ms(),
+            round,
+            claimed_node: claimed.map(|k| k.to_hex()),
+            reason: reason.to_string(),
+            detail,
+        };
         if let Err(e) = self.with_ledger(|l| l.record_refusal(&row)) {
             tracing::warn!("could not record a refusal: {e}");
         }
@@ -499,8 +592,12 @@ impl Service {
             "waiting"
         };
         let active = self.rounds.active_nodes().len();
-        self.metrics.current_round.store(self.rounds.current_round(), Ordering::Relaxed);
-        self.metrics.active_nodes.store(active as u64, Ordering::Relaxed);
+        self.metrics
+            .current_round
+            .store(self.rounds.current_round(), Ordering::Relaxed);
+        self.metrics
+            .active_nodes
+            .store(active as u64, Ordering::Relaxed);
         if let Ok(mut live) = self.live.write() {
             live.current_round = self.rounds.current_round();
             live.phase = phase.into();
@@ -528,55 +625,96 @@ impl Service {
         let round = plan.round;
         self.with_ledger(|l| l.record_plan(round, &bytes, plan.opened_at_ms))?;
         self.open_plan = Some(signed);
-        let _ = self.net.publish(network::topic(&self.config.run_id, "plans"), bytes).await;
+        let _ = self
+            .net
+            .publish(network::topic(&self.config.run_id, "plans"), bytes)
+            .await;
         tracing::info!(round, nodes = plan.assignments.len(), "round opened");
-        let _ = self.events.send(CoordinatorEvent::RoundOpened { round, nodes: plan.assignments.len() });
+        let _ = self.events.send(CoordinatorEvent::RoundOpened {
+            round,
+            nodes: plan.assignments.len(),
+        });
         Ok(())
     }
 
-    async fn on_request(&mut self, peer: PeerId, request: CoordinatorRequest) -> CoordinatorResponse {
+    async fn on_request(
+        &mut self,
+        peer: PeerId,
+        request: CoordinatorRequest,
+    ) -> CoordinatorResponse {
         let peer_key = PublicKey::from_peer_id(&peer).ok();
         match request {
             CoordinatorRequest::Join(signed) => self.on_join(signed, peer_key).await,
             CoordinatorRequest::Commit(signed) => self.on_commit(signed, peer_key).await,
             CoordinatorRequest::Leave(signed) => match signed.verify(None) {
-                Ok(leave) if leave.run_id == self.config.run_id && now_ms().abs_diff(leave.timestamp_ms) <= admission::MAX_CLOCK_SKEW_MS => {
+                Ok(leave)
+                    if leave.run_id == self.config.run_id
+                        && now_ms().abs_diff(leave.timestamp_ms)
+                            <= admission::MAX_CLOCK_SKEW_MS =>
+                {
                     self.rounds.leave(&NodeId(signed.signer));
                     tracing::info!(node = %NodeId(signed.signer).short(), "node left");
                     CoordinatorResponse::Ok
                 }
-                _ => CoordinatorResponse::Refused { reason: "the leave notice is not valid for this run".into() },
+                _ => CoordinatorResponse::Refused {
+                    reason: "the leave notice is not valid for this run".into(),
+                },
             },
             CoordinatorRequest::CurrentPlan => {
                 if let Some(key) = peer_key {
                     // Polling for the plan shows the node is alive: it gets work again.
                     self.rounds.seen(&NodeId(key));
                 }
-                CoordinatorResponse::Plan(self.open_plan.clone().filter(|_| self.rounds.open_plan().is_some()))
+                CoordinatorResponse::Plan(
+                    self.open_plan
+                        .clone()
+                        .filter(|_| self.rounds.open_plan().is_some()),
+                )
             }
             CoordinatorRequest::Manifest { round } => {
                 let stored = self.with_ledger(|l| l.manifest(round));
                 match stored {
-                    Ok(Some(bytes)) => CoordinatorResponse::Manifest(Signed::from_bytes(&bytes).ok()),
+                    Ok(Some(bytes)) => {
+                        CoordinatorResponse::Manifest(Signed::from_bytes(&bytes).ok())
+                    }
                     Ok(None) => CoordinatorResponse::Manifest(None),
                     Err(e) => {
                         tracing::warn!("reading manifest {round}: {e}");
-                        CoordinatorResponse::Refused { reason: "the coordinator could not read its ledger".into() }
+                        CoordinatorResponse::Refused {
+                            reason: "the coordinator could not read its ledger".into(),
+                        }
                     }
                 }
             }
         }
     }
 
-    async fn on_join(&mut self, signed: Signed<barnraise_protocol::messages::Join>, peer_key: Option<PublicKey>) -> CoordinatorResponse {
+    async fn on_join(
+        &mut self,
+        signed: Signed<barnraise_protocol::messages::Join>,
+        peer_key: Option<PublicKey>,
+    ) -> CoordinatorResponse {
         let now = now_ms();
-        let admitted = match admission::admit(&signed, peer_key.as_ref(), &self.config.run_id, self.resolved.admitted_orgs.as_deref(), now) {
+        let admitted = match admission::admit(
+            &signed,
+            peer_key.as_ref(),
+            &self.config.run_id,
+            self.resolved.admitted_orgs.as_deref(),
+            now,
+        ) {
             Ok(a) => a,
             Err(refusal) => {
                 self.metrics.join_refusals.fetch_add(1, Ordering::Relaxed);
-                self.refuse(None, Some(&signed.signer), "join-refused", refusal.to_string());
+                self.refuse(
+                    None,
+                    Some(&signed.signer),
+                    "join-refused",
+                    refusal.to_string(),
+                );
                 tracing::info!(signer = %signed.signer.to_hex().get(..12).unwrap_or(""), "join refused: {refusal}");
-                return CoordinatorResponse::Refused { reason: refusal.to_string() };
+                return CoordinatorResponse::Refused {
+                    reason: refusal.to_string(),
+                };
             }
         };
         let node = admitted.node;
@@ -593,7 +731,9 @@ impl Service {
         };
         if let Err(e) = self.with_ledger(|l| l.upsert_node(&row)) {
             tracing::error!("recording a node: {e}");
-            return CoordinatorResponse::Refused { reason: "the coordinator could not record the join; retry".into() };
+            return CoordinatorResponse::Refused {
+                reason: "the coordinator could not record the join; retry".into(),
+            };
         }
         add_node_addresses(&self.net, &row.node, &row.listen_addrs).await;
         let was_member = self.rounds.is_member(&node);
@@ -614,13 +754,19 @@ impl Service {
         self.update_live();
         match Signed::sign(&self.key, &welcome) {
             Ok(signed) => CoordinatorResponse::Welcome(signed),
-            Err(e) => CoordinatorResponse::Refused { reason: format!("the coordinator could not sign its welcome: {e}") },
+            Err(e) => CoordinatorResponse::Refused {
+                reason: format!("the coordinator could not sign its welcome: {e}"),
+            },
         }
     }
 
     /// Stage 1 of verification, then the fetch. `peer_key` is `None` for
     /// commits replayed from the ledger on a restart.
-    async fn on_commit(&mut self, signed: Signed<Commit>, peer_key: Option<PublicKey>) -> CoordinatorResponse {
+    async fn on_commit(
+        &mut self,
+        signed: Signed<Commit>,
+        peer_key: Option<PublicKey>,
+    ) -> CoordinatorResponse {
         let from_network = peer_key.is_some();
         if from_network {
             self.metrics.commits.fetch_add(1, Ordering::Relaxed);
@@ -629,22 +775,41 @@ impl Service {
             Ok(opened) => opened,
             Err(reason) => {
                 self.metrics.rejected(reason.code());
-                self.refuse(Some(self.rounds.current_round()), Some(&signed.signer), reason.code(), "commit envelope refused".into());
-                return CoordinatorResponse::Refused { reason: format!("{}: the commit's signature or encoding is invalid", reason.code()) };
+                self.refuse(
+                    Some(self.rounds.current_round()),
+                    Some(&signed.signer),
+                    reason.code(),
+                    "commit envelope refused".into(),
+                );
+                return CoordinatorResponse::Refused {
+                    reason: format!(
+                        "{}: the commit's signature or encoding is invalid",
+                        reason.code()
+                    ),
+                };
             }
         };
         self.rounds.seen(&node);
         match self.rounds.commit(node, &commit, body) {
             CommitOutcome::Accepted { round } => {
                 if from_network {
-                    let stored = signed.to_bytes().map_err(CoordinatorError::from).and_then(|bytes| {
-                        self.with_ledger(|l| l.record_commit(round, &node.to_string(), &bytes, now_ms()))
-                    });
+                    let stored =
+                        signed
+                            .to_bytes()
+                            .map_err(CoordinatorError::from)
+                            .and_then(|bytes| {
+                                self.with_ledger(|l| {
+                                    l.record_commit(round, &node.to_string(), &bytes, now_ms())
+                                })
+                            });
                     if let Err(e) = stored {
                         // The node is told it was accepted only once the commit is durable.
                         tracing::error!("storing a commit: {e}");
-                        self.rounds.update_checked(round, &node, Err(RejectReason::NotServed));
-                        return CoordinatorResponse::Refused { reason: "the coordinator could not store the commit".into() };
+                        self.rounds
+                            .update_checked(round, &node, Err(RejectReason::NotServed));
+                        return CoordinatorResponse::Refused {
+                            reason: "the coordinator could not store the commit".into(),
+                        };
                     }
                 }
                 self.spawn_fetch(round, node, commit);
@@ -654,10 +819,21 @@ impl Service {
             CommitOutcome::Rejected { reason, in_round } => {
                 self.metrics.rejected(reason.code());
                 if in_round.is_none() {
-                    self.refuse(Some(commit.round), Some(&node.0), reason.code(), format!("commit for round {}", commit.round));
+                    self.refuse(
+                        Some(commit.round),
+                        Some(&node.0),
+                        reason.code(),
+                        format!("commit for round {}", commit.round),
+                    );
                 }
                 tracing::info!(node = %node.short(), round = commit.round, reason = reason.code(), "commit refused");
-                CoordinatorResponse::Refused { reason: format!("{}: commit for round {} refused", reason.code(), commit.round) }
+                CoordinatorResponse::Refused {
+                    reason: format!(
+                        "{}: commit for round {} refused",
+                        reason.code(),
+                        commit.round
+                    ),
+                }
             }
         }
     }
@@ -668,19 +844,34 @@ impl Service {
         let tx = self.internal_tx.clone();
         let codec = self.resolved.codec;
         let params = self.resolved.model.params_count();
-        let deadline_ms = self.rounds.open_plan().map(|p| p.deadline_ms).unwrap_or(0).max(now_ms() + 1000);
+        let deadline_ms = self
+            .rounds
+            .open_deadline_ms()
+            .unwrap_or(0)
+            .max(now_ms() + 1000);
         tokio::spawn(async move {
-            let result = fetch_and_check(&client, &store, node, &commit, codec, params, deadline_ms).await;
+            let result =
+                fetch_and_check(&client, &store, node, &commit, codec, params, deadline_ms).await;
             if let Err(reason) = &result {
                 tracing::info!(node = %node.short(), round, reason = reason.code(), "update rejected");
             }
-            let _ = tx.send(Internal::Checked { round, node, result }).await;
+            let _ = tx
+                .send(Internal::Checked {
+                    round,
+                    node,
+                    result,
+                })
+                .await;
         });
     }
 
     async fn on_internal(&mut self, message: Internal) -> Result<(), CoordinatorError> {
         match message {
-            Internal::Checked { round, node, result } => {
+            Internal::Checked {
+                round,
+                node,
+                result,
+            } => {
                 self.rounds.update_checked(round, &node, result);
                 Ok(())
             }
@@ -693,7 +884,9 @@ impl Service {
 
     fn begin_close(&mut self, close: CloseRound) -> Result<(), CoordinatorError> {
         let Some(state) = self.state.take() else {
-            return Err(CoordinatorError::Internal("a round closed while another was closing".into()));
+            return Err(CoordinatorError::Internal(
+                "a round closed while another was closing".into(),
+            ));
         };
         self.open_plan = None;
         let job = CloseJob {
@@ -711,7 +904,9 @@ impl Service {
         tokio::spawn(async move {
             let result = tokio::task::spawn_blocking(move || job.run())
                 .await
-                .unwrap_or_else(|e| Err(CoordinatorError::Internal(format!("round close task: {e}"))));
+                .unwrap_or_else(|e| {
+                    Err(CoordinatorError::Internal(format!("round close task: {e}")))
+                });
             let _ = tx.send(Internal::Closed(Box::new(result))).await;
         });
         Ok(())
@@ -733,9 +928,15 @@ impl Service {
         }
         let m = &done.closed.manifest;
         self.metrics.rounds_closed.fetch_add(1, Ordering::Relaxed);
-        self.metrics.updates_accepted.fetch_add(m.accepted.len() as u64, Ordering::Relaxed);
-        self.metrics.tokens_accepted.fetch_add(m.accepted.iter().map(|a| a.tokens).sum(), Ordering::Relaxed);
-        self.metrics.update_bytes_received.fetch_add(done.closed.bytes_received, Ordering::Relaxed);
+        self.metrics
+            .updates_accepted
+            .fetch_add(m.accepted.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .tokens_accepted
+            .fetch_add(m.accepted.iter().map(|a| a.tokens).sum(), Ordering::Relaxed);
+        self.metrics
+            .update_bytes_received
+            .fetch_add(done.closed.bytes_received, Ordering::Relaxed);
         for r in &m.rejected {
             self.metrics.rejected(r.reason.code());
         }
@@ -744,7 +945,10 @@ impl Service {
             Metrics::set_f64(&self.metrics.last_eval_loss, done.closed.eval_loss);
         }
         if let Ok(bytes) = done.manifest.to_bytes() {
-            let _ = self.net.publish(network::topic(&self.config.run_id, "manifests"), bytes).await;
+            let _ = self
+                .net
+                .publish(network::topic(&self.config.run_id, "manifests"), bytes)
+                .await;
         }
         tracing::info!(
             round = done.round,
@@ -809,7 +1013,8 @@ async fn fetch_and_check(
                     Ok(Err(e)) => {
                         attempt += 1;
                         tracing::debug!(node = %node.short(), attempt, "fetching update: {e}");
-                        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(8)))).await;
+                        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(8))))
+                            .await;
                     }
                     Err(_) => return Err(RejectReason::NotServed),
                 }
@@ -819,9 +1024,11 @@ async fn fetch_and_check(
     let checked = {
         let payload = payload.clone();
         let commit = commit.clone();
-        tokio::task::spawn_blocking(move || verify::check_payload(&payload, &commit, codec, params).map(|_| ()))
-            .await
-            .unwrap_or(Err(RejectReason::Undecodable("the check crashed".into())))
+        tokio::task::spawn_blocking(move || {
+            verify::check_payload(&payload, &commit, codec, params).map(|_| ())
+        })
+        .await
+        .unwrap_or(Err(RejectReason::Undecodable("the check crashed".into())))
     };
     checked?;
     if let Err(e) = store.put(payload) {
@@ -861,15 +1068,26 @@ impl CloseJob {
             seq_len: self.config.seq_len as usize,
             shard_tokens: &self.dataset.tokens,
             heldout: self.heldout.as_deref().map(|v| v.as_slice()),
-            flops_per_token: self.resolved.model.flops_per_token_at(self.config.seq_len as usize),
+            flops_per_token: self
+                .resolved
+                .model
+                .flops_per_token_at(self.config.seq_len as usize),
         };
         let mut state = self.state;
-        let closed = close::close_round(&ctx, &self.close, &self.config.run_id, &payloads, &mut state.theta, &mut state.optimizer)?;
+        let closed = close::close_round(
+            &ctx,
+            &self.close,
+            &self.config.run_id,
+            &payloads,
+            &mut state.theta,
+            &mut state.optimizer,
+        )?;
         state.round = round + 1;
         let reference = state.save(&self.resolved.model, &self.config.run_id, &self.store)?;
         let manifest = Signed::sign(&self.key, &closed.manifest)?;
         let manifest_bytes = manifest.to_bytes()?;
-        let published = state.round.is_multiple_of(self.config.checkpoint_every) || state.round >= self.config.total_rounds;
+        let published = state.round.is_multiple_of(self.config.checkpoint_every)
+            || state.round >= self.config.total_rounds;
         let checkpoint = published.then(|| reference.clone());
         let m = &closed.manifest;
         let record = RoundRecord {
@@ -901,9 +1119,18 @@ impl CloseJob {
             }),
         };
         {
-            let mut ledger = self.ledger.lock().map_err(|_| CoordinatorError::Internal("ledger lock poisoned".into()))?;
+            let mut ledger = self
+                .ledger
+                .lock()
+                .map_err(|_| CoordinatorError::Internal("ledger lock poisoned".into()))?;
             ledger.close_round(&record)?;
         }
-        Ok(CloseDone { round, state, manifest, closed, checkpoint })
+        Ok(CloseDone {
+            round,
+            state,
+            manifest,
+            closed,
+            checkpoint,
+        })
     }
 }

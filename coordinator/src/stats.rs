@@ -28,23 +28,53 @@ const MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Reads the contributors from a running coordinator's `/api/v1/contributors`.
 pub async fn fetch_contributors(url: &str) -> Result<Vec<ContributorRow>, StatsError> {
-    let rest = url.trim().strip_prefix("http://").ok_or_else(|| StatsError::Url(url.into()))?;
-    let host = rest.split('/').next().filter(|h| !h.is_empty()).ok_or_else(|| StatsError::Url(url.into()))?;
-    let connect = |source| StatsError::Connect { url: url.into(), source };
-    let mut stream = tokio::net::TcpStream::connect(host).await.map_err(connect)?;
-    let request = format!("GET /api/v1/contributors HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(connect)?;
+    let rest = url
+        .trim()
+        .strip_prefix("http://")
+        .ok_or_else(|| StatsError::Url(url.into()))?;
+    let host = rest
+        .split('/')
+        .next()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| StatsError::Url(url.into()))?;
+    let connect = |source| StatsError::Connect {
+        url: url.into(),
+        source,
+    };
+    let mut stream = tokio::net::TcpStream::connect(host)
+        .await
+        .map_err(connect)?;
+    let request = format!(
+        "GET /api/v1/contributors HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(connect)?;
     let mut response = Vec::new();
-    stream.take(MAX_RESPONSE_BYTES).read_to_end(&mut response).await.map_err(connect)?;
+    stream
+        .take(MAX_RESPONSE_BYTES)
+        .read_to_end(&mut response)
+        .await
+        .map_err(connect)?;
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| StatsError::Body { url: url.into(), reason: "no HTTP header".into() })?;
+        .ok_or_else(|| StatsError::Body {
+            url: url.into(),
+            reason: "no HTTP header".into(),
+        })?;
     let status = head.lines().next().unwrap_or_default();
     if status.split_whitespace().nth(1) != Some("200") {
-        return Err(StatsError::Status { url: url.into(), status: status.to_string() });
+        return Err(StatsError::Status {
+            url: url.into(),
+            status: status.to_string(),
+        });
     }
-    serde_json::from_str(body).map_err(|e| StatsError::Body { url: url.into(), reason: e.to_string() })
+    serde_json::from_str(body).map_err(|e| StatsError::Body {
+        url: url.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// Reads the contributors from a stopped coordinator's data dir.
@@ -61,7 +91,11 @@ fn human(n: f64) -> String {
         v /= 1000.0;
         unit += 1;
     }
-    if unit == 0 { format!("{v:.0}") } else { format!("{v:.1}{}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}{}", UNITS[unit])
+    }
 }
 
 /// The table as text, one node per line, most credit first.
@@ -71,11 +105,30 @@ pub fn render_contributors(rows: &[ContributorRow]) -> String {
     let _ = writeln!(
         out,
         "{:<12}  {:<16}  {:>9}  {:>8}  {:>8}  {:>7}  {:>9}  {:>9}  {:>10}  {:>6}",
-        "node", "org", "tokens", "accepted", "rejected", "missing", "bytes", "compute", "credit", "share"
+        "node",
+        "org",
+        "tokens",
+        "accepted",
+        "rejected",
+        "missing",
+        "bytes",
+        "compute",
+        "credit",
+        "share"
     );
     for r in rows {
-        let share = if total_credit > 0.0 { 100.0 * r.credit / total_credit } else { 0.0 };
-        let org: String = r.org_name.clone().unwrap_or_else(|| "-".into()).chars().take(16).collect();
+        let share = if total_credit > 0.0 {
+            100.0 * r.credit / total_credit
+        } else {
+            0.0
+        };
+        let org: String = r
+            .org_name
+            .clone()
+            .unwrap_or_else(|| "-".into())
+            .chars()
+            .take(16)
+            .collect();
         let _ = writeln!(
             out,
             "{:<12}  {:<16}  {:>9}  {:>8}  {:>8}  {:>7}  {:>9}  {:>8.1}s  {:>9}F  {:>5.1}%",
@@ -118,7 +171,10 @@ mod tests {
         let text = render_contributors(&[row("a", 3e12), row("b", 1e12)]);
         assert!(text.contains("aaaaaaaaaaaa"), "{text}");
         assert!(text.contains("75.0%") && text.contains("25.0%"), "{text}");
-        assert!(text.contains("12.3k") && text.contains("2.0MB") && text.contains("3.0TF"), "{text}");
+        assert!(
+            text.contains("12.3k") && text.contains("2.0MB") && text.contains("3.0TF"),
+            "{text}"
+        );
         assert!(render_contributors(&[]).contains("no closed rounds"));
     }
 }

@@ -17,7 +17,10 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("blob store {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("blob {path} does not hash to its name (corrupt on disk)")]
     Corrupt { path: PathBuf },
 }
@@ -34,8 +37,14 @@ pub struct BlobStore {
 
 impl BlobStore {
     pub fn open(dir: &Path) -> Result<BlobStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.into(), source })?;
-        Ok(BlobStore { dir: dir.into(), cache: Arc::new(Mutex::new(HashMap::new())) })
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.into(),
+            source,
+        })?;
+        Ok(BlobStore {
+            dir: dir.into(),
+            cache: Arc::new(Mutex::new(HashMap::new())),
+        })
     }
 
     pub fn path_of(&self, hash: &Hash) -> PathBuf {
@@ -56,7 +65,10 @@ impl BlobStore {
         let path = self.path_of(&hash);
         if !path.exists() {
             let tmp = self.dir.join(format!(".{}.tmp", hash.to_hex()));
-            let io = |source| StoreError::Io { path: tmp.clone(), source };
+            let io = |source| StoreError::Io {
+                path: tmp.clone(),
+                source,
+            };
             let mut file = std::fs::File::create(&tmp).map_err(io)?;
             file.write_all(&bytes).map_err(io)?;
             file.sync_all().map_err(io)?;
@@ -94,9 +106,16 @@ impl BlobStore {
     }
 
     /// Bytes `[offset, offset + len)` of a blob, clamped to its end.
-    pub fn chunk(&self, hash: &Hash, offset: u64, len: usize) -> Result<Option<Vec<u8>>, StoreError> {
+    pub fn chunk(
+        &self,
+        hash: &Hash,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(bytes) = self.cache.lock().ok().and_then(|c| c.get(hash).cloned()) {
-            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+            let start = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
             let end = start.saturating_add(len).min(bytes.len());
             return Ok(Some(bytes[start..end].to_vec()));
         }
@@ -107,7 +126,10 @@ impl BlobStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StoreError::Io { path, source }),
         };
-        let io = |source| StoreError::Io { path: path.clone(), source };
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
         file.seek(SeekFrom::Start(offset)).map_err(io)?;
         let mut out = Vec::with_capacity(len.min(barnraise_protocol::limits::BLOB_CHUNK_BYTES));
         file.take(len as u64).read_to_end(&mut out).map_err(io)?;
@@ -133,10 +155,19 @@ mod tests {
         let bytes: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
         let hash = store.put(Arc::new(bytes.clone())).unwrap();
         assert_eq!(store.size(&hash), Some(1000));
-        assert_eq!(store.chunk(&hash, 990, 100).unwrap().unwrap(), bytes[990..].to_vec());
+        assert_eq!(
+            store.chunk(&hash, 990, 100).unwrap().unwrap(),
+            bytes[990..].to_vec()
+        );
         store.forget(&hash);
-        assert_eq!(store.chunk(&hash, 10, 5).unwrap().unwrap(), bytes[10..15].to_vec());
-        assert_eq!(store.get(&hash).unwrap().unwrap().as_slice(), bytes.as_slice());
+        assert_eq!(
+            store.chunk(&hash, 10, 5).unwrap().unwrap(),
+            bytes[10..15].to_vec()
+        );
+        assert_eq!(
+            store.get(&hash).unwrap().unwrap().as_slice(),
+            bytes.as_slice()
+        );
         assert!(store.get(&Hash::of(b"none")).unwrap().is_none());
         store.forget(&hash);
         std::fs::write(store.path_of(&hash), b"tampered").unwrap();

@@ -10,8 +10,13 @@ use serde::Serialize;
 /// A change the embedder may want to show (e.g. `barnraise up`'s progress).
 #[derive(Clone, Debug, PartialEq)]
 pub enum CoordinatorEvent {
-    NodeJoined { node: NodeId },
-    RoundOpened { round: u64, nodes: usize },
+    NodeJoined {
+        node: NodeId,
+    },
+    RoundOpened {
+        round: u64,
+        nodes: usize,
+    },
     RoundClosed {
         round: u64,
         accepted: usize,
@@ -88,6 +93,10 @@ impl RunSummary {
                 next_params_hash: row.next_params_hash,
             });
         }
-        Ok(RunSummary { run_id: ledger.run_id()?, rounds, contributors: ledger.contributors()? })
+        Ok(RunSummary {
+            run_id: ledger.run_id()?,
+            rounds,
+            contributors: ledger.contributors()?,
+        })
     }
 }

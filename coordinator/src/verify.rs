@@ -20,29 +20,44 @@ use barnraise_protocol::{Hash, NodeId, Signed};
 pub fn open_commit(signed: &Signed<Commit>) -> Result<(NodeId, Commit, Hash), RejectReason> {
     match signed.verify(None) {
         Ok(commit) => Ok((NodeId(signed.signer), commit, signed.body_hash())),
-        Err(barnraise_protocol::signed::SignedError::Wire(_)) if signed.body.len() > barnraise_protocol::limits::MAX_COMMIT_BYTES => {
+        Err(barnraise_protocol::signed::SignedError::Wire(_))
+            if signed.body.len() > barnraise_protocol::limits::MAX_COMMIT_BYTES =>
+        {
             Err(RejectReason::Oversized)
         }
-        Err(barnraise_protocol::signed::SignedError::Wire(e)) => Err(RejectReason::Undecodable(e.to_string())),
+        Err(barnraise_protocol::signed::SignedError::Wire(e)) => {
+            Err(RejectReason::Undecodable(e.to_string()))
+        }
         Err(_) => Err(RejectReason::BadSignature),
     }
 }
 
 /// Stage 2: checks a fetched payload against its commit and the run, and
 /// returns the dense update for stage 3.
-pub fn check_payload(payload: &[u8], commit: &Commit, codec_config: CodecConfig, params: usize) -> Result<Vec<f32>, RejectReason> {
+pub fn check_payload(
+    payload: &[u8],
+    commit: &Commit,
+    codec_config: CodecConfig,
+    params: usize,
+) -> Result<Vec<f32>, RejectReason> {
     if payload.len() as u64 != commit.update_bytes || Hash::of(payload) != commit.update_hash {
         return Err(RejectReason::HashMismatch);
     }
-    let header = codec::peek_header(payload).map_err(|e| RejectReason::Undecodable(e.to_string()))?;
+    let header =
+        codec::peek_header(payload).map_err(|e| RejectReason::Undecodable(e.to_string()))?;
     if header.config != codec_config {
-        return Err(RejectReason::Undecodable(format!("payload uses codec {}, the run uses {codec_config}", header.config)));
+        return Err(RejectReason::Undecodable(format!(
+            "payload uses codec {}, the run uses {codec_config}",
+            header.config
+        )));
     }
     if header.params != params as u64 {
         return Err(RejectReason::WrongLength);
     }
     let dense = codec::decode(payload, params).map_err(|e| match e {
-        CodecError::NonFiniteValue { .. } | CodecError::BadScale { .. } | CodecError::BadRange { .. } => RejectReason::NonFinite,
+        CodecError::NonFiniteValue { .. }
+        | CodecError::BadScale { .. }
+        | CodecError::BadRange { .. } => RejectReason::NonFinite,
         other => RejectReason::Undecodable(other.to_string()),
     })?;
     // The codec already refuses non-finite values; this is the contract, checked once more.
@@ -54,19 +69,32 @@ pub fn check_payload(payload: &[u8], commit: &Commit, codec_config: CodecConfig,
 
 /// L2 norm, accumulated in f64.
 pub fn norm(x: &[f32]) -> f64 {
-    x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt()
+    x.iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Cosine similarity; 0 when either vector is zero.
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum();
     let (na, nb) = (norm(a), norm(b));
-    if na == 0.0 || nb == 0.0 { 0.0 } else { dot / (na * nb) }
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na * nb)
+    }
 }
 
 /// Coordinate-wise median (the lower median for an even count).
 pub fn coordinate_median(updates: &[&[f32]]) -> Vec<f32> {
-    let Some(first) = updates.first() else { return Vec::new() };
+    let Some(first) = updates.first() else {
+        return Vec::new();
+    };
     let n = updates.len();
     let mut column = Vec::with_capacity(n);
     (0..first.len())
@@ -99,7 +127,10 @@ pub const MIN_UPDATES_FOR_STATISTICS: usize = 3;
 
 /// Stage 3 over a round's updates, given in commit order. Returns one
 /// verdict per update, in the same order.
-pub fn round_statistics(updates: &[RoundUpdate<'_>], cfg: &VerifyConfig) -> Vec<(Result<(), RejectReason>, UpdateStats)> {
+pub fn round_statistics(
+    updates: &[RoundUpdate<'_>],
+    cfg: &VerifyConfig,
+) -> Vec<(Result<(), RejectReason>, UpdateStats)> {
     let norms: Vec<f64> = updates.iter().map(|u| norm(u.values)).collect();
     let mut verdicts: Vec<Result<(), RejectReason>> = vec![Ok(()); updates.len()];
 
@@ -111,8 +142,13 @@ pub fn round_statistics(updates: &[RoundUpdate<'_>], cfg: &VerifyConfig) -> Vec<
             }
             let same_bytes = updates[i].hash == updates[j].hash;
             let close_norm = (norms[i] - norms[j]).abs() <= 0.01 * norms[i].max(norms[j]);
-            if same_bytes || (close_norm && cosine(updates[i].values, updates[j].values) > cfg.duplicate_cosine) {
-                verdicts[j] = Err(RejectReason::Copycat { of: updates[i].node });
+            if same_bytes
+                || (close_norm
+                    && cosine(updates[i].values, updates[j].values) > cfg.duplicate_cosine)
+            {
+                verdicts[j] = Err(RejectReason::Copycat {
+                    of: updates[i].node,
+                });
                 break;
             }
         }
@@ -124,7 +160,9 @@ pub fn round_statistics(updates: &[RoundUpdate<'_>], cfg: &VerifyConfig) -> Vec<
     }
 
     // Norm against the median of the remaining updates.
-    let live: Vec<usize> = (0..updates.len()).filter(|&i| verdicts[i].is_ok()).collect();
+    let live: Vec<usize> = (0..updates.len())
+        .filter(|&i| verdicts[i].is_ok())
+        .collect();
     if live.len() >= MIN_UPDATES_FOR_STATISTICS {
         let mut sorted: Vec<f64> = live.iter().map(|&i| norms[i]).collect();
         sorted.sort_by(f64::total_cmp);
@@ -139,7 +177,9 @@ pub fn round_statistics(updates: &[RoundUpdate<'_>], cfg: &VerifyConfig) -> Vec<
     }
 
     // Direction against the coordinate-wise median of what is still in.
-    let live: Vec<usize> = (0..updates.len()).filter(|&i| verdicts[i].is_ok()).collect();
+    let live: Vec<usize> = (0..updates.len())
+        .filter(|&i| verdicts[i].is_ok())
+        .collect();
     let mut cosines = vec![None; updates.len()];
     if live.len() >= MIN_UPDATES_FOR_STATISTICS {
         let views: Vec<&[f32]> = live.iter().map(|&i| updates[i].values).collect();
@@ -156,7 +196,15 @@ pub fn round_statistics(updates: &[RoundUpdate<'_>], cfg: &VerifyConfig) -> Vec<
         .into_iter()
         .zip(norms)
         .zip(cosines)
-        .map(|((v, norm), cosine_to_centre)| (v, UpdateStats { norm, cosine_to_centre }))
+        .map(|((v, norm), cosine_to_centre)| {
+            (
+                v,
+                UpdateStats {
+                    norm,
+                    cosine_to_centre,
+                },
+            )
+        })
         .collect()
 }
 
@@ -172,7 +220,11 @@ pub(crate) mod tests {
         (0..len)
             .map(|i| {
                 let base = ((i * 37 % 101) as f32 / 101.0) - 0.5;
-                let noise = (((i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97) % 1000) as f32 / 1000.0 - 0.5) * 0.3;
+                let noise = (((i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97) % 1000)
+                    as f32
+                    / 1000.0
+                    - 0.5)
+                    * 0.3;
                 (base + noise) * 0.01
             })
             .collect()
@@ -208,15 +260,27 @@ pub(crate) mod tests {
     #[test]
     fn payload_checks_name_each_fault() {
         let values = honest(1, 64);
-        let payload = Encoder::new(CodecConfig::Fp32, 64).unwrap().encode(&values).unwrap();
+        let payload = Encoder::new(CodecConfig::Fp32, 64)
+            .unwrap()
+            .encode(&values)
+            .unwrap();
         let commit = commit_for(&payload);
-        assert_eq!(check_payload(&payload, &commit, CodecConfig::Fp32, 64).unwrap(), values);
+        assert_eq!(
+            check_payload(&payload, &commit, CodecConfig::Fp32, 64).unwrap(),
+            values
+        );
 
         let mut tampered = payload.clone();
         tampered[40] ^= 1;
-        assert_eq!(check_payload(&tampered, &commit, CodecConfig::Fp32, 64), Err(RejectReason::HashMismatch));
+        assert_eq!(
+            check_payload(&tampered, &commit, CodecConfig::Fp32, 64),
+            Err(RejectReason::HashMismatch)
+        );
 
-        assert_eq!(check_payload(&payload, &commit, CodecConfig::Fp32, 65), Err(RejectReason::WrongLength));
+        assert_eq!(
+            check_payload(&payload, &commit, CodecConfig::Fp32, 65),
+            Err(RejectReason::WrongLength)
+        );
         assert!(matches!(
             check_payload(&payload, &commit, CodecConfig::int8_default(), 64),
             Err(RejectReason::Undecodable(_))
@@ -226,10 +290,16 @@ pub(crate) mod tests {
         let mut nan = payload.clone();
         let at = codec::HEADER_LEN + 4 * 5;
         nan[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
-        assert_eq!(check_payload(&nan, &commit_for(&nan), CodecConfig::Fp32, 64), Err(RejectReason::NonFinite));
+        assert_eq!(
+            check_payload(&nan, &commit_for(&nan), CodecConfig::Fp32, 64),
+            Err(RejectReason::NonFinite)
+        );
 
         let garbage = vec![0xAB; 100];
-        assert!(matches!(check_payload(&garbage, &commit_for(&garbage), CodecConfig::Fp32, 64), Err(RejectReason::Undecodable(_))));
+        assert!(matches!(
+            check_payload(&garbage, &commit_for(&garbage), CodecConfig::Fp32, 64),
+            Err(RejectReason::Undecodable(_))
+        ));
     }
 
     fn run(updates: &[(u8, Vec<f32>)]) -> Vec<Result<(), RejectReason>> {
@@ -241,13 +311,21 @@ pub(crate) mod tests {
                 values: v,
             })
             .collect();
-        round_statistics(&list, &VerifyConfig::default()).into_iter().map(|(v, _)| v).collect()
+        round_statistics(&list, &VerifyConfig::default())
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect()
     }
 
     #[test]
     fn statistics_pass_honest_updates() {
-        let updates: Vec<(u8, Vec<f32>)> = (1..=4).map(|i| (i, honest(u32::from(i), 500))).collect();
-        assert!(run(&updates).iter().all(|v| v.is_ok()), "{:?}", run(&updates));
+        let updates: Vec<(u8, Vec<f32>)> =
+            (1..=4).map(|i| (i, honest(u32::from(i), 500))).collect();
+        assert!(
+            run(&updates).iter().all(|v| v.is_ok()),
+            "{:?}",
+            run(&updates)
+        );
     }
 
     #[test]
@@ -278,7 +356,11 @@ pub(crate) mod tests {
         assert_eq!(verdicts[3], Ok(()));
         assert_eq!(verdicts[4], Ok(()));
         assert_eq!(verdicts[5], Err(RejectReason::NormTooSmall));
-        assert_eq!(verdicts[6], Err(RejectReason::Copycat { of: first }), "exact copy: the first committer keeps the credit");
+        assert_eq!(
+            verdicts[6],
+            Err(RejectReason::Copycat { of: first }),
+            "exact copy: the first committer keeps the credit"
+        );
         assert_eq!(verdicts[7], Err(RejectReason::Copycat { of: first }));
         assert_eq!(verdicts[8], Err(RejectReason::NormTooSmall));
     }

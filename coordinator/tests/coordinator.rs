@@ -8,7 +8,10 @@
 
 use barnraise_coordinator::network::{self, Client};
 use barnraise_coordinator::store::BlobStore;
-use barnraise_coordinator::{CancellationToken, CoordinatorConfig, CoordinatorEvent, CoordinatorHandle, DatasetSource, Quorum};
+use barnraise_coordinator::{
+    CancellationToken, CoordinatorConfig, CoordinatorEvent, CoordinatorHandle, DatasetSource,
+    Quorum,
+};
 use barnraise_protocol::aggregate::{AggregationRule, apply_round};
 use barnraise_protocol::codec::{CodecConfig, Encoder};
 use barnraise_protocol::limits::PROTOCOL_VERSION;
@@ -30,7 +33,11 @@ fn config(data_dir: &Path) -> CoordinatorConfig {
     CoordinatorConfig {
         run_id: "loopback".into(),
         model: "tiny".into(),
-        dataset: DatasetSource::Builtin { shards: 6, shard_tokens: 4096, seed: 1 },
+        dataset: DatasetSource::Builtin {
+            shards: 6,
+            shard_tokens: 4096,
+            seed: 1,
+        },
         inner_steps: 6,
         batch_size: 4,
         seq_len: 32,
@@ -62,16 +69,33 @@ impl FakeNode {
         let key = SigningKey::from_seed([seed; 32]).unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
-        let (client, _events, event_loop, addrs) = network::new(key.to_libp2p().unwrap(), &[listen], store.clone(), &[]).await.unwrap();
+        let (client, _events, event_loop, addrs) =
+            network::new(key.to_libp2p().unwrap(), &[listen], store.clone(), &[])
+                .await
+                .unwrap();
         tokio::spawn(event_loop.run(shutdown.child_token()));
         let coordinator_peer = peer_of(coordinator);
-        client.add_addresses(coordinator_peer, vec![coordinator.clone()]).await.unwrap();
-        FakeNode { key, client, store, addrs, coordinator: coordinator_peer, _dir: dir }
+        client
+            .add_addresses(coordinator_peer, vec![coordinator.clone()])
+            .await
+            .unwrap();
+        FakeNode {
+            key,
+            client,
+            store,
+            addrs,
+            coordinator: coordinator_peer,
+            _dir: dir,
+        }
     }
 
     async fn request(&self, request: CoordinatorRequest) -> CoordinatorResponse {
         for _ in 0..50 {
-            match self.client.coordinator_request(self.coordinator, request.clone()).await {
+            match self
+                .client
+                .coordinator_request(self.coordinator, request.clone())
+                .await
+            {
                 Ok(response) => return response,
                 // The coordinator may be restarting; try again.
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -85,12 +109,21 @@ impl FakeNode {
             protocol_version: PROTOCOL_VERSION,
             agent: "fake-node/0".into(),
             run_id: "loopback".into(),
-            workers: vec![WorkerInfo { device: "cpu".into(), name: "test".into(), memory_bytes: 1 << 30 }],
+            workers: vec![WorkerInfo {
+                device: "cpu".into(),
+                name: "test".into(),
+                memory_bytes: 1 << 30,
+            }],
             listen_addrs: self.addrs.iter().map(|a| a.to_string()).collect(),
             certificate: None,
             timestamp_ms: now_ms(),
         };
-        match self.request(CoordinatorRequest::Join(Signed::sign(&self.key, &join).unwrap())).await {
+        match self
+            .request(CoordinatorRequest::Join(
+                Signed::sign(&self.key, &join).unwrap(),
+            ))
+            .await
+        {
             CoordinatorResponse::Welcome(w) => w.verify(None).unwrap(),
             other => panic!("join refused: {other:?}"),
         }
@@ -98,7 +131,9 @@ impl FakeNode {
 
     async fn plan(&self, round: u64) -> RoundPlan {
         for _ in 0..200 {
-            if let CoordinatorResponse::Plan(Some(signed)) = self.request(CoordinatorRequest::CurrentPlan).await {
+            if let CoordinatorResponse::Plan(Some(signed)) =
+                self.request(CoordinatorRequest::CurrentPlan).await
+            {
                 let plan = signed.verify(None).unwrap();
                 if plan.round == round {
                     return plan;
@@ -110,15 +145,33 @@ impl FakeNode {
     }
 
     async fn commit(&self, commit: &Commit) -> CoordinatorResponse {
-        self.request(CoordinatorRequest::Commit(Signed::sign(&self.key, commit).unwrap())).await
+        self.request(CoordinatorRequest::Commit(
+            Signed::sign(&self.key, commit).unwrap(),
+        ))
+        .await
     }
 
     /// Trains the node's assignment from θ, stores the update, and returns its commit.
     async fn train(&self, plan: &RoundPlan, theta: &[f32], welcome: &Welcome) -> (Commit, Vec<u8>) {
-        let assignment = plan.assignments.iter().find(|a| a.node == self.key.node_id()).expect("assigned");
-        let info = welcome.config.dataset.iter().find(|s| s.hash == assignment.shards[0]).unwrap();
-        let bytes = network::fetch_blob(&self.client, self.coordinator, info.hash, info.bytes).await.unwrap();
-        assert_eq!(Hash::of(&bytes), info.hash, "the coordinator serves the shard it names");
+        let assignment = plan
+            .assignments
+            .iter()
+            .find(|a| a.node == self.key.node_id())
+            .expect("assigned");
+        let info = welcome
+            .config
+            .dataset
+            .iter()
+            .find(|s| s.hash == assignment.shards[0])
+            .unwrap();
+        let bytes = network::fetch_blob(&self.client, self.coordinator, info.hash, info.bytes)
+            .await
+            .unwrap();
+        assert_eq!(
+            Hash::of(&bytes),
+            info.hash,
+            "the coordinator serves the shard it names"
+        );
         let tokens = Shard::decode(&bytes, Path::new("shard")).unwrap().tokens;
         let model: ModelConfig = serde_json::from_str(&welcome.config.model_config_json).unwrap();
         let cfg = &welcome.config;
@@ -139,7 +192,13 @@ impl FakeNode {
             let local = trainer.flat_params().unwrap();
             let delta: Vec<f32> = theta.iter().zip(&local).map(|(a, b)| a - b).collect();
             let codec: CodecConfig = "int8".parse().unwrap();
-            (Encoder::new(codec, delta.len()).unwrap().encode(&delta).unwrap(), report)
+            (
+                Encoder::new(codec, delta.len())
+                    .unwrap()
+                    .encode(&delta)
+                    .unwrap(),
+                report,
+            )
         })
         .await
         .unwrap();
@@ -181,10 +240,16 @@ async fn next_close(events: &mut broadcast::Receiver<CoordinatorEvent>) -> Coord
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
     stream.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"), "{path}: {out}");
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{path}: {out}"
+    );
     out
 }
 
@@ -193,7 +258,10 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
     let data = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let first = CancellationToken::new();
-    let coordinator: CoordinatorHandle = barnraise_coordinator::start(config(data.path()), first.clone()).await.unwrap();
+    let coordinator: CoordinatorHandle =
+        barnraise_coordinator::start(config(data.path()), first.clone())
+            .await
+            .unwrap();
     let mut events = coordinator.events();
     let addr = coordinator.multiaddr();
     let coordinator_key = coordinator.public_key();
@@ -210,14 +278,26 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
     let theta0 = model.init_flat(0);
     assert_eq!(Hash::of_f32s(&theta0), welcome.params_hash);
     let checkpoint = welcome.checkpoint.clone().expect("a checkpoint of θ_0");
-    let ckpt_bytes = network::fetch_blob(&honest_a.client, honest_a.coordinator, checkpoint.blob, checkpoint.bytes).await.unwrap();
-    let ckpt = barnraise_trainer::checkpoint::from_bytes(&ckpt_bytes, Path::new("ckpt"), &model).unwrap();
+    let ckpt_bytes = network::fetch_blob(
+        &honest_a.client,
+        honest_a.coordinator,
+        checkpoint.blob,
+        checkpoint.bytes,
+    )
+    .await
+    .unwrap();
+    let ckpt =
+        barnraise_trainer::checkpoint::from_bytes(&ckpt_bytes, Path::new("ckpt"), &model).unwrap();
     assert_eq!(Hash::of_f32s(&ckpt.params), welcome.params_hash);
 
     // Round 0.
     let plan0 = honest_a.plan(0).await;
     assert_eq!(plan0.assignments.len(), 3);
-    let shards: std::collections::HashSet<Hash> = plan0.assignments.iter().flat_map(|a| a.shards.clone()).collect();
+    let shards: std::collections::HashSet<Hash> = plan0
+        .assignments
+        .iter()
+        .flat_map(|a| a.shards.clone())
+        .collect();
     assert_eq!(shards.len(), 3, "no shard twice in a round");
 
     let (commit_a, payload_a) = honest_a.train(&plan0, &theta0, &welcome).await;
@@ -227,68 +307,156 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
     let mut garbage = Signed::sign(&honest_a.key, &commit_a).unwrap();
     garbage.body[5] ^= 0xFF;
     let refused = honest_a.request(CoordinatorRequest::Commit(garbage)).await;
-    assert!(matches!(&refused, CoordinatorResponse::Refused { reason } if reason.starts_with("bad-signature")), "{refused:?}");
+    assert!(
+        matches!(&refused, CoordinatorResponse::Refused { reason } if reason.starts_with("bad-signature")),
+        "{refused:?}"
+    );
     // A commit for the wrong round.
     let mut future = commit_b.clone();
     future.round = 7;
     let refused = honest_b.commit(&future).await;
-    assert!(matches!(&refused, CoordinatorResponse::Refused { reason } if reason.starts_with("wrong-round")), "{refused:?}");
+    assert!(
+        matches!(&refused, CoordinatorResponse::Refused { reason } if reason.starts_with("wrong-round")),
+        "{refused:?}"
+    );
 
-    assert_eq!(honest_a.commit(&commit_a).await, CoordinatorResponse::CommitAccepted { round: 0 });
-    assert_eq!(honest_a.commit(&commit_a).await, CoordinatorResponse::CommitAccepted { round: 0 }, "a retry is harmless");
+    assert_eq!(
+        honest_a.commit(&commit_a).await,
+        CoordinatorResponse::CommitAccepted { round: 0 }
+    );
+    assert_eq!(
+        honest_a.commit(&commit_a).await,
+        CoordinatorResponse::CommitAccepted { round: 0 },
+        "a retry is harmless"
+    );
     let mut second = commit_a.clone();
     second.update_hash = Hash::of(b"another update");
     let refused = honest_a.commit(&second).await;
-    assert!(matches!(&refused, CoordinatorResponse::Refused { reason } if reason.starts_with("duplicate-commit")), "{refused:?}");
-    assert_eq!(honest_b.commit(&commit_b).await, CoordinatorResponse::CommitAccepted { round: 0 });
+    assert!(
+        matches!(&refused, CoordinatorResponse::Refused { reason } if reason.starts_with("duplicate-commit")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        honest_b.commit(&commit_b).await,
+        CoordinatorResponse::CommitAccepted { round: 0 }
+    );
     // The lazy node commits to an update it never serves.
     let mut lazy_commit = commit_b.clone();
     lazy_commit.update_hash = Hash::of(b"never served");
-    assert_eq!(lazy.commit(&lazy_commit).await, CoordinatorResponse::CommitAccepted { round: 0 });
+    assert_eq!(
+        lazy.commit(&lazy_commit).await,
+        CoordinatorResponse::CommitAccepted { round: 0 }
+    );
     // ... and leaves: it keeps its place in round 0 and gets no work after.
-    let leave = Leave { run_id: "loopback".into(), timestamp_ms: now_ms() };
-    assert_eq!(lazy.request(CoordinatorRequest::Leave(Signed::sign(&lazy.key, &leave).unwrap())).await, CoordinatorResponse::Ok);
+    let leave = Leave {
+        run_id: "loopback".into(),
+        timestamp_ms: now_ms(),
+    };
+    assert_eq!(
+        lazy.request(CoordinatorRequest::Leave(
+            Signed::sign(&lazy.key, &leave).unwrap()
+        ))
+        .await,
+        CoordinatorResponse::Ok
+    );
 
-    let CoordinatorEvent::RoundClosed { round, accepted, rejected, params_hash, .. } = next_close(&mut events).await else { unreachable!() };
+    let CoordinatorEvent::RoundClosed {
+        round,
+        accepted,
+        rejected,
+        params_hash,
+        ..
+    } = next_close(&mut events).await
+    else {
+        unreachable!()
+    };
     assert_eq!((round, accepted), (0, 2));
     let reason_of = |node: &FakeNode| -> Vec<&str> {
-        rejected.iter().filter(|r| r.node == node.key.node_id()).map(|r| r.reason.code()).collect()
+        rejected
+            .iter()
+            .filter(|r| r.node == node.key.node_id())
+            .map(|r| r.reason.code())
+            .collect()
     };
     assert_eq!(reason_of(&lazy), vec!["not-served"]);
     assert_eq!(reason_of(&honest_a), vec!["duplicate-commit"]);
     assert_eq!(reason_of(&honest_b), vec!["wrong-round"]);
 
     // The manifest is signed by the coordinator and every node can recompute θ_1 from it.
-    let CoordinatorResponse::Manifest(Some(signed)) = honest_b.request(CoordinatorRequest::Manifest { round: 0 }).await else {
+    let CoordinatorResponse::Manifest(Some(signed)) = honest_b
+        .request(CoordinatorRequest::Manifest { round: 0 })
+        .await
+    else {
         panic!("no manifest for round 0")
     };
     let manifest = signed.verify(Some(&coordinator_key)).unwrap();
     assert_eq!(manifest.previous_manifest, Hash::ZERO);
     assert_eq!(manifest.next_params_hash, params_hash);
-    let payloads = [(commit_a.update_hash, payload_a), (commit_b.update_hash, payload_b)];
+    let payloads = [
+        (commit_a.update_hash, payload_a),
+        (commit_b.update_hash, payload_b),
+    ];
     let inputs: Vec<(&[u8], f32)> = manifest
         .accepted
         .iter()
-        .map(|a| (payloads.iter().find(|(h, _)| *h == a.update_hash).unwrap().1.as_slice(), a.weight))
+        .map(|a| {
+            (
+                payloads
+                    .iter()
+                    .find(|(h, _)| *h == a.update_hash)
+                    .unwrap()
+                    .1
+                    .as_slice(),
+                a.weight,
+            )
+        })
         .collect();
     let mut theta1 = theta0.clone();
-    let mut optimizer = OuterOptimizer::new(OuterConfig { lr: 0.7, momentum: 0.9, nesterov: true }, theta1.len());
+    let mut optimizer = OuterOptimizer::new(
+        OuterConfig {
+            lr: 0.7,
+            momentum: 0.9,
+            nesterov: true,
+        },
+        theta1.len(),
+    );
     apply_round(&mut theta1, &mut optimizer, &AggregationRule::Mean, &inputs).unwrap();
-    assert_eq!(Hash::of_f32s(&theta1), manifest.next_params_hash, "a node reproduces θ_1 bit for bit");
+    assert_eq!(
+        Hash::of_f32s(&theta1),
+        manifest.next_params_hash,
+        "a node reproduces θ_1 bit for bit"
+    );
 
     // Round 1 has the two honest nodes.
     let plan1 = honest_a.plan(1).await;
     assert_eq!(plan1.previous_manifest, signed.body_hash());
     assert_eq!(plan1.assignments.len(), 2);
     let (commit_a1, _) = honest_a.train(&plan1, &theta1, &welcome).await;
-    assert_eq!(honest_a.commit(&commit_a1).await, CoordinatorResponse::CommitAccepted { round: 1 });
+    assert_eq!(
+        honest_a.commit(&commit_a1).await,
+        CoordinatorResponse::CommitAccepted { round: 1 }
+    );
 
     // The HTTP API while it runs.
     let http = coordinator.http_addr();
-    assert!(http_get(http, "/api/v1/run").await.contains("\"run_id\":\"loopback\""));
-    assert!(http_get(http, "/metrics").await.contains("barnraise_rounds_closed_total 1"));
-    assert!(http_get(http, "/api/v1/rounds/0").await.contains("not-served"));
-    let live_rows = barnraise_coordinator::stats::fetch_contributors(&format!("http://{http}")).await.unwrap();
+    assert!(
+        http_get(http, "/api/v1/run")
+            .await
+            .contains("\"run_id\":\"loopback\"")
+    );
+    assert!(
+        http_get(http, "/metrics")
+            .await
+            .contains("barnraise_rounds_closed_total 1")
+    );
+    assert!(
+        http_get(http, "/api/v1/rounds/0")
+            .await
+            .contains("not-served")
+    );
+    let live_rows = barnraise_coordinator::stats::fetch_contributors(&format!("http://{http}"))
+        .await
+        .unwrap();
     assert_eq!(live_rows.len(), 3);
 
     // Kill the coordinator in the middle of round 1 and start it again on the same data dir.
@@ -296,24 +464,65 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
     let summary = coordinator.wait().await.unwrap();
     assert_eq!(summary.rounds.len(), 1);
     let second_run = CancellationToken::new();
-    let coordinator = barnraise_coordinator::start(config(data.path()), second_run.clone()).await.unwrap();
-    assert_eq!(coordinator.public_key(), coordinator_key, "same key, same run");
+    let coordinator = barnraise_coordinator::start(config(data.path()), second_run.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        coordinator.public_key(),
+        coordinator_key,
+        "same key, same run"
+    );
     let mut events = coordinator.events();
     let new_addr = coordinator.multiaddr();
     for node in [&honest_a, &honest_b] {
-        node.client.add_addresses(peer_of(&new_addr), vec![new_addr.clone()]).await.unwrap();
+        node.client
+            .add_addresses(peer_of(&new_addr), vec![new_addr.clone()])
+            .await
+            .unwrap();
     }
     let resumed = honest_b.plan(1).await;
-    assert_eq!(resumed, plan1, "the open round resumes with its signed plan");
+    assert_eq!(
+        resumed, plan1,
+        "the open round resumes with its signed plan"
+    );
     let (commit_b1, _) = honest_b.train(&plan1, &theta1, &welcome).await;
-    assert_eq!(honest_b.commit(&commit_b1).await, CoordinatorResponse::CommitAccepted { round: 1 });
-    let CoordinatorEvent::RoundClosed { round, accepted, .. } = next_close(&mut events).await else { unreachable!() };
-    assert_eq!((round, accepted), (1, 2), "node A's commit from before the restart was not lost");
+    assert_eq!(
+        honest_b.commit(&commit_b1).await,
+        CoordinatorResponse::CommitAccepted { round: 1 }
+    );
+    let CoordinatorEvent::RoundClosed {
+        round, accepted, ..
+    } = next_close(&mut events).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (round, accepted),
+        (1, 2),
+        "node A's commit from before the restart was not lost"
+    );
 
-    let summary = tokio::time::timeout(Duration::from_secs(30), coordinator.wait()).await.unwrap().unwrap();
-    assert_eq!(summary.rounds.iter().map(|r| r.round).collect::<Vec<_>>(), vec![0, 1]);
-    let row = |node: &FakeNode| summary.contributors.iter().find(|c| c.node == node.key.node_id().to_string()).unwrap().clone();
-    assert_eq!((row(&honest_a).accepted, row(&honest_a).tokens), (2, 2 * commit_a.tokens), "counted once per round");
+    let summary = tokio::time::timeout(Duration::from_secs(30), coordinator.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        summary.rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    let row = |node: &FakeNode| {
+        summary
+            .contributors
+            .iter()
+            .find(|c| c.node == node.key.node_id().to_string())
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        (row(&honest_a).accepted, row(&honest_a).tokens),
+        (2, 2 * commit_a.tokens),
+        "counted once per round"
+    );
     assert_eq!(row(&honest_b).accepted, 2);
     assert_eq!((row(&lazy).accepted, row(&lazy).credit), (0, 0.0));
     let from_disk = barnraise_coordinator::stats::read_contributors(data.path()).unwrap();

@@ -35,7 +35,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.listen.is_empty() {
         config.listen = args.listen;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         let handle = barnraise_coordinator::start(config, shutdown.clone()).await?;

@@ -9,7 +9,11 @@ use std::path::PathBuf;
 #[derive(Debug, ClapArgs)]
 pub struct Args {
     /// A running coordinator's HTTP address, e.g. http://127.0.0.1:8080.
-    #[arg(long, conflicts_with = "data_dir", required_unless_present = "data_dir")]
+    #[arg(
+        long,
+        conflicts_with = "data_dir",
+        required_unless_present = "data_dir"
+    )]
     coordinator: Option<String>,
     /// A coordinator's data dir (its ledger is read; the coordinator may be stopped).
     #[arg(long)]
@@ -22,7 +26,9 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let rows = match (&args.coordinator, &args.data_dir) {
         (Some(url), _) => {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(stats::fetch_contributors(url))?
         }
         (None, Some(dir)) => stats::read_contributors(dir)?,
