@@ -978,6 +978,11 @@ impl Service {
     }
 }
 
+/// How many times a node may answer "not found" for its own committed update
+/// before it counts as not serving it (connection failures are retried until
+/// the deadline).
+const DEFINITE_REFUSALS: u32 = 3;
+
 /// Fetches a committed update (unless the store already has it), then runs
 /// stage 2 on a blocking thread and keeps the payload if it passes.
 async fn fetch_and_check(
@@ -1010,6 +1015,17 @@ async fn fetch_and_check(
                 .await;
                 match fetched {
                     Ok(Ok(bytes)) => break Arc::new(bytes),
+                    // It offers other bytes than it committed to.
+                    Ok(Err(network::FetchError::WrongSize { .. })) => {
+                        return Err(RejectReason::HashMismatch);
+                    }
+                    // A node stores its update before committing; one that keeps
+                    // saying it has none will not serve it.
+                    Ok(Err(network::FetchError::NotFound | network::FetchError::Refused(_)))
+                        if attempt + 1 >= DEFINITE_REFUSALS =>
+                    {
+                        return Err(RejectReason::NotServed);
+                    }
                     Ok(Err(e)) => {
                         attempt += 1;
                         tracing::debug!(node = %node.short(), attempt, "fetching update: {e}");
