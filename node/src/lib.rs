@@ -12,8 +12,10 @@
 
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod limiter;
 pub mod network;
+pub mod progress;
 pub mod state;
 pub mod store;
 pub mod transfer;
