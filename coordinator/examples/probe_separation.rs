@@ -2,7 +2,7 @@
 //! honest update — trained on the node's own shard — from one trained on a
 //! shard the node was not given, at the scale of the built-in corpus.
 //!
-//! `cargo run --release -p barnraise-coordinator --example probe_separation -- [preset] [steps] [trials]`
+//! `cargo run --release -p barnraise-coordinator --example probe_separation -- [preset] [steps] [trials] [codec]`
 //!
 //! For each trial it trains two updates from the same θ: one on the assigned
 //! shard A, one on another shard B; then it probes both the way the
@@ -30,7 +30,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shards: Vec<&[u16]> = text.chunks(shard_tokens).collect();
     let heldout = shards[shards.len() - 1];
     let cfg = VerifyConfig::default();
-    let codec = CodecConfig::int8_default();
+    let codec: CodecConfig = match args.get(4) {
+        Some(text) => text.parse()?,
+        None => CodecConfig::int8_default(),
+    };
 
     // θ after one warm-up round, so the probe sees a model that has started learning.
     let device = select(DeviceSpec::Cpu)?;
