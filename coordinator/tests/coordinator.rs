@@ -279,6 +279,12 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
     let model: ModelConfig = serde_json::from_str(&welcome.config.model_config_json).unwrap();
     let theta0 = model.init_flat(0);
     assert_eq!(Hash::of_f32s(&theta0), welcome.params_hash);
+    let trainer = Trainer::new(&model, select(DeviceSpec::Cpu).unwrap(), 0).unwrap();
+    assert_eq!(
+        trainer.params_hash().unwrap(),
+        welcome.params_hash,
+        "θ_0 is what Trainer::new(config, device, 0) starts from"
+    );
     let checkpoint = welcome.checkpoint.clone().expect("a checkpoint of θ_0");
     let ckpt_bytes = network::fetch_blob(
         &honest_a.client,
@@ -455,6 +461,21 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
         http_get(http, "/api/v1/rounds/0")
             .await
             .contains("not-served")
+    );
+    assert!(
+        http_get(http, "/api/v1/nodes")
+            .await
+            .contains("fake-node/0")
+    );
+    assert!(
+        http_get(http, "/api/v1/rounds")
+            .await
+            .contains("\"round\":0")
+    );
+    assert!(
+        http_get(http, "/")
+            .await
+            .contains("<title>barnraise coordinator</title>")
     );
     let live_rows = barnraise_coordinator::stats::fetch_contributors(&format!("http://{http}"))
         .await
