@@ -1,6 +1,7 @@
 //! The DiLoCo bench without the CLI (for measuring while the `barnraise`
 //! binary is unavailable, or from the trainer crate alone):
-//! `cargo run --release -p barnraise-trainer --example bench_diloco -- [preset] [k] [H] [R] [--json]`.
+//! `cargo run --release -p barnraise-trainer --example bench_diloco -- [preset] [k] [H] [R] [--json]`,
+//! with `BENCH_OUTER_LR`, `BENCH_OUTER_MOMENTUM`, `BENCH_TOPK` overriding the outer step and the top-k codec.
 //! `barnraise bench diloco` is the documented front end with every flag.
 
 use barnraise_trainer::bench::{DilocoBenchConfig, run_diloco};
@@ -16,6 +17,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.workers = number(1, cfg.workers)?;
     cfg.inner_steps = number(2, cfg.inner_steps)?;
     cfg.rounds = number(3, cfg.rounds)?;
+    // Outer-optimizer experiments without the CLI.
+    if let Ok(v) = std::env::var("BENCH_OUTER_LR") {
+        cfg.outer.lr = v.parse()?;
+    }
+    if let Ok(v) = std::env::var("BENCH_OUTER_MOMENTUM") {
+        cfg.outer.momentum = v.parse()?;
+    }
+    if let Ok(v) = std::env::var("BENCH_TOPK") {
+        cfg.topk = v.parse()?;
+    }
     let report = run_diloco(&cfg, &candle_core::Device::Cpu, &mut |p| {
         eprintln!("{:<16} round {:>3}/{:<3} held-out loss {:.4}", p.arm, p.round, p.rounds, p.heldout_loss);
     })?;
