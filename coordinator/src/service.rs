@@ -235,6 +235,7 @@ pub async fn start(
         heldout: prepared.heldout,
         state: Some(prepared.state),
         checkpoint: prepared.checkpoint,
+        state_ref: prepared.state_ref,
         open_plan: prepared.open_plan,
         net: client,
         events: events.clone(),
@@ -269,6 +270,7 @@ struct Prepared {
     ledger_nodes: Vec<NodeRow>,
     state: GlobalState,
     checkpoint: CheckpointRef,
+    state_ref: CheckpointRef,
     rounds: Rounds,
     open_plan: Option<Signed<RoundPlan>>,
     /// Stored commits of the restored open round, to replay.
@@ -321,7 +323,7 @@ fn prepare(
     let state_ref = state.save(&resolved.model, &config.run_id, &store)?;
     let checkpoint = match ledger.latest_checkpoint()? {
         Some(row) => checkpoint_ref(&row)?,
-        None => state_ref,
+        None => state_ref.clone(),
     };
 
     // Plans so far: shard use counts, and the open round if there is one.
@@ -414,6 +416,7 @@ fn prepare(
         ledger_nodes,
         state,
         checkpoint,
+        state_ref,
         rounds,
         open_plan: open_signed,
         pending,
@@ -471,6 +474,8 @@ struct CloseDone {
     manifest: Signed<Manifest>,
     closed: Closed,
     checkpoint: Option<CheckpointRef>,
+    /// The blobs of θ_{round+1} and its momentum (written every round).
+    state_ref: CheckpointRef,
 }
 
 struct Service {
@@ -486,6 +491,8 @@ struct Service {
     /// θ_round; `None` while a close is computing θ_{round+1} from it.
     state: Option<GlobalState>,
     checkpoint: CheckpointRef,
+    /// The blobs of θ_round as written for restarts.
+    state_ref: CheckpointRef,
     open_plan: Option<Signed<RoundPlan>>,
     net: Client,
     events: broadcast::Sender<CoordinatorEvent>,
@@ -918,13 +925,36 @@ impl Service {
             .rounds
             .round_closed(done.round, done.state.params_hash(), manifest_hash)
             .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-        for a in &done.closed.manifest.accepted {
-            // Accepted updates stay on disk for nodes that resync; they leave memory.
-            self.store.forget(&a.update_hash);
+        // Updates and superseded state stay on disk (nodes may resync from
+        // them) but leave memory, so memory does not grow with the run.
+        let m = &done.closed.manifest;
+        for hash in m
+            .accepted
+            .iter()
+            .map(|a| a.update_hash)
+            .chain(m.rejected.iter().filter_map(|r| r.update_hash))
+        {
+            self.store.forget(&hash);
         }
+        let old = [
+            self.state_ref.blob,
+            self.state_ref.optimizer_blob,
+            self.checkpoint.blob,
+            self.checkpoint.optimizer_blob,
+        ];
         self.state = Some(done.state);
+        self.state_ref = done.state_ref;
         if let Some(c) = done.checkpoint {
             self.checkpoint = c;
+        }
+        let keep = [
+            self.state_ref.blob,
+            self.state_ref.optimizer_blob,
+            self.checkpoint.blob,
+            self.checkpoint.optimizer_blob,
+        ];
+        for hash in old.iter().filter(|h| !keep.contains(h)) {
+            self.store.forget(hash);
         }
         let m = &done.closed.manifest;
         self.metrics.rounds_closed.fetch_add(1, Ordering::Relaxed);
@@ -1147,6 +1177,7 @@ impl CloseJob {
             manifest,
             closed,
             checkpoint,
+            state_ref: reference,
         })
     }
 }
