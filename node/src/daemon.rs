@@ -398,6 +398,14 @@ impl Node {
     async fn join_and_sync(&mut self) -> Result<Option<Synced>, NodeError> {
         let mut backoff = Duration::from_millis(500);
         loop {
+            if let Ok(status) = self.client.status().await {
+                let mut addrs = status.listen_addrs;
+                addrs.extend(status.external_addrs);
+                addrs.dedup();
+                // A join is capped in size; a few addresses are plenty.
+                addrs.truncate(16);
+                self.listen_addrs = addrs;
+            }
             let join = Join {
                 protocol_version: PROTOCOL_VERSION,
                 agent: format!("barnraise/{}", env!("CARGO_PKG_VERSION")),

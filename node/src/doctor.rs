@@ -320,6 +320,14 @@ async fn reachability(client: &network::Client, listen: &[libp2p::Multiaddr], ch
             _ => false,
         })
     });
+    let listen = &status.listen_addrs;
+    let public_listen = listen.iter().find(|addr| {
+        addr.iter().any(|p| match p {
+            Protocol::Ip4(ip) => is_public(IpAddr::V4(ip)),
+            Protocol::Ip6(ip) => is_public(IpAddr::V6(ip)),
+            _ => false,
+        })
+    }).or(public_listen);
     let (verdict, finding, advice) = match (&status.reachability, public_listen) {
         (Reachability::Public(addr), _) => (Verdict::Ok, format!("public: peers reached us at {addr}"), None),
         (Reachability::Relayed(addr), _) => (

@@ -1,10 +1,290 @@
-//! `barnraise node`.
+//! `barnraise node`: run the node daemon, check a machine with `doctor`, or
+//! list the signed receipts of this node's contributions.
+//!
+//! Settings come from, in increasing precedence: defaults, the TOML file of
+//! `--config` (or `<data dir>/node.toml` when it exists), `BARNRAISE_*`
+//! environment variables, and flags.
 
-use clap::Args as ClapArgs;
+use anyhow::Context;
+use barnraise_node::doctor::{Verdict, run_doctor};
+use barnraise_node::{CancellationToken, Multiaddr, NodeConfig, run_node};
+use barnraise_protocol::messages::Manifest;
+use barnraise_protocol::{PublicKey, Signed};
+use clap::{Args as ClapArgs, Subcommand};
+use std::io::IsTerminal;
+use std::path::PathBuf;
 
 #[derive(Debug, ClapArgs)]
-pub struct Args {}
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Option<NodeCommand>,
+    #[command(flatten)]
+    settings: Settings,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`barnraise node` is not implemented yet: it arrives with the node and coordinator work")
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Check this machine and its link to the coordinator, with advice.
+    Doctor {
+        #[command(flatten)]
+        settings: Settings,
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the signed manifests that name this node (proof of contribution).
+    Receipts {
+        #[command(flatten)]
+        settings: Settings,
+    },
+}
+
+/// Settings shared by the daemon and its subcommands.
+#[derive(Debug, Clone, ClapArgs)]
+struct Settings {
+    /// The coordinator's multiaddr, e.g. /ip4/203.0.113.5/tcp/4001/p2p/12D3Koo...
+    #[arg(long, env = "BARNRAISE_COORDINATOR")]
+    coordinator: Option<Multiaddr>,
+    /// Where the node keeps its key, blobs and state [default: ~/.barnraise].
+    #[arg(long, env = "BARNRAISE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Training device: auto, cpu or cuda:N.
+    #[arg(long, env = "BARNRAISE_DEVICE")]
+    device: Option<String>,
+    /// Listen address (repeatable) [default: all interfaces, TCP and QUIC, random ports].
+    #[arg(long, env = "BARNRAISE_LISTEN", value_delimiter = ',')]
+    listen: Vec<Multiaddr>,
+    /// Key file [default: <data dir>/node.key].
+    #[arg(long, env = "BARNRAISE_KEY")]
+    key: Option<PathBuf>,
+    /// Upload cap, bytes per second; suffixes k, M, G (e.g. 5M).
+    #[arg(long, env = "BARNRAISE_UPLOAD_LIMIT", value_parser = parse_rate)]
+    upload_limit: Option<u64>,
+    /// Download cap, bytes per second; suffixes k, M, G.
+    #[arg(long, env = "BARNRAISE_DOWNLOAD_LIMIT", value_parser = parse_rate)]
+    download_limit: Option<u64>,
+    /// Stop after this many rounds.
+    #[arg(long, env = "BARNRAISE_MAX_ROUNDS")]
+    max_rounds: Option<u64>,
+    /// The run to join (default: whatever run the coordinator hosts).
+    #[arg(long, env = "BARNRAISE_RUN_ID")]
+    run_id: Option<String>,
+    /// The coordinator's public key in hex, if it should be pinned.
+    #[arg(long, env = "BARNRAISE_COORDINATOR_KEY")]
+    coordinator_key: Option<String>,
+    /// TOML config file [default: <data dir>/node.toml if it exists].
+    #[arg(long, env = "BARNRAISE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// Parses "1500", "64k", "5M", "1G" (powers of 1000, as link speeds are quoted).
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let text = text.trim().trim_end_matches("/s").trim_end_matches(['B', 'b']);
+    let (number, scale) = match text.chars().last() {
+        Some('k' | 'K') => (&text[..text.len() - 1], 1_000u64),
+        Some('m' | 'M') => (&text[..text.len() - 1], 1_000_000),
+        Some('g' | 'G') => (&text[..text.len() - 1], 1_000_000_000),
+        _ => (text, 1),
+    };
+    let value: f64 = number.trim().parse().map_err(|_| format!("`{text}` is not a rate like 500k or 5M"))?;
+    if !(value.is_finite() && value >= 0.0) {
+        return Err(format!("`{text}` is not a rate"));
+    }
+    Ok((value * scale as f64) as u64)
+}
+
+impl Settings {
+    /// Defaults, then the config file, then env and flags.
+    fn resolve(self) -> anyhow::Result<NodeConfig> {
+        let data_dir = self.data_dir.clone().unwrap_or_else(super::default_home);
+        let file = self.config.clone().or_else(|| Some(data_dir.join("node.toml")).filter(|p| p.exists()));
+        let mut config = match &file {
+            Some(path) => NodeConfig::from_toml_file(path)?,
+            None => NodeConfig {
+                data_dir: data_dir.clone(),
+                listen: default_listen()?,
+                ..NodeConfig::default()
+            },
+        };
+        // A file that leaves these out gets the daemon's defaults, not the
+        // library's test-friendly ones (relative dir, loopback only).
+        let library_defaults = NodeConfig::default();
+        if self.data_dir.is_some() || config.data_dir == library_defaults.data_dir {
+            config.data_dir = data_dir;
+        }
+        if file.is_some() && config.listen == library_defaults.listen {
+            config.listen = default_listen()?;
+        }
+        if let Some(v) = self.coordinator {
+            config.coordinator = v;
+        }
+        if let Some(v) = self.device {
+            config.device = v;
+        }
+        if !self.listen.is_empty() {
+            config.listen = self.listen;
+        }
+        if self.key.is_some() {
+            config.key = self.key;
+        }
+        if self.upload_limit.is_some() {
+            config.upload_limit = self.upload_limit;
+        }
+        if self.download_limit.is_some() {
+            config.download_limit = self.download_limit;
+        }
+        if self.max_rounds.is_some() {
+            config.max_rounds = self.max_rounds;
+        }
+        if let Some(v) = self.run_id {
+            config.run_id = v;
+        }
+        if self.coordinator_key.is_some() {
+            config.coordinator_key = self.coordinator_key;
+        }
+        Ok(config)
+    }
+}
+
+fn default_listen() -> anyhow::Result<Vec<Multiaddr>> {
+    Ok(vec![
+        "/ip4/0.0.0.0/tcp/0".parse().context("default TCP listen address")?,
+        "/ip4/0.0.0.0/udp/0/quic-v1".parse().context("default QUIC listen address")?,
+    ])
+}
+
+fn require_coordinator(config: &NodeConfig) -> anyhow::Result<()> {
+    if config.coordinator.is_empty() {
+        anyhow::bail!("no coordinator given: pass --coordinator <multiaddr>, set BARNRAISE_COORDINATOR, or put `coordinator = \"...\"` in the config file");
+    }
+    Ok(())
+}
+
+/// Progress bars only on a terminal and with text logs (JSON logs are for
+/// machines, and bars would interleave with them).
+fn want_bars() -> bool {
+    let json_flag = std::env::args().collect::<Vec<_>>().windows(2).any(|w| w[0] == "--log-format" && w[1] == "json")
+        || std::env::args().any(|a| a == "--log-format=json")
+        || std::env::var("BARNRAISE_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    std::io::stderr().is_terminal() && !json_flag
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    match args.command {
+        None => {
+            let config = args.settings.resolve()?;
+            require_coordinator(&config)?;
+            runtime.block_on(run_daemon(config))
+        }
+        Some(NodeCommand::Doctor { settings, json }) => {
+            let config = settings.resolve()?;
+            require_coordinator(&config)?;
+            runtime.block_on(doctor(config, json))
+        }
+        Some(NodeCommand::Receipts { settings }) => receipts(settings.resolve()?),
+    }
+}
+
+async fn run_daemon(config: NodeConfig) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("stopping (Ctrl-C); the node resumes from its data dir next time");
+            on_signal.cancel();
+        }
+    });
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(256);
+    let display = barnraise_node::progress::spawn_display(events_rx, want_bars());
+    let result = run_node(config, shutdown, Some(events_tx)).await;
+    let _ = display.await;
+    let summary = result?;
+    let params = summary.final_params_hash.map(|h| h.short()).unwrap_or_else(|| "-".into());
+    eprintln!(
+        "node stopped: {} rounds applied, {} trained, {} tokens, {} resyncs, {:.1} MB up, {:.1} MB down, params {params}",
+        summary.rounds_completed,
+        summary.rounds_trained,
+        summary.tokens_trained,
+        summary.resyncs,
+        summary.bytes_uploaded as f64 / 1e6,
+        summary.bytes_downloaded as f64 / 1e6,
+    );
+    Ok(())
+}
+
+async fn doctor(config: NodeConfig, json: bool) -> anyhow::Result<()> {
+    let checks = run_doctor(&config).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for check in &checks {
+            let mark = match check.verdict {
+                Verdict::Ok => "ok  ",
+                Verdict::Warn => "warn",
+                Verdict::Fail => "FAIL",
+            };
+            println!("[{mark}] {:<15} {}", check.name, check.finding);
+            if let Some(advice) = &check.advice {
+                println!("       {:<15} -> {advice}", "");
+            }
+        }
+    }
+    if checks.iter().any(|c| c.verdict == Verdict::Fail) {
+        anyhow::bail!("some checks failed; see the advice above");
+    }
+    Ok(())
+}
+
+fn receipts(config: NodeConfig) -> anyhow::Result<()> {
+    let dir = config.data_dir.join("receipts");
+    let key = barnraise_protocol::SigningKey::load(&config.key_path())?;
+    let me = key.node_id();
+    let pinned: Option<PublicKey> = config.coordinator_key.as_deref().map(str::parse).transpose().context("coordinator key")?;
+    let mut entries: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("no receipts yet in {}", dir.display());
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    entries.sort();
+    for path in entries {
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let verdict = Signed::<Manifest>::from_bytes(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|signed| signed.verify(pinned.as_ref()).map(|m| (signed.signer, m)).map_err(|e| e.to_string()));
+        match verdict {
+            Ok((signer, manifest)) => {
+                let status = if let Some(a) = manifest.accepted.iter().find(|a| a.node == me) {
+                    format!("accepted, {} tokens, weight {:.3}", a.tokens, a.weight)
+                } else if let Some(r) = manifest.rejected.iter().find(|r| r.node == me) {
+                    format!("rejected ({})", r.reason.code())
+                } else if manifest.missing.contains(&me) {
+                    "missing (no commit by the deadline)".to_string()
+                } else {
+                    "not named".to_string()
+                };
+                println!("round {:>6}  {status}  signed by {}", manifest.round, &signer.to_hex()[..12]);
+            }
+            Err(e) => println!("{}: does not verify: {e}", path.display()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("1500"), Ok(1500));
+        assert_eq!(parse_rate("64k"), Ok(64_000));
+        assert_eq!(parse_rate("5M"), Ok(5_000_000));
+        assert_eq!(parse_rate("1.5MB/s"), Ok(1_500_000));
+        assert!(parse_rate("fast").is_err());
+    }
 }

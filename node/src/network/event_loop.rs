@@ -213,6 +213,12 @@ impl EventLoop {
                 Err(_) => break,
             }
         }
+        // The other listeners (QUIC, further interfaces) report right after
+        // the first; give them a moment so callers see the whole set.
+        let settle = tokio::time::Instant::now() + Duration::from_millis(100);
+        while let Ok(event) = tokio::time::timeout_at(settle.min(deadline), self.swarm.select_next_some()).await {
+            self.handle_swarm_event(event);
+        }
         self.swarm.listeners().cloned().collect()
     }
 
