@@ -145,6 +145,8 @@ enum Phase {
 #[derive(Clone, Copy, Debug)]
 struct Member {
     active: bool,
+    /// Said it was leaving: only a new join brings it back.
+    left: bool,
     workers: u32,
 }
 
@@ -189,6 +191,7 @@ impl Rounds {
         for a in &plan.assignments {
             self.members.entry(a.node).or_insert(Member {
                 active: true,
+                left: false,
                 workers: 1,
             });
         }
@@ -213,6 +216,7 @@ impl Rounds {
             node,
             Member {
                 active: true,
+                left: false,
                 workers: workers.max(1),
             },
         );
@@ -222,14 +226,15 @@ impl Rounds {
     pub fn leave(&mut self, node: &NodeId) {
         if let Some(m) = self.members.get_mut(node) {
             m.active = false;
+            m.left = true;
         }
     }
 
     /// A known node showed it is alive (any request): it gets work again
-    /// after having missed a round.
+    /// after having missed a round (but not after leaving).
     pub fn seen(&mut self, node: &NodeId) {
         if let Some(m) = self.members.get_mut(node) {
-            m.active = true;
+            m.active = !m.left;
         }
     }
 

@@ -142,6 +142,13 @@ fn deadline_closes_with_a_missing_node_and_unserved_commit() {
     assert!(m.round_closed(0, Hash::of(b"t1"), Hash::of(b"m0")).is_ok());
     let next = open_round(&mut m, DEADLINE + 1);
     assert!(next.assignments.iter().all(|a| a.node != node(3)));
+    // Seen again (it polled for the plan): work from the next round on; a node that left stays out.
+    m.seen(&node(3));
+    m.leave(&node(2));
+    m.seen(&node(2));
+    assert_eq!(m.active_nodes(), vec![node(1), node(3)]);
+    m.join(node(2), 1);
+    assert_eq!(m.active_nodes(), vec![node(1), node(2), node(3)]);
     assert_eq!(next.previous_manifest, Hash::of(b"m0"));
     assert_eq!(next.params_hash, Hash::of(b"t1"));
 }
