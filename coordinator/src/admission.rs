@@ -1,7 +1,7 @@
 //! Admission: whether a signed `Join` lets a node into the run. Pure checks,
 //! so they are tested without a network: the signature, that the signer is
 //! the peer on the connection (a join cannot be replayed from elsewhere), the
-//! protocol version and run, a timestamp near our clock (an old join cannot
+//! protocol version and run (an empty run id joins the hosted run), a timestamp near our clock (an old join cannot
 //! be replayed later), sane sizes, and — when the run is limited to listed
 //! orgs — a valid, unexpired certificate from one of them naming this node.
 
@@ -66,7 +66,8 @@ pub fn admit(
             supported: PROTOCOL_VERSION,
         });
     }
-    if join.run_id != run_id {
+    // An empty run id means "whatever run you host": a coordinator hosts one run.
+    if !join.run_id.is_empty() && join.run_id != run_id {
         return Err(JoinRefusal::WrongRun {
             expected: run_id.into(),
             found: join.run_id.chars().take(64).collect(),
