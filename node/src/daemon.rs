@@ -300,6 +300,10 @@ impl Node {
                 if self.cancelled() {
                     return Ok(());
                 }
+                if state.run.total_rounds > 0 && state.round >= state.run.total_rounds {
+                    tracing::info!(rounds = state.run.total_rounds, "the run is complete");
+                    return Ok(());
+                }
                 match self.round(&mut state).await? {
                     Some(RoundOutcome::Applied) => {}
                     Some(RoundOutcome::Resync(reason)) => {
@@ -538,6 +542,7 @@ impl Node {
             committed: committed.map(|(r, h): (u64, Hash)| (r, h.to_hex())),
         };
         self.state.save(&record, &theta, &momentum)?;
+        self.summary.final_params_hash = Some(hash);
         self.emit(NodeEvent::Synced { round: welcome.current_round, params_hash: hash, from: source });
         tracing::info!(round = welcome.current_round, params = %hash.short(), "synced params ({source:?})");
         Ok(Some(Synced {
@@ -827,6 +832,11 @@ impl Node {
             match self.fetch(shard, size, &providers, "shard").await {
                 Ok(()) => {}
                 Err(NodeError::Fetch(FetchError::Cancelled)) => return Ok(None),
+                Err(NodeError::Fetch(e)) => {
+                    // Sit this round out; the manifest still brings us along.
+                    self.warn(format!("skipping round {round}'s work: could not fetch shard {}: {e}", shard.short()));
+                    return Ok(Some(()));
+                }
                 Err(e) => return Err(e),
             }
             let bytes = self.store.read(shard)?;
@@ -879,7 +889,17 @@ impl Node {
             joined = trained => joined.map_err(|e| NodeError::Training(e.to_string()))?,
         };
         state.trainer = Some(trainer);
-        let (report, delta) = result.map_err(|e| NodeError::Training(e.to_string()))?;
+        let (report, delta) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                // A diverged or failed inner loop costs us this round, not the node.
+                self.warn(format!("skipping round {round}'s commit: training failed: {e}"));
+                if let Some(trainer) = state.trainer.as_mut() {
+                    let _ = trainer.reset_optimizer();
+                }
+                return Ok(Some(()));
+            }
+        };
         let compute_ms = started.elapsed().as_millis() as u64;
         for (step, loss) in report.losses.iter().enumerate() {
             self.emit(NodeEvent::TrainingProgress { round, step: step as u32 + 1, loss: *loss });
