@@ -20,9 +20,10 @@ struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = cmd::LogFormat::Text, env = "BARNRAISE_LOG_FORMAT")]
     log_format: cmd::LogFormat,
-    /// Log filter, e.g. `info` or `barnraise_node=debug` (RUST_LOG syntax).
-    #[arg(long, global = true, default_value = "info", env = "BARNRAISE_LOG")]
-    log: String,
+    /// Log filter, e.g. `info` or `barnraise_node=debug` (RUST_LOG syntax)
+    /// [default: info; warn for `up`, whose progress display says the rest].
+    #[arg(long, global = true, env = "BARNRAISE_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,9 +57,28 @@ enum BenchCommand {
     Diloco(cmd::bench_diloco::Args),
 }
 
+/// `barnraise up` runs every node's training in one process on a few cores.
+/// candle's matmuls size their thread pool from RAYON_NUM_THREADS; left at the
+/// core count, three nodes' pools oversubscribe the CPU and each round takes
+/// about twice as long, so `up` runs each node's matmuls on one thread unless
+/// the user chose otherwise.
+#[allow(unsafe_code)]
+fn one_matmul_thread_per_node() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: called first thing in main, before any thread exists, so no
+        // other thread can be reading the environment.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = cmd::init_logging(cli.log_format, &cli.log) {
+    if matches!(cli.command, Command::Up(_)) {
+        one_matmul_thread_per_node();
+    }
+    let default_log = if matches!(cli.command, Command::Up(_)) { "warn" } else { "info" };
+    let log = cli.log.as_deref().unwrap_or(default_log);
+    if let Err(e) = cmd::init_logging(cli.log_format, log) {
         eprintln!("error: {e:#}");
         return std::process::ExitCode::from(2);
     }

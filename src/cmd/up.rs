@@ -1,10 +1,352 @@
-//! `barnraise up`.
+//! `barnraise up`: the embedded default. One process runs a coordinator and a
+//! few nodes over real loopback sockets, with a real ledger in a data dir and
+//! a small model on the built-in corpus; it shows progress, serves the API
+//! while it runs, and ends with a summary: loss per round, bytes moved
+//! against plain data-parallel training, and the contribution table.
 
+use anyhow::Context;
+use barnraise_coordinator::config::{CoordinatorConfig, DatasetSource, Quorum};
+use barnraise_coordinator::summary::{CoordinatorEvent, RunSummary};
+use barnraise_node::{NodeConfig, NodeEvent, NodeSummary};
+use barnraise_trainer::ModelConfig;
+use barnraise_trainer::bench::human_bytes;
 use clap::Args as ClapArgs;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, ClapArgs)]
-pub struct Args {}
+pub struct Args {
+    /// Nodes to run.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub nodes: u32,
+    /// Outer rounds (DiLoCo outer steps).
+    #[arg(long, default_value_t = 6)]
+    pub rounds: u64,
+    /// Model preset: tiny, small, medium, large, xl.
+    #[arg(long, default_value = "small")]
+    pub model: String,
+    /// Inner steps per round (DiLoCo's H).
+    #[arg(long, default_value_t = 12)]
+    pub inner_steps: u32,
+    /// Sequences per inner step.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: u32,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: u32,
+    /// Update codec: fp32, int8[:BLOCK], topk[:CHUNK:K:BITS].
+    #[arg(long, default_value = "topk")]
+    pub codec: String,
+    /// Aggregation rule: mean, trimmed-mean:F, centered-clip:TAU.
+    #[arg(long, default_value = "mean")]
+    pub aggregation: String,
+    /// Where the ledger, blobs and keys go [default: a new folder under ~/.barnraise/up].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the HTTP API while the run lasts.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http: SocketAddr,
+    /// Seconds to keep the API up after the last round.
+    #[arg(long, default_value_t = 0.0)]
+    pub linger: f64,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`barnraise up` is not implemented yet: it arrives with the node and coordinator work")
+const RUN_ID: &str = "barnraise-up";
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("barnraise-up")
+        .build()
+        .context("starting the async runtime")?;
+    let summary = runtime.block_on(run_async(args))?;
+    if summary.json {
+        println!("{}", serde_json::to_string_pretty(&summary.report)?);
+    } else {
+        print!("{}", summary.report);
+    }
+    Ok(())
+}
+
+struct Finished {
+    report: UpReport,
+    json: bool,
+}
+
+fn default_data_dir() -> PathBuf {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    super::default_home().join("up").join(format!("run-{stamp}"))
+}
+
+async fn run_async(args: Args) -> anyhow::Result<Finished> {
+    let model = ModelConfig::preset(&args.model)
+        .with_context(|| format!("unknown model preset `{}` (try tiny, small, medium)", args.model))?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let started = Instant::now();
+
+    let config = CoordinatorConfig {
+        run_id: RUN_ID.into(),
+        model: args.model.clone(),
+        dataset: DatasetSource::Builtin { shards: (args.nodes as usize * 4).max(8), shard_tokens: 64 * 1024, seed: 0 },
+        inner_steps: args.inner_steps,
+        batch_size: args.batch_size,
+        seq_len: args.seq_len,
+        codec: args.codec.clone(),
+        aggregation: args.aggregation.clone(),
+        quorum: Quorum::Fraction(1.0),
+        min_nodes: args.nodes as usize,
+        total_rounds: args.rounds,
+        http: args.http,
+        data_dir: data_dir.join("coordinator"),
+        linger_secs: args.linger.max(3.0),
+        round_deadline_secs: 600.0,
+        ..CoordinatorConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let coordinator = barnraise_coordinator::start(config, shutdown.clone())
+        .await
+        .context("starting the coordinator")?;
+    let mut coordinator_events = coordinator.events();
+    let http = coordinator.http_addr();
+    let dial = coordinator.multiaddr();
+    if !args.json {
+        eprintln!(
+            "barnraise up: {} nodes, {} rounds of {} inner steps, model `{}` ({:.2}M params), codec {}",
+            args.nodes,
+            args.rounds,
+            args.inner_steps,
+            args.model,
+            model.params_count() as f64 / 1e6,
+            args.codec
+        );
+        eprintln!("  data dir   {}", data_dir.display());
+        eprintln!("  API        http://{http}/api/v1/run   metrics http://{http}/metrics");
+        eprintln!("  dial       {dial}");
+    }
+
+    // Ctrl-C stops everything cleanly; what was committed stays in the ledger.
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                shutdown.cancel();
+            }
+        });
+    }
+
+    // Each node reports on its own channel; a forwarder tags events with the node's index.
+    let (node_events_tx, mut node_events) = mpsc::channel::<(u32, NodeEvent)>(256);
+    let mut nodes = tokio::task::JoinSet::new();
+    for i in 0..args.nodes {
+        let node_config = NodeConfig {
+            coordinator: dial.clone(),
+            data_dir: data_dir.join(format!("node-{i}")),
+            device: "cpu".into(),
+            run_id: RUN_ID.into(),
+            max_rounds: Some(args.rounds),
+            ..NodeConfig::default()
+        };
+        let (tx, mut rx) = mpsc::channel::<NodeEvent>(64);
+        let forward = node_events_tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                if forward.send((i, event)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let shutdown = shutdown.clone();
+        nodes.spawn(async move { (i, barnraise_node::run_node(node_config, shutdown, Some(tx)).await) });
+    }
+    drop(node_events_tx);
+
+    let progress = super::progress::RunProgress::new(args.rounds, args.nodes as u64, args.inner_steps as u64, !args.json);
+    let mut finished = false;
+    while !finished {
+        tokio::select! {
+            event = coordinator_events.recv() => match event {
+                Ok(CoordinatorEvent::RunFinished) => finished = true,
+                Ok(event) => progress.coordinator(&event),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => finished = true,
+            },
+            Some((i, event)) = node_events.recv() => progress.node(i, &event),
+            _ = shutdown.cancelled() => finished = true,
+        }
+    }
+    progress.finish();
+
+    // Give the nodes a moment to apply the final manifest, then stop them.
+    let mut node_summaries: Vec<(u32, NodeSummary)> = Vec::new();
+    let deadline = tokio::time::sleep(Duration::from_secs(60));
+    tokio::pin!(deadline);
+    while !nodes.is_empty() {
+        tokio::select! {
+            joined = nodes.join_next() => match joined {
+                Some(Ok((i, Ok(summary)))) => node_summaries.push((i, summary)),
+                Some(Ok((i, Err(e)))) => tracing::warn!(node = i, "node stopped with an error: {e}"),
+                Some(Err(e)) => tracing::warn!("node task failed: {e}"),
+                None => break,
+            },
+            _ = &mut deadline => {
+                tracing::warn!("nodes did not stop within 60 s of the run's end; stopping them");
+                shutdown.cancel();
+                deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
+            }
+        }
+    }
+    shutdown.cancel();
+    let summary = coordinator.wait().await.context("the coordinator stopped with an error")?;
+    node_summaries.sort_by_key(|(i, _)| *i);
+    let report = UpReport::new(&args, &model, summary, node_summaries, started.elapsed(), data_dir);
+    Ok(Finished { report, json: args.json })
+}
+
+/// What `barnraise up` prints at the end (and as JSON with `--json`).
+#[derive(Debug, Serialize)]
+pub struct UpReport {
+    pub data_dir: PathBuf,
+    pub model: String,
+    pub params: usize,
+    pub codec: String,
+    pub nodes: u32,
+    pub inner_steps: u32,
+    pub wall_seconds: f64,
+    pub rounds: Vec<barnraise_coordinator::summary::RoundSummary>,
+    /// Bytes of updates the nodes uploaded in the run.
+    pub update_bytes_sent: u64,
+    /// What plain data-parallel training would have sent for the same steps:
+    /// a ring all-reduce of fp32 gradients every inner step, 2(k−1)/k · 4P bytes per worker.
+    pub data_parallel_bytes: u64,
+    /// `data_parallel_bytes / update_bytes_sent`.
+    pub communication_reduction: f64,
+    /// fp32 pseudo-gradient size over the mean update size.
+    pub compression_ratio: f64,
+    pub nodes_in_agreement: usize,
+    pub node_summaries: Vec<NodeLine>,
+    pub summary: RunSummary,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeLine {
+    pub index: u32,
+    pub node: String,
+    pub rounds_applied: u64,
+    pub tokens: u64,
+    pub final_params_hash: Option<String>,
+}
+
+impl UpReport {
+    fn new(
+        args: &Args,
+        model: &ModelConfig,
+        summary: RunSummary,
+        nodes: Vec<(u32, NodeSummary)>,
+        wall: Duration,
+        data_dir: PathBuf,
+    ) -> UpReport {
+        let params = model.params_count();
+        let update_bytes_sent: u64 = summary.rounds.iter().map(|r| r.bytes_received).sum();
+        let updates: u64 = summary.rounds.iter().map(|r| r.accepted + r.rejected.len() as u64).sum();
+        let k = args.nodes.max(1) as u64;
+        let steps = args.inner_steps as u64 * summary.rounds.len() as u64;
+        let per_step = if k > 1 { 2 * (k - 1) * 4 * params as u64 / k } else { 0 };
+        let data_parallel_bytes = per_step * steps * k;
+        let mean_update = if updates > 0 { update_bytes_sent as f64 / updates as f64 } else { 0.0 };
+        let final_hash = summary.rounds.last().map(|r| r.next_params_hash.clone());
+        let node_summaries: Vec<NodeLine> = nodes
+            .into_iter()
+            .map(|(index, s)| NodeLine {
+                index,
+                node: s.node.map(|n| n.to_string()).unwrap_or_default(),
+                rounds_applied: s.rounds_completed,
+                tokens: s.tokens_trained,
+                final_params_hash: s.final_params_hash.map(|h| h.to_hex()),
+            })
+            .collect();
+        let nodes_in_agreement =
+            node_summaries.iter().filter(|n| n.final_params_hash.is_some() && n.final_params_hash == final_hash).count();
+        UpReport {
+            data_dir,
+            model: args.model.clone(),
+            params,
+            codec: args.codec.clone(),
+            nodes: args.nodes,
+            inner_steps: args.inner_steps,
+            wall_seconds: wall.as_secs_f64(),
+            update_bytes_sent,
+            data_parallel_bytes,
+            communication_reduction: if update_bytes_sent > 0 { data_parallel_bytes as f64 / update_bytes_sent as f64 } else { 0.0 },
+            compression_ratio: if mean_update > 0.0 { 4.0 * params as f64 / mean_update } else { 0.0 },
+            nodes_in_agreement,
+            node_summaries,
+            rounds: summary.rounds.clone(),
+            summary,
+        }
+    }
+}
+
+impl std::fmt::Display for UpReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let opt = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into());
+        writeln!(f)?;
+        writeln!(f, "run finished in {:.1} s — {} nodes, model `{}` ({:.2}M params), codec {}", self.wall_seconds, self.nodes, self.model, self.params as f64 / 1e6, self.codec)?;
+        writeln!(f)?;
+        writeln!(f, "round  accepted  rejected  missing  train loss  held-out loss  update bytes")?;
+        for r in &self.rounds {
+            writeln!(
+                f,
+                "{:>5}  {:>8}  {:>8}  {:>7}  {:>10}  {:>13}  {:>12}",
+                r.round,
+                r.accepted,
+                r.rejected.len(),
+                r.missing,
+                opt(r.mean_loss),
+                opt(r.eval_loss),
+                human_bytes(r.bytes_received)
+            )?;
+            for (node, reason) in &r.rejected {
+                writeln!(f, "         rejected {} ({reason})", &node[..node.len().min(12)])?;
+            }
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "bytes moved: {} of updates; plain data-parallel would have moved {} ({:.0}x less); updates are {:.0}x smaller than fp32",
+            human_bytes(self.update_bytes_sent),
+            human_bytes(self.data_parallel_bytes),
+            self.communication_reduction,
+            self.compression_ratio
+        )?;
+        writeln!(f, "agreement: {}/{} nodes hold the manifest's final params hash", self.nodes_in_agreement, self.node_summaries.len())?;
+        writeln!(f)?;
+        writeln!(f, "{:<14} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>13}", "node", "tokens", "accepted", "rejected", "missing", "bytes", "compute s", "credit GFLOP")?;
+        for c in &self.summary.contributors {
+            writeln!(
+                f,
+                "{:<14} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10.1} {:>13.1}",
+                &c.node[..c.node.len().min(12)],
+                c.tokens,
+                c.accepted,
+                c.rejected,
+                c.missing,
+                human_bytes(c.bytes),
+                c.compute_ms as f64 / 1000.0,
+                c.credit / 1e9
+            )?;
+        }
+        writeln!(f)?;
+        writeln!(f, "ledger and blobs kept in {}; `barnraise stats --data-dir {}` shows the table again", self.data_dir.display(), self.data_dir.join("coordinator").display())
+    }
 }

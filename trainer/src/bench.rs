@@ -332,7 +332,8 @@ fn run_diloco_arm(
     })
 }
 
-fn human_bytes(bytes: u64) -> String {
+/// Bytes in decimal units for tables (kB, MB, GB).
+pub fn human_bytes(bytes: u64) -> String {
     let b = bytes as f64;
     if b >= 1e9 {
         format!("{:.2} GB", b / 1e9)

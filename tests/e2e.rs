@@ -1,0 +1,214 @@
+//! End-to-end: a real coordinator and real nodes in this process, talking
+//! over libp2p on 127.0.0.1, with a real SQLite ledger; plus the `barnraise`
+//! binary itself running `up`.
+//!
+//! The tests share two cores, so they run one at a time (a lock below): a
+//! round deadline must measure the code, not a neighbour's CPU use.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use barnraise_coordinator::{CoordinatorEvent, Ledger};
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+use support::*;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn run<F: std::future::Future<Output = ()>>(test: F) {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    // Logs show up for a failing test (the harness captures them otherwise).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .with_test_writer()
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(test);
+}
+
+const MINUTES: Duration = Duration::from_secs(60);
+
+#[test]
+fn three_nodes_three_rounds_learn_and_agree() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (coordinator, _shutdown) = start_coordinator(tiny_run(dir.path(), 3, 3)).await;
+        let ledger_path = coordinator.ledger_path().to_path_buf();
+        let nodes = spawn_nodes(&coordinator, dir.path(), 3, 3);
+        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait()).await.expect("run finishes").unwrap();
+        let mut node_summaries = Vec::new();
+        for node in nodes {
+            node_summaries.push(join_node(node, MINUTES).await);
+        }
+
+        assert_eq!(summary.rounds.len(), 3, "{summary:?}");
+        for round in &summary.rounds {
+            assert_eq!(round.accepted, 3, "every honest update is accepted: {round:?}");
+        }
+        let first = summary.rounds[0].mean_loss.expect("round 0 loss");
+        let last = summary.rounds[2].mean_loss.expect("round 2 loss");
+        assert!(last < first * 0.9, "training loss should fall: {first} -> {last}");
+
+        let final_hash = summary.rounds[2].next_params_hash.clone();
+        for s in &node_summaries {
+            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()), "node {:?} disagrees", s.node);
+        }
+
+        // The ledger's tokens per node equal what each node trained.
+        let ledger = Ledger::open_existing(&ledger_path).unwrap();
+        let by_node: HashMap<String, u64> = ledger.contributors().unwrap().into_iter().map(|c| (c.node, c.tokens)).collect();
+        for s in &node_summaries {
+            assert!(s.tokens_trained > 0);
+            let node = s.node.expect("node id").to_string();
+            assert_eq!(by_node.get(&node), Some(&s.tokens_trained), "ledger tokens for {node}");
+        }
+    });
+}
+
+#[test]
+fn killed_node_misses_a_round_then_catches_up() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_run(dir.path(), 3, 4);
+        config.round_deadline_secs = 20.0;
+        // The restarted node needs time to load, rejoin and fetch the last
+        // manifest; on a loaded 2-core machine the last rounds may close first.
+        config.linger_secs = 30.0;
+        let (coordinator, _shutdown) = start_coordinator(config).await;
+        let mut events = coordinator.events();
+        let mut nodes = spawn_nodes(&coordinator, dir.path(), 3, 4);
+        let victim = nodes.pop().unwrap();
+        let victim_config = node_config(&coordinator, dir.path(), victim.index, 4);
+
+        // Kill the victim as round 1 opens: it never commits for round 1.
+        loop {
+            match tokio::time::timeout(2 * MINUTES, events.recv()).await.expect("round 1 opens") {
+                Ok(CoordinatorEvent::RoundOpened { round: 1, .. }) => break,
+                Ok(_) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+        victim.shutdown.cancel();
+        victim.task.abort();
+
+        // Round 1 closes (at its deadline) without the victim; then restart it
+        // on the same data dir.
+        loop {
+            match tokio::time::timeout(2 * MINUTES, events.recv()).await.expect("round 1 closes") {
+                Ok(CoordinatorEvent::RoundClosed { round: 1, accepted, .. }) => {
+                    assert_eq!(accepted, 2, "the two live nodes' updates are accepted");
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+        let restarted = spawn_node(victim_config, 2);
+
+        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait()).await.expect("run finishes").unwrap();
+        assert_eq!(summary.rounds.len(), 4);
+        assert!(summary.rounds[1].missing >= 1, "round 1 records the killed node as missing: {:?}", summary.rounds[1]);
+        let final_hash = summary.rounds[3].next_params_hash.clone();
+        let restarted = join_node(restarted, MINUTES).await;
+        assert_eq!(restarted.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()), "the restarted node caught up");
+        for node in nodes {
+            let s = join_node(node, MINUTES).await;
+            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()));
+        }
+    });
+}
+
+#[test]
+fn coordinator_restart_resumes_and_counts_once() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_run(dir.path(), 2, 4);
+        config.round_deadline_secs = 30.0;
+        let (coordinator, shutdown) = start_coordinator(config.clone()).await;
+        // Restart on the same port, so nodes that keep dialling the old address find it again.
+        let listen = coordinator.multiaddr().to_string();
+        let listen = listen.split("/p2p/").next().unwrap().to_string();
+        config.listen = vec![listen];
+        let mut events = coordinator.events();
+        let nodes = spawn_nodes(&coordinator, dir.path(), 2, 4);
+
+        loop {
+            match tokio::time::timeout(3 * MINUTES, events.recv()).await.expect("round 1 closes") {
+                Ok(CoordinatorEvent::RoundClosed { round: 1, .. }) => break,
+                Ok(_) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+        // Kill it in the middle of round 2.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        shutdown.cancel();
+        let _ = tokio::time::timeout(MINUTES, coordinator.wait()).await;
+
+        let (coordinator, _shutdown) = start_coordinator(config).await;
+        let ledger_path = coordinator.ledger_path().to_path_buf();
+        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait()).await.expect("resumed run finishes").unwrap();
+        assert_eq!(summary.rounds.iter().map(|r| r.round).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        let final_hash = summary.rounds[3].next_params_hash.clone();
+        let mut trained = 0;
+        for node in nodes {
+            let s = join_node(node, MINUTES).await;
+            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()));
+            trained += s.tokens_trained;
+        }
+        // Each (round, node) appears once in the ledger, and accepted tokens never exceed what was trained.
+        let ledger = Ledger::open_existing(&ledger_path).unwrap();
+        let mut seen = HashSet::new();
+        let mut accepted_tokens = 0;
+        for round in 0..4 {
+            for update in ledger.updates(round).unwrap() {
+                assert!(seen.insert((round, update.node.clone())), "round {round} counts {} twice", update.node);
+                if update.verdict == "accepted" {
+                    accepted_tokens += update.tokens;
+                }
+            }
+        }
+        assert!(accepted_tokens > 0 && accepted_tokens <= trained, "accepted {accepted_tokens} of {trained} trained");
+    });
+}
+
+#[test]
+fn up_runs_end_to_end_and_reports_json() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_barnraise"))
+        .args(["up", "--model", "tiny", "--nodes", "2", "--rounds", "2", "--inner-steps", "5", "--seq-len", "64", "--json", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "barnraise up failed:\n{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("stdout is one JSON object");
+    assert_eq!(report["rounds"].as_array().map(|r| r.len()), Some(2), "{report}");
+    assert_eq!(report["nodes_in_agreement"], 2, "{report}");
+    assert!(report["communication_reduction"].as_f64().unwrap_or(0.0) > 1.0, "{report}");
+    assert_eq!(report["summary"]["contributors"].as_array().map(|c| c.len()), Some(2), "{report}");
+}
+
+#[test]
+fn wrong_flags_get_clear_errors() {
+    let bin = env!("CARGO_BIN_EXE_barnraise");
+    let output = std::process::Command::new(bin).args(["up", "--model", "enormous", "--data-dir", "/nonexistent/x"]).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("enormous"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("node.key");
+    let output = std::process::Command::new(bin).args(["id", "show", "--key"]).arg(&key).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("node.key"));
+    let output = std::process::Command::new(bin).args(["id", "new", "--key"]).arg(&key).output().unwrap();
+    assert!(output.status.success());
+    let shown = std::process::Command::new(bin).args(["id", "show", "--key"]).arg(&key).output().unwrap();
+    let created = String::from_utf8_lossy(&output.stdout);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    let id_line = shown.lines().find(|l| l.starts_with("node id:")).unwrap();
+    assert!(created.contains(id_line), "id new and id show agree");
+}
