@@ -169,6 +169,14 @@ impl Fetcher {
         }
         let (size, peers) = self.find_size(hash, expected_size, candidates, &mut report, cancel).await?;
         report.size = size;
+        if size == 0 {
+            // Nothing to fetch: the empty blob either is the one named, or a lie.
+            if hash != Hash::of(&[]) {
+                return Err(FetchError::Unverifiable { hash });
+            }
+            self.store.put(&[]).map_err(|source| FetchError::Store { hash, source })?;
+            return Ok(report);
+        }
         let store = Arc::clone(&self.store);
         let partial = tokio::task::spawn_blocking(move || store.partial(hash, size))
             .await
