@@ -27,17 +27,12 @@ use std::fmt;
 use std::str::FromStr;
 
 /// How accepted updates are combined.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub enum AggregationRule {
+    #[default]
     Mean,
     TrimmedMean { trim: f32 },
     CenteredClip { tau: f32, iterations: u32 },
-}
-
-impl Default for AggregationRule {
-    fn default() -> Self {
-        AggregationRule::Mean
-    }
 }
 
 /// Why a round could not be aggregated.
@@ -75,7 +70,8 @@ impl FromStr for AggregationRule {
                     [n] => n.parse().map_err(|_| bad())?,
                     _ => 3,
                 };
-                if !(tau.is_finite() && tau > 0.0) || !(1..=100).contains(&iterations) {
+                let positive_tau = tau.is_finite() && tau > 0.0;
+                if !positive_tau || !(1..=100).contains(&iterations) {
                     return Err(bad());
                 }
                 AggregationRule::CenteredClip { tau, iterations }

@@ -98,10 +98,8 @@ impl<T: Message> Signed<T> {
         if self.kind != T::KIND {
             return Err(SignedError::WrongKind { expected: T::KIND, found: self.kind });
         }
-        if let Some(expected) = expected_signer {
-            if *expected != self.signer {
-                return Err(SignedError::WrongSigner { expected: *expected, found: self.signer });
-            }
+        if let Some(expected) = expected_signer.filter(|e| **e != self.signer) {
+            return Err(SignedError::WrongSigner { expected: *expected, found: self.signer });
         }
         if self.body.len() > T::MAX_BYTES {
             return Err(WireError::TooLarge { what: T::NAME, size: self.body.len(), limit: T::MAX_BYTES }.into());

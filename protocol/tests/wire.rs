@@ -426,7 +426,7 @@ fn small_limit_caps_allocations_tightly() {
     input.extend_from_slice(&(1u32 << 20).to_le_bytes());
     input.extend_from_slice(&[0u8; 16]);
     #[derive(serde::Deserialize)]
-    struct Blob(#[serde(with = "barnraise_protocol::wire::bytes")] Vec<u8>);
+    struct Blob(#[serde(with = "barnraise_protocol::wire::bytes")] #[allow(dead_code)] Vec<u8>);
     let (result, largest) = largest_allocation(|| wire::decode::<Blob>("bytes", &input, 4096).is_err());
     assert!(result);
     assert!(largest < 64 * 1024, "largest allocation {largest}");
