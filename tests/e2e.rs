@@ -10,6 +10,7 @@
 mod support;
 
 use barnraise_coordinator::{CoordinatorEvent, Ledger};
+use barnraise_node::Misbehaviour;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -63,6 +64,65 @@ fn three_nodes_three_rounds_learn_and_agree() {
             assert!(s.tokens_trained > 0);
             let node = s.node.expect("node id").to_string();
             assert_eq!(by_node.get(&node), Some(&s.tokens_trained), "ledger tokens for {node}");
+        }
+    });
+}
+
+#[test]
+fn poisoned_nodes_are_rejected_and_honest_nodes_lose_nothing() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (coordinator, _shutdown) = start_coordinator(tiny_run(dir.path(), 5, 3)).await;
+        let ledger_path = coordinator.ledger_path().to_path_buf();
+        let mut nodes = spawn_nodes(&coordinator, dir.path(), 3, 3);
+        let mut attackers = Vec::new();
+        for (index, attack) in [(3, Misbehaviour::SignFlip), (4, Misbehaviour::Scale(50.0))] {
+            let mut config = node_config(&coordinator, dir.path(), index, 3);
+            config.misbehave = Some(attack);
+            attackers.push(spawn_node(config, index));
+        }
+        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait()).await.expect("run finishes").unwrap();
+        assert_eq!(summary.rounds.len(), 3);
+        for round in &summary.rounds {
+            assert_eq!(round.accepted, 3, "the three honest updates count: {round:?}");
+            let mut reasons: Vec<&str> = round.rejected.iter().map(|(_, code)| code.as_str()).collect();
+            reasons.sort();
+            assert_eq!(reasons.len(), 2, "both attackers are rejected: {round:?}");
+            for reason in reasons {
+                assert!(
+                    ["sign-flipped", "norm-too-large", "not-useful"].contains(&reason),
+                    "rejected for a named statistical reason, got {reason}"
+                );
+            }
+        }
+        let first = summary.rounds[0].mean_loss.expect("loss");
+        let last = summary.rounds[2].mean_loss.expect("loss");
+        assert!(last < first * 0.9, "the run still learns: {first} -> {last}");
+
+        let final_hash = summary.rounds[2].next_params_hash.clone();
+        let mut honest = Vec::new();
+        for node in nodes.drain(..) {
+            let s = join_node(node, MINUTES).await;
+            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()));
+            honest.push(s.node.expect("node id").to_string());
+        }
+        let mut attacker_ids = Vec::new();
+        for node in attackers {
+            let s = join_node(node, MINUTES).await;
+            // Attackers still apply the honest manifest: they end on the same θ.
+            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()));
+            attacker_ids.push(s.node.expect("node id").to_string());
+        }
+        let ledger = Ledger::open_existing(&ledger_path).unwrap();
+        for row in ledger.contributors().unwrap() {
+            if attacker_ids.contains(&row.node) {
+                assert_eq!((row.accepted, row.credit), (0, 0.0), "an attacker earns nothing: {row:?}");
+                assert_eq!(row.rejected, 3, "{row:?}");
+            } else {
+                assert!(honest.contains(&row.node));
+                assert_eq!(row.accepted, 3, "{row:?}");
+                assert!(row.credit > 0.0);
+            }
         }
     });
 }

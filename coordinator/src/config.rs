@@ -121,7 +121,11 @@ impl Default for VerifyConfig {
             probe: true,
             probe_batches: 2,
             probe_batch_size: 8,
-            probe_margin: 0.05,
+            // Measured: honest and off-shard updates overlap in (own − held-out)
+            // gain at these scales, so a tight margin rejects honest work (an
+            // end-to-end run lost an honest update at 0.05). Until the probe can
+            // separate them, only a gross gap counts against an update.
+            probe_margin: 1.0,
         }
     }
 }

@@ -36,6 +36,67 @@ pub struct NodeConfig {
     pub poll_interval_ms: u64,
     /// Blobs fetched in parallel chunks at most (all providers together).
     pub max_parallel_chunks: usize,
+    /// Red-team mode, for testing a coordinator's verification: corrupt this
+    /// node's updates on purpose. `sign-flip` (send −Δ), `zero` (a free
+    /// rider's empty update) or `scale:F` (send F·Δ). Never set it on a node
+    /// that should earn credit: the coordinator rejects what it sends.
+    pub misbehave: Option<Misbehaviour>,
+}
+
+/// How a red-team node corrupts its pseudo-gradient before encoding it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Misbehaviour {
+    SignFlip,
+    Zero,
+    Scale(f32),
+}
+
+impl Misbehaviour {
+    /// Applies the corruption to Δ in place.
+    pub fn apply(&self, delta: &mut [f32]) {
+        match *self {
+            Misbehaviour::SignFlip => delta.iter_mut().for_each(|d| *d = -*d),
+            Misbehaviour::Zero => delta.fill(0.0),
+            Misbehaviour::Scale(f) => delta.iter_mut().for_each(|d| *d *= f),
+        }
+    }
+}
+
+impl std::str::FromStr for Misbehaviour {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "sign-flip" => Ok(Misbehaviour::SignFlip),
+            "zero" => Ok(Misbehaviour::Zero),
+            other => match other.strip_prefix("scale:").map(str::parse::<f32>) {
+                Some(Ok(f)) if f.is_finite() => Ok(Misbehaviour::Scale(f)),
+                _ => Err(format!("misbehave `{other}`: expected sign-flip, zero or scale:F")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Misbehaviour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Misbehaviour::SignFlip => f.write_str("sign-flip"),
+            Misbehaviour::Zero => f.write_str("zero"),
+            Misbehaviour::Scale(x) => write!(f, "scale:{x}"),
+        }
+    }
+}
+
+impl Serialize for Misbehaviour {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Misbehaviour {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for NodeConfig {
@@ -53,6 +114,7 @@ impl Default for NodeConfig {
             run_id: String::new(),
             poll_interval_ms: 500,
             max_parallel_chunks: crate::transfer::MAX_IN_FLIGHT,
+            misbehave: None,
         }
     }
 }
@@ -114,5 +176,28 @@ mod tests {
         assert_eq!(config.key_path(), PathBuf::from("/var/lib/barnraise/node.key"));
         let err = NodeConfig::from_toml_str("uplaod_limit = 5").unwrap_err();
         assert!(err.contains("uplaod_limit"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod misbehaviour_tests {
+    use super::*;
+
+    #[test]
+    fn parses_applies_and_round_trips_through_toml() {
+        let mut delta = [1.0f32, -2.0];
+        "sign-flip".parse::<Misbehaviour>().unwrap().apply(&mut delta);
+        assert_eq!(delta, [-1.0, 2.0]);
+        "scale:10".parse::<Misbehaviour>().unwrap().apply(&mut delta);
+        assert_eq!(delta, [-10.0, 20.0]);
+        "zero".parse::<Misbehaviour>().unwrap().apply(&mut delta);
+        assert_eq!(delta, [0.0, 0.0]);
+        for bad in ["", "flip", "scale:", "scale:inf", "scale:x"] {
+            assert!(bad.parse::<Misbehaviour>().is_err(), "{bad}");
+        }
+        let config = NodeConfig { misbehave: Some(Misbehaviour::Scale(2.5)), ..NodeConfig::default() };
+        let text = toml::to_string(&config).unwrap();
+        let back: NodeConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back.misbehave, Some(Misbehaviour::Scale(2.5)));
     }
 }

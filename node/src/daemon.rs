@@ -889,7 +889,7 @@ impl Node {
             joined = trained => joined.map_err(|e| NodeError::Training(e.to_string()))?,
         };
         state.trainer = Some(trainer);
-        let (report, delta) = match result {
+        let (report, mut delta) = match result {
             Ok(done) => done,
             Err(e) => {
                 // A diverged or failed inner loop costs us this round, not the node.
@@ -903,6 +903,10 @@ impl Node {
         let compute_ms = started.elapsed().as_millis() as u64;
         for (step, loss) in report.losses.iter().enumerate() {
             self.emit(NodeEvent::TrainingProgress { round, step: step as u32 + 1, loss: *loss });
+        }
+        if let Some(misbehaviour) = self.config.misbehave {
+            tracing::warn!(round, "red-team mode: corrupting this update ({misbehaviour})");
+            misbehaviour.apply(&mut delta);
         }
         let payload = state.encoder.encode(&delta).map_err(|e| NodeError::Training(format!("encoding the update: {e}")))?;
         let store = self.store.clone();

@@ -20,7 +20,7 @@ pub mod state;
 pub mod store;
 pub mod transfer;
 
-pub use config::NodeConfig;
+pub use config::{Misbehaviour, NodeConfig};
 pub use daemon::{NodeError, NodeEvent, NodeSummary, SyncSource, run_node};
 pub use libp2p::Multiaddr;
 pub use tokio_util::sync::CancellationToken;
