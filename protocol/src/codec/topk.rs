@@ -11,7 +11,7 @@
 //! order like the magnitudes, so it is identical on every machine.
 
 use super::bitpack::{BitReader, BitWriter};
-use super::{CodecError, Target, first_non_finite, round_small};
+use super::{ABS_MASK, CodecError, Target, first_non_finite, round_small};
 
 /// Where the parts of a top-k body lie and how many values it carries.
 pub(crate) struct Layout {
@@ -217,18 +217,22 @@ pub(crate) fn encode(
 /// records each |value| as bits. Returns the largest. Sums that overflow are
 /// held at ±f32::MAX so the residual stays finite.
 fn fold_in(delta: &[f32], residual: &mut [f32], decay: f32, magnitudes: &mut [u32]) -> u32 {
-    let mut max = 0f32;
+    // Finite inputs make the sum finite or ±inf, never NaN, so clamping |sum|
+    // to f32::MAX is an integer min on its bits and the sign can be put back
+    // with an OR: exactly `clamp(-f32::MAX, f32::MAX)`. Integer min and max
+    // (below 2^31, so as i32) vectorize, where a float max reduction would
+    // stay scalar to keep its order.
+    const MAX_BITS: i32 = 0x7F7F_FFFF;
+    let mut max = 0i32;
     for ((carried, &input), magnitude) in residual.iter_mut().zip(delta).zip(magnitudes.iter_mut())
     {
-        let value = (input + decay * *carried).clamp(-f32::MAX, f32::MAX);
-        *carried = value;
-        let absolute = value.abs();
-        *magnitude = absolute.to_bits();
-        // Never NaN here (finite inputs, clamped sum), so a plain compare is
-        // a correct max and compiles to one SIMD instruction.
-        max = if absolute > max { absolute } else { max };
+        let bits = (input + decay * *carried).to_bits();
+        let absolute = ((bits & ABS_MASK) as i32).min(MAX_BITS);
+        *carried = f32::from_bits(absolute as u32 | (bits & !ABS_MASK));
+        *magnitude = absolute as u32;
+        max = max.max(absolute);
     }
-    max.to_bits()
+    max as u32
 }
 
 /// Eighth-octave bins below the chunk's largest magnitude: the exponent and
@@ -328,9 +332,28 @@ fn gather(magnitudes: &[u32], threshold: u32, candidates: &mut Vec<u64>) -> usiz
         }
     };
     // A vectorized test skips the blocks with no passing value, most of them.
-    for (block_index, block) in blocks.iter().enumerate() {
-        if block.iter().fold(false, |any, &m| any | passes(m)) {
-            push_block(block_index * BLOCK, block);
+    // threshold - 1 - m is negative exactly when m passes; OR-ing the
+    // differences tests the whole block with integer vector ops. The tests of
+    // 64 blocks go into one mask, built without branches, whose set bits are
+    // then visited in order: a branch per passing block would mispredict.
+    let below = threshold.wrapping_sub(1);
+    let block_passes = |block: &[u32; BLOCK]| {
+        let any = block
+            .iter()
+            .fold(0i32, |any, &m| any | below.wrapping_sub(m as i32));
+        u64::from(any as u32 >> 31)
+    };
+    for (group_index, group) in blocks.chunks(64).enumerate() {
+        let mut mask = group
+            .iter()
+            .enumerate()
+            .fold(0u64, |mask, (j, block)| mask | (block_passes(block) << j));
+        while mask != 0 {
+            let j = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            if let Some(block) = group.get(j) {
+                push_block((group_index * 64 + j) * BLOCK, block);
+            }
         }
     }
     push_block(blocks.len() * BLOCK, rest);
