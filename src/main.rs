@@ -76,7 +76,11 @@ fn main() -> std::process::ExitCode {
     if matches!(cli.command, Command::Up(_)) {
         one_matmul_thread_per_node();
     }
-    let default_log = if matches!(cli.command, Command::Up(_)) { "warn" } else { "info" };
+    let default_log = if matches!(cli.command, Command::Up(_)) {
+        "warn"
+    } else {
+        "info"
+    };
     let log = cli.log.as_deref().unwrap_or(default_log);
     if let Err(e) = cmd::init_logging(cli.log_format, log) {
         eprintln!("error: {e:#}");

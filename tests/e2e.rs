@@ -25,7 +25,11 @@ fn run<F: std::future::Future<Output = ()>>(test: F) {
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .with_test_writer()
         .try_init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(test);
 }
 
@@ -38,7 +42,10 @@ fn three_nodes_three_rounds_learn_and_agree() {
         let (coordinator, _shutdown) = start_coordinator(tiny_run(dir.path(), 3, 3)).await;
         let ledger_path = coordinator.ledger_path().to_path_buf();
         let nodes = spawn_nodes(&coordinator, dir.path(), 3, 3);
-        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait()).await.expect("run finishes").unwrap();
+        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
+            .await
+            .expect("run finishes")
+            .unwrap();
         let mut node_summaries = Vec::new();
         for node in nodes {
             node_summaries.push(join_node(node, MINUTES).await);
@@ -46,24 +53,44 @@ fn three_nodes_three_rounds_learn_and_agree() {
 
         assert_eq!(summary.rounds.len(), 3, "{summary:?}");
         for round in &summary.rounds {
-            assert_eq!(round.accepted, 3, "every honest update is accepted: {round:?}");
+            assert_eq!(
+                round.accepted, 3,
+                "every honest update is accepted: {round:?}"
+            );
         }
         let first = summary.rounds[0].mean_loss.expect("round 0 loss");
         let last = summary.rounds[2].mean_loss.expect("round 2 loss");
-        assert!(last < first * 0.9, "training loss should fall: {first} -> {last}");
+        assert!(
+            last < first * 0.9,
+            "training loss should fall: {first} -> {last}"
+        );
 
         let final_hash = summary.rounds[2].next_params_hash.clone();
         for s in &node_summaries {
-            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()), "node {:?} disagrees", s.node);
+            assert_eq!(
+                s.final_params_hash.map(|h| h.to_hex()),
+                Some(final_hash.clone()),
+                "node {:?} disagrees",
+                s.node
+            );
         }
 
         // The ledger's tokens per node equal what each node trained.
         let ledger = Ledger::open_existing(&ledger_path).unwrap();
-        let by_node: HashMap<String, u64> = ledger.contributors().unwrap().into_iter().map(|c| (c.node, c.tokens)).collect();
+        let by_node: HashMap<String, u64> = ledger
+            .contributors()
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.node, c.tokens))
+            .collect();
         for s in &node_summaries {
             assert!(s.tokens_trained > 0);
             let node = s.node.expect("node id").to_string();
-            assert_eq!(by_node.get(&node), Some(&s.tokens_trained), "ledger tokens for {node}");
+            assert_eq!(
+                by_node.get(&node),
+                Some(&s.tokens_trained),
+                "ledger tokens for {node}"
+            );
         }
     });
 }
@@ -81,11 +108,21 @@ fn poisoned_nodes_are_rejected_and_honest_nodes_lose_nothing() {
             config.misbehave = Some(attack);
             attackers.push(spawn_node(config, index));
         }
-        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait()).await.expect("run finishes").unwrap();
+        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
+            .await
+            .expect("run finishes")
+            .unwrap();
         assert_eq!(summary.rounds.len(), 3);
         for round in &summary.rounds {
-            assert_eq!(round.accepted, 3, "the three honest updates count: {round:?}");
-            let mut reasons: Vec<&str> = round.rejected.iter().map(|(_, code)| code.as_str()).collect();
+            assert_eq!(
+                round.accepted, 3,
+                "the three honest updates count: {round:?}"
+            );
+            let mut reasons: Vec<&str> = round
+                .rejected
+                .iter()
+                .map(|(_, code)| code.as_str())
+                .collect();
             reasons.sort();
             assert_eq!(reasons.len(), 2, "both attackers are rejected: {round:?}");
             for reason in reasons {
@@ -97,26 +134,39 @@ fn poisoned_nodes_are_rejected_and_honest_nodes_lose_nothing() {
         }
         let first = summary.rounds[0].mean_loss.expect("loss");
         let last = summary.rounds[2].mean_loss.expect("loss");
-        assert!(last < first * 0.9, "the run still learns: {first} -> {last}");
+        assert!(
+            last < first * 0.9,
+            "the run still learns: {first} -> {last}"
+        );
 
         let final_hash = summary.rounds[2].next_params_hash.clone();
         let mut honest = Vec::new();
         for node in nodes.drain(..) {
             let s = join_node(node, MINUTES).await;
-            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()));
+            assert_eq!(
+                s.final_params_hash.map(|h| h.to_hex()),
+                Some(final_hash.clone())
+            );
             honest.push(s.node.expect("node id").to_string());
         }
         let mut attacker_ids = Vec::new();
         for node in attackers {
             let s = join_node(node, MINUTES).await;
             // Attackers still apply the honest manifest: they end on the same θ.
-            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()));
+            assert_eq!(
+                s.final_params_hash.map(|h| h.to_hex()),
+                Some(final_hash.clone())
+            );
             attacker_ids.push(s.node.expect("node id").to_string());
         }
         let ledger = Ledger::open_existing(&ledger_path).unwrap();
         for row in ledger.contributors().unwrap() {
             if attacker_ids.contains(&row.node) {
-                assert_eq!((row.accepted, row.credit), (0, 0.0), "an attacker earns nothing: {row:?}");
+                assert_eq!(
+                    (row.accepted, row.credit),
+                    (0, 0.0),
+                    "an attacker earns nothing: {row:?}"
+                );
                 assert_eq!(row.rejected, 3, "{row:?}");
             } else {
                 assert!(honest.contains(&row.node));
@@ -144,7 +194,10 @@ fn killed_node_misses_a_round_then_catches_up() {
 
         // Kill the victim as round 1 opens: it never commits for round 1.
         loop {
-            match tokio::time::timeout(2 * MINUTES, events.recv()).await.expect("round 1 opens") {
+            match tokio::time::timeout(2 * MINUTES, events.recv())
+                .await
+                .expect("round 1 opens")
+            {
                 Ok(CoordinatorEvent::RoundOpened { round: 1, .. }) => break,
                 Ok(_) => {}
                 Err(e) => panic!("event stream: {e}"),
@@ -156,8 +209,13 @@ fn killed_node_misses_a_round_then_catches_up() {
         // Round 1 closes (at its deadline) without the victim; then restart it
         // on the same data dir.
         loop {
-            match tokio::time::timeout(2 * MINUTES, events.recv()).await.expect("round 1 closes") {
-                Ok(CoordinatorEvent::RoundClosed { round: 1, accepted, .. }) => {
+            match tokio::time::timeout(2 * MINUTES, events.recv())
+                .await
+                .expect("round 1 closes")
+            {
+                Ok(CoordinatorEvent::RoundClosed {
+                    round: 1, accepted, ..
+                }) => {
                     assert_eq!(accepted, 2, "the two live nodes' updates are accepted");
                     break;
                 }
@@ -167,15 +225,29 @@ fn killed_node_misses_a_round_then_catches_up() {
         }
         let restarted = spawn_node(victim_config, 2);
 
-        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait()).await.expect("run finishes").unwrap();
+        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
+            .await
+            .expect("run finishes")
+            .unwrap();
         assert_eq!(summary.rounds.len(), 4);
-        assert!(summary.rounds[1].missing >= 1, "round 1 records the killed node as missing: {:?}", summary.rounds[1]);
+        assert!(
+            summary.rounds[1].missing >= 1,
+            "round 1 records the killed node as missing: {:?}",
+            summary.rounds[1]
+        );
         let final_hash = summary.rounds[3].next_params_hash.clone();
         let restarted = join_node(restarted, MINUTES).await;
-        assert_eq!(restarted.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()), "the restarted node caught up");
+        assert_eq!(
+            restarted.final_params_hash.map(|h| h.to_hex()),
+            Some(final_hash.clone()),
+            "the restarted node caught up"
+        );
         for node in nodes {
             let s = join_node(node, MINUTES).await;
-            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()));
+            assert_eq!(
+                s.final_params_hash.map(|h| h.to_hex()),
+                Some(final_hash.clone())
+            );
         }
     });
 }
@@ -195,7 +267,10 @@ fn coordinator_restart_resumes_and_counts_once() {
         let nodes = spawn_nodes(&coordinator, dir.path(), 2, 4);
 
         loop {
-            match tokio::time::timeout(3 * MINUTES, events.recv()).await.expect("round 1 closes") {
+            match tokio::time::timeout(3 * MINUTES, events.recv())
+                .await
+                .expect("round 1 closes")
+            {
                 Ok(CoordinatorEvent::RoundClosed { round: 1, .. }) => break,
                 Ok(_) => {}
                 Err(e) => panic!("event stream: {e}"),
@@ -208,13 +283,22 @@ fn coordinator_restart_resumes_and_counts_once() {
 
         let (coordinator, _shutdown) = start_coordinator(config).await;
         let ledger_path = coordinator.ledger_path().to_path_buf();
-        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait()).await.expect("resumed run finishes").unwrap();
-        assert_eq!(summary.rounds.iter().map(|r| r.round).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
+            .await
+            .expect("resumed run finishes")
+            .unwrap();
+        assert_eq!(
+            summary.rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
         let final_hash = summary.rounds[3].next_params_hash.clone();
         let mut trained = 0;
         for node in nodes {
             let s = join_node(node, MINUTES).await;
-            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()));
+            assert_eq!(
+                s.final_params_hash.map(|h| h.to_hex()),
+                Some(final_hash.clone())
+            );
             trained += s.tokens_trained;
         }
         // Each (round, node) appears once in the ledger, and accepted tokens never exceed what was trained.
@@ -223,13 +307,20 @@ fn coordinator_restart_resumes_and_counts_once() {
         let mut accepted_tokens = 0;
         for round in 0..4 {
             for update in ledger.updates(round).unwrap() {
-                assert!(seen.insert((round, update.node.clone())), "round {round} counts {} twice", update.node);
+                assert!(
+                    seen.insert((round, update.node.clone())),
+                    "round {round} counts {} twice",
+                    update.node
+                );
                 if update.verdict == "accepted" {
                     accepted_tokens += update.tokens;
                 }
             }
         }
-        assert!(accepted_tokens > 0 && accepted_tokens <= trained, "accepted {accepted_tokens} of {trained} trained");
+        assert!(
+            accepted_tokens > 0 && accepted_tokens <= trained,
+            "accepted {accepted_tokens} of {trained} trained"
+        );
     });
 }
 
@@ -238,35 +329,78 @@ fn up_runs_end_to_end_and_reports_json() {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_barnraise"))
-        .args(["up", "--model", "tiny", "--nodes", "2", "--rounds", "2", "--inner-steps", "5", "--seq-len", "64", "--json", "--data-dir"])
+        .args([
+            "up",
+            "--model",
+            "tiny",
+            "--nodes",
+            "2",
+            "--rounds",
+            "2",
+            "--inner-steps",
+            "5",
+            "--seq-len",
+            "64",
+            "--json",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .expect("the binary runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "barnraise up failed:\n{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("stdout is one JSON object");
-    assert_eq!(report["rounds"].as_array().map(|r| r.len()), Some(2), "{report}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("stdout is one JSON object");
+    assert_eq!(
+        report["rounds"].as_array().map(|r| r.len()),
+        Some(2),
+        "{report}"
+    );
     assert_eq!(report["nodes_in_agreement"], 2, "{report}");
-    assert!(report["communication_reduction"].as_f64().unwrap_or(0.0) > 1.0, "{report}");
-    assert_eq!(report["summary"]["contributors"].as_array().map(|c| c.len()), Some(2), "{report}");
+    assert!(
+        report["communication_reduction"].as_f64().unwrap_or(0.0) > 1.0,
+        "{report}"
+    );
+    assert_eq!(
+        report["summary"]["contributors"]
+            .as_array()
+            .map(|c| c.len()),
+        Some(2),
+        "{report}"
+    );
 }
 
 #[test]
 fn wrong_flags_get_clear_errors() {
     let bin = env!("CARGO_BIN_EXE_barnraise");
-    let output = std::process::Command::new(bin).args(["up", "--model", "enormous", "--data-dir", "/nonexistent/x"]).output().unwrap();
+    let output = std::process::Command::new(bin)
+        .args(["up", "--model", "enormous", "--data-dir", "/nonexistent/x"])
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("enormous"), "{stderr}");
 
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("node.key");
-    let output = std::process::Command::new(bin).args(["id", "show", "--key"]).arg(&key).output().unwrap();
+    let output = std::process::Command::new(bin)
+        .args(["id", "show", "--key"])
+        .arg(&key)
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("node.key"));
-    let output = std::process::Command::new(bin).args(["id", "new", "--key"]).arg(&key).output().unwrap();
+    let output = std::process::Command::new(bin)
+        .args(["id", "new", "--key"])
+        .arg(&key)
+        .output()
+        .unwrap();
     assert!(output.status.success());
-    let shown = std::process::Command::new(bin).args(["id", "show", "--key"]).arg(&key).output().unwrap();
+    let shown = std::process::Command::new(bin)
+        .args(["id", "show", "--key"])
+        .arg(&key)
+        .output()
+        .unwrap();
     let created = String::from_utf8_lossy(&output.stdout);
     let shown = String::from_utf8_lossy(&shown.stdout);
     let id_line = shown.lines().find(|l| l.starts_with("node id:")).unwrap();

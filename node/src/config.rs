@@ -70,7 +70,9 @@ impl std::str::FromStr for Misbehaviour {
             "zero" => Ok(Misbehaviour::Zero),
             other => match other.strip_prefix("scale:").map(str::parse::<f32>) {
                 Some(Ok(f)) if f.is_finite() => Ok(Misbehaviour::Scale(f)),
-                _ => Err(format!("misbehave `{other}`: expected sign-flip, zero or scale:F")),
+                _ => Err(format!(
+                    "misbehave `{other}`: expected sign-flip, zero or scale:F"
+                )),
             },
         }
     }
@@ -123,7 +125,9 @@ fn default_listen() -> Multiaddr {
     // Loopback and an OS-chosen port: safe for tests and `barnraise up`.
     // The CLI listens on all interfaces by default.
     Multiaddr::empty()
-        .with(libp2p::multiaddr::Protocol::Ip4(std::net::Ipv4Addr::LOCALHOST))
+        .with(libp2p::multiaddr::Protocol::Ip4(
+            std::net::Ipv4Addr::LOCALHOST,
+        ))
         .with(libp2p::multiaddr::Protocol::Tcp(0))
 }
 
@@ -131,7 +135,10 @@ fn default_listen() -> Multiaddr {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
 }
@@ -139,8 +146,14 @@ pub enum ConfigError {
 impl NodeConfig {
     /// Reads a TOML config file; fields it leaves out keep their defaults.
     pub fn from_toml_file(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        NodeConfig::from_toml_str(&text).map_err(|reason| ConfigError::Parse { path: path.into(), reason })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        NodeConfig::from_toml_str(&text).map_err(|reason| ConfigError::Parse {
+            path: path.into(),
+            reason,
+        })
     }
 
     pub fn from_toml_str(text: &str) -> Result<NodeConfig, String> {
@@ -149,7 +162,9 @@ impl NodeConfig {
 
     /// The key file this config uses.
     pub fn key_path(&self) -> PathBuf {
-        self.key.clone().unwrap_or_else(|| self.data_dir.join("node.key"))
+        self.key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("node.key"))
     }
 }
 
@@ -173,7 +188,10 @@ mod tests {
         assert_eq!(config.download_limit, None);
         assert_eq!(config.listen.len(), 2);
         assert_eq!(config.device, "auto");
-        assert_eq!(config.key_path(), PathBuf::from("/var/lib/barnraise/node.key"));
+        assert_eq!(
+            config.key_path(),
+            PathBuf::from("/var/lib/barnraise/node.key")
+        );
         let err = NodeConfig::from_toml_str("uplaod_limit = 5").unwrap_err();
         assert!(err.contains("uplaod_limit"), "{err}");
     }
@@ -186,16 +204,25 @@ mod misbehaviour_tests {
     #[test]
     fn parses_applies_and_round_trips_through_toml() {
         let mut delta = [1.0f32, -2.0];
-        "sign-flip".parse::<Misbehaviour>().unwrap().apply(&mut delta);
+        "sign-flip"
+            .parse::<Misbehaviour>()
+            .unwrap()
+            .apply(&mut delta);
         assert_eq!(delta, [-1.0, 2.0]);
-        "scale:10".parse::<Misbehaviour>().unwrap().apply(&mut delta);
+        "scale:10"
+            .parse::<Misbehaviour>()
+            .unwrap()
+            .apply(&mut delta);
         assert_eq!(delta, [-10.0, 20.0]);
         "zero".parse::<Misbehaviour>().unwrap().apply(&mut delta);
         assert_eq!(delta, [0.0, 0.0]);
         for bad in ["", "flip", "scale:", "scale:inf", "scale:x"] {
             assert!(bad.parse::<Misbehaviour>().is_err(), "{bad}");
         }
-        let config = NodeConfig { misbehave: Some(Misbehaviour::Scale(2.5)), ..NodeConfig::default() };
+        let config = NodeConfig {
+            misbehave: Some(Misbehaviour::Scale(2.5)),
+            ..NodeConfig::default()
+        };
         let text = toml::to_string(&config).unwrap();
         let back: NodeConfig = toml::from_str(&text).unwrap();
         assert_eq!(back.misbehave, Some(Misbehaviour::Scale(2.5)));

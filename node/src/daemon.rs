@@ -27,8 +27,8 @@ use barnraise_protocol::codec::{CodecConfig, Encoder};
 use barnraise_protocol::identity::IdentityError;
 use barnraise_protocol::limits::PROTOCOL_VERSION;
 use barnraise_protocol::messages::{
-    Assignment, CheckpointRef, Commit, CoordinatorRequest, CoordinatorResponse, Join, Manifest, RoundPlan, RunConfig,
-    Welcome, WorkerInfo, now_ms,
+    Assignment, CheckpointRef, Commit, CoordinatorRequest, CoordinatorResponse, Join, Manifest,
+    RoundPlan, RunConfig, Welcome, WorkerInfo, now_ms,
 };
 use barnraise_protocol::outer::{OuterConfig, OuterOptimizer};
 use barnraise_protocol::{Hash, NodeId, PublicKey, Signed, SigningKey};
@@ -46,18 +46,52 @@ use tokio_util::sync::CancellationToken;
 /// What the node reports as it works (for progress bars and `barnraise up`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum NodeEvent {
-    Joined { node: NodeId, run_id: String, round: u64 },
-    Synced { round: u64, params_hash: Hash, from: SyncSource },
-    Downloading { what: String, done: u64, total: u64 },
-    TrainingStarted { round: u64, steps: u32 },
-    TrainingProgress { round: u64, step: u32, loss: f32 },
-    Committed { round: u64, update_hash: Hash, bytes: u64, tokens: u64 },
+    Joined {
+        node: NodeId,
+        run_id: String,
+        round: u64,
+    },
+    Synced {
+        round: u64,
+        params_hash: Hash,
+        from: SyncSource,
+    },
+    Downloading {
+        what: String,
+        done: u64,
+        total: u64,
+    },
+    TrainingStarted {
+        round: u64,
+        steps: u32,
+    },
+    TrainingProgress {
+        round: u64,
+        step: u32,
+        loss: f32,
+    },
+    Committed {
+        round: u64,
+        update_hash: Hash,
+        bytes: u64,
+        tokens: u64,
+    },
     /// The round's plan did not assign us any work.
-    Idle { round: u64 },
-    RoundApplied { round: u64, params_hash: Hash, matched: bool },
-    Resynced { round: u64 },
+    Idle {
+        round: u64,
+    },
+    RoundApplied {
+        round: u64,
+        params_hash: Hash,
+        matched: bool,
+    },
+    Resynced {
+        round: u64,
+    },
     /// A recoverable problem (the coordinator is unreachable, a peer lied).
-    Warning { message: String },
+    Warning {
+        message: String,
+    },
 }
 
 /// Where synced params came from.
@@ -129,10 +163,9 @@ pub async fn run_node(
     }
     let store = Arc::new(BlobStore::open(&config.data_dir.join("blobs"))?);
     let coordinator_key = match &config.coordinator_key {
-        Some(hex) => Some(
-            hex.parse::<PublicKey>()
-                .map_err(|e| NodeError::Coordinator(config.coordinator.clone(), format!("coordinator_key: {e}")))?,
-        ),
+        Some(hex) => Some(hex.parse::<PublicKey>().map_err(|e| {
+            NodeError::Coordinator(config.coordinator.clone(), format!("coordinator_key: {e}"))
+        })?),
         None => None,
     };
     let network_config = NetworkConfig {
@@ -144,17 +177,31 @@ pub async fn run_node(
         serve_coordinator: false,
     };
     let (client, network_events, mut event_loop) = network::new(network_config)?;
-    let listen_addrs = event_loop.wait_for_listen_addrs(Duration::from_secs(10)).await;
+    let listen_addrs = event_loop
+        .wait_for_listen_addrs(Duration::from_secs(10))
+        .await;
     let network_shutdown = shutdown.child_token();
     let network_task = tokio::spawn(event_loop.run(network_shutdown.clone()));
 
     let (plans_tx, plans_rx) = mpsc::channel(16);
     let (manifests_tx, manifests_rx) = mpsc::channel(16);
     let bytes_up = Arc::new(AtomicU64::new(0));
-    let router = tokio::spawn(route_events(network_events, plans_tx, manifests_tx, bytes_up.clone()));
+    let router = tokio::spawn(route_events(
+        network_events,
+        plans_tx,
+        manifests_tx,
+        bytes_up.clone(),
+    ));
 
-    let fetcher = Fetcher::new(client.clone(), store.clone(), RateLimiter::new(config.download_limit))
-        .with_concurrency(config.max_parallel_chunks, crate::transfer::MAX_IN_FLIGHT_PER_PROVIDER);
+    let fetcher = Fetcher::new(
+        client.clone(),
+        store.clone(),
+        RateLimiter::new(config.download_limit),
+    )
+    .with_concurrency(
+        config.max_parallel_chunks,
+        crate::transfer::MAX_IN_FLIGHT_PER_PROVIDER,
+    );
     let mut node = Node {
         state: StateDir::new(&config.data_dir),
         receipts: config.data_dir.join("receipts"),
@@ -182,7 +229,9 @@ pub async fn run_node(
     let _ = network_task.await;
     router.abort();
     match result {
-        Ok(()) | Err(NodeError::Network(NetworkError::Closed)) if shutdown.is_cancelled() => Ok(summary),
+        Ok(()) | Err(NodeError::Network(NetworkError::Closed)) if shutdown.is_cancelled() => {
+            Ok(summary)
+        }
         Ok(()) => Ok(summary),
         Err(e) => Err(e),
     }
@@ -201,13 +250,21 @@ async fn route_events(
             Event::Plan { source, plan, .. } => {
                 let _ = plans.try_send((source, plan));
             }
-            Event::Manifest { source, manifest, signed } => {
+            Event::Manifest {
+                source,
+                manifest,
+                signed,
+            } => {
                 let _ = manifests.try_send((source, signed, manifest));
             }
             Event::BlobServed { bytes, .. } => {
                 bytes_up.fetch_add(bytes, Ordering::Relaxed);
             }
-            Event::GossipRejected { source, topic, reason } => {
+            Event::GossipRejected {
+                source,
+                topic,
+                reason,
+            } => {
                 tracing::warn!(peer = %source, %topic, "rejected gossip: {reason}");
             }
             _ => {}
@@ -294,7 +351,11 @@ impl Node {
             };
             let mut state = state;
             loop {
-                if self.config.max_rounds.is_some_and(|max| self.summary.rounds_completed >= max) {
+                if self
+                    .config
+                    .max_rounds
+                    .is_some_and(|max| self.summary.rounds_completed >= max)
+                {
                     return Ok(());
                 }
                 if self.cancelled() {
@@ -330,7 +391,10 @@ impl Node {
         }
         let addr = self.config.coordinator.clone();
         if addr.is_empty() {
-            return Err(NodeError::Coordinator(addr, "no coordinator address configured".into()));
+            return Err(NodeError::Coordinator(
+                addr,
+                "no coordinator address configured".into(),
+            ));
         }
         let mut backoff = Duration::from_millis(250);
         loop {
@@ -338,7 +402,8 @@ impl Node {
                 Ok(peer) => {
                     let key = match self.coordinator_key {
                         Some(key) => key,
-                        None => PublicKey::from_peer_id(&peer).map_err(|e| NodeError::Coordinator(addr.clone(), e.to_string()))?,
+                        None => PublicKey::from_peer_id(&peer)
+                            .map_err(|e| NodeError::Coordinator(addr.clone(), e.to_string()))?,
                     };
                     self.coordinator_key = Some(key);
                     self.client.set_coordinator_key(key).await?;
@@ -355,7 +420,10 @@ impl Node {
                 }
                 Err(NetworkError::Closed) => return Err(NetworkError::Closed.into()),
                 Err(e) => {
-                    self.warn(format!("coordinator unreachable ({e}); retrying in {:.1} s", backoff.as_secs_f32()));
+                    self.warn(format!(
+                        "coordinator unreachable ({e}); retrying in {:.1} s",
+                        backoff.as_secs_f32()
+                    ));
                     if !self.sleep(backoff).await {
                         return Ok(None);
                     }
@@ -367,15 +435,23 @@ impl Node {
 
     /// One request to the coordinator, retried with backoff until it gets an
     /// answer or we are stopped. A lost connection is re-dialled.
-    async fn ask(&mut self, request: CoordinatorRequest) -> Result<Option<CoordinatorResponse>, NodeError> {
+    async fn ask(
+        &mut self,
+        request: CoordinatorRequest,
+    ) -> Result<Option<CoordinatorResponse>, NodeError> {
         let mut backoff = Duration::from_millis(250);
         loop {
-            let Some(peer) = self.connect().await? else { return Ok(None) };
+            let Some(peer) = self.connect().await? else {
+                return Ok(None);
+            };
             match self.client.coordinator_request(peer, request.clone()).await {
                 Ok(response) => return Ok(Some(response)),
                 Err(NetworkError::Closed) => return Err(NetworkError::Closed.into()),
                 Err(e) => {
-                    self.warn(format!("coordinator request failed ({e}); retrying in {:.1} s", backoff.as_secs_f32()));
+                    self.warn(format!(
+                        "coordinator request failed ({e}); retrying in {:.1} s",
+                        backoff.as_secs_f32()
+                    ));
                     if !self.sleep(backoff).await {
                         return Ok(None);
                     }
@@ -387,14 +463,19 @@ impl Node {
 
     fn worker_info(&self) -> Vec<WorkerInfo> {
         let gpus = barnraise_trainer::device::discover_gpus();
-        let wants_gpu = !self.config.device.eq_ignore_ascii_case("cpu") && barnraise_trainer::device::cuda_build();
+        let wants_gpu = !self.config.device.eq_ignore_ascii_case("cpu")
+            && barnraise_trainer::device::cuda_build();
         match gpus.first() {
             Some(gpu) if wants_gpu => vec![WorkerInfo {
                 device: format!("cuda:{}", gpu.ordinal),
                 name: gpu.name.clone(),
                 memory_bytes: gpu.memory_bytes,
             }],
-            _ => vec![WorkerInfo { device: "cpu".into(), name: "cpu".into(), memory_bytes: 0 }],
+            _ => vec![WorkerInfo {
+                device: "cpu".into(),
+                name: "cpu".into(),
+                memory_bytes: 0,
+            }],
         }
     }
 
@@ -419,20 +500,25 @@ impl Node {
                 certificate: None,
                 timestamp_ms: now_ms(),
             };
-            let signed = Signed::sign(&self.key, &join).map_err(|e| NodeError::RunConfig(e.to_string()))?;
-            let Some(response) = self.ask(CoordinatorRequest::Join(signed)).await? else { return Ok(None) };
+            let signed =
+                Signed::sign(&self.key, &join).map_err(|e| NodeError::RunConfig(e.to_string()))?;
+            let Some(response) = self.ask(CoordinatorRequest::Join(signed)).await? else {
+                return Ok(None);
+            };
             let welcome = match response {
-                CoordinatorResponse::Welcome(signed) => match signed.verify(self.coordinator_key.as_ref()) {
-                    Ok(welcome) => welcome,
-                    Err(e) => {
-                        self.warn(format!("ignoring a welcome that does not verify: {e}"));
-                        if !self.sleep(backoff).await {
-                            return Ok(None);
+                CoordinatorResponse::Welcome(signed) => {
+                    match signed.verify(self.coordinator_key.as_ref()) {
+                        Ok(welcome) => welcome,
+                        Err(e) => {
+                            self.warn(format!("ignoring a welcome that does not verify: {e}"));
+                            if !self.sleep(backoff).await {
+                                return Ok(None);
+                            }
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            continue;
                         }
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        continue;
                     }
-                },
+                }
                 CoordinatorResponse::Refused { reason } => return Err(NodeError::Refused(reason)),
                 other => {
                     self.warn(format!("unexpected answer to join: {other:?}"));
@@ -444,11 +530,19 @@ impl Node {
             };
             self.summary.node = Some(welcome.node);
             self.run_id = Some(welcome.config.run_id.clone());
-            self.emit(NodeEvent::Joined { node: welcome.node, run_id: welcome.config.run_id.clone(), round: welcome.current_round });
+            self.emit(NodeEvent::Joined {
+                node: welcome.node,
+                run_id: welcome.config.run_id.clone(),
+                round: welcome.current_round,
+            });
             tracing::info!(run = %welcome.config.run_id, round = welcome.current_round, "joined as {}", welcome.node.short());
             for topic in [
-                Topic::Plans { run_id: welcome.config.run_id.clone() },
-                Topic::Manifests { run_id: welcome.config.run_id.clone() },
+                Topic::Plans {
+                    run_id: welcome.config.run_id.clone(),
+                },
+                Topic::Manifests {
+                    run_id: welcome.config.run_id.clone(),
+                },
             ] {
                 self.client.subscribe(topic).await?;
             }
@@ -456,7 +550,9 @@ impl Node {
                 Ok(Some(state)) => return Ok(Some(state)),
                 Ok(None) => return Ok(None),
                 Err(NodeError::Fetch(e)) => {
-                    self.warn(format!("could not fetch the checkpoint ({e}); joining again"));
+                    self.warn(format!(
+                        "could not fetch the checkpoint ({e}); joining again"
+                    ));
                     if !self.sleep(backoff).await {
                         return Ok(None);
                     }
@@ -472,10 +568,17 @@ impl Node {
         let model: ModelConfig = serde_json::from_str(&run.model_config_json)
             .map_err(|e| NodeError::RunConfig(format!("model config: {e}")))?;
         model.validate().map_err(NodeError::RunConfig)?;
-        let codec: CodecConfig = run.codec.parse().map_err(|e| NodeError::RunConfig(format!("codec `{}`: {e}", run.codec)))?;
+        let codec: CodecConfig = run
+            .codec
+            .parse()
+            .map_err(|e| NodeError::RunConfig(format!("codec `{}`: {e}", run.codec)))?;
         let rule: AggregationRule = run.aggregation.parse()?;
         let params = model.params_count();
-        let outer = OuterConfig { lr: run.outer_lr, momentum: run.outer_momentum, ..OuterConfig::default() };
+        let outer = OuterConfig {
+            lr: run.outer_lr,
+            momentum: run.outer_momentum,
+            ..OuterConfig::default()
+        };
 
         // 1. Our own saved state, if it is exactly the coordinator's θ.
         let saved = match self.state.load() {
@@ -493,13 +596,24 @@ impl Node {
                     && saved.record.params_hash == welcome.params_hash.to_hex()
                     && saved.params.len() == params =>
             {
-                committed = saved.record.committed.as_ref().and_then(|(r, h)| Some((*r, h.parse::<Hash>().ok()?)));
-                (saved.params, saved.momentum, crate::daemon::SyncSource::SavedState)
+                committed = saved
+                    .record
+                    .committed
+                    .as_ref()
+                    .and_then(|(r, h)| Some((*r, h.parse::<Hash>().ok()?)));
+                (
+                    saved.params,
+                    saved.momentum,
+                    crate::daemon::SyncSource::SavedState,
+                )
             }
             _ => match &welcome.checkpoint {
                 // 2. The coordinator's checkpoint of θ_current.
                 Some(checkpoint) => {
-                    let Some((theta, momentum)) = self.load_checkpoint(checkpoint, &model, &run.run_id).await? else {
+                    let Some((theta, momentum)) = self
+                        .load_checkpoint(checkpoint, &model, &run.run_id)
+                        .await?
+                    else {
                         return Ok(None);
                     };
                     (theta, momentum, SyncSource::Checkpoint)
@@ -524,7 +638,8 @@ impl Node {
                 welcome.params_hash.short()
             )));
         }
-        let mut encoder = Encoder::new(codec, params).map_err(|e| NodeError::RunConfig(e.to_string()))?;
+        let mut encoder =
+            Encoder::new(codec, params).map_err(|e| NodeError::RunConfig(e.to_string()))?;
         if let Some(residual) = self.state.load_residual(encoder.residual().len())
             && source == SyncSource::SavedState
             && !residual.is_empty()
@@ -543,7 +658,11 @@ impl Node {
         };
         self.state.save(&record, &theta, &momentum)?;
         self.summary.final_params_hash = Some(hash);
-        self.emit(NodeEvent::Synced { round: welcome.current_round, params_hash: hash, from: source });
+        self.emit(NodeEvent::Synced {
+            round: welcome.current_round,
+            params_hash: hash,
+            from: source,
+        });
         tracing::info!(round = welcome.current_round, params = %hash.short(), "synced params ({source:?})");
         Ok(Some(Synced {
             run,
@@ -565,31 +684,52 @@ impl Node {
         run_id: &str,
     ) -> Result<Option<(Vec<f32>, Vec<f32>)>, NodeError> {
         let providers = self.providers(&checkpoint.blob, None).await;
-        self.fetch(&checkpoint.blob, Some(checkpoint.bytes), &providers, "checkpoint").await?;
+        self.fetch(
+            &checkpoint.blob,
+            Some(checkpoint.bytes),
+            &providers,
+            "checkpoint",
+        )
+        .await?;
         let providers = self.providers(&checkpoint.optimizer_blob, None).await;
-        self.fetch(&checkpoint.optimizer_blob, Some(checkpoint.optimizer_bytes), &providers, "optimizer state").await?;
+        self.fetch(
+            &checkpoint.optimizer_blob,
+            Some(checkpoint.optimizer_bytes),
+            &providers,
+            "optimizer state",
+        )
+        .await?;
         let store = self.store.clone();
-        let (blob, optimizer_blob, model) = (checkpoint.blob, checkpoint.optimizer_blob, model.clone());
+        let (blob, optimizer_blob, model) =
+            (checkpoint.blob, checkpoint.optimizer_blob, model.clone());
         let expected_hash = checkpoint.params_hash;
         let run_id = run_id.to_string();
-        let loaded = tokio::task::spawn_blocking(move || -> Result<(Vec<f32>, Vec<f32>), String> {
-            let bytes = store.read(&blob).map_err(|e| e.to_string())?;
-            let path = Path::new("checkpoint blob").join(blob.to_hex());
-            let checkpoint = barnraise_trainer::checkpoint::from_bytes(&bytes, &path, &model).map_err(|e| e.to_string())?;
-            if Hash::of_f32s(&checkpoint.params) != expected_hash {
-                return Err("checkpoint params do not hash to the announced value".into());
-            }
-            if !checkpoint.meta.run.is_empty() && checkpoint.meta.run != run_id {
-                tracing::warn!("checkpoint names run '{}', expected '{run_id}'", checkpoint.meta.run);
-            }
-            let momentum = f32s_from_bytes(&store.read(&optimizer_blob).map_err(|e| e.to_string())?)
-                .filter(|m| m.len() == checkpoint.params.len())
-                .ok_or("optimizer state blob is not one f32 per parameter")?;
-            Ok((checkpoint.params, momentum))
-        })
-        .await
-        .map_err(|e| NodeError::Training(e.to_string()))?
-        .map_err(|e| NodeError::RunConfig(format!("checkpoint of round {}: {e}", checkpoint.round)))?;
+        let loaded =
+            tokio::task::spawn_blocking(move || -> Result<(Vec<f32>, Vec<f32>), String> {
+                let bytes = store.read(&blob).map_err(|e| e.to_string())?;
+                let path = Path::new("checkpoint blob").join(blob.to_hex());
+                let checkpoint = barnraise_trainer::checkpoint::from_bytes(&bytes, &path, &model)
+                    .map_err(|e| e.to_string())?;
+                if Hash::of_f32s(&checkpoint.params) != expected_hash {
+                    return Err("checkpoint params do not hash to the announced value".into());
+                }
+                if !checkpoint.meta.run.is_empty() && checkpoint.meta.run != run_id {
+                    tracing::warn!(
+                        "checkpoint names run '{}', expected '{run_id}'",
+                        checkpoint.meta.run
+                    );
+                }
+                let momentum =
+                    f32s_from_bytes(&store.read(&optimizer_blob).map_err(|e| e.to_string())?)
+                        .filter(|m| m.len() == checkpoint.params.len())
+                        .ok_or("optimizer state blob is not one f32 per parameter")?;
+                Ok((checkpoint.params, momentum))
+            })
+            .await
+            .map_err(|e| NodeError::Training(e.to_string()))?
+            .map_err(|e| {
+                NodeError::RunConfig(format!("checkpoint of round {}: {e}", checkpoint.round))
+            })?;
         Ok(Some(loaded))
     }
 
@@ -597,7 +737,8 @@ impl Node {
     /// it (for updates), and whoever announced it on Kademlia.
     async fn providers(&self, hash: &Hash, author: Option<PeerId>) -> Vec<PeerId> {
         let mut peers: Vec<PeerId> = self.coordinator.into_iter().chain(author).collect();
-        let lookup = tokio::time::timeout(Duration::from_secs(5), self.client.get_providers(*hash)).await;
+        let lookup =
+            tokio::time::timeout(Duration::from_secs(5), self.client.get_providers(*hash)).await;
         if let Ok(Ok(found)) = lookup {
             peers.extend(found);
         }
@@ -606,25 +747,46 @@ impl Node {
         peers
     }
 
-    async fn fetch(&mut self, hash: &Hash, size: Option<u64>, providers: &[PeerId], what: &str) -> Result<(), NodeError> {
+    async fn fetch(
+        &mut self,
+        hash: &Hash,
+        size: Option<u64>,
+        providers: &[PeerId],
+        what: &str,
+    ) -> Result<(), NodeError> {
         if self.store.contains(hash) {
             return Ok(());
         }
-        self.emit(NodeEvent::Downloading { what: what.to_string(), done: 0, total: size.unwrap_or(0) });
+        self.emit(NodeEvent::Downloading {
+            what: what.to_string(),
+            done: 0,
+            total: size.unwrap_or(0),
+        });
         let fetcher = match &self.events {
             Some(events) => {
                 let events = events.clone();
                 let what = what.to_string();
-                self.fetcher.clone().with_progress(Arc::new(move |done, total| {
-                    let _ = events.try_send(NodeEvent::Downloading { what: what.clone(), done, total });
-                }))
+                self.fetcher
+                    .clone()
+                    .with_progress(Arc::new(move |done, total| {
+                        let _ = events.try_send(NodeEvent::Downloading {
+                            what: what.clone(),
+                            done,
+                            total,
+                        });
+                    }))
             }
             None => self.fetcher.clone(),
         };
-        let report = fetcher.fetch(*hash, size, providers, &self.shutdown).await?;
+        let report = fetcher
+            .fetch(*hash, size, providers, &self.shutdown)
+            .await?;
         self.summary.bytes_downloaded += report.bytes_fetched;
         for (peer, reason) in &report.bad_providers {
-            self.warn(format!("peer {peer} served bad data for {what} {}: {reason}", hash.short()));
+            self.warn(format!(
+                "peer {peer} served bad data for {what} {}: {reason}",
+                hash.short()
+            ));
         }
         Ok(())
     }
@@ -638,13 +800,19 @@ impl Node {
                     return Ok(Some(plan));
                 }
             }
-            let Some(response) = self.ask(CoordinatorRequest::CurrentPlan).await? else { return Ok(None) };
+            let Some(response) = self.ask(CoordinatorRequest::CurrentPlan).await? else {
+                return Ok(None);
+            };
             match response {
-                CoordinatorResponse::Plan(Some(signed)) => match signed.verify(self.coordinator_key.as_ref()) {
-                    Ok(plan) if plan.round >= round => return Ok(Some(plan)),
-                    Ok(_) => {}
-                    Err(e) => self.warn(format!("coordinator sent a plan that does not verify: {e}")),
-                },
+                CoordinatorResponse::Plan(Some(signed)) => {
+                    match signed.verify(self.coordinator_key.as_ref()) {
+                        Ok(plan) if plan.round >= round => return Ok(Some(plan)),
+                        Ok(_) => {}
+                        Err(e) => {
+                            self.warn(format!("coordinator sent a plan that does not verify: {e}"))
+                        }
+                    }
+                }
                 CoordinatorResponse::Plan(None) => {}
                 other => tracing::debug!("unexpected answer to CurrentPlan: {other:?}"),
             }
@@ -658,7 +826,10 @@ impl Node {
     }
 
     /// Waits for the manifest of `round`.
-    async fn wait_for_manifest(&mut self, round: u64) -> Result<Option<Result<(Signed<Manifest>, Manifest), String>>, NodeError> {
+    async fn wait_for_manifest(
+        &mut self,
+        round: u64,
+    ) -> Result<Option<Result<(Signed<Manifest>, Manifest), String>>, NodeError> {
         let poll = Duration::from_millis(self.config.poll_interval_ms.max(50));
         let started = Instant::now();
         loop {
@@ -667,18 +838,32 @@ impl Node {
                     return Ok(Some(Ok((signed, manifest))));
                 }
             }
-            let Some(response) = self.ask(CoordinatorRequest::Manifest { round }).await? else { return Ok(None) };
+            let Some(response) = self.ask(CoordinatorRequest::Manifest { round }).await? else {
+                return Ok(None);
+            };
             match response {
-                CoordinatorResponse::Manifest(Some(signed)) => match signed.verify(self.coordinator_key.as_ref()) {
-                    Ok(manifest) if manifest.round == round => return Ok(Some(Ok((signed, manifest)))),
-                    Ok(manifest) => self.warn(format!("asked for manifest {round}, got {}", manifest.round)),
-                    Err(e) => self.warn(format!("coordinator sent a manifest that does not verify: {e}")),
-                },
+                CoordinatorResponse::Manifest(Some(signed)) => {
+                    match signed.verify(self.coordinator_key.as_ref()) {
+                        Ok(manifest) if manifest.round == round => {
+                            return Ok(Some(Ok((signed, manifest))));
+                        }
+                        Ok(manifest) => self.warn(format!(
+                            "asked for manifest {round}, got {}",
+                            manifest.round
+                        )),
+                        Err(e) => self.warn(format!(
+                            "coordinator sent a manifest that does not verify: {e}"
+                        )),
+                    }
+                }
                 CoordinatorResponse::Manifest(None) => {}
                 other => tracing::debug!("unexpected answer to Manifest: {other:?}"),
             }
             if started.elapsed() > MANIFEST_PATIENCE {
-                return Ok(Some(Err(format!("no manifest for round {round} after {} s", MANIFEST_PATIENCE.as_secs()))));
+                return Ok(Some(Err(format!(
+                    "no manifest for round {round} after {} s",
+                    MANIFEST_PATIENCE.as_secs()
+                ))));
             }
             tokio::select! {
                 biased;
@@ -694,9 +879,14 @@ impl Node {
     /// One round. `None` means we were stopped.
     async fn round(&mut self, state: &mut Synced) -> Result<Option<RoundOutcome>, NodeError> {
         let round = state.round;
-        let Some(plan) = self.wait_for_plan(round).await? else { return Ok(None) };
+        let Some(plan) = self.wait_for_plan(round).await? else {
+            return Ok(None);
+        };
         if plan.round > round {
-            return Ok(Some(RoundOutcome::Resync(format!("round {} is open but we hold round {round}", plan.round))));
+            return Ok(Some(RoundOutcome::Resync(format!(
+                "round {} is open but we hold round {round}",
+                plan.round
+            ))));
         }
         let our_hash = Hash::of_f32s(&state.theta);
         if plan.params_hash != our_hash {
@@ -710,32 +900,52 @@ impl Node {
         let assignment = plan.assignments.iter().find(|a| a.node == me).cloned();
         match (&assignment, state.committed) {
             (Some(_), Some((r, hash))) if r == round && self.store.contains(&hash) => {
-                tracing::info!(round, "already committed {} for this round before a restart", hash.short());
+                tracing::info!(
+                    round,
+                    "already committed {} for this round before a restart",
+                    hash.short()
+                );
             }
             (Some(assignment), _) => {
-                let Some(()) = self.train_and_commit(state, &plan, assignment).await? else { return Ok(None) };
+                let Some(()) = self.train_and_commit(state, &plan, assignment).await? else {
+                    return Ok(None);
+                };
             }
             (None, _) => {
                 tracing::info!(round, "not assigned work this round");
                 self.emit(NodeEvent::Idle { round });
             }
         }
-        let Some(manifest) = self.wait_for_manifest(round).await? else { return Ok(None) };
+        let Some(manifest) = self.wait_for_manifest(round).await? else {
+            return Ok(None);
+        };
         let (signed, manifest) = match manifest {
             Ok(found) => found,
             Err(reason) => return Ok(Some(RoundOutcome::Resync(reason))),
         };
         if manifest.base_params_hash != our_hash {
-            return Ok(Some(RoundOutcome::Resync(format!("manifest of round {round} is based on other params"))));
+            return Ok(Some(RoundOutcome::Resync(format!(
+                "manifest of round {round} is based on other params"
+            ))));
         }
         // Fetch every accepted update, checked against its hash and size.
         for accepted in &manifest.accepted {
             let author = accepted.node.0.to_peer_id().ok();
             let providers = self.providers(&accepted.update_hash, author).await;
-            if let Err(e) = self.fetch(&accepted.update_hash, Some(accepted.update_bytes), &providers, "update").await {
+            if let Err(e) = self
+                .fetch(
+                    &accepted.update_hash,
+                    Some(accepted.update_bytes),
+                    &providers,
+                    "update",
+                )
+                .await
+            {
                 return match e {
                     NodeError::Fetch(FetchError::Cancelled) => Ok(None),
-                    NodeError::Fetch(e) => Ok(Some(RoundOutcome::Resync(format!("could not fetch an accepted update: {e}")))),
+                    NodeError::Fetch(e) => Ok(Some(RoundOutcome::Resync(format!(
+                        "could not fetch an accepted update: {e}"
+                    )))),
                     other => Err(other),
                 };
             }
@@ -756,7 +966,8 @@ impl Node {
         let mut theta = std::mem::take(&mut state.theta);
         let mut optimizer = state.optimizer.clone();
         let applied = tokio::task::spawn_blocking(move || {
-            let updates: Vec<(&[u8], f32)> = payloads.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
+            let updates: Vec<(&[u8], f32)> =
+                payloads.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
             let result = apply_round(&mut theta, &mut optimizer, &rule, &updates);
             (theta, optimizer, result)
         })
@@ -765,11 +976,17 @@ impl Node {
         let (theta, optimizer, result) = applied;
         if let Err(e) = result {
             state.theta = theta;
-            return Ok(Some(RoundOutcome::Resync(format!("accepted updates do not aggregate: {e}"))));
+            return Ok(Some(RoundOutcome::Resync(format!(
+                "accepted updates do not aggregate: {e}"
+            ))));
         }
         let next_hash = Hash::of_f32s(&theta);
         let matched = next_hash == manifest.next_params_hash;
-        self.emit(NodeEvent::RoundApplied { round, params_hash: next_hash, matched });
+        self.emit(NodeEvent::RoundApplied {
+            round,
+            params_hash: next_hash,
+            matched,
+        });
         if !matched {
             state.theta = theta;
             return Ok(Some(RoundOutcome::Resync(format!(
@@ -789,7 +1006,8 @@ impl Node {
             codec: state.run.codec.clone(),
             committed: None,
         };
-        self.state.save(&record, &state.theta, state.optimizer.momentum())?;
+        self.state
+            .save(&record, &state.theta, state.optimizer.momentum())?;
         self.keep_receipt(&signed, &manifest);
         self.summary.rounds_completed += 1;
         self.summary.final_params_hash = Some(next_hash);
@@ -806,14 +1024,22 @@ impl Node {
         if !names_us {
             return;
         }
-        let path = self.receipts.join(format!("round-{:06}.manifest", manifest.round));
+        let path = self
+            .receipts
+            .join(format!("round-{:06}.manifest", manifest.round));
         match signed.to_bytes() {
             Ok(bytes) => {
                 if let Err(e) = write_atomic(&path, &bytes) {
-                    self.warn(format!("could not keep the receipt of round {}: {e}", manifest.round));
+                    self.warn(format!(
+                        "could not keep the receipt of round {}: {e}",
+                        manifest.round
+                    ));
                 }
             }
-            Err(e) => self.warn(format!("could not encode the receipt of round {}: {e}", manifest.round)),
+            Err(e) => self.warn(format!(
+                "could not encode the receipt of round {}: {e}",
+                manifest.round
+            )),
         }
     }
 
@@ -827,21 +1053,32 @@ impl Node {
         // Shards: verified by hash on arrival, cached in the store.
         let mut tokens: Vec<u16> = Vec::new();
         for shard in &assignment.shards {
-            let size = state.run.dataset.iter().find(|s| s.hash == *shard).map(|s| s.bytes);
+            let size = state
+                .run
+                .dataset
+                .iter()
+                .find(|s| s.hash == *shard)
+                .map(|s| s.bytes);
             let providers = self.providers(shard, None).await;
             match self.fetch(shard, size, &providers, "shard").await {
                 Ok(()) => {}
                 Err(NodeError::Fetch(FetchError::Cancelled)) => return Ok(None),
                 Err(NodeError::Fetch(e)) => {
                     // Sit this round out; the manifest still brings us along.
-                    self.warn(format!("skipping round {round}'s work: could not fetch shard {}: {e}", shard.short()));
+                    self.warn(format!(
+                        "skipping round {round}'s work: could not fetch shard {}: {e}",
+                        shard.short()
+                    ));
                     return Ok(Some(()));
                 }
                 Err(e) => return Err(e),
             }
             let bytes = self.store.read(shard)?;
-            let decoded = barnraise_trainer::data::Shard::decode(&bytes, &Path::new("shard").join(shard.to_hex()))
-                .map_err(|e| NodeError::RunConfig(e.to_string()))?;
+            let decoded = barnraise_trainer::data::Shard::decode(
+                &bytes,
+                &Path::new("shard").join(shard.to_hex()),
+            )
+            .map_err(|e| NodeError::RunConfig(e.to_string()))?;
             tokens.extend_from_slice(&decoded.tokens);
         }
         let inner = InnerConfig {
@@ -850,18 +1087,27 @@ impl Node {
             seq_len: state.run.seq_len as usize,
             lr: f64::from(state.run.inner_lr),
             min_lr: f64::from(state.run.inner_lr) / 10.0,
-            warmup: InnerConfig::default().warmup.min(assignment.inner_steps as usize),
-            schedule_steps: (state.run.total_rounds.max(1) as usize).saturating_mul(state.run.inner_steps as usize),
+            warmup: InnerConfig::default()
+                .warmup
+                .min(assignment.inner_steps as usize),
+            schedule_steps: (state.run.total_rounds.max(1) as usize)
+                .saturating_mul(state.run.inner_steps as usize),
             start_step: (round as usize).saturating_mul(state.run.inner_steps as usize),
             seed: assignment.seed,
             ..InnerConfig::default()
         };
-        self.emit(NodeEvent::TrainingStarted { round, steps: assignment.inner_steps });
+        self.emit(NodeEvent::TrainingStarted {
+            round,
+            steps: assignment.inner_steps,
+        });
         let trainer = match state.trainer.take() {
             Some(trainer) => trainer,
             None => {
-                let spec: DeviceSpec = self.config.device.parse().map_err(|e: barnraise_trainer::device::DeviceError| NodeError::Device(e.to_string()))?;
-                let device = barnraise_trainer::device::select(spec).map_err(|e| NodeError::Device(e.to_string()))?;
+                let spec: DeviceSpec = self.config.device.parse().map_err(
+                    |e: barnraise_trainer::device::DeviceError| NodeError::Device(e.to_string()),
+                )?;
+                let device = barnraise_trainer::device::select(spec)
+                    .map_err(|e| NodeError::Device(e.to_string()))?;
                 let model = state.model.clone();
                 tokio::task::spawn_blocking(move || Trainer::new(&model, device, INIT_SEED))
                     .await
@@ -893,7 +1139,9 @@ impl Node {
             Ok(done) => done,
             Err(e) => {
                 // A diverged or failed inner loop costs us this round, not the node.
-                self.warn(format!("skipping round {round}'s commit: training failed: {e}"));
+                self.warn(format!(
+                    "skipping round {round}'s commit: training failed: {e}"
+                ));
                 if let Some(trainer) = state.trainer.as_mut() {
                     let _ = trainer.reset_optimizer();
                 }
@@ -902,13 +1150,23 @@ impl Node {
         };
         let compute_ms = started.elapsed().as_millis() as u64;
         for (step, loss) in report.losses.iter().enumerate() {
-            self.emit(NodeEvent::TrainingProgress { round, step: step as u32 + 1, loss: *loss });
+            self.emit(NodeEvent::TrainingProgress {
+                round,
+                step: step as u32 + 1,
+                loss: *loss,
+            });
         }
         if let Some(misbehaviour) = self.config.misbehave {
-            tracing::warn!(round, "red-team mode: corrupting this update ({misbehaviour})");
+            tracing::warn!(
+                round,
+                "red-team mode: corrupting this update ({misbehaviour})"
+            );
             misbehaviour.apply(&mut delta);
         }
-        let payload = state.encoder.encode(&delta).map_err(|e| NodeError::Training(format!("encoding the update: {e}")))?;
+        let payload = state
+            .encoder
+            .encode(&delta)
+            .map_err(|e| NodeError::Training(format!("encoding the update: {e}")))?;
         let store = self.store.clone();
         let update_bytes = payload.len() as u64;
         let update_hash = tokio::task::spawn_blocking(move || store.put(&payload))
@@ -923,15 +1181,25 @@ impl Node {
             update_hash,
             update_bytes,
             tokens: report.tokens,
-            losses: report.losses.iter().copied().take(barnraise_protocol::limits::MAX_REPORTED_LOSSES).collect(),
+            losses: report
+                .losses
+                .iter()
+                .copied()
+                .take(barnraise_protocol::limits::MAX_REPORTED_LOSSES)
+                .collect(),
             compute_ms,
             workers: 1,
         };
-        let signed = Signed::sign(&self.key, &commit).map_err(|e| NodeError::Training(e.to_string()))?;
-        let Some(response) = self.ask(CoordinatorRequest::Commit(signed)).await? else { return Ok(None) };
+        let signed =
+            Signed::sign(&self.key, &commit).map_err(|e| NodeError::Training(e.to_string()))?;
+        let Some(response) = self.ask(CoordinatorRequest::Commit(signed)).await? else {
+            return Ok(None);
+        };
         match response {
             CoordinatorResponse::CommitAccepted { .. } | CoordinatorResponse::Ok => {}
-            CoordinatorResponse::Refused { reason } => self.warn(format!("coordinator refused our commit for round {round}: {reason}")),
+            CoordinatorResponse::Refused { reason } => self.warn(format!(
+                "coordinator refused our commit for round {round}: {reason}"
+            )),
             other => tracing::debug!("unexpected answer to commit: {other:?}"),
         }
         state.committed = Some((round, update_hash));
@@ -947,17 +1215,28 @@ impl Node {
         self.summary.tokens_trained += report.tokens;
         let losses = &report.losses;
         tracing::info!(round, update = %update_hash.short(), bytes = update_bytes, loss = losses.last().copied().unwrap_or(f32::NAN), "committed update");
-        self.emit(NodeEvent::Committed { round, update_hash, bytes: update_bytes, tokens: report.tokens });
+        self.emit(NodeEvent::Committed {
+            round,
+            update_hash,
+            bytes: update_bytes,
+            tokens: report.tokens,
+        });
         Ok(Some(()))
     }
 
     async fn leave(&mut self) {
-        let (Some(peer), Some(run_id)) = (self.coordinator, self.run_id.clone()) else { return };
-        let leave = barnraise_protocol::messages::Leave { run_id, timestamp_ms: now_ms() };
+        let (Some(peer), Some(run_id)) = (self.coordinator, self.run_id.clone()) else {
+            return;
+        };
+        let leave = barnraise_protocol::messages::Leave {
+            run_id,
+            timestamp_ms: now_ms(),
+        };
         if let Ok(signed) = Signed::sign(&self.key, &leave) {
             let _ = tokio::time::timeout(
                 Duration::from_secs(2),
-                self.client.coordinator_request(peer, CoordinatorRequest::Leave(signed)),
+                self.client
+                    .coordinator_request(peer, CoordinatorRequest::Leave(signed)),
             )
             .await;
         }
@@ -966,5 +1245,7 @@ impl Node {
 
 /// `addr` without its trailing `/p2p/...`, for the swarm's address book.
 fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
-    addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
+    addr.iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
 }

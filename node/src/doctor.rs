@@ -12,7 +12,9 @@ use crate::limiter::RateLimiter;
 use crate::network::{self, NetworkConfig, Reachability};
 use crate::store::BlobStore;
 use barnraise_protocol::limits::BLOB_CHUNK_BYTES;
-use barnraise_protocol::messages::{BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse, RoundPlan};
+use barnraise_protocol::messages::{
+    BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse, RoundPlan,
+};
 use barnraise_protocol::{PublicKey, SigningKey};
 use libp2p::multiaddr::Protocol;
 use std::net::IpAddr;
@@ -40,8 +42,18 @@ pub struct Check {
     pub advice: Option<String>,
 }
 
-fn check(name: &'static str, verdict: Verdict, finding: impl Into<String>, advice: Option<&str>) -> Check {
-    Check { name, verdict, finding: finding.into(), advice: advice.map(str::to_string) }
+fn check(
+    name: &'static str,
+    verdict: Verdict,
+    finding: impl Into<String>,
+    advice: Option<&str>,
+) -> Check {
+    Check {
+        name,
+        verdict,
+        finding: finding.into(),
+        advice: advice.map(str::to_string),
+    }
 }
 
 /// Chunks read to measure throughput (8 MiB at most).
@@ -64,15 +76,31 @@ fn identity(config: &NodeConfig, checks: &mut Vec<Check>) -> Option<SigningKey> 
     let path = config.key_path();
     match SigningKey::load(&path) {
         Ok(key) => {
-            let peer = key.public().to_peer_id().map(|p| p.to_string()).unwrap_or_default();
-            checks.push(check("identity", Verdict::Ok, format!("node id {} (peer {peer}) from {}", key.node_id(), path.display()), None));
+            let peer = key
+                .public()
+                .to_peer_id()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            checks.push(check(
+                "identity",
+                Verdict::Ok,
+                format!(
+                    "node id {} (peer {peer}) from {}",
+                    key.node_id(),
+                    path.display()
+                ),
+                None,
+            ));
             Some(key)
         }
         Err(barnraise_protocol::identity::IdentityError::Missing { .. }) => {
             checks.push(check(
                 "identity",
                 Verdict::Ok,
-                format!("no key at {} yet; the first `barnraise node` run creates one", path.display()),
+                format!(
+                    "no key at {} yet; the first `barnraise node` run creates one",
+                    path.display()
+                ),
                 None,
             ));
             // A throwaway key is enough to test the network.
@@ -93,34 +121,60 @@ fn identity(config: &NodeConfig, checks: &mut Vec<Check>) -> Option<SigningKey> 
 fn compute(config: &NodeConfig, checks: &mut Vec<Check>) {
     let gpus = barnraise_trainer::device::discover_gpus();
     let cuda = barnraise_trainer::device::cuda_build();
-    let spec = config.device.parse::<barnraise_trainer::device::DeviceSpec>();
+    let spec = config
+        .device
+        .parse::<barnraise_trainer::device::DeviceSpec>();
     let finding = if gpus.is_empty() {
         "no GPU found; the node trains on the CPU".to_string()
     } else {
         gpus.iter()
-            .map(|g| format!("cuda:{} {} ({:.1} GiB)", g.ordinal, g.name, g.memory_bytes as f64 / (1u64 << 30) as f64))
+            .map(|g| {
+                format!(
+                    "cuda:{} {} ({:.1} GiB)",
+                    g.ordinal,
+                    g.name,
+                    g.memory_bytes as f64 / (1u64 << 30) as f64
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
     let selected = spec.as_ref().map_err(|e| e.to_string()).and_then(|s| {
-        barnraise_trainer::device::select(*s).map(|d| format!("{d:?}")).map_err(|e| e.to_string())
+        barnraise_trainer::device::select(*s)
+            .map(|d| format!("{d:?}"))
+            .map_err(|e| e.to_string())
     });
     match selected {
-        Err(e) => checks.push(check("compute", Verdict::Fail, format!("{finding}; device `{}`: {e}", config.device), Some("use --device auto, cpu or cuda:N with N a GPU listed here"))),
+        Err(e) => checks.push(check(
+            "compute",
+            Verdict::Fail,
+            format!("{finding}; device `{}`: {e}", config.device),
+            Some("use --device auto, cpu or cuda:N with N a GPU listed here"),
+        )),
         Ok(device) if !gpus.is_empty() && !cuda => checks.push(check(
             "compute",
             Verdict::Warn,
             format!("{finding}; this binary cannot use them and trains on {device}"),
             Some("rebuild with `cargo build --release --features cuda` to train on the GPU"),
         )),
-        Ok(device) => checks.push(check("compute", Verdict::Ok, format!("{finding}; training on {device}"), None)),
+        Ok(device) => checks.push(check(
+            "compute",
+            Verdict::Ok,
+            format!("{finding}; training on {device}"),
+            None,
+        )),
     }
 }
 
 fn disk(config: &NodeConfig, checks: &mut Vec<Check>) {
     let dir = &config.data_dir;
     if let Err(e) = std::fs::create_dir_all(dir) {
-        checks.push(check("disk", Verdict::Fail, format!("cannot create {}: {e}", dir.display()), Some("choose a writable --data-dir")));
+        checks.push(check(
+            "disk",
+            Verdict::Fail,
+            format!("cannot create {}: {e}", dir.display()),
+            Some("choose a writable --data-dir"),
+        ));
         return;
     }
     match free_bytes(dir) {
@@ -128,22 +182,41 @@ fn disk(config: &NodeConfig, checks: &mut Vec<Check>) {
             let gib = free as f64 / (1u64 << 30) as f64;
             let finding = format!("{gib:.1} GiB free in {}", dir.display());
             let (verdict, advice) = if gib < 1.0 {
-                (Verdict::Fail, Some("free some space or point --data-dir at a larger disk: shards, updates and checkpoints need room"))
+                (
+                    Verdict::Fail,
+                    Some(
+                        "free some space or point --data-dir at a larger disk: shards, updates and checkpoints need room",
+                    ),
+                )
             } else if gib < 10.0 {
-                (Verdict::Warn, Some("enough for small models; larger runs need tens of GiB for checkpoints and shards"))
+                (
+                    Verdict::Warn,
+                    Some(
+                        "enough for small models; larger runs need tens of GiB for checkpoints and shards",
+                    ),
+                )
             } else {
                 (Verdict::Ok, None)
             };
             checks.push(check("disk", verdict, finding, advice));
         }
-        None => checks.push(check("disk", Verdict::Warn, format!("could not measure free space in {}", dir.display()), None)),
+        None => checks.push(check(
+            "disk",
+            Verdict::Warn,
+            format!("could not measure free space in {}", dir.display()),
+            None,
+        )),
     }
 }
 
 /// Free bytes on the file system holding `dir`, via POSIX `df -Pk` (no
 /// extra crate for one number).
 fn free_bytes(dir: &std::path::Path) -> Option<u64> {
-    let output = std::process::Command::new("df").arg("-Pk").arg(dir).output().ok()?;
+    let output = std::process::Command::new("df")
+        .arg("-Pk")
+        .arg(dir)
+        .output()
+        .ok()?;
     let text = String::from_utf8(output.stdout).ok()?;
     let line = text.lines().nth(1)?;
     let available_kib: u64 = line.split_whitespace().nth(3)?.parse().ok()?;
@@ -154,7 +227,12 @@ async fn network_checks(config: &NodeConfig, key: &SigningKey, checks: &mut Vec<
     let scratch = match tempdir_for_doctor(config) {
         Some(store) => store,
         None => {
-            checks.push(check("coordinator", Verdict::Fail, "could not open a scratch store in the data dir", None));
+            checks.push(check(
+                "coordinator",
+                Verdict::Fail,
+                "could not open a scratch store in the data dir",
+                None,
+            ));
             return;
         }
     };
@@ -176,11 +254,18 @@ async fn network_checks(config: &NodeConfig, key: &SigningKey, checks: &mut Vec<
     let (client, _events, mut event_loop) = match network::new(network_config) {
         Ok(parts) => parts,
         Err(e) => {
-            checks.push(check("network", Verdict::Fail, e.to_string(), Some("check --listen: the port may be in use")));
+            checks.push(check(
+                "network",
+                Verdict::Fail,
+                e.to_string(),
+                Some("check --listen: the port may be in use"),
+            ));
             return;
         }
     };
-    let listen = event_loop.wait_for_listen_addrs(Duration::from_secs(5)).await;
+    let listen = event_loop
+        .wait_for_listen_addrs(Duration::from_secs(5))
+        .await;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(event_loop.run(shutdown.clone()));
 
@@ -188,7 +273,12 @@ async fn network_checks(config: &NodeConfig, key: &SigningKey, checks: &mut Vec<
     let dialled = tokio::time::timeout(DIAL_TIMEOUT, client.dial(coordinator.clone())).await;
     let peer = match dialled {
         Ok(Ok(peer)) => {
-            checks.push(check("coordinator", Verdict::Ok, format!("reached {coordinator} (peer {peer})"), None));
+            checks.push(check(
+                "coordinator",
+                Verdict::Ok,
+                format!("reached {coordinator} (peer {peer})"),
+                None,
+            ));
             Some(peer)
         }
         Ok(Err(e)) => {
@@ -204,7 +294,10 @@ async fn network_checks(config: &NodeConfig, key: &SigningKey, checks: &mut Vec<
             checks.push(check(
                 "coordinator",
                 Verdict::Fail,
-                format!("no answer from {coordinator} in {} s", DIAL_TIMEOUT.as_secs()),
+                format!(
+                    "no answer from {coordinator} in {} s",
+                    DIAL_TIMEOUT.as_secs()
+                ),
                 Some("the host may be down or a firewall may drop the packets"),
             ));
             None
@@ -212,7 +305,10 @@ async fn network_checks(config: &NodeConfig, key: &SigningKey, checks: &mut Vec<
     };
     if let Some(peer) = peer {
         if let Ok(expected) = PublicKey::from_peer_id(&peer)
-            && let Some(configured) = config.coordinator_key.as_ref().and_then(|k| k.parse::<PublicKey>().ok())
+            && let Some(configured) = config
+                .coordinator_key
+                .as_ref()
+                .and_then(|k| k.parse::<PublicKey>().ok())
             && configured != expected
         {
             checks.push(check(
@@ -232,7 +328,9 @@ async fn network_checks(config: &NodeConfig, key: &SigningKey, checks: &mut Vec<
 fn tempdir_for_doctor(config: &NodeConfig) -> Option<Arc<BlobStore>> {
     // Doctor serves nothing, but the network wants a source; an empty
     // store under the data dir is enough and leaves the real one alone.
-    BlobStore::open(&config.data_dir.join("doctor")).ok().map(Arc::new)
+    BlobStore::open(&config.data_dir.join("doctor"))
+        .ok()
+        .map(Arc::new)
 }
 
 async fn link_checks(client: &network::Client, peer: libp2p::PeerId, checks: &mut Vec<Check>) {
@@ -241,11 +339,18 @@ async fn link_checks(client: &network::Client, peer: libp2p::PeerId, checks: &mu
     let mut plan: Option<RoundPlan> = None;
     for _ in 0..5 {
         let started = Instant::now();
-        match tokio::time::timeout(Duration::from_secs(10), client.coordinator_request(peer, CoordinatorRequest::CurrentPlan)).await {
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            client.coordinator_request(peer, CoordinatorRequest::CurrentPlan),
+        )
+        .await
+        {
             Ok(Ok(response)) => {
                 samples.push(started.elapsed());
                 if let CoordinatorResponse::Plan(Some(signed)) = response {
-                    plan = signed.verify(PublicKey::from_peer_id(&peer).ok().as_ref()).ok();
+                    plan = signed
+                        .verify(PublicKey::from_peer_id(&peer).ok().as_ref())
+                        .ok();
                 }
             }
             _ => break,
@@ -256,11 +361,24 @@ async fn link_checks(client: &network::Client, peer: libp2p::PeerId, checks: &mu
         Some(rtt) => {
             let ms = rtt.as_secs_f64() * 1000.0;
             let (verdict, advice) = if ms > 500.0 {
-                (Verdict::Warn, Some("a slow link makes rounds wait on you; a wired connection or a closer coordinator helps"))
+                (
+                    Verdict::Warn,
+                    Some(
+                        "a slow link makes rounds wait on you; a wired connection or a closer coordinator helps",
+                    ),
+                )
             } else {
                 (Verdict::Ok, None)
             };
-            checks.push(check("round trip", verdict, format!("{ms:.1} ms to the coordinator (median of {})", samples.len()), advice));
+            checks.push(check(
+                "round trip",
+                verdict,
+                format!(
+                    "{ms:.1} ms to the coordinator (median of {})",
+                    samples.len()
+                ),
+                advice,
+            ));
         }
         None => checks.push(check(
             "round trip",
@@ -270,15 +388,34 @@ async fn link_checks(client: &network::Client, peer: libp2p::PeerId, checks: &mu
         )),
     }
     // Throughput: a few chunks of a shard the current round uses.
-    let shard = plan.as_ref().and_then(|p| p.assignments.iter().flat_map(|a| a.shards.iter()).next().copied());
+    let shard = plan.as_ref().and_then(|p| {
+        p.assignments
+            .iter()
+            .flat_map(|a| a.shards.iter())
+            .next()
+            .copied()
+    });
     let Some(shard) = shard else {
-        checks.push(check("throughput", Verdict::Warn, "not measured: no round is open, so there is no shard to read", Some("run doctor again while a round is open")));
+        checks.push(check(
+            "throughput",
+            Verdict::Warn,
+            "not measured: no round is open, so there is no shard to read",
+            Some("run doctor again while a round is open"),
+        ));
         return;
     };
-    let size = match client.blob_request(peer, BlobRequest::Have { hash: shard }).await {
+    let size = match client
+        .blob_request(peer, BlobRequest::Have { hash: shard })
+        .await
+    {
         Ok(BlobResponse::Have { size: Some(size) }) => size,
         _ => {
-            checks.push(check("throughput", Verdict::Warn, "not measured: the coordinator does not serve the round's shard", None));
+            checks.push(check(
+                "throughput",
+                Verdict::Warn,
+                "not measured: the coordinator does not serve the round's shard",
+                None,
+            ));
             return;
         }
     };
@@ -290,7 +427,17 @@ async fn link_checks(client: &network::Client, peer: libp2p::PeerId, checks: &mu
             break;
         }
         let len = (size - offset).min(BLOB_CHUNK_BYTES as u64) as u32;
-        match client.blob_request(peer, BlobRequest::Chunk { hash: shard, offset, len }).await {
+        match client
+            .blob_request(
+                peer,
+                BlobRequest::Chunk {
+                    hash: shard,
+                    offset,
+                    len,
+                },
+            )
+            .await
+        {
             Ok(BlobResponse::Chunk { data }) => bytes += data.len() as u64,
             _ => break,
         }
@@ -298,14 +445,28 @@ async fn link_checks(client: &network::Client, peer: libp2p::PeerId, checks: &mu
     let seconds = started.elapsed().as_secs_f64().max(1e-6);
     let mbps = bytes as f64 * 8.0 / seconds / 1e6;
     let (verdict, advice) = if mbps < 10.0 {
-        (Verdict::Warn, Some("under 10 Mbit/s; fine for small models with top-k updates, slow for checkpoints of large ones"))
+        (
+            Verdict::Warn,
+            Some(
+                "under 10 Mbit/s; fine for small models with top-k updates, slow for checkpoints of large ones",
+            ),
+        )
     } else {
         (Verdict::Ok, None)
     };
-    checks.push(check("throughput", verdict, format!("{mbps:.1} Mbit/s from the coordinator ({bytes} bytes read)"), advice));
+    checks.push(check(
+        "throughput",
+        verdict,
+        format!("{mbps:.1} Mbit/s from the coordinator ({bytes} bytes read)"),
+        advice,
+    ));
 }
 
-async fn reachability(client: &network::Client, listen: &[libp2p::Multiaddr], checks: &mut Vec<Check>) {
+async fn reachability(
+    client: &network::Client,
+    listen: &[libp2p::Multiaddr],
+    checks: &mut Vec<Check>,
+) {
     let status = match client.status().await {
         Ok(status) => status,
         Err(e) => {
@@ -321,30 +482,50 @@ async fn reachability(client: &network::Client, listen: &[libp2p::Multiaddr], ch
         })
     });
     let listen = &status.listen_addrs;
-    let public_listen = listen.iter().find(|addr| {
-        addr.iter().any(|p| match p {
-            Protocol::Ip4(ip) => is_public(IpAddr::V4(ip)),
-            Protocol::Ip6(ip) => is_public(IpAddr::V6(ip)),
-            _ => false,
+    let public_listen = listen
+        .iter()
+        .find(|addr| {
+            addr.iter().any(|p| match p {
+                Protocol::Ip4(ip) => is_public(IpAddr::V4(ip)),
+                Protocol::Ip6(ip) => is_public(IpAddr::V6(ip)),
+                _ => false,
+            })
         })
-    }).or(public_listen);
+        .or(public_listen);
     let (verdict, finding, advice) = match (&status.reachability, public_listen) {
-        (Reachability::Public(addr), _) => (Verdict::Ok, format!("public: peers reached us at {addr}"), None),
+        (Reachability::Public(addr), _) => (
+            Verdict::Ok,
+            format!("public: peers reached us at {addr}"),
+            None,
+        ),
         (Reachability::Relayed(addr), _) => (
             Verdict::Ok,
-            format!("behind NAT, relayed through {addr}; hole punching upgrades direct links when it can"),
+            format!(
+                "behind NAT, relayed through {addr}; hole punching upgrades direct links when it can"
+            ),
             None,
         ),
         (_, Some(addr)) => (Verdict::Ok, format!("public address {addr}"), None),
         (Reachability::Private, None) => (
             Verdict::Warn,
             "behind NAT: peers cannot dial us directly".to_string(),
-            Some("that works (peers fetch your updates over your link to the coordinator, or via relay), but forwarding the listen port on your router makes transfers faster"),
+            Some(
+                "that works (peers fetch your updates over your link to the coordinator, or via relay), but forwarding the listen port on your router makes transfers faster",
+            ),
         ),
         (Reachability::Unknown, None) => (
             Verdict::Warn,
-            format!("probably behind NAT: listening only on private addresses ({})", listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")),
-            Some("that works through your connection to the coordinator; forward the listen port on your router (and use --listen with a fixed port) to be directly reachable"),
+            format!(
+                "probably behind NAT: listening only on private addresses ({})",
+                listen
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some(
+                "that works through your connection to the coordinator; forward the listen port on your router (and use --listen with a fixed port) to be directly reachable",
+            ),
         ),
     };
     checks.push(check("reachability", verdict, finding, advice));
@@ -355,9 +536,18 @@ fn is_public(ip: IpAddr) -> bool {
         IpAddr::V4(v4) => {
             // 100.64.0.0/10 is carrier-grade NAT space: private in practice.
             let shared = v4.octets()[0] == 100 && (v4.octets()[1] & 0xC0) == 64;
-            !(v4.is_private() || v4.is_loopback() || v4.is_link_local() || v4.is_unspecified() || shared)
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || shared)
         }
-        IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unspecified() || v6.is_unique_local() || v6.is_unicast_link_local()),
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_unique_local()
+                || v6.is_unicast_link_local())
+        }
     }
 }
 
@@ -391,7 +581,13 @@ mod tests {
         }
         let coordinator = checks.iter().find(|c| c.name == "coordinator").unwrap();
         assert_eq!(coordinator.verdict, Verdict::Fail);
-        assert!(coordinator.advice.as_deref().unwrap_or("").contains("address"));
+        assert!(
+            coordinator
+                .advice
+                .as_deref()
+                .unwrap_or("")
+                .contains("address")
+        );
         let compute = checks.iter().find(|c| c.name == "compute").unwrap();
         assert_eq!(compute.verdict, Verdict::Ok, "{compute:?}");
     }

@@ -54,7 +54,8 @@ impl RateLimiter {
         let mut bucket = bucket.lock().await;
         let now = Instant::now();
         let elapsed = now.duration_since(bucket.refilled).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * bucket.bytes_per_second).min(bucket.bytes_per_second);
+        bucket.tokens =
+            (bucket.tokens + elapsed * bucket.bytes_per_second).min(bucket.bytes_per_second);
         bucket.refilled = now;
         bucket.tokens -= bytes as f64;
         if bucket.tokens < 0.0 {

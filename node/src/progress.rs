@@ -9,18 +9,23 @@ use tokio::sync::mpsc;
 
 /// Shows `events` as bars until the channel closes. With `bars` false it
 /// only drains the channel.
-pub fn spawn_display(mut events: mpsc::Receiver<NodeEvent>, bars: bool) -> tokio::task::JoinHandle<()> {
+pub fn spawn_display(
+    mut events: mpsc::Receiver<NodeEvent>,
+    bars: bool,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if !bars {
             while events.recv().await.is_some() {}
             return;
         }
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-        let bytes_style = ProgressStyle::with_template("{msg:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-        let spinner_style =
-            ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner());
+        let bytes_style = ProgressStyle::with_template(
+            "{msg:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let spinner_style = ProgressStyle::with_template("{spinner} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner());
         let mut downloads: HashMap<String, ProgressBar> = HashMap::new();
         let mut training: Option<ProgressBar> = None;
         while let Some(event) = events.recv().await {
@@ -46,18 +51,43 @@ pub fn spawn_display(mut events: mpsc::Receiver<NodeEvent>, bars: bool) -> tokio
                     bar.enable_steady_tick(Duration::from_millis(120));
                     training = Some(bar);
                 }
-                NodeEvent::Committed { round, bytes, tokens, .. } => {
+                NodeEvent::Committed {
+                    round,
+                    bytes,
+                    tokens,
+                    ..
+                } => {
                     if let Some(bar) = training.take() {
                         bar.finish_and_clear();
                     }
-                    let _ = multi.println(format!("round {round}: trained on {tokens} tokens, sent a {bytes}-byte update"));
+                    let _ = multi.println(format!(
+                        "round {round}: trained on {tokens} tokens, sent a {bytes}-byte update"
+                    ));
                 }
-                NodeEvent::RoundApplied { round, params_hash, matched } => {
-                    let verdict = if matched { "matches the manifest" } else { "does NOT match the manifest; resyncing" };
-                    let _ = multi.println(format!("round {round} applied: params {} {verdict}", params_hash.short()));
+                NodeEvent::RoundApplied {
+                    round,
+                    params_hash,
+                    matched,
+                } => {
+                    let verdict = if matched {
+                        "matches the manifest"
+                    } else {
+                        "does NOT match the manifest; resyncing"
+                    };
+                    let _ = multi.println(format!(
+                        "round {round} applied: params {} {verdict}",
+                        params_hash.short()
+                    ));
                 }
-                NodeEvent::Joined { node, run_id, round } => {
-                    let _ = multi.println(format!("joined run {run_id} at round {round} as {}", node.short()));
+                NodeEvent::Joined {
+                    node,
+                    run_id,
+                    round,
+                } => {
+                    let _ = multi.println(format!(
+                        "joined run {run_id} at round {round} as {}",
+                        node.short()
+                    ));
                 }
                 NodeEvent::Warning { message } => {
                     let _ = multi.println(format!("warning: {message}"));

@@ -22,7 +22,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("node state {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("node state {path} is damaged: {reason}")]
     Damaged { path: PathBuf, reason: String },
 }
@@ -57,7 +60,9 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn new(data_dir: &Path) -> StateDir {
-        StateDir { dir: data_dir.join("state") }
+        StateDir {
+            dir: data_dir.join("state"),
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -70,39 +75,67 @@ impl StateDir {
         let text = match fs::read_to_string(&record_path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { path: record_path, source }),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: record_path,
+                    source,
+                });
+            }
         };
-        let damaged = |path: &Path, reason: String| StateError::Damaged { path: path.to_owned(), reason };
-        let record: StateRecord = serde_json::from_str(&text).map_err(|e| damaged(&record_path, e.to_string()))?;
+        let damaged = |path: &Path, reason: String| StateError::Damaged {
+            path: path.to_owned(),
+            reason,
+        };
+        let record: StateRecord =
+            serde_json::from_str(&text).map_err(|e| damaged(&record_path, e.to_string()))?;
         let params = read_f32s(&self.path("params.f32"))?;
         let momentum = read_f32s(&self.path("momentum.f32"))?;
         let actual = Hash::of_f32s(&params);
         if actual.to_hex() != record.params_hash {
-            return Err(damaged(&self.path("params.f32"), format!("params hash to {actual}, state says {}", record.params_hash)));
+            return Err(damaged(
+                &self.path("params.f32"),
+                format!("params hash to {actual}, state says {}", record.params_hash),
+            ));
         }
         if momentum.len() != params.len() {
-            return Err(damaged(&self.path("momentum.f32"), "momentum and params lengths differ".into()));
+            return Err(damaged(
+                &self.path("momentum.f32"),
+                "momentum and params lengths differ".into(),
+            ));
         }
-        Ok(Some(SavedState { record, params, momentum }))
+        Ok(Some(SavedState {
+            record,
+            params,
+            momentum,
+        }))
     }
 
     /// Saves params and momentum first, the record last: the record names
     /// the params hash, so a crash between them is caught on load.
-    pub fn save(&self, record: &StateRecord, params: &[f32], momentum: &[f32]) -> Result<(), StateError> {
+    pub fn save(
+        &self,
+        record: &StateRecord,
+        params: &[f32],
+        momentum: &[f32],
+    ) -> Result<(), StateError> {
         write_atomic(&self.path("params.f32"), &f32_bytes(params))?;
         write_atomic(&self.path("momentum.f32"), &f32_bytes(momentum))?;
         self.save_record(record)
     }
 
     pub fn save_record(&self, record: &StateRecord) -> Result<(), StateError> {
-        let json = serde_json::to_vec_pretty(record)
-            .map_err(|e| StateError::Damaged { path: self.path("state.json"), reason: e.to_string() })?;
+        let json = serde_json::to_vec_pretty(record).map_err(|e| StateError::Damaged {
+            path: self.path("state.json"),
+            reason: e.to_string(),
+        })?;
         write_atomic(&self.path("state.json"), &json)
     }
 
     /// The codec residual saved for `params` values, if any.
     pub fn load_residual(&self, params: usize) -> Option<Vec<f32>> {
-        read_f32s(&self.path("residual.f32")).ok().filter(|r| r.len() == params)
+        read_f32s(&self.path("residual.f32"))
+            .ok()
+            .filter(|r| r.len() == params)
     }
 
     pub fn save_residual(&self, residual: &[f32]) -> Result<(), StateError> {
@@ -127,18 +160,31 @@ pub fn f32s_from_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
     if !bytes.len().is_multiple_of(4) {
         return None;
     }
-    Some(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Some(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
 }
 
 fn read_f32s(path: &Path) -> Result<Vec<f32>, StateError> {
-    let bytes = fs::read(path).map_err(|source| StateError::Io { path: path.to_owned(), source })?;
-    f32s_from_bytes(&bytes)
-        .ok_or_else(|| StateError::Damaged { path: path.to_owned(), reason: "length is not a multiple of 4".into() })
+    let bytes = fs::read(path).map_err(|source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    f32s_from_bytes(&bytes).ok_or_else(|| StateError::Damaged {
+        path: path.to_owned(),
+        reason: "length is not a multiple of 4".into(),
+    })
 }
 
 /// Temp file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let io = |source| StateError::Io { path: path.to_owned(), source };
+    let io = |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io)?;
     let temp = path.with_extension(format!("tmp.{}", std::process::id()));
@@ -179,7 +225,11 @@ mod tests {
         let loaded = state.load().unwrap().unwrap();
         assert_eq!(loaded.record, record);
         assert_eq!(loaded.params, params);
-        fs::write(dir.path().join("state/params.f32"), f32_bytes(&[1.0, 2.0, 3.0])).unwrap();
+        fs::write(
+            dir.path().join("state/params.f32"),
+            f32_bytes(&[1.0, 2.0, 3.0]),
+        )
+        .unwrap();
         assert!(matches!(state.load(), Err(StateError::Damaged { .. })));
         assert!(state.load_residual(3).is_none());
         state.save_residual(&[0.5; 3]).unwrap();

@@ -31,7 +31,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("blob store {path}: {action}: {source}")]
-    Io { path: PathBuf, action: &'static str, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        source: std::io::Error,
+    },
     #[error("blob {hash} is not in the store")]
     NotFound { hash: Hash },
     #[error("blob {expected} on disk hashes to {actual}: the file is corrupt and was removed")]
@@ -41,13 +45,25 @@ pub enum StoreError {
     #[error("blob {hash}: {size} bytes is over the {limit}-byte limit")]
     TooLarge { hash: Hash, size: u64, limit: u64 },
     #[error("blob {hash}: range {offset}+{len} is outside its {size} bytes")]
-    Range { hash: Hash, offset: u64, len: u64, size: u64 },
+    Range {
+        hash: Hash,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
     #[error("blob {hash}: chunk {index} is not a chunk of a {size}-byte blob")]
     BadChunk { hash: Hash, index: u64, size: u64 },
 }
 
-fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io { path: path.to_owned(), action, source }
+fn io_err<'a>(
+    path: &'a Path,
+    action: &'static str,
+) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        action,
+        source,
+    }
 }
 
 /// Number of chunks of a blob of `size` bytes (at least one, so an empty
@@ -85,7 +101,10 @@ impl BlobStore {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        Ok(BlobStore { dir: dir.to_owned(), temp_counter: AtomicU64::new(0) })
+        Ok(BlobStore {
+            dir: dir.to_owned(),
+            temp_counter: AtomicU64::new(0),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -99,7 +118,10 @@ impl BlobStore {
 
     /// The size of blob `hash` if the store has it complete.
     pub fn size(&self, hash: &Hash) -> Option<u64> {
-        fs::metadata(self.path(hash)).ok().filter(|m| m.is_file()).map(|m| m.len())
+        fs::metadata(self.path(hash))
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
     }
 
     pub fn contains(&self, hash: &Hash) -> bool {
@@ -115,13 +137,20 @@ impl BlobStore {
         }
         let temp = self.temp_path(&hash);
         let write = || -> std::io::Result<()> {
-            let mut file = OpenOptions::new().write(true).create_new(true).open(&temp)?;
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temp)?;
             file.write_all(bytes)?;
             file.sync_all()
         };
         if let Err(source) = write() {
             let _ = fs::remove_file(&temp);
-            return Err(StoreError::Io { path: temp, action: "write", source });
+            return Err(StoreError::Io {
+                path: temp,
+                action: "write",
+                source,
+            });
         }
         self.publish(&temp, &hash)?;
         Ok(hash)
@@ -129,7 +158,9 @@ impl BlobStore {
 
     fn temp_path(&self, hash: &Hash) -> PathBuf {
         let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
-        self.dir.join("tmp").join(format!("{}.{}.{n}", hash.to_hex(), std::process::id()))
+        self.dir
+            .join("tmp")
+            .join(format!("{}.{}.{n}", hash.to_hex(), std::process::id()))
     }
 
     /// Renames a synced file into place and syncs the directory so the
@@ -149,13 +180,24 @@ impl BlobStore {
         let path = self.path(hash);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::NotFound { hash: *hash }),
-            Err(source) => return Err(StoreError::Io { path, action: "read", source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound { hash: *hash });
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path,
+                    action: "read",
+                    source,
+                });
+            }
         };
         let actual = Hash::of(&bytes);
         if actual != *hash {
             let _ = fs::remove_file(&path);
-            return Err(StoreError::Corrupt { expected: *hash, actual });
+            return Err(StoreError::Corrupt {
+                expected: *hash,
+                actual,
+            });
         }
         Ok(bytes)
     }
@@ -165,11 +207,18 @@ impl BlobStore {
         let path = self.path(hash);
         let actual = hash_file(&path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => StoreError::NotFound { hash: *hash },
-            _ => StoreError::Io { path: path.clone(), action: "read", source },
+            _ => StoreError::Io {
+                path: path.clone(),
+                action: "read",
+                source,
+            },
         })?;
         if actual != *hash {
             let _ = fs::remove_file(&path);
-            return Err(StoreError::Corrupt { expected: *hash, actual });
+            return Err(StoreError::Corrupt {
+                expected: *hash,
+                actual,
+            });
         }
         Ok(())
     }
@@ -180,16 +229,30 @@ impl BlobStore {
         let path = self.path(hash);
         let file = match File::open(&path) {
             Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::NotFound { hash: *hash }),
-            Err(source) => return Err(StoreError::Io { path, action: "open", source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound { hash: *hash });
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path,
+                    action: "open",
+                    source,
+                });
+            }
         };
         let size = file.metadata().map_err(io_err(&path, "stat"))?.len();
         let end = offset.checked_add(u64::from(len));
         if end.is_none_or(|end| end > size) {
-            return Err(StoreError::Range { hash: *hash, offset, len: u64::from(len), size });
+            return Err(StoreError::Range {
+                hash: *hash,
+                offset,
+                len: u64::from(len),
+                size,
+            });
         }
         let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset).map_err(io_err(&path, "read"))?;
+        file.read_exact_at(&mut buf, offset)
+            .map_err(io_err(&path, "read"))?;
         Ok(buf)
     }
 
@@ -199,7 +262,11 @@ impl BlobStore {
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StoreError::Io { path, action: "remove", source }),
+            Err(source) => Err(StoreError::Io {
+                path,
+                action: "remove",
+                source,
+            }),
         }
     }
 
@@ -209,7 +276,9 @@ impl BlobStore {
         let entries = fs::read_dir(&self.dir).map_err(io_err(&self.dir, "list"))?;
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(hash) = name.to_str().and_then(|n| n.parse::<Hash>().ok()) else { continue };
+            let Some(hash) = name.to_str().and_then(|n| n.parse::<Hash>().ok()) else {
+                continue;
+            };
             if let Ok(meta) = entry.metadata()
                 && meta.is_file()
             {
@@ -223,7 +292,11 @@ impl BlobStore {
     /// Starts or resumes the download of blob `hash` of `size` bytes.
     pub fn partial(&self, hash: Hash, size: u64) -> Result<Partial, StoreError> {
         if size > MAX_BLOB_BYTES {
-            return Err(StoreError::TooLarge { hash, size, limit: MAX_BLOB_BYTES });
+            return Err(StoreError::TooLarge {
+                hash,
+                size,
+                limit: MAX_BLOB_BYTES,
+            });
         }
         Partial::open(self, hash, size)
     }
@@ -237,7 +310,10 @@ impl BlobStore {
 
     fn partial_paths(&self, hash: &Hash) -> (PathBuf, PathBuf) {
         let base = self.dir.join("partial");
-        (base.join(format!("{}.part", hash.to_hex())), base.join(format!("{}.journal", hash.to_hex())))
+        (
+            base.join(format!("{}.part", hash.to_hex())),
+            base.join(format!("{}.journal", hash.to_hex())),
+        )
     }
 }
 
@@ -295,7 +371,8 @@ impl Partial {
             .truncate(false)
             .open(&part_path)
             .map_err(io_err(&part_path, "open partial download"))?;
-        part.set_len(size).map_err(io_err(&part_path, "size partial download"))?;
+        part.set_len(size)
+            .map_err(io_err(&part_path, "size partial download"))?;
         if resumable && let Some(records) = existing {
             // The journal says these chunks were written; re-check each
             // against the hash recorded with it (the disk may have lost or
@@ -328,7 +405,15 @@ impl Partial {
                 .and_then(|_| journal.sync_data())
                 .map_err(io_err(&journal_path, "write journal"))?;
         }
-        Ok(Partial { hash, size, part_path, journal_path, part, journal: Mutex::new(journal), done: Mutex::new(done) })
+        Ok(Partial {
+            hash,
+            size,
+            part_path,
+            journal_path,
+            part,
+            journal: Mutex::new(journal),
+            done: Mutex::new(done),
+        })
     }
 
     pub fn hash(&self) -> Hash {
@@ -345,13 +430,23 @@ impl Partial {
 
     /// Indices of the chunks still to fetch.
     pub fn missing(&self) -> Vec<u64> {
-        let done = self.done.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        done.iter().enumerate().filter(|(_, d)| !**d).map(|(i, _)| i as u64).collect()
+        let done = self
+            .done
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        done.iter()
+            .enumerate()
+            .filter(|(_, d)| !**d)
+            .map(|(i, _)| i as u64)
+            .collect()
     }
 
     /// Chunks already done (e.g. resumed from a previous run).
     pub fn done_count(&self) -> u64 {
-        let done = self.done.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let done = self
+            .done
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         done.iter().filter(|d| **d).count() as u64
     }
 
@@ -361,21 +456,35 @@ impl Partial {
     pub fn write_chunk(&self, index: u64, data: &[u8]) -> Result<(), StoreError> {
         let (offset, len) = chunk_range(self.size, index);
         if index >= self.chunk_count() || data.len() as u64 != len {
-            return Err(StoreError::BadChunk { hash: self.hash, index, size: self.size });
+            return Err(StoreError::BadChunk {
+                hash: self.hash,
+                index,
+                size: self.size,
+            });
         }
-        self.part.write_all_at(data, offset).map_err(io_err(&self.part_path, "write chunk"))?;
-        self.part.sync_data().map_err(io_err(&self.part_path, "sync chunk"))?;
+        self.part
+            .write_all_at(data, offset)
+            .map_err(io_err(&self.part_path, "write chunk"))?;
+        self.part
+            .sync_data()
+            .map_err(io_err(&self.part_path, "sync chunk"))?;
         let mut record = [0u8; RECORD_BYTES];
         record[..8].copy_from_slice(&index.to_le_bytes());
         record[8..].copy_from_slice(Hash::of(data).as_bytes());
         {
-            let mut journal = self.journal.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut journal = self
+                .journal
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             journal
                 .write_all(&record)
                 .and_then(|_| journal.sync_data())
                 .map_err(io_err(&self.journal_path, "write journal"))?;
         }
-        let mut done = self.done.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut done = self
+            .done
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(slot) = done.get_mut(index as usize) {
             *slot = true;
         }
@@ -386,7 +495,9 @@ impl Partial {
     pub fn read_chunk(&self, index: u64) -> Result<Vec<u8>, StoreError> {
         let (offset, len) = chunk_range(self.size, index);
         let mut buf = vec![0u8; len as usize];
-        self.part.read_exact_at(&mut buf, offset).map_err(io_err(&self.part_path, "read chunk"))?;
+        self.part
+            .read_exact_at(&mut buf, offset)
+            .map_err(io_err(&self.part_path, "read chunk"))?;
         Ok(buf)
     }
 
@@ -395,12 +506,21 @@ impl Partial {
     /// caller can replace suspect chunks and check again).
     pub fn finish(&self, store: &BlobStore) -> Result<(), StoreError> {
         if !self.missing().is_empty() {
-            return Err(StoreError::BadChunk { hash: self.hash, index: self.missing()[0], size: self.size });
+            return Err(StoreError::BadChunk {
+                hash: self.hash,
+                index: self.missing()[0],
+                size: self.size,
+            });
         }
-        self.part.sync_all().map_err(io_err(&self.part_path, "sync"))?;
+        self.part
+            .sync_all()
+            .map_err(io_err(&self.part_path, "sync"))?;
         let actual = hash_file(&self.part_path).map_err(io_err(&self.part_path, "hash"))?;
         if actual != self.hash {
-            return Err(StoreError::Mismatch { expected: self.hash, actual });
+            return Err(StoreError::Mismatch {
+                expected: self.hash,
+                actual,
+            });
         }
         store.publish(&self.part_path, &self.hash)?;
         let _ = fs::remove_file(&self.journal_path);
@@ -450,11 +570,20 @@ mod tests {
         assert_eq!(hash, Hash::of(b"hello blob"));
         assert_eq!(store.read(&hash).unwrap(), b"hello blob");
         assert_eq!(store.read_range(&hash, 6, 4).unwrap(), b"blob");
-        assert!(matches!(store.read_range(&hash, 6, 5), Err(StoreError::Range { .. })));
-        assert!(matches!(store.read_range(&hash, u64::MAX, 5), Err(StoreError::Range { .. })));
+        assert!(matches!(
+            store.read_range(&hash, 6, 5),
+            Err(StoreError::Range { .. })
+        ));
+        assert!(matches!(
+            store.read_range(&hash, u64::MAX, 5),
+            Err(StoreError::Range { .. })
+        ));
         fs::write(store.path(&hash), b"hellO blob").unwrap();
         assert!(matches!(store.read(&hash), Err(StoreError::Corrupt { .. })));
-        assert!(!store.contains(&hash), "a corrupt blob is removed so it is fetched again");
+        assert!(
+            !store.contains(&hash),
+            "a corrupt blob is removed so it is fetched again"
+        );
     }
 
     #[test]
@@ -472,12 +601,16 @@ mod tests {
             assert_eq!(partial.missing(), vec![0, 1, 2]);
             partial.write_chunk(0, chunk(0)).unwrap();
             partial.write_chunk(2, chunk(2)).unwrap();
-            assert!(matches!(partial.write_chunk(1, &[0u8; 3]), Err(StoreError::BadChunk { .. })));
+            assert!(matches!(
+                partial.write_chunk(1, &[0u8; 3]),
+                Err(StoreError::BadChunk { .. })
+            ));
         }
         // Mangle chunk 2 on disk: the resume must notice and refetch it.
         let (part, _) = store.partial_paths(&hash);
         let file = OpenOptions::new().write(true).open(&part).unwrap();
-        file.write_all_at(&[0xFF], BLOB_CHUNK_BYTES as u64 * 2).unwrap();
+        file.write_all_at(&[0xFF], BLOB_CHUNK_BYTES as u64 * 2)
+            .unwrap();
         let partial = store.partial(hash, size).unwrap();
         assert_eq!(partial.missing(), vec![1, 2]);
         partial.write_chunk(1, chunk(1)).unwrap();
@@ -495,11 +628,17 @@ mod tests {
         let hash = Hash::of(b"right");
         let partial = store.partial(hash, 5).unwrap();
         partial.write_chunk(0, b"wrong").unwrap();
-        assert!(matches!(partial.finish(&store), Err(StoreError::Mismatch { .. })));
+        assert!(matches!(
+            partial.finish(&store),
+            Err(StoreError::Mismatch { .. })
+        ));
         assert!(!store.contains(&hash));
         partial.write_chunk(0, b"right").unwrap();
         partial.finish(&store).unwrap();
         assert!(store.contains(&hash));
-        assert!(matches!(store.partial(hash, MAX_BLOB_BYTES + 1), Err(StoreError::TooLarge { .. })));
+        assert!(matches!(
+            store.partial(hash, MAX_BLOB_BYTES + 1),
+            Err(StoreError::TooLarge { .. })
+        ));
     }
 }

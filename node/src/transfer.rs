@@ -58,7 +58,11 @@ pub enum FetchError {
     #[error("blob {hash}: every provider failed or was dropped; {remaining} chunks still missing")]
     ProvidersExhausted { hash: Hash, remaining: usize },
     #[error("blob {hash}: providers claim {claimed} bytes, but {expected} bytes were expected")]
-    WrongSize { hash: Hash, claimed: u64, expected: u64 },
+    WrongSize {
+        hash: Hash,
+        claimed: u64,
+        expected: u64,
+    },
     #[error("blob {hash}: providers' bytes never hashed to its name; download discarded")]
     Unverifiable { hash: Hash },
     #[error("blob {hash}: {source}")]
@@ -121,7 +125,14 @@ enum Outcome {
 
 impl Fetcher {
     pub fn new(client: Client, store: Arc<BlobStore>, download: RateLimiter) -> Fetcher {
-        Fetcher { client, store, download, max_in_flight: MAX_IN_FLIGHT, per_provider: MAX_IN_FLIGHT_PER_PROVIDER, progress: None }
+        Fetcher {
+            client,
+            store,
+            download,
+            max_in_flight: MAX_IN_FLIGHT,
+            per_provider: MAX_IN_FLIGHT_PER_PROVIDER,
+            progress: None,
+        }
     }
 
     /// Overrides the concurrency bounds (at least 1 each).
@@ -167,20 +178,27 @@ impl Fetcher {
             report.already_had = true;
             return Ok(report);
         }
-        let (size, peers) = self.find_size(hash, expected_size, candidates, &mut report, cancel).await?;
+        let (size, peers) = self
+            .find_size(hash, expected_size, candidates, &mut report, cancel)
+            .await?;
         report.size = size;
         if size == 0 {
             // Nothing to fetch: the empty blob either is the one named, or a lie.
             if hash != Hash::of(&[]) {
                 return Err(FetchError::Unverifiable { hash });
             }
-            self.store.put(&[]).map_err(|source| FetchError::Store { hash, source })?;
+            self.store
+                .put(&[])
+                .map_err(|source| FetchError::Store { hash, source })?;
             return Ok(report);
         }
         let store = Arc::clone(&self.store);
         let partial = tokio::task::spawn_blocking(move || store.partial(hash, size))
             .await
-            .map_err(|e| FetchError::Store { hash, source: join_error(e) })?
+            .map_err(|e| FetchError::Store {
+                hash,
+                source: join_error(e),
+            })?
             .map_err(|source| FetchError::Store { hash, source })?;
         let partial = Arc::new(partial);
         report.chunks_resumed = partial.done_count();
@@ -189,18 +207,36 @@ impl Fetcher {
         }
         let mut providers: Vec<Provider> = peers
             .into_iter()
-            .map(|peer| Provider { peer, in_flight: 0, failures: 0, not_before: Instant::now(), active: true })
+            .map(|peer| Provider {
+                peer,
+                in_flight: 0,
+                failures: 0,
+                not_before: Instant::now(),
+                active: true,
+            })
             .collect();
         // Who served each chunk; `None` for chunks resumed from disk.
         let mut served_by: BTreeMap<u64, Option<usize>> = BTreeMap::new();
         let missing = partial.missing();
-        self.fetch_chunks(&partial, missing, &mut providers, &mut served_by, None, &mut report, cancel).await?;
+        self.fetch_chunks(
+            &partial,
+            missing,
+            &mut providers,
+            &mut served_by,
+            None,
+            &mut report,
+            cancel,
+        )
+        .await?;
         match self.finish(&partial).await {
             Ok(()) => {
                 self.note_used(&providers, &served_by, &mut report);
                 return Ok(report);
             }
-            Err(FetchError::Store { source: StoreError::Mismatch { actual, .. }, .. }) => {
+            Err(FetchError::Store {
+                source: StoreError::Mismatch { actual, .. },
+                ..
+            }) => {
                 tracing::warn!(blob = %hash.short(), "assembled bytes hash to {}; looking for the provider that lied", actual.short());
             }
             Err(e) => return Err(e),
@@ -208,28 +244,51 @@ impl Fetcher {
         // Suspects: every contributor, the one with the most chunks first.
         let mut counts: BTreeMap<Option<usize>, usize> = BTreeMap::new();
         for index in 0..partial.chunk_count() {
-            *counts.entry(served_by.get(&index).copied().flatten()).or_default() += 1;
+            *counts
+                .entry(served_by.get(&index).copied().flatten())
+                .or_default() += 1;
         }
         let mut suspects: Vec<(Option<usize>, usize)> = counts.into_iter().collect();
         suspects.sort_by_key(|s| std::cmp::Reverse(s.1));
         for (suspect, _) in suspects {
-            let others = providers.iter().enumerate().any(|(i, p)| p.active && Some(i) != suspect);
+            let others = providers
+                .iter()
+                .enumerate()
+                .any(|(i, p)| p.active && Some(i) != suspect);
             if !others {
                 continue;
             }
             let chunks: Vec<u64> = (0..partial.chunk_count())
                 .filter(|i| served_by.get(i).copied().flatten() == suspect)
                 .collect();
-            self.fetch_chunks(&partial, chunks, &mut providers, &mut served_by, suspect, &mut report, cancel).await?;
+            self.fetch_chunks(
+                &partial,
+                chunks,
+                &mut providers,
+                &mut served_by,
+                suspect,
+                &mut report,
+                cancel,
+            )
+            .await?;
             match self.finish(&partial).await {
                 Ok(()) => {
                     if let Some(index) = suspect {
-                        self.drop_bad(&mut providers, index, "served bytes that do not hash to the blob", &mut report).await;
+                        self.drop_bad(
+                            &mut providers,
+                            index,
+                            "served bytes that do not hash to the blob",
+                            &mut report,
+                        )
+                        .await;
                     }
                     self.note_used(&providers, &served_by, &mut report);
                     return Ok(report);
                 }
-                Err(FetchError::Store { source: StoreError::Mismatch { .. }, .. }) => continue,
+                Err(FetchError::Store {
+                    source: StoreError::Mismatch { .. },
+                    ..
+                }) => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -237,8 +296,18 @@ impl Fetcher {
         Err(FetchError::Unverifiable { hash })
     }
 
-    fn note_used(&self, providers: &[Provider], served_by: &BTreeMap<u64, Option<usize>>, report: &mut FetchReport) {
-        let mut used: Vec<PeerId> = served_by.values().flatten().filter_map(|i| providers.get(*i)).map(|p| p.peer).collect();
+    fn note_used(
+        &self,
+        providers: &[Provider],
+        served_by: &BTreeMap<u64, Option<usize>>,
+        report: &mut FetchReport,
+    ) {
+        let mut used: Vec<PeerId> = served_by
+            .values()
+            .flatten()
+            .filter_map(|i| providers.get(*i))
+            .map(|p| p.peer)
+            .collect();
         used.sort();
         used.dedup();
         report.providers_used = used;
@@ -250,7 +319,10 @@ impl Fetcher {
         let partial = Arc::clone(partial);
         tokio::task::spawn_blocking(move || partial.finish(&store))
             .await
-            .map_err(|e| FetchError::Store { hash, source: join_error(e) })?
+            .map_err(|e| FetchError::Store {
+                hash,
+                source: join_error(e),
+            })?
             .map_err(|source| FetchError::Store { hash, source })
     }
 
@@ -272,7 +344,11 @@ impl Fetcher {
             .map(|&peer| {
                 let client = self.client.clone();
                 async move {
-                    let answer = tokio::time::timeout(HAVE_TIMEOUT, client.blob_request(peer, BlobRequest::Have { hash })).await;
+                    let answer = tokio::time::timeout(
+                        HAVE_TIMEOUT,
+                        client.blob_request(peer, BlobRequest::Have { hash }),
+                    )
+                    .await;
                     (peer, answer)
                 }
             })
@@ -294,7 +370,10 @@ impl Fetcher {
             }
         }
         if claims.is_empty() {
-            return Err(FetchError::NoProviders { hash, asked: unique.len() });
+            return Err(FetchError::NoProviders {
+                hash,
+                asked: unique.len(),
+            });
         }
         // With a known size, anyone claiming another is wrong; without one,
         // go with the size most providers claim, and never one over the cap.
@@ -305,7 +384,11 @@ impl Fetcher {
                 for (_, size) in &claims {
                     *votes.entry(*size).or_default() += 1;
                 }
-                votes.into_iter().max_by_key(|(size, n)| (*n, std::cmp::Reverse(*size))).map(|(s, _)| s).unwrap_or(0)
+                votes
+                    .into_iter()
+                    .max_by_key(|(size, n)| (*n, std::cmp::Reverse(*size)))
+                    .map(|(s, _)| s)
+                    .unwrap_or(0)
             }
         };
         let mut peers = Vec::new();
@@ -313,7 +396,10 @@ impl Fetcher {
             if *claimed == size && size <= MAX_BLOB_BYTES {
                 peers.push(*peer);
             } else {
-                let reason = format!("claims blob {} is {claimed} bytes, expected {size}", hash.short());
+                let reason = format!(
+                    "claims blob {} is {claimed} bytes, expected {size}",
+                    hash.short()
+                );
                 tracing::warn!(%peer, "dropping provider: {reason}");
                 if expected.is_some() || *claimed > MAX_BLOB_BYTES {
                     let _ = self.client.penalize(*peer, reason.clone()).await;
@@ -323,20 +409,40 @@ impl Fetcher {
         }
         if peers.is_empty() {
             let claimed = claims.first().map(|c| c.1).unwrap_or(0);
-            return Err(FetchError::WrongSize { hash, claimed, expected: size });
+            return Err(FetchError::WrongSize {
+                hash,
+                claimed,
+                expected: size,
+            });
         }
         Ok((size, peers))
     }
 
-    async fn drop_bad(&self, providers: &mut [Provider], index: usize, reason: &str, report: &mut FetchReport) {
+    async fn drop_bad(
+        &self,
+        providers: &mut [Provider],
+        index: usize,
+        reason: &str,
+        report: &mut FetchReport,
+    ) {
         if let Some(provider) = providers.get_mut(index) {
-            if !provider.active && report.bad_providers.iter().any(|(p, _)| *p == provider.peer) {
+            if !provider.active
+                && report
+                    .bad_providers
+                    .iter()
+                    .any(|(p, _)| *p == provider.peer)
+            {
                 return;
             }
             provider.active = false;
             tracing::warn!(peer = %provider.peer, "dropping provider: {reason}");
-            let _ = self.client.penalize(provider.peer, reason.to_string()).await;
-            report.bad_providers.push((provider.peer, reason.to_string()));
+            let _ = self
+                .client
+                .penalize(provider.peer, reason.to_string())
+                .await;
+            report
+                .bad_providers
+                .push((provider.peer, reason.to_string()));
         }
     }
 
@@ -366,13 +472,18 @@ impl Fetcher {
                     .iter()
                     .enumerate()
                     .filter(|(i, p)| {
-                        p.active && Some(*i) != exclude && p.in_flight < self.per_provider && p.not_before <= now
+                        p.active
+                            && Some(*i) != exclude
+                            && p.in_flight < self.per_provider
+                            && p.not_before <= now
                     })
                     .min_by_key(|(_, p)| (p.in_flight, p.failures))
                     .map(|(i, _)| i);
                 // Only take a chunk off the queue once someone can fetch it.
                 let Some(index) = pick else { break };
-                let Some(chunk) = queue.pop_front() else { break };
+                let Some(chunk) = queue.pop_front() else {
+                    break;
+                };
                 providers[index].in_flight += 1;
                 let peer = providers[index].peer;
                 let (offset, len) = chunk_range(size, chunk);
@@ -380,20 +491,36 @@ impl Fetcher {
                 let download = self.download.clone();
                 let partial = Arc::clone(partial);
                 in_flight.push(async move {
-                    let request = BlobRequest::Chunk { hash, offset, len: len as u32 };
-                    let outcome = match tokio::time::timeout(CHUNK_TIMEOUT, client.blob_request(peer, request)).await {
+                    let request = BlobRequest::Chunk {
+                        hash,
+                        offset,
+                        len: len as u32,
+                    };
+                    let outcome = match tokio::time::timeout(
+                        CHUNK_TIMEOUT,
+                        client.blob_request(peer, request),
+                    )
+                    .await
+                    {
                         Err(_) => Outcome::Failed("timed out".into()),
                         Ok(Err(NetworkError::Closed)) => Outcome::Failed("network stopped".into()),
                         Ok(Err(e)) => Outcome::Failed(e.to_string()),
                         Ok(Ok(BlobResponse::Chunk { data })) if data.len() as u64 == len => {
                             download.acquire(len).await;
-                            match tokio::task::spawn_blocking(move || partial.write_chunk(chunk, &data)).await {
+                            match tokio::task::spawn_blocking(move || {
+                                partial.write_chunk(chunk, &data)
+                            })
+                            .await
+                            {
                                 Ok(Ok(())) => Outcome::Written(len),
                                 Ok(Err(e)) => Outcome::Store(e),
                                 Err(e) => Outcome::Store(join_error(e)),
                             }
                         }
-                        Ok(Ok(BlobResponse::Chunk { data })) => Outcome::WrongLength { got: data.len(), expected: len },
+                        Ok(Ok(BlobResponse::Chunk { data })) => Outcome::WrongLength {
+                            got: data.len(),
+                            expected: len,
+                        },
                         Ok(Ok(BlobResponse::NotFound)) => Outcome::NotFound,
                         Ok(Ok(BlobResponse::Refused { reason })) => Outcome::Refused(reason),
                         Ok(Ok(BlobResponse::Have { .. })) => Outcome::Unexpected,
@@ -414,7 +541,12 @@ impl Fetcher {
                     .map(|(_, p)| p.not_before)
                     .min();
                 match waiting {
-                    None => return Err(FetchError::ProvidersExhausted { hash, remaining: queue.len() }),
+                    None => {
+                        return Err(FetchError::ProvidersExhausted {
+                            hash,
+                            remaining: queue.len(),
+                        });
+                    }
                     Some(at) => {
                         tokio::select! {
                             biased;
@@ -438,18 +570,30 @@ impl Fetcher {
                     report.chunks_fetched += 1;
                     report.bytes_fetched += len;
                     if let Some(progress) = &self.progress {
-                        let done = (total_chunks - partial.missing().len() as u64).min(total_chunks);
-                        progress((done * crate::store::chunk_range(size, 0).1).min(size), size);
+                        let done =
+                            (total_chunks - partial.missing().len() as u64).min(total_chunks);
+                        progress(
+                            (done * crate::store::chunk_range(size, 0).1).min(size),
+                            size,
+                        );
                     }
                 }
                 Outcome::Store(source) => return Err(FetchError::Store { hash, source }),
                 Outcome::WrongLength { got, expected } => {
-                    let reason = format!("sent {got} bytes for a {expected}-byte chunk (truncated or oversized)");
+                    let reason = format!(
+                        "sent {got} bytes for a {expected}-byte chunk (truncated or oversized)"
+                    );
                     self.drop_bad(providers, index, &reason, report).await;
                     queue.push_back(chunk);
                 }
                 Outcome::Unexpected => {
-                    self.drop_bad(providers, index, "answered a chunk request with the wrong message", report).await;
+                    self.drop_bad(
+                        providers,
+                        index,
+                        "answered a chunk request with the wrong message",
+                        report,
+                    )
+                    .await;
                     queue.push_back(chunk);
                 }
                 Outcome::NotFound => {
@@ -478,5 +622,9 @@ impl Fetcher {
 }
 
 fn join_error(e: tokio::task::JoinError) -> StoreError {
-    StoreError::Io { path: Default::default(), action: "run blocking task", source: std::io::Error::other(e.to_string()) }
+    StoreError::Io {
+        path: Default::default(),
+        action: "run blocking task",
+        source: std::io::Error::other(e.to_string()),
+    }
 }

@@ -11,20 +11,22 @@
 
 mod support;
 
+use barnraise_node::limiter::RateLimiter;
 use barnraise_node::network::codec::read_framed;
 use barnraise_node::network::{BlobSource, Event, Topic};
 use barnraise_node::store::{BlobStore, StoreError};
 use barnraise_node::transfer::{FetchError, Fetcher};
-use barnraise_node::limiter::RateLimiter;
 use barnraise_node::{NodeConfig, NodeEvent, SyncSource, run_node};
-use barnraise_protocol::aggregate::{AggregationRule, apply_round};
-use barnraise_protocol::messages::{AcceptedUpdate, Assignment, CoordinatorResponse, Manifest, RunConfig, ShardInfo, Welcome};
-use barnraise_protocol::outer::{OuterConfig, OuterOptimizer};
 use barnraise_protocol::NodeId;
-use barnraise_trainer::ModelConfig;
+use barnraise_protocol::aggregate::{AggregationRule, apply_round};
 use barnraise_protocol::limits::BLOB_CHUNK_BYTES;
+use barnraise_protocol::messages::{
+    AcceptedUpdate, Assignment, CoordinatorResponse, Manifest, RunConfig, ShardInfo, Welcome,
+};
 use barnraise_protocol::messages::{BlobRequest, BlobResponse, CoordinatorRequest, RoundPlan};
+use barnraise_protocol::outer::{OuterConfig, OuterOptimizer};
 use barnraise_protocol::{Hash, Signed, SigningKey};
+use barnraise_trainer::ModelConfig;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -125,9 +127,21 @@ async fn blob_from_two_providers_survives_a_corrupting_one() {
     let honest_id = fetcher_peer.client.dial(honest.addr.clone()).await.unwrap();
     let liar_id = fetcher_peer.client.dial(liar.addr.clone()).await.unwrap();
 
-    let fetcher = Fetcher::new(fetcher_peer.client.clone(), fetch_store.clone(), RateLimiter::unlimited());
+    let fetcher = Fetcher::new(
+        fetcher_peer.client.clone(),
+        fetch_store.clone(),
+        RateLimiter::unlimited(),
+    );
     let started = std::time::Instant::now();
-    let report = fetcher.fetch(hash, Some(size as u64), &[liar_id, honest_id], &CancellationToken::new()).await.unwrap();
+    let report = fetcher
+        .fetch(
+            hash,
+            Some(size as u64),
+            &[liar_id, honest_id],
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
     let elapsed = started.elapsed();
     eprintln!(
         "50 MB from two providers (one lying): {:.1} MB/s incl. re-fetches; {} chunks fetched for {} in the blob",
@@ -138,13 +152,32 @@ async fn blob_from_two_providers_survives_a_corrupting_one() {
     assert!(fetch_store.verify(&hash).is_ok(), "the blob arrived intact");
     assert_eq!(fetch_store.size(&hash), Some(size as u64));
     let bad: Vec<_> = report.bad_providers.iter().map(|(p, _)| *p).collect();
-    assert_eq!(bad, vec![liar_id], "the liar, and only the liar, was dropped: {:?}", report.bad_providers);
+    assert_eq!(
+        bad,
+        vec![liar_id],
+        "the liar, and only the liar, was dropped: {:?}",
+        report.bad_providers
+    );
     let score = fetcher_peer.client.peer_score(liar_id).await.unwrap();
-    assert!(score.is_some_and(|s| s < 0.0), "the liar was penalized: {score:?}");
+    assert!(
+        score.is_some_and(|s| s < 0.0),
+        "the liar was penalized: {score:?}"
+    );
     let honest_score = fetcher_peer.client.peer_score(honest_id).await.unwrap();
-    assert!(honest_score.is_none_or(|s| s >= 0.0), "the honest provider was not: {honest_score:?}");
+    assert!(
+        honest_score.is_none_or(|s| s >= 0.0),
+        "the honest provider was not: {honest_score:?}"
+    );
     // A second fetch finds it in the store and moves nothing.
-    let again = fetcher.fetch(hash, Some(size as u64), &[honest_id], &CancellationToken::new()).await.unwrap();
+    let again = fetcher
+        .fetch(
+            hash,
+            Some(size as u64),
+            &[honest_id],
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
     assert!(again.already_had && again.bytes_fetched == 0);
     for peer in [honest, liar, fetcher_peer] {
         peer.stop().await;
@@ -163,7 +196,10 @@ async fn interrupted_transfer_resumes_after_restart_without_refetching() {
     let fetch_dir = tempfile::tempdir().unwrap();
 
     // First run: one chunk at a time, stopped once 5 chunks are in.
-    let first_source = Counting { store: provider_store.clone(), served: Default::default() };
+    let first_source = Counting {
+        store: provider_store.clone(),
+        served: Default::default(),
+    };
     let first_provider = spawn_peer(10, Arc::new(first_source), false).await;
     let first_resumed_or_fetched;
     {
@@ -184,9 +220,14 @@ async fn interrupted_transfer_resumes_after_restart_without_refetching() {
         let fetcher = Fetcher::new(node.client.clone(), store.clone(), RateLimiter::unlimited())
             .with_concurrency(1, 1)
             .with_progress(progress);
-        let result = fetcher.fetch(hash, Some(size as u64), &[provider], &cancel).await;
+        let result = fetcher
+            .fetch(hash, Some(size as u64), &[provider], &cancel)
+            .await;
         assert!(matches!(result, Err(FetchError::Cancelled)), "{result:?}");
-        assert!(!store.contains(&hash), "an unfinished blob never appears under its name");
+        assert!(
+            !store.contains(&hash),
+            "an unfinished blob never appears under its name"
+        );
         first_resumed_or_fetched = written.load(Ordering::SeqCst);
         node.stop().await;
     }
@@ -195,20 +236,46 @@ async fn interrupted_transfer_resumes_after_restart_without_refetching() {
 
     // Restart on the same data dir, fetching from a fresh provider that
     // records exactly which chunks are asked of it.
-    let second_source = Counting { store: provider_store.clone(), served: Default::default() };
+    let second_source = Counting {
+        store: provider_store.clone(),
+        served: Default::default(),
+    };
     let served = second_source.served.clone();
     let second_provider = spawn_peer(12, Arc::new(second_source), false).await;
     let store = Arc::new(BlobStore::open(fetch_dir.path()).unwrap());
     let node = spawn_peer(13, store.clone(), false).await;
-    let provider = node.client.dial(second_provider.addr.clone()).await.unwrap();
+    let provider = node
+        .client
+        .dial(second_provider.addr.clone())
+        .await
+        .unwrap();
     let fetcher = Fetcher::new(node.client.clone(), store.clone(), RateLimiter::unlimited());
-    let report = fetcher.fetch(hash, Some(size as u64), &[provider], &CancellationToken::new()).await.unwrap();
+    let report = fetcher
+        .fetch(
+            hash,
+            Some(size as u64),
+            &[provider],
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
     assert_eq!(store.read(&hash).unwrap(), data);
     assert!(report.chunks_resumed >= 5, "{report:?}");
-    assert_eq!(report.chunks_resumed + report.chunks_fetched, total_chunks, "{report:?}");
+    assert_eq!(
+        report.chunks_resumed + report.chunks_fetched,
+        total_chunks,
+        "{report:?}"
+    );
     let served = served.lock().unwrap().clone();
-    assert_eq!(served.len() as u64, report.chunks_fetched, "served: {served:?}");
-    assert!(served.values().all(|n| *n == 1), "no chunk was asked twice: {served:?}");
+    assert_eq!(
+        served.len() as u64,
+        report.chunks_fetched,
+        "served: {served:?}"
+    );
+    assert!(
+        served.values().all(|n| *n == 1),
+        "no chunk was asked twice: {served:?}"
+    );
     node.stop().await;
     second_provider.stop().await;
 }
@@ -221,20 +288,35 @@ async fn oversized_requests_are_refused_without_large_allocations() {
         let mut hostile = claimed.to_le_bytes().to_vec();
         hostile.extend_from_slice(&[7u8; 64]);
         let (result, largest) = largest_allocation(|| {
-            futures::executor::block_on(read_framed::<BlobRequest, _>(&mut futures::io::Cursor::new(&hostile)))
+            futures::executor::block_on(read_framed::<BlobRequest, _>(
+                &mut futures::io::Cursor::new(&hostile),
+            ))
         });
         assert!(result.is_err());
-        assert!(largest <= 64 * 1024, "refusing a {claimed}-byte request allocated {largest} bytes");
+        assert!(
+            largest <= 64 * 1024,
+            "refusing a {claimed}-byte request allocated {largest} bytes"
+        );
         let (result, largest) = largest_allocation(|| {
-            futures::executor::block_on(read_framed::<BlobResponse, _>(&mut futures::io::Cursor::new(&hostile)))
+            futures::executor::block_on(read_framed::<BlobResponse, _>(
+                &mut futures::io::Cursor::new(&hostile),
+            ))
         });
         assert!(result.is_err());
-        assert!(largest <= 64 * 1024, "refusing a {claimed}-byte response allocated {largest} bytes");
+        assert!(
+            largest <= 64 * 1024,
+            "refusing a {claimed}-byte response allocated {largest} bytes"
+        );
         let (result, largest) = largest_allocation(|| {
-            futures::executor::block_on(read_framed::<CoordinatorRequest, _>(&mut futures::io::Cursor::new(&hostile)))
+            futures::executor::block_on(read_framed::<CoordinatorRequest, _>(
+                &mut futures::io::Cursor::new(&hostile),
+            ))
         });
         assert!(result.is_err());
-        assert!(largest <= 64 * 1024, "refusing a {claimed}-byte coordinator request allocated {largest} bytes");
+        assert!(
+            largest <= 64 * 1024,
+            "refusing a {claimed}-byte coordinator request allocated {largest} bytes"
+        );
     }
 
     // Over the network: a chunk request over the chunk cap is refused, and
@@ -244,17 +326,60 @@ async fn oversized_requests_are_refused_without_large_allocations() {
     let hash = store.put(&pseudo_random_bytes(1000, 3)).unwrap();
     let provider = spawn_peer(20, store, false).await;
     let asker_dir = tempfile::tempdir().unwrap();
-    let asker = spawn_peer(21, Arc::new(BlobStore::open(asker_dir.path()).unwrap()), false).await;
+    let asker = spawn_peer(
+        21,
+        Arc::new(BlobStore::open(asker_dir.path()).unwrap()),
+        false,
+    )
+    .await;
     let peer = asker.client.dial(provider.addr.clone()).await.unwrap();
-    let too_long = BlobRequest::Chunk { hash, offset: 0, len: u32::MAX };
+    let too_long = BlobRequest::Chunk {
+        hash,
+        offset: 0,
+        len: u32::MAX,
+    };
     let answer = asker.client.blob_request(peer, too_long).await.unwrap();
     assert!(matches!(answer, BlobResponse::Refused { .. }), "{answer:?}");
-    let answer = asker.client.blob_request(peer, BlobRequest::Chunk { hash, offset: 990, len: 10 }).await.unwrap();
-    assert!(matches!(answer, BlobResponse::Chunk { ref data } if data.len() == 10), "{answer:?}");
-    let past_end = asker.client.blob_request(peer, BlobRequest::Chunk { hash, offset: 995, len: 10 }).await.unwrap();
-    assert!(matches!(past_end, BlobResponse::Refused { .. }), "{past_end:?}");
+    let answer = asker
+        .client
+        .blob_request(
+            peer,
+            BlobRequest::Chunk {
+                hash,
+                offset: 990,
+                len: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer, BlobResponse::Chunk { ref data } if data.len() == 10),
+        "{answer:?}"
+    );
+    let past_end = asker
+        .client
+        .blob_request(
+            peer,
+            BlobRequest::Chunk {
+                hash,
+                offset: 995,
+                len: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(past_end, BlobResponse::Refused { .. }),
+        "{past_end:?}"
+    );
     // A node does not answer the coordinator protocol at all.
-    assert!(asker.client.coordinator_request(peer, CoordinatorRequest::CurrentPlan).await.is_err());
+    assert!(
+        asker
+            .client
+            .coordinator_request(peer, CoordinatorRequest::CurrentPlan)
+            .await
+            .is_err()
+    );
     asker.stop().await;
     provider.stop().await;
 }
@@ -264,12 +389,20 @@ async fn gossip_from_a_non_coordinator_signer_is_rejected() {
     let coordinator_key = SigningKey::from_seed([30; 32]).unwrap();
     let impostor_key = SigningKey::from_seed([31; 32]).unwrap();
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let stores: Vec<_> = dirs.iter().map(|d| Arc::new(BlobStore::open(d.path()).unwrap())).collect();
+    let stores: Vec<_> = dirs
+        .iter()
+        .map(|d| Arc::new(BlobStore::open(d.path()).unwrap()))
+        .collect();
     let node = spawn_peer(32, stores[0].clone(), false).await;
     let coordinator = spawn_peer(30, stores[1].clone(), false).await;
     let impostor = spawn_peer(31, stores[2].clone(), false).await;
-    let topic = Topic::Plans { run_id: "gossip-test".into() };
-    node.client.set_coordinator_key(coordinator_key.public()).await.unwrap();
+    let topic = Topic::Plans {
+        run_id: "gossip-test".into(),
+    };
+    node.client
+        .set_coordinator_key(coordinator_key.public())
+        .await
+        .unwrap();
     for peer in [&node, &coordinator, &impostor] {
         peer.client.subscribe(topic.clone()).await.unwrap();
     }
@@ -287,9 +420,17 @@ async fn gossip_from_a_non_coordinator_signer_is_rejected() {
         deadline_ms: 0,
     };
     // The impostor signs a plan with its own key and gossips it.
-    let forged = Signed::sign(&impostor_key, &plan(1)).unwrap().to_bytes().unwrap();
+    let forged = Signed::sign(&impostor_key, &plan(1))
+        .unwrap()
+        .to_bytes()
+        .unwrap();
     publish_when_possible(&impostor.client, &topic, forged).await;
-    let rejected = wait_for(&mut events, |e| matches!(e, Event::GossipRejected { .. }), "a rejection").await;
+    let rejected = wait_for(
+        &mut events,
+        |e| matches!(e, Event::GossipRejected { .. }),
+        "a rejection",
+    )
+    .await;
     match rejected {
         Event::GossipRejected { source, reason, .. } => {
             assert_eq!(source, impostor_id);
@@ -298,11 +439,23 @@ async fn gossip_from_a_non_coordinator_signer_is_rejected() {
         other => panic!("unexpected {other:?}"),
     }
     // The real coordinator's plan gets through, and it is the only plan that does.
-    let genuine = Signed::sign(&coordinator_key, &plan(2)).unwrap().to_bytes().unwrap();
+    let genuine = Signed::sign(&coordinator_key, &plan(2))
+        .unwrap()
+        .to_bytes()
+        .unwrap();
     publish_when_possible(&coordinator.client, &topic, genuine).await;
-    let accepted = wait_for(&mut events, |e| matches!(e, Event::Plan { .. }), "the genuine plan").await;
+    let accepted = wait_for(
+        &mut events,
+        |e| matches!(e, Event::Plan { .. }),
+        "the genuine plan",
+    )
+    .await;
     match accepted {
-        Event::Plan { plan, signed, source } => {
+        Event::Plan {
+            plan,
+            signed,
+            source,
+        } => {
             assert_eq!(plan.round, 2);
             assert_eq!(signed.signer, coordinator_key.public());
             assert_eq!(source, coordinator_id);
@@ -310,7 +463,10 @@ async fn gossip_from_a_non_coordinator_signer_is_rejected() {
         other => panic!("unexpected {other:?}"),
     }
     let score = node.client.peer_score(impostor_id).await.unwrap();
-    assert!(score.is_some_and(|s| s < 0.0), "the impostor lost score: {score:?}");
+    assert!(
+        score.is_some_and(|s| s < 0.0),
+        "the impostor lost score: {score:?}"
+    );
     drop(events);
     for peer in [node, coordinator, impostor] {
         peer.stop().await;
@@ -340,14 +496,24 @@ impl FakeCoordinator {
             round: self.round,
             params_hash: Hash::of_f32s(&self.theta),
             previous_manifest: Hash::ZERO,
-            assignments: vec![Assignment { node, shards: vec![self.shard], seed: self.round + 7, inner_steps: 2 }],
+            assignments: vec![Assignment {
+                node,
+                shards: vec![self.shard],
+                seed: self.round + 7,
+                inner_steps: 2,
+            }],
             opened_at_ms: 0,
             deadline_ms: u64::MAX,
         };
         Signed::sign(&self.key, &plan).unwrap()
     }
 
-    async fn serve(mut self, peer: Peer, fetcher: Fetcher, done: CancellationToken) -> (Self, Peer) {
+    async fn serve(
+        mut self,
+        peer: Peer,
+        fetcher: Fetcher,
+        done: CancellationToken,
+    ) -> (Self, Peer) {
         let mut node = None;
         let mut events = peer.events.lock().await;
         loop {
@@ -355,11 +521,21 @@ impl FakeCoordinator {
                 _ = done.cancelled() => break,
                 event = events.recv() => match event { Some(e) => e, None => break },
             };
-            let Event::CoordinatorRequest { peer: from, request, channel } = event else { continue };
+            let Event::CoordinatorRequest {
+                peer: from,
+                request,
+                channel,
+            } = event
+            else {
+                continue;
+            };
             let response = match request {
                 CoordinatorRequest::Join(signed) => {
                     let join = signed.verify(None).unwrap();
-                    assert_eq!(join.protocol_version, barnraise_protocol::limits::PROTOCOL_VERSION);
+                    assert_eq!(
+                        join.protocol_version,
+                        barnraise_protocol::limits::PROTOCOL_VERSION
+                    );
                     node = Some(signed.signer);
                     let welcome = Welcome {
                         node: NodeId(signed.signer),
@@ -383,13 +559,24 @@ impl FakeCoordinator {
                     assert_eq!(commit.base_params_hash, Hash::of_f32s(&self.theta));
                     self.commits += 1;
                     let report = fetcher
-                        .fetch(commit.update_hash, Some(commit.update_bytes), &[from], &CancellationToken::new())
+                        .fetch(
+                            commit.update_hash,
+                            Some(commit.update_bytes),
+                            &[from],
+                            &CancellationToken::new(),
+                        )
                         .await
                         .unwrap();
                     assert_eq!(report.size, commit.update_bytes);
                     let payload = fetcher.store().read(&commit.update_hash).unwrap();
                     let base = Hash::of_f32s(&self.theta);
-                    apply_round(&mut self.theta, &mut self.optimizer, &AggregationRule::Mean, &[(&payload, 1.0)]).unwrap();
+                    apply_round(
+                        &mut self.theta,
+                        &mut self.optimizer,
+                        &AggregationRule::Mean,
+                        &[(&payload, 1.0)],
+                    )
+                    .unwrap();
                     let manifest = Manifest {
                         run_id: self.run.run_id.clone(),
                         round: self.round,
@@ -409,9 +596,12 @@ impl FakeCoordinator {
                         next_params_hash: Hash::of_f32s(&self.theta),
                         closed_at_ms: 0,
                     };
-                    self.manifests.insert(self.round, Signed::sign(&self.key, &manifest).unwrap());
+                    self.manifests
+                        .insert(self.round, Signed::sign(&self.key, &manifest).unwrap());
                     self.round += 1;
-                    CoordinatorResponse::CommitAccepted { round: commit.round }
+                    CoordinatorResponse::CommitAccepted {
+                        round: commit.round,
+                    }
                 }
                 CoordinatorRequest::Manifest { round } => {
                     let genuine = self.manifests.get(&round).cloned();
@@ -422,14 +612,19 @@ impl FakeCoordinator {
                             let mut manifest: Manifest = signed.verify(None).unwrap();
                             manifest.next_params_hash = Hash::of(b"forged");
                             let impostor = SigningKey::from_seed([99; 32]).unwrap();
-                            CoordinatorResponse::Manifest(Some(Signed::sign(&impostor, &manifest).unwrap()))
+                            CoordinatorResponse::Manifest(Some(
+                                Signed::sign(&impostor, &manifest).unwrap(),
+                            ))
                         }
                         other => CoordinatorResponse::Manifest(other),
                     }
                 }
                 CoordinatorRequest::Leave(_) => CoordinatorResponse::Ok,
             };
-            peer.client.respond_coordinator(channel, response).await.unwrap();
+            peer.client
+                .respond_coordinator(channel, response)
+                .await
+                .unwrap();
         }
         drop(events);
         (self, peer)
@@ -442,7 +637,8 @@ async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart()
     let coordinator_store = Arc::new(BlobStore::open(coordinator_dir.path()).unwrap());
     let text = barnraise_trainer::data::corpus::generate(5, 20_000);
     let tokens = barnraise_trainer::data::tokenize_bytes(text.as_bytes());
-    let shard_bytes = barnraise_trainer::data::encode_shard(&tokens, std::path::Path::new("shard")).unwrap();
+    let shard_bytes =
+        barnraise_trainer::data::encode_shard(&tokens, std::path::Path::new("shard")).unwrap();
     let shard = coordinator_store.put(&shard_bytes).unwrap();
     let model = ModelConfig::preset("tiny").unwrap();
     let theta = model.init_flat(barnraise_node::daemon::INIT_SEED);
@@ -458,10 +654,18 @@ async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart()
         outer_momentum: 0.9,
         aggregation: "mean".into(),
         total_rounds: 10,
-        dataset: vec![ShardInfo { hash: shard, tokens: tokens.len() as u64, bytes: shard_bytes.len() as u64 }],
+        dataset: vec![ShardInfo {
+            hash: shard,
+            tokens: tokens.len() as u64,
+            bytes: shard_bytes.len() as u64,
+        }],
         held_out: vec![],
     };
-    let outer = OuterConfig { lr: 0.7, momentum: 0.9, ..OuterConfig::default() };
+    let outer = OuterConfig {
+        lr: 0.7,
+        momentum: 0.9,
+        ..OuterConfig::default()
+    };
     let fake = FakeCoordinator {
         key: SigningKey::from_seed([40; 32]).unwrap(),
         optimizer: OuterOptimizer::new(outer, theta.len()),
@@ -474,8 +678,17 @@ async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart()
         commits: 0,
     };
     let coordinator = spawn_peer(40, coordinator_store.clone(), true).await;
-    let coordinator_addr = coordinator.addr.clone().with(libp2p::multiaddr::Protocol::P2p(coordinator.key.public().to_peer_id().unwrap()));
-    let fetcher = Fetcher::new(coordinator.client.clone(), coordinator_store.clone(), RateLimiter::unlimited());
+    let coordinator_addr = coordinator
+        .addr
+        .clone()
+        .with(libp2p::multiaddr::Protocol::P2p(
+            coordinator.key.public().to_peer_id().unwrap(),
+        ));
+    let fetcher = Fetcher::new(
+        coordinator.client.clone(),
+        coordinator_store.clone(),
+        RateLimiter::unlimited(),
+    );
     let stop_fake = CancellationToken::new();
     let fake_task = tokio::spawn(fake.serve(coordinator, fetcher, stop_fake.clone()));
 
@@ -489,16 +702,27 @@ async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart()
         ..NodeConfig::default()
     };
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(1024);
-    let summary = run_node(config.clone(), CancellationToken::new(), Some(events_tx)).await.unwrap();
+    let summary = run_node(config.clone(), CancellationToken::new(), Some(events_tx))
+        .await
+        .unwrap();
     let mut first_events = Vec::new();
     while let Ok(event) = events_rx.try_recv() {
         first_events.push(event);
     }
     assert_eq!(summary.rounds_completed, 2, "{summary:?}");
     assert_eq!(summary.rounds_trained, 2);
-    assert_eq!(summary.resyncs, 0, "the forged manifest was ignored, not applied: {first_events:?}");
-    assert!(summary.bytes_downloaded >= shard_bytes.len() as u64, "the shard came over the network");
-    assert!(summary.bytes_uploaded > 0, "the coordinator fetched our updates from us");
+    assert_eq!(
+        summary.resyncs, 0,
+        "the forged manifest was ignored, not applied: {first_events:?}"
+    );
+    assert!(
+        summary.bytes_downloaded >= shard_bytes.len() as u64,
+        "the shard came over the network"
+    );
+    assert!(
+        summary.bytes_uploaded > 0,
+        "the coordinator fetched our updates from us"
+    );
     let applied: Vec<_> = first_events
         .iter()
         .filter_map(|e| match e {
@@ -508,28 +732,63 @@ async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart()
         .collect();
     assert_eq!(applied, vec![(0, true), (1, true)]);
     assert!(
-        first_events.iter().any(|e| matches!(e, NodeEvent::Warning { message } if message.contains("does not verify"))),
+        first_events.iter().any(
+            |e| matches!(e, NodeEvent::Warning { message } if message.contains("does not verify"))
+        ),
         "the forged manifest was noticed: {first_events:?}"
     );
-    assert!(first_events.iter().any(|e| matches!(e, NodeEvent::Synced { from: SyncSource::SeededInit, .. })));
-    assert!(node_dir.path().join("receipts/round-000000.manifest").exists());
+    assert!(first_events.iter().any(|e| matches!(
+        e,
+        NodeEvent::Synced {
+            from: SyncSource::SeededInit,
+            ..
+        }
+    )));
+    assert!(
+        node_dir
+            .path()
+            .join("receipts/round-000000.manifest")
+            .exists()
+    );
 
     // Restart on the same data dir: it resumes from its saved state and
     // cached shard, downloading nothing, and does one more round.
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(1024);
-    let config = NodeConfig { max_rounds: Some(1), ..config };
-    let summary2 = run_node(config, CancellationToken::new(), Some(events_tx)).await.unwrap();
+    let config = NodeConfig {
+        max_rounds: Some(1),
+        ..config
+    };
+    let summary2 = run_node(config, CancellationToken::new(), Some(events_tx))
+        .await
+        .unwrap();
     let mut second_events = Vec::new();
     while let Ok(event) = events_rx.try_recv() {
         second_events.push(event);
     }
-    assert!(second_events.iter().any(|e| matches!(e, NodeEvent::Synced { round: 2, from: SyncSource::SavedState, .. })), "{second_events:?}");
+    assert!(
+        second_events.iter().any(|e| matches!(
+            e,
+            NodeEvent::Synced {
+                round: 2,
+                from: SyncSource::SavedState,
+                ..
+            }
+        )),
+        "{second_events:?}"
+    );
     assert_eq!(summary2.rounds_completed, 1);
-    assert_eq!(summary2.bytes_downloaded, 0, "nothing fetched again after the restart");
+    assert_eq!(
+        summary2.bytes_downloaded, 0,
+        "nothing fetched again after the restart"
+    );
 
     stop_fake.cancel();
     let (fake, coordinator) = fake_task.await.unwrap();
     assert_eq!(fake.commits, 3);
-    assert_eq!(summary2.final_params_hash, Some(Hash::of_f32s(&fake.theta)), "node and coordinator hold the same params");
+    assert_eq!(
+        summary2.final_params_hash,
+        Some(Hash::of_f32s(&fake.theta)),
+        "node and coordinator hold the same params"
+    );
     coordinator.stop().await;
 }

@@ -31,8 +31,13 @@ use std::str::FromStr;
 pub enum AggregationRule {
     #[default]
     Mean,
-    TrimmedMean { trim: f32 },
-    CenteredClip { tau: f32, iterations: u32 },
+    TrimmedMean {
+        trim: f32,
+    },
+    CenteredClip {
+        tau: f32,
+        iterations: u32,
+    },
 }
 
 /// Why a round could not be aggregated.
@@ -44,7 +49,9 @@ pub enum AggregateError {
     BadWeight { index: usize, weight: f32 },
     #[error("params ({params}) and optimizer momentum ({momentum}) lengths differ")]
     StateLength { params: usize, momentum: usize },
-    #[error("invalid aggregation rule `{0}`: expected mean, trimmed-mean:F (0 <= F < 0.5) or centered-clip:TAU[:ITERS]")]
+    #[error(
+        "invalid aggregation rule `{0}`: expected mean, trimmed-mean:F (0 <= F < 0.5) or centered-clip:TAU[:ITERS]"
+    )]
     BadRule(String),
 }
 
@@ -87,7 +94,9 @@ impl fmt::Display for AggregationRule {
         match self {
             AggregationRule::Mean => f.write_str("mean"),
             AggregationRule::TrimmedMean { trim } => write!(f, "trimmed-mean:{trim}"),
-            AggregationRule::CenteredClip { tau, iterations } => write!(f, "centered-clip:{tau}:{iterations}"),
+            AggregationRule::CenteredClip { tau, iterations } => {
+                write!(f, "centered-clip:{tau}:{iterations}")
+            }
         }
     }
 }
@@ -107,12 +116,19 @@ fn normalised(weights: impl Iterator<Item = f32>) -> Result<Vec<f32>, AggregateE
         let n = weights.len().max(1) as f64;
         return Ok(weights.iter().map(|_| (1.0 / n) as f32).collect());
     }
-    Ok(weights.iter().map(|&w| (f64::from(w) / total) as f32).collect())
+    Ok(weights
+        .iter()
+        .map(|&w| (f64::from(w) / total) as f32)
+        .collect())
 }
 
 /// Writes the aggregate of `updates` (encoded payloads with their weights)
 /// into `out`. With no updates, `out` is zeroed.
-pub fn aggregate_into(rule: &AggregationRule, updates: &[(&[u8], f32)], out: &mut [f32]) -> Result<(), AggregateError> {
+pub fn aggregate_into(
+    rule: &AggregationRule,
+    updates: &[(&[u8], f32)],
+    out: &mut [f32],
+) -> Result<(), AggregateError> {
     out.fill(0.0);
     if updates.is_empty() {
         return Ok(());
@@ -122,9 +138,13 @@ pub fn aggregate_into(rule: &AggregationRule, updates: &[(&[u8], f32)], out: &mu
         // Validate every payload before adding any, so an error leaves `out` zeroed
         // rather than holding a partial sum.
         for (index, (payload, _)) in updates.iter().enumerate() {
-            let header = codec::peek_header(payload).map_err(|source| AggregateError::Decode { index, source })?;
+            let header = codec::peek_header(payload)
+                .map_err(|source| AggregateError::Decode { index, source })?;
             if header.params != out.len() as u64 {
-                let source = CodecError::BufferLength { expected: header.params as usize, got: out.len() };
+                let source = CodecError::BufferLength {
+                    expected: header.params as usize,
+                    got: out.len(),
+                };
                 return Err(AggregateError::Decode { index, source });
             }
         }
@@ -139,18 +159,22 @@ pub fn aggregate_into(rule: &AggregationRule, updates: &[(&[u8], f32)], out: &mu
     let mut dense = Vec::with_capacity(updates.len());
     for (index, (payload, _)) in updates.iter().enumerate() {
         let mut values = vec![0.0f32; out.len()];
-        codec::decode_into(payload, &mut values).map_err(|source| AggregateError::Decode { index, source })?;
+        codec::decode_into(payload, &mut values)
+            .map_err(|source| AggregateError::Decode { index, source })?;
         dense.push(values);
     }
     let views: Vec<&[f32]> = dense.iter().map(|v| v.as_slice()).collect();
     match *rule {
         // Handled above without dense copies; kept for completeness.
         AggregationRule::Mean => {
-            let pairs: Vec<(&[f32], f32)> = views.iter().copied().zip(shares.iter().copied()).collect();
+            let pairs: Vec<(&[f32], f32)> =
+                views.iter().copied().zip(shares.iter().copied()).collect();
             crate::outer::weighted_mean_into(&pairs, out);
         }
         AggregationRule::TrimmedMean { trim } => trimmed_mean_into(&views, &shares, trim, out),
-        AggregationRule::CenteredClip { tau, iterations } => centered_clip_into(&views, &shares, tau, iterations, out),
+        AggregationRule::CenteredClip { tau, iterations } => {
+            centered_clip_into(&views, &shares, tau, iterations, out)
+        }
     }
     Ok(())
 }
@@ -173,21 +197,35 @@ pub fn trimmed_mean_into(updates: &[&[f32]], shares: &[f32], trim: f32, out: &mu
             weight += f64::from(shares[j]);
             sum += f64::from(shares[j]) * f64::from(value);
         }
-        *o = if weight > 0.0 { (sum / weight) as f32 } else { 0.0 };
+        *o = if weight > 0.0 {
+            (sum / weight) as f32
+        } else {
+            0.0
+        };
     }
 }
 
 /// Centred clipping: v₀ = coordinate-wise median; then ITERS times
 /// v ← v + Σ_j s_j · clip(x_j − v, τ), where clip scales a vector down to L2
 /// norm τ if it is longer.
-pub fn centered_clip_into(updates: &[&[f32]], shares: &[f32], tau: f32, iterations: u32, out: &mut [f32]) {
+pub fn centered_clip_into(
+    updates: &[&[f32]],
+    shares: &[f32],
+    tau: f32,
+    iterations: u32,
+    out: &mut [f32],
+) {
     let n = updates.len();
     let mut column: Vec<(f32, usize)> = Vec::with_capacity(n);
     for (i, o) in out.iter_mut().enumerate() {
         column.clear();
         column.extend(updates.iter().enumerate().map(|(j, u)| (u[i], j)));
         column.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        *o = if n % 2 == 1 { column[n / 2].0 } else { 0.5 * column[n / 2 - 1].0 + 0.5 * column[n / 2].0 };
+        *o = if n % 2 == 1 {
+            column[n / 2].0
+        } else {
+            0.5 * column[n / 2 - 1].0 + 0.5 * column[n / 2].0
+        };
     }
     let mut step = vec![0.0f32; out.len()];
     for _ in 0..iterations {
@@ -199,7 +237,11 @@ pub fn centered_clip_into(updates: &[&[f32]], shares: &[f32], tau: f32, iteratio
                 norm2 += d * d;
             }
             let norm = norm2.sqrt();
-            let scale = if norm > f64::from(tau) { (f64::from(tau) / norm) as f32 } else { 1.0 };
+            let scale = if norm > f64::from(tau) {
+                (f64::from(tau) / norm) as f32
+            } else {
+                1.0
+            };
             let factor = share * scale;
             for ((s, &x), &v) in step.iter_mut().zip(update.iter()).zip(out.iter()) {
                 let diff = x - v;
@@ -223,7 +265,10 @@ pub fn apply_round(
     updates: &[(&[u8], f32)],
 ) -> Result<(), AggregateError> {
     if optimizer.momentum().len() != theta.len() {
-        return Err(AggregateError::StateLength { params: theta.len(), momentum: optimizer.momentum().len() });
+        return Err(AggregateError::StateLength {
+            params: theta.len(),
+            momentum: optimizer.momentum().len(),
+        });
     }
     if updates.is_empty() {
         return Ok(());
@@ -241,7 +286,10 @@ mod tests {
     use crate::outer::OuterConfig;
 
     fn encode(values: &[f32]) -> Vec<u8> {
-        Encoder::new(CodecConfig::Fp32, values.len()).unwrap().encode(values).unwrap()
+        Encoder::new(CodecConfig::Fp32, values.len())
+            .unwrap()
+            .encode(values)
+            .unwrap()
     }
 
     #[test]
@@ -250,8 +298,22 @@ mod tests {
             let rule: AggregationRule = text.parse().unwrap();
             assert_eq!(rule.to_string().parse::<AggregationRule>().unwrap(), rule);
         }
-        assert_eq!("centered-clip:2".parse::<AggregationRule>().unwrap(), AggregationRule::CenteredClip { tau: 2.0, iterations: 3 });
-        for bad in ["", "median", "trimmed-mean", "trimmed-mean:0.5", "trimmed-mean:x", "centered-clip:-1", "mean:1"] {
+        assert_eq!(
+            "centered-clip:2".parse::<AggregationRule>().unwrap(),
+            AggregationRule::CenteredClip {
+                tau: 2.0,
+                iterations: 3
+            }
+        );
+        for bad in [
+            "",
+            "median",
+            "trimmed-mean",
+            "trimmed-mean:0.5",
+            "trimmed-mean:x",
+            "centered-clip:-1",
+            "mean:1",
+        ] {
             assert!(bad.parse::<AggregationRule>().is_err(), "{bad}");
         }
     }
@@ -262,12 +324,17 @@ mod tests {
         let b = encode(&[4.0, -1.0]);
         let mut out = [0.0; 2];
         aggregate_into(&AggregationRule::Mean, &[(&a, 1.0), (&b, 3.0)], &mut out).unwrap();
-        assert!((out[0] - 3.25).abs() < 1e-6 && (out[1] - (-0.25)).abs() < 1e-6, "{out:?}");
+        assert!(
+            (out[0] - 3.25).abs() < 1e-6 && (out[1] - (-0.25)).abs() < 1e-6,
+            "{out:?}"
+        );
     }
 
     #[test]
     fn trimmed_mean_ignores_an_outlier() {
-        let honest: Vec<Vec<u8>> = (0..4).map(|i| encode(&[1.0 + i as f32 * 0.01; 3])).collect();
+        let honest: Vec<Vec<u8>> = (0..4)
+            .map(|i| encode(&[1.0 + i as f32 * 0.01; 3]))
+            .collect();
         let evil = encode(&[1000.0; 3]);
         let mut updates: Vec<(&[u8], f32)> = honest.iter().map(|u| (u.as_slice(), 1.0)).collect();
         updates.push((&evil, 1.0));
@@ -275,7 +342,10 @@ mod tests {
         aggregate_into(&"trimmed-mean:0.2".parse().unwrap(), &updates, &mut out).unwrap();
         assert!(out.iter().all(|&v| (1.0..1.05).contains(&v)), "{out:?}");
         aggregate_into(&AggregationRule::Mean, &updates, &mut out).unwrap();
-        assert!(out[0] > 100.0, "the plain mean is pulled by the outlier: {out:?}");
+        assert!(
+            out[0] > 100.0,
+            "the plain mean is pulled by the outlier: {out:?}"
+        );
     }
 
     #[test]
@@ -296,7 +366,13 @@ mod tests {
         let mut optimizer = OuterOptimizer::new(OuterConfig::default(), 2);
         let a = encode(&[0.2, 0.0]);
         let b = encode(&[0.0, -0.4]);
-        apply_round(&mut theta, &mut optimizer, &AggregationRule::Mean, &[(&a, 1.0), (&b, 1.0)]).unwrap();
+        apply_round(
+            &mut theta,
+            &mut optimizer,
+            &AggregationRule::Mean,
+            &[(&a, 1.0), (&b, 1.0)],
+        )
+        .unwrap();
         // mean Δ = (0.1, -0.2); m = Δ; nesterov u = Δ + 0.9·m = 1.9·Δ; θ -= 0.7·u.
         let expected = [1.0 - 0.7 * 1.9 * 0.1, -1.0 + 0.7 * 1.9 * 0.2];
         for (t, e) in theta.iter().zip(expected) {
@@ -313,12 +389,22 @@ mod tests {
         let garbage = vec![7u8; 40];
         for bad in [&short, &garbage] {
             let before = theta.clone();
-            let result = apply_round(&mut theta, &mut optimizer, &AggregationRule::Mean, &[(&good, 1.0), (bad, 1.0)]);
+            let result = apply_round(
+                &mut theta,
+                &mut optimizer,
+                &AggregationRule::Mean,
+                &[(&good, 1.0), (bad, 1.0)],
+            );
             assert!(result.is_err());
             assert_eq!(theta, before);
             assert!(optimizer.momentum().iter().all(|&m| m == 0.0));
         }
-        let result = apply_round(&mut theta, &mut optimizer, &AggregationRule::Mean, &[(&good, f32::NAN)]);
+        let result = apply_round(
+            &mut theta,
+            &mut optimizer,
+            &AggregationRule::Mean,
+            &[(&good, f32::NAN)],
+        );
         assert!(matches!(result, Err(AggregateError::BadWeight { .. })));
         // No updates: nothing moves.
         apply_round(&mut theta, &mut optimizer, &AggregationRule::Mean, &[]).unwrap();
@@ -328,9 +414,19 @@ mod tests {
     #[test]
     fn same_inputs_same_bits() {
         let updates: Vec<Vec<u8>> = (0..5)
-            .map(|j| encode(&(0..1000).map(|i| ((i * 7 + j * 13) % 17) as f32 * 0.01 - 0.08).collect::<Vec<_>>()))
+            .map(|j| {
+                encode(
+                    &(0..1000)
+                        .map(|i| ((i * 7 + j * 13) % 17) as f32 * 0.01 - 0.08)
+                        .collect::<Vec<_>>(),
+                )
+            })
             .collect();
-        let list: Vec<(&[u8], f32)> = updates.iter().enumerate().map(|(j, u)| (u.as_slice(), 1.0 + j as f32)).collect();
+        let list: Vec<(&[u8], f32)> = updates
+            .iter()
+            .enumerate()
+            .map(|(j, u)| (u.as_slice(), 1.0 + j as f32))
+            .collect();
         for rule in ["mean", "trimmed-mean:0.2", "centered-clip:0.5"] {
             let rule: AggregationRule = rule.parse().unwrap();
             let run = || {

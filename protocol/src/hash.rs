@@ -129,7 +129,10 @@ pub fn to_hex(bytes: &[u8]) -> String {
 pub fn from_hex_into(s: &str, out: &mut [u8]) -> Result<(), HexError> {
     let bytes = s.as_bytes();
     if bytes.len() != out.len() * 2 {
-        return Err(HexError::Length { expected: out.len() * 2, found: s.chars().count() });
+        return Err(HexError::Length {
+            expected: out.len() * 2,
+            found: s.chars().count(),
+        });
     }
     fn nibble(c: u8) -> Result<u8, HexError> {
         match c {
@@ -162,7 +165,10 @@ mod tests {
     fn hex_round_trip_and_errors() {
         let h = Hash::of(b"barnraise");
         assert_eq!(h.to_hex().parse::<Hash>(), Ok(h));
-        assert!(matches!("abc".parse::<Hash>(), Err(HexError::Length { .. })));
+        assert!(matches!(
+            "abc".parse::<Hash>(),
+            Err(HexError::Length { .. })
+        ));
         let bad = "z".repeat(64);
         assert_eq!(bad.parse::<Hash>(), Err(HexError::Digit('z')));
     }

@@ -38,16 +38,20 @@ pub enum IdentityError {
     #[error("key file {path} does not exist; create one with `barnraise id new`")]
     Missing { path: PathBuf },
     #[error("key file {path} could not be read: {source}")]
-    Unreadable { path: PathBuf, source: std::io::Error },
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("key file {path} could not be written: {source}")]
-    Unwritable { path: PathBuf, source: std::io::Error },
+    Unwritable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("key file {path} already exists; refusing to overwrite an identity")]
     Exists { path: PathBuf },
     #[error("key file {path} is malformed: {reason}")]
     Malformed { path: PathBuf, reason: String },
-    #[error(
-        "key file {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`"
-    )]
+    #[error("key file {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
     Permissions { path: PathBuf, mode: u32 },
     #[error("could not generate a key: the system random source failed")]
     Random,
@@ -82,7 +86,9 @@ impl PublicKey {
     pub fn from_peer_id(peer: &libp2p_identity::PeerId) -> Result<PublicKey, IdentityError> {
         let multihash = peer.as_ref();
         if multihash.code() != 0 {
-            return Err(IdentityError::InvalidKey("peer id does not embed its key".into()));
+            return Err(IdentityError::InvalidKey(
+                "peer id does not embed its key".into(),
+            ));
         }
         let key = libp2p_identity::PublicKey::try_decode_protobuf(multihash.digest())
             .map_err(|e| IdentityError::InvalidKey(e.to_string()))?;
@@ -162,11 +168,15 @@ impl<'de> Deserialize<'de> for Signature {
                 f.write_str("64 signature bytes")
             }
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Signature, E> {
-                let bytes: [u8; 64] =
-                    v.try_into().map_err(|_| E::invalid_length(v.len(), &self))?;
+                let bytes: [u8; 64] = v
+                    .try_into()
+                    .map_err(|_| E::invalid_length(v.len(), &self))?;
                 Ok(Signature(bytes))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Signature, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Signature, A::Error> {
                 let mut out = [0u8; 64];
                 for (i, slot) in out.iter_mut().enumerate() {
                     *slot = seq
@@ -216,7 +226,9 @@ impl SigningKey {
     pub fn generate() -> Result<SigningKey, IdentityError> {
         use ring::rand::SecureRandom;
         let mut seed = [0u8; 32];
-        ring::rand::SystemRandom::new().fill(&mut seed).map_err(|_| IdentityError::Random)?;
+        ring::rand::SystemRandom::new()
+            .fill(&mut seed)
+            .map_err(|_| IdentityError::Random)?;
         SigningKey::from_seed(seed)
     }
 
@@ -259,8 +271,10 @@ impl SigningKey {
     pub fn save_new(&self, path: &Path) -> Result<(), IdentityError> {
         use std::os::unix::fs::OpenOptionsExt;
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::create_dir_all(parent)
-                .map_err(|source| IdentityError::Unwritable { path: path.into(), source })?;
+            fs::create_dir_all(parent).map_err(|source| IdentityError::Unwritable {
+                path: path.into(),
+                source,
+            })?;
         }
         let mut file = fs::OpenOptions::new()
             .write(true)
@@ -269,12 +283,18 @@ impl SigningKey {
             .open(path)
             .map_err(|source| match source.kind() {
                 std::io::ErrorKind::AlreadyExists => IdentityError::Exists { path: path.into() },
-                _ => IdentityError::Unwritable { path: path.into(), source },
+                _ => IdentityError::Unwritable {
+                    path: path.into(),
+                    source,
+                },
             })?;
         let text = format!("{KEY_FILE_HEADER}\n{}\n", to_hex(&self.seed));
         file.write_all(text.as_bytes())
             .and_then(|_| file.sync_all())
-            .map_err(|source| IdentityError::Unwritable { path: path.into(), source })
+            .map_err(|source| IdentityError::Unwritable {
+                path: path.into(),
+                source,
+            })
     }
 
     /// Reads a key file, refusing one that is missing, readable by others, or malformed.
@@ -282,11 +302,17 @@ impl SigningKey {
         use std::os::unix::fs::PermissionsExt;
         let meta = fs::metadata(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => IdentityError::Missing { path: path.into() },
-            _ => IdentityError::Unreadable { path: path.into(), source },
+            _ => IdentityError::Unreadable {
+                path: path.into(),
+                source,
+            },
         })?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(IdentityError::Permissions { path: path.into(), mode });
+            return Err(IdentityError::Permissions {
+                path: path.into(),
+                mode,
+            });
         }
         if meta.len() > 4096 {
             return Err(IdentityError::Malformed {
@@ -294,8 +320,10 @@ impl SigningKey {
                 reason: format!("{} bytes is far larger than a key file", meta.len()),
             });
         }
-        let text = fs::read_to_string(path)
-            .map_err(|source| IdentityError::Unreadable { path: path.into(), source })?;
+        let text = fs::read_to_string(path).map_err(|source| IdentityError::Unreadable {
+            path: path.into(),
+            source,
+        })?;
         let malformed = |reason: &str| IdentityError::Malformed {
             path: path.into(),
             reason: reason.to_string(),
@@ -304,11 +332,15 @@ impl SigningKey {
         match lines.next() {
             None => return Err(malformed("the file is empty")),
             Some(first) if first.trim() != KEY_FILE_HEADER => {
-                return Err(malformed(&format!("first line must be `{KEY_FILE_HEADER}`")));
+                return Err(malformed(&format!(
+                    "first line must be `{KEY_FILE_HEADER}`"
+                )));
             }
             Some(_) => {}
         }
-        let hex = lines.next().ok_or_else(|| malformed("the seed line is missing"))?;
+        let hex = lines
+            .next()
+            .ok_or_else(|| malformed("the seed line is missing"))?;
         let mut seed = [0u8; 32];
         from_hex_into(hex.trim(), &mut seed).map_err(|e| malformed(&format!("seed: {e}")))?;
         if lines.any(|l| !l.trim().is_empty()) {
@@ -367,19 +399,30 @@ mod tests {
         let path = dir.path().join("sub/node.key");
         let k = key(3);
         assert!(k.save_new(&path).is_ok());
-        let mode = fs::metadata(&path).map(|m| m.permissions().mode() & 0o777).ok();
+        let mode = fs::metadata(&path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .ok();
         assert_eq!(mode, Some(0o600));
         let loaded = SigningKey::load(&path).map(|k| k.public()).ok();
         assert_eq!(loaded, Some(k.public()));
-        assert!(matches!(k.save_new(&path), Err(IdentityError::Exists { .. })));
+        assert!(matches!(
+            k.save_new(&path),
+            Err(IdentityError::Exists { .. })
+        ));
     }
 
     #[test]
     fn bad_key_files_name_the_file() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("node.key");
-        let err = SigningKey::load(&path).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("does not exist") && err.contains("node.key"), "{err}");
+        let err = SigningKey::load(&path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("does not exist") && err.contains("node.key"),
+            "{err}"
+        );
 
         let write = |text: &str, mode: u32| {
             fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
@@ -389,15 +432,33 @@ mod tests {
         let cases: &[(&str, u32, &str)] = &[
             ("", 0o600, "empty"),
             ("not a key\n", 0o600, "first line"),
-            (&format!("{KEY_FILE_HEADER}\n"), 0o600, "seed line is missing"),
+            (
+                &format!("{KEY_FILE_HEADER}\n"),
+                0o600,
+                "seed line is missing",
+            ),
             (&format!("{KEY_FILE_HEADER}\nzz\n"), 0o600, "seed"),
-            (&format!("{KEY_FILE_HEADER}\n{}\nextra\n", "ab".repeat(32)), 0o600, "unexpected"),
-            (&format!("{KEY_FILE_HEADER}\n{}\n", "ab".repeat(32)), 0o644, "chmod 600"),
+            (
+                &format!("{KEY_FILE_HEADER}\n{}\nextra\n", "ab".repeat(32)),
+                0o600,
+                "unexpected",
+            ),
+            (
+                &format!("{KEY_FILE_HEADER}\n{}\n", "ab".repeat(32)),
+                0o644,
+                "chmod 600",
+            ),
         ];
         for (text, mode, needle) in cases {
             write(text, *mode);
-            let err = SigningKey::load(&path).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(err.contains(needle) && err.contains("node.key"), "{needle}: {err}");
+            let err = SigningKey::load(&path)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains(needle) && err.contains("node.key"),
+                "{needle}: {err}"
+            );
         }
         write(&format!("{KEY_FILE_HEADER}\n{}\n", "ab".repeat(32)), 0o600);
         assert!(SigningKey::load(&path).is_ok());

@@ -272,19 +272,25 @@ pub enum CoordinatorRequest {
     /// The plan of the round now open, if any.
     CurrentPlan,
     /// The manifest of a closed round.
-    Manifest { round: u64 },
+    Manifest {
+        round: u64,
+    },
 }
 
 /// The coordinator's answers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CoordinatorResponse {
     Welcome(Signed<Welcome>),
-    CommitAccepted { round: u64 },
+    CommitAccepted {
+        round: u64,
+    },
     Plan(Option<Signed<RoundPlan>>),
     Manifest(Option<Signed<Manifest>>),
     Ok,
     /// The request was refused; the text says why in operator's words.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 impl CoordinatorRequest {
@@ -316,13 +322,17 @@ pub enum BlobRequest {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlobResponse {
-    Have { size: Option<u64> },
+    Have {
+        size: Option<u64>,
+    },
     Chunk {
         #[serde(with = "crate::wire::bytes")]
         data: Vec<u8>,
     },
     NotFound,
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 impl BlobRequest {

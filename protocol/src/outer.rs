@@ -28,7 +28,11 @@ pub struct OuterConfig {
 
 impl Default for OuterConfig {
     fn default() -> Self {
-        OuterConfig { lr: 0.7, momentum: 0.9, nesterov: true }
+        OuterConfig {
+            lr: 0.7,
+            momentum: 0.9,
+            nesterov: true,
+        }
     }
 }
 
@@ -44,7 +48,10 @@ pub struct OuterOptimizer {
 impl OuterOptimizer {
     /// A fresh optimizer for `params` parameters, with zero momentum.
     pub fn new(config: OuterConfig, params: usize) -> Self {
-        OuterOptimizer { config, momentum: vec![0.0; params] }
+        OuterOptimizer {
+            config,
+            momentum: vec![0.0; params],
+        }
     }
 
     /// Resumes from a momentum buffer saved earlier (e.g. from a checkpoint).
@@ -68,12 +75,24 @@ impl OuterOptimizer {
     /// If the three lengths differ: that is a programming error, since every
     /// update is checked for length when it is decoded.
     pub fn step(&mut self, params: &mut [f32], avg_delta: &[f32]) {
-        assert_eq!(params.len(), avg_delta.len(), "outer step: params and delta lengths differ");
-        assert_eq!(params.len(), self.momentum.len(), "outer step: params and momentum lengths differ");
+        assert_eq!(
+            params.len(),
+            avg_delta.len(),
+            "outer step: params and delta lengths differ"
+        );
+        assert_eq!(
+            params.len(),
+            self.momentum.len(),
+            "outer step: params and momentum lengths differ"
+        );
         let lr = self.config.lr;
         let mu = self.config.momentum;
         let nesterov = self.config.nesterov;
-        for ((p, m), &d) in params.iter_mut().zip(self.momentum.iter_mut()).zip(avg_delta) {
+        for ((p, m), &d) in params
+            .iter_mut()
+            .zip(self.momentum.iter_mut())
+            .zip(avg_delta)
+        {
             // Each line is one rounded f32 operation; keep them separate.
             let decayed = mu * *m;
             let buffer = decayed + d;
@@ -104,7 +123,11 @@ pub fn weighted_mean_into(deltas: &[(&[f32], f32)], out: &mut [f32]) {
     out.fill(0.0);
     let mut total = 0.0f64;
     for &(delta, weight) in deltas {
-        assert_eq!(delta.len(), out.len(), "weighted mean: delta length differs from output");
+        assert_eq!(
+            delta.len(),
+            out.len(),
+            "weighted mean: delta length differs from output"
+        );
         total += f64::from(weight);
     }
     if !(total.is_finite() && total > 0.0) {
@@ -127,7 +150,11 @@ mod tests {
     fn outer_nesterov_matches_hand_computed_steps() {
         // Two steps with lr 0.5, momentum 0.5 (exact in binary, so the
         // expected values below are exact).
-        let cfg = OuterConfig { lr: 0.5, momentum: 0.5, nesterov: true };
+        let cfg = OuterConfig {
+            lr: 0.5,
+            momentum: 0.5,
+            nesterov: true,
+        };
         let mut opt = OuterOptimizer::new(cfg, 2);
         let mut params = [1.0f32, -2.0];
         // Step 1: m = 0*0.5 + d = d; u = d + 0.5 m = 1.5 d; θ -= 0.5 u = 0.75 d.
@@ -143,13 +170,24 @@ mod tests {
 
     #[test]
     fn outer_plain_momentum_and_defaults() {
-        let cfg = OuterConfig { lr: 0.5, momentum: 0.5, nesterov: false };
+        let cfg = OuterConfig {
+            lr: 0.5,
+            momentum: 0.5,
+            nesterov: false,
+        };
         let mut opt = OuterOptimizer::new(cfg, 1);
         let mut params = [0.0f32];
         opt.step(&mut params, &[1.0]); // m = 1, θ = -0.5
         opt.step(&mut params, &[1.0]); // m = 1.5, θ = -0.5 - 0.75
         assert_eq!(params, [-1.25]);
-        assert_eq!(OuterConfig::default(), OuterConfig { lr: 0.7, momentum: 0.9, nesterov: true });
+        assert_eq!(
+            OuterConfig::default(),
+            OuterConfig {
+                lr: 0.7,
+                momentum: 0.9,
+                nesterov: true
+            }
+        );
     }
 
     #[test]
@@ -171,7 +209,12 @@ mod tests {
             }
         }
         for i in 0..3 {
-            assert!((f64::from(params[i]) - ref_params[i]).abs() < 1e-6, "{i}: {} vs {}", params[i], ref_params[i]);
+            assert!(
+                (f64::from(params[i]) - ref_params[i]).abs() < 1e-6,
+                "{i}: {} vs {}",
+                params[i],
+                ref_params[i]
+            );
         }
     }
 
@@ -204,9 +247,18 @@ mod tests {
 
     #[test]
     fn outer_weighted_mean_is_order_fixed_and_repeatable() {
-        let xs: Vec<Vec<f32>> =
-            (0..5).map(|j| (0..257).map(|i| ((i * 31 + j * 7) % 97) as f32 * 0.013 - 0.6).collect()).collect();
-        let inputs: Vec<(&[f32], f32)> = xs.iter().enumerate().map(|(j, x)| (x.as_slice(), 100.0 + j as f32)).collect();
+        let xs: Vec<Vec<f32>> = (0..5)
+            .map(|j| {
+                (0..257)
+                    .map(|i| ((i * 31 + j * 7) % 97) as f32 * 0.013 - 0.6)
+                    .collect()
+            })
+            .collect();
+        let inputs: Vec<(&[f32], f32)> = xs
+            .iter()
+            .enumerate()
+            .map(|(j, x)| (x.as_slice(), 100.0 + j as f32))
+            .collect();
         let mut first = vec![0.0f32; 257];
         let mut second = vec![0.0f32; 257];
         weighted_mean_into(&inputs, &mut first);
@@ -215,7 +267,11 @@ mod tests {
         // And it is a mean: close to the f64 weighted mean.
         let total: f64 = inputs.iter().map(|(_, w)| f64::from(*w)).sum();
         for i in 0..257 {
-            let expect: f64 = inputs.iter().map(|(x, w)| f64::from(*w) * f64::from(x[i])).sum::<f64>() / total;
+            let expect: f64 = inputs
+                .iter()
+                .map(|(x, w)| f64::from(*w) * f64::from(x[i]))
+                .sum::<f64>()
+                / total;
             assert!((f64::from(first[i]) - expect).abs() < 1e-5);
         }
     }

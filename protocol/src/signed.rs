@@ -52,9 +52,15 @@ pub trait Message: Serialize + DeserializeOwned {
 #[derive(Debug, thiserror::Error)]
 pub enum SignedError {
     #[error("expected a signed {expected:?}, got a {found:?}")]
-    WrongKind { expected: MessageKind, found: MessageKind },
+    WrongKind {
+        expected: MessageKind,
+        found: MessageKind,
+    },
     #[error("signed by {found}, expected {expected}")]
-    WrongSigner { expected: PublicKey, found: PublicKey },
+    WrongSigner {
+        expected: PublicKey,
+        found: PublicKey,
+    },
     #[error("signature does not verify (tampered or forged)")]
     BadSignature,
     #[error(transparent)]
@@ -89,20 +95,37 @@ impl<T: Message> Signed<T> {
     pub fn sign(key: &SigningKey, message: &T) -> Result<Signed<T>, WireError> {
         let body = wire::encode(T::NAME, message, T::MAX_BYTES)?;
         let signature = key.sign(&signing_input(T::KIND, &body));
-        Ok(Signed { signer: key.public(), kind: T::KIND, body, signature, marker: PhantomData })
+        Ok(Signed {
+            signer: key.public(),
+            kind: T::KIND,
+            body,
+            signature,
+            marker: PhantomData,
+        })
     }
 
     /// Checks kind, size and signature — in that order, all before decoding —
     /// then decodes the message. `expected_signer` pins who must have signed.
     pub fn verify(&self, expected_signer: Option<&PublicKey>) -> Result<T, SignedError> {
         if self.kind != T::KIND {
-            return Err(SignedError::WrongKind { expected: T::KIND, found: self.kind });
+            return Err(SignedError::WrongKind {
+                expected: T::KIND,
+                found: self.kind,
+            });
         }
         if let Some(expected) = expected_signer.filter(|e| **e != self.signer) {
-            return Err(SignedError::WrongSigner { expected: *expected, found: self.signer });
+            return Err(SignedError::WrongSigner {
+                expected: *expected,
+                found: self.signer,
+            });
         }
         if self.body.len() > T::MAX_BYTES {
-            return Err(WireError::TooLarge { what: T::NAME, size: self.body.len(), limit: T::MAX_BYTES }.into());
+            return Err(WireError::TooLarge {
+                what: T::NAME,
+                size: self.body.len(),
+                limit: T::MAX_BYTES,
+            }
+            .into());
         }
         self.signer
             .verify(&signing_input(self.kind, &self.body), &self.signature)
@@ -117,11 +140,19 @@ impl<T: Message> Signed<T> {
 
     /// Encodes the whole envelope for storage or transport.
     pub fn to_bytes(&self) -> Result<Vec<u8>, WireError> {
-        wire::encode(T::NAME, self, T::MAX_BYTES + crate::limits::ENVELOPE_OVERHEAD)
+        wire::encode(
+            T::NAME,
+            self,
+            T::MAX_BYTES + crate::limits::ENVELOPE_OVERHEAD,
+        )
     }
 
     /// Decodes an envelope (not yet verified).
     pub fn from_bytes(bytes: &[u8]) -> Result<Signed<T>, WireError> {
-        wire::decode(T::NAME, bytes, T::MAX_BYTES + crate::limits::ENVELOPE_OVERHEAD)
+        wire::decode(
+            T::NAME,
+            bytes,
+            T::MAX_BYTES + crate::limits::ENVELOPE_OVERHEAD,
+        )
     }
 }

@@ -15,7 +15,11 @@ use serde::de::DeserializeOwned;
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error("message of {size} bytes exceeds the {limit}-byte limit for {what}")]
-    TooLarge { what: &'static str, size: usize, limit: usize },
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
     #[error("malformed {what}: {reason}")]
     Malformed { what: &'static str, reason: String },
     #[error("{what} has {extra} unexpected trailing bytes")]
@@ -30,20 +34,38 @@ fn config() -> bincode::config::Configuration {
 }
 
 /// Encodes `value`, refusing to produce more than `limit` bytes.
-pub fn encode<T: Serialize>(what: &'static str, value: &T, limit: usize) -> Result<Vec<u8>, WireError> {
-    let bytes = bincode::serde::encode_to_vec(value, config())
-        .map_err(|e| WireError::Encode { what, reason: e.to_string() })?;
+pub fn encode<T: Serialize>(
+    what: &'static str,
+    value: &T,
+    limit: usize,
+) -> Result<Vec<u8>, WireError> {
+    let bytes = bincode::serde::encode_to_vec(value, config()).map_err(|e| WireError::Encode {
+        what,
+        reason: e.to_string(),
+    })?;
     if bytes.len() > limit {
-        return Err(WireError::TooLarge { what, size: bytes.len(), limit });
+        return Err(WireError::TooLarge {
+            what,
+            size: bytes.len(),
+            limit,
+        });
     }
     Ok(bytes)
 }
 
 /// Decodes exactly one `T` from `bytes`, with every allocation charged
 /// against `limit`.
-pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8], limit: usize) -> Result<T, WireError> {
+pub fn decode<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+    limit: usize,
+) -> Result<T, WireError> {
     if bytes.len() > limit {
-        return Err(WireError::TooLarge { what, size: bytes.len(), limit });
+        return Err(WireError::TooLarge {
+            what,
+            size: bytes.len(),
+            limit,
+        });
     }
     // bincode takes its limit as a const generic, so the runtime limit is
     // rounded up to the next power of two: allocations stay within 2x of it.
@@ -69,11 +91,18 @@ fn finish<T>(
 ) -> Result<T, WireError> {
     match result {
         Ok((value, read)) if read == bytes.len() => Ok(value),
-        Ok((_, read)) => Err(WireError::TrailingBytes { what, extra: bytes.len().saturating_sub(read) }),
-        Err(bincode::error::DecodeError::LimitExceeded) => {
-            Err(WireError::Malformed { what, reason: "a length prefix claims more than the size limit".into() })
-        }
-        Err(e) => Err(WireError::Malformed { what, reason: e.to_string() }),
+        Ok((_, read)) => Err(WireError::TrailingBytes {
+            what,
+            extra: bytes.len().saturating_sub(read),
+        }),
+        Err(bincode::error::DecodeError::LimitExceeded) => Err(WireError::Malformed {
+            what,
+            reason: "a length prefix claims more than the size limit".into(),
+        }),
+        Err(e) => Err(WireError::Malformed {
+            what,
+            reason: e.to_string(),
+        }),
     }
 }
 
@@ -104,7 +133,10 @@ pub mod bytes {
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
                 Ok(v)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Vec<u8>, A::Error> {
                 // Self-describing formats (JSON) send bytes as a list of numbers.
                 let mut out = Vec::new();
                 while let Some(b) = seq.next_element()? {
@@ -126,11 +158,20 @@ mod tests {
         let v: Vec<u32> = (0..100).collect();
         let bytes = encode("test", &v, 1024).unwrap();
         assert_eq!(decode::<Vec<u32>>("test", &bytes, 1024).unwrap(), v);
-        assert!(matches!(encode("test", &v, 10), Err(WireError::TooLarge { .. })));
-        assert!(matches!(decode::<Vec<u32>>("test", &bytes, 10), Err(WireError::TooLarge { .. })));
+        assert!(matches!(
+            encode("test", &v, 10),
+            Err(WireError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode::<Vec<u32>>("test", &bytes, 10),
+            Err(WireError::TooLarge { .. })
+        ));
         let mut trailing = bytes.clone();
         trailing.push(0);
-        assert!(matches!(decode::<Vec<u32>>("test", &trailing, 1024), Err(WireError::TrailingBytes { .. })));
+        assert!(matches!(
+            decode::<Vec<u32>>("test", &trailing, 1024),
+            Err(WireError::TrailingBytes { .. })
+        ));
         assert!(decode::<Vec<u32>>("test", &bytes[..bytes.len() - 1], 1024).is_err());
     }
 

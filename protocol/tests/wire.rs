@@ -63,19 +63,30 @@ fn finite() -> impl Strategy<Value = f32> {
 }
 
 fn shard() -> impl Strategy<Value = ShardInfo> {
-    (hash(), any::<u64>(), any::<u64>()).prop_map(|(hash, tokens, bytes)| ShardInfo { hash, tokens, bytes })
+    (hash(), any::<u64>(), any::<u64>()).prop_map(|(hash, tokens, bytes)| ShardInfo {
+        hash,
+        tokens,
+        bytes,
+    })
 }
 
 fn certificate() -> impl Strategy<Value = NodeCertificate> {
-    (any::<[u8; 32]>(), text(), node_id(), any::<u64>(), any::<u64>()).prop_map(
-        |(org, org_name, node, issued_ms, expires_ms)| NodeCertificate {
-            org: OrgId::from_bytes(org),
-            org_name,
-            node,
-            issued_ms,
-            expires_ms,
-        },
+    (
+        any::<[u8; 32]>(),
+        text(),
+        node_id(),
+        any::<u64>(),
+        any::<u64>(),
     )
+        .prop_map(
+            |(org, org_name, node, issued_ms, expires_ms)| NodeCertificate {
+                org: OrgId::from_bytes(org),
+                org_name,
+                node,
+                issued_ms,
+                expires_ms,
+            },
+        )
 }
 
 fn join() -> impl Strategy<Value = Join> {
@@ -88,23 +99,36 @@ fn join() -> impl Strategy<Value = Join> {
         prop::option::of(certificate()),
         any::<u64>(),
     )
-        .prop_map(|(protocol_version, agent, run_id, workers, listen_addrs, cert, timestamp_ms)| Join {
-            protocol_version,
-            agent,
-            run_id,
-            workers: workers
-                .into_iter()
-                .map(|(device, name, memory_bytes)| WorkerInfo { device, name, memory_bytes })
-                .collect(),
-            listen_addrs,
-            certificate: cert.map(|c| Signed::sign(&key(9), &c).unwrap()),
-            timestamp_ms,
-        })
+        .prop_map(
+            |(protocol_version, agent, run_id, workers, listen_addrs, cert, timestamp_ms)| Join {
+                protocol_version,
+                agent,
+                run_id,
+                workers: workers
+                    .into_iter()
+                    .map(|(device, name, memory_bytes)| WorkerInfo {
+                        device,
+                        name,
+                        memory_bytes,
+                    })
+                    .collect(),
+                listen_addrs,
+                certificate: cert.map(|c| Signed::sign(&key(9), &c).unwrap()),
+                timestamp_ms,
+            },
+        )
 }
 
 fn run_config() -> impl Strategy<Value = RunConfig> {
     (
-        (text(), text(), text(), any::<u32>(), any::<u32>(), any::<u32>()),
+        (
+            text(),
+            text(),
+            text(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+        ),
         (finite(), finite(), finite(), text(), any::<u64>()),
         prop::collection::vec(shard(), 0..5),
         prop::collection::vec(shard(), 0..2),
@@ -134,17 +158,42 @@ fn run_config() -> impl Strategy<Value = RunConfig> {
 }
 
 fn welcome() -> impl Strategy<Value = Welcome> {
-    (node_id(), run_config(), any::<u64>(), hash(), prop::option::of((any::<u64>(), hash(), any::<u64>(), hash(), hash(), any::<u64>())), hash())
-        .prop_map(|(node, config, current_round, params_hash, checkpoint, head_manifest)| Welcome {
-            node,
-            config,
-            current_round,
-            params_hash,
-            checkpoint: checkpoint.map(|(round, blob, bytes, params_hash, optimizer_blob, optimizer_bytes)| {
-                CheckpointRef { round, blob, bytes, params_hash, optimizer_blob, optimizer_bytes }
-            }),
-            head_manifest,
-        })
+    (
+        node_id(),
+        run_config(),
+        any::<u64>(),
+        hash(),
+        prop::option::of((
+            any::<u64>(),
+            hash(),
+            any::<u64>(),
+            hash(),
+            hash(),
+            any::<u64>(),
+        )),
+        hash(),
+    )
+        .prop_map(
+            |(node, config, current_round, params_hash, checkpoint, head_manifest)| Welcome {
+                node,
+                config,
+                current_round,
+                params_hash,
+                checkpoint: checkpoint.map(
+                    |(round, blob, bytes, params_hash, optimizer_blob, optimizer_bytes)| {
+                        CheckpointRef {
+                            round,
+                            blob,
+                            bytes,
+                            params_hash,
+                            optimizer_blob,
+                            optimizer_bytes,
+                        }
+                    },
+                ),
+                head_manifest,
+            },
+        )
 }
 
 fn round_plan() -> impl Strategy<Value = RoundPlan> {
@@ -153,37 +202,82 @@ fn round_plan() -> impl Strategy<Value = RoundPlan> {
         any::<u64>(),
         hash(),
         hash(),
-        prop::collection::vec((node_id(), prop::collection::vec(hash(), 0..3), any::<u64>(), any::<u32>()), 0..5),
+        prop::collection::vec(
+            (
+                node_id(),
+                prop::collection::vec(hash(), 0..3),
+                any::<u64>(),
+                any::<u32>(),
+            ),
+            0..5,
+        ),
         any::<u64>(),
         any::<u64>(),
     )
-        .prop_map(|(run_id, round, params_hash, previous_manifest, assignments, opened_at_ms, deadline_ms)| RoundPlan {
-            run_id,
-            round,
-            params_hash,
-            previous_manifest,
-            assignments: assignments
-                .into_iter()
-                .map(|(node, shards, seed, inner_steps)| Assignment { node, shards, seed, inner_steps })
-                .collect(),
-            opened_at_ms,
-            deadline_ms,
-        })
+        .prop_map(
+            |(
+                run_id,
+                round,
+                params_hash,
+                previous_manifest,
+                assignments,
+                opened_at_ms,
+                deadline_ms,
+            )| RoundPlan {
+                run_id,
+                round,
+                params_hash,
+                previous_manifest,
+                assignments: assignments
+                    .into_iter()
+                    .map(|(node, shards, seed, inner_steps)| Assignment {
+                        node,
+                        shards,
+                        seed,
+                        inner_steps,
+                    })
+                    .collect(),
+                opened_at_ms,
+                deadline_ms,
+            },
+        )
 }
 
 fn commit() -> impl Strategy<Value = Commit> {
-    (text(), any::<u64>(), hash(), hash(), any::<u64>(), any::<u64>(), prop::collection::vec(finite(), 0..50), any::<u64>(), any::<u32>())
-        .prop_map(|(run_id, round, base_params_hash, update_hash, update_bytes, tokens, losses, compute_ms, workers)| Commit {
-            run_id,
-            round,
-            base_params_hash,
-            update_hash,
-            update_bytes,
-            tokens,
-            losses,
-            compute_ms,
-            workers,
-        })
+    (
+        text(),
+        any::<u64>(),
+        hash(),
+        hash(),
+        any::<u64>(),
+        any::<u64>(),
+        prop::collection::vec(finite(), 0..50),
+        any::<u64>(),
+        any::<u32>(),
+    )
+        .prop_map(
+            |(
+                run_id,
+                round,
+                base_params_hash,
+                update_hash,
+                update_bytes,
+                tokens,
+                losses,
+                compute_ms,
+                workers,
+            )| Commit {
+                run_id,
+                round,
+                base_params_hash,
+                update_hash,
+                update_bytes,
+                tokens,
+                losses,
+                compute_ms,
+                workers,
+            },
+        )
 }
 
 fn reason() -> impl Strategy<Value = RejectReason> {
@@ -201,36 +295,62 @@ fn reason() -> impl Strategy<Value = RejectReason> {
 fn manifest() -> impl Strategy<Value = Manifest> {
     (
         (text(), any::<u64>(), hash(), hash()),
-        prop::collection::vec((node_id(), hash(), any::<u64>(), any::<u64>(), finite(), any::<u64>()), 0..4),
+        prop::collection::vec(
+            (
+                node_id(),
+                hash(),
+                any::<u64>(),
+                any::<u64>(),
+                finite(),
+                any::<u64>(),
+            ),
+            0..4,
+        ),
         prop::collection::vec((node_id(), prop::option::of(hash()), reason()), 0..4),
         prop::collection::vec(node_id(), 0..3),
         (text(), hash(), any::<u64>()),
     )
-        .prop_map(|((run_id, round, previous_manifest, base_params_hash), accepted, rejected, missing, (aggregation, next_params_hash, closed_at_ms))| Manifest {
-            run_id,
-            round,
-            previous_manifest,
-            base_params_hash,
-            accepted: accepted
-                .into_iter()
-                .map(|(node, update_hash, update_bytes, tokens, weight, compute_ms)| AcceptedUpdate {
-                    node,
-                    update_hash,
-                    update_bytes,
-                    tokens,
-                    weight,
-                    compute_ms,
-                })
-                .collect(),
-            rejected: rejected
-                .into_iter()
-                .map(|(node, update_hash, reason)| RejectedUpdate { node, update_hash, reason })
-                .collect(),
-            missing,
-            aggregation,
-            next_params_hash,
-            closed_at_ms,
-        })
+        .prop_map(
+            |(
+                (run_id, round, previous_manifest, base_params_hash),
+                accepted,
+                rejected,
+                missing,
+                (aggregation, next_params_hash, closed_at_ms),
+            )| Manifest {
+                run_id,
+                round,
+                previous_manifest,
+                base_params_hash,
+                accepted: accepted
+                    .into_iter()
+                    .map(
+                        |(node, update_hash, update_bytes, tokens, weight, compute_ms)| {
+                            AcceptedUpdate {
+                                node,
+                                update_hash,
+                                update_bytes,
+                                tokens,
+                                weight,
+                                compute_ms,
+                            }
+                        },
+                    )
+                    .collect(),
+                rejected: rejected
+                    .into_iter()
+                    .map(|(node, update_hash, reason)| RejectedUpdate {
+                        node,
+                        update_hash,
+                        reason,
+                    })
+                    .collect(),
+                missing,
+                aggregation,
+                next_params_hash,
+                closed_at_ms,
+            },
+        )
 }
 
 /// Signs, serializes the envelope, parses it back and verifies it.
@@ -317,7 +437,10 @@ fn every_tampered_byte_is_caught() {
             let accepted = Signed::<Commit>::from_bytes(&tampered)
                 .ok()
                 .and_then(|s| s.verify(Some(&signer.public())).ok());
-            assert!(accepted.is_none(), "flipping bit {flip:#x} of byte {i} was not caught");
+            assert!(
+                accepted.is_none(),
+                "flipping bit {flip:#x} of byte {i} was not caught"
+            );
         }
     }
 }
@@ -328,7 +451,10 @@ fn tampered_body_fails_even_without_pinned_signer() {
     for i in 0..signed.body.len() {
         let mut tampered = signed.clone();
         tampered.body[i] ^= 0x40;
-        assert!(matches!(tampered.verify(None), Err(SignedError::BadSignature) | Err(SignedError::Wire(_))));
+        assert!(matches!(
+            tampered.verify(None),
+            Err(SignedError::BadSignature) | Err(SignedError::Wire(_))
+        ));
     }
 }
 
@@ -341,14 +467,24 @@ fn signer_swap_and_kind_swap_fail() {
     // Claiming another signer: the signature does not verify under that key.
     let mut swapped = signed.clone();
     swapped.signer = other.public();
-    assert!(matches!(swapped.verify(None), Err(SignedError::BadSignature)));
+    assert!(matches!(
+        swapped.verify(None),
+        Err(SignedError::BadSignature)
+    ));
     // Pinning the wrong signer is refused before any crypto.
-    assert!(matches!(signed.verify(Some(&other.public())), Err(SignedError::WrongSigner { .. })));
+    assert!(matches!(
+        signed.verify(Some(&other.public())),
+        Err(SignedError::WrongSigner { .. })
+    ));
 
     // The same bytes relabelled as another kind: refused by kind, and even
     // with the kind field forged the domain tag makes the signature fail.
-    let relabelled: Signed<Leave> = Signed::<Leave>::from_bytes(&signed.to_bytes().unwrap()).unwrap();
-    assert!(matches!(relabelled.verify(None), Err(SignedError::WrongKind { .. })));
+    let relabelled: Signed<Leave> =
+        Signed::<Leave>::from_bytes(&signed.to_bytes().unwrap()).unwrap();
+    assert!(matches!(
+        relabelled.verify(None),
+        Err(SignedError::WrongKind { .. })
+    ));
     let mut forged = relabelled.clone();
     forged.kind = barnraise_protocol::MessageKind::Leave;
     assert!(forged.verify(None).is_err());
@@ -359,7 +495,10 @@ fn oversized_and_truncated_and_trailing() {
     let signed = Signed::sign(&key(1), &sample_commit()).unwrap();
     let bytes = signed.to_bytes().unwrap();
     for cut in 0..bytes.len() {
-        assert!(Signed::<Commit>::from_bytes(&bytes[..cut]).is_err(), "truncated at {cut}");
+        assert!(
+            Signed::<Commit>::from_bytes(&bytes[..cut]).is_err(),
+            "truncated at {cut}"
+        );
     }
     let mut trailing = bytes.clone();
     trailing.extend_from_slice(b"garbage");
@@ -368,7 +507,10 @@ fn oversized_and_truncated_and_trailing() {
     // A commit body one byte over its limit is refused before verification.
     let mut big = signed.clone();
     big.body = vec![0u8; barnraise_protocol::limits::MAX_COMMIT_BYTES + 1];
-    assert!(matches!(big.verify(None), Err(SignedError::Wire(wire::WireError::TooLarge { .. }))));
+    assert!(matches!(
+        big.verify(None),
+        Err(SignedError::Wire(wire::WireError::TooLarge { .. }))
+    ));
     // And an encoder will not produce an oversized message.
     let mut huge = sample_commit();
     huge.run_id = "x".repeat(barnraise_protocol::limits::MAX_COMMIT_BYTES);
@@ -390,7 +532,12 @@ fn hostile_inputs_do_not_allocate_beyond_the_limit() {
     claim.extend_from_slice(&(1u64 << 60).to_le_bytes());
     // A 12-byte hostile input: enum tag then a huge length.
     let twelve: Vec<u8> = vec![0, 253, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2];
-    let inputs: Vec<Vec<u8>> = vec![claim.clone(), twelve, [vec![5u8], claim.clone()].concat(), [vec![0u8; 32], claim].concat()];
+    let inputs: Vec<Vec<u8>> = vec![
+        claim.clone(),
+        twelve,
+        [vec![5u8], claim.clone()].concat(),
+        [vec![0u8; 32], claim].concat(),
+    ];
     let (accepted, largest) = largest_allocation(|| {
         let mut accepted = Vec::new();
         for (i, input) in inputs.iter().enumerate() {
@@ -410,12 +557,18 @@ fn hostile_inputs_do_not_allocate_beyond_the_limit() {
         }
         accepted
     });
-    assert!(accepted.is_empty(), "hostile inputs decoded (input, decoder): {accepted:?}");
+    assert!(
+        accepted.is_empty(),
+        "hostile inputs decoded (input, decoder): {accepted:?}"
+    );
     // Byte strings are borrowed from the input and strings are charged
     // against the limit; other sequences are pre-allocated by serde at most
     // 1 MiB before their elements run out. Nothing near 2^60.
     let bound = 1 << 20;
-    assert!(largest <= bound, "largest allocation {largest} bytes exceeds {bound}");
+    assert!(
+        largest <= bound,
+        "largest allocation {largest} bytes exceeds {bound}"
+    );
 }
 
 #[test]
@@ -426,8 +579,13 @@ fn small_limit_caps_allocations_tightly() {
     input.extend_from_slice(&(1u32 << 20).to_le_bytes());
     input.extend_from_slice(&[0u8; 16]);
     #[derive(serde::Deserialize)]
-    struct Blob(#[serde(with = "barnraise_protocol::wire::bytes")] #[allow(dead_code)] Vec<u8>);
-    let (result, largest) = largest_allocation(|| wire::decode::<Blob>("bytes", &input, 4096).is_err());
+    struct Blob(
+        #[serde(with = "barnraise_protocol::wire::bytes")]
+        #[allow(dead_code)]
+        Vec<u8>,
+    );
+    let (result, largest) =
+        largest_allocation(|| wire::decode::<Blob>("bytes", &input, 4096).is_err());
     assert!(result);
     assert!(largest < 64 * 1024, "largest allocation {largest}");
 }

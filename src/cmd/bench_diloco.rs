@@ -102,7 +102,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let quiet = args.json;
     let report = run_diloco(&cfg, &device, &mut |p| {
         if !quiet {
-            eprintln!("{:<16} round {:>3}/{:<3} held-out loss {:.4}", p.arm, p.round, p.rounds, p.heldout_loss);
+            eprintln!(
+                "{:<16} round {:>3}/{:<3} held-out loss {:.4}",
+                p.arm, p.round, p.rounds, p.heldout_loss
+            );
         }
     })?;
     if args.json {

@@ -43,7 +43,10 @@ pub fn run(command: IdCommand) -> anyhow::Result<()> {
 }
 
 fn print_identity(key: &SigningKey) -> anyhow::Result<()> {
-    let peer = key.public().to_peer_id().context("deriving the libp2p peer id")?;
+    let peer = key
+        .public()
+        .to_peer_id()
+        .context("deriving the libp2p peer id")?;
     println!("node id: {}", key.node_id());
     println!("peer id: {peer}");
     Ok(())

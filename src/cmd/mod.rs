@@ -23,8 +23,11 @@ pub enum LogFormat {
 /// Logs go to stderr so stdout stays clean for `--json` output.
 pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(filter).with_context(|| format!("invalid log filter `{filter}`"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_new(filter).with_context(|| format!("invalid log filter `{filter}`"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -37,6 +40,8 @@ pub fn default_home() -> std::path::PathBuf {
     if let Some(home) = std::env::var_os("BARNRAISE_HOME") {
         return home.into();
     }
-    let base = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
+    let base = std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| ".".into());
     base.join(".barnraise")
 }

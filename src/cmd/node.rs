@@ -80,14 +80,20 @@ struct Settings {
 
 /// Parses "1500", "64k", "5M", "1G" (powers of 1000, as link speeds are quoted).
 fn parse_rate(text: &str) -> Result<u64, String> {
-    let text = text.trim().trim_end_matches("/s").trim_end_matches(['B', 'b']);
+    let text = text
+        .trim()
+        .trim_end_matches("/s")
+        .trim_end_matches(['B', 'b']);
     let (number, scale) = match text.chars().last() {
         Some('k' | 'K') => (&text[..text.len() - 1], 1_000u64),
         Some('m' | 'M') => (&text[..text.len() - 1], 1_000_000),
         Some('g' | 'G') => (&text[..text.len() - 1], 1_000_000_000),
         _ => (text, 1),
     };
-    let value: f64 = number.trim().parse().map_err(|_| format!("`{text}` is not a rate like 500k or 5M"))?;
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a rate like 500k or 5M"))?;
     if !(value.is_finite() && value >= 0.0) {
         return Err(format!("`{text}` is not a rate"));
     }
@@ -98,7 +104,10 @@ impl Settings {
     /// Defaults, then the config file, then env and flags.
     fn resolve(self) -> anyhow::Result<NodeConfig> {
         let data_dir = self.data_dir.clone().unwrap_or_else(super::default_home);
-        let file = self.config.clone().or_else(|| Some(data_dir.join("node.toml")).filter(|p| p.exists()));
+        let file = self
+            .config
+            .clone()
+            .or_else(|| Some(data_dir.join("node.toml")).filter(|p| p.exists()));
         let mut config = match &file {
             Some(path) => NodeConfig::from_toml_file(path)?,
             None => NodeConfig {
@@ -149,14 +158,20 @@ impl Settings {
 
 fn default_listen() -> anyhow::Result<Vec<Multiaddr>> {
     Ok(vec![
-        "/ip4/0.0.0.0/tcp/0".parse().context("default TCP listen address")?,
-        "/ip4/0.0.0.0/udp/0/quic-v1".parse().context("default QUIC listen address")?,
+        "/ip4/0.0.0.0/tcp/0"
+            .parse()
+            .context("default TCP listen address")?,
+        "/ip4/0.0.0.0/udp/0/quic-v1"
+            .parse()
+            .context("default QUIC listen address")?,
     ])
 }
 
 fn require_coordinator(config: &NodeConfig) -> anyhow::Result<()> {
     if config.coordinator.is_empty() {
-        anyhow::bail!("no coordinator given: pass --coordinator <multiaddr>, set BARNRAISE_COORDINATOR, or put `coordinator = \"...\"` in the config file");
+        anyhow::bail!(
+            "no coordinator given: pass --coordinator <multiaddr>, set BARNRAISE_COORDINATOR, or put `coordinator = \"...\"` in the config file"
+        );
     }
     Ok(())
 }
@@ -164,14 +179,20 @@ fn require_coordinator(config: &NodeConfig) -> anyhow::Result<()> {
 /// Progress bars only on a terminal and with text logs (JSON logs are for
 /// machines, and bars would interleave with them).
 fn want_bars() -> bool {
-    let json_flag = std::env::args().collect::<Vec<_>>().windows(2).any(|w| w[0] == "--log-format" && w[1] == "json")
+    let json_flag = std::env::args()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
         || std::env::args().any(|a| a == "--log-format=json")
         || std::env::var("BARNRAISE_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     std::io::stderr().is_terminal() && !json_flag
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     match args.command {
         None => {
             let config = args.settings.resolve()?;
@@ -201,7 +222,10 @@ async fn run_daemon(config: NodeConfig) -> anyhow::Result<()> {
     let result = run_node(config, shutdown, Some(events_tx)).await;
     let _ = display.await;
     let summary = result?;
-    let params = summary.final_params_hash.map(|h| h.short()).unwrap_or_else(|| "-".into());
+    let params = summary
+        .final_params_hash
+        .map(|h| h.short())
+        .unwrap_or_else(|| "-".into());
     eprintln!(
         "node stopped: {} rounds applied, {} trained, {} tokens, {} resyncs, {:.1} MB up, {:.1} MB down, params {params}",
         summary.rounds_completed,
@@ -241,7 +265,12 @@ fn receipts(config: NodeConfig) -> anyhow::Result<()> {
     let dir = config.data_dir.join("receipts");
     let key = barnraise_protocol::SigningKey::load(&config.key_path())?;
     let me = key.node_id();
-    let pinned: Option<PublicKey> = config.coordinator_key.as_deref().map(str::parse).transpose().context("coordinator key")?;
+    let pinned: Option<PublicKey> = config
+        .coordinator_key
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .context("coordinator key")?;
     let mut entries: Vec<PathBuf> = match std::fs::read_dir(&dir) {
         Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -255,7 +284,12 @@ fn receipts(config: NodeConfig) -> anyhow::Result<()> {
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let verdict = Signed::<Manifest>::from_bytes(&bytes)
             .map_err(|e| e.to_string())
-            .and_then(|signed| signed.verify(pinned.as_ref()).map(|m| (signed.signer, m)).map_err(|e| e.to_string()));
+            .and_then(|signed| {
+                signed
+                    .verify(pinned.as_ref())
+                    .map(|m| (signed.signer, m))
+                    .map_err(|e| e.to_string())
+            });
         match verdict {
             Ok((signer, manifest)) => {
                 let status = if let Some(a) = manifest.accepted.iter().find(|a| a.node == me) {
@@ -267,7 +301,11 @@ fn receipts(config: NodeConfig) -> anyhow::Result<()> {
                 } else {
                     "not named".to_string()
                 };
-                println!("round {:>6}  {status}  signed by {}", manifest.round, &signer.to_hex()[..12]);
+                println!(
+                    "round {:>6}  {status}  signed by {}",
+                    manifest.round,
+                    &signer.to_hex()[..12]
+                );
             }
             Err(e) => println!("{}: does not verify: {e}", path.display()),
         }

@@ -20,7 +20,11 @@ pub struct RunProgress {
 impl RunProgress {
     pub fn new(rounds: u64, _nodes: u64, inner_steps: u64, enabled: bool) -> RunProgress {
         let interactive = enabled && std::io::stderr().is_terminal();
-        let target = if interactive { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+        let target = if interactive {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
         let multi = MultiProgress::with_draw_target(target);
         let bar = multi.add(ProgressBar::new(rounds));
         bar.set_style(
@@ -28,7 +32,14 @@ impl RunProgress {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message("waiting for nodes to join");
-        RunProgress { multi, rounds: bar, nodes: Mutex::new(HashMap::new()), inner_steps, interactive, enabled }
+        RunProgress {
+            multi,
+            rounds: bar,
+            nodes: Mutex::new(HashMap::new()),
+            inner_steps,
+            interactive,
+            enabled,
+        }
     }
 
     fn say(&self, line: String) {
@@ -44,16 +55,28 @@ impl RunProgress {
 
     pub fn coordinator(&self, event: &CoordinatorEvent) {
         match event {
-            CoordinatorEvent::NodeJoined { node } => self.say(format!("node {} joined", node.short())),
+            CoordinatorEvent::NodeJoined { node } => {
+                self.say(format!("node {} joined", node.short()))
+            }
             CoordinatorEvent::RoundOpened { round, nodes } => {
-                self.rounds.set_message(format!("round {round} training on {nodes} nodes"));
+                self.rounds
+                    .set_message(format!("round {round} training on {nodes} nodes"));
                 if !self.interactive {
                     self.say(format!("round {round} opened with {nodes} nodes"));
                 }
             }
-            CoordinatorEvent::RoundClosed { round, accepted, rejected, missing, mean_loss, eval_loss, params_hash } => {
+            CoordinatorEvent::RoundClosed {
+                round,
+                accepted,
+                rejected,
+                missing,
+                mean_loss,
+                eval_loss,
+                params_hash,
+            } => {
                 self.rounds.inc(1);
-                let loss = |v: &Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+                let loss =
+                    |v: &Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
                 let mut line = format!(
                     "round {round} closed: {accepted} accepted, {} rejected, {missing} missing; train loss {}, held-out loss {}; θ {}",
                     rejected.len(),
@@ -62,7 +85,11 @@ impl RunProgress {
                     params_hash.short()
                 );
                 for r in rejected {
-                    line.push_str(&format!("\n    rejected {}: {}", r.node.short(), r.reason.code()));
+                    line.push_str(&format!(
+                        "\n    rejected {}: {}",
+                        r.node.short(),
+                        r.reason.code()
+                    ));
                 }
                 self.say(line);
             }
@@ -75,18 +102,24 @@ impl RunProgress {
             // Per-step progress would flood a log; the coordinator's round lines say enough.
             return;
         }
-        let Ok(mut nodes) = self.nodes.lock() else { return };
+        let Ok(mut nodes) = self.nodes.lock() else {
+            return;
+        };
         let bar = nodes.entry(index).or_insert_with(|| {
             let bar = self.multi.add(ProgressBar::new(self.inner_steps));
             bar.set_style(
-                ProgressStyle::with_template("  node {prefix} {bar:20.green/white} {pos}/{len} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "  node {prefix} {bar:20.green/white} {pos}/{len} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             bar.set_prefix(index.to_string());
             bar
         });
         match event {
-            NodeEvent::TrainingProgress { round, step, loss, .. } => {
+            NodeEvent::TrainingProgress {
+                round, step, loss, ..
+            } => {
                 bar.set_position(u64::from(*step));
                 bar.set_message(format!("round {round} loss {loss:.3}"));
             }
@@ -95,7 +128,11 @@ impl RunProgress {
             }
             NodeEvent::RoundApplied { round, matched, .. } => {
                 bar.set_position(0);
-                let verdict = if *matched { "θ matches manifest" } else { "θ MISMATCH, resyncing" };
+                let verdict = if *matched {
+                    "θ matches manifest"
+                } else {
+                    "θ MISMATCH, resyncing"
+                };
                 bar.set_message(format!("round {round} applied, {verdict}"));
             }
             _ => {}

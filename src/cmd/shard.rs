@@ -3,7 +3,8 @@
 //! split.
 
 use barnraise_trainer::data::manifest::{
-    DEFAULT_SHARD_TOKENS, MANIFEST_FILE, ShardingConfig, build_dataset, collect_input_files, tokenize_files,
+    DEFAULT_SHARD_TOKENS, MANIFEST_FILE, ShardingConfig, build_dataset, collect_input_files,
+    tokenize_files,
 };
 use clap::Args as ClapArgs;
 use std::path::PathBuf;
@@ -27,7 +28,10 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let files = collect_input_files(&args.input)?;
     let tokens = tokenize_files(&files)?;
-    let config = ShardingConfig { shard_tokens: args.shard_tokens, heldout_fraction: args.heldout_fraction };
+    let config = ShardingConfig {
+        shard_tokens: args.shard_tokens,
+        heldout_fraction: args.heldout_fraction,
+    };
     let manifest = build_dataset(&tokens, &args.out, config)?;
     println!(
         "{} files, {} tokens -> {} training shards ({} tokens) and {} held-out shards ({} tokens)",

@@ -85,20 +85,31 @@ fn default_data_dir() -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    super::default_home().join("up").join(format!("run-{stamp}"))
+    super::default_home()
+        .join("up")
+        .join(format!("run-{stamp}"))
 }
 
 async fn run_async(args: Args) -> anyhow::Result<Finished> {
-    let model = ModelConfig::preset(&args.model)
-        .with_context(|| format!("unknown model preset `{}` (try tiny, small, medium)", args.model))?;
+    let model = ModelConfig::preset(&args.model).with_context(|| {
+        format!(
+            "unknown model preset `{}` (try tiny, small, medium)",
+            args.model
+        )
+    })?;
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let started = Instant::now();
 
     let config = CoordinatorConfig {
         run_id: RUN_ID.into(),
         model: args.model.clone(),
-        dataset: DatasetSource::Builtin { shards: (args.nodes as usize * 4).max(8), shard_tokens: 64 * 1024, seed: 0 },
+        dataset: DatasetSource::Builtin {
+            shards: (args.nodes as usize * 4).max(8),
+            shard_tokens: 64 * 1024,
+            seed: 0,
+        },
         inner_steps: args.inner_steps,
         batch_size: args.batch_size,
         seq_len: args.seq_len,
@@ -167,11 +178,21 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
             }
         });
         let shutdown = shutdown.clone();
-        nodes.spawn(async move { (i, barnraise_node::run_node(node_config, shutdown, Some(tx)).await) });
+        nodes.spawn(async move {
+            (
+                i,
+                barnraise_node::run_node(node_config, shutdown, Some(tx)).await,
+            )
+        });
     }
     drop(node_events_tx);
 
-    let progress = super::progress::RunProgress::new(args.rounds, args.nodes as u64, args.inner_steps as u64, !args.json);
+    let progress = super::progress::RunProgress::new(
+        args.rounds,
+        args.nodes as u64,
+        args.inner_steps as u64,
+        !args.json,
+    );
     let mut finished = false;
     while !finished {
         tokio::select! {
@@ -207,10 +228,23 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
         }
     }
     shutdown.cancel();
-    let summary = coordinator.wait().await.context("the coordinator stopped with an error")?;
+    let summary = coordinator
+        .wait()
+        .await
+        .context("the coordinator stopped with an error")?;
     node_summaries.sort_by_key(|(i, _)| *i);
-    let report = UpReport::new(&args, &model, summary, node_summaries, started.elapsed(), data_dir);
-    Ok(Finished { report, json: args.json })
+    let report = UpReport::new(
+        &args,
+        &model,
+        summary,
+        node_summaries,
+        started.elapsed(),
+        data_dir,
+    );
+    Ok(Finished {
+        report,
+        json: args.json,
+    })
 }
 
 /// What `barnraise up` prints at the end (and as JSON with `--json`).
@@ -258,12 +292,24 @@ impl UpReport {
     ) -> UpReport {
         let params = model.params_count();
         let update_bytes_sent: u64 = summary.rounds.iter().map(|r| r.bytes_received).sum();
-        let updates: u64 = summary.rounds.iter().map(|r| r.accepted + r.rejected.len() as u64).sum();
+        let updates: u64 = summary
+            .rounds
+            .iter()
+            .map(|r| r.accepted + r.rejected.len() as u64)
+            .sum();
         let k = args.nodes.max(1) as u64;
         let steps = args.inner_steps as u64 * summary.rounds.len() as u64;
-        let per_step = if k > 1 { 2 * (k - 1) * 4 * params as u64 / k } else { 0 };
+        let per_step = if k > 1 {
+            2 * (k - 1) * 4 * params as u64 / k
+        } else {
+            0
+        };
         let data_parallel_bytes = per_step * steps * k;
-        let mean_update = if updates > 0 { update_bytes_sent as f64 / updates as f64 } else { 0.0 };
+        let mean_update = if updates > 0 {
+            update_bytes_sent as f64 / updates as f64
+        } else {
+            0.0
+        };
         let final_hash = summary.rounds.last().map(|r| r.next_params_hash.clone());
         let node_summaries: Vec<NodeLine> = nodes
             .into_iter()
@@ -275,8 +321,10 @@ impl UpReport {
                 final_params_hash: s.final_params_hash.map(|h| h.to_hex()),
             })
             .collect();
-        let nodes_in_agreement =
-            node_summaries.iter().filter(|n| n.final_params_hash.is_some() && n.final_params_hash == final_hash).count();
+        let nodes_in_agreement = node_summaries
+            .iter()
+            .filter(|n| n.final_params_hash.is_some() && n.final_params_hash == final_hash)
+            .count();
         UpReport {
             data_dir,
             model: args.model.clone(),
@@ -287,8 +335,16 @@ impl UpReport {
             wall_seconds: wall.as_secs_f64(),
             update_bytes_sent,
             data_parallel_bytes,
-            communication_reduction: if update_bytes_sent > 0 { data_parallel_bytes as f64 / update_bytes_sent as f64 } else { 0.0 },
-            compression_ratio: if mean_update > 0.0 { 4.0 * params as f64 / mean_update } else { 0.0 },
+            communication_reduction: if update_bytes_sent > 0 {
+                data_parallel_bytes as f64 / update_bytes_sent as f64
+            } else {
+                0.0
+            },
+            compression_ratio: if mean_update > 0.0 {
+                4.0 * params as f64 / mean_update
+            } else {
+                0.0
+            },
             nodes_in_agreement,
             node_summaries,
             rounds: summary.rounds.clone(),
@@ -301,9 +357,20 @@ impl std::fmt::Display for UpReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let opt = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into());
         writeln!(f)?;
-        writeln!(f, "run finished in {:.1} s — {} nodes, model `{}` ({:.2}M params), codec {}", self.wall_seconds, self.nodes, self.model, self.params as f64 / 1e6, self.codec)?;
+        writeln!(
+            f,
+            "run finished in {:.1} s — {} nodes, model `{}` ({:.2}M params), codec {}",
+            self.wall_seconds,
+            self.nodes,
+            self.model,
+            self.params as f64 / 1e6,
+            self.codec
+        )?;
         writeln!(f)?;
-        writeln!(f, "round  accepted  rejected  missing  train loss  held-out loss  update bytes")?;
+        writeln!(
+            f,
+            "round  accepted  rejected  missing  train loss  held-out loss  update bytes"
+        )?;
         for r in &self.rounds {
             writeln!(
                 f,
@@ -317,7 +384,11 @@ impl std::fmt::Display for UpReport {
                 human_bytes(r.bytes_received)
             )?;
             for (node, reason) in &r.rejected {
-                writeln!(f, "         rejected {} ({reason})", &node[..node.len().min(12)])?;
+                writeln!(
+                    f,
+                    "         rejected {} ({reason})",
+                    &node[..node.len().min(12)]
+                )?;
             }
         }
         writeln!(f)?;
@@ -329,9 +400,25 @@ impl std::fmt::Display for UpReport {
             self.communication_reduction,
             self.compression_ratio
         )?;
-        writeln!(f, "agreement: {}/{} nodes hold the manifest's final params hash", self.nodes_in_agreement, self.node_summaries.len())?;
+        writeln!(
+            f,
+            "agreement: {}/{} nodes hold the manifest's final params hash",
+            self.nodes_in_agreement,
+            self.node_summaries.len()
+        )?;
         writeln!(f)?;
-        writeln!(f, "{:<14} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>13}", "node", "tokens", "accepted", "rejected", "missing", "bytes", "compute s", "credit GFLOP")?;
+        writeln!(
+            f,
+            "{:<14} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>13}",
+            "node",
+            "tokens",
+            "accepted",
+            "rejected",
+            "missing",
+            "bytes",
+            "compute s",
+            "credit GFLOP"
+        )?;
         for c in &self.summary.contributors {
             writeln!(
                 f,
@@ -347,6 +434,11 @@ impl std::fmt::Display for UpReport {
             )?;
         }
         writeln!(f)?;
-        writeln!(f, "ledger and blobs kept in {}; `barnraise stats --data-dir {}` shows the table again", self.data_dir.display(), self.data_dir.join("coordinator").display())
+        writeln!(
+            f,
+            "ledger and blobs kept in {}; `barnraise stats --data-dir {}` shows the table again",
+            self.data_dir.display(),
+            self.data_dir.join("coordinator").display()
+        )
     }
 }

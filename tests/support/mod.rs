@@ -15,7 +15,11 @@ pub fn tiny_run(data_dir: &Path, nodes: usize, rounds: u64) -> CoordinatorConfig
     CoordinatorConfig {
         run_id: "e2e".into(),
         model: "tiny".into(),
-        dataset: DatasetSource::Builtin { shards: 12, shard_tokens: 16 * 1024, seed: 7 },
+        dataset: DatasetSource::Builtin {
+            shards: 12,
+            shard_tokens: 16 * 1024,
+            seed: 7,
+        },
         inner_steps: 10,
         batch_size: 8,
         seq_len: 64,
@@ -31,9 +35,13 @@ pub fn tiny_run(data_dir: &Path, nodes: usize, rounds: u64) -> CoordinatorConfig
     }
 }
 
-pub async fn start_coordinator(config: CoordinatorConfig) -> (CoordinatorHandle, CancellationToken) {
+pub async fn start_coordinator(
+    config: CoordinatorConfig,
+) -> (CoordinatorHandle, CancellationToken) {
     let shutdown = CancellationToken::new();
-    let handle = barnraise_coordinator::start(config, shutdown.clone()).await.expect("coordinator starts");
+    let handle = barnraise_coordinator::start(config, shutdown.clone())
+        .await
+        .expect("coordinator starts");
     (handle, shutdown)
 }
 
@@ -44,7 +52,12 @@ pub struct RunningNode {
     pub task: JoinHandle<Result<NodeSummary, NodeError>>,
 }
 
-pub fn node_config(coordinator: &CoordinatorHandle, data_dir: &Path, index: usize, rounds: u64) -> NodeConfig {
+pub fn node_config(
+    coordinator: &CoordinatorHandle,
+    data_dir: &Path,
+    index: usize,
+    rounds: u64,
+) -> NodeConfig {
     NodeConfig {
         coordinator: coordinator.multiaddr(),
         data_dir: data_dir.join(format!("node-{index}")),
@@ -59,15 +72,31 @@ pub fn spawn_node(config: NodeConfig, index: usize) -> RunningNode {
     let shutdown = CancellationToken::new();
     let data_dir = config.data_dir.clone();
     let task = tokio::spawn(barnraise_node::run_node(config, shutdown.clone(), None));
-    RunningNode { index, data_dir, shutdown, task }
+    RunningNode {
+        index,
+        data_dir,
+        shutdown,
+        task,
+    }
 }
 
-pub fn spawn_nodes(coordinator: &CoordinatorHandle, data_dir: &Path, n: usize, rounds: u64) -> Vec<RunningNode> {
-    (0..n).map(|i| spawn_node(node_config(coordinator, data_dir, i, rounds), i)).collect()
+pub fn spawn_nodes(
+    coordinator: &CoordinatorHandle,
+    data_dir: &Path,
+    n: usize,
+    rounds: u64,
+) -> Vec<RunningNode> {
+    (0..n)
+        .map(|i| spawn_node(node_config(coordinator, data_dir, i, rounds), i))
+        .collect()
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout`.
-pub async fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub async fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(v) = check() {

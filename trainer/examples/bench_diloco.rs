@@ -10,9 +10,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--json").collect();
     let json = std::env::args().any(|a| a == "--json");
     let preset = args.first().map(String::as_str).unwrap_or("tiny");
-    let mut cfg = DilocoBenchConfig::for_preset(preset).ok_or_else(|| format!("unknown preset {preset}"))?;
+    let mut cfg =
+        DilocoBenchConfig::for_preset(preset).ok_or_else(|| format!("unknown preset {preset}"))?;
     let number = |i: usize, default: usize| -> Result<usize, Box<dyn std::error::Error>> {
-        Ok(args.get(i).map(|s| s.parse()).transpose()?.unwrap_or(default))
+        Ok(args
+            .get(i)
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(default))
     };
     cfg.workers = number(1, cfg.workers)?;
     cfg.inner_steps = number(2, cfg.inner_steps)?;
@@ -28,7 +33,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cfg.topk = v.parse()?;
     }
     let report = run_diloco(&cfg, &candle_core::Device::Cpu, &mut |p| {
-        eprintln!("{:<16} round {:>3}/{:<3} held-out loss {:.4}", p.arm, p.round, p.rounds, p.heldout_loss);
+        eprintln!(
+            "{:<16} round {:>3}/{:<3} held-out loss {:.4}",
+            p.arm, p.round, p.rounds, p.heldout_loss
+        );
     })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

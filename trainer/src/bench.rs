@@ -164,12 +164,19 @@ struct Data {
 }
 
 fn corpus_data(cfg: &DilocoBenchConfig) -> Data {
-    let tokens = |seed: u64| crate::data::tokenize_bytes(corpus::generate(seed, cfg.corpus_bytes).as_bytes());
-    let workers: Vec<Vec<u16>> =
-        (0..cfg.workers).map(|w| tokens(derive_seed(cfg.seed, &format!("corpus worker {w}")))).collect();
+    let tokens = |seed: u64| {
+        crate::data::tokenize_bytes(corpus::generate(seed, cfg.corpus_bytes).as_bytes())
+    };
+    let workers: Vec<Vec<u16>> = (0..cfg.workers)
+        .map(|w| tokens(derive_seed(cfg.seed, &format!("corpus worker {w}"))))
+        .collect();
     let all = workers.concat();
     let heldout = tokens(derive_seed(cfg.seed, "corpus heldout"));
-    Data { workers, all, heldout }
+    Data {
+        workers,
+        all,
+        heldout,
+    }
 }
 
 /// Runs all four arms. `progress` is called after every round of every arm.
@@ -179,10 +186,15 @@ pub fn run_diloco(
     progress: &mut dyn FnMut(BenchProgress<'_>),
 ) -> Result<DilocoBenchReport, BenchError> {
     if cfg.workers == 0 || cfg.rounds == 0 || cfg.inner_steps == 0 {
-        return Err(BenchError::Config("workers, rounds and inner steps must be positive".to_string()));
+        return Err(BenchError::Config(
+            "workers, rounds and inner steps must be positive".to_string(),
+        ));
     }
     if cfg.corpus_bytes <= cfg.seq_len + 1 {
-        return Err(BenchError::Config(format!("corpus of {} bytes is shorter than one sequence", cfg.corpus_bytes)));
+        return Err(BenchError::Config(format!(
+            "corpus of {} bytes is shorter than one sequence",
+            cfg.corpus_bytes
+        )));
     }
     let data = corpus_data(cfg);
     let init_seed = derive_seed(cfg.seed, "init");
@@ -196,13 +208,17 @@ pub fn run_diloco(
     )?;
     let flops_per_token = cfg.model.flops_per_token_at(cfg.seq_len);
     let mut arms = Vec::new();
-    arms.push(run_data_parallel(cfg, device, &data, init_seed, eval_seed, progress)?);
+    arms.push(run_data_parallel(
+        cfg, device, &data, init_seed, eval_seed, progress,
+    )?);
     for (arm, name, codec) in [
         ("b", "diloco-fp32", CodecConfig::Fp32),
         ("c", "diloco-int8", cfg.int8),
         ("d", "diloco-topk", cfg.topk),
     ] {
-        arms.push(run_diloco_arm(cfg, device, &data, init_seed, eval_seed, arm, name, codec, progress)?);
+        arms.push(run_diloco_arm(
+            cfg, device, &data, init_seed, eval_seed, arm, name, codec, progress,
+        )?);
     }
     let dp_bytes = arms[0].bytes_per_worker as f64;
     for arm in &mut arms {
@@ -222,8 +238,19 @@ pub fn run_diloco(
     })
 }
 
-fn eval(trainer: &Trainer, cfg: &DilocoBenchConfig, data: &Data, eval_seed: u64) -> Result<f32, TrainError> {
-    trainer.eval_loss_with(&data.heldout, cfg.eval_batches, crate::train::EVAL_BATCH_SIZE, cfg.seq_len, eval_seed)
+fn eval(
+    trainer: &Trainer,
+    cfg: &DilocoBenchConfig,
+    data: &Data,
+    eval_seed: u64,
+) -> Result<f32, TrainError> {
+    trainer.eval_loss_with(
+        &data.heldout,
+        cfg.eval_batches,
+        crate::train::EVAL_BATCH_SIZE,
+        cfg.seq_len,
+        eval_seed,
+    )
 }
 
 fn run_data_parallel(
@@ -239,13 +266,22 @@ fn run_data_parallel(
     let mut train_wall = 0.0;
     let mut per_round = Vec::new();
     for round in 0..cfg.rounds {
-        let inner = cfg.inner(round, cfg.batch_size * cfg.workers, derive_seed(cfg.seed, &format!("dp round {round}")));
+        let inner = cfg.inner(
+            round,
+            cfg.batch_size * cfg.workers,
+            derive_seed(cfg.seed, &format!("dp round {round}")),
+        );
         let report = trainer.train_inner(&data.all, &inner)?;
         tokens += report.tokens;
         train_wall += report.wall.as_secs_f64();
         let loss = eval(&trainer, cfg, data, eval_seed)?;
         per_round.push(loss);
-        progress(BenchProgress { arm: "a: dp", round: round + 1, rounds: cfg.rounds, heldout_loss: loss });
+        progress(BenchProgress {
+            arm: "a: dp",
+            round: round + 1,
+            rounds: cfg.rounds,
+            heldout_loss: loss,
+        });
     }
     let params = cfg.model.params_count() as u64;
     Ok(ArmReport {
@@ -296,7 +332,8 @@ fn run_diloco_arm(
         for (w, (worker, encoder)) in workers.iter_mut().zip(&mut encoders).enumerate() {
             worker.set_flat_params(&global)?;
             let seed = derive_seed(cfg.seed, &format!("worker {w} round {round}"));
-            let report = worker.train_inner(&data.workers[w], &cfg.inner(round, cfg.batch_size, seed))?;
+            let report =
+                worker.train_inner(&data.workers[w], &cfg.inner(round, cfg.batch_size, seed))?;
             tokens += report.tokens;
             let local = worker.flat_params()?;
             let delta: Vec<f32> = global.iter().zip(&local).map(|(g, l)| g - l).collect();
@@ -315,7 +352,12 @@ fn run_diloco_arm(
         evaluator.set_flat_params(&global)?;
         let loss = eval(&evaluator, cfg, data, eval_seed)?;
         per_round.push(loss);
-        progress(BenchProgress { arm: &label, round: round + 1, rounds: cfg.rounds, heldout_loss: loss });
+        progress(BenchProgress {
+            arm: &label,
+            round: round + 1,
+            rounds: cfg.rounds,
+            heldout_loss: loss,
+        });
     }
     Ok(ArmReport {
         arm: arm.to_string(),
@@ -367,7 +409,14 @@ impl fmt::Display for DilocoBenchReport {
         writeln!(
             f,
             "{:<16} {:<16} {:>10} {:>14} {:>10} {:>10} {:>9} {:>8}",
-            "arm", "codec", "held-out", "bytes/worker", "reduction", "tokens/s", "GFLOP/s", "wall s"
+            "arm",
+            "codec",
+            "held-out",
+            "bytes/worker",
+            "reduction",
+            "tokens/s",
+            "GFLOP/s",
+            "wall s"
         )?;
         for arm in &self.arms {
             writeln!(
@@ -383,7 +432,15 @@ impl fmt::Display for DilocoBenchReport {
                 arm.wall_s
             )?;
         }
-        writeln!(f, "(b) vs (a): {:+.2}% held-out loss (target within 5%)", self.fp32_vs_dp_pct)?;
-        write!(f, "(d) vs (b): {:+.2}% held-out loss (target within 2%)", self.topk_vs_fp32_pct)
+        writeln!(
+            f,
+            "(b) vs (a): {:+.2}% held-out loss (target within 5%)",
+            self.fp32_vs_dp_pct
+        )?;
+        write!(
+            f,
+            "(d) vs (b): {:+.2}% held-out loss (target within 2%)",
+            self.topk_vs_fp32_pct
+        )
     }
 }

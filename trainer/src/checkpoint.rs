@@ -42,21 +42,45 @@ pub struct Checkpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("checkpoint {path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("checkpoint {path}: cannot write: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("checkpoint {path}: not a valid safetensors file: {detail}")]
     Format { path: PathBuf, detail: String },
     #[error("checkpoint {path}: metadata entry '{key}' is missing or invalid")]
     Metadata { path: PathBuf, key: &'static str },
     #[error("checkpoint {path}: made for a different model ({found}); this run expects {expected}")]
-    ConfigMismatch { path: PathBuf, expected: String, found: String },
+    ConfigMismatch {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
     #[error("checkpoint {path}: tensor {name}: {detail}")]
-    Tensor { path: PathBuf, name: String, detail: String },
-    #[error("checkpoint {path}: params hash to {actual}, but the checkpoint records {recorded} (corrupt)")]
-    HashMismatch { path: PathBuf, recorded: Hash, actual: Hash },
+    Tensor {
+        path: PathBuf,
+        name: String,
+        detail: String,
+    },
+    #[error(
+        "checkpoint {path}: params hash to {actual}, but the checkpoint records {recorded} (corrupt)"
+    )]
+    HashMismatch {
+        path: PathBuf,
+        recorded: Hash,
+        actual: Hash,
+    },
     #[error("checkpoint {path}: {found} param values given, the model has {expected}")]
-    ParamLength { path: PathBuf, expected: usize, found: usize },
+    ParamLength {
+        path: PathBuf,
+        expected: usize,
+        found: usize,
+    },
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -75,18 +99,33 @@ pub fn to_bytes(
 ) -> Result<Vec<u8>, CheckpointError> {
     let expected = config.params_count();
     if params.len() != expected {
-        return Err(CheckpointError::ParamLength { path: path.to_owned(), expected, found: params.len() });
+        return Err(CheckpointError::ParamLength {
+            path: path.to_owned(),
+            expected,
+            found: params.len(),
+        });
     }
     if let Some(momentum) = outer_momentum
         && momentum.len() != expected
     {
-        return Err(CheckpointError::ParamLength { path: path.to_owned(), expected, found: momentum.len() });
+        return Err(CheckpointError::ParamLength {
+            path: path.to_owned(),
+            expected,
+            found: momentum.len(),
+        });
     }
     let actual = Hash::of_f32s(params);
     if actual != meta.params_hash {
-        return Err(CheckpointError::HashMismatch { path: path.to_owned(), recorded: meta.params_hash, actual });
+        return Err(CheckpointError::HashMismatch {
+            path: path.to_owned(),
+            recorded: meta.params_hash,
+            actual,
+        });
     }
-    let format_err = |e: &dyn std::fmt::Display| CheckpointError::Format { path: path.to_owned(), detail: e.to_string() };
+    let format_err = |e: &dyn std::fmt::Display| CheckpointError::Format {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    };
     let config_json = serde_json::to_string(config).map_err(|e| format_err(&e))?;
     let metadata = HashMap::from([
         (KEY_FORMAT.to_string(), "pt".to_string()),
@@ -103,7 +142,11 @@ pub fn to_bytes(
         offset += len;
     }
     if let Some(momentum) = outer_momentum {
-        buffers.push((OUTER_MOMENTUM_TENSOR.to_string(), vec![momentum.len()], f32_bytes(momentum)));
+        buffers.push((
+            OUTER_MOMENTUM_TENSOR.to_string(),
+            vec![momentum.len()],
+            f32_bytes(momentum),
+        ));
     }
     let mut views = Vec::with_capacity(buffers.len());
     for (name, shape, bytes) in &buffers {
@@ -122,26 +165,46 @@ pub fn save(
     meta: &CheckpointMeta,
 ) -> Result<(), CheckpointError> {
     let bytes = to_bytes(path, config, params, outer_momentum, meta)?;
-    std::fs::write(path, bytes).map_err(|source| CheckpointError::Write { path: path.to_owned(), source })
+    std::fs::write(path, bytes).map_err(|source| CheckpointError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Reads a checkpoint file made for `expected`.
 pub fn load(path: &Path, expected: &ModelConfig) -> Result<Checkpoint, CheckpointError> {
-    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read { path: path.to_owned(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     from_bytes(&bytes, path, expected)
 }
 
 /// Parses checkpoint bytes (e.g. a blob fetched from a peer); `path` names
 /// the source in errors.
-pub fn from_bytes(bytes: &[u8], path: &Path, expected: &ModelConfig) -> Result<Checkpoint, CheckpointError> {
-    let format_err = |e: &dyn std::fmt::Display| CheckpointError::Format { path: path.to_owned(), detail: e.to_string() };
+pub fn from_bytes(
+    bytes: &[u8],
+    path: &Path,
+    expected: &ModelConfig,
+) -> Result<Checkpoint, CheckpointError> {
+    let format_err = |e: &dyn std::fmt::Display| CheckpointError::Format {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    };
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format_err(&e))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let get = |key: &'static str| -> Result<&String, CheckpointError> {
-        metadata.get(key).ok_or(CheckpointError::Metadata { path: path.to_owned(), key })
+        metadata.get(key).ok_or(CheckpointError::Metadata {
+            path: path.to_owned(),
+            key,
+        })
     };
-    let bad = |key: &'static str| CheckpointError::Metadata { path: path.to_owned(), key };
-    let config: ModelConfig = serde_json::from_str(get(KEY_CONFIG)?).map_err(|_| bad(KEY_CONFIG))?;
+    let bad = |key: &'static str| CheckpointError::Metadata {
+        path: path.to_owned(),
+        key,
+    };
+    let config: ModelConfig =
+        serde_json::from_str(get(KEY_CONFIG)?).map_err(|_| bad(KEY_CONFIG))?;
     if &config != expected {
         return Err(CheckpointError::ConfigMismatch {
             path: path.to_owned(),
@@ -152,19 +215,38 @@ pub fn from_bytes(bytes: &[u8], path: &Path, expected: &ModelConfig) -> Result<C
     let meta = CheckpointMeta {
         run: get(KEY_RUN)?.clone(),
         round: get(KEY_ROUND)?.parse().map_err(|_| bad(KEY_ROUND))?,
-        params_hash: get(KEY_PARAMS_HASH)?.parse().map_err(|_| bad(KEY_PARAMS_HASH))?,
+        params_hash: get(KEY_PARAMS_HASH)?
+            .parse()
+            .map_err(|_| bad(KEY_PARAMS_HASH))?,
     };
     let tensors = SafeTensors::deserialize(bytes).map_err(|e| format_err(&e))?;
     let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>, CheckpointError> {
-        let tensor_err = |detail: String| CheckpointError::Tensor { path: path.to_owned(), name: name.to_string(), detail };
-        let view = tensors.tensor(name).map_err(|_| tensor_err("missing".to_string()))?;
+        let tensor_err = |detail: String| CheckpointError::Tensor {
+            path: path.to_owned(),
+            name: name.to_string(),
+            detail,
+        };
+        let view = tensors
+            .tensor(name)
+            .map_err(|_| tensor_err("missing".to_string()))?;
         if view.dtype() != Dtype::F32 {
-            return Err(tensor_err(format!("has type {:?}, expected F32", view.dtype())));
+            return Err(tensor_err(format!(
+                "has type {:?}, expected F32",
+                view.dtype()
+            )));
         }
         if view.shape() != shape {
-            return Err(tensor_err(format!("has shape {:?}, expected {:?}", view.shape(), shape)));
+            return Err(tensor_err(format!(
+                "has shape {:?}, expected {:?}",
+                view.shape(),
+                shape
+            )));
         }
-        Ok(view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
     };
     let mut params = Vec::with_capacity(config.params_count());
     for (name, shape) in config.param_shapes() {
@@ -172,20 +254,36 @@ pub fn from_bytes(bytes: &[u8], path: &Path, expected: &ModelConfig) -> Result<C
     }
     let actual = Hash::of_f32s(&params);
     if actual != meta.params_hash {
-        return Err(CheckpointError::HashMismatch { path: path.to_owned(), recorded: meta.params_hash, actual });
+        return Err(CheckpointError::HashMismatch {
+            path: path.to_owned(),
+            recorded: meta.params_hash,
+            actual,
+        });
     }
     let outer_momentum = if tensors.names().contains(&OUTER_MOMENTUM_TENSOR) {
         Some(read(OUTER_MOMENTUM_TENSOR, &[params.len()])?)
     } else {
         None
     };
-    Ok(Checkpoint { config, params, outer_momentum, meta })
+    Ok(Checkpoint {
+        config,
+        params,
+        outer_momentum,
+        meta,
+    })
 }
 
 /// A one-line description of a config for error messages.
 fn describe(cfg: &ModelConfig) -> String {
     format!(
         "vocab {}, d_model {}, {} layers, {} heads, d_ff {}, context {}, rope theta {}, norm eps {}",
-        cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.max_seq_len, cfg.rope_theta, cfg.norm_eps
+        cfg.vocab_size,
+        cfg.d_model,
+        cfg.n_layers,
+        cfg.n_heads,
+        cfg.d_ff,
+        cfg.max_seq_len,
+        cfg.rope_theta,
+        cfg.norm_eps
     )
 }

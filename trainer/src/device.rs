@@ -27,7 +27,9 @@ pub enum DeviceSpec {
 pub enum DeviceError {
     #[error("unknown device '{0}': expected auto, cpu or cuda:N")]
     Parse(String),
-    #[error("device cuda:{0} requested, but this binary was built without the `cuda` feature (rebuild with --features cuda)")]
+    #[error(
+        "device cuda:{0} requested, but this binary was built without the `cuda` feature (rebuild with --features cuda)"
+    )]
     NoCudaSupport(usize),
     #[error("device cuda:{ordinal} requested, but {found} GPU(s) were found")]
     NoSuchGpu { ordinal: usize, found: usize },
@@ -159,7 +161,10 @@ fn open_cuda(ordinal: usize) -> Result<candle_core::Device, DeviceError> {
     if ordinal >= found {
         return Err(DeviceError::NoSuchGpu { ordinal, found });
     }
-    candle_core::Device::new_cuda(ordinal).map_err(|e| DeviceError::Open { ordinal, detail: e.to_string() })
+    candle_core::Device::new_cuda(ordinal).map_err(|e| DeviceError::Open {
+        ordinal,
+        detail: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -168,12 +173,23 @@ mod tests {
 
     #[test]
     fn device_spec_round_trips() {
-        for spec in [DeviceSpec::Auto, DeviceSpec::Cpu, DeviceSpec::Cuda(0), DeviceSpec::Cuda(3)] {
+        for spec in [
+            DeviceSpec::Auto,
+            DeviceSpec::Cpu,
+            DeviceSpec::Cuda(0),
+            DeviceSpec::Cuda(3),
+        ] {
             assert_eq!(spec.to_string().parse::<DeviceSpec>(), Ok(spec));
         }
         assert_eq!("CUDA:1".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(1)));
-        assert!(matches!("tpu".parse::<DeviceSpec>(), Err(DeviceError::Parse(_))));
-        assert!(matches!("cuda:x".parse::<DeviceSpec>(), Err(DeviceError::Parse(_))));
+        assert!(matches!(
+            "tpu".parse::<DeviceSpec>(),
+            Err(DeviceError::Parse(_))
+        ));
+        assert!(matches!(
+            "cuda:x".parse::<DeviceSpec>(),
+            Err(DeviceError::Parse(_))
+        ));
     }
 
     #[test]
@@ -184,10 +200,16 @@ mod tests {
         for gpu in &gpus {
             assert!(!gpu.name.is_empty());
         }
-        assert!(matches!(select(DeviceSpec::Cpu), Ok(candle_core::Device::Cpu)));
+        assert!(matches!(
+            select(DeviceSpec::Cpu),
+            Ok(candle_core::Device::Cpu)
+        ));
         assert!(select(DeviceSpec::Auto).is_ok());
         if !cuda_build() {
-            assert_eq!(select(DeviceSpec::Cuda(0)).err(), Some(DeviceError::NoCudaSupport(0)));
+            assert_eq!(
+                select(DeviceSpec::Cuda(0)).err(),
+                Some(DeviceError::NoCudaSupport(0))
+            );
         }
     }
 }

@@ -83,7 +83,10 @@ impl ModelConfig {
             }
         }
         if self.vocab_size > usize::from(u16::MAX) + 1 {
-            return Err(format!("model config: vocab_size {} does not fit 16-bit shard tokens", self.vocab_size));
+            return Err(format!(
+                "model config: vocab_size {} does not fit 16-bit shard tokens",
+                self.vocab_size
+            ));
         }
         if self.d_model % self.n_heads != 0 || self.head_dim() % 2 != 0 {
             return Err(format!(
@@ -125,7 +128,10 @@ impl ModelConfig {
 
     /// Total number of parameters (the flat vector's length).
     pub fn params_count(&self) -> usize {
-        self.param_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 
     /// Training FLOPs per token at the full context length.
@@ -139,7 +145,11 @@ impl ModelConfig {
     /// 12 · layers · seq_len · d_model (the usual PaLM-appendix estimate; the
     /// causal half is computed too, so it is counted).
     pub fn flops_per_token_at(&self, seq_len: usize) -> f64 {
-        let (d, f, v) = (self.d_model as f64, self.d_ff as f64, self.vocab_size as f64);
+        let (d, f, v) = (
+            self.d_model as f64,
+            self.d_ff as f64,
+            self.vocab_size as f64,
+        );
         let per_layer = 4.0 * d * d + 3.0 * d * f;
         let matmul_weights = self.n_layers as f64 * per_layer + v * d;
         6.0 * matmul_weights + 12.0 * self.n_layers as f64 * seq_len as f64 * d
@@ -203,7 +213,11 @@ pub struct Model {
 impl Model {
     /// Builds the model over `vars`, given in [`ModelConfig::param_shapes`]
     /// order.
-    pub fn new(config: &ModelConfig, vars: &[(String, Var)], device: &Device) -> CandleResult<Self> {
+    pub fn new(
+        config: &ModelConfig,
+        vars: &[(String, Var)],
+        device: &Device,
+    ) -> CandleResult<Self> {
         let find = |name: &str| -> CandleResult<Tensor> {
             vars.binary_search_by(|(n, _)| n.as_str().cmp(name))
                 .map(|i| vars[i].1.as_tensor().clone())
@@ -242,7 +256,10 @@ impl Model {
         let cfg = &self.config;
         let (d, heads, head_dim) = (cfg.d_model, cfg.n_heads, cfg.head_dim());
         if seq > cfg.max_seq_len {
-            candle_core::bail!("sequence length {seq} exceeds the model's max_seq_len {}", cfg.max_seq_len);
+            candle_core::bail!(
+                "sequence length {seq} exceeds the model's max_seq_len {}",
+                cfg.max_seq_len
+            );
         }
         let rows = batch * seq;
         // The residual stream is kept 2-D [rows, d] so every projection is
@@ -255,7 +272,10 @@ impl Model {
         for block in &self.blocks {
             let h = rms_norm(&x, &block.attn_norm, cfg.norm_eps)?;
             let split = |w: &Tensor| -> CandleResult<Tensor> {
-                h.matmul(&w.t()?)?.reshape((batch, seq, heads, head_dim))?.transpose(1, 2)?.contiguous()
+                h.matmul(&w.t()?)?
+                    .reshape((batch, seq, heads, head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
             let q = rope(&split(&block.q)?, &cos, &sin)?;
             let k = rope(&split(&block.k)?, &cos, &sin)?;
@@ -321,14 +341,18 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> CandleResult<(Tensor, Tens
         }
     }
     let shape = (cfg.max_seq_len, head_dim);
-    Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
+    Ok((
+        Tensor::from_vec(cos, shape, device)?,
+        Tensor::from_vec(sin, shape, device)?,
+    ))
 }
 
 /// Additive mask [seq, seq]: 0 where a position may attend, −∞ above the
 /// diagonal. Every row keeps its diagonal, so softmax never sees an all −∞ row.
 fn causal_mask(seq: usize, device: &Device) -> CandleResult<Tensor> {
-    let mask: Vec<f32> =
-        (0..seq).flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
     Tensor::from_vec(mask, (seq, seq), device)?.to_dtype(DType::F32)
 }
 
@@ -338,9 +362,15 @@ mod tests {
 
     #[test]
     fn presets_have_the_promised_sizes() {
-        let tiny = ModelConfig::preset("tiny").map(|c| c.params_count()).unwrap_or(0);
-        let small = ModelConfig::preset("small").map(|c| c.params_count()).unwrap_or(0);
-        let medium = ModelConfig::preset("medium").map(|c| c.params_count()).unwrap_or(0);
+        let tiny = ModelConfig::preset("tiny")
+            .map(|c| c.params_count())
+            .unwrap_or(0);
+        let small = ModelConfig::preset("small")
+            .map(|c| c.params_count())
+            .unwrap_or(0);
+        let medium = ModelConfig::preset("medium")
+            .map(|c| c.params_count())
+            .unwrap_or(0);
         assert!(tiny > 10_000 && tiny < 1_000_000, "tiny {tiny}");
         assert!(small > 2_000_000 && small < 10_000_000, "small {small}");
         assert!(medium > 100_000_000, "medium {medium}");

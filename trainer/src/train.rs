@@ -95,10 +95,15 @@ impl InnerConfig {
         if step < self.warmup {
             return self.lr * (step + 1) as f64 / self.warmup as f64;
         }
-        let total = if self.schedule_steps == 0 { self.start_step + self.steps } else { self.schedule_steps };
+        let total = if self.schedule_steps == 0 {
+            self.start_step + self.steps
+        } else {
+            self.schedule_steps
+        };
         let span = total.saturating_sub(self.warmup).max(1) as f64;
         let progress = ((step - self.warmup) as f64 / span).clamp(0.0, 1.0);
-        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        self.min_lr
+            + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 }
 
@@ -146,20 +151,39 @@ pub struct Trainer {
 
 impl Trainer {
     /// A model with seeded initial weights on `device`.
-    pub fn new(config: &ModelConfig, device: Device, init_seed: u64) -> Result<Trainer, TrainError> {
+    pub fn new(
+        config: &ModelConfig,
+        device: Device,
+        init_seed: u64,
+    ) -> Result<Trainer, TrainError> {
         config.validate().map_err(TrainError::Config)?;
         let mut vars = Vec::new();
         let mut moments = Vec::new();
         for (name, shape) in config.param_shapes() {
             let len = shape.iter().product();
-            let init = Tensor::from_vec(config.init_param(&name, len, init_seed), shape.as_slice(), &device)?;
+            let init = Tensor::from_vec(
+                config.init_param(&name, len, init_seed),
+                shape.as_slice(),
+                &device,
+            )?;
             let zeros = init.zeros_like()?;
             // Decoupled weight decay on matrices only, not on norm gains.
-            moments.push(Moments { m: zeros.clone(), v: zeros, decay: shape.len() >= 2 });
+            moments.push(Moments {
+                m: zeros.clone(),
+                v: zeros,
+                decay: shape.len() >= 2,
+            });
             vars.push((name, Var::from_tensor(&init)?));
         }
         let model = Model::new(config, &vars, &device)?;
-        Ok(Trainer { config: config.clone(), device, vars, model, moments, adam_steps: 0 })
+        Ok(Trainer {
+            config: config.clone(),
+            device,
+            vars,
+            model,
+            moments,
+            adam_steps: 0,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -188,7 +212,10 @@ impl Trainer {
     pub fn set_flat_params(&mut self, flat: &[f32]) -> Result<(), TrainError> {
         let expected = self.config.params_count();
         if flat.len() != expected {
-            return Err(TrainError::ParamLength { expected, found: flat.len() });
+            return Err(TrainError::ParamLength {
+                expected,
+                found: flat.len(),
+            });
         }
         let mut offset = 0;
         for (_, var) in &self.vars {
@@ -211,7 +238,12 @@ impl Trainer {
         Ok(())
     }
 
-    fn batch_tensors(&self, sampler: &mut BatchSampler<'_>, batch_size: usize, seq_len: usize) -> Result<(Tensor, Tensor), TrainError> {
+    fn batch_tensors(
+        &self,
+        sampler: &mut BatchSampler<'_>,
+        batch_size: usize,
+        seq_len: usize,
+    ) -> Result<(Tensor, Tensor), TrainError> {
         let (inputs, targets) = sampler.next_batch();
         let inputs = Tensor::from_vec(inputs, (batch_size, seq_len), &self.device)?;
         let targets = Tensor::from_vec(targets, (batch_size, seq_len), &self.device)?;
@@ -226,13 +258,21 @@ impl Trainer {
             )));
         }
         if batch_size == 0 || seq_len == 0 {
-            return Err(SampleError::EmptyBatch { batch_size, seq_len }.into());
+            return Err(SampleError::EmptyBatch {
+                batch_size,
+                seq_len,
+            }
+            .into());
         }
         Ok(())
     }
 
     /// Trains `cfg.steps` AdamW steps on batches sampled from `tokens`.
-    pub fn train_inner(&mut self, tokens: &[u16], cfg: &InnerConfig) -> Result<InnerReport, TrainError> {
+    pub fn train_inner(
+        &mut self,
+        tokens: &[u16],
+        cfg: &InnerConfig,
+    ) -> Result<InnerReport, TrainError> {
         let started = Instant::now();
         self.check_shape(cfg.batch_size, cfg.seq_len)?;
         check_vocab(tokens, self.config.vocab_size)?;
@@ -243,7 +283,8 @@ impl Trainer {
             let mut summed: Option<Vec<Tensor>> = None;
             let mut loss_sum = 0.0f32;
             for _ in 0..accumulation {
-                let (inputs, targets) = self.batch_tensors(&mut sampler, cfg.batch_size, cfg.seq_len)?;
+                let (inputs, targets) =
+                    self.batch_tensors(&mut sampler, cfg.batch_size, cfg.seq_len)?;
                 let loss = self.model.loss(&inputs, &targets)?;
                 loss_sum += loss.to_scalar::<f32>()?;
                 let grads = loss.backward()?;
@@ -256,7 +297,11 @@ impl Trainer {
                 }
                 summed = Some(match summed {
                     None => grads_in_order,
-                    Some(acc) => acc.iter().zip(&grads_in_order).map(|(a, g)| a + g).collect::<Result<_, _>>()?,
+                    Some(acc) => acc
+                        .iter()
+                        .zip(&grads_in_order)
+                        .map(|(a, g)| a + g)
+                        .collect::<Result<_, _>>()?,
                 });
             }
             let loss = loss_sum / accumulation as f32;
@@ -267,17 +312,31 @@ impl Trainer {
             let grads = summed.unwrap_or_default();
             self.adamw_step(&grads, cfg, cfg.lr_at(cfg.start_step + step), accumulation)?;
         }
-        Ok(InnerReport { tokens: cfg.tokens(), losses, wall: started.elapsed() })
+        Ok(InnerReport {
+            tokens: cfg.tokens(),
+            losses,
+            wall: started.elapsed(),
+        })
     }
 
     /// One AdamW update from summed gradients.
-    fn adamw_step(&mut self, grads: &[Tensor], cfg: &InnerConfig, lr: f64, accumulation: usize) -> Result<(), TrainError> {
+    fn adamw_step(
+        &mut self,
+        grads: &[Tensor],
+        cfg: &InnerConfig,
+        lr: f64,
+        accumulation: usize,
+    ) -> Result<(), TrainError> {
         // The mean over micro-batches, then clipped by global norm: one
         // scalar factor applied to every gradient.
         let mut scale = 1.0 / accumulation as f64;
         if cfg.grad_clip > 0.0 {
-            let squares: Vec<Tensor> = grads.iter().map(|g| g.sqr()?.sum_all()).collect::<Result<_, _>>()?;
-            let norm = f64::from(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?).sqrt() * scale;
+            let squares: Vec<Tensor> = grads
+                .iter()
+                .map(|g| g.sqr()?.sum_all())
+                .collect::<Result<_, _>>()?;
+            let norm = f64::from(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?).sqrt()
+                * scale;
             if norm > cfg.grad_clip {
                 scale *= cfg.grad_clip / norm;
             }
@@ -289,11 +348,20 @@ impl Trainer {
         for ((grad, moments), (_, var)) in grads.iter().zip(&mut self.moments).zip(&self.vars) {
             let grad = grad.affine(scale, 0.0)?;
             moments.m = (moments.m.affine(cfg.beta1, 0.0)? + grad.affine(1.0 - cfg.beta1, 0.0)?)?;
-            moments.v = (moments.v.affine(cfg.beta2, 0.0)? + grad.sqr()?.affine(1.0 - cfg.beta2, 0.0)?)?;
-            let denom = moments.v.affine(1.0 / bias2, 0.0)?.sqrt()?.affine(1.0, cfg.eps)?;
+            moments.v =
+                (moments.v.affine(cfg.beta2, 0.0)? + grad.sqr()?.affine(1.0 - cfg.beta2, 0.0)?)?;
+            let denom = moments
+                .v
+                .affine(1.0 / bias2, 0.0)?
+                .sqrt()?
+                .affine(1.0, cfg.eps)?;
             let update = moments.m.affine(lr / bias1, 0.0)?.div(&denom)?;
             let theta = var.as_tensor();
-            let decayed = if moments.decay { theta.affine(1.0 - lr * cfg.weight_decay, 0.0)? } else { theta.clone() };
+            let decayed = if moments.decay {
+                theta.affine(1.0 - lr * cfg.weight_decay, 0.0)?
+            } else {
+                theta.clone()
+            };
             var.set(&(decayed - update)?)?;
         }
         Ok(())
@@ -303,7 +371,11 @@ impl Trainer {
     /// the model's full context, sampled with `seed` (fixed seed, fixed
     /// batches: comparable across arms and rounds).
     pub fn eval_loss(&self, tokens: &[u16], batches: usize, seed: u64) -> Result<f32, TrainError> {
-        let seq_len = self.config.max_seq_len.min(tokens.len().saturating_sub(1)).max(1);
+        let seq_len = self
+            .config
+            .max_seq_len
+            .min(tokens.len().saturating_sub(1))
+            .max(1);
         self.eval_loss_with(tokens, batches, EVAL_BATCH_SIZE, seq_len, seed)
     }
 

@@ -5,11 +5,12 @@ use barnraise_protocol::Hash;
 use barnraise_trainer::bench::{DilocoBenchConfig, run_diloco};
 use barnraise_trainer::checkpoint::{self, CheckpointError, CheckpointMeta};
 use barnraise_trainer::data::manifest::{
-    DatasetError, DatasetManifest, MANIFEST_FILE, ShardingConfig, build_dataset, collect_input_files, tokenize_files,
+    DatasetError, DatasetManifest, MANIFEST_FILE, ShardingConfig, build_dataset,
+    collect_input_files, tokenize_files,
 };
 use barnraise_trainer::data::{
-    SHARD_HEADER_BYTES, Shard, ShardError, corpus, encode_shard, shard_path, tokenize_bytes, write_shard,
-    write_shard_named,
+    SHARD_HEADER_BYTES, Shard, ShardError, corpus, encode_shard, shard_path, tokenize_bytes,
+    write_shard, write_shard_named,
 };
 use barnraise_trainer::device::{self, DeviceSpec};
 use barnraise_trainer::{InnerConfig, ModelConfig, TrainError, Trainer};
@@ -26,7 +27,14 @@ fn corpus_tokens(seed: u64, bytes: usize) -> Vec<u16> {
 }
 
 fn quick_inner(steps: usize, seed: u64) -> InnerConfig {
-    InnerConfig { steps, batch_size: 4, seq_len: 32, warmup: 2, seed, ..InnerConfig::default() }
+    InnerConfig {
+        steps,
+        batch_size: 4,
+        seq_len: 32,
+        warmup: 2,
+        seed,
+        ..InnerConfig::default()
+    }
 }
 
 #[test]
@@ -37,12 +45,22 @@ fn tiny_model_learns_the_builtin_corpus() {
     let before = trainer.eval_loss(&heldout, 4, 99).expect("eval");
     // Uniform over 256 bytes is ln 256 = 5.55; a fresh model starts near it.
     assert!(before > 5.0, "initial loss {before}");
-    let cfg = InnerConfig { steps: 200, batch_size: 8, seq_len: 64, warmup: 20, seed: 3, ..InnerConfig::default() };
+    let cfg = InnerConfig {
+        steps: 200,
+        batch_size: 8,
+        seq_len: 64,
+        warmup: 20,
+        seed: 3,
+        ..InnerConfig::default()
+    };
     let report = trainer.train_inner(&train, &cfg).expect("train");
     assert_eq!(report.losses.len(), 200);
     assert_eq!(report.tokens, 200 * 8 * 64);
     let after = trainer.eval_loss(&heldout, 4, 99).expect("eval");
-    eprintln!("tiny: held-out loss {before:.3} -> {after:.3} after 200 steps ({:.1} s)", report.wall.as_secs_f64());
+    eprintln!(
+        "tiny: held-out loss {before:.3} -> {after:.3} after 200 steps ({:.1} s)",
+        report.wall.as_secs_f64()
+    );
     // Well below the start: the corpus has a small lexicon and grammar.
     assert!(after < 0.5 * before, "held-out loss {before} -> {after}");
     let first: f32 = report.losses[..10].iter().sum::<f32>() / 10.0;
@@ -55,10 +73,21 @@ fn same_seed_gives_bit_identical_params_on_cpu() {
     let tokens = corpus_tokens(5, 20_000);
     let run = |init_seed: u64, data_seed: u64| -> Hash {
         let mut trainer = Trainer::new(&tiny(), Device::Cpu, init_seed).expect("trainer");
-        let cfg = InnerConfig { accumulation: 2, ..quick_inner(6, data_seed) };
+        let cfg = InnerConfig {
+            accumulation: 2,
+            ..quick_inner(6, data_seed)
+        };
         trainer.train_inner(&tokens, &cfg).expect("train");
         // A second call continues the optimizer state, as a worker does.
-        trainer.train_inner(&tokens, &InnerConfig { start_step: 6, ..cfg }).expect("train");
+        trainer
+            .train_inner(
+                &tokens,
+                &InnerConfig {
+                    start_step: 6,
+                    ..cfg
+                },
+            )
+            .expect("train");
         trainer.params_hash().expect("hash")
     };
     let a = run(1, 2);
@@ -74,36 +103,66 @@ fn flat_view_round_trips() {
     let mut b = Trainer::new(&cfg, Device::Cpu, 2).expect("trainer");
     let flat = a.flat_params().expect("flat");
     assert_eq!(flat.len(), cfg.params_count());
-    assert_eq!(flat, cfg.init_flat(1), "trainer init differs from the config's seeded init");
-    assert_ne!(b.params_hash().expect("hash"), a.params_hash().expect("hash"));
+    assert_eq!(
+        flat,
+        cfg.init_flat(1),
+        "trainer init differs from the config's seeded init"
+    );
+    assert_ne!(
+        b.params_hash().expect("hash"),
+        a.params_hash().expect("hash")
+    );
     b.set_flat_params(&flat).expect("set");
     assert_eq!(b.flat_params().expect("flat"), flat);
     // Same params, same function.
     let heldout = corpus_tokens(3, 5_000);
-    assert_eq!(a.eval_loss(&heldout, 1, 0).expect("eval"), b.eval_loss(&heldout, 1, 0).expect("eval"));
+    assert_eq!(
+        a.eval_loss(&heldout, 1, 0).expect("eval"),
+        b.eval_loss(&heldout, 1, 0).expect("eval")
+    );
     // A changed value lands in the right place.
     let mut changed = flat.clone();
     changed[12_345] = 0.5;
     b.set_flat_params(&changed).expect("set");
     assert_eq!(b.flat_params().expect("flat"), changed);
-    assert!(matches!(b.set_flat_params(&flat[1..]), Err(TrainError::ParamLength { .. })));
+    assert!(matches!(
+        b.set_flat_params(&flat[1..]),
+        Err(TrainError::ParamLength { .. })
+    ));
 }
 
 #[test]
 fn training_rejects_unusable_data() {
     let mut trainer = Trainer::new(&tiny(), Device::Cpu, 1).expect("trainer");
     let mut tokens = corpus_tokens(1, 1000);
-    assert!(matches!(trainer.train_inner(&tokens[..10], &quick_inner(1, 0)), Err(TrainError::Data(_))));
+    assert!(matches!(
+        trainer.train_inner(&tokens[..10], &quick_inner(1, 0)),
+        Err(TrainError::Data(_))
+    ));
     tokens[500] = 4000;
-    let err = trainer.train_inner(&tokens, &quick_inner(1, 0)).expect_err("out-of-vocabulary token accepted");
+    let err = trainer
+        .train_inner(&tokens, &quick_inner(1, 0))
+        .expect_err("out-of-vocabulary token accepted");
     assert!(err.to_string().contains("4000"), "{err}");
-    let long = InnerConfig { seq_len: 1000, ..quick_inner(1, 0) };
-    assert!(matches!(trainer.train_inner(&tokens, &long), Err(TrainError::Config(_))));
+    let long = InnerConfig {
+        seq_len: 1000,
+        ..quick_inner(1, 0)
+    };
+    assert!(matches!(
+        trainer.train_inner(&tokens, &long),
+        Err(TrainError::Config(_))
+    ));
 }
 
 #[test]
 fn schedule_warms_up_then_decays() {
-    let cfg = InnerConfig { lr: 1.0, min_lr: 0.1, warmup: 10, schedule_steps: 110, ..InnerConfig::default() };
+    let cfg = InnerConfig {
+        lr: 1.0,
+        min_lr: 0.1,
+        warmup: 10,
+        schedule_steps: 110,
+        ..InnerConfig::default()
+    };
     assert!((cfg.lr_at(0) - 0.1).abs() < 1e-12);
     assert!((cfg.lr_at(9) - 1.0).abs() < 1e-12);
     assert!((cfg.lr_at(60) - 0.55).abs() < 1e-9);
@@ -129,8 +188,14 @@ fn shard_round_trip_and_content_address() {
     // An arbitrary name is not checked; read_expecting checks anyway.
     let plain = dir.path().join("train.bin");
     assert_eq!(write_shard(&plain, &tokens).expect("write"), hash);
-    assert_eq!(Shard::read_expecting(&plain, hash).expect("read").tokens, tokens);
-    assert!(matches!(Shard::read_expecting(&plain, Hash::of(b"other")), Err(ShardError::HashMismatch { .. })));
+    assert_eq!(
+        Shard::read_expecting(&plain, hash).expect("read").tokens,
+        tokens
+    );
+    assert!(matches!(
+        Shard::read_expecting(&plain, Hash::of(b"other")),
+        Err(ShardError::HashMismatch { .. })
+    ));
 }
 
 fn expect_shard_error(path: &Path, what: &str, check: impl Fn(&ShardError) -> bool) {
@@ -139,7 +204,10 @@ fn expect_shard_error(path: &Path, what: &str, check: impl Fn(&ShardError) -> bo
         Err(e) => {
             assert!(check(&e), "{what}: wrong error {e:?}");
             let message = e.to_string();
-            assert!(message.contains(&path.display().to_string()), "{what}: message does not name the file: {message}");
+            assert!(
+                message.contains(&path.display().to_string()),
+                "{what}: message does not name the file: {message}"
+            );
         }
     }
 }
@@ -152,29 +220,39 @@ fn bad_shards_are_refused_with_the_file_named() {
 
     let truncated = dir.path().join("truncated.bin");
     std::fs::write(&truncated, &good[..good.len() - 3]).expect("write");
-    expect_shard_error(&truncated, "truncated", |e| matches!(e, ShardError::Length { .. }));
+    expect_shard_error(&truncated, "truncated", |e| {
+        matches!(e, ShardError::Length { .. })
+    });
 
     let short = dir.path().join("short.bin");
     std::fs::write(&short, &good[..100]).expect("write");
-    expect_shard_error(&short, "header cut", |e| matches!(e, ShardError::TooShort { len: 100, .. }));
+    expect_shard_error(&short, "header cut", |e| {
+        matches!(e, ShardError::TooShort { len: 100, .. })
+    });
 
     let mut magic = good.clone();
     magic[0] ^= 0xff;
     let wrong_magic = dir.path().join("magic.bin");
     std::fs::write(&wrong_magic, &magic).expect("write");
-    expect_shard_error(&wrong_magic, "wrong magic", |e| matches!(e, ShardError::Magic { .. }));
+    expect_shard_error(&wrong_magic, "wrong magic", |e| {
+        matches!(e, ShardError::Magic { .. })
+    });
 
     let mut version = good.clone();
     version[4] = 2;
     let wrong_version = dir.path().join("version.bin");
     std::fs::write(&wrong_version, &version).expect("write");
-    expect_shard_error(&wrong_version, "wrong version", |e| matches!(e, ShardError::Version { found: 2, .. }));
+    expect_shard_error(&wrong_version, "wrong version", |e| {
+        matches!(e, ShardError::Version { found: 2, .. })
+    });
 
     let mut negative = good.clone();
     negative[8..12].copy_from_slice(&(-5i32).to_le_bytes());
     let negative_count = dir.path().join("negative.bin");
     std::fs::write(&negative_count, &negative).expect("write");
-    expect_shard_error(&negative_count, "negative count", |e| matches!(e, ShardError::Length { declared: -5, .. }));
+    expect_shard_error(&negative_count, "negative count", |e| {
+        matches!(e, ShardError::Length { declared: -5, .. })
+    });
 
     // One flipped token: still well-formed, but no longer the named content.
     let (_, named) = write_shard_named(dir.path(), &tokens).expect("write");
@@ -182,9 +260,13 @@ fn bad_shards_are_refused_with_the_file_named() {
     let last = tampered.len() - 1;
     tampered[last] ^= 1;
     std::fs::write(&named, &tampered).expect("write");
-    expect_shard_error(&named, "tampered", |e| matches!(e, ShardError::HashMismatch { .. }));
+    expect_shard_error(&named, "tampered", |e| {
+        matches!(e, ShardError::HashMismatch { .. })
+    });
 
-    expect_shard_error(&dir.path().join("missing.bin"), "missing", |e| matches!(e, ShardError::Read { .. }));
+    expect_shard_error(&dir.path().join("missing.bin"), "missing", |e| {
+        matches!(e, ShardError::Read { .. })
+    });
 }
 
 #[test]
@@ -199,9 +281,15 @@ fn shard_command_pipeline_builds_a_dataset() {
     let tokens = tokenize_files(&files).expect("tokenize");
     assert_eq!(tokens.len(), 50_002, "two documents joined by a blank line");
     let out = dir.path().join("shards");
-    let config = ShardingConfig { shard_tokens: 16_384, heldout_fraction: 0.1 };
+    let config = ShardingConfig {
+        shard_tokens: 16_384,
+        heldout_fraction: 0.1,
+    };
     let manifest = build_dataset(&tokens, &out, config).expect("build");
-    assert_eq!(manifest.train_tokens() + manifest.heldout_tokens(), tokens.len() as u64);
+    assert_eq!(
+        manifest.train_tokens() + manifest.heldout_tokens(),
+        tokens.len() as u64
+    );
     assert_eq!(manifest.heldout_tokens(), 5001);
     assert_eq!(manifest.train.len(), 3);
     let loaded = DatasetManifest::load(&out.join(MANIFEST_FILE)).expect("manifest");
@@ -214,7 +302,10 @@ fn shard_command_pipeline_builds_a_dataset() {
     }
     assert_eq!(rebuilt, tokens);
     // Same input, same shards.
-    assert_eq!(build_dataset(&tokens, &dir.path().join("again"), config).expect("build"), manifest);
+    assert_eq!(
+        build_dataset(&tokens, &dir.path().join("again"), config).expect("build"),
+        manifest
+    );
 }
 
 #[test]
@@ -227,12 +318,19 @@ fn empty_and_missing_inputs_are_refused_by_name() {
     assert!(err.to_string().contains("empty.txt"), "{err}");
     let empty_dir = dir.path().join("nothing");
     std::fs::create_dir(&empty_dir).expect("mkdir");
-    let err = collect_input_files(std::slice::from_ref(&empty_dir)).expect_err("empty dir accepted");
+    let err =
+        collect_input_files(std::slice::from_ref(&empty_dir)).expect_err("empty dir accepted");
     assert!(err.to_string().contains("nothing"), "{err}");
     let missing = dir.path().join("missing.txt");
-    let err = collect_input_files(std::slice::from_ref(&missing)).expect_err("missing file accepted");
+    let err =
+        collect_input_files(std::slice::from_ref(&missing)).expect_err("missing file accepted");
     assert!(err.to_string().contains("missing.txt"), "{err}");
-    let err = build_dataset(&[1, 2, 3], &dir.path().join("out"), ShardingConfig::default()).expect_err("3 tokens");
+    let err = build_dataset(
+        &[1, 2, 3],
+        &dir.path().join("out"),
+        ShardingConfig::default(),
+    )
+    .expect_err("3 tokens");
     assert!(matches!(err, DatasetError::TooSmall { .. }));
 }
 
@@ -242,7 +340,11 @@ fn checkpoints_round_trip_and_refuse_other_configs() {
     let cfg = tiny();
     let params = cfg.init_flat(11);
     let momentum: Vec<f32> = params.iter().map(|p| p * 0.5).collect();
-    let meta = CheckpointMeta { run: "test-run".to_string(), round: 7, params_hash: Hash::of_f32s(&params) };
+    let meta = CheckpointMeta {
+        run: "test-run".to_string(),
+        round: 7,
+        params_hash: Hash::of_f32s(&params),
+    };
     let path = dir.path().join("ckpt.safetensors");
     checkpoint::save(&path, &cfg, &params, Some(&momentum), &meta).expect("save");
     let loaded = checkpoint::load(&path, &cfg).expect("load");
@@ -254,16 +356,30 @@ fn checkpoints_round_trip_and_refuse_other_configs() {
     // The weights are an ordinary safetensors file under the Llama names.
     let bytes = std::fs::read(&path).expect("bytes");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    assert_eq!(st.tensor("model.embed_tokens.weight").expect("embed").shape(), &[256, 64]);
+    assert_eq!(
+        st.tensor("model.embed_tokens.weight")
+            .expect("embed")
+            .shape(),
+        &[256, 64]
+    );
 
     let mut other = cfg.clone();
     other.n_layers = 3;
     let err = checkpoint::load(&path, &other).expect_err("other config accepted");
     assert!(matches!(err, CheckpointError::ConfigMismatch { .. }));
-    assert!(err.to_string().contains("ckpt.safetensors") && err.to_string().contains("3 layers"), "{err}");
+    assert!(
+        err.to_string().contains("ckpt.safetensors") && err.to_string().contains("3 layers"),
+        "{err}"
+    );
 
-    let wrong_hash = CheckpointMeta { params_hash: Hash::of(b"x"), ..meta.clone() };
-    assert!(matches!(checkpoint::save(&path, &cfg, &params, None, &wrong_hash), Err(CheckpointError::HashMismatch { .. })));
+    let wrong_hash = CheckpointMeta {
+        params_hash: Hash::of(b"x"),
+        ..meta.clone()
+    };
+    assert!(matches!(
+        checkpoint::save(&path, &cfg, &params, None, &wrong_hash),
+        Err(CheckpointError::HashMismatch { .. })
+    ));
 
     // Corrupt: a flipped weight byte fails the params hash; garbage and
     // truncation fail the format; none panic.
@@ -272,12 +388,18 @@ fn checkpoints_round_trip_and_refuse_other_configs() {
     flipped[last] ^= 0x40;
     let corrupt = dir.path().join("corrupt.safetensors");
     std::fs::write(&corrupt, &flipped).expect("write");
-    assert!(matches!(checkpoint::load(&corrupt, &cfg), Err(CheckpointError::HashMismatch { .. } | CheckpointError::Tensor { .. })));
+    assert!(matches!(
+        checkpoint::load(&corrupt, &cfg),
+        Err(CheckpointError::HashMismatch { .. } | CheckpointError::Tensor { .. })
+    ));
     std::fs::write(&corrupt, &bytes[..bytes.len() / 2]).expect("write");
     let err = checkpoint::load(&corrupt, &cfg).expect_err("truncated accepted");
     assert!(err.to_string().contains("corrupt.safetensors"), "{err}");
     std::fs::write(&corrupt, b"not a checkpoint").expect("write");
-    assert!(matches!(checkpoint::load(&corrupt, &cfg), Err(CheckpointError::Format { .. })));
+    assert!(matches!(
+        checkpoint::load(&corrupt, &cfg),
+        Err(CheckpointError::Format { .. })
+    ));
 }
 
 #[test]
@@ -298,7 +420,11 @@ fn diloco_bench_runs_every_arm_at_equal_tokens() {
     let params = cfg.model.params_count() as u64;
     for arm in &report.arms {
         assert_eq!(arm.tokens, cfg.total_tokens(), "arm {}", arm.arm);
-        assert!(arm.heldout_loss.is_finite() && arm.heldout_loss < report.initial_heldout_loss, "arm {}", arm.arm);
+        assert!(
+            arm.heldout_loss.is_finite() && arm.heldout_loss < report.initial_heldout_loss,
+            "arm {}",
+            arm.arm
+        );
     }
     // (a) sends a gradient per step, (b) one fp32 update per round.
     assert_eq!(report.arms[0].bytes_per_worker, 6 * params * 4);
@@ -314,16 +440,25 @@ fn diloco_bench_runs_every_arm_at_equal_tokens() {
 fn gpu_training_when_a_gpu_is_present() {
     let gpus = device::discover_gpus();
     if gpus.is_empty() || !device::cuda_build() {
-        eprintln!("skipped: no GPU (found {}, cuda feature {})", gpus.len(), device::cuda_build());
+        eprintln!(
+            "skipped: no GPU (found {}, cuda feature {})",
+            gpus.len(),
+            device::cuda_build()
+        );
         return;
     }
     let gpu = device::select(DeviceSpec::Cuda(0)).expect("open GPU");
     let tokens = corpus_tokens(1, 20_000);
     let mut trainer = Trainer::new(&tiny(), gpu, 1).expect("trainer");
-    let report = trainer.train_inner(&tokens, &quick_inner(20, 1)).expect("train");
+    let report = trainer
+        .train_inner(&tokens, &quick_inner(20, 1))
+        .expect("train");
     assert!(report.losses[19] < report.losses[0]);
     // The flat view is device independent: same init as on the CPU.
-    assert_eq!(trainer.config().init_flat(1).len(), trainer.flat_params().expect("flat").len());
+    assert_eq!(
+        trainer.config().init_flat(1).len(),
+        trainer.flat_params().expect("flat").len()
+    );
 }
 
 proptest! {

@@ -7,8 +7,12 @@
 //! the buffer, so a peer claiming a 4 GiB message costs us four bytes of
 //! reading, never 4 GiB of memory.
 
-use barnraise_protocol::limits::{MAX_BLOB_REQUEST_BYTES, MAX_BLOB_RESPONSE_BYTES, MAX_COORDINATOR_MESSAGE_BYTES};
-use barnraise_protocol::messages::{BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse};
+use barnraise_protocol::limits::{
+    MAX_BLOB_REQUEST_BYTES, MAX_BLOB_RESPONSE_BYTES, MAX_COORDINATOR_MESSAGE_BYTES,
+};
+use barnraise_protocol::messages::{
+    BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse,
+};
 use barnraise_protocol::wire::WireError;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
@@ -54,7 +58,10 @@ pub async fn read_framed<M: Framed, T: AsyncRead + Unpin + Send>(io: &mut T) -> 
     if len > M::MAX_BYTES {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("peer announced a {len}-byte message; the limit is {} bytes", M::MAX_BYTES),
+            format!(
+                "peer announced a {len}-byte message; the limit is {} bytes",
+                M::MAX_BYTES
+            ),
         ));
     }
     // Grow the buffer as bytes actually arrive, so a peer that announces a
@@ -62,19 +69,31 @@ pub async fn read_framed<M: Framed, T: AsyncRead + Unpin + Send>(io: &mut T) -> 
     let mut buf = Vec::with_capacity(len.min(INITIAL_BUFFER));
     (&mut *io).take(len as u64).read_to_end(&mut buf).await?;
     if buf.len() != len {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("message cut short at {} of {len} bytes", buf.len())));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("message cut short at {} of {len} bytes", buf.len()),
+        ));
     }
     M::from_wire(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
 }
 
 /// Writes one length-prefixed message (refusing to send one over its cap).
-pub async fn write_framed<M: Framed, T: AsyncWrite + Unpin + Send>(io: &mut T, message: &M) -> io::Result<()> {
-    let bytes = message.to_wire().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+pub async fn write_framed<M: Framed, T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    message: &M,
+) -> io::Result<()> {
+    let bytes = message
+        .to_wire()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     if bytes.len() > M::MAX_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "message over its protocol's size limit"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "message over its protocol's size limit",
+        ));
     }
     // Checked just above: the length fits in u32 because every cap does.
-    let len = u32::try_from(bytes.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "message too long"))?;
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "message too long"))?;
     io.write_all(&len.to_le_bytes()).await?;
     io.write_all(&bytes).await?;
     io.flush().await
@@ -95,16 +114,26 @@ impl<Req, Resp> Clone for Codec<Req, Resp> {
     }
 }
 
-impl<Req: Framed + 'static, Resp: Framed + 'static> libp2p::request_response::Codec for Codec<Req, Resp> {
+impl<Req: Framed + 'static, Resp: Framed + 'static> libp2p::request_response::Codec
+    for Codec<Req, Resp>
+{
     type Protocol = StreamProtocol;
     type Request = Req;
     type Response = Resp;
 
-    async fn read_request<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Req> {
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Req> {
         read_framed(io).await
     }
 
-    async fn read_response<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp> {
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Resp> {
         read_framed(io).await
     }
 
@@ -137,18 +166,32 @@ mod tests {
 
     #[tokio::test]
     async fn round_trip_and_cap() {
-        let request = BlobRequest::Chunk { hash: Hash::of(b"x"), offset: 7, len: 1024 };
+        let request = BlobRequest::Chunk {
+            hash: Hash::of(b"x"),
+            offset: 7,
+            len: 1024,
+        };
         let mut buf = Vec::new();
-        write_framed(&mut futures::io::Cursor::new(&mut buf), &request).await.unwrap();
-        let back: BlobRequest = read_framed(&mut futures::io::Cursor::new(&buf)).await.unwrap();
+        write_framed(&mut futures::io::Cursor::new(&mut buf), &request)
+            .await
+            .unwrap();
+        let back: BlobRequest = read_framed(&mut futures::io::Cursor::new(&buf))
+            .await
+            .unwrap();
         assert_eq!(back, request);
         // A length prefix one over the cap is refused without reading on.
         let mut hostile = ((MAX_BLOB_REQUEST_BYTES + 1) as u32).to_le_bytes().to_vec();
         hostile.extend_from_slice(&[0u8; 16]);
-        let err = read_framed::<BlobRequest, _>(&mut futures::io::Cursor::new(&hostile)).await.unwrap_err();
+        let err = read_framed::<BlobRequest, _>(&mut futures::io::Cursor::new(&hostile))
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         // A truncated body is an error, not a hang or a panic.
         let short = [10u8, 0, 0, 0, 1, 2];
-        assert!(read_framed::<BlobRequest, _>(&mut futures::io::Cursor::new(&short)).await.is_err());
+        assert!(
+            read_framed::<BlobRequest, _>(&mut futures::io::Cursor::new(&short))
+                .await
+                .is_err()
+        );
     }
 }

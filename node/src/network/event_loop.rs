@@ -4,9 +4,9 @@
 
 use super::codec::{BlobCodec, CoordinatorCodec};
 use super::{
-    BlobSource, Command, Event, MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS_PER_PEER, MAX_ESTABLISHED_CONNECTIONS,
-    MAX_GOSSIP_BYTES, MAX_PENDING_CONNECTIONS, NetworkConfig, NetworkError, NetworkStatus, REQUEST_TIMEOUT,
-    Reachability, Topic, serve_blob,
+    BlobSource, Command, Event, MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS_PER_PEER,
+    MAX_ESTABLISHED_CONNECTIONS, MAX_GOSSIP_BYTES, MAX_PENDING_CONNECTIONS, NetworkConfig,
+    NetworkError, NetworkStatus, REQUEST_TIMEOUT, Reachability, Topic, serve_blob,
 };
 use crate::limiter::RateLimiter;
 use barnraise_protocol::limits::{BLOB_PROTOCOL, COORDINATOR_PROTOCOL};
@@ -21,8 +21,8 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, Respons
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub, identify, kad, noise,
-    ping, relay, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub,
+    identify, kad, noise, ping, relay, tcp, yamux,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -67,7 +67,8 @@ pub struct EventLoop {
     served_tx: mpsc::Sender<(PeerId, ResponseChannel<BlobResponse>, BlobResponse)>,
     served_rx: mpsc::Receiver<(PeerId, ResponseChannel<BlobResponse>, BlobResponse)>,
     pending_dial: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, NetworkError>>)>,
-    pending_coordinator: HashMap<OutboundRequestId, oneshot::Sender<Result<CoordinatorResponse, NetworkError>>>,
+    pending_coordinator:
+        HashMap<OutboundRequestId, oneshot::Sender<Result<CoordinatorResponse, NetworkError>>>,
     pending_blob: HashMap<OutboundRequestId, oneshot::Sender<Result<BlobResponse, NetworkError>>>,
     pending_providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
 }
@@ -111,12 +112,19 @@ impl EventLoop {
         events: mpsc::Sender<Event>,
     ) -> Result<EventLoop, NetworkError> {
         let build = |e: &dyn std::fmt::Display| NetworkError::Build(e.to_string());
-        let coordinator_support =
-            if config.serve_coordinator { ProtocolSupport::Full } else { ProtocolSupport::Outbound };
+        let coordinator_support = if config.serve_coordinator {
+            ProtocolSupport::Full
+        } else {
+            ProtocolSupport::Outbound
+        };
         let gossip = gossip_config()?;
         let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
             .with_tokio()
-            .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
             .map_err(|e| build(&e))?
             .with_quic()
             .with_relay_client(noise::Config::new, yamux::Config::default)
@@ -125,13 +133,23 @@ impl EventLoop {
                 let peer_id = key.public().to_peer_id();
                 let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
                 kad_config.set_query_timeout(Duration::from_secs(20));
-                let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+                let mut kad = kad::Behaviour::with_config(
+                    peer_id,
+                    kad::store::MemoryStore::new(peer_id),
+                    kad_config,
+                );
                 // Small private meshes have no confirmed public addresses, so
                 // automatic mode would leave every node a DHT client.
                 kad.set_mode(Some(kad::Mode::Server));
-                let mut gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip)
-                    .map_err(|e| Box::<dyn std::error::Error + Send + Sync>::from(e.to_string()))?;
-                let score = gossipsub::PeerScoreParams { app_specific_weight: 1.0, ..Default::default() };
+                let mut gossipsub = gossipsub::Behaviour::new(
+                    gossipsub::MessageAuthenticity::Signed(key.clone()),
+                    gossip,
+                )
+                .map_err(|e| Box::<dyn std::error::Error + Send + Sync>::from(e.to_string()))?;
+                let score = gossipsub::PeerScoreParams {
+                    app_specific_weight: 1.0,
+                    ..Default::default()
+                };
                 gossipsub
                     .with_peer_score(score, gossipsub::PeerScoreThresholds::default())
                     .map_err(Box::<dyn std::error::Error + Send + Sync>::from)?;
@@ -160,7 +178,10 @@ impl EventLoop {
                     gossipsub,
                     coordinator: request_response::Behaviour::with_codec(
                         CoordinatorCodec::default(),
-                        [(StreamProtocol::new(COORDINATOR_PROTOCOL), coordinator_support)],
+                        [(
+                            StreamProtocol::new(COORDINATOR_PROTOCOL),
+                            coordinator_support,
+                        )],
                         request_config.clone(),
                     ),
                     blob: request_response::Behaviour::with_codec(
@@ -180,7 +201,10 @@ impl EventLoop {
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())
-                .map_err(|e| NetworkError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+                .map_err(|e| NetworkError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
         }
         let (served_tx, served_rx) = mpsc::channel(64);
         Ok(EventLoop {
@@ -216,7 +240,9 @@ impl EventLoop {
         // The other listeners (QUIC, further interfaces) report right after
         // the first; give them a moment so callers see the whole set.
         let settle = tokio::time::Instant::now() + Duration::from_millis(100);
-        while let Ok(event) = tokio::time::timeout_at(settle.min(deadline), self.swarm.select_next_some()).await {
+        while let Ok(event) =
+            tokio::time::timeout_at(settle.min(deadline), self.swarm.select_next_some()).await
+        {
             self.handle_swarm_event(event);
         }
         self.swarm.listeners().cloned().collect()
@@ -263,7 +289,10 @@ impl EventLoop {
                         self.pending_dial.insert(id, (addr, reply));
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(NetworkError::Dial { addr, reason: e.to_string() }));
+                        let _ = reply.send(Err(NetworkError::Dial {
+                            addr,
+                            reason: e.to_string(),
+                        }));
                     }
                 }
             }
@@ -271,26 +300,48 @@ impl EventLoop {
                 self.swarm.add_peer_address(peer, addr.clone());
                 self.swarm.behaviour_mut().kad.add_address(&peer, addr);
             }
-            Command::Coordinator { peer, request, reply } => {
-                let id = self.swarm.behaviour_mut().coordinator.send_request(&peer, request);
+            Command::Coordinator {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .coordinator
+                    .send_request(&peer, request);
                 self.pending_coordinator.insert(id, reply);
             }
-            Command::Blob { peer, request, reply } => {
+            Command::Blob {
+                peer,
+                request,
+                reply,
+            } => {
                 let id = self.swarm.behaviour_mut().blob.send_request(&peer, request);
                 self.pending_blob.insert(id, reply);
             }
             Command::RespondCoordinator { channel, response } => {
-                if self.swarm.behaviour_mut().coordinator.send_response(channel, response).is_err() {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .coordinator
+                    .send_response(channel, response)
+                    .is_err()
+                {
                     tracing::debug!("coordinator-protocol peer went away before our answer");
                 }
             }
             Command::Subscribe { topic, reply } => {
                 let ident = gossipsub::IdentTopic::new(topic.name());
                 let gossip = &mut self.swarm.behaviour_mut().gossipsub;
-                let result = gossip
-                    .subscribe(&ident)
-                    .map(|_| ())
-                    .map_err(|e| NetworkError::Publish { topic: topic.name(), reason: e.to_string() });
+                let result =
+                    gossip
+                        .subscribe(&ident)
+                        .map(|_| ())
+                        .map_err(|e| NetworkError::Publish {
+                            topic: topic.name(),
+                            reason: e.to_string(),
+                        });
                 if let Err(e) = gossip.set_topic_params(ident.clone(), topic_score_params()) {
                     tracing::warn!("gossip scoring for {}: {e}", topic.name());
                 }
@@ -305,7 +356,10 @@ impl EventLoop {
                     .gossipsub
                     .publish(ident, data)
                     .map(|_| ())
-                    .map_err(|e| NetworkError::Publish { topic: topic.name(), reason: e.to_string() });
+                    .map_err(|e| NetworkError::Publish {
+                        topic: topic.name(),
+                        reason: e.to_string(),
+                    });
                 let _ = reply.send(result);
             }
             Command::SetCoordinatorKey { key } => self.coordinator_key = Some(key),
@@ -313,17 +367,29 @@ impl EventLoop {
                 if !self.relays.contains(&addr) {
                     self.relays.push(addr);
                 }
-                if matches!(self.swarm.behaviour().autonat.nat_status(), autonat::NatStatus::Private) {
+                if matches!(
+                    self.swarm.behaviour().autonat.nat_status(),
+                    autonat::NatStatus::Private
+                ) {
                     self.listen_via_relay();
                 }
             }
             Command::StartProviding { hash } => {
-                if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&hash.0)) {
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .start_providing(kad::RecordKey::new(&hash.0))
+                {
                     tracing::debug!("announcing blob {hash}: {e}");
                 }
             }
             Command::GetProviders { hash, reply } => {
-                let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&hash.0));
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(kad::RecordKey::new(&hash.0));
                 self.pending_providers.insert(id, (HashSet::new(), reply));
             }
             Command::Penalize { peer, reason } => {
@@ -331,7 +397,10 @@ impl EventLoop {
                 *score += PENALTY_PER_OFFENCE;
                 let score = *score;
                 tracing::warn!(%peer, score, "penalizing peer: {reason}");
-                self.swarm.behaviour_mut().gossipsub.set_application_score(&peer, score);
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .set_application_score(&peer, score);
             }
             Command::PeerScore { peer, reply } => {
                 let _ = reply.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
@@ -344,7 +413,10 @@ impl EventLoop {
 
     fn status(&self) -> NetworkStatus {
         let listen_addrs: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
-        let relayed = listen_addrs.iter().find(|a| a.iter().any(|p| matches!(p, Protocol::P2pCircuit))).cloned();
+        let relayed = listen_addrs
+            .iter()
+            .find(|a| a.iter().any(|p| matches!(p, Protocol::P2pCircuit)))
+            .cloned();
         let reachability = match (self.swarm.behaviour().autonat.nat_status(), relayed) {
             (autonat::NatStatus::Public(addr), _) => Reachability::Public(addr),
             (_, Some(addr)) => Reachability::Relayed(addr),
@@ -381,29 +453,53 @@ impl EventLoop {
         match event {
             SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event),
             SwarmEvent::NewListenAddr { address, .. } => tracing::info!("listening on {address}"),
-            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
                 if let Some((_, reply)) = self.pending_dial.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     // Addresses we dialled successfully are good routing entries.
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, address.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, address.clone());
                 }
                 if num_established.get() == 1 {
                     self.emit(Event::PeerConnected { peer: peer_id });
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
                 self.emit(Event::PeerDisconnected { peer: peer_id });
             }
-            SwarmEvent::OutgoingConnectionError { connection_id, error, peer_id } => {
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                error,
+                peer_id,
+            } => {
                 if let Some((addr, reply)) = self.pending_dial.remove(&connection_id) {
-                    let _ = reply.send(Err(NetworkError::Dial { addr, reason: error.to_string() }));
+                    let _ = reply.send(Err(NetworkError::Dial {
+                        addr,
+                        reason: error.to_string(),
+                    }));
                 } else {
                     tracing::debug!(?peer_id, "outgoing connection failed: {error}");
                 }
             }
-            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
                 tracing::debug!(%send_back_addr, "incoming connection failed: {error}");
             }
             _ => {}
@@ -412,7 +508,11 @@ impl EventLoop {
 
     fn handle_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
-            BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
                 self.handle_gossip(propagation_source, message_id, message);
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::SlowPeer { peer_id, .. }) => {
@@ -433,23 +533,21 @@ impl EventLoop {
                 step,
                 ..
             }) => {
-                {
-                    let finished = match result {
-                        Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
-                            if let Some((found, _)) = self.pending_providers.get_mut(&id) {
-                                found.extend(providers);
-                            }
-                            step.last
+                let finished = match result {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        if let Some((found, _)) = self.pending_providers.get_mut(&id) {
+                            found.extend(providers);
                         }
-                        Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => true,
-                        Err(e) => {
-                            tracing::debug!("provider lookup failed: {e}");
-                            true
-                        }
-                    };
-                    if finished && let Some((found, reply)) = self.pending_providers.remove(&id) {
-                        let _ = reply.send(found.into_iter().collect());
+                        step.last
                     }
+                    Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => true,
+                    Err(e) => {
+                        tracing::debug!("provider lookup failed: {e}");
+                        true
+                    }
+                };
+                if finished && let Some((found, reply)) = self.pending_providers.remove(&id) {
+                    let _ = reply.send(found.into_iter().collect());
                 }
             }
             BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
@@ -460,7 +558,10 @@ impl EventLoop {
                 let status = self.status().reachability;
                 self.emit(Event::ReachabilityChanged(status));
             }
-            BehaviourEvent::Relay(relay::client::Event::ReservationReqAccepted { relay_peer_id, .. }) => {
+            BehaviourEvent::Relay(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                ..
+            }) => {
                 tracing::info!(%relay_peer_id, "relay reservation accepted");
             }
             BehaviourEvent::Dcutr(event) => tracing::debug!("hole punching: {event:?}"),
@@ -468,18 +569,26 @@ impl EventLoop {
         }
     }
 
-    fn handle_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
+    fn handle_gossip(
+        &mut self,
+        source: PeerId,
+        id: gossipsub::MessageId,
+        message: gossipsub::Message,
+    ) {
         let topic = self.topics.get(&message.topic).cloned();
         let verdict = match (&topic, &self.coordinator_key) {
             (None, _) => Err("message on a topic we did not subscribe to".to_string()),
             // Without the coordinator's key we cannot judge; ignoring is not
             // the sender's fault, so it costs them nothing.
             (Some(_), None) => {
-                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                    &id,
-                    &source,
-                    gossipsub::MessageAcceptance::Ignore,
-                );
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(
+                        &id,
+                        &source,
+                        gossipsub::MessageAcceptance::Ignore,
+                    );
                 return;
             }
             (Some(topic), Some(key)) => validate_gossip(topic, &message.data, key, source),
@@ -487,34 +596,68 @@ impl EventLoop {
         let gossip = &mut self.swarm.behaviour_mut().gossipsub;
         match verdict {
             Ok(event) => {
-                gossip.report_message_validation_result(&id, &source, gossipsub::MessageAcceptance::Accept);
+                gossip.report_message_validation_result(
+                    &id,
+                    &source,
+                    gossipsub::MessageAcceptance::Accept,
+                );
                 self.emit(event);
             }
             Err(reason) => {
-                let topic = topic.map(|t| t.name()).unwrap_or_else(|| message.topic.to_string());
+                let topic = topic
+                    .map(|t| t.name())
+                    .unwrap_or_else(|| message.topic.to_string());
                 tracing::warn!(peer = %source, %topic, "rejected gossip: {reason}");
-                gossip.report_message_validation_result(&id, &source, gossipsub::MessageAcceptance::Reject);
-                self.emit(Event::GossipRejected { source, topic, reason });
+                gossip.report_message_validation_result(
+                    &id,
+                    &source,
+                    gossipsub::MessageAcceptance::Reject,
+                );
+                self.emit(Event::GossipRejected {
+                    source,
+                    topic,
+                    reason,
+                });
             }
         }
     }
 
-    fn handle_coordinator_event(&mut self, event: request_response::Event<CoordinatorRequest, CoordinatorResponse>) {
+    fn handle_coordinator_event(
+        &mut self,
+        event: request_response::Event<CoordinatorRequest, CoordinatorResponse>,
+    ) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Response { request_id, response } => {
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
                     if let Some(reply) = self.pending_coordinator.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
-                request_response::Message::Request { request, channel, .. } => {
-                    self.emit(Event::CoordinatorRequest { peer, request, channel });
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    self.emit(Event::CoordinatorRequest {
+                        peer,
+                        request,
+                        channel,
+                    });
                 }
             },
-            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 tracing::debug!(%peer, "coordinator request failed: {error}");
                 if let Some(reply) = self.pending_coordinator.remove(&request_id) {
-                    let _ = reply.send(Err(NetworkError::Request { peer, reason: error.to_string() }));
+                    let _ = reply.send(Err(NetworkError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -527,21 +670,30 @@ impl EventLoop {
     fn handle_blob_event(&mut self, event: request_response::Event<BlobRequest, BlobResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Response { request_id, response } => {
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
                     if let Some(reply) = self.pending_blob.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
-                request_response::Message::Request { request, channel, .. } => {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
                     // Read on a blocking thread and wait for the upload cap
                     // off the loop; the answer comes back through `served_rx`.
                     let source = Arc::clone(&self.blobs);
                     let upload = self.upload.clone();
                     let served = self.served_tx.clone();
                     tokio::spawn(async move {
-                        let response = tokio::task::spawn_blocking(move || serve_blob(source.as_ref(), &request))
-                            .await
-                            .unwrap_or_else(|_| BlobResponse::Refused { reason: "internal error".into() });
+                        let response = tokio::task::spawn_blocking(move || {
+                            serve_blob(source.as_ref(), &request)
+                        })
+                        .await
+                        .unwrap_or_else(|_| BlobResponse::Refused {
+                            reason: "internal error".into(),
+                        });
                         if let BlobResponse::Chunk { data } = &response {
                             upload.acquire(data.len() as u64).await;
                         }
@@ -549,10 +701,18 @@ impl EventLoop {
                     });
                 }
             },
-            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 tracing::debug!(%peer, "blob request failed: {error}");
                 if let Some(reply) = self.pending_blob.remove(&request_id) {
-                    let _ = reply.send(Err(NetworkError::Request { peer, reason: error.to_string() }));
+                    let _ = reply.send(Err(NetworkError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -567,23 +727,48 @@ impl EventLoop {
 
 /// Checks a gossip message: it must be a signed plan or manifest (by topic),
 /// signed by the coordinator, for the topic's run.
-fn validate_gossip(topic: &Topic, data: &[u8], coordinator: &PublicKey, source: PeerId) -> Result<Event, String> {
+fn validate_gossip(
+    topic: &Topic,
+    data: &[u8],
+    coordinator: &PublicKey,
+    source: PeerId,
+) -> Result<Event, String> {
     match topic {
         Topic::Plans { run_id } => {
-            let signed = Signed::<RoundPlan>::from_bytes(data).map_err(|e| format!("not a signed round plan: {e}"))?;
-            let plan = signed.verify(Some(coordinator)).map_err(|e| format!("round plan: {e}"))?;
+            let signed = Signed::<RoundPlan>::from_bytes(data)
+                .map_err(|e| format!("not a signed round plan: {e}"))?;
+            let plan = signed
+                .verify(Some(coordinator))
+                .map_err(|e| format!("round plan: {e}"))?;
             if !run_id.is_empty() && plan.run_id != *run_id {
-                return Err(format!("round plan for run '{}' on the topic of run '{run_id}'", plan.run_id));
+                return Err(format!(
+                    "round plan for run '{}' on the topic of run '{run_id}'",
+                    plan.run_id
+                ));
             }
-            Ok(Event::Plan { source, plan, signed })
+            Ok(Event::Plan {
+                source,
+                plan,
+                signed,
+            })
         }
         Topic::Manifests { run_id } => {
-            let signed = Signed::<Manifest>::from_bytes(data).map_err(|e| format!("not a signed manifest: {e}"))?;
-            let manifest = signed.verify(Some(coordinator)).map_err(|e| format!("manifest: {e}"))?;
+            let signed = Signed::<Manifest>::from_bytes(data)
+                .map_err(|e| format!("not a signed manifest: {e}"))?;
+            let manifest = signed
+                .verify(Some(coordinator))
+                .map_err(|e| format!("manifest: {e}"))?;
             if !run_id.is_empty() && manifest.run_id != *run_id {
-                return Err(format!("manifest for run '{}' on the topic of run '{run_id}'", manifest.run_id));
+                return Err(format!(
+                    "manifest for run '{}' on the topic of run '{run_id}'",
+                    manifest.run_id
+                ));
             }
-            Ok(Event::Manifest { source, manifest, signed })
+            Ok(Event::Manifest {
+                source,
+                manifest,
+                signed,
+            })
         }
     }
 }

@@ -123,18 +123,41 @@ pub struct NetworkStatus {
 #[derive(Debug)]
 pub enum Event {
     /// A round plan that passed validation.
-    Plan { source: PeerId, plan: RoundPlan, signed: Signed<RoundPlan> },
+    Plan {
+        source: PeerId,
+        plan: RoundPlan,
+        signed: Signed<RoundPlan>,
+    },
     /// A manifest that passed validation.
-    Manifest { source: PeerId, manifest: Manifest, signed: Signed<Manifest> },
+    Manifest {
+        source: PeerId,
+        manifest: Manifest,
+        signed: Signed<Manifest>,
+    },
     /// Gossip that failed validation and was rejected (the peer was penalized).
-    GossipRejected { source: PeerId, topic: String, reason: String },
+    GossipRejected {
+        source: PeerId,
+        topic: String,
+        reason: String,
+    },
     /// A coordinator-protocol request (only when serving that protocol; the
     /// coordinator side of tests).
-    CoordinatorRequest { peer: PeerId, request: CoordinatorRequest, channel: ResponseChannel<CoordinatorResponse> },
+    CoordinatorRequest {
+        peer: PeerId,
+        request: CoordinatorRequest,
+        channel: ResponseChannel<CoordinatorResponse>,
+    },
     /// We served `bytes` of blob data to `peer`.
-    BlobServed { peer: PeerId, bytes: u64 },
-    PeerConnected { peer: PeerId },
-    PeerDisconnected { peer: PeerId },
+    BlobServed {
+        peer: PeerId,
+        bytes: u64,
+    },
+    PeerConnected {
+        peer: PeerId,
+    },
+    PeerDisconnected {
+        peer: PeerId,
+    },
     ReachabilityChanged(Reachability),
 }
 
@@ -158,17 +181,25 @@ impl BlobSource for BlobStore {
 /// [`BLOB_CHUNK_BYTES`] are refused before anything is read or allocated.
 pub fn serve_blob(source: &dyn BlobSource, request: &BlobRequest) -> BlobResponse {
     match request {
-        BlobRequest::Have { hash } => BlobResponse::Have { size: source.size(hash) },
-        BlobRequest::Chunk { len, .. } if *len as usize > BLOB_CHUNK_BYTES || *len == 0 => BlobResponse::Refused {
-            reason: format!("chunk length {len} is outside 1..={BLOB_CHUNK_BYTES} bytes"),
+        BlobRequest::Have { hash } => BlobResponse::Have {
+            size: source.size(hash),
         },
+        BlobRequest::Chunk { len, .. } if *len as usize > BLOB_CHUNK_BYTES || *len == 0 => {
+            BlobResponse::Refused {
+                reason: format!("chunk length {len} is outside 1..={BLOB_CHUNK_BYTES} bytes"),
+            }
+        }
         BlobRequest::Chunk { hash, offset, len } => match source.read(hash, *offset, *len) {
             Ok(data) => BlobResponse::Chunk { data },
             Err(StoreError::NotFound { .. }) => BlobResponse::NotFound,
-            Err(StoreError::Range { .. }) => BlobResponse::Refused { reason: "range is outside the blob".into() },
+            Err(StoreError::Range { .. }) => BlobResponse::Refused {
+                reason: "range is outside the blob".into(),
+            },
             Err(e) => {
                 tracing::warn!("serving blob {hash}: {e}");
-                BlobResponse::Refused { reason: "could not read the blob".into() }
+                BlobResponse::Refused {
+                    reason: "could not read the blob".into(),
+                }
             }
         },
     }
@@ -191,20 +222,61 @@ pub struct NetworkConfig {
 /// The commands a [`Client`] sends the event loop.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Dial { addr: Multiaddr, reply: oneshot::Sender<Result<PeerId, NetworkError>> },
-    AddAddress { peer: PeerId, addr: Multiaddr },
-    Coordinator { peer: PeerId, request: CoordinatorRequest, reply: oneshot::Sender<Result<CoordinatorResponse, NetworkError>> },
-    Blob { peer: PeerId, request: BlobRequest, reply: oneshot::Sender<Result<BlobResponse, NetworkError>> },
-    RespondCoordinator { channel: ResponseChannel<CoordinatorResponse>, response: CoordinatorResponse },
-    Subscribe { topic: Topic, reply: oneshot::Sender<Result<(), NetworkError>> },
-    Publish { topic: Topic, data: Vec<u8>, reply: oneshot::Sender<Result<(), NetworkError>> },
-    SetCoordinatorKey { key: PublicKey },
-    AddRelay { addr: Multiaddr },
-    StartProviding { hash: Hash },
-    GetProviders { hash: Hash, reply: oneshot::Sender<Vec<PeerId>> },
-    Penalize { peer: PeerId, reason: String },
-    PeerScore { peer: PeerId, reply: oneshot::Sender<Option<f64>> },
-    Status { reply: oneshot::Sender<NetworkStatus> },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, NetworkError>>,
+    },
+    AddAddress {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    Coordinator {
+        peer: PeerId,
+        request: CoordinatorRequest,
+        reply: oneshot::Sender<Result<CoordinatorResponse, NetworkError>>,
+    },
+    Blob {
+        peer: PeerId,
+        request: BlobRequest,
+        reply: oneshot::Sender<Result<BlobResponse, NetworkError>>,
+    },
+    RespondCoordinator {
+        channel: ResponseChannel<CoordinatorResponse>,
+        response: CoordinatorResponse,
+    },
+    Subscribe {
+        topic: Topic,
+        reply: oneshot::Sender<Result<(), NetworkError>>,
+    },
+    Publish {
+        topic: Topic,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), NetworkError>>,
+    },
+    SetCoordinatorKey {
+        key: PublicKey,
+    },
+    AddRelay {
+        addr: Multiaddr,
+    },
+    StartProviding {
+        hash: Hash,
+    },
+    GetProviders {
+        hash: Hash,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Penalize {
+        peer: PeerId,
+        reason: String,
+    },
+    PeerScore {
+        peer: PeerId,
+        reply: oneshot::Sender<Option<f64>>,
+    },
+    Status {
+        reply: oneshot::Sender<NetworkStatus>,
+    },
 }
 
 /// A cheap handle to the network task.
@@ -216,12 +288,21 @@ pub struct Client {
 
 /// Builds the swarm and starts listening. Run the returned [`EventLoop`]
 /// (e.g. `tokio::spawn(event_loop.run(shutdown))`) before using the client.
-pub fn new(config: NetworkConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), NetworkError> {
+pub fn new(
+    config: NetworkConfig,
+) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), NetworkError> {
     let local_peer_id = config.keypair.public().to_peer_id();
     let (command_tx, command_rx) = mpsc::channel(CHANNEL_DEPTH);
     let (event_tx, event_rx) = mpsc::channel(CHANNEL_DEPTH);
     let event_loop = EventLoop::new(config, command_rx, event_tx)?;
-    Ok((Client { commands: command_tx, local_peer_id }, event_rx, event_loop))
+    Ok((
+        Client {
+            commands: command_tx,
+            local_peer_id,
+        },
+        event_rx,
+        event_loop,
+    ))
 }
 
 impl Client {
@@ -229,14 +310,23 @@ impl Client {
         self.local_peer_id
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetworkError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetworkError> {
         let (reply, receive) = oneshot::channel();
-        self.commands.send(make(reply)).await.map_err(|_| NetworkError::Closed)?;
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| NetworkError::Closed)?;
         receive.await.map_err(|_| NetworkError::Closed)
     }
 
     async fn tell(&self, command: Command) -> Result<(), NetworkError> {
-        self.commands.send(command).await.map_err(|_| NetworkError::Closed)
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| NetworkError::Closed)
     }
 
     /// Connects to `addr` and returns the peer there.
@@ -254,11 +344,25 @@ impl Client {
         peer: PeerId,
         request: CoordinatorRequest,
     ) -> Result<CoordinatorResponse, NetworkError> {
-        self.ask(|reply| Command::Coordinator { peer, request, reply }).await?
+        self.ask(|reply| Command::Coordinator {
+            peer,
+            request,
+            reply,
+        })
+        .await?
     }
 
-    pub async fn blob_request(&self, peer: PeerId, request: BlobRequest) -> Result<BlobResponse, NetworkError> {
-        self.ask(|reply| Command::Blob { peer, request, reply }).await?
+    pub async fn blob_request(
+        &self,
+        peer: PeerId,
+        request: BlobRequest,
+    ) -> Result<BlobResponse, NetworkError> {
+        self.ask(|reply| Command::Blob {
+            peer,
+            request,
+            reply,
+        })
+        .await?
     }
 
     /// Answers a coordinator-protocol request (serving side).
@@ -267,15 +371,18 @@ impl Client {
         channel: ResponseChannel<CoordinatorResponse>,
         response: CoordinatorResponse,
     ) -> Result<(), NetworkError> {
-        self.tell(Command::RespondCoordinator { channel, response }).await
+        self.tell(Command::RespondCoordinator { channel, response })
+            .await
     }
 
     pub async fn subscribe(&self, topic: Topic) -> Result<(), NetworkError> {
-        self.ask(|reply| Command::Subscribe { topic, reply }).await?
+        self.ask(|reply| Command::Subscribe { topic, reply })
+            .await?
     }
 
     pub async fn publish(&self, topic: Topic, data: Vec<u8>) -> Result<(), NetworkError> {
-        self.ask(|reply| Command::Publish { topic, data, reply }).await?
+        self.ask(|reply| Command::Publish { topic, data, reply })
+            .await?
     }
 
     /// Pins whose signature gossip must carry.
@@ -295,13 +402,22 @@ impl Client {
 
     /// Peers that announced blob `hash` on Kademlia (empty when none answer).
     pub async fn get_providers(&self, hash: Hash) -> Result<Vec<PeerId>, NetworkError> {
-        self.ask(|reply| Command::GetProviders { hash, reply }).await
+        self.ask(|reply| Command::GetProviders { hash, reply })
+            .await
     }
 
     /// Lowers `peer`'s score (gossipsub application score), e.g. for serving
     /// bytes that did not match their hash.
-    pub async fn penalize(&self, peer: PeerId, reason: impl Into<String>) -> Result<(), NetworkError> {
-        self.tell(Command::Penalize { peer, reason: reason.into() }).await
+    pub async fn penalize(
+        &self,
+        peer: PeerId,
+        reason: impl Into<String>,
+    ) -> Result<(), NetworkError> {
+        self.tell(Command::Penalize {
+            peer,
+            reason: reason.into(),
+        })
+        .await
     }
 
     /// The gossipsub score of `peer` (None if unknown).

@@ -47,7 +47,14 @@ pub async fn spawn_peer(seed: u8, blobs: Arc<dyn BlobSource>, serve_coordinator:
     let addr = addrs.into_iter().next().expect("a listen address");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(event_loop.run(shutdown.clone()));
-    Peer { client, events: Mutex::new(events), addr, key, shutdown, task }
+    Peer {
+        client,
+        events: Mutex::new(events),
+        addr,
+        key,
+        shutdown,
+        task,
+    }
 }
 
 /// Deterministic incompressible-looking bytes (xorshift64*).
@@ -77,7 +84,11 @@ pub async fn publish_when_possible(client: &Client, topic: &Topic, data: Vec<u8>
 }
 
 /// The first event matching `want`, skipping others.
-pub async fn wait_for(events: &mut mpsc::Receiver<Event>, want: impl Fn(&Event) -> bool, what: &str) -> Event {
+pub async fn wait_for(
+    events: &mut mpsc::Receiver<Event>,
+    want: impl Fn(&Event) -> bool,
+    what: &str,
+) -> Event {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         match tokio::time::timeout_at(deadline, events.recv()).await {

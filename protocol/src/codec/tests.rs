@@ -713,10 +713,7 @@ fn reference_topk_body(
         }
         let kept = reference_top(residual, k.min(delta.len()));
         let hi = residual.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let lo = kept
-            .iter()
-            .map(|&i| residual[i].abs())
-            .fold(hi, f32::min);
+        let lo = kept.iter().map(|&i| residual[i].abs()).fold(hi, f32::min);
         let step = (hi - lo) / top as f32;
         let inverse = top as f32 / (hi - lo);
         for &index in &kept {

@@ -23,7 +23,9 @@ use crate::rng::Rng;
 /// Seed of the lexicon itself; changing it changes the language.
 const LEXICON_SEED: u64 = 0x6261_726E_7261_6973; // "barnrais"
 
-const ONSETS: &[&str] = &["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "sh", "th", "kr", "pl"];
+const ONSETS: &[&str] = &[
+    "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "sh", "th", "kr", "pl",
+];
 const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "ai", "ou"];
 const CODAS: &[&str] = &["", "", "", "n", "r", "s", "l", "m"];
 
@@ -67,9 +69,15 @@ impl Lexicon {
             }
         };
         let nouns = (0..NOUN_CLASSES)
-            .map(|_| (0..NOUNS_PER_CLASS).map(|i| fresh(&mut rng, 1 + i % 2)).collect())
+            .map(|_| {
+                (0..NOUNS_PER_CLASS)
+                    .map(|i| fresh(&mut rng, 1 + i % 2))
+                    .collect()
+            })
             .collect();
-        let adjectives = (0..ADJECTIVES).map(|i| fresh(&mut rng, 2 + i % 2)).collect();
+        let adjectives = (0..ADJECTIVES)
+            .map(|i| fresh(&mut rng, 2 + i % 2))
+            .collect();
         let verbs = (0..VERBS).map(|i| fresh(&mut rng, 1 + i % 2)).collect();
         let verb_object_class = (0..VERBS).map(|i| i % NOUN_CLASSES).collect();
         let mut names: Vec<String> = (0..NAMES).map(|_| fresh(&mut rng, 2)).collect();
@@ -81,7 +89,14 @@ impl Lexicon {
             }
         }
         let numbers = (0..NUMBER_WORDS).map(|_| fresh(&mut rng, 1)).collect();
-        Lexicon { nouns, adjectives, verbs, verb_object_class, names, numbers }
+        Lexicon {
+            nouns,
+            adjectives,
+            verbs,
+            verb_object_class,
+            names,
+            numbers,
+        }
     }
 
     fn pick<'a>(&self, rng: &mut Rng, words: &'a [String]) -> &'a str {
@@ -102,7 +117,13 @@ impl Lexicon {
     /// "the big stone", "a stonei" ...; returns the phrase and whether it is plural.
     fn noun_phrase(&self, rng: &mut Rng, class: usize, out: &mut String) -> bool {
         let plural = rng.below(3) == 0;
-        out.push_str(if plural { "the " } else if rng.below(2) == 0 { "a " } else { "the " });
+        out.push_str(if plural {
+            "the "
+        } else if rng.below(2) == 0 {
+            "a "
+        } else {
+            "the "
+        });
         if rng.below(2) == 0 {
             out.push_str(self.adjective(rng, class));
             out.push(' ');
@@ -140,7 +161,11 @@ impl Lexicon {
         }
         out.push(' ');
         // Object: usually from the verb's preferred class.
-        let class = if rng.below(10) < 8 { self.verb_object_class[verb] } else { rng.below(NOUN_CLASSES as u64) as usize };
+        let class = if rng.below(10) < 8 {
+            self.verb_object_class[verb]
+        } else {
+            rng.below(NOUN_CLASSES as u64) as usize
+        };
         self.noun_phrase(rng, class, out);
         if rng.below(3) == 0 {
             out.push_str(" vo ");
@@ -213,8 +238,10 @@ mod tests {
     fn corpus_has_repeated_structure() {
         // A small lexicon: the text reuses few distinct words.
         let text = generate(9, 20_000);
-        let words: std::collections::HashSet<&str> =
-            text.split(|c: char| !c.is_ascii_alphabetic()).filter(|w| !w.is_empty()).collect();
+        let words: std::collections::HashSet<&str> = text
+            .split(|c: char| !c.is_ascii_alphabetic())
+            .filter(|w| !w.is_empty())
+            .collect();
         assert!(words.len() < 400, "{} distinct words", words.len());
         assert!(text.contains(" = "));
         assert!(text.contains("Kai:"));

@@ -46,30 +46,50 @@ pub struct ShardingConfig {
 
 impl Default for ShardingConfig {
     fn default() -> Self {
-        ShardingConfig { shard_tokens: DEFAULT_SHARD_TOKENS, heldout_fraction: 0.05 }
+        ShardingConfig {
+            shard_tokens: DEFAULT_SHARD_TOKENS,
+            heldout_fraction: 0.05,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
     #[error("input {path}: cannot read: {source}")]
-    ReadInput { path: PathBuf, source: std::io::Error },
+    ReadInput {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("input {path}: no text to shard (the file is empty or the directory holds no files)")]
     EmptyInput { path: PathBuf },
     #[error("no input files given")]
     NoInputs,
     #[error("dataset has {tokens} tokens, too few to split off a held-out part")]
     TooSmall { tokens: usize },
-    #[error("sharding: shard size must be positive and the held-out fraction in (0, 1), got {shard_tokens} and {heldout_fraction}")]
-    BadConfig { shard_tokens: usize, heldout_fraction: f64 },
+    #[error(
+        "sharding: shard size must be positive and the held-out fraction in (0, 1), got {shard_tokens} and {heldout_fraction}"
+    )]
+    BadConfig {
+        shard_tokens: usize,
+        heldout_fraction: f64,
+    },
     #[error(transparent)]
     Shard(#[from] ShardError),
     #[error("manifest {path}: cannot write: {source}")]
-    WriteManifest { path: PathBuf, source: std::io::Error },
+    WriteManifest {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("manifest {path}: cannot read: {source}")]
-    ReadManifest { path: PathBuf, source: std::io::Error },
+    ReadManifest {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("manifest {path}: not a valid dataset manifest: {source}")]
-    ParseManifest { path: PathBuf, source: serde_json::Error },
+    ParseManifest {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// Every file under the given paths (directories recursively), in a stable
@@ -80,12 +100,17 @@ pub fn collect_input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, DatasetEr
     }
     let mut files = Vec::new();
     for input in inputs {
-        let meta = std::fs::metadata(input).map_err(|source| DatasetError::ReadInput { path: input.clone(), source })?;
+        let meta = std::fs::metadata(input).map_err(|source| DatasetError::ReadInput {
+            path: input.clone(),
+            source,
+        })?;
         if meta.is_dir() {
             let before = files.len();
             walk_dir(input, &mut files)?;
             if files.len() == before {
-                return Err(DatasetError::EmptyInput { path: input.clone() });
+                return Err(DatasetError::EmptyInput {
+                    path: input.clone(),
+                });
             }
         } else {
             files.push(input.clone());
@@ -95,7 +120,10 @@ pub fn collect_input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, DatasetEr
 }
 
 fn walk_dir(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), DatasetError> {
-    let read_err = |source| DatasetError::ReadInput { path: dir.to_owned(), source };
+    let read_err = |source| DatasetError::ReadInput {
+        path: dir.to_owned(),
+        source,
+    };
     let mut entries = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_err)? {
         entries.push(entry.map_err(read_err)?.path());
@@ -117,7 +145,10 @@ fn walk_dir(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), DatasetError> {
 pub fn tokenize_files(files: &[PathBuf]) -> Result<Vec<u16>, DatasetError> {
     let mut tokens = Vec::new();
     for (i, path) in files.iter().enumerate() {
-        let bytes = std::fs::read(path).map_err(|source| DatasetError::ReadInput { path: path.clone(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| DatasetError::ReadInput {
+            path: path.clone(),
+            source,
+        })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(DatasetError::EmptyInput { path: path.clone() });
         }
@@ -135,22 +166,40 @@ pub fn tokenize_files(files: &[PathBuf]) -> Result<Vec<u16>, DatasetError> {
 /// Cuts `tokens` into content-addressed shards in `out_dir` and writes the
 /// manifest there. The held-out part is the tail of the stream, so it shares
 /// no text with training.
-pub fn build_dataset(tokens: &[u16], out_dir: &Path, config: ShardingConfig) -> Result<DatasetManifest, DatasetError> {
-    let ShardingConfig { shard_tokens, heldout_fraction } = config;
+pub fn build_dataset(
+    tokens: &[u16],
+    out_dir: &Path,
+    config: ShardingConfig,
+) -> Result<DatasetManifest, DatasetError> {
+    let ShardingConfig {
+        shard_tokens,
+        heldout_fraction,
+    } = config;
     if shard_tokens == 0 || !(heldout_fraction > 0.0 && heldout_fraction < 1.0) {
-        return Err(DatasetError::BadConfig { shard_tokens, heldout_fraction });
+        return Err(DatasetError::BadConfig {
+            shard_tokens,
+            heldout_fraction,
+        });
     }
     let heldout_len = ((tokens.len() as f64 * heldout_fraction).ceil() as usize).max(2);
     if tokens.len() < heldout_len + 2 {
-        return Err(DatasetError::TooSmall { tokens: tokens.len() });
+        return Err(DatasetError::TooSmall {
+            tokens: tokens.len(),
+        });
     }
     let split = tokens.len() - heldout_len;
-    std::fs::create_dir_all(out_dir).map_err(|source| ShardError::Write { path: out_dir.to_owned(), source })?;
+    std::fs::create_dir_all(out_dir).map_err(|source| ShardError::Write {
+        path: out_dir.to_owned(),
+        source,
+    })?;
     let write = |part: &[u16]| -> Result<Vec<ShardEntry>, DatasetError> {
         let mut entries = Vec::new();
         for chunk in part.chunks(shard_tokens) {
             let (hash, _) = write_shard_named(out_dir, chunk)?;
-            entries.push(ShardEntry { hash, tokens: chunk.len() as u64 });
+            entries.push(ShardEntry {
+                hash,
+                tokens: chunk.len() as u64,
+            });
         }
         Ok(entries)
     };
@@ -167,15 +216,24 @@ pub fn build_dataset(tokens: &[u16], out_dir: &Path, config: ShardingConfig) -> 
 
 impl DatasetManifest {
     pub fn save(&self, path: &Path) -> Result<(), DatasetError> {
-        let write_err = |source| DatasetError::WriteManifest { path: path.to_owned(), source };
-        let json = serde_json::to_string_pretty(self).map_err(|e| write_err(std::io::Error::other(e)))?;
+        let write_err = |source| DatasetError::WriteManifest {
+            path: path.to_owned(),
+            source,
+        };
+        let json =
+            serde_json::to_string_pretty(self).map_err(|e| write_err(std::io::Error::other(e)))?;
         std::fs::write(path, json + "\n").map_err(write_err)
     }
 
     pub fn load(path: &Path) -> Result<DatasetManifest, DatasetError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| DatasetError::ReadManifest { path: path.to_owned(), source })?;
-        serde_json::from_str(&text).map_err(|source| DatasetError::ParseManifest { path: path.to_owned(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| DatasetError::ReadManifest {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| DatasetError::ParseManifest {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     pub fn train_tokens(&self) -> u64 {

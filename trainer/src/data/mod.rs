@@ -33,19 +33,37 @@ pub const MAX_SHARD_TOKENS: usize = i32::MAX as usize;
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
     #[error("shard {path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("shard {path}: cannot write: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("shard {path}: file is {len} bytes, shorter than the {SHARD_HEADER_BYTES}-byte header")]
     TooShort { path: PathBuf, len: usize },
     #[error("shard {path}: wrong magic {found} (expected {SHARD_MAGIC}); not an llm.c token file")]
     Magic { path: PathBuf, found: i32 },
     #[error("shard {path}: unsupported version {found} (expected {SHARD_VERSION}, u16 tokens)")]
     Version { path: PathBuf, found: i32 },
-    #[error("shard {path}: header says {declared} tokens but the file holds {actual} bytes of tokens (truncated or corrupt)")]
-    Length { path: PathBuf, declared: i64, actual: usize },
-    #[error("shard {path}: contents hash to {actual}, not the {expected} its name promises (corrupt or tampered)")]
-    HashMismatch { path: PathBuf, expected: Hash, actual: Hash },
+    #[error(
+        "shard {path}: header says {declared} tokens but the file holds {actual} bytes of tokens (truncated or corrupt)"
+    )]
+    Length {
+        path: PathBuf,
+        declared: i64,
+        actual: usize,
+    },
+    #[error(
+        "shard {path}: contents hash to {actual}, not the {expected} its name promises (corrupt or tampered)"
+    )]
+    HashMismatch {
+        path: PathBuf,
+        expected: Hash,
+        actual: Hash,
+    },
     #[error("shard {path}: {count} tokens is more than a shard can hold ({MAX_SHARD_TOKENS})")]
     TooManyTokens { path: PathBuf, count: usize },
 }
@@ -61,12 +79,19 @@ impl Shard {
     /// Reads and checks a shard file. If the file's stem is a 64-character
     /// hex hash, the contents must hash to it.
     pub fn read(path: &Path) -> Result<Shard, ShardError> {
-        let bytes = std::fs::read(path).map_err(|source| ShardError::Read { path: path.to_owned(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| ShardError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let shard = Shard::decode(&bytes, path)?;
         if let Some(expected) = hash_in_name(path)
             && expected != shard.hash
         {
-            return Err(ShardError::HashMismatch { path: path.to_owned(), expected, actual: shard.hash });
+            return Err(ShardError::HashMismatch {
+                path: path.to_owned(),
+                expected,
+                actual: shard.hash,
+            });
         }
         Ok(shard)
     }
@@ -75,7 +100,11 @@ impl Shard {
     pub fn read_expecting(path: &Path, expected: Hash) -> Result<Shard, ShardError> {
         let shard = Shard::read(path)?;
         if shard.hash != expected {
-            return Err(ShardError::HashMismatch { path: path.to_owned(), expected, actual: shard.hash });
+            return Err(ShardError::HashMismatch {
+                path: path.to_owned(),
+                expected,
+                actual: shard.hash,
+            });
         }
         Ok(shard)
     }
@@ -85,32 +114,61 @@ impl Shard {
     pub fn decode(bytes: &[u8], path: &Path) -> Result<Shard, ShardError> {
         let err_path = || path.to_owned();
         if bytes.len() < SHARD_HEADER_BYTES {
-            return Err(ShardError::TooShort { path: err_path(), len: bytes.len() });
+            return Err(ShardError::TooShort {
+                path: err_path(),
+                len: bytes.len(),
+            });
         }
-        let header = |i: usize| i32::from_le_bytes([bytes[i * 4], bytes[i * 4 + 1], bytes[i * 4 + 2], bytes[i * 4 + 3]]);
+        let header = |i: usize| {
+            i32::from_le_bytes([
+                bytes[i * 4],
+                bytes[i * 4 + 1],
+                bytes[i * 4 + 2],
+                bytes[i * 4 + 3],
+            ])
+        };
         let magic = header(0);
         if magic != SHARD_MAGIC {
-            return Err(ShardError::Magic { path: err_path(), found: magic });
+            return Err(ShardError::Magic {
+                path: err_path(),
+                found: magic,
+            });
         }
         let version = header(1);
         if version != SHARD_VERSION {
-            return Err(ShardError::Version { path: err_path(), found: version });
+            return Err(ShardError::Version {
+                path: err_path(),
+                found: version,
+            });
         }
         let declared = header(2);
         let body = &bytes[SHARD_HEADER_BYTES..];
         // Compare in i64 so a negative count is just another mismatch.
         if i64::from(declared) * 2 != body.len() as i64 {
-            return Err(ShardError::Length { path: err_path(), declared: i64::from(declared), actual: body.len() });
+            return Err(ShardError::Length {
+                path: err_path(),
+                declared: i64::from(declared),
+                actual: body.len(),
+            });
         }
-        let tokens = body.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-        Ok(Shard { hash: Hash::of(bytes), tokens })
+        let tokens = body
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        Ok(Shard {
+            hash: Hash::of(bytes),
+            tokens,
+        })
     }
 }
 
 /// The file bytes of a shard holding `tokens`.
 pub fn encode_shard(tokens: &[u16], path: &Path) -> Result<Vec<u8>, ShardError> {
     if tokens.len() > MAX_SHARD_TOKENS {
-        return Err(ShardError::TooManyTokens { path: path.to_owned(), count: tokens.len() });
+        return Err(ShardError::TooManyTokens {
+            path: path.to_owned(),
+            count: tokens.len(),
+        });
     }
     let mut bytes = vec![0u8; SHARD_HEADER_BYTES];
     bytes[0..4].copy_from_slice(&SHARD_MAGIC.to_le_bytes());
@@ -127,7 +185,10 @@ pub fn encode_shard(tokens: &[u16], path: &Path) -> Result<Vec<u8>, ShardError> 
 /// Writes `tokens` as a shard file at `path` and returns its hash.
 pub fn write_shard(path: &Path, tokens: &[u16]) -> Result<Hash, ShardError> {
     let bytes = encode_shard(tokens, path)?;
-    std::fs::write(path, &bytes).map_err(|source| ShardError::Write { path: path.to_owned(), source })?;
+    std::fs::write(path, &bytes).map_err(|source| ShardError::Write {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(Hash::of(&bytes))
 }
 
@@ -137,7 +198,10 @@ pub fn write_shard_named(dir: &Path, tokens: &[u16]) -> Result<(Hash, PathBuf), 
     let bytes = encode_shard(tokens, dir)?;
     let hash = Hash::of(&bytes);
     let path = shard_path(dir, &hash);
-    std::fs::write(&path, &bytes).map_err(|source| ShardError::Write { path: path.clone(), source })?;
+    std::fs::write(&path, &bytes).map_err(|source| ShardError::Write {
+        path: path.clone(),
+        source,
+    })?;
     Ok((hash, path))
 }
 

@@ -8,10 +8,22 @@ use crate::rng::Rng;
 /// Why a token stream cannot feed a model.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SampleError {
-    #[error("token stream has {tokens} tokens, fewer than the {needed} one sequence of length {seq_len} needs")]
-    TooFewTokens { tokens: usize, needed: usize, seq_len: usize },
-    #[error("token {token} at position {position} is outside the model's vocabulary of {vocab_size}")]
-    OutOfVocabulary { token: u16, position: usize, vocab_size: usize },
+    #[error(
+        "token stream has {tokens} tokens, fewer than the {needed} one sequence of length {seq_len} needs"
+    )]
+    TooFewTokens {
+        tokens: usize,
+        needed: usize,
+        seq_len: usize,
+    },
+    #[error(
+        "token {token} at position {position} is outside the model's vocabulary of {vocab_size}"
+    )]
+    OutOfVocabulary {
+        token: u16,
+        position: usize,
+        vocab_size: usize,
+    },
     #[error("batch size and sequence length must be positive (got {batch_size} x {seq_len})")]
     EmptyBatch { batch_size: usize, seq_len: usize },
 }
@@ -20,7 +32,11 @@ pub enum SampleError {
 /// batch.
 pub fn check_vocab(tokens: &[u16], vocab_size: usize) -> Result<(), SampleError> {
     match tokens.iter().position(|&t| usize::from(t) >= vocab_size) {
-        Some(position) => Err(SampleError::OutOfVocabulary { token: tokens[position], position, vocab_size }),
+        Some(position) => Err(SampleError::OutOfVocabulary {
+            token: tokens[position],
+            position,
+            vocab_size,
+        }),
         None => Ok(()),
     }
 }
@@ -35,14 +51,31 @@ pub struct BatchSampler<'a> {
 }
 
 impl<'a> BatchSampler<'a> {
-    pub fn new(tokens: &'a [u16], batch_size: usize, seq_len: usize, seed: u64) -> Result<Self, SampleError> {
+    pub fn new(
+        tokens: &'a [u16],
+        batch_size: usize,
+        seq_len: usize,
+        seed: u64,
+    ) -> Result<Self, SampleError> {
         if batch_size == 0 || seq_len == 0 {
-            return Err(SampleError::EmptyBatch { batch_size, seq_len });
+            return Err(SampleError::EmptyBatch {
+                batch_size,
+                seq_len,
+            });
         }
         if tokens.len() < seq_len + 1 {
-            return Err(SampleError::TooFewTokens { tokens: tokens.len(), needed: seq_len + 1, seq_len });
+            return Err(SampleError::TooFewTokens {
+                tokens: tokens.len(),
+                needed: seq_len + 1,
+                seq_len,
+            });
         }
-        Ok(BatchSampler { tokens, batch_size, seq_len, rng: Rng::new(seed) })
+        Ok(BatchSampler {
+            tokens,
+            batch_size,
+            seq_len,
+            rng: Rng::new(seed),
+        })
     }
 
     /// The next batch as row-major u32 ids: (inputs, targets), each
@@ -85,11 +118,18 @@ mod tests {
     #[test]
     fn rejects_short_streams_and_foreign_tokens() {
         let tokens = [1u16, 2, 3];
-        assert!(matches!(BatchSampler::new(&tokens, 1, 3, 0), Err(SampleError::TooFewTokens { .. })));
+        assert!(matches!(
+            BatchSampler::new(&tokens, 1, 3, 0),
+            Err(SampleError::TooFewTokens { .. })
+        ));
         assert!(BatchSampler::new(&tokens, 1, 2, 0).is_ok());
         assert_eq!(
             check_vocab(&[1, 300, 2], 256),
-            Err(SampleError::OutOfVocabulary { token: 300, position: 1, vocab_size: 256 })
+            Err(SampleError::OutOfVocabulary {
+                token: 300,
+                position: 1,
+                vocab_size: 256
+            })
         );
     }
 }
