@@ -3,44 +3,11 @@
 //! against the message kind's cap before anything is allocated, so a peer
 //! cannot make us reserve memory by claiming a huge frame.
 
-use barnraise_protocol::limits::{
-    MAX_BLOB_REQUEST_BYTES, MAX_BLOB_RESPONSE_BYTES, MAX_COORDINATOR_MESSAGE_BYTES,
-};
-use barnraise_protocol::messages::{
-    BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse,
-};
-use barnraise_protocol::wire::WireError;
+pub use barnraise_protocol::messages::Framed as Frame;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use std::io;
 use std::marker::PhantomData;
-
-/// A message that travels in one frame.
-pub trait Frame: Sized + Send + Sync + 'static {
-    /// Largest frame body accepted.
-    const MAX_BYTES: usize;
-    fn to_frame(&self) -> Result<Vec<u8>, WireError>;
-    fn from_frame(bytes: &[u8]) -> Result<Self, WireError>;
-}
-
-macro_rules! frame {
-    ($ty:ty, $max:expr) => {
-        impl Frame for $ty {
-            const MAX_BYTES: usize = $max;
-            fn to_frame(&self) -> Result<Vec<u8>, WireError> {
-                self.encode()
-            }
-            fn from_frame(bytes: &[u8]) -> Result<Self, WireError> {
-                <$ty>::decode(bytes)
-            }
-        }
-    };
-}
-
-frame!(CoordinatorRequest, MAX_COORDINATOR_MESSAGE_BYTES);
-frame!(CoordinatorResponse, MAX_COORDINATOR_MESSAGE_BYTES);
-frame!(BlobRequest, MAX_BLOB_REQUEST_BYTES);
-frame!(BlobResponse, MAX_BLOB_RESPONSE_BYTES);
 
 /// Reads one frame of `T`, refusing an over-long length before allocating.
 pub async fn read_frame<T: Frame, R: AsyncRead + Unpin>(io: &mut R) -> io::Result<T> {
@@ -58,13 +25,13 @@ pub async fn read_frame<T: Frame, R: AsyncRead + Unpin>(io: &mut R) -> io::Resul
     }
     let mut body = vec![0u8; len];
     io.read_exact(&mut body).await?;
-    T::from_frame(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    T::from_wire(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
 }
 
 /// Writes one frame of `T`.
 pub async fn write_frame<T: Frame, W: AsyncWrite + Unpin>(io: &mut W, value: &T) -> io::Result<()> {
     let body = value
-        .to_frame()
+        .to_wire()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     let len = u32::try_from(body.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "frame too large"))?;
@@ -132,6 +99,7 @@ impl<Req: Frame, Resp: Frame> libp2p::request_response::Codec for Codec<Req, Res
 mod tests {
     use super::*;
     use barnraise_protocol::Hash;
+    use barnraise_protocol::messages::{BlobRequest, CoordinatorRequest};
 
     #[test]
     fn frames_round_trip_and_refuse_huge_lengths() {

@@ -353,6 +353,36 @@ impl BlobResponse {
     }
 }
 
+/// A message that travels length-prefixed on a request-response protocol:
+/// its size cap and its wire encoding. Node and coordinator frame streams
+/// with it (a `u32` little-endian length, then the bytes), each with its own
+/// async I/O.
+pub trait Framed: Sized + Send + Sync {
+    /// Largest encoded size a reader accepts; checked before allocating.
+    const MAX_BYTES: usize;
+    fn to_wire(&self) -> Result<Vec<u8>, crate::wire::WireError>;
+    fn from_wire(bytes: &[u8]) -> Result<Self, crate::wire::WireError>;
+}
+
+macro_rules! framed {
+    ($ty:ty, $max:expr) => {
+        impl Framed for $ty {
+            const MAX_BYTES: usize = $max;
+            fn to_wire(&self) -> Result<Vec<u8>, crate::wire::WireError> {
+                self.encode()
+            }
+            fn from_wire(bytes: &[u8]) -> Result<Self, crate::wire::WireError> {
+                <$ty>::decode(bytes)
+            }
+        }
+    };
+}
+
+framed!(CoordinatorRequest, MAX_COORDINATOR_MESSAGE_BYTES);
+framed!(CoordinatorResponse, MAX_COORDINATOR_MESSAGE_BYTES);
+framed!(BlobRequest, MAX_BLOB_REQUEST_BYTES);
+framed!(BlobResponse, MAX_BLOB_RESPONSE_BYTES);
+
 /// Milliseconds since the Unix epoch, for timestamps in messages.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -7,44 +7,14 @@
 //! the buffer, so a peer claiming a 4 GiB message costs us four bytes of
 //! reading, never 4 GiB of memory.
 
-use barnraise_protocol::limits::{
-    MAX_BLOB_REQUEST_BYTES, MAX_BLOB_RESPONSE_BYTES, MAX_COORDINATOR_MESSAGE_BYTES,
-};
+pub use barnraise_protocol::messages::Framed;
 use barnraise_protocol::messages::{
     BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse,
 };
-use barnraise_protocol::wire::WireError;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use std::io;
 use std::marker::PhantomData;
-
-/// A message that travels length-prefixed on a request-response protocol.
-pub trait Framed: Sized + Send + Sync {
-    /// Largest encoded size a reader accepts.
-    const MAX_BYTES: usize;
-    fn to_wire(&self) -> Result<Vec<u8>, WireError>;
-    fn from_wire(bytes: &[u8]) -> Result<Self, WireError>;
-}
-
-macro_rules! framed {
-    ($ty:ty, $max:expr) => {
-        impl Framed for $ty {
-            const MAX_BYTES: usize = $max;
-            fn to_wire(&self) -> Result<Vec<u8>, WireError> {
-                self.encode()
-            }
-            fn from_wire(bytes: &[u8]) -> Result<Self, WireError> {
-                <$ty>::decode(bytes)
-            }
-        }
-    };
-}
-
-framed!(CoordinatorRequest, MAX_COORDINATOR_MESSAGE_BYTES);
-framed!(CoordinatorResponse, MAX_COORDINATOR_MESSAGE_BYTES);
-framed!(BlobRequest, MAX_BLOB_REQUEST_BYTES);
-framed!(BlobResponse, MAX_BLOB_RESPONSE_BYTES);
 
 /// The first allocation for an incoming message; it grows with the data.
 const INITIAL_BUFFER: usize = 64 * 1024;
@@ -163,6 +133,7 @@ pub type BlobCodec = Codec<BlobRequest, BlobResponse>;
 mod tests {
     use super::*;
     use barnraise_protocol::Hash;
+    use barnraise_protocol::limits::MAX_BLOB_REQUEST_BYTES;
 
     #[tokio::test]
     async fn round_trip_and_cap() {
