@@ -11,6 +11,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod aggregate;
+pub mod certificate;
 pub mod codec;
 pub mod hash;
 pub mod identity;
