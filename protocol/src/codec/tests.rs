@@ -756,7 +756,7 @@ fn reference_topk_body(
 fn awkward_update(seed: u64, params: usize, chunk: usize) -> Vec<f32> {
     let mut delta = synthetic_update(seed, params);
     for (i, x) in delta.iter_mut().enumerate() {
-        match (i / chunk + seed as usize) % 6 {
+        match (i / chunk + seed as usize) % 7 {
             // Few distinct values: many ties.
             0 => *x = (*x * 2.0).round() * 0.25,
             // Mostly zeros with a few values.
@@ -767,6 +767,9 @@ fn awkward_update(seed: u64, params: usize, chunk: usize) -> Vec<f32> {
             3 => *x *= 2f32.powi((i % 60) as i32 - 140 + (i % 7) as i32 * 20),
             // Near the top of the range: sums with the residual overflow.
             4 => *x *= f32::MAX / 4.0,
+            // Large only where the sampled threshold estimate looks, so it
+            // overestimates and selection must fall back.
+            5 => *x *= if i % 8 == 0 { 1e3 } else { 1e-3 },
             _ => {}
         }
     }
@@ -775,8 +778,11 @@ fn awkward_update(seed: u64, params: usize, chunk: usize) -> Vec<f32> {
 
 #[test]
 fn topk_bytes_and_residual_match_a_full_sort_reference_over_rounds() {
-    let cases: [(usize, usize, usize, u8, f32); 8] = [
+    let cases: [(usize, usize, usize, u8, f32); 11] = [
         (3 * 4096 + 1000, 4096, 64, 2, 1.0),
+        (3000, 1024, 16, 2, 1.0),
+        (2 * 4096 + 70, 4096, 600, 2, 1.0),
+        (4096 + 3 * 64 + 5, 4096, 1, 8, 0.9),
         (2 * 4096 + 17, 4096, 64, 8, 0.9),
         (5000, 512, 8, 4, 1.0),
         (1000, 100, 7, 2, 0.5),

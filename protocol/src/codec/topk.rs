@@ -73,6 +73,7 @@ fn index_bits(chunk: u64) -> u32 {
 /// The value grid of one chunk: `levels` magnitudes evenly from lo to hi.
 /// Encoder and decoder build it from the same two f32s, so both compute the
 /// same decoded values.
+#[derive(Clone, Copy)]
 struct Levels {
     lo: f32,
     hi: f32,
@@ -126,10 +127,13 @@ impl Levels {
 /// Buffers reused across rounds so encoding allocates nothing per chunk.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    magnitudes: Vec<u32>,
+    maxima: Maxima,
+    passing: Vec<u32>,
     candidates: Vec<u64>,
     keys: Vec<u64>,
     kept: Vec<u32>,
+    sent: Vec<f32>,
+    codes: Vec<u32>,
     index_stream: Vec<u8>,
     value_stream: Vec<u8>,
 }
@@ -144,6 +148,11 @@ pub(crate) struct Settings {
 
 /// Appends the body for `delta + decay * residual` and leaves in `residual`
 /// what was not sent. Non-finite input is refused before the residual changes.
+///
+/// After the finiteness scan each chunk is finished before the next is read:
+/// the fold writes the chunk's sums into its slice of the residual, where
+/// they stay in L1 while the chunk's top k are selected and quantized and the
+/// sent part is subtracted. Input and residual are streamed from memory once.
 pub(crate) fn encode(
     delta: &[f32],
     residual: &mut [f32],
@@ -161,14 +170,16 @@ pub(crate) fn encode(
     let value_bits = u32::from(settings.bits);
     let index_bits = index_bits(chunk as u64);
     let Scratch {
-        magnitudes,
+        maxima,
+        passing,
         candidates,
         keys,
         kept,
+        sent,
+        codes,
         index_stream,
         value_stream,
     } = scratch;
-    magnitudes.resize(chunk.min(delta.len()), 0);
     index_stream.clear();
     value_stream.clear();
     let mut indices = BitWriter::new(index_stream);
@@ -181,23 +192,24 @@ pub(crate) fn encode(
         .zip(residual.chunks_mut(chunk))
         .enumerate()
     {
-        let magnitudes = &mut magnitudes[..delta.len()];
-        let max = fold_in(delta, residual, settings.decay, magnitudes);
+        let max = fold_in(delta, residual, settings.decay, maxima);
         let keep = (settings.k as usize).min(delta.len());
-        select_largest(magnitudes, max, keep, candidates, keys, kept);
+        let buffers = Buffers {
+            passing,
+            candidates,
+            keys,
+        };
+        select_largest(residual, maxima, max, keep, buffers, kept);
 
         let lo = kept
             .iter()
-            .map(|&i| magnitudes[i as usize])
+            .map(|&i| magnitude(residual[i as usize]))
             .min()
             .unwrap_or(max);
         let (lo, hi) = (f32::from_bits(lo), f32::from_bits(max));
         let levels = Levels::new(lo, hi, value_bits);
-        for &index in kept.iter() {
-            let value = residual[index as usize];
-            let level = levels.level(f32::from_bits(magnitudes[index as usize]));
-            let code = (u32::from(value.is_sign_negative()) << (value_bits - 1)) | level;
-            residual[index as usize] = value - levels.value(code, value_bits);
+        quantize(residual, kept, &levels, value_bits, sent, codes);
+        for (&index, &code) in kept.iter().zip(codes.iter()) {
             indices.push(index, index_bits);
             values.push(code, value_bits);
         }
@@ -212,90 +224,287 @@ pub(crate) fn encode(
     Ok(())
 }
 
-/// Adds the decayed residual to this round's input, keeps the sum in
-/// `residual` (it becomes the residual once the sent part is subtracted), and
-/// records each |value| as bits. Returns the largest. Sums that overflow are
-/// held at ±f32::MAX so the residual stays finite.
-fn fold_in(delta: &[f32], residual: &mut [f32], decay: f32, magnitudes: &mut [u32]) -> u32 {
-    // Finite inputs make the sum finite or ±inf, never NaN, so clamping |sum|
-    // to f32::MAX is an integer min on its bits and the sign can be put back
-    // with an OR: exactly `clamp(-f32::MAX, f32::MAX)`. Integer min and max
-    // (below 2^31, so as i32) vectorize, where a float max reduction would
-    // stay scalar to keep its order.
-    const MAX_BITS: i32 = 0x7F7F_FFFF;
-    let mut max = 0i32;
-    for ((carried, &input), magnitude) in residual.iter_mut().zip(delta).zip(magnitudes.iter_mut())
-    {
-        let bits = (input + decay * *carried).to_bits();
-        let absolute = ((bits & ABS_MASK) as i32).min(MAX_BITS);
-        *carried = f32::from_bits(absolute as u32 | (bits & !ABS_MASK));
-        *magnitude = absolute as u32;
-        max = max.max(absolute);
+/// Writes to `codes` the code of each kept value and subtracts its decoded
+/// value from `residual`. `sent` is scratch space.
+///
+/// The kept values are copied out, coded in a loop without branches (which
+/// vectorizes), and the remainders copied back. The result is exactly
+/// `Levels::level` and `Levels::value`, which the decoder uses.
+fn quantize(
+    residual: &mut [f32],
+    kept: &[u32],
+    levels: &Levels,
+    value_bits: u32,
+    sent: &mut Vec<f32>,
+    codes: &mut Vec<u32>,
+) {
+    sent.clear();
+    sent.extend(kept.iter().map(|&index| residual[index as usize]));
+    codes.clear();
+    codes.resize(kept.len(), 0);
+    let sign_shift = value_bits - 1;
+    let Levels {
+        lo,
+        hi,
+        step,
+        inverse,
+        top,
+    } = *levels;
+    if step != 0.0 && inverse.is_finite() {
+        for (value, code) in sent.iter_mut().zip(codes.iter_mut()) {
+            let sign = value.to_bits() >> 31;
+            let level = round_small((value.abs() - lo) * inverse).clamp(0, top);
+            // The decoded magnitude is never negative, so setting its sign
+            // bit negates it.
+            let magnitude = (lo + level as f32 * step).min(hi);
+            *code = (sign << sign_shift) | level as u32;
+            *value -= f32::from_bits(magnitude.to_bits() | (sign << 31));
+        }
+    } else {
+        for (value, code) in sent.iter_mut().zip(codes.iter_mut()) {
+            let level = levels.level(value.abs());
+            *code = (u32::from(value.is_sign_negative()) << sign_shift) | level;
+            *value -= levels.value(*code, value_bits);
+        }
     }
-    max as u32
+    for (&index, &remainder) in kept.iter().zip(sent.iter()) {
+        residual[index as usize] = remainder;
+    }
+}
+
+/// |x| as bits: ordered like the magnitude, below 2^31 for finite x.
+#[inline(always)]
+fn magnitude(x: f32) -> u32 {
+    x.to_bits() & ABS_MASK
+}
+
+/// The fold works on blocks of `BLOCK` values seen as rows of `WAYS` lanes
+/// (a row is one vector register), four rows to a quarter. For every block it
+/// records per lane the largest |sum| of each quarter (4 values apart) and
+/// of the whole block (16 values apart). Selection reads those maxima and
+/// looks further only where one could make the cut, which few do.
+const BLOCK: usize = 64;
+const WAYS: usize = 4;
+const QUARTER: usize = BLOCK / 4;
+
+/// Per-lane maxima of a chunk's full blocks, as the fold records them.
+#[derive(Default)]
+pub(crate) struct Maxima {
+    /// Block b, lane l at `WAYS * b + l`.
+    blocks: Vec<f32>,
+    /// Block b, quarter q, lane l at `4 * WAYS * b + WAYS * q + l`.
+    quarters: Vec<f32>,
+}
+
+/// Adds the decayed residual to this round's input and keeps the sum in
+/// `residual` (it becomes the residual once the sent part is subtracted).
+/// Records the lane maxima of each full block and returns the chunk's
+/// largest |sum| as bits. Sums that overflow are held at ±f32::MAX so the
+/// residual stays finite.
+fn fold_in(delta: &[f32], residual: &mut [f32], decay: f32, maxima: &mut Maxima) -> u32 {
+    // Finite inputs make every sum finite or ±inf, never NaN, so `>` is a
+    // total order here and the lane-wise `if a > m` is one max instruction
+    // per vector. A maximum is exact, so how it is grouped cannot change it.
+    let larger = |a: f32, m: f32| if a > m { a } else { m };
+    let blocks = residual.len() / BLOCK;
+    maxima.blocks.resize(blocks * WAYS, 0.0);
+    maxima.quarters.resize(blocks * 4 * WAYS, 0.0);
+    let mut max = [0f32; WAYS];
+    let (residual_blocks, residual_rest) = residual.as_chunks_mut::<BLOCK>();
+    let (delta_blocks, delta_rest) = delta.as_chunks::<BLOCK>();
+    let recorded = maxima
+        .blocks
+        .as_chunks_mut::<WAYS>()
+        .0
+        .iter_mut()
+        .zip(maxima.quarters.as_chunks_mut::<{ 4 * WAYS }>().0);
+    for ((carried, input), (block_max, quarter_maxima)) in
+        residual_blocks.iter_mut().zip(delta_blocks).zip(recorded)
+    {
+        let mut lanes = [0f32; WAYS];
+        let quarters = carried
+            .as_chunks_mut::<QUARTER>()
+            .0
+            .iter_mut()
+            .zip(input.as_chunks::<QUARTER>().0)
+            .zip(quarter_maxima.as_chunks_mut::<WAYS>().0);
+        for ((carried, input), quarter_max) in quarters {
+            let mut quarter = [0f32; WAYS];
+            let rows = carried
+                .as_chunks_mut::<WAYS>()
+                .0
+                .iter_mut()
+                .zip(input.as_chunks::<WAYS>().0);
+            for (carried, input) in rows {
+                for ((carried, &input), lane) in
+                    carried.iter_mut().zip(input).zip(quarter.iter_mut())
+                {
+                    let sum = input + decay * *carried;
+                    *carried = sum;
+                    *lane = larger(sum.abs(), *lane);
+                }
+            }
+            for (lane, value) in lanes.iter_mut().zip(quarter) {
+                *lane = larger(value, *lane);
+            }
+            *quarter_max = quarter;
+        }
+        *block_max = lanes;
+        for (lane, &value) in max.iter_mut().zip(block_max.iter()) {
+            *lane = larger(value, *lane);
+        }
+    }
+    let mut max = max.into_iter().fold(0f32, |m, lane| larger(lane, m));
+    for (carried, &input) in residual_rest.iter_mut().zip(delta_rest) {
+        let sum = input + decay * *carried;
+        *carried = sum;
+        max = larger(sum.abs(), max);
+    }
+    if max > f32::MAX {
+        // Only a chunk where a sum overflowed pays for the clamp.
+        for carried in residual.iter_mut() {
+            *carried = carried.clamp(-f32::MAX, f32::MAX);
+        }
+        for lane in maxima.blocks.iter_mut().chain(maxima.quarters.iter_mut()) {
+            *lane = lane.min(f32::MAX);
+        }
+        max = f32::MAX;
+    }
+    max.to_bits()
 }
 
 /// Eighth-octave bins below the chunk's largest magnitude: the exponent and
 /// the top three mantissa bits.
 const BIN_SHIFT: u32 = 20;
-/// Every how many values the threshold estimate samples.
+/// Every how many values the threshold estimate samples when the block
+/// maxima are too few to give it.
 const SAMPLE_STRIDE: usize = 8;
 
-/// Fills `kept` with the indices of the `keep` largest magnitudes, ascending.
+/// Scratch space for [`select_largest`].
+struct Buffers<'a> {
+    passing: &'a mut Vec<u32>,
+    candidates: &'a mut Vec<u64>,
+    keys: &'a mut Vec<u64>,
+}
+
+/// Fills `kept` with the indices of the `keep` largest magnitudes among
+/// `values`, ascending.
 ///
-/// A histogram of a fixed sample estimates a magnitude threshold that a few
-/// times `keep` values pass; only those are gathered and ranked exactly. If
-/// the sample misjudged and fewer than `keep` pass, a histogram of every value
-/// gives a threshold that is sure to. Either way the result is the exact top
-/// `keep`, so the sampling affects speed only.
+/// A histogram estimates a magnitude threshold that a little more than
+/// `keep` values pass; only those are gathered and ranked exactly. Where a
+/// chunk has at least 4 * `keep` block maxima, their histogram gives it, and
+/// surely: the maxima are magnitudes of distinct values, so if `keep` maxima
+/// pass, at least `keep` values do. Otherwise a fixed sample of the values
+/// gives it, and if the sample misjudged and fewer than `keep` pass, a
+/// histogram of every value gives a threshold that is sure to. Either way the
+/// result is the exact top `keep`: the estimate affects speed only.
 fn select_largest(
-    magnitudes: &[u32],
+    values: &[f32],
+    maxima: &Maxima,
     max: u32,
     keep: usize,
-    candidates: &mut Vec<u64>,
-    keys: &mut Vec<u64>,
+    buffers: Buffers<'_>,
     kept: &mut Vec<u32>,
 ) {
     kept.clear();
-    let len = magnitudes.len();
+    let len = values.len();
     if keep >= len || max == 0 {
         // All kept, or all zero: ties go to the lowest indices.
         kept.extend(0..keep as u32);
         return;
     }
-    let sample_target = keep.div_ceil(SAMPLE_STRIDE) * 3 / 2 + 4;
-    let estimate = threshold(magnitudes.iter().step_by(SAMPLE_STRIDE), max, sample_target);
-    let mut found = gather(magnitudes, estimate, candidates);
+    let Buffers {
+        passing,
+        candidates,
+        keys,
+    } = buffers;
+    let estimate = if 4 * keep <= maxima.blocks.len() {
+        threshold(maxima.blocks.iter(), max, keep)
+    } else {
+        let sample_target = keep.div_ceil(SAMPLE_STRIDE) * 3 / 2 + 4;
+        threshold(values.iter().step_by(SAMPLE_STRIDE), max, sample_target)
+    };
+    let mut threshold_used = estimate;
+    let mut found = gather(values, maxima, estimate, passing, candidates);
     if found < keep {
-        found = gather(
-            magnitudes,
-            threshold(magnitudes.iter(), max, keep),
-            candidates,
-        );
+        threshold_used = threshold(values.iter(), max, keep);
+        found = gather(values, maxima, threshold_used, passing, candidates);
     }
     let candidates = &candidates[..found];
-    // Larger magnitude first, then lower index: every key is distinct, so
-    // exactly `keep` candidates are at or above the cut.
     let mut cut = 0;
     if found > keep {
-        keys.clear();
-        keys.extend_from_slice(candidates);
-        cut = *keys.select_nth_unstable(found - keep).1;
+        cut = cut_key(candidates, max, threshold_used, keep, keys);
     }
-    kept.extend(
+    // Branch-free: whether a candidate makes the cut is as good as random.
+    kept.resize(found + 1, 0);
+    let mut count = 0;
+    for &key in candidates {
+        if let Some(slot) = kept.get_mut(count) {
+            *slot = !(key as u32);
+        }
+        count += usize::from(key >= cut);
+    }
+    kept.truncate(count);
+    // Gathered block by block, so only values of one block can be out of
+    // order: an insertion sort moves few and mispredicts little.
+    for next in 1..kept.len() {
+        let mut at = next;
+        while at > 0 && kept[at - 1] > kept[at] {
+            kept.swap(at - 1, at);
+            at -= 1;
+        }
+    }
+}
+
+/// Bins of the second, finer histogram, over the candidates only.
+const CUT_BINS: usize = 128;
+
+/// The `keep`-th largest of `candidates`: keys with magnitudes (as bits) in
+/// `[lowest, max]`, all distinct, more than `keep` of them.
+///
+/// Larger magnitude first, then lower index: the key is the magnitude above
+/// the complemented index, so this is plain integer order. A histogram of the
+/// magnitudes in `CUT_BINS` equal bins over the range finds the bin where the
+/// cut falls; only the few keys in that bin are ranked.
+fn cut_key(candidates: &[u64], max: u32, lowest: u32, keep: usize, keys: &mut Vec<u64>) -> u64 {
+    let span = max.saturating_sub(lowest);
+    let shift = (u32::BITS - span.leading_zeros()).saturating_sub(CUT_BINS.trailing_zeros());
+    let bin =
+        |key: u64| ((max.saturating_sub((key >> 32) as u32) >> shift) as usize).min(CUT_BINS - 1);
+    let mut histogram = [0u16; CUT_BINS];
+    for &key in candidates {
+        histogram[bin(key)] += 1;
+    }
+    // Keys in bins before the cut's are all kept.
+    let mut above = 0;
+    let mut cut_bin = CUT_BINS - 1;
+    for (index, &count) in histogram.iter().enumerate() {
+        if above + usize::from(count) >= keep {
+            cut_bin = index;
+            break;
+        }
+        above += usize::from(count);
+    }
+    keys.clear();
+    keys.extend(
         candidates
             .iter()
-            .filter(|&&key| key >= cut)
-            .map(|&key| !(key as u32)),
+            .copied()
+            .filter(|&key| bin(key) == cut_bin),
     );
+    let wanted = keep - above;
+    match keys.len().checked_sub(wanted) {
+        Some(at) => *keys.select_nth_unstable(at).1,
+        None => 0,
+    }
 }
 
 /// A magnitude (as bits) that at least `count` of `values` reach, from a
 /// histogram of bins below `max`; 0 when they are too few.
-fn threshold<'a>(values: impl Iterator<Item = &'a u32>, max: u32, count: usize) -> u32 {
+fn threshold<'a>(values: impl Iterator<Item = &'a f32>, max: u32, count: usize) -> u32 {
     let mut histogram = [0u32; 256];
-    for &magnitude in values {
-        histogram[((max - magnitude) >> BIN_SHIFT).min(255) as usize] += 1;
+    for &value in values {
+        histogram[((max - magnitude(value)) >> BIN_SHIFT).min(255) as usize] += 1;
     }
     let mut total = 0;
     for (bin, &in_bin) in histogram.iter().enumerate().take(255) {
@@ -308,55 +517,85 @@ fn threshold<'a>(values: impl Iterator<Item = &'a u32>, max: u32, count: usize) 
     0
 }
 
-/// Writes to the front of `candidates`, in index order, the sort key of every
-/// magnitude at or above `threshold`; returns how many. Blocks of 8 with none are skipped by a
-/// vectorized test, which most blocks are.
-fn gather(magnitudes: &[u32], threshold: u32, candidates: &mut Vec<u64>) -> usize {
-    const BLOCK: usize = 8;
-    // Sized once and never shrunk: clearing it per chunk would cost a memset.
-    if candidates.len() < magnitudes.len() {
-        candidates.resize(magnitudes.len(), 0);
+/// Writes to the front of `candidates` the sort key of every value whose
+/// magnitude is at least `threshold`, block by block; returns how many. The
+/// key is the magnitude above the complemented index, so larger keys rank
+/// first.
+///
+/// It narrows down in three steps, block lanes, then their quarters, then
+/// values, each keeping only what passes. Each step appends every item and
+/// advances past the ones that pass, which costs no branch per item: whether
+/// a lane passes is as good as random, and mispredicting it would cost more
+/// than the test.
+fn gather(
+    values: &[f32],
+    maxima: &Maxima,
+    threshold: u32,
+    passing: &mut Vec<u32>,
+    candidates: &mut Vec<u64>,
+) -> usize {
+    // Sized once and never shrunk: clearing them per chunk would cost a memset.
+    if candidates.len() < values.len() + 1 {
+        candidates.resize(values.len() + 1, 0);
     }
+    let lanes = maxima.blocks.len() + maxima.quarters.len() + 1;
+    if passing.len() < lanes {
+        passing.resize(lanes, 0);
+    }
+    // Magnitudes are non-negative and not NaN, so comparing them as floats
+    // orders them like their bits.
+    let threshold = f32::from_bits(threshold);
+    let (block_lanes, quarter_lanes) = passing.split_at_mut(maxima.blocks.len());
+    let mut blocks_passing = 0;
+    for (lane, &lane_max) in maxima.blocks.iter().enumerate() {
+        if let Some(slot) = block_lanes.get_mut(blocks_passing) {
+            *slot = lane as u32;
+        }
+        blocks_passing += usize::from(lane_max >= threshold);
+    }
+    // Block lane WAYS * b + l covers quarter lanes WAYS * q + l of block b's
+    // quarter maxima, and quarter lane WAYS * r + l covers values WAYS * r + l
+    // of quarter QUARTER * (4 * b + q).
+    let block_quarter_maxima = maxima.quarters.as_chunks::<{ 4 * WAYS }>().0;
+    let mut quarters_passing = 0;
+    for &lane in &block_lanes[..blocks_passing] {
+        let (block, lane) = (lane as usize / WAYS, lane as usize % WAYS);
+        let Some(quarter_maxima) = block_quarter_maxima.get(block) else {
+            continue;
+        };
+        for quarter in 0..4 {
+            let at = WAYS * quarter + lane;
+            if let Some(slot) = quarter_lanes.get_mut(quarters_passing) {
+                *slot = (WAYS * (4 * block + quarter) + lane) as u32;
+            }
+            quarters_passing += usize::from(quarter_maxima[at] >= threshold);
+        }
+    }
+    let quarters = values.as_chunks::<QUARTER>().0;
     let mut found = 0;
-    // Magnitudes are below 2^31, so comparing them as i32 is exact and SIMD-friendly.
-    let threshold = threshold as i32;
-    let passes = |magnitude: u32| magnitude as i32 >= threshold;
-    let (blocks, rest) = magnitudes.as_chunks::<BLOCK>();
-    let mut push_block = |start: usize, block: &[u32]| {
-        for (offset, &magnitude) in block.iter().enumerate() {
-            // Branch-free: always write, advance only past the ones that pass.
+    for &lane in &quarter_lanes[..quarters_passing] {
+        let (quarter, lane) = (lane as usize / WAYS, lane as usize % WAYS);
+        let Some(quarter_values) = quarters.get(quarter) else {
+            continue;
+        };
+        for row in 0..QUARTER / WAYS {
+            let offset = WAYS * row + lane;
+            let value = quarter_values[offset];
+            let index = QUARTER * quarter + offset;
             if let Some(slot) = candidates.get_mut(found) {
-                *slot = (u64::from(magnitude) << 32) | u64::from(!((start + offset) as u32));
+                *slot = (u64::from(magnitude(value)) << 32) | u64::from(!(index as u32));
             }
-            found += usize::from(passes(magnitude));
-        }
-    };
-    // A vectorized test skips the blocks with no passing value, most of them.
-    // threshold - 1 - m is negative exactly when m passes; OR-ing the
-    // differences tests the whole block with integer vector ops. The tests of
-    // 64 blocks go into one mask, built without branches, whose set bits are
-    // then visited in order: a branch per passing block would mispredict.
-    let below = threshold.wrapping_sub(1);
-    let block_passes = |block: &[u32; BLOCK]| {
-        let any = block
-            .iter()
-            .fold(0i32, |any, &m| any | below.wrapping_sub(m as i32));
-        u64::from(any as u32 >> 31)
-    };
-    for (group_index, group) in blocks.chunks(64).enumerate() {
-        let mut mask = group
-            .iter()
-            .enumerate()
-            .fold(0u64, |mask, (j, block)| mask | (block_passes(block) << j));
-        while mask != 0 {
-            let j = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            if let Some(block) = group.get(j) {
-                push_block((group_index * 64 + j) * BLOCK, block);
-            }
+            found += usize::from(value.abs() >= threshold);
         }
     }
-    push_block(blocks.len() * BLOCK, rest);
+    let tail = values.len() / BLOCK * BLOCK;
+    for (offset, &value) in values[tail..].iter().enumerate() {
+        if let Some(slot) = candidates.get_mut(found) {
+            let index = tail + offset;
+            *slot = (u64::from(magnitude(value)) << 32) | u64::from(!(index as u32));
+        }
+        found += usize::from(value.abs() >= threshold);
+    }
     found
 }
 
