@@ -1,18 +1,59 @@
 //! Admission: whether a signed `Join` lets a node into the run. Pure checks,
 //! so they are tested without a network: the signature, that the signer is
 //! the peer on the connection (a join cannot be replayed from elsewhere), the
-//! protocol version and run (an empty run id joins the hosted run), a timestamp near our clock (an old join cannot
-//! be replayed later), sane sizes, and — when the run is limited to listed
-//! orgs — a valid, unexpired certificate from one of them naming this node.
+//! protocol version and run (an empty run id joins the hosted run), a
+//! timestamp near our clock (an old join cannot be replayed later), sane
+//! sizes, that the operator has not revoked the node, and its certificate.
+//!
+//! A certificate, when a join carries one, must be valid in every run, open
+//! or not: signed by the org it names, naming this node, issued (not in the
+//! future beyond the clock skew we allow), unexpired, and not revoked. An open
+//! run could drop a bad certificate and admit the node without an org, but
+//! then an org's credit would vanish without anyone being told, and a forged
+//! certificate would cost its sender nothing; refusing says why at once, and
+//! the node's operator can renew the certificate or start without one. A run
+//! limited to listed orgs also refuses a join without a certificate, or with
+//! one from an org not on the list.
 
+use barnraise_protocol::certificate::{
+    CertificateError, certificate_id, format_utc, verify_certificate,
+};
 use barnraise_protocol::limits::{MAX_TEXT_BYTES, MAX_WORKERS_PER_NODE, PROTOCOL_VERSION};
 use barnraise_protocol::messages::{Join, NodeCertificate};
-use barnraise_protocol::{NodeId, OrgId, Signed};
+use barnraise_protocol::{Hash, NodeId, OrgId, Signed};
+use std::collections::BTreeSet;
 
-/// How far a join's timestamp may be from the coordinator's clock.
+/// How far a join's timestamp may be from the coordinator's clock, and how far
+/// in the future a certificate may say it was issued.
 pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 /// Listen addresses a node may declare.
 pub const MAX_LISTEN_ADDRS: usize = 16;
+
+/// Who the run lets in, from the config's `[admission]` table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// `None`: open to any node; otherwise only nodes certified by these orgs.
+    pub orgs: Option<Vec<OrgId>>,
+    /// Certificates the run no longer accepts, by [`certificate_id`].
+    pub revoked_certificates: BTreeSet<Hash>,
+    /// Nodes the run no longer admits, whatever certificate they show.
+    pub revoked_nodes: BTreeSet<NodeId>,
+}
+
+impl Policy {
+    /// Open to any node, nothing revoked.
+    pub fn open() -> Policy {
+        Policy::default()
+    }
+
+    /// Limited to nodes certified by `orgs`.
+    pub fn orgs(orgs: Vec<OrgId>) -> Policy {
+        Policy {
+            orgs: Some(orgs),
+            ..Policy::default()
+        }
+    }
+}
 
 /// Why a join was refused, in words for the node's operator.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,8 +76,44 @@ pub enum JoinRefusal {
     Clock { skew_s: u64 },
     #[error("the join is malformed: {0}")]
     Malformed(String),
-    #[error("this run admits only nodes certified by its listed orgs; {0}")]
-    NotAdmitted(String),
+    #[error("the node {0} was revoked by the run; its operator no longer admits it")]
+    NodeRevoked(NodeId),
+    #[error("{0}")]
+    Certificate(CertificateRefusal),
+    #[error(
+        "this run admits only nodes certified by its listed orgs, and the join carries no certificate; ask your org for one (`barnraise org enroll`) and start the node with `--certificate FILE`"
+    )]
+    NoCertificate,
+    #[error(
+        "this run admits only nodes certified by its listed orgs, and org {org_name} ({org}) is not one of them; its org id must be on the run's `admission.orgs` list"
+    )]
+    OrgNotListed { org: OrgId, org_name: String },
+}
+
+/// Why the certificate a join carries is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CertificateRefusal {
+    /// Tampered, forged (signed by a key other than the org it names) or malformed.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "the certificate names node {named}, not this node; the org must enroll this node's own id"
+    )]
+    OtherNode { named: NodeId },
+    #[error("the certificate expired at {at}; ask the org for a new one")]
+    Expired { at: String },
+    #[error(
+        "the certificate says it was issued at {at}, in the future; check the org's and this node's clocks"
+    )]
+    NotYetIssued { at: String },
+    #[error("the certificate {0} was revoked by the run")]
+    Revoked(Hash),
+}
+
+impl From<CertificateError> for CertificateRefusal {
+    fn from(e: CertificateError) -> Self {
+        CertificateRefusal::Invalid(e.to_string())
+    }
 }
 
 /// An admitted node.
@@ -48,12 +125,12 @@ pub struct Admitted {
 }
 
 /// Checks a join from `peer_key` (the key behind the connecting peer id, if
-/// it has one) at `now_ms`.
+/// it has one) at `now_ms` against the run's `policy`.
 pub fn admit(
     signed: &Signed<Join>,
     peer_key: Option<&barnraise_protocol::PublicKey>,
     run_id: &str,
-    admitted_orgs: Option<&[OrgId]>,
+    policy: &Policy,
     now_ms: u64,
 ) -> Result<Admitted, JoinRefusal> {
     let join = signed.verify(None).map_err(|_| JoinRefusal::BadSignature)?;
@@ -90,28 +167,25 @@ pub fn admit(
         )));
     }
     let node = NodeId(signed.signer);
+    if policy.revoked_nodes.contains(&node) {
+        return Err(JoinRefusal::NodeRevoked(node));
+    }
     let certificate = match &join.certificate {
-        Some(cert) => match check_certificate(cert, &node, now_ms) {
-            Ok(c) => Some(c),
-            Err(reason) if admitted_orgs.is_some() => return Err(JoinRefusal::NotAdmitted(reason)),
-            Err(_) => None,
-        },
+        Some(cert) => {
+            Some(check_certificate(cert, &node, policy, now_ms).map_err(JoinRefusal::Certificate)?)
+        }
         None => None,
     };
-    if let Some(orgs) = admitted_orgs {
+    if let Some(orgs) = &policy.orgs {
         match &certificate {
             Some(c) if orgs.contains(&c.org) => {}
             Some(c) => {
-                return Err(JoinRefusal::NotAdmitted(format!(
-                    "org {} is not one of them",
-                    c.org
-                )));
+                return Err(JoinRefusal::OrgNotListed {
+                    org: c.org,
+                    org_name: c.org_name.chars().filter(|c| !c.is_control()).collect(),
+                });
             }
-            None => {
-                return Err(JoinRefusal::NotAdmitted(
-                    "the join carries no certificate".into(),
-                ));
-            }
+            None => return Err(JoinRefusal::NoCertificate),
         }
     }
     Ok(Admitted {
@@ -121,27 +195,32 @@ pub fn admit(
     })
 }
 
-/// A certificate is valid when its org signed it, it names this node, and it
-/// has not expired.
+/// A certificate is valid when its org signed it, the run has not revoked
+/// it, it names this node, and `now_ms` lies between its issue (give or take
+/// the clock skew) and its expiry.
 fn check_certificate(
     cert: &Signed<NodeCertificate>,
     node: &NodeId,
+    policy: &Policy,
     now_ms: u64,
-) -> Result<NodeCertificate, String> {
-    let body = cert
-        .verify(None)
-        .map_err(|e| format!("the certificate does not verify: {e}"))?;
-    if OrgId(cert.signer) != body.org {
-        return Err("the certificate is not signed by the org it names".into());
+) -> Result<NodeCertificate, CertificateRefusal> {
+    let body = verify_certificate(cert)?;
+    let id = certificate_id(cert);
+    if policy.revoked_certificates.contains(&id) {
+        return Err(CertificateRefusal::Revoked(id));
     }
     if &body.node != node {
-        return Err("the certificate names another node".into());
+        return Err(CertificateRefusal::OtherNode { named: body.node });
+    }
+    if body.issued_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
+        return Err(CertificateRefusal::NotYetIssued {
+            at: format_utc(body.issued_ms),
+        });
     }
     if body.expires_ms <= now_ms {
-        return Err("the certificate has expired".into());
-    }
-    if body.org_name.len() > MAX_TEXT_BYTES {
-        return Err("the certificate's org name is too long".into());
+        return Err(CertificateRefusal::Expired {
+            at: format_utc(body.expires_ms),
+        });
     }
     Ok(body)
 }
@@ -189,8 +268,16 @@ mod tests {
     fn open_run_admits_a_well_formed_join() {
         let node = key(1);
         let signed = Signed::sign(&node, &join(None)).unwrap();
-        let admitted = admit(&signed, Some(&node.public()), "run", None, NOW + 1000).unwrap();
+        let admitted = admit(
+            &signed,
+            Some(&node.public()),
+            "run",
+            &Policy::open(),
+            NOW + 1000,
+        )
+        .unwrap();
         assert_eq!(admitted.node, node.node_id());
+        assert_eq!(admitted.certificate, None);
     }
 
     #[test]
@@ -198,13 +285,20 @@ mod tests {
         let node = key(1);
         let sign = |j: &Join| Signed::sign(&node, j).unwrap();
         let me = Some(node.public());
-        let check = |s: &Signed<Join>, now| admit(s, me.as_ref(), "run", None, now);
+        let open = Policy::open();
+        let check = |s: &Signed<Join>, now| admit(s, me.as_ref(), "run", &open, now);
 
         let mut tampered = sign(&join(None));
         tampered.body[0] ^= 1;
         assert_eq!(check(&tampered, NOW), Err(JoinRefusal::BadSignature));
         assert_eq!(
-            admit(&sign(&join(None)), Some(&key(2).public()), "run", None, NOW),
+            admit(
+                &sign(&join(None)),
+                Some(&key(2).public()),
+                "run",
+                &open,
+                NOW
+            ),
             Err(JoinRefusal::NotTheSender)
         );
         let mut old = join(None);
@@ -232,27 +326,122 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn org_limited_run_needs_a_valid_certificate_from_a_listed_org() {
+    /// The join of node `key(1)` carrying `cert`, checked under `policy`.
+    fn join_with(
+        cert: Option<Signed<NodeCertificate>>,
+        policy: &Policy,
+    ) -> Result<Admitted, JoinRefusal> {
         let node = key(1);
-        let org = key(7);
-        let stranger_org = key(8);
-        let orgs = [org.org_id()];
-        let try_join = |cert| {
-            let signed = Signed::sign(&node, &join(cert)).unwrap();
-            admit(&signed, Some(&node.public()), "run", Some(&orgs), NOW)
+        let signed = Signed::sign(&node, &join(cert)).unwrap();
+        admit(&signed, Some(&node.public()), "run", policy, NOW)
+    }
+
+    /// The refusal's text, or a panic naming what was admitted.
+    fn refusal(result: Result<Admitted, JoinRefusal>) -> String {
+        match result {
+            Ok(a) => panic!("admitted {:?} with {:?}", a.node, a.certificate),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn org_limited_run_admits_a_valid_certificate_from_a_listed_org() {
+        let (node, org) = (key(1), key(7));
+        let admitted = join_with(
+            Some(cert(&org, &node, NOW + 1)),
+            &Policy::orgs(vec![org.org_id()]),
+        )
+        .unwrap();
+        let certificate = admitted.certificate.unwrap();
+        assert_eq!(certificate.org, org.org_id());
+        assert_eq!(certificate.org_name, "Org");
+    }
+
+    #[test]
+    fn bad_certificates_are_refused_with_reasons_in_every_run() {
+        let (node, org, stranger) = (key(1), key(7), key(8));
+        let valid = cert(&org, &node, NOW + 1);
+        let mut tampered = valid.clone();
+        let last = tampered.body.len() - 1;
+        tampered.body[last] ^= 1;
+        // Key 8 signs a certificate that claims to come from org 7.
+        let forged = {
+            let body = valid.verify(None).unwrap();
+            Signed::sign(&stranger, &body).unwrap()
         };
-        assert!(try_join(Some(cert(&org, &node, NOW + 1))).is_ok());
-        assert!(matches!(try_join(None), Err(JoinRefusal::NotAdmitted(_))));
+        let future = {
+            let mut body = valid.verify(None).unwrap();
+            body.issued_ms = NOW + MAX_CLOCK_SKEW_MS + 1;
+            body.expires_ms = NOW + 10 * MAX_CLOCK_SKEW_MS;
+            Signed::sign(&org, &body).unwrap()
+        };
+        let cases = [
+            (cert(&org, &key(3), NOW + 1), "names node"),
+            (cert(&org, &node, NOW), "expired at"),
+            (tampered, "does not verify"),
+            (forged, "forged"),
+            (future, "in the future"),
+        ];
+        for policy in [Policy::open(), Policy::orgs(vec![org.org_id()])] {
+            for (cert, needle) in &cases {
+                let reason = refusal(join_with(Some(cert.clone()), &policy));
+                assert!(reason.contains(needle), "{needle}: {reason}");
+            }
+        }
+        // Issued a little ahead of our clock (within the skew) is fine.
+        let mut body = valid.verify(None).unwrap();
+        body.issued_ms = NOW + MAX_CLOCK_SKEW_MS;
+        body.expires_ms = NOW + 10 * MAX_CLOCK_SKEW_MS;
+        let ahead = Signed::sign(&org, &body).unwrap();
+        assert!(join_with(Some(ahead), &Policy::open()).is_ok());
+    }
+
+    #[test]
+    fn org_limited_run_refuses_strangers_and_the_uncertified() {
+        let (node, org, stranger) = (key(1), key(7), key(8));
+        let policy = Policy::orgs(vec![org.org_id()]);
+        let reason = refusal(join_with(None, &policy));
+        assert!(reason.contains("carries no certificate"), "{reason}");
+        let reason = refusal(join_with(Some(cert(&stranger, &node, NOW + 1)), &policy));
         assert!(
-            matches!(try_join(Some(cert(&org, &node, NOW - 1))), Err(JoinRefusal::NotAdmitted(m)) if m.contains("expired"))
+            reason.contains(&stranger.org_id().to_string()) && reason.contains("not one of them"),
+            "{reason}"
         );
-        assert!(matches!(
-            try_join(Some(cert(&stranger_org, &node, NOW + 1))),
-            Err(JoinRefusal::NotAdmitted(_))
-        ));
+        // An open run admits both, the stranger's node under its org.
+        assert!(join_with(None, &Policy::open()).is_ok());
+        let admitted = join_with(Some(cert(&stranger, &node, NOW + 1)), &Policy::open()).unwrap();
+        assert_eq!(admitted.certificate.map(|c| c.org), Some(stranger.org_id()));
+    }
+
+    #[test]
+    fn revoked_certificates_and_nodes_are_refused() {
+        let (node, org) = (key(1), key(7));
+        let revoked = cert(&org, &node, NOW + 1);
+        let renewed = cert(&org, &node, NOW + 2);
+        let mut policy = Policy::orgs(vec![org.org_id()]);
+        policy
+            .revoked_certificates
+            .insert(barnraise_protocol::certificate::certificate_id(&revoked));
+        let reason = refusal(join_with(Some(revoked.clone()), &policy));
+        let id = barnraise_protocol::certificate::certificate_id(&revoked);
+        assert_eq!(
+            reason,
+            format!("the certificate {id} was revoked by the run")
+        );
+        // A new certificate for the same node is another certificate.
+        assert!(join_with(Some(renewed.clone()), &policy).is_ok());
+        // Revoked in an open run too.
+        let mut open = Policy::open();
+        open.revoked_certificates = policy.revoked_certificates.clone();
+        assert!(refusal(join_with(Some(revoked), &open)).contains("revoked"));
+        // A revoked node is refused whatever it shows.
+        policy.revoked_nodes.insert(node.node_id());
+        let reason = refusal(join_with(Some(renewed), &policy));
         assert!(
-            matches!(try_join(Some(cert(&org, &key(3), NOW + 1))), Err(JoinRefusal::NotAdmitted(m)) if m.contains("another node"))
+            reason.contains(&node.node_id().to_string()) && reason.contains("revoked"),
+            "{reason}"
         );
+        open.revoked_nodes.insert(node.node_id());
+        assert!(refusal(join_with(None, &open)).contains("revoked"));
     }
 }

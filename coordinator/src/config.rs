@@ -3,9 +3,9 @@
 //! `barnraise up` and the tests. `docs/running-a-coordinator.md` documents
 //! every field; the defaults here are the ones it lists.
 
-use barnraise_protocol::OrgId;
 use barnraise_protocol::aggregate::AggregationRule;
 use barnraise_protocol::codec::CodecConfig;
+use barnraise_protocol::{Hash, NodeId, OrgId};
 use barnraise_trainer::ModelConfig;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -77,15 +77,86 @@ fn default_builtin_shard_tokens() -> usize {
     32 * 1024
 }
 
-/// Who may join.
+/// Who may join: the `[admission]` table.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "policy", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Admission {
+#[serde(default, deny_unknown_fields)]
+pub struct Admission {
+    pub policy: AdmissionPolicy,
+    /// With `policy = "orgs"`: the org ids (64 hex characters each) whose certificates admit a node.
+    pub orgs: Vec<String>,
+    /// Certificate ids (`barnraise org revoke FILE` prints one) the run no longer accepts.
+    pub revoked_certificates: Vec<String>,
+    /// Node ids the run no longer admits, whatever certificate they show.
+    pub revoked_nodes: Vec<String>,
+}
+
+/// Whether a run is open to anyone or limited to certified nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdmissionPolicy {
     /// Anyone with a key.
     #[default]
     Open,
-    /// Only nodes with a valid certificate from one of these org keys (64 hex characters each).
-    Orgs { orgs: Vec<String> },
+    /// Only nodes with a valid certificate from one of the listed orgs.
+    Orgs,
+}
+
+impl Admission {
+    /// Limited to nodes certified by these org ids.
+    pub fn orgs(orgs: impl IntoIterator<Item = impl Into<String>>) -> Admission {
+        Admission {
+            policy: AdmissionPolicy::Orgs,
+            orgs: orgs.into_iter().map(Into::into).collect(),
+            ..Admission::default()
+        }
+    }
+
+    /// Parses the lists into the policy admission applies.
+    pub fn resolve(&self) -> Result<crate::admission::Policy, ConfigError> {
+        fn parse_all<T: std::str::FromStr<Err = barnraise_protocol::hash::HexError>>(
+            field: &'static str,
+            entries: &[String],
+        ) -> Result<Vec<T>, ConfigError> {
+            entries
+                .iter()
+                .map(|entry| {
+                    entry
+                        .parse::<T>()
+                        .map_err(|e| invalid(field, format!("`{entry}`: {e}")))
+                })
+                .collect()
+        }
+        let orgs = parse_all::<OrgId>("admission.orgs", &self.orgs)?;
+        let orgs = match self.policy {
+            AdmissionPolicy::Open if !orgs.is_empty() => {
+                return Err(invalid(
+                    "admission.orgs",
+                    "orgs are listed but policy is \"open\", which admits anyone; \
+                     set policy = \"orgs\" to admit only them, or remove the list",
+                ));
+            }
+            AdmissionPolicy::Open => None,
+            AdmissionPolicy::Orgs if orgs.is_empty() => {
+                return Err(invalid(
+                    "admission.orgs",
+                    "list at least one org id, or use policy = \"open\"",
+                ));
+            }
+            AdmissionPolicy::Orgs => Some(orgs),
+        };
+        Ok(crate::admission::Policy {
+            orgs,
+            revoked_certificates: parse_all::<Hash>(
+                "admission.revoked_certificates",
+                &self.revoked_certificates,
+            )?
+            .into_iter()
+            .collect(),
+            revoked_nodes: parse_all::<NodeId>("admission.revoked_nodes", &self.revoked_nodes)?
+                .into_iter()
+                .collect(),
+        })
+    }
 }
 
 /// Thresholds of the verification pipeline (DESIGN.md, "Verification").
@@ -201,7 +272,7 @@ impl Default for CoordinatorConfig {
             shards_per_node: 1,
             total_rounds: 10,
             checkpoint_every: 1,
-            admission: Admission::Open,
+            admission: Admission::default(),
             verify: VerifyConfig::default(),
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -219,8 +290,8 @@ pub struct Resolved {
     pub codec: CodecConfig,
     pub aggregation: AggregationRule,
     pub deadline_ms: u64,
-    /// `None`: open admission; otherwise the org keys whose certificates admit a node.
-    pub admitted_orgs: Option<Vec<OrgId>>,
+    /// Who may join: listed orgs (or anyone) less revoked certificates and nodes.
+    pub admission: crate::admission::Policy,
 }
 
 impl CoordinatorConfig {
@@ -349,27 +420,9 @@ impl CoordinatorConfig {
                 "builtin needs shards >= 1 and shard_tokens >= 2 * seq_len",
             ));
         }
-        let admitted_orgs = match &self.admission {
-            Admission::Open => None,
-            Admission::Orgs { orgs } => {
-                let mut keys = Vec::with_capacity(orgs.len());
-                for org in orgs {
-                    keys.push(
-                        org.parse::<OrgId>()
-                            .map_err(|e| invalid("admission.orgs", format!("`{org}`: {e}")))?,
-                    );
-                }
-                if keys.is_empty() {
-                    return Err(invalid(
-                        "admission.orgs",
-                        "list at least one org key, or use policy = \"open\"",
-                    ));
-                }
-                Some(keys)
-            }
-        };
+        let admission = self.admission.resolve()?;
         Ok(Resolved {
-            admitted_orgs,
+            admission,
             model,
             codec,
             aggregation,
@@ -431,5 +484,53 @@ mod tests {
             assert!(err.contains(field), "{text}: {err}");
         }
         assert!(toml::from_str::<CoordinatorConfig>("nonsense = 1").is_err());
+    }
+
+    #[test]
+    fn admission_reads_orgs_and_revocations() {
+        let org = "ab".repeat(32);
+        let node = "cd".repeat(32);
+        let certificate = "ef".repeat(32);
+        let text = format!(
+            "[admission]\npolicy = \"orgs\"\norgs = [\"{org}\"]\n\
+             revoked_certificates = [\"{certificate}\"]\nrevoked_nodes = [\"{node}\"]\n"
+        );
+        let config: CoordinatorConfig = toml::from_str(&text).unwrap();
+        let policy = config.resolve().unwrap().admission;
+        assert_eq!(policy.orgs, Some(vec![org.parse().unwrap()]));
+        assert!(
+            policy
+                .revoked_certificates
+                .contains(&certificate.parse().unwrap())
+        );
+        assert!(policy.revoked_nodes.contains(&node.parse().unwrap()));
+        // An open run may revoke too.
+        let text = format!("[admission]\npolicy = \"open\"\nrevoked_nodes = [\"{node}\"]\n");
+        let config: CoordinatorConfig = toml::from_str(&text).unwrap();
+        let policy = config.resolve().unwrap().admission;
+        assert_eq!(policy.orgs, None);
+        assert_eq!(policy.revoked_nodes.len(), 1);
+
+        for (text, needle) in [
+            ("policy = \"orgs\"", "at least one org"),
+            ("orgs = [\"ab\"]\npolicy = \"orgs\"", "`ab`"),
+            (&format!("orgs = [\"{org}\"]") as &str, "policy is \"open\""),
+            (
+                "revoked_certificates = [\"xyz\"]",
+                "admission.revoked_certificates",
+            ),
+            ("revoked_nodes = [\"xyz\"]", "admission.revoked_nodes"),
+        ] {
+            let config: CoordinatorConfig =
+                toml::from_str(&format!("[admission]\n{text}\n")).unwrap();
+            let err = config
+                .resolve()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        assert!(toml::from_str::<CoordinatorConfig>("[admission]\npolicy = \"closed\"").is_err());
+        assert!(toml::from_str::<CoordinatorConfig>("[admission]\nrevoked = []").is_err());
     }
 }

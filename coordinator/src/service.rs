@@ -706,7 +706,7 @@ impl Service {
             &signed,
             peer_key.as_ref(),
             &self.config.run_id,
-            self.resolved.admitted_orgs.as_deref(),
+            &self.resolved.admission,
             now,
         ) {
             Ok(a) => a,
