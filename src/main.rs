@@ -40,6 +40,10 @@ enum Command {
     /// Create or show a node identity key.
     #[command(subcommand)]
     Id(cmd::id::IdCommand),
+    /// Vouch for nodes as an institution: create an org key, sign node
+    /// certificates, inspect and revoke them.
+    #[command(subcommand)]
+    Org(cmd::org::OrgCommand),
     /// Turn text files into content-addressed token shards.
     Shard(cmd::shard::Args),
     /// Show the contribution table of a run.
@@ -91,6 +95,7 @@ fn main() -> std::process::ExitCode {
         Command::Node(args) => cmd::node::run(args),
         Command::Coordinator(args) => cmd::coordinator::run(args),
         Command::Id(command) => cmd::id::run(command),
+        Command::Org(command) => cmd::org::run(command),
         Command::Shard(args) => cmd::shard::run(args),
         Command::Stats(args) => cmd::stats::run(args),
         Command::Bench(BenchCommand::Codec(args)) => cmd::bench_codec::run(args),

@@ -406,3 +406,146 @@ fn wrong_flags_get_clear_errors() {
     let id_line = shown.lines().find(|l| l.starts_with("node id:")).unwrap();
     assert!(created.contains(id_line), "id new and id show agree");
 }
+
+/// Runs the `barnraise` binary with `args` and a home of its own, so nothing
+/// touches the user's `~/.barnraise`.
+fn barnraise_in(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_barnraise"))
+        .args(args)
+        .env("BARNRAISE_HOME", home)
+        .env_remove("BARNRAISE_KEY")
+        .env_remove("BARNRAISE_ORG_KEY")
+        .current_dir(home)
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn org_new_enroll_inspect_revoke_through_the_binary() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path();
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+
+    let created = barnraise_in(dir, &["org", "new", "--name", "Example University"]);
+    assert!(created.status.success(), "{created:?}");
+    let created = text(&created);
+    let org_id = created
+        .lines()
+        .find_map(|l| l.strip_prefix("org id: "))
+        .expect("org new prints the org id")
+        .to_string();
+    assert!(
+        created.contains(&format!("orgs = [\"{org_id}\"]")),
+        "{created}"
+    );
+    assert!(dir.join("org.key").exists() && dir.join("org.toml").exists());
+    // Never overwritten.
+    let again = barnraise_in(dir, &["org", "new", "--name", "Other"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("org.toml"));
+    let shown = text(&barnraise_in(dir, &["org", "show"]));
+    assert!(
+        shown.contains("Example University") && shown.contains(&org_id),
+        "{shown}"
+    );
+
+    let node = barnraise_in(dir, &["id", "new"]);
+    assert!(node.status.success(), "{node:?}");
+    let node_id = text(&node)
+        .lines()
+        .find_map(|l| l.strip_prefix("node id: "))
+        .expect("id new prints the node id")
+        .to_string();
+
+    let enrolled = barnraise_in(dir, &["org", "enroll", "--node", &node_id, "--days", "30"]);
+    assert!(enrolled.status.success(), "{enrolled:?}");
+    let cert_file = format!("{}.cert", &node_id[..12]);
+    assert!(
+        text(&enrolled).contains(&format!("barnraise node --certificate {cert_file}")),
+        "{}",
+        text(&enrolled)
+    );
+    let cert = barnraise_protocol::certificate::load_certificate(&dir.join(&cert_file)).unwrap();
+
+    let inspected = barnraise_in(dir, &["org", "inspect", &cert_file]);
+    assert!(inspected.status.success(), "{inspected:?}");
+    let inspected = text(&inspected);
+    for needle in [
+        "Example University",
+        org_id.as_str(),
+        node_id.as_str(),
+        "valid now",
+        "expires in 29 days",
+    ] {
+        assert!(inspected.contains(needle), "{needle}: {inspected}");
+    }
+
+    let revoked = text(&barnraise_in(dir, &["org", "revoke", &cert_file]));
+    let id = barnraise_protocol::certificate::certificate_id(&cert);
+    assert!(
+        revoked.contains(&format!("revoked_certificates = [\"{id}\"]")),
+        "{revoked}"
+    );
+
+    // A tampered copy is refused by name.
+    let good = std::fs::read_to_string(dir.join(&cert_file)).unwrap();
+    let tampered: String = good
+        .lines()
+        .map(|l| {
+            if l.starts_with('#') || l.starts_with("barnraise-") {
+                l.to_string()
+            } else {
+                let mid = l.len() / 2;
+                let flipped = if &l[mid..mid + 1] == "0" { "1" } else { "0" };
+                format!("{}{flipped}{}", &l[..mid], &l[mid + 1..])
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.join("tampered.cert"), tampered).unwrap();
+    let refused = barnraise_in(dir, &["org", "inspect", "tampered.cert"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("tampered.cert"), "{stderr}");
+}
+
+#[test]
+fn org_commands_refuse_bad_flags_and_missing_keys() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path();
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // No org key yet: the error names the file and says how to make one.
+    let node = "ab".repeat(32);
+    let output = barnraise_in(dir, &["org", "enroll", "--node", &node]);
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(err.contains("org.key") && err.contains("org new"), "{err}");
+
+    // A node id that is not one.
+    let output = barnraise_in(dir, &["org", "enroll", "--node", "not-hex"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("--node"), "{}", stderr(&output));
+    // Zero days, and a flag that does not exist.
+    let output = barnraise_in(dir, &["org", "enroll", "--node", &node, "--days", "0"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("--days"), "{}", stderr(&output));
+    let output = barnraise_in(dir, &["org", "new", "--nmae", "x"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("--nmae"), "{}", stderr(&output));
+    // An empty name, a missing certificate file.
+    let output = barnraise_in(dir, &["org", "new", "--name", " "]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("name"), "{}", stderr(&output));
+    assert!(
+        !dir.join("org.key").exists(),
+        "nothing created on a bad name"
+    );
+    let output = barnraise_in(dir, &["org", "inspect", "absent.cert"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("absent.cert"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -5,6 +5,7 @@ pub mod bench_diloco;
 pub mod coordinator;
 pub mod id;
 pub mod node;
+pub mod org;
 pub mod progress;
 pub mod shard;
 pub mod stats;
