@@ -30,29 +30,42 @@ pub struct Share {
     pub seed: u64,
 }
 
-/// Picks the round's nodes and shards. `uses[i]` is how often shard `i` has
-/// been assigned so far; it is updated for the shards handed out.
+/// Picks the round's nodes and shards. `nodes` pairs each active node with
+/// the number of workers it declared: a cluster node of N workers gets N
+/// times `shards_per_worker` shards (its workers split them), so an
+/// institution's GPUs each get a volunteer's share of the data. `uses[i]` is
+/// how often shard `i` has been assigned so far; it is updated for the shards
+/// handed out.
 pub fn assign(
     seed: u64,
     round: u64,
-    nodes: &[NodeId],
+    nodes: &[(NodeId, u32)],
     uses: &mut [u32],
-    shards_per_node: usize,
+    shards_per_worker: usize,
 ) -> Vec<Share> {
-    if nodes.is_empty() || uses.is_empty() || shards_per_node == 0 {
+    if nodes.is_empty() || uses.is_empty() || shards_per_worker == 0 {
         return Vec::new();
     }
-    let per_node = shards_per_node.min(uses.len());
-    let capacity = uses.len() / per_node;
-    // More nodes than shards: a seeded, round-dependent subset trains.
-    let mut order: Vec<(u64, NodeId)> = nodes
+    let per_worker = shards_per_worker.min(uses.len());
+    // More workers than shards: a seeded, round-dependent subset trains. A
+    // node that does not fit whole gets as many workers' shares as are left.
+    let mut order: Vec<(u64, NodeId, u32)> = nodes
         .iter()
-        .map(|n| (derive(seed, "node-order", round, &n.0.0), *n))
+        .map(|(n, workers)| (derive(seed, "node-order", round, &n.0.0), *n, *workers))
         .collect();
     order.sort();
-    order.truncate(capacity);
+    let mut left = uses.len();
+    let mut selected: Vec<(NodeId, usize)> = Vec::new();
+    for (_, node, workers) in order {
+        let wanted = per_worker.saturating_mul(workers.max(1) as usize);
+        let granted = wanted.min(left - left % per_worker);
+        if granted == 0 {
+            break;
+        }
+        left -= granted;
+        selected.push((node, granted));
+    }
     // The selected nodes in id order, so the plan reads the same for everyone.
-    let mut selected: Vec<NodeId> = order.into_iter().map(|(_, n)| n).collect();
     selected.sort();
 
     let mut candidates: Vec<(u32, u64, usize)> = uses
@@ -69,8 +82,8 @@ pub fn assign(
     candidates.sort();
     let mut picked = candidates.into_iter().map(|(_, _, i)| i);
     let mut shares = Vec::with_capacity(selected.len());
-    for node in selected {
-        let shards: Vec<usize> = picked.by_ref().take(per_node).collect();
+    for (node, count) in selected {
+        let shards: Vec<usize> = picked.by_ref().take(count).collect();
         for &i in &shards {
             uses[i] = uses[i].saturating_add(1);
         }
@@ -88,8 +101,8 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
 
-    fn nodes(n: u8) -> Vec<NodeId> {
-        (1..=n).map(|i| NodeId::from_bytes([i; 32])).collect()
+    fn nodes(n: u8) -> Vec<(NodeId, u32)> {
+        (1..=n).map(|i| (NodeId::from_bytes([i; 32]), 1)).collect()
     }
 
     #[test]
@@ -144,5 +157,30 @@ mod tests {
             "a different round orders shards differently"
         );
         assert_ne!(a[0].seed, a[1].seed);
+    }
+
+    #[test]
+    fn a_cluster_node_gets_a_share_per_worker() {
+        let mut ids = nodes(3);
+        ids[1].1 = 4;
+        let mut uses = vec![0u32; 12];
+        let shares = assign(9, 0, &ids, &mut uses, 2);
+        let count = |i: usize| {
+            shares
+                .iter()
+                .find(|s| s.node == ids[i].0)
+                .map(|s| s.shards.len())
+        };
+        assert_eq!((count(0), count(1), count(2)), (Some(2), Some(8), Some(2)));
+        let all: HashSet<usize> = shares.iter().flat_map(|s| s.shards.clone()).collect();
+        assert_eq!(all.len(), 12, "no shard twice in a round");
+
+        // Too few shards for everyone: whoever is picked first gets what
+        // fits, in whole workers' shares, and nobody gets a partial share.
+        let mut uses = vec![0u32; 5];
+        let shares = assign(9, 0, &ids, &mut uses, 2);
+        let total: usize = shares.iter().map(|s| s.shards.len()).sum();
+        assert!(total <= 5 && total >= 4, "{shares:?}");
+        assert!(shares.iter().all(|s| s.shards.len() % 2 == 0));
     }
 }

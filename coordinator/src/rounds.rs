@@ -25,6 +25,7 @@ pub struct RoundsConfig {
     pub inner_steps: u32,
     pub batch_size: u32,
     pub seq_len: u32,
+    /// Shards per worker per round: a node of N workers gets N times this many.
     pub shards_per_node: usize,
     pub quorum: Quorum,
     pub deadline_ms: u64,
@@ -244,10 +245,15 @@ impl Rounds {
 
     /// Nodes that would get work if a round opened now.
     pub fn active_nodes(&self) -> Vec<NodeId> {
+        self.active_workers().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// Active nodes with the number of workers each declared.
+    pub fn active_workers(&self) -> Vec<(NodeId, u32)> {
         self.members
             .iter()
             .filter(|(_, m)| m.active)
-            .map(|(n, _)| *n)
+            .map(|(n, m)| (*n, m.workers))
             .collect()
     }
 
@@ -484,7 +490,7 @@ impl Rounds {
     }
 
     fn try_open(&mut self, now_ms: u64) -> Option<RoundPlan> {
-        let nodes = self.active_nodes();
+        let nodes = self.active_workers();
         // `min_nodes` gates the start of the run; later rounds run with whoever is active.
         let needed = if self.round == 0 {
             self.config.min_nodes.max(1)

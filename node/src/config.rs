@@ -41,6 +41,20 @@ pub struct NodeConfig {
     /// rider's empty update) or `scale:F` (send F·Δ). Never set it on a node
     /// that should earn credit: the coordinator rejects what it sends.
     pub misbehave: Option<Misbehaviour>,
+    /// Cluster mode: how many workers this node drives. Each trains its own
+    /// share of the node's assignment; the node reduces their updates and
+    /// uploads one. Default: one per device listed in `device`, else 1.
+    pub workers: Option<u32>,
+    /// An org certificate to present when joining (`barnraise org enroll`
+    /// makes one); runs limited to listed orgs refuse nodes without one.
+    pub certificate: Option<PathBuf>,
+    /// Serve Prometheus metrics at `http://<addr>/metrics`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Fault injection for tests of cluster mode: this worker panics in
+    /// every round. Not read from config files.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub fault_crash_worker: Option<usize>,
 }
 
 /// How a red-team node corrupts its pseudo-gradient before encoding it.
@@ -117,6 +131,10 @@ impl Default for NodeConfig {
             poll_interval_ms: 500,
             max_parallel_chunks: crate::transfer::MAX_IN_FLIGHT,
             misbehave: None,
+            workers: None,
+            certificate: None,
+            metrics_addr: None,
+            fault_crash_worker: None,
         }
     }
 }
@@ -160,6 +178,54 @@ impl NodeConfig {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
+    /// The devices of this node's workers, one entry per worker. `device`
+    /// may list several (`cuda:0,cuda:1`: one worker each); `workers = N`
+    /// with a single device puts N workers on it (`auto` spreads them over
+    /// the GPUs when this build can use them, else the CPU).
+    pub fn worker_devices(&self) -> Result<Vec<barnraise_trainer::device::DeviceSpec>, String> {
+        use barnraise_trainer::device::DeviceSpec;
+        let listed: Vec<DeviceSpec> = self
+            .device
+            .split(',')
+            .map(|d| d.trim().parse::<DeviceSpec>().map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        let max = crate::cluster::MAX_WORKERS;
+        let devices = match (self.workers, listed.as_slice()) {
+            (Some(0), _) => return Err("workers must be at least 1".into()),
+            (Some(n), _) if n as usize > max => {
+                return Err(format!("at most {max} workers per node (asked for {n})"));
+            }
+            (None, _) => listed,
+            (Some(n), [single]) => match single {
+                DeviceSpec::Auto => {
+                    let gpus = barnraise_trainer::device::discover_gpus().len();
+                    if barnraise_trainer::device::cuda_build() && gpus > 0 {
+                        (0..n as usize)
+                            .map(|i| DeviceSpec::Cuda(i % gpus))
+                            .collect()
+                    } else {
+                        vec![DeviceSpec::Cpu; n as usize]
+                    }
+                }
+                other => vec![*other; n as usize],
+            },
+            (Some(n), many) if many.len() == n as usize => listed,
+            (Some(n), many) => {
+                return Err(format!(
+                    "workers = {n} but device lists {} devices; give one device, or one per worker",
+                    many.len()
+                ));
+            }
+        };
+        if devices.len() > max {
+            return Err(format!(
+                "at most {max} workers per node ({} devices listed)",
+                devices.len()
+            ));
+        }
+        Ok(devices)
+    }
+
     /// The key file this config uses.
     pub fn key_path(&self) -> PathBuf {
         self.key
@@ -194,6 +260,43 @@ mod tests {
         );
         let err = NodeConfig::from_toml_str("uplaod_limit = 5").unwrap_err();
         assert!(err.contains("uplaod_limit"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod worker_tests {
+    use super::*;
+    use barnraise_trainer::device::DeviceSpec;
+
+    fn devices(device: &str, workers: Option<u32>) -> Result<Vec<DeviceSpec>, String> {
+        NodeConfig {
+            device: device.into(),
+            workers,
+            ..NodeConfig::default()
+        }
+        .worker_devices()
+    }
+
+    #[test]
+    fn workers_come_from_the_device_list_or_the_count() {
+        assert_eq!(devices("cpu", None).unwrap(), vec![DeviceSpec::Cpu]);
+        assert_eq!(devices("cpu", Some(3)).unwrap(), vec![DeviceSpec::Cpu; 3]);
+        assert_eq!(
+            devices("cuda:0, cuda:1", None).unwrap(),
+            vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)]
+        );
+        assert_eq!(devices("cuda:0,cuda:1", Some(2)).unwrap().len(), 2);
+        assert_eq!(devices("auto", Some(2)).unwrap().len(), 2);
+        for (device, workers, needle) in [
+            ("cpu", Some(0), "at least 1"),
+            ("cpu", Some(10_000), "at most"),
+            ("cuda:0,cuda:1", Some(3), "lists 2 devices"),
+            ("tpu", None, "unknown device"),
+            ("cpu,", None, "unknown device"),
+        ] {
+            let err = devices(device, workers).unwrap_err();
+            assert!(err.contains(needle), "{device} {workers:?}: {err}");
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 
 use crate::config::NodeConfig;
 use crate::limiter::RateLimiter;
+use crate::metrics::NodeMetrics;
 use crate::network::{self, Client, Event, NetworkConfig, NetworkError, Topic};
 use crate::state::{StateDir, StateError, StateRecord, f32s_from_bytes, write_atomic};
 use crate::store::{BlobStore, StoreError};
@@ -88,6 +89,16 @@ pub enum NodeEvent {
     Resynced {
         round: u64,
     },
+    /// The Prometheus endpoint is up (`--metrics-addr`).
+    MetricsServing {
+        addr: std::net::SocketAddr,
+    },
+    /// A worker of this cluster node failed this round; the update leaves it out.
+    WorkerFailed {
+        round: u64,
+        worker: usize,
+        error: String,
+    },
     /// A recoverable problem (the coordinator is unreachable, a peer lied).
     Warning {
         message: String,
@@ -140,6 +151,10 @@ pub enum NodeError {
     Aggregate(#[from] AggregateError),
     #[error("the coordinator address {0} is not usable: {1}")]
     Coordinator(Multiaddr, String),
+    #[error("org certificate: {0}")]
+    Certificate(String),
+    #[error("{0}")]
+    Metrics(String),
 }
 
 /// The initial seed of θ_0 when a run starts without a checkpoint.
@@ -156,6 +171,26 @@ pub async fn run_node(
     shutdown: CancellationToken,
     events: Option<mpsc::Sender<NodeEvent>>,
 ) -> Result<NodeSummary, NodeError> {
+    // Settings that can be wrong are checked before anything starts.
+    let devices = config.worker_devices().map_err(NodeError::Device)?;
+    let certificate = match &config.certificate {
+        Some(path) => Some(
+            barnraise_protocol::certificate::load_certificate(path)
+                .map_err(|e| NodeError::Certificate(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let metrics = Arc::new(NodeMetrics::new());
+    NodeMetrics::set(&metrics.workers, devices.len() as u64);
+    if let Some(addr) = config.metrics_addr {
+        let bound = crate::metrics::serve(addr, metrics.clone(), shutdown.child_token())
+            .await
+            .map_err(|e| NodeError::Metrics(e.to_string()))?;
+        tracing::info!("metrics at http://{bound}/metrics");
+        if let Some(events) = &events {
+            let _ = events.try_send(NodeEvent::MetricsServing { addr: bound });
+        }
+    }
     let key_path = config.key_path();
     let (key, created) = SigningKey::load_or_create(&key_path)?;
     if created {
@@ -219,6 +254,9 @@ pub async fn run_node(
         coordinator_key,
         run_id: None,
         summary: NodeSummary::default(),
+        devices,
+        certificate,
+        metrics,
     };
     let result = node.run().await;
     let mut summary = node.summary.clone();
@@ -281,7 +319,9 @@ struct Synced {
     theta: Vec<f32>,
     optimizer: OuterOptimizer,
     encoder: Encoder,
-    trainer: Option<Trainer>,
+    /// One slot per worker; a slot is emptied when its worker fails and
+    /// rebuilt at the next round.
+    trainers: Vec<Option<Trainer>>,
     committed: Option<(u64, Hash)>,
 }
 
@@ -302,6 +342,10 @@ struct Node {
     coordinator_key: Option<PublicKey>,
     run_id: Option<String>,
     summary: NodeSummary,
+    /// One per worker (cluster mode when more than one).
+    devices: Vec<DeviceSpec>,
+    certificate: Option<Signed<barnraise_protocol::messages::NodeCertificate>>,
+    metrics: Arc<NodeMetrics>,
 }
 
 /// What happened to one round.
@@ -370,6 +414,7 @@ impl Node {
                     Some(RoundOutcome::Resync(reason)) => {
                         self.warn(format!("resyncing: {reason}"));
                         self.summary.resyncs += 1;
+                        NodeMetrics::add(&self.metrics.resyncs, 1);
                         break;
                     }
                     None => return Ok(()),
@@ -461,22 +506,33 @@ impl Node {
         }
     }
 
+    /// The hardware inventory a join declares: one entry per worker.
     fn worker_info(&self) -> Vec<WorkerInfo> {
         let gpus = barnraise_trainer::device::discover_gpus();
-        let wants_gpu = !self.config.device.eq_ignore_ascii_case("cpu")
-            && barnraise_trainer::device::cuda_build();
-        match gpus.first() {
-            Some(gpu) if wants_gpu => vec![WorkerInfo {
-                device: format!("cuda:{}", gpu.ordinal),
-                name: gpu.name.clone(),
-                memory_bytes: gpu.memory_bytes,
-            }],
-            _ => vec![WorkerInfo {
-                device: "cpu".into(),
-                name: "cpu".into(),
-                memory_bytes: 0,
-            }],
-        }
+        let cuda = barnraise_trainer::device::cuda_build();
+        let cpu = WorkerInfo {
+            device: "cpu".into(),
+            name: "cpu".into(),
+            memory_bytes: 0,
+        };
+        self.devices
+            .iter()
+            .map(|spec| {
+                let ordinal = match spec {
+                    DeviceSpec::Cuda(n) => Some(*n),
+                    DeviceSpec::Auto if cuda => Some(0),
+                    _ => None,
+                };
+                match ordinal.and_then(|n| gpus.iter().find(|g| g.ordinal == n)) {
+                    Some(gpu) if cuda => WorkerInfo {
+                        device: format!("cuda:{}", gpu.ordinal),
+                        name: gpu.name.clone(),
+                        memory_bytes: gpu.memory_bytes,
+                    },
+                    _ => cpu.clone(),
+                }
+            })
+            .collect()
     }
 
     /// Joins the run and brings θ to the coordinator's current round.
@@ -497,7 +553,7 @@ impl Node {
                 run_id: self.config.run_id.clone(),
                 workers: self.worker_info(),
                 listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
-                certificate: None,
+                certificate: self.certificate.clone(),
                 timestamp_ms: now_ms(),
             };
             let signed =
@@ -574,6 +630,20 @@ impl Node {
             .map_err(|e| NodeError::RunConfig(format!("codec `{}`: {e}", run.codec)))?;
         let rule: AggregationRule = run.aggregation.parse()?;
         let params = model.params_count();
+        // What `node receipts` needs to price this run's tokens as the
+        // coordinator's ledger does.
+        if let Some(coordinator) = self.coordinator_key {
+            let facts = crate::receipts::RunFacts {
+                run_id: run.run_id.clone(),
+                coordinator: coordinator.to_hex(),
+                flops_per_token: model.flops_per_token_at(run.seq_len as usize),
+            };
+            if let Err(e) = crate::receipts::write_run_facts(&self.receipts, &facts) {
+                self.warn(format!(
+                    "could not record the run's facts for receipts: {e}"
+                ));
+            }
+        }
         let outer = OuterConfig {
             lr: run.outer_lr,
             momentum: run.outer_momentum,
@@ -672,7 +742,7 @@ impl Node {
             theta,
             optimizer: OuterOptimizer::from_state(outer, momentum),
             encoder,
-            trainer: None,
+            trainers: Vec::new(),
             committed,
         }))
     }
@@ -1010,6 +1080,8 @@ impl Node {
             .save(&record, &state.theta, state.optimizer.momentum())?;
         self.keep_receipt(&signed, &manifest);
         self.summary.rounds_completed += 1;
+        NodeMetrics::add(&self.metrics.rounds_applied, 1);
+        NodeMetrics::set(&self.metrics.current_round, manifest.round + 1);
         self.summary.final_params_hash = Some(next_hash);
         tracing::info!(round, params = %next_hash.short(), accepted = manifest.accepted.len(), "round applied");
         Ok(Some(RoundOutcome::Applied))
@@ -1043,6 +1115,27 @@ impl Node {
         }
     }
 
+    /// The worker trainers, one per device, building the missing ones.
+    async fn trainers(&self, state: &mut Synced) -> Result<Vec<Option<Trainer>>, NodeError> {
+        let mut slots = std::mem::take(&mut state.trainers);
+        slots.resize_with(self.devices.len(), || None);
+        for (slot, spec) in slots.iter_mut().zip(&self.devices) {
+            if slot.is_some() {
+                continue;
+            }
+            let device = barnraise_trainer::device::select(*spec)
+                .map_err(|e| NodeError::Device(e.to_string()))?;
+            let model = state.model.clone();
+            let trainer =
+                tokio::task::spawn_blocking(move || Trainer::new(&model, device, INIT_SEED))
+                    .await
+                    .map_err(|e| NodeError::Training(e.to_string()))?
+                    .map_err(|e| NodeError::Training(e.to_string()))?;
+            *slot = Some(trainer);
+        }
+        Ok(slots)
+    }
+
     async fn train_and_commit(
         &mut self,
         state: &mut Synced,
@@ -1050,9 +1143,19 @@ impl Node {
         assignment: &Assignment,
     ) -> Result<Option<()>, NodeError> {
         let round = plan.round;
-        // Shards: verified by hash on arrival, cached in the store.
-        let mut tokens: Vec<u16> = Vec::new();
+        let worker_plans = crate::cluster::split_assignment(
+            &assignment.shards,
+            assignment.seed,
+            self.devices.len(),
+        );
+        // Shards: verified by hash on arrival, cached in the store; each
+        // distinct shard is fetched and decoded once, whichever workers use it.
+        let mut shard_tokens: std::collections::HashMap<Hash, Vec<u16>> =
+            std::collections::HashMap::new();
         for shard in &assignment.shards {
+            if shard_tokens.contains_key(shard) {
+                continue;
+            }
             let size = state
                 .run
                 .dataset
@@ -1079,8 +1182,20 @@ impl Node {
                 &Path::new("shard").join(shard.to_hex()),
             )
             .map_err(|e| NodeError::RunConfig(e.to_string()))?;
-            tokens.extend_from_slice(&decoded.tokens);
+            shard_tokens.insert(*shard, decoded.tokens);
         }
+        let worker_tokens: Vec<Vec<u16>> = worker_plans
+            .iter()
+            .map(|p| {
+                p.shards
+                    .iter()
+                    .filter_map(|h| shard_tokens.get(h))
+                    .flat_map(|t| t.iter().copied())
+                    .collect()
+            })
+            .collect();
+        drop(shard_tokens);
+        let worker_seeds: Vec<u64> = worker_plans.iter().map(|p| p.seed).collect();
         let inner = InnerConfig {
             steps: assignment.inner_steps as usize,
             batch_size: state.run.batch_size as usize,
@@ -1100,55 +1215,64 @@ impl Node {
             round,
             steps: assignment.inner_steps,
         });
-        let trainer = match state.trainer.take() {
-            Some(trainer) => trainer,
-            None => {
-                let spec: DeviceSpec = self.config.device.parse().map_err(
-                    |e: barnraise_trainer::device::DeviceError| NodeError::Device(e.to_string()),
-                )?;
-                let device = barnraise_trainer::device::select(spec)
-                    .map_err(|e| NodeError::Device(e.to_string()))?;
-                let model = state.model.clone();
-                tokio::task::spawn_blocking(move || Trainer::new(&model, device, INIT_SEED))
-                    .await
-                    .map_err(|e| NodeError::Training(e.to_string()))?
-                    .map_err(|e| NodeError::Training(e.to_string()))?
-            }
-        };
+        let mut slots = self.trainers(state).await?;
         let theta = state.theta.clone();
+        let crash_worker = self.config.fault_crash_worker;
         let started = Instant::now();
         let trained = tokio::task::spawn_blocking(move || {
-            let mut trainer = trainer;
-            let result = (|| {
-                trainer.set_flat_params(&theta)?;
-                let report = trainer.train_inner(&tokens, &inner)?;
-                let local = trainer.flat_params()?;
-                // Δ = θ_r − θ_local, element by element.
-                let delta: Vec<f32> = theta.iter().zip(&local).map(|(t, l)| t - l).collect();
-                Ok::<_, barnraise_trainer::TrainError>((report, delta))
-            })();
-            (trainer, result)
+            let results = crate::cluster::train_workers(
+                &mut slots,
+                &theta,
+                &worker_tokens,
+                &worker_seeds,
+                &inner,
+                crash_worker,
+            );
+            (slots, results)
         });
-        let (trainer, result) = tokio::select! {
+        let (slots, results) = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => return Ok(None),
             joined = trained => joined.map_err(|e| NodeError::Training(e.to_string()))?,
         };
-        state.trainer = Some(trainer);
-        let (report, mut delta) = match result {
-            Ok(done) => done,
+        state.trainers = slots;
+        let compute_ms = started.elapsed().as_millis() as u64;
+        NodeMetrics::add(&self.metrics.compute_ms, compute_ms);
+        for update in results.iter().filter_map(|r| r.as_ref().ok()) {
+            self.metrics.add_worker_tokens(update.index, update.tokens);
+        }
+        let reduced = crate::cluster::reduce(results, state.theta.len());
+        let update = match reduced {
+            Ok(update) => update,
             Err(e) => {
                 // A diverged or failed inner loop costs us this round, not the node.
-                self.warn(format!(
-                    "skipping round {round}'s commit: training failed: {e}"
-                ));
-                if let Some(trainer) = state.trainer.as_mut() {
-                    let _ = trainer.reset_optimizer();
-                }
+                NodeMetrics::add(&self.metrics.worker_failures, self.devices.len() as u64);
+                self.warn(format!("skipping round {round}'s commit: {e}"));
                 return Ok(Some(()));
             }
         };
-        let compute_ms = started.elapsed().as_millis() as u64;
+        for failure in &update.failures {
+            NodeMetrics::add(&self.metrics.worker_failures, 1);
+            self.warn(format!(
+                "round {round}: worker {} failed and is left out of the update ({} of {} workers in it): {}",
+                failure.index,
+                update.workers,
+                self.devices.len(),
+                failure.error
+            ));
+            self.emit(NodeEvent::WorkerFailed {
+                round,
+                worker: failure.index,
+                error: failure.error.clone(),
+            });
+        }
+        let report = barnraise_trainer::InnerReport {
+            tokens: update.tokens,
+            losses: update.losses,
+            wall: started.elapsed(),
+        };
+        let mut delta = update.delta;
+        let workers = update.workers;
         for (step, loss) in report.losses.iter().enumerate() {
             self.emit(NodeEvent::TrainingProgress {
                 round,
@@ -1188,7 +1312,7 @@ impl Node {
                 .take(barnraise_protocol::limits::MAX_REPORTED_LOSSES)
                 .collect(),
             compute_ms,
-            workers: 1,
+            workers,
         };
         let signed =
             Signed::sign(&self.key, &commit).map_err(|e| NodeError::Training(e.to_string()))?;
@@ -1196,10 +1320,15 @@ impl Node {
             return Ok(None);
         };
         match response {
-            CoordinatorResponse::CommitAccepted { .. } | CoordinatorResponse::Ok => {}
-            CoordinatorResponse::Refused { reason } => self.warn(format!(
-                "coordinator refused our commit for round {round}: {reason}"
-            )),
+            CoordinatorResponse::CommitAccepted { .. } | CoordinatorResponse::Ok => {
+                NodeMetrics::add(&self.metrics.updates_committed, 1);
+            }
+            CoordinatorResponse::Refused { reason } => {
+                NodeMetrics::add(&self.metrics.commits_refused, 1);
+                self.warn(format!(
+                    "coordinator refused our commit for round {round}: {reason}"
+                ))
+            }
             other => tracing::debug!("unexpected answer to commit: {other:?}"),
         }
         state.committed = Some((round, update_hash));
@@ -1213,7 +1342,13 @@ impl Node {
         self.state.save_record(&record)?;
         self.summary.rounds_trained += 1;
         self.summary.tokens_trained += report.tokens;
+        NodeMetrics::add(&self.metrics.rounds_trained, 1);
+        NodeMetrics::add(&self.metrics.tokens_trained, report.tokens);
+        NodeMetrics::add(&self.metrics.update_bytes, update_bytes);
         let losses = &report.losses;
+        if let Some(&loss) = losses.last() {
+            self.metrics.set_loss(loss);
+        }
         tracing::info!(round, update = %update_hash.short(), bytes = update_bytes, loss = losses.last().copied().unwrap_or(f32::NAN), "committed update");
         self.emit(NodeEvent::Committed {
             round,

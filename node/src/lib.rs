@@ -6,16 +6,22 @@
 //! - [`limiter`]: upload and download caps.
 //! - [`daemon`]: the round loop ([`run_node`]); [`state`]: what it keeps on
 //!   disk between runs; [`config`]: [`NodeConfig`].
+//! - [`cluster`]: several workers in one node, reduced to one update.
+//! - [`metrics`]: Prometheus metrics (`--metrics-addr`); [`receipts`]: the
+//!   node's own signed account of what it contributed.
 //! - [`doctor`]: `barnraise node doctor`'s checks; [`progress`]: terminal display.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
 pub mod limiter;
+pub mod metrics;
 pub mod network;
 pub mod progress;
+pub mod receipts;
 pub mod state;
 pub mod store;
 pub mod transfer;

@@ -792,3 +792,229 @@ async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart()
     );
     coordinator.stop().await;
 }
+
+/// Cluster mode's promise (issue #7): a node of N workers lands on the same
+/// global params as N separate nodes fed the same shards and seeds, while
+/// uploading one update instead of N. Both sides run the daemon's own
+/// training path (`cluster::train_workers`, `cluster::reduce`), encode with
+/// the fp32 codec and aggregate with `apply_round` exactly as the
+/// coordinator does (manifest weights = tokens over the round's total).
+#[test]
+fn a_cluster_node_matches_separate_nodes_and_uploads_one_update() {
+    use barnraise_node::cluster::{reduce, split_assignment, train_workers};
+    use barnraise_protocol::codec::{CodecConfig, Encoder};
+    use barnraise_trainer::{InnerConfig, Trainer};
+
+    const WORKERS: usize = 3;
+    const ROUNDS: u64 = 2;
+    let model = ModelConfig::preset("tiny").unwrap();
+    let shards: Vec<Vec<u16>> = (0..WORKERS as u64)
+        .map(|i| {
+            let text = barnraise_trainer::data::corpus::generate(100 + i, 8_000);
+            barnraise_trainer::data::tokenize_bytes(text.as_bytes())
+        })
+        .collect();
+    let hashes: Vec<Hash> = shards
+        .iter()
+        .map(|t| {
+            Hash::of(&barnraise_trainer::data::encode_shard(t, std::path::Path::new("s")).unwrap())
+        })
+        .collect();
+    let tokens_of = |h: &Hash| -> Vec<u16> {
+        let i = hashes.iter().position(|x| x == h).unwrap();
+        shards[i].clone()
+    };
+    let trainer = || Some(Trainer::new(&model, candle_core::Device::Cpu, 0).unwrap());
+    let outer = OuterConfig {
+        lr: 0.7,
+        momentum: 0.9,
+        ..OuterConfig::default()
+    };
+    let theta0 = model.init_flat(0);
+    let params = theta0.len();
+
+    let mut cluster_theta = theta0.clone();
+    let mut cluster_outer = OuterOptimizer::new(outer.clone(), params);
+    let mut cluster_slots: Vec<Option<Trainer>> = (0..WORKERS).map(|_| trainer()).collect();
+    let mut cluster_encoder = Encoder::new(CodecConfig::Fp32, params).unwrap();
+    let mut cluster_bytes = 0usize;
+
+    let mut separate_theta = theta0.clone();
+    let mut separate_outer = OuterOptimizer::new(outer, params);
+    let mut separate_slots: Vec<Vec<Option<Trainer>>> =
+        (0..WORKERS).map(|_| vec![trainer()]).collect();
+    let mut separate_encoders: Vec<Encoder> = (0..WORKERS)
+        .map(|_| Encoder::new(CodecConfig::Fp32, params).unwrap())
+        .collect();
+    let mut separate_bytes = 0usize;
+
+    for round in 0..ROUNDS {
+        let inner = InnerConfig {
+            steps: 3,
+            batch_size: 2,
+            seq_len: 16,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup: 1,
+            schedule_steps: (ROUNDS * 3) as usize,
+            start_step: (round * 3) as usize,
+            ..InnerConfig::default()
+        };
+        let plans = split_assignment(&hashes, 1000 + round, WORKERS);
+        let tokens: Vec<Vec<u16>> = plans
+            .iter()
+            .map(|p| p.shards.iter().flat_map(tokens_of).collect())
+            .collect();
+        let seeds: Vec<u64> = plans.iter().map(|p| p.seed).collect();
+
+        // One node, three workers, one upload.
+        let results = train_workers(
+            &mut cluster_slots,
+            &cluster_theta,
+            &tokens,
+            &seeds,
+            &inner,
+            None,
+        );
+        let update = reduce(results, params).unwrap();
+        assert_eq!(update.workers as usize, WORKERS);
+        let payload = cluster_encoder.encode(&update.delta).unwrap();
+        cluster_bytes += payload.len();
+        apply_round(
+            &mut cluster_theta,
+            &mut cluster_outer,
+            &AggregationRule::Mean,
+            &[(&payload, 1.0)],
+        )
+        .unwrap();
+
+        // Three nodes, one worker each, given worker i's shards and seed.
+        let mut payloads = Vec::new();
+        let mut node_tokens = Vec::new();
+        for i in 0..WORKERS {
+            let results = train_workers(
+                &mut separate_slots[i],
+                &separate_theta,
+                &tokens[i..=i],
+                &seeds[i..=i],
+                &inner,
+                None,
+            );
+            let update = reduce(results, params).unwrap();
+            node_tokens.push(update.tokens);
+            payloads.push(separate_encoders[i].encode(&update.delta).unwrap());
+        }
+        separate_bytes += payloads.iter().map(Vec::len).sum::<usize>();
+        let total: f64 = node_tokens.iter().map(|&t| t as f64).sum();
+        let weighted: Vec<(&[u8], f32)> = payloads
+            .iter()
+            .zip(&node_tokens)
+            .map(|(p, &t)| (p.as_slice(), (t as f64 / total) as f32))
+            .collect();
+        apply_round(
+            &mut separate_theta,
+            &mut separate_outer,
+            &AggregationRule::Mean,
+            &weighted,
+        )
+        .unwrap();
+    }
+
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let moved = max_diff(&cluster_theta, &theta0);
+    let apart = max_diff(&cluster_theta, &separate_theta);
+    eprintln!(
+        "cluster vs separate: max |Δθ| {apart:e}; params moved up to {moved:e}; bytes {cluster_bytes} vs {separate_bytes}"
+    );
+    assert!(moved > 1e-3, "training moved the params ({moved})");
+    assert!(
+        apart <= 1e-5 * moved.max(1.0),
+        "a cluster of {WORKERS} ended {apart} away from {WORKERS} separate nodes"
+    );
+    assert_eq!(
+        cluster_bytes * WORKERS,
+        separate_bytes,
+        "the cluster uploads 1/{WORKERS} of the bytes"
+    );
+}
+
+/// A worker that crashes mid-round is left out: the node's update is the
+/// token-weighted mean of the others, claims only their tokens, and the
+/// crashed worker's trainer is rebuilt, not reused.
+#[test]
+fn a_crashing_worker_is_left_out_of_the_cluster_update() {
+    use barnraise_node::cluster::{reduce, train_workers};
+    use barnraise_trainer::{InnerConfig, Trainer};
+
+    let model = ModelConfig::preset("tiny").unwrap();
+    let text = barnraise_trainer::data::corpus::generate(7, 8_000);
+    let tokens = barnraise_trainer::data::tokenize_bytes(text.as_bytes());
+    let theta = model.init_flat(0);
+    let inner = InnerConfig {
+        steps: 2,
+        batch_size: 2,
+        seq_len: 16,
+        warmup: 1,
+        ..InnerConfig::default()
+    };
+    let slots = || -> Vec<Option<Trainer>> {
+        (0..3)
+            .map(|_| Some(Trainer::new(&model, candle_core::Device::Cpu, 0).unwrap()))
+            .collect()
+    };
+    let shares = vec![tokens.clone(), tokens.clone(), tokens];
+    let seeds = [1, 2, 3];
+
+    let mut crashed = slots();
+    let results = train_workers(&mut crashed, &theta, &shares, &seeds, &inner, Some(1));
+    assert!(matches!(&results[1], Err(f) if f.error.contains("crashes mid-round")));
+    assert!(
+        crashed[1].is_none(),
+        "the crashed worker's trainer is dropped"
+    );
+    assert!(crashed[0].is_some() && crashed[2].is_some());
+    let update = reduce(results, theta.len()).unwrap();
+    assert_eq!(update.workers, 2);
+    assert_eq!(update.tokens, 2 * inner.tokens());
+    assert_eq!(update.failures.len(), 1);
+
+    // The same two workers without the crash give the same update.
+    let mut healthy = slots();
+    let results = train_workers(&mut healthy, &theta, &shares, &seeds, &inner, None);
+    let survivors: Vec<_> = results
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, r)| r)
+        .collect();
+    let expected = reduce(survivors, theta.len()).unwrap();
+    let apart = update
+        .delta
+        .iter()
+        .zip(&expected.delta)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        apart < 1e-6,
+        "the survivors' mean, nothing of the crashed worker ({apart})"
+    );
+
+    // Every worker crashing means no update at all, not an empty one.
+    let mut alone = vec![Some(
+        Trainer::new(&model, candle_core::Device::Cpu, 0).unwrap(),
+    )];
+    let results = train_workers(
+        &mut alone,
+        &theta,
+        &shares[..1],
+        &seeds[..1],
+        &inner,
+        Some(0),
+    );
+    assert!(reduce(results, theta.len()).is_err());
+}

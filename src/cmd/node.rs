@@ -8,8 +8,7 @@
 use anyhow::Context;
 use barnraise_node::doctor::{Verdict, run_doctor};
 use barnraise_node::{CancellationToken, Multiaddr, NodeConfig, run_node};
-use barnraise_protocol::messages::Manifest;
-use barnraise_protocol::{PublicKey, Signed};
+use barnraise_protocol::PublicKey;
 use clap::{Args as ClapArgs, Subcommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -33,10 +32,14 @@ enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// List the signed manifests that name this node (proof of contribution).
+    /// List the signed manifests that name this node (proof of
+    /// contribution), with totals in the coordinator ledger's terms.
     Receipts {
         #[command(flatten)]
         settings: Settings,
+        /// Print the receipts and totals as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -49,9 +52,20 @@ struct Settings {
     /// Where the node keeps its key, blobs and state [default: ~/.barnraise].
     #[arg(long, env = "BARNRAISE_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Training device: auto, cpu or cuda:N.
+    /// Training device: auto, cpu or cuda:N; a list (cuda:0,cuda:1) runs
+    /// one worker per device (cluster mode).
     #[arg(long, env = "BARNRAISE_DEVICE")]
     device: Option<String>,
+    /// Cluster mode: drive N workers that split this node's assignment and
+    /// upload one reduced update [default: one per listed device].
+    #[arg(long, env = "BARNRAISE_WORKERS")]
+    workers: Option<u32>,
+    /// Org certificate to present when joining (made by `barnraise org enroll`).
+    #[arg(long, env = "BARNRAISE_CERTIFICATE")]
+    certificate: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9101.
+    #[arg(long, env = "BARNRAISE_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Listen address (repeatable) [default: all interfaces, TCP and QUIC, random ports].
     #[arg(long, env = "BARNRAISE_LISTEN", value_delimiter = ',')]
     listen: Vec<Multiaddr>,
@@ -134,6 +148,15 @@ impl Settings {
         if !self.listen.is_empty() {
             config.listen = self.listen;
         }
+        if self.workers.is_some() {
+            config.workers = self.workers;
+        }
+        if self.certificate.is_some() {
+            config.certificate = self.certificate;
+        }
+        if self.metrics_addr.is_some() {
+            config.metrics_addr = self.metrics_addr;
+        }
         if self.key.is_some() {
             config.key = self.key;
         }
@@ -204,7 +227,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             require_coordinator(&config)?;
             runtime.block_on(doctor(config, json))
         }
-        Some(NodeCommand::Receipts { settings }) => receipts(settings.resolve()?),
+        Some(NodeCommand::Receipts { settings, json }) => receipts(settings.resolve()?, json),
     }
 }
 
@@ -261,55 +284,86 @@ async fn doctor(config: NodeConfig, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn receipts(config: NodeConfig) -> anyhow::Result<()> {
+fn receipts(config: NodeConfig, json: bool) -> anyhow::Result<()> {
+    use barnraise_node::receipts::{self, Verdict};
     let dir = config.data_dir.join("receipts");
     let key = barnraise_protocol::SigningKey::load(&config.key_path())?;
     let me = key.node_id();
+    let facts = receipts::read_run_facts(&dir)?;
+    // The pinned key, else the one the node recorded when it joined.
     let pinned: Option<PublicKey> = config
         .coordinator_key
+        .clone()
+        .or_else(|| facts.as_ref().map(|f| f.coordinator.clone()))
         .as_deref()
         .map(str::parse)
         .transpose()
         .context("coordinator key")?;
-    let mut entries: Vec<PathBuf> = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("no receipts yet in {}", dir.display());
-            return Ok(());
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
-    };
-    entries.sort();
-    for path in entries {
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let verdict = Signed::<Manifest>::from_bytes(&bytes)
-            .map_err(|e| e.to_string())
-            .and_then(|signed| {
-                signed
-                    .verify(pinned.as_ref())
-                    .map(|m| (signed.signer, m))
-                    .map_err(|e| e.to_string())
-            });
-        match verdict {
-            Ok((signer, manifest)) => {
-                let status = if let Some(a) = manifest.accepted.iter().find(|a| a.node == me) {
-                    format!("accepted, {} tokens, weight {:.3}", a.tokens, a.weight)
-                } else if let Some(r) = manifest.rejected.iter().find(|r| r.node == me) {
-                    format!("rejected ({})", r.reason.code())
-                } else if manifest.missing.contains(&me) {
-                    "missing (no commit by the deadline)".to_string()
-                } else {
-                    "not named".to_string()
-                };
-                println!(
-                    "round {:>6}  {status}  signed by {}",
-                    manifest.round,
-                    &signer.to_hex()[..12]
-                );
-            }
-            Err(e) => println!("{}: does not verify: {e}", path.display()),
-        }
+    let (kept, bad) = receipts::read_receipts(&dir, &me, pinned.as_ref())?;
+    let totals = receipts::totals(&kept, facts.as_ref());
+    if json {
+        let out = serde_json::json!({
+            "node": me.to_string(),
+            "receipts": kept,
+            "unverified": bad,
+            "totals": totals,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
     }
+    if kept.is_empty() && bad.is_empty() {
+        println!("no receipts yet in {}", dir.display());
+        return Ok(());
+    }
+    println!("node {me}");
+    for receipt in &kept {
+        let status = match &receipt.verdict {
+            Verdict::Accepted {
+                tokens,
+                weight,
+                update_bytes,
+                compute_ms,
+            } => format!(
+                "accepted  {tokens} tokens, weight {weight:.3}, {update_bytes} B, {:.1} s",
+                *compute_ms as f64 / 1000.0
+            ),
+            Verdict::Rejected { reason } => format!("rejected  ({reason})"),
+            Verdict::Missing => "missing   (no commit by the deadline)".into(),
+            Verdict::NotNamed => "not named".into(),
+        };
+        println!(
+            "round {:>6}  {status}  manifest {}  signed by {}",
+            receipt.round,
+            &receipt.manifest[..12],
+            &receipt.signer[..12]
+        );
+    }
+    for b in &bad {
+        println!("{}: does not verify: {}", b.path.display(), b.error);
+    }
+    let rejections: Vec<String> = totals
+        .rejections
+        .iter()
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
+    println!(
+        "total: {} rounds, {} accepted, {} rejected{}, {} missing, {} tokens, {:.1} s compute, credit {}",
+        totals.rounds,
+        totals.accepted,
+        totals.rejected,
+        if rejections.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", rejections.join(", "))
+        },
+        totals.missing,
+        totals.tokens,
+        totals.compute_ms as f64 / 1000.0,
+        totals
+            .credit
+            .map(|c| format!("{c:.3e} FLOP"))
+            .unwrap_or_else(|| "unknown (no receipts/run.json)".into()),
+    );
     Ok(())
 }
 

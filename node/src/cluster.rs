@@ -1,0 +1,457 @@
+//! Cluster mode: one node drives several workers — the GPUs of an institution's
+//! machine, or CPU replicas — and uploads ONE update per round.
+//!
+//! ```text
+//! Assignment (shards, seed) ──split──► worker 0: shards[0..], seed
+//!                                      worker 1: shards[k..], worker_seed(seed, 1)
+//!                                      ...
+//! each worker: θ_r ─► H inner steps on its shards ─► Δ_i, tokens_i
+//! reduce: Δ = Σ_i (tokens_i / Σ tokens) · Δ_i   (fixed order, f64 weights)
+//! ─► one compressed update, Commit { tokens: Σ tokens_i, workers: finished }
+//! ```
+//!
+//! The reduction is exact (dense, in memory, before compression) and uses the
+//! same token weighting the coordinator applies across nodes, so a cluster of
+//! N workers lands on the same θ_{r+1} as N separate nodes fed the same shards
+//! and seeds, while moving 1/N of the bytes over the WAN. A worker that fails
+//! or panics mid-round is left out: the update is the token-weighted mean of
+//! the workers that finished, and claims only their tokens; if none finished,
+//! the node commits nothing that round. A partial Δ is never sent.
+
+use barnraise_protocol::Hash;
+use barnraise_protocol::outer::weighted_mean_into;
+use barnraise_trainer::{InnerConfig, Trainer};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// Most workers one node may drive (the coordinator refuses joins that
+/// declare more).
+pub const MAX_WORKERS: usize = barnraise_protocol::limits::MAX_WORKERS_PER_NODE;
+
+/// One worker's part of the node's assignment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerPlan {
+    pub index: usize,
+    pub shards: Vec<Hash>,
+    pub seed: u64,
+}
+
+/// The seed worker `index` samples batches with. Worker 0 uses the
+/// assignment's seed itself, so a one-worker node trains exactly as before
+/// cluster mode existed; the others get seeds derived from it, the same on
+/// every machine.
+pub fn worker_seed(seed: u64, index: usize) -> u64 {
+    if index == 0 {
+        return seed;
+    }
+    let mut bytes = [0u8; 24];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    bytes[8..16].copy_from_slice(b"worker\0\0");
+    bytes[16..].copy_from_slice(&(index as u64).to_le_bytes());
+    let hash = Hash::of(&bytes);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.0[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// Splits an assignment's shards between `workers` workers in contiguous,
+/// near-equal runs (the first ones take the remainder). The coordinator
+/// gives a node of N workers N shares of shards, so each worker normally gets
+/// exactly one share. With fewer shards than workers (an assignment sized
+/// for fewer workers) every worker trains on all the shards, each with its
+/// own seed, so no worker sits idle and none trains on nothing.
+pub fn split_assignment(shards: &[Hash], seed: u64, workers: usize) -> Vec<WorkerPlan> {
+    let workers = workers.max(1);
+    if shards.len() < workers {
+        return (0..workers)
+            .map(|index| WorkerPlan {
+                index,
+                shards: shards.to_vec(),
+                seed: worker_seed(seed, index),
+            })
+            .collect();
+    }
+    let base = shards.len() / workers;
+    let extra = shards.len() % workers;
+    let mut start = 0;
+    (0..workers)
+        .map(|index| {
+            let len = base + usize::from(index < extra);
+            let plan = WorkerPlan {
+                index,
+                shards: shards[start..start + len].to_vec(),
+                seed: worker_seed(seed, index),
+            };
+            start += len;
+            plan
+        })
+        .collect()
+}
+
+/// What one worker produced in a round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerUpdate {
+    pub index: usize,
+    pub tokens: u64,
+    /// Training loss per inner step.
+    pub losses: Vec<f32>,
+    /// Δ_i = θ_r − θ_i after the inner steps.
+    pub delta: Vec<f32>,
+}
+
+/// A worker that did not finish its round, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerFailure {
+    pub index: usize,
+    pub error: String,
+}
+
+/// The node's one update for the round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterUpdate {
+    /// Token-weighted mean of the finished workers' Δ.
+    pub delta: Vec<f32>,
+    /// Tokens of the finished workers, summed.
+    pub tokens: u64,
+    /// Per inner step, the token-weighted mean of the finished workers' losses.
+    pub losses: Vec<f32>,
+    /// Workers whose Δ is in `delta`.
+    pub workers: u32,
+    /// Workers left out, with their errors.
+    pub failures: Vec<WorkerFailure>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReduceError {
+    #[error("no worker finished the round ({})", describe(.0))]
+    NoWorkerFinished(Vec<WorkerFailure>),
+    #[error(
+        "worker {index} produced {found} values where {expected} were expected; its update is left out"
+    )]
+    WrongLength {
+        index: usize,
+        found: usize,
+        expected: usize,
+    },
+}
+
+fn describe(failures: &[WorkerFailure]) -> String {
+    if failures.is_empty() {
+        return "no workers".into();
+    }
+    failures
+        .iter()
+        .map(|f| format!("worker {}: {}", f.index, f.error))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Runs `train` once per worker, each on its own thread with exclusive use of
+/// its slot in `workers` (a trainer, say), and collects what each produced.
+/// A panic in one worker is caught and reported as that worker's failure;
+/// the others are unaffected. One worker runs on the calling thread.
+pub fn run_workers<T, F>(workers: &mut [T], train: F) -> Vec<Result<WorkerUpdate, WorkerFailure>>
+where
+    T: Send,
+    F: Fn(usize, &mut T) -> Result<WorkerUpdate, String> + Sync,
+{
+    let guarded = |index: usize, slot: &mut T| -> Result<WorkerUpdate, WorkerFailure> {
+        match catch_unwind(AssertUnwindSafe(|| train(index, slot))) {
+            Ok(Ok(update)) => Ok(WorkerUpdate { index, ..update }),
+            Ok(Err(error)) => Err(WorkerFailure { index, error }),
+            Err(panic) => Err(WorkerFailure {
+                index,
+                error: format!("the worker crashed: {}", panic_message(&panic)),
+            }),
+        }
+    };
+    if let [only] = workers {
+        return vec![guarded(0, only)];
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = workers
+            .iter_mut()
+            .enumerate()
+            .map(|(index, slot)| {
+                let guarded = &guarded;
+                std::thread::Builder::new()
+                    .name(format!("barnraise-worker-{index}"))
+                    .spawn_scoped(scope, move || guarded(index, slot))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(index, handle)| match handle {
+                Ok(handle) => handle.join().unwrap_or_else(|panic| {
+                    Err(WorkerFailure {
+                        index,
+                        error: format!("the worker crashed: {}", panic_message(&panic)),
+                    })
+                }),
+                Err(e) => Err(WorkerFailure {
+                    index,
+                    error: format!("could not start the worker's thread: {e}"),
+                }),
+            })
+            .collect()
+    })
+}
+
+/// One round of training on every worker: worker `i` starts from `theta`,
+/// trains `inner` (with `seeds[i]`) on `tokens[i]`, and reports
+/// Δ_i = θ_r − θ_i. Workers whose trainer is missing, fails or panics come
+/// back as failures and their slot is emptied (a failed worker may hold a
+/// broken optimizer or device state; the node rebuilds it next round).
+/// `crash` makes that worker panic, to test the path a real crash takes.
+pub fn train_workers(
+    slots: &mut [Option<Trainer>],
+    theta: &[f32],
+    tokens: &[Vec<u16>],
+    seeds: &[u64],
+    inner: &InnerConfig,
+    crash: Option<usize>,
+) -> Vec<Result<WorkerUpdate, WorkerFailure>> {
+    let results = run_workers(slots, |index, slot| {
+        if crash == Some(index) {
+            panic!("fault injection: worker {index} crashes mid-round");
+        }
+        let trainer = slot
+            .as_mut()
+            .ok_or_else(|| "the worker has no trainer".to_string())?;
+        let (Some(tokens), Some(&seed)) = (tokens.get(index), seeds.get(index)) else {
+            return Err(format!("worker {index} has no share of the assignment"));
+        };
+        let inner = InnerConfig {
+            seed,
+            ..inner.clone()
+        };
+        let trained = (|| {
+            trainer.set_flat_params(theta)?;
+            let report = trainer.train_inner(tokens, &inner)?;
+            let local = trainer.flat_params()?;
+            // Δ = θ_r − θ_local, element by element.
+            let delta: Vec<f32> = theta.iter().zip(&local).map(|(t, l)| t - l).collect();
+            Ok::<_, barnraise_trainer::TrainError>(WorkerUpdate {
+                index,
+                tokens: report.tokens,
+                losses: report.losses,
+                delta,
+            })
+        })();
+        trained.map_err(|e| e.to_string())
+    });
+    for failed in results.iter().filter_map(|r| r.as_ref().err()) {
+        if let Some(slot) = slots.get_mut(failed.index) {
+            *slot = None;
+        }
+    }
+    results
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panicked".into())
+}
+
+/// Reduces the workers' results to the node's one update: the exact
+/// token-weighted mean of every finished worker's Δ (weights computed in f64
+/// in worker order, as the coordinator weights nodes), their summed tokens,
+/// and the failures. Errors when no worker finished — the node then commits
+/// nothing rather than a partial update.
+pub fn reduce(
+    results: Vec<Result<WorkerUpdate, WorkerFailure>>,
+    params: usize,
+) -> Result<ClusterUpdate, ReduceError> {
+    let mut finished = Vec::new();
+    let mut failures = Vec::new();
+    for result in results {
+        match result {
+            Ok(update) if update.delta.len() == params => finished.push(update),
+            Ok(update) => {
+                let error = ReduceError::WrongLength {
+                    index: update.index,
+                    found: update.delta.len(),
+                    expected: params,
+                };
+                failures.push(WorkerFailure {
+                    index: update.index,
+                    error: error.to_string(),
+                });
+            }
+            Err(failure) => failures.push(failure),
+        }
+    }
+    if finished.is_empty() {
+        return Err(ReduceError::NoWorkerFinished(failures));
+    }
+    finished.sort_by_key(|u| u.index);
+    let tokens: u64 = finished.iter().map(|u| u.tokens).sum();
+    let shares = token_shares(&finished);
+    let delta = if let [only] = finished.as_mut_slice() {
+        std::mem::take(&mut only.delta)
+    } else {
+        let mut out = vec![0.0f32; params];
+        let inputs: Vec<(&[f32], f32)> = finished
+            .iter()
+            .zip(&shares)
+            .map(|(u, &s)| (u.delta.as_slice(), s))
+            .collect();
+        weighted_mean_into(&inputs, &mut out);
+        out
+    };
+    let steps = finished.iter().map(|u| u.losses.len()).max().unwrap_or(0);
+    let losses = (0..steps)
+        .map(|step| {
+            let (mut sum, mut weight) = (0.0f64, 0.0f64);
+            for (u, &s) in finished.iter().zip(&shares) {
+                if let Some(&loss) = u.losses.get(step) {
+                    sum += f64::from(s) * f64::from(loss);
+                    weight += f64::from(s);
+                }
+            }
+            if weight > 0.0 {
+                (sum / weight) as f32
+            } else {
+                f32::NAN
+            }
+        })
+        .collect();
+    Ok(ClusterUpdate {
+        delta,
+        tokens,
+        losses,
+        workers: finished.len() as u32,
+        failures,
+    })
+}
+
+/// Each worker's share of the update: its tokens over the total, computed in
+/// f64 and rounded to f32 — the coordinator's manifest weights, so reducing
+/// here and aggregating there give the same sums. Equal shares when no
+/// worker reports tokens.
+fn token_shares(finished: &[WorkerUpdate]) -> Vec<f32> {
+    let total: f64 = finished.iter().map(|u| u.tokens as f64).sum();
+    finished
+        .iter()
+        .map(|u| {
+            if total > 0.0 {
+                (u.tokens as f64 / total) as f32
+            } else {
+                (1.0 / finished.len() as f64) as f32
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hashes(n: u8) -> Vec<Hash> {
+        (0..n).map(|i| Hash::of(&[i])).collect()
+    }
+
+    fn update(index: usize, tokens: u64, value: f32) -> WorkerUpdate {
+        WorkerUpdate {
+            index,
+            tokens,
+            losses: vec![value; 3],
+            delta: vec![value; 4],
+        }
+    }
+
+    #[test]
+    fn split_covers_every_shard_once_in_order() {
+        let shards = hashes(7);
+        let plans = split_assignment(&shards, 42, 3);
+        let lens: Vec<usize> = plans.iter().map(|p| p.shards.len()).collect();
+        assert_eq!(lens, vec![3, 2, 2]);
+        let joined: Vec<Hash> = plans.iter().flat_map(|p| p.shards.clone()).collect();
+        assert_eq!(joined, shards);
+        assert_eq!(plans[0].seed, 42, "worker 0 keeps the assignment's seed");
+        assert_ne!(plans[1].seed, plans[2].seed);
+        assert_ne!(plans[1].seed, 42);
+        assert_eq!(split_assignment(&shards, 42, 3), plans, "deterministic");
+    }
+
+    #[test]
+    fn fewer_shards_than_workers_gives_everyone_all_shards() {
+        let shards = hashes(1);
+        let plans = split_assignment(&shards, 5, 3);
+        assert_eq!(plans.len(), 3);
+        assert!(plans.iter().all(|p| p.shards == shards));
+        let seeds: std::collections::HashSet<u64> = plans.iter().map(|p| p.seed).collect();
+        assert_eq!(seeds.len(), 3);
+    }
+
+    #[test]
+    fn reduce_weights_by_tokens() {
+        let reduced = reduce(vec![Ok(update(0, 100, 1.0)), Ok(update(1, 300, 5.0))], 4).unwrap();
+        // (100·1 + 300·5) / 400 = 4
+        assert_eq!(reduced.delta, vec![4.0; 4]);
+        assert_eq!(reduced.tokens, 400);
+        assert_eq!(reduced.workers, 2);
+        assert_eq!(reduced.losses, vec![4.0; 3]);
+        assert!(reduced.failures.is_empty());
+    }
+
+    #[test]
+    fn a_failed_worker_is_left_out_and_its_tokens_not_claimed() {
+        let reduced = reduce(
+            vec![
+                Ok(update(0, 100, 2.0)),
+                Err(WorkerFailure {
+                    index: 1,
+                    error: "out of memory".into(),
+                }),
+                Ok(WorkerUpdate {
+                    delta: vec![9.0; 3],
+                    ..update(2, 100, 9.0)
+                }),
+            ],
+            4,
+        )
+        .unwrap();
+        assert_eq!(reduced.delta, vec![2.0; 4]);
+        assert_eq!(reduced.tokens, 100);
+        assert_eq!(reduced.workers, 1);
+        let failed: Vec<usize> = reduced.failures.iter().map(|f| f.index).collect();
+        assert_eq!(failed, vec![1, 2], "the wrong-length update is refused too");
+    }
+
+    #[test]
+    fn nothing_finished_is_an_error_not_an_update() {
+        let err = reduce(
+            vec![Err(WorkerFailure {
+                index: 0,
+                error: "boom".into(),
+            })],
+            4,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("worker 0: boom"), "{err}");
+    }
+
+    #[test]
+    fn a_panicking_worker_is_caught_and_the_others_finish() {
+        let mut slots = vec![0u32; 3];
+        let results = run_workers(&mut slots, |index, slot| {
+            *slot += 1;
+            if index == 1 {
+                panic!("worker one fell over");
+            }
+            Ok(update(99, 10, index as f32))
+        });
+        assert_eq!(results.len(), 3);
+        assert!(matches!(&results[1], Err(f) if f.index == 1 && f.error.contains("fell over")));
+        assert_eq!(results[0].as_ref().unwrap().index, 0, "index is the slot's");
+        assert_eq!(results[2].as_ref().unwrap().index, 2);
+        assert_eq!(slots, vec![1, 1, 1], "every worker ran on its own slot");
+        let reduced = reduce(results, 4).unwrap();
+        assert_eq!(reduced.workers, 2);
+        assert_eq!(reduced.delta, vec![1.0; 4]);
+    }
+}

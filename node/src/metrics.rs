@@ -1,0 +1,250 @@
+//! The node's Prometheus metrics (`barnraise node --metrics-addr HOST:PORT`
+//! serves them at `/metrics`): what an operator graphs to see that a node is
+//! training, committing and keeping up, per worker in cluster mode.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio_util::sync::CancellationToken;
+
+/// Counters and gauges the daemon updates as it works. Cheap to update from
+/// any thread.
+#[derive(Debug, Default)]
+pub struct NodeMetrics {
+    pub rounds_applied: AtomicU64,
+    pub rounds_trained: AtomicU64,
+    pub updates_committed: AtomicU64,
+    pub commits_refused: AtomicU64,
+    pub tokens_trained: AtomicU64,
+    pub update_bytes: AtomicU64,
+    pub compute_ms: AtomicU64,
+    pub resyncs: AtomicU64,
+    pub worker_failures: AtomicU64,
+    pub current_round: AtomicU64,
+    pub workers: AtomicU64,
+    /// f32 bits of the last inner step's training loss (NaN before any).
+    pub last_loss: AtomicU64,
+    /// Tokens each worker trained, by worker index.
+    worker_tokens: Mutex<Vec<u64>>,
+}
+
+impl NodeMetrics {
+    pub fn new() -> NodeMetrics {
+        let metrics = NodeMetrics::default();
+        metrics
+            .last_loss
+            .store(f64::NAN.to_bits(), Ordering::Relaxed);
+        metrics
+    }
+
+    pub fn add(cell: &AtomicU64, value: u64) {
+        cell.fetch_add(value, Ordering::Relaxed);
+    }
+
+    pub fn set(cell: &AtomicU64, value: u64) {
+        cell.store(value, Ordering::Relaxed);
+    }
+
+    pub fn set_loss(&self, loss: f32) {
+        self.last_loss
+            .store(f64::from(loss).to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn add_worker_tokens(&self, worker: usize, tokens: u64) {
+        if let Ok(mut per_worker) = self.worker_tokens.lock() {
+            if per_worker.len() <= worker {
+                per_worker.resize(worker + 1, 0);
+            }
+            per_worker[worker] += tokens;
+        }
+    }
+
+    /// The Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let get = |cell: &AtomicU64| cell.load(Ordering::Relaxed).to_string();
+        let loss = f64::from_bits(self.last_loss.load(Ordering::Relaxed));
+        let series: [(&str, &str, &str, String); 12] = [
+            (
+                "rounds_applied_total",
+                "counter",
+                "Rounds whose manifest this node applied and verified.",
+                get(&self.rounds_applied),
+            ),
+            (
+                "rounds_trained_total",
+                "counter",
+                "Rounds this node trained in.",
+                get(&self.rounds_trained),
+            ),
+            (
+                "updates_committed_total",
+                "counter",
+                "Updates committed to the coordinator.",
+                get(&self.updates_committed),
+            ),
+            (
+                "commits_refused_total",
+                "counter",
+                "Commits the coordinator refused on arrival.",
+                get(&self.commits_refused),
+            ),
+            (
+                "tokens_trained_total",
+                "counter",
+                "Tokens trained, all workers.",
+                get(&self.tokens_trained),
+            ),
+            (
+                "update_bytes_total",
+                "counter",
+                "Bytes of compressed updates produced.",
+                get(&self.update_bytes),
+            ),
+            (
+                "compute_seconds_total",
+                "counter",
+                "Wall time spent training.",
+                format!(
+                    "{:.3}",
+                    self.compute_ms.load(Ordering::Relaxed) as f64 / 1000.0
+                ),
+            ),
+            (
+                "resyncs_total",
+                "counter",
+                "Times the node fell behind and resynced.",
+                get(&self.resyncs),
+            ),
+            (
+                "worker_failures_total",
+                "counter",
+                "Workers that failed or crashed mid-round (left out of the update).",
+                get(&self.worker_failures),
+            ),
+            (
+                "current_round",
+                "gauge",
+                "The round the node is working on.",
+                get(&self.current_round),
+            ),
+            (
+                "workers",
+                "gauge",
+                "Workers this node drives.",
+                get(&self.workers),
+            ),
+            (
+                "train_loss",
+                "gauge",
+                "Training loss of the last inner step.",
+                if loss.is_nan() {
+                    "NaN".into()
+                } else {
+                    loss.to_string()
+                },
+            ),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in series {
+            let _ = writeln!(
+                out,
+                "# HELP barnraise_node_{name} {help}\n# TYPE barnraise_node_{name} {kind}\nbarnraise_node_{name} {value}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP barnraise_node_worker_tokens_total Tokens trained, by worker.\n# TYPE barnraise_node_worker_tokens_total counter"
+        );
+        if let Ok(per_worker) = self.worker_tokens.lock() {
+            for (worker, tokens) in per_worker.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "barnraise_node_worker_tokens_total{{worker=\"{worker}\"}} {tokens}"
+                );
+            }
+        }
+        out
+    }
+}
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics endpoint on {addr}: {source}")]
+pub struct MetricsError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+/// Binds `addr` and serves `/metrics` until `shutdown`; returns the bound
+/// address (port 0 picks one).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: std::sync::Arc<NodeMetrics>,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, MetricsError> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| MetricsError { addr, source })?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let stopped = shutdown.cancelled_owned();
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::warn!("metrics endpoint stopped: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_series_with_help_and_type() {
+        let metrics = NodeMetrics::new();
+        NodeMetrics::add(&metrics.tokens_trained, 1234);
+        NodeMetrics::add(&metrics.compute_ms, 1500);
+        metrics.add_worker_tokens(1, 77);
+        let text = metrics.render();
+        assert!(
+            text.contains("barnraise_node_tokens_trained_total 1234\n"),
+            "{text}"
+        );
+        assert!(text.contains("barnraise_node_compute_seconds_total 1.500\n"));
+        assert!(text.contains("barnraise_node_train_loss NaN\n"));
+        assert!(text.contains("barnraise_node_worker_tokens_total{worker=\"0\"} 0\n"));
+        assert!(text.contains("barnraise_node_worker_tokens_total{worker=\"1\"} 77\n"));
+        metrics.set_loss(2.5);
+        assert!(metrics.render().contains("barnraise_node_train_loss 2.5\n"));
+        // Every sample line belongs to a series declared with HELP and TYPE.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "undeclared {name}"
+            );
+        }
+    }
+}
