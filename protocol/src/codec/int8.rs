@@ -4,7 +4,7 @@
 //! the last block may be shorter. No error feedback: the rounding error is at
 //! most half a scale step and unbiased.
 
-use super::{ABS_MASK, CodecError, EXPONENT_BITS, Target, round_small};
+use super::{CodecError, Target, round_small};
 
 /// Largest scale a decoder accepts: 128 * scale stays finite for every byte,
 /// so decoded values are always finite.
@@ -34,28 +34,34 @@ pub(crate) fn encode(delta: &[f32], block: u32, out: &mut Vec<u8>) -> Result<(),
     let blocks = delta.len().div_ceil(block);
     out.resize(scales_at + blocks * 4, 0);
     out.reserve(delta.len());
+    // Through a small stack buffer: a loop the compiler packs 16 values at a
+    // time, where extending the vector value by value would not be.
+    let mut buffer = [0u8; 1024];
     for (index, values) in delta.chunks(block).enumerate() {
-        // The max of the sign-less bits is the max magnitude, and flags
-        // NaN/Inf in the same integer pass.
-        let worst = values
-            .iter()
-            .fold(0u32, |m, x| m.max(x.to_bits() & ABS_MASK));
-        if worst >= EXPONENT_BITS {
+        let Some(worst) = largest_magnitude(values) else {
             let at = values.iter().position(|x| !x.is_finite()).unwrap_or(0);
             return Err(CodecError::NonFiniteInput {
                 index: index * block + at,
                 value: values[at],
             });
-        }
-        let scale = (f32::from_bits(worst) / 127.0).min(MAX_SCALE);
+        };
+        let scale = (worst / 127.0).min(MAX_SCALE);
         let inverse = 1.0 / scale;
-        if scale == 0.0 {
-            out.extend(values.iter().map(|_| 0u8));
-        } else if inverse.is_finite() {
-            out.extend(values.iter().map(|&x| quantize(x * inverse)));
-        } else {
-            // Subnormal scale: 1/scale overflows, so divide instead.
-            out.extend(values.iter().map(|&x| quantize(x / scale)));
+        for part in values.chunks(buffer.len()) {
+            let bytes = &mut buffer[..part.len()];
+            if scale == 0.0 {
+                bytes.fill(0);
+            } else if inverse.is_finite() {
+                for (byte, &x) in bytes.iter_mut().zip(part) {
+                    *byte = quantize(x * inverse);
+                }
+            } else {
+                // Subnormal scale: 1/scale overflows, so divide instead.
+                for (byte, &x) in bytes.iter_mut().zip(part) {
+                    *byte = quantize(x / scale);
+                }
+            }
+            out.extend_from_slice(bytes);
         }
         let at = scales_at + index * 4;
         out[at..at + 4].copy_from_slice(&scale.to_le_bytes());
@@ -63,13 +69,45 @@ pub(crate) fn encode(delta: &[f32], block: u32, out: &mut Vec<u8>) -> Result<(),
     Ok(())
 }
 
+/// Lanes of the running maximum: enough vector registers to hide latency.
+const LANES: usize = 16;
+
+/// The largest |x| of a block, or None if any value is NaN or infinite.
+fn largest_magnitude(values: &[f32]) -> Option<f32> {
+    // `if a > m` is one max instruction per vector and ignores NaN, so NaN
+    // and infinity are flagged apart: |x| as bits plus one exponent step
+    // carries into the top bit exactly when the exponent is all ones. A
+    // maximum is exact, so the lanes' order cannot change it.
+    let larger = |a: f32, m: f32| if a > m { a } else { m };
+    let carry = |a: f32| a.to_bits().wrapping_add(0x0080_0000);
+    let mut max = [0f32; LANES];
+    let mut flags = [0u32; LANES];
+    let (rows, rest) = values.as_chunks::<LANES>();
+    for row in rows {
+        for ((max, flag), &x) in max.iter_mut().zip(flags.iter_mut()).zip(row) {
+            *max = larger(x.abs(), *max);
+            *flag |= carry(x.abs());
+        }
+    }
+    let mut worst = max.into_iter().fold(0f32, |m, lane| larger(lane, m));
+    let mut flag = flags.into_iter().fold(0, |any, lane| any | lane);
+    for &x in rest {
+        worst = larger(x.abs(), worst);
+        flag |= carry(x.abs());
+    }
+    (flag >> 31 == 0).then_some(worst)
+}
+
 /// round_half_even(clamp(y, -127, 127)) as a two's-complement byte. Clamping
 /// first is the same as clamping the rounded value (the bounds are integers),
 /// and lets the byte be read straight from the shifted float's low bits
-/// (see [`round_small`]), which vectorizes to a few SIMD instructions.
+/// (see [`round_small`]), which vectorizes to a few SIMD instructions. The
+/// detour through i16 changes no bit (both casts keep the low byte) but lets
+/// the compiler pack 16 results with two pack instructions instead of
+/// masking each quarter.
 #[inline(always)]
 fn quantize(y: f32) -> u8 {
-    round_small(y.clamp(-127.0, 127.0)) as u8
+    round_small(y.clamp(-127.0, 127.0)) as i16 as u8
 }
 
 /// Checks every scale, then writes `value * scale` (or adds `weight * that`).
