@@ -16,6 +16,7 @@
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// What went wrong with the ledger database.
@@ -126,6 +127,10 @@ const MIGRATIONS: &[&str] = &[
         reason TEXT NOT NULL,
         detail TEXT NOT NULL
      );",
+    // 2: the accounting queries (per-round overview, a node's history and
+    // its late commits) look updates up by round and refusals by node.
+    "CREATE INDEX IF NOT EXISTS updates_by_round ON updates(round);
+     CREATE INDEX IF NOT EXISTS refusals_by_node ON refusals(claimed_node, round);",
 ];
 
 /// A node as the ledger knows it.
@@ -207,13 +212,191 @@ pub struct ContributorRow {
     pub node: String,
     pub org: Option<String>,
     pub org_name: Option<String>,
+    /// Tokens of accepted updates.
     pub tokens: u64,
     pub accepted: u64,
     pub rejected: u64,
     pub missing: u64,
+    /// Bytes of every update the node delivered (accepted or rejected).
+    pub bytes: u64,
+    /// Compute time of accepted updates.
+    pub compute_ms: u64,
+    pub credit: f64,
+    /// Rounds whose update came after the round had closed (counted among
+    /// `missing`) or was rejected as `late`.
+    #[serde(default)]
+    pub late: u64,
+    /// Rejected updates by reason code.
+    #[serde(default)]
+    pub rejections: BTreeMap<String, u64>,
+}
+
+/// An org's totals: the sum of its nodes' [`ContributorRow`]s. Nodes that
+/// joined without a certificate roll up into one row with `org: None`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OrgRow {
+    /// The org's key (hex), or `None` for independent nodes.
+    pub org: Option<String>,
+    pub org_name: Option<String>,
+    pub nodes: u64,
+    pub tokens: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub missing: u64,
+    pub late: u64,
     pub bytes: u64,
     pub compute_ms: u64,
     pub credit: f64,
+    pub rejections: BTreeMap<String, u64>,
+}
+
+/// The counts a node's row and an org's row share, for tables and pages.
+#[derive(Clone, Copy, Debug)]
+pub struct Tally<'a> {
+    pub tokens: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub missing: u64,
+    pub late: u64,
+    pub bytes: u64,
+    pub compute_ms: u64,
+    pub credit: f64,
+    pub rejections: &'a BTreeMap<String, u64>,
+}
+
+macro_rules! tally_of {
+    ($row:ty) => {
+        impl $row {
+            pub fn tally(&self) -> Tally<'_> {
+                Tally {
+                    tokens: self.tokens,
+                    accepted: self.accepted,
+                    rejected: self.rejected,
+                    missing: self.missing,
+                    late: self.late,
+                    bytes: self.bytes,
+                    compute_ms: self.compute_ms,
+                    credit: self.credit,
+                    rejections: &self.rejections,
+                }
+            }
+        }
+    };
+}
+tally_of!(ContributorRow);
+tally_of!(OrgRow);
+
+/// How a node's update for a round arrived.
+pub mod timeliness {
+    /// The update was in the round (accepted or rejected on its merits).
+    pub const ON_TIME: &str = "on-time";
+    /// It came after the round closed, or was rejected as late.
+    pub const LATE: &str = "late";
+    /// The node was assigned work and delivered nothing.
+    pub const MISSING: &str = "missing";
+}
+
+/// One round of one node's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRoundRow {
+    pub round: u64,
+    /// `accepted`, `rejected` or `missing`.
+    pub verdict: String,
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+    pub update_hash: Option<String>,
+    pub tokens: u64,
+    pub compute_ms: u64,
+    pub bytes: u64,
+    pub weight: f64,
+    pub mean_loss: Option<f64>,
+    pub credit: f64,
+    /// One of [`timeliness`]'s values.
+    pub timeliness: String,
+}
+
+/// Everything the ledger knows about one node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeDetail {
+    /// The node's join record; `None` when only its updates are known.
+    pub info: Option<NodeRow>,
+    /// Its totals; `None` before it has been in a closed round.
+    pub totals: Option<ContributorRow>,
+    pub history: Vec<NodeRoundRow>,
+    /// Messages from this node refused outside any manifest (late commits among them).
+    pub refusals: Vec<RefusalRow>,
+}
+
+/// An org's totals and its nodes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OrgDetail {
+    pub totals: OrgRow,
+    pub nodes: Vec<ContributorRow>,
+}
+
+/// What happened in one closed round, counted from its update rows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundActivity {
+    pub round: u64,
+    /// Nodes that had work in the round (accepted, rejected or missing).
+    pub assigned: u64,
+    /// Nodes that delivered an update (accepted or rejected).
+    pub delivered: u64,
+    pub late: u64,
+    /// Tokens of the accepted updates.
+    pub tokens: u64,
+    pub credit: f64,
+}
+
+/// Rolls node totals up to org totals, most credit first; nodes without an
+/// org form one row with `org: None`.
+pub fn roll_up_orgs(rows: &[ContributorRow]) -> Vec<OrgRow> {
+    let mut orgs: Vec<OrgRow> = Vec::new();
+    for r in rows {
+        let index = match orgs.iter().position(|o| o.org == r.org) {
+            Some(i) => i,
+            None => {
+                orgs.push(OrgRow {
+                    org: r.org.clone(),
+                    org_name: None,
+                    nodes: 0,
+                    tokens: 0,
+                    accepted: 0,
+                    rejected: 0,
+                    missing: 0,
+                    late: 0,
+                    bytes: 0,
+                    compute_ms: 0,
+                    credit: 0.0,
+                    rejections: BTreeMap::new(),
+                });
+                orgs.len() - 1
+            }
+        };
+        let o = &mut orgs[index];
+        if o.org_name.is_none() && r.org.is_some() {
+            o.org_name = r.org_name.clone();
+        }
+        o.nodes += 1;
+        o.tokens += r.tokens;
+        o.accepted += r.accepted;
+        o.rejected += r.rejected;
+        o.missing += r.missing;
+        o.late += r.late;
+        o.bytes += r.bytes;
+        o.compute_ms += r.compute_ms;
+        o.credit += r.credit;
+        for (reason, n) in &r.rejections {
+            *o.rejections.entry(reason.clone()).or_insert(0) += n;
+        }
+    }
+    orgs.sort_by(|a, b| {
+        b.credit
+            .total_cmp(&a.credit)
+            .then_with(|| a.org_name.cmp(&b.org_name))
+            .then_with(|| a.org.cmp(&b.org))
+    });
+    orgs
 }
 
 /// A refusal outside any round's manifest.
@@ -508,16 +691,18 @@ impl Ledger {
         self.query_all(
             "SELECT at_ms, round, claimed_node, reason, detail FROM refusals ORDER BY id",
             [],
-            |r| {
-                Ok(RefusalRow {
-                    at_ms: to_u64(r.get(0)?),
-                    round: r.get::<_, Option<i64>>(1)?.map(to_u64),
-                    claimed_node: r.get(2)?,
-                    reason: r.get(3)?,
-                    detail: r.get(4)?,
-                })
-            },
+            Self::refusal_from,
         )
+    }
+
+    fn refusal_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<RefusalRow> {
+        Ok(RefusalRow {
+            at_ms: to_u64(r.get(0)?),
+            round: r.get::<_, Option<i64>>(1)?.map(to_u64),
+            claimed_node: r.get(2)?,
+            reason: r.get(3)?,
+            detail: r.get(4)?,
+        })
     }
 
     /// Writes a closed round — manifest, update rows, checkpoint — in one
@@ -698,29 +883,161 @@ impl Ledger {
 
     /// Per-node totals over every closed round, most credit first.
     pub fn contributors(&self) -> Result<Vec<ContributorRow>, LedgerError> {
-        self.query_all(
-                "SELECT u.node, n.org, n.org_name,
-                    SUM(CASE WHEN u.verdict = 'accepted' THEN u.tokens ELSE 0 END),
-                    SUM(u.verdict = 'accepted'), SUM(u.verdict = 'rejected'), SUM(u.verdict = 'missing'),
-                    SUM(u.bytes), SUM(CASE WHEN u.verdict = 'accepted' THEN u.compute_ms ELSE 0 END), SUM(u.credit)
-                 FROM updates u LEFT JOIN nodes n ON n.node = u.node
-                 GROUP BY u.node ORDER BY SUM(u.credit) DESC, u.node",
-            [], |r| {
-                Ok(ContributorRow {
-                    node: r.get(0)?,
-                    org: r.get(1)?,
-                    org_name: r.get(2)?,
-                    tokens: to_u64(r.get(3)?),
-                    accepted: to_u64(r.get(4)?),
-                    rejected: to_u64(r.get(5)?),
-                    missing: to_u64(r.get(6)?),
-                    bytes: to_u64(r.get(7)?),
-                    compute_ms: to_u64(r.get(8)?),
-                    credit: r.get(9)?,
-                })
+        let sql = format!(
+            "SELECT u.node, n.org, n.org_name,
+                SUM(CASE WHEN u.verdict = 'accepted' THEN u.tokens ELSE 0 END),
+                SUM(u.verdict = 'accepted'), SUM(u.verdict = 'rejected'), SUM(u.verdict = 'missing'),
+                SUM(u.bytes), SUM(CASE WHEN u.verdict = 'accepted' THEN u.compute_ms ELSE 0 END), SUM(u.credit),
+                SUM({LATE})
+             FROM updates u LEFT JOIN nodes n ON n.node = u.node
+             GROUP BY u.node ORDER BY SUM(u.credit) DESC, u.node"
+        );
+        let mut rows = self.query_all(&sql, [], |r| {
+            Ok(ContributorRow {
+                node: r.get(0)?,
+                org: r.get(1)?,
+                org_name: r.get(2)?,
+                tokens: to_u64(r.get(3)?),
+                accepted: to_u64(r.get(4)?),
+                rejected: to_u64(r.get(5)?),
+                missing: to_u64(r.get(6)?),
+                bytes: to_u64(r.get(7)?),
+                compute_ms: to_u64(r.get(8)?),
+                credit: r.get(9)?,
+                late: to_u64(r.get(10)?),
+                rejections: BTreeMap::new(),
             })
+        })?;
+        let reasons: Vec<(String, String, u64)> = self.query_all(
+            "SELECT node, COALESCE(reason, ''), COUNT(*) FROM updates WHERE verdict = 'rejected'
+             GROUP BY node, reason",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, to_u64(r.get(2)?))),
+        )?;
+        for (node, reason, count) in reasons {
+            if let Some(row) = rows.iter_mut().find(|row| row.node == node) {
+                row.rejections.insert(reason, count);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Per-org totals (see [`roll_up_orgs`]), most credit first.
+    pub fn orgs(&self) -> Result<Vec<OrgRow>, LedgerError> {
+        Ok(roll_up_orgs(&self.contributors()?))
+    }
+
+    /// One org's totals and nodes; `org: None` is the independent nodes.
+    /// `None` when no node of that org has been in a closed round.
+    pub fn org_detail(&self, org: Option<&str>) -> Result<Option<OrgDetail>, LedgerError> {
+        let nodes: Vec<ContributorRow> = self
+            .contributors()?
+            .into_iter()
+            .filter(|c| c.org.as_deref() == org)
+            .collect();
+        Ok(roll_up_orgs(&nodes)
+            .into_iter()
+            .next()
+            .map(|totals| OrgDetail { totals, nodes }))
+    }
+
+    /// The node's join record.
+    pub fn node(&self, node: &str) -> Result<Option<NodeRow>, LedgerError> {
+        Ok(self.nodes()?.into_iter().find(|n| n.node == node))
+    }
+
+    /// A node's rounds, oldest first, each with its verdict and timeliness.
+    pub fn node_history(&self, node: &str) -> Result<Vec<NodeRoundRow>, LedgerError> {
+        let sql = format!(
+            "SELECT u.round, u.verdict, u.reason, u.detail, u.update_hash, u.tokens, u.compute_ms,
+                u.bytes, u.weight, u.mean_loss, u.credit, {LATE}
+             FROM updates u WHERE u.node = ?1 ORDER BY u.round, u.id"
+        );
+        self.query_all(&sql, [node], |r| {
+            let verdict: String = r.get(1)?;
+            let late: bool = r.get(11)?;
+            let timeliness = match (late, verdict.as_str()) {
+                (true, _) => timeliness::LATE,
+                (false, "missing") => timeliness::MISSING,
+                _ => timeliness::ON_TIME,
+            };
+            Ok(NodeRoundRow {
+                round: to_u64(r.get(0)?),
+                verdict,
+                reason: r.get(2)?,
+                detail: r.get(3)?,
+                update_hash: r.get(4)?,
+                tokens: to_u64(r.get(5)?),
+                compute_ms: to_u64(r.get(6)?),
+                bytes: to_u64(r.get(7)?),
+                weight: r.get(8)?,
+                mean_loss: r.get(9)?,
+                credit: r.get(10)?,
+                timeliness: timeliness.to_string(),
+            })
+        })
+    }
+
+    /// Everything about one node; `None` when the ledger has never heard of it.
+    pub fn node_detail(&self, node: &str) -> Result<Option<NodeDetail>, LedgerError> {
+        let info = self.node(node)?;
+        let totals = self.contributors()?.into_iter().find(|c| c.node == node);
+        let history = self.node_history(node)?;
+        let refusals = self.query_all(
+            "SELECT at_ms, round, claimed_node, reason, detail FROM refusals
+             WHERE claimed_node = ?1 ORDER BY id",
+            [node],
+            Self::refusal_from,
+        )?;
+        if info.is_none() && totals.is_none() && history.is_empty() && refusals.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(NodeDetail {
+            info,
+            totals,
+            history,
+            refusals,
+        }))
+    }
+
+    /// Per closed round: who had work, who delivered, who was late, tokens and credit.
+    pub fn round_activity(&self) -> Result<Vec<RoundActivity>, LedgerError> {
+        let sql = format!(
+            "SELECT r.round, COUNT(u.id), COALESCE(SUM(u.verdict IN ('accepted', 'rejected')), 0),
+                COALESCE(SUM({LATE}), 0),
+                COALESCE(SUM(CASE WHEN u.verdict = 'accepted' THEN u.tokens ELSE 0 END), 0),
+                COALESCE(SUM(u.credit), 0.0)
+             FROM rounds r LEFT JOIN updates u ON u.round = r.round
+             GROUP BY r.round ORDER BY r.round"
+        );
+        self.query_all(&sql, [], |r| {
+            Ok(RoundActivity {
+                round: to_u64(r.get(0)?),
+                assigned: to_u64(r.get(1)?),
+                delivered: to_u64(r.get(2)?),
+                late: to_u64(r.get(3)?),
+                tokens: to_u64(r.get(4)?),
+                credit: r.get(5)?,
+            })
+        })
+    }
+
+    /// The run config stored when the ledger was bound (JSON), if any.
+    pub fn run_config_json(&self) -> Result<Option<String>, LedgerError> {
+        self.conn
+            .query_row("SELECT config_json FROM run WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
     }
 }
+
+/// SQL over an `updates u` row: 1 when the node's update for that round was
+/// late — rejected as `late` inside the round, or refused as `late` after the
+/// round had closed (the node then stands as missing in the manifest).
+const LATE: &str = "(CASE WHEN (u.verdict = 'rejected' AND u.reason = 'late')
+    OR (u.verdict = 'missing' AND EXISTS (SELECT 1 FROM refusals f
+        WHERE f.claimed_node = u.node AND f.round = u.round AND f.reason = 'late'))
+    THEN 1 ELSE 0 END)";
 
 #[cfg(test)]
 mod tests {
@@ -855,6 +1172,43 @@ mod tests {
             .unwrap();
         assert_eq!((a.accepted, a.tokens), (2, 200));
         assert_eq!(ledger.manifest(1).unwrap(), Some(vec![1u8; 8]));
+    }
+
+    #[test]
+    fn ledger_written_by_the_first_schema_opens_and_gains_the_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        {
+            // A ledger as the first release left it: schema 1 only.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO run (id, run_id, config_json, created_ms) VALUES (1, 'run', '{}', 0)",
+                [],
+            )
+            .unwrap();
+        }
+        let mut ledger = open(&path).unwrap();
+        let version: i64 = ledger
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        ledger.bind_run("run", "{}", 1).unwrap();
+        ledger
+            .close_round(&record(0, &[("a", "accepted"), ("b", "rejected")]))
+            .unwrap();
+        let orgs = ledger.orgs().unwrap();
+        assert_eq!(
+            (orgs.len(), orgs[0].org.as_ref(), orgs[0].nodes),
+            (1, None, 2)
+        );
+        assert_eq!(orgs[0].rejections.get("norm-too-large"), Some(&1));
+        let history = ledger.node_history("b").unwrap();
+        assert_eq!(history[0].timeliness, timeliness::ON_TIME);
+        assert!(ledger.node_detail("nobody").unwrap().is_none());
+        assert!(ledger.org_detail(Some("nobody")).unwrap().is_none());
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The contribution table for `barnraise stats`: read from a running
-//! coordinator's HTTP API or from a stopped one's ledger, printed as text.
+//! coordinator's HTTP API or from a stopped one's ledger, by node or rolled
+//! up by org, printed as a text table, JSON or CSV (RFC 4180).
 //! The HTTP read is a plain HTTP/1.0 GET over a TCP socket: one request to
 //! a local API does not need an HTTP client library.
 
-use crate::ledger::{ContributorRow, Ledger, LedgerError};
+use crate::ledger::{ContributorRow, Ledger, LedgerError, OrgRow, Tally, roll_up_orgs};
+use std::borrow::Cow;
 use std::fmt::Write;
 use std::path::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,6 +30,14 @@ const MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Reads the contributors from a running coordinator's `/api/v1/contributors`.
 pub async fn fetch_contributors(url: &str) -> Result<Vec<ContributorRow>, StatsError> {
+    fetch_json(url, "/api/v1/contributors").await
+}
+
+/// GETs `path` from the coordinator at `url` and parses the JSON answer.
+pub async fn fetch_json<T: serde::de::DeserializeOwned>(
+    url: &str,
+    path: &str,
+) -> Result<T, StatsError> {
     let rest = url
         .trim()
         .strip_prefix("http://")
@@ -44,9 +54,8 @@ pub async fn fetch_contributors(url: &str) -> Result<Vec<ContributorRow>, StatsE
     let mut stream = tokio::net::TcpStream::connect(host)
         .await
         .map_err(connect)?;
-    let request = format!(
-        "GET /api/v1/contributors HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n"
-    );
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n");
     stream
         .write_all(request.as_bytes())
         .await
@@ -83,7 +92,8 @@ pub fn read_contributors(data_dir: &Path) -> Result<Vec<ContributorRow>, StatsEr
     Ok(ledger.contributors()?)
 }
 
-fn human(n: f64) -> String {
+/// A count with a k/M/G/... suffix (3 significant digits or so).
+pub fn human(n: f64) -> String {
     const UNITS: [&str; 7] = ["", "k", "M", "G", "T", "P", "E"];
     let mut v = n;
     let mut unit = 0;
@@ -98,56 +108,188 @@ fn human(n: f64) -> String {
     }
 }
 
-/// The table as text, one node per line, most credit first.
-pub fn render_contributors(rows: &[ContributorRow]) -> String {
-    let total_credit: f64 = rows.iter().map(|r| r.credit).sum();
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<12}  {:<16}  {:>9}  {:>8}  {:>8}  {:>7}  {:>9}  {:>9}  {:>10}  {:>6}",
-        "node",
-        "org",
-        "tokens",
-        "accepted",
-        "rejected",
-        "missing",
-        "bytes",
-        "compute",
-        "credit",
-        "share"
-    );
-    for r in rows {
-        let share = if total_credit > 0.0 {
-            100.0 * r.credit / total_credit
-        } else {
-            0.0
-        };
-        let org: String = r
-            .org_name
-            .clone()
-            .unwrap_or_else(|| "-".into())
-            .chars()
-            .take(16)
-            .collect();
-        let _ = writeln!(
-            out,
-            "{:<12}  {:<16}  {:>9}  {:>8}  {:>8}  {:>7}  {:>9}  {:>8.1}s  {:>9}F  {:>5.1}%",
-            r.node.get(..12).unwrap_or(&r.node),
-            org,
-            human(r.tokens as f64),
-            r.accepted,
-            r.rejected,
-            r.missing,
-            human(r.bytes as f64) + "B",
-            r.compute_ms as f64 / 1000.0,
-            human(r.credit),
-            share
-        );
+/// The header of the columns both tables end with.
+fn tally_header() -> String {
+    format!(
+        "{:>9}  {:>8}  {:>8}  {:>7}  {:>4}  {:>9}  {:>9}  {:>10}  {:>6}",
+        "tokens", "accepted", "rejected", "missing", "late", "bytes", "compute", "credit", "share"
+    )
+}
+
+/// A row's shared columns, under [`tally_header`].
+fn tally_columns(t: Tally<'_>, total_credit: f64) -> String {
+    let share = if total_credit > 0.0 {
+        100.0 * t.credit / total_credit
+    } else {
+        0.0
+    };
+    format!(
+        "{:>9}  {:>8}  {:>8}  {:>7}  {:>4}  {:>9}  {:>8.1}s  {:>9}F  {:>5.1}%",
+        human(t.tokens as f64),
+        t.accepted,
+        t.rejected,
+        t.missing,
+        t.late,
+        human(t.bytes as f64) + "B",
+        t.compute_ms as f64 / 1000.0,
+        human(t.credit),
+        share
+    )
+}
+
+/// `(leading columns, tally)` lines under `header` and [`tally_header`].
+fn render_table<'a>(header: &str, lines: impl Iterator<Item = (String, Tally<'a>)>) -> String {
+    let lines: Vec<(String, Tally<'a>)> = lines.collect();
+    let total_credit: f64 = lines.iter().map(|(_, t)| t.credit).sum();
+    let mut out = format!("{header}  {}\n", tally_header());
+    for (lead, tally) in &lines {
+        let _ = writeln!(out, "{lead}  {}", tally_columns(*tally, total_credit));
     }
-    if rows.is_empty() {
+    if lines.is_empty() {
         out.push_str("(no closed rounds yet)\n");
     }
     out
+}
+
+fn clip(text: &str, width: usize) -> String {
+    text.chars().take(width).collect()
+}
+
+/// The table as text, one node per line, most credit first.
+pub fn render_contributors(rows: &[ContributorRow]) -> String {
+    render_table(
+        &format!("{:<12}  {:<16}", "node", "org"),
+        rows.iter().map(|r| {
+            let lead = format!(
+                "{:<12}  {:<16}",
+                clip(&r.node, 12),
+                clip(r.org_name.as_deref().unwrap_or("-"), 16)
+            );
+            (lead, r.tally())
+        }),
+    )
+}
+
+/// The org table as text, one org per line, most credit first.
+pub fn render_orgs(rows: &[OrgRow]) -> String {
+    render_table(
+        &format!("{:<24}  {:<12}  {:>5}", "org", "key", "nodes"),
+        rows.iter().map(|r| {
+            let name = match (&r.org, &r.org_name) {
+                (None, _) => "(independent)",
+                (Some(_), Some(name)) => name.as_str(),
+                (Some(_), None) => "-",
+            };
+            let key = r.org.as_deref().map_or("-".into(), |k| clip(k, 12));
+            let lead = format!("{:<24}  {:<12}  {:>5}", clip(name, 24), key, r.nodes);
+            (lead, r.tally())
+        }),
+    )
+}
+
+/// How `barnraise stats` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+/// What one line of the output is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum By {
+    Node,
+    Org,
+}
+
+/// The contributors as `format`, one line per node or per org.
+pub fn render(
+    rows: &[ContributorRow],
+    by: By,
+    format: Format,
+) -> Result<String, serde_json::Error> {
+    Ok(match (by, format) {
+        (By::Node, Format::Table) => render_contributors(rows),
+        (By::Org, Format::Table) => render_orgs(&roll_up_orgs(rows)),
+        (By::Node, Format::Json) => serde_json::to_string_pretty(rows)? + "\n",
+        (By::Org, Format::Json) => serde_json::to_string_pretty(&roll_up_orgs(rows))? + "\n",
+        (By::Node, Format::Csv) => to_csv(rows, &node_columns())?,
+        (By::Org, Format::Csv) => to_csv(&roll_up_orgs(rows), &org_columns())?,
+    })
+}
+
+/// The CSV columns both outputs end with: the [`Tally`] fields.
+const TALLY_COLUMNS: [&str; 9] = [
+    "tokens",
+    "accepted",
+    "rejected",
+    "missing",
+    "late",
+    "bytes",
+    "compute_ms",
+    "credit",
+    "rejections",
+];
+
+/// The CSV columns of `--by node`: [`ContributorRow`]'s fields.
+pub fn node_columns() -> Vec<&'static str> {
+    [["node", "org", "org_name"].as_slice(), &TALLY_COLUMNS].concat()
+}
+
+/// The CSV columns of `--by org`: [`OrgRow`]'s fields.
+pub fn org_columns() -> Vec<&'static str> {
+    [["org", "org_name", "nodes"].as_slice(), &TALLY_COLUMNS].concat()
+}
+
+/// One CSV field (RFC 4180): quoted when it holds a comma, a quote, a line
+/// break or edge spaces, with quotes doubled.
+pub fn csv_field(text: &str) -> Cow<'_, str> {
+    let needs_quotes =
+        text.contains([',', '"', '\r', '\n']) || text.starts_with(' ') || text.ends_with(' ');
+    if needs_quotes {
+        Cow::Owned(format!("\"{}\"", text.replace('"', "\"\"")))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
+/// A JSON value as CSV text: null is empty, numbers as JSON writes them (the
+/// shortest text that reads back to the same value), a map of counts (the
+/// rejections) as `reason=count;reason=count`.
+fn csv_text(value: Option<&serde_json::Value>) -> String {
+    use serde_json::Value;
+    match value {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Object(map)) => {
+            let parts: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{k}={}", csv_text(Some(v))))
+                .collect();
+            parts.join(";")
+        }
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Rows as CSV with a header line, taking `columns` by field name; lines end
+/// in CRLF as RFC 4180 says.
+pub fn to_csv<T: serde::Serialize>(
+    rows: &[T],
+    columns: &[&str],
+) -> Result<String, serde_json::Error> {
+    let mut out = String::new();
+    let mut line = |fields: Vec<String>| {
+        let quoted: Vec<Cow<'_, str>> = fields.iter().map(|f| csv_field(f)).collect();
+        out.push_str(&quoted.join(","));
+        out.push_str("\r\n");
+    };
+    line(columns.iter().map(|c| c.to_string()).collect());
+    for row in rows {
+        let value = serde_json::to_value(row)?;
+        line(columns.iter().map(|c| csv_text(value.get(*c))).collect());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -167,6 +309,8 @@ mod tests {
             bytes: 2_000_000,
             compute_ms: 1500,
             credit,
+            late: 0,
+            rejections: [("norm-too-large".to_string(), 1)].into(),
         };
         let text = render_contributors(&[row("a", 3e12), row("b", 1e12)]);
         assert!(text.contains("aaaaaaaaaaaa"), "{text}");
@@ -176,5 +320,20 @@ mod tests {
             "{text}"
         );
         assert!(render_contributors(&[]).contains("no closed rounds"));
+        let orgs = render_orgs(&roll_up_orgs(&[row("a", 3e12), row("b", 1e12)]));
+        assert!(
+            orgs.contains("(independent)") && orgs.contains("100.0%"),
+            "{orgs}"
+        );
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_as_rfc_4180_says() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+        assert_eq!(csv_field(" edge"), "\" edge\"");
+        assert_eq!(csv_field(""), "");
     }
 }

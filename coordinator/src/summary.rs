@@ -1,10 +1,13 @@
 //! What the coordinator tells its embedder: live [`CoordinatorEvent`]s, the
-//! [`LiveStatus`] behind `/api/v1/run`, and the [`RunSummary`] read back from
-//! the ledger when the run ends (or from a stopped coordinator's data dir).
+//! [`LiveStatus`] behind `/api/v1/run`, the [`RunSummary`] read back from
+//! the ledger when the run ends (or from a stopped coordinator's data dir),
+//! and the per-round [`RunOverview`] behind the dashboard, with the bytes
+//! plain data-parallel training would have moved ([`data_parallel_bytes`]).
 
 use crate::ledger::{ContributorRow, Ledger, LedgerError};
 use barnraise_protocol::messages::RejectedUpdate;
 use barnraise_protocol::{Hash, NodeId};
+use barnraise_trainer::ModelConfig;
 use serde::Serialize;
 
 /// A change the embedder may want to show (e.g. `barnraise up`'s progress).
@@ -97,6 +100,130 @@ impl RunSummary {
             run_id: ledger.run_id()?,
             rounds,
             contributors: ledger.contributors()?,
+        })
+    }
+}
+
+/// Bytes plain data-parallel training would move for `inner_steps` optimizer
+/// steps on `replicas` replicas of a `params`-parameter model: a ring
+/// all-reduce of fp32 gradients every step, 2(k−1)/k · 4P bytes sent per
+/// replica per step. Zero for one replica (nothing to exchange).
+pub fn data_parallel_bytes(params: u64, replicas: u64, inner_steps: u64) -> u64 {
+    if replicas < 2 {
+        return 0;
+    }
+    let per_step = 2 * (replicas - 1) * 4 * params / replicas;
+    per_step
+        .saturating_mul(inner_steps)
+        .saturating_mul(replicas)
+}
+
+/// One closed round as the dashboard shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RoundOverview {
+    pub round: u64,
+    pub opened_ms: u64,
+    pub closed_ms: u64,
+    /// Nodes that had work in the round.
+    pub assigned: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub missing: u64,
+    pub late: u64,
+    /// Tokens of the accepted updates.
+    pub tokens: u64,
+    pub credit: f64,
+    /// Mean training loss of the accepted updates.
+    pub mean_loss: Option<f64>,
+    /// Held-out loss of the params after the round.
+    pub eval_loss: Option<f64>,
+    /// Bytes of the updates the coordinator fetched.
+    pub update_bytes: u64,
+    /// What data-parallel training would have moved for the same steps on
+    /// the nodes that delivered; `None` when the run's model is unknown.
+    pub data_parallel_bytes: Option<u64>,
+    pub next_params_hash: String,
+}
+
+/// The whole run, round by round.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunOverview {
+    pub run_id: Option<String>,
+    /// Model size and H, from the run config stored in the ledger.
+    pub params: Option<u64>,
+    pub inner_steps: Option<u64>,
+    pub rounds: Vec<RoundOverview>,
+    pub update_bytes: u64,
+    pub data_parallel_bytes: Option<u64>,
+    /// `data_parallel_bytes / update_bytes`.
+    pub communication_reduction: Option<f64>,
+}
+
+/// Model size and inner steps from a stored `CoordinatorConfig` JSON. Read
+/// field by field, so a ledger written by another barnraise version still
+/// yields what it can.
+fn run_shape(config_json: &str) -> (Option<u64>, Option<u64>) {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(config_json) else {
+        return (None, None);
+    };
+    let model = match value.get("model_config") {
+        Some(c) if !c.is_null() => serde_json::from_value::<ModelConfig>(c.clone()).ok(),
+        _ => value
+            .get("model")
+            .and_then(|m| m.as_str())
+            .and_then(ModelConfig::preset),
+    };
+    let params = model.map(|m| m.params_count() as u64);
+    let inner_steps = value.get("inner_steps").and_then(|h| h.as_u64());
+    (params, inner_steps)
+}
+
+impl RunOverview {
+    pub fn from_ledger(ledger: &Ledger) -> Result<RunOverview, LedgerError> {
+        let (params, inner_steps) = ledger
+            .run_config_json()?
+            .map(|json| run_shape(&json))
+            .unwrap_or((None, None));
+        let activity = ledger.round_activity()?;
+        let rounds: Vec<RoundOverview> = ledger
+            .rounds()?
+            .into_iter()
+            .map(|row| {
+                let a = activity.iter().find(|a| a.round == row.round);
+                let delivered = row.accepted + row.rejected;
+                RoundOverview {
+                    round: row.round,
+                    opened_ms: row.opened_ms,
+                    closed_ms: row.closed_ms,
+                    assigned: a.map_or(delivered + row.missing, |a| a.assigned),
+                    accepted: row.accepted,
+                    rejected: row.rejected,
+                    missing: row.missing,
+                    late: a.map_or(0, |a| a.late),
+                    tokens: a.map_or(0, |a| a.tokens),
+                    credit: a.map_or(0.0, |a| a.credit),
+                    mean_loss: row.mean_loss,
+                    eval_loss: row.eval_loss,
+                    update_bytes: row.bytes_received,
+                    data_parallel_bytes: params
+                        .zip(inner_steps)
+                        .map(|(p, h)| data_parallel_bytes(p, delivered, h)),
+                    next_params_hash: row.next_params_hash,
+                }
+            })
+            .collect();
+        let update_bytes = rounds.iter().map(|r| r.update_bytes).sum();
+        let data_parallel: Option<u64> = rounds.iter().map(|r| r.data_parallel_bytes).sum();
+        Ok(RunOverview {
+            run_id: ledger.run_id()?,
+            params,
+            inner_steps,
+            communication_reduction: data_parallel
+                .filter(|_| update_bytes > 0)
+                .map(|dp| dp as f64 / update_bytes as f64),
+            data_parallel_bytes: data_parallel,
+            update_bytes,
+            rounds,
         })
     }
 }

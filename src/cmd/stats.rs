@@ -1,10 +1,24 @@
 //! `barnraise stats`: the contribution table of a run, from a running
 //! coordinator (`--coordinator http://HOST:PORT`) or a stopped one's data
-//! dir (`--data-dir DIR`, read from its ledger).
+//! dir (`--data-dir DIR`, read from its ledger), per node or rolled up per
+//! org, as a table, JSON or CSV.
 
-use barnraise_coordinator::stats;
-use clap::Args as ClapArgs;
+use barnraise_coordinator::stats::{self, By, Format};
+use clap::{Args as ClapArgs, ValueEnum};
 use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ByArg {
+    Node,
+    Org,
+}
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -18,9 +32,15 @@ pub struct Args {
     /// A coordinator's data dir (its ledger is read; the coordinator may be stopped).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Print JSON instead of a table.
-    #[arg(long)]
+    /// Output format; CSV is RFC 4180 (quoted fields, CRLF line ends).
+    #[arg(long, value_enum, default_value = "table")]
+    format: FormatArg,
+    /// Same as `--format json`.
+    #[arg(long, conflicts_with = "format")]
     json: bool,
+    /// One line per node, or per org (nodes without a certificate together as independent).
+    #[arg(long, value_enum, default_value = "node")]
+    by: ByArg,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -34,10 +54,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(dir)) => stats::read_contributors(dir)?,
         (None, None) => anyhow::bail!("give --coordinator URL or --data-dir DIR"),
     };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        print!("{}", stats::render_contributors(&rows));
-    }
+    let format = match (args.json, args.format) {
+        (true, _) | (false, FormatArg::Json) => Format::Json,
+        (false, FormatArg::Table) => Format::Table,
+        (false, FormatArg::Csv) => Format::Csv,
+    };
+    let by = match args.by {
+        ByArg::Node => By::Node,
+        ByArg::Org => By::Org,
+    };
+    print!("{}", stats::render(&rows, by, format)?);
     Ok(())
 }

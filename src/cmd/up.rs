@@ -297,14 +297,12 @@ impl UpReport {
             .iter()
             .map(|r| r.accepted + r.rejected.len() as u64)
             .sum();
-        let k = args.nodes.max(1) as u64;
         let steps = args.inner_steps as u64 * summary.rounds.len() as u64;
-        let per_step = if k > 1 {
-            2 * (k - 1) * 4 * params as u64 / k
-        } else {
-            0
-        };
-        let data_parallel_bytes = per_step * steps * k;
+        let data_parallel_bytes = barnraise_coordinator::summary::data_parallel_bytes(
+            params as u64,
+            args.nodes as u64,
+            steps,
+        );
         let mean_update = if updates > 0 {
             update_bytes_sent as f64 / updates as f64
         } else {
