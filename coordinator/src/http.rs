@@ -1,19 +1,25 @@
-//! The HTTP side: a JSON API under `/api/v1` (`run`, `rounds`,
-//! `rounds/{round}`, `nodes`, `contributors`), Prometheus metrics at
-//! `/metrics`, and a one-page dashboard at `/`. Read-only: nothing a client
-//! sends here changes the run. Ledger reads run on blocking threads.
+//! The HTTP side: a JSON API under `/api/v1` (`run`, `overview`, `rounds`,
+//! `rounds/{round}`, `nodes`, `nodes/{node}`, `contributors`, `orgs`,
+//! `orgs/{org}`), Prometheus metrics at `/metrics`, and the dashboard's
+//! server-rendered pages (`/`, `/nodes/{node}`, `/orgs/{org}`,
+//! `/rounds/{round}`; see [`crate::dashboard`]). Read-only: nothing a client
+//! sends here changes the run. Ledger reads run on blocking threads. An id
+//! that is malformed or unknown is a 404 (an HTML page, or JSON under
+//! `/api/`), never a server error.
 //!
 //! The server takes an already-bound listener and a cancellation token, so
 //! tests bind port 0 and stop it cleanly.
 
-use crate::ledger::Ledger;
+use crate::dashboard;
+use crate::ledger::{Ledger, LedgerError, roll_up_orgs};
 use crate::metrics::Metrics;
-use crate::summary::LiveStatus;
+use crate::summary::{LiveStatus, RunOverview};
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use barnraise_protocol::{NodeId, OrgId};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
@@ -27,13 +33,21 @@ pub struct HttpState {
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
-        .route("/", get(dashboard))
+        .route("/", get(overview_page))
+        .route("/nodes/{node}", get(node_page))
+        .route("/orgs/{org}", get(org_page))
+        .route("/rounds/{round}", get(round_page))
         .route("/api/v1/run", get(run))
+        .route("/api/v1/overview", get(overview))
         .route("/api/v1/rounds", get(rounds))
         .route("/api/v1/rounds/{round}", get(round_updates))
         .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/nodes/{node}", get(node))
         .route("/api/v1/contributors", get(contributors))
+        .route("/api/v1/orgs", get(orgs))
+        .route("/api/v1/orgs/{org}", get(org))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
         .with_state(state)
 }
 
@@ -52,11 +66,19 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-/// Runs a ledger query on a blocking thread and answers it as JSON.
-async fn query<T, F>(state: &HttpState, f: F) -> Response
+fn page(status: StatusCode, html: String) -> Response {
+    (status, Html(html)).into_response()
+}
+
+fn page_not_found(what: &str) -> Response {
+    page(StatusCode::NOT_FOUND, dashboard::not_found(what))
+}
+
+/// Runs a ledger read on a blocking thread.
+async fn read_ledger<T, F>(state: &HttpState, f: F) -> Result<T, String>
 where
-    T: serde::Serialize + Send + 'static,
-    F: FnOnce(&Ledger) -> Result<T, crate::ledger::LedgerError> + Send + 'static,
+    T: Send + 'static,
+    F: FnOnce(&Ledger) -> Result<T, LedgerError> + Send + 'static,
 {
     let ledger = state.ledger.clone();
     let result = tokio::task::spawn_blocking(move || match ledger.lock() {
@@ -64,37 +86,222 @@ where
         Err(_) => Err("the ledger is unavailable".to_string()),
     })
     .await;
-    match result {
-        Ok(Ok(value)) => Json(value).into_response(),
-        Ok(Err(message)) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    result.unwrap_or_else(|e| Err(e.to_string()))
+}
+
+/// Runs a ledger query and answers it as JSON.
+async fn query<T, F>(state: &HttpState, f: F) -> Response
+where
+    T: serde::Serialize + Send + 'static,
+    F: FnOnce(&Ledger) -> Result<T, LedgerError> + Send + 'static,
+{
+    match read_ledger(state, f).await {
+        Ok(value) => Json(value).into_response(),
+        Err(message) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
     }
 }
 
+/// Like [`query`], with `None` answered as a JSON 404 saying `missing`.
+async fn query_one<T, F>(state: &HttpState, missing: String, f: F) -> Response
+where
+    T: serde::Serialize + Send + 'static,
+    F: FnOnce(&Ledger) -> Result<Option<T>, LedgerError> + Send + 'static,
+{
+    match read_ledger(state, f).await {
+        Ok(Some(value)) => Json(value).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, missing),
+        Err(message) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+    }
+}
+
+/// A node id from a URL: 64 hex digits, in the ledger's lowercase form.
+fn parse_node(text: &str) -> Option<String> {
+    text.parse::<NodeId>().ok().map(|id| id.to_string())
+}
+
+/// An org from a URL: its 64-hex key, or `independent` (`Some(None)`).
+fn parse_org(text: &str) -> Option<Option<String>> {
+    if text == dashboard::INDEPENDENT {
+        return Some(None);
+    }
+    text.parse::<OrgId>().ok().map(|id| Some(id.to_string()))
+}
+
+fn parse_round(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+fn live(state: &HttpState) -> Option<LiveStatus> {
+    state.live.read().ok().map(|live| live.clone())
+}
+
 async fn run(State(state): State<HttpState>) -> Response {
-    match state.live.read() {
-        Ok(live) => Json(live.clone()).into_response(),
-        Err(_) => error(
+    match live(&state) {
+        Some(live) => Json(live).into_response(),
+        None => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "status unavailable".into(),
         ),
     }
 }
 
+async fn overview(State(state): State<HttpState>) -> Response {
+    query(&state, RunOverview::from_ledger).await
+}
+
 async fn rounds(State(state): State<HttpState>) -> Response {
     query(&state, |l| l.rounds()).await
 }
 
-async fn round_updates(State(state): State<HttpState>, Path(round): Path<u64>) -> Response {
-    query(&state, move |l| l.updates(round)).await
+async fn round_updates(State(state): State<HttpState>, Path(round): Path<String>) -> Response {
+    let missing = format!("no closed round `{round}`");
+    let Some(round) = parse_round(&round) else {
+        return error(StatusCode::NOT_FOUND, missing);
+    };
+    query_one(&state, missing, move |l| {
+        if l.manifest(round)?.is_none() {
+            return Ok(None);
+        }
+        l.updates(round).map(Some)
+    })
+    .await
 }
 
 async fn nodes(State(state): State<HttpState>) -> Response {
     query(&state, |l| l.nodes()).await
 }
 
+async fn node(State(state): State<HttpState>, Path(node): Path<String>) -> Response {
+    let missing = format!("no node `{node}`");
+    let Some(node) = parse_node(&node) else {
+        return error(StatusCode::NOT_FOUND, missing);
+    };
+    query_one(&state, missing, move |l| l.node_detail(&node)).await
+}
+
 async fn contributors(State(state): State<HttpState>) -> Response {
     query(&state, |l| l.contributors()).await
+}
+
+async fn orgs(State(state): State<HttpState>) -> Response {
+    query(&state, |l| l.orgs()).await
+}
+
+async fn org(State(state): State<HttpState>, Path(org): Path<String>) -> Response {
+    let missing = format!("no org `{org}` with a node in a closed round");
+    let Some(org) = parse_org(&org) else {
+        return error(StatusCode::NOT_FOUND, missing);
+    };
+    query_one(&state, missing, move |l| l.org_detail(org.as_deref())).await
+}
+
+async fn overview_page(State(state): State<HttpState>) -> Response {
+    let live = live(&state).unwrap_or_default();
+    let read = read_ledger(&state, |l| {
+        let run = RunOverview::from_ledger(l)?;
+        let nodes = l.contributors()?;
+        Ok((run, nodes))
+    })
+    .await;
+    match read {
+        Ok((run, nodes)) => {
+            let orgs = roll_up_orgs(&nodes);
+            page(
+                StatusCode::OK,
+                dashboard::overview(&live, &run, &nodes, &orgs),
+            )
+        }
+        Err(message) => page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            dashboard::unavailable(&message),
+        ),
+    }
+}
+
+/// Renders a page from a ledger read that may find nothing (then a 404 page).
+async fn page_of<T, F>(
+    state: &HttpState,
+    missing: String,
+    read: F,
+    render: impl FnOnce(T) -> String,
+) -> Response
+where
+    T: Send + 'static,
+    F: FnOnce(&Ledger) -> Result<Option<T>, LedgerError> + Send + 'static,
+{
+    match read_ledger(state, read).await {
+        Ok(Some(value)) => page(StatusCode::OK, render(value)),
+        Ok(None) => page_not_found(&missing),
+        Err(message) => page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            dashboard::unavailable(&message),
+        ),
+    }
+}
+
+async fn node_page(State(state): State<HttpState>, Path(node): Path<String>) -> Response {
+    let missing = format!("No node `{node}` in this run's ledger.");
+    let Some(node) = parse_node(&node) else {
+        return page_not_found(&format!("`{node}` is not a node id (64 hex digits)."));
+    };
+    let id = node.clone();
+    page_of(
+        &state,
+        missing,
+        move |l| l.node_detail(&id),
+        |detail| dashboard::node_page(&node, &detail),
+    )
+    .await
+}
+
+async fn org_page(State(state): State<HttpState>, Path(org): Path<String>) -> Response {
+    let missing = format!("No org `{org}` with a node in a closed round.");
+    let Some(org) = parse_org(&org) else {
+        return page_not_found(&format!(
+            "`{org}` is not an org key (64 hex digits) or `independent`."
+        ));
+    };
+    page_of(
+        &state,
+        missing,
+        move |l| l.org_detail(org.as_deref()),
+        |detail| dashboard::org_page(&detail),
+    )
+    .await
+}
+
+async fn round_page(State(state): State<HttpState>, Path(round): Path<String>) -> Response {
+    let missing = format!("No closed round `{round}` in this run.");
+    let Some(round) = parse_round(&round) else {
+        return page_not_found(&format!("`{round}` is not a round number."));
+    };
+    page_of(
+        &state,
+        missing,
+        move |l| {
+            let overview = RunOverview::from_ledger(l)?;
+            let Some(row) = overview.rounds.into_iter().find(|r| r.round == round) else {
+                return Ok(None);
+            };
+            Ok(Some((row, l.updates(round)?)))
+        },
+        |(row, updates)| dashboard::round_page(&row, &updates),
+    )
+    .await
+}
+
+async fn not_found(uri: Uri) -> Response {
+    if uri.path().starts_with("/api/") {
+        error(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint `{}`", uri.path()),
+        )
+    } else {
+        page_not_found(&format!("No page at `{}`.", uri.path()))
+    }
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
@@ -104,28 +311,3 @@ async fn metrics(State(state): State<HttpState>) -> Response {
     )
         .into_response()
 }
-
-async fn dashboard() -> Html<&'static str> {
-    Html(DASHBOARD)
-}
-
-/// A page that polls the API; no build step, no external assets.
-const DASHBOARD: &str = r#"<!doctype html>
-<html><head><meta charset="utf-8"><title>barnraise coordinator</title>
-<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse}
-td,th{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:right}th{text-align:left}code{font-size:90%}</style></head>
-<body><h1>barnraise</h1><p id="run">loading…</p>
-<h2>Rounds</h2><table id="rounds"></table><h2>Contributors</h2><table id="contributors"></table>
-<script>
-const row=(cells,tag='td')=>'<tr>'+cells.map(c=>`<${tag}>${c??''}</${tag}>`).join('')+'</tr>';
-const f=x=>x==null?'':Number(x).toFixed(3);
-async function refresh(){
- const run=await (await fetch('/api/v1/run')).json();
- document.getElementById('run').innerHTML=`run <code>${run.run_id}</code>: round ${run.current_round} of ${run.total_rounds} (${run.phase}), ${run.active_nodes} active nodes, ${run.model_params} params, codec ${run.codec}, aggregation ${run.aggregation}`;
- const rounds=await (await fetch('/api/v1/rounds')).json();
- document.getElementById('rounds').innerHTML=row(['round','accepted','rejected','missing','train loss','eval loss','bytes'],'th')+rounds.slice(-20).reverse().map(r=>row([r.round,r.accepted,r.rejected,r.missing,f(r.mean_loss),f(r.eval_loss),r.bytes_received])).join('');
- const cs=await (await fetch('/api/v1/contributors')).json();
- document.getElementById('contributors').innerHTML=row(['node','org','tokens','accepted','rejected','missing','credit (FLOP)'],'th')+cs.map(c=>row([`<code>${c.node.slice(0,12)}</code>`,c.org_name,c.tokens,c.accepted,c.rejected,c.missing,c.credit.toExponential(2)])).join('');
-}
-refresh();setInterval(refresh,2000);
-</script></body></html>"#;

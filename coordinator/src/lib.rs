@@ -2,13 +2,15 @@
 //! assignment ([`plan`]), the verification pipeline ([`verify`], [`probe`]),
 //! the ledger ([`ledger`]), and the service that does the I/O around them —
 //! libp2p ([`network`]), blobs ([`store`]), the HTTP API and metrics
-//! ([`http`]) — started with [`start`].
+//! ([`http`]) with the server-rendered dashboard ([`dashboard`], [`svg`]) —
+//! started with [`start`].
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admission;
 pub mod close;
 pub mod config;
+pub mod dashboard;
 pub mod dataset;
 pub mod framing;
 pub mod http;
@@ -23,6 +25,7 @@ pub mod service;
 pub mod stats;
 pub mod store;
 pub mod summary;
+pub mod svg;
 pub mod verify;
 
 pub use config::{Admission, CoordinatorConfig, DatasetSource, Quorum, VerifyConfig};

@@ -6,8 +6,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use barnraise_coordinator::http::HttpState;
+use barnraise_coordinator::ledger::{
+    ContributorRow, Ledger, NodeDetail, NodeRow, OrgDetail, OrgRow, RefusalRow, RoundRecord,
+    RoundRow, UpdateRow,
+};
+use barnraise_coordinator::metrics::Metrics;
 use barnraise_coordinator::network::{self, Client};
+use barnraise_coordinator::stats::{self, By, Format};
 use barnraise_coordinator::store::BlobStore;
+use barnraise_coordinator::summary::LiveStatus;
 use barnraise_coordinator::{
     CancellationToken, CoordinatorConfig, CoordinatorEvent, CoordinatorHandle, DatasetSource,
     Quorum,
@@ -23,7 +31,7 @@ use barnraise_trainer::device::{DeviceSpec, select};
 use barnraise_trainer::{InnerConfig, ModelConfig, Trainer};
 use libp2p::{Multiaddr, PeerId};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -240,19 +248,9 @@ async fn next_close(events: &mut broadcast::Receiver<CoordinatorEvent>) -> Coord
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).await.unwrap();
-    assert!(
-        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
-        "{path}: {out}"
-    );
-    out
+    let (status, body) = http_fetch(addr, path).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -550,5 +548,477 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
     assert_eq!((row(&lazy).accepted, row(&lazy).credit), (0, 0.0));
     let from_disk = barnraise_coordinator::stats::read_contributors(data.path()).unwrap();
     assert_eq!(from_disk, summary.contributors);
+    shutdown.cancel();
+}
+
+// ---- Contribution accounting: the stats API, CSV and dashboard against the ledger ----
+
+/// An org name and an agent string a hostile operator might choose.
+const HOSTILE_ORG: &str = "Acme, \"Labs\" <script>alert(1)</script>";
+const HOSTILE_AGENT: &str = "<img src=x onerror=alert(1)>";
+
+fn node_hex(seed: u8) -> String {
+    SigningKey::from_seed([seed; 32])
+        .unwrap()
+        .node_id()
+        .to_string()
+}
+
+fn update_row(node: &str, verdict: &str, reason: Option<&str>, tokens: u64) -> UpdateRow {
+    let accepted = verdict == "accepted";
+    let delivered = verdict != "missing";
+    UpdateRow {
+        node: node.into(),
+        update_hash: delivered.then(|| format!("{node}-{verdict}")),
+        verdict: verdict.into(),
+        reason: reason.map(str::to_string),
+        detail: None,
+        tokens: if delivered { tokens } else { 0 },
+        compute_ms: if delivered { 1500 } else { 0 },
+        bytes: if delivered { 1000 } else { 0 },
+        weight: if accepted { 0.5 } else { 0.0 },
+        mean_loss: delivered.then_some(3.0),
+        credit: if accepted { tokens as f64 * 6.5e5 } else { 0.0 },
+    }
+}
+
+/// Three closed rounds written through the ledger's public API: nodes A and
+/// B of one org (with a hostile name), independent node C. Round 1: B's
+/// update is rejected (norm-too-large) and C misses the round, then commits
+/// after the close (refused as late). Round 2: C's update is rejected as late.
+fn accounting_ledger(data_dir: &Path) -> (Ledger, [String; 3], String) {
+    let (a, b, c) = (node_hex(11), node_hex(12), node_hex(13));
+    let org = "ab".repeat(32);
+    let mut ledger = Ledger::open(&barnraise_coordinator::service::ledger_path(data_dir)).unwrap();
+    let run_config = serde_json::to_string(&config(data_dir)).unwrap();
+    ledger.bind_run("loopback", &run_config, 1).unwrap();
+    for (node, org) in [(&a, Some(&org)), (&b, Some(&org)), (&c, None)] {
+        ledger
+            .upsert_node(&NodeRow {
+                node: node.clone(),
+                org: org.cloned(),
+                org_name: org.map(|_| HOSTILE_ORG.to_string()),
+                agent: HOSTILE_AGENT.into(),
+                workers: 1,
+                listen_addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
+                first_seen_ms: 1_000,
+                last_seen_ms: 2_000,
+            })
+            .unwrap();
+    }
+    let rounds = [
+        vec![
+            update_row(&a, "accepted", None, 100),
+            update_row(&b, "accepted", None, 200),
+            update_row(&c, "accepted", None, 300),
+        ],
+        vec![
+            update_row(&a, "accepted", None, 100),
+            update_row(&b, "rejected", Some("norm-too-large"), 200),
+            update_row(&c, "missing", None, 0),
+        ],
+        vec![
+            update_row(&a, "accepted", None, 100),
+            update_row(&b, "accepted", None, 200),
+            update_row(&c, "rejected", Some("late"), 300),
+        ],
+    ];
+    for (round, updates) in rounds.into_iter().enumerate() {
+        let round = round as u64;
+        let count = |v: &str| updates.iter().filter(|u| u.verdict == v).count() as u64;
+        let record = RoundRecord {
+            row: RoundRow {
+                round,
+                opened_ms: 10_000 * round,
+                closed_ms: 10_000 * round + 5_000,
+                base_params_hash: format!("base{round}"),
+                next_params_hash: format!("next{round}"),
+                manifest_hash: format!("manifest{round}"),
+                params_blob: "p".into(),
+                optimizer_blob: "o".into(),
+                accepted: count("accepted"),
+                rejected: count("rejected"),
+                missing: count("missing"),
+                mean_loss: Some(4.0 - round as f64),
+                eval_loss: Some(4.5 - round as f64),
+                bytes_received: updates.iter().map(|u| u.bytes).sum(),
+            },
+            manifest: vec![round as u8],
+            updates,
+            checkpoint: None,
+        };
+        ledger.close_round(&record).unwrap();
+        if round == 1 {
+            ledger
+                .record_refusal(&RefusalRow {
+                    at_ms: 16_000,
+                    round: Some(1),
+                    claimed_node: Some(c.clone()),
+                    reason: "late".into(),
+                    detail: "commit for round 1".into(),
+                })
+                .unwrap();
+        }
+    }
+    (ledger, [a, b, c], org)
+}
+
+/// GET over a raw socket: (status, body).
+async fn http_fetch(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// Serves `ledger` over HTTP on a loopback port.
+async fn serve_ledger(
+    ledger: Ledger,
+    shutdown: &CancellationToken,
+) -> (std::net::SocketAddr, Arc<Mutex<Ledger>>) {
+    let ledger = Arc::new(Mutex::new(ledger));
+    let live = LiveStatus {
+        run_id: "loopback".into(),
+        phase: "finished".into(),
+        total_rounds: 3,
+        current_round: 3,
+        ..LiveStatus::default()
+    };
+    let state = HttpState {
+        ledger: ledger.clone(),
+        live: Arc::new(RwLock::new(live)),
+        metrics: Arc::new(Metrics::new()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(barnraise_coordinator::http::serve(
+        listener,
+        state,
+        shutdown.child_token(),
+    ));
+    (addr, ledger)
+}
+
+/// A minimal RFC 4180 reader for the test: quoted fields, doubled quotes, CRLF.
+fn parse_csv(text: &str) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let mut row = Vec::new();
+    let mut field = String::new();
+    let mut chars = text.chars().peekable();
+    let mut quoted = false;
+    while let Some(ch) = chars.next() {
+        match (quoted, ch) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                field.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, ch) => field.push(ch),
+            (false, '"') => quoted = true,
+            (false, ',') => row.push(std::mem::take(&mut field)),
+            (false, '\r') => {}
+            (false, '\n') => {
+                row.push(std::mem::take(&mut field));
+                rows.push(std::mem::take(&mut row));
+            }
+            (false, ch) => field.push(ch),
+        }
+    }
+    assert!(
+        field.is_empty() && row.is_empty(),
+        "CSV ends with a line break"
+    );
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_api_and_csv_agree_with_the_ledger() {
+    let data = tempfile::tempdir().unwrap();
+    let (ledger, [a, b, c], org) = accounting_ledger(data.path());
+    let expected = ledger.contributors().unwrap();
+    let expected_orgs = ledger.orgs().unwrap();
+    let shutdown = CancellationToken::new();
+    let (http, ledger) = serve_ledger(ledger, &shutdown).await;
+
+    // The numbers themselves, straight from the ledger.
+    let find = |node: &str| expected.iter().find(|r| r.node == node).unwrap().clone();
+    let (ra, rb, rc) = (find(&a), find(&b), find(&c));
+    assert_eq!(
+        (ra.tokens, ra.accepted, ra.rejected, ra.missing, ra.late),
+        (300, 3, 0, 0, 0)
+    );
+    assert_eq!((rb.tokens, rb.accepted, rb.rejected), (400, 2, 1));
+    assert_eq!(rb.rejections.get("norm-too-large"), Some(&1));
+    assert_eq!(
+        rb.credit,
+        400.0 * 6.5e5,
+        "a rejected update earns no credit"
+    );
+    assert_eq!(rb.bytes, 3000, "bytes count every delivered update");
+    assert_eq!(
+        (rc.accepted, rc.rejected, rc.missing, rc.late),
+        (1, 1, 1, 2),
+        "C was late twice: refused after round 1 closed, rejected as late in round 2"
+    );
+    assert_eq!(rc.compute_ms, 1500, "compute of accepted updates only");
+    assert_eq!(expected_orgs.len(), 2);
+    let acme = expected_orgs
+        .iter()
+        .find(|o| o.org.as_deref() == Some(org.as_str()))
+        .unwrap();
+    assert_eq!(
+        (acme.nodes, acme.tokens, acme.accepted, acme.rejected),
+        (2, 700, 5, 1)
+    );
+    assert_eq!(acme.credit, ra.credit + rb.credit);
+    assert_eq!(acme.org_name.as_deref(), Some(HOSTILE_ORG));
+    let independent = expected_orgs.iter().find(|o| o.org.is_none()).unwrap();
+    assert_eq!((independent.nodes, independent.late), (1, 2));
+
+    // The JSON API says the same.
+    let (status, body) = http_fetch(http, "/api/v1/contributors").await;
+    assert_eq!(status, 200);
+    let api_rows: Vec<ContributorRow> = serde_json::from_str(&body).unwrap();
+    assert_eq!(api_rows, expected);
+    let (status, body) = http_fetch(http, "/api/v1/orgs").await;
+    assert_eq!(status, 200);
+    let api_orgs: Vec<OrgRow> = serde_json::from_str(&body).unwrap();
+    assert_eq!(api_orgs, expected_orgs);
+    let (status, body) = http_fetch(http, &format!("/api/v1/orgs/{org}")).await;
+    assert_eq!(status, 200);
+    let detail: OrgDetail = serde_json::from_str(&body).unwrap();
+    assert_eq!(&detail.totals, acme);
+    assert_eq!(detail.nodes.len(), 2);
+    let (status, body) = http_fetch(http, &format!("/api/v1/nodes/{c}")).await;
+    assert_eq!(status, 200);
+    let detail: NodeDetail = serde_json::from_str(&body).unwrap();
+    assert_eq!(detail.totals.as_ref(), Some(&rc));
+    let history: Vec<(u64, &str, &str)> = detail
+        .history
+        .iter()
+        .map(|h| (h.round, h.verdict.as_str(), h.timeliness.as_str()))
+        .collect();
+    assert_eq!(
+        history,
+        vec![
+            (0, "accepted", "on-time"),
+            (1, "missing", "late"),
+            (2, "rejected", "late")
+        ]
+    );
+    assert_eq!(detail.refusals.len(), 1);
+    let (status, body) = http_fetch(http, "/api/v1/overview").await;
+    assert_eq!(status, 200);
+    let overview: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let round1 = &overview["rounds"][1];
+    assert_eq!(
+        (
+            &round1["accepted"],
+            &round1["rejected"],
+            &round1["missing"],
+            &round1["late"]
+        ),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!(1),
+            &serde_json::json!(1),
+            &serde_json::json!(1)
+        )
+    );
+    // Two nodes delivered in round 1: data-parallel is a 2-way ring all-reduce
+    // of the tiny model's fp32 gradients for H = 6 steps.
+    let params = ModelConfig::preset("tiny").unwrap().params_count() as u64;
+    assert_eq!(
+        round1["data_parallel_bytes"],
+        serde_json::json!(barnraise_coordinator::summary::data_parallel_bytes(
+            params, 2, 6
+        ))
+    );
+    assert_eq!(
+        barnraise_coordinator::summary::data_parallel_bytes(params, 2, 6),
+        2 * 4 * params * 6,
+        "2(k-1)/k * 4P per node per step, k = 2 nodes"
+    );
+
+    // CSV from the API's rows, by node and by org, reads back to the ledger's values.
+    let remote = barnraise_coordinator::stats::fetch_contributors(&format!("http://{http}"))
+        .await
+        .unwrap();
+    let csv = stats::render(&remote, By::Node, Format::Csv).unwrap();
+    assert!(csv.ends_with("\r\n"));
+    let table = parse_csv(&csv);
+    assert_eq!(table[0], stats::node_columns());
+    assert_eq!(table.len(), expected.len() + 1);
+    for (line, row) in table[1..].iter().zip(&expected) {
+        assert_eq!(line[0], row.node);
+        assert_eq!(line[1], row.org.clone().unwrap_or_default());
+        assert_eq!(line[2], row.org_name.clone().unwrap_or_default());
+        let numbers: Vec<u64> = line[3..10].iter().map(|f| f.parse().unwrap()).collect();
+        assert_eq!(
+            numbers,
+            vec![
+                row.tokens,
+                row.accepted,
+                row.rejected,
+                row.missing,
+                row.late,
+                row.bytes,
+                row.compute_ms
+            ]
+        );
+        assert_eq!(line[10].parse::<f64>().unwrap(), row.credit);
+        let reasons: Vec<String> = row
+            .rejections
+            .iter()
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        assert_eq!(line[11], reasons.join(";"));
+    }
+    let org_csv = parse_csv(&stats::render(&remote, By::Org, Format::Csv).unwrap());
+    assert_eq!(org_csv[0], stats::org_columns());
+    assert_eq!(org_csv.len(), expected_orgs.len() + 1);
+    for (line, row) in org_csv[1..].iter().zip(&expected_orgs) {
+        assert_eq!(line[0], row.org.clone().unwrap_or_default());
+        assert_eq!(line[1], row.org_name.clone().unwrap_or_default());
+        assert_eq!(line[2].parse::<u64>().unwrap(), row.nodes);
+        assert_eq!(line[3].parse::<u64>().unwrap(), row.tokens);
+        assert_eq!(line[10].parse::<f64>().unwrap(), row.credit);
+    }
+    // The JSON format is the API's rows again.
+    let json = stats::render(&remote, By::Org, Format::Json).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Vec<OrgRow>>(&json).unwrap(),
+        expected_orgs
+    );
+
+    // The data dir gives the same rows as the running API.
+    drop(ledger);
+    shutdown.cancel();
+    assert_eq!(
+        barnraise_coordinator::stats::read_contributors(data.path()).unwrap(),
+        expected
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_pages_escape_node_strings_and_answer_404_for_unknown_ids() {
+    let data = tempfile::tempdir().unwrap();
+    let (ledger, [a, b, c], org) = accounting_ledger(data.path());
+    let shutdown = CancellationToken::new();
+    let (http, _ledger) = serve_ledger(ledger, &shutdown).await;
+    let escaped_org = "Acme, &quot;Labs&quot; &lt;script&gt;alert(1)&lt;/script&gt;";
+
+    let (status, home) = http_fetch(http, "/").await;
+    assert_eq!(status, 200, "{home}");
+    assert!(home.contains("<title>barnraise coordinator</title>"));
+    for node in [&a, &b, &c] {
+        assert!(
+            home.contains(&format!(r#"href="/nodes/{node}""#)),
+            "leaderboard row of {node}"
+        );
+    }
+    assert!(home.contains(&format!(r#"href="/orgs/{org}""#)));
+    assert!(home.contains(r#"href="/orgs/independent""#));
+    assert!(home.contains(escaped_org), "{home}");
+    assert!(home.contains("<svg") && home.contains("Loss per round"));
+    assert!(home.contains("data-parallel"));
+    // B's row comes first: most credit (400 accepted tokens against 300).
+    let first = home.find(&format!("/nodes/{b}")).unwrap();
+    assert!(first < home.find(&format!("/nodes/{a}")).unwrap());
+    assert!(first < home.find(&format!("/nodes/{c}")).unwrap());
+
+    let (status, page) = http_fetch(http, &format!("/nodes/{c}")).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("late") && page.contains("missing"), "{page}");
+    assert!(
+        page.contains("commit for round 1"),
+        "the late refusal is listed"
+    );
+    let (status, page) = http_fetch(http, &format!("/nodes/{b}")).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("norm-too-large"), "{page}");
+    assert!(
+        page.contains("&lt;img src=x onerror=alert(1)&gt;"),
+        "{page}"
+    );
+    let (status, page) = http_fetch(http, &format!("/orgs/{org}")).await;
+    assert_eq!(status, 200);
+    assert!(page.contains(escaped_org));
+    assert!(page.contains(&format!("/nodes/{a}")) && !page.contains(&format!("/nodes/{c}")));
+    let (status, page) = http_fetch(http, "/orgs/independent").await;
+    assert_eq!(status, 200);
+    assert!(page.contains(&format!("/nodes/{c}")));
+    let (status, page) = http_fetch(http, "/rounds/1").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("norm-too-large") && page.contains("missing"));
+
+    // Nothing a node sends turns into markup, on any page.
+    for path in [
+        "/".to_string(),
+        format!("/nodes/{a}"),
+        format!("/orgs/{org}"),
+        "/rounds/0".into(),
+    ] {
+        let (_, page) = http_fetch(http, &path).await;
+        assert!(!page.contains("<script"), "{path}: {page}");
+        assert!(!page.contains("<img"), "{path}: {page}");
+    }
+
+    // Unknown and malformed ids: real 404 pages, and JSON 404s under /api.
+    let unknown_node = node_hex(99);
+    for path in [
+        format!("/nodes/{unknown_node}"),
+        "/nodes/not-a-node".into(),
+        "/nodes/%3Cscript%3Ealert(1)%3C%2Fscript%3E".into(),
+        format!("/nodes/{}", &a[..12]),
+        format!("/orgs/{}", "cd".repeat(32)),
+        "/orgs/nope".into(),
+        "/rounds/99".into(),
+        "/rounds/-1".into(),
+        "/rounds/abc".into(),
+        "/rounds/99999999999999999999999".into(),
+        "/no/such/page".into(),
+    ] {
+        let (status, page) = http_fetch(http, &path).await;
+        assert_eq!(status, 404, "{path}: {page}");
+        assert!(page.contains("<h1>Not found</h1>"), "{path}: {page}");
+        assert!(!page.contains("<script"), "{path}: {page}");
+    }
+    for path in [
+        format!("/api/v1/nodes/{unknown_node}"),
+        "/api/v1/nodes/zz".into(),
+        "/api/v1/orgs/zz".into(),
+        "/api/v1/rounds/99".into(),
+        "/api/v1/rounds/x".into(),
+        "/api/v1/nothing".into(),
+    ] {
+        let (status, body) = http_fetch(http, &path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string(),
+            "{path}: {body}"
+        );
+    }
+    // The old endpoints still answer.
+    for path in [
+        "/api/v1/run",
+        "/api/v1/rounds",
+        "/api/v1/rounds/2",
+        "/api/v1/nodes",
+        "/metrics",
+    ] {
+        assert_eq!(http_fetch(http, path).await.0, 200, "{path}");
+    }
     shutdown.cancel();
 }
