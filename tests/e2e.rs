@@ -174,6 +174,121 @@ fn poisoned_nodes_are_rejected_and_honest_nodes_lose_nothing() {
                 assert!(row.credit > 0.0);
             }
         }
+        receipts_match_the_ledger(&ledger, dir.path(), 5);
+    });
+}
+
+/// Each node's own signed receipts add up to exactly what the coordinator's
+/// ledger says about it: what `barnraise node receipts` shows a volunteer.
+fn receipts_match_the_ledger(ledger: &Ledger, dir: &std::path::Path, nodes: usize) {
+    use barnraise_node::receipts::{read_receipts, read_run_facts, totals};
+    let rows: HashMap<String, _> = ledger
+        .contributors()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.node.clone(), r))
+        .collect();
+    for index in 0..nodes {
+        let data_dir = dir.join(format!("node-{index}"));
+        let key = barnraise_protocol::SigningKey::load(&data_dir.join("node.key")).unwrap();
+        let receipts_dir = data_dir.join("receipts");
+        let facts = read_run_facts(&receipts_dir)
+            .unwrap()
+            .expect("the node recorded the run's facts");
+        let pinned: barnraise_protocol::PublicKey = facts.coordinator.parse().unwrap();
+        let (kept, bad) = read_receipts(&receipts_dir, &key.node_id(), Some(&pinned)).unwrap();
+        assert!(bad.is_empty(), "every receipt verifies: {bad:?}");
+        let mine = totals(&kept, Some(&facts));
+        let row = &rows[&key.node_id().to_string()];
+        assert_eq!(
+            (
+                mine.tokens,
+                mine.accepted,
+                mine.rejected,
+                mine.missing,
+                mine.compute_ms
+            ),
+            (
+                row.tokens,
+                row.accepted,
+                row.rejected,
+                row.missing,
+                row.compute_ms
+            ),
+            "node {index}'s receipts vs the ledger: {mine:?} vs {row:?}"
+        );
+        assert_eq!(
+            mine.rejections, row.rejections,
+            "node {index}'s rejection reasons"
+        );
+        let credit = mine.credit.unwrap();
+        assert!(
+            (credit - row.credit).abs() <= 1e-9 * row.credit.abs().max(1.0),
+            "node {index}'s credit: receipts {credit} vs ledger {}",
+            row.credit
+        );
+    }
+}
+
+#[test]
+fn cluster_nodes_upload_one_update_for_all_their_workers() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = tiny_run(dir.path(), 2, 2);
+        let per_worker_tokens = u64::from(config.inner_steps)
+            * u64::from(config.batch_size)
+            * u64::from(config.seq_len);
+        let (coordinator, _shutdown) = start_coordinator(config).await;
+        let ledger_path = coordinator.ledger_path().to_path_buf();
+        // Two cluster nodes of two workers; one of node 1's workers crashes every round.
+        let mut healthy = node_config(&coordinator, dir.path(), 0, 2);
+        healthy.workers = Some(2);
+        let mut flaky = node_config(&coordinator, dir.path(), 1, 2);
+        flaky.workers = Some(2);
+        flaky.fault_crash_worker = Some(1);
+        let nodes = [spawn_node(healthy, 0), spawn_node(flaky, 1)];
+        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
+            .await
+            .expect("run finishes")
+            .unwrap();
+        let mut ids = Vec::new();
+        for node in nodes {
+            let s = join_node(node, MINUTES).await;
+            assert_eq!(
+                s.final_params_hash.map(|h| h.to_hex()),
+                Some(summary.rounds[1].next_params_hash.clone()),
+                "every node ends on the manifest's params"
+            );
+            ids.push(s.node.expect("node id"));
+        }
+        assert_eq!(summary.rounds.len(), 2);
+        let ledger = Ledger::open_existing(&ledger_path).unwrap();
+        for row in ledger.nodes().unwrap() {
+            assert_eq!(row.workers, 2, "the join declared both workers: {row:?}");
+        }
+        for round in 0..2 {
+            let updates = ledger.updates(round).unwrap();
+            let tokens = |id: &barnraise_protocol::NodeId| {
+                let row = updates
+                    .iter()
+                    .find(|u| u.node == id.to_string())
+                    .expect("one update per node per round");
+                assert_eq!(row.verdict, "accepted", "{row:?}");
+                row.tokens
+            };
+            assert_eq!(updates.len(), 2, "one upload per node, not per worker");
+            assert_eq!(
+                tokens(&ids[0]),
+                2 * per_worker_tokens,
+                "both workers' tokens"
+            );
+            assert_eq!(
+                tokens(&ids[1]),
+                per_worker_tokens,
+                "only the surviving worker's tokens are claimed"
+            );
+        }
+        receipts_match_the_ledger(&ledger, dir.path(), 2);
     });
 }
 
