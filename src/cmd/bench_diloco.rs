@@ -31,19 +31,19 @@ pub struct Args {
     /// Sequence length (at most the preset's context).
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// Peak inner learning rate.
+    /// Peak inner learning rate, every arm (default 0.006).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Outer learning rate.
+    /// Outer learning rate (bench default 1.0: plain averaging).
     #[arg(long)]
     pub outer_lr: Option<f32>,
-    /// Outer (Nesterov) momentum.
+    /// Outer (Nesterov) momentum (bench default 0; DiLoCo's is 0.9).
     #[arg(long)]
     pub outer_momentum: Option<f32>,
     /// Codec of arm (c), e.g. int8:256.
     #[arg(long)]
     pub int8: Option<CodecConfig>,
-    /// Codec of arm (d), e.g. topk:4096:64:2.
+    /// Codec of arm (d) (bench default topk:4096:1024:4).
     #[arg(long)]
     pub topk: Option<CodecConfig>,
     /// Built-in corpus bytes per worker.
@@ -52,6 +52,9 @@ pub struct Args {
     /// Held-out batches (of 8 sequences) for the loss.
     #[arg(long)]
     pub eval_batches: Option<usize>,
+    /// Score the held-out loss every N rounds (and after the last).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// auto, cpu or cuda:N.
@@ -97,6 +100,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(v) = args.eval_batches {
         cfg.eval_batches = v;
+    }
+    if let Some(v) = args.eval_every {
+        cfg.eval_every = v;
     }
     let device = select(args.device)?;
     let quiet = args.json;

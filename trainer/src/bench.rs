@@ -53,6 +53,9 @@ pub struct DilocoBenchConfig {
     pub corpus_bytes: usize,
     /// Held-out batches of 8 sequences for the final loss.
     pub eval_batches: usize,
+    /// Score the held-out loss after every this many rounds (and always after
+    /// the last); 1 scores every round.
+    pub eval_every: usize,
     pub seed: u64,
 }
 
@@ -69,15 +72,41 @@ impl DilocoBenchConfig {
             rounds: 10,
             batch_size: 8,
             seq_len,
-            lr: 3e-3,
+            // Best of {1.5e-3, 3e-3, 6e-3, 1.2e-2} for the data-parallel arm
+            // and for DiLoCo alike (docs/training.md has the sweep).
+            lr: 6e-3,
             warmup: 20,
-            outer: OuterConfig::default(),
+            // Plain averaging: at tens of rounds it beat DiLoCo's Nesterov
+            // 0.7/0.9 (whose momentum needs hundreds of rounds) and 0.7/0.5.
+            outer: OuterConfig {
+                lr: 1.0,
+                momentum: 0.0,
+                nesterov: true,
+            },
             int8: CodecConfig::int8_default(),
-            topk: CodecConfig::topk_default(),
+            // A quarter of each chunk at 4 bits: the run's default
+            // (topk:4096:64:2) sends too little for a few tens of rounds of
+            // a 133k-parameter model.
+            topk: CodecConfig::TopK {
+                chunk: 4096,
+                k: 1024,
+                bits: 4,
+            },
             corpus_bytes: 256 * 1024,
             eval_batches: 16,
+            eval_every: 1,
             seed: 1,
         })
+    }
+
+    /// The batch-sampler seed of worker `worker` in round `round`.
+    fn batch_seed(&self, worker: usize, round: usize) -> u64 {
+        derive_seed(self.seed, &format!("worker {worker} round {round}"))
+    }
+
+    /// Whether the held-out loss is scored after `round` (0-based).
+    fn evaluates_after(&self, round: usize) -> bool {
+        round + 1 == self.rounds || (round + 1) % self.eval_every.max(1) == 0
     }
 
     /// Tokens every arm trains on: k · R · H · batch · seq.
@@ -120,7 +149,8 @@ pub struct ArmReport {
     /// The codec, for DiLoCo arms ("fp32", "int8:256", "topk:4096:64:2").
     pub codec: Option<String>,
     pub heldout_loss: f32,
-    /// Held-out loss after each round (DiLoCo: of the global params).
+    /// Held-out loss after each scored round (every `eval_every`-th and the
+    /// last; DiLoCo: of the global params).
     pub heldout_per_round: Vec<f32>,
     pub tokens: u64,
     pub bytes_per_worker: u64,
@@ -179,12 +209,7 @@ fn corpus_data(cfg: &DilocoBenchConfig) -> Data {
     }
 }
 
-/// Runs all four arms. `progress` is called after every round of every arm.
-pub fn run_diloco(
-    cfg: &DilocoBenchConfig,
-    device: &candle_core::Device,
-    progress: &mut dyn FnMut(BenchProgress<'_>),
-) -> Result<DilocoBenchReport, BenchError> {
+fn check_config(cfg: &DilocoBenchConfig) -> Result<(), BenchError> {
     if cfg.workers == 0 || cfg.rounds == 0 || cfg.inner_steps == 0 {
         return Err(BenchError::Config(
             "workers, rounds and inner steps must be positive".to_string(),
@@ -196,6 +221,16 @@ pub fn run_diloco(
             cfg.corpus_bytes
         )));
     }
+    Ok(())
+}
+
+/// Runs all four arms. `progress` is called after every round of every arm.
+pub fn run_diloco(
+    cfg: &DilocoBenchConfig,
+    device: &candle_core::Device,
+    progress: &mut dyn FnMut(BenchProgress<'_>),
+) -> Result<DilocoBenchReport, BenchError> {
+    check_config(cfg)?;
     let data = corpus_data(cfg);
     let init_seed = derive_seed(cfg.seed, "init");
     let eval_seed = derive_seed(cfg.seed, "eval");
@@ -208,17 +243,13 @@ pub fn run_diloco(
     )?;
     let flops_per_token = cfg.model.flops_per_token_at(cfg.seq_len);
     let mut arms = Vec::new();
-    arms.push(run_data_parallel(
-        cfg, device, &data, init_seed, eval_seed, progress,
-    )?);
-    for (arm, name, codec) in [
-        ("b", "diloco-fp32", CodecConfig::Fp32),
-        ("c", "diloco-int8", cfg.int8),
-        ("d", "diloco-topk", cfg.topk),
+    for (arm, kind) in [
+        ("a", ArmKind::DataParallel),
+        ("b", ArmKind::Diloco(CodecConfig::Fp32)),
+        ("c", ArmKind::Diloco(cfg.int8)),
+        ("d", ArmKind::Diloco(cfg.topk)),
     ] {
-        arms.push(run_diloco_arm(
-            cfg, device, &data, init_seed, eval_seed, arm, name, codec, progress,
-        )?);
+        arms.push(run_arm_on(cfg, device, &data, arm, kind, progress)?);
     }
     let dp_bytes = arms[0].bytes_per_worker as f64;
     for arm in &mut arms {
@@ -236,6 +267,58 @@ pub fn run_diloco(
         arms,
         config: cfg.clone(),
     })
+}
+
+/// Which training procedure an arm runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ArmKind {
+    /// One model, a k-times batch, R·H steps.
+    DataParallel,
+    /// k workers, H inner steps, R rounds, updates through this codec.
+    Diloco(CodecConfig),
+}
+
+/// Runs one arm alone (for sweeps and diagnostics); `arm` is its label.
+/// [`run_diloco`] runs the four arms of the bench on the same data.
+pub fn run_arm(
+    cfg: &DilocoBenchConfig,
+    device: &candle_core::Device,
+    arm: &str,
+    kind: ArmKind,
+    progress: &mut dyn FnMut(BenchProgress<'_>),
+) -> Result<ArmReport, BenchError> {
+    check_config(cfg)?;
+    let data = corpus_data(cfg);
+    let mut report = run_arm_on(cfg, device, &data, arm, kind, progress)?;
+    report.gflops_per_s = report.tokens_per_s * cfg.model.flops_per_token_at(cfg.seq_len) / 1e9;
+    Ok(report)
+}
+
+fn run_arm_on(
+    cfg: &DilocoBenchConfig,
+    device: &candle_core::Device,
+    data: &Data,
+    arm: &str,
+    kind: ArmKind,
+    progress: &mut dyn FnMut(BenchProgress<'_>),
+) -> Result<ArmReport, BenchError> {
+    let init_seed = derive_seed(cfg.seed, "init");
+    let eval_seed = derive_seed(cfg.seed, "eval");
+    match kind {
+        ArmKind::DataParallel => {
+            run_data_parallel(cfg, device, data, init_seed, eval_seed, arm, progress)
+        }
+        ArmKind::Diloco(codec) => {
+            let name = match codec {
+                CodecConfig::Fp32 => "diloco-fp32",
+                CodecConfig::Int8 { .. } => "diloco-int8",
+                CodecConfig::TopK { .. } => "diloco-topk",
+            };
+            run_diloco_arm(
+                cfg, device, data, init_seed, eval_seed, arm, name, codec, progress,
+            )
+        }
+    }
 }
 
 fn eval(
@@ -259,8 +342,10 @@ fn run_data_parallel(
     data: &Data,
     init_seed: u64,
     eval_seed: u64,
+    arm: &str,
     progress: &mut dyn FnMut(BenchProgress<'_>),
 ) -> Result<ArmReport, BenchError> {
+    let label = format!("{arm}: dp");
     let mut trainer = Trainer::new(&cfg.model, device.clone(), init_seed)?;
     let mut tokens = 0;
     let mut train_wall = 0.0;
@@ -269,15 +354,21 @@ fn run_data_parallel(
         let inner = cfg.inner(
             round,
             cfg.batch_size * cfg.workers,
-            derive_seed(cfg.seed, &format!("dp round {round}")),
+            // Worker 0's batch seed: with k=1 both arms draw the same batches
+            // from the same stream, so DiLoCo with plain averaging reduces to
+            // this arm (a test holds the two together).
+            cfg.batch_seed(0, round),
         );
         let report = trainer.train_inner(&data.all, &inner)?;
         tokens += report.tokens;
         train_wall += report.wall.as_secs_f64();
+        if !cfg.evaluates_after(round) {
+            continue;
+        }
         let loss = eval(&trainer, cfg, data, eval_seed)?;
         per_round.push(loss);
         progress(BenchProgress {
-            arm: "a: dp",
+            arm: &label,
             round: round + 1,
             rounds: cfg.rounds,
             heldout_loss: loss,
@@ -285,7 +376,7 @@ fn run_data_parallel(
     }
     let params = cfg.model.params_count() as u64;
     Ok(ArmReport {
-        arm: "a".to_string(),
+        arm: arm.to_string(),
         name: "dp".to_string(),
         codec: None,
         heldout_loss: per_round.last().copied().unwrap_or(f32::NAN),
@@ -331,7 +422,7 @@ fn run_diloco_arm(
         let mut weights = Vec::with_capacity(cfg.workers);
         for (w, (worker, encoder)) in workers.iter_mut().zip(&mut encoders).enumerate() {
             worker.set_flat_params(&global)?;
-            let seed = derive_seed(cfg.seed, &format!("worker {w} round {round}"));
+            let seed = cfg.batch_seed(w, round);
             let report =
                 worker.train_inner(&data.workers[w], &cfg.inner(round, cfg.batch_size, seed))?;
             tokens += report.tokens;
@@ -349,6 +440,9 @@ fn run_diloco_arm(
         weighted_mean_into(&inputs, &mut average);
         outer.step(&mut global, &average);
         wall += started.elapsed().as_secs_f64();
+        if !cfg.evaluates_after(round) {
+            continue;
+        }
         evaluator.set_flat_params(&global)?;
         let loss = eval(&evaluator, cfg, data, eval_seed)?;
         per_round.push(loss);
@@ -404,6 +498,15 @@ impl fmt::Display for DilocoBenchReport {
             c.seq_len,
             c.total_tokens(),
             self.threads
+        )?;
+        writeln!(
+            f,
+            "inner AdamW peak lr {} (warmup {}, cosine over R*H steps) for every arm; outer lr {} momentum {}{}",
+            c.lr,
+            c.warmup,
+            c.outer.lr,
+            c.outer.momentum,
+            if c.outer.nesterov { " (Nesterov)" } else { "" }
         )?;
         writeln!(f, "initial held-out loss {:.4}", self.initial_heldout_loss)?;
         writeln!(

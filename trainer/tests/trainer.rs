@@ -2,7 +2,8 @@
 //! and their bad inputs, checkpoints, and a small end-to-end bench run.
 
 use barnraise_protocol::Hash;
-use barnraise_trainer::bench::{DilocoBenchConfig, run_diloco};
+use barnraise_protocol::codec::CodecConfig;
+use barnraise_trainer::bench::{ArmKind, DilocoBenchConfig, run_arm, run_diloco};
 use barnraise_trainer::checkpoint::{self, CheckpointError, CheckpointMeta};
 use barnraise_trainer::data::manifest::{
     DatasetError, DatasetManifest, MANIFEST_FILE, ShardingConfig, build_dataset,
@@ -402,17 +403,24 @@ fn checkpoints_round_trip_and_refuse_other_configs() {
     ));
 }
 
-#[test]
-fn diloco_bench_runs_every_arm_at_equal_tokens() {
+/// A bench config small enough for a test: `workers` workers, `h` inner
+/// steps, `rounds` rounds of 2×32-token batches.
+fn quick_bench(workers: usize, h: usize, rounds: usize) -> DilocoBenchConfig {
     let mut cfg = DilocoBenchConfig::for_preset("tiny").expect("preset");
-    cfg.workers = 2;
-    cfg.inner_steps = 3;
-    cfg.rounds = 2;
+    cfg.workers = workers;
+    cfg.inner_steps = h;
+    cfg.rounds = rounds;
     cfg.batch_size = 2;
     cfg.seq_len = 32;
     cfg.warmup = 2;
     cfg.corpus_bytes = 20_000;
     cfg.eval_batches = 1;
+    cfg
+}
+
+#[test]
+fn diloco_bench_runs_every_arm_at_equal_tokens() {
+    let cfg = quick_bench(2, 3, 2);
     let mut events = 0;
     let report = run_diloco(&cfg, &Device::Cpu, &mut |_| events += 1).expect("bench");
     assert_eq!(events, 8);
@@ -428,12 +436,53 @@ fn diloco_bench_runs_every_arm_at_equal_tokens() {
     }
     // (a) sends a gradient per step, (b) one fp32 update per round.
     assert_eq!(report.arms[0].bytes_per_worker, 6 * params * 4);
-    assert!(report.arms[1].bytes_per_worker >= 2 * params * 4);
+    // DiLoCo arms: one payload of the codec's exact size per round.
+    let payload = |codec: CodecConfig| 2 * codec.encoded_len(params as usize) as u64;
+    assert_eq!(report.arms[1].bytes_per_worker, payload(CodecConfig::Fp32));
+    assert_eq!(report.arms[2].bytes_per_worker, payload(cfg.int8));
+    assert_eq!(report.arms[3].bytes_per_worker, payload(cfg.topk));
     assert!(report.arms[2].bytes_per_worker < report.arms[1].bytes_per_worker / 3);
-    assert!(report.arms[3].bytes_per_worker < report.arms[2].bytes_per_worker / 10);
+    assert!(report.arms[3].bytes_per_worker < report.arms[2].bytes_per_worker);
     let json = serde_json::to_value(&report).expect("json");
     assert_eq!(json["arms"][3]["name"], "diloco-topk");
     assert!(report.to_string().contains("(d) diloco-topk"));
+}
+
+/// With one worker, fp32 updates and plain averaging (outer lr 1, momentum
+/// 0), a DiLoCo round moves the global params exactly where the worker went,
+/// and the worker keeps its AdamW state and its place in the schedule across
+/// rounds; the data-parallel arm at k=1 is one model trained on the same
+/// batches. So the two arms must agree up to f32 rounding of θ − (θ − θ').
+/// A DiLoCo arm that reset its inner optimizer or schedule each round, fed a
+/// worker the wrong stream, or mis-scaled the outer step would split them.
+#[test]
+fn one_worker_diloco_with_plain_averaging_matches_data_parallel() {
+    let mut cfg = quick_bench(1, 4, 3);
+    cfg.eval_batches = 2;
+    cfg.eval_every = 2;
+    cfg.outer.lr = 1.0;
+    cfg.outer.momentum = 0.0;
+    let arm = |cfg: &DilocoBenchConfig, kind| {
+        run_arm(cfg, &Device::Cpu, "probe", kind, &mut |_| {}).expect("arm")
+    };
+    let dp = arm(&cfg, ArmKind::DataParallel);
+    let diloco = arm(&cfg, ArmKind::Diloco(CodecConfig::Fp32));
+    // Scored after round 2 and after the last round only.
+    assert_eq!(dp.heldout_per_round.len(), 2);
+    assert_eq!(diloco.heldout_per_round.len(), 2);
+    assert_eq!(dp.tokens, diloco.tokens);
+    for (a, b) in dp.heldout_per_round.iter().zip(&diloco.heldout_per_round) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "dp {a} vs diloco {b}");
+    }
+    // The outer step matters: an outer lr of 0.5 leaves the params halfway.
+    cfg.outer.lr = 0.5;
+    let damped = arm(&cfg, ArmKind::Diloco(CodecConfig::Fp32));
+    assert!(
+        (damped.heldout_loss - dp.heldout_loss).abs() > 1e-3,
+        "outer lr 0.5 gave {} like dp {}",
+        damped.heldout_loss,
+        dp.heldout_loss
+    );
 }
 
 #[test]

@@ -1,0 +1,73 @@
+//! Sweeps single bench arms with overridden settings, to find out where a gap
+//! between data-parallel and DiLoCo comes from:
+//! `cargo run -p barnraise-trainer --example diloco_probe -- SPEC [SPEC ...]`.
+//!
+//! A SPEC is comma-separated `key=value` pairs over the `tiny` bench
+//! defaults: `arm=dp|fp32|int8|int8:B|topk|topk:C:K:B`, `preset`, `k`, `H`,
+//! `R`, `bs` (sequences per worker), `lr`, `warmup`, `olr`, `om`,
+//! `nesterov=0|1`, `seed`, `eval` (held-out batches), `every` (score every N rounds). Prints one line per
+//! spec: the final held-out loss and the loss after every round.
+
+use barnraise_protocol::codec::CodecConfig;
+use barnraise_trainer::bench::{ArmKind, DilocoBenchConfig, run_arm};
+
+type Error = Box<dyn std::error::Error>;
+
+fn apply(spec: &str) -> Result<(DilocoBenchConfig, ArmKind), Error> {
+    let pairs: Vec<(&str, &str)> = spec
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .ok_or_else(|| format!("`{p}` is not key=value"))
+        })
+        .collect::<Result<_, _>>()?;
+    let preset = pairs
+        .iter()
+        .find(|(k, _)| *k == "preset")
+        .map_or("tiny", |(_, v)| *v);
+    let mut cfg =
+        DilocoBenchConfig::for_preset(preset).ok_or_else(|| format!("unknown preset {preset}"))?;
+    let mut kind = ArmKind::Diloco(CodecConfig::Fp32);
+    for (key, value) in pairs {
+        match key {
+            "preset" => {}
+            "arm" if value == "dp" => kind = ArmKind::DataParallel,
+            "arm" => kind = ArmKind::Diloco(value.parse()?),
+            "k" => cfg.workers = value.parse()?,
+            "H" => cfg.inner_steps = value.parse()?,
+            "R" => cfg.rounds = value.parse()?,
+            "bs" => cfg.batch_size = value.parse()?,
+            "lr" => cfg.lr = value.parse()?,
+            "warmup" => cfg.warmup = value.parse()?,
+            "olr" => cfg.outer.lr = value.parse()?,
+            "om" => cfg.outer.momentum = value.parse()?,
+            "nesterov" => cfg.outer.nesterov = value == "1",
+            "seed" => cfg.seed = value.parse()?,
+            "eval" => cfg.eval_batches = value.parse()?,
+            "every" => cfg.eval_every = value.parse()?,
+            _ => return Err(format!("unknown key `{key}` in `{spec}`").into()),
+        }
+    }
+    Ok((cfg, kind))
+}
+
+fn main() -> Result<(), Error> {
+    for spec in std::env::args().skip(1) {
+        let (cfg, kind) = apply(&spec)?;
+        let report = run_arm(&cfg, &candle_core::Device::Cpu, "probe", kind, &mut |_| {})?;
+        let curve: Vec<String> = report
+            .heldout_per_round
+            .iter()
+            .map(|l| format!("{l:.3}"))
+            .collect();
+        println!(
+            "{spec:<60} final {:.4}  tokens {}  wall {:.0}s  rounds [{}]",
+            report.heldout_loss,
+            report.tokens,
+            report.wall_s,
+            curve.join(" ")
+        );
+    }
+    Ok(())
+}
