@@ -247,4 +247,44 @@ mod tests {
             );
         }
     }
+
+    #[tokio::test]
+    async fn serves_metrics_over_http_until_shutdown() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let metrics = std::sync::Arc::new(NodeMetrics::new());
+        NodeMetrics::add(&metrics.rounds_applied, 3);
+        let shutdown = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let get = |path: &'static str| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await?;
+            stream
+                .write_all(
+                    format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let response = get("/metrics").await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.contains("text/plain; version=0.0.4"));
+        assert!(response.contains("barnraise_node_rounds_applied_total 3\n"));
+        assert!(get("/other").await.unwrap().starts_with("HTTP/1.1 404"));
+        // The port is taken while serving: a second endpoint there is a clear error.
+        let taken = serve(addr, metrics, CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(taken.to_string().contains(&addr.to_string()), "{taken}");
+        shutdown.cancel();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(get("/metrics").await.is_err(), "stopped with the node");
+    }
 }
