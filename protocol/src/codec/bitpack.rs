@@ -63,7 +63,27 @@ impl<'a> BitReader<'a> {
     /// layouts are sized exactly, so that only happens for padding.
     #[inline]
     pub(crate) fn read(&mut self, bits: u32) -> u32 {
-        while self.pending_bits < bits {
+        if self.pending_bits < bits {
+            self.refill();
+        }
+        let value = self.pending & ((1u64 << bits) - 1);
+        self.pending >>= bits;
+        self.pending_bits -= bits;
+        value as u32
+    }
+
+    /// Tops up the pending bits to at least 32: four bytes at once where
+    /// there are four, else byte by byte, then zeros past the end.
+    #[inline]
+    fn refill(&mut self) {
+        // pending_bits < 32 here, so 32 more still fit in the u64.
+        if let Some((word, rest)) = self.bytes.split_first_chunk::<4>() {
+            self.pending |= u64::from(u32::from_le_bytes(*word)) << self.pending_bits;
+            self.pending_bits += 32;
+            self.bytes = rest;
+            return;
+        }
+        while self.pending_bits < 32 {
             let (byte, rest) = self
                 .bytes
                 .split_first()
@@ -72,10 +92,21 @@ impl<'a> BitReader<'a> {
             self.pending |= u64::from(byte) << self.pending_bits;
             self.pending_bits += 8;
         }
-        let value = self.pending & ((1u64 << bits) - 1);
-        self.pending >>= bits;
-        self.pending_bits -= bits;
-        value as u32
+    }
+
+    /// Passes over the next `bits` bits without returning them.
+    pub(crate) fn skip(&mut self, bits: u64) {
+        let pending = u64::from(self.pending_bits);
+        if bits <= pending {
+            self.read(bits as u32);
+            return;
+        }
+        let bits = bits - pending;
+        self.pending = 0;
+        self.pending_bits = 0;
+        let whole = usize::try_from(bits / 8).unwrap_or(usize::MAX);
+        self.bytes = self.bytes.get(whole..).unwrap_or(&[]);
+        self.read((bits % 8) as u32);
     }
 
     /// Checks that everything left unread is zero padding.
@@ -110,6 +141,46 @@ mod tests {
             }
             prop_assert!(reader.finish("test").is_ok());
         }
+    }
+
+    proptest! {
+        #[test]
+        fn skipping_lands_where_reading_would(
+            bits in 1u32..=20,
+            raw in proptest::collection::vec(any::<u32>(), 1..200),
+            skipped in 0usize..200,
+        ) {
+            let values: Vec<u32> = raw.iter().map(|v| v & ((1u32 << bits) - 1)).collect();
+            let skipped = skipped.min(values.len());
+            let mut out = Vec::new();
+            let mut writer = BitWriter::new(&mut out);
+            for &v in &values {
+                writer.push(v, bits);
+            }
+            writer.finish();
+            let mut reader = BitReader::new(&out);
+            // A read first, so that skip starts with bits pending.
+            prop_assert_eq!(reader.read(bits), values[0]);
+            reader.skip(skipped.saturating_sub(1) as u64 * u64::from(bits));
+            for &v in &values[skipped.max(1)..] {
+                prop_assert_eq!(reader.read(bits), v);
+            }
+            prop_assert!(reader.finish("test").is_ok());
+        }
+    }
+
+    #[test]
+    fn skipped_bits_are_not_padding() {
+        // Six bits skipped: the two above them are padding.
+        let mut reader = BitReader::new(&[0b0011_1111]);
+        reader.skip(6);
+        assert!(reader.finish("values").is_ok());
+        let mut reader = BitReader::new(&[0b0111_1111]);
+        reader.skip(6);
+        assert!(reader.finish("values").is_err());
+        let mut reader = BitReader::new(&[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0b0000_0011]);
+        reader.skip(42);
+        assert!(reader.finish("values").is_ok());
     }
 
     #[test]

@@ -614,23 +614,24 @@ pub(crate) fn decode(
     };
     match target {
         Target::Overwrite(out) => {
-            format.walk(body, out.len(), |_, _| {})?;
+            let parts = format.check(body, out.len())?;
             out.fill(0.0);
-            format.walk(body, out.len(), |index, value| {
+            format.apply(&parts, out.len(), |index, value| {
                 if let Some(slot) = out.get_mut(index) {
                     *slot = value;
                 }
-            })
+            });
         }
         Target::Add { acc, weight } => {
-            format.walk(body, acc.len(), |_, _| {})?;
-            format.walk(body, acc.len(), |index, value| {
+            let parts = format.check(body, acc.len())?;
+            format.apply(&parts, acc.len(), |index, value| {
                 if let Some(slot) = acc.get_mut(index) {
                     *slot += weight * value;
                 }
-            })
+            });
         }
     }
+    Ok(())
 }
 
 struct Format {
@@ -639,15 +640,28 @@ struct Format {
     bits: u8,
 }
 
+/// A body split into its three parts.
+struct Parts<'a> {
+    ranges: &'a [[u8; 8]],
+    index_stream: &'a [u8],
+    value_stream: &'a [u8],
+}
+
+/// A chunk's (lo, hi) as stored.
+fn range(bytes: [u8; 8]) -> (f32, f32) {
+    let [a, b, c, d, e, f, g, h] = bytes;
+    (
+        f32::from_le_bytes([a, b, c, d]),
+        f32::from_le_bytes([e, f, g, h]),
+    )
+}
+
 impl Format {
-    /// Decodes every kept value in order, checking ranges, index order and
-    /// range, and padding; calls `visit(global index, value)` for each.
-    fn walk(
-        &self,
-        body: &[u8],
-        params: usize,
-        mut visit: impl FnMut(usize, f32),
-    ) -> Result<(), CodecError> {
+    /// Splits the body and checks all that can be wrong with it: ranges,
+    /// index range and order, and zero padding in both streams. Value codes
+    /// need no check (every code of the right width is a value), so they are
+    /// not read here.
+    fn check<'a>(&self, body: &'a [u8], params: usize) -> Result<Parts<'a>, CodecError> {
         let layout = Layout::new(params as u64, self.chunk as u32, self.k as u32, self.bits);
         let lengths = layout
             .as_ref()
@@ -663,17 +677,12 @@ impl Format {
         let (index_stream, value_stream) =
             rest.split_at_checked(index_len as usize).ok_or(truncated)?;
         let (ranges, _) = ranges.as_chunks::<8>();
-        let value_bits = u32::from(self.bits);
         let index_bits = index_bits(self.chunk as u64);
         let mut indices = BitReader::new(index_stream);
-        let mut values = BitReader::new(value_stream);
+        let mut kept = 0u64;
 
-        for (chunk_index, range) in ranges.iter().enumerate() {
-            let [a, b, c, d, e, f, g, h] = *range;
-            let (lo, hi) = (
-                f32::from_le_bytes([a, b, c, d]),
-                f32::from_le_bytes([e, f, g, h]),
-            );
+        for (chunk_index, bytes) in ranges.iter().enumerate() {
+            let (lo, hi) = range(*bytes);
             let signs_clear = (lo.to_bits() | hi.to_bits()) >> 31 == 0;
             if !(signs_clear && hi.is_finite() && lo <= hi) {
                 return Err(CodecError::BadRange {
@@ -682,9 +691,7 @@ impl Format {
                     hi,
                 });
             }
-            let levels = Levels::new(lo, hi, value_bits);
-            let start = chunk_index * self.chunk;
-            let len = self.chunk.min(params - start);
+            let len = self.chunk.min(params - chunk_index * self.chunk);
             let mut previous: Option<u32> = None;
             for _ in 0..self.k.min(len) {
                 let index = indices.read(index_bits);
@@ -705,13 +712,53 @@ impl Format {
                     });
                 }
                 previous = Some(index);
-                visit(
-                    start + index as usize,
-                    levels.value(values.read(value_bits), value_bits),
-                );
             }
+            kept += self.k.min(len) as u64;
         }
         indices.finish("index")?;
-        values.finish("value")
+        let mut values = BitReader::new(value_stream);
+        values.skip(kept * u64::from(self.bits));
+        values.finish("value")?;
+        Ok(Parts {
+            ranges,
+            index_stream,
+            value_stream,
+        })
+    }
+
+    /// Decodes every kept value of a checked body in order and calls
+    /// `visit(global index, value)` for each.
+    fn apply(&self, parts: &Parts<'_>, params: usize, mut visit: impl FnMut(usize, f32)) {
+        let value_bits = u32::from(self.bits);
+        let index_bits = index_bits(self.chunk as u64);
+        let mut indices = BitReader::new(parts.index_stream);
+        let mut values = BitReader::new(parts.value_stream);
+        // Few bits mean few codes: decode each once per chunk, by the same
+        // `Levels::value` as for one value at a time.
+        let mut table = [0f32; 1 << TABLE_BITS];
+        let tabled = value_bits <= TABLE_BITS;
+        for (chunk_index, bytes) in parts.ranges.iter().enumerate() {
+            let (lo, hi) = range(*bytes);
+            let levels = Levels::new(lo, hi, value_bits);
+            if tabled {
+                for (code, value) in table.iter_mut().enumerate().take(1 << value_bits) {
+                    *value = levels.value(code as u32, value_bits);
+                }
+            }
+            let start = chunk_index * self.chunk;
+            let len = self.chunk.min(params - start);
+            for _ in 0..self.k.min(len) {
+                let index = indices.read(index_bits) as usize;
+                let code = values.read(value_bits);
+                let value = match table.get(code as usize) {
+                    Some(&value) if tabled => value,
+                    _ => levels.value(code, value_bits),
+                };
+                visit(start + index, value);
+            }
+        }
     }
 }
+
+/// Codes of at most this many bits are decoded through a per-chunk table.
+const TABLE_BITS: u32 = 4;
