@@ -46,6 +46,24 @@ impl Policy {
         Policy::default()
     }
 
+    /// Whether a node the ledger already knows — admitted under an earlier
+    /// config, before a restart — may keep its membership under this one:
+    /// `None` if so, else the reason. The ledger keeps the node's org but not
+    /// its certificate, so a revoked *certificate* takes effect when the node
+    /// next joins; a revoked node or an org no longer listed takes effect at
+    /// once.
+    pub fn refuses_known(&self, node: &NodeId, org: Option<&OrgId>) -> Option<String> {
+        if self.revoked_nodes.contains(node) {
+            return Some(format!("the node {node} was revoked by the run"));
+        }
+        match (&self.orgs, org) {
+            (None, _) => None,
+            (Some(orgs), Some(org)) if orgs.contains(org) => None,
+            (Some(_), Some(org)) => Some(format!("its org {org} is no longer admitted")),
+            (Some(_), None) => Some("the run now admits only listed orgs".into()),
+        }
+    }
+
     /// Limited to nodes certified by `orgs`.
     pub fn orgs(orgs: Vec<OrgId>) -> Policy {
         Policy {
@@ -443,5 +461,26 @@ mod tests {
         );
         open.revoked_nodes.insert(node.node_id());
         assert!(refusal(join_with(None, &open)).contains("revoked"));
+    }
+
+    #[test]
+    fn known_nodes_are_rechecked_against_a_new_policy() {
+        let node = key(1).node_id();
+        let org = key(7).org_id();
+        let other = key(8).org_id();
+        assert_eq!(Policy::open().refuses_known(&node, None), None);
+        assert_eq!(Policy::open().refuses_known(&node, Some(&org)), None);
+        let limited = Policy::orgs(vec![org]);
+        assert_eq!(limited.refuses_known(&node, Some(&org)), None);
+        assert!(limited.refuses_known(&node, Some(&other)).is_some());
+        assert!(limited.refuses_known(&node, None).is_some());
+        let mut revoked = Policy::open();
+        revoked.revoked_nodes.insert(node);
+        assert!(
+            revoked
+                .refuses_known(&node, Some(&org))
+                .is_some_and(|r| r.contains("revoked"))
+        );
+        assert_eq!(revoked.refuses_known(&key(2).node_id(), None), None);
     }
 }

@@ -223,6 +223,13 @@ impl Rounds {
         );
     }
 
+    /// A node the run no longer admits (revoked after a restart): it gets
+    /// no more work, and its commits are refused as from an unknown node.
+    /// A round it was assigned closes without it.
+    pub fn expel(&mut self, node: &NodeId) {
+        self.members.remove(node);
+    }
+
     /// A node said it is leaving: it gets no more work.
     pub fn leave(&mut self, node: &NodeId) {
         if let Some(m) = self.members.get_mut(node) {

@@ -367,3 +367,38 @@ fn restored_round_keeps_its_plan() {
     deliver(&mut restarted, &plan, node(1));
     assert_eq!(close_of(restarted.tick(restart_at + 1)).candidates.len(), 1);
 }
+
+#[test]
+fn an_expelled_node_gets_no_work_and_its_commit_is_refused() {
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 2);
+    m.expel(&node(2));
+    let c = commit_for(&plan, 2);
+    assert!(matches!(
+        m.commit(node(2), &c, Hash::of(&[2])),
+        CommitOutcome::Rejected {
+            reason: RejectReason::UnknownNode,
+            ..
+        }
+    ));
+    deliver(&mut m, &plan, node(1));
+    // The round closes at its deadline with node 2 missing, and the next
+    // plan has no work for it.
+    let close = close_of(m.tick(DEADLINE + 1));
+    assert_eq!(close.missing, vec![node(2)]);
+    assert!(!m.active_nodes().contains(&node(2)));
+}
+
+#[test]
+fn a_cluster_node_may_claim_tokens_for_each_worker() {
+    let mut m = machine(8, Quorum::Fraction(1.0), 1, 5);
+    m.join(node(1), 2);
+    let plan = open_round(&mut m, 0);
+    assert_eq!(plan.assignments[0].shards.len(), 2, "two workers' shards");
+    let mut c = commit_for(&plan, 1);
+    c.tokens = 2 * 4 * 2 * 8;
+    c.workers = 2;
+    assert_eq!(
+        m.commit(node(1), &c, Hash::of(&[1])),
+        CommitOutcome::Accepted { round: 0 }
+    );
+}

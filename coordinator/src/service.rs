@@ -32,7 +32,7 @@ use barnraise_protocol::messages::{
     RoundPlan, RunConfig, Welcome,
 };
 use barnraise_protocol::outer::OuterConfig;
-use barnraise_protocol::{Hash, NodeId, PublicKey, Signed, SigningKey, messages::now_ms};
+use barnraise_protocol::{Hash, NodeId, OrgId, PublicKey, Signed, SigningKey, messages::now_ms};
 use libp2p::{Multiaddr, PeerId};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -393,6 +393,19 @@ fn prepare(
         }
         None => None,
     };
+    // Nodes admitted under an earlier config are held to this one: a node
+    // revoked (or an org dropped) while the coordinator was down gets no
+    // more work, not even in the round restored above.
+    for node in &ledger_nodes {
+        let Ok(id) = node.node.parse::<NodeId>() else {
+            continue;
+        };
+        let org = node.org.as_deref().and_then(|o| o.parse::<OrgId>().ok());
+        if let Some(reason) = resolved.admission.refuses_known(&id, org.as_ref()) {
+            tracing::warn!(node = %id, "no longer admitted: {reason}");
+            rounds.expel(&id);
+        }
+    }
     let run_config = RunConfig {
         run_id: config.run_id.clone(),
         model_config_json: serde_json::to_string(&resolved.model).unwrap_or_default(),
