@@ -43,15 +43,15 @@ const STYLE: &str = "
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;color:var(--fg);background:#f6f8fa;margin:0}
 header{background:#1b1f24;color:#fff;padding:.6em 1.5em;display:flex;gap:1.5em;align-items:baseline}
 header a{color:#fff;text-decoration:none}header .brand{font-weight:700;font-size:1.1em}
-main{max-width:72em;margin:0 auto;padding:1em 1.5em 3em}
+main{max-width:90em;margin:0 auto;padding:1em 1.5em 3em}
 h1{font-size:1.5em;margin:.6em 0 .2em;overflow-wrap:anywhere}h2{font-size:1.15em;margin:1.6em 0 .5em}
 .muted{color:var(--muted)}code,.id{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.92em}
-.id{overflow-wrap:anywhere}
+.id{overflow-wrap:anywhere}a.id{white-space:nowrap}
 a{color:var(--accent)}
 .tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(11em,1fr));gap:.8em;margin:1em 0}
 .tile{background:var(--bg);border:1px solid var(--line);border-radius:6px;padding:.6em .9em}
 .tile b{display:block;font-size:1.35em}.tile span{color:var(--muted);font-size:.9em}
-.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(26em,1fr));gap:1em}
+.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(34em,1fr));gap:1em}
 .chart{width:100%;height:auto;background:var(--bg);border:1px solid var(--line);border-radius:6px}
 .chart .chart-title{font-weight:600;font-size:13px;fill:var(--fg)}.chart .legend,.chart .tick{font-size:11px;fill:var(--muted)}
 .chart .axis-label{font-size:11px;fill:var(--muted)}.chart .chart-empty{font-size:13px;fill:var(--muted)}
@@ -60,7 +60,7 @@ a{color:var(--accent)}
 table{border-collapse:collapse;width:100%}
 th,td{padding:.35em .7em;border-bottom:1px solid var(--line);text-align:right;white-space:nowrap}
 th{background:#f0f3f6;font-weight:600}th:first-child,td:first-child{text-align:left}
-td.text,th.text{text-align:left;white-space:normal;overflow-wrap:anywhere;max-width:24em}
+td.text,th.text{text-align:left;white-space:normal;overflow-wrap:break-word;min-width:6em;max-width:24em}
 tr:last-child td{border-bottom:0}
 .badge{display:inline-block;padding:0 .5em;border-radius:1em;font-size:.85em;color:#fff}
 .accepted,.on-time{background:var(--ok)}.rejected{background:var(--bad)}.missing{background:#8c959f}.late{background:var(--warn)}
@@ -113,8 +113,13 @@ fn timestamp(ms: u64) -> String {
     )
 }
 
+/// `767.6 MFLOP`: the count's unit letter joins FLOP after a space.
 fn flops(credit: f64) -> String {
-    format!("{}FLOP", human(credit))
+    let count = human(credit);
+    match count.char_indices().last() {
+        Some((i, unit)) if unit.is_ascii_alphabetic() => format!("{} {unit}FLOP", &count[..i]),
+        _ => format!("{count} FLOP"),
+    }
 }
 
 fn loss(value: Option<f64>) -> String {
@@ -171,6 +176,7 @@ fn tiles(items: &[(String, &str)]) -> String {
 }
 
 /// A table inside a horizontally scrolling box; cells are already HTML.
+/// `text_columns` are left-aligned and may wrap; the others are numbers.
 fn table(headers: &[&str], rows: &[Vec<String>], text_columns: &[usize]) -> String {
     let class = |i: usize| {
         if text_columns.contains(&i) {
@@ -264,8 +270,10 @@ fn leaderboard<'a>(lead: &[&str], rows: Vec<(Vec<String>, Tally<'a>)>) -> String
             cells
         })
         .collect();
-    let last = headers.len() - 1;
-    table(&headers, &cells, &[last])
+    // The lead columns (names) and the last (rejection reasons) are text.
+    let mut text: Vec<usize> = (1..=lead.len()).collect();
+    text.push(headers.len() - 1);
+    table(&headers, &cells, &text)
 }
 
 fn node_table(rows: &[ContributorRow], with_org: bool) -> String {
@@ -625,7 +633,7 @@ pub fn node_page(node: &str, detail: &NodeDetail) -> String {
             "detail",
         ],
         &rows,
-        &[3, 9],
+        &[1, 2, 3, 9],
     ));
     if !detail.refusals.is_empty() {
         body.push_str("<h2>Refused messages</h2>");
@@ -641,7 +649,11 @@ pub fn node_page(node: &str, detail: &NodeDetail) -> String {
                 ]
             })
             .collect();
-        body.push_str(&table(&["at", "round", "reason", "detail"], &rows, &[2, 3]));
+        body.push_str(&table(
+            &["at", "round", "reason", "detail"],
+            &rows,
+            &[0, 2, 3],
+        ));
     }
     page(&format!("node {}", short(node)), &body, false)
 }
@@ -725,7 +737,7 @@ pub fn round_page(round: &RoundOverview, updates: &[UpdateRow]) -> String {
             "detail",
         ],
         &rows,
-        &[2, 8],
+        &[0, 1, 2, 8],
     ));
     page(&format!("round {}", round.round), &body, false)
 }
@@ -758,6 +770,12 @@ mod tests {
             escape(r#"<script>alert("x")</script> & 'y'"#),
             "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
         );
+    }
+
+    #[test]
+    fn credit_reads_as_flops() {
+        assert_eq!(flops(0.0), "0 FLOP");
+        assert_eq!(flops(767.6e6), "767.6 MFLOP");
     }
 
     #[test]
