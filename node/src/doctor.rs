@@ -64,6 +64,7 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(15);
 pub async fn run_doctor(config: &NodeConfig) -> Vec<Check> {
     let mut checks = Vec::new();
     let key = identity(config, &mut checks);
+    certificate(config, key.as_ref(), &mut checks);
     compute(config, &mut checks);
     disk(config, &mut checks);
     if let Some(key) = key {
@@ -121,9 +122,6 @@ fn identity(config: &NodeConfig, checks: &mut Vec<Check>) -> Option<SigningKey> 
 fn compute(config: &NodeConfig, checks: &mut Vec<Check>) {
     let gpus = barnraise_trainer::device::discover_gpus();
     let cuda = barnraise_trainer::device::cuda_build();
-    let spec = config
-        .device
-        .parse::<barnraise_trainer::device::DeviceSpec>();
     let finding = if gpus.is_empty() {
         "no GPU found; the node trains on the CPU".to_string()
     } else {
@@ -139,31 +137,106 @@ fn compute(config: &NodeConfig, checks: &mut Vec<Check>) {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let selected = spec.as_ref().map_err(|e| e.to_string()).and_then(|s| {
-        barnraise_trainer::device::select(*s)
-            .map(|d| format!("{d:?}"))
-            .map_err(|e| e.to_string())
+    // Every worker's device must open, as the daemon will open them.
+    let selected = config.worker_devices().and_then(|specs| {
+        specs
+            .iter()
+            .map(|s| {
+                barnraise_trainer::device::select(*s)
+                    .map(|d| format!("{d:?}"))
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<Vec<String>, String>>()
     });
+    let on = |devices: &[String]| match devices {
+        [one] => one.clone(),
+        many => format!("{} workers ({})", many.len(), many.join(", ")),
+    };
     match selected {
         Err(e) => checks.push(check(
             "compute",
             Verdict::Fail,
             format!("{finding}; device `{}`: {e}", config.device),
-            Some("use --device auto, cpu or cuda:N with N a GPU listed here"),
+            Some(
+                "use --device auto, cpu or cuda:N with N a GPU listed here (a list such as cuda:0,cuda:1 for one worker each)",
+            ),
         )),
-        Ok(device) if !gpus.is_empty() && !cuda => checks.push(check(
+        Ok(devices) if !gpus.is_empty() && !cuda => checks.push(check(
             "compute",
             Verdict::Warn,
-            format!("{finding}; this binary cannot use them and trains on {device}"),
+            format!(
+                "{finding}; this binary cannot use them and trains on {}",
+                on(&devices)
+            ),
             Some("rebuild with `cargo build --release --features cuda` to train on the GPU"),
         )),
-        Ok(device) => checks.push(check(
+        Ok(devices) => checks.push(check(
             "compute",
             Verdict::Ok,
-            format!("{finding}; training on {device}"),
+            format!("{finding}; training on {}", on(&devices)),
             None,
         )),
     }
+}
+
+/// The org certificate, when one is configured: that it loads, is signed by
+/// its org, names this node's key and is within its dates. Revocation and
+/// the run's org list are the coordinator's to check.
+fn certificate(config: &NodeConfig, key: Option<&SigningKey>, checks: &mut Vec<Check>) {
+    use barnraise_protocol::certificate::{format_utc, load_certificate, verify_certificate};
+    let Some(path) = &config.certificate else {
+        return;
+    };
+    let body = match load_certificate(path).and_then(|signed| {
+        verify_certificate(&signed).map_err(|e| {
+            barnraise_protocol::certificate::CertificateFileError::Invalid {
+                path: path.clone(),
+                source: e,
+            }
+        })
+    }) {
+        Ok(body) => body,
+        Err(e) => {
+            checks.push(check(
+                "certificate",
+                Verdict::Fail,
+                e.to_string(),
+                Some("ask your org admin for a new one (`barnraise org enroll --node <your node id>`)"),
+            ));
+            return;
+        }
+    };
+    let now = barnraise_protocol::messages::now_ms();
+    let org = format!("{} ({})", body.org_name, body.org);
+    let (verdict, finding, advice) = match key.map(|k| k.node_id()) {
+        Some(me) if me != body.node => (
+            Verdict::Fail,
+            format!("{org} certifies node {}, not this node ({me})", body.node),
+            Some("the certificate was made for another key; send your node id to your org admin"),
+        ),
+        _ if body.expires_ms <= now => (
+            Verdict::Fail,
+            format!(
+                "{org}'s certificate expired at {}",
+                format_utc(body.expires_ms)
+            ),
+            Some("ask your org admin to enroll this node again"),
+        ),
+        _ if body.expires_ms - now < 14 * 24 * 3600 * 1000 => (
+            Verdict::Warn,
+            format!(
+                "{org} until {} (less than two weeks)",
+                format_utc(body.expires_ms)
+            ),
+            Some("ask your org admin for a renewal before it expires"),
+        ),
+        _ => (
+            Verdict::Ok,
+            format!("{org} until {}", format_utc(body.expires_ms)),
+            None,
+        ),
+    };
+    checks.push(check("certificate", verdict, finding, advice));
 }
 
 fn disk(config: &NodeConfig, checks: &mut Vec<Check>) {
@@ -590,5 +663,75 @@ mod tests {
         );
         let compute = checks.iter().find(|c| c.name == "compute").unwrap();
         assert_eq!(compute.verdict, Verdict::Ok, "{compute:?}");
+    }
+
+    #[test]
+    fn certificate_and_workers_are_checked_before_joining() {
+        use barnraise_protocol::Signed;
+        use barnraise_protocol::messages::NodeCertificate;
+        let dir = tempfile::tempdir().unwrap();
+        let node = SigningKey::from_seed([3; 32]).unwrap();
+        let org = SigningKey::from_seed([4; 32]).unwrap();
+        let now = barnraise_protocol::messages::now_ms();
+        let write = |name: &str, for_node: &SigningKey, expires_ms: u64| {
+            let cert = Signed::sign(
+                &org,
+                &NodeCertificate {
+                    org: org.org_id(),
+                    org_name: "Lab".into(),
+                    node: for_node.node_id(),
+                    issued_ms: now - 1000,
+                    expires_ms,
+                },
+            )
+            .unwrap();
+            let path = dir.path().join(name);
+            barnraise_protocol::certificate::save_certificate(&path, &cert).unwrap();
+            path
+        };
+        let verdict = |path: std::path::PathBuf| {
+            let config = NodeConfig {
+                certificate: Some(path),
+                ..NodeConfig::default()
+            };
+            let mut checks = Vec::new();
+            certificate(&config, Some(&node), &mut checks);
+            checks.pop().map(|c| (c.verdict, c.finding)).unwrap()
+        };
+        let day = 24 * 3600 * 1000;
+        assert_eq!(
+            verdict(write("ok.cert", &node, now + 100 * day)).0,
+            Verdict::Ok
+        );
+        assert_eq!(
+            verdict(write("soon.cert", &node, now + day)).0,
+            Verdict::Warn
+        );
+        let (v, finding) = verdict(write(
+            "other.cert",
+            &SigningKey::from_seed([5; 32]).unwrap(),
+            now + 100 * day,
+        ));
+        assert_eq!(v, Verdict::Fail);
+        assert!(finding.contains("not this node"), "{finding}");
+        let (v, _) = verdict(dir.path().join("missing.cert"));
+        assert_eq!(v, Verdict::Fail);
+
+        let mut checks = Vec::new();
+        let cluster = NodeConfig {
+            device: "cpu".into(),
+            workers: Some(3),
+            ..NodeConfig::default()
+        };
+        compute(&cluster, &mut checks);
+        assert_eq!(checks[0].verdict, Verdict::Ok);
+        assert!(checks[0].finding.contains("3 workers"), "{:?}", checks[0]);
+        let bad = NodeConfig {
+            device: "cpu,cpu".into(),
+            workers: Some(3),
+            ..NodeConfig::default()
+        };
+        compute(&bad, &mut checks);
+        assert_eq!(checks[1].verdict, Verdict::Fail);
     }
 }
