@@ -142,6 +142,7 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
             args.codec
         );
         eprintln!("  data dir   {}", data_dir.display());
+        eprintln!("  dashboard  http://{http}/   (while the run lasts)");
         eprintln!("  API        http://{http}/api/v1/run   metrics http://{http}/metrics");
         eprintln!("  dial       {dial}");
     }
