@@ -35,8 +35,11 @@ pub(crate) fn encode(delta: &[f32], block: u32, out: &mut Vec<u8>) -> Result<(),
     out.resize(scales_at + blocks * 4, 0);
     out.reserve(delta.len());
     // Through a small stack buffer: a loop the compiler packs 16 values at a
-    // time, where extending the vector value by value would not be.
+    // time, where extending the vector value by value would not be. It is
+    // flushed when full rather than per block, which for small blocks costs
+    // as much as the block.
     let mut buffer = [0u8; 1024];
+    let mut filled = 0;
     for (index, values) in delta.chunks(block).enumerate() {
         let Some(worst) = largest_magnitude(values) else {
             let at = values.iter().position(|x| !x.is_finite()).unwrap_or(0);
@@ -45,12 +48,26 @@ pub(crate) fn encode(delta: &[f32], block: u32, out: &mut Vec<u8>) -> Result<(),
                 value: values[at],
             });
         };
-        let scale = (worst / 127.0).min(MAX_SCALE);
+        let unclamped = worst / 127.0;
+        let scale = unclamped.min(MAX_SCALE);
         let inverse = 1.0 / scale;
+        // With a normal, unclamped scale every |x * inverse| is at most
+        // 127 (1 + 3 * 2^-24) (three roundings from |x| <= worst), which
+        // rounds into [-127, 127]: the clamp would change nothing.
+        let unclamped_fits = scale == unclamped && scale >= f32::MIN_POSITIVE;
         for part in values.chunks(buffer.len()) {
-            let bytes = &mut buffer[..part.len()];
+            if filled + part.len() > buffer.len() {
+                out.extend_from_slice(&buffer[..filled]);
+                filled = 0;
+            }
+            let bytes = &mut buffer[filled..filled + part.len()];
+            filled += part.len();
             if scale == 0.0 {
                 bytes.fill(0);
+            } else if unclamped_fits {
+                for (byte, &x) in bytes.iter_mut().zip(part) {
+                    *byte = round_small(x * inverse) as i16 as u8;
+                }
             } else if inverse.is_finite() {
                 for (byte, &x) in bytes.iter_mut().zip(part) {
                     *byte = quantize(x * inverse);
@@ -61,11 +78,11 @@ pub(crate) fn encode(delta: &[f32], block: u32, out: &mut Vec<u8>) -> Result<(),
                     *byte = quantize(x / scale);
                 }
             }
-            out.extend_from_slice(bytes);
         }
         let at = scales_at + index * 4;
         out[at..at + 4].copy_from_slice(&scale.to_le_bytes());
     }
+    out.extend_from_slice(&buffer[..filled]);
     Ok(())
 }
 

@@ -107,6 +107,59 @@ fn int8_round_trips_within_half_a_step() {
     assert_int8_within_bound(&wide, 256);
 }
 
+/// The int8 body as docs/codec.md states it, one value at a time.
+fn reference_int8_body(delta: &[f32], block: usize) -> Vec<u8> {
+    let mut scales = Vec::new();
+    let mut values = Vec::new();
+    for inputs in delta.chunks(block) {
+        let worst = inputs.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let scale = (worst / 127.0).min(f32::MAX / 128.0);
+        scales.extend_from_slice(&scale.to_le_bytes());
+        for &x in inputs {
+            let y = if scale == 0.0 {
+                0.0
+            } else if (1.0 / scale).is_finite() {
+                x * (1.0 / scale)
+            } else {
+                x / scale
+            };
+            values.push(y.clamp(-127.0, 127.0).round_ties_even() as i8 as u8);
+        }
+    }
+    scales.extend_from_slice(&values);
+    scales
+}
+
+#[test]
+fn int8_bytes_match_the_spec_at_every_magnitude() {
+    // Blocks whose largest value runs from subnormal to near f32::MAX, so
+    // the scale is subnormal, normal, or held at its cap.
+    let base = synthetic_update(21, 64 * 300);
+    let mut delta = Vec::new();
+    for (block, values) in base.chunks(64).enumerate() {
+        let exponent = (block as i32 % 276) - 150;
+        let factor = 2f32.powi(exponent.clamp(-126, 127))
+            * if exponent < -126 {
+                2f32.powi(exponent + 126)
+            } else {
+                1.0
+            };
+        delta.extend(values.iter().map(|x| x * factor));
+    }
+    delta[5] = f32::MAX;
+    delta[70] = -f32::MAX;
+    for block in [64, 100, 7] {
+        let config = CodecConfig::Int8 {
+            block: block as u32,
+        };
+        let payload = encode_once(config, &delta);
+        assert!(
+            payload[HEADER_LEN..] == reference_int8_body(&delta, block)[..],
+            "int8:{block} differs from the reference"
+        );
+    }
+}
+
 /// The indices a plain full sort picks: k largest |x|, lower index on ties.
 fn reference_top(values: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..values.len()).collect();
