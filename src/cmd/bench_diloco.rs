@@ -55,8 +55,13 @@ pub struct Args {
     /// Score the held-out loss every N rounds (and after the last).
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// The first seed (data, initial weights, batches, held-out batches).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Repeat the whole bench with this many seeds (seed, seed+1, ...) and
+    /// report each arm's mean, spread and per-seed losses.
+    #[arg(long, default_value_t = 1)]
+    pub seeds: usize,
     /// auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
@@ -74,6 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.inner_steps = args.inner_steps;
     cfg.rounds = args.rounds;
     cfg.seed = args.seed;
+    cfg.seeds = args.seeds;
     if let Some(v) = args.batch_size {
         cfg.batch_size = v;
     }
@@ -109,8 +115,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let report = run_diloco(&cfg, &device, &mut |p| {
         if !quiet {
             eprintln!(
-                "{:<16} round {:>3}/{:<3} held-out loss {:.4}",
-                p.arm, p.round, p.rounds, p.heldout_loss
+                "seed {:<3} {:<16} round {:>3}/{:<3} held-out loss {:.4}",
+                p.seed, p.arm, p.round, p.rounds, p.heldout_loss
             );
         }
     })?;

@@ -5,8 +5,11 @@
 //! A SPEC is comma-separated `key=value` pairs over the `tiny` bench
 //! defaults: `arm=dp|fp32|int8|int8:B|topk|topk:C:K:B`, `preset`, `k`, `H`,
 //! `R`, `bs` (sequences per worker), `lr`, `warmup`, `olr`, `om`,
-//! `nesterov=0|1`, `seed`, `eval` (held-out batches), `every` (score every N rounds). Prints one line per
-//! spec: the final held-out loss and the loss after every round.
+//! `nesterov=0|1`, `seed`, `seeds` (run seeds `seed`..`seed+seeds-1`), `eval` (held-out batches),
+//! `every` (score every N rounds). Prints one line per spec and seed: the final
+//! held-out loss and the loss after every scored round; with `seeds` above 1
+//! a last line with the mean and spread of the final losses. An arm on seed
+//! `s` ends where the same arm of `barnraise bench diloco --seed s` does.
 
 use barnraise_protocol::codec::CodecConfig;
 use barnraise_trainer::bench::{ArmKind, DilocoBenchConfig, run_arm};
@@ -44,6 +47,7 @@ fn apply(spec: &str) -> Result<(DilocoBenchConfig, ArmKind), Error> {
             "om" => cfg.outer.momentum = value.parse()?,
             "nesterov" => cfg.outer.nesterov = value == "1",
             "seed" => cfg.seed = value.parse()?,
+            "seeds" => cfg.seeds = value.parse()?,
             "eval" => cfg.eval_batches = value.parse()?,
             "every" => cfg.eval_every = value.parse()?,
             _ => return Err(format!("unknown key `{key}` in `{spec}`").into()),
@@ -55,19 +59,43 @@ fn apply(spec: &str) -> Result<(DilocoBenchConfig, ArmKind), Error> {
 fn main() -> Result<(), Error> {
     for spec in std::env::args().skip(1) {
         let (cfg, kind) = apply(&spec)?;
-        let report = run_arm(&cfg, &candle_core::Device::Cpu, "probe", kind, &mut |_| {})?;
-        let curve: Vec<String> = report
-            .heldout_per_round
-            .iter()
-            .map(|l| format!("{l:.3}"))
-            .collect();
-        println!(
-            "{spec:<60} final {:.4}  tokens {}  wall {:.0}s  rounds [{}]",
-            report.heldout_loss,
-            report.tokens,
-            report.wall_s,
-            curve.join(" ")
-        );
+        let mut finals = Vec::new();
+        for i in 0..cfg.seeds as u64 {
+            let seed_cfg = DilocoBenchConfig {
+                seed: cfg.seed + i,
+                ..cfg.clone()
+            };
+            let report = run_arm(
+                &seed_cfg,
+                &candle_core::Device::Cpu,
+                "probe",
+                kind,
+                &mut |_| {},
+            )?;
+            let curve: Vec<String> = report
+                .heldout_per_round
+                .iter()
+                .map(|l| format!("{l:.3}"))
+                .collect();
+            println!(
+                "{spec:<60} seed {:<3} final {:.4}  tokens {}  wall {:.0}s  rounds [{}]",
+                seed_cfg.seed,
+                report.heldout_loss,
+                report.tokens,
+                report.wall_s,
+                curve.join(" ")
+            );
+            finals.push(report.heldout_loss);
+        }
+        if finals.len() > 1 {
+            let mean = finals.iter().sum::<f32>() / finals.len() as f32;
+            let min = finals.iter().copied().fold(f32::INFINITY, f32::min);
+            let max = finals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            println!(
+                "{spec:<60} mean {mean:.4} over {} seeds (min {min:.4}, max {max:.4})",
+                finals.len()
+            );
+        }
     }
     Ok(())
 }

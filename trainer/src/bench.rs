@@ -9,8 +9,8 @@
 //! - (d) `diloco-topk`: the same with chunked top-k + error feedback.
 //!
 //! Every arm starts from the same seeded weights, sees the same total number
-//! of tokens from the same distribution, uses the same inner schedule (warmup
-//! + cosine over R·H steps), and is scored on the same held-out batches.
+//! of tokens from the same distribution, uses the same inner schedule (warmup,
+//! then cosine over R·H steps), and is scored on the same held-out batches.
 //! DiLoCo arms run their k workers one after another in this process and
 //! aggregate exactly as the protocol does: decode each worker's payload,
 //! weighted mean by tokens, Nesterov outer step.
@@ -56,7 +56,11 @@ pub struct DilocoBenchConfig {
     /// Score the held-out loss after every this many rounds (and always after
     /// the last); 1 scores every round.
     pub eval_every: usize,
+    /// The first seed (data, initial weights, batches, held-out batches).
     pub seed: u64,
+    /// How many times the whole bench runs, with seeds `seed`, `seed + 1`,
+    /// ...; the report gives every arm's mean, spread and per-seed losses.
+    pub seeds: usize,
 }
 
 impl DilocoBenchConfig {
@@ -96,6 +100,7 @@ impl DilocoBenchConfig {
             eval_batches: 16,
             eval_every: 1,
             seed: 1,
+            seeds: 1,
         })
     }
 
@@ -106,7 +111,7 @@ impl DilocoBenchConfig {
 
     /// Whether the held-out loss is scored after `round` (0-based).
     fn evaluates_after(&self, round: usize) -> bool {
-        round + 1 == self.rounds || (round + 1) % self.eval_every.max(1) == 0
+        round + 1 == self.rounds || (round + 1).is_multiple_of(self.eval_every.max(1))
     }
 
     /// Tokens every arm trains on: k · R · H · batch · seq.
@@ -161,13 +166,36 @@ pub struct ArmReport {
     pub gflops_per_s: f64,
 }
 
-/// The whole bench: config, the starting loss, every arm, and the targets.
+/// One arm over every seed: the mean final held-out loss, its spread, and
+/// the per-seed values (in seed order).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DilocoBenchReport {
-    pub config: DilocoBenchConfig,
-    pub params: usize,
-    pub flops_per_token: f64,
-    pub threads: usize,
+pub struct ArmSummary {
+    pub arm: String,
+    pub name: String,
+    pub codec: Option<String>,
+    /// Mean over seeds of the final held-out loss.
+    pub heldout_loss: f32,
+    /// Sample standard deviation over seeds (0 with one seed).
+    pub heldout_std: f32,
+    pub heldout_min: f32,
+    pub heldout_max: f32,
+    pub heldout_per_seed: Vec<f32>,
+    /// Tokens of one seed's run (the same for every seed).
+    pub tokens: u64,
+    /// Bytes one worker uploads in one seed's run.
+    pub bytes_per_worker: u64,
+    pub reduction_vs_dp: f64,
+    /// Training wall time summed over seeds.
+    pub wall_s: f64,
+    /// Over all seeds.
+    pub tokens_per_s: f64,
+    pub gflops_per_s: f64,
+}
+
+/// One seed's bench: the starting loss, every arm, and the gaps.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SeedRun {
+    pub seed: u64,
     pub initial_heldout_loss: f32,
     pub arms: Vec<ArmReport>,
     /// (b) vs (a) held-out loss, percent (positive = DiLoCo worse).
@@ -176,9 +204,36 @@ pub struct DilocoBenchReport {
     pub topk_vs_fp32_pct: f64,
 }
 
+/// The whole bench: config, every arm summarised over seeds, the targets on
+/// the mean losses, and every seed's run in full.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DilocoBenchReport {
+    pub config: DilocoBenchConfig,
+    pub params: usize,
+    pub flops_per_token: f64,
+    pub threads: usize,
+    /// Mean over seeds.
+    pub initial_heldout_loss: f32,
+    pub arms: Vec<ArmSummary>,
+    /// (b) vs (a) of the mean held-out losses, percent (positive = DiLoCo
+    /// worse); each seed's own gap is in `runs`.
+    pub fp32_vs_dp_pct: f64,
+    /// (d) vs (b) of the mean held-out losses, percent.
+    pub topk_vs_fp32_pct: f64,
+    /// Mean over seeds of each seed's (b) vs (a) gap, percent.
+    pub fp32_vs_dp_pct_seed_mean: f64,
+    /// Mean over seeds of each seed's (d) vs (b) gap, percent.
+    pub topk_vs_fp32_pct_seed_mean: f64,
+    /// Every seed's run, in seed order.
+    pub runs: Vec<SeedRun>,
+    /// Wall time of the whole bench, evaluation included.
+    pub wall_s: f64,
+}
+
 /// Progress while the bench runs.
 #[derive(Debug, Clone)]
 pub struct BenchProgress<'a> {
+    pub seed: u64,
     pub arm: &'a str,
     pub round: usize,
     pub rounds: usize,
@@ -215,6 +270,9 @@ fn check_config(cfg: &DilocoBenchConfig) -> Result<(), BenchError> {
             "workers, rounds and inner steps must be positive".to_string(),
         ));
     }
+    if cfg.seeds == 0 {
+        return Err(BenchError::Config("seeds must be positive".to_string()));
+    }
     if cfg.corpus_bytes <= cfg.seq_len + 1 {
         return Err(BenchError::Config(format!(
             "corpus of {} bytes is shorter than one sequence",
@@ -224,13 +282,100 @@ fn check_config(cfg: &DilocoBenchConfig) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Runs all four arms. `progress` is called after every round of every arm.
+/// Runs all four arms once per seed (`cfg.seed`, `cfg.seed + 1`, ...,
+/// `cfg.seeds` of them). Each seed's run depends on its seed alone, so seed
+/// `s` here gives what a one-seed bench with `seed = s` gives. `progress` is
+/// called after every scored round of every arm of every seed.
 pub fn run_diloco(
     cfg: &DilocoBenchConfig,
     device: &candle_core::Device,
     progress: &mut dyn FnMut(BenchProgress<'_>),
 ) -> Result<DilocoBenchReport, BenchError> {
     check_config(cfg)?;
+    let started = Instant::now();
+    let runs = (0..cfg.seeds as u64)
+        .map(|i| {
+            let seed_cfg = DilocoBenchConfig {
+                seed: cfg.seed.wrapping_add(i),
+                seeds: 1,
+                ..cfg.clone()
+            };
+            run_seed(&seed_cfg, device, progress)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let flops_per_token = cfg.model.flops_per_token_at(cfg.seq_len);
+    let arms: Vec<ArmSummary> = (0..runs[0].arms.len())
+        .map(|i| summarize(runs.iter().map(|r| &r.arms[i]), flops_per_token))
+        .collect();
+    let mean = |xs: &mut dyn Iterator<Item = f64>| {
+        let v: Vec<f64> = xs.collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    Ok(DilocoBenchReport {
+        params: cfg.model.params_count(),
+        flops_per_token,
+        threads: candle_core::utils::get_num_threads(),
+        initial_heldout_loss: mean(&mut runs.iter().map(|r| f64::from(r.initial_heldout_loss)))
+            as f32,
+        fp32_vs_dp_pct: pct(arms[1].heldout_loss, arms[0].heldout_loss),
+        topk_vs_fp32_pct: pct(arms[3].heldout_loss, arms[1].heldout_loss),
+        fp32_vs_dp_pct_seed_mean: mean(&mut runs.iter().map(|r| r.fp32_vs_dp_pct)),
+        topk_vs_fp32_pct_seed_mean: mean(&mut runs.iter().map(|r| r.topk_vs_fp32_pct)),
+        arms,
+        runs,
+        config: cfg.clone(),
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// `x` against `base`, percent (positive = `x` is larger).
+fn pct(x: f32, base: f32) -> f64 {
+    f64::from((x - base) / base) * 100.0
+}
+
+/// One arm's reports over every seed, in seed order.
+fn summarize<'a>(reports: impl Iterator<Item = &'a ArmReport>, flops_per_token: f64) -> ArmSummary {
+    let reports: Vec<&ArmReport> = reports.collect();
+    let first = reports[0];
+    let losses: Vec<f32> = reports.iter().map(|r| r.heldout_loss).collect();
+    let n = losses.len() as f64;
+    let mean = losses.iter().map(|&l| f64::from(l)).sum::<f64>() / n;
+    let var = if losses.len() > 1 {
+        losses
+            .iter()
+            .map(|&l| (f64::from(l) - mean).powi(2))
+            .sum::<f64>()
+            / (n - 1.0)
+    } else {
+        0.0
+    };
+    let wall_s: f64 = reports.iter().map(|r| r.wall_s).sum();
+    let tokens: u64 = reports.iter().map(|r| r.tokens).sum();
+    let tokens_per_s = tokens as f64 / wall_s.max(1e-9);
+    ArmSummary {
+        arm: first.arm.clone(),
+        name: first.name.clone(),
+        codec: first.codec.clone(),
+        heldout_loss: mean as f32,
+        heldout_std: var.sqrt() as f32,
+        heldout_min: losses.iter().copied().fold(f32::INFINITY, f32::min),
+        heldout_max: losses.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        heldout_per_seed: losses,
+        tokens: first.tokens,
+        bytes_per_worker: first.bytes_per_worker,
+        reduction_vs_dp: first.reduction_vs_dp,
+        wall_s,
+        tokens_per_s,
+        gflops_per_s: tokens_per_s * flops_per_token / 1e9,
+    }
+}
+
+/// The four arms on one seed (`cfg.seed`).
+fn run_seed(
+    cfg: &DilocoBenchConfig,
+    device: &candle_core::Device,
+    progress: &mut dyn FnMut(BenchProgress<'_>),
+) -> Result<SeedRun, BenchError> {
     let data = corpus_data(cfg);
     let init_seed = derive_seed(cfg.seed, "init");
     let eval_seed = derive_seed(cfg.seed, "eval");
@@ -256,16 +401,12 @@ pub fn run_diloco(
         arm.reduction_vs_dp = dp_bytes / arm.bytes_per_worker.max(1) as f64;
         arm.gflops_per_s = arm.tokens_per_s * flops_per_token / 1e9;
     }
-    let pct = |x: f32, base: f32| f64::from((x - base) / base) * 100.0;
-    Ok(DilocoBenchReport {
-        params: cfg.model.params_count(),
-        flops_per_token,
-        threads: candle_core::utils::get_num_threads(),
+    Ok(SeedRun {
+        seed: cfg.seed,
         initial_heldout_loss: initial,
         fp32_vs_dp_pct: pct(arms[1].heldout_loss, arms[0].heldout_loss),
         topk_vs_fp32_pct: pct(arms[3].heldout_loss, arms[1].heldout_loss),
         arms,
-        config: cfg.clone(),
     })
 }
 
@@ -278,8 +419,9 @@ pub enum ArmKind {
     Diloco(CodecConfig),
 }
 
-/// Runs one arm alone (for sweeps and diagnostics); `arm` is its label.
-/// [`run_diloco`] runs the four arms of the bench on the same data.
+/// Runs one arm alone on `cfg.seed` (for sweeps and diagnostics; `cfg.seeds`
+/// is not used); `arm` is its label. It gives what [`run_diloco`] gives for
+/// that arm and seed, which runs the four arms of the bench on the same data.
 pub fn run_arm(
     cfg: &DilocoBenchConfig,
     device: &candle_core::Device,
@@ -368,6 +510,7 @@ fn run_data_parallel(
         let loss = eval(&trainer, cfg, data, eval_seed)?;
         per_round.push(loss);
         progress(BenchProgress {
+            seed: cfg.seed,
             arm: &label,
             round: round + 1,
             rounds: cfg.rounds,
@@ -447,6 +590,7 @@ fn run_diloco_arm(
         let loss = eval(&evaluator, cfg, data, eval_seed)?;
         per_round.push(loss);
         progress(BenchProgress {
+            seed: cfg.seed,
             arm: &label,
             round: round + 1,
             rounds: cfg.rounds,
@@ -485,9 +629,17 @@ pub fn human_bytes(bytes: u64) -> String {
 impl fmt::Display for DilocoBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
+        let seeds = match c.seeds {
+            1 => format!("seed {}", c.seed),
+            n => format!(
+                "{n} seeds ({}..={})",
+                c.seed,
+                c.seed.wrapping_add(n as u64 - 1)
+            ),
+        };
         writeln!(
             f,
-            "DiLoCo bench: preset {} ({} params, {:.1} MFLOP/token), k={} H={} R={}, batch {}x{} per worker, {} tokens per arm, {} threads",
+            "DiLoCo bench: preset {} ({} params, {:.1} MFLOP/token), k={} H={} R={}, batch {}x{} per worker, {} tokens per arm, {}, {} threads",
             c.preset,
             self.params,
             self.flops_per_token / 1e6,
@@ -497,6 +649,7 @@ impl fmt::Display for DilocoBenchReport {
             c.batch_size,
             c.seq_len,
             c.total_tokens(),
+            seeds,
             self.threads
         )?;
         writeln!(
@@ -508,13 +661,20 @@ impl fmt::Display for DilocoBenchReport {
             c.outer.momentum,
             if c.outer.nesterov { " (Nesterov)" } else { "" }
         )?;
-        writeln!(f, "initial held-out loss {:.4}", self.initial_heldout_loss)?;
         writeln!(
             f,
-            "{:<16} {:<16} {:>10} {:>14} {:>10} {:>10} {:>9} {:>8}",
+            "initial held-out loss {:.4}{}",
+            self.initial_heldout_loss,
+            if c.seeds > 1 { " (mean)" } else { "" }
+        )?;
+        writeln!(
+            f,
+            "{:<16} {:<16} {:>10} {:>7} {:>15} {:>14} {:>10} {:>10} {:>9} {:>8}",
             "arm",
             "codec",
             "held-out",
+            "std",
+            "min-max",
             "bytes/worker",
             "reduction",
             "tokens/s",
@@ -524,10 +684,12 @@ impl fmt::Display for DilocoBenchReport {
         for arm in &self.arms {
             writeln!(
                 f,
-                "{:<16} {:<16} {:>10.4} {:>14} {:>9.1}x {:>10.0} {:>9.2} {:>8.1}",
+                "{:<16} {:<16} {:>10.4} {:>7.4} {:>15} {:>14} {:>9.1}x {:>10.0} {:>9.2} {:>8.1}",
                 format!("({}) {}", arm.arm, arm.name),
                 arm.codec.as_deref().unwrap_or("-"),
                 arm.heldout_loss,
+                arm.heldout_std,
+                format!("{:.4}-{:.4}", arm.heldout_min, arm.heldout_max),
                 human_bytes(arm.bytes_per_worker),
                 arm.reduction_vs_dp,
                 arm.tokens_per_s,
@@ -535,15 +697,57 @@ impl fmt::Display for DilocoBenchReport {
                 arm.wall_s
             )?;
         }
+        write!(f, "per seed held-out: {:>6}", "seed")?;
+        for arm in &self.arms {
+            write!(f, " {:>8}", format!("({})", arm.arm))?;
+        }
+        writeln!(f, " {:>11} {:>11}", "(b) vs (a)", "(d) vs (b)")?;
+        for run in &self.runs {
+            write!(f, "                   {:>6}", run.seed)?;
+            for arm in &run.arms {
+                write!(f, " {:>8.4}", arm.heldout_loss)?;
+            }
+            writeln!(
+                f,
+                " {:>+10.2}% {:>+10.2}%",
+                run.fp32_vs_dp_pct, run.topk_vs_fp32_pct
+            )?;
+        }
+        let gaps = |target: f64, of_means: f64, seed_mean: f64, gap: fn(&SeedRun) -> f64| {
+            let within = self.runs.iter().filter(|r| gap(r) <= target).count();
+            if self.runs.len() == 1 {
+                format!("{of_means:+.2}% held-out loss (target within {target}%)")
+            } else {
+                format!(
+                    "{of_means:+.2}% of the mean held-out losses (mean of the per-seed gaps {seed_mean:+.2}%; {within} of {} seeds within the {target}% target)",
+                    self.runs.len()
+                )
+            }
+        };
         writeln!(
             f,
-            "(b) vs (a): {:+.2}% held-out loss (target within 5%)",
-            self.fp32_vs_dp_pct
+            "(b) vs (a): {}",
+            gaps(
+                5.0,
+                self.fp32_vs_dp_pct,
+                self.fp32_vs_dp_pct_seed_mean,
+                |r| r.fp32_vs_dp_pct
+            )
+        )?;
+        writeln!(
+            f,
+            "(d) vs (b): {}",
+            gaps(
+                2.0,
+                self.topk_vs_fp32_pct,
+                self.topk_vs_fp32_pct_seed_mean,
+                |r| r.topk_vs_fp32_pct
+            )
         )?;
         write!(
             f,
-            "(d) vs (b): {:+.2}% held-out loss (target within 2%)",
-            self.topk_vs_fp32_pct
+            "bench wall time {:.0} s (evaluation included)",
+            self.wall_s
         )
     }
 }

@@ -448,6 +448,109 @@ fn diloco_bench_runs_every_arm_at_equal_tokens() {
     assert!(report.to_string().contains("(d) diloco-topk"));
 }
 
+/// `seeds: N` runs the whole bench on seeds `seed`..`seed + N`: each seed's
+/// run is the one-seed bench on that seed (deterministic, independent of the
+/// other seeds), the seeds give different losses, and each arm's summary is
+/// the mean, spread and list of its per-seed losses. With one seed the
+/// summary is that seed's run.
+#[test]
+fn diloco_bench_over_seeds_reports_every_seed_and_their_mean() {
+    let mut cfg = quick_bench(2, 3, 2);
+    cfg.seed = 7;
+    cfg.seeds = 2;
+    let multi = run_diloco(&cfg, &Device::Cpu, &mut |_| {}).expect("bench");
+    let single = |seed: u64| {
+        let mut one = cfg.clone();
+        one.seed = seed;
+        one.seeds = 1;
+        run_diloco(&one, &Device::Cpu, &mut |_| {}).expect("bench")
+    };
+    let (first, second) = (single(7), single(8));
+    assert_eq!(multi.runs.len(), 2);
+    for (run, alone) in multi.runs.iter().zip([&first, &second]) {
+        assert_eq!(alone.runs.len(), 1);
+        let alone_run = &alone.runs[0];
+        assert_eq!(run.seed, alone.config.seed);
+        assert_eq!(run.seed, alone_run.seed);
+        assert_eq!(run.initial_heldout_loss, alone_run.initial_heldout_loss);
+        assert_eq!(run.fp32_vs_dp_pct, alone_run.fp32_vs_dp_pct);
+        assert_eq!(run.topk_vs_fp32_pct, alone_run.topk_vs_fp32_pct);
+        assert_eq!(run.arms.len(), 4);
+        for (a, b) in run.arms.iter().zip(&alone_run.arms) {
+            assert_eq!(a.heldout_per_round, b.heldout_per_round, "arm {}", a.arm);
+            assert_eq!(a.tokens, b.tokens);
+            assert_eq!(a.bytes_per_worker, b.bytes_per_worker);
+        }
+    }
+    // One seed: the summary is that seed's run, the gaps its gaps.
+    for (summary, arm) in first.arms.iter().zip(&first.runs[0].arms) {
+        assert_eq!(summary.heldout_loss, arm.heldout_loss);
+        assert_eq!(summary.heldout_per_seed, vec![arm.heldout_loss]);
+        assert_eq!(summary.heldout_std, 0.0);
+        assert_eq!(
+            (summary.heldout_min, summary.heldout_max),
+            (arm.heldout_loss, arm.heldout_loss)
+        );
+    }
+    assert_eq!(first.fp32_vs_dp_pct, first.runs[0].fp32_vs_dp_pct);
+    assert_eq!(
+        first.topk_vs_fp32_pct_seed_mean,
+        first.runs[0].topk_vs_fp32_pct
+    );
+    // The seeds differ: other data, weights and batches, other losses.
+    assert_ne!(
+        multi.runs[0].initial_heldout_loss,
+        multi.runs[1].initial_heldout_loss
+    );
+    for (a, b) in multi.runs[0].arms.iter().zip(&multi.runs[1].arms) {
+        assert_ne!(a.heldout_loss, b.heldout_loss, "arm {}", a.arm);
+    }
+    // Two seeds: mean, spread and list of the per-seed losses.
+    for (i, summary) in multi.arms.iter().enumerate() {
+        let (x, y) = (
+            multi.runs[0].arms[i].heldout_loss,
+            multi.runs[1].arms[i].heldout_loss,
+        );
+        assert_eq!(summary.arm, multi.runs[0].arms[i].arm);
+        assert_eq!(summary.heldout_per_seed, vec![x, y]);
+        assert!(
+            (summary.heldout_loss - (x + y) / 2.0).abs() <= 1e-6,
+            "arm {}",
+            summary.arm
+        );
+        assert_eq!(
+            (summary.heldout_min, summary.heldout_max),
+            (x.min(y), x.max(y))
+        );
+        let std = (x - y).abs() / 2f32.sqrt();
+        assert!(
+            (summary.heldout_std - std).abs() <= 1e-6,
+            "arm {}",
+            summary.arm
+        );
+        assert_eq!(summary.tokens, cfg.total_tokens());
+    }
+    let gap = |x: f32, base: f32| f64::from((x - base) / base) * 100.0;
+    assert_eq!(
+        multi.fp32_vs_dp_pct,
+        gap(multi.arms[1].heldout_loss, multi.arms[0].heldout_loss)
+    );
+    let seed_mean = (multi.runs[0].topk_vs_fp32_pct + multi.runs[1].topk_vs_fp32_pct) / 2.0;
+    assert!((multi.topk_vs_fp32_pct_seed_mean - seed_mean).abs() <= 1e-9);
+    // The JSON keeps every seed's figures.
+    let json = serde_json::to_value(&multi).expect("json");
+    assert_eq!(json["runs"][1]["seed"], 8);
+    assert_eq!(json["runs"][1]["arms"][3]["name"], "diloco-topk");
+    assert_eq!(
+        json["arms"][3]["heldout_per_seed"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert!(multi.to_string().contains("2 seeds (7..=8)"));
+    // No seeds is a config error.
+    cfg.seeds = 0;
+    assert!(run_diloco(&cfg, &Device::Cpu, &mut |_| {}).is_err());
+}
+
 /// With one worker, fp32 updates and plain averaging (outer lr 1, momentum
 /// 0), a DiLoCo round moves the global params exactly where the worker went,
 /// and the worker keeps its AdamW state and its place in the schedule across
