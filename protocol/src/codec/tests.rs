@@ -831,8 +831,9 @@ fn awkward_update(seed: u64, params: usize, chunk: usize) -> Vec<f32> {
 
 #[test]
 fn topk_bytes_and_residual_match_a_full_sort_reference_over_rounds() {
-    let cases: [(usize, usize, usize, u8, f32); 11] = [
+    let cases: [(usize, usize, usize, u8, f32); 12] = [
         (3 * 4096 + 1000, 4096, 64, 2, 1.0),
+        (2 * 4096 + 900, 4096, 256, 4, 1.0),
         (3000, 1024, 16, 2, 1.0),
         (2 * 4096 + 70, 4096, 600, 2, 1.0),
         (4096 + 3 * 64 + 5, 4096, 1, 8, 0.9),

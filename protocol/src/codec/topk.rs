@@ -376,7 +376,7 @@ fn fold_in(delta: &[f32], residual: &mut [f32], decay: f32, maxima: &mut Maxima)
 /// Eighth-octave bins below the chunk's largest magnitude: the exponent and
 /// the top three mantissa bits.
 const BIN_SHIFT: u32 = 20;
-/// Every how many values the threshold estimate samples when the block
+/// Every how many values the threshold estimate samples when the lane
 /// maxima are too few to give it.
 const SAMPLE_STRIDE: usize = 8;
 
@@ -392,9 +392,9 @@ struct Buffers<'a> {
 ///
 /// A histogram estimates a magnitude threshold that a little more than
 /// `keep` values pass; only those are gathered and ranked exactly. Where a
-/// chunk has at least 4 * `keep` block maxima, their histogram gives it, and
-/// surely: the maxima are magnitudes of distinct values, so if `keep` maxima
-/// pass, at least `keep` values do. Otherwise a fixed sample of the values
+/// chunk has at least 4 * `keep` block (or else quarter) maxima, their
+/// histogram gives it, and surely: the maxima are magnitudes of distinct
+/// values, so if `keep` maxima pass, at least `keep` values do. Otherwise a fixed sample of the values
 /// gives it, and if the sample misjudged and fewer than `keep` pass, a
 /// histogram of every value gives a threshold that is sure to. Either way the
 /// result is the exact top `keep`: the estimate affects speed only.
@@ -420,6 +420,8 @@ fn select_largest(
     } = buffers;
     let estimate = if 4 * keep <= maxima.blocks.len() {
         threshold(maxima.blocks.iter(), max, keep)
+    } else if 4 * keep <= maxima.quarters.len() {
+        threshold(maxima.quarters.iter(), max, keep)
     } else {
         let sample_target = keep.div_ceil(SAMPLE_STRIDE) * 3 / 2 + 4;
         threshold(values.iter().step_by(SAMPLE_STRIDE), max, sample_target)
@@ -471,7 +473,8 @@ fn cut_key(candidates: &[u64], max: u32, lowest: u32, keep: usize, keys: &mut Ve
     let shift = (u32::BITS - span.leading_zeros()).saturating_sub(CUT_BINS.trailing_zeros());
     let bin =
         |key: u64| ((max.saturating_sub((key >> 32) as u32) >> shift) as usize).min(CUT_BINS - 1);
-    let mut histogram = [0u16; CUT_BINS];
+    // Counts up to a whole chunk (2^20 values), so u32.
+    let mut histogram = [0u32; CUT_BINS];
     for &key in candidates {
         histogram[bin(key)] += 1;
     }
@@ -479,11 +482,11 @@ fn cut_key(candidates: &[u64], max: u32, lowest: u32, keep: usize, keys: &mut Ve
     let mut above = 0;
     let mut cut_bin = CUT_BINS - 1;
     for (index, &count) in histogram.iter().enumerate() {
-        if above + usize::from(count) >= keep {
+        if above + count as usize >= keep {
             cut_bin = index;
             break;
         }
-        above += usize::from(count);
+        above += count as usize;
     }
     keys.clear();
     keys.extend(
@@ -492,6 +495,8 @@ fn cut_key(candidates: &[u64], max: u32, lowest: u32, keep: usize, keys: &mut Ve
             .copied()
             .filter(|&key| bin(key) == cut_bin),
     );
+    // above < keep <= above + keys.len(), as more than `keep` keys were
+    // counted; the 0 (keep everything) is never reached.
     let wanted = keep - above;
     match keys.len().checked_sub(wanted) {
         Some(at) => *keys.select_nth_unstable(at).1,
