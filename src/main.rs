@@ -34,7 +34,7 @@ enum Command {
     /// nodes, a real ledger, a small model on the built-in corpus.
     Up(cmd::up::Args),
     /// Run a node daemon that joins a coordinator's run.
-    Node(cmd::node::Args),
+    Node(Box<cmd::node::Args>),
     /// Run a coordinator for a training run.
     Coordinator(cmd::coordinator::Args),
     /// Create or show a node identity key.
@@ -92,7 +92,7 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Up(args) => cmd::up::run(args),
-        Command::Node(args) => cmd::node::run(args),
+        Command::Node(args) => cmd::node::run(*args),
         Command::Coordinator(args) => cmd::coordinator::run(args),
         Command::Id(command) => cmd::id::run(command),
         Command::Org(command) => cmd::org::run(command),

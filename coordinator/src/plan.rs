@@ -180,7 +180,7 @@ mod tests {
         let mut uses = vec![0u32; 5];
         let shares = assign(9, 0, &ids, &mut uses, 2);
         let total: usize = shares.iter().map(|s| s.shards.len()).sum();
-        assert!(total <= 5 && total >= 4, "{shares:?}");
+        assert!((4..=5).contains(&total), "{shares:?}");
         assert!(shares.iter().all(|s| s.shards.len() % 2 == 0));
     }
 }

@@ -7,6 +7,8 @@
 //! The outer optimizer and the update codec are not here: every party must
 //! apply them bit-identically, so they live in `barnraise_protocol`.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
