@@ -664,3 +664,105 @@ fn org_commands_refuse_bad_flags_and_missing_keys() {
         stderr(&output)
     );
 }
+
+/// An org-limited run over the real wire: a node enrolled by the listed org
+/// trains and its work rolls up to the org; a node with no certificate, one
+/// with another org's, and one whose certificate names a different key are
+/// refused with their reasons and never get work.
+#[test]
+fn org_limited_run_admits_certified_nodes_and_refuses_the_rest() {
+    use barnraise_protocol::messages::{NodeCertificate, now_ms};
+    use barnraise_protocol::{Signed, SigningKey};
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let org = SigningKey::from_seed([70; 32]).unwrap();
+        let stranger_org = SigningKey::from_seed([71; 32]).unwrap();
+        let mut config = tiny_run(dir.path(), 1, 2);
+        config.admission = barnraise_coordinator::Admission::orgs([org.org_id().to_string()]);
+        let (coordinator, _shutdown) = start_coordinator(config).await;
+        let ledger_path = coordinator.ledger_path().to_path_buf();
+
+        // Each node gets its key first, so its certificate can name it.
+        let certify = |index: usize, by: &SigningKey, for_key: Option<&SigningKey>| {
+            let node_dir = dir.path().join(format!("node-{index}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let key = SigningKey::generate().unwrap();
+            key.save_new(&node_dir.join("node.key")).unwrap();
+            let cert = Signed::sign(
+                by,
+                &NodeCertificate {
+                    org: by.org_id(),
+                    org_name: "Example Lab".into(),
+                    node: for_key.unwrap_or(&key).node_id(),
+                    issued_ms: now_ms() - 1000,
+                    expires_ms: now_ms() + 3_600_000,
+                },
+            )
+            .unwrap();
+            let path = node_dir.join("node.cert");
+            barnraise_protocol::certificate::save_certificate(&path, &cert).unwrap();
+            (key, path)
+        };
+        let (member, member_cert) = certify(0, &org, None);
+        let (_, stranger_cert) = certify(2, &stranger_org, None);
+        let someone_else = SigningKey::generate().unwrap();
+        let (_, borrowed_cert) = certify(3, &org, Some(&someone_else));
+
+        let mut enrolled = node_config(&coordinator, dir.path(), 0, 2);
+        enrolled.certificate = Some(member_cert);
+        let enrolled = spawn_node(enrolled, 0);
+        let mut refused = Vec::new();
+        for (index, certificate, reason) in [
+            (1, None, "carries no certificate"),
+            (2, Some(stranger_cert), "not one of them"),
+            (3, Some(borrowed_cert), "not this node"),
+        ] {
+            let mut config = node_config(&coordinator, dir.path(), index, 2);
+            config.certificate = certificate;
+            let result = tokio::time::timeout(
+                MINUTES,
+                barnraise_node::run_node(config, Default::default(), None),
+            )
+            .await
+            .expect("a refused node stops promptly");
+            match result {
+                Err(barnraise_node::NodeError::Refused(why)) => {
+                    assert!(
+                        why.contains(reason),
+                        "node {index} refused for `{why}`, expected `{reason}`"
+                    );
+                    refused.push(index);
+                }
+                other => panic!("node {index} should be refused ({reason}), got {other:?}"),
+            }
+        }
+        assert_eq!(refused, vec![1, 2, 3]);
+
+        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
+            .await
+            .expect("run finishes")
+            .unwrap();
+        let s = join_node(enrolled, MINUTES).await;
+        assert_eq!(summary.rounds.len(), 2);
+        assert!(summary.rounds.iter().all(|r| r.accepted == 1));
+        let ledger = Ledger::open_existing(&ledger_path).unwrap();
+        let nodes = ledger.nodes().unwrap();
+        assert_eq!(
+            nodes.len(),
+            1,
+            "only the enrolled node is in the ledger: {nodes:?}"
+        );
+        assert_eq!(nodes[0].node, member.node_id().to_string());
+        let orgs = ledger.orgs().unwrap();
+        assert_eq!(orgs.len(), 1, "{orgs:?}");
+        assert_eq!(
+            orgs[0].org.as_deref(),
+            Some(org.org_id().to_string().as_str())
+        );
+        assert_eq!(orgs[0].org_name.as_deref(), Some("Example Lab"));
+        assert_eq!(
+            orgs[0].tokens, s.tokens_trained,
+            "the org is credited its node's tokens"
+        );
+    });
+}
