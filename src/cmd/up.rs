@@ -35,9 +35,9 @@ pub struct Args {
     /// Sequences per inner step.
     #[arg(long, default_value_t = 4)]
     pub batch_size: u32,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 128)]
-    pub seq_len: u32,
+    /// Tokens per sequence [default: 128, or the model's context if shorter].
+    #[arg(long)]
+    pub seq_len: Option<u32>,
     /// Update codec: fp32, int8[:BLOCK], topk[:CHUNK:K:BITS].
     #[arg(long, default_value = "topk")]
     pub codec: String,
@@ -101,6 +101,11 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let started = Instant::now();
+    // The default sequence fits whichever preset was picked; an explicit
+    // one too long for the model is the coordinator's clear error.
+    let seq_len = args
+        .seq_len
+        .unwrap_or_else(|| 128.min(model.max_seq_len as u32));
 
     let config = CoordinatorConfig {
         run_id: RUN_ID.into(),
@@ -112,7 +117,7 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
         },
         inner_steps: args.inner_steps,
         batch_size: args.batch_size,
-        seq_len: args.seq_len,
+        seq_len,
         codec: args.codec.clone(),
         aggregation: args.aggregation.clone(),
         quorum: Quorum::Fraction(1.0),
