@@ -441,112 +441,41 @@ impl EventLoop {
         &mut self,
         event: request_response::Event<CoordinatorRequest, CoordinatorResponse>,
     ) {
-        match event {
-            request_response::Event::Message {
-                peer,
-                message:
-                    request_response::Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => {
-                match self.events.try_send(Event::Request {
-                    peer,
-                    request,
-                    channel,
-                }) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(Event::Request { channel, .. })) => {
-                        let busy = CoordinatorResponse::Refused {
-                            reason: "the coordinator is busy; retry shortly".into(),
-                        };
-                        let _ = self
-                            .swarm
-                            .behaviour_mut()
-                            .coordinator
-                            .send_response(channel, busy);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
-                }
+        let Some((peer, request, channel)) =
+            settle(&mut self.pending_coordinator, event, "coordinator")
+        else {
+            return;
+        };
+        match self.events.try_send(Event::Request {
+            peer,
+            request,
+            channel,
+        }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Event::Request { channel, .. })) => {
+                let busy = CoordinatorResponse::Refused {
+                    reason: "the coordinator is busy; retry shortly".into(),
+                };
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .coordinator
+                    .send_response(channel, busy);
             }
-            request_response::Event::Message {
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.pending_coordinator.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            request_response::Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(reply) = self.pending_coordinator.remove(&request_id) {
-                    let _ = reply.send(Err(NetworkError::Request {
-                        peer,
-                        reason: error.to_string(),
-                    }));
-                }
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, "coordinator request from a node failed: {error}");
-            }
-            _ => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
     fn on_blob(&mut self, event: request_response::Event<BlobRequest, BlobResponse>) {
-        match event {
-            request_response::Event::Message {
-                message:
-                    request_response::Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => {
-                let response = self.serve_blob(request);
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .blob
-                    .send_response(channel, response);
-            }
-            request_response::Event::Message {
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.pending_blob.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            request_response::Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(reply) = self.pending_blob.remove(&request_id) {
-                    let _ = reply.send(Err(NetworkError::Request {
-                        peer,
-                        reason: error.to_string(),
-                    }));
-                }
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, "blob request from a peer failed: {error}");
-            }
-            _ => {}
-        }
+        let Some((_, request, channel)) = settle(&mut self.pending_blob, event, "blob") else {
+            return;
+        };
+        let response = self.serve_blob(request);
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .blob
+            .send_response(channel, response);
     }
 
     fn serve_blob(&self, request: BlobRequest) -> BlobResponse {
@@ -573,4 +502,54 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// The part of a request-response event every protocol handles alike: a
+/// response or an outbound failure settles the waiting caller in `pending`,
+/// an inbound failure is logged. An inbound request is handed back to answer.
+fn settle<Req, Resp>(
+    pending: &mut HashMap<OutboundRequestId, oneshot::Sender<Result<Resp, NetworkError>>>,
+    event: request_response::Event<Req, Resp>,
+    protocol: &str,
+) -> Option<(PeerId, Req, ResponseChannel<Resp>)> {
+    match event {
+        request_response::Event::Message {
+            peer,
+            message:
+                request_response::Message::Request {
+                    request, channel, ..
+                },
+            ..
+        } => return Some((peer, request, channel)),
+        request_response::Event::Message {
+            message:
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                },
+            ..
+        } => {
+            if let Some(reply) = pending.remove(&request_id) {
+                let _ = reply.send(Ok(response));
+            }
+        }
+        request_response::Event::OutboundFailure {
+            peer,
+            request_id,
+            error,
+            ..
+        } => {
+            if let Some(reply) = pending.remove(&request_id) {
+                let _ = reply.send(Err(NetworkError::Request {
+                    peer,
+                    reason: error.to_string(),
+                }));
+            }
+        }
+        request_response::Event::InboundFailure { peer, error, .. } => {
+            tracing::debug!(%peer, "{protocol} request from a peer failed: {error}");
+        }
+        request_response::Event::ResponseSent { .. } => {}
+    }
+    None
 }
