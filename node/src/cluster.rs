@@ -203,6 +203,8 @@ where
 /// back as failures and their slot is emptied (a failed worker may hold a
 /// broken optimizer or device state; the node rebuilds it next round).
 /// `crash` makes that worker panic, to test the path a real crash takes.
+/// `progress(worker, step, loss)` is called after every inner step of every
+/// worker; returning `false` stops that worker (the node is shutting down).
 pub fn train_workers(
     slots: &mut [Option<Trainer>],
     theta: &[f32],
@@ -210,6 +212,7 @@ pub fn train_workers(
     seeds: &[u64],
     inner: &InnerConfig,
     crash: Option<usize>,
+    progress: &(dyn Fn(usize, usize, f32) -> bool + Sync),
 ) -> Vec<Result<WorkerUpdate, WorkerFailure>> {
     let results = run_workers(slots, |index, slot| {
         if crash == Some(index) {
@@ -227,7 +230,9 @@ pub fn train_workers(
         };
         let trained = (|| {
             trainer.set_flat_params(theta)?;
-            let report = trainer.train_inner(tokens, &inner)?;
+            let report = trainer.train_inner_observed(tokens, &inner, &mut |step, loss| {
+                progress(index, step, loss)
+            })?;
             let local = trainer.flat_params()?;
             // Δ = θ_r − θ_local, element by element.
             let delta: Vec<f32> = theta.iter().zip(&local).map(|(t, l)| t - l).collect();

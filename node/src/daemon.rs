@@ -1218,6 +1218,22 @@ impl Node {
         let mut slots = self.trainers(state).await?;
         let theta = state.theta.clone();
         let crash_worker = self.config.fault_crash_worker;
+        // Live progress from worker 0 (the others run in step with it), and
+        // a prompt stop when the node shuts down mid-loop.
+        let events = self.events.clone();
+        let shutdown = self.shutdown.clone();
+        let progress = move |worker: usize, step: usize, loss: f32| {
+            if worker == 0
+                && let Some(events) = &events
+            {
+                let _ = events.try_send(NodeEvent::TrainingProgress {
+                    round,
+                    step: step as u32,
+                    loss,
+                });
+            }
+            !shutdown.is_cancelled()
+        };
         let started = Instant::now();
         let trained = tokio::task::spawn_blocking(move || {
             let results = crate::cluster::train_workers(
@@ -1227,6 +1243,7 @@ impl Node {
                 &worker_seeds,
                 &inner,
                 crash_worker,
+                &progress,
             );
             (slots, results)
         });
@@ -1273,13 +1290,6 @@ impl Node {
         };
         let mut delta = update.delta;
         let workers = update.workers;
-        for (step, loss) in report.losses.iter().enumerate() {
-            self.emit(NodeEvent::TrainingProgress {
-                round,
-                step: step as u32 + 1,
-                loss: *loss,
-            });
-        }
         if let Some(misbehaviour) = self.config.misbehave {
             tracing::warn!(
                 round,

@@ -24,8 +24,11 @@ pub fn spawn_display(
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
-        let spinner_style = ProgressStyle::with_template("{spinner} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner());
+        let steps_style = ProgressStyle::with_template(
+            "{msg:>24} [{bar:30}] {pos}/{len} steps, {elapsed} ({eta} left)",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
         let mut downloads: HashMap<String, ProgressBar> = HashMap::new();
         let mut training: Option<ProgressBar> = None;
         while let Some(event) = events.recv().await {
@@ -45,11 +48,17 @@ pub fn spawn_display(
                     }
                 }
                 NodeEvent::TrainingStarted { round, steps } => {
-                    let bar = multi.add(ProgressBar::new_spinner());
-                    bar.set_style(spinner_style.clone());
-                    bar.set_message(format!("round {round}: training {steps} inner steps"));
-                    bar.enable_steady_tick(Duration::from_millis(120));
+                    let bar = multi.add(ProgressBar::new(u64::from(steps)));
+                    bar.set_style(steps_style.clone());
+                    bar.set_message(format!("round {round}: training"));
+                    bar.enable_steady_tick(Duration::from_millis(500));
                     training = Some(bar);
+                }
+                NodeEvent::TrainingProgress { round, step, loss } => {
+                    if let Some(bar) = &training {
+                        bar.set_position(u64::from(step));
+                        bar.set_message(format!("round {round}: loss {loss:.3}"));
+                    }
                 }
                 NodeEvent::Committed {
                     round,

@@ -867,7 +867,8 @@ fn a_cluster_node_matches_separate_nodes_and_uploads_one_update() {
             .collect();
         let seeds: Vec<u64> = plans.iter().map(|p| p.seed).collect();
 
-        // One node, three workers, one upload.
+        // One node, three workers, one upload; every worker reports each step.
+        let reported = Mutex::new(Vec::new());
         let results = train_workers(
             &mut cluster_slots,
             &cluster_theta,
@@ -875,6 +876,19 @@ fn a_cluster_node_matches_separate_nodes_and_uploads_one_update() {
             &seeds,
             &inner,
             None,
+            &|worker, step, _| {
+                reported.lock().unwrap().push((worker, step));
+                true
+            },
+        );
+        let mut reported = reported.into_inner().unwrap();
+        reported.sort();
+        let expected: Vec<(usize, usize)> = (0..WORKERS)
+            .flat_map(|w| (1..=inner.steps).map(move |s| (w, s)))
+            .collect();
+        assert_eq!(
+            reported, expected,
+            "progress from every worker at every step"
         );
         let update = reduce(results, params).unwrap();
         assert_eq!(update.workers as usize, WORKERS);
@@ -899,6 +913,7 @@ fn a_cluster_node_matches_separate_nodes_and_uploads_one_update() {
                 &seeds[i..=i],
                 &inner,
                 None,
+                &|_, _, _| true,
             );
             let update = reduce(results, params).unwrap();
             node_tokens.push(update.tokens);
@@ -971,7 +986,15 @@ fn a_crashing_worker_is_left_out_of_the_cluster_update() {
     let seeds = [1, 2, 3];
 
     let mut crashed = slots();
-    let results = train_workers(&mut crashed, &theta, &shares, &seeds, &inner, Some(1));
+    let results = train_workers(
+        &mut crashed,
+        &theta,
+        &shares,
+        &seeds,
+        &inner,
+        Some(1),
+        &|_, _, _| true,
+    );
     assert!(matches!(&results[1], Err(f) if f.error.contains("crashes mid-round")));
     assert!(
         crashed[1].is_none(),
@@ -985,7 +1008,15 @@ fn a_crashing_worker_is_left_out_of_the_cluster_update() {
 
     // The same two workers without the crash give the same update.
     let mut healthy = slots();
-    let results = train_workers(&mut healthy, &theta, &shares, &seeds, &inner, None);
+    let results = train_workers(
+        &mut healthy,
+        &theta,
+        &shares,
+        &seeds,
+        &inner,
+        None,
+        &|_, _, _| true,
+    );
     let survivors: Vec<_> = results
         .into_iter()
         .enumerate()
@@ -1015,6 +1046,7 @@ fn a_crashing_worker_is_left_out_of_the_cluster_update() {
         &seeds[..1],
         &inner,
         Some(0),
+        &|_, _, _| true,
     );
     assert!(reduce(results, theta.len()).is_err());
 }

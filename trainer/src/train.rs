@@ -128,6 +128,8 @@ pub enum TrainError {
     ParamLength { expected: usize, found: usize },
     #[error("training diverged: loss is {loss} at step {step}")]
     Diverged { step: usize, loss: f32 },
+    #[error("training was stopped after {steps} steps")]
+    Stopped { steps: usize },
 }
 
 /// AdamW moments for one parameter.
@@ -273,6 +275,21 @@ impl Trainer {
         tokens: &[u16],
         cfg: &InnerConfig,
     ) -> Result<InnerReport, TrainError> {
+        self.train_inner_observed(tokens, cfg, &mut |_, _| true)
+    }
+
+    /// [`Trainer::train_inner`], calling `on_step(step, loss)` after every
+    /// step (steps count from 1) — for progress display while a long inner
+    /// loop runs. Returning `false` stops training there with
+    /// [`TrainError::Stopped`] (a node shutting down, a round that closed).
+    /// The callback does not change what is trained: the same seed gives
+    /// the same params with or without it.
+    pub fn train_inner_observed(
+        &mut self,
+        tokens: &[u16],
+        cfg: &InnerConfig,
+        on_step: &mut dyn FnMut(usize, f32) -> bool,
+    ) -> Result<InnerReport, TrainError> {
         let started = Instant::now();
         self.check_shape(cfg.batch_size, cfg.seq_len)?;
         check_vocab(tokens, self.config.vocab_size)?;
@@ -311,6 +328,9 @@ impl Trainer {
             losses.push(loss);
             let grads = summed.unwrap_or_default();
             self.adamw_step(&grads, cfg, cfg.lr_at(cfg.start_step + step), accumulation)?;
+            if !on_step(step + 1, loss) {
+                return Err(TrainError::Stopped { steps: step + 1 });
+            }
         }
         Ok(InnerReport {
             tokens: cfg.tokens(),
@@ -398,5 +418,63 @@ impl Trainer {
             total += f64::from(loss.to_scalar::<f32>()?);
         }
         Ok((total / batches.max(1) as f64) as f32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (Trainer, Vec<u16>, InnerConfig) {
+        let model = ModelConfig::preset("tiny").unwrap();
+        let trainer = Trainer::new(&model, Device::Cpu, 3).unwrap();
+        let text = crate::data::corpus::generate(11, 6_000);
+        let tokens = crate::data::tokenize_bytes(text.as_bytes());
+        let cfg = InnerConfig {
+            steps: 4,
+            batch_size: 2,
+            seq_len: 16,
+            warmup: 1,
+            seed: 5,
+            ..InnerConfig::default()
+        };
+        (trainer, tokens, cfg)
+    }
+
+    #[test]
+    fn observing_steps_reports_each_and_changes_nothing() {
+        let (mut plain, tokens, cfg) = setup();
+        let report = plain.train_inner(&tokens, &cfg).unwrap();
+        let (mut observed, _, _) = setup();
+        let mut seen = Vec::new();
+        let observed_report = observed
+            .train_inner_observed(&tokens, &cfg, &mut |step, loss| {
+                seen.push((step, loss));
+                true
+            })
+            .unwrap();
+        assert_eq!(
+            seen,
+            report
+                .losses
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i + 1, l))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(observed_report.losses, report.losses);
+        assert_eq!(
+            observed.params_hash().unwrap(),
+            plain.params_hash().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_callback_can_stop_training() {
+        let (mut trainer, tokens, cfg) = setup();
+        let err = trainer
+            .train_inner_observed(&tokens, &cfg, &mut |step, _| step < 2)
+            .unwrap_err();
+        assert!(matches!(err, TrainError::Stopped { steps: 2 }), "{err}");
     }
 }
