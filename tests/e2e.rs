@@ -766,3 +766,115 @@ fn org_limited_run_admits_certified_nodes_and_refuses_the_rest() {
         );
     });
 }
+
+/// A certificate revoked while the coordinator is down takes effect when it
+/// restarts: the node it admitted gets no more work and nothing it sends
+/// counts. (A real node re-joins after the restart and is refused there; the
+/// restart's own check — for a node that would keep committing without
+/// joining again — is `Policy::refuses_known` and `Rounds::expel`, unit
+/// tested in the coordinator.)
+#[test]
+fn a_certificate_revoked_across_a_restart_stops_the_node_at_once() {
+    use barnraise_protocol::messages::{NodeCertificate, now_ms};
+    use barnraise_protocol::{Signed, SigningKey};
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let org = SigningKey::from_seed([72; 32]).unwrap();
+        let mut config = tiny_run(dir.path(), 2, 3);
+        config.round_deadline_secs = 15.0;
+        config.admission = barnraise_coordinator::Admission::orgs([org.org_id().to_string()]);
+        let (coordinator, shutdown) = start_coordinator(config.clone()).await;
+        let listen = coordinator.multiaddr().to_string();
+        config.listen = vec![listen.split("/p2p/").next().unwrap().to_string()];
+        let mut events = coordinator.events();
+
+        let mut nodes = Vec::new();
+        let mut certificate_ids = Vec::new();
+        for index in 0..2 {
+            let node_dir = dir.path().join(format!("node-{index}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let key = SigningKey::generate().unwrap();
+            key.save_new(&node_dir.join("node.key")).unwrap();
+            let cert = Signed::sign(
+                &org,
+                &NodeCertificate {
+                    org: org.org_id(),
+                    org_name: "Lab".into(),
+                    node: key.node_id(),
+                    issued_ms: now_ms() - 1000,
+                    expires_ms: now_ms() + 3_600_000,
+                },
+            )
+            .unwrap();
+            let path = node_dir.join("node.cert");
+            barnraise_protocol::certificate::save_certificate(&path, &cert).unwrap();
+            certificate_ids.push(barnraise_protocol::certificate::certificate_id(&cert));
+            let mut node_config = node_config(&coordinator, dir.path(), index, 3);
+            node_config.certificate = Some(path);
+            nodes.push((key.node_id(), spawn_node(node_config, index)));
+        }
+        loop {
+            match tokio::time::timeout(3 * MINUTES, events.recv())
+                .await
+                .expect("round 0 closes")
+            {
+                Ok(CoordinatorEvent::RoundClosed { round: 0, .. }) => break,
+                Ok(_) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+        shutdown.cancel();
+        let _ = tokio::time::timeout(MINUTES, coordinator.wait()).await;
+
+        // The operator revokes node 1's certificate and restarts.
+        config
+            .admission
+            .revoked_certificates
+            .push(certificate_ids[1].to_hex());
+        let (coordinator, _shutdown) = start_coordinator(config).await;
+        let ledger_path = coordinator.ledger_path().to_path_buf();
+        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
+            .await
+            .expect("resumed run finishes")
+            .unwrap();
+        assert_eq!(summary.rounds.len(), 3, "{summary:?}");
+        for (_, node) in &nodes {
+            node.shutdown.cancel();
+        }
+        let ledger = Ledger::open_existing(&ledger_path).unwrap();
+        let verdict = |round: u64, node: &barnraise_protocol::NodeId| {
+            ledger
+                .updates(round)
+                .unwrap()
+                .into_iter()
+                .find(|u| u.node == node.to_string())
+                .map(|u| u.verdict)
+        };
+        let (kept, revoked) = (&nodes[0].0, &nodes[1].0);
+        assert_eq!(
+            verdict(0, revoked).as_deref(),
+            Some("accepted"),
+            "before the revocation"
+        );
+        for round in 1..3 {
+            assert_eq!(
+                verdict(round, kept).as_deref(),
+                Some("accepted"),
+                "round {round}"
+            );
+            let after = verdict(round, revoked);
+            assert!(
+                after.as_deref() != Some("accepted"),
+                "round {round}: the revoked node's work still counted ({after:?})"
+            );
+        }
+        assert_eq!(
+            verdict(2, revoked),
+            None,
+            "no work for it after the restored round"
+        );
+        for (_, node) in nodes {
+            let _ = tokio::time::timeout(MINUTES, node.task).await;
+        }
+    });
+}

@@ -48,13 +48,20 @@ impl Policy {
 
     /// Whether a node the ledger already knows — admitted under an earlier
     /// config, before a restart — may keep its membership under this one:
-    /// `None` if so, else the reason. The ledger keeps the node's org but not
-    /// its certificate, so a revoked *certificate* takes effect when the node
-    /// next joins; a revoked node or an org no longer listed takes effect at
-    /// once.
-    pub fn refuses_known(&self, node: &NodeId, org: Option<&OrgId>) -> Option<String> {
+    /// `None` if so, else the reason. A revoked node, a revoked certificate
+    /// (the ledger keeps the id of the one the node joined with) and an org
+    /// no longer listed all take effect at once.
+    pub fn refuses_known(
+        &self,
+        node: &NodeId,
+        org: Option<&OrgId>,
+        certificate: Option<&Hash>,
+    ) -> Option<String> {
         if self.revoked_nodes.contains(node) {
             return Some(format!("the node {node} was revoked by the run"));
+        }
+        if let Some(id) = certificate.filter(|id| self.revoked_certificates.contains(*id)) {
+            return Some(format!("the certificate {id} was revoked by the run"));
         }
         match (&self.orgs, org) {
             (None, _) => None,
@@ -468,19 +475,31 @@ mod tests {
         let node = key(1).node_id();
         let org = key(7).org_id();
         let other = key(8).org_id();
-        assert_eq!(Policy::open().refuses_known(&node, None), None);
-        assert_eq!(Policy::open().refuses_known(&node, Some(&org)), None);
+        assert_eq!(Policy::open().refuses_known(&node, None, None), None);
+        assert_eq!(Policy::open().refuses_known(&node, Some(&org), None), None);
         let limited = Policy::orgs(vec![org]);
-        assert_eq!(limited.refuses_known(&node, Some(&org)), None);
-        assert!(limited.refuses_known(&node, Some(&other)).is_some());
-        assert!(limited.refuses_known(&node, None).is_some());
+        assert_eq!(limited.refuses_known(&node, Some(&org), None), None);
+        assert!(limited.refuses_known(&node, Some(&other), None).is_some());
+        assert!(limited.refuses_known(&node, None, None).is_some());
         let mut revoked = Policy::open();
         revoked.revoked_nodes.insert(node);
         assert!(
             revoked
-                .refuses_known(&node, Some(&org))
+                .refuses_known(&node, Some(&org), None)
                 .is_some_and(|r| r.contains("revoked"))
         );
-        assert_eq!(revoked.refuses_known(&key(2).node_id(), None), None);
+        assert_eq!(revoked.refuses_known(&key(2).node_id(), None, None), None);
+        let cert = Hash::of(b"certificate");
+        revoked.revoked_certificates.insert(cert);
+        assert!(
+            revoked
+                .refuses_known(&key(2).node_id(), Some(&org), Some(&cert))
+                .is_some_and(|r| r.contains("certificate"))
+        );
+        assert_eq!(
+            revoked.refuses_known(&key(2).node_id(), Some(&org), Some(&Hash::of(b"renewed"))),
+            None,
+            "a renewed certificate is not the revoked one"
+        );
     }
 }

@@ -131,6 +131,9 @@ const MIGRATIONS: &[&str] = &[
     // its late commits) look updates up by round and refusals by node.
     "CREATE INDEX IF NOT EXISTS updates_by_round ON updates(round);
      CREATE INDEX IF NOT EXISTS refusals_by_node ON refusals(claimed_node, round);",
+    // 3: which certificate admitted a node, so a certificate revoked while
+    // the coordinator was down is enforced when it restarts.
+    "ALTER TABLE nodes ADD COLUMN certificate TEXT;",
 ];
 
 /// A node as the ledger knows it.
@@ -144,6 +147,9 @@ pub struct NodeRow {
     pub listen_addrs: Vec<String>,
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
+    /// Id (hex) of the org certificate the node joined with, if any.
+    #[serde(default)]
+    pub certificate: Option<String>,
 }
 
 /// One update (or one missing node) in a closed round.
@@ -591,10 +597,10 @@ impl Ledger {
         let addrs = serde_json::to_string(&row.listen_addrs).unwrap_or_else(|_| "[]".into());
         self.conn
             .execute(
-                "INSERT INTO nodes (node, org, org_name, agent, workers, listen_addrs, first_seen_ms, last_seen_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                "INSERT INTO nodes (node, org, org_name, agent, workers, listen_addrs, first_seen_ms, last_seen_ms, certificate)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT(node) DO UPDATE SET org = ?2, org_name = ?3, agent = ?4, workers = ?5,
-                    listen_addrs = ?6, last_seen_ms = ?8",
+                    listen_addrs = ?6, last_seen_ms = ?8, certificate = ?9",
                 params![
                     row.node,
                     row.org,
@@ -603,7 +609,8 @@ impl Ledger {
                     row.workers,
                     addrs,
                     to_i64(row.first_seen_ms),
-                    to_i64(row.last_seen_ms)
+                    to_i64(row.last_seen_ms),
+                    row.certificate
                 ],
             )
             .map_err(|e| self.err(e))?;
@@ -611,7 +618,7 @@ impl Ledger {
     }
 
     pub fn nodes(&self) -> Result<Vec<NodeRow>, LedgerError> {
-        self.query_all("SELECT node, org, org_name, agent, workers, listen_addrs, first_seen_ms, last_seen_ms FROM nodes ORDER BY first_seen_ms, node", [], |r| {
+        self.query_all("SELECT node, org, org_name, agent, workers, listen_addrs, first_seen_ms, last_seen_ms, certificate FROM nodes ORDER BY first_seen_ms, node", [], |r| {
                 let addrs: String = r.get(5)?;
                 Ok(NodeRow {
                     node: r.get(0)?,
@@ -622,6 +629,7 @@ impl Ledger {
                     listen_addrs: serde_json::from_str(&addrs).unwrap_or_default(),
                     first_seen_ms: to_u64(r.get(6)?),
                     last_seen_ms: to_u64(r.get(7)?),
+                    certificate: r.get(8)?,
                 })
             })
     }
@@ -1188,8 +1196,24 @@ mod tests {
                 [],
             )
             .unwrap();
+            conn.execute(
+                "INSERT INTO nodes (node, org, org_name, agent, workers, listen_addrs, first_seen_ms, last_seen_ms)
+                 VALUES ('old', NULL, NULL, 'barnraise/0.1.0', 1, '[]', 0, 0)",
+                [],
+            )
+            .unwrap();
         }
         let mut ledger = open(&path).unwrap();
+        // A node recorded before certificates were kept reads back without one,
+        // and a re-join records the certificate it showed.
+        let mut old = ledger.nodes().unwrap().remove(0);
+        assert_eq!(old.certificate, None);
+        old.certificate = Some("c7b4".into());
+        ledger.upsert_node(&old).unwrap();
+        assert_eq!(
+            ledger.nodes().unwrap()[0].certificate.as_deref(),
+            Some("c7b4")
+        );
         let version: i64 = ledger
             .conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))

@@ -401,7 +401,15 @@ fn prepare(
             continue;
         };
         let org = node.org.as_deref().and_then(|o| o.parse::<OrgId>().ok());
-        if let Some(reason) = resolved.admission.refuses_known(&id, org.as_ref()) {
+        let certificate = node
+            .certificate
+            .as_deref()
+            .and_then(|c| c.parse::<Hash>().ok());
+        if let Some(reason) =
+            resolved
+                .admission
+                .refuses_known(&id, org.as_ref(), certificate.as_ref())
+        {
             tracing::warn!(node = %id, "no longer admitted: {reason}");
             rounds.expel(&id);
         }
@@ -748,6 +756,11 @@ impl Service {
             listen_addrs: admitted.join.listen_addrs.clone(),
             first_seen_ms: now,
             last_seen_ms: now,
+            certificate: admitted
+                .join
+                .certificate
+                .as_ref()
+                .map(|c| barnraise_protocol::certificate::certificate_id(c).to_hex()),
         };
         if let Err(e) = self.with_ledger(|l| l.upsert_node(&row)) {
             tracing::error!("recording a node: {e}");

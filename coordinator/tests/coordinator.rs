@@ -603,6 +603,7 @@ fn accounting_ledger(data_dir: &Path) -> (Ledger, [String; 3], String) {
                 listen_addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
                 first_seen_ms: 1_000,
                 last_seen_ms: 2_000,
+                certificate: None,
             })
             .unwrap();
     }
