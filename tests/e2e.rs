@@ -35,6 +35,62 @@ fn run<F: std::future::Future<Output = ()>>(test: F) {
 
 const MINUTES: Duration = Duration::from_secs(60);
 
+/// Waits for the first coordinator event that `wanted` accepts.
+async fn wait_for_event(
+    events: &mut tokio::sync::broadcast::Receiver<CoordinatorEvent>,
+    timeout: Duration,
+    what: &str,
+    wanted: impl Fn(&CoordinatorEvent) -> bool,
+) {
+    loop {
+        match tokio::time::timeout(timeout, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        {
+            Ok(event) if wanted(&event) => return,
+            Ok(_) => {}
+            Err(e) => panic!("event stream: {e}"),
+        }
+    }
+}
+
+/// Gives node `index` its key and a certificate from `org` naming
+/// `names` (default: the node itself), written to `<node dir>/node.cert`.
+fn enroll(
+    dir: &std::path::Path,
+    index: usize,
+    org: &barnraise_protocol::SigningKey,
+    names: Option<&barnraise_protocol::SigningKey>,
+) -> (
+    barnraise_protocol::SigningKey,
+    std::path::PathBuf,
+    barnraise_protocol::Hash,
+) {
+    use barnraise_protocol::messages::{NodeCertificate, now_ms};
+    let node_dir = dir.join(format!("node-{index}"));
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let key = barnraise_protocol::SigningKey::generate().unwrap();
+    key.save_new(&node_dir.join("node.key")).unwrap();
+    let cert = barnraise_protocol::Signed::sign(
+        org,
+        &NodeCertificate {
+            org: org.org_id(),
+            org_name: "Example Lab".into(),
+            node: names.unwrap_or(&key).node_id(),
+            issued_ms: now_ms() - 1000,
+            expires_ms: now_ms() + 3_600_000,
+        },
+    )
+    .unwrap();
+    let path = node_dir.join("node.cert");
+    barnraise_protocol::certificate::save_certificate(&path, &cert).unwrap();
+    (
+        key,
+        path,
+        barnraise_protocol::certificate::certificate_id(&cert),
+    )
+}
+
 #[test]
 fn three_nodes_three_rounds_learn_and_agree() {
     run(async {
@@ -308,16 +364,10 @@ fn killed_node_misses_a_round_then_catches_up() {
         let victim_config = node_config(&coordinator, dir.path(), victim.index, 4);
 
         // Kill the victim as round 1 opens: it never commits for round 1.
-        loop {
-            match tokio::time::timeout(2 * MINUTES, events.recv())
-                .await
-                .expect("round 1 opens")
-            {
-                Ok(CoordinatorEvent::RoundOpened { round: 1, .. }) => break,
-                Ok(_) => {}
-                Err(e) => panic!("event stream: {e}"),
-            }
-        }
+        wait_for_event(&mut events, 2 * MINUTES, "round 1 opens", |e| {
+            matches!(e, CoordinatorEvent::RoundOpened { round: 1, .. })
+        })
+        .await;
         victim.shutdown.cancel();
         victim.task.abort();
 
@@ -381,16 +431,10 @@ fn coordinator_restart_resumes_and_counts_once() {
         let mut events = coordinator.events();
         let nodes = spawn_nodes(&coordinator, dir.path(), 2, 4);
 
-        loop {
-            match tokio::time::timeout(3 * MINUTES, events.recv())
-                .await
-                .expect("round 1 closes")
-            {
-                Ok(CoordinatorEvent::RoundClosed { round: 1, .. }) => break,
-                Ok(_) => {}
-                Err(e) => panic!("event stream: {e}"),
-            }
-        }
+        wait_for_event(&mut events, 3 * MINUTES, "round 1 closes", |e| {
+            matches!(e, CoordinatorEvent::RoundClosed { round: 1, .. })
+        })
+        .await;
         // Kill it in the middle of round 2.
         tokio::time::sleep(Duration::from_millis(500)).await;
         shutdown.cancel();
@@ -671,8 +715,7 @@ fn org_commands_refuse_bad_flags_and_missing_keys() {
 /// refused with their reasons and never get work.
 #[test]
 fn org_limited_run_admits_certified_nodes_and_refuses_the_rest() {
-    use barnraise_protocol::messages::{NodeCertificate, now_ms};
-    use barnraise_protocol::{Signed, SigningKey};
+    use barnraise_protocol::SigningKey;
     run(async {
         let dir = tempfile::tempdir().unwrap();
         let org = SigningKey::from_seed([70; 32]).unwrap();
@@ -682,31 +725,10 @@ fn org_limited_run_admits_certified_nodes_and_refuses_the_rest() {
         let (coordinator, _shutdown) = start_coordinator(config).await;
         let ledger_path = coordinator.ledger_path().to_path_buf();
 
-        // Each node gets its key first, so its certificate can name it.
-        let certify = |index: usize, by: &SigningKey, for_key: Option<&SigningKey>| {
-            let node_dir = dir.path().join(format!("node-{index}"));
-            std::fs::create_dir_all(&node_dir).unwrap();
-            let key = SigningKey::generate().unwrap();
-            key.save_new(&node_dir.join("node.key")).unwrap();
-            let cert = Signed::sign(
-                by,
-                &NodeCertificate {
-                    org: by.org_id(),
-                    org_name: "Example Lab".into(),
-                    node: for_key.unwrap_or(&key).node_id(),
-                    issued_ms: now_ms() - 1000,
-                    expires_ms: now_ms() + 3_600_000,
-                },
-            )
-            .unwrap();
-            let path = node_dir.join("node.cert");
-            barnraise_protocol::certificate::save_certificate(&path, &cert).unwrap();
-            (key, path)
-        };
-        let (member, member_cert) = certify(0, &org, None);
-        let (_, stranger_cert) = certify(2, &stranger_org, None);
+        let (member, member_cert, _) = enroll(dir.path(), 0, &org, None);
+        let (_, stranger_cert, _) = enroll(dir.path(), 2, &stranger_org, None);
         let someone_else = SigningKey::generate().unwrap();
-        let (_, borrowed_cert) = certify(3, &org, Some(&someone_else));
+        let (_, borrowed_cert, _) = enroll(dir.path(), 3, &org, Some(&someone_else));
 
         let mut enrolled = node_config(&coordinator, dir.path(), 0, 2);
         enrolled.certificate = Some(member_cert);
@@ -775,8 +797,7 @@ fn org_limited_run_admits_certified_nodes_and_refuses_the_rest() {
 /// tested in the coordinator.)
 #[test]
 fn a_certificate_revoked_across_a_restart_stops_the_node_at_once() {
-    use barnraise_protocol::messages::{NodeCertificate, now_ms};
-    use barnraise_protocol::{Signed, SigningKey};
+    use barnraise_protocol::SigningKey;
     run(async {
         let dir = tempfile::tempdir().unwrap();
         let org = SigningKey::from_seed([72; 32]).unwrap();
@@ -791,38 +812,16 @@ fn a_certificate_revoked_across_a_restart_stops_the_node_at_once() {
         let mut nodes = Vec::new();
         let mut certificate_ids = Vec::new();
         for index in 0..2 {
-            let node_dir = dir.path().join(format!("node-{index}"));
-            std::fs::create_dir_all(&node_dir).unwrap();
-            let key = SigningKey::generate().unwrap();
-            key.save_new(&node_dir.join("node.key")).unwrap();
-            let cert = Signed::sign(
-                &org,
-                &NodeCertificate {
-                    org: org.org_id(),
-                    org_name: "Lab".into(),
-                    node: key.node_id(),
-                    issued_ms: now_ms() - 1000,
-                    expires_ms: now_ms() + 3_600_000,
-                },
-            )
-            .unwrap();
-            let path = node_dir.join("node.cert");
-            barnraise_protocol::certificate::save_certificate(&path, &cert).unwrap();
-            certificate_ids.push(barnraise_protocol::certificate::certificate_id(&cert));
+            let (key, path, id) = enroll(dir.path(), index, &org, None);
+            certificate_ids.push(id);
             let mut node_config = node_config(&coordinator, dir.path(), index, 3);
             node_config.certificate = Some(path);
             nodes.push((key.node_id(), spawn_node(node_config, index)));
         }
-        loop {
-            match tokio::time::timeout(3 * MINUTES, events.recv())
-                .await
-                .expect("round 0 closes")
-            {
-                Ok(CoordinatorEvent::RoundClosed { round: 0, .. }) => break,
-                Ok(_) => {}
-                Err(e) => panic!("event stream: {e}"),
-            }
-        }
+        wait_for_event(&mut events, 3 * MINUTES, "round 0 closes", |e| {
+            matches!(e, CoordinatorEvent::RoundClosed { round: 0, .. })
+        })
+        .await;
         shutdown.cancel();
         let _ = tokio::time::timeout(MINUTES, coordinator.wait()).await;
 
