@@ -98,10 +98,7 @@ fn three_nodes_three_rounds_learn_and_agree() {
         let (coordinator, _shutdown) = start_coordinator(tiny_run(dir.path(), 3, 3)).await;
         let ledger_path = coordinator.ledger_path().to_path_buf();
         let nodes = spawn_nodes(&coordinator, dir.path(), 3, 3);
-        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
-            .await
-            .expect("run finishes")
-            .unwrap();
+        let summary = finish_run(coordinator).await;
         let mut node_summaries = Vec::new();
         for node in nodes {
             node_summaries.push(join_node(node, MINUTES).await);
@@ -164,10 +161,7 @@ fn poisoned_nodes_are_rejected_and_honest_nodes_lose_nothing() {
             config.misbehave = Some(attack);
             attackers.push(spawn_node(config, index));
         }
-        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
-            .await
-            .expect("run finishes")
-            .unwrap();
+        let summary = finish_run(coordinator).await;
         assert_eq!(summary.rounds.len(), 3);
         for round in &summary.rounds {
             assert_eq!(
@@ -303,10 +297,7 @@ fn cluster_nodes_upload_one_update_for_all_their_workers() {
         flaky.workers = Some(2);
         flaky.fault_crash_worker = Some(1);
         let nodes = [spawn_node(healthy, 0), spawn_node(flaky, 1)];
-        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
-            .await
-            .expect("run finishes")
-            .unwrap();
+        let summary = finish_run(coordinator).await;
         let mut ids = Vec::new();
         for node in nodes {
             let s = join_node(node, MINUTES).await;
@@ -390,10 +381,7 @@ fn killed_node_misses_a_round_then_catches_up() {
         }
         let restarted = spawn_node(victim_config, 2);
 
-        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
-            .await
-            .expect("run finishes")
-            .unwrap();
+        let summary = finish_run(coordinator).await;
         assert_eq!(summary.rounds.len(), 4);
         assert!(
             summary.rounds[1].missing >= 1,
@@ -442,10 +430,7 @@ fn coordinator_restart_resumes_and_counts_once() {
 
         let (coordinator, _shutdown) = start_coordinator(config).await;
         let ledger_path = coordinator.ledger_path().to_path_buf();
-        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
-            .await
-            .expect("resumed run finishes")
-            .unwrap();
+        let summary = finish_run(coordinator).await;
         assert_eq!(
             summary.rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
             vec![0, 1, 2, 3]
@@ -760,10 +745,7 @@ fn org_limited_run_admits_certified_nodes_and_refuses_the_rest() {
         }
         assert_eq!(refused, vec![1, 2, 3]);
 
-        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
-            .await
-            .expect("run finishes")
-            .unwrap();
+        let summary = finish_run(coordinator).await;
         let s = join_node(enrolled, MINUTES).await;
         assert_eq!(summary.rounds.len(), 2);
         assert!(summary.rounds.iter().all(|r| r.accepted == 1));
@@ -832,10 +814,7 @@ fn a_certificate_revoked_across_a_restart_stops_the_node_at_once() {
             .push(certificate_ids[1].to_hex());
         let (coordinator, _shutdown) = start_coordinator(config).await;
         let ledger_path = coordinator.ledger_path().to_path_buf();
-        let summary = tokio::time::timeout(5 * MINUTES, coordinator.wait())
-            .await
-            .expect("resumed run finishes")
-            .unwrap();
+        let summary = finish_run(coordinator).await;
         assert_eq!(summary.rounds.len(), 3, "{summary:?}");
         for (_, node) in &nodes {
             node.shutdown.cancel();

@@ -14,8 +14,27 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The largest receipt file read; a manifest is far smaller.
-const MAX_RECEIPT_BYTES: u64 = 64 << 20;
+/// The largest receipt file read: a signed manifest at its protocol limit,
+/// with room for the envelope.
+const MAX_RECEIPT_BYTES: u64 = barnraise_protocol::limits::MAX_MANIFEST_BYTES as u64 + 4096;
+/// The largest `run.json` read; it holds three short fields.
+const MAX_RUN_FACTS_BYTES: u64 = 64 * 1024;
+
+/// Reads a file of at most `cap` bytes, reading no further than that.
+fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(cap + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {cap} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
 /// Name of the run facts file beside the receipts.
 pub const RUN_FILE: &str = "run.json";
 
@@ -130,7 +149,8 @@ pub fn read_receipts(
         }
     }
     good.sort_by_key(|r| r.round);
-    // Two files for one round cannot both be right; keep neither silently.
+    // Two files for one round cannot both be right: the first (by file
+    // name) counts and the other is reported, not silently dropped.
     let mut seen = std::collections::HashSet::new();
     let mut unique = Vec::with_capacity(good.len());
     for receipt in good {
@@ -147,11 +167,7 @@ pub fn read_receipts(
 }
 
 fn read_one(path: &Path, me: &NodeId, pinned: Option<&PublicKey>) -> Result<Receipt, String> {
-    let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
-    if size > MAX_RECEIPT_BYTES {
-        return Err(format!("{size} bytes is too large for a manifest"));
-    }
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let bytes = read_capped(path, MAX_RECEIPT_BYTES).map_err(|e| e.to_string())?;
     let signed = Signed::<Manifest>::from_bytes(&bytes).map_err(|e| e.to_string())?;
     let manifest = signed.verify(pinned).map_err(|e| e.to_string())?;
     let verdict = if let Some(a) = manifest.accepted.iter().find(|a| a.node == *me) {
@@ -210,13 +226,7 @@ pub fn totals(receipts: &[Receipt], facts: Option<&RunFacts>) -> Totals {
 /// Reads `receipts/run.json`; `None` when the node never wrote one.
 pub fn read_run_facts(dir: &Path) -> Result<Option<RunFacts>, ReceiptError> {
     let path = dir.join(RUN_FILE);
-    let text = match std::fs::read(&path) {
-        Ok(bytes) if bytes.len() as u64 > MAX_RECEIPT_BYTES => {
-            return Err(ReceiptError::RunFacts {
-                path,
-                reason: "too large".into(),
-            });
-        }
+    let text = match read_capped(&path, MAX_RUN_FACTS_BYTES) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(ReceiptError::Io { path, source }),
@@ -335,6 +345,21 @@ mod tests {
         assert_eq!(read_run_facts(dir.path()).unwrap(), Some(facts));
         std::fs::write(dir.path().join(RUN_FILE), b"{not json").unwrap();
         assert!(read_run_facts(dir.path()).is_err());
+        // Oversized files are refused without being read whole.
+        let big = std::fs::File::create(dir.path().join(RUN_FILE)).unwrap();
+        big.set_len(1 << 30).unwrap();
+        assert!(read_run_facts(dir.path()).is_err());
+        let huge_receipt = dir.path().join("round-000009.manifest");
+        std::fs::File::create(&huge_receipt)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let (_, bad) = read_receipts(dir.path(), &me, Some(&pinned)).unwrap();
+        assert!(
+            bad.iter()
+                .any(|b| b.path == huge_receipt && b.error.contains("larger than")),
+            "{bad:?}"
+        );
         let nowhere = dir.path().join("nowhere");
         assert_eq!(read_receipts(&nowhere, &me, None).unwrap().0, vec![]);
     }

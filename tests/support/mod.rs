@@ -109,6 +109,15 @@ pub async fn wait_until<T>(
     }
 }
 
+/// Waits (at most five minutes) for the coordinator's run to finish.
+pub async fn finish_run(coordinator: CoordinatorHandle) -> barnraise_coordinator::RunSummary {
+    match tokio::time::timeout(Duration::from_secs(300), coordinator.wait()).await {
+        Ok(Ok(summary)) => summary,
+        Ok(Err(e)) => panic!("the coordinator failed: {e}"),
+        Err(_) => panic!("the run did not finish within 5 minutes"),
+    }
+}
+
 pub async fn join_node(node: RunningNode, timeout: Duration) -> NodeSummary {
     match tokio::time::timeout(timeout, node.task).await {
         Ok(Ok(Ok(summary))) => summary,
