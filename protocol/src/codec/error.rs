@@ -46,6 +46,12 @@ pub enum CodecError {
         previous: u32,
         index: u32,
     },
+    #[error("chunk {chunk}: the kept-value mask has {got} bits set, the format keeps {expected}")]
+    MaskCount {
+        chunk: usize,
+        expected: usize,
+        got: usize,
+    },
     #[error("update payload has non-zero padding bits at the end of its {stream} stream")]
     NonZeroPadding { stream: &'static str },
     #[error("aggregation weight {0} is not finite")]

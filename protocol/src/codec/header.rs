@@ -10,8 +10,9 @@ use super::{CodecConfig, CodecError};
 pub const HEADER_LEN: usize = 24;
 /// First four bytes of every payload ("barnraise update payload").
 pub const MAGIC: [u8; 4] = *b"BRUP";
-/// The codec version this build writes and reads.
-pub const CODEC_VERSION: u8 = 1;
+/// The codec version this build writes and reads. Version 2 sends dense
+/// top-k selections as a mask (see `topk`); version 1 always sent indices.
+pub const CODEC_VERSION: u8 = 2;
 
 const TAG_FP32: u8 = 0;
 const TAG_INT8: u8 = 1;

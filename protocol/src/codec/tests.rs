@@ -297,6 +297,63 @@ fn header_layout_matches_the_spec() {
     assert_eq!(&payload[20..24], &64u32.to_le_bytes());
 }
 
+/// A hand-built top-k payload with chunk 8, k 4 (4 · 3 index bits > 8, so a
+/// mask), 2 bits: one mask bit per value.
+fn masked_topk_payload(params: u64, ranges: &[(f32, f32)], mask: &[u32], codes: &[u32]) -> Vec<u8> {
+    hand_built_topk(params, (8, 4), ranges, (mask, 1), codes)
+}
+
+#[test]
+fn dense_topk_sends_a_mask_and_decodes_it() {
+    // 10 values: a full chunk of 8 (keeps 4) and a last chunk of 2 (keeps both).
+    let mask = [0, 1, 1, 0, 0, 1, 0, 1, 1, 1];
+    let codes = [0b01, 0b10, 0b00, 0b11, 0b01, 0b00];
+    let payload = masked_topk_payload(10, &[(1.0, 3.0), (0.5, 0.5)], &mask, &codes);
+    assert_eq!(
+        payload.len(),
+        CodecConfig::TopK {
+            chunk: 8,
+            k: 4,
+            bits: 2
+        }
+        .encoded_len(10)
+    );
+    let mut expected = vec![0.0; 10];
+    expected[1] = 3.0;
+    expected[2] = -1.0;
+    expected[5] = 1.0;
+    expected[7] = -3.0;
+    expected[8] = 0.5;
+    expected[9] = 0.5;
+    assert_eq!(decoded(&payload), expected);
+
+    // A mask with a bit too many or too few is refused, naming the chunk.
+    for (bad, chunk, got) in [
+        ([1, 1, 1, 0, 0, 1, 0, 1, 1, 1], 0, 5),
+        ([0, 1, 1, 0, 0, 1, 0, 1, 1, 0], 1, 1),
+    ] {
+        let payload = masked_topk_payload(10, &[(1.0, 3.0), (0.5, 0.5)], &bad, &codes);
+        let error = assert_rejected(&payload);
+        assert!(
+            matches!(error, CodecError::MaskCount { chunk: c, got: g, .. } if c == chunk && g == got),
+            "{error:?}"
+        );
+    }
+
+    // Where a mask is used it is the smaller encoding: a quarter of each
+    // chunk at 4 bits is ~2 bits per param instead of ~4 with 12-bit indices,
+    // and the sparse default keeps its index list.
+    let quarter = CodecConfig::TopK {
+        chunk: 4096,
+        k: 1024,
+        bits: 4,
+    }
+    .bits_per_param(1 << 20);
+    assert!((2.0..2.02).contains(&quarter), "{quarter}");
+    let sparse = CodecConfig::topk_default().bits_per_param(1 << 20);
+    assert!((0.23..0.24).contains(&sparse), "{sparse}");
+}
+
 #[test]
 fn default_topk_fits_the_size_target() {
     let bits = CodecConfig::topk_default().bits_per_param(50_000_000);
@@ -481,21 +538,30 @@ fn header(tag: u8, bits: u8, params: u64, first: u32, second: u32) -> Vec<u8> {
 
 /// A hand-built top-k payload (chunk 16, k 2, 2 bits) over `params` values.
 fn topk_payload(params: u64, ranges: &[(f32, f32)], indices: &[u32], codes: &[u32]) -> Vec<u8> {
-    let mut out = header(2, 2, params, 16, 2);
+    hand_built_topk(params, (16, 2), ranges, (indices, 4), codes)
+}
+
+/// Header, ranges, a selection stream of fields of the given width (indices,
+/// or single mask bits), and 2-bit value codes.
+fn hand_built_topk(
+    params: u64,
+    (chunk, k): (u32, u32),
+    ranges: &[(f32, f32)],
+    (selection, width): (&[u32], u32),
+    codes: &[u32],
+) -> Vec<u8> {
+    let mut out = header(2, 2, params, chunk, k);
     for (lo, hi) in ranges {
         out.extend_from_slice(&lo.to_le_bytes());
         out.extend_from_slice(&hi.to_le_bytes());
     }
-    let mut stream = Vec::new();
-    let mut writer = BitWriter::new(&mut stream);
-    indices.iter().for_each(|&i| writer.push(i, 4));
-    writer.finish();
-    out.extend_from_slice(&stream);
-    stream.clear();
-    let mut writer = BitWriter::new(&mut stream);
-    codes.iter().for_each(|&c| writer.push(c, 2));
-    writer.finish();
-    out.extend_from_slice(&stream);
+    for (fields, width) in [(selection, width), (codes, 2)] {
+        let mut stream = Vec::new();
+        let mut writer = BitWriter::new(&mut stream);
+        fields.iter().for_each(|&f| writer.push(f, width));
+        writer.finish();
+        out.extend_from_slice(&stream);
+    }
     out
 }
 
@@ -678,6 +744,11 @@ fn valid_payloads() -> Vec<Vec<u8>> {
             k: 9,
             bits: 8,
         },
+        CodecConfig::TopK {
+            chunk: 64,
+            k: 30,
+            bits: 4,
+        },
     ]
     .into_iter()
     .map(|config| encode_once(config, &delta))
@@ -723,7 +794,7 @@ proptest! {
 
     #[test]
     fn mutated_payloads_never_panic(
-        which in 0usize..4,
+        which in 0usize..5,
         flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
         cut in prop::option::of(any::<prop::sample::Index>()),
     ) {
@@ -754,6 +825,9 @@ fn reference_topk_body(
 ) -> Vec<u8> {
     let value_bits = u32::from(bits);
     let index_bits = 64 - ((chunk.max(1) - 1) as u64).leading_zeros();
+    // The spec's rule: a one-bit-per-value mask when an index list of a full
+    // chunk would be longer.
+    let mask = k.min(chunk) * index_bits as usize > chunk;
     let top = (1i32 << (value_bits - 1)) - 1;
     let mut ranges = Vec::new();
     let mut index_stream = Vec::new();
@@ -788,11 +862,18 @@ fn reference_topk_body(
                 magnitude
             };
             residual[index] = value - sent;
-            indices.push(index as u32, index_bits);
+            if !mask {
+                indices.push(index as u32, index_bits);
+            }
             values.push(
                 (u32::from(value.is_sign_negative()) << (value_bits - 1)) | level,
                 value_bits,
             );
+        }
+        if mask {
+            for i in 0..delta.len() {
+                indices.push(u32::from(kept.binary_search(&i).is_ok()), 1);
+            }
         }
         ranges.extend_from_slice(&lo.to_le_bytes());
         ranges.extend_from_slice(&hi.to_le_bytes());
@@ -831,7 +912,7 @@ fn awkward_update(seed: u64, params: usize, chunk: usize) -> Vec<f32> {
 
 #[test]
 fn topk_bytes_and_residual_match_a_full_sort_reference_over_rounds() {
-    let cases: [(usize, usize, usize, u8, f32); 12] = [
+    let cases: [(usize, usize, usize, u8, f32); 15] = [
         (3 * 4096 + 1000, 4096, 64, 2, 1.0),
         (2 * 4096 + 900, 4096, 256, 4, 1.0),
         (3000, 1024, 16, 2, 1.0),
@@ -844,6 +925,10 @@ fn topk_bytes_and_residual_match_a_full_sort_reference_over_rounds() {
         (300, 128, 128, 4, 1.0),
         (50, 1, 1, 4, 1.0),
         (1001, 300, 1, 2, 0.0),
+        // Masks: a half and a quarter of each chunk, and k = chunk.
+        (2 * 4096 + 333, 4096, 2048, 4, 1.0),
+        (3 * 1024 + 31, 1024, 256, 2, 0.9),
+        (100, 33, 33, 8, 1.0),
     ];
     for (case, &(params, chunk, k, bits, decay)) in cases.iter().enumerate() {
         let config = CodecConfig::TopK {

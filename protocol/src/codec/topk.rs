@@ -2,8 +2,15 @@
 //! values the K largest magnitudes are kept (ties: lower index first), sent as
 //! a sign bit plus a (BITS-1)-bit level spread evenly over the chunk's kept
 //! magnitude range [lo, hi]. Body: every chunk's (lo, hi) as f32 LE pairs,
-//! then all kept indices (ascending within a chunk, ceil(log2 CHUNK) bits
-//! each), then all value codes (BITS bits each), both bit-packed.
+//! then which values were kept, then all value codes (BITS bits each, in
+//! index order), both bit-packed.
+//!
+//! Which values were kept is sent whichever way is smaller, decided by the
+//! config alone: as a list of indices (ascending within a chunk,
+//! ceil(log2 CHUNK) bits each) when K · ceil(log2 CHUNK) ≤ CHUNK, else as a
+//! mask of one bit per value (1 = kept, exactly min(K, chunk length) set per
+//! chunk). A mask makes dense top-k cheap: a quarter of each chunk at 4 bits
+//! is 2 bits per param with a mask against 4 with 12-bit indices.
 //!
 //! Selection is exact and fast: a histogram of a fixed sample, in
 //! eighth-octave bins below the chunk's largest magnitude, estimates a
@@ -15,10 +22,12 @@ use super::{ABS_MASK, CodecError, Target, first_non_finite, round_small};
 
 /// Where the parts of a top-k body lie and how many values it carries.
 pub(crate) struct Layout {
+    params: u64,
     chunks: u64,
     kept: u64,
     index_bits: u32,
     value_bits: u32,
+    mask: bool,
 }
 
 impl Layout {
@@ -31,10 +40,12 @@ impl Layout {
             Some(full) => full.checked_mul(k.min(chunk))? + k.min(params - full * chunk),
         };
         Some(Layout {
+            params,
             chunks,
             kept,
             index_bits: index_bits(chunk),
             value_bits: u32::from(bits),
+            mask: uses_mask(chunk, k),
         })
     }
 
@@ -43,6 +54,9 @@ impl Layout {
     }
 
     fn index_stream_len(&self) -> Option<u64> {
+        if self.mask {
+            return Some(self.params.div_ceil(8));
+        }
         Some(
             self.kept
                 .checked_mul(u64::from(self.index_bits))?
@@ -68,6 +82,48 @@ impl Layout {
 /// Bits per index: ceil(log2 chunk), 0 for a chunk of one.
 fn index_bits(chunk: u64) -> u32 {
     64 - (chunk.max(1) - 1).leading_zeros()
+}
+
+/// Whether the kept values are sent as a one-bit-per-value mask rather than
+/// an index list: when the list would be longer for a full chunk.
+fn uses_mask(chunk: u64, k: u64) -> bool {
+    let chunk = chunk.max(1);
+    k.min(chunk).saturating_mul(u64::from(index_bits(chunk))) > chunk
+}
+
+/// Appends a chunk's mask: `len` bits, bit i set when i is in `kept`
+/// (ascending, each below `len`), 32 at a time.
+fn push_mask(writer: &mut BitWriter<'_>, kept: &[u32], len: usize) {
+    let mut word = 0u32;
+    let mut base = 0usize;
+    for &index in kept {
+        let index = index as usize;
+        while index >= base + 32 {
+            writer.push(word, 32);
+            word = 0;
+            base += 32;
+        }
+        word |= 1 << (index - base);
+    }
+    while base < len {
+        writer.push(word, (len - base).min(32) as u32);
+        word = 0;
+        base += 32;
+    }
+}
+
+/// Reads a chunk's `len`-bit mask and calls `visit(index)` for each set bit,
+/// in ascending order.
+fn read_mask(reader: &mut BitReader<'_>, len: usize, mut visit: impl FnMut(usize)) {
+    let mut base = 0usize;
+    while base < len {
+        let mut word = reader.read((len - base).min(32) as u32);
+        while word != 0 {
+            visit(base + word.trailing_zeros() as usize);
+            word &= word - 1;
+        }
+        base += 32;
+    }
 }
 
 /// The value grid of one chunk: `levels` magnitudes evenly from lo to hi.
@@ -169,6 +225,7 @@ pub(crate) fn encode(
     let chunk = settings.chunk as usize;
     let value_bits = u32::from(settings.bits);
     let index_bits = index_bits(chunk as u64);
+    let mask = uses_mask(chunk as u64, u64::from(settings.k));
     let Scratch {
         maxima,
         passing,
@@ -209,8 +266,14 @@ pub(crate) fn encode(
         let (lo, hi) = (f32::from_bits(lo), f32::from_bits(max));
         let levels = Levels::new(lo, hi, value_bits);
         quantize(residual, kept, &levels, value_bits, sent, codes);
-        for (&index, &code) in kept.iter().zip(codes.iter()) {
-            indices.push(index, index_bits);
+        if mask {
+            push_mask(&mut indices, kept, delta.len());
+        } else {
+            for &index in kept.iter() {
+                indices.push(index, index_bits);
+            }
+        }
+        for &code in codes.iter() {
             values.push(code, value_bits);
         }
         let at = ranges_at + chunk_index * 8;
@@ -683,6 +746,7 @@ impl Format {
             rest.split_at_checked(index_len as usize).ok_or(truncated)?;
         let (ranges, _) = ranges.as_chunks::<8>();
         let index_bits = index_bits(self.chunk as u64);
+        let mask = uses_mask(self.chunk as u64, self.k as u64);
         let mut indices = BitReader::new(index_stream);
         let mut kept = 0u64;
 
@@ -697,6 +761,19 @@ impl Format {
                 });
             }
             let len = self.chunk.min(params - chunk_index * self.chunk);
+            if mask {
+                let mut set = 0usize;
+                read_mask(&mut indices, len, |_| set += 1);
+                if set != self.k.min(len) {
+                    return Err(CodecError::MaskCount {
+                        chunk: chunk_index,
+                        expected: self.k.min(len),
+                        got: set,
+                    });
+                }
+                kept += set as u64;
+                continue;
+            }
             let mut previous: Option<u32> = None;
             for _ in 0..self.k.min(len) {
                 let index = indices.read(index_bits);
@@ -736,6 +813,7 @@ impl Format {
     fn apply(&self, parts: &Parts<'_>, params: usize, mut visit: impl FnMut(usize, f32)) {
         let value_bits = u32::from(self.bits);
         let index_bits = index_bits(self.chunk as u64);
+        let mask = uses_mask(self.chunk as u64, self.k as u64);
         let mut indices = BitReader::new(parts.index_stream);
         let mut values = BitReader::new(parts.value_stream);
         // Few bits mean few codes: decode each once per chunk, by the same
@@ -752,14 +830,20 @@ impl Format {
             }
             let start = chunk_index * self.chunk;
             let len = self.chunk.min(params - start);
-            for _ in 0..self.k.min(len) {
-                let index = indices.read(index_bits) as usize;
+            let mut value_at = |index: usize| {
                 let code = values.read(value_bits);
                 let value = match table.get(code as usize) {
                     Some(&value) if tabled => value,
                     _ => levels.value(code, value_bits),
                 };
                 visit(start + index, value);
+            };
+            if mask {
+                read_mask(&mut indices, len, value_at);
+            } else {
+                for _ in 0..self.k.min(len) {
+                    value_at(indices.read(index_bits) as usize);
+                }
             }
         }
     }
