@@ -43,9 +43,13 @@ pub struct Args {
     /// Codec of arm (c), e.g. int8:256.
     #[arg(long)]
     pub int8: Option<CodecConfig>,
-    /// Codec of arm (d) (bench default topk:4096:1024:4).
+    /// Codec of arm (d) (bench default topk:4096:2048:4).
     #[arg(long)]
     pub topk: Option<CodecConfig>,
+    /// Error-feedback decay of arm (d), in [0, 1]: 1 is plain error feedback
+    /// (the default), 0 drops what top-k did not send.
+    #[arg(long)]
+    pub ef_decay: Option<f32>,
     /// Built-in corpus bytes per worker.
     #[arg(long)]
     pub corpus_bytes: Option<usize>,
@@ -100,6 +104,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(v) = args.topk {
         cfg.topk = v;
+    }
+    if let Some(v) = args.ef_decay {
+        cfg.ef_decay = v;
     }
     if let Some(v) = args.corpus_bytes {
         cfg.corpus_bytes = v;

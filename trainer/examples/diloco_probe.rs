@@ -5,7 +5,7 @@
 //! A SPEC is comma-separated `key=value` pairs over the `tiny` bench
 //! defaults: `arm=dp|fp32|int8|int8:B|topk|topk:C:K:B`, `preset`, `k`, `H`,
 //! `R`, `bs` (sequences per worker), `lr`, `warmup`, `olr`, `om`,
-//! `nesterov=0|1`, `seed`, `seeds` (run seeds `seed`..`seed+seeds-1`), `eval` (held-out batches),
+//! `nesterov=0|1`, `decay` (error-feedback decay), `seed`, `seeds` (run seeds `seed`..`seed+seeds-1`), `eval` (held-out batches),
 //! `every` (score every N rounds). Prints one line per spec and seed: the final
 //! held-out loss and the loss after every scored round; with `seeds` above 1
 //! a last line with the mean and spread of the final losses. An arm on seed
@@ -46,6 +46,7 @@ fn apply(spec: &str) -> Result<(DilocoBenchConfig, ArmKind), Error> {
             "olr" => cfg.outer.lr = value.parse()?,
             "om" => cfg.outer.momentum = value.parse()?,
             "nesterov" => cfg.outer.nesterov = value == "1",
+            "decay" => cfg.ef_decay = value.parse()?,
             "seed" => cfg.seed = value.parse()?,
             "seeds" => cfg.seeds = value.parse()?,
             "eval" => cfg.eval_batches = value.parse()?,
@@ -77,8 +78,12 @@ fn main() -> Result<(), Error> {
                 .iter()
                 .map(|l| format!("{l:.3}"))
                 .collect();
+            let flushed = report
+                .heldout_residual_flushed
+                .map(|l| format!("  residual flushed {l:.4}"))
+                .unwrap_or_default();
             println!(
-                "{spec:<60} seed {:<3} final {:.4}  tokens {}  wall {:.0}s  rounds [{}]",
+                "{spec:<60} seed {:<3} final {:.4}{flushed}  tokens {}  wall {:.0}s  rounds [{}]",
                 seed_cfg.seed,
                 report.heldout_loss,
                 report.tokens,

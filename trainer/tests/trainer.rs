@@ -446,6 +446,40 @@ fn diloco_bench_runs_every_arm_at_equal_tokens() {
     let json = serde_json::to_value(&report).expect("json");
     assert_eq!(json["arms"][3]["name"], "diloco-topk");
     assert!(report.to_string().contains("(d) diloco-topk"));
+    // Only the error-feedback arm reports the loss with its residuals flushed.
+    for (i, arm) in report.runs[0].arms.iter().enumerate() {
+        let flushed = arm.heldout_residual_flushed;
+        assert_eq!(flushed.is_some(), i == 3, "arm {}", arm.arm);
+        assert!(flushed.is_none_or(f32::is_finite));
+    }
+}
+
+/// The top-k arm's error-feedback decay is applied (decay 0 drops what was
+/// not sent and ends elsewhere than plain error feedback), leaves lossless
+/// arms alone, and is refused outside [0, 1] before anything trains.
+#[test]
+fn diloco_bench_error_feedback_decay_reaches_the_topk_arm_only() {
+    let mut cfg = quick_bench(2, 3, 2);
+    cfg.topk = CodecConfig::TopK {
+        chunk: 4096,
+        k: 64,
+        bits: 2,
+    };
+    let arm = |decay: f32, kind: ArmKind| {
+        let mut c = cfg.clone();
+        c.ef_decay = decay;
+        run_arm(&c, &Device::Cpu, "d", kind, &mut |_| {})
+    };
+    let topk = ArmKind::Diloco(cfg.topk);
+    let (plain, none) = (arm(1.0, topk).expect("arm"), arm(0.0, topk).expect("arm"));
+    assert_ne!(plain.heldout_loss, none.heldout_loss);
+    let fp32 = ArmKind::Diloco(CodecConfig::Fp32);
+    let (a, b) = (arm(1.0, fp32).expect("arm"), arm(0.0, fp32).expect("arm"));
+    assert_eq!(a.heldout_loss, b.heldout_loss);
+    for bad in [-0.1, 1.5, f32::NAN] {
+        let error = arm(bad, topk).expect_err("decay out of range");
+        assert!(error.to_string().contains("decay"), "{error}");
+    }
 }
 
 /// `seeds: N` runs the whole bench on seeds `seed`..`seed + N`: each seed's
