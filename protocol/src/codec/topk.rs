@@ -510,6 +510,25 @@ fn select_largest(
         count += usize::from(key >= cut);
     }
     kept.truncate(count);
+    if count > len / 64 {
+        // Dense: many values of each block are out of order, so mark the
+        // kept indices in a bitmap (one word per 64 values; `keys` is free
+        // now) and read them back in order, in time linear in the chunk.
+        keys.clear();
+        keys.resize(len.div_ceil(64), 0);
+        for &index in kept.iter() {
+            keys[index as usize / 64] |= 1 << (index % 64);
+        }
+        kept.clear();
+        for (word_index, &word) in keys.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                kept.push((word_index * 64) as u32 + word.trailing_zeros());
+                word &= word - 1;
+            }
+        }
+        return;
+    }
     // Gathered block by block, so only values of one block can be out of
     // order: an insertion sort moves few and mispredicts little.
     for next in 1..kept.len() {
