@@ -117,13 +117,19 @@ fn push_mask(writer: &mut BitWriter<'_>, kept: &[u32], len: usize) {
 fn read_mask(reader: &mut BitReader<'_>, len: usize, mut visit: impl FnMut(usize)) {
     let mut base = 0usize;
     while base < len {
-        let mut word = reader.read((len - base).min(32) as u32);
-        while word != 0 {
-            visit(base + word.trailing_zeros() as usize);
-            word &= word - 1;
-        }
+        let word = reader.read((len - base).min(32) as u32);
+        set_bits(u64::from(word)).for_each(|bit| visit(base + bit as usize));
         base += 32;
     }
+}
+
+/// The positions of a word's set bits, lowest first.
+fn set_bits(mut word: u64) -> impl Iterator<Item = u32> {
+    std::iter::from_fn(move || {
+        let bit = (word != 0).then(|| word.trailing_zeros())?;
+        word &= word - 1;
+        Some(bit)
+    })
 }
 
 /// The value grid of one chunk: `levels` magnitudes evenly from lo to hi.
@@ -521,11 +527,7 @@ fn select_largest(
         }
         kept.clear();
         for (word_index, &word) in keys.iter().enumerate() {
-            let mut word = word;
-            while word != 0 {
-                kept.push((word_index * 64) as u32 + word.trailing_zeros());
-                word &= word - 1;
-            }
+            kept.extend(set_bits(word).map(|bit| (word_index * 64) as u32 + bit));
         }
         return;
     }
@@ -698,6 +700,7 @@ pub(crate) fn decode(
         chunk: chunk as usize,
         k: k as usize,
         bits,
+        mask: uses_mask(u64::from(chunk), u64::from(k)),
     };
     match target {
         Target::Overwrite(out) => {
@@ -725,6 +728,8 @@ struct Format {
     chunk: usize,
     k: usize,
     bits: u8,
+    /// Whether the selection is a mask ([`uses_mask`]) rather than indices.
+    mask: bool,
 }
 
 /// A body split into its three parts.
@@ -765,7 +770,6 @@ impl Format {
             rest.split_at_checked(index_len as usize).ok_or(truncated)?;
         let (ranges, _) = ranges.as_chunks::<8>();
         let index_bits = index_bits(self.chunk as u64);
-        let mask = uses_mask(self.chunk as u64, self.k as u64);
         let mut indices = BitReader::new(index_stream);
         let mut kept = 0u64;
 
@@ -780,7 +784,7 @@ impl Format {
                 });
             }
             let len = self.chunk.min(params - chunk_index * self.chunk);
-            if mask {
+            if self.mask {
                 let mut set = 0usize;
                 read_mask(&mut indices, len, |_| set += 1);
                 if set != self.k.min(len) {
@@ -832,7 +836,6 @@ impl Format {
     fn apply(&self, parts: &Parts<'_>, params: usize, mut visit: impl FnMut(usize, f32)) {
         let value_bits = u32::from(self.bits);
         let index_bits = index_bits(self.chunk as u64);
-        let mask = uses_mask(self.chunk as u64, self.k as u64);
         let mut indices = BitReader::new(parts.index_stream);
         let mut values = BitReader::new(parts.value_stream);
         // Few bits mean few codes: decode each once per chunk, by the same
@@ -857,7 +860,7 @@ impl Format {
                 };
                 visit(start + index, value);
             };
-            if mask {
+            if self.mask {
                 read_mask(&mut indices, len, value_at);
             } else {
                 for _ in 0..self.k.min(len) {
