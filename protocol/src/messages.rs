@@ -37,8 +37,10 @@ pub struct Join {
     /// Software name and version, e.g. "barnraise/0.1.0".
     pub agent: String,
     pub run_id: String,
+    #[serde(deserialize_with = "crate::wire::seq")]
     pub workers: Vec<WorkerInfo>,
     /// Multiaddrs the node listens on, so peers can fetch its updates.
+    #[serde(deserialize_with = "crate::wire::seq")]
     pub listen_addrs: Vec<String>,
     /// Certificate from the node's org, if it has one.
     pub certificate: Option<Signed<NodeCertificate>>,
@@ -72,8 +74,10 @@ pub struct RunConfig {
     /// Aggregation rule name, e.g. "mean", "trimmed-mean:0.2".
     pub aggregation: String,
     pub total_rounds: u64,
+    #[serde(deserialize_with = "crate::wire::seq")]
     pub dataset: Vec<ShardInfo>,
     /// Shards held out for evaluation; never assigned for training.
+    #[serde(deserialize_with = "crate::wire::seq")]
     pub held_out: Vec<ShardInfo>,
 }
 
@@ -109,6 +113,7 @@ pub struct Welcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
     pub node: NodeId,
+    #[serde(deserialize_with = "crate::wire::seq")]
     pub shards: Vec<Hash>,
     pub seed: u64,
     pub inner_steps: u32,
@@ -122,6 +127,7 @@ pub struct RoundPlan {
     /// Hash of θ_round that every assignment starts from.
     pub params_hash: Hash,
     pub previous_manifest: Hash,
+    #[serde(deserialize_with = "crate::wire::seq")]
     pub assignments: Vec<Assignment>,
     pub opened_at_ms: u64,
     pub deadline_ms: u64,
@@ -138,6 +144,7 @@ pub struct Commit {
     pub update_bytes: u64,
     pub tokens: u64,
     /// Training loss per inner step.
+    #[serde(deserialize_with = "crate::wire::seq")]
     pub losses: Vec<f32>,
     pub compute_ms: u64,
     /// Workers whose pseudo-gradients this update reduces (cluster mode).
@@ -218,9 +225,12 @@ pub struct Manifest {
     pub previous_manifest: Hash,
     /// Hash of θ_round.
     pub base_params_hash: Hash,
+    #[serde(deserialize_with = "crate::wire::seq")]
     pub accepted: Vec<AcceptedUpdate>,
+    #[serde(deserialize_with = "crate::wire::seq")]
     pub rejected: Vec<RejectedUpdate>,
     /// Nodes that were assigned work and did not commit by the deadline.
+    #[serde(deserialize_with = "crate::wire::seq")]
     pub missing: Vec<NodeId>,
     pub aggregation: String,
     /// Hash of θ_{round+1}.

@@ -4,9 +4,20 @@
 //!
 //! Limits hold on both sides: an encoder refuses to produce a message larger
 //! than its kind allows, and a decoder refuses input over the limit before it
-//! reads a byte, rejects trailing bytes, and caps every allocation a length
-//! prefix can ask for (bincode charges each claimed collection against the
-//! limit before allocating it).
+//! reads a byte and rejects trailing bytes.
+//!
+//! Memory follows the input, not what a length prefix claims:
+//! - bincode charges a claimed string against its limit before allocating
+//!   it, so [`decode`] sets that limit from the input's length (16 bytes per
+//!   byte), not only from the message kind's cap;
+//! - bincode's serde path does not charge claimed lists at all, and serde's
+//!   own `Vec` reserves up to 1 MiB on a length prefix alone, so every list
+//!   field of a wire message decodes through [`seq`], which reserves at
+//!   most [`PREALLOC_BYTES`] and grows only with elements that decoded;
+//! - byte strings go through [`bytes`], borrowed from the input.
+//!
+//! A decode then holds at most a small multiple of its input
+//! (docs/security.md gives the bound the fuzzer checks).
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -53,8 +64,11 @@ pub fn encode<T: Serialize>(
     Ok(bytes)
 }
 
+/// Bytes of claims bincode may charge per input byte (see [`decode`]).
+const CHARGE_PER_BYTE: usize = 16;
+
 /// Decodes exactly one `T` from `bytes`, with every allocation charged
-/// against `limit`.
+/// against `limit` and against a multiple of the input's own length.
 pub fn decode<T: DeserializeOwned>(
     what: &'static str,
     bytes: &[u8],
@@ -67,11 +81,22 @@ pub fn decode<T: DeserializeOwned>(
             limit,
         });
     }
-    // bincode takes its limit as a const generic, so the runtime limit is
-    // rounded up to the next power of two: allocations stay within 2x of it.
+    // bincode charges what a message claims (a string's length, a fixed
+    // width per integer) against its limit before allocating. A well-formed
+    // message is charged at most 8 bytes per byte it carries (a one-byte
+    // varint counts as a whole u64), so the limit charged scales with the
+    // input: a hostile length prefix cannot make bincode reserve more than a
+    // small multiple of what arrived. bincode takes the limit as a const
+    // generic, so it is rounded up to the next power of two.
+    let charged = limit.min(
+        bytes
+            .len()
+            .saturating_mul(CHARGE_PER_BYTE)
+            .saturating_add(1024),
+    );
     macro_rules! with_bucket {
         ($($shift:literal),*) => {{
-            let bucket = limit.max(1).next_power_of_two();
+            let bucket = charged.max(1).next_power_of_two();
             $(
                 if bucket <= (1usize << $shift) {
                     return finish(what, bytes, bincode::serde::decode_from_slice::<T, _>(
@@ -104,6 +129,38 @@ fn finish<T>(
             reason: e.to_string(),
         }),
     }
+}
+
+/// The most a list field reserves before its elements arrive.
+pub const PREALLOC_BYTES: usize = 4096;
+
+/// Serde helper for list fields of wire messages:
+/// `#[serde(deserialize_with = "crate::wire::seq")]`.
+///
+/// Reserves room for at most [`PREALLOC_BYTES`] of elements whatever the
+/// length prefix says, then grows as elements decode, so a 100-byte message
+/// that claims a million elements costs 4 KiB, not serde's 1 MiB.
+pub fn seq<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    struct Visitor<T>(std::marker::PhantomData<T>);
+    impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let most = PREALLOC_BYTES / std::mem::size_of::<T>().max(1);
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(most));
+            while let Some(item) = seq.next_element()? {
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_seq(Visitor(std::marker::PhantomData))
 }
 
 /// Serde helpers for byte-string fields: `#[serde(with = "crate::wire::bytes")]`.

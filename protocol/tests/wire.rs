@@ -561,9 +561,11 @@ fn hostile_inputs_do_not_allocate_beyond_the_limit() {
         accepted.is_empty(),
         "hostile inputs decoded (input, decoder): {accepted:?}"
     );
-    // Byte strings are borrowed from the input and strings are charged
-    // against the limit; other sequences are pre-allocated by serde at most
-    // 1 MiB before their elements run out. Nothing near 2^60.
+    // Byte strings are borrowed from the input, strings are charged against
+    // the limit, and list fields reserve at most `wire::PREALLOC_BYTES`
+    // before their elements run out (`wire::seq`). Bare sequences like the
+    // `Vec<u64>` above are not wire messages and still get serde's cautious
+    // 1 MiB. Nothing near 2^60.
     let bound = 1 << 20;
     assert!(
         largest <= bound,
@@ -588,4 +590,91 @@ fn small_limit_caps_allocations_tightly() {
         largest_allocation(|| wire::decode::<Blob>("bytes", &input, 4096).is_err());
     assert!(result);
     assert!(largest < 64 * 1024, "largest allocation {largest}");
+}
+
+/// Every position of `bytes` turned into a length prefix that claims 2^40
+/// elements, and one that claims `just_under` (a length the message kind's
+/// cap allows), the rest of the message kept after it: the claims a hostile
+/// peer can make of every list, string and byte field.
+fn with_claims(bytes: &[u8], just_under: u32) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for i in 0..bytes.len() {
+        let mut huge = bytes[..i].to_vec();
+        huge.push(253); // varint tag: a u64 follows
+        huge.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        huge.extend_from_slice(&bytes[i + 1..]);
+        out.push(huge);
+        let mut allowed = bytes[..i].to_vec();
+        allowed.push(252); // varint tag: a u32 follows
+        allowed.extend_from_slice(&just_under.to_le_bytes());
+        allowed.extend_from_slice(&bytes[i + 1..]);
+        out.push(allowed);
+    }
+    out
+}
+
+fn claims_reserve_little<T: barnraise_protocol::Message>(message: &T) {
+    let body = wire::encode(T::NAME, message, T::MAX_BYTES).unwrap();
+    let just_under = u32::try_from(T::MAX_BYTES - 64).unwrap();
+    for input in with_claims(&body, just_under) {
+        let (_, largest) = largest_allocation(|| wire::decode::<T>(T::NAME, &input, T::MAX_BYTES));
+        // Before the fixes, serde reserved up to 1 MiB on a list claim and
+        // bincode allocated a claimed string up to the kind's cap.
+        let bound = 64 * input.len() + 4 * wire::PREALLOC_BYTES;
+        assert!(
+            largest <= bound,
+            "{}: a {}-byte input made a {largest}-byte allocation (bound {bound})",
+            T::NAME,
+            input.len()
+        );
+    }
+}
+
+/// Found by fuzzing (the `wire` target; docs/security.md), both from
+/// any peer:
+/// - fuzz/regressions/wire/join-claims-huge-list: a 100-byte Join whose
+///   address list claims 2^59 entries made serde reserve 1 MiB before the
+///   first entry failed to decode. List fields now reserve at most
+///   `wire::PREALLOC_BYTES` and grow as elements arrive (`wire::seq`).
+/// - fuzz/regressions/wire/plan-claims-long-string: a 12-byte RoundPlan
+///   whose run id claims 983,039 bytes made bincode allocate them (the
+///   plan's 1 MiB cap allowed it) before finding them missing. The limit
+///   bincode charges claims against now scales with the input.
+///
+/// This checks both found inputs, then a claim in every position of every
+/// message kind.
+#[test]
+fn a_length_claim_reserves_little_memory() {
+    use barnraise_protocol::limits::{MAX_JOIN_BYTES, MAX_ROUND_PLAN_BYTES};
+    let found_join = include_bytes!("../../fuzz/regressions/wire/join-claims-huge-list");
+    let found_plan = include_bytes!("../../fuzz/regressions/wire/plan-claims-long-string");
+    // The fuzz target's first byte picks the message kind.
+    let (found_join, found_plan) = (&found_join[1..], &found_plan[1..]);
+    let (result, largest) =
+        largest_allocation(|| wire::decode::<Join>("Join", found_join, MAX_JOIN_BYTES));
+    assert!(result.is_err());
+    assert!(
+        largest <= 2 * wire::PREALLOC_BYTES,
+        "a {}-byte join: {largest}",
+        found_join.len()
+    );
+    let (result, largest) = largest_allocation(|| {
+        wire::decode::<RoundPlan>("RoundPlan", found_plan, MAX_ROUND_PLAN_BYTES)
+    });
+    assert!(result.is_err());
+    assert!(
+        largest <= 2 * wire::PREALLOC_BYTES,
+        "a {}-byte plan: {largest}",
+        found_plan.len()
+    );
+
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    for _ in 0..3 {
+        claims_reserve_little(&join().new_tree(&mut runner).unwrap().current());
+        claims_reserve_little(&welcome().new_tree(&mut runner).unwrap().current());
+        claims_reserve_little(&round_plan().new_tree(&mut runner).unwrap().current());
+        claims_reserve_little(&commit().new_tree(&mut runner).unwrap().current());
+        claims_reserve_little(&manifest().new_tree(&mut runner).unwrap().current());
+    }
 }
