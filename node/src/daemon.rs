@@ -621,14 +621,7 @@ impl Node {
 
     async fn sync(&mut self, welcome: &Welcome) -> Result<Option<Synced>, NodeError> {
         let run = welcome.config.clone();
-        let model: ModelConfig = serde_json::from_str(&run.model_config_json)
-            .map_err(|e| NodeError::RunConfig(format!("model config: {e}")))?;
-        model.validate().map_err(NodeError::RunConfig)?;
-        let codec: CodecConfig = run
-            .codec
-            .parse()
-            .map_err(|e| NodeError::RunConfig(format!("codec `{}`: {e}", run.codec)))?;
-        let rule: AggregationRule = run.aggregation.parse()?;
+        let (model, codec, rule) = parse_run_config(&run)?;
         let params = model.params_count();
         // What `node receipts` needs to price this run's tokens as the
         // coordinator's ledger does.
@@ -1393,4 +1386,20 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
     addr.iter()
         .filter(|p| !matches!(p, Protocol::P2p(_)))
         .collect()
+}
+
+/// Reads the parts of a coordinator's run config that the node acts on
+/// (model, codec, aggregation rule), checking each before any is used.
+pub fn parse_run_config(
+    run: &RunConfig,
+) -> Result<(ModelConfig, CodecConfig, AggregationRule), NodeError> {
+    let model: ModelConfig = serde_json::from_str(&run.model_config_json)
+        .map_err(|e| NodeError::RunConfig(format!("model config: {e}")))?;
+    model.validate().map_err(NodeError::RunConfig)?;
+    let codec: CodecConfig = run
+        .codec
+        .parse()
+        .map_err(|e| NodeError::RunConfig(format!("codec `{}`: {e}", run.codec)))?;
+    let rule: AggregationRule = run.aggregation.parse()?;
+    Ok((model, codec, rule))
 }

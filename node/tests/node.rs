@@ -1050,3 +1050,50 @@ fn a_crashing_worker_is_left_out_of_the_cluster_update() {
     );
     assert!(reduce(results, theta.len()).is_err());
 }
+
+/// A coordinator's welcome names the model the node will build. Found while
+/// writing the `wire` fuzz target's welcome check (docs/security.md): a
+/// config with 10^12 layers passed `validate`, and the node then listed
+/// every layer to count params (hours, then out of memory); widths whose
+/// product overflows panicked the count. Each is now refused by
+/// `parse_run_config` before anything is sized.
+#[test]
+fn a_welcome_naming_an_impossible_model_is_refused() {
+    use barnraise_protocol::messages::RunConfig;
+    let tiny = ModelConfig::preset("tiny").unwrap();
+    let run = |model: &ModelConfig| RunConfig {
+        run_id: "r".into(),
+        model_config_json: serde_json::to_string(model).unwrap(),
+        codec: "topk".into(),
+        inner_steps: 4,
+        batch_size: 2,
+        seq_len: 64,
+        inner_lr: 1e-3,
+        outer_lr: 0.7,
+        outer_momentum: 0.9,
+        aggregation: "mean".into(),
+        total_rounds: 3,
+        dataset: Vec::new(),
+        held_out: Vec::new(),
+    };
+    assert!(barnraise_node::daemon::parse_run_config(&run(&tiny)).is_ok());
+    for hostile in [
+        ModelConfig {
+            n_layers: 1_000_000_000_000,
+            ..tiny.clone()
+        },
+        ModelConfig {
+            d_model: 1 << 62,
+            n_heads: 2,
+            ..tiny.clone()
+        },
+        ModelConfig {
+            vocab_size: 65_536,
+            d_ff: 1 << 40,
+            ..tiny.clone()
+        },
+    ] {
+        let result = barnraise_node::daemon::parse_run_config(&run(&hostile));
+        assert!(result.is_err(), "{hostile:?} was accepted");
+    }
+}

@@ -35,6 +35,18 @@ pub struct ModelConfig {
 /// The preset names, smallest first.
 pub const PRESETS: &[&str] = &["tiny", "small", "medium", "large", "xl"];
 
+/// Largest model a run may use: what one update payload can carry
+/// (`barnraise_protocol::codec::MAX_UPDATE_PARAMS`).
+pub const MAX_MODEL_PARAMS: usize = barnraise_protocol::codec::MAX_UPDATE_PARAMS;
+/// Largest `d_model` and `d_ff`.
+pub const MAX_WIDTH: usize = 1 << 16;
+/// Largest `n_layers`.
+pub const MAX_LAYERS: usize = 1024;
+/// Largest `max_seq_len` (the rotary tables cover it).
+pub const MAX_CONTEXT: usize = 1 << 20;
+/// Largest `max_seq_len × d_model`, the size of each rotary table.
+pub const MAX_ROPE_TABLE: usize = 1 << 28;
+
 /// The byte-level vocabulary every preset uses.
 pub const BYTE_VOCAB: usize = 256;
 
@@ -94,7 +106,58 @@ impl ModelConfig {
                 self.d_model, self.n_heads
             ));
         }
+        // A config can come from a peer (the coordinator's welcome): bound
+        // every size before anything loops over layers or allocates params.
+        let most = [
+            ("d_model", self.d_model, MAX_WIDTH),
+            ("d_ff", self.d_ff, MAX_WIDTH),
+            ("n_layers", self.n_layers, MAX_LAYERS),
+            ("max_seq_len", self.max_seq_len, MAX_CONTEXT),
+        ];
+        for (name, value, limit) in most {
+            if value > limit {
+                return Err(format!(
+                    "model config: {name} {value} is over the limit of {limit}"
+                ));
+            }
+        }
+        // The rotary tables hold max_seq_len × head_dim values, twice.
+        if self.max_seq_len.saturating_mul(self.d_model) > MAX_ROPE_TABLE {
+            return Err(format!(
+                "model config: max_seq_len {} × d_model {} is over the limit of {MAX_ROPE_TABLE}",
+                self.max_seq_len, self.d_model
+            ));
+        }
+        let params = self.checked_params_count();
+        if params.is_none_or(|p| p > MAX_MODEL_PARAMS) {
+            return Err(format!(
+                "model config: more than {MAX_MODEL_PARAMS} params (the most one update can carry)"
+            ));
+        }
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        if !positive(self.rope_theta) || !positive(self.norm_eps) {
+            return Err(format!(
+                "model config: rope_theta {} and norm_eps {} must be finite and positive",
+                self.rope_theta, self.norm_eps
+            ));
+        }
         Ok(())
+    }
+
+    /// The params count in checked arithmetic, without listing the layers:
+    /// `None` if it does not fit a `usize`.
+    fn checked_params_count(&self) -> Option<usize> {
+        let (d, f, v) = (self.d_model, self.d_ff, self.vocab_size);
+        // Per layer: two norms, q/k/v/o (d×d each), gate/up/down (d×f each).
+        let per_layer = d
+            .checked_mul(d)?
+            .checked_mul(4)?
+            .checked_add(f.checked_mul(d)?.checked_mul(3)?)?
+            .checked_add(d.checked_mul(2)?)?;
+        per_layer
+            .checked_mul(self.n_layers)?
+            .checked_add(v.checked_mul(d)?.checked_mul(2)?)?
+            .checked_add(d)
     }
 
     /// Every parameter's name and shape, sorted by name: the layout of the
@@ -379,6 +442,69 @@ mod tests {
             assert!(cfg.as_ref().is_some_and(|c| c.validate().is_ok()), "{name}");
         }
         assert!(ModelConfig::preset("huge").is_none());
+    }
+
+    /// A config can come from a peer: sizes that overflow, loop for ever
+    /// or allocate without bound are refused, and the checked count agrees
+    /// with the listed one for every preset.
+    #[test]
+    fn validate_bounds_every_size() {
+        for name in PRESETS {
+            let cfg = ModelConfig::preset(name).unwrap_or_else(|| unreachable!());
+            assert_eq!(
+                cfg.checked_params_count(),
+                Some(cfg.params_count()),
+                "{name}"
+            );
+        }
+        let tiny = ModelConfig::preset("tiny").unwrap_or_else(|| unreachable!());
+        let refused = [
+            ModelConfig {
+                n_layers: 1 << 40,
+                ..tiny.clone()
+            },
+            ModelConfig {
+                n_layers: MAX_LAYERS + 1,
+                ..tiny.clone()
+            },
+            ModelConfig {
+                d_model: 1 << 40,
+                n_heads: 2,
+                ..tiny.clone()
+            },
+            ModelConfig {
+                d_ff: usize::MAX,
+                ..tiny.clone()
+            },
+            ModelConfig {
+                max_seq_len: usize::MAX,
+                ..tiny.clone()
+            },
+            ModelConfig {
+                max_seq_len: MAX_CONTEXT,
+                d_model: 1 << 12,
+                n_heads: 16,
+                ..tiny.clone()
+            },
+            // 2 × 65536 × 65536 embedding params alone: over 2e9.
+            ModelConfig {
+                vocab_size: 65_536,
+                d_model: 65_536,
+                n_heads: 2,
+                ..tiny.clone()
+            },
+            ModelConfig {
+                rope_theta: f32::NAN,
+                ..tiny.clone()
+            },
+            ModelConfig {
+                norm_eps: 0.0,
+                ..tiny.clone()
+            },
+        ];
+        for cfg in refused {
+            assert!(cfg.validate().is_err(), "{cfg:?} passed");
+        }
     }
 
     #[test]
