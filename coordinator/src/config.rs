@@ -301,12 +301,22 @@ impl CoordinatorConfig {
             path: path.to_owned(),
             source,
         })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        CoordinatorConfig::from_toml_str(&text, path, base)
+    }
+
+    /// Parses a TOML run config; relative paths in it are taken from
+    /// `base`, and `path` only names the source in errors.
+    pub fn from_toml_str(
+        text: &str,
+        path: &Path,
+        base: &Path,
+    ) -> Result<CoordinatorConfig, ConfigError> {
         let mut config: CoordinatorConfig =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            toml::from_str(text).map_err(|e| ConfigError::Parse {
                 path: path.to_owned(),
                 message: e.to_string(),
             })?;
-        let base = path.parent().unwrap_or(Path::new("."));
         let rebase = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -168,7 +168,17 @@ pub fn read_receipts(
 
 fn read_one(path: &Path, me: &NodeId, pinned: Option<&PublicKey>) -> Result<Receipt, String> {
     let bytes = read_capped(path, MAX_RECEIPT_BYTES).map_err(|e| e.to_string())?;
-    let signed = Signed::<Manifest>::from_bytes(&bytes).map_err(|e| e.to_string())?;
+    parse_receipt(&bytes, me, pinned)
+}
+
+/// Checks one receipt file's bytes (a signed manifest, verified against
+/// `pinned` when given) and reads what it says about `me`.
+pub fn parse_receipt(
+    bytes: &[u8],
+    me: &NodeId,
+    pinned: Option<&PublicKey>,
+) -> Result<Receipt, String> {
+    let signed = Signed::<Manifest>::from_bytes(bytes).map_err(|e| e.to_string())?;
     let manifest = signed.verify(pinned).map_err(|e| e.to_string())?;
     let verdict = if let Some(a) = manifest.accepted.iter().find(|a| a.node == *me) {
         Verdict::Accepted {
@@ -231,12 +241,14 @@ pub fn read_run_facts(dir: &Path) -> Result<Option<RunFacts>, ReceiptError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(ReceiptError::Io { path, source }),
     };
-    serde_json::from_slice(&text)
+    parse_run_facts(&text)
         .map(Some)
-        .map_err(|e| ReceiptError::RunFacts {
-            path,
-            reason: e.to_string(),
-        })
+        .map_err(|reason| ReceiptError::RunFacts { path, reason })
+}
+
+/// Parses the bytes of `receipts/run.json`.
+pub fn parse_run_facts(bytes: &[u8]) -> Result<RunFacts, String> {
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
 /// Writes `receipts/run.json` atomically.

@@ -44,6 +44,13 @@ pub struct StateRecord {
     pub committed: Option<(u64, String)>,
 }
 
+impl StateRecord {
+    /// Parses `state.json`.
+    pub fn from_json(bytes: &[u8]) -> Result<StateRecord, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+}
+
 /// The node's saved state.
 #[derive(Clone, Debug)]
 pub struct SavedState {
@@ -86,8 +93,8 @@ impl StateDir {
             path: path.to_owned(),
             reason,
         };
-        let record: StateRecord =
-            serde_json::from_str(&text).map_err(|e| damaged(&record_path, e.to_string()))?;
+        let record =
+            StateRecord::from_json(text.as_bytes()).map_err(|e| damaged(&record_path, e))?;
         let params = read_f32s(&self.path("params.f32"))?;
         let momentum = read_f32s(&self.path("momentum.f32"))?;
         let actual = Hash::of_f32s(&params);

@@ -531,7 +531,14 @@ impl Partial {
 /// The records of a journal for a blob of `size` bytes; `None` if there is no
 /// journal or it belongs to another size. A torn last record is ignored.
 fn read_journal(path: &Path, size: u64) -> Option<Vec<(u64, Hash)>> {
-    let bytes = fs::read(path).ok()?;
+    parse_journal(&fs::read(path).ok()?, size)
+}
+
+/// The records of a journal file's bytes for a blob of `size` bytes; `None`
+/// if it is not a journal or belongs to another size. A torn last record is
+/// ignored. Records are not checked here: the caller keeps only indices
+/// below the chunk count and re-hashes each chunk they name.
+pub fn parse_journal(bytes: &[u8], size: u64) -> Option<Vec<(u64, Hash)>> {
     if bytes.len() < 16 || &bytes[..8] != JOURNAL_MAGIC {
         return None;
     }

@@ -160,8 +160,9 @@ fn civil_date(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
-/// The text of a certificate file.
-fn render(cert: &Signed<NodeCertificate>, path: &Path) -> Result<String, CertificateFileError> {
+/// The text of a certificate file: comment lines that say what it is, then
+/// the header and the signed envelope in hex. It must verify first.
+pub fn render(cert: &Signed<NodeCertificate>, path: &Path) -> Result<String, CertificateFileError> {
     let body = verify_certificate(cert).map_err(|source| CertificateFileError::Invalid {
         path: path.into(),
         source,
@@ -261,6 +262,16 @@ pub fn load_certificate(path: &Path) -> Result<Signed<NodeCertificate>, Certific
             path: path.into(),
             source,
         })?;
+    parse_certificate(&raw, path)
+}
+
+/// Parses the bytes of a certificate file (what [`load_certificate`] read
+/// from `path`, which only names the source in errors) and checks that it
+/// verifies and is signed by the org it names.
+pub fn parse_certificate(
+    raw: &[u8],
+    path: &Path,
+) -> Result<Signed<NodeCertificate>, CertificateFileError> {
     if raw.len() as u64 > MAX_CERTIFICATE_FILE_BYTES {
         return Err(CertificateFileError::TooLarge {
             path: path.into(),
@@ -271,7 +282,7 @@ pub fn load_certificate(path: &Path) -> Result<Signed<NodeCertificate>, Certific
         path: path.into(),
         reason,
     };
-    let text = String::from_utf8(raw).map_err(|_| malformed("it is not text".into()))?;
+    let text = std::str::from_utf8(raw).map_err(|_| malformed("it is not text".into()))?;
     let mut lines = text
         .lines()
         .map(str::trim)

@@ -18,7 +18,7 @@ const KEY_FORMAT: &str = "format";
 const KEY_RUN: &str = "barnraise.run";
 const KEY_ROUND: &str = "barnraise.round";
 const KEY_PARAMS_HASH: &str = "barnraise.params_hash";
-const KEY_CONFIG: &str = "barnraise.model_config";
+pub const KEY_CONFIG: &str = "barnraise.model_config";
 /// Tensor name of the outer optimizer's momentum buffer, when saved.
 pub const OUTER_MOMENTUM_TENSOR: &str = "barnraise.outer_momentum";
 

@@ -226,11 +226,17 @@ impl DatasetManifest {
     }
 
     pub fn load(path: &Path) -> Result<DatasetManifest, DatasetError> {
-        let text = std::fs::read_to_string(path).map_err(|source| DatasetError::ReadManifest {
+        let bytes = std::fs::read(path).map_err(|source| DatasetError::ReadManifest {
             path: path.to_owned(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|source| DatasetError::ParseManifest {
+        DatasetManifest::from_json(&bytes, path)
+    }
+
+    /// Parses manifest JSON (e.g. read from disk or fetched); `path` only
+    /// names the source in errors.
+    pub fn from_json(bytes: &[u8], path: &Path) -> Result<DatasetManifest, DatasetError> {
+        serde_json::from_slice(bytes).map_err(|source| DatasetError::ParseManifest {
             path: path.to_owned(),
             source,
         })
