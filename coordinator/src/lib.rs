@@ -12,7 +12,6 @@ pub mod close;
 pub mod config;
 pub mod dashboard;
 pub mod dataset;
-pub mod framing;
 pub mod http;
 pub mod ledger;
 pub mod metrics;

@@ -7,12 +7,10 @@
 //! (shards, checkpoints, optimizer state, accepted updates), and fetches
 //! committed updates from nodes chunk by chunk for [`fetch_blob`].
 
-use crate::framing::Codec;
 use crate::store::BlobStore;
+use barnraise_mesh::codec::{BlobCodec, CoordinatorCodec};
 use barnraise_protocol::Hash;
-use barnraise_protocol::limits::{
-    BLOB_CHUNK_BYTES, BLOB_PROTOCOL, COORDINATOR_PROTOCOL, MAX_MANIFEST_BYTES,
-};
+use barnraise_protocol::limits::{BLOB_CHUNK_BYTES, BLOB_PROTOCOL, COORDINATOR_PROTOCOL};
 use barnraise_protocol::messages::{
     BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse,
 };
@@ -41,9 +39,6 @@ pub enum NetworkError {
     #[error("request to {peer} failed: {reason}")]
     Request { peer: PeerId, reason: String },
 }
-
-type CoordinatorCodec = Codec<CoordinatorRequest, CoordinatorResponse>;
-type BlobCodec = Codec<BlobRequest, BlobResponse>;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
@@ -263,11 +258,8 @@ pub async fn new(
         .with_behaviour(|key| {
             let rr_config =
                 request_response::Config::default().with_request_timeout(Duration::from_secs(60));
-            let gossip_config = gossipsub::ConfigBuilder::default()
-                .validation_mode(gossipsub::ValidationMode::Strict)
-                .max_transmit_size(MAX_MANIFEST_BYTES + 64 * 1024)
-                .build()
-                .map_err(|e| e.to_string())?;
+            // The nodes' gossip settings and message ids exactly.
+            let gossip_config = barnraise_mesh::gossip::config()?;
             let gossipsub = gossipsub::Behaviour::new(
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
                 gossip_config,
@@ -286,7 +278,7 @@ pub async fn new(
                 ),
                 gossipsub,
                 identify: identify::Behaviour::new(identify::Config::new(
-                    "/barnraise/1".into(),
+                    barnraise_mesh::IDENTIFY_PROTOCOL.into(),
                     key.public(),
                 )),
                 ping: ping::Behaviour::default(),
@@ -426,6 +418,27 @@ impl EventLoop {
                 for addr in info.listen_addrs.into_iter().take(16) {
                     self.swarm.add_peer_address(peer_id, addr);
                 }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                ..
+            })) => {
+                // The coordinator publishes plans and manifests and never
+                // relays: what comes back is its own message forwarded (a
+                // duplicate by its content id) or something no node should
+                // publish. Ignored, neither forwarded nor held against the
+                // peer; nodes relay among themselves after checking the
+                // coordinator's signature.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        gossipsub::MessageAcceptance::Ignore,
+                    );
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::debug!("incoming connection failed: {error}")

@@ -5,15 +5,15 @@
 use super::codec::{BlobCodec, CoordinatorCodec};
 use super::{
     BlobSource, Command, Event, MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS_PER_PEER,
-    MAX_ESTABLISHED_CONNECTIONS, MAX_GOSSIP_BYTES, MAX_PENDING_CONNECTIONS, NetworkConfig,
-    NetworkError, NetworkStatus, REQUEST_TIMEOUT, Reachability, Topic, serve_blob,
+    MAX_ESTABLISHED_CONNECTIONS, MAX_PENDING_CONNECTIONS, NetworkConfig, NetworkError,
+    NetworkStatus, REQUEST_TIMEOUT, Reachability, Topic, serve_blob,
 };
 use crate::limiter::RateLimiter;
 use barnraise_protocol::limits::{BLOB_PROTOCOL, COORDINATOR_PROTOCOL};
 use barnraise_protocol::messages::{
     BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse, Manifest, RoundPlan,
 };
-use barnraise_protocol::{Hash, PublicKey, Signed};
+use barnraise_protocol::{PublicKey, Signed};
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
@@ -32,8 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Kademlia and identify protocol names of barnraise meshes (kept apart
 /// from the public IPFS DHT).
-const KAD_PROTOCOL: &str = "/barnraise/kad/1";
-const IDENTIFY_PROTOCOL: &str = "/barnraise/id/1";
+use barnraise_mesh::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 /// Application-score penalty per offence (serving wrong bytes, lying about
 /// a size). With weight 1, two offences cross gossipsub's graylist threshold.
 const PENALTY_PER_OFFENCE: f64 = -50.0;
@@ -74,20 +73,7 @@ pub struct EventLoop {
 }
 
 fn gossip_config() -> Result<gossipsub::Config, NetworkError> {
-    gossipsub::ConfigBuilder::default()
-        // Every message signed by its publisher's libp2p key, and we decide
-        // ourselves (after checking the coordinator's signature) what to forward.
-        .validation_mode(gossipsub::ValidationMode::Strict)
-        .validate_messages()
-        .max_transmit_size(MAX_GOSSIP_BYTES)
-        // Content-addressed ids: the same plan republished is one message.
-        .message_id_fn(|message| gossipsub::MessageId::from(Hash::of(&message.data).to_hex()))
-        // Small meshes (a coordinator and a few nodes) form quickly.
-        .heartbeat_interval(Duration::from_millis(500))
-        .mesh_n_low(1)
-        .mesh_outbound_min(0)
-        .build()
-        .map_err(|e| NetworkError::Build(format!("gossipsub config: {e}")))
+    barnraise_mesh::gossip::config().map_err(NetworkError::Build)
 }
 
 /// Score parameters of our topics: invalid messages cost a lot (one

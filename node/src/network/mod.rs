@@ -30,7 +30,7 @@ mod event_loop;
 
 use crate::limiter::RateLimiter;
 use crate::store::{BlobStore, StoreError};
-use barnraise_protocol::limits::{BLOB_CHUNK_BYTES, ENVELOPE_OVERHEAD, MAX_MANIFEST_BYTES};
+use barnraise_protocol::limits::BLOB_CHUNK_BYTES;
 use barnraise_protocol::messages::{
     BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse, Manifest, RoundPlan,
 };
@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use event_loop::EventLoop;
 
 /// Largest gossip message: a manifest in its envelope, plus gossipsub's own framing.
-pub const MAX_GOSSIP_BYTES: usize = MAX_MANIFEST_BYTES + ENVELOPE_OVERHEAD + 64 * 1024;
+pub use barnraise_mesh::gossip::MAX_GOSSIP_BYTES;
 /// Queue depth of the command and event channels.
 const CHANNEL_DEPTH: usize = 256;
 /// How long one request may take before it counts as failed.

@@ -1,18 +1,25 @@
 //! The libp2p request-response codec for the coordinator and blob
-//! protocols, over `barnraise_protocol::framing` (shared with the node): a
-//! length prefix checked against the message kind's cap, and a buffer that
-//! grows only as bytes arrive, so no peer can make us reserve memory by
-//! claiming a large frame.
+//! protocols. The framing itself — a length prefix checked against the
+//! message kind's cap, a buffer that grows only as bytes arrive — is
+//! `barnraise_protocol::framing`.
 
-use barnraise_protocol::framing::{read_framed as read_frame, write_framed as write_frame};
-pub use barnraise_protocol::messages::Framed as Frame;
+pub use barnraise_protocol::framing::{read_framed, write_framed};
+pub use barnraise_protocol::messages::Framed;
+use barnraise_protocol::messages::{
+    BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse,
+};
 use futures::{AsyncRead, AsyncWrite};
 use libp2p::StreamProtocol;
 use std::io;
 use std::marker::PhantomData;
 
-/// A request-response codec for a request type and a response type.
+/// A request-response codec for one request type and one response type.
 pub struct Codec<Req, Resp>(PhantomData<fn() -> (Req, Resp)>);
+
+/// The coordinator protocol's codec (`COORDINATOR_PROTOCOL`).
+pub type CoordinatorCodec = Codec<CoordinatorRequest, CoordinatorResponse>;
+/// The blob protocol's codec (`BLOB_PROTOCOL`).
+pub type BlobCodec = Codec<BlobRequest, BlobResponse>;
 
 impl<Req, Resp> Default for Codec<Req, Resp> {
     fn default() -> Self {
@@ -26,7 +33,9 @@ impl<Req, Resp> Clone for Codec<Req, Resp> {
     }
 }
 
-impl<Req: Frame, Resp: Frame> libp2p::request_response::Codec for Codec<Req, Resp> {
+impl<Req: Framed + 'static, Resp: Framed + 'static> libp2p::request_response::Codec
+    for Codec<Req, Resp>
+{
     type Protocol = StreamProtocol;
     type Request = Req;
     type Response = Resp;
@@ -36,7 +45,7 @@ impl<Req: Frame, Resp: Frame> libp2p::request_response::Codec for Codec<Req, Res
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Req> {
-        read_frame(io).await
+        read_framed(io).await
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
@@ -44,24 +53,24 @@ impl<Req: Frame, Resp: Frame> libp2p::request_response::Codec for Codec<Req, Res
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Resp> {
-        read_frame(io).await
+        read_framed(io).await
     }
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Req,
+        request: Req,
     ) -> io::Result<()> {
-        write_frame(io, &req).await
+        write_framed(io, &request).await
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        res: Resp,
+        response: Resp,
     ) -> io::Result<()> {
-        write_frame(io, &res).await
+        write_framed(io, &response).await
     }
 }

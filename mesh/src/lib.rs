@@ -1,0 +1,19 @@
+//! barnraise-mesh: the part of the libp2p network that node and coordinator
+//! build from the same code, so both ends speak exactly the same protocol
+//! (docs/protocol.md, "Transports"):
+//! - [`codec`]: the request-response codec of the coordinator and blob
+//!   protocols, over the one framing in `barnraise_protocol::framing`;
+//! - [`gossip`]: the gossipsub settings, among them content-addressed
+//!   message ids, so a plan or manifest has the same id on every peer;
+//! - the protocol names of identify and Kademlia.
+//!
+//! This is the first layer of the shared network stack; the blob store and
+//! transfer still live in `node` and `coordinator`.
+
+pub mod codec;
+pub mod gossip;
+
+/// Identify protocol version string, the same on every peer of a run.
+pub const IDENTIFY_PROTOCOL: &str = "/barnraise/id/1";
+/// The run's Kademlia protocol (a private DHT, not the public IPFS one).
+pub const KAD_PROTOCOL: &str = "/barnraise/kad/1";
