@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Metrics {
     pub joins: AtomicU64,
     pub join_refusals: AtomicU64,
+    /// Refusals counted but not written to the ledger: unauthenticated,
+    /// repeated in a round, or over the per-round cap (`crate::refusals`).
+    pub refusals_unrecorded: AtomicU64,
     pub commits: AtomicU64,
     pub rounds_closed: AtomicU64,
     pub updates_accepted: AtomicU64,
@@ -60,6 +63,11 @@ impl Metrics {
             "join_refusals_total",
             "Joins refused.",
             get(&self.join_refusals),
+        );
+        counter(
+            "refusals_unrecorded_total",
+            "Refusals counted but not written to the ledger (unauthenticated, repeated, or over the per-round cap).",
+            get(&self.refusals_unrecorded),
         );
         counter("commits_total", "Commits received.", get(&self.commits));
         counter(

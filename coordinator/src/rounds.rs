@@ -14,7 +14,7 @@ use crate::config::Quorum;
 use crate::plan;
 use barnraise_protocol::messages::{Assignment, Commit, RejectReason, RejectedUpdate, RoundPlan};
 use barnraise_protocol::{Hash, NodeId};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 /// The fixed parameters of the round logic.
 #[derive(Clone, Debug)]
@@ -133,6 +133,10 @@ struct OpenRound {
     slots: BTreeMap<NodeId, Slot>,
     next_order: u64,
     rejected: Vec<RejectedUpdate>,
+    /// Which (node, reason) refusals `rejected` already records: a node
+    /// that repeats a refused commit is recorded once per reason, so commit
+    /// spam cannot grow the manifest past its size limit.
+    refused: HashSet<(NodeId, &'static str)>,
 }
 
 #[derive(Clone, Debug)]
@@ -208,6 +212,7 @@ impl Rounds {
             slots,
             next_order: 0,
             rejected: Vec::new(),
+            refused: HashSet::new(),
         });
     }
 
@@ -347,11 +352,13 @@ impl Rounds {
         };
         let round = open.plan.round;
         let reject = |open: &mut OpenRound, reason: RejectReason| {
-            open.rejected.push(RejectedUpdate {
-                node,
-                update_hash: Some(commit.update_hash),
-                reason: reason.clone(),
-            });
+            if open.refused.insert((node, reason.code())) {
+                open.rejected.push(RejectedUpdate {
+                    node,
+                    update_hash: Some(commit.update_hash),
+                    reason: reason.clone(),
+                });
+            }
             CommitOutcome::Rejected {
                 reason,
                 in_round: Some(round),
@@ -551,6 +558,7 @@ impl Rounds {
             slots,
             next_order: 0,
             rejected: Vec::new(),
+            refused: HashSet::new(),
         });
         Some(plan)
     }

@@ -402,3 +402,51 @@ fn a_cluster_node_may_claim_tokens_for_each_worker() {
         CommitOutcome::Accepted { round: 0 }
     );
 }
+
+/// Commit spam (issue #13): a joined node that sends a thousand refused
+/// commits — each a new signed body — is recorded once per reason, so the
+/// manifest stays small and signable, and its first real commit still
+/// counts. Before, every refusal was appended and enough of them pushed the
+/// manifest past its 4 MiB limit, which stopped the coordinator.
+#[test]
+fn commit_spam_is_recorded_once_per_reason() {
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 2);
+    let good = commit_for(&plan, 1);
+    for i in 0..1000u32 {
+        let mut spam = good.clone();
+        spam.round = plan.round + 2 + u64::from(i % 3);
+        let body = Hash::of(&i.to_le_bytes());
+        assert!(matches!(
+            m.commit(node(1), &spam, body),
+            CommitOutcome::Rejected {
+                reason: RejectReason::WrongRound,
+                ..
+            }
+        ));
+    }
+    deliver(&mut m, &plan, node(1));
+    for i in 0..1000u32 {
+        let mut again = good.clone();
+        again.update_hash = Hash::of(&[i as u8, (i >> 8) as u8, 7]);
+        let body = Hash::of(&(i + 5000).to_le_bytes());
+        assert!(matches!(
+            m.commit(node(1), &again, body),
+            CommitOutcome::Rejected {
+                reason: RejectReason::DuplicateCommit,
+                ..
+            }
+        ));
+    }
+    deliver(&mut m, &plan, node(2));
+    let close = close_of(m.tick(1));
+    let reasons: Vec<(NodeId, &str)> = close
+        .rejected
+        .iter()
+        .map(|r| (r.node, r.reason.code()))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![(node(1), "wrong-round"), (node(1), "duplicate-commit")]
+    );
+    assert_eq!(close.candidates.len(), 2, "both real updates count");
+}

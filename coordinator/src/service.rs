@@ -243,6 +243,7 @@ pub async fn start(
         live,
         internal_tx,
         finished_at: None,
+        refusals: Default::default(),
     };
     let task = tokio::spawn(service.run(
         net_events,
@@ -521,6 +522,8 @@ struct Service {
     live: Arc<RwLock<LiveStatus>>,
     internal_tx: mpsc::Sender<Internal>,
     finished_at: Option<tokio::time::Instant>,
+    /// Which refusals reach the ledger (deduplicated, capped per round).
+    refusals: crate::refusals::RefusalLog,
 }
 
 impl Service {
@@ -590,13 +593,33 @@ impl Service {
         Ok(f(&ledger)?)
     }
 
+    /// Records a refusal of an authenticated sender in the ledger, once per
+    /// sender and reason a round and within the per-round cap
+    /// (`crate::refusals`); anything else is only counted in `/metrics`.
+    /// `sender` is `None` when the sender could not be authenticated.
     fn refuse(
-        &self,
+        &mut self,
         round: Option<u64>,
-        claimed: Option<&PublicKey>,
+        sender: Option<&PublicKey>,
         reason: &str,
         detail: String,
     ) {
+        let claimed = match sender {
+            Some(key)
+                if self
+                    .refusals
+                    .should_record(self.rounds.current_round(), key, reason) =>
+            {
+                Some(key)
+            }
+            _ => {
+                self.metrics
+                    .refusals_unrecorded
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(reason, "refusal counted, not recorded: {detail}");
+                return;
+            }
+        };
         let row = RefusalRow {
             at_ms: now_ms(),
             round,
@@ -733,9 +756,14 @@ impl Service {
             Ok(a) => a,
             Err(refusal) => {
                 self.metrics.join_refusals.fetch_add(1, Ordering::Relaxed);
+                // Only a join its sender really signed can be held against it.
+                let authenticated = !matches!(
+                    refusal,
+                    admission::JoinRefusal::BadSignature | admission::JoinRefusal::NotTheSender
+                );
                 self.refuse(
                     None,
-                    Some(&signed.signer),
+                    authenticated.then_some(&signed.signer),
                     "join-refused",
                     refusal.to_string(),
                 );
@@ -808,9 +836,10 @@ impl Service {
             Ok(opened) => opened,
             Err(reason) => {
                 self.metrics.rejected(reason.code());
+                // Its signature did not verify: nobody to hold it against.
                 self.refuse(
                     Some(self.rounds.current_round()),
-                    Some(&signed.signer),
+                    None,
                     reason.code(),
                     "commit envelope refused".into(),
                 );
@@ -852,9 +881,12 @@ impl Service {
             CommitOutcome::Rejected { reason, in_round } => {
                 self.metrics.rejected(reason.code());
                 if in_round.is_none() {
+                    // A commit from a node that never joined is signed by a
+                    // key anyone can make: counted, not recorded.
+                    let member = reason != RejectReason::UnknownNode;
                     self.refuse(
                         Some(commit.round),
-                        Some(&node.0),
+                        member.then_some(&node.0),
                         reason.code(),
                         format!("commit for round {}", commit.round),
                     );

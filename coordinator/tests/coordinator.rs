@@ -309,22 +309,28 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
     let (commit_a, payload_a) = honest_a.train(&plan0, &theta0, &welcome).await;
     let (commit_b, payload_b) = honest_b.train(&plan0, &theta0, &welcome).await;
 
-    // Signed garbage: a tampered commit.
-    let mut garbage = Signed::sign(&honest_a.key, &commit_a).unwrap();
-    garbage.body[5] ^= 0xFF;
-    let refused = honest_a.request(CoordinatorRequest::Commit(garbage)).await;
-    assert!(
-        matches!(&refused, CoordinatorResponse::Refused { reason } if reason.starts_with("bad-signature")),
-        "{refused:?}"
-    );
-    // A commit for the wrong round.
-    let mut future = commit_b.clone();
-    future.round = 7;
-    let refused = honest_b.commit(&future).await;
-    assert!(
-        matches!(&refused, CoordinatorResponse::Refused { reason } if reason.starts_with("wrong-round")),
-        "{refused:?}"
-    );
+    // Signed garbage: tampered commits, twenty of them. Nobody can be
+    // held to them, so they are counted in /metrics, not written to the
+    // ledger (checked below).
+    for i in 0..20 {
+        let mut garbage = Signed::sign(&honest_a.key, &commit_a).unwrap();
+        garbage.body[5 + i] ^= 0xFF;
+        let refused = honest_a.request(CoordinatorRequest::Commit(garbage)).await;
+        assert!(
+            matches!(&refused, CoordinatorResponse::Refused { reason } if reason.starts_with("bad-signature")),
+            "{refused:?}"
+        );
+    }
+    // Commits for the wrong round, twenty: the manifest records one.
+    for round in 7..27 {
+        let mut future = commit_b.clone();
+        future.round = round;
+        let refused = honest_b.commit(&future).await;
+        assert!(
+            matches!(&refused, CoordinatorResponse::Refused { reason } if reason.starts_with("wrong-round")),
+            "{refused:?}"
+        );
+    }
 
     assert_eq!(
         honest_a.commit(&commit_a).await,
@@ -459,6 +465,27 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
         http_get(http, "/api/v1/rounds/0")
             .await
             .contains("not-served")
+    );
+    let round0: serde_json::Value =
+        serde_json::from_str(&http_get(http, "/api/v1/rounds/0").await).unwrap();
+    let wrong_round = round0
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|u| u["reason"] == "wrong-round")
+        .count();
+    assert_eq!(wrong_round, 1, "twenty wrong-round commits, recorded once");
+    let metrics = http_get(http, "/metrics").await;
+    let unrecorded: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("barnraise_refusals_unrecorded_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(unrecorded >= 20, "{metrics}");
+    let node_a = http_get(http, &format!("/api/v1/nodes/{}", honest_a.key.node_id())).await;
+    assert!(
+        !node_a.contains("bad-signature"),
+        "unauthenticated garbage reached the ledger: {node_a}"
     );
     assert!(
         http_get(http, "/api/v1/nodes")
