@@ -120,14 +120,10 @@ fn add_signed<T: Message>(corpus: &mut Corpus, signed: &Signed<T>, kind: u8) -> 
 fn add_rpc<M: Framed>(corpus: &mut Corpus, selector: u8, framing_kind: u8, m: &M) -> Result<()> {
     corpus.add_prefixed("wire", &[RPC + selector], &m.to_wire()?)?;
     let mut framed = Vec::new();
-    futures_lite_block_on(write_framed(&mut futures::io::Cursor::new(&mut framed), m))?;
+    futures::executor::block_on(write_framed(&mut futures::io::Cursor::new(&mut framed), m))?;
     // Byte 1 sets how many bytes each read returns (× 97): whole, and a trickle.
     corpus.add_prefixed("framing", &[framing_kind, 255], &framed)?;
     corpus.add_prefixed("framing", &[framing_kind, 1], &framed)
-}
-
-fn futures_lite_block_on<F: std::future::Future<Output = std::io::Result<()>>>(f: F) -> Result<()> {
-    Ok(futures::executor::block_on(f)?)
 }
 
 fn run_config(run: &Run) -> Result<(RunConfig, ModelConfig)> {

@@ -159,7 +159,7 @@ impl Admission {
     }
 }
 
-/// Thresholds of the verification pipeline (DESIGN.md, "Verification").
+/// Thresholds of the verification pipeline (docs/protocol.md, "Verification and reject reasons").
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VerifyConfig {

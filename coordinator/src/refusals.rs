@@ -18,13 +18,13 @@ pub const MAX_ROWS_PER_ROUND: usize = 1000;
 #[derive(Debug, Default)]
 pub struct RefusalLog {
     round: u64,
-    seen: HashSet<(PublicKey, String)>,
+    seen: HashSet<(PublicKey, &'static str)>,
 }
 
 impl RefusalLog {
     /// Whether a refusal of `sender` for `reason`, while the coordinator is
     /// at `round`, goes to the ledger. Seeing a new round starts afresh.
-    pub fn should_record(&mut self, round: u64, sender: &PublicKey, reason: &str) -> bool {
+    pub fn should_record(&mut self, round: u64, sender: &PublicKey, reason: &'static str) -> bool {
         if round != self.round {
             self.round = round;
             self.seen.clear();
@@ -32,7 +32,7 @@ impl RefusalLog {
         if self.seen.len() >= MAX_ROWS_PER_ROUND {
             return false;
         }
-        self.seen.insert((*sender, reason.to_string()))
+        self.seen.insert((*sender, reason))
     }
 }
 

@@ -601,7 +601,7 @@ impl Service {
         &mut self,
         round: Option<u64>,
         sender: Option<&PublicKey>,
-        reason: &str,
+        reason: &'static str,
         detail: String,
     ) {
         let claimed = match sender {

@@ -1,4 +1,4 @@
-//! The verification pipeline, stages 1–3 (DESIGN.md, "Verification"),
+//! The verification pipeline, stages 1–3 (docs/protocol.md, "Verification and reject reasons"),
 //! cheapest first; stage 4 (usefulness) is in [`crate::probe`].
 //!
 //! 1. envelope: the signature (here) and node, round, duplicate and size

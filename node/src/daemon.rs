@@ -1,4 +1,5 @@
-//! The node's round loop, as DESIGN.md describes it:
+//! The node's round loop, as docs/architecture.md ("A round, end to end")
+//! describes it:
 //!
 //! ```text
 //! join ──► sync θ_r (saved state, checkpoint, or the seeded init)
