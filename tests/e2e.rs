@@ -405,6 +405,122 @@ fn killed_node_misses_a_round_then_catches_up() {
     });
 }
 
+/// A node that joins a run between checkpoints (issue #12): with
+/// `checkpoint_every = 3` it joins while round 5 is open, loads the
+/// checkpoint of θ_3, replays the manifests of rounds 3 and 4 (fetching
+/// their accepted updates and checking every hash and link of the chain),
+/// then trains in the rounds after and ends on the run's final params.
+#[test]
+fn a_late_joiner_replays_the_manifests_since_the_checkpoint() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_run(dir.path(), 2, 7);
+        config.checkpoint_every = 3;
+        config.round_deadline_secs = 30.0;
+        config.linger_secs = 30.0;
+        let (coordinator, _shutdown) = start_coordinator(config).await;
+        let ledger_path = coordinator.ledger_path().to_path_buf();
+        let mut events = coordinator.events();
+        let nodes = spawn_nodes(&coordinator, dir.path(), 2, 7);
+        wait_for_event(&mut events, 4 * MINUTES, "round 5 opens", |e| {
+            matches!(e, CoordinatorEvent::RoundOpened { round: 5, .. })
+        })
+        .await;
+        let late = spawn_node(node_config(&coordinator, dir.path(), 2, 7), 2);
+        let summary = finish_run(coordinator).await;
+        assert_eq!(summary.rounds.len(), 7);
+        let final_hash = summary.rounds[6].next_params_hash.clone();
+        let late = join_node(late, MINUTES).await;
+        assert_eq!(
+            late.final_params_hash.map(|h| h.to_hex()),
+            Some(final_hash.clone()),
+            "the late joiner caught up: {late:?}"
+        );
+        assert!(
+            late.rounds_replayed >= 2,
+            "it replayed rounds 3 and 4 from the checkpoint: {late:?}"
+        );
+        assert!(late.rounds_trained >= 1, "it trained after catching up: {late:?}");
+        for node in nodes {
+            let s = join_node(node, MINUTES).await;
+            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()));
+        }
+        // Its work counted: the ledger credits it.
+        let ledger = Ledger::open_existing(&ledger_path).unwrap();
+        let late_id = late.node.expect("node id").to_string();
+        let credited = ledger
+            .contributors()
+            .unwrap()
+            .into_iter()
+            .find(|c| c.node == late_id)
+            .map(|c| c.tokens);
+        assert!(credited.is_some_and(|t| t > 0), "{credited:?}");
+    });
+}
+
+/// Peers serve peers (issue #12), counted rather than timed: 8 nodes, 3
+/// rounds. Every accepted update reaches the other 7 nodes from peers, so
+/// the coordinator's egress is its answers, its gossip, and each training
+/// shard at most once (its first use; later uses come from the nodes that
+/// trained on it), instead of N copies of every update.
+#[test]
+fn nodes_serve_each_other_and_the_coordinator_sends_each_blob_at_most_once() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (coordinator, _shutdown) = start_coordinator(tiny_run(dir.path(), 8, 3)).await;
+        let nodes = spawn_nodes(&coordinator, dir.path(), 8, 3);
+        let summary = finish_run(coordinator).await;
+        let mut served_to_peers = 0;
+        let final_hash = summary.rounds[2].next_params_hash.clone();
+        for node in nodes {
+            let s = join_node(node, MINUTES).await;
+            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()));
+            served_to_peers += s.bytes_served_to_peers;
+        }
+        let n = &summary.network;
+        let accepted: u64 = summary.rounds.iter().map(|r| r.accepted).sum();
+        assert_eq!(accepted, 24, "every update counted: {:?}", summary.rounds);
+        assert!(n.update_bytes > 0, "{n:?}");
+        // Each of the 24 updates goes to 7 nodes: 168 copies, all from peers.
+        assert!(
+            served_to_peers >= 7 * n.update_bytes,
+            "nodes served {served_to_peers} bytes to each other; updates total {}",
+            n.update_bytes
+        );
+        assert!(
+            n.coordinator_update_bytes * 2 <= n.update_bytes,
+            "the coordinator served {} bytes of updates (updates total {})",
+            n.coordinator_update_bytes,
+            n.update_bytes
+        );
+        // No more than 1.5x the updates beyond messages, checkpoints and
+        // first-use shards; and messages stay small next to the updates.
+        assert!(
+            n.coordinator_message_bytes < 4 * n.update_bytes,
+            "{n:?}"
+        );
+        assert!(
+            n.coordinator_egress_bytes
+                <= 3 * n.update_bytes / 2
+                    + n.coordinator_message_bytes
+                    + n.coordinator_state_bytes
+                    + n.coordinator_shard_bytes,
+            "{n:?}"
+        );
+        // 24 shard assignments over 12 shards: reuses came from peers.
+        let dataset_bytes: u64 = std::fs::read_dir(dir.path().join("coordinator/dataset"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(
+            n.coordinator_shard_bytes <= dataset_bytes,
+            "shards served {} bytes, the whole dataset is {dataset_bytes}",
+            n.coordinator_shard_bytes
+        );
+        assert!(n.coordinator_ingress_bytes >= n.update_bytes, "{n:?}");
+    });
+}
+
 #[test]
 fn coordinator_restart_resumes_and_counts_once() {
     run(async {

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use crate::network::CoordinatorTraffic;
+use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
@@ -25,6 +26,8 @@ pub struct Metrics {
     /// f64 bits of the last held-out eval loss.
     pub last_eval_loss: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// The network's byte counters, once the network is up.
+    pub traffic: OnceLock<CoordinatorTraffic>,
 }
 
 impl Metrics {
@@ -90,6 +93,34 @@ impl Metrics {
             "Bytes of update payloads fetched from nodes.",
             get(&self.update_bytes_received),
         );
+        if let Some(traffic) = self.traffic.get() {
+            let t = traffic.totals();
+            counter(
+                "egress_bytes_total",
+                "Bytes the coordinator sent: answers, blobs and gossip it published.",
+                t.coordinator_egress_bytes,
+            );
+            counter(
+                "ingress_bytes_total",
+                "Bytes the coordinator received: requests and the updates it pulled.",
+                t.coordinator_ingress_bytes,
+            );
+            let _ = writeln!(
+                out,
+                "# HELP barnraise_blob_egress_bytes_total Blob bytes the coordinator served, by kind.\n\
+                 # TYPE barnraise_blob_egress_bytes_total counter"
+            );
+            for (kind, bytes) in [
+                ("shard", t.coordinator_shard_bytes),
+                ("state", t.coordinator_state_bytes),
+                ("update", t.coordinator_update_bytes),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "barnraise_blob_egress_bytes_total{{kind=\"{kind}\"}} {bytes}"
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP barnraise_updates_rejected_total Updates and messages rejected, by reason."
@@ -158,5 +189,20 @@ mod tests {
         assert!(text.contains("barnraise_updates_rejected_total{reason=\"sign-flipped\"} 2"));
         assert!(text.contains("barnraise_eval_loss 2.5"));
         assert!(text.contains("barnraise_train_loss NaN"));
+        assert!(
+            !text.contains("egress"),
+            "no traffic series before the network is up"
+        );
+        let traffic = CoordinatorTraffic::new([]);
+        traffic
+            .wire
+            .coordinator
+            .sent
+            .fetch_add(300, Ordering::Relaxed);
+        traffic.wire.published(20);
+        m.traffic.set(traffic).unwrap_or_else(|_| panic!("set once"));
+        let text = m.render();
+        assert!(text.contains("barnraise_egress_bytes_total 320"), "{text}");
+        assert!(text.contains("barnraise_blob_egress_bytes_total{kind=\"update\"} 0"));
     }
 }

@@ -8,7 +8,9 @@
 //! committed updates from nodes chunk by chunk for [`fetch_blob`].
 
 use crate::store::BlobStore;
+use crate::summary::NetworkTotals;
 use barnraise_mesh::codec::{BlobCodec, CoordinatorCodec};
+use barnraise_mesh::traffic::Traffic;
 use barnraise_protocol::Hash;
 use barnraise_protocol::limits::{BLOB_CHUNK_BYTES, BLOB_PROTOCOL, COORDINATOR_PROTOCOL};
 use barnraise_protocol::messages::{
@@ -18,9 +20,11 @@ use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, noise, ping, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, kad, noise, ping, tcp, yamux,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -40,6 +44,64 @@ pub enum NetworkError {
     Request { peer: PeerId, reason: String },
 }
 
+/// What the coordinator's network moved: by protocol, and its blob
+/// egress by what the blob is (docs/protocol.md, "Traffic counters").
+#[derive(Clone, Debug, Default)]
+pub struct CoordinatorTraffic {
+    pub wire: Traffic,
+    pub shards_served: Arc<AtomicU64>,
+    /// Checkpoints and outer-optimizer state.
+    pub state_served: Arc<AtomicU64>,
+    /// Everything else the coordinator holds: accepted and committed updates.
+    pub updates_served: Arc<AtomicU64>,
+    shards: Arc<HashSet<Hash>>,
+    state: Arc<Mutex<HashSet<Hash>>>,
+}
+
+impl CoordinatorTraffic {
+    /// Counters for a run whose training shards are `shards`.
+    pub fn new(shards: impl IntoIterator<Item = Hash>) -> CoordinatorTraffic {
+        CoordinatorTraffic {
+            shards: Arc::new(shards.into_iter().collect()),
+            ..CoordinatorTraffic::default()
+        }
+    }
+
+    /// The blobs that now count as state (θ, momentum, checkpoints).
+    pub fn set_state_blobs(&self, blobs: &[Hash]) {
+        if let Ok(mut state) = self.state.lock() {
+            state.clear();
+            state.extend(blobs.iter().copied());
+        }
+    }
+
+    fn served(&self, hash: &Hash, bytes: u64) {
+        let counter = if self.shards.contains(hash) {
+            &self.shards_served
+        } else if self.state.lock().is_ok_and(|s| s.contains(hash)) {
+            &self.state_served
+        } else {
+            &self.updates_served
+        };
+        counter.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn totals(&self) -> NetworkTotals {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let egress = self.wire.sent();
+        let blobs = get(&self.shards_served) + get(&self.state_served) + get(&self.updates_served);
+        NetworkTotals {
+            coordinator_egress_bytes: egress,
+            coordinator_ingress_bytes: self.wire.received(),
+            coordinator_shard_bytes: get(&self.shards_served),
+            coordinator_state_bytes: get(&self.state_served),
+            coordinator_update_bytes: get(&self.updates_served),
+            coordinator_message_bytes: egress.saturating_sub(blobs),
+            ..NetworkTotals::default()
+        }
+    }
+}
+
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     coordinator: request_response::Behaviour<CoordinatorCodec>,
@@ -47,6 +109,9 @@ pub struct Behaviour {
     gossipsub: gossipsub::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    /// The run's DHT, in server mode: nodes bootstrap from the coordinator
+    /// and find each other as providers through it.
+    kad: kad::Behaviour<kad::store::MemoryStore>,
 }
 
 /// What the service asks of the loop.
@@ -231,6 +296,7 @@ pub struct EventLoop {
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
     store: BlobStore,
+    traffic: CoordinatorTraffic,
     pending_blob: HashMap<OutboundRequestId, oneshot::Sender<Result<BlobResponse, NetworkError>>>,
     pending_coordinator:
         HashMap<OutboundRequestId, oneshot::Sender<Result<CoordinatorResponse, NetworkError>>>,
@@ -244,7 +310,9 @@ pub async fn new(
     listen: &[Multiaddr],
     store: BlobStore,
     topics: &[String],
+    traffic: CoordinatorTraffic,
 ) -> Result<(Client, mpsc::Receiver<Event>, EventLoop, Vec<Multiaddr>), NetworkError> {
+    let counted = traffic.wire.clone();
     let setup = |e: &dyn std::fmt::Display| NetworkError::Setup(e.to_string());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -265,14 +333,16 @@ pub async fn new(
                 gossip_config,
             )?;
             Ok(Behaviour {
-                coordinator: request_response::Behaviour::new(
+                coordinator: request_response::Behaviour::with_codec(
+                    CoordinatorCodec::counted(counted.coordinator.clone()),
                     [(
                         StreamProtocol::new(COORDINATOR_PROTOCOL),
                         ProtocolSupport::Full,
                     )],
                     rr_config.clone(),
                 ),
-                blob: request_response::Behaviour::new(
+                blob: request_response::Behaviour::with_codec(
+                    BlobCodec::counted(counted.blob.clone()),
                     [(StreamProtocol::new(BLOB_PROTOCOL), ProtocolSupport::Full)],
                     rr_config,
                 ),
@@ -282,6 +352,7 @@ pub async fn new(
                     key.public(),
                 )),
                 ping: ping::Behaviour::default(),
+                kad: barnraise_mesh::dht::behaviour(key.public().to_peer_id()),
             })
         })
         .map_err(|e| setup(&e))?
@@ -331,6 +402,7 @@ pub async fn new(
         commands: command_rx,
         events: event_tx,
         store,
+        traffic,
         pending_blob: HashMap::new(),
         pending_coordinator: HashMap::new(),
     };
@@ -381,6 +453,7 @@ impl EventLoop {
                 self.pending_blob.insert(id, reply);
             }
             Command::Publish { topic, data } => {
+                self.traffic.wire.published(data.len());
                 if let Err(e) = behaviour
                     .gossipsub
                     .publish(gossipsub::IdentTopic::new(topic.clone()), data)
@@ -414,9 +487,17 @@ impl EventLoop {
                 info,
                 ..
             })) => {
-                // A node's self-reported listen addresses, so its updates can be fetched later.
+                // A node's self-reported listen addresses, so its updates
+                // can be fetched later and other nodes find it on the DHT.
+                let speaks_kad = info
+                    .protocols
+                    .iter()
+                    .any(|p| p.as_ref() == barnraise_mesh::KAD_PROTOCOL);
                 for addr in info.listen_addrs.into_iter().take(16) {
-                    self.swarm.add_peer_address(peer_id, addr);
+                    self.swarm.add_peer_address(peer_id, addr.clone());
+                    if speaks_kad {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
@@ -483,7 +564,14 @@ impl EventLoop {
         let Some((_, request, channel)) = settle(&mut self.pending_blob, event, "blob") else {
             return;
         };
+        let chunk_of = match &request {
+            BlobRequest::Chunk { hash, .. } => Some(*hash),
+            BlobRequest::Have { .. } => None,
+        };
         let response = self.serve_blob(request);
+        if let (Some(hash), BlobResponse::Chunk { data }) = (chunk_of, &response) {
+            self.traffic.served(&hash, data.len() as u64);
+        }
         let _ = self
             .swarm
             .behaviour_mut()

@@ -21,11 +21,11 @@ use crate::ledger::{
     CheckpointRow, Ledger, LedgerError, NodeRow, RefusalRow, RoundRecord, RoundRow,
 };
 use crate::metrics::Metrics;
-use crate::network::{self, Client, NetworkError};
+use crate::network::{self, Client, CoordinatorTraffic, NetworkError};
 use crate::params::{GlobalState, StateError};
 use crate::rounds::{self, Action, CloseRound, CommitOutcome, Rounds, RoundsConfig, Start};
 use crate::store::{BlobStore, StoreError};
-use crate::summary::{CoordinatorEvent, LiveStatus, RunSummary};
+use crate::summary::{CoordinatorEvent, LiveStatus, NetworkTotals, RunSummary};
 use crate::verify;
 use barnraise_protocol::messages::{
     CheckpointRef, Commit, CoordinatorRequest, CoordinatorResponse, Manifest, RejectReason,
@@ -172,8 +172,21 @@ pub async fn start(
         network::topic(&config.run_id, "manifests"),
     ];
     let keypair = key.to_libp2p()?;
-    let (client, net_events, event_loop, multiaddrs) =
-        network::new(keypair, &listen, prepared.store.clone(), &topics).await?;
+    let traffic = CoordinatorTraffic::new(prepared.dataset.train.iter().map(|s| s.hash));
+    traffic.set_state_blobs(&[
+        prepared.state_ref.blob,
+        prepared.state_ref.optimizer_blob,
+        prepared.checkpoint.blob,
+        prepared.checkpoint.optimizer_blob,
+    ]);
+    let (client, net_events, event_loop, multiaddrs) = network::new(
+        keypair,
+        &listen,
+        prepared.store.clone(),
+        &topics,
+        traffic.clone(),
+    )
+    .await?;
     let http_listener = tokio::net::TcpListener::bind(config.http)
         .await
         .map_err(|source| CoordinatorError::Io {
@@ -190,6 +203,7 @@ pub async fn start(
     let children = shutdown.child_token();
     tokio::spawn(event_loop.run(children.clone()));
     let metrics = Arc::new(Metrics::new());
+    let _ = metrics.traffic.set(traffic.clone());
     let live = Arc::new(RwLock::new(LiveStatus {
         run_id: config.run_id.clone(),
         model_params: resolved.model.params_count(),
@@ -240,6 +254,7 @@ pub async fn start(
         net: client,
         events: events.clone(),
         metrics,
+        traffic,
         live,
         internal_tx,
         finished_at: None,
@@ -519,6 +534,7 @@ struct Service {
     net: Client,
     events: broadcast::Sender<CoordinatorEvent>,
     metrics: Arc<Metrics>,
+    traffic: CoordinatorTraffic,
     live: Arc<RwLock<LiveStatus>>,
     internal_tx: mpsc::Sender<Internal>,
     finished_at: Option<tokio::time::Instant>,
@@ -579,7 +595,14 @@ impl Service {
         .await
         .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
         result?;
-        summary
+        summary.map(|mut summary| {
+            let update_bytes = summary.network.update_bytes;
+            summary.network = NetworkTotals {
+                update_bytes,
+                ..self.traffic.totals()
+            };
+            summary
+        })
     }
 
     fn with_ledger<T>(
@@ -1014,6 +1037,7 @@ impl Service {
         for hash in old.iter().filter(|h| !keep.contains(h)) {
             self.store.forget(hash);
         }
+        self.traffic.set_state_blobs(&keep);
         let m = &done.closed.manifest;
         self.metrics.rounds_closed.fetch_add(1, Ordering::Relaxed);
         self.metrics

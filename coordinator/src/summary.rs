@@ -72,15 +72,48 @@ pub struct RunSummary {
     pub run_id: Option<String>,
     pub rounds: Vec<RoundSummary>,
     pub contributors: Vec<ContributorRow>,
+    /// What the network moved while this coordinator ran (zero when read
+    /// back from a ledger alone).
+    pub network: NetworkTotals,
+}
+
+/// Bytes moved, from the coordinator's counters and its ledger
+/// (docs/protocol.md, "Traffic counters"). `barnraise up` adds what the
+/// nodes served each other.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NetworkTotals {
+    /// Everything the coordinator sent: its answers, blobs and gossip.
+    pub coordinator_egress_bytes: u64,
+    /// Everything it received: requests and the updates it pulled.
+    pub coordinator_ingress_bytes: u64,
+    /// Of the egress: training shards,
+    pub coordinator_shard_bytes: u64,
+    /// checkpoints and outer-optimizer state,
+    pub coordinator_state_bytes: u64,
+    /// updates (as the provider of last resort),
+    pub coordinator_update_bytes: u64,
+    /// and everything that is not blob data: plans, manifests, welcomes and
+    /// other answers, gossip it published, framing.
+    pub coordinator_message_bytes: u64,
+    /// Blob bytes nodes served to other nodes (not to the coordinator).
+    pub peer_served_bytes: u64,
+    /// The sum of accepted updates' sizes over the run.
+    pub update_bytes: u64,
 }
 
 impl RunSummary {
     /// Reads the summary from a ledger.
     pub fn from_ledger(ledger: &Ledger) -> Result<RunSummary, LedgerError> {
         let mut rounds = Vec::new();
+        let mut update_bytes = 0;
         for row in ledger.rounds()? {
-            let rejected = ledger
-                .updates(row.round)?
+            let updates = ledger.updates(row.round)?;
+            update_bytes += updates
+                .iter()
+                .filter(|u| u.verdict == "accepted")
+                .map(|u| u.bytes)
+                .sum::<u64>();
+            let rejected = updates
                 .into_iter()
                 .filter(|u| u.verdict == "rejected")
                 .map(|u| (u.node, u.reason.unwrap_or_default()))
@@ -100,6 +133,10 @@ impl RunSummary {
             run_id: ledger.run_id()?,
             rounds,
             contributors: ledger.contributors()?,
+            network: NetworkTotals {
+                update_bytes,
+                ..NetworkTotals::default()
+            },
         })
     }
 }

@@ -79,10 +79,15 @@ impl FakeNode {
         let key = SigningKey::from_seed([seed; 32]).unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
-        let (client, _events, event_loop, addrs) =
-            network::new(key.to_libp2p().unwrap(), &[listen], store.clone(), &[])
-                .await
-                .unwrap();
+        let (client, _events, event_loop, addrs) = network::new(
+            key.to_libp2p().unwrap(),
+            &[listen],
+            store.clone(),
+            &[],
+            network::CoordinatorTraffic::default(),
+        )
+        .await
+        .unwrap();
         tokio::spawn(event_loop.run(shutdown.child_token()));
         let coordinator_peer = peer_of(coordinator);
         client

@@ -5,13 +5,17 @@
 //!   protocols, over the one framing in `barnraise_protocol::framing`;
 //! - [`gossip`]: the gossipsub settings, among them content-addressed
 //!   message ids, so a plan or manifest has the same id on every peer;
+//! - [`dht`]: the Kademlia DHT that finds who provides a blob, with its
+//!   bounds and record lifetimes;
+//! - [`traffic`]: byte counters by protocol, filled in by the codec;
 //! - the protocol names of identify and Kademlia.
 //!
-//! This is the first layer of the shared network stack; the blob store and
-//! transfer still live in `node` and `coordinator`.
+//! The blob store and transfer still live in `node` and `coordinator`.
 
 pub mod codec;
+pub mod dht;
 pub mod gossip;
+pub mod traffic;
 
 /// Identify protocol version string, the same on every peer of a run.
 pub const IDENTIFY_PROTOCOL: &str = "/barnraise/id/1";

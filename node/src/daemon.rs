@@ -45,6 +45,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod catchup;
+
 /// What the node reports as it works (for progress bars and `barnraise up`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum NodeEvent {
@@ -123,7 +125,13 @@ pub struct NodeSummary {
     pub tokens_trained: u64,
     pub bytes_uploaded: u64,
     pub bytes_downloaded: u64,
+    /// Of `bytes_uploaded`: blob bytes served to other nodes.
+    pub bytes_served_to_peers: u64,
+    /// Of `bytes_downloaded`: blob bytes fetched from the coordinator.
+    pub bytes_from_coordinator: u64,
     pub resyncs: u64,
+    /// Closed rounds replayed from their manifests while catching up.
+    pub rounds_replayed: u64,
     pub final_params_hash: Option<Hash>,
 }
 
@@ -156,6 +164,15 @@ pub enum NodeError {
     Certificate(String),
     #[error("{0}")]
     Metrics(String),
+    /// The coordinator's signed record contradicts itself (a manifest that
+    /// does not extend the one before it, or params that do not replay to
+    /// its hashes): the node refuses to follow it.
+    #[error("the coordinator's record does not check out: {0}")]
+    Chain(String),
+    /// Catching up needs something that cannot be had right now (a past
+    /// manifest, an accepted update); the node joins again and retries.
+    #[error("could not catch up: {0}")]
+    CatchUp(String),
 }
 
 /// The initial seed of θ_0 when a run starts without a checkpoint.
@@ -222,11 +239,16 @@ pub async fn run_node(
     let (plans_tx, plans_rx) = mpsc::channel(16);
     let (manifests_tx, manifests_rx) = mpsc::channel(16);
     let bytes_up = Arc::new(AtomicU64::new(0));
+    let coordinator_peer = Arc::new(std::sync::OnceLock::new());
     let router = tokio::spawn(route_events(
         network_events,
         plans_tx,
         manifests_tx,
         bytes_up.clone(),
+        Served {
+            coordinator: coordinator_peer.clone(),
+            metrics: metrics.clone(),
+        },
     ));
 
     let fetcher = Fetcher::new(
@@ -252,6 +274,7 @@ pub async fn run_node(
         manifests: manifests_rx,
         listen_addrs,
         coordinator: None,
+        coordinator_peer,
         coordinator_key,
         run_id: None,
         summary: NodeSummary::default(),
@@ -262,6 +285,10 @@ pub async fn run_node(
     let result = node.run().await;
     let mut summary = node.summary.clone();
     summary.bytes_uploaded = bytes_up.load(Ordering::Relaxed);
+    summary.bytes_served_to_peers = node
+        .metrics
+        .blob_bytes_served_to_peers
+        .load(Ordering::Relaxed);
     // Say goodbye if we can; the coordinator copes if we cannot.
     node.leave().await;
     network_shutdown.cancel();
@@ -276,13 +303,21 @@ pub async fn run_node(
     }
 }
 
+/// Where served bytes are counted: all of them, and those that went to
+/// other nodes rather than the coordinator.
+struct Served {
+    coordinator: Arc<std::sync::OnceLock<PeerId>>,
+    metrics: Arc<NodeMetrics>,
+}
+
 /// Sorts network events: plans and manifests to the round loop, served
-/// bytes to the counter. Full queues drop (the round loop also polls).
+/// bytes to the counters. Full queues drop (the round loop also polls).
 async fn route_events(
     mut events: mpsc::Receiver<Event>,
     plans: mpsc::Sender<(PeerId, RoundPlan)>,
     manifests: mpsc::Sender<(PeerId, Signed<Manifest>, Manifest)>,
     bytes_up: Arc<AtomicU64>,
+    served: Served,
 ) {
     while let Some(event) = events.recv().await {
         match event {
@@ -296,8 +331,12 @@ async fn route_events(
             } => {
                 let _ = manifests.try_send((source, signed, manifest));
             }
-            Event::BlobServed { bytes, .. } => {
+            Event::BlobServed { peer, bytes } => {
                 bytes_up.fetch_add(bytes, Ordering::Relaxed);
+                NodeMetrics::add(&served.metrics.blob_bytes_served, bytes);
+                if served.coordinator.get() != Some(&peer) {
+                    NodeMetrics::add(&served.metrics.blob_bytes_served_to_peers, bytes);
+                }
             }
             Event::GossipRejected {
                 source,
@@ -324,6 +363,9 @@ struct Synced {
     /// rebuilt at the next round.
     trainers: Vec<Option<Trainer>>,
     committed: Option<(u64, Hash)>,
+    /// Body hash of the last manifest applied (the Welcome's head right
+    /// after a sync): the next manifest must name it as `previous_manifest`.
+    head_manifest: Hash,
 }
 
 struct Node {
@@ -340,6 +382,8 @@ struct Node {
     manifests: mpsc::Receiver<(PeerId, Signed<Manifest>, Manifest)>,
     listen_addrs: Vec<Multiaddr>,
     coordinator: Option<PeerId>,
+    /// The coordinator's peer id, once known, for the served-bytes split.
+    coordinator_peer: Arc<std::sync::OnceLock<PeerId>>,
     coordinator_key: Option<PublicKey>,
     run_id: Option<String>,
     summary: NodeSummary,
@@ -347,6 +391,16 @@ struct Node {
     devices: Vec<DeviceSpec>,
     certificate: Option<Signed<barnraise_protocol::messages::NodeCertificate>>,
     metrics: Arc<NodeMetrics>,
+}
+
+/// What applying one manifest came to.
+enum Applied {
+    /// θ_{r+1} hashes to the manifest's value.
+    Matched(Hash),
+    /// An update could not be fetched or decoded: try again from a resync.
+    Unavailable(String),
+    /// The updates applied, but to another hash than the manifest's.
+    Mismatch { hash: Hash, reason: String },
 }
 
 /// What happened to one round.
@@ -461,6 +515,7 @@ impl Node {
                     self.client.add_address(peer, strip_p2p(&addr)).await?;
                     self.client.add_relay(relay).await?;
                     self.coordinator = Some(peer);
+                    let _ = self.coordinator_peer.set(peer);
                     tracing::info!(%peer, "connected to the coordinator at {addr}");
                     return Ok(Some(peer));
                 }
@@ -606,10 +661,8 @@ impl Node {
             match self.sync(&welcome).await {
                 Ok(Some(state)) => return Ok(Some(state)),
                 Ok(None) => return Ok(None),
-                Err(NodeError::Fetch(e)) => {
-                    self.warn(format!(
-                        "could not fetch the checkpoint ({e}); joining again"
-                    ));
+                Err(e @ (NodeError::Fetch(_) | NodeError::CatchUp(_))) => {
+                    self.warn(format!("{e}; joining again"));
                     if !self.sleep(backoff).await {
                         return Ok(None);
                     }
@@ -644,64 +697,18 @@ impl Node {
             ..OuterConfig::default()
         };
 
-        // 1. Our own saved state, if it is exactly the coordinator's θ.
-        let saved = match self.state.load() {
-            Ok(saved) => saved,
-            Err(e) => {
-                self.warn(format!("ignoring saved state: {e}"));
-                None
-            }
+        let Some(caught_up) = self.catch_up(welcome, &model, rule, outer).await? else {
+            return Ok(None);
         };
-        let mut committed = None;
-        let (theta, momentum, source) = match saved {
-            Some(saved)
-                if saved.record.run_id == run.run_id
-                    && saved.record.round == welcome.current_round
-                    && saved.record.params_hash == welcome.params_hash.to_hex()
-                    && saved.params.len() == params =>
-            {
-                committed = saved
-                    .record
-                    .committed
-                    .as_ref()
-                    .and_then(|(r, h)| Some((*r, h.parse::<Hash>().ok()?)));
-                (
-                    saved.params,
-                    saved.momentum,
-                    crate::daemon::SyncSource::SavedState,
-                )
-            }
-            _ => match &welcome.checkpoint {
-                // 2. The coordinator's checkpoint of θ_current.
-                Some(checkpoint) => {
-                    let Some((theta, momentum)) = self
-                        .load_checkpoint(checkpoint, &model, &run.run_id)
-                        .await?
-                    else {
-                        return Ok(None);
-                    };
-                    (theta, momentum, SyncSource::Checkpoint)
-                }
-                // 3. A run that has not moved yet starts from the seeded init.
-                None => {
-                    let model2 = model.clone();
-                    let theta = tokio::task::spawn_blocking(move || model2.init_flat(INIT_SEED))
-                        .await
-                        .map_err(|e| NodeError::Training(e.to_string()))?;
-                    (theta, vec![0.0; params], SyncSource::SeededInit)
-                }
-            },
-        };
-        let hash = Hash::of_f32s(&theta);
-        if hash != welcome.params_hash {
-            return Err(NodeError::RunConfig(format!(
-                "params from {source:?} hash to {}, but the coordinator's round {} params hash to {} \
-                 (is the coordinator using the same model code and init seed?)",
-                hash.short(),
-                welcome.current_round,
-                welcome.params_hash.short()
-            )));
-        }
+        let catchup::CaughtUp {
+            theta,
+            optimizer,
+            source,
+            committed,
+            replayed,
+        } = caught_up;
+        let hash = welcome.params_hash;
+        self.summary.rounds_replayed += replayed;
         let mut encoder =
             Encoder::new(codec, params).map_err(|e| NodeError::RunConfig(e.to_string()))?;
         if let Some(residual) = self.state.load_residual(encoder.residual().len())
@@ -720,24 +727,25 @@ impl Node {
             codec: run.codec.clone(),
             committed: committed.map(|(r, h): (u64, Hash)| (r, h.to_hex())),
         };
-        self.state.save(&record, &theta, &momentum)?;
+        self.state.save(&record, &theta, optimizer.momentum())?;
         self.summary.final_params_hash = Some(hash);
         self.emit(NodeEvent::Synced {
             round: welcome.current_round,
             params_hash: hash,
             from: source,
         });
-        tracing::info!(round = welcome.current_round, params = %hash.short(), "synced params ({source:?})");
+        tracing::info!(round = welcome.current_round, params = %hash.short(), replayed, "synced params ({source:?})");
         Ok(Some(Synced {
             run,
             model,
             rule,
             round: welcome.current_round,
             theta,
-            optimizer: OuterOptimizer::from_state(outer, momentum),
+            optimizer,
             encoder,
             trainers: Vec::new(),
             committed,
+            head_manifest: welcome.head_manifest,
         }))
     }
 
@@ -747,19 +755,17 @@ impl Node {
         model: &ModelConfig,
         run_id: &str,
     ) -> Result<Option<(Vec<f32>, Vec<f32>)>, NodeError> {
-        let providers = self.providers(&checkpoint.blob, None).await;
         self.fetch(
             &checkpoint.blob,
             Some(checkpoint.bytes),
-            &providers,
+            None,
             "checkpoint",
         )
         .await?;
-        let providers = self.providers(&checkpoint.optimizer_blob, None).await;
         self.fetch(
             &checkpoint.optimizer_blob,
             Some(checkpoint.optimizer_bytes),
-            &providers,
+            None,
             "optimizer state",
         )
         .await?;
@@ -797,25 +803,32 @@ impl Node {
         Ok(Some(loaded))
     }
 
-    /// Candidate providers of a blob: the coordinator, the peer that made
-    /// it (for updates), and whoever announced it on Kademlia.
-    async fn providers(&self, hash: &Hash, author: Option<PeerId>) -> Vec<PeerId> {
-        let mut peers: Vec<PeerId> = self.coordinator.into_iter().chain(author).collect();
+    /// Providers of a blob other than the coordinator: the peer that made it
+    /// (for updates) and whoever announced it on the DHT.
+    async fn peer_providers(&self, hash: &Hash, author: Option<PeerId>) -> Vec<PeerId> {
+        let mut peers: Vec<PeerId> = author.into_iter().collect();
         let lookup =
             tokio::time::timeout(Duration::from_secs(5), self.client.get_providers(*hash)).await;
         if let Ok(Ok(found)) = lookup {
             peers.extend(found);
         }
+        let me = self.client.local_peer_id();
+        peers.retain(|p| Some(*p) != self.coordinator && *p != me);
         peers.sort();
         peers.dedup();
         peers
     }
 
+    /// Fetches blob `hash` into the store unless it is there, then announces
+    /// it on the DHT: every node provides every blob it holds. Peers are
+    /// asked first (`author`, then the DHT's providers); the coordinator is
+    /// the provider of last resort, asked only when no peer has the blob or
+    /// the peers failed, and only for the chunks still missing.
     async fn fetch(
         &mut self,
         hash: &Hash,
         size: Option<u64>,
-        providers: &[PeerId],
+        author: Option<PeerId>,
         what: &str,
     ) -> Result<(), NodeError> {
         if self.store.contains(hash) {
@@ -842,16 +855,42 @@ impl Node {
             }
             None => self.fetcher.clone(),
         };
-        let report = fetcher
-            .fetch(*hash, size, providers, &self.shutdown)
-            .await?;
+        let peers = self.peer_providers(hash, author).await;
+        let coordinator: Vec<PeerId> = self.coordinator.into_iter().collect();
+        let report = if peers.is_empty() {
+            fetcher
+                .fetch(*hash, size, &coordinator, &self.shutdown)
+                .await?
+        } else {
+            match fetcher.fetch(*hash, size, &peers, &self.shutdown).await {
+                Ok(report) => report,
+                Err(e @ (FetchError::Cancelled | FetchError::Store { .. })) => return Err(e.into()),
+                Err(e) if coordinator.is_empty() => return Err(e.into()),
+                Err(e) => {
+                    tracing::info!(blob = %hash.short(), "peers could not serve {what} ({e}); asking the coordinator");
+                    fetcher
+                        .fetch(*hash, size, &coordinator, &self.shutdown)
+                        .await?
+                }
+            }
+        };
         self.summary.bytes_downloaded += report.bytes_fetched;
+        NodeMetrics::add(&self.metrics.blob_bytes_fetched, report.bytes_fetched);
+        if let Some(coordinator) = self.coordinator {
+            let from_coordinator = report.bytes_from(&coordinator);
+            self.summary.bytes_from_coordinator += from_coordinator;
+            NodeMetrics::add(
+                &self.metrics.blob_bytes_fetched_from_coordinator,
+                from_coordinator,
+            );
+        }
         for (peer, reason) in &report.bad_providers {
             self.warn(format!(
                 "peer {peer} served bad data for {what} {}: {reason}",
                 hash.short()
             ));
         }
+        let _ = self.client.start_providing(*hash).await;
         Ok(())
     }
 
@@ -992,77 +1031,39 @@ impl Node {
                 "manifest of round {round} is based on other params"
             ))));
         }
-        // Fetch every accepted update, checked against its hash and size.
-        for accepted in &manifest.accepted {
-            let author = accepted.node.0.to_peer_id().ok();
-            let providers = self.providers(&accepted.update_hash, author).await;
-            if let Err(e) = self
-                .fetch(
-                    &accepted.update_hash,
-                    Some(accepted.update_bytes),
-                    &providers,
-                    "update",
-                )
-                .await
-            {
-                return match e {
-                    NodeError::Fetch(FetchError::Cancelled) => Ok(None),
-                    NodeError::Fetch(e) => Ok(Some(RoundOutcome::Resync(format!(
-                        "could not fetch an accepted update: {e}"
-                    )))),
-                    other => Err(other),
-                };
-            }
+        if manifest.previous_manifest != state.head_manifest {
+            return Err(NodeError::Chain(format!(
+                "the manifest of round {round} ({}) extends manifest {}, but the last manifest \
+                 we applied is {}: the coordinator has rewritten its history",
+                signed.body_hash().short(),
+                manifest.previous_manifest.short(),
+                state.head_manifest.short()
+            )));
         }
-        let payloads: Vec<(Vec<u8>, f32)> = {
-            let mut out = Vec::with_capacity(manifest.accepted.len());
-            for accepted in &manifest.accepted {
-                let store = self.store.clone();
-                let hash = accepted.update_hash;
-                let bytes = tokio::task::spawn_blocking(move || store.read(&hash))
-                    .await
-                    .map_err(|e| NodeError::Training(e.to_string()))??;
-                out.push((bytes, accepted.weight));
+        let next_hash = match self
+            .apply_manifest(state.rule, &mut state.theta, &mut state.optimizer, &manifest)
+            .await?
+        {
+            None => return Ok(None),
+            Some(Applied::Unavailable(reason)) => return Ok(Some(RoundOutcome::Resync(reason))),
+            Some(Applied::Mismatch { hash, reason }) => {
+                self.emit(NodeEvent::RoundApplied {
+                    round,
+                    params_hash: hash,
+                    matched: false,
+                });
+                return Ok(Some(RoundOutcome::Resync(reason)));
             }
-            out
+            Some(Applied::Matched(hash)) => hash,
         };
-        let rule = state.rule;
-        let mut theta = std::mem::take(&mut state.theta);
-        let mut optimizer = state.optimizer.clone();
-        let applied = tokio::task::spawn_blocking(move || {
-            let updates: Vec<(&[u8], f32)> =
-                payloads.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
-            let result = apply_round(&mut theta, &mut optimizer, &rule, &updates);
-            (theta, optimizer, result)
-        })
-        .await
-        .map_err(|e| NodeError::Training(e.to_string()))?;
-        let (theta, optimizer, result) = applied;
-        if let Err(e) = result {
-            state.theta = theta;
-            return Ok(Some(RoundOutcome::Resync(format!(
-                "accepted updates do not aggregate: {e}"
-            ))));
-        }
-        let next_hash = Hash::of_f32s(&theta);
-        let matched = next_hash == manifest.next_params_hash;
         self.emit(NodeEvent::RoundApplied {
             round,
             params_hash: next_hash,
-            matched,
+            matched: true,
         });
-        if !matched {
-            state.theta = theta;
-            return Ok(Some(RoundOutcome::Resync(format!(
-                "after round {round} our params hash to {}, the manifest says {}",
-                next_hash.short(),
-                manifest.next_params_hash.short()
-            ))));
-        }
-        state.theta = theta;
-        state.optimizer = optimizer;
         state.round = round + 1;
         state.committed = None;
+        state.head_manifest = signed.body_hash();
         let record = StateRecord {
             run_id: state.run.run_id.clone(),
             round: state.round,
@@ -1079,6 +1080,83 @@ impl Node {
         self.summary.final_params_hash = Some(next_hash);
         tracing::info!(round, params = %next_hash.short(), accepted = manifest.accepted.len(), "round applied");
         Ok(Some(RoundOutcome::Applied))
+    }
+
+    /// Fetches the updates `manifest` accepted (each checked against its
+    /// hash and size), applies them with `apply_round` on a blocking thread,
+    /// and checks the result against the manifest's `next_params_hash`.
+    /// The optimizer changes only when the hash matches; `theta` is left
+    /// unusable by anything but a match (the caller resyncs), so that θ is
+    /// never copied. `None` means we were stopped.
+    async fn apply_manifest(
+        &mut self,
+        rule: AggregationRule,
+        theta: &mut Vec<f32>,
+        optimizer: &mut OuterOptimizer,
+        manifest: &Manifest,
+    ) -> Result<Option<Applied>, NodeError> {
+        let round = manifest.round;
+        for accepted in &manifest.accepted {
+            let author = accepted.node.0.to_peer_id().ok();
+            if let Err(e) = self
+                .fetch(
+                    &accepted.update_hash,
+                    Some(accepted.update_bytes),
+                    author,
+                    "update",
+                )
+                .await
+            {
+                return match e {
+                    NodeError::Fetch(FetchError::Cancelled) => Ok(None),
+                    NodeError::Fetch(e) => Ok(Some(Applied::Unavailable(format!(
+                        "could not fetch an accepted update of round {round}: {e}"
+                    )))),
+                    other => Err(other),
+                };
+            }
+        }
+        let mut payloads: Vec<(Vec<u8>, f32)> = Vec::with_capacity(manifest.accepted.len());
+        for accepted in &manifest.accepted {
+            let store = self.store.clone();
+            let hash = accepted.update_hash;
+            let bytes = tokio::task::spawn_blocking(move || store.read(&hash))
+                .await
+                .map_err(|e| NodeError::Training(e.to_string()))??;
+            payloads.push((bytes, accepted.weight));
+        }
+        let mut next = std::mem::take(theta);
+        let mut next_optimizer = optimizer.clone();
+        let (next, next_optimizer, result) = tokio::task::spawn_blocking(move || {
+            let updates: Vec<(&[u8], f32)> =
+                payloads.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
+            let result = apply_round(&mut next, &mut next_optimizer, &rule, &updates)
+                .map(|_| Hash::of_f32s(&next));
+            (next, next_optimizer, result)
+        })
+        .await
+        .map_err(|e| NodeError::Training(e.to_string()))?;
+        *theta = next;
+        let next_hash = match result {
+            Ok(hash) => hash,
+            Err(e) => {
+                return Ok(Some(Applied::Unavailable(format!(
+                    "the accepted updates of round {round} do not aggregate: {e}"
+                ))));
+            }
+        };
+        if next_hash != manifest.next_params_hash {
+            return Ok(Some(Applied::Mismatch {
+                hash: next_hash,
+                reason: format!(
+                    "after round {round} our params hash to {}, the manifest says {}",
+                    next_hash.short(),
+                    manifest.next_params_hash.short()
+                ),
+            }));
+        }
+        *optimizer = next_optimizer;
+        Ok(Some(Applied::Matched(next_hash)))
     }
 
     /// Keeps a signed manifest that names us: proof of our contribution.
@@ -1156,8 +1234,7 @@ impl Node {
                 .iter()
                 .find(|s| s.hash == *shard)
                 .map(|s| s.bytes);
-            let providers = self.providers(shard, None).await;
-            match self.fetch(shard, size, &providers, "shard").await {
+            match self.fetch(shard, size, None, "shard").await {
                 Ok(()) => {}
                 Err(NodeError::Fetch(FetchError::Cancelled)) => return Ok(None),
                 Err(NodeError::Fetch(e)) => {

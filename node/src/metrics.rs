@@ -23,6 +23,12 @@ pub struct NodeMetrics {
     pub worker_failures: AtomicU64,
     pub current_round: AtomicU64,
     pub workers: AtomicU64,
+    /// Blob bytes served, to anyone, and to other nodes (not the coordinator).
+    pub blob_bytes_served: AtomicU64,
+    pub blob_bytes_served_to_peers: AtomicU64,
+    /// Blob bytes fetched, from anyone, and from the coordinator.
+    pub blob_bytes_fetched: AtomicU64,
+    pub blob_bytes_fetched_from_coordinator: AtomicU64,
     /// f32 bits of the last inner step's training loss (NaN before any).
     pub last_loss: AtomicU64,
     /// Tokens each worker trained, by worker index.
@@ -64,7 +70,31 @@ impl NodeMetrics {
     pub fn render(&self) -> String {
         let get = |cell: &AtomicU64| cell.load(Ordering::Relaxed).to_string();
         let loss = f64::from_bits(self.last_loss.load(Ordering::Relaxed));
-        let series: [(&str, &str, &str, String); 12] = [
+        let series: [(&str, &str, &str, String); 16] = [
+            (
+                "blob_served_bytes_total",
+                "counter",
+                "Blob bytes this node served (shards, updates, checkpoints).",
+                get(&self.blob_bytes_served),
+            ),
+            (
+                "blob_served_to_peers_bytes_total",
+                "counter",
+                "Blob bytes this node served to other nodes (the coordinator excluded).",
+                get(&self.blob_bytes_served_to_peers),
+            ),
+            (
+                "blob_fetched_bytes_total",
+                "counter",
+                "Blob bytes this node fetched.",
+                get(&self.blob_bytes_fetched),
+            ),
+            (
+                "blob_fetched_from_coordinator_bytes_total",
+                "counter",
+                "Blob bytes this node fetched from the coordinator.",
+                get(&self.blob_bytes_fetched_from_coordinator),
+            ),
             (
                 "rounds_applied_total",
                 "counter",

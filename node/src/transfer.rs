@@ -85,8 +85,18 @@ pub struct FetchReport {
     pub bytes_fetched: u64,
     /// Providers that served at least one chunk.
     pub providers_used: Vec<PeerId>,
+    /// Bytes each provider served in this run (chunks later replaced while
+    /// hunting a liar included).
+    pub bytes_by_provider: BTreeMap<PeerId, u64>,
     /// Providers dropped for misbehaving, with the reason.
     pub bad_providers: Vec<(PeerId, String)>,
+}
+
+impl FetchReport {
+    /// Bytes `peer` served in this fetch.
+    pub fn bytes_from(&self, peer: &PeerId) -> u64 {
+        self.bytes_by_provider.get(peer).copied().unwrap_or(0)
+    }
 }
 
 /// Progress callbacks (download bars).
@@ -171,6 +181,7 @@ impl Fetcher {
             chunks_fetched: 0,
             bytes_fetched: 0,
             providers_used: Vec::new(),
+            bytes_by_provider: BTreeMap::new(),
             bad_providers: Vec::new(),
         };
         if let Some(size) = self.store.size(&hash) {
@@ -569,6 +580,7 @@ impl Fetcher {
                     served_by.insert(chunk, Some(index));
                     report.chunks_fetched += 1;
                     report.bytes_fetched += len;
+                    *report.bytes_by_provider.entry(peer).or_default() += len;
                     if let Some(progress) = &self.progress {
                         let done =
                             (total_chunks - partial.missing().len() as u64).min(total_chunks);

@@ -487,6 +487,10 @@ struct FakeCoordinator {
     /// Answer the first manifest poll of round 0 with one signed by an impostor.
     forge_first_manifest: bool,
     commits: u64,
+    /// Body hash of the last manifest: the chain's head.
+    head: Hash,
+    /// Sign, for this round, a manifest that does not extend the one before.
+    break_chain_at: Option<u64>,
 }
 
 impl FakeCoordinator {
@@ -495,7 +499,7 @@ impl FakeCoordinator {
             run_id: self.run.run_id.clone(),
             round: self.round,
             params_hash: Hash::of_f32s(&self.theta),
-            previous_manifest: Hash::ZERO,
+            previous_manifest: self.head,
             assignments: vec![Assignment {
                 node,
                 shards: vec![self.shard],
@@ -543,7 +547,7 @@ impl FakeCoordinator {
                         current_round: self.round,
                         params_hash: Hash::of_f32s(&self.theta),
                         checkpoint: None,
-                        head_manifest: Hash::ZERO,
+                        head_manifest: self.head,
                     };
                     CoordinatorResponse::Welcome(Signed::sign(&self.key, &welcome).unwrap())
                 }
@@ -577,10 +581,14 @@ impl FakeCoordinator {
                         &[(&payload, 1.0)],
                     )
                     .unwrap();
+                    let previous_manifest = match self.break_chain_at {
+                        Some(round) if round == self.round => Hash::of(b"a rewritten history"),
+                        _ => self.head,
+                    };
                     let manifest = Manifest {
                         run_id: self.run.run_id.clone(),
                         round: self.round,
-                        previous_manifest: Hash::ZERO,
+                        previous_manifest,
                         base_params_hash: base,
                         accepted: vec![AcceptedUpdate {
                             node: NodeId(signed.signer),
@@ -596,8 +604,9 @@ impl FakeCoordinator {
                         next_params_hash: Hash::of_f32s(&self.theta),
                         closed_at_ms: 0,
                     };
-                    self.manifests
-                        .insert(self.round, Signed::sign(&self.key, &manifest).unwrap());
+                    let signed_manifest = Signed::sign(&self.key, &manifest).unwrap();
+                    self.head = signed_manifest.body_hash();
+                    self.manifests.insert(self.round, signed_manifest);
                     self.round += 1;
                     CoordinatorResponse::CommitAccepted {
                         round: commit.round,
@@ -631,8 +640,16 @@ impl FakeCoordinator {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart() {
+/// A fake coordinator serving on loopback, and what a test needs of it.
+struct RunningFake {
+    addr: libp2p::Multiaddr,
+    shard_bytes: u64,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<(FakeCoordinator, Peer)>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_fake(forge_first_manifest: bool, break_chain_at: Option<u64>) -> RunningFake {
     let coordinator_dir = tempfile::tempdir().unwrap();
     let coordinator_store = Arc::new(BlobStore::open(coordinator_dir.path()).unwrap());
     let text = barnraise_trainer::data::corpus::generate(5, 20_000);
@@ -674,11 +691,13 @@ async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart()
         shard,
         round: 0,
         manifests: BTreeMap::new(),
-        forge_first_manifest: true,
+        forge_first_manifest,
         commits: 0,
+        head: Hash::ZERO,
+        break_chain_at,
     };
     let coordinator = spawn_peer(40, coordinator_store.clone(), true).await;
-    let coordinator_addr = coordinator
+    let addr = coordinator
         .addr
         .clone()
         .with(libp2p::multiaddr::Protocol::P2p(
@@ -689,9 +708,21 @@ async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart()
         coordinator_store.clone(),
         RateLimiter::unlimited(),
     );
-    let stop_fake = CancellationToken::new();
-    let fake_task = tokio::spawn(fake.serve(coordinator, fetcher, stop_fake.clone()));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(fake.serve(coordinator, fetcher, stop.clone()));
+    RunningFake {
+        addr,
+        shard_bytes: shard_bytes.len() as u64,
+        stop,
+        task,
+        _dir: coordinator_dir,
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart() {
+    let fake = start_fake(true, None).await;
+    let coordinator_addr = fake.addr.clone();
     let node_dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
         coordinator: coordinator_addr,
@@ -716,7 +747,7 @@ async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart()
         "the forged manifest was ignored, not applied: {first_events:?}"
     );
     assert!(
-        summary.bytes_downloaded >= shard_bytes.len() as u64,
+        summary.bytes_downloaded >= fake.shard_bytes,
         "the shard came over the network"
     );
     assert!(
@@ -782,14 +813,58 @@ async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart()
         "nothing fetched again after the restart"
     );
 
-    stop_fake.cancel();
-    let (fake, coordinator) = fake_task.await.unwrap();
+    fake.stop.cancel();
+    let (fake, coordinator) = fake.task.await.unwrap();
     assert_eq!(fake.commits, 3);
     assert_eq!(
         summary2.final_params_hash,
         Some(Hash::of_f32s(&fake.theta)),
         "node and coordinator hold the same params"
     );
+    coordinator.stop().await;
+}
+
+/// The manifest chain (docs/security.md, "The chain is checked"): a
+/// coordinator that signs a manifest which does not extend the one the node
+/// applied last has rewritten its history; the node refuses to follow it
+/// and stops with an error that names both hashes, rather than applying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_that_breaks_the_chain_stops_the_node() {
+    let fake = start_fake(false, Some(1)).await;
+    let node_dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        coordinator: fake.addr.clone(),
+        data_dir: node_dir.path().to_path_buf(),
+        device: "cpu".into(),
+        max_rounds: Some(3),
+        poll_interval_ms: 100,
+        ..NodeConfig::default()
+    };
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(1024);
+    let result = run_node(config, CancellationToken::new(), Some(events_tx)).await;
+    let message = match result {
+        Err(e @ barnraise_node::NodeError::Chain(_)) => e.to_string(),
+        other => panic!("expected a chain error, got {other:?}"),
+    };
+    assert!(
+        message.contains("round 1") && message.contains("rewritten"),
+        "{message}"
+    );
+    let mut applied = Vec::new();
+    while let Ok(event) = events_rx.try_recv() {
+        if let NodeEvent::RoundApplied { round, matched, .. } = event {
+            applied.push((round, matched));
+        }
+    }
+    assert_eq!(applied, vec![(0, true)], "round 1 was not applied");
+    // The saved state stays at round 1: θ_1, which the genuine chain reached.
+    let saved = barnraise_node::state::StateDir::new(node_dir.path())
+        .load()
+        .unwrap()
+        .unwrap();
+    assert_eq!(saved.record.round, 1);
+    fake.stop.cancel();
+    let (_, coordinator) = fake.task.await.unwrap();
     coordinator.stop().await;
 }
 

@@ -18,6 +18,14 @@ pub const INITIAL_BUFFER: usize = 64 * 1024;
 
 /// Reads one length-prefixed message of kind `M`.
 pub async fn read_framed<M: Framed, T: AsyncRead + Unpin>(io: &mut T) -> io::Result<M> {
+    read_framed_counted(io).await.map(|(message, _)| message)
+}
+
+/// Reads one length-prefixed message of kind `M`, and says how many bytes
+/// it took on the wire (prefix included).
+pub async fn read_framed_counted<M: Framed, T: AsyncRead + Unpin>(
+    io: &mut T,
+) -> io::Result<(M, u64)> {
     let mut prefix = [0u8; 4];
     io.read_exact(&mut prefix).await?;
     let len = u32::from_le_bytes(prefix) as usize;
@@ -38,15 +46,18 @@ pub async fn read_framed<M: Framed, T: AsyncRead + Unpin>(io: &mut T) -> io::Res
             format!("message cut short at {} of {len} bytes", buf.len()),
         ));
     }
-    M::from_wire(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    let message = M::from_wire(&buf)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    Ok((message, 4 + len as u64))
 }
 
 /// Writes one length-prefixed message, refusing one over its kind's cap
-/// (the peer would refuse it anyway).
+/// (the peer would refuse it anyway). Returns the bytes written, prefix
+/// included.
 pub async fn write_framed<M: Framed, T: AsyncWrite + Unpin>(
     io: &mut T,
     message: &M,
-) -> io::Result<()> {
+) -> io::Result<u64> {
     let bytes = message
         .to_wire()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -64,7 +75,8 @@ pub async fn write_framed<M: Framed, T: AsyncWrite + Unpin>(
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "message too long"))?;
     io.write_all(&len.to_le_bytes()).await?;
     io.write_all(&bytes).await?;
-    io.flush().await
+    io.flush().await?;
+    Ok(4 + u64::from(len))
 }
 
 #[cfg(test)]
@@ -87,9 +99,12 @@ mod tests {
             len: 1024,
         };
         let mut buf = Vec::new();
-        block_on(write_framed(&mut Cursor::new(&mut buf), &request)).unwrap();
-        let back: BlobRequest = block_on(read_framed(&mut Cursor::new(&buf))).unwrap();
+        let written = block_on(write_framed(&mut Cursor::new(&mut buf), &request)).unwrap();
+        assert_eq!(written, buf.len() as u64, "the count is the bytes on the wire");
+        let (back, read): (BlobRequest, u64) =
+            block_on(read_framed_counted(&mut Cursor::new(&buf))).unwrap();
         assert_eq!(back, request);
+        assert_eq!(read, written);
 
         // One over the cap, and u32::MAX: refused before reading on.
         for claimed in [MAX_BLOB_REQUEST_BYTES as u32 + 1, u32::MAX] {

@@ -6,7 +6,7 @@
 
 use anyhow::Context;
 use barnraise_coordinator::config::{CoordinatorConfig, DatasetSource, Quorum};
-use barnraise_coordinator::summary::{CoordinatorEvent, RunSummary};
+use barnraise_coordinator::summary::{CoordinatorEvent, NetworkTotals, RunSummary};
 use barnraise_node::{NodeConfig, NodeEvent, NodeSummary};
 use barnraise_trainer::ModelConfig;
 use barnraise_trainer::bench::human_bytes;
@@ -275,6 +275,9 @@ pub struct UpReport {
     pub compression_ratio: f64,
     pub nodes_in_agreement: usize,
     pub node_summaries: Vec<NodeLine>,
+    /// Who moved the bytes: the coordinator's egress and ingress by kind,
+    /// what nodes served each other, and the accepted updates' total size.
+    pub network: NetworkTotals,
     pub summary: RunSummary,
 }
 
@@ -285,6 +288,11 @@ pub struct NodeLine {
     pub rounds_applied: u64,
     pub tokens: u64,
     pub final_params_hash: Option<String>,
+    /// Blob bytes this node served to other nodes.
+    pub served_to_peers_bytes: u64,
+    /// Blob bytes it fetched, and how many of them came from the coordinator.
+    pub downloaded_bytes: u64,
+    pub from_coordinator_bytes: u64,
 }
 
 impl UpReport {
@@ -315,6 +323,10 @@ impl UpReport {
             0.0
         };
         let final_hash = summary.rounds.last().map(|r| r.next_params_hash.clone());
+        let network = NetworkTotals {
+            peer_served_bytes: nodes.iter().map(|(_, s)| s.bytes_served_to_peers).sum(),
+            ..summary.network.clone()
+        };
         let node_summaries: Vec<NodeLine> = nodes
             .into_iter()
             .map(|(index, s)| NodeLine {
@@ -323,6 +335,9 @@ impl UpReport {
                 rounds_applied: s.rounds_completed,
                 tokens: s.tokens_trained,
                 final_params_hash: s.final_params_hash.map(|h| h.to_hex()),
+                served_to_peers_bytes: s.bytes_served_to_peers,
+                downloaded_bytes: s.bytes_downloaded,
+                from_coordinator_bytes: s.bytes_from_coordinator,
             })
             .collect();
         let nodes_in_agreement = node_summaries
@@ -351,6 +366,7 @@ impl UpReport {
             },
             nodes_in_agreement,
             node_summaries,
+            network,
             rounds: summary.rounds.clone(),
             summary,
         }
@@ -403,6 +419,20 @@ impl std::fmt::Display for UpReport {
             human_bytes(self.data_parallel_bytes),
             self.communication_reduction,
             self.compression_ratio
+        )?;
+        let n = &self.network;
+        writeln!(
+            f,
+            "network: the coordinator sent {} ({} shards, {} checkpoints, {} updates, {} messages) \
+             and received {}; nodes served each other {}; accepted updates total {}",
+            human_bytes(n.coordinator_egress_bytes),
+            human_bytes(n.coordinator_shard_bytes),
+            human_bytes(n.coordinator_state_bytes),
+            human_bytes(n.coordinator_update_bytes),
+            human_bytes(n.coordinator_message_bytes),
+            human_bytes(n.coordinator_ingress_bytes),
+            human_bytes(n.peer_served_bytes),
+            human_bytes(n.update_bytes),
         )?;
         writeln!(
             f,

@@ -30,9 +30,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-/// Kademlia and identify protocol names of barnraise meshes (kept apart
-/// from the public IPFS DHT).
-use barnraise_mesh::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+/// The identify protocol name of barnraise meshes.
+use barnraise_mesh::IDENTIFY_PROTOCOL;
 /// Application-score penalty per offence (serving wrong bytes, lying about
 /// a size). With weight 1, two offences cross gossipsub's graylist threshold.
 const PENALTY_PER_OFFENCE: f64 = -50.0;
@@ -117,16 +116,7 @@ impl EventLoop {
             .map_err(|e| build(&e))?
             .with_behaviour(|key, relay| {
                 let peer_id = key.public().to_peer_id();
-                let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
-                kad_config.set_query_timeout(Duration::from_secs(20));
-                let mut kad = kad::Behaviour::with_config(
-                    peer_id,
-                    kad::store::MemoryStore::new(peer_id),
-                    kad_config,
-                );
-                // Small private meshes have no confirmed public addresses, so
-                // automatic mode would leave every node a DHT client.
-                kad.set_mode(Some(kad::Mode::Server));
+                let kad = barnraise_mesh::dht::behaviour(peer_id);
                 let mut gossipsub = gossipsub::Behaviour::new(
                     gossipsub::MessageAuthenticity::Signed(key.clone()),
                     gossip,
@@ -365,7 +355,7 @@ impl EventLoop {
                     .swarm
                     .behaviour_mut()
                     .kad
-                    .start_providing(kad::RecordKey::new(&hash.0))
+                    .start_providing(barnraise_mesh::dht::key(&hash))
                 {
                     tracing::debug!("announcing blob {hash}: {e}");
                 }
@@ -375,7 +365,7 @@ impl EventLoop {
                     .swarm
                     .behaviour_mut()
                     .kad
-                    .get_providers(kad::RecordKey::new(&hash.0));
+                    .get_providers(barnraise_mesh::dht::key(&hash));
                 self.pending_providers.insert(id, (HashSet::new(), reply));
             }
             Command::Penalize { peer, reason } => {
@@ -507,7 +497,7 @@ impl EventLoop {
             BehaviourEvent::Coordinator(event) => self.handle_coordinator_event(event),
             BehaviourEvent::Blob(event) => self.handle_blob_event(event),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
-                for addr in info.listen_addrs {
+                for addr in info.listen_addrs.into_iter().take(16) {
                     // Loopback and private addresses are fine here: tests and
                     // LAN clusters rely on them.
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
