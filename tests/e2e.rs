@@ -12,6 +12,7 @@ mod support;
 use barnraise_coordinator::{CoordinatorEvent, Ledger};
 use barnraise_node::Misbehaviour;
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 use support::*;
@@ -519,6 +520,137 @@ fn nodes_serve_each_other_and_the_coordinator_sends_each_blob_at_most_once() {
         );
         assert!(n.coordinator_ingress_bytes >= n.update_bytes, "{n:?}");
     });
+}
+
+/// NAT traversal with the real binary (issue #12), in network namespaces
+/// (scripts/netns-nat.sh): the coordinator and one node on "the internet",
+/// two nodes each behind their own masquerading router that lets no
+/// unsolicited connection in. The NATed nodes learn from AutoNAT that they
+/// are private, reserve a slot on the coordinator's relay, and serve their
+/// updates to the other nodes through it; every node ends on the ledger's
+/// final params hash. Needs root and iptables (`.ci/run` installs it); set
+/// BARNRAISE_SKIP_NETNS=1 to skip it on a machine without them.
+#[test]
+fn nodes_behind_nat_take_part_through_the_relay() {
+    if let Some(why) = support::netns::unavailable() {
+        if std::env::var_os("BARNRAISE_SKIP_NETNS").is_some() {
+            eprintln!("skipping the NAT test: {why}");
+            return;
+        }
+        panic!("the NAT test cannot run: {why}; set BARNRAISE_SKIP_NETNS=1 to skip it");
+    }
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    use support::netns::{Internet, Process};
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = 4;
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"run_id = "nat"
+model = "tiny"
+inner_steps = 10
+batch_size = 8
+seq_len = 64
+codec = "int8"
+quorum = 1.0
+min_nodes = 3
+total_rounds = {rounds}
+round_deadline_secs = 120
+linger_secs = 30
+listen = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
+http = "127.0.0.1:8080"
+data_dir = "{}"
+
+[dataset]
+source = "builtin"
+shards = 12
+shard_tokens = 16384
+seed = 7
+"#,
+            dir.path().join("coordinator").display()
+        ),
+    )
+    .unwrap();
+    let internet = Internet::up();
+    let config_arg = config.to_str().unwrap();
+    let mut coordinator = Process::start(
+        &internet.ns("pub"),
+        "coordinator",
+        &["coordinator", "--config", config_arg],
+        dir.path(),
+    );
+    let addr = coordinator.wait_for_line("coordinator listening on ", MINUTES);
+    let peer = addr.rsplit("/p2p/").next().unwrap().to_string();
+    // Each node dials the coordinator at the address its network reaches.
+    let nodes_spec = [
+        ("home1", format!("/ip4/10.77.1.1/tcp/4001/p2p/{peer}"), "relayed"),
+        ("home2", format!("/ip4/10.77.2.1/tcp/4001/p2p/{peer}"), "relayed"),
+        ("pub", format!("/ip4/10.77.1.1/tcp/4001/p2p/{peer}"), "public"),
+    ];
+    let mut nodes: Vec<(Process, PathBuf, &str)> = nodes_spec
+        .iter()
+        .map(|(ns, coordinator, expected)| {
+            let data_dir = dir.path().join(format!("node-{ns}"));
+            let process = Process::start(
+                &internet.ns(ns),
+                &format!("node-{ns}"),
+                &[
+                    "node",
+                    "--coordinator",
+                    coordinator,
+                    "--run-id",
+                    "nat",
+                    "--data-dir",
+                    data_dir.to_str().unwrap(),
+                    "--listen",
+                    "/ip4/0.0.0.0/tcp/0",
+                    "--listen",
+                    "/ip4/0.0.0.0/udp/0/quic-v1",
+                ],
+                dir.path(),
+            );
+            (process, data_dir, *expected)
+        })
+        .collect();
+    coordinator.wait_success(5 * MINUTES);
+    let ledger = Ledger::open_existing(&dir.path().join("coordinator/ledger.sqlite")).unwrap();
+    let summary = barnraise_coordinator::RunSummary::from_ledger(&ledger).unwrap();
+    assert_eq!(summary.rounds.len(), rounds as usize);
+    let final_hash = summary.rounds.last().unwrap().next_params_hash.clone();
+    for round in &summary.rounds {
+        assert_eq!(round.accepted, 3, "every node counted in every round: {round:?}");
+    }
+    let mut served_by_nated = 0;
+    for (process, data_dir, expected) in &mut nodes {
+        process.wait_success(MINUTES);
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(data_dir.join("last-run.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            record["final_params_hash"].as_str(),
+            Some(final_hash.as_str()),
+            "{}: {record}",
+            process.name
+        );
+        assert_eq!(
+            record["reachability"].as_str(),
+            Some(*expected),
+            "{}: {record}\n{}",
+            process.name,
+            process.log_text()
+        );
+        if *expected == "relayed" {
+            served_by_nated += record["bytes_served_to_peers"].as_u64().unwrap();
+        }
+    }
+    assert!(
+        served_by_nated > 0,
+        "the NATed nodes served their updates to other nodes"
+    );
+    drop(nodes);
+    drop(coordinator);
+    drop(internet);
 }
 
 #[test]

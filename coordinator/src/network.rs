@@ -20,7 +20,8 @@ use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, kad, noise, ping, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, gossipsub, identify, kad, noise, ping,
+    relay, tcp, yamux,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,6 +113,43 @@ pub struct Behaviour {
     /// The run's DHT, in server mode: nodes bootstrap from the coordinator
     /// and find each other as providers through it.
     kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// A circuit relay for nodes behind NATs (bounded by [`relay_config`]).
+    relay: relay::Behaviour,
+    /// AutoNAT: dials nodes back so they learn whether they are reachable.
+    autonat: autonat::Behaviour,
+}
+
+/// Relay reservations at once, in all and per node.
+pub const RELAY_MAX_RESERVATIONS: usize = 1024;
+pub const RELAY_MAX_RESERVATIONS_PER_PEER: usize = 2;
+/// Relayed connections at once, in all and per node.
+pub const RELAY_MAX_CIRCUITS: usize = 256;
+pub const RELAY_MAX_CIRCUITS_PER_PEER: usize = 8;
+/// A relayed connection ends after this long or this many bytes (then the
+/// peers reconnect, directly after hole punching if they can).
+pub const RELAY_MAX_CIRCUIT_DURATION: Duration = Duration::from_secs(10 * 60);
+pub const RELAY_MAX_CIRCUIT_BYTES: u64 = 64 << 20;
+
+/// The relay server's limits (docs/running-a-coordinator.md, "Relay").
+pub fn relay_config() -> relay::Config {
+    relay::Config {
+        max_reservations: RELAY_MAX_RESERVATIONS,
+        max_reservations_per_peer: RELAY_MAX_RESERVATIONS_PER_PEER,
+        reservation_duration: Duration::from_secs(3600),
+        max_circuits: RELAY_MAX_CIRCUITS,
+        max_circuits_per_peer: RELAY_MAX_CIRCUITS_PER_PEER,
+        max_circuit_duration: RELAY_MAX_CIRCUIT_DURATION,
+        max_circuit_bytes: RELAY_MAX_CIRCUIT_BYTES,
+        ..relay::Config::default()
+    }
+    // A flood of reservations from one peer or one address is refused.
+    .reservation_rate_per_peer(nonzero(4), Duration::from_secs(60))
+    .reservation_rate_per_ip(nonzero(32), Duration::from_secs(60))
+    .circuit_src_per_peer(nonzero(60), Duration::from_secs(60))
+}
+
+fn nonzero(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN)
 }
 
 /// What the service asks of the loop.
@@ -353,6 +391,18 @@ pub async fn new(
                 )),
                 ping: ping::Behaviour::default(),
                 kad: barnraise_mesh::dht::behaviour(key.public().to_peer_id()),
+                relay: relay::Behaviour::new(key.public().to_peer_id(), relay_config()),
+                autonat: autonat::Behaviour::new(
+                    key.public().to_peer_id(),
+                    autonat::Config {
+                        // LAN clusters and private networks are real
+                        // deployments; dial-backs go to the address the
+                        // node was observed at, nowhere else.
+                        only_global_ips: false,
+                        throttle_clients_global_max: 60,
+                        ..autonat::Config::default()
+                    },
+                ),
             })
         })
         .map_err(|e| setup(&e))?
@@ -394,6 +444,11 @@ pub async fn new(
             Err(_) if !addrs.is_empty() => break,
             Err(_) => return Err(NetworkError::NoListenAddress(wait)),
         }
+    }
+    // What we listen on is where nodes reach us: the relay server puts these
+    // in reservations, AutoNAT and identify announce them.
+    for addr in &addrs {
+        swarm.add_external_address(addr.clone());
     }
     let (command_tx, command_rx) = mpsc::channel(256);
     let (event_tx, event_rx) = mpsc::channel(256);

@@ -129,6 +129,10 @@ pub struct NodeSummary {
     pub bytes_served_to_peers: u64,
     /// Of `bytes_downloaded`: blob bytes fetched from the coordinator.
     pub bytes_from_coordinator: u64,
+    /// How peers could reach us when we stopped (`Reachability::label`).
+    pub reachability: Option<String>,
+    /// Relayed links that hole punching made direct.
+    pub hole_punches: u64,
     pub resyncs: u64,
     /// Closed rounds replayed from their manifests while catching up.
     pub rounds_replayed: u64,
@@ -289,6 +293,10 @@ pub async fn run_node(
         .metrics
         .blob_bytes_served_to_peers
         .load(Ordering::Relaxed);
+    if let Ok(status) = node.client.status().await {
+        summary.reachability = Some(status.reachability.label().to_string());
+        summary.hole_punches = status.hole_punches;
+    }
     // Say goodbye if we can; the coordinator copes if we cannot.
     node.leave().await;
     network_shutdown.cancel();
@@ -490,6 +498,12 @@ impl Node {
             return Ok(Some(peer));
         }
         let addr = self.config.coordinator.clone();
+        if addr.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+            // Known before the first connection, so the network treats the
+            // coordinator as our relay from its first identify on (it then
+            // also connects over QUIC, for hole punching).
+            self.client.add_relay(addr.clone()).await?;
+        }
         if addr.is_empty() {
             return Err(NodeError::Coordinator(
                 addr,

@@ -343,6 +343,13 @@ async fn network_checks(config: &NodeConfig, key: &SigningKey, checks: &mut Vec<
     let task = tokio::spawn(event_loop.run(shutdown.clone()));
 
     let coordinator = config.coordinator.clone();
+    if coordinator
+        .iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+    {
+        // As the daemon does: the coordinator is our relay and AutoNAT server.
+        let _ = client.add_relay(coordinator.clone()).await;
+    }
     let dialled = tokio::time::timeout(DIAL_TIMEOUT, client.dial(coordinator.clone())).await;
     let peer = match dialled {
         Ok(Ok(peer)) => {
@@ -393,7 +400,13 @@ async fn network_checks(config: &NodeConfig, key: &SigningKey, checks: &mut Vec<
         }
         link_checks(&client, peer, checks).await;
     }
-    reachability(&client, &listen, checks).await;
+    // Without the coordinator there is no one to dial us back: no waiting.
+    let wait = if peer.is_some() {
+        REACHABILITY_WAIT
+    } else {
+        Duration::ZERO
+    };
+    reachability(&client, &listen, wait, checks).await;
     shutdown.cancel();
     let _ = task.await;
 }
@@ -535,17 +548,35 @@ async fn link_checks(client: &network::Client, peer: libp2p::PeerId, checks: &mu
     ));
 }
 
+/// How long `doctor` waits for AutoNAT and the relay to settle.
+const REACHABILITY_WAIT: Duration = Duration::from_secs(15);
+
 async fn reachability(
     client: &network::Client,
     listen: &[libp2p::Multiaddr],
+    wait: Duration,
     checks: &mut Vec<Check>,
 ) {
-    let status = match client.status().await {
-        Ok(status) => status,
-        Err(e) => {
-            checks.push(check("reachability", Verdict::Warn, e.to_string(), None));
-            return;
+    // AutoNAT asks the coordinator to dial us back a couple of seconds
+    // after we connect; a private node then reserves a relay slot. Wait for
+    // a verdict, but not forever.
+    let deadline = tokio::time::Instant::now() + wait;
+    let status = loop {
+        let status = match client.status().await {
+            Ok(status) => status,
+            Err(e) => {
+                checks.push(check("reachability", Verdict::Warn, e.to_string(), None));
+                return;
+            }
+        };
+        let settled = matches!(
+            status.reachability,
+            Reachability::Public(_) | Reachability::Relayed(_)
+        );
+        if settled || tokio::time::Instant::now() >= deadline {
+            break status;
         }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let public_listen = listen.iter().find(|addr| {
         addr.iter().any(|p| match p {
@@ -574,9 +605,13 @@ async fn reachability(
         (Reachability::Relayed(addr), _) => (
             Verdict::Ok,
             format!(
-                "behind NAT, relayed through {addr}; hole punching upgrades direct links when it can"
+                "behind NAT: the coordinator could not dial us back, so peers reach us through \
+                 its relay at {addr}; hole punching (over QUIC) upgrades links to direct ones \
+                 where both routers allow it"
             ),
-            None,
+            Some(
+                "relayed transfers go through the coordinator and are capped; forwarding the listen port (a fixed --listen port) makes you directly reachable",
+            ),
         ),
         (_, Some(addr)) => (Verdict::Ok, format!("public address {addr}"), None),
         (Reachability::Private, None) => (

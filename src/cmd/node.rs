@@ -242,21 +242,45 @@ async fn run_daemon(config: NodeConfig) -> anyhow::Result<()> {
     });
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(256);
     let display = barnraise_node::progress::spawn_display(events_rx, want_bars());
+    let summary_path = config.data_dir.join("last-run.json");
     let result = run_node(config, shutdown, Some(events_tx)).await;
     let _ = display.await;
     let summary = result?;
+    // What this run did, for scripts and service monitors.
+    let record = serde_json::json!({
+        "node": summary.node.map(|n| n.to_string()),
+        "rounds_applied": summary.rounds_completed,
+        "rounds_trained": summary.rounds_trained,
+        "rounds_replayed": summary.rounds_replayed,
+        "tokens_trained": summary.tokens_trained,
+        "resyncs": summary.resyncs,
+        "bytes_uploaded": summary.bytes_uploaded,
+        "bytes_served_to_peers": summary.bytes_served_to_peers,
+        "bytes_downloaded": summary.bytes_downloaded,
+        "bytes_from_coordinator": summary.bytes_from_coordinator,
+        "reachability": summary.reachability,
+        "hole_punches": summary.hole_punches,
+        "final_params_hash": summary.final_params_hash.map(|h| h.to_hex()),
+    });
+    if let Err(e) = std::fs::write(&summary_path, format!("{record:#}\n")) {
+        tracing::warn!("could not write {}: {e}", summary_path.display());
+    }
     let params = summary
         .final_params_hash
         .map(|h| h.short())
         .unwrap_or_else(|| "-".into());
     eprintln!(
-        "node stopped: {} rounds applied, {} trained, {} tokens, {} resyncs, {:.1} MB up, {:.1} MB down, params {params}",
+        "node stopped: {} rounds applied, {} trained, {} tokens, {} resyncs, {:.1} MB up ({:.1} MB to other nodes), \
+         {:.1} MB down ({:.1} MB from the coordinator), reachability {}, params {params}",
         summary.rounds_completed,
         summary.rounds_trained,
         summary.tokens_trained,
         summary.resyncs,
         summary.bytes_uploaded as f64 / 1e6,
+        summary.bytes_served_to_peers as f64 / 1e6,
         summary.bytes_downloaded as f64 / 1e6,
+        summary.bytes_from_coordinator as f64 / 1e6,
+        summary.reachability.as_deref().unwrap_or("unknown"),
     );
     Ok(())
 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use barnraise_coordinator::{CoordinatorConfig, CoordinatorHandle, DatasetSource, Quorum};
 use barnraise_node::{NodeConfig, NodeError, NodeSummary};
 use std::path::{Path, PathBuf};

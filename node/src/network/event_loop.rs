@@ -60,6 +60,10 @@ pub struct EventLoop {
     coordinator_key: Option<PublicKey>,
     topics: HashMap<gossipsub::TopicHash, Topic>,
     relays: Vec<Multiaddr>,
+    /// Relays we also dialled over QUIC (see `dial_relay_over_quic`).
+    quic_dialled: HashSet<PeerId>,
+    hole_punches: u64,
+    hole_punches_failed: u64,
     relay_listening: bool,
     penalties: HashMap<PeerId, f64>,
     served_tx: mpsc::Sender<(PeerId, ResponseChannel<BlobResponse>, BlobResponse)>,
@@ -141,14 +145,23 @@ impl EventLoop {
                     boot_delay: Duration::from_secs(2),
                     retry_interval: Duration::from_secs(30),
                     refresh_interval: Duration::from_secs(300),
+                    // A status from one failed dial-back is enough to try the
+                    // relay; later probes raise or lower it.
+                    confidence_max: 1,
+                    throttle_server_period: Duration::from_secs(10),
+                    // LAN peers count as servers: on a private network
+                    // reachable means reachable by the run.
+                    only_global_ips: false,
                     ..Default::default()
                 };
                 Ok(Behaviour {
                     limits: connection_limits::Behaviour::new(limits),
-                    identify: identify::Behaviour::new(identify::Config::new(
-                        IDENTIFY_PROTOCOL.to_string(),
-                        key.public(),
-                    )),
+                    // Pushing new listen addresses tells peers (the coordinator's
+                    // DHT first) about a relayed address as soon as it is up.
+                    identify: identify::Behaviour::new(
+                        identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                            .with_push_listen_addr_updates(true),
+                    ),
                     ping: ping::Behaviour::new(ping::Config::new()),
                     kad,
                     gossipsub,
@@ -192,6 +205,9 @@ impl EventLoop {
             coordinator_key: config.coordinator_key,
             topics: HashMap::new(),
             relays: Vec::new(),
+            quic_dialled: HashSet::new(),
+            hole_punches: 0,
+            hole_punches_failed: 0,
             relay_listening: false,
             penalties: HashMap::new(),
             served_tx,
@@ -341,7 +357,22 @@ impl EventLoop {
             Command::SetCoordinatorKey { key } => self.coordinator_key = Some(key),
             Command::AddRelay { addr } => {
                 if !self.relays.contains(&addr) {
-                    self.relays.push(addr);
+                    self.relays.push(addr.clone());
+                }
+                // The relay (the coordinator) is also our AutoNAT server.
+                let peer = addr.iter().find_map(|p| match p {
+                    Protocol::P2p(peer) => Some(peer),
+                    _ => None,
+                });
+                if let Some(peer) = peer {
+                    let dial: Multiaddr = addr
+                        .iter()
+                        .filter(|p| !matches!(p, Protocol::P2p(_)))
+                        .collect();
+                    self.swarm
+                        .behaviour_mut()
+                        .autonat
+                        .add_server(peer, Some(dial));
                 }
                 if matches!(
                     self.swarm.behaviour().autonat.nat_status(),
@@ -405,6 +436,42 @@ impl EventLoop {
             external_addrs: self.swarm.external_addresses().cloned().collect(),
             reachability,
             connected_peers: self.swarm.connected_peers().copied().collect(),
+            hole_punches: self.hole_punches,
+            hole_punches_failed: self.hole_punches_failed,
+        }
+    }
+
+    /// Hole punching works over QUIC: its one UDP socket both listens and
+    /// dials, so the NAT mapping the relay (the coordinator) observes is the
+    /// one a peer can punch through to. TCP dials come from fresh ports and
+    /// rarely punch through. So once we know a relay's QUIC addresses, we
+    /// also connect to it over QUIC; identify then reports our QUIC mapping
+    /// as an address candidate for DCUtR.
+    fn dial_relay_over_quic(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        let is_relay = self.relays.iter().any(|relay| {
+            relay
+                .iter()
+                .any(|p| matches!(p, Protocol::P2p(id) if id == peer))
+        });
+        if !is_relay || self.quic_dialled.contains(&peer) {
+            return;
+        }
+        let quic: Vec<Multiaddr> = addrs
+            .iter()
+            .filter(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1)))
+            .take(8)
+            .cloned()
+            .collect();
+        if quic.is_empty() {
+            return;
+        }
+        self.quic_dialled.insert(peer);
+        let opts = DialOpts::peer_id(peer)
+            .addresses(quic)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, "could not dial the relay over QUIC: {e}");
         }
     }
 
@@ -497,6 +564,7 @@ impl EventLoop {
             BehaviourEvent::Coordinator(event) => self.handle_coordinator_event(event),
             BehaviourEvent::Blob(event) => self.handle_blob_event(event),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                self.dial_relay_over_quic(peer_id, &info.listen_addrs);
                 for addr in info.listen_addrs.into_iter().take(16) {
                     // Loopback and private addresses are fine here: tests and
                     // LAN clusters rely on them.
@@ -540,7 +608,19 @@ impl EventLoop {
             }) => {
                 tracing::info!(%relay_peer_id, "relay reservation accepted");
             }
-            BehaviourEvent::Dcutr(event) => tracing::debug!("hole punching: {event:?}"),
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => {
+                    self.hole_punches += 1;
+                    tracing::info!(peer = %remote_peer_id, "hole punched: direct connection");
+                }
+                Err(e) => {
+                    self.hole_punches_failed += 1;
+                    tracing::info!(peer = %remote_peer_id, "hole punching failed ({e}); staying relayed");
+                }
+            },
             _ => {}
         }
     }

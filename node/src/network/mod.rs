@@ -109,6 +109,18 @@ pub enum Reachability {
     Unknown,
 }
 
+impl Reachability {
+    /// One word for summaries and JSON: `public`, `relayed`, `private`, `unknown`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Reachability::Public(_) => "public",
+            Reachability::Relayed(_) => "relayed",
+            Reachability::Private => "private",
+            Reachability::Unknown => "unknown",
+        }
+    }
+}
+
 /// A snapshot of the swarm for `doctor` and logs.
 #[derive(Clone, Debug)]
 pub struct NetworkStatus {
@@ -117,6 +129,10 @@ pub struct NetworkStatus {
     pub external_addrs: Vec<Multiaddr>,
     pub reachability: Reachability,
     pub connected_peers: Vec<PeerId>,
+    /// Relayed links upgraded to direct ones by hole punching (DCUtR), and
+    /// attempts that failed.
+    pub hole_punches: u64,
+    pub hole_punches_failed: u64,
 }
 
 /// What the network reports to the node.
