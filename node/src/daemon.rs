@@ -401,6 +401,31 @@ struct Node {
     metrics: Arc<NodeMetrics>,
 }
 
+/// The longest wait between two polls for a plan or a manifest.
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(8);
+
+/// Doubling poll intervals, from a first one up to [`MAX_POLL_INTERVAL`].
+#[derive(Clone, Debug)]
+pub struct PollBackoff {
+    next: Duration,
+}
+
+impl PollBackoff {
+    pub fn new(first: Duration) -> PollBackoff {
+        PollBackoff {
+            next: first.min(MAX_POLL_INTERVAL),
+        }
+    }
+
+    /// How long to wait before the next poll.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (self.next * 2).min(MAX_POLL_INTERVAL);
+        now
+    }
+}
+
 /// What applying one manifest came to.
 enum Applied {
     /// θ_{r+1} hashes to the manifest's value.
@@ -908,9 +933,16 @@ impl Node {
         Ok(())
     }
 
+    /// Polling is the fallback for gossip: the first poll after
+    /// `poll_interval_ms`, each next one twice as late, up to
+    /// [`MAX_POLL_INTERVAL`]. Gossip that arrives meanwhile ends the wait at once.
+    fn poll_backoff(&self) -> PollBackoff {
+        PollBackoff::new(Duration::from_millis(self.config.poll_interval_ms.max(50)))
+    }
+
     /// Waits for the plan of `round` (gossip first, polling as a fallback).
     async fn wait_for_plan(&mut self, round: u64) -> Result<Option<RoundPlan>, NodeError> {
-        let poll = Duration::from_millis(self.config.poll_interval_ms.max(50));
+        let mut poll = self.poll_backoff();
         loop {
             while let Ok((_, plan)) = self.plans.try_recv() {
                 if plan.round >= round {
@@ -937,7 +969,7 @@ impl Node {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(None),
                 Some((_, plan)) = self.plans.recv() => if plan.round >= round { return Ok(Some(plan)) },
-                _ = tokio::time::sleep(poll) => {}
+                _ = tokio::time::sleep(poll.next()) => {}
             }
         }
     }
@@ -947,7 +979,7 @@ impl Node {
         &mut self,
         round: u64,
     ) -> Result<Option<Result<(Signed<Manifest>, Manifest), String>>, NodeError> {
-        let poll = Duration::from_millis(self.config.poll_interval_ms.max(50));
+        let mut poll = self.poll_backoff();
         let started = Instant::now();
         loop {
             while let Ok((_, signed, manifest)) = self.manifests.try_recv() {
@@ -988,7 +1020,7 @@ impl Node {
                 Some((_, signed, manifest)) = self.manifests.recv() => {
                     if manifest.round == round { return Ok(Some(Ok((signed, manifest)))) }
                 }
-                _ = tokio::time::sleep(poll) => {}
+                _ = tokio::time::sleep(poll.next()) => {}
             }
         }
     }
@@ -1494,4 +1526,27 @@ pub fn parse_run_config(
         .map_err(|e| NodeError::RunConfig(format!("codec `{}`: {e}", run.codec)))?;
     let rule: AggregationRule = run.aggregation.parse()?;
     Ok((model, codec, rule))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_back_off_to_a_ceiling() {
+        let mut poll = PollBackoff::new(Duration::from_millis(500));
+        let waits: Vec<u64> = (0..7).map(|_| poll.next().as_millis() as u64).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 8000, 8000, 8000]);
+        // A minute of quiet gossip costs 11 polls, not 120 at 500 ms.
+        let mut poll = PollBackoff::new(Duration::from_millis(500));
+        let mut waited = Duration::ZERO;
+        let mut polls = 0;
+        while waited < Duration::from_secs(60) {
+            waited += poll.next();
+            polls += 1;
+        }
+        assert_eq!(polls, 11);
+        let mut huge = PollBackoff::new(Duration::from_secs(3600));
+        assert_eq!(huge.next(), MAX_POLL_INTERVAL);
+    }
 }

@@ -467,6 +467,18 @@ async fn gossip_from_a_non_coordinator_signer_is_rejected() {
         score.is_some_and(|s| s < 0.0),
         "the impostor lost score: {score:?}"
     );
+    // The coordinator is never graylisted: penalties do not touch it.
+    for _ in 0..5 {
+        node.client
+            .penalize(coordinator_id, "served a bad chunk")
+            .await
+            .unwrap();
+    }
+    let score = node.client.peer_score(coordinator_id).await.unwrap();
+    assert!(
+        score.is_some_and(|s| s > 0.0),
+        "the coordinator keeps a positive score: {score:?}"
+    );
     drop(events);
     for peer in [node, coordinator, impostor] {
         peer.stop().await;

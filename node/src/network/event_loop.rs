@@ -35,6 +35,9 @@ use barnraise_mesh::IDENTIFY_PROTOCOL;
 /// Application-score penalty per offence (serving wrong bytes, lying about
 /// a size). With weight 1, two offences cross gossipsub's graylist threshold.
 const PENALTY_PER_OFFENCE: f64 = -50.0;
+/// The coordinator's application score (weight 1): far above what gossip's
+/// own penalties can take away.
+const COORDINATOR_SCORE: f64 = 1000.0;
 
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -354,7 +357,10 @@ impl EventLoop {
                     });
                 let _ = reply.send(result);
             }
-            Command::SetCoordinatorKey { key } => self.coordinator_key = Some(key),
+            Command::SetCoordinatorKey { key } => {
+                self.coordinator_key = Some(key);
+                self.favour_coordinator();
+            }
             Command::AddRelay { addr } => {
                 if !self.relays.contains(&addr) {
                     self.relays.push(addr.clone());
@@ -400,6 +406,12 @@ impl EventLoop {
                 self.pending_providers.insert(id, (HashSet::new(), reply));
             }
             Command::Penalize { peer, reason } => {
+                if Some(peer) == self.coordinator_peer() {
+                    // Its blobs are checked like anyone's, but gossip must
+                    // never graylist the one peer that signs plans.
+                    tracing::warn!(%peer, "the coordinator {reason}; not lowering its gossip score");
+                    return;
+                }
                 let score = self.penalties.entry(peer).or_insert(0.0);
                 *score += PENALTY_PER_OFFENCE;
                 let score = *score;
@@ -415,6 +427,22 @@ impl EventLoop {
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+        }
+    }
+
+    fn coordinator_peer(&self) -> Option<PeerId> {
+        self.coordinator_key.and_then(|k| k.to_peer_id().ok())
+    }
+
+    /// Gives the coordinator an application score that outweighs any
+    /// penalty gossipsub could add (IP colocation of many nodes behind one
+    /// address, broken promises on a slow link), so it is never graylisted.
+    fn favour_coordinator(&mut self) {
+        if let Some(peer) = self.coordinator_peer() {
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .set_application_score(&peer, COORDINATOR_SCORE);
         }
     }
 
@@ -514,6 +542,9 @@ impl EventLoop {
                         .add_address(&peer_id, address.clone());
                 }
                 if num_established.get() == 1 {
+                    if Some(peer_id) == self.coordinator_peer() {
+                        self.favour_coordinator();
+                    }
                     self.emit(Event::PeerConnected { peer: peer_id });
                 }
             }
