@@ -42,6 +42,10 @@ pub struct CloseContext<'a> {
     pub heldout: Option<&'a [u16]>,
     /// Training FLOPs per token, for credit.
     pub flops_per_token: f64,
+    /// The seed of the update sketches (the run's, so they compare across rounds).
+    pub sketch_seed: u64,
+    /// Updates accepted in recent rounds, to catch replays of them.
+    pub recent: &'a [verify::RecentUpdate],
 }
 
 /// One probe measurement, kept for reports.
@@ -60,6 +64,8 @@ pub struct Closed {
     pub eval_loss: Option<f64>,
     pub bytes_received: u64,
     pub probes: Vec<ProbeRecord>,
+    /// This round's accepted updates, by sketch, for later rounds' replay check.
+    pub sketches: Vec<verify::RecentUpdate>,
 }
 
 /// Verifies, aggregates and steps. `theta` and `optimizer` hold θ_r and its
@@ -106,12 +112,16 @@ pub fn close_round(
             values: v,
         })
         .collect();
-    let stats = verify::round_statistics(&list, ctx.verify);
+    let stats = verify::round_statistics(&list, ctx.verify, ctx.sketch_seed, ctx.recent);
     let mut survivors = Vec::new();
-    for ((i, values), (verdict, _)) in dense.iter().zip(stats) {
+    let mut sketch_of: HashMap<usize, verify::Sketch> = HashMap::new();
+    for ((i, values), (verdict, update_stats)) in dense.iter().zip(stats) {
         let c = &close.candidates[*i];
         match verdict {
-            Ok(()) => survivors.push((*i, values)),
+            Ok(()) => {
+                sketch_of.insert(*i, update_stats.sketch);
+                survivors.push((*i, values));
+            }
             Err(reason) => rejected.push(RejectedUpdate {
                 node: c.node,
                 update_hash: Some(c.commit.update_hash),
@@ -255,6 +265,16 @@ pub fn close_round(
         next_params_hash: Hash::of_f32s(theta),
         closed_at_ms: close.closed_at_ms,
     };
+    let sketches = accepted_idx
+        .iter()
+        .filter_map(|i| {
+            sketch_of.remove(i).map(|sketch| verify::RecentUpdate {
+                node: close.candidates[*i].node,
+                round,
+                sketch,
+            })
+        })
+        .collect();
     Ok(Closed {
         manifest,
         updates,
@@ -262,6 +282,7 @@ pub fn close_round(
         eval_loss,
         bytes_received,
         probes,
+        sketches,
     })
 }
 
@@ -305,6 +326,9 @@ fn ledger_rows(
         let detail = match &r.reason {
             RejectReason::Undecodable(text) => Some(text.clone()),
             RejectReason::Copycat { of } => Some(format!("copy of {of}")),
+            RejectReason::Replay { of, round } => {
+                Some(format!("replays the update {of} had accepted in round {round}"))
+            }
             _ => None,
         };
         rows.push(UpdateRow {

@@ -99,6 +99,8 @@ fn run(round: &Round, rule: &str) -> (Closed, Vec<f32>) {
         shard_tokens: &shards,
         heldout: None,
         flops_per_token: 6.0,
+        sketch_seed: 7,
+        recent: &[],
     };
     let mut theta = vec![0.5f32; P];
     let mut optimizer = OuterOptimizer::new(OuterConfig::default(), P);

@@ -255,6 +255,7 @@ pub async fn start(
         events: events.clone(),
         metrics,
         traffic,
+        recent: Arc::new(Vec::new()),
         live,
         internal_tx,
         finished_at: None,
@@ -535,6 +536,10 @@ struct Service {
     events: broadcast::Sender<CoordinatorEvent>,
     metrics: Arc<Metrics>,
     traffic: CoordinatorTraffic,
+    /// Sketches of the updates accepted in the last `REPLAY_WINDOW` rounds
+    /// (rebuilt from nothing on a restart: a replay of a round before the
+    /// restart is left to the other checks).
+    recent: Arc<Vec<verify::RecentUpdate>>,
     live: Arc<RwLock<LiveStatus>>,
     internal_tx: mpsc::Sender<Internal>,
     finished_at: Option<tokio::time::Instant>,
@@ -987,6 +992,7 @@ impl Service {
             heldout: self.heldout.clone(),
             state,
             close,
+            recent: self.recent.clone(),
         };
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
@@ -1038,6 +1044,15 @@ impl Service {
             self.store.forget(hash);
         }
         self.traffic.set_state_blobs(&keep);
+        let oldest = done.round.saturating_sub(REPLAY_WINDOW - 1);
+        let recent: Vec<verify::RecentUpdate> = self
+            .recent
+            .iter()
+            .filter(|r| r.round >= oldest)
+            .cloned()
+            .chain(done.closed.sketches.iter().cloned())
+            .collect();
+        self.recent = Arc::new(recent);
         let m = &done.closed.manifest;
         self.metrics.rounds_closed.fetch_add(1, Ordering::Relaxed);
         self.metrics
@@ -1166,6 +1181,15 @@ async fn fetch_and_check(
     Ok(())
 }
 
+/// Rounds whose accepted updates a new update is checked against for replay.
+pub const REPLAY_WINDOW: u64 = 8;
+
+/// The run's sketch seed: every round's sketches compare with each other.
+fn sketch_seed(run_id: &str) -> u64 {
+    let hash = Hash::of(format!("barnraise sketch {run_id}").as_bytes());
+    u64::from_le_bytes(hash.0[..8].try_into().unwrap_or([0; 8]))
+}
+
 /// A round close, owned, for a blocking thread.
 struct CloseJob {
     config: CoordinatorConfig,
@@ -1177,6 +1201,7 @@ struct CloseJob {
     heldout: Option<Arc<Vec<u16>>>,
     state: GlobalState,
     close: CloseRound,
+    recent: Arc<Vec<verify::RecentUpdate>>,
 }
 
 impl CloseJob {
@@ -1200,6 +1225,8 @@ impl CloseJob {
                 .resolved
                 .model
                 .flops_per_token_at(self.config.seq_len as usize),
+            sketch_seed: sketch_seed(&self.config.run_id),
+            recent: &self.recent,
         };
         let mut state = self.state;
         let closed = close::close_round(

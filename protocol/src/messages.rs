@@ -171,6 +171,9 @@ pub enum RejectReason {
     Copycat { of: NodeId },
     NotUseful,
     Late,
+    /// The direction of an update accepted in an earlier round (`round`,
+    /// from `of`): a stale replay.
+    Replay { of: NodeId, round: u64 },
 }
 
 impl RejectReason {
@@ -194,6 +197,7 @@ impl RejectReason {
             RejectReason::Copycat { .. } => "copycat",
             RejectReason::NotUseful => "not-useful",
             RejectReason::Late => "late",
+            RejectReason::Replay { .. } => "replay",
         }
     }
 }
