@@ -225,6 +225,19 @@ fn poisoned_nodes_are_rejected_and_honest_nodes_lose_nothing() {
                 assert!(row.credit > 0.0);
             }
         }
+        // Every probe verdict carries its numbers (the probe runs by default).
+        for round in 0..3 {
+            for row in ledger.updates(round).unwrap() {
+                if row.verdict == "accepted" || row.reason.as_deref() == Some("not-useful") {
+                    assert!(
+                        row.detail
+                            .as_deref()
+                            .is_some_and(|d| d.starts_with("probe: own shard")),
+                        "{row:?}"
+                    );
+                }
+            }
+        }
         receipts_match_the_ledger(&ledger, dir.path(), 5);
     });
 }

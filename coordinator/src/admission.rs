@@ -38,7 +38,13 @@ pub struct Policy {
     pub revoked_certificates: BTreeSet<Hash>,
     /// Nodes the run no longer admits, whatever certificate they show.
     pub revoked_nodes: BTreeSet<NodeId>,
+    /// Workers a node without a certificate may declare
+    /// (None: [`DEFAULT_MAX_UNCERTIFIED_WORKERS`]).
+    pub max_uncertified_workers: Option<u32>,
 }
+
+/// Workers an uncertified node may declare unless the run says otherwise.
+pub const DEFAULT_MAX_UNCERTIFIED_WORKERS: u32 = 4;
 
 impl Policy {
     /// Open to any node, nothing revoked.
@@ -201,6 +207,17 @@ pub fn admit(
         }
         None => None,
     };
+    let uncertified_cap = policy
+        .max_uncertified_workers
+        .unwrap_or(DEFAULT_MAX_UNCERTIFIED_WORKERS)
+        .max(1);
+    if certificate.is_none() && join.workers.len() > uncertified_cap as usize {
+        return Err(JoinRefusal::Malformed(format!(
+            "a node without an org certificate may declare at most {uncertified_cap} workers \
+             (this join declares {}); run fewer, or ask an org to certify the node",
+            join.workers.len()
+        )));
+    }
     if let Some(orgs) = &policy.orgs {
         match &certificate {
             Some(c) if orgs.contains(&c.org) => {}
@@ -367,6 +384,35 @@ mod tests {
             Ok(a) => panic!("admitted {:?} with {:?}", a.node, a.certificate),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn uncertified_nodes_declare_few_workers_and_certified_ones_more() {
+        let (node, org) = (key(1), key(7));
+        let with_workers = |n: usize, cert: Option<Signed<NodeCertificate>>| {
+            let mut j = join(cert);
+            j.workers = vec![j.workers[0].clone(); n];
+            Signed::sign(&node, &j).unwrap()
+        };
+        let admit_with = |signed: &Signed<Join>, policy: &Policy| {
+            admit(signed, Some(&node.public()), "run", policy, NOW)
+        };
+        let open = Policy::open();
+        assert!(admit_with(&with_workers(4, None), &open).is_ok());
+        match admit_with(&with_workers(64, None), &open) {
+            Err(JoinRefusal::Malformed(why)) => {
+                assert!(why.contains("at most 4 workers") && why.contains("declares 64"), "{why}")
+            }
+            other => panic!("64 uncertified workers admitted: {other:?}"),
+        }
+        let certified = with_workers(64, Some(cert(&org, &node, NOW + 1)));
+        assert!(admit_with(&certified, &open).is_ok(), "an org vouches for a cluster");
+        let strict = Policy {
+            max_uncertified_workers: Some(1),
+            ..Policy::open()
+        };
+        assert!(admit_with(&with_workers(2, None), &strict).is_err());
+        assert!(admit_with(&with_workers(1, None), &strict).is_ok());
     }
 
     #[test]

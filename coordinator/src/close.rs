@@ -135,7 +135,14 @@ pub fn close_round(
     let mut probe = None;
     let mut accepted_idx = Vec::new();
     if ctx.verify.probe && !survivors.is_empty() {
-        let seed = crate::plan::derive(0, "probe", round, &[]);
+        // Seeded by every update of the round: known to no node when it
+        // committed, and recomputable by anyone auditing the round.
+        let committed: Vec<u8> = close
+            .candidates
+            .iter()
+            .flat_map(|c| c.commit.update_hash.0)
+            .collect();
+        let seed = crate::plan::derive(0, "probe", round, &committed);
         let mut p = Probe::new(ctx.model, theta, ctx.verify, ctx.seq_len, seed)
             .map_err(|source| CloseError::Probe { round, source })?;
         let heldout_base = match ctx.heldout {
@@ -148,12 +155,17 @@ pub fn close_round(
         let mut base_cache: HashMap<Hash, f32> = HashMap::new();
         for (i, values) in &survivors {
             let c = &close.candidates[*i];
+            // A shard drawn at random from the node's assignment, by a seed
+            // the node could not know when it committed.
             let own_shard = close
                 .plan
                 .assignments
                 .iter()
                 .find(|a| a.node == c.node)
-                .and_then(|a| a.shards.first())
+                .and_then(|a| {
+                    let pick = crate::plan::derive(seed, "probe-shard", round, &c.node.0.0);
+                    a.shards.get((pick % a.shards.len().max(1) as u64) as usize)
+                })
                 .copied();
             let own = own_shard.and_then(|h| ctx.shard_tokens.get(&h).map(|t| (h, t.clone())));
             let (Some((own_hash, own_tokens)), Some(heldout), Some(heldout_base)) =
@@ -252,7 +264,7 @@ pub fn close_round(
     let mean_loss = (!mean_losses.is_empty())
         .then(|| mean_losses.iter().sum::<f64>() / mean_losses.len() as f64);
 
-    let updates = ledger_rows(ctx, close, &accepted, &rejected);
+    let updates = ledger_rows(ctx, close, &accepted, &rejected, &probes);
     let manifest = Manifest {
         run_id: run_id.to_string(),
         round,
@@ -291,7 +303,14 @@ fn ledger_rows(
     close: &CloseRound,
     accepted: &[AcceptedUpdate],
     rejected: &[RejectedUpdate],
+    probes: &[ProbeRecord],
 ) -> Vec<UpdateRow> {
+    let probe_of = |node: &NodeId| {
+        probes
+            .iter()
+            .find(|p| &p.node == node)
+            .map(|p| p.result.describe())
+    };
     let commit_of = |node: &NodeId, hash: &Option<Hash>| {
         close
             .candidates
@@ -312,7 +331,7 @@ fn ledger_rows(
             update_hash: Some(a.update_hash.to_hex()),
             verdict: "accepted".into(),
             reason: None,
-            detail: None,
+            detail: probe_of(&a.node),
             tokens: a.tokens,
             compute_ms: a.compute_ms,
             bytes: a.update_bytes,
@@ -329,6 +348,7 @@ fn ledger_rows(
             RejectReason::Replay { of, round } => {
                 Some(format!("replays the update {of} had accepted in round {round}"))
             }
+            RejectReason::NotUseful => probe_of(&r.node),
             _ => None,
         };
         rows.push(UpdateRow {

@@ -88,6 +88,10 @@ pub struct Admission {
     pub revoked_certificates: Vec<String>,
     /// Node ids the run no longer admits, whatever certificate they show.
     pub revoked_nodes: Vec<String>,
+    /// The most workers a node without a certificate may declare (default
+    /// 4): workers set how many shards a node gets and cap the tokens it
+    /// may claim, so an unvouched node cannot claim a cluster.
+    pub max_uncertified_workers: Option<u32>,
 }
 
 /// Whether a run is open to anyone or limited to certified nodes.
@@ -155,6 +159,7 @@ impl Admission {
             revoked_nodes: parse_all::<NodeId>("admission.revoked_nodes", &self.revoked_nodes)?
                 .into_iter()
                 .collect(),
+            max_uncertified_workers: self.max_uncertified_workers,
         })
     }
 }

@@ -31,9 +31,40 @@ pub enum ProbeError {
 pub struct ProbeResult {
     pub own_gain: f32,
     pub other_gain: f32,
+    /// The losses behind the gains: θ_r and θ_r − Δ on the node's shard
+    /// and on the held-out shard (NaN where a test builds a result by hand).
+    pub own_before: f32,
+    pub own_after: f32,
+    pub other_before: f32,
+    pub other_after: f32,
 }
 
 impl ProbeResult {
+    /// A result from its four losses.
+    pub fn from_losses(own_before: f32, own_after: f32, other_before: f32, other_after: f32) -> Self {
+        ProbeResult {
+            own_gain: own_before - own_after,
+            other_gain: other_before - other_after,
+            own_before,
+            own_after,
+            other_before,
+            other_after,
+        }
+    }
+
+    /// The numbers in words, for the ledger's detail column.
+    pub fn describe(&self) -> String {
+        format!(
+            "probe: own shard {:.4} -> {:.4} (gain {:+.4}), held-out {:.4} -> {:.4} (gain {:+.4})",
+            self.own_before,
+            self.own_after,
+            self.own_gain,
+            self.other_before,
+            self.other_after,
+            self.other_gain
+        )
+    }
+
     /// The verdict for this measurement.
     pub fn verdict(&self, margin: f32) -> Result<(), RejectReason> {
         if !(self.own_gain.is_finite() && self.other_gain.is_finite()) || self.own_gain <= 0.0 {
@@ -119,10 +150,12 @@ impl Probe {
         self.trainer.set_flat_params(&self.scratch)?;
         let own_after = self.loss(own)?;
         let other_after = self.loss(other)?;
-        Ok(ProbeResult {
-            own_gain: own_base - own_after,
-            other_gain: other_base - other_after,
-        })
+        Ok(ProbeResult::from_losses(
+            own_base,
+            own_after,
+            other_base,
+            other_after,
+        ))
     }
 
     /// The loss of arbitrary params (e.g. θ_{r+1}) on `tokens`.
@@ -141,7 +174,13 @@ mod tests {
         let r = |own_gain, other_gain| ProbeResult {
             own_gain,
             other_gain,
+            ..ProbeResult::from_losses(f32::NAN, f32::NAN, f32::NAN, f32::NAN)
         };
+        let d = ProbeResult::from_losses(3.5, 3.25, 3.4, 3.3).describe();
+        assert_eq!(
+            d,
+            "probe: own shard 3.5000 -> 3.2500 (gain +0.2500), held-out 3.4000 -> 3.3000 (gain +0.1000)"
+        );
         assert!(r(0.2, 0.1).verdict(0.05).is_ok());
         assert!(r(0.2, 0.24).verdict(0.05).is_ok());
         assert_eq!(r(0.2, 0.3).verdict(0.05), Err(RejectReason::NotUseful));

@@ -327,8 +327,9 @@ impl Rounds {
                 in_round: None,
             };
         };
-        let max_tokens = self.max_tokens(member.workers);
         let same_run = commit.run_id == self.config.run_id;
+        let tokens_per_worker = self.max_tokens(1);
+        let shards_per_worker = self.config.shards_per_node.max(1);
         let current = self.round;
         let open = match &mut self.phase {
             Phase::Open(open) => open,
@@ -388,11 +389,22 @@ impl Rounds {
             _ => return reject(open, RejectReason::DuplicateCommit),
         }
         // From here the node has used its one commit for the round.
+        // Its workers are what the plan gave shards for, whatever it declared
+        // since: joining again mid-round with more workers buys nothing.
+        let planned_workers = open
+            .plan
+            .assignments
+            .iter()
+            .find(|a| a.node == node)
+            .map(|a| (a.shards.len() / shards_per_worker).max(1) as u32)
+            .unwrap_or(1);
+        let workers = member.workers.min(planned_workers);
+        let max_tokens = tokens_per_worker.saturating_mul(u64::from(workers));
         let verdict = if commit.base_params_hash != open.plan.params_hash {
             Some(RejectReason::WrongBase)
         } else if commit.losses.len() > barnraise_protocol::limits::MAX_REPORTED_LOSSES
             || commit.update_bytes > barnraise_protocol::limits::MAX_UPDATE_BYTES
-            || commit.workers > member.workers
+            || commit.workers > workers
             || commit.tokens > max_tokens
             || commit.tokens == 0
         {

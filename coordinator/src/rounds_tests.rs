@@ -450,3 +450,32 @@ fn commit_spam_is_recorded_once_per_reason() {
     );
     assert_eq!(close.candidates.len(), 2, "both real updates count");
 }
+
+/// Token inflation by re-joining (issue #13): a node planned with one
+/// worker's shards that joins again mid-round declaring 64 workers may still
+/// claim only one worker's tokens.
+#[test]
+fn joining_again_mid_round_does_not_raise_the_token_cap() {
+    let mut m = machine(8, Quorum::Fraction(1.0), 2, 3);
+    m.join(node(1), 1);
+    m.join(node(2), 1);
+    let plan = open_round(&mut m, 0);
+    m.join(node(2), 64);
+    let per_worker = 4 * 2 * 8;
+    let mut inflated = commit_for(&plan, 2);
+    inflated.workers = 64;
+    inflated.tokens = 64 * per_worker;
+    assert_eq!(
+        m.commit(node(2), &inflated, Hash::of(b"inflated")),
+        CommitOutcome::Rejected {
+            reason: RejectReason::Oversized,
+            in_round: Some(0)
+        }
+    );
+    let mut honest = commit_for(&plan, 1);
+    honest.tokens = per_worker;
+    assert_eq!(
+        m.commit(node(1), &honest, Hash::of(b"honest")),
+        CommitOutcome::Accepted { round: 0 }
+    );
+}
