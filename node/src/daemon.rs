@@ -264,6 +264,7 @@ pub async fn run_node(
         config.max_parallel_chunks,
         crate::transfer::MAX_IN_FLIGHT_PER_PROVIDER,
     );
+    let data_dir_for_retention = config.data_dir.clone();
     let mut node = Node {
         state: StateDir::new(&config.data_dir),
         receipts: config.data_dir.join("receipts"),
@@ -285,6 +286,7 @@ pub async fn run_node(
         devices,
         certificate,
         metrics,
+        retention: crate::retention::Retention::load(&data_dir_for_retention),
     };
     let result = node.run().await;
     let mut summary = node.summary.clone();
@@ -399,6 +401,8 @@ struct Node {
     devices: Vec<DeviceSpec>,
     certificate: Option<Signed<barnraise_protocol::messages::NodeCertificate>>,
     metrics: Arc<NodeMetrics>,
+    /// Which applied updates belong to which round, for pruning.
+    retention: crate::retention::Retention,
 }
 
 /// The longest wait between two polls for a plan or a manifest.
@@ -1120,6 +1124,7 @@ impl Node {
         self.state
             .save(&record, &state.theta, state.optimizer.momentum())?;
         self.keep_receipt(&signed, &manifest);
+        self.prune(&manifest, state.round).await;
         self.summary.rounds_completed += 1;
         NodeMetrics::add(&self.metrics.rounds_applied, 1);
         NodeMetrics::set(&self.metrics.current_round, manifest.round + 1);
@@ -1203,6 +1208,35 @@ impl Node {
         }
         *optimizer = next_optimizer;
         Ok(Some(Applied::Matched(next_hash)))
+    }
+
+    /// Records the updates `manifest` accepted under its round and deletes
+    /// (and stops announcing) those of rounds older than the retention
+    /// window (`crate::retention`). Failures only cost disk, so they are logged.
+    async fn prune(&mut self, manifest: &Manifest, current_round: u64) {
+        // Rejected updates too: ours, if it was, would otherwise stay forever.
+        let hashes = manifest
+            .accepted
+            .iter()
+            .map(|a| a.update_hash)
+            .chain(manifest.rejected.iter().filter_map(|r| r.update_hash));
+        self.retention.record(manifest.round, hashes);
+        let expired = self.retention.expire(current_round);
+        for hash in &expired {
+            let store = self.store.clone();
+            let hash = *hash;
+            let removed = tokio::task::spawn_blocking(move || store.remove(&hash)).await;
+            if let Ok(Err(e)) = removed {
+                tracing::debug!("pruning update {}: {e}", hash.short());
+            }
+            let _ = self.client.stop_providing(hash).await;
+        }
+        if !expired.is_empty() {
+            tracing::debug!(round = current_round, "pruned {} old updates", expired.len());
+        }
+        if let Err(e) = self.retention.save() {
+            tracing::warn!("could not save the retention index: {e}");
+        }
     }
 
     /// Keeps a signed manifest that names us: proof of our contribution.

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod network;
 pub mod progress;
 pub mod receipts;
+pub mod retention;
 pub mod state;
 pub mod store;
 pub mod transfer;

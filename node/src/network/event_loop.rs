@@ -397,6 +397,12 @@ impl EventLoop {
                     tracing::debug!("announcing blob {hash}: {e}");
                 }
             }
+            Command::StopProviding { hash } => {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .stop_providing(&barnraise_mesh::dht::key(&hash));
+            }
             Command::GetProviders { hash, reply } => {
                 let id = self
                     .swarm

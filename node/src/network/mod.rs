@@ -278,6 +278,9 @@ pub(crate) enum Command {
     StartProviding {
         hash: Hash,
     },
+    StopProviding {
+        hash: Hash,
+    },
     GetProviders {
         hash: Hash,
         reply: oneshot::Sender<Vec<PeerId>>,
@@ -414,6 +417,11 @@ impl Client {
     /// Announces on Kademlia that we hold blob `hash`.
     pub async fn start_providing(&self, hash: Hash) -> Result<(), NetworkError> {
         self.tell(Command::StartProviding { hash }).await
+    }
+
+    /// Stops announcing blob `hash` (it was pruned).
+    pub async fn stop_providing(&self, hash: Hash) -> Result<(), NetworkError> {
+        self.tell(Command::StopProviding { hash }).await
     }
 
     /// Peers that announced blob `hash` on Kademlia (empty when none answer).
