@@ -287,6 +287,7 @@ pub async fn run_node(
         certificate,
         metrics,
         retention: crate::retention::Retention::load(&data_dir_for_retention),
+        applied: std::collections::BTreeMap::new(),
     };
     let result = node.run().await;
     let mut summary = node.summary.clone();
@@ -403,7 +404,13 @@ struct Node {
     metrics: Arc<NodeMetrics>,
     /// Which applied updates belong to which round, for pruning.
     retention: crate::retention::Retention,
+    /// The manifests of the last rounds we applied, to recognise a second,
+    /// different manifest for one of them (a fork).
+    applied: std::collections::BTreeMap<u64, Signed<Manifest>>,
 }
+
+/// Rounds whose applied manifest a node keeps to detect a fork.
+pub const APPLIED_MANIFESTS_KEPT: usize = 16;
 
 /// The longest wait between two polls for a plan or a manifest.
 pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(8);
@@ -987,6 +994,7 @@ impl Node {
         let started = Instant::now();
         loop {
             while let Ok((_, signed, manifest)) = self.manifests.try_recv() {
+                self.check_fork(&signed, &manifest)?;
                 if manifest.round == round {
                     return Ok(Some(Ok((signed, manifest))));
                 }
@@ -998,6 +1006,7 @@ impl Node {
                 CoordinatorResponse::Manifest(Some(signed)) => {
                     match signed.verify(self.coordinator_key.as_ref()) {
                         Ok(manifest) if manifest.round == round => {
+                            self.check_fork(&signed, &manifest)?;
                             return Ok(Some(Ok((signed, manifest))));
                         }
                         Ok(manifest) => self.warn(format!(
@@ -1022,6 +1031,7 @@ impl Node {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(None),
                 Some((_, signed, manifest)) = self.manifests.recv() => {
+                    self.check_fork(&signed, &manifest)?;
                     if manifest.round == round { return Ok(Some(Ok((signed, manifest)))) }
                 }
                 _ = tokio::time::sleep(poll.next()) => {}
@@ -1124,6 +1134,7 @@ impl Node {
         self.state
             .save(&record, &state.theta, state.optimizer.momentum())?;
         self.keep_receipt(&signed, &manifest);
+        self.remember_applied(&signed, &manifest);
         self.prune(&manifest, state.round).await;
         self.summary.rounds_completed += 1;
         NodeMetrics::add(&self.metrics.rounds_applied, 1);
@@ -1208,6 +1219,54 @@ impl Node {
         }
         *optimizer = next_optimizer;
         Ok(Some(Applied::Matched(next_hash)))
+    }
+
+    /// Keeps the manifest we applied for a round (the last
+    /// [`APPLIED_MANIFESTS_KEPT`] rounds) to compare any other against.
+    fn remember_applied(&mut self, signed: &Signed<Manifest>, manifest: &Manifest) {
+        self.applied.insert(manifest.round, signed.clone());
+        while self.applied.len() > APPLIED_MANIFESTS_KEPT {
+            self.applied.pop_first();
+        }
+    }
+
+    /// Two different manifests, both signed by the coordinator, for one
+    /// round are proof that it forked the run's history. The node saves both
+    /// under `forks/` and stops: it will not follow a coordinator that
+    /// equivocates (docs/protocol.md, "The chain").
+    fn check_fork(&self, signed: &Signed<Manifest>, manifest: &Manifest) -> Result<(), NodeError> {
+        let Some(ours) = self.applied.get(&manifest.round) else {
+            return Ok(());
+        };
+        if ours.body_hash() == signed.body_hash() {
+            return Ok(());
+        }
+        let dir = self.config.data_dir.join("forks");
+        let mut saved = Vec::new();
+        for evidence in [ours, signed] {
+            let path = dir.join(format!(
+                "round-{:06}-{}.manifest",
+                manifest.round,
+                evidence.body_hash().short()
+            ));
+            let written = std::fs::create_dir_all(&dir)
+                .map_err(|e| e.to_string())
+                .and_then(|()| evidence.to_bytes().map_err(|e| e.to_string()))
+                .and_then(|bytes| write_atomic(&path, &bytes).map_err(|e| e.to_string()));
+            match written {
+                Ok(()) => saved.push(path.display().to_string()),
+                Err(e) => tracing::error!("could not save fork evidence {}: {e}", path.display()),
+            }
+        }
+        Err(NodeError::Chain(format!(
+            "the coordinator signed two different manifests for round {}: {} (which this node \
+             applied) and {}. That is a fork of the run's history; the node will not follow it. \
+             Evidence: {}",
+            manifest.round,
+            ours.body_hash().short(),
+            signed.body_hash().short(),
+            saved.join(", ")
+        )))
     }
 
     /// Records the updates `manifest` accepted under its round and deletes

@@ -503,6 +503,8 @@ struct FakeCoordinator {
     head: Hash,
     /// Sign, for this round, a manifest that does not extend the one before.
     break_chain_at: Option<u64>,
+    /// Answer no manifest requests for this round or later (the node waits).
+    stall_from: Option<u64>,
 }
 
 impl FakeCoordinator {
@@ -624,6 +626,11 @@ impl FakeCoordinator {
                         round: commit.round,
                     }
                 }
+                CoordinatorRequest::Manifest { round }
+                    if self.stall_from.is_some_and(|stall| round >= stall) =>
+                {
+                    CoordinatorResponse::Manifest(None)
+                }
                 CoordinatorRequest::Manifest { round } => {
                     let genuine = self.manifests.get(&round).cloned();
                     match genuine {
@@ -655,6 +662,9 @@ impl FakeCoordinator {
 /// A fake coordinator serving on loopback, and what a test needs of it.
 struct RunningFake {
     addr: libp2p::Multiaddr,
+    /// The fake's own network handle (to gossip as the coordinator).
+    client: barnraise_node::network::Client,
+    key: SigningKey,
     shard_bytes: u64,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<(FakeCoordinator, Peer)>,
@@ -662,6 +672,14 @@ struct RunningFake {
 }
 
 async fn start_fake(forge_first_manifest: bool, break_chain_at: Option<u64>) -> RunningFake {
+    start_fake_stalling(forge_first_manifest, break_chain_at, None).await
+}
+
+async fn start_fake_stalling(
+    forge_first_manifest: bool,
+    break_chain_at: Option<u64>,
+    stall_from: Option<u64>,
+) -> RunningFake {
     let coordinator_dir = tempfile::tempdir().unwrap();
     let coordinator_store = Arc::new(BlobStore::open(coordinator_dir.path()).unwrap());
     let text = barnraise_trainer::data::corpus::generate(5, 20_000);
@@ -707,6 +725,7 @@ async fn start_fake(forge_first_manifest: bool, break_chain_at: Option<u64>) -> 
         commits: 0,
         head: Hash::ZERO,
         break_chain_at,
+        stall_from,
     };
     let coordinator = spawn_peer(40, coordinator_store.clone(), true).await;
     let addr = coordinator
@@ -721,9 +740,13 @@ async fn start_fake(forge_first_manifest: bool, break_chain_at: Option<u64>) -> 
         RateLimiter::unlimited(),
     );
     let stop = CancellationToken::new();
+    let client = coordinator.client.clone();
+    let key = SigningKey::from_seed([40; 32]).unwrap();
     let task = tokio::spawn(fake.serve(coordinator, fetcher, stop.clone()));
     RunningFake {
         addr,
+        client,
+        key,
         shard_bytes: shard_bytes.len() as u64,
         stop,
         task,
@@ -875,6 +898,78 @@ async fn a_manifest_that_breaks_the_chain_stops_the_node() {
         .unwrap()
         .unwrap();
     assert_eq!(saved.record.round, 1);
+    fake.stop.cancel();
+    let (_, coordinator) = fake.task.await.unwrap();
+    coordinator.stop().await;
+}
+
+/// Fork detection (issue #13): a coordinator that signs a second, different
+/// manifest for a round the node already applied has forked the run's
+/// history. The node saves both signed manifests as evidence and stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_manifests_for_one_round_are_a_fork_the_node_refuses() {
+    let fake = start_fake_stalling(false, None, Some(2)).await;
+    let node_dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        coordinator: fake.addr.clone(),
+        data_dir: node_dir.path().to_path_buf(),
+        device: "cpu".into(),
+        max_rounds: Some(5),
+        poll_interval_ms: 100,
+        ..NodeConfig::default()
+    };
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(1024);
+    let node = tokio::spawn(run_node(config, CancellationToken::new(), Some(events_tx)));
+    // Rounds 0 and 1 are applied; the node then waits for round 2's manifest.
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(120), events_rx.recv()).await {
+            Ok(Some(NodeEvent::RoundApplied { round: 1, .. })) => break,
+            Ok(Some(_)) => {}
+            other => panic!("round 1 was not applied: {other:?}"),
+        }
+    }
+    // The coordinator gossips another manifest for round 0, signed all the same.
+    let other = Manifest {
+        run_id: "fake-run".into(),
+        round: 0,
+        previous_manifest: Hash::ZERO,
+        base_params_hash: Hash::of(b"another history"),
+        accepted: vec![],
+        rejected: vec![],
+        missing: vec![],
+        aggregation: "mean".into(),
+        next_params_hash: Hash::of(b"another theta"),
+        closed_at_ms: 1,
+    };
+    let forged = Signed::sign(&fake.key, &other).unwrap();
+    let topic = Topic::Manifests {
+        run_id: "fake-run".into(),
+    };
+    fake.client.subscribe(topic.clone()).await.unwrap();
+    publish_when_possible(&fake.client, &topic, forged.to_bytes().unwrap()).await;
+    let result = tokio::time::timeout(std::time::Duration::from_secs(60), node)
+        .await
+        .expect("the node stops")
+        .unwrap();
+    let message = match result {
+        Err(e @ barnraise_node::NodeError::Chain(_)) => e.to_string(),
+        other => panic!("expected a fork error, got {other:?}"),
+    };
+    assert!(
+        message.contains("two different manifests for round 0"),
+        "{message}"
+    );
+    let evidence: Vec<_> = std::fs::read_dir(node_dir.path().join("forks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(evidence.len(), 2, "both manifests kept: {evidence:?}");
+    for path in evidence {
+        let bytes = std::fs::read(&path).unwrap();
+        let signed: Signed<Manifest> = Signed::from_bytes(&bytes).unwrap();
+        let manifest = signed.verify(Some(&fake.key.public())).unwrap();
+        assert_eq!(manifest.round, 0, "{}", path.display());
+    }
     fake.stop.cancel();
     let (_, coordinator) = fake.task.await.unwrap();
     coordinator.stop().await;

@@ -251,6 +251,7 @@ impl Node {
             }
             head = Some(signed.body_hash());
             self.keep_receipt(&signed, &manifest);
+            self.remember_applied(&signed, &manifest);
             self.prune(&manifest, round + 1).await;
             tracing::info!(round, params = %manifest.next_params_hash.short(), "replayed");
         }
