@@ -48,6 +48,9 @@ enum Command {
     Shard(cmd::shard::Args),
     /// Show the contribution table of a run.
     Stats(cmd::stats::Args),
+    /// Check a run's public record from scratch: signatures, the manifest
+    /// chain, plans, ledger totals, and (with --blobs) every params hash.
+    Audit(cmd::audit::Args),
     /// Benchmarks that print ratios measured side by side in one run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -121,6 +124,7 @@ fn main() -> std::process::ExitCode {
         Command::Org(command) => cmd::org::run(command),
         Command::Shard(args) => cmd::shard::run(args),
         Command::Stats(args) => cmd::stats::run(args),
+        Command::Audit(args) => cmd::audit::run(args),
         Command::Bench(BenchCommand::Codec(args)) => cmd::bench_codec::run(args),
         Command::Bench(BenchCommand::Diloco(args)) => cmd::bench_diloco::run(args),
     };

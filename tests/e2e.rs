@@ -825,6 +825,147 @@ fn barnraise_in(home: &std::path::Path, args: &[&str]) -> std::process::Output {
         .expect("the binary runs")
 }
 
+/// The run record (issue #15): `up`, then `coordinator export-record`, then
+/// `audit` passes and recomputes θ bit for bit; each kind of tampering is
+/// caught with a message that names it, and a non-zero exit.
+#[test]
+fn an_exported_record_audits_and_every_tampering_is_caught() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let home = tempfile::tempdir().unwrap();
+    let data = home.path().join("run");
+    let data_arg = data.to_str().unwrap();
+    let up = barnraise_in(
+        home.path(),
+        &["up", "--nodes", "2", "--rounds", "3", "--model", "tiny", "--data-dir", data_arg, "--json"],
+    );
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let record = home.path().join("record");
+    let coordinator_dir = data.join("coordinator");
+    let export = barnraise_in(
+        home.path(),
+        &[
+            "coordinator",
+            "export-record",
+            "--data-dir",
+            coordinator_dir.to_str().unwrap(),
+            "--out",
+            record.to_str().unwrap(),
+        ],
+    );
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let blobs = coordinator_dir.join("blobs");
+    let audit = |record: &std::path::Path, blobs: Option<&std::path::Path>| {
+        let mut args = vec!["audit", "--json", "--record", record.to_str().unwrap()];
+        if let Some(b) = blobs {
+            args.extend(["--blobs", b.to_str().unwrap()]);
+        }
+        let out = barnraise_in(home.path(), &args);
+        let verdict: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        (out.status.success(), verdict)
+    };
+    let (ok, verdict) = audit(&record, Some(&blobs));
+    assert!(ok, "{verdict}");
+    assert_eq!(verdict["report"]["rounds"], 3);
+    assert_eq!(verdict["report"]["signatures_checked"], 6);
+    assert_eq!(verdict["report"]["params_replayed"], true);
+
+    // Each tampering on a fresh copy of the record.
+    let copy = |name: &str| {
+        let dst = home.path().join(name);
+        std::fs::create_dir_all(dst.join("plans")).unwrap();
+        std::fs::create_dir_all(dst.join("manifests")).unwrap();
+        for entry in walk(&record) {
+            let rel = entry.strip_prefix(&record).unwrap();
+            std::fs::copy(&entry, dst.join(rel)).unwrap();
+        }
+        dst
+    };
+    // Rewrites a file and its index entry, as a forger who controls the host would.
+    let forge = |dir: &std::path::Path, name: &str, bytes: Vec<u8>| {
+        std::fs::write(dir.join(name), &bytes).unwrap();
+        let mut index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+        index["files"][name] = barnraise_protocol::Hash::of(&bytes).to_hex().into();
+        std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    };
+    let fails_with = |dir: &std::path::Path, blobs: Option<&std::path::Path>, round: Option<u64>, words: &str| {
+        let (ok, verdict) = audit(dir, blobs);
+        assert!(!ok, "tampering went unnoticed: {verdict}");
+        let fault = &verdict["fault"];
+        assert_eq!(fault["round"].as_u64(), round, "{verdict}");
+        let text = format!("{} {}", fault["field"], fault["message"]);
+        assert!(text.contains(words), "expected {words:?} in {verdict}");
+    };
+
+    // A flipped byte in a manifest: the index catches it, and so does the
+    // signature when the forger fixes the index too.
+    let flipped = copy("flipped");
+    let name = "manifests/round-000001.manifest";
+    let mut bytes = std::fs::read(flipped.join(name)).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(flipped.join(name), &bytes).unwrap();
+    fails_with(&flipped, None, None, "the index says");
+    forge(&flipped, name, bytes);
+    fails_with(&flipped, None, Some(1), "round-000001.manifest");
+
+    // A forged ledger total.
+    let forged = copy("forged-ledger");
+    let mut totals: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(forged.join("ledger.json")).unwrap()).unwrap();
+    totals[0]["tokens"] = (totals[0]["tokens"].as_u64().unwrap() * 2).into();
+    forge(&forged, "ledger.json", serde_json::to_vec(&totals).unwrap());
+    fails_with(&forged, None, None, "the manifests give");
+
+    // A missing round: its manifest gone from the files and the index.
+    let missing = copy("missing");
+    std::fs::remove_file(missing.join("manifests/round-000001.manifest")).unwrap();
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(missing.join("index.json")).unwrap()).unwrap();
+    index["files"]
+        .as_object_mut()
+        .unwrap()
+        .remove("manifests/round-000001.manifest");
+    std::fs::write(missing.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    fails_with(&missing, None, Some(1), "missing from the record");
+
+    // A swapped update: the blobs of two accepted updates of round 2 trade names.
+    let swapped_blobs = home.path().join("swapped-blobs");
+    std::fs::create_dir_all(&swapped_blobs).unwrap();
+    for entry in std::fs::read_dir(&blobs).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, swapped_blobs.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let manifest: barnraise_protocol::Signed<barnraise_protocol::messages::Manifest> =
+        barnraise_protocol::Signed::from_bytes(
+            &std::fs::read(record.join("manifests/round-000002.manifest")).unwrap(),
+        )
+        .unwrap();
+    let manifest = manifest.verify(None).unwrap();
+    let (a, b) = (manifest.accepted[0].update_hash, manifest.accepted[1].update_hash);
+    let (pa, pb) = (swapped_blobs.join(a.to_hex()), swapped_blobs.join(b.to_hex()));
+    let (ba, bb) = (std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
+    std::fs::write(&pa, bb).unwrap();
+    std::fs::write(&pb, ba).unwrap();
+    fails_with(&record, Some(&swapped_blobs), Some(2), "does not hash to its name");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 #[test]
 fn org_new_enroll_inspect_revoke_through_the_binary() {
     let home = tempfile::tempdir().unwrap();

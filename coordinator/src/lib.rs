@@ -19,6 +19,7 @@ pub mod network;
 pub mod params;
 pub mod plan;
 pub mod probe;
+pub mod record;
 pub mod refusals;
 pub mod rounds;
 pub mod service;

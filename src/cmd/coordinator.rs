@@ -9,10 +9,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Debug, ClapArgs)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    #[command(subcommand)]
+    command: Option<CoordinatorCommand>,
     /// The run config (TOML): model, dataset, hyperparameters, quorum, admission.
     #[arg(long, env = "BARNRAISE_RUN_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Data dir (ledger, blobs, key); overrides the config's `data_dir`.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -24,8 +27,40 @@ pub struct Args {
     listen: Vec<String>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum CoordinatorCommand {
+    /// Write the run's public record (signed plans and manifests, run
+    /// config, ledger totals, an index of hashes) to a new directory, for
+    /// anyone to host and `barnraise audit` to check.
+    ExportRecord {
+        /// The coordinator's data dir (its ledger and run config).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Where to write the record (must not exist, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut config = CoordinatorConfig::load(&args.config)?;
+    if let Some(CoordinatorCommand::ExportRecord { data_dir, out }) = args.command {
+        let index = barnraise_coordinator::record::export(&data_dir, &out)
+            .with_context(|| format!("exporting the record of {}", data_dir.display()))?;
+        println!(
+            "wrote the record of run '{}' ({} rounds, {} files, head manifest {}) to {}",
+            index.run_id,
+            index.rounds,
+            index.files.len() + 1,
+            &index.head_manifest[..12],
+            out.display()
+        );
+        println!("check it with: barnraise audit --record {}", out.display());
+        return Ok(());
+    }
+    let Some(config_path) = args.config else {
+        anyhow::bail!("--config is required to run a coordinator (or use a subcommand: export-record)");
+    };
+    let mut config = CoordinatorConfig::load(&config_path)?;
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
     }

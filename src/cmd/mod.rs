@@ -1,5 +1,6 @@
 //! One module per subcommand, plus the logging setup they share.
 
+pub mod audit;
 pub mod bench_codec;
 pub mod bench_diloco;
 pub mod coordinator;

@@ -1,0 +1,183 @@
+//! The run record: a directory of plain files anyone can host and anyone
+//! can check with `barnraise audit` (docs/protocol.md, "The run record").
+//!
+//! ```text
+//! index.json                  format, run id, coordinator key, rounds, head manifest,
+//!                             and the SHA-256 of every other file
+//! run.json                    the run config nodes were given (model, codec, data, …)
+//! plans/round-NNNNNN.plan     each round's signed plan, as stored
+//! manifests/round-NNNNNN.manifest   each round's signed manifest, as stored
+//! ledger.json                 the ledger's totals per node (what the dashboard shows)
+//! ```
+//!
+//! Nothing in it needs trusting: plans and manifests carry the coordinator's
+//! signature, the chain of manifests ties the rounds together, and the
+//! ledger's totals are recomputed from the manifests by the audit.
+
+use crate::ledger::{ContributorRow, Ledger, LedgerError};
+use barnraise_protocol::Hash;
+use barnraise_protocol::messages::{Manifest, RunConfig};
+use barnraise_protocol::{PublicKey, Signed};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The record format this code writes and reads.
+pub const RECORD_FORMAT: &str = "barnraise-record/1";
+/// Where the coordinator keeps the run config it gives nodes.
+pub const RUN_CONFIG_FILE: &str = "run-config.json";
+
+/// The record's table of contents.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordIndex {
+    pub format: String,
+    pub run_id: String,
+    /// The key every plan and manifest must be signed with (hex).
+    pub coordinator: String,
+    /// Closed rounds: manifests 0..rounds.
+    pub rounds: u64,
+    /// Body hash of the last manifest (hex), the head of the chain.
+    pub head_manifest: String,
+    /// Every other file, by path relative to the record, with its SHA-256 (hex).
+    pub files: BTreeMap<String, String>,
+}
+
+/// One node's totals as the ledger has them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LedgerTotals {
+    pub node: String,
+    pub org: Option<String>,
+    pub tokens: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub missing: u64,
+    pub credit: f64,
+}
+
+impl From<&ContributorRow> for LedgerTotals {
+    fn from(c: &ContributorRow) -> Self {
+        LedgerTotals {
+            node: c.node.clone(),
+            org: c.org.clone(),
+            tokens: c.tokens,
+            accepted: c.accepted,
+            rejected: c.rejected,
+            missing: c.missing,
+            credit: c.credit,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
+    move |source| RecordError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The file name of round `round`'s plan or manifest.
+pub fn round_file(kind: &str, round: u64) -> String {
+    let ext = if kind == "plans" { "plan" } else { "manifest" };
+    format!("{kind}/round-{round:06}.{ext}")
+}
+
+/// Writes the record of the run in `data_dir` (a coordinator's, stopped or
+/// running: the ledger is read in one pass) to `out`, which must not exist
+/// or be empty.
+pub fn export(data_dir: &Path, out: &Path) -> Result<RecordIndex, RecordError> {
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map_err(io(out))?
+            .next()
+            .is_some()
+    {
+        return Err(RecordError::Invalid(format!(
+            "{} exists and is not empty; choose a new directory",
+            out.display()
+        )));
+    }
+    let ledger = Ledger::open_existing(&crate::service::ledger_path(data_dir))?;
+    let run_id = ledger
+        .run_id()?
+        .ok_or_else(|| RecordError::Invalid("the ledger names no run".into()))?;
+    let run_path = data_dir.join(RUN_CONFIG_FILE);
+    let run_json = std::fs::read(&run_path).map_err(io(&run_path))?;
+    let run: RunConfig = serde_json::from_slice(&run_json).map_err(|e| {
+        RecordError::Invalid(format!("{} does not parse: {e}", run_path.display()))
+    })?;
+    if run.run_id != run_id {
+        return Err(RecordError::Invalid(format!(
+            "{} is for run '{}', the ledger for '{run_id}'",
+            run_path.display(),
+            run.run_id
+        )));
+    }
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    files.insert("run.json".into(), run_json);
+    let mut coordinator: Option<PublicKey> = None;
+    let mut head = Hash::ZERO;
+    let rounds = ledger.rounds()?;
+    for row in &rounds {
+        let bytes = ledger.manifest(row.round)?.ok_or_else(|| {
+            RecordError::Invalid(format!("the ledger has no manifest for round {}", row.round))
+        })?;
+        let signed: Signed<Manifest> = Signed::from_bytes(&bytes)
+            .map_err(|e| RecordError::Invalid(format!("manifest {}: {e}", row.round)))?;
+        coordinator.get_or_insert(signed.signer);
+        head = signed.body_hash();
+        files.insert(round_file("manifests", row.round), bytes);
+    }
+    for (round, bytes) in ledger.plans()? {
+        // Only closed rounds: an open round's plan belongs to the next record.
+        if round < rounds.len() as u64 {
+            files.insert(round_file("plans", round), bytes);
+        }
+    }
+    let totals: Vec<LedgerTotals> = ledger.contributors()?.iter().map(Into::into).collect();
+    files.insert(
+        "ledger.json".into(),
+        serde_json::to_vec_pretty(&totals).map_err(|e| RecordError::Invalid(e.to_string()))?,
+    );
+    let coordinator = match coordinator {
+        Some(key) => key,
+        None => barnraise_protocol::SigningKey::load(&data_dir.join("coordinator.key"))
+            .map_err(|e| RecordError::Invalid(format!("the coordinator key: {e}")))?
+            .public(),
+    };
+    let index = RecordIndex {
+        format: RECORD_FORMAT.into(),
+        run_id,
+        coordinator: coordinator.to_hex(),
+        rounds: rounds.len() as u64,
+        head_manifest: head.to_hex(),
+        files: files
+            .iter()
+            .map(|(path, bytes)| (path.clone(), Hash::of(bytes).to_hex()))
+            .collect(),
+    };
+    for dir in ["plans", "manifests"] {
+        std::fs::create_dir_all(out.join(dir)).map_err(io(out))?;
+    }
+    for (path, bytes) in &files {
+        let path = out.join(path);
+        std::fs::write(&path, bytes).map_err(io(&path))?;
+    }
+    let index_path = out.join("index.json");
+    let text =
+        serde_json::to_vec_pretty(&index).map_err(|e| RecordError::Invalid(e.to_string()))?;
+    std::fs::write(&index_path, text).map_err(io(&index_path))?;
+    Ok(index)
+}
