@@ -253,6 +253,37 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
     })
 }
 
+/// What is measured about each codec at `up`'s default scale (`small`, 3
+/// nodes, 6 rounds, H = 12): the held-out loss after the last round and the
+/// traffic reduction against data-parallel, from `barnraise up --json
+/// --codec C` run side by side on one machine (docs/training.md, "What the
+/// codec costs in `up`"). One run each: a multi-node run's arrival order
+/// varies, so a point or two of the gap is noise.
+pub const MEASURED_AT_UP_SCALE: &[(&str, f64, f64)] = &[
+    ("fp32", 1.7921, 16.0),
+    ("int8:256", 1.8373, 63.0),
+    ("topk:4096:64:2", 2.2148, 2182.8),
+];
+
+/// Held-out loss above parity with fp32 that still counts as parity (issue #19's bar).
+pub const PARITY: f64 = 0.02;
+
+/// The measured loss cost of `codec` against fp32 at `up`'s default scale,
+/// as a fraction (0.236 = 23.6% above), if it was measured.
+pub fn measured_loss_cost(codec: &str) -> Option<f64> {
+    let canonical = codec
+        .parse::<barnraise_protocol::codec::CodecConfig>()
+        .ok()?
+        .to_string();
+    let loss = |name: &str| {
+        MEASURED_AT_UP_SCALE
+            .iter()
+            .find(|(c, _, _)| *c == name)
+            .map(|(_, l, _)| *l)
+    };
+    Some(loss(&canonical)? / loss("fp32")? - 1.0)
+}
+
 /// What `barnraise up` prints at the end (and as JSON with `--json`).
 #[derive(Debug, Serialize)]
 pub struct UpReport {
@@ -273,6 +304,10 @@ pub struct UpReport {
     pub communication_reduction: f64,
     /// fp32 pseudo-gradient size over the mean update size.
     pub compression_ratio: f64,
+    /// The codec's measured held-out loss cost against fp32 at `up`'s default
+    /// scale (a fraction), and whether that is within [`PARITY`].
+    pub codec_loss_cost: Option<f64>,
+    pub codec_at_parity: Option<bool>,
     pub nodes_in_agreement: usize,
     pub node_summaries: Vec<NodeLine>,
     /// Who moved the bytes: the coordinator's egress and ingress by kind,
@@ -364,6 +399,8 @@ impl UpReport {
             } else {
                 0.0
             },
+            codec_loss_cost: measured_loss_cost(&args.codec),
+            codec_at_parity: measured_loss_cost(&args.codec).map(|c| c <= PARITY),
             nodes_in_agreement,
             node_summaries,
             network,
@@ -420,6 +457,40 @@ impl std::fmt::Display for UpReport {
             self.communication_reduction,
             self.compression_ratio
         )?;
+        match self.codec_loss_cost {
+            Some(cost) => writeln!(
+                f,
+                "what the codec costs: at up's default scale, {} ended {:+.1}% from fp32 in held-out loss \
+                 (one side-by-side run each; docs/training.md){}",
+                self.codec,
+                cost * 100.0,
+                if cost <= PARITY {
+                    ": at parity".to_string()
+                } else {
+                    let ours = self
+                        .codec
+                        .parse::<barnraise_protocol::codec::CodecConfig>()
+                        .map(|c| c.to_string())
+                        .unwrap_or_default();
+                    let others: Vec<String> = MEASURED_AT_UP_SCALE
+                        .iter()
+                        .filter(|(c, _, _)| *c != ours)
+                        .filter_map(|(c, _, x)| {
+                            measured_loss_cost(c).map(|l| format!("{c} {:+.1}% at {x:.0}x", l * 100.0))
+                        })
+                        .collect();
+                    format!(
+                        ": NOT at parity, so the traffic ratio above is bought with loss (measured: {})",
+                        others.join(", ")
+                    )
+                }
+            )?,
+            None => writeln!(
+                f,
+                "what the codec costs: {} has not been measured against fp32 at up's scale",
+                self.codec
+            )?,
+        }
         let n = &self.network;
         writeln!(
             f,
@@ -474,5 +545,23 @@ impl std::fmt::Display for UpReport {
             self.data_dir.display(),
             self.data_dir.join("coordinator").display()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn codec_costs_come_from_the_measured_table() {
+        let topk = super::measured_loss_cost("topk").unwrap_or(f64::NAN);
+        assert!((topk - (2.2148 / 1.7921 - 1.0)).abs() < 1e-12, "{topk}");
+        assert!(topk > super::PARITY, "the default top-k is not at parity");
+        assert_eq!(super::measured_loss_cost("fp32"), Some(0.0));
+        assert_eq!(
+            super::measured_loss_cost("int8"),
+            super::measured_loss_cost("int8:256"),
+            "codec names are compared in canonical form"
+        );
+        assert_eq!(super::measured_loss_cost("topk:4096:2048:4"), None);
+        assert_eq!(super::measured_loss_cost("nonsense"), None);
     }
 }
