@@ -1016,7 +1016,7 @@ fn a_cluster_node_matches_separate_nodes_and_uploads_one_update() {
     let params = theta0.len();
 
     let mut cluster_theta = theta0.clone();
-    let mut cluster_outer = OuterOptimizer::new(outer.clone(), params);
+    let mut cluster_outer = OuterOptimizer::new(outer, params);
     let mut cluster_slots: Vec<Option<Trainer>> = (0..WORKERS).map(|_| trainer()).collect();
     let mut cluster_encoder = Encoder::new(CodecConfig::Fp32, params).unwrap();
     let mut cluster_bytes = 0usize;
