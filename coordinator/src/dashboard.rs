@@ -467,6 +467,12 @@ pub fn overview(
         Some(x) => format!("{x:.0}× less"),
         None => "–".into(),
     };
+    // Which codec and H the ratio is for: it is bought with loss at high
+    // compression (docs/training.md, "What the codec costs in `up`").
+    let reduction_label = format!(
+        "than data-parallel would move (codec {}, H = {})",
+        live.codec, live.inner_steps
+    );
     body.push_str(&tiles(&[
         (run.rounds.len().to_string(), "rounds closed"),
         (human(tokens as f64), "tokens in accepted updates"),
@@ -474,7 +480,7 @@ pub fn overview(
         (nodes.len().to_string(), "nodes with a round"),
         (rejected.to_string(), "updates rejected"),
         (human_bytes(run.update_bytes), "bytes of updates"),
-        (reduction, "than data-parallel would move"),
+        (reduction, reduction_label.as_str()),
     ]));
     body.push_str(&overview_charts(run));
     body.push_str(r#"<h2 id="nodes">Leaderboard by node</h2>"#);

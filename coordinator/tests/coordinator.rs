@@ -502,10 +502,12 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
             .await
             .contains("\"round\":0")
     );
+    let home = http_get(http, "/").await;
+    assert!(home.contains("<title>barnraise coordinator</title>"));
+    // The traffic ratio names the codec and H it is for.
     assert!(
-        http_get(http, "/")
-            .await
-            .contains("<title>barnraise coordinator</title>")
+        home.contains("than data-parallel would move (codec int8:256, H = "),
+        "{home}"
     );
     let live_rows = barnraise_coordinator::stats::fetch_contributors(&format!("http://{http}"))
         .await
