@@ -164,6 +164,30 @@ impl Admission {
     }
 }
 
+/// How many joins and commits one peer may send: a burst, then a rate
+/// (docs/running-a-coordinator.md, "Admission"). Over it, the request is
+/// refused with "retry later", which nodes honour by backing off.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimits {
+    pub join_burst: u32,
+    pub joins_per_minute: u32,
+    pub commit_burst: u32,
+    pub commits_per_minute: u32,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            join_burst: 10,
+            joins_per_minute: 20,
+            // A node commits once a round; the rest are retries.
+            commit_burst: 10,
+            commits_per_minute: 60,
+        }
+    }
+}
+
 /// Thresholds of the verification pipeline (docs/protocol.md, "Verification and reject reasons").
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -240,6 +264,8 @@ pub struct CoordinatorConfig {
     pub checkpoint_every: u64,
     pub admission: Admission,
     pub verify: VerifyConfig,
+    /// Per-peer limits on joins and commits (`[rate_limits]`).
+    pub rate_limits: RateLimits,
     /// libp2p listen multiaddrs.
     pub listen: Vec<String>,
     /// Address of the HTTP API and metrics.
@@ -279,6 +305,7 @@ impl Default for CoordinatorConfig {
             checkpoint_every: 1,
             admission: Admission::default(),
             verify: VerifyConfig::default(),
+            rate_limits: RateLimits::default(),
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: PathBuf::from("coordinator-data"),

@@ -19,6 +19,7 @@ pub mod network;
 pub mod params;
 pub mod plan;
 pub mod probe;
+pub mod ratelimit;
 pub mod record;
 pub mod refusals;
 pub mod rounds;

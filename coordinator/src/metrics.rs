@@ -14,6 +14,8 @@ pub struct Metrics {
     /// Refusals counted but not written to the ledger: unauthenticated,
     /// repeated in a round, or over the per-round cap (`crate::refusals`).
     pub refusals_unrecorded: AtomicU64,
+    /// Joins and commits refused by the per-peer rate limit.
+    pub rate_limited: AtomicU64,
     pub commits: AtomicU64,
     pub rounds_closed: AtomicU64,
     pub updates_accepted: AtomicU64,
@@ -73,6 +75,11 @@ impl Metrics {
             get(&self.refusals_unrecorded),
         );
         counter("commits_total", "Commits received.", get(&self.commits));
+        counter(
+            "rate_limited_total",
+            "Joins and commits refused by the per-peer rate limit.",
+            get(&self.rate_limited),
+        );
         counter(
             "rounds_closed_total",
             "Rounds closed with a manifest.",

@@ -603,7 +603,10 @@ impl EventLoop {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(Event::Request { channel, .. })) => {
                 let busy = CoordinatorResponse::Refused {
-                    reason: "the coordinator is busy; retry shortly".into(),
+                    reason: format!(
+                        "{}the coordinator is busy",
+                        barnraise_protocol::messages::RETRY_LATER
+                    ),
                 };
                 let _ = self
                     .swarm

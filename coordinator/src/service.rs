@@ -237,6 +237,7 @@ pub async fn start(
     let ledger_file = ledger_path(&data_dir);
     tracing::info!(run = %config.run_id, round = prepared.rounds.current_round(), addr = ?multiaddrs.first(), http = %http_addr, "coordinator started");
     let public_key = key.public();
+    let rate_limits = config.rate_limits.clone();
     let service = Service {
         config,
         resolved,
@@ -256,6 +257,16 @@ pub async fn start(
         metrics,
         traffic,
         recent: Arc::new(Vec::new()),
+        join_limiter: crate::ratelimit::PeerLimiter::new(
+            rate_limits.join_burst,
+            rate_limits.joins_per_minute,
+            RATE_LIMITED_PEERS,
+        ),
+        commit_limiter: crate::ratelimit::PeerLimiter::new(
+            rate_limits.commit_burst,
+            rate_limits.commits_per_minute,
+            RATE_LIMITED_PEERS,
+        ),
         live,
         internal_tx,
         finished_at: None,
@@ -548,6 +559,9 @@ struct Service {
     events: broadcast::Sender<CoordinatorEvent>,
     metrics: Arc<Metrics>,
     traffic: CoordinatorTraffic,
+    /// Per-peer limits on joins and commits (`crate::ratelimit`).
+    join_limiter: crate::ratelimit::PeerLimiter,
+    commit_limiter: crate::ratelimit::PeerLimiter,
     /// Sketches of the updates accepted in the last `REPLAY_WINDOW` rounds
     /// (rebuilt from nothing on a restart: a replay of a round before the
     /// restart is left to the other checks).
@@ -734,6 +748,22 @@ impl Service {
         request: CoordinatorRequest,
     ) -> CoordinatorResponse {
         let peer_key = PublicKey::from_peer_id(&peer).ok();
+        let limiter = match &request {
+            CoordinatorRequest::Join(_) => Some(&mut self.join_limiter),
+            CoordinatorRequest::Commit(_) => Some(&mut self.commit_limiter),
+            _ => None,
+        };
+        if let Some(limiter) = limiter
+            && !limiter.allow(peer, std::time::Instant::now())
+        {
+            self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return CoordinatorResponse::Refused {
+                reason: format!(
+                    "{}too many joins or commits from this peer; wait a minute",
+                    crate::ratelimit::RETRY_LATER
+                ),
+            };
+        }
         match request {
             CoordinatorRequest::Join(signed) => self.on_join(signed, peer_key).await,
             CoordinatorRequest::Commit(signed) => self.on_commit(signed, peer_key).await,
@@ -1192,6 +1222,9 @@ async fn fetch_and_check(
     }
     Ok(())
 }
+
+/// Peers whose request budgets are remembered at once.
+pub const RATE_LIMITED_PEERS: usize = 100_000;
 
 /// Rounds whose accepted updates a new update is checked against for replay.
 pub const REPLAY_WINDOW: u64 = 8;

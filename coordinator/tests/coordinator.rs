@@ -59,6 +59,12 @@ fn config(data_dir: &Path) -> CoordinatorConfig {
         total_rounds: 2,
         linger_secs: 0.5,
         data_dir: data_dir.to_path_buf(),
+        // This test's fake nodes send bursts of bad commits on purpose, to
+        // exercise the refusal paths behind the rate limit.
+        rate_limits: barnraise_coordinator::config::RateLimits {
+            commit_burst: 1000,
+            ..Default::default()
+        },
         ..CoordinatorConfig::default()
     }
 }
@@ -120,6 +126,13 @@ impl FakeNode {
     }
 
     async fn join(&self) -> Welcome {
+        match self.request(self.join_request()).await {
+            CoordinatorResponse::Welcome(w) => w.verify(None).unwrap(),
+            other => panic!("join refused: {other:?}"),
+        }
+    }
+
+    fn join_request(&self) -> CoordinatorRequest {
         let join = Join {
             protocol_version: PROTOCOL_VERSION,
             agent: "fake-node/0".into(),
@@ -133,15 +146,7 @@ impl FakeNode {
             certificate: None,
             timestamp_ms: now_ms(),
         };
-        match self
-            .request(CoordinatorRequest::Join(
-                Signed::sign(&self.key, &join).unwrap(),
-            ))
-            .await
-        {
-            CoordinatorResponse::Welcome(w) => w.verify(None).unwrap(),
-            other => panic!("join refused: {other:?}"),
-        }
+        CoordinatorRequest::Join(Signed::sign(&self.key, &join).unwrap())
     }
 
     async fn plan(&self, round: u64) -> RoundPlan {
@@ -1057,3 +1062,40 @@ async fn dashboard_pages_escape_node_strings_and_answer_404_for_unknown_ids() {
     }
     shutdown.cancel();
 }
+
+/// Bounded state (issue #13): one peer's flood of joins is refused with
+/// "retry later" past its burst, other peers are not affected, and the
+/// refusals are counted in /metrics rather than written anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_joins_from_one_peer_is_rate_limited() {
+    let data = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let coordinator = barnraise_coordinator::start(config(data.path()), shutdown.clone())
+        .await
+        .unwrap();
+    let flooder = FakeNode::start(61, &coordinator.multiaddr(), &shutdown).await;
+    let join = flooder.join_request();
+    let (mut welcomed, mut limited) = (0, 0);
+    for _ in 0..30 {
+        match flooder.request(join.clone()).await {
+            CoordinatorResponse::Welcome(_) => welcomed += 1,
+            CoordinatorResponse::Refused { reason }
+                if barnraise_protocol::messages::is_retry_later(&reason) =>
+            {
+                limited += 1
+            }
+            other => panic!("unexpected answer: {other:?}"),
+        }
+    }
+    let burst = barnraise_coordinator::config::RateLimits::default().join_burst;
+    assert_eq!((welcomed, limited), (burst, 30 - burst));
+    let other = FakeNode::start(62, &coordinator.multiaddr(), &shutdown).await;
+    other.join().await;
+    let metrics = http_get(coordinator.http_addr(), "/metrics").await;
+    assert!(
+        metrics.contains(&format!("barnraise_rate_limited_total {}", 30 - burst)),
+        "{metrics}"
+    );
+    shutdown.cancel();
+}
+

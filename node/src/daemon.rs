@@ -681,6 +681,16 @@ impl Node {
                         }
                     }
                 }
+                CoordinatorResponse::Refused { reason }
+                    if barnraise_protocol::messages::is_retry_later(&reason) =>
+                {
+                    self.warn(format!("the coordinator asks us to wait: {reason}"));
+                    if !self.sleep(backoff).await {
+                        return Ok(None);
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
                 CoordinatorResponse::Refused { reason } => return Err(NodeError::Refused(reason)),
                 other => {
                     self.warn(format!("unexpected answer to join: {other:?}"));
@@ -1536,8 +1546,28 @@ impl Node {
         };
         let signed =
             Signed::sign(&self.key, &commit).map_err(|e| NodeError::Training(e.to_string()))?;
-        let Some(response) = self.ask(CoordinatorRequest::Commit(signed)).await? else {
-            return Ok(None);
+        // A busy or rate-limited coordinator asks us to retry: a few times,
+        // backing off, before the commit counts as refused.
+        let mut backoff = Duration::from_secs(1);
+        let mut attempts = 0;
+        let response = loop {
+            let Some(response) = self.ask(CoordinatorRequest::Commit(signed.clone())).await?
+            else {
+                return Ok(None);
+            };
+            attempts += 1;
+            match &response {
+                CoordinatorResponse::Refused { reason }
+                    if barnraise_protocol::messages::is_retry_later(reason) && attempts < 5 =>
+                {
+                    tracing::info!(round, "the coordinator asks us to wait: {reason}");
+                    if !self.sleep(backoff).await {
+                        return Ok(None);
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                _ => break response,
+            }
         };
         match response {
             CoordinatorResponse::CommitAccepted { .. } | CoordinatorResponse::Ok => {

@@ -151,6 +151,15 @@ pub struct Commit {
     pub workers: u32,
 }
 
+/// How a coordinator's refusal that is worth retrying begins (busy, rate
+/// limited): a node backs off and asks again instead of giving up.
+pub const RETRY_LATER: &str = "retry later: ";
+
+/// Whether a refusal's reason says to retry later.
+pub fn is_retry_later(reason: &str) -> bool {
+    reason.starts_with(RETRY_LATER)
+}
+
 /// Why the coordinator refused an update. Recorded in the manifest and the ledger.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RejectReason {
