@@ -74,6 +74,12 @@ up() {
         in_ns "$nat" iptables -t nat -A POSTROUTING -o "${prefix}o$i" -j MASQUERADE
         in_ns "$nat" iptables -A FORWARD -i "${prefix}o$i" -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
         in_ns "$nat" iptables -A FORWARD -i "${prefix}o$i" -j DROP
+        # Like a home router, the router itself drops what nobody asked for.
+        # Dropped before conntrack confirms it, an early packet of a hole
+        # punch leaves no entry behind that would make the router pick
+        # another port for the home's own packets to the same peer.
+        in_ns "$nat" iptables -A INPUT -i "${prefix}o$i" -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+        in_ns "$nat" iptables -A INPUT -i "${prefix}o$i" -j DROP
     done
 }
 

@@ -539,9 +539,10 @@ fn nodes_serve_each_other_and_the_coordinator_sends_each_blob_at_most_once() {
 /// (scripts/netns-nat.sh): the coordinator and one node on "the internet",
 /// two nodes each behind their own masquerading router that lets no
 /// unsolicited connection in. The NATed nodes learn from AutoNAT that they
-/// are private, reserve a slot on the coordinator's relay, and serve their
-/// updates to the other nodes through it; every node ends on the ledger's
-/// final params hash. Needs root and iptables (`.ci/run` installs it); set
+/// are private, reserve a slot on the coordinator's relay, serve their
+/// updates to the other nodes through it, and upgrade the link between them
+/// to a direct one by hole punching; every node ends on the ledger's final
+/// params hash. Needs root and iptables (`.ci/run` installs it); set
 /// BARNRAISE_SKIP_NETNS=1 to skip it on a machine without them.
 #[test]
 fn nodes_behind_nat_take_part_through_the_relay() {
@@ -635,6 +636,7 @@ seed = 7
         assert_eq!(round.accepted, 3, "every node counted in every round: {round:?}");
     }
     let mut served_by_nated = 0;
+    let mut hole_punches = 0;
     for (process, data_dir, expected) in &mut nodes {
         process.wait_success(MINUTES);
         let record: serde_json::Value =
@@ -655,11 +657,20 @@ seed = 7
         );
         if *expected == "relayed" {
             served_by_nated += record["bytes_served_to_peers"].as_u64().unwrap();
+            hole_punches += record["hole_punches"].as_u64().unwrap();
         }
     }
     assert!(
         served_by_nated > 0,
         "the NATed nodes served their updates to other nodes"
+    );
+    // The two NATed nodes reached each other through the relay, then hole
+    // punching (DCUtR over QUIC) made the link direct.
+    assert!(
+        hole_punches >= 1,
+        "no relayed link was upgraded by hole punching:\n{}\n{}",
+        nodes[0].0.log_text(),
+        nodes[1].0.log_text()
     );
     drop(nodes);
     drop(coordinator);
