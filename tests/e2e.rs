@@ -454,10 +454,16 @@ fn a_late_joiner_replays_the_manifests_since_the_checkpoint() {
             late.rounds_replayed >= 2,
             "it replayed rounds 3 and 4 from the checkpoint: {late:?}"
         );
-        assert!(late.rounds_trained >= 1, "it trained after catching up: {late:?}");
+        assert!(
+            late.rounds_trained >= 1,
+            "it trained after catching up: {late:?}"
+        );
         for node in nodes {
             let s = join_node(node, MINUTES).await;
-            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()));
+            assert_eq!(
+                s.final_params_hash.map(|h| h.to_hex()),
+                Some(final_hash.clone())
+            );
         }
         // Its work counted: the ledger credits it.
         let ledger = Ledger::open_existing(&ledger_path).unwrap();
@@ -488,7 +494,10 @@ fn nodes_serve_each_other_and_the_coordinator_sends_each_blob_at_most_once() {
         let final_hash = summary.rounds[2].next_params_hash.clone();
         for node in nodes {
             let s = join_node(node, MINUTES).await;
-            assert_eq!(s.final_params_hash.map(|h| h.to_hex()), Some(final_hash.clone()));
+            assert_eq!(
+                s.final_params_hash.map(|h| h.to_hex()),
+                Some(final_hash.clone())
+            );
             served_to_peers += s.bytes_served_to_peers;
         }
         let n = &summary.network;
@@ -509,10 +518,7 @@ fn nodes_serve_each_other_and_the_coordinator_sends_each_blob_at_most_once() {
         );
         // No more than 1.5x the updates beyond messages, checkpoints and
         // first-use shards; and messages stay small next to the updates.
-        assert!(
-            n.coordinator_message_bytes < 4 * n.update_bytes,
-            "{n:?}"
-        );
+        assert!(n.coordinator_message_bytes < 4 * n.update_bytes, "{n:?}");
         assert!(
             n.coordinator_egress_bytes
                 <= 3 * n.update_bytes / 2
@@ -598,9 +604,21 @@ seed = 7
     let peer = addr.rsplit("/p2p/").next().unwrap().to_string();
     // Each node dials the coordinator at the address its network reaches.
     let nodes_spec = [
-        ("home1", format!("/ip4/10.77.1.1/tcp/4001/p2p/{peer}"), "relayed"),
-        ("home2", format!("/ip4/10.77.2.1/tcp/4001/p2p/{peer}"), "relayed"),
-        ("pub", format!("/ip4/10.77.1.1/tcp/4001/p2p/{peer}"), "public"),
+        (
+            "home1",
+            format!("/ip4/10.77.1.1/tcp/4001/p2p/{peer}"),
+            "relayed",
+        ),
+        (
+            "home2",
+            format!("/ip4/10.77.2.1/tcp/4001/p2p/{peer}"),
+            "relayed",
+        ),
+        (
+            "pub",
+            format!("/ip4/10.77.1.1/tcp/4001/p2p/{peer}"),
+            "public",
+        ),
     ];
     let mut nodes: Vec<(Process, PathBuf, &str)> = nodes_spec
         .iter()
@@ -633,7 +651,10 @@ seed = 7
     assert_eq!(summary.rounds.len(), rounds as usize);
     let final_hash = summary.rounds.last().unwrap().next_params_hash.clone();
     for round in &summary.rounds {
-        assert_eq!(round.accepted, 3, "every node counted in every round: {round:?}");
+        assert_eq!(
+            round.accepted, 3,
+            "every node counted in every round: {round:?}"
+        );
     }
     let mut served_by_nated = 0;
     let mut hole_punches = 0;
@@ -847,9 +868,24 @@ fn an_exported_record_audits_and_every_tampering_is_caught() {
     let data_arg = data.to_str().unwrap();
     let up = barnraise_in(
         home.path(),
-        &["up", "--nodes", "2", "--rounds", "3", "--model", "tiny", "--data-dir", data_arg, "--json"],
+        &[
+            "up",
+            "--nodes",
+            "2",
+            "--rounds",
+            "3",
+            "--model",
+            "tiny",
+            "--data-dir",
+            data_arg,
+            "--json",
+        ],
     );
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
     let record = home.path().join("record");
     let coordinator_dir = data.join("coordinator");
     let export = barnraise_in(
@@ -863,7 +899,11 @@ fn an_exported_record_audits_and_every_tampering_is_caught() {
             record.to_str().unwrap(),
         ],
     );
-    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
     let blobs = coordinator_dir.join("blobs");
     let audit = |record: &std::path::Path, blobs: Option<&std::path::Path>| {
         let mut args = vec!["audit", "--json", "--record", record.to_str().unwrap()];
@@ -900,7 +940,10 @@ fn an_exported_record_audits_and_every_tampering_is_caught() {
         index["files"][name] = barnraise_protocol::Hash::of(&bytes).to_hex().into();
         std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
     };
-    let fails_with = |dir: &std::path::Path, blobs: Option<&std::path::Path>, round: Option<u64>, words: &str| {
+    let fails_with = |dir: &std::path::Path,
+                      blobs: Option<&std::path::Path>,
+                      round: Option<u64>,
+                      words: &str| {
         let (ok, verdict) = audit(dir, blobs);
         assert!(!ok, "tampering went unnoticed: {verdict}");
         let fault = &verdict["fault"];
@@ -938,7 +981,11 @@ fn an_exported_record_audits_and_every_tampering_is_caught() {
         .as_object_mut()
         .unwrap()
         .remove("manifests/round-000001.manifest");
-    std::fs::write(missing.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(
+        missing.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
     fails_with(&missing, None, Some(1), "missing from the record");
 
     // A swapped update: the blobs of two accepted updates of round 2 trade names.
@@ -956,12 +1003,23 @@ fn an_exported_record_audits_and_every_tampering_is_caught() {
         )
         .unwrap();
     let manifest = manifest.verify(None).unwrap();
-    let (a, b) = (manifest.accepted[0].update_hash, manifest.accepted[1].update_hash);
-    let (pa, pb) = (swapped_blobs.join(a.to_hex()), swapped_blobs.join(b.to_hex()));
+    let (a, b) = (
+        manifest.accepted[0].update_hash,
+        manifest.accepted[1].update_hash,
+    );
+    let (pa, pb) = (
+        swapped_blobs.join(a.to_hex()),
+        swapped_blobs.join(b.to_hex()),
+    );
     let (ba, bb) = (std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
     std::fs::write(&pa, bb).unwrap();
     std::fs::write(&pb, ba).unwrap();
-    fails_with(&record, Some(&swapped_blobs), Some(2), "does not hash to its name");
+    fails_with(
+        &record,
+        Some(&swapped_blobs),
+        Some(2),
+        "does not hash to its name",
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<PathBuf> {

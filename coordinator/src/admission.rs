@@ -401,12 +401,18 @@ mod tests {
         assert!(admit_with(&with_workers(4, None), &open).is_ok());
         match admit_with(&with_workers(64, None), &open) {
             Err(JoinRefusal::Malformed(why)) => {
-                assert!(why.contains("at most 4 workers") && why.contains("declares 64"), "{why}")
+                assert!(
+                    why.contains("at most 4 workers") && why.contains("declares 64"),
+                    "{why}"
+                )
             }
             other => panic!("64 uncertified workers admitted: {other:?}"),
         }
         let certified = with_workers(64, Some(cert(&org, &node, NOW + 1)));
-        assert!(admit_with(&certified, &open).is_ok(), "an org vouches for a cluster");
+        assert!(
+            admit_with(&certified, &open).is_ok(),
+            "an org vouches for a cluster"
+        );
         let strict = Policy {
             max_uncertified_workers: Some(1),
             ..Policy::open()

@@ -345,9 +345,9 @@ fn ledger_rows(
         let detail = match &r.reason {
             RejectReason::Undecodable(text) => Some(text.clone()),
             RejectReason::Copycat { of } => Some(format!("copy of {of}")),
-            RejectReason::Replay { of, round } => {
-                Some(format!("replays the update {of} had accepted in round {round}"))
-            }
+            RejectReason::Replay { of, round } => Some(format!(
+                "replays the update {of} had accepted in round {round}"
+            )),
             RejectReason::NotUseful => probe_of(&r.node),
             _ => None,
         };

@@ -1,11 +1,11 @@
 //! Counters and gauges for `/metrics`, in the Prometheus text format. Written
 //! by hand: a handful of values does not need a metrics library.
 
+use crate::network::CoordinatorTraffic;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use crate::network::CoordinatorTraffic;
-use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -207,7 +207,9 @@ mod tests {
             .sent
             .fetch_add(300, Ordering::Relaxed);
         traffic.wire.published(20);
-        m.traffic.set(traffic).unwrap_or_else(|_| panic!("set once"));
+        m.traffic
+            .set(traffic)
+            .unwrap_or_else(|_| panic!("set once"));
         let text = m.render();
         assert!(text.contains("barnraise_egress_bytes_total 320"), "{text}");
         assert!(text.contains("barnraise_blob_egress_bytes_total{kind=\"update\"} 0"));

@@ -41,7 +41,12 @@ pub struct ProbeResult {
 
 impl ProbeResult {
     /// A result from its four losses.
-    pub fn from_losses(own_before: f32, own_after: f32, other_before: f32, other_after: f32) -> Self {
+    pub fn from_losses(
+        own_before: f32,
+        own_after: f32,
+        other_before: f32,
+        other_after: f32,
+    ) -> Self {
         ProbeResult {
             own_gain: own_before - own_after,
             other_gain: other_before - other_after,

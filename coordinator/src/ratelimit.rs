@@ -87,7 +87,10 @@ mod tests {
         let allowed = (0..10).filter(|_| limiter.allow(a, t0)).count();
         assert_eq!(allowed, 3, "the burst");
         assert!(!limiter.allow(a, t0 + Duration::from_millis(500)));
-        assert!(limiter.allow(a, t0 + Duration::from_millis(1100)), "one a second");
+        assert!(
+            limiter.allow(a, t0 + Duration::from_millis(1100)),
+            "one a second"
+        );
         assert!(limiter.allow(peer(2), t0), "peers are limited apart");
     }
 

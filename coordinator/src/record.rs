@@ -98,12 +98,7 @@ pub fn round_file(kind: &str, round: u64) -> String {
 /// running: the ledger is read in one pass) to `out`, which must not exist
 /// or be empty.
 pub fn export(data_dir: &Path, out: &Path) -> Result<RecordIndex, RecordError> {
-    if out.exists()
-        && std::fs::read_dir(out)
-            .map_err(io(out))?
-            .next()
-            .is_some()
-    {
+    if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() {
         return Err(RecordError::Invalid(format!(
             "{} exists and is not empty; choose a new directory",
             out.display()
@@ -115,9 +110,8 @@ pub fn export(data_dir: &Path, out: &Path) -> Result<RecordIndex, RecordError> {
         .ok_or_else(|| RecordError::Invalid("the ledger names no run".into()))?;
     let run_path = data_dir.join(RUN_CONFIG_FILE);
     let run_json = std::fs::read(&run_path).map_err(io(&run_path))?;
-    let run: RunConfig = serde_json::from_slice(&run_json).map_err(|e| {
-        RecordError::Invalid(format!("{} does not parse: {e}", run_path.display()))
-    })?;
+    let run: RunConfig = serde_json::from_slice(&run_json)
+        .map_err(|e| RecordError::Invalid(format!("{} does not parse: {e}", run_path.display())))?;
     if run.run_id != run_id {
         return Err(RecordError::Invalid(format!(
             "{} is for run '{}', the ledger for '{run_id}'",
@@ -132,7 +126,10 @@ pub fn export(data_dir: &Path, out: &Path) -> Result<RecordIndex, RecordError> {
     let rounds = ledger.rounds()?;
     for row in &rounds {
         let bytes = ledger.manifest(row.round)?.ok_or_else(|| {
-            RecordError::Invalid(format!("the ledger has no manifest for round {}", row.round))
+            RecordError::Invalid(format!(
+                "the ledger has no manifest for round {}",
+                row.round
+            ))
         })?;
         let signed: Signed<Manifest> = Signed::from_bytes(&bytes)
             .map_err(|e| RecordError::Invalid(format!("manifest {}: {e}", row.round)))?;

@@ -461,12 +461,12 @@ fn prepare(
     // (`crate::record`): the same every start, since the ledger binds the run.
     let run_config_path = config.data_dir.join(crate::record::RUN_CONFIG_FILE);
     match serde_json::to_vec_pretty(&run_config) {
-        Ok(text) => std::fs::write(&run_config_path, text).map_err(|source| {
-            CoordinatorError::Io {
+        Ok(text) => {
+            std::fs::write(&run_config_path, text).map_err(|source| CoordinatorError::Io {
                 path: run_config_path.clone(),
                 source,
-            }
-        })?,
+            })?
+        }
         Err(e) => tracing::warn!("could not write the run config for the record: {e}"),
     }
     Ok(Prepared {

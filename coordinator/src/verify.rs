@@ -441,8 +441,16 @@ pub(crate) mod tests {
         let verdicts: Vec<_> = verdicts.into_iter().map(|(v, _)| v).collect();
         assert_eq!(verdicts[0], Ok(()));
         assert_eq!(verdicts[1], Ok(()));
-        assert_eq!(verdicts[2], Err(RejectReason::Copycat { of: node(1) }), "x1.02");
-        assert_eq!(verdicts[3], Err(RejectReason::Copycat { of: node(1) }), "x0.5");
+        assert_eq!(
+            verdicts[2],
+            Err(RejectReason::Copycat { of: node(1) }),
+            "x1.02"
+        );
+        assert_eq!(
+            verdicts[3],
+            Err(RejectReason::Copycat { of: node(1) }),
+            "x0.5"
+        );
         assert_eq!(verdicts[4], Ok(()));
         // One full-length cosine per surviving update (to the centre), none
         // per pair (the old check computed one per pair: 10 here).

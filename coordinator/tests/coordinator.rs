@@ -1098,4 +1098,3 @@ async fn a_flood_of_joins_from_one_peer_is_rate_limited() {
     );
     shutdown.cancel();
 }
-

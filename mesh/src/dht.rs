@@ -68,12 +68,9 @@ mod tests {
 
     #[test]
     fn the_behaviour_serves_the_run_protocol() {
-        let key = barnraise_protocol::SigningKey::from_seed([7; 32])
-            .unwrap_or_else(|e| panic!("{e}"));
-        let peer = key
-            .public()
-            .to_peer_id()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let key =
+            barnraise_protocol::SigningKey::from_seed([7; 32]).unwrap_or_else(|e| panic!("{e}"));
+        let peer = key.public().to_peer_id().unwrap_or_else(|e| panic!("{e}"));
         let kad = behaviour(peer);
         assert_eq!(kad.mode(), kad::Mode::Server);
         assert_eq!(

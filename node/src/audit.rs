@@ -115,15 +115,18 @@ pub fn audit(
     blobs: Option<&Path>,
     pinned: Option<&PublicKey>,
 ) -> Result<AuditReport, Fault> {
-    let index_bytes = read_capped(&record.join("index.json"))
-        .map_err(|e| fault(None, "index.json", e))?;
+    let index_bytes =
+        read_capped(&record.join("index.json")).map_err(|e| fault(None, "index.json", e))?;
     let index: Index = serde_json::from_slice(&index_bytes)
         .map_err(|e| fault(None, "index.json", format!("does not parse: {e}")))?;
     if index.format != RECORD_FORMAT {
         return Err(fault(
             None,
             "index.json",
-            format!("format '{}', this audit reads '{RECORD_FORMAT}'", index.format),
+            format!(
+                "format '{}', this audit reads '{RECORD_FORMAT}'",
+                index.format
+            ),
         ));
     }
     let coordinator: PublicKey = index
@@ -151,7 +154,11 @@ pub fn audit(
             return Err(fault(
                 None,
                 name.clone(),
-                format!("hashes to {}, the index says {}", &actual[..12], short(expected)),
+                format!(
+                    "hashes to {}, the index says {}",
+                    &actual[..12],
+                    short(expected)
+                ),
             ));
         }
         files.insert(name.clone(), bytes);
@@ -190,10 +197,7 @@ pub fn audit(
             return Err(fault(
                 r,
                 format!("{name} round"),
-                format!(
-                    "is round {} of run '{}'",
-                    manifest.round, manifest.run_id
-                ),
+                format!("is round {} of run '{}'", manifest.round, manifest.run_id),
             ));
         }
         if manifest.previous_manifest != previous {
@@ -228,20 +232,37 @@ pub fn audit(
             .map_err(|e| fault(r, plan_name.clone(), format!("signature: {e}")))?;
         signatures += 1;
         if plan.round != round || plan.run_id != run.run_id {
-            return Err(fault(r, format!("{plan_name} round"), format!("is round {}", plan.round)));
+            return Err(fault(
+                r,
+                format!("{plan_name} round"),
+                format!("is round {}", plan.round),
+            ));
         }
         if plan.params_hash != manifest.base_params_hash {
-            return Err(fault(r, "plan params_hash", "differs from the manifest's base"));
+            return Err(fault(
+                r,
+                "plan params_hash",
+                "differs from the manifest's base",
+            ));
         }
         if plan.previous_manifest != manifest.previous_manifest {
-            return Err(fault(r, "plan previous_manifest", "differs from the manifest's"));
+            return Err(fault(
+                r,
+                "plan previous_manifest",
+                "differs from the manifest's",
+            ));
         }
         for a in &plan.assignments {
             if a.inner_steps != run.inner_steps {
                 return Err(fault(
                     r,
                     "plan inner_steps",
-                    format!("{} for {}, the run config says {}", a.inner_steps, a.node.short(), run.inner_steps),
+                    format!(
+                        "{} for {}, the run config says {}",
+                        a.inner_steps,
+                        a.node.short(),
+                        run.inner_steps
+                    ),
                 ));
             }
             if let Some(shard) = a.shards.iter().find(|s| !dataset.contains(s)) {
@@ -253,7 +274,11 @@ pub fn audit(
             }
         }
         let planned: BTreeSet<NodeId> = plan.assignments.iter().map(|a| a.node).collect();
-        if let Some(a) = manifest.accepted.iter().find(|a| !planned.contains(&a.node)) {
+        if let Some(a) = manifest
+            .accepted
+            .iter()
+            .find(|a| !planned.contains(&a.node))
+        {
             return Err(fault(
                 r,
                 "manifest accepted",
@@ -269,7 +294,11 @@ pub fn audit(
         return Err(fault(
             None,
             "index.json head_manifest",
-            format!("{}, the last manifest is {}", short(&index.head_manifest), &head[..12]),
+            format!(
+                "{}, the last manifest is {}",
+                short(&index.head_manifest),
+                &head[..12]
+            ),
         ));
     }
     for name in files.keys() {
@@ -319,7 +348,10 @@ pub fn audit(
         return Err(fault(
             None,
             "ledger.json",
-            format!("the manifests credit {}, the ledger does not list it", short(node)),
+            format!(
+                "the manifests credit {}, the ledger does not list it",
+                short(node)
+            ),
         ));
     }
 
@@ -359,14 +391,22 @@ fn replay(run: &RunConfig, manifests: &[Manifest], blobs: &Path) -> Result<Hash,
             return Err(fault(
                 r,
                 "manifest base_params_hash",
-                format!("{}, the replayed params are {}", m.base_params_hash.short(), hash.short()),
+                format!(
+                    "{}, the replayed params are {}",
+                    m.base_params_hash.short(),
+                    hash.short()
+                ),
             ));
         }
         let mut payloads = Vec::with_capacity(m.accepted.len());
         for a in &m.accepted {
             let path = blobs.join(a.update_hash.to_hex());
             let bytes = read_capped(&path).map_err(|e| {
-                fault(r, format!("update {}", a.update_hash.short()), format!("{}: {e}", path.display()))
+                fault(
+                    r,
+                    format!("update {}", a.update_hash.short()),
+                    format!("{}: {e}", path.display()),
+                )
             })?;
             if Hash::of(&bytes) != a.update_hash {
                 return Err(fault(

@@ -815,13 +815,8 @@ impl Node {
         model: &ModelConfig,
         run_id: &str,
     ) -> Result<Option<(Vec<f32>, Vec<f32>)>, NodeError> {
-        self.fetch(
-            &checkpoint.blob,
-            Some(checkpoint.bytes),
-            None,
-            "checkpoint",
-        )
-        .await?;
+        self.fetch(&checkpoint.blob, Some(checkpoint.bytes), None, "checkpoint")
+            .await?;
         self.fetch(
             &checkpoint.optimizer_blob,
             Some(checkpoint.optimizer_bytes),
@@ -1111,7 +1106,12 @@ impl Node {
             )));
         }
         let next_hash = match self
-            .apply_manifest(state.rule, &mut state.theta, &mut state.optimizer, &manifest)
+            .apply_manifest(
+                state.rule,
+                &mut state.theta,
+                &mut state.optimizer,
+                &manifest,
+            )
             .await?
         {
             None => return Ok(None),
@@ -1301,7 +1301,11 @@ impl Node {
             let _ = self.client.stop_providing(hash).await;
         }
         if !expired.is_empty() {
-            tracing::debug!(round = current_round, "pruned {} old updates", expired.len());
+            tracing::debug!(
+                round = current_round,
+                "pruned {} old updates",
+                expired.len()
+            );
         }
         if let Err(e) = self.retention.save() {
             tracing::warn!("could not save the retention index: {e}");
@@ -1551,8 +1555,7 @@ impl Node {
         let mut backoff = Duration::from_secs(1);
         let mut attempts = 0;
         let response = loop {
-            let Some(response) = self.ask(CoordinatorRequest::Commit(signed.clone())).await?
-            else {
+            let Some(response) = self.ask(CoordinatorRequest::Commit(signed.clone())).await? else {
                 return Ok(None);
             };
             attempts += 1;

@@ -100,7 +100,11 @@ mod tests {
         };
         let mut buf = Vec::new();
         let written = block_on(write_framed(&mut Cursor::new(&mut buf), &request)).unwrap();
-        assert_eq!(written, buf.len() as u64, "the count is the bytes on the wire");
+        assert_eq!(
+            written,
+            buf.len() as u64,
+            "the count is the bytes on the wire"
+        );
         let (back, read): (BlobRequest, u64) =
             block_on(read_framed_counted(&mut Cursor::new(&buf))).unwrap();
         assert_eq!(back, request);

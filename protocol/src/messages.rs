@@ -177,12 +177,17 @@ pub enum RejectReason {
     NormTooLarge,
     NormTooSmall,
     SignFlipped,
-    Copycat { of: NodeId },
+    Copycat {
+        of: NodeId,
+    },
     NotUseful,
     Late,
     /// The direction of an update accepted in an earlier round (`round`,
     /// from `of`): a stale replay.
-    Replay { of: NodeId, round: u64 },
+    Replay {
+        of: NodeId,
+        round: u64,
+    },
 }
 
 impl RejectReason {

@@ -54,7 +54,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     if report.params_replayed {
                         format!(
                             ", params recomputed bit for bit to {}",
-                            report.final_params_hash.as_deref().map(|h| &h[..12]).unwrap_or("-")
+                            report
+                                .final_params_hash
+                                .as_deref()
+                                .map(|h| &h[..12])
+                                .unwrap_or("-")
                         )
                     } else {
                         " (params not recomputed: pass --blobs to do that)".to_string()

@@ -58,7 +58,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let Some(config_path) = args.config else {
-        anyhow::bail!("--config is required to run a coordinator (or use a subcommand: export-record)");
+        anyhow::bail!(
+            "--config is required to run a coordinator (or use a subcommand: export-record)"
+        );
     };
     let mut config = CoordinatorConfig::load(&config_path)?;
     if let Some(dir) = args.data_dir {

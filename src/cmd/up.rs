@@ -476,7 +476,8 @@ impl std::fmt::Display for UpReport {
                         .iter()
                         .filter(|(c, _, _)| *c != ours)
                         .filter_map(|(c, _, x)| {
-                            measured_loss_cost(c).map(|l| format!("{c} {:+.1}% at {x:.0}x", l * 100.0))
+                            measured_loss_cost(c)
+                                .map(|l| format!("{c} {:+.1}% at {x:.0}x", l * 100.0))
                         })
                         .collect();
                     format!(

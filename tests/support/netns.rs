@@ -25,7 +25,9 @@ pub fn unavailable() -> Option<String> {
             .status()
             .is_ok_and(|s| s.success());
         if !found {
-            return Some(format!("`{tool}` is not installed (`.ci/run` installs iptables)"));
+            return Some(format!(
+                "`{tool}` is not installed (`.ci/run` installs iptables)"
+            ));
         }
     }
     None

@@ -21,10 +21,10 @@
 
 use super::{Applied, Node, NodeError, SyncSource};
 use barnraise_protocol::Hash;
+use barnraise_protocol::Signed;
 use barnraise_protocol::aggregate::AggregationRule;
 use barnraise_protocol::messages::{CoordinatorRequest, CoordinatorResponse, Manifest, Welcome};
 use barnraise_protocol::outer::{OuterConfig, OuterOptimizer};
-use barnraise_protocol::Signed;
 use barnraise_trainer::ModelConfig;
 
 /// θ of the current round, and how we got there.
@@ -40,7 +40,9 @@ pub(super) struct CaughtUp {
 
 /// How a replay ended.
 enum Replay {
-    Done { replayed: u64 },
+    Done {
+        replayed: u64,
+    },
     Stopped,
     /// The coordinator's record and our params part ways; says where.
     Diverged(String),
