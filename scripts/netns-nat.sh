@@ -35,6 +35,18 @@ in_ns() {
     ip netns exec "$ns" "$@"
 }
 
+# A veth pair between two namespaces, each end with its address, both up.
+link() {
+    local ns_a="$1" if_a="$2" addr_a="$3" ns_b="$4" if_b="$5" addr_b="$6"
+    ip link add "$if_a" type veth peer name "$if_b"
+    ip link set "$if_a" netns "$ns_a"
+    ip link set "$if_b" netns "$ns_b"
+    in_ns "$ns_a" ip addr add "$addr_a" dev "$if_a"
+    in_ns "$ns_a" ip link set "$if_a" up
+    in_ns "$ns_b" ip addr add "$addr_b" dev "$if_b"
+    in_ns "$ns_b" ip link set "$if_b" up
+}
+
 up() {
     command -v iptables >/dev/null || {
         echo "netns-nat: iptables is not installed (apt-get install iptables)" >&2
@@ -50,23 +62,10 @@ up() {
         ip netns add "$home"
         in_ns "$nat" ip link set lo up
         in_ns "$home" ip link set lo up
-        # The router's outside link, to the internet.
-        ip link add "${prefix}p$i" type veth peer name "${prefix}o$i"
-        ip link set "${prefix}p$i" netns "$pub"
-        ip link set "${prefix}o$i" netns "$nat"
-        in_ns "$pub" ip addr add "10.77.$i.1/24" dev "${prefix}p$i"
-        in_ns "$pub" ip link set "${prefix}p$i" up
-        in_ns "$nat" ip addr add "10.77.$i.2/24" dev "${prefix}o$i"
-        in_ns "$nat" ip link set "${prefix}o$i" up
+        # The router's outside link, to the internet; its inside link, to the home.
+        link "$pub" "${prefix}p$i" "10.77.$i.1/24" "$nat" "${prefix}o$i" "10.77.$i.2/24"
         in_ns "$nat" ip route add default via "10.77.$i.1"
-        # The router's inside link, to the home.
-        ip link add "${prefix}i$i" type veth peer name "${prefix}h$i"
-        ip link set "${prefix}i$i" netns "$nat"
-        ip link set "${prefix}h$i" netns "$home"
-        in_ns "$nat" ip addr add "192.168.$i.1/24" dev "${prefix}i$i"
-        in_ns "$nat" ip link set "${prefix}i$i" up
-        in_ns "$home" ip addr add "192.168.$i.2/24" dev "${prefix}h$i"
-        in_ns "$home" ip link set "${prefix}h$i" up
+        link "$nat" "${prefix}i$i" "192.168.$i.1/24" "$home" "${prefix}h$i" "192.168.$i.2/24"
         in_ns "$home" ip route add default via "192.168.$i.1"
         # NAT: outbound is rewritten to the router's address; inbound that
         # is not a reply is dropped.

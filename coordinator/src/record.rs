@@ -14,16 +14,15 @@
 //! signature, the chain of manifests ties the rounds together, and the
 //! ledger's totals are recomputed from the manifests by the audit.
 
-use crate::ledger::{ContributorRow, Ledger, LedgerError};
+use crate::ledger::{Ledger, LedgerError};
 use barnraise_protocol::Hash;
 use barnraise_protocol::messages::{Manifest, RunConfig};
+pub use barnraise_protocol::record::{RECORD_FORMAT, round_file};
 use barnraise_protocol::{PublicKey, Signed};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The record format this code writes and reads.
-pub const RECORD_FORMAT: &str = "barnraise-record/1";
 /// Where the coordinator keeps the run config it gives nodes.
 pub const RUN_CONFIG_FILE: &str = "run-config.json";
 
@@ -40,32 +39,6 @@ pub struct RecordIndex {
     pub head_manifest: String,
     /// Every other file, by path relative to the record, with its SHA-256 (hex).
     pub files: BTreeMap<String, String>,
-}
-
-/// One node's totals as the ledger has them.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LedgerTotals {
-    pub node: String,
-    pub org: Option<String>,
-    pub tokens: u64,
-    pub accepted: u64,
-    pub rejected: u64,
-    pub missing: u64,
-    pub credit: f64,
-}
-
-impl From<&ContributorRow> for LedgerTotals {
-    fn from(c: &ContributorRow) -> Self {
-        LedgerTotals {
-            node: c.node.clone(),
-            org: c.org.clone(),
-            tokens: c.tokens,
-            accepted: c.accepted,
-            rejected: c.rejected,
-            missing: c.missing,
-            credit: c.credit,
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,12 +59,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
         path: path.to_owned(),
         source,
     }
-}
-
-/// The file name of round `round`'s plan or manifest.
-pub fn round_file(kind: &str, round: u64) -> String {
-    let ext = if kind == "plans" { "plan" } else { "manifest" };
-    format!("{kind}/round-{round:06}.{ext}")
 }
 
 /// Writes the record of the run in `data_dir` (a coordinator's, stopped or
@@ -143,10 +110,11 @@ pub fn export(data_dir: &Path, out: &Path) -> Result<RecordIndex, RecordError> {
             files.insert(round_file("plans", round), bytes);
         }
     }
-    let totals: Vec<LedgerTotals> = ledger.contributors()?.iter().map(Into::into).collect();
+    // The ledger's rows as the HTTP API serves them (`ContributorRow`).
     files.insert(
         "ledger.json".into(),
-        serde_json::to_vec_pretty(&totals).map_err(|e| RecordError::Invalid(e.to_string()))?,
+        serde_json::to_vec_pretty(&ledger.contributors()?)
+            .map_err(|e| RecordError::Invalid(e.to_string()))?,
     );
     let coordinator = match coordinator {
         Some(key) => key,

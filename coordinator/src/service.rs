@@ -461,11 +461,15 @@ fn prepare(
     // (`crate::record`): the same every start, since the ledger binds the run.
     let run_config_path = config.data_dir.join(crate::record::RUN_CONFIG_FILE);
     match serde_json::to_vec_pretty(&run_config) {
+        // Temp file then rename: a crash leaves the old file or the new one.
         Ok(text) => {
-            std::fs::write(&run_config_path, text).map_err(|source| CoordinatorError::Io {
-                path: run_config_path.clone(),
-                source,
-            })?
+            let tmp = run_config_path.with_extension("json.tmp");
+            std::fs::write(&tmp, text)
+                .and_then(|()| std::fs::rename(&tmp, &run_config_path))
+                .map_err(|source| CoordinatorError::Io {
+                    path: run_config_path.clone(),
+                    source,
+                })?
         }
         Err(e) => tracing::warn!("could not write the run config for the record: {e}"),
     }

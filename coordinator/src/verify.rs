@@ -133,7 +133,7 @@ pub const SKETCH_DIM: usize = 1024;
 /// inner products are preserved in expectation, so the cosine of two
 /// sketches estimates the cosine of the updates (standard deviation about
 /// (1 − c²)/√D: 0.011 at c = 0.8). Costs one pass over the update and
-/// 4 KiB to keep, where comparing full vectors costs O(P) per pair.
+/// 8 KiB to keep (1,024 f64), where comparing full vectors costs O(P) per pair.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sketch {
     buckets: Vec<f64>,

@@ -22,13 +22,12 @@ use crate::daemon::{INIT_SEED, parse_run_config};
 use barnraise_protocol::aggregate::apply_round;
 use barnraise_protocol::messages::{Manifest, RoundPlan, RunConfig};
 use barnraise_protocol::outer::{OuterConfig, OuterOptimizer};
+use barnraise_protocol::record::{RECORD_FORMAT, round_file};
 use barnraise_protocol::{Hash, NodeId, PublicKey, Signed};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// The record format this audit reads.
-pub const RECORD_FORMAT: &str = "barnraise-record/1";
 /// Largest file of a record the audit reads (a manifest's cap, with room).
 const MAX_RECORD_FILE: u64 = 64 << 20;
 
@@ -102,11 +101,6 @@ fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-fn round_file(kind: &str, round: u64) -> String {
-    let ext = if kind == "plans" { "plan" } else { "manifest" };
-    format!("{kind}/round-{round:06}.{ext}")
-}
-
 /// Audits the record in `record`; with `blobs` (a directory of blobs named
 /// by their hex SHA-256, such as a coordinator's `blobs/`), also recomputes θ.
 /// `pinned` is the coordinator key the auditor expects, if any.
@@ -142,18 +136,26 @@ pub fn audit(
             format!("the record names {coordinator}, the auditor expects {pinned}"),
         ));
     }
-    // 1. Files.
-    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    for (name, expected) in &index.files {
-        if name.contains("..") || name.starts_with('/') {
-            return Err(fault(None, name.clone(), "a path outside the record"));
-        }
-        let bytes = read_capped(&record.join(name)).map_err(|e| fault(None, name.clone(), e))?;
+    // 1. Files: each is read when its check needs it (one round at a time,
+    // so memory does not grow with the run) and must hash to its index entry.
+    if let Some(name) = index
+        .files
+        .keys()
+        .find(|name| name.contains("..") || name.starts_with('/'))
+    {
+        return Err(fault(None, name.clone(), "a path outside the record"));
+    }
+    let load = |name: &str, round: Option<u64>| -> Result<Vec<u8>, Fault> {
+        let expected = index
+            .files
+            .get(name)
+            .ok_or_else(|| fault(round, name.to_string(), "missing from the record"))?;
+        let bytes = read_capped(&record.join(name)).map_err(|e| fault(None, name, e))?;
         let actual = Hash::of(&bytes).to_hex();
         if actual != *expected {
             return Err(fault(
                 None,
-                name.clone(),
+                name,
                 format!(
                     "hashes to {}, the index says {}",
                     &actual[..12],
@@ -161,14 +163,9 @@ pub fn audit(
                 ),
             ));
         }
-        files.insert(name.clone(), bytes);
-    }
-    let file = |name: &str, round: Option<u64>| {
-        files
-            .get(name)
-            .ok_or_else(|| fault(round, name.to_string(), "missing from the record"))
+        Ok(bytes)
     };
-    let run: RunConfig = serde_json::from_slice(file("run.json", None)?)
+    let run: RunConfig = serde_json::from_slice(&load("run.json", None)?)
         .map_err(|e| fault(None, "run.json", format!("does not parse: {e}")))?;
     if run.run_id != index.run_id {
         return Err(fault(
@@ -187,7 +184,7 @@ pub fn audit(
     for round in 0..index.rounds {
         let r = Some(round);
         let name = round_file("manifests", round);
-        let signed: Signed<Manifest> = Signed::from_bytes(file(&name, r)?)
+        let signed: Signed<Manifest> = Signed::from_bytes(&load(&name, r)?)
             .map_err(|e| fault(r, name.clone(), format!("does not decode: {e}")))?;
         let manifest = signed
             .verify(Some(&coordinator))
@@ -225,7 +222,7 @@ pub fn audit(
             ));
         }
         let plan_name = round_file("plans", round);
-        let signed_plan: Signed<RoundPlan> = Signed::from_bytes(file(&plan_name, r)?)
+        let signed_plan: Signed<RoundPlan> = Signed::from_bytes(&load(&plan_name, r)?)
             .map_err(|e| fault(r, plan_name.clone(), format!("does not decode: {e}")))?;
         let plan = signed_plan
             .verify(Some(&coordinator))
@@ -301,11 +298,21 @@ pub fn audit(
             ),
         ));
     }
-    for name in files.keys() {
+    // Any other listed file: inside the record's rounds, and what the index says.
+    for name in index.files.keys() {
         let round = name
             .rsplit_once("round-")
             .and_then(|(_, rest)| rest.split('.').next())
             .and_then(|n| n.parse::<u64>().ok());
+        let checked = name == "run.json"
+            || name == "ledger.json"
+            || round.is_some_and(|r| {
+                r < index.rounds
+                    && (*name == round_file("plans", r) || *name == round_file("manifests", r))
+            });
+        if checked {
+            continue;
+        }
         if let Some(round) = round
             && round >= index.rounds
         {
@@ -315,6 +322,7 @@ pub fn audit(
                 format!("beyond the record's {} rounds", index.rounds),
             ));
         }
+        load(name, None)?;
     }
 
     // 5. Ledger totals against the manifests.
@@ -326,7 +334,7 @@ pub fn audit(
             entry.1 += 1;
         }
     }
-    let totals: Vec<Totals> = serde_json::from_slice(file("ledger.json", None)?)
+    let totals: Vec<Totals> = serde_json::from_slice(&load("ledger.json", None)?)
         .map_err(|e| fault(None, "ledger.json", format!("does not parse: {e}")))?;
     for t in &totals {
         let (tokens, accepted) = from_manifests.get(&t.node).copied().unwrap_or((0, 0));

@@ -1011,7 +1011,6 @@ impl Node {
                 CoordinatorResponse::Manifest(Some(signed)) => {
                     match signed.verify(self.coordinator_key.as_ref()) {
                         Ok(manifest) if manifest.round == round => {
-                            self.check_fork(&signed, &manifest)?;
                             return Ok(Some(Ok((signed, manifest))));
                         }
                         Ok(manifest) => self.warn(format!(

@@ -12,7 +12,7 @@
 
 use crate::state::write_atomic;
 use barnraise_protocol::Hash;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Rounds an applied update is kept after the round it belongs to.
@@ -26,7 +26,7 @@ const MAX_HASHES_PER_ROUND: usize = 100_000;
 #[derive(Debug, Default)]
 pub struct Retention {
     path: PathBuf,
-    rounds: BTreeMap<u64, Vec<Hash>>,
+    rounds: BTreeMap<u64, BTreeSet<Hash>>,
 }
 
 impl Retention {
@@ -46,9 +46,10 @@ impl Retention {
     pub fn record(&mut self, round: u64, hashes: impl IntoIterator<Item = Hash>) {
         let entry = self.rounds.entry(round).or_default();
         for hash in hashes {
-            if entry.len() < MAX_HASHES_PER_ROUND && !entry.contains(&hash) {
-                entry.push(hash);
+            if entry.len() >= MAX_HASHES_PER_ROUND {
+                break;
             }
+            entry.insert(hash);
         }
         while self.rounds.len() > MAX_INDEXED_ROUNDS {
             self.rounds.pop_first();
@@ -62,14 +63,11 @@ impl Retention {
         let cutoff = round.saturating_sub(KEEP_ROUNDS);
         let kept = self.rounds.split_off(&cutoff);
         let expired = std::mem::replace(&mut self.rounds, kept);
-        let mut out: Vec<Hash> = expired
-            .into_values()
-            .flatten()
-            .filter(|h| !self.rounds.values().any(|v| v.contains(h)))
-            .collect();
-        out.sort();
-        out.dedup();
-        out
+        let expired: BTreeSet<Hash> = expired.into_values().flatten().collect();
+        expired
+            .into_iter()
+            .filter(|h| !self.rounds.values().any(|kept| kept.contains(h)))
+            .collect()
     }
 
     /// Writes the index (atomically).
@@ -85,7 +83,7 @@ impl Retention {
 }
 
 /// Reads an index file; anything malformed gives `None`.
-pub fn parse(bytes: &[u8]) -> Option<BTreeMap<u64, Vec<Hash>>> {
+pub fn parse(bytes: &[u8]) -> Option<BTreeMap<u64, BTreeSet<Hash>>> {
     let map: BTreeMap<String, Vec<String>> = serde_json::from_slice(bytes).ok()?;
     if map.len() > MAX_INDEXED_ROUNDS {
         return None;
@@ -95,7 +93,7 @@ pub fn parse(bytes: &[u8]) -> Option<BTreeMap<u64, Vec<Hash>>> {
         if hashes.len() > MAX_HASHES_PER_ROUND {
             return None;
         }
-        let hashes: Option<Vec<Hash>> = hashes.iter().map(|h| h.parse().ok()).collect();
+        let hashes: Option<BTreeSet<Hash>> = hashes.iter().map(|h| h.parse().ok()).collect();
         out.insert(round.parse().ok()?, hashes?);
     }
     Some(out)

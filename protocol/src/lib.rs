@@ -19,6 +19,7 @@ pub mod identity;
 pub mod limits;
 pub mod messages;
 pub mod outer;
+pub mod record;
 pub mod signed;
 pub mod wire;
 

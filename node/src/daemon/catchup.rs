@@ -73,12 +73,19 @@ impl Node {
                 None
             }
         };
-        if let Some(saved) = saved.filter(|s| {
-            s.record.run_id == *run_id
-                && s.params.len() == params
-                && s.record.round <= target
-                && checkpoint_round.is_none_or(|c| s.record.round >= c)
-        }) {
+        // Its params hash was checked against its record when it loaded.
+        if let Some((saved, start)) = saved
+            .filter(|s| {
+                s.record.run_id == *run_id
+                    && s.params.len() == params
+                    && s.record.round <= target
+                    && checkpoint_round.is_none_or(|c| s.record.round >= c)
+            })
+            .and_then(|s| {
+                let start = s.record.params_hash.parse::<Hash>().ok()?;
+                Some((s, start))
+            })
+        {
             let from = saved.record.round;
             let committed = if from == target {
                 saved
@@ -92,7 +99,7 @@ impl Node {
             let mut theta = saved.params;
             let mut optimizer = OuterOptimizer::from_state(outer, saved.momentum);
             match self
-                .replay(rule, &mut theta, &mut optimizer, from, welcome)
+                .replay(rule, &mut theta, &mut optimizer, from, start, welcome)
                 .await?
             {
                 Replay::Done { replayed } => {
@@ -129,19 +136,26 @@ impl Node {
                 .map_err(|e| NodeError::Training(e.to_string()))?;
                 match checkpoint {
                     Some(c) if c.params_hash != hash => None,
-                    _ => Some(theta),
+                    _ => Some((theta, hash)),
                 }
             }
         };
-        let (mut theta, momentum, from, source) = match (init, &welcome.checkpoint) {
-            (Some(theta), _) => (theta, vec![0.0; params], 0, SyncSource::SeededInit),
+        let (mut theta, momentum, from, start, source) = match (init, &welcome.checkpoint) {
+            (Some((theta, hash)), _) => (theta, vec![0.0; params], 0, hash, SyncSource::SeededInit),
+            // `load_checkpoint` checked the params against `params_hash`.
             (None, Some(checkpoint)) => {
                 let Some((theta, momentum)) =
                     self.load_checkpoint(checkpoint, model, run_id).await?
                 else {
                     return Ok(None);
                 };
-                (theta, momentum, checkpoint.round, SyncSource::Checkpoint)
+                (
+                    theta,
+                    momentum,
+                    checkpoint.round,
+                    checkpoint.params_hash,
+                    SyncSource::Checkpoint,
+                )
             }
             // Without a checkpoint the init is always taken above.
             (None, None) => {
@@ -157,7 +171,7 @@ impl Node {
         }
         let mut optimizer = OuterOptimizer::from_state(outer, momentum);
         match self
-            .replay(rule, &mut theta, &mut optimizer, from, welcome)
+            .replay(rule, &mut theta, &mut optimizer, from, start, welcome)
             .await?
         {
             Replay::Done { replayed } => Ok(Some(CaughtUp {
@@ -177,31 +191,26 @@ impl Node {
     }
 
     /// Applies the manifests of rounds `from..welcome.current_round` to
-    /// `theta`, checking every link, and ends on the Welcome's hashes.
+    /// `theta`, whose params hash `start` the caller has already checked,
+    /// checking every link, and ends on the Welcome's hashes.
+    #[allow(clippy::too_many_arguments)]
     async fn replay(
         &mut self,
         rule: AggregationRule,
         theta: &mut Vec<f32>,
         optimizer: &mut OuterOptimizer,
         from: u64,
+        start: Hash,
         welcome: &Welcome,
     ) -> Result<Replay, NodeError> {
         let target = welcome.current_round;
         if from == target {
-            let current = std::mem::take(theta);
-            let (current, hash) = tokio::task::spawn_blocking(move || {
-                let hash = Hash::of_f32s(&current);
-                (current, hash)
-            })
-            .await
-            .map_err(|e| NodeError::Training(e.to_string()))?;
-            *theta = current;
-            return Ok(if hash == welcome.params_hash {
+            return Ok(if start == welcome.params_hash {
                 Replay::Done { replayed: 0 }
             } else {
                 Replay::Diverged(format!(
                     "params hash to {}, but the coordinator's round {target} params hash to {}",
-                    hash.short(),
+                    start.short(),
                     welcome.params_hash.short()
                 ))
             });
@@ -213,7 +222,7 @@ impl Node {
             target - from
         );
         let mut head: Option<Hash> = None;
-        let mut hash = None;
+        let mut hash = start;
         for round in from..target {
             let (signed, manifest) = match self.past_manifest(round, &welcome.config.run_id).await?
             {
@@ -231,17 +240,13 @@ impl Node {
                     previous.short()
                 )));
             }
-            if let Some(current) = hash
-                && manifest.base_params_hash != current
-            {
+            if manifest.base_params_hash != hash {
                 return Ok(Replay::Diverged(format!(
                     "the manifest of round {round} starts from {}, our params are {}",
                     manifest.base_params_hash.short(),
-                    current.short()
+                    hash.short()
                 )));
             }
-            // The first manifest's base is checked by its result: a wrong
-            // start cannot hash to its `next_params_hash`.
             match self
                 .apply_manifest(rule, theta, optimizer, &manifest)
                 .await?
@@ -249,7 +254,7 @@ impl Node {
                 None => return Ok(Replay::Stopped),
                 Some(Applied::Unavailable(reason)) => return Ok(Replay::Unavailable(reason)),
                 Some(Applied::Mismatch { reason, .. }) => return Ok(Replay::Diverged(reason)),
-                Some(Applied::Matched(next)) => hash = Some(next),
+                Some(Applied::Matched(next)) => hash = next,
             }
             head = Some(signed.body_hash());
             self.keep_receipt(&signed, &manifest);
@@ -257,10 +262,10 @@ impl Node {
             self.prune(&manifest, round + 1).await;
             tracing::info!(round, params = %manifest.next_params_hash.short(), "replayed");
         }
-        if hash != Some(welcome.params_hash) {
+        if hash != welcome.params_hash {
             return Ok(Replay::Diverged(format!(
                 "replaying to round {target} gives params {}, the welcome says {}",
-                hash.map(|h| h.short()).unwrap_or_default(),
+                hash.short(),
                 welcome.params_hash.short()
             )));
         }
