@@ -1,10 +1,9 @@
-//! `barnraise bench diloco`: data-parallel vs DiLoCo (fp32, int8, top-k) at
-//! equal total tokens on the built-in corpus.
+//! `barnraise bench diloco`: data-parallel vs DiLoCo fp32 vs any list of
+//! compressed arms, at equal total tokens on the built-in corpus.
 //!
 //! The CPU thread count is rayon's: set `RAYON_NUM_THREADS` to pin it.
 
-use barnraise_protocol::codec::CodecConfig;
-use barnraise_trainer::bench::{DilocoBenchConfig, run_diloco};
+use barnraise_trainer::bench::{ArmSpec, DilocoBenchConfig, run_diloco};
 use barnraise_trainer::device::{DeviceSpec, select};
 use clap::Args as ClapArgs;
 
@@ -40,16 +39,14 @@ pub struct Args {
     /// Outer (Nesterov) momentum (bench default 0; DiLoCo's is 0.9).
     #[arg(long)]
     pub outer_momentum: Option<f32>,
-    /// Codec of arm (c), e.g. int8:256.
-    #[arg(long)]
-    pub int8: Option<CodecConfig>,
-    /// Codec of arm (d) (bench default topk:4096:2048:4).
-    #[arg(long)]
-    pub topk: Option<CodecConfig>,
-    /// Error-feedback decay of arm (d), in [0, 1]: 1 is plain error feedback
-    /// (the default), 0 drops what top-k did not send.
-    #[arg(long)]
-    pub ef_decay: Option<f32>,
+    /// A compressed arm, repeatable: `CODEC[,h=N][,olr=X][,om=X][,decay=X][,warm=K0:N]`,
+    /// e.g. `--arm topk:4096:128:4,h=60,decay=0.95`. h sets the arm's inner
+    /// steps (its rounds keep the tokens equal), olr/om its outer step, decay
+    /// the error-feedback decay, warm a top-k density falling from K0 to k
+    /// over N rounds. Default: int8:256 and topk:4096:2048:4. Arms (a) dp and
+    /// (b) fp32 always run as the references.
+    #[arg(long = "arm", value_name = "SPEC")]
+    pub arms: Vec<ArmSpec>,
     /// Built-in corpus bytes per worker.
     #[arg(long)]
     pub corpus_bytes: Option<usize>,
@@ -99,14 +96,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(v) = args.outer_momentum {
         cfg.outer.momentum = v;
     }
-    if let Some(v) = args.int8 {
-        cfg.int8 = v;
-    }
-    if let Some(v) = args.topk {
-        cfg.topk = v;
-    }
-    if let Some(v) = args.ef_decay {
-        cfg.ef_decay = v;
+    if !args.arms.is_empty() {
+        cfg.arms = args.arms;
     }
     if let Some(v) = args.corpus_bytes {
         cfg.corpus_bytes = v;

@@ -12,7 +12,7 @@
 //! `s` ends where the same arm of `barnraise bench diloco --seed s` does.
 
 use barnraise_protocol::codec::CodecConfig;
-use barnraise_trainer::bench::{ArmKind, DilocoBenchConfig, run_arm};
+use barnraise_trainer::bench::{ArmKind, ArmSpec, DilocoBenchConfig, run_arm};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -31,12 +31,13 @@ fn apply(spec: &str) -> Result<(DilocoBenchConfig, ArmKind), Error> {
         .map_or("tiny", |(_, v)| *v);
     let mut cfg =
         DilocoBenchConfig::for_preset(preset).ok_or_else(|| format!("unknown preset {preset}"))?;
-    let mut kind = ArmKind::Diloco(CodecConfig::Fp32);
+    let mut kind = ArmKind::Diloco(ArmSpec::codec(CodecConfig::Fp32));
+    let mut decay = None;
     for (key, value) in pairs {
         match key {
             "preset" => {}
             "arm" if value == "dp" => kind = ArmKind::DataParallel,
-            "arm" => kind = ArmKind::Diloco(value.parse()?),
+            "arm" => kind = ArmKind::Diloco(ArmSpec::codec(value.parse()?)),
             "k" => cfg.workers = value.parse()?,
             "H" => cfg.inner_steps = value.parse()?,
             "R" => cfg.rounds = value.parse()?,
@@ -46,13 +47,16 @@ fn apply(spec: &str) -> Result<(DilocoBenchConfig, ArmKind), Error> {
             "olr" => cfg.outer.lr = value.parse()?,
             "om" => cfg.outer.momentum = value.parse()?,
             "nesterov" => cfg.outer.nesterov = value == "1",
-            "decay" => cfg.ef_decay = value.parse()?,
+            "decay" => decay = Some(value.parse()?),
             "seed" => cfg.seed = value.parse()?,
             "seeds" => cfg.seeds = value.parse()?,
             "eval" => cfg.eval_batches = value.parse()?,
             "every" => cfg.eval_every = value.parse()?,
             _ => return Err(format!("unknown key `{key}` in `{spec}`").into()),
         }
+    }
+    if let ArmKind::Diloco(spec) = &mut kind {
+        spec.ef_decay = decay;
     }
     Ok((cfg, kind))
 }

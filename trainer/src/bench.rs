@@ -5,8 +5,10 @@
 //! - (a) `dp`: the synchronous data-parallel equivalent — one model, a k-times
 //!   larger batch, R·H steps;
 //! - (b) `diloco-fp32`: k workers, H inner steps, R rounds, lossless updates;
-//! - (c) `diloco-int8`: the same with dense int8 updates;
-//! - (d) `diloco-topk`: the same with chunked top-k + error feedback.
+//! - (c), (d), ...: one per [`ArmSpec`] in the config — a codec, and
+//!   optionally its own H (rounds R·H/H' keep tokens equal), outer step,
+//!   error-feedback decay and density warm-up. By default `int8:256` and
+//!   `topk:4096:2048:4`.
 //!
 //! Every arm starts from the same seeded weights, sees the same total number
 //! of tokens from the same distribution, uses the same inner schedule (warmup,
@@ -18,7 +20,12 @@
 //! Bytes are what one worker uploads over the whole run: for (a) one fp32
 //! gradient per step (the parameter-server convention; a ring all-reduce
 //! moves 2(k−1)/k times that per worker), for DiLoCo arms the encoded
-//! payloads of its R updates.
+//! payloads of its rounds. Each arm reports its loss gap to (b) and to (a)
+//! and whether it is on the Pareto frontier of traffic against loss.
+
+mod arm;
+
+pub use arm::{ArmSpec, DensityWarmup};
 
 use crate::data::corpus;
 use crate::model::ModelConfig;
@@ -30,6 +37,13 @@ use serde::Serialize;
 use std::fmt;
 use std::time::Instant;
 
+/// The loss gap to DiLoCo fp32, in percent, within which an arm counts as
+/// at parity.
+pub const PARITY_PCT: f64 = 2.0;
+
+/// Labels of the compressed arms: (c) onwards.
+const ARM_LABELS: &str = "cdefghijklmnopqrstuvwxyz";
+
 /// How the bench is sized. Defaults finish in a few minutes on 2 CPU cores.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DilocoBenchConfig {
@@ -37,9 +51,10 @@ pub struct DilocoBenchConfig {
     pub model: ModelConfig,
     /// k: DiLoCo workers (and the data-parallel batch multiplier).
     pub workers: usize,
-    /// H: inner steps per round.
+    /// H: inner steps per round of (a) and (b), and of every arm that does
+    /// not set its own.
     pub inner_steps: usize,
-    /// R: rounds.
+    /// R: rounds at that H.
     pub rounds: usize,
     /// Sequences per worker per step.
     pub batch_size: usize,
@@ -47,12 +62,8 @@ pub struct DilocoBenchConfig {
     pub lr: f64,
     pub warmup: usize,
     pub outer: OuterConfig,
-    pub int8: CodecConfig,
-    pub topk: CodecConfig,
-    /// Error-feedback decay of the top-k arm: each round the unsent
-    /// residual is multiplied by this before it is added to the new update
-    /// (1 = plain error feedback, 0 = none).
-    pub ef_decay: f32,
+    /// The compressed arms, (c) onwards.
+    pub arms: Vec<ArmSpec>,
     /// Built-in corpus bytes per worker (each worker its own seed).
     pub corpus_bytes: usize,
     /// Held-out batches of 8 sequences for the final loss.
@@ -91,18 +102,17 @@ impl DilocoBenchConfig {
                 momentum: 0.0,
                 nesterov: true,
             },
-            int8: CodecConfig::int8_default(),
-            // Half of each chunk at 4 bits, 3.02 bits/param with the mask
-            // layout: the run's default (topk:4096:64:2) sends too little for
-            // a few tens of rounds of a 133k-parameter model, and a quarter
-            // trailed fp32 by 2.1% at R=40 where half trails by 1.1%
+            // Dense int8, and half of each chunk at 4 bits (3.02 bits/param
+            // with the mask layout), which trailed fp32 by 1.1% at R=40
             // (docs/training.md).
-            topk: CodecConfig::TopK {
-                chunk: 4096,
-                k: 2048,
-                bits: 4,
-            },
-            ef_decay: 1.0,
+            arms: vec![
+                ArmSpec::codec(CodecConfig::int8_default()),
+                ArmSpec::codec(CodecConfig::TopK {
+                    chunk: 4096,
+                    k: 2048,
+                    bits: 4,
+                }),
+            ],
             corpus_bytes: 256 * 1024,
             eval_batches: 16,
             eval_every: 1,
@@ -124,6 +134,31 @@ impl DilocoBenchConfig {
     /// Tokens every arm trains on: k · R · H · batch · seq.
     pub fn total_tokens(&self) -> u64 {
         (self.workers * self.rounds * self.inner_steps * self.batch_size * self.seq_len) as u64
+    }
+
+    /// The config one arm runs under: its own H (with rounds that keep the
+    /// tokens equal) and outer step. The inner schedule spans the same R·H
+    /// steps whatever the arm's H.
+    pub fn for_arm(&self, spec: &ArmSpec) -> Result<DilocoBenchConfig, BenchError> {
+        let mut cfg = self.clone();
+        if let Some(h) = spec.inner_steps {
+            let steps = self.rounds * self.inner_steps;
+            if h == 0 || !steps.is_multiple_of(h) {
+                return Err(BenchError::Config(format!(
+                    "arm `{spec}`: h={h} must divide the run's R·H = {steps} inner steps, \
+                     so that the arm trains on the same tokens"
+                )));
+            }
+            cfg.inner_steps = h;
+            cfg.rounds = steps / h;
+        }
+        if let Some(lr) = spec.outer_lr {
+            cfg.outer.lr = lr;
+        }
+        if let Some(m) = spec.outer_momentum {
+            cfg.outer.momentum = m;
+        }
+        Ok(cfg)
     }
 
     fn inner(&self, round: usize, batch_size: usize, seed: u64) -> InnerConfig {
@@ -152,19 +187,24 @@ pub enum BenchError {
     Codec(#[from] CodecError),
 }
 
-/// One arm's result.
+/// One arm's result on one seed.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ArmReport {
-    /// "a" .. "d".
+    /// "a", "b", "c", ...
     pub arm: String,
     pub name: String,
     /// The codec, for DiLoCo arms ("fp32", "int8:256", "topk:4096:64:2").
     pub codec: Option<String>,
+    /// The whole arm as given (codec and overrides), for DiLoCo arms.
+    pub spec: Option<String>,
+    /// This arm's H and R (R·H is the same for every arm).
+    pub inner_steps: usize,
+    pub rounds: usize,
     pub heldout_loss: f32,
     /// Held-out loss after each scored round (every `eval_every`-th and the
     /// last; DiLoCo: of the global params).
     pub heldout_per_round: Vec<f32>,
-    /// Top-k arm only: the held-out loss had the workers' unsent
+    /// Top-k arms only: the held-out loss had the workers' unsent
     /// error-feedback residuals been applied as one more plain-average step
     /// after the last round. How much of the gap to fp32 is update mass still
     /// waiting in the residuals.
@@ -172,20 +212,29 @@ pub struct ArmReport {
     pub heldout_residual_flushed: Option<f32>,
     pub tokens: u64,
     pub bytes_per_worker: u64,
+    /// Bits per parameter of one upload: a payload for DiLoCo arms (the mean
+    /// over rounds when the density changes), a gradient (32) for (a).
+    pub bits_per_param: f64,
     /// Bytes of (a) divided by this arm's bytes.
     pub reduction_vs_dp: f64,
+    /// Held-out loss against (b)'s and (a)'s, percent (positive = worse).
+    pub gap_vs_fp32_pct: f64,
+    pub gap_vs_dp_pct: f64,
     pub wall_s: f64,
     pub tokens_per_s: f64,
     pub gflops_per_s: f64,
 }
 
-/// One arm over every seed: the mean final held-out loss, its spread, and
-/// the per-seed values (in seed order).
+/// One arm over every seed: the mean final held-out loss, its spread, the
+/// per-seed values (in seed order), and its place against the references.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ArmSummary {
     pub arm: String,
     pub name: String,
     pub codec: Option<String>,
+    pub spec: Option<String>,
+    pub inner_steps: usize,
+    pub rounds: usize,
     /// Mean over seeds of the final held-out loss.
     pub heldout_loss: f32,
     /// Sample standard deviation over seeds (0 with one seed).
@@ -197,7 +246,19 @@ pub struct ArmSummary {
     pub tokens: u64,
     /// Bytes one worker uploads in one seed's run.
     pub bytes_per_worker: u64,
+    pub bits_per_param: f64,
     pub reduction_vs_dp: f64,
+    /// The mean held-out loss against (b)'s mean, percent.
+    pub gap_vs_fp32_pct: f64,
+    /// The mean over seeds of each seed's gap to (b), percent.
+    pub gap_vs_fp32_pct_seed_mean: f64,
+    /// The mean held-out loss against (a)'s mean, percent.
+    pub gap_vs_dp_pct: f64,
+    /// Seeds on which this arm is within [`PARITY_PCT`] of (b).
+    pub seeds_at_parity: usize,
+    /// No other arm sends less with a lower mean loss (or as little with a
+    /// lower one, or less with the same).
+    pub pareto: bool,
     /// Training wall time summed over seeds.
     pub wall_s: f64,
     /// Over all seeds.
@@ -205,7 +266,7 @@ pub struct ArmSummary {
     pub gflops_per_s: f64,
 }
 
-/// One seed's bench: the starting loss, every arm, and the gaps.
+/// One seed's bench: the starting loss and every arm.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SeedRun {
     pub seed: u64,
@@ -213,12 +274,10 @@ pub struct SeedRun {
     pub arms: Vec<ArmReport>,
     /// (b) vs (a) held-out loss, percent (positive = DiLoCo worse).
     pub fp32_vs_dp_pct: f64,
-    /// (d) vs (b) held-out loss, percent.
-    pub topk_vs_fp32_pct: f64,
 }
 
-/// The whole bench: config, every arm summarised over seeds, the targets on
-/// the mean losses, and every seed's run in full.
+/// The whole bench: config, every arm summarised over seeds (the Pareto
+/// table), and every seed's run in full.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DilocoBenchReport {
     pub config: DilocoBenchConfig,
@@ -231,12 +290,13 @@ pub struct DilocoBenchReport {
     /// (b) vs (a) of the mean held-out losses, percent (positive = DiLoCo
     /// worse); each seed's own gap is in `runs`.
     pub fp32_vs_dp_pct: f64,
-    /// (d) vs (b) of the mean held-out losses, percent.
-    pub topk_vs_fp32_pct: f64,
     /// Mean over seeds of each seed's (b) vs (a) gap, percent.
     pub fp32_vs_dp_pct_seed_mean: f64,
-    /// Mean over seeds of each seed's (d) vs (b) gap, percent.
-    pub topk_vs_fp32_pct_seed_mean: f64,
+    /// The parity margin: [`PARITY_PCT`].
+    pub parity_pct: f64,
+    /// The compressed arm with the largest traffic reduction whose mean loss
+    /// is within `parity_pct` of (b), if any.
+    pub best_at_parity: Option<String>,
     /// Every seed's run, in seed order.
     pub runs: Vec<SeedRun>,
     /// Wall time of the whole bench, evaluation included.
@@ -277,17 +337,12 @@ fn corpus_data(cfg: &DilocoBenchConfig) -> Data {
     }
 }
 
+/// Refuses a config that cannot run, before anything trains.
 fn check_config(cfg: &DilocoBenchConfig) -> Result<(), BenchError> {
     if cfg.workers == 0 || cfg.rounds == 0 || cfg.inner_steps == 0 {
         return Err(BenchError::Config(
             "workers, rounds and inner steps must be positive".to_string(),
         ));
-    }
-    if !(0.0..=1.0).contains(&cfg.ef_decay) {
-        return Err(BenchError::Config(format!(
-            "error-feedback decay {} must be in [0, 1]",
-            cfg.ef_decay
-        )));
     }
     if cfg.seeds == 0 {
         return Err(BenchError::Config("seeds must be positive".to_string()));
@@ -298,10 +353,22 @@ fn check_config(cfg: &DilocoBenchConfig) -> Result<(), BenchError> {
             cfg.corpus_bytes
         )));
     }
+    if cfg.arms.len() > ARM_LABELS.len() {
+        return Err(BenchError::Config(format!(
+            "{} arms given; at most {} fit the labels (c) to (z)",
+            cfg.arms.len(),
+            ARM_LABELS.len()
+        )));
+    }
+    for spec in &cfg.arms {
+        spec.validate()
+            .map_err(|e| BenchError::Config(format!("arm `{spec}`: {e}")))?;
+        cfg.for_arm(spec)?;
+    }
     Ok(())
 }
 
-/// Runs all four arms once per seed (`cfg.seed`, `cfg.seed + 1`, ...,
+/// Runs every arm once per seed (`cfg.seed`, `cfg.seed + 1`, ...,
 /// `cfg.seeds` of them). Each seed's run depends on its seed alone, so seed
 /// `s` here gives what a one-seed bench with `seed = s` gives. `progress` is
 /// called after every scored round of every arm of every seed.
@@ -323,9 +390,20 @@ pub fn run_diloco(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let flops_per_token = cfg.model.flops_per_token_at(cfg.seq_len);
-    let arms: Vec<ArmSummary> = (0..runs[0].arms.len())
+    let mut arms: Vec<ArmSummary> = (0..runs[0].arms.len())
         .map(|i| summarize(runs.iter().map(|r| &r.arms[i]), flops_per_token))
         .collect();
+    let (dp, fp32) = (arms[0].heldout_loss, arms[1].heldout_loss);
+    for arm in &mut arms {
+        arm.gap_vs_fp32_pct = pct(arm.heldout_loss, fp32);
+        arm.gap_vs_dp_pct = pct(arm.heldout_loss, dp);
+    }
+    mark_pareto(&mut arms);
+    let best_at_parity = arms[2..]
+        .iter()
+        .filter(|a| a.gap_vs_fp32_pct <= PARITY_PCT)
+        .max_by(|x, y| x.reduction_vs_dp.total_cmp(&y.reduction_vs_dp))
+        .map(|a| a.arm.clone());
     let mean = |xs: &mut dyn Iterator<Item = f64>| {
         let v: Vec<f64> = xs.collect();
         v.iter().sum::<f64>() / v.len() as f64
@@ -336,10 +414,10 @@ pub fn run_diloco(
         threads: candle_core::utils::get_num_threads(),
         initial_heldout_loss: mean(&mut runs.iter().map(|r| f64::from(r.initial_heldout_loss)))
             as f32,
-        fp32_vs_dp_pct: pct(arms[1].heldout_loss, arms[0].heldout_loss),
-        topk_vs_fp32_pct: pct(arms[3].heldout_loss, arms[1].heldout_loss),
+        fp32_vs_dp_pct: pct(fp32, dp),
         fp32_vs_dp_pct_seed_mean: mean(&mut runs.iter().map(|r| r.fp32_vs_dp_pct)),
-        topk_vs_fp32_pct_seed_mean: mean(&mut runs.iter().map(|r| r.topk_vs_fp32_pct)),
+        parity_pct: PARITY_PCT,
+        best_at_parity,
         arms,
         runs,
         config: cfg.clone(),
@@ -352,7 +430,22 @@ fn pct(x: f32, base: f32) -> f64 {
     f64::from((x - base) / base) * 100.0
 }
 
-/// One arm's reports over every seed, in seed order.
+/// Marks the arms no other arm dominates in (traffic reduction, mean loss).
+fn mark_pareto(arms: &mut [ArmSummary]) {
+    let points: Vec<(f64, f32)> = arms
+        .iter()
+        .map(|a| (a.reduction_vs_dp, a.heldout_loss))
+        .collect();
+    for (i, arm) in arms.iter_mut().enumerate() {
+        let (reduction, loss) = points[i];
+        arm.pareto = !points.iter().enumerate().any(|(j, &(r, l))| {
+            j != i && r >= reduction && l <= loss && (r > reduction || l < loss)
+        });
+    }
+}
+
+/// One arm's reports over every seed, in seed order. The gaps of the means
+/// are filled in by the caller, which knows the references.
 fn summarize<'a>(reports: impl Iterator<Item = &'a ArmReport>, flops_per_token: f64) -> ArmSummary {
     let reports: Vec<&ArmReport> = reports.collect();
     let first = reports[0];
@@ -375,6 +468,9 @@ fn summarize<'a>(reports: impl Iterator<Item = &'a ArmReport>, flops_per_token: 
         arm: first.arm.clone(),
         name: first.name.clone(),
         codec: first.codec.clone(),
+        spec: first.spec.clone(),
+        inner_steps: first.inner_steps,
+        rounds: first.rounds,
         heldout_loss: mean as f32,
         heldout_std: var.sqrt() as f32,
         heldout_min: losses.iter().copied().fold(f32::INFINITY, f32::min),
@@ -382,14 +478,23 @@ fn summarize<'a>(reports: impl Iterator<Item = &'a ArmReport>, flops_per_token: 
         heldout_per_seed: losses,
         tokens: first.tokens,
         bytes_per_worker: first.bytes_per_worker,
+        bits_per_param: first.bits_per_param,
         reduction_vs_dp: first.reduction_vs_dp,
+        gap_vs_fp32_pct: 0.0,
+        gap_vs_fp32_pct_seed_mean: reports.iter().map(|r| r.gap_vs_fp32_pct).sum::<f64>() / n,
+        gap_vs_dp_pct: 0.0,
+        seeds_at_parity: reports
+            .iter()
+            .filter(|r| r.gap_vs_fp32_pct <= PARITY_PCT)
+            .count(),
+        pareto: false,
         wall_s,
         tokens_per_s,
         gflops_per_s: tokens_per_s * flops_per_token / 1e9,
     }
 }
 
-/// The four arms on one seed (`cfg.seed`).
+/// Every arm on one seed (`cfg.seed`).
 fn run_seed(
     cfg: &DilocoBenchConfig,
     device: &candle_core::Device,
@@ -406,25 +511,35 @@ fn run_seed(
         eval_seed,
     )?;
     let flops_per_token = cfg.model.flops_per_token_at(cfg.seq_len);
+    let mut kinds = vec![
+        ("a".to_string(), ArmKind::DataParallel),
+        (
+            "b".to_string(),
+            ArmKind::Diloco(ArmSpec::codec(CodecConfig::Fp32)),
+        ),
+    ];
+    kinds.extend(
+        cfg.arms
+            .iter()
+            .zip(ARM_LABELS.chars())
+            .map(|(spec, label)| (label.to_string(), ArmKind::Diloco(*spec))),
+    );
     let mut arms = Vec::new();
-    for (arm, kind) in [
-        ("a", ArmKind::DataParallel),
-        ("b", ArmKind::Diloco(CodecConfig::Fp32)),
-        ("c", ArmKind::Diloco(cfg.int8)),
-        ("d", ArmKind::Diloco(cfg.topk)),
-    ] {
-        arms.push(run_arm_on(cfg, device, &data, arm, kind, progress)?);
+    for (arm, kind) in kinds {
+        arms.push(run_arm_on(cfg, device, &data, &arm, kind, progress)?);
     }
     let dp_bytes = arms[0].bytes_per_worker as f64;
+    let (dp, fp32) = (arms[0].heldout_loss, arms[1].heldout_loss);
     for arm in &mut arms {
         arm.reduction_vs_dp = dp_bytes / arm.bytes_per_worker.max(1) as f64;
         arm.gflops_per_s = arm.tokens_per_s * flops_per_token / 1e9;
+        arm.gap_vs_fp32_pct = pct(arm.heldout_loss, fp32);
+        arm.gap_vs_dp_pct = pct(arm.heldout_loss, dp);
     }
     Ok(SeedRun {
         seed: cfg.seed,
         initial_heldout_loss: initial,
-        fp32_vs_dp_pct: pct(arms[1].heldout_loss, arms[0].heldout_loss),
-        topk_vs_fp32_pct: pct(arms[3].heldout_loss, arms[1].heldout_loss),
+        fp32_vs_dp_pct: pct(fp32, dp),
         arms,
     })
 }
@@ -434,13 +549,14 @@ fn run_seed(
 pub enum ArmKind {
     /// One model, a k-times batch, R·H steps.
     DataParallel,
-    /// k workers, H inner steps, R rounds, updates through this codec.
-    Diloco(CodecConfig),
+    /// k workers, updates through the arm's codec, with its settings.
+    Diloco(ArmSpec),
 }
 
 /// Runs one arm alone on `cfg.seed` (for sweeps and diagnostics; `cfg.seeds`
-/// is not used); `arm` is its label. It gives what [`run_diloco`] gives for
-/// that arm and seed, which runs the four arms of the bench on the same data.
+/// and `cfg.arms` are not used); `arm` is its label. It gives what
+/// [`run_diloco`] gives for that arm and seed. Its gaps are left at 0 and
+/// its reduction is against the data-parallel bytes of `cfg`.
 pub fn run_arm(
     cfg: &DilocoBenchConfig,
     device: &candle_core::Device,
@@ -448,10 +564,19 @@ pub fn run_arm(
     kind: ArmKind,
     progress: &mut dyn FnMut(BenchProgress<'_>),
 ) -> Result<ArmReport, BenchError> {
-    check_config(cfg)?;
+    check_config(&DilocoBenchConfig {
+        arms: Vec::new(),
+        ..cfg.clone()
+    })?;
+    if let ArmKind::Diloco(spec) = &kind {
+        spec.validate()
+            .map_err(|e| BenchError::Config(format!("arm `{spec}`: {e}")))?;
+    }
     let data = corpus_data(cfg);
     let mut report = run_arm_on(cfg, device, &data, arm, kind, progress)?;
     report.gflops_per_s = report.tokens_per_s * cfg.model.flops_per_token_at(cfg.seq_len) / 1e9;
+    let dp_bytes = (cfg.rounds * cfg.inner_steps * cfg.model.params_count() * 4) as f64;
+    report.reduction_vs_dp = dp_bytes / report.bytes_per_worker.max(1) as f64;
     Ok(report)
 }
 
@@ -469,14 +594,10 @@ fn run_arm_on(
         ArmKind::DataParallel => {
             run_data_parallel(cfg, device, data, init_seed, eval_seed, arm, progress)
         }
-        ArmKind::Diloco(codec) => {
-            let name = match codec {
-                CodecConfig::Fp32 => "diloco-fp32",
-                CodecConfig::Int8 { .. } => "diloco-int8",
-                CodecConfig::TopK { .. } => "diloco-topk",
-            };
+        ArmKind::Diloco(spec) => {
+            let arm_cfg = cfg.for_arm(&spec)?;
             run_diloco_arm(
-                cfg, device, data, init_seed, eval_seed, arm, name, codec, progress,
+                &arm_cfg, device, data, init_seed, eval_seed, arm, &spec, progress,
             )
         }
     }
@@ -541,18 +662,26 @@ fn run_data_parallel(
         arm: arm.to_string(),
         name: "dp".to_string(),
         codec: None,
+        spec: None,
+        inner_steps: cfg.inner_steps,
+        rounds: cfg.rounds,
         heldout_loss: per_round.last().copied().unwrap_or(f32::NAN),
         heldout_per_round: per_round,
         heldout_residual_flushed: None,
         tokens,
         bytes_per_worker: (cfg.rounds * cfg.inner_steps) as u64 * params * 4,
+        bits_per_param: 32.0,
         reduction_vs_dp: 1.0,
+        gap_vs_fp32_pct: 0.0,
+        gap_vs_dp_pct: 0.0,
         wall_s: train_wall,
         tokens_per_s: tokens as f64 / train_wall.max(1e-9),
         gflops_per_s: 0.0,
     })
 }
 
+/// One DiLoCo arm; `cfg` is already the arm's (see
+/// [`DilocoBenchConfig::for_arm`]).
 #[allow(clippy::too_many_arguments)]
 fn run_diloco_arm(
     cfg: &DilocoBenchConfig,
@@ -561,16 +690,20 @@ fn run_diloco_arm(
     init_seed: u64,
     eval_seed: u64,
     arm: &str,
-    name: &str,
-    codec: CodecConfig,
+    spec: &ArmSpec,
     progress: &mut dyn FnMut(BenchProgress<'_>),
 ) -> Result<ArmReport, BenchError> {
+    let name = match spec.codec {
+        CodecConfig::Fp32 => "diloco-fp32",
+        CodecConfig::Int8 { .. } => "diloco-int8",
+        CodecConfig::TopK { .. } => "diloco-topk",
+    };
     let params = cfg.model.params_count();
     let mut workers = Vec::with_capacity(cfg.workers);
     let mut encoders = Vec::with_capacity(cfg.workers);
     for _ in 0..cfg.workers {
         workers.push(Trainer::new(&cfg.model, device.clone(), init_seed)?);
-        encoders.push(Encoder::new(codec, params)?.with_decay(cfg.ef_decay));
+        encoders.push(Encoder::new(spec.codec_at(0), params)?.with_decay(spec.decay()));
     }
     let mut global = workers[0].flat_params()?;
     let mut outer = OuterOptimizer::new(cfg.outer, params);
@@ -582,8 +715,14 @@ fn run_diloco_arm(
     let mut average = vec![0.0f32; params];
     for round in 0..cfg.rounds {
         let started = Instant::now();
+        let codec = spec.codec_at(round);
         let mut weights = Vec::with_capacity(cfg.workers);
         for (w, (worker, encoder)) in workers.iter_mut().zip(&mut encoders).enumerate() {
+            if encoder.config() != codec {
+                // The density warm-up moved on: same residual, sparser codec.
+                *encoder = Encoder::from_residual(codec, params, encoder.residual())?
+                    .with_decay(spec.decay());
+            }
             worker.set_flat_params(&global)?;
             let seed = cfg.batch_seed(w, round);
             let report =
@@ -617,7 +756,7 @@ fn run_diloco_arm(
             heldout_loss: loss,
         });
     }
-    let heldout_residual_flushed = if codec.has_error_feedback() {
+    let heldout_residual_flushed = if spec.codec.has_error_feedback() {
         let residuals: Vec<(&[f32], f32)> = encoders.iter().map(|e| (e.residual(), 1.0)).collect();
         weighted_mean_into(&residuals, &mut average);
         let flushed: Vec<f32> = global.iter().zip(&average).map(|(g, r)| g - r).collect();
@@ -629,13 +768,19 @@ fn run_diloco_arm(
     Ok(ArmReport {
         arm: arm.to_string(),
         name: name.to_string(),
-        codec: Some(codec.to_string()),
+        codec: Some(spec.codec.to_string()),
+        spec: Some(spec.to_string()),
+        inner_steps: cfg.inner_steps,
+        rounds: cfg.rounds,
         heldout_loss: per_round.last().copied().unwrap_or(f32::NAN),
         heldout_per_round: per_round,
         heldout_residual_flushed,
         tokens,
         bytes_per_worker: bytes,
+        bits_per_param: bytes as f64 * 8.0 / (cfg.rounds * params).max(1) as f64,
         reduction_vs_dp: 1.0,
+        gap_vs_fp32_pct: 0.0,
+        gap_vs_dp_pct: 0.0,
         wall_s: wall,
         tokens_per_s: tokens as f64 / wall.max(1e-9),
         gflops_per_s: 0.0,
@@ -684,7 +829,7 @@ impl fmt::Display for DilocoBenchReport {
         )?;
         writeln!(
             f,
-            "inner AdamW peak lr {} (warmup {}, cosine over R*H steps) for every arm; outer lr {} momentum {}{}",
+            "inner AdamW peak lr {} (warmup {}, cosine over R*H steps) for every arm; outer lr {} momentum {}{} unless an arm sets its own",
             c.lr,
             c.warmup,
             c.outer.lr,
@@ -699,81 +844,82 @@ impl fmt::Display for DilocoBenchReport {
         )?;
         writeln!(
             f,
-            "{:<16} {:<16} {:>10} {:>7} {:>15} {:>14} {:>10} {:>10} {:>9} {:>8}",
+            "{:<16} {:<34} {:>4} {:>4} {:>6} {:>9} {:>7} {:>9} {:>9} {:>12} {:>10} {:>9} {:>8}",
             "arm",
-            "codec",
+            "spec",
+            "H",
+            "R",
+            "bits/p",
             "held-out",
             "std",
-            "min-max",
+            "vs fp32",
+            "vs dp",
             "bytes/worker",
             "reduction",
             "tokens/s",
-            "GFLOP/s",
             "wall s"
         )?;
         for arm in &self.arms {
             writeln!(
                 f,
-                "{:<16} {:<16} {:>10.4} {:>7.4} {:>15} {:>14} {:>9.1}x {:>10.0} {:>9.2} {:>8.1}",
+                "{:<16} {:<34} {:>4} {:>4} {:>6.2} {:>9.4} {:>7.4} {:>+8.2}% {:>+8.2}% {:>12} {:>9.1}x {:>9.0} {:>8.1}{}",
                 format!("({}) {}", arm.arm, arm.name),
-                arm.codec.as_deref().unwrap_or("-"),
+                arm.spec.as_deref().unwrap_or("-"),
+                arm.inner_steps,
+                arm.rounds,
+                arm.bits_per_param,
                 arm.heldout_loss,
                 arm.heldout_std,
-                format!("{:.4}-{:.4}", arm.heldout_min, arm.heldout_max),
+                arm.gap_vs_fp32_pct,
+                arm.gap_vs_dp_pct,
                 human_bytes(arm.bytes_per_worker),
                 arm.reduction_vs_dp,
                 arm.tokens_per_s,
-                arm.gflops_per_s,
-                arm.wall_s
+                arm.wall_s,
+                if arm.pareto { "  pareto" } else { "" }
             )?;
         }
-        write!(f, "per seed held-out: {:>6}", "seed")?;
-        for arm in &self.arms {
-            write!(f, " {:>8}", format!("({})", arm.arm))?;
-        }
-        writeln!(f, " {:>11} {:>11}", "(b) vs (a)", "(d) vs (b)")?;
-        for run in &self.runs {
-            write!(f, "                   {:>6}", run.seed)?;
-            for arm in &run.arms {
-                write!(f, " {:>8.4}", arm.heldout_loss)?;
+        if self.runs.len() > 1 {
+            write!(f, "per seed held-out: {:>6}", "seed")?;
+            for arm in &self.arms {
+                write!(f, " {:>8}", format!("({})", arm.arm))?;
             }
-            writeln!(
+            writeln!(f)?;
+            for run in &self.runs {
+                write!(f, "                   {:>6}", run.seed)?;
+                for arm in &run.arms {
+                    write!(f, " {:>8.4}", arm.heldout_loss)?;
+                }
+                writeln!(f)?;
+            }
+        }
+        writeln!(
+            f,
+            "(b) vs (a): {:+.2}% of the mean held-out losses (mean of the per-seed gaps {:+.2}%)",
+            self.fp32_vs_dp_pct, self.fp32_vs_dp_pct_seed_mean
+        )?;
+        match self
+            .best_at_parity
+            .as_ref()
+            .and_then(|label| self.arms.iter().find(|a| &a.arm == label))
+        {
+            Some(best) => writeln!(
                 f,
-                " {:>+10.2}% {:>+10.2}%",
-                run.fp32_vs_dp_pct, run.topk_vs_fp32_pct
-            )?;
+                "most compressed at parity (within {}% of (b) on the mean): ({}) {}, {:.1}x less than dp, {:+.2}% ({} of {} seeds within)",
+                self.parity_pct,
+                best.arm,
+                best.spec.as_deref().unwrap_or("-"),
+                best.reduction_vs_dp,
+                best.gap_vs_fp32_pct,
+                best.seeds_at_parity,
+                self.runs.len()
+            )?,
+            None => writeln!(
+                f,
+                "no compressed arm is within {}% of (b) on the mean",
+                self.parity_pct
+            )?,
         }
-        let gaps = |target: f64, of_means: f64, seed_mean: f64, gap: fn(&SeedRun) -> f64| {
-            let within = self.runs.iter().filter(|r| gap(r) <= target).count();
-            if self.runs.len() == 1 {
-                format!("{of_means:+.2}% held-out loss (target within {target}%)")
-            } else {
-                format!(
-                    "{of_means:+.2}% of the mean held-out losses (mean of the per-seed gaps {seed_mean:+.2}%; {within} of {} seeds within the {target}% target)",
-                    self.runs.len()
-                )
-            }
-        };
-        writeln!(
-            f,
-            "(b) vs (a): {}",
-            gaps(
-                5.0,
-                self.fp32_vs_dp_pct,
-                self.fp32_vs_dp_pct_seed_mean,
-                |r| r.fp32_vs_dp_pct
-            )
-        )?;
-        writeln!(
-            f,
-            "(d) vs (b): {}",
-            gaps(
-                2.0,
-                self.topk_vs_fp32_pct,
-                self.topk_vs_fp32_pct_seed_mean,
-                |r| r.topk_vs_fp32_pct
-            )
-        )?;
         write!(
             f,
             "bench wall time {:.0} s (evaluation included)",

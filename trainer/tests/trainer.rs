@@ -3,7 +3,9 @@
 
 use barnraise_protocol::Hash;
 use barnraise_protocol::codec::CodecConfig;
-use barnraise_trainer::bench::{ArmKind, DilocoBenchConfig, run_arm, run_diloco};
+use barnraise_trainer::bench::{
+    ArmKind, ArmSpec, DilocoBenchConfig, PARITY_PCT, run_arm, run_diloco,
+};
 use barnraise_trainer::checkpoint::{self, CheckpointError, CheckpointMeta};
 use barnraise_trainer::data::manifest::{
     DatasetError, DatasetManifest, MANIFEST_FILE, ShardingConfig, build_dataset,
@@ -418,13 +420,30 @@ fn quick_bench(workers: usize, h: usize, rounds: usize) -> DilocoBenchConfig {
     cfg
 }
 
+/// Parses an arm spec for a test.
+fn arm_spec(text: &str) -> ArmSpec {
+    text.parse().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Every arm trains on the same tokens whatever its H, sends exactly its
+/// codec's payloads (the warm-up's denser ones first), and the Pareto table
+/// is computed from the losses and bytes it reports.
 #[test]
 fn diloco_bench_runs_every_arm_at_equal_tokens() {
-    let cfg = quick_bench(2, 3, 2);
+    let mut cfg = quick_bench(2, 3, 2);
+    cfg.arms = vec![
+        arm_spec("int8:256"),
+        arm_spec("topk:4096:64:2"),
+        arm_spec("topk:4096:64:2,h=6,olr=0.9"),
+        arm_spec("topk:4096:64:2,warm=1024:1,decay=0.95"),
+    ];
     let mut events = 0;
     let report = run_diloco(&cfg, &Device::Cpu, &mut |_| events += 1).expect("bench");
-    assert_eq!(events, 8);
-    assert_eq!(report.arms.len(), 4);
+    // Two rounds each, except the h=6 arm's single round.
+    assert_eq!(events, 2 * 5 + 1);
+    assert_eq!(report.arms.len(), 6);
+    let labels: Vec<&str> = report.arms.iter().map(|a| a.arm.as_str()).collect();
+    assert_eq!(labels, ["a", "b", "c", "d", "e", "f"]);
     let params = cfg.model.params_count() as u64;
     for arm in &report.arms {
         assert_eq!(arm.tokens, cfg.total_tokens(), "arm {}", arm.arm);
@@ -433,53 +452,127 @@ fn diloco_bench_runs_every_arm_at_equal_tokens() {
             "arm {}",
             arm.arm
         );
+        assert_eq!(arm.inner_steps * arm.rounds, 6, "arm {}", arm.arm);
     }
+    assert_eq!((report.arms[4].inner_steps, report.arms[4].rounds), (6, 1));
     // (a) sends a gradient per step, (b) one fp32 update per round.
     assert_eq!(report.arms[0].bytes_per_worker, 6 * params * 4);
     // DiLoCo arms: one payload of the codec's exact size per round.
-    let payload = |codec: CodecConfig| 2 * codec.encoded_len(params as usize) as u64;
-    assert_eq!(report.arms[1].bytes_per_worker, payload(CodecConfig::Fp32));
-    assert_eq!(report.arms[2].bytes_per_worker, payload(cfg.int8));
-    assert_eq!(report.arms[3].bytes_per_worker, payload(cfg.topk));
-    assert!(report.arms[2].bytes_per_worker < report.arms[1].bytes_per_worker / 3);
-    assert!(report.arms[3].bytes_per_worker < report.arms[2].bytes_per_worker);
+    let len = |codec: &str| arm_spec(codec).codec.encoded_len(params as usize) as u64;
+    assert_eq!(report.arms[1].bytes_per_worker, 2 * len("fp32"));
+    assert_eq!(report.arms[2].bytes_per_worker, 2 * len("int8:256"));
+    assert_eq!(report.arms[3].bytes_per_worker, 2 * len("topk:4096:64:2"));
+    assert_eq!(report.arms[4].bytes_per_worker, len("topk:4096:64:2"));
+    // The warm-up sends 1024 of each chunk in round 0, then 64.
+    assert_eq!(
+        report.arms[5].bytes_per_worker,
+        len("topk:4096:1024:2") + len("topk:4096:64:2")
+    );
+    for arm in &report.arms[1..] {
+        let bits = arm.bytes_per_worker as f64 * 8.0 / (arm.rounds as u64 * params) as f64;
+        assert!((arm.bits_per_param - bits).abs() < 1e-9, "arm {}", arm.arm);
+        let reduction = report.arms[0].bytes_per_worker as f64 / arm.bytes_per_worker as f64;
+        assert!((arm.reduction_vs_dp - reduction).abs() < 1e-9);
+    }
+    // The two top-k arms that differ only in H end in different places, and
+    // the decay and warm-up reach their arm.
+    assert_ne!(report.arms[3].heldout_loss, report.arms[4].heldout_loss);
+    assert_ne!(report.arms[3].heldout_loss, report.arms[5].heldout_loss);
+    // The gaps are the losses' gaps to (b) and (a); the Pareto flags and the
+    // best arm at parity follow from the losses and reductions.
+    let gap = |x: f32, base: f32| f64::from((x - base) / base) * 100.0;
+    let (dp, fp32) = (report.arms[0].heldout_loss, report.arms[1].heldout_loss);
+    for arm in &report.arms {
+        assert_eq!(arm.gap_vs_fp32_pct, gap(arm.heldout_loss, fp32));
+        assert_eq!(arm.gap_vs_dp_pct, gap(arm.heldout_loss, dp));
+        let dominated = report.arms.iter().any(|o| {
+            o.arm != arm.arm
+                && o.reduction_vs_dp >= arm.reduction_vs_dp
+                && o.heldout_loss <= arm.heldout_loss
+                && (o.reduction_vs_dp > arm.reduction_vs_dp || o.heldout_loss < arm.heldout_loss)
+        });
+        assert_eq!(arm.pareto, !dominated, "arm {}", arm.arm);
+    }
+    let at_parity = report.arms[2..]
+        .iter()
+        .filter(|a| a.gap_vs_fp32_pct <= PARITY_PCT)
+        .max_by(|x, y| x.reduction_vs_dp.total_cmp(&y.reduction_vs_dp))
+        .map(|a| a.arm.clone());
+    assert_eq!(report.best_at_parity, at_parity);
     let json = serde_json::to_value(&report).expect("json");
     assert_eq!(json["arms"][3]["name"], "diloco-topk");
-    assert!(report.to_string().contains("(d) diloco-topk"));
-    // Only the error-feedback arm reports the loss with its residuals flushed.
+    assert_eq!(json["arms"][4]["spec"], "topk:4096:64:2,h=6,olr=0.9");
+    assert_eq!(
+        json["config"]["arms"][3],
+        "topk:4096:64:2,decay=0.95,warm=1024:1"
+    );
+    for field in [
+        "bits_per_param",
+        "reduction_vs_dp",
+        "gap_vs_fp32_pct",
+        "gap_vs_dp_pct",
+        "pareto",
+        "seeds_at_parity",
+        "inner_steps",
+        "rounds",
+    ] {
+        assert!(!json["arms"][5][field].is_null(), "{field}");
+    }
+    assert_eq!(json["parity_pct"], PARITY_PCT);
+    let table = report.to_string();
+    assert!(table.contains("(d) diloco-topk"), "{table}");
+    assert!(table.contains("topk:4096:64:2,h=6,olr=0.9"), "{table}");
+    // Only error-feedback arms report the loss with their residuals flushed.
     for (i, arm) in report.runs[0].arms.iter().enumerate() {
         let flushed = arm.heldout_residual_flushed;
-        assert_eq!(flushed.is_some(), i == 3, "arm {}", arm.arm);
+        assert_eq!(flushed.is_some(), i >= 3, "arm {}", arm.arm);
         assert!(flushed.is_none_or(f32::is_finite));
     }
 }
 
-/// The top-k arm's error-feedback decay is applied (decay 0 drops what was
-/// not sent and ends elsewhere than plain error feedback), leaves lossless
-/// arms alone, and is refused outside [0, 1] before anything trains.
+/// An arm that cannot run is refused before anything trains.
 #[test]
-fn diloco_bench_error_feedback_decay_reaches_the_topk_arm_only() {
+fn diloco_bench_refuses_bad_arms_before_training() {
     let mut cfg = quick_bench(2, 3, 2);
-    cfg.topk = CodecConfig::TopK {
-        chunk: 4096,
-        k: 64,
-        bits: 2,
-    };
-    let arm = |decay: f32, kind: ArmKind| {
-        let mut c = cfg.clone();
-        c.ef_decay = decay;
-        run_arm(&c, &Device::Cpu, "d", kind, &mut |_| {})
-    };
-    let topk = ArmKind::Diloco(cfg.topk);
-    let (plain, none) = (arm(1.0, topk).expect("arm"), arm(0.0, topk).expect("arm"));
-    assert_ne!(plain.heldout_loss, none.heldout_loss);
-    let fp32 = ArmKind::Diloco(CodecConfig::Fp32);
-    let (a, b) = (arm(1.0, fp32).expect("arm"), arm(0.0, fp32).expect("arm"));
-    assert_eq!(a.heldout_loss, b.heldout_loss);
-    for bad in [-0.1, 1.5, f32::NAN] {
-        let error = arm(bad, topk).expect_err("decay out of range");
-        assert!(error.to_string().contains("decay"), "{error}");
+    for (spec, expect) in [
+        (arm_spec("topk:4096:64:2,h=4"), "must divide"),
+        (
+            ArmSpec {
+                ef_decay: Some(-0.1),
+                ..arm_spec("topk:4096:64:2")
+            },
+            "decay",
+        ),
+    ] {
+        cfg.arms = vec![arm_spec("int8:256"), spec];
+        let mut events = 0;
+        let error = run_diloco(&cfg, &Device::Cpu, &mut |_| events += 1).expect_err("bad arm");
+        assert!(error.to_string().contains(expect), "{error}");
+        assert_eq!(events, 0, "trained before refusing {spec}");
     }
+}
+
+/// The top-k arm's error-feedback decay is applied (decay 0 drops what was
+/// not sent and ends elsewhere than plain error feedback).
+#[test]
+fn diloco_bench_error_feedback_decay_reaches_the_topk_arm() {
+    let cfg = quick_bench(2, 3, 2);
+    let arm = |spec: &str| {
+        run_arm(
+            &cfg,
+            &Device::Cpu,
+            "d",
+            ArmKind::Diloco(arm_spec(spec)),
+            &mut |_| {},
+        )
+        .expect("arm")
+    };
+    let (plain, none) = (arm("topk:4096:64:2"), arm("topk:4096:64:2,decay=0"));
+    assert_ne!(plain.heldout_loss, none.heldout_loss);
+    assert_eq!(
+        plain.heldout_loss,
+        arm("topk:4096:64:2,decay=1").heldout_loss
+    );
 }
 
 /// `seeds: N` runs the whole bench on seeds `seed`..`seed + N`: each seed's
@@ -508,7 +601,6 @@ fn diloco_bench_over_seeds_reports_every_seed_and_their_mean() {
         assert_eq!(run.seed, alone_run.seed);
         assert_eq!(run.initial_heldout_loss, alone_run.initial_heldout_loss);
         assert_eq!(run.fp32_vs_dp_pct, alone_run.fp32_vs_dp_pct);
-        assert_eq!(run.topk_vs_fp32_pct, alone_run.topk_vs_fp32_pct);
         assert_eq!(run.arms.len(), 4);
         for (a, b) in run.arms.iter().zip(&alone_run.arms) {
             assert_eq!(a.heldout_per_round, b.heldout_per_round, "arm {}", a.arm);
@@ -528,8 +620,8 @@ fn diloco_bench_over_seeds_reports_every_seed_and_their_mean() {
     }
     assert_eq!(first.fp32_vs_dp_pct, first.runs[0].fp32_vs_dp_pct);
     assert_eq!(
-        first.topk_vs_fp32_pct_seed_mean,
-        first.runs[0].topk_vs_fp32_pct
+        first.arms[3].gap_vs_fp32_pct_seed_mean,
+        first.runs[0].arms[3].gap_vs_fp32_pct
     );
     // The seeds differ: other data, weights and batches, other losses.
     assert_ne!(
@@ -569,8 +661,14 @@ fn diloco_bench_over_seeds_reports_every_seed_and_their_mean() {
         multi.fp32_vs_dp_pct,
         gap(multi.arms[1].heldout_loss, multi.arms[0].heldout_loss)
     );
-    let seed_mean = (multi.runs[0].topk_vs_fp32_pct + multi.runs[1].topk_vs_fp32_pct) / 2.0;
-    assert!((multi.topk_vs_fp32_pct_seed_mean - seed_mean).abs() <= 1e-9);
+    let seed_mean =
+        (multi.runs[0].arms[3].gap_vs_fp32_pct + multi.runs[1].arms[3].gap_vs_fp32_pct) / 2.0;
+    assert!((multi.arms[3].gap_vs_fp32_pct_seed_mean - seed_mean).abs() <= 1e-9);
+    let at_parity = multi
+        .runs
+        .iter()
+        .filter(|r| r.arms[3].gap_vs_fp32_pct <= PARITY_PCT);
+    assert_eq!(multi.arms[3].seeds_at_parity, at_parity.count());
     // The JSON keeps every seed's figures.
     let json = serde_json::to_value(&multi).expect("json");
     assert_eq!(json["runs"][1]["seed"], 8);
@@ -603,7 +701,7 @@ fn one_worker_diloco_with_plain_averaging_matches_data_parallel() {
         run_arm(cfg, &Device::Cpu, "probe", kind, &mut |_| {}).expect("arm")
     };
     let dp = arm(&cfg, ArmKind::DataParallel);
-    let diloco = arm(&cfg, ArmKind::Diloco(CodecConfig::Fp32));
+    let diloco = arm(&cfg, ArmKind::Diloco(ArmSpec::codec(CodecConfig::Fp32)));
     // Scored after round 2 and after the last round only.
     assert_eq!(dp.heldout_per_round.len(), 2);
     assert_eq!(diloco.heldout_per_round.len(), 2);
@@ -613,7 +711,7 @@ fn one_worker_diloco_with_plain_averaging_matches_data_parallel() {
     }
     // The outer step matters: an outer lr of 0.5 leaves the params halfway.
     cfg.outer.lr = 0.5;
-    let damped = arm(&cfg, ArmKind::Diloco(CodecConfig::Fp32));
+    let damped = arm(&cfg, ArmKind::Diloco(ArmSpec::codec(CodecConfig::Fp32)));
     assert!(
         (damped.heldout_loss - dp.heldout_loss).abs() > 1e-3,
         "outer lr 0.5 gave {} like dp {}",

@@ -364,33 +364,41 @@ fn default_topk_fits_the_size_target() {
 
 #[test]
 fn error_feedback_loses_nothing_over_many_rounds() {
+    // With decay d the residual after round r is D_r − S_r, where
+    // D_r = d·D_{r−1} + Δ_r are the decayed inputs and S_r = d·S_{r−1} + sent_r
+    // what was sent, decayed alike: nothing is lost but what d forgets.
     let params = 5000;
     let config = CodecConfig::TopK {
         chunk: 512,
         k: 8,
         bits: 2,
     };
-    let mut encoder = Encoder::new(config, params).unwrap_or_else(|e| panic!("{e}"));
-    let mut sent = vec![0f64; params];
-    let mut inputs = vec![0f64; params];
-    let mut scale = 0f64;
-    for round in 0..40 {
-        let delta = synthetic_update(100 + round, params);
-        for (total, x) in inputs.iter_mut().zip(&delta) {
-            *total += f64::from(*x);
-            scale = scale.max(total.abs());
+    for decay in [1.0f32, 0.95, 0.5] {
+        let mut encoder = Encoder::new(config, params)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_decay(decay);
+        let d = f64::from(decay);
+        let mut sent = vec![0f64; params];
+        let mut inputs = vec![0f64; params];
+        let mut scale = 0f64;
+        for round in 0..40 {
+            let delta = synthetic_update(100 + round, params);
+            for (total, x) in inputs.iter_mut().zip(&delta) {
+                *total = d * *total + f64::from(*x);
+                scale = scale.max(total.abs());
+            }
+            let payload = encoder.encode(&delta).unwrap_or_else(|e| panic!("{e}"));
+            for (total, y) in sent.iter_mut().zip(decoded(&payload)) {
+                *total = d * *total + f64::from(y);
+            }
         }
-        let payload = encoder.encode(&delta).unwrap_or_else(|e| panic!("{e}"));
-        for (total, y) in sent.iter_mut().zip(decoded(&payload)) {
-            *total += f64::from(y);
+        for ((sent, residual), input) in sent.iter().zip(encoder.residual()).zip(&inputs) {
+            let drift = (sent + f64::from(*residual) - input).abs();
+            assert!(
+                drift <= 1e-4 * scale,
+                "decay {decay}: sent {sent} + residual {residual} != decayed inputs {input}"
+            );
         }
-    }
-    for ((sent, residual), input) in sent.iter().zip(encoder.residual()).zip(&inputs) {
-        let drift = (sent + f64::from(*residual) - input).abs();
-        assert!(
-            drift <= 1e-4 * scale,
-            "sent {sent} + residual {residual} != inputs {input}"
-        );
     }
 }
 
