@@ -16,9 +16,9 @@ use barnraise_coordinator::CoordinatorConfig;
 use barnraise_protocol::codec::{self, CodecConfig, Encoder};
 use barnraise_protocol::framing::write_framed;
 use barnraise_protocol::messages::{
-    BlobRequest, BlobResponse, CheckpointRef, Commit, CoordinatorRequest, CoordinatorResponse,
-    Framed, Join, Leave, Manifest, NodeCertificate, RoundPlan, RunConfig, ShardInfo, Welcome,
-    WorkerInfo,
+    BlobRequest, BlobResponse, BootstrapPeer, CheckpointRef, Commit, CoordinatorRequest,
+    CoordinatorResponse, Framed, Join, Leave, Manifest, NodeCertificate, RoundPlan, RunConfig,
+    ShardInfo, Welcome, WorkerInfo,
 };
 use barnraise_protocol::signed::{Message, Signed};
 use barnraise_protocol::{Hash, SigningKey};
@@ -223,6 +223,10 @@ fn wire_and_framing(corpus: &mut Corpus, run: &Run) -> Result<()> {
                 params_hash: Hash::of(b"params"),
                 checkpoint,
                 head_manifest: head,
+                bootstrap: vec![BootstrapPeer {
+                    peer: "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".into(),
+                    addrs: vec!["/ip4/203.0.113.7/udp/4001/quic-v1".into()],
+                }],
             },
         )?;
         add_signed(corpus, &welcome, 1)?;

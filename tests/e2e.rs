@@ -475,6 +475,37 @@ fn a_late_joiner_replays_the_manifests_since_the_checkpoint() {
             .find(|c| c.node == late_id)
             .map(|c| c.tokens);
         assert!(credited.is_some_and(|t| t > 0), "{credited:?}");
+        // Retention (default: θ_0 and the newest two checkpoints, every
+        // update): checkpoints of θ_6 and θ_7 (the last) are kept, θ_3's and
+        // the superseded per-round states are gone, updates all stay.
+        let blobs = dir.path().join("coordinator").join("blobs");
+        let on_disk = |hex: &str| blobs.join(hex).exists();
+        let checkpoints: Vec<u64> = ledger
+            .checkpoints()
+            .unwrap()
+            .iter()
+            .map(|c| c.round)
+            .collect();
+        assert_eq!(checkpoints, vec![0, 3, 6, 7]);
+        for c in ledger.checkpoints().unwrap() {
+            let kept = c.round != 3;
+            assert_eq!(on_disk(&c.blob), kept, "checkpoint {}", c.round);
+            assert_eq!(on_disk(&c.optimizer_blob), kept, "checkpoint {}", c.round);
+        }
+        for row in ledger.rounds().unwrap() {
+            let kept = matches!(row.round + 1, 6 | 7);
+            assert_eq!(
+                on_disk(&row.params_blob),
+                kept,
+                "state after round {}",
+                row.round
+            );
+            for update in ledger.updates(row.round).unwrap() {
+                if let Some(hash) = update.update_hash {
+                    assert!(on_disk(&hash), "update {hash} of round {}", row.round);
+                }
+            }
+        }
     });
 }
 
@@ -499,6 +530,13 @@ fn nodes_serve_each_other_and_the_coordinator_sends_each_blob_at_most_once() {
                 Some(final_hash.clone())
             );
             served_to_peers += s.bytes_served_to_peers;
+            // Plans name the coordinator and up to 15 recently active nodes:
+            // with 8 nodes every plan lists the other nodes' addresses too.
+            assert!(
+                s.bootstrap_addrs >= 7,
+                "bootstrap addresses learned from plans: {}",
+                s.bootstrap_addrs
+            );
         }
         let n = &summary.network;
         let accepted: u64 = summary.rounds.iter().map(|r| r.accepted).sum();

@@ -46,6 +46,7 @@ fn round_of(payloads: Vec<Vec<u8>>, tokens: &[u64]) -> Round {
             .collect(),
         opened_at_ms: 0,
         deadline_ms: 10,
+        bootstrap: vec![],
     };
     let candidates = payloads
         .iter()

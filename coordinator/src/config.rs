@@ -188,6 +188,30 @@ impl Default for RateLimits {
     }
 }
 
+/// What the coordinator keeps on disk (docs/running-a-coordinator.md, "Disk
+/// and retention"). The first checkpoint (θ_0), the current state and every
+/// training shard are always kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Published checkpoints kept besides θ_0: the newest this many.
+    pub keep_checkpoints: usize,
+    /// Rounds of updates kept; absent keeps every update, so anyone can
+    /// re-verify the whole run from θ_0 (`barnraise audit --blobs`). Updates
+    /// since the oldest kept checkpoint are kept whatever this says: late
+    /// joiners replay them.
+    pub keep_update_rounds: Option<u64>,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            keep_checkpoints: 2,
+            keep_update_rounds: None,
+        }
+    }
+}
+
 /// Thresholds of the verification pipeline (docs/protocol.md, "Verification and reject reasons").
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -266,6 +290,8 @@ pub struct CoordinatorConfig {
     pub verify: VerifyConfig,
     /// Per-peer limits on joins and commits (`[rate_limits]`).
     pub rate_limits: RateLimits,
+    /// What stays on disk (`[retention]`).
+    pub retention: RetentionConfig,
     /// libp2p listen multiaddrs.
     pub listen: Vec<String>,
     /// Address of the HTTP API and metrics.
@@ -306,6 +332,7 @@ impl Default for CoordinatorConfig {
             admission: Admission::default(),
             verify: VerifyConfig::default(),
             rate_limits: RateLimits::default(),
+            retention: RetentionConfig::default(),
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: PathBuf::from("coordinator-data"),
@@ -449,6 +476,18 @@ impl CoordinatorConfig {
         }
         if self.listen.is_empty() {
             return Err(invalid("listen", "give at least one multiaddr"));
+        }
+        if self.retention.keep_checkpoints == 0 {
+            return Err(invalid(
+                "retention.keep_checkpoints",
+                "must be at least 1: joining nodes load the newest checkpoint",
+            ));
+        }
+        if self.retention.keep_update_rounds == Some(0) {
+            return Err(invalid(
+                "retention.keep_update_rounds",
+                "must be at least 1 (leave it out to keep every update)",
+            ));
         }
         if let DatasetSource::Builtin {
             shards,

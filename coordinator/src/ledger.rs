@@ -427,6 +427,19 @@ impl std::fmt::Debug for Ledger {
     }
 }
 
+/// A `checkpoints` row, selected as round, blob, bytes, params_hash,
+/// optimizer_blob, optimizer_bytes.
+fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CheckpointRow> {
+    Ok(CheckpointRow {
+        round: to_u64(r.get(0)?),
+        blob: r.get(1)?,
+        bytes: to_u64(r.get(2)?),
+        params_hash: r.get(3)?,
+        optimizer_blob: r.get(4)?,
+        optimizer_bytes: to_u64(r.get(5)?),
+    })
+}
+
 /// Opens (creating if needed) the ledger at `path` and brings its schema up to date.
 pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
     Ledger::open(path)
@@ -868,22 +881,42 @@ impl Ledger {
             })
     }
 
+    /// Records a checkpoint outside a round's close: θ_0 when a run starts.
+    /// Recording the same round again replaces it.
+    pub fn record_checkpoint(&self, row: &CheckpointRow) -> Result<(), LedgerError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO checkpoints (round, blob, bytes, params_hash, optimizer_blob, optimizer_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![
+                    to_i64(row.round),
+                    row.blob,
+                    to_i64(row.bytes),
+                    row.params_hash,
+                    row.optimizer_blob,
+                    to_i64(row.optimizer_bytes)
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Every published checkpoint, oldest first.
+    pub fn checkpoints(&self) -> Result<Vec<CheckpointRow>, LedgerError> {
+        self.query_all(
+            "SELECT round, blob, bytes, params_hash, optimizer_blob, optimizer_bytes FROM checkpoints ORDER BY round",
+            [],
+            checkpoint_row,
+        )
+    }
+
     /// The latest published checkpoint.
     pub fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>, LedgerError> {
         self.conn
             .query_row(
                 "SELECT round, blob, bytes, params_hash, optimizer_blob, optimizer_bytes FROM checkpoints ORDER BY round DESC LIMIT 1",
                 [],
-                |r| {
-                    Ok(CheckpointRow {
-                        round: to_u64(r.get(0)?),
-                        blob: r.get(1)?,
-                        bytes: to_u64(r.get(2)?),
-                        params_hash: r.get(3)?,
-                        optimizer_blob: r.get(4)?,
-                        optimizer_bytes: to_u64(r.get(5)?),
-                    })
-                },
+                checkpoint_row,
             )
             .optional()
             .map_err(|e| self.err(e))

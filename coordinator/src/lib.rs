@@ -8,6 +8,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admission;
+pub mod bootstrap;
 pub mod close;
 pub mod config;
 pub mod dashboard;
@@ -22,6 +23,7 @@ pub mod probe;
 pub mod ratelimit;
 pub mod record;
 pub mod refusals;
+pub mod retention;
 pub mod rounds;
 pub mod service;
 pub mod stats;

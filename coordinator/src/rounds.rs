@@ -557,6 +557,8 @@ impl Rounds {
             assignments,
             opened_at_ms: now_ms,
             deadline_ms: now_ms.saturating_add(self.config.deadline_ms),
+            // The service knows the peers; it fills these in before signing.
+            bootstrap: Vec::new(),
         };
         let slots = plan
             .assignments

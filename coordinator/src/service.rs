@@ -172,6 +172,7 @@ pub async fn start(
         network::topic(&config.run_id, "manifests"),
     ];
     let keypair = key.to_libp2p()?;
+    let local_peer = keypair.public().to_peer_id();
     let traffic = CoordinatorTraffic::new(prepared.dataset.train.iter().map(|s| s.hash));
     traffic.set_state_blobs(&[
         prepared.state_ref.blob,
@@ -228,8 +229,12 @@ pub async fn start(
             }
         });
     }
+    let mut bootstrap = crate::bootstrap::BootstrapBook::new(local_peer, &multiaddrs);
     for node in prepared.ledger_nodes.iter() {
         add_node_addresses(&client, &node.node, &node.listen_addrs).await;
+        if let Ok(id) = node.node.parse::<NodeId>() {
+            bootstrap.joined(id, &node.listen_addrs);
+        }
     }
 
     let (events, _) = broadcast::channel(1024);
@@ -271,6 +276,7 @@ pub async fn start(
         internal_tx,
         finished_at: None,
         refusals: Default::default(),
+        bootstrap,
     };
     let task = tokio::spawn(service.run(
         net_events,
@@ -351,7 +357,14 @@ fn prepare(
     let state_ref = state.save(&resolved.model, &config.run_id, &store)?;
     let checkpoint = match ledger.latest_checkpoint()? {
         Some(row) => checkpoint_ref(&row)?,
-        None => state_ref.clone(),
+        None => {
+            if last.is_none() {
+                // θ_0 is the first checkpoint: retention never deletes it,
+                // and an audit of the whole run starts from it.
+                ledger.record_checkpoint(&checkpoint_row(&state_ref))?;
+            }
+            state_ref.clone()
+        }
     };
 
     // Plans so far: shard use counts, and the open round if there is one.
@@ -501,6 +514,17 @@ fn resume_reference(row: &RoundRow) -> Result<CheckpointRef, CoordinatorError> {
     })
 }
 
+fn checkpoint_row(c: &CheckpointRef) -> CheckpointRow {
+    CheckpointRow {
+        round: c.round,
+        blob: c.blob.to_hex(),
+        bytes: c.bytes,
+        params_hash: c.params_hash.to_hex(),
+        optimizer_blob: c.optimizer_blob.to_hex(),
+        optimizer_bytes: c.optimizer_bytes,
+    }
+}
+
 fn checkpoint_ref(row: &CheckpointRow) -> Result<CheckpointRef, CoordinatorError> {
     Ok(CheckpointRef {
         round: row.round,
@@ -575,6 +599,8 @@ struct Service {
     finished_at: Option<tokio::time::Instant>,
     /// Which refusals reach the ledger (deduplicated, capped per round).
     refusals: crate::refusals::RefusalLog,
+    /// The coordinator and recently active nodes, for welcomes and plans.
+    bootstrap: crate::bootstrap::BootstrapBook,
 }
 
 impl Service {
@@ -728,7 +754,8 @@ impl Service {
         Ok(())
     }
 
-    async fn publish_plan(&mut self, plan: RoundPlan) -> Result<(), CoordinatorError> {
+    async fn publish_plan(&mut self, mut plan: RoundPlan) -> Result<(), CoordinatorError> {
+        plan.bootstrap = self.bootstrap.peers(None);
         let signed = Signed::sign(&self.key, &plan)?;
         let bytes = signed.to_bytes()?;
         let round = plan.round;
@@ -871,6 +898,7 @@ impl Service {
             };
         }
         add_node_addresses(&self.net, &row.node, &row.listen_addrs).await;
+        self.bootstrap.joined(node, &row.listen_addrs);
         let was_member = self.rounds.is_member(&node);
         self.rounds.join(node, workers);
         self.metrics.joins.fetch_add(1, Ordering::Relaxed);
@@ -885,6 +913,7 @@ impl Service {
             params_hash: self.rounds.params_hash(),
             checkpoint: Some(self.checkpoint.clone()),
             head_manifest: self.rounds.head_manifest(),
+            bootstrap: self.bootstrap.peers(Some(&node)),
         };
         self.update_live();
         match Signed::sign(&self.key, &welcome) {
@@ -1052,6 +1081,62 @@ impl Service {
         Ok(())
     }
 
+    /// Deletes what the retention policy no longer keeps now that round
+    /// `closed` has closed (`crate::retention`): the superseded state
+    /// `old`, checkpoints past the newest `keep_checkpoints` (never θ_0),
+    /// and with `keep_update_rounds` an old round's updates. Shards, the
+    /// current state `keep` and kept checkpoints are never touched.
+    fn apply_retention(
+        &mut self,
+        closed: u64,
+        old: &[Hash],
+        keep: &[Hash],
+    ) -> Result<(), CoordinatorError> {
+        let policy = &self.config.retention;
+        let checkpoints = self.with_ledger(|l| l.checkpoints())?;
+        let rounds: Vec<u64> = checkpoints.iter().map(|c| c.round).collect();
+        let dropped = crate::retention::checkpoints_to_drop(&rounds, policy.keep_checkpoints);
+        let mut protected: std::collections::HashSet<Hash> = keep.iter().copied().collect();
+        protected.extend(self.dataset.train.iter().map(|s| s.hash));
+        let mut doomed: Vec<Hash> = Vec::new();
+        for c in &checkpoints {
+            let blobs = [
+                parse_hash(&c.blob, "checkpoint blob")?,
+                parse_hash(&c.optimizer_blob, "optimizer blob")?,
+            ];
+            if dropped.contains(&c.round) {
+                doomed.extend(blobs);
+            } else {
+                protected.extend(blobs);
+            }
+        }
+        doomed.extend_from_slice(old);
+        if let Some(round) = crate::retention::update_round_to_drop(policy, closed, &rounds) {
+            for row in self.with_ledger(|l| l.updates(round))? {
+                if let Some(hash) = row.update_hash.as_deref().and_then(|h| h.parse().ok()) {
+                    doomed.push(hash);
+                }
+            }
+        }
+        let (mut files, mut bytes) = (0u64, 0u64);
+        for hash in doomed.iter().filter(|h| !protected.contains(h)) {
+            let freed = self.store.remove(hash)?;
+            if freed > 0 {
+                files += 1;
+                bytes += freed;
+            }
+        }
+        if files > 0 {
+            tracing::info!(
+                round = closed,
+                files,
+                bytes,
+                "retention: deleted blobs the policy no longer keeps"
+            );
+        }
+        Ok(())
+    }
+
     async fn finish_close(&mut self, done: CloseDone) -> Result<(), CoordinatorError> {
         let manifest_hash = done.manifest.body_hash();
         let actions = self
@@ -1061,6 +1146,9 @@ impl Service {
         // Updates and superseded state stay on disk (nodes may resync from
         // them) but leave memory, so memory does not grow with the run.
         let m = &done.closed.manifest;
+        for accepted in &m.accepted {
+            self.bootstrap.active(&accepted.node);
+        }
         for hash in m
             .accepted
             .iter()
@@ -1090,6 +1178,10 @@ impl Service {
             self.store.forget(hash);
         }
         self.traffic.set_state_blobs(&keep);
+        if let Err(e) = self.apply_retention(done.round, &old, &keep) {
+            // Disk use grows until the next close retries; nothing is lost.
+            tracing::warn!("retention: {e}");
+        }
         let oldest = done.round.saturating_sub(REPLAY_WINDOW - 1);
         let recent: Vec<verify::RecentUpdate> = self
             .recent
@@ -1313,14 +1405,7 @@ impl CloseJob {
             },
             manifest: manifest_bytes,
             updates: closed.updates.clone(),
-            checkpoint: checkpoint.as_ref().map(|c| CheckpointRow {
-                round: c.round,
-                blob: c.blob.to_hex(),
-                bytes: c.bytes,
-                params_hash: c.params_hash.to_hex(),
-                optimizer_blob: c.optimizer_blob.to_hex(),
-                optimizer_bytes: c.optimizer_bytes,
-            }),
+            checkpoint: checkpoint.as_ref().map(checkpoint_row),
         };
         {
             let mut ledger = self

@@ -136,6 +136,19 @@ impl BlobStore {
         Ok(Some(out))
     }
 
+    /// Deletes a blob from memory and disk; returns the bytes freed (0 if
+    /// it was not there).
+    pub fn remove(&self, hash: &Hash) -> Result<u64, StoreError> {
+        self.forget(hash);
+        let path = self.path_of(hash);
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(size),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
+    }
+
     /// Drops a blob from memory (it stays on disk).
     pub fn forget(&self, hash: &Hash) {
         if let Ok(mut cache) = self.cache.lock() {

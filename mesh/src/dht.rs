@@ -55,6 +55,41 @@ pub fn behaviour(peer_id: PeerId) -> kad::Behaviour<MemoryStore> {
     kad
 }
 
+/// The (peer, address) pairs of a welcome's or plan's bootstrap list that
+/// parse, leaving out `local` and anything past the protocol's bounds.
+/// Addresses that end in another peer's `/p2p/` are dropped: a hostile list
+/// cannot point one peer id at another's address.
+pub fn bootstrap_addrs(
+    peers: &[barnraise_protocol::messages::BootstrapPeer],
+    local: &libp2p::PeerId,
+) -> Vec<(libp2p::PeerId, libp2p::Multiaddr)> {
+    use barnraise_protocol::limits::{MAX_BOOTSTRAP_ADDRS, MAX_BOOTSTRAP_PEERS};
+    use libp2p::multiaddr::Protocol;
+    let mut out = Vec::new();
+    for entry in peers.iter().take(MAX_BOOTSTRAP_PEERS) {
+        let Ok(peer) = entry.peer.parse::<libp2p::PeerId>() else {
+            continue;
+        };
+        if &peer == local {
+            continue;
+        }
+        for text in entry.addrs.iter().take(MAX_BOOTSTRAP_ADDRS) {
+            let Ok(mut addr) = text.parse::<libp2p::Multiaddr>() else {
+                continue;
+            };
+            match addr.iter().last() {
+                Some(Protocol::P2p(named)) if named != peer => continue,
+                Some(Protocol::P2p(_)) => {
+                    addr.pop();
+                }
+                _ => {}
+            }
+            out.push((peer, addr));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +112,51 @@ mod tests {
             kad.protocol_names(),
             &[StreamProtocol::new(crate::KAD_PROTOCOL)]
         );
+    }
+
+    #[test]
+    fn bootstrap_lists_parse_what_they_can_and_nothing_else() {
+        use barnraise_protocol::messages::BootstrapPeer;
+        let local = libp2p::PeerId::random();
+        let (a, b) = (libp2p::PeerId::random(), libp2p::PeerId::random());
+        let peers = vec![
+            BootstrapPeer {
+                peer: a.to_string(),
+                addrs: vec![
+                    "/ip4/10.0.0.1/tcp/4001".into(),
+                    format!("/ip4/10.0.0.1/udp/4001/quic-v1/p2p/{a}"),
+                    format!("/ip4/10.0.0.9/tcp/4001/p2p/{b}"),
+                    "not an address".into(),
+                ],
+            },
+            BootstrapPeer {
+                peer: "not a peer".into(),
+                addrs: vec!["/ip4/10.0.0.2/tcp/4001".into()],
+            },
+            BootstrapPeer {
+                peer: local.to_string(),
+                addrs: vec!["/ip4/10.0.0.3/tcp/4001".into()],
+            },
+        ];
+        let got: Vec<(libp2p::PeerId, String)> = super::bootstrap_addrs(&peers, &local)
+            .into_iter()
+            .map(|(p, addr)| (p, addr.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (a, "/ip4/10.0.0.1/tcp/4001".to_string()),
+                (a, "/ip4/10.0.0.1/udp/4001/quic-v1".to_string()),
+            ]
+        );
+        let flood: Vec<BootstrapPeer> = (0..100)
+            .map(|_| BootstrapPeer {
+                peer: libp2p::PeerId::random().to_string(),
+                addrs: vec!["/ip4/10.0.0.1/tcp/1".into(); 50],
+            })
+            .collect();
+        let bound = barnraise_protocol::limits::MAX_BOOTSTRAP_PEERS
+            * barnraise_protocol::limits::MAX_BOOTSTRAP_ADDRS;
+        assert_eq!(super::bootstrap_addrs(&flood, &local).len(), bound);
     }
 }

@@ -136,6 +136,8 @@ pub struct NodeSummary {
     pub resyncs: u64,
     /// Closed rounds replayed from their manifests while catching up.
     pub rounds_replayed: u64,
+    /// The most peer addresses one welcome or plan's bootstrap list gave us.
+    pub bootstrap_addrs: usize,
     pub final_params_hash: Option<Hash>,
 }
 
@@ -708,6 +710,7 @@ impl Node {
                 round: welcome.current_round,
             });
             tracing::info!(run = %welcome.config.run_id, round = welcome.current_round, "joined as {}", welcome.node.short());
+            self.meet(&welcome.bootstrap).await?;
             for topic in [
                 Topic::Plans {
                     run_id: welcome.config.run_id.clone(),
@@ -956,6 +959,18 @@ impl Node {
         PollBackoff::new(Duration::from_millis(self.config.poll_interval_ms.max(50)))
     }
 
+    /// Puts a welcome's or plan's bootstrap peers in the swarm and the DHT,
+    /// so blobs are found on other nodes, not only on the coordinator.
+    async fn meet(
+        &mut self,
+        peers: &[barnraise_protocol::messages::BootstrapPeer],
+    ) -> Result<(), NodeError> {
+        let added = self.client.add_bootstrap(peers).await?;
+        self.summary.bootstrap_addrs = self.summary.bootstrap_addrs.max(added);
+        tracing::debug!(peers = peers.len(), addrs = added, "bootstrap peers added");
+        Ok(())
+    }
+
     /// Waits for the plan of `round` (gossip first, polling as a fallback).
     async fn wait_for_plan(&mut self, round: u64) -> Result<Option<RoundPlan>, NodeError> {
         let mut poll = self.poll_backoff();
@@ -1049,6 +1064,7 @@ impl Node {
         let Some(plan) = self.wait_for_plan(round).await? else {
             return Ok(None);
         };
+        self.meet(&plan.bootstrap).await?;
         if plan.round > round {
             return Ok(Some(RoundOutcome::Resync(format!(
                 "round {} is open but we hold round {round}",

@@ -20,6 +20,13 @@
 //! Timeouts and refusals are retried with backoff, and a provider that keeps
 //! failing is dropped (without a penalty: it may just be slow).
 //!
+//! A provider that stalls does not hold the blob hostage: once every chunk
+//! has been handed out, a chunk outstanding for longer than four times the
+//! median chunk time (at least [`HEDGE_AFTER_MIN`]) is also asked of another
+//! provider. The first answer is written and the other discarded; a provider
+//! that lost a chunk this way is reported as stalled, penalized and dropped
+//! from the transfer.
+//!
 //! Downloads write into the store's partial file and journal, so a restarted
 //! node re-fetches only the chunks it did not finish. Nothing reaches the
 //! blob's final name unless it hashed to that name.
@@ -33,7 +40,7 @@ use barnraise_protocol::messages::{BlobRequest, BlobResponse};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -49,6 +56,11 @@ pub const MAX_PROVIDER_FAILURES: u32 = 4;
 const HAVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for one chunk.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+/// The least time a chunk is outstanding before it is also asked of
+/// another provider (once nothing else is left to hand out).
+pub const HEDGE_AFTER_MIN: Duration = Duration::from_secs(2);
+/// Chunk times remembered for the median that sets the hedge threshold.
+const LATENCY_SAMPLES: usize = 32;
 
 /// Why a blob could not be fetched.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +102,9 @@ pub struct FetchReport {
     pub bytes_by_provider: BTreeMap<PeerId, u64>,
     /// Providers dropped for misbehaving, with the reason.
     pub bad_providers: Vec<(PeerId, String)>,
+    /// Providers that sat on a chunk until another provider delivered it,
+    /// with what happened (penalized and dropped from this transfer).
+    pub stalled_providers: Vec<(PeerId, String)>,
 }
 
 impl FetchReport {
@@ -111,6 +126,7 @@ pub struct Fetcher {
     max_in_flight: usize,
     per_provider: usize,
     progress: Option<ProgressFn>,
+    hedge_after_min: Duration,
 }
 
 #[derive(Debug)]
@@ -125,12 +141,17 @@ struct Provider {
 /// What became of one chunk request.
 enum Outcome {
     Written(u64),
-    WrongLength { got: usize, expected: u64 },
+    WrongLength {
+        got: usize,
+        expected: u64,
+    },
     NotFound,
     Refused(String),
     Unexpected,
     Failed(String),
     Store(StoreError),
+    /// Another request for the same chunk was answered first.
+    Lost,
 }
 
 impl Fetcher {
@@ -142,7 +163,15 @@ impl Fetcher {
             max_in_flight: MAX_IN_FLIGHT,
             per_provider: MAX_IN_FLIGHT_PER_PROVIDER,
             progress: None,
+            hedge_after_min: HEDGE_AFTER_MIN,
         }
+    }
+
+    /// Overrides [`HEDGE_AFTER_MIN`], the least time before a chunk is also
+    /// asked of a second provider.
+    pub fn with_hedge_after(mut self, min: Duration) -> Fetcher {
+        self.hedge_after_min = min;
+        self
     }
 
     /// Overrides the concurrency bounds (at least 1 each).
@@ -183,6 +212,7 @@ impl Fetcher {
             providers_used: Vec::new(),
             bytes_by_provider: BTreeMap::new(),
             bad_providers: Vec::new(),
+            stalled_providers: Vec::new(),
         };
         if let Some(size) = self.store.size(&hash) {
             report.size = size;
@@ -458,7 +488,8 @@ impl Fetcher {
     }
 
     /// Fetches `chunks` into `partial`, spreading them over the active
-    /// providers except `exclude`, with bounded concurrency.
+    /// providers except `exclude`, with bounded concurrency; once all are
+    /// handed out, hedges chunks a provider sits on (see the module docs).
     #[allow(clippy::too_many_arguments)]
     async fn fetch_chunks(
         &self,
@@ -473,50 +504,42 @@ impl Fetcher {
         let hash = partial.hash();
         let size = partial.size();
         let total_chunks = partial.chunk_count();
+        let mut remaining: BTreeSet<u64> = chunks.iter().copied().collect();
         let mut queue: VecDeque<u64> = chunks.into();
         let mut in_flight = FuturesUnordered::new();
-        loop {
-            // Hand out chunks while there is room.
-            let now = Instant::now();
-            while in_flight.len() < self.max_in_flight && !queue.is_empty() {
-                let pick = providers
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, p)| {
-                        p.active
-                            && Some(*i) != exclude
-                            && p.in_flight < self.per_provider
-                            && p.not_before <= now
-                    })
-                    .min_by_key(|(_, p)| (p.in_flight, p.failures))
-                    .map(|(i, _)| i);
-                // Only take a chunk off the queue once someone can fetch it.
-                let Some(index) = pick else { break };
-                let Some(chunk) = queue.pop_front() else {
-                    break;
+        // The first request in flight for each chunk: who and since when.
+        let mut asked: BTreeMap<u64, (usize, Instant)> = BTreeMap::new();
+        // Requests in flight per chunk (2 while hedged), and hedged chunks.
+        let mut requests: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut hedged: BTreeSet<u64> = BTreeSet::new();
+        // Chunks already written in this call: a hedge's loser is discarded.
+        let claimed: Arc<std::sync::Mutex<BTreeSet<u64>>> = Arc::default();
+        let mut latencies: VecDeque<Duration> = VecDeque::new();
+        let request = |index: usize, peer: PeerId, chunk: u64| {
+            let (offset, len) = chunk_range(size, chunk);
+            let client = self.client.clone();
+            let download = self.download.clone();
+            let partial = Arc::clone(partial);
+            let claimed = Arc::clone(&claimed);
+            async move {
+                let request = BlobRequest::Chunk {
+                    hash,
+                    offset,
+                    len: len as u32,
                 };
-                providers[index].in_flight += 1;
-                let peer = providers[index].peer;
-                let (offset, len) = chunk_range(size, chunk);
-                let client = self.client.clone();
-                let download = self.download.clone();
-                let partial = Arc::clone(partial);
-                in_flight.push(async move {
-                    let request = BlobRequest::Chunk {
-                        hash,
-                        offset,
-                        len: len as u32,
-                    };
-                    let outcome = match tokio::time::timeout(
-                        CHUNK_TIMEOUT,
-                        client.blob_request(peer, request),
-                    )
-                    .await
+                let outcome =
+                    match tokio::time::timeout(CHUNK_TIMEOUT, client.blob_request(peer, request))
+                        .await
                     {
                         Err(_) => Outcome::Failed("timed out".into()),
                         Ok(Err(NetworkError::Closed)) => Outcome::Failed("network stopped".into()),
                         Ok(Err(e)) => Outcome::Failed(e.to_string()),
                         Ok(Ok(BlobResponse::Chunk { data })) if data.len() as u64 == len => {
+                            let first =
+                                claimed.lock().map(|mut c| c.insert(chunk)).unwrap_or(false);
+                            if !first {
+                                return (index, chunk, Outcome::Lost);
+                            }
                             download.acquire(len).await;
                             match tokio::task::spawn_blocking(move || {
                                 partial.write_chunk(chunk, &data)
@@ -536,13 +559,69 @@ impl Fetcher {
                         Ok(Ok(BlobResponse::Refused { reason })) => Outcome::Refused(reason),
                         Ok(Ok(BlobResponse::Have { .. })) => Outcome::Unexpected,
                     };
-                    (index, chunk, outcome)
-                });
+                (index, chunk, outcome)
+            }
+        };
+        loop {
+            if remaining.is_empty() {
+                // Requests still out are hedges' losers: dropped with the set.
+                return Ok(());
+            }
+            let now = Instant::now();
+            let usable = |providers: &[Provider], i: usize, now: Instant| {
+                let p = &providers[i];
+                p.active
+                    && Some(i) != exclude
+                    && p.in_flight < self.per_provider
+                    && p.not_before <= now
+            };
+            // Hand out chunks while there is room.
+            while in_flight.len() < self.max_in_flight && !queue.is_empty() {
+                let pick = (0..providers.len())
+                    .filter(|&i| usable(providers, i, now))
+                    .min_by_key(|&i| (providers[i].in_flight, providers[i].failures));
+                // Only take a chunk off the queue once someone can fetch it.
+                let Some(index) = pick else { break };
+                let Some(chunk) = queue.pop_front() else {
+                    break;
+                };
+                if !remaining.contains(&chunk) {
+                    continue;
+                }
+                providers[index].in_flight += 1;
+                asked.insert(chunk, (index, now));
+                *requests.entry(chunk).or_default() += 1;
+                in_flight.push(request(index, providers[index].peer, chunk));
+            }
+            // Endgame: nothing left to hand out, so ask a second provider for
+            // any chunk outstanding for too long.
+            let hedge_after = self.hedge_after(&latencies);
+            let mut next_hedge: Option<Instant> = None;
+            if queue.is_empty() {
+                for (&chunk, &(owner, since)) in &asked {
+                    if hedged.contains(&chunk) || !remaining.contains(&chunk) {
+                        continue;
+                    }
+                    let due = since + hedge_after;
+                    if due > now {
+                        next_hedge = Some(next_hedge.map_or(due, |n: Instant| n.min(due)));
+                        continue;
+                    }
+                    if in_flight.len() >= self.max_in_flight {
+                        break;
+                    }
+                    let pick = (0..providers.len())
+                        .filter(|&i| i != owner && usable(providers, i, now))
+                        .min_by_key(|&i| (providers[i].in_flight, providers[i].failures));
+                    let Some(index) = pick else { continue };
+                    tracing::debug!(peer = %providers[owner].peer, chunk, "chunk outstanding for {:?}; asking {} too", now - since, providers[index].peer);
+                    hedged.insert(chunk);
+                    providers[index].in_flight += 1;
+                    *requests.entry(chunk).or_default() += 1;
+                    in_flight.push(request(index, providers[index].peer, chunk));
+                }
             }
             if in_flight.is_empty() {
-                if queue.is_empty() {
-                    return Ok(());
-                }
                 // Nothing running: either every provider is gone, or all
                 // usable ones are backing off.
                 let waiting = providers
@@ -555,7 +634,7 @@ impl Fetcher {
                     None => {
                         return Err(FetchError::ProvidersExhausted {
                             hash,
-                            remaining: queue.len(),
+                            remaining: remaining.len(),
                         });
                     }
                     Some(at) => {
@@ -567,20 +646,48 @@ impl Fetcher {
                     }
                 }
             }
+            let wake = next_hedge.unwrap_or_else(|| now + CHUNK_TIMEOUT);
             let (index, chunk, outcome) = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(FetchError::Cancelled),
                 Some(done) = in_flight.next() => done,
+                _ = tokio::time::sleep_until(wake), if next_hedge.is_some() => continue,
             };
             providers[index].in_flight = providers[index].in_flight.saturating_sub(1);
+            let outstanding = requests.get_mut(&chunk).map_or(0, |n| {
+                *n = n.saturating_sub(1);
+                *n
+            });
             let peer = providers[index].peer;
+            // A failed request for a chunk that is done, or that another
+            // request is still fetching, is not queued again.
+            let requeue = |queue: &mut VecDeque<u64>, remaining: &BTreeSet<u64>| {
+                if outstanding == 0 && remaining.contains(&chunk) {
+                    queue.push_back(chunk);
+                }
+            };
             match outcome {
                 Outcome::Written(len) => {
                     providers[index].failures = 0;
+                    remaining.remove(&chunk);
                     served_by.insert(chunk, Some(index));
                     report.chunks_fetched += 1;
                     report.bytes_fetched += len;
                     *report.bytes_by_provider.entry(peer).or_default() += len;
+                    if let Some((owner, since)) = asked.remove(&chunk) {
+                        if owner == index {
+                            latencies.push_back(since.elapsed());
+                            if latencies.len() > LATENCY_SAMPLES {
+                                latencies.pop_front();
+                            }
+                        } else {
+                            let reason = format!(
+                                "sat on chunk {chunk} for {:.1} s while {peer} delivered it",
+                                since.elapsed().as_secs_f64()
+                            );
+                            self.drop_stalled(providers, owner, &reason, report).await;
+                        }
+                    }
                     if let Some(progress) = &self.progress {
                         let done =
                             (total_chunks - partial.missing().len() as u64).min(total_chunks);
@@ -590,13 +697,14 @@ impl Fetcher {
                         );
                     }
                 }
+                Outcome::Lost => {}
                 Outcome::Store(source) => return Err(FetchError::Store { hash, source }),
                 Outcome::WrongLength { got, expected } => {
                     let reason = format!(
                         "sent {got} bytes for a {expected}-byte chunk (truncated or oversized)"
                     );
                     self.drop_bad(providers, index, &reason, report).await;
-                    queue.push_back(chunk);
+                    requeue(&mut queue, &remaining);
                 }
                 Outcome::Unexpected => {
                     self.drop_bad(
@@ -606,14 +714,14 @@ impl Fetcher {
                         report,
                     )
                     .await;
-                    queue.push_back(chunk);
+                    requeue(&mut queue, &remaining);
                 }
                 Outcome::NotFound => {
                     // It said it had the blob and now says it does not: not
                     // necessarily malice (it may have pruned it), so just drop it.
                     tracing::info!(%peer, blob = %hash.short(), "provider no longer has the blob");
                     providers[index].active = false;
-                    queue.push_back(chunk);
+                    requeue(&mut queue, &remaining);
                 }
                 Outcome::Refused(reason) | Outcome::Failed(reason) => {
                     let provider = &mut providers[index];
@@ -626,10 +734,53 @@ impl Fetcher {
                         tracing::warn!(%peer, blob = %hash.short(), "dropping provider after {} failures: {reason}", provider.failures);
                         provider.active = false;
                     }
-                    queue.push_back(chunk);
+                    if outstanding == 0 {
+                        asked.remove(&chunk);
+                        hedged.remove(&chunk);
+                    }
+                    requeue(&mut queue, &remaining);
                 }
             }
         }
+    }
+
+    /// How long a chunk may be outstanding before it is hedged: four times
+    /// the median of recent chunk times, at least `hedge_after_min`.
+    fn hedge_after(&self, latencies: &VecDeque<Duration>) -> Duration {
+        let mut sorted: Vec<Duration> = latencies.iter().copied().collect();
+        sorted.sort();
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
+        (median * 4).max(self.hedge_after_min)
+    }
+
+    /// A provider sat on a chunk another delivered: reported, penalized
+    /// (it cost the transfer time) and not asked again in this transfer.
+    async fn drop_stalled(
+        &self,
+        providers: &mut [Provider],
+        index: usize,
+        reason: &str,
+        report: &mut FetchReport,
+    ) {
+        let Some(provider) = providers.get_mut(index) else {
+            return;
+        };
+        if report
+            .stalled_providers
+            .iter()
+            .any(|(p, _)| *p == provider.peer)
+        {
+            return;
+        }
+        provider.active = false;
+        tracing::warn!(peer = %provider.peer, "dropping a stalled provider: {reason}");
+        let _ = self
+            .client
+            .penalize(provider.peer, format!("stalled: {reason}"))
+            .await;
+        report
+            .stalled_providers
+            .push((provider.peer, reason.to_string()));
     }
 }
 

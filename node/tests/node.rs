@@ -184,6 +184,99 @@ async fn blob_from_two_providers_survives_a_corrupting_one() {
     }
 }
 
+/// A provider that answers `Have` but sits on every chunk request until
+/// released (a peer that stalls mid-transfer).
+struct Stalling {
+    store: Arc<BlobStore>,
+    release: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlobSource for Stalling {
+    fn size(&self, hash: &Hash) -> Option<u64> {
+        self.store.size(hash)
+    }
+    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
+        while !self.release.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.store.read_range(hash, offset, len)
+    }
+}
+
+/// The chunks a stalling provider sits on are hedged to the honest one
+/// once nothing else is left to hand out: the blob arrives whole, nothing of
+/// it came from the staller, and the staller is reported and penalized.
+/// Without hedging the staller would be reported for nothing (its requests
+/// would only time out, which drops a provider without naming it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalling_provider_is_routed_around_and_penalized() {
+    let size = 8 * BLOB_CHUNK_BYTES + 777;
+    let data = pseudo_random_bytes(size, 9);
+    let hash = Hash::of(&data);
+    let honest_dir = tempfile::tempdir().unwrap();
+    let honest_store = Arc::new(BlobStore::open(honest_dir.path()).unwrap());
+    honest_store.put(&data).unwrap();
+    let stall_dir = tempfile::tempdir().unwrap();
+    let stall_store = Arc::new(BlobStore::open(stall_dir.path()).unwrap());
+    stall_store.put(&data).unwrap();
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let honest = spawn_peer(11, honest_store, false).await;
+    let staller = spawn_peer(
+        12,
+        Arc::new(Stalling {
+            store: stall_store,
+            release: release.clone(),
+        }),
+        false,
+    )
+    .await;
+    let fetch_dir = tempfile::tempdir().unwrap();
+    let fetch_store = Arc::new(BlobStore::open(fetch_dir.path()).unwrap());
+    let fetcher_peer = spawn_peer(13, fetch_store.clone(), false).await;
+    let staller_id = fetcher_peer
+        .client
+        .dial(staller.addr.clone())
+        .await
+        .unwrap();
+    let honest_id = fetcher_peer.client.dial(honest.addr.clone()).await.unwrap();
+    let fetcher = Fetcher::new(
+        fetcher_peer.client.clone(),
+        fetch_store.clone(),
+        RateLimiter::unlimited(),
+    )
+    .with_hedge_after(std::time::Duration::from_millis(500));
+    let report = fetcher
+        .fetch(
+            hash,
+            Some(size as u64),
+            &[staller_id, honest_id],
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    release.store(true, Ordering::Relaxed);
+    assert!(fetch_store.verify(&hash).is_ok(), "the blob arrived intact");
+    assert_eq!(report.bytes_from(&staller_id), 0);
+    assert_eq!(report.bytes_from(&honest_id), size as u64);
+    let stalled: Vec<_> = report.stalled_providers.iter().map(|(p, _)| *p).collect();
+    assert_eq!(stalled, vec![staller_id], "{:?}", report.stalled_providers);
+    assert!(
+        report.bad_providers.is_empty(),
+        "{:?}",
+        report.bad_providers
+    );
+    let score = fetcher_peer.client.peer_score(staller_id).await.unwrap();
+    assert!(
+        score.is_some_and(|s| s < 0.0),
+        "the staller was penalized: {score:?}"
+    );
+    let honest_score = fetcher_peer.client.peer_score(honest_id).await.unwrap();
+    assert!(honest_score.is_none_or(|s| s >= 0.0), "{honest_score:?}");
+    for peer in [honest, staller, fetcher_peer] {
+        peer.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_transfer_resumes_after_restart_without_refetching() {
     let size = 12 * BLOB_CHUNK_BYTES + 777;
@@ -418,6 +511,7 @@ async fn gossip_from_a_non_coordinator_signer_is_rejected() {
         assignments: vec![],
         opened_at_ms: 0,
         deadline_ms: 0,
+        bootstrap: vec![],
     };
     // The impostor signs a plan with its own key and gossips it.
     let forged = Signed::sign(&impostor_key, &plan(1))
@@ -522,6 +616,7 @@ impl FakeCoordinator {
             }],
             opened_at_ms: 0,
             deadline_ms: u64::MAX,
+            bootstrap: vec![],
         };
         Signed::sign(&self.key, &plan).unwrap()
     }
@@ -562,6 +657,7 @@ impl FakeCoordinator {
                         params_hash: Hash::of_f32s(&self.theta),
                         checkpoint: None,
                         head_manifest: self.head,
+                        bootstrap: vec![],
                     };
                     CoordinatorResponse::Welcome(Signed::sign(&self.key, &welcome).unwrap())
                 }

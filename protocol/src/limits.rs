@@ -29,6 +29,9 @@ pub const MAX_DATASET_SHARDS: usize = 65_536;
 pub const MAX_WORKERS_PER_NODE: usize = 64;
 /// Longest free-text field (names, agent strings, reasons).
 pub const MAX_TEXT_BYTES: usize = 256;
+/// Bootstrap peers in a welcome or a plan, and addresses per peer.
+pub const MAX_BOOTSTRAP_PEERS: usize = 16;
+pub const MAX_BOOTSTRAP_ADDRS: usize = 4;
 
 /// One chunk of a blob transfer.
 pub const BLOB_CHUNK_BYTES: usize = 1024 * 1024;

@@ -107,6 +107,20 @@ pub struct Welcome {
     pub checkpoint: Option<CheckpointRef>,
     /// Hash of the latest manifest, the head of the chain.
     pub head_manifest: Hash,
+    /// Peers to bootstrap the run's DHT from: the coordinator first, then
+    /// recently active nodes (at most [`crate::limits::MAX_BOOTSTRAP_PEERS`]).
+    #[serde(deserialize_with = "crate::wire::seq")]
+    pub bootstrap: Vec<BootstrapPeer>,
+}
+
+/// A peer of the run and where it listens, as libp2p text (a peer id and
+/// multiaddrs). Receivers parse them and skip what does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapPeer {
+    pub peer: String,
+    /// At most [`crate::limits::MAX_BOOTSTRAP_ADDRS`].
+    #[serde(deserialize_with = "crate::wire::seq")]
+    pub addrs: Vec<String>,
 }
 
 /// One node's work in a round.
@@ -131,6 +145,10 @@ pub struct RoundPlan {
     pub assignments: Vec<Assignment>,
     pub opened_at_ms: u64,
     pub deadline_ms: u64,
+    /// As in the [`Welcome`]: the coordinator and recently active nodes, so
+    /// that nodes meet each other, and not only the coordinator.
+    #[serde(deserialize_with = "crate::wire::seq")]
+    pub bootstrap: Vec<BootstrapPeer>,
 }
 
 /// A node's claim that it finished its assignment: the update is a blob it serves.

@@ -172,28 +172,40 @@ fn welcome() -> impl Strategy<Value = Welcome> {
             any::<u64>(),
         )),
         hash(),
+        bootstrap(),
     )
         .prop_map(
-            |(node, config, current_round, params_hash, checkpoint, head_manifest)| Welcome {
-                node,
-                config,
-                current_round,
-                params_hash,
-                checkpoint: checkpoint.map(
-                    |(round, blob, bytes, params_hash, optimizer_blob, optimizer_bytes)| {
-                        CheckpointRef {
-                            round,
-                            blob,
-                            bytes,
-                            params_hash,
-                            optimizer_blob,
-                            optimizer_bytes,
-                        }
-                    },
-                ),
-                head_manifest,
+            |(node, config, current_round, params_hash, checkpoint, head_manifest, bootstrap)| {
+                Welcome {
+                    node,
+                    config,
+                    current_round,
+                    params_hash,
+                    checkpoint: checkpoint.map(
+                        |(round, blob, bytes, params_hash, optimizer_blob, optimizer_bytes)| {
+                            CheckpointRef {
+                                round,
+                                blob,
+                                bytes,
+                                params_hash,
+                                optimizer_blob,
+                                optimizer_bytes,
+                            }
+                        },
+                    ),
+                    head_manifest,
+                    bootstrap,
+                }
             },
         )
+}
+
+fn bootstrap() -> impl Strategy<Value = Vec<BootstrapPeer>> {
+    prop::collection::vec(
+        (text(), prop::collection::vec(text(), 0..3))
+            .prop_map(|(peer, addrs)| BootstrapPeer { peer, addrs }),
+        0..3,
+    )
 }
 
 fn round_plan() -> impl Strategy<Value = RoundPlan> {
@@ -213,6 +225,7 @@ fn round_plan() -> impl Strategy<Value = RoundPlan> {
         ),
         any::<u64>(),
         any::<u64>(),
+        bootstrap(),
     )
         .prop_map(
             |(
@@ -223,6 +236,7 @@ fn round_plan() -> impl Strategy<Value = RoundPlan> {
                 assignments,
                 opened_at_ms,
                 deadline_ms,
+                bootstrap,
             )| RoundPlan {
                 run_id,
                 round,
@@ -239,6 +253,7 @@ fn round_plan() -> impl Strategy<Value = RoundPlan> {
                     .collect(),
                 opened_at_ms,
                 deadline_ms,
+                bootstrap,
             },
         )
 }

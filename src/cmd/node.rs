@@ -252,6 +252,7 @@ async fn run_daemon(config: NodeConfig) -> anyhow::Result<()> {
         "rounds_applied": summary.rounds_completed,
         "rounds_trained": summary.rounds_trained,
         "rounds_replayed": summary.rounds_replayed,
+        "bootstrap_addrs": summary.bootstrap_addrs,
         "tokens_trained": summary.tokens_trained,
         "resyncs": summary.resyncs,
         "bytes_uploaded": summary.bytes_uploaded,

@@ -358,6 +358,21 @@ impl Client {
         self.tell(Command::AddAddress { peer, addr }).await
     }
 
+    /// Adds a welcome's or plan's bootstrap peers to the swarm and the DHT
+    /// routing table (what parses, within the protocol's bounds); returns how
+    /// many addresses were added.
+    pub async fn add_bootstrap(
+        &self,
+        peers: &[barnraise_protocol::messages::BootstrapPeer],
+    ) -> Result<usize, NetworkError> {
+        let addrs = barnraise_mesh::dht::bootstrap_addrs(peers, &self.local_peer_id);
+        let added = addrs.len();
+        for (peer, addr) in addrs {
+            self.add_address(peer, addr).await?;
+        }
+        Ok(added)
+    }
+
     pub async fn coordinator_request(
         &self,
         peer: PeerId,
