@@ -1098,3 +1098,102 @@ async fn a_flood_of_joins_from_one_peer_is_rate_limited() {
     );
     shutdown.cancel();
 }
+
+/// A flood of relay reservations from one peer (issue #12): the relay
+/// server grants at most its per-peer rate (4 a minute) and refuses the
+/// rest, and keeps serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_relay_reservations_from_one_peer_is_refused() {
+    use futures::StreamExt;
+    use libp2p::multiaddr::Protocol;
+    use libp2p::relay;
+    use libp2p::swarm::SwarmEvent;
+
+    let data = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let coordinator = barnraise_coordinator::start(config(data.path()), shutdown.clone())
+        .await
+        .unwrap();
+    let relay_addr = coordinator.multiaddr();
+    let client = |seed: u8| {
+        let key = SigningKey::from_seed([seed; 32])
+            .unwrap()
+            .to_libp2p()
+            .unwrap();
+        libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                libp2p::tcp::Config::default(),
+                libp2p::noise::Config::new,
+                libp2p::yamux::Config::default,
+            )
+            .unwrap()
+            .with_relay_client(libp2p::noise::Config::new, libp2p::yamux::Config::default)
+            .unwrap()
+            .with_behaviour(|_, relay| relay)
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build()
+    };
+    // Counts granted and refused reservations out of `tries` listen
+    // requests, made one after another once connected to the relay.
+    async fn reserve(
+        swarm: &mut libp2p::Swarm<relay::client::Behaviour>,
+        relay: &Multiaddr,
+        tries: usize,
+    ) -> (usize, usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        swarm.dial(relay.clone()).unwrap();
+        loop {
+            let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+                .await
+                .expect("connected to the relay");
+            if let SwarmEvent::ConnectionEstablished { .. } = event {
+                break;
+            }
+        }
+        let circuit = relay.clone().with(Protocol::P2pCircuit);
+        let (mut granted, mut refused) = (0, 0);
+        for _ in 0..tries {
+            let listener = swarm.listen_on(circuit.clone()).unwrap();
+            loop {
+                let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+                    .await
+                    .expect("every reservation request is answered");
+                match event {
+                    // On one connection a new request renews the slot (and
+                    // closes the old listener); the server's per-peer rate
+                    // counts every request.
+                    SwarmEvent::Behaviour(relay::client::Event::ReservationReqAccepted {
+                        ..
+                    }) => {
+                        granted += 1;
+                        break;
+                    }
+                    SwarmEvent::ListenerClosed {
+                        listener_id,
+                        reason,
+                        ..
+                    } if listener_id == listener => {
+                        assert!(reason.is_err(), "a refusal closes with an error");
+                        refused += 1;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        (granted, refused)
+    }
+    let mut flooder = client(71);
+    let (granted, refused) = reserve(&mut flooder, &relay_addr, 12).await;
+    eprintln!("relay reservations from one peer: {granted} granted, {refused} refused of 12");
+    assert!(
+        granted <= 4 && granted >= 1 && refused == 12 - granted,
+        "{granted} granted, {refused} refused of 12"
+    );
+    // Someone else still gets a slot.
+    let mut other = client(72);
+    assert_eq!(reserve(&mut other, &relay_addr, 1).await, (1, 0));
+    shutdown.cancel();
+}

@@ -573,6 +573,47 @@ async fn gossip_from_a_non_coordinator_signer_is_rejected() {
         score.is_some_and(|s| s > 0.0),
         "the coordinator keeps a positive score: {score:?}"
     );
+    // A flood: 200 more forgeries. The impostor is graylisted, so gossipsub
+    // drops its messages before they cost a signature check, and the
+    // coordinator's next plan still gets through.
+    const FLOOD: u64 = 200;
+    let mut sent = 0;
+    for round in 100..100 + FLOOD {
+        let forged = Signed::sign(&impostor_key, &plan(round))
+            .unwrap()
+            .to_bytes()
+            .unwrap();
+        if impostor.client.publish(topic.clone(), forged).await.is_ok() {
+            sent += 1;
+        }
+    }
+    // The impostor's side sent them (so what stopped them is the node).
+    assert_eq!(sent, FLOOD);
+    let genuine = Signed::sign(&coordinator_key, &plan(3))
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+    publish_when_possible(&coordinator.client, &topic, genuine).await;
+    let mut checked = 0;
+    let drain_until = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut got_plan = false;
+    while let Ok(Some(event)) = tokio::time::timeout_at(drain_until, events.recv()).await {
+        match event {
+            Event::GossipRejected { source, .. } if source == impostor_id => checked += 1,
+            Event::Plan { plan, source, .. } => {
+                assert_eq!(source, coordinator_id, "only the coordinator's plan passes");
+                assert_eq!(plan.round, 3);
+                got_plan = true;
+            }
+            _ => {}
+        }
+    }
+    assert!(got_plan, "the coordinator's plan got through the flood");
+    assert!(
+        checked < FLOOD / 2,
+        "{checked} of {FLOOD} flooded forgeries reached validation"
+    );
+    eprintln!("{checked} of {FLOOD} flooded forgeries reached validation");
     drop(events);
     for peer in [node, coordinator, impostor] {
         peer.stop().await;

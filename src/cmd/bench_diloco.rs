@@ -109,14 +109,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cfg.eval_every = v;
     }
     let device = select(args.device)?;
-    let quiet = args.json;
+    // Progress goes to stderr in both modes: `--json` keeps stdout clean,
+    // and a bench of many arms runs for a long time.
     let report = run_diloco(&cfg, &device, &mut |p| {
-        if !quiet {
-            eprintln!(
-                "seed {:<3} {:<16} round {:>3}/{:<3} held-out loss {:.4}",
-                p.seed, p.arm, p.round, p.rounds, p.heldout_loss
-            );
-        }
+        eprintln!(
+            "seed {:<3} {:<16} round {:>3}/{:<3} held-out loss {:.4}",
+            p.seed, p.arm, p.round, p.rounds, p.heldout_loss
+        );
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
