@@ -338,6 +338,33 @@ pub struct EventLoop {
     pending_blob: HashMap<OutboundRequestId, oneshot::Sender<Result<BlobResponse, NetworkError>>>,
     pending_coordinator:
         HashMap<OutboundRequestId, oneshot::Sender<Result<CoordinatorResponse, NetworkError>>>,
+    /// Blob answers read on blocking threads, back to the loop to be sent.
+    served_tx: mpsc::Sender<Served>,
+    served_rx: mpsc::Receiver<Served>,
+}
+
+/// A blob answer ready to send: its channel, the blob if it was a chunk
+/// (for the traffic counters), and the answer.
+type Served = (ResponseChannel<BlobResponse>, Option<Hash>, BlobResponse);
+
+impl barnraise_mesh::blobs::BlobSource for BlobStore {
+    fn size(&self, hash: &Hash) -> Option<u64> {
+        BlobStore::size(self, hash)
+    }
+    fn read(
+        &self,
+        hash: &Hash,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, barnraise_mesh::blobs::ReadError> {
+        use barnraise_mesh::blobs::ReadError;
+        match self.chunk(hash, offset, len as usize) {
+            Ok(Some(data)) if data.len() == len as usize => Ok(data),
+            Ok(Some(_)) => Err(ReadError::OutOfRange),
+            Ok(None) => Err(ReadError::NotFound),
+            Err(e) => Err(ReadError::Failed(e.to_string())),
+        }
+    }
 }
 
 /// Builds the swarm, starts listening, and waits until the listen addresses
@@ -452,6 +479,7 @@ pub async fn new(
     }
     let (command_tx, command_rx) = mpsc::channel(256);
     let (event_tx, event_rx) = mpsc::channel(256);
+    let (served_tx, served_rx) = mpsc::channel(256);
     let event_loop = EventLoop {
         swarm,
         commands: command_rx,
@@ -460,6 +488,8 @@ pub async fn new(
         traffic,
         pending_blob: HashMap::new(),
         pending_coordinator: HashMap::new(),
+        served_tx,
+        served_rx,
     };
     Ok((
         Client {
@@ -482,6 +512,14 @@ impl EventLoop {
                     Some(command) => self.on_command(command),
                     None => break,
                 },
+                Some((channel, chunk_of, response)) = self.served_rx.recv() => {
+                    if let (Some(hash), BlobResponse::Chunk { data }) = (chunk_of, &response) {
+                        self.traffic.served(&hash, data.len() as u64);
+                    }
+                    if self.swarm.behaviour_mut().blob.send_response(channel, response).is_err() {
+                        tracing::debug!("a peer hung up before its blob answer was sent");
+                    }
+                }
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
             }
         }
@@ -626,40 +664,20 @@ impl EventLoop {
             BlobRequest::Chunk { hash, .. } => Some(*hash),
             BlobRequest::Have { .. } => None,
         };
-        let response = self.serve_blob(request);
-        if let (Some(hash), BlobResponse::Chunk { data }) = (chunk_of, &response) {
-            self.traffic.served(&hash, data.len() as u64);
-        }
-        let _ = self
-            .swarm
-            .behaviour_mut()
-            .blob
-            .send_response(channel, response);
-    }
-
-    fn serve_blob(&self, request: BlobRequest) -> BlobResponse {
-        match request {
-            BlobRequest::Have { hash } => BlobResponse::Have {
-                size: self.store.size(&hash),
-            },
-            BlobRequest::Chunk { len, .. } if len as usize > BLOB_CHUNK_BYTES => {
-                BlobResponse::Refused {
-                    reason: format!("chunks are at most {BLOB_CHUNK_BYTES} bytes"),
-                }
-            }
-            BlobRequest::Chunk { hash, offset, len } => {
-                match self.store.chunk(&hash, offset, len as usize) {
-                    Ok(Some(data)) => BlobResponse::Chunk { data },
-                    Ok(None) => BlobResponse::NotFound,
-                    Err(e) => {
-                        tracing::warn!("serving blob {}: {e}", hash.short());
-                        BlobResponse::Refused {
-                            reason: "the coordinator could not read that blob".into(),
-                        }
-                    }
-                }
-            }
-        }
+        // Disk reads happen on a blocking thread, never on the swarm loop;
+        // the answer comes back through `served_rx`.
+        let store = self.store.clone();
+        let served = self.served_tx.clone();
+        tokio::spawn(async move {
+            let response = tokio::task::spawn_blocking(move || {
+                barnraise_mesh::blobs::serve_blob(&store, &request)
+            })
+            .await
+            .unwrap_or_else(|_| BlobResponse::Refused {
+                reason: "internal error".into(),
+            });
+            let _ = served.send((channel, chunk_of, response)).await;
+        });
     }
 }
 

@@ -13,8 +13,8 @@ mod support;
 
 use barnraise_node::limiter::RateLimiter;
 use barnraise_node::network::codec::read_framed;
-use barnraise_node::network::{BlobSource, Event, Topic};
-use barnraise_node::store::{BlobStore, StoreError};
+use barnraise_node::network::{BlobSource, Event, ReadError, Topic};
+use barnraise_node::store::BlobStore;
 use barnraise_node::transfer::{FetchError, Fetcher};
 use barnraise_node::{NodeConfig, NodeEvent, SyncSource, run_node};
 use barnraise_protocol::NodeId;
@@ -80,8 +80,11 @@ impl BlobSource for Corrupting {
     fn size(&self, hash: &Hash) -> Option<u64> {
         self.0.size(hash)
     }
-    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
-        let mut data = self.0.read_range(hash, offset, len)?;
+    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, ReadError> {
+        let mut data = self
+            .0
+            .read_range(hash, offset, len)
+            .map_err(ReadError::from)?;
         if let Some(byte) = data.get_mut(len as usize / 2) {
             *byte ^= 0x5A;
         }
@@ -100,9 +103,11 @@ impl BlobSource for Counting {
     fn size(&self, hash: &Hash) -> Option<u64> {
         self.store.size(hash)
     }
-    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
+    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, ReadError> {
         *self.served.lock().unwrap().entry(offset).or_default() += 1;
-        self.store.read_range(hash, offset, len)
+        self.store
+            .read_range(hash, offset, len)
+            .map_err(ReadError::from)
     }
 }
 
@@ -195,11 +200,13 @@ impl BlobSource for Stalling {
     fn size(&self, hash: &Hash) -> Option<u64> {
         self.store.size(hash)
     }
-    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
+    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, ReadError> {
         while !self.release.load(Ordering::Relaxed) {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        self.store.read_range(hash, offset, len)
+        self.store
+            .read_range(hash, offset, len)
+            .map_err(ReadError::from)
     }
 }
 

@@ -30,7 +30,6 @@ mod event_loop;
 
 use crate::limiter::RateLimiter;
 use crate::store::{BlobStore, StoreError};
-use barnraise_protocol::limits::BLOB_CHUNK_BYTES;
 use barnraise_protocol::messages::{
     BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse, Manifest, RoundPlan,
 };
@@ -177,47 +176,24 @@ pub enum Event {
     ReachabilityChanged(Reachability),
 }
 
-/// Where served blobs come from. The store is the usual one; tests plug in
-/// sources that lie, to prove fetchers catch them.
-pub trait BlobSource: Send + Sync + 'static {
-    fn size(&self, hash: &Hash) -> Option<u64>;
-    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, StoreError>;
-}
+pub use barnraise_mesh::blobs::{BlobSource, ReadError, serve_blob};
 
 impl BlobSource for BlobStore {
     fn size(&self, hash: &Hash) -> Option<u64> {
         BlobStore::size(self, hash)
     }
-    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
-        self.read_range(hash, offset, len)
+    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, ReadError> {
+        self.read_range(hash, offset, len).map_err(ReadError::from)
     }
 }
 
-/// Answers one blob request from `source`. Chunk requests over
-/// [`BLOB_CHUNK_BYTES`] are refused before anything is read or allocated.
-pub fn serve_blob(source: &dyn BlobSource, request: &BlobRequest) -> BlobResponse {
-    match request {
-        BlobRequest::Have { hash } => BlobResponse::Have {
-            size: source.size(hash),
-        },
-        BlobRequest::Chunk { len, .. } if *len as usize > BLOB_CHUNK_BYTES || *len == 0 => {
-            BlobResponse::Refused {
-                reason: format!("chunk length {len} is outside 1..={BLOB_CHUNK_BYTES} bytes"),
-            }
+impl From<StoreError> for ReadError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound { .. } => ReadError::NotFound,
+            StoreError::Range { .. } => ReadError::OutOfRange,
+            other => ReadError::Failed(other.to_string()),
         }
-        BlobRequest::Chunk { hash, offset, len } => match source.read(hash, *offset, *len) {
-            Ok(data) => BlobResponse::Chunk { data },
-            Err(StoreError::NotFound { .. }) => BlobResponse::NotFound,
-            Err(StoreError::Range { .. }) => BlobResponse::Refused {
-                reason: "range is outside the blob".into(),
-            },
-            Err(e) => {
-                tracing::warn!("serving blob {hash}: {e}");
-                BlobResponse::Refused {
-                    reason: "could not read the blob".into(),
-                }
-            }
-        },
     }
 }
 
