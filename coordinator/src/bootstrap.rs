@@ -1,6 +1,10 @@
 //! The run's bootstrap peers, carried in every welcome and plan: the
 //! coordinator first, then the nodes most recently active (joined or had an
-//! update accepted), each with the addresses it declared when it joined.
+//! update accepted), each with those of the addresses it declared when it
+//! joined that are on the IP its connection came from. A node behind a NAT
+//! connects from its router's address, which it does not listen on, so it
+//! is not handed out: its private addresses would send others to a machine
+//! on their own LAN, or nowhere, and others reach it through the relay.
 //! Nodes add them to their DHT routing table, so they find each other's
 //! blobs without asking the coordinator who holds what (docs/protocol.md,
 //! "Discovery").
@@ -22,12 +26,23 @@ pub struct BootstrapBook {
     recent: VecDeque<(NodeId, BootstrapPeer)>,
 }
 
-/// The addresses worth handing out: ones that parse, not too long, at most
-/// [`MAX_BOOTSTRAP_ADDRS`].
-fn usable(addrs: impl IntoIterator<Item = String>) -> Vec<String> {
+/// The addresses worth handing out: ones that parse, not too long, on
+/// `ip` when given, at most [`MAX_BOOTSTRAP_ADDRS`].
+fn usable(addrs: impl IntoIterator<Item = String>, ip: Option<std::net::IpAddr>) -> Vec<String> {
+    use libp2p::multiaddr::Protocol;
+    let on_ip = |addr: &Multiaddr| {
+        ip.is_none_or(|ip| {
+            addr.iter().any(|p| match p {
+                Protocol::Ip4(a) => std::net::IpAddr::V4(a) == ip,
+                Protocol::Ip6(a) => std::net::IpAddr::V6(a) == ip,
+                _ => false,
+            })
+        })
+    };
     addrs
         .into_iter()
-        .filter(|a| a.len() <= MAX_TEXT_BYTES && a.parse::<Multiaddr>().is_ok())
+        .filter(|a| a.len() <= MAX_TEXT_BYTES)
+        .filter(|a| a.parse::<Multiaddr>().is_ok_and(|m| on_ip(&m)))
         .take(MAX_BOOTSTRAP_ADDRS)
         .collect()
 }
@@ -38,17 +53,26 @@ impl BootstrapBook {
         BootstrapBook {
             own: BootstrapPeer {
                 peer: coordinator.to_string(),
-                addrs: usable(addrs.iter().map(Multiaddr::to_string)),
+                addrs: usable(addrs.iter().map(Multiaddr::to_string), None),
             },
             recent: VecDeque::new(),
         }
     }
 
-    /// A node joined (or re-joined) with these listen addresses. Nodes with
-    /// no usable address are not handed out.
-    pub fn joined(&mut self, node: NodeId, listen_addrs: &[String]) {
+    /// A node joined (or re-joined) with these listen addresses, over a
+    /// connection from `observed` (None: relayed, or unknown). Only its
+    /// addresses on that IP are handed out; a node with none is not.
+    pub fn joined(
+        &mut self,
+        node: NodeId,
+        listen_addrs: &[String],
+        observed: Option<std::net::IpAddr>,
+    ) {
         self.recent.retain(|(n, _)| *n != node);
-        let addrs = usable(listen_addrs.iter().cloned());
+        let Some(ip) = observed else {
+            return;
+        };
+        let addrs = usable(listen_addrs.iter().cloned(), Some(ip));
         let Ok(peer) = node.0.to_peer_id() else {
             return;
         };
@@ -113,7 +137,8 @@ mod tests {
     fn coordinator_first_then_most_recent_nodes_without_the_asker() {
         let mut book = book();
         for seed in 1..=3 {
-            book.joined(node(seed), &[format!("/ip4/10.0.0.{seed}/tcp/4001")]);
+            let ip = std::net::IpAddr::from([10, 0, 0, seed]);
+            book.joined(node(seed), &[format!("/ip4/{ip}/tcp/4001")], Some(ip));
         }
         book.active(&node(1));
         let peers = book.peers(Some(&node(3)));
@@ -131,10 +156,36 @@ mod tests {
     }
 
     #[test]
+    fn a_node_behind_a_nat_is_not_handed_out() {
+        let mut book = book();
+        // It listens on its LAN address, and its connection comes from the
+        // router's public one.
+        let router = std::net::IpAddr::from([203, 0, 113, 9]);
+        book.joined(node(1), &["/ip4/192.168.1.2/tcp/4001".into()], Some(router));
+        // A public node lists several addresses; only the one it connects
+        // from is handed out.
+        let public = std::net::IpAddr::from([198, 51, 100, 7]);
+        book.joined(
+            node(2),
+            &[
+                "/ip4/192.168.5.5/tcp/4001".into(),
+                "/ip4/198.51.100.7/udp/4001/quic-v1".into(),
+            ],
+            Some(public),
+        );
+        // Seen only through a relay: nothing to vouch for.
+        book.joined(node(3), &["/ip4/198.51.100.8/tcp/4001".into()], None);
+        let peers = book.peers(None);
+        assert_eq!(peers.len(), 2, "{peers:?}");
+        assert_eq!(peers[1].addrs, ["/ip4/198.51.100.7/udp/4001/quic-v1"]);
+    }
+
+    #[test]
     fn lists_stay_bounded_and_bad_addresses_are_dropped() {
         let mut book = book();
         for seed in 1..=100u8 {
-            let good = format!("/ip4/10.0.1.{seed}/tcp/4001");
+            let ip = std::net::IpAddr::from([10, 0, 1, seed]);
+            let good = format!("/ip4/{ip}/tcp/4001");
             let long = format!("/dns4/{}/tcp/1", "a".repeat(MAX_TEXT_BYTES));
             book.joined(
                 node(seed),
@@ -147,12 +198,14 @@ mod tests {
                     good.clone(),
                     good,
                 ],
+                Some(ip),
             );
         }
         // A node with no usable address is not handed out, and a re-join
         // replaces the old entry.
-        book.joined(node(101), &["garbage".into()]);
-        book.joined(node(100), &["/ip4/10.0.2.1/tcp/4001".into()]);
+        let ip = std::net::IpAddr::from([10, 0, 2, 1]);
+        book.joined(node(101), &["garbage".into()], Some(ip));
+        book.joined(node(100), &["/ip4/10.0.2.1/tcp/4001".into()], Some(ip));
         let peers = book.peers(None);
         assert_eq!(peers.len(), MAX_BOOTSTRAP_PEERS);
         assert_eq!(peers[1].addrs, ["/ip4/10.0.2.1/tcp/4001"]);

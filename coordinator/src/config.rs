@@ -4,7 +4,7 @@
 //! every field; the defaults here are the ones it lists.
 
 use barnraise_protocol::aggregate::AggregationRule;
-use barnraise_protocol::codec::CodecConfig;
+use barnraise_protocol::codec::CodecSchedule;
 use barnraise_protocol::{Hash, NodeId, OrgId};
 use barnraise_trainer::ModelConfig;
 use serde::{Deserialize, Serialize};
@@ -346,7 +346,8 @@ impl Default for CoordinatorConfig {
 #[derive(Clone, Debug)]
 pub struct Resolved {
     pub model: ModelConfig,
-    pub codec: CodecConfig,
+    /// The codec over rounds: its decay and density warm-up.
+    pub codec: CodecSchedule,
     pub aggregation: AggregationRule,
     pub deadline_ms: u64,
     /// Who may join: listed orgs (or anyone) less revoked certificates and nodes.
@@ -406,10 +407,7 @@ impl CoordinatorConfig {
             })?,
         };
         model.validate().map_err(|e| invalid("model_config", e))?;
-        let codec: CodecConfig = self
-            .codec
-            .parse()
-            .map_err(|e| invalid("codec", format!("{e}")))?;
+        let codec: CodecSchedule = self.codec.parse().map_err(|e| invalid("codec", e))?;
         let aggregation: AggregationRule = self
             .aggregation
             .parse()

@@ -183,9 +183,24 @@ pub enum Command {
 pub enum Event {
     Request {
         peer: PeerId,
+        /// The IP the peer's newest connection comes from, if direct.
+        observed_ip: Option<std::net::IpAddr>,
         request: CoordinatorRequest,
         channel: ResponseChannel<CoordinatorResponse>,
     },
+}
+
+/// The IP of a direct connection's remote end (none for relayed ones).
+fn remote_ip(addr: &Multiaddr) -> Option<std::net::IpAddr> {
+    use libp2p::multiaddr::Protocol;
+    if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+        return None;
+    }
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+        _ => None,
+    })
 }
 
 /// A handle to the loop; cheap to clone.
@@ -338,6 +353,8 @@ pub struct EventLoop {
     pending_blob: HashMap<OutboundRequestId, oneshot::Sender<Result<BlobResponse, NetworkError>>>,
     pending_coordinator:
         HashMap<OutboundRequestId, oneshot::Sender<Result<CoordinatorResponse, NetworkError>>>,
+    /// Where each connected peer's newest direct connection comes from.
+    observed: HashMap<PeerId, std::net::IpAddr>,
     /// Blob answers read on blocking threads, back to the loop to be sent.
     served_tx: mpsc::Sender<Served>,
     served_rx: mpsc::Receiver<Served>,
@@ -488,6 +505,7 @@ pub async fn new(
         traffic,
         pending_blob: HashMap::new(),
         pending_coordinator: HashMap::new(),
+        observed: HashMap::new(),
         served_tx,
         served_rx,
     };
@@ -614,6 +632,20 @@ impl EventLoop {
                         gossipsub::MessageAcceptance::Ignore,
                     );
             }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                if let Some(ip) = remote_ip(endpoint.get_remote_address()) {
+                    self.observed.insert(peer_id, ip);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.observed.remove(&peer_id);
+            }
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::debug!("incoming connection failed: {error}")
             }
@@ -635,6 +667,7 @@ impl EventLoop {
         };
         match self.events.try_send(Event::Request {
             peer,
+            observed_ip: self.observed.get(&peer).copied(),
             request,
             channel,
         }) {

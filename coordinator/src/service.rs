@@ -229,12 +229,9 @@ pub async fn start(
             }
         });
     }
-    let mut bootstrap = crate::bootstrap::BootstrapBook::new(local_peer, &multiaddrs);
+    let bootstrap = crate::bootstrap::BootstrapBook::new(local_peer, &multiaddrs);
     for node in prepared.ledger_nodes.iter() {
         add_node_addresses(&client, &node.node, &node.listen_addrs).await;
-        if let Ok(id) = node.node.parse::<NodeId>() {
-            bootstrap.joined(id, &node.listen_addrs);
-        }
     }
 
     let (events, _) = broadcast::channel(1024);
@@ -631,8 +628,8 @@ impl Service {
                     }
                 }
                 event = net_events.recv() => match event {
-                    Some(network::Event::Request { peer, request, channel }) => {
-                        let response = self.on_request(peer, request).await;
+                    Some(network::Event::Request { peer, observed_ip, request, channel }) => {
+                        let response = self.on_request(peer, observed_ip, request).await;
                         let _ = self.net.respond(channel, response).await;
                     }
                     None => break Err(CoordinatorError::Network(NetworkError::Stopped)),
@@ -776,6 +773,7 @@ impl Service {
     async fn on_request(
         &mut self,
         peer: PeerId,
+        observed_ip: Option<std::net::IpAddr>,
         request: CoordinatorRequest,
     ) -> CoordinatorResponse {
         let peer_key = PublicKey::from_peer_id(&peer).ok();
@@ -796,7 +794,7 @@ impl Service {
             };
         }
         match request {
-            CoordinatorRequest::Join(signed) => self.on_join(signed, peer_key).await,
+            CoordinatorRequest::Join(signed) => self.on_join(signed, peer_key, observed_ip).await,
             CoordinatorRequest::Commit(signed) => self.on_commit(signed, peer_key).await,
             CoordinatorRequest::Leave(signed) => match signed.verify(None) {
                 Ok(leave)
@@ -845,6 +843,7 @@ impl Service {
         &mut self,
         signed: Signed<barnraise_protocol::messages::Join>,
         peer_key: Option<PublicKey>,
+        observed_ip: Option<std::net::IpAddr>,
     ) -> CoordinatorResponse {
         let now = now_ms();
         let admitted = match admission::admit(
@@ -898,7 +897,7 @@ impl Service {
             };
         }
         add_node_addresses(&self.net, &row.node, &row.listen_addrs).await;
-        self.bootstrap.joined(node, &row.listen_addrs);
+        self.bootstrap.joined(node, &row.listen_addrs, observed_ip);
         let was_member = self.rounds.is_member(&node);
         self.rounds.join(node, workers);
         self.metrics.joins.fetch_add(1, Ordering::Relaxed);
@@ -1010,7 +1009,7 @@ impl Service {
         let client = self.net.clone();
         let store = self.store.clone();
         let tx = self.internal_tx.clone();
-        let codec = self.resolved.codec;
+        let codec = self.resolved.codec.codec_at(round);
         let params = self.resolved.model.params_count();
         let deadline_ms = self
             .rounds
@@ -1356,7 +1355,7 @@ impl CloseJob {
         }
         let ctx = CloseContext {
             model: &self.resolved.model,
-            codec: self.resolved.codec,
+            codec: self.resolved.codec.codec_at(round),
             rule: &self.resolved.aggregation,
             verify: &self.config.verify,
             seq_len: self.config.seq_len as usize,

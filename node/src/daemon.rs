@@ -25,7 +25,7 @@ use crate::state::{StateDir, StateError, StateRecord, f32s_from_bytes, write_ato
 use crate::store::{BlobStore, StoreError};
 use crate::transfer::{FetchError, Fetcher};
 use barnraise_protocol::aggregate::{AggregateError, AggregationRule, apply_round};
-use barnraise_protocol::codec::{CodecConfig, Encoder};
+use barnraise_protocol::codec::{CodecSchedule, Encoder};
 use barnraise_protocol::identity::IdentityError;
 use barnraise_protocol::limits::PROTOCOL_VERSION;
 use barnraise_protocol::messages::{
@@ -371,6 +371,8 @@ struct Synced {
     round: u64,
     theta: Vec<f32>,
     optimizer: OuterOptimizer,
+    /// The run's codec over rounds (warm-up, decay).
+    codec: CodecSchedule,
     encoder: Encoder,
     /// One slot per worker; a slot is emptied when its worker fails and
     /// rebuilt at the next round.
@@ -772,8 +774,9 @@ impl Node {
         } = caught_up;
         let hash = welcome.params_hash;
         self.summary.rounds_replayed += replayed;
-        let mut encoder =
-            Encoder::new(codec, params).map_err(|e| NodeError::RunConfig(e.to_string()))?;
+        let mut encoder = Encoder::new(codec.codec_at(welcome.current_round), params)
+            .map_err(|e| NodeError::RunConfig(e.to_string()))?
+            .with_decay(codec.decay());
         if let Some(residual) = self.state.load_residual(encoder.residual().len())
             && source == SyncSource::SavedState
             && !residual.is_empty()
@@ -805,6 +808,7 @@ impl Node {
             round: welcome.current_round,
             theta,
             optimizer,
+            codec,
             encoder,
             trainers: Vec::new(),
             committed,
@@ -965,7 +969,15 @@ impl Node {
         &mut self,
         peers: &[barnraise_protocol::messages::BootstrapPeer],
     ) -> Result<(), NodeError> {
-        let added = self.client.add_bootstrap(peers).await?;
+        // The coordinator is reached the way we dialled it; its other
+        // listen addresses may be on networks we cannot route to.
+        let coordinator = self.coordinator_peer.get().map(|p| p.to_string());
+        let others: Vec<_> = peers
+            .iter()
+            .filter(|p| Some(&p.peer) != coordinator.as_ref())
+            .cloned()
+            .collect();
+        let added = self.client.add_bootstrap(&others).await?;
         self.summary.bootstrap_addrs = self.summary.bootstrap_addrs.max(added);
         tracing::debug!(peers = peers.len(), addrs = added, "bootstrap peers added");
         Ok(())
@@ -1536,6 +1548,17 @@ impl Node {
             );
             misbehaviour.apply(&mut delta);
         }
+        let round_codec = state.codec.codec_at(round);
+        if state.encoder.config() != round_codec {
+            // The run's density warm-up moved on: same residual, new codec.
+            state.encoder = Encoder::from_residual(
+                round_codec,
+                state.encoder.params(),
+                state.encoder.residual(),
+            )
+            .map_err(|e| NodeError::Training(format!("codec of round {round}: {e}")))?
+            .with_decay(state.codec.decay());
+        }
         let payload = state
             .encoder
             .encode(&delta)
@@ -1657,14 +1680,11 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
 /// (model, codec, aggregation rule), checking each before any is used.
 pub fn parse_run_config(
     run: &RunConfig,
-) -> Result<(ModelConfig, CodecConfig, AggregationRule), NodeError> {
+) -> Result<(ModelConfig, CodecSchedule, AggregationRule), NodeError> {
     let model: ModelConfig = serde_json::from_str(&run.model_config_json)
         .map_err(|e| NodeError::RunConfig(format!("model config: {e}")))?;
     model.validate().map_err(NodeError::RunConfig)?;
-    let codec: CodecConfig = run
-        .codec
-        .parse()
-        .map_err(|e| NodeError::RunConfig(format!("codec `{}`: {e}", run.codec)))?;
+    let codec: CodecSchedule = run.codec.parse().map_err(NodeError::RunConfig)?;
     let rule: AggregationRule = run.aggregation.parse()?;
     Ok((model, codec, rule))
 }

@@ -731,6 +731,15 @@ impl FakeCoordinator {
                         .unwrap();
                     assert_eq!(report.size, commit.update_bytes);
                     let payload = fetcher.store().read(&commit.update_hash).unwrap();
+                    let schedule: barnraise_protocol::codec::CodecSchedule =
+                        self.run.codec.parse().unwrap();
+                    let header = barnraise_protocol::codec::peek_header(&payload).unwrap();
+                    assert_eq!(
+                        header.config,
+                        schedule.codec_at(commit.round),
+                        "the codec of round {}",
+                        commit.round
+                    );
                     let base = Hash::of_f32s(&self.theta);
                     apply_round(
                         &mut self.theta,
@@ -836,7 +845,10 @@ async fn start_fake_stalling(
     let run = RunConfig {
         run_id: "fake-run".into(),
         model_config_json: serde_json::to_string(&model).unwrap(),
-        codec: "topk:1024:64:8".into(),
+        // A density warm-up (512 of each 1024 in round 0, 181 in round 1,
+        // then 64) with a fading residual: the node must switch codecs
+        // round by round, across its restart too.
+        codec: "topk:1024:64:8,decay=0.95,warm=512:2".into(),
         inner_steps: 2,
         batch_size: 2,
         seq_len: 16,

@@ -56,7 +56,7 @@ fn apply(spec: &str) -> Result<(DilocoBenchConfig, ArmKind), Error> {
         }
     }
     if let ArmKind::Diloco(spec) = &mut kind {
-        spec.ef_decay = decay;
+        spec.schedule.decay = decay;
     }
     Ok((cfg, kind))
 }

@@ -25,7 +25,8 @@
 
 mod arm;
 
-pub use arm::{ArmSpec, DensityWarmup};
+pub use arm::ArmSpec;
+pub use barnraise_protocol::codec::{CodecSchedule, DensityWarmup};
 
 use crate::data::corpus;
 use crate::model::ModelConfig;
@@ -693,7 +694,7 @@ fn run_diloco_arm(
     spec: &ArmSpec,
     progress: &mut dyn FnMut(BenchProgress<'_>),
 ) -> Result<ArmReport, BenchError> {
-    let name = match spec.codec {
+    let name = match spec.schedule.codec {
         CodecConfig::Fp32 => "diloco-fp32",
         CodecConfig::Int8 { .. } => "diloco-int8",
         CodecConfig::TopK { .. } => "diloco-topk",
@@ -703,7 +704,9 @@ fn run_diloco_arm(
     let mut encoders = Vec::with_capacity(cfg.workers);
     for _ in 0..cfg.workers {
         workers.push(Trainer::new(&cfg.model, device.clone(), init_seed)?);
-        encoders.push(Encoder::new(spec.codec_at(0), params)?.with_decay(spec.decay()));
+        encoders.push(
+            Encoder::new(spec.schedule.codec_at(0), params)?.with_decay(spec.schedule.decay()),
+        );
     }
     let mut global = workers[0].flat_params()?;
     let mut outer = OuterOptimizer::new(cfg.outer, params);
@@ -715,13 +718,13 @@ fn run_diloco_arm(
     let mut average = vec![0.0f32; params];
     for round in 0..cfg.rounds {
         let started = Instant::now();
-        let codec = spec.codec_at(round);
+        let codec = spec.schedule.codec_at(round as u64);
         let mut weights = Vec::with_capacity(cfg.workers);
         for (w, (worker, encoder)) in workers.iter_mut().zip(&mut encoders).enumerate() {
             if encoder.config() != codec {
                 // The density warm-up moved on: same residual, sparser codec.
                 *encoder = Encoder::from_residual(codec, params, encoder.residual())?
-                    .with_decay(spec.decay());
+                    .with_decay(spec.schedule.decay());
             }
             worker.set_flat_params(&global)?;
             let seed = cfg.batch_seed(w, round);
@@ -756,7 +759,7 @@ fn run_diloco_arm(
             heldout_loss: loss,
         });
     }
-    let heldout_residual_flushed = if spec.codec.has_error_feedback() {
+    let heldout_residual_flushed = if spec.schedule.codec.has_error_feedback() {
         let residuals: Vec<(&[f32], f32)> = encoders.iter().map(|e| (e.residual(), 1.0)).collect();
         weighted_mean_into(&residuals, &mut average);
         let flushed: Vec<f32> = global.iter().zip(&average).map(|(g, r)| g - r).collect();
@@ -768,7 +771,7 @@ fn run_diloco_arm(
     Ok(ArmReport {
         arm: arm.to_string(),
         name: name.to_string(),
-        codec: Some(spec.codec.to_string()),
+        codec: Some(spec.schedule.codec.to_string()),
         spec: Some(spec.to_string()),
         inner_steps: cfg.inner_steps,
         rounds: cfg.rounds,

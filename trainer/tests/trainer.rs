@@ -458,7 +458,7 @@ fn diloco_bench_runs_every_arm_at_equal_tokens() {
     // (a) sends a gradient per step, (b) one fp32 update per round.
     assert_eq!(report.arms[0].bytes_per_worker, 6 * params * 4);
     // DiLoCo arms: one payload of the codec's exact size per round.
-    let len = |codec: &str| arm_spec(codec).codec.encoded_len(params as usize) as u64;
+    let len = |codec: &str| arm_spec(codec).schedule.codec.encoded_len(params as usize) as u64;
     assert_eq!(report.arms[1].bytes_per_worker, 2 * len("fp32"));
     assert_eq!(report.arms[2].bytes_per_worker, 2 * len("int8:256"));
     assert_eq!(report.arms[3].bytes_per_worker, 2 * len("topk:4096:64:2"));
@@ -537,9 +537,10 @@ fn diloco_bench_refuses_bad_arms_before_training() {
     for (spec, expect) in [
         (arm_spec("topk:4096:64:2,h=4"), "must divide"),
         (
-            ArmSpec {
-                ef_decay: Some(-0.1),
-                ..arm_spec("topk:4096:64:2")
+            {
+                let mut spec = arm_spec("topk:4096:64:2");
+                spec.schedule.decay = Some(-0.1);
+                spec
             },
             "decay",
         ),

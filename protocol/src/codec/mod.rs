@@ -28,6 +28,7 @@ mod error;
 mod fp32;
 mod header;
 mod int8;
+mod schedule;
 mod topk;
 
 #[cfg(test)]
@@ -37,6 +38,7 @@ pub use config::{CodecConfig, MAX_CHUNK};
 pub use encoder::Encoder;
 pub use error::CodecError;
 pub use header::{CODEC_VERSION, HEADER_LEN, Header, MAGIC};
+pub use schedule::{CodecSchedule, DensityWarmup, split_spec};
 
 /// The most params one update payload may carry: 2 billion (8 GB as f32).
 /// Decoders refuse larger headers before allocating; a larger model sends its
