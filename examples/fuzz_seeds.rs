@@ -294,6 +294,7 @@ fn certificate_body(org: &SigningKey, node: &SigningKey) -> NodeCertificate {
         node: node.node_id(),
         issued_ms: 1_764_000_000_000,
         expires_ms: 1_795_536_000_000,
+        max_workers: 8,
     }
 }
 

@@ -80,6 +80,7 @@ fn enroll(
             node: names.unwrap_or(&key).node_id(),
             issued_ms: now_ms() - 1000,
             expires_ms: now_ms() + 3_600_000,
+            max_workers: 8,
         },
     )
     .unwrap();
@@ -1110,7 +1111,19 @@ fn org_new_enroll_inspect_revoke_through_the_binary() {
         .expect("id new prints the node id")
         .to_string();
 
-    let enrolled = barnraise_in(dir, &["org", "enroll", "--node", &node_id, "--days", "30"]);
+    let enrolled = barnraise_in(
+        dir,
+        &[
+            "org",
+            "enroll",
+            "--node",
+            &node_id,
+            "--days",
+            "30",
+            "--max-workers",
+            "2",
+        ],
+    );
     assert!(enrolled.status.success(), "{enrolled:?}");
     let cert_file = format!("{}.cert", &node_id[..12]);
     assert!(
@@ -1129,9 +1142,33 @@ fn org_new_enroll_inspect_revoke_through_the_binary() {
         node_id.as_str(),
         "valid now",
         "expires in 29 days",
+        "max workers: 2",
     ] {
         assert!(inspected.contains(needle), "{needle}: {inspected}");
     }
+
+    // A node configured with more workers than its certificate allows
+    // refuses to start, before it dials anything.
+    let greedy = barnraise_in(
+        dir,
+        &[
+            "node",
+            "--coordinator",
+            "/ip4/127.0.0.1/tcp/9",
+            "--certificate",
+            &cert_file,
+            "--workers",
+            "3",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(!greedy.status.success());
+    let err = String::from_utf8_lossy(&greedy.stderr);
+    assert!(
+        err.contains("allows 2 workers") && err.contains("configured with 3"),
+        "{err}"
+    );
 
     let revoked = text(&barnraise_in(dir, &["org", "revoke", &cert_file]));
     let id = barnraise_protocol::certificate::certificate_id(&cert);
@@ -1183,6 +1220,18 @@ fn org_commands_refuse_bad_flags_and_missing_keys() {
     let output = barnraise_in(dir, &["org", "enroll", "--node", &node, "--days", "0"]);
     assert!(!output.status.success());
     assert!(stderr(&output).contains("--days"), "{}", stderr(&output));
+    for workers in ["0", "65"] {
+        let output = barnraise_in(
+            dir,
+            &["org", "enroll", "--node", &node, "--max-workers", workers],
+        );
+        assert!(!output.status.success());
+        assert!(
+            stderr(&output).contains("--max-workers"),
+            "{}",
+            stderr(&output)
+        );
+    }
     let output = barnraise_in(dir, &["org", "new", "--nmae", "x"]);
     assert!(!output.status.success());
     assert!(stderr(&output).contains("--nmae"), "{}", stderr(&output));

@@ -211,6 +211,20 @@ pub fn admit(
         .max_uncertified_workers
         .unwrap_or(DEFAULT_MAX_UNCERTIFIED_WORKERS)
         .max(1);
+    if let Some(cert) = &certificate
+        && join.workers.len() > cert.max_workers as usize
+    {
+        return Err(JoinRefusal::Malformed(format!(
+            "this node's certificate from {} allows at most {} workers (this join declares {}); \
+             run fewer, or ask the org for a certificate with a larger --max-workers",
+            cert.org_name
+                .chars()
+                .filter(|c| !c.is_control())
+                .collect::<String>(),
+            cert.max_workers,
+            join.workers.len()
+        )));
+    }
     if certificate.is_none() && join.workers.len() > uncertified_cap as usize {
         return Err(JoinRefusal::Malformed(format!(
             "a node without an org certificate may declare at most {uncertified_cap} workers \
@@ -296,12 +310,22 @@ mod tests {
     }
 
     fn cert(org: &SigningKey, node: &SigningKey, expires_ms: u64) -> Signed<NodeCertificate> {
+        cert_for_workers(org, node, expires_ms, 8)
+    }
+
+    fn cert_for_workers(
+        org: &SigningKey,
+        node: &SigningKey,
+        expires_ms: u64,
+        max_workers: u32,
+    ) -> Signed<NodeCertificate> {
         let body = NodeCertificate {
             org: org.org_id(),
             org_name: "Org".into(),
             node: node.node_id(),
             issued_ms: 0,
             expires_ms,
+            max_workers,
         };
         Signed::sign(org, &body).unwrap()
     }
@@ -408,11 +432,32 @@ mod tests {
             }
             other => panic!("64 uncertified workers admitted: {other:?}"),
         }
-        let certified = with_workers(64, Some(cert(&org, &node, NOW + 1)));
+        let cluster = || Some(cert_for_workers(&org, &node, NOW + 1, 64));
         assert!(
-            admit_with(&certified, &open).is_ok(),
+            admit_with(&with_workers(64, cluster()), &open).is_ok(),
             "an org vouches for a cluster"
         );
+        // The certificate's signed max_workers bounds what the node declares.
+        let eight = || Some(cert_for_workers(&org, &node, NOW + 1, 8));
+        assert!(admit_with(&with_workers(8, eight()), &open).is_ok());
+        match admit_with(&with_workers(9, eight()), &open) {
+            Err(JoinRefusal::Malformed(why)) => assert!(
+                why.contains("allows at most 8 workers") && why.contains("declares 9"),
+                "{why}"
+            ),
+            other => panic!("9 workers admitted under an 8-worker certificate: {other:?}"),
+        }
+        // A certificate that allows no workers, or more than any node may
+        // declare, is refused as a certificate.
+        for bad in [0, 65] {
+            match admit_with(
+                &with_workers(1, Some(cert_for_workers(&org, &node, NOW + 1, bad))),
+                &open,
+            ) {
+                Err(JoinRefusal::Certificate(_)) => {}
+                other => panic!("a certificate for {bad} workers: {other:?}"),
+            }
+        }
         let strict = Policy {
             max_uncertified_workers: Some(1),
             ..Policy::open()

@@ -198,10 +198,28 @@ pub async fn run_node(
     // Settings that can be wrong are checked before anything starts.
     let devices = config.worker_devices().map_err(NodeError::Device)?;
     let certificate = match &config.certificate {
-        Some(path) => Some(
-            barnraise_protocol::certificate::load_certificate(path)
-                .map_err(|e| NodeError::Certificate(e.to_string()))?,
-        ),
+        Some(path) => {
+            let signed = barnraise_protocol::certificate::load_certificate(path)
+                .map_err(|e| NodeError::Certificate(e.to_string()))?;
+            // The coordinator would refuse the join; say so before anything starts.
+            let body = barnraise_protocol::certificate::verify_certificate(&signed)
+                .map_err(|e| NodeError::Certificate(format!("{}: {e}", path.display())))?;
+            if devices.len() > body.max_workers as usize {
+                return Err(NodeError::Certificate(format!(
+                    "{}: the certificate allows {} workers and this node is configured with {}; \
+                     use fewer devices, or ask {} for a certificate with --max-workers {}",
+                    path.display(),
+                    body.max_workers,
+                    devices.len(),
+                    body.org_name
+                        .chars()
+                        .filter(|c| !c.is_control())
+                        .collect::<String>(),
+                    devices.len()
+                )));
+            }
+            Some(signed)
+        }
         None => None,
     };
     let metrics = Arc::new(NodeMetrics::new());

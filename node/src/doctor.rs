@@ -717,6 +717,7 @@ mod tests {
                     node: for_node.node_id(),
                     issued_ms: now - 1000,
                     expires_ms,
+                    max_workers: 8,
                 },
             )
             .unwrap();

@@ -22,7 +22,9 @@
 
 use crate::hash::{Hash, from_hex_into, to_hex};
 use crate::identity::OrgId;
-use crate::limits::{ENVELOPE_OVERHEAD, MAX_CERTIFICATE_BYTES, MAX_TEXT_BYTES};
+use crate::limits::{
+    ENVELOPE_OVERHEAD, MAX_CERTIFICATE_BYTES, MAX_TEXT_BYTES, MAX_WORKERS_PER_NODE,
+};
 use crate::messages::NodeCertificate;
 use crate::signed::{Signed, SignedError};
 use crate::wire::WireError;
@@ -65,6 +67,8 @@ pub enum CertificateError {
     NameTooLong,
     #[error("the certificate expires before it was issued")]
     ExpiresBeforeIssued,
+    #[error("the certificate allows {0} workers; a certificate allows 1 to {MAX_WORKERS_PER_NODE}")]
+    WorkersOutOfRange(u32),
 }
 
 /// Checks that `cert` verifies and that its signer is the org it names, and
@@ -85,6 +89,9 @@ pub fn verify_certificate(
     }
     if body.expires_ms <= body.issued_ms {
         return Err(CertificateError::ExpiresBeforeIssued);
+    }
+    if body.max_workers == 0 || body.max_workers as usize > MAX_WORKERS_PER_NODE {
+        return Err(CertificateError::WorkersOutOfRange(body.max_workers));
     }
     Ok(body)
 }
@@ -346,6 +353,7 @@ mod tests {
             node: key(2).node_id(),
             issued_ms: 1_700_000_000_000,
             expires_ms: 1_800_000_000_000,
+            max_workers: 8,
         };
         Signed::sign(signer, &body).unwrap()
     }

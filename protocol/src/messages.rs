@@ -282,6 +282,11 @@ pub struct NodeCertificate {
     pub node: NodeId,
     pub issued_ms: u64,
     pub expires_ms: u64,
+    /// How many workers the org vouches the node runs: the most a join under
+    /// this certificate may declare (1 to `MAX_WORKERS_PER_NODE`). A node's
+    /// tokens, weight and credit are bounded by its workers, so this is the
+    /// org's signed statement of the node's size (docs/security.md).
+    pub max_workers: u32,
 }
 
 /// A node's notice that it is leaving the run.

@@ -77,14 +77,16 @@ fn certificate() -> impl Strategy<Value = NodeCertificate> {
         node_id(),
         any::<u64>(),
         any::<u64>(),
+        any::<u32>(),
     )
         .prop_map(
-            |(org, org_name, node, issued_ms, expires_ms)| NodeCertificate {
+            |(org, org_name, node, issued_ms, expires_ms, max_workers)| NodeCertificate {
                 org: OrgId::from_bytes(org),
                 org_name,
                 node,
                 issued_ms,
                 expires_ms,
+                max_workers,
             },
         )
 }

@@ -56,6 +56,11 @@ pub enum OrgCommand {
         /// Days until the certificate expires.
         #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
         days: u32,
+        /// How many workers (GPUs, or trainer processes) the org vouches this
+        /// node runs. A join under the certificate may declare at most this
+        /// many, and its tokens and credit are bounded by them.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=barnraise_protocol::limits::MAX_WORKERS_PER_NODE as i64))]
+        max_workers: u32,
         /// Where to write the certificate; never overwritten
         /// [default: ./<first 12 hex characters of the node id>.cert].
         #[arg(long)]
@@ -204,8 +209,9 @@ pub fn run(command: OrgCommand) -> anyhow::Result<()> {
             key,
             name,
             days,
+            max_workers,
             out,
-        } => enroll(node, &key_path(key), name, days, out),
+        } => enroll(node, &key_path(key), name, days, max_workers, out),
         OrgCommand::Inspect { file } => inspect(&file),
         OrgCommand::Revoke { file } => revoke(&file),
     }
@@ -266,6 +272,7 @@ fn enroll(
     key_file: &Path,
     name: Option<String>,
     days: u32,
+    max_workers: u32,
     out: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let key = load_key(key_file)?;
@@ -292,13 +299,14 @@ fn enroll(
         node,
         issued_ms,
         expires_ms: issued_ms.saturating_add(u64::from(days) * MS_PER_DAY),
+        max_workers,
     };
     let cert = Signed::sign(&key, &body).context("signing the certificate")?;
     let out = out.unwrap_or_else(|| PathBuf::from(format!("{}.cert", node.short())));
     save_certificate(&out, &cert)?;
     println!("wrote {}", out.display());
     println!(
-        "{name} vouches for node {node} until {}",
+        "{name} vouches for node {node}, up to {max_workers} workers, until {}",
         format_utc(body.expires_ms)
     );
     println!("certificate id: {}", certificate_id(&cert));
@@ -318,6 +326,7 @@ fn describe(file: &Path, cert: &Signed<NodeCertificate>) -> anyhow::Result<NodeC
     println!("node:        {}", body.node);
     println!("issued:      {}", format_utc(body.issued_ms));
     println!("expires:     {}", format_utc(body.expires_ms));
+    println!("max workers: {}", body.max_workers);
     println!("id:          {}", certificate_id(cert));
     Ok(body)
 }
