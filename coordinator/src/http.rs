@@ -44,6 +44,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/nodes/{node}", get(node))
         .route("/api/v1/contributors", get(contributors))
+        .route("/api/v1/reputation", get(reputation))
         .route("/api/v1/orgs", get(orgs))
         .route("/api/v1/orgs/{org}", get(org))
         .route("/metrics", get(metrics))
@@ -180,6 +181,18 @@ async fn node(State(state): State<HttpState>, Path(node): Path<String>) -> Respo
         return error(StatusCode::NOT_FOUND, missing);
     };
     query_one(&state, missing, move |l| l.node_detail(&node)).await
+}
+
+/// Every node that had work: its reputation score, its standing for the
+/// next plan (good, probation, benched) and the outcomes behind it.
+async fn reputation(State(state): State<HttpState>) -> Response {
+    match state.live.read() {
+        Ok(live) => Json(&live.reputation).into_response(),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "status unavailable".into(),
+        ),
+    }
 }
 
 async fn contributors(State(state): State<HttpState>) -> Response {

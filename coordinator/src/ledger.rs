@@ -136,6 +136,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE nodes ADD COLUMN certificate TEXT;",
 ];
 
+/// `(round, node, verdict, reason code)` of one ledger update row.
+pub type VerdictRow = (u64, String, String, Option<String>);
+
 /// A node as the ledger knows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeRow {
@@ -879,6 +882,16 @@ impl Ledger {
                     credit: r.get(10)?,
                 })
             })
+    }
+
+    /// Every verdict of the run, `(round, node, verdict, reason code)` in
+    /// round order: what reputation is replayed from.
+    pub fn verdicts(&self) -> Result<Vec<VerdictRow>, LedgerError> {
+        self.query_all(
+            "SELECT round, node, verdict, reason FROM updates ORDER BY round, id",
+            [],
+            |r| Ok((to_u64(r.get(0)?), r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
     }
 
     /// Records a checkpoint outside a round's close: θ_0 when a run starts.

@@ -23,6 +23,7 @@ pub mod probe;
 pub mod ratelimit;
 pub mod record;
 pub mod refusals;
+pub mod reputation;
 pub mod retention;
 pub mod rounds;
 pub mod service;

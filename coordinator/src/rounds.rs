@@ -12,6 +12,7 @@
 
 use crate::config::Quorum;
 use crate::plan;
+use crate::reputation::{NodeReputation, Outcome, ReputationView};
 use barnraise_protocol::messages::{Assignment, Commit, RejectReason, RejectedUpdate, RoundPlan};
 use barnraise_protocol::{Hash, NodeId};
 use std::collections::{BTreeMap, HashSet};
@@ -165,6 +166,8 @@ pub struct Rounds {
     params_hash: Hash,
     head_manifest: Hash,
     shard_uses: Vec<u32>,
+    /// Every node that was ever assigned work, by its outcomes so far.
+    reputation: BTreeMap<NodeId, NodeReputation>,
 }
 
 impl Rounds {
@@ -184,7 +187,35 @@ impl Rounds {
             params_hash: start.params_hash,
             head_manifest: start.head_manifest,
             shard_uses,
+            reputation: BTreeMap::new(),
         }
+    }
+
+    /// Replaces every node's reputation (on a restart, from the ledger).
+    pub fn restore_reputation(&mut self, reputation: BTreeMap<NodeId, NodeReputation>) {
+        self.reputation = reputation;
+    }
+
+    /// Folds in what became of `node`'s work in `round` (one call per node
+    /// and round, in round order).
+    pub fn record_outcome(&mut self, round: u64, node: NodeId, outcome: Outcome) {
+        self.reputation
+            .entry(node)
+            .or_default()
+            .record(round, outcome);
+    }
+
+    /// A node's reputation (the starting one if it never had work).
+    pub fn reputation(&self, node: &NodeId) -> NodeReputation {
+        self.reputation.get(node).copied().unwrap_or_default()
+    }
+
+    /// Every node's reputation as the API shows it, for the next round planned.
+    pub fn reputations(&self) -> Vec<ReputationView> {
+        self.reputation
+            .iter()
+            .map(|(node, r)| ReputationView::new(node.to_string(), r, self.round))
+            .collect()
     }
 
     /// Re-opens a round whose plan was published before a restart. The plan's
@@ -516,7 +547,17 @@ impl Rounds {
     }
 
     fn try_open(&mut self, now_ms: u64) -> Option<RoundPlan> {
-        let nodes = self.active_workers();
+        // Reputation decides how many of its workers a node gets work for:
+        // all in good standing, one on probation, none while benched.
+        let round = self.round;
+        let nodes: Vec<(NodeId, u32)> = self
+            .active_workers()
+            .into_iter()
+            .filter_map(|(node, declared)| {
+                let planned = self.reputation(&node).planned_workers(round, declared);
+                (planned > 0).then_some((node, planned))
+            })
+            .collect();
         // `min_nodes` gates the start of the run; later rounds run with whoever is active.
         let needed = if self.round == 0 {
             self.config.min_nodes.max(1)

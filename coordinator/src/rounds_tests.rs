@@ -479,3 +479,65 @@ fn joining_again_mid_round_does_not_raise_the_token_cap() {
         CommitOutcome::Accepted { round: 0 }
     );
 }
+
+/// Reputation (issue #13): a node whose updates are rejected is planned one
+/// worker's share, then none while it is benched, and comes back on
+/// probation; an honest cluster node keeps all its workers throughout.
+#[test]
+fn rejected_nodes_get_less_work_then_none_then_probation() {
+    use crate::reputation::{BENCH_ROUNDS, Outcome, Standing};
+    let rounds = 6 + BENCH_ROUNDS;
+    let mut m = machine(64, Quorum::Fraction(1.0), 2, rounds + 1);
+    m.join(node(1), 4); // honest
+    m.join(node(2), 4); // its updates fail verification
+    let shards_of = |plan: &RoundPlan, n: NodeId| {
+        plan.assignments
+            .iter()
+            .find(|a| a.node == n)
+            .map(|a| a.shards.len())
+    };
+    let mut now = 0;
+    let mut standings = Vec::new();
+    for round in 0..rounds {
+        let plan = open_round(&mut m, now);
+        assert_eq!(plan.round, round);
+        assert_eq!(shards_of(&plan, node(1)), Some(4), "round {round}");
+        let bad = shards_of(&plan, node(2));
+        let standing = m.reputation(&node(2)).standing(round);
+        match standing {
+            Standing::Good => assert_eq!(bad, Some(4), "round {round}"),
+            Standing::Probation => assert_eq!(bad, Some(1), "round {round}"),
+            Standing::Benched => assert_eq!(bad, None, "round {round}"),
+        }
+        standings.push(standing);
+        // Both commit; the close rejects node 2's update whenever it had work.
+        deliver(&mut m, &plan, node(1));
+        if bad.is_some() {
+            deliver(&mut m, &plan, node(2));
+        }
+        close_of(m.tick(now + 1));
+        m.record_outcome(round, node(1), Outcome::Accepted);
+        if bad.is_some() {
+            m.record_outcome(round, node(2), Outcome::Rejected);
+        }
+        m.round_closed(round, Hash::of(&[round as u8]), Hash::of(&[round as u8, 1]))
+            .unwrap();
+        now += 2;
+    }
+    // Round 0 in good standing, 1..3 on probation, benched for 8 rounds,
+    // back on probation, and benched again after one more rejection.
+    let mut expected = vec![Standing::Good];
+    expected.extend([Standing::Probation; 3]);
+    expected.extend(vec![Standing::Benched; BENCH_ROUNDS as usize]);
+    expected.push(Standing::Probation);
+    expected.push(Standing::Benched);
+    assert_eq!(standings, expected);
+    assert_eq!(m.reputation(&node(2)).rejected, 5);
+    let views = m.reputations();
+    assert_eq!(views.len(), 2);
+    assert!(
+        views
+            .iter()
+            .any(|v| v.standing == Standing::Good && v.accepted == rounds)
+    );
+}

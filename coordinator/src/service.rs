@@ -406,6 +406,16 @@ fn prepare(
         shard_uses: rounds::count_shard_uses(&shards, &plans),
     };
     let mut rounds = Rounds::new(rounds_config, start);
+    rounds.restore_reputation(crate::reputation::replay_rows(
+        ledger
+            .verdicts()?
+            .into_iter()
+            .filter_map(|(round, node, verdict, reason)| {
+                let node = node.parse::<NodeId>().ok()?;
+                let outcome = crate::reputation::Outcome::of_row(&verdict, reason.as_deref());
+                Some((round, node, outcome))
+            }),
+    ));
     let ledger_nodes = ledger.nodes()?;
     for node in &ledger_nodes {
         if let Ok(id) = node.node.parse::<NodeId>() {
@@ -609,6 +619,7 @@ impl Service {
         shutdown: CancellationToken,
         children: CancellationToken,
     ) -> Result<RunSummary, CoordinatorError> {
+        self.publish_reputation();
         for signed in pending {
             self.on_commit(signed, None).await;
         }
@@ -710,6 +721,14 @@ impl Service {
         };
         if let Err(e) = self.with_ledger(|l| l.record_refusal(&row)) {
             tracing::warn!("could not record a refusal: {e}");
+        }
+    }
+
+    /// Publishes every node's reputation to the API.
+    fn publish_reputation(&self) {
+        let views = self.rounds.reputations();
+        if let Ok(mut live) = self.live.write() {
+            live.reputation = views;
         }
     }
 
@@ -1148,6 +1167,22 @@ impl Service {
         for accepted in &m.accepted {
             self.bootstrap.active(&accepted.node);
         }
+        use crate::reputation::Outcome;
+        let outcomes = crate::reputation::round_outcomes(
+            m.accepted
+                .iter()
+                .map(|a| (a.node, Outcome::Accepted))
+                .chain(
+                    m.rejected
+                        .iter()
+                        .map(|r| (r.node, Outcome::of_rejection(&r.reason))),
+                )
+                .chain(m.missing.iter().map(|n| (*n, Outcome::Missing))),
+        );
+        for (node, outcome) in outcomes {
+            self.rounds.record_outcome(done.round, node, outcome);
+        }
+        self.publish_reputation();
         for hash in m
             .accepted
             .iter()

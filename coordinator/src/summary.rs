@@ -50,6 +50,10 @@ pub struct LiveStatus {
     pub head_manifest: String,
     pub train_shards: usize,
     pub multiaddrs: Vec<String>,
+    /// Every node that had work, by reputation (served at
+    /// `/api/v1/reputation`, not with the run's status).
+    #[serde(skip)]
+    pub reputation: Vec<crate::reputation::ReputationView>,
 }
 
 /// One closed round in a summary.
