@@ -130,6 +130,8 @@ pub enum TrainError {
     Diverged { step: usize, loss: f32 },
     #[error("training was stopped after {steps} steps")]
     Stopped { steps: usize },
+    #[error("unusable optimizer state: {0}")]
+    OptimizerState(String),
 }
 
 /// AdamW moments for one parameter.
@@ -227,6 +229,71 @@ impl Trainer {
             var.set(&value)?;
             offset += len;
         }
+        Ok(())
+    }
+
+    /// Bytes of [`Trainer::optimizer_state`] for a model of `params` parameters.
+    pub fn optimizer_state_len(params: usize) -> usize {
+        8 + 8 * params
+    }
+
+    /// The inner optimizer's state, which with θ_r, the shards and the seed
+    /// fixes a round of training: the AdamW step count (u64 LE), then every
+    /// parameter's first moment, then every second moment, as f32 LE in
+    /// name order. A spot check replays a worker's round from it.
+    pub fn optimizer_state(&self) -> Result<Vec<u8>, TrainError> {
+        let params = self.config.params_count();
+        let mut out = Vec::with_capacity(Self::optimizer_state_len(params));
+        out.extend_from_slice(&self.adam_steps.to_le_bytes());
+        for which in [0, 1] {
+            for moments in &self.moments {
+                let t = if which == 0 { &moments.m } else { &moments.v };
+                for x in t.flatten_all()?.to_vec1::<f32>()? {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores a state written by [`Trainer::optimizer_state`]. Refuses
+    /// bytes of the wrong length, and moments that are not finite or second
+    /// moments below zero, leaving the optimizer as it was.
+    pub fn set_optimizer_state(&mut self, bytes: &[u8]) -> Result<(), TrainError> {
+        let params = self.config.params_count();
+        let expected = Self::optimizer_state_len(params);
+        if bytes.len() != expected {
+            return Err(TrainError::OptimizerState(format!(
+                "{} bytes, expected {expected} for {params} parameters",
+                bytes.len()
+            )));
+        }
+        let (steps, rest) = bytes.split_at(8);
+        let steps = u64::from_le_bytes(steps.try_into().unwrap_or_default());
+        let floats: Vec<f32> = rest
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let (m, v) = floats.split_at(params);
+        if m.iter().chain(v).any(|x| !x.is_finite()) || v.iter().any(|&x| x < 0.0) {
+            return Err(TrainError::OptimizerState(
+                "moments that are not finite, or a negative second moment".into(),
+            ));
+        }
+        let mut next = Vec::with_capacity(self.moments.len());
+        let mut offset = 0;
+        for moments in &self.moments {
+            let shape = moments.m.shape().clone();
+            let len = shape.elem_count();
+            next.push(Moments {
+                m: Tensor::from_slice(&m[offset..offset + len], shape.clone(), &self.device)?,
+                v: Tensor::from_slice(&v[offset..offset + len], shape, &self.device)?,
+                decay: moments.decay,
+            });
+            offset += len;
+        }
+        self.moments = next;
+        self.adam_steps = steps;
         Ok(())
     }
 
