@@ -42,6 +42,7 @@ fn round_of(payloads: Vec<Vec<u8>>, tokens: &[u64]) -> Round {
                 shards: vec![],
                 seed: 0,
                 inner_steps: 1,
+                workers: 1,
             })
             .collect(),
         opened_at_ms: 0,

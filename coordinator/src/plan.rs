@@ -28,6 +28,8 @@ pub struct Share {
     /// Indices into the training shard list.
     pub shards: Vec<usize>,
     pub seed: u64,
+    /// Workers' shares in `shards`.
+    pub workers: u32,
 }
 
 /// Picks the round's nodes and shards. `nodes` pairs each active node with
@@ -89,6 +91,7 @@ pub fn assign(
         }
         shares.push(Share {
             node,
+            workers: (count / per_worker).max(1) as u32,
             shards,
             seed: derive(seed, "node-seed", round, &node.0.0),
         });

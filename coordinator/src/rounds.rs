@@ -360,7 +360,6 @@ impl Rounds {
         };
         let same_run = commit.run_id == self.config.run_id;
         let tokens_per_worker = self.max_tokens(1);
-        let shards_per_worker = self.config.shards_per_node.max(1);
         let current = self.round;
         let open = match &mut self.phase {
             Phase::Open(open) => open,
@@ -427,7 +426,7 @@ impl Rounds {
             .assignments
             .iter()
             .find(|a| a.node == node)
-            .map(|a| (a.shards.len() / shards_per_worker).max(1) as u32)
+            .map(|a| a.workers.max(1))
             .unwrap_or(1);
         let workers = member.workers.min(planned_workers);
         let max_tokens = tokens_per_worker.saturating_mul(u64::from(workers));
@@ -588,6 +587,7 @@ impl Rounds {
                     .collect(),
                 seed: s.seed,
                 inner_steps: self.config.inner_steps,
+                workers: s.workers,
             })
             .collect();
         let plan = RoundPlan {

@@ -394,6 +394,7 @@ fn a_cluster_node_may_claim_tokens_for_each_worker() {
     m.join(node(1), 2);
     let plan = open_round(&mut m, 0);
     assert_eq!(plan.assignments[0].shards.len(), 2, "two workers' shards");
+    assert_eq!(plan.assignments[0].workers, 2);
     let mut c = commit_for(&plan, 1);
     c.tokens = 2 * 4 * 2 * 8;
     c.workers = 2;
@@ -491,10 +492,10 @@ fn rejected_nodes_get_less_work_then_none_then_probation() {
     m.join(node(1), 4); // honest
     m.join(node(2), 4); // its updates fail verification
     let shards_of = |plan: &RoundPlan, n: NodeId| {
-        plan.assignments
-            .iter()
-            .find(|a| a.node == n)
-            .map(|a| a.shards.len())
+        plan.assignments.iter().find(|a| a.node == n).map(|a| {
+            assert_eq!(a.shards.len(), a.workers as usize, "one shard per worker");
+            a.shards.len()
+        })
     };
     let mut now = 0;
     let mut standings = Vec::new();

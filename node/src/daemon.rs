@@ -1413,11 +1413,20 @@ impl Node {
         assignment: &Assignment,
     ) -> Result<Option<()>, NodeError> {
         let round = plan.round;
-        let worker_plans = crate::cluster::split_assignment(
-            &assignment.shards,
-            assignment.seed,
-            self.devices.len(),
-        );
+        // The plan says how many of our workers it gave work to (fewer than
+        // we declared on probation, or when shards run short); the others sit
+        // the round out, since their tokens could not be claimed.
+        let active = self.devices.len().min(assignment.workers.max(1) as usize);
+        if active < self.devices.len() {
+            tracing::info!(
+                round,
+                planned = active,
+                declared = self.devices.len(),
+                "the plan gives work to fewer workers than this node declared"
+            );
+        }
+        let worker_plans =
+            crate::cluster::split_assignment(&assignment.shards, assignment.seed, active);
         // Shards: verified by hash on arrival, cached in the store; each
         // distinct shard is fetched and decoded once, whichever workers use it.
         let mut shard_tokens: std::collections::HashMap<Hash, Vec<u16>> =
@@ -1506,7 +1515,7 @@ impl Node {
         let started = Instant::now();
         let trained = tokio::task::spawn_blocking(move || {
             let results = crate::cluster::train_workers(
-                &mut slots,
+                &mut slots[..active],
                 &theta,
                 &worker_tokens,
                 &worker_seeds,

@@ -661,6 +661,7 @@ impl FakeCoordinator {
                 shards: vec![self.shard],
                 seed: self.round + 7,
                 inner_steps: 2,
+                workers: 1,
             }],
             opened_at_ms: 0,
             deadline_ms: u64::MAX,

@@ -131,6 +131,11 @@ pub struct Assignment {
     pub shards: Vec<Hash>,
     pub seed: u64,
     pub inner_steps: u32,
+    /// How many of the node's workers this assignment is for: all it
+    /// declared, or fewer (a node on probation gets one worker's share, and
+    /// when shards run short a node gets as many shares as are left). The
+    /// node trains this many workers and may claim this many workers' tokens.
+    pub workers: u32,
 }
 
 /// The coordinator's signed plan that opens a round.

@@ -248,6 +248,7 @@ fn round_plan() -> impl Strategy<Value = RoundPlan> {
                     .into_iter()
                     .map(|(node, shards, seed, inner_steps)| Assignment {
                         node,
+                        workers: (seed % 64) as u32 + 1,
                         shards,
                         seed,
                         inner_steps,
