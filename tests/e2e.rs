@@ -1414,3 +1414,80 @@ fn a_certificate_revoked_across_a_restart_stops_the_node_at_once() {
         }
     });
 }
+
+/// Token inflation (issue #13): a node that declares two workers, trains
+/// one and reports its Δ for both, claiming twice the tokens, is caught by a
+/// spot check (every share is drawn here), while the honest nodes' shares
+/// replay exactly, across processes. The rejection puts the cheater on
+/// probation: the next plan gives it one worker's share, and with one worker
+/// it has nothing to inflate, so its update then counts for one worker.
+#[test]
+fn token_inflation_is_caught_by_a_spot_check() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_run(dir.path(), 3, 2);
+        config.verify.spot_check_fraction = 1.0;
+        let per_worker_tokens = u64::from(config.inner_steps)
+            * u64::from(config.batch_size)
+            * u64::from(config.seq_len);
+        let (coordinator, _shutdown) = start_coordinator(config).await;
+        let ledger_path = coordinator.ledger_path().to_path_buf();
+        let nodes = spawn_nodes(&coordinator, dir.path(), 2, 3);
+        let mut inflated = node_config(&coordinator, dir.path(), 2, 3);
+        inflated.workers = Some(2);
+        inflated.misbehave = Some(Misbehaviour::Inflate);
+        let cheater = spawn_node(inflated, 2);
+        let summary = finish_run(coordinator).await;
+        assert_eq!(summary.rounds.len(), 2);
+        let round0 = &summary.rounds[0];
+        assert_eq!(round0.accepted, 2, "both honest updates count: {round0:?}");
+        let reasons: Vec<&str> = round0.rejected.iter().map(|(_, c)| c.as_str()).collect();
+        assert_eq!(reasons, vec!["spot-check"], "{round0:?}");
+        let round1 = &summary.rounds[1];
+        assert_eq!(
+            round1.accepted, 3,
+            "on probation it trains its one worker: {round1:?}"
+        );
+        let mut honest = Vec::new();
+        for node in nodes {
+            honest.push(join_node(node, MINUTES).await.node.expect("id").to_string());
+        }
+        let cheater = join_node(cheater, MINUTES)
+            .await
+            .node
+            .expect("id")
+            .to_string();
+        let ledger = Ledger::open_existing(&ledger_path).unwrap();
+        for round in 0..2 {
+            for row in ledger.updates(round).unwrap() {
+                let detail = row.detail.clone().unwrap_or_default();
+                if row.node == cheater && round == 1 {
+                    assert_eq!(row.verdict, "accepted", "{row:?}");
+                    assert_eq!(
+                        row.tokens, per_worker_tokens,
+                        "one worker's tokens: {row:?}"
+                    );
+                    assert!(
+                        detail.contains("spot check of worker 0: exact replay"),
+                        "{row:?}"
+                    );
+                } else if row.node == cheater {
+                    assert_eq!(row.reason.as_deref(), Some("spot-check"), "{row:?}");
+                    // The faked worker 1 is named, with the numbers.
+                    assert!(
+                        detail.contains("worker 1") && detail.contains("sketch distance"),
+                        "{row:?}"
+                    );
+                    assert_eq!(row.credit, 0.0);
+                } else {
+                    assert!(honest.contains(&row.node));
+                    assert_eq!(row.verdict, "accepted", "{row:?}");
+                    assert!(
+                        detail.contains("spot check of worker 0: exact replay"),
+                        "{row:?}"
+                    );
+                }
+            }
+        }
+    });
+}

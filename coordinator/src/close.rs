@@ -46,6 +46,25 @@ pub struct CloseContext<'a> {
     pub sketch_seed: u64,
     /// Updates accepted in recent rounds, to catch replays of them.
     pub recent: &'a [verify::RecentUpdate],
+    /// Spot checks (stage 5); `None` runs none.
+    pub spot: Option<SpotContext<'a>>,
+}
+
+/// What spot checks need besides the round: the key that draws them, the
+/// run config workers trained under, and the drawn workers' states.
+pub struct SpotContext<'a> {
+    pub key: &'a barnraise_protocol::SigningKey,
+    pub run: &'a barnraise_protocol::messages::RunConfig,
+    /// Fetched starting states, by hash.
+    pub states: &'a HashMap<Hash, Arc<Vec<u8>>>,
+}
+
+/// One spot check, kept for the ledger.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpotRecord {
+    pub node: NodeId,
+    pub result: crate::spot::SpotResult,
+    pub passed: bool,
 }
 
 /// One probe measurement, kept for reports.
@@ -64,6 +83,7 @@ pub struct Closed {
     pub eval_loss: Option<f64>,
     pub bytes_received: u64,
     pub probes: Vec<ProbeRecord>,
+    pub spot_checks: Vec<SpotRecord>,
     /// This round's accepted updates, by sketch, for later rounds' replay check.
     pub sketches: Vec<verify::RecentUpdate>,
 }
@@ -207,6 +227,82 @@ pub fn close_round(
     }
     accepted_idx.sort();
 
+    // Stage 5: spot checks. Replay the drawn workers of updates that passed
+    // everything else, in commit order, up to the round's budget.
+    let mut spot_checks = Vec::new();
+    if let Some(spot) = &ctx.spot {
+        // Every drawn share of the updates still standing, lowest draw first,
+        // up to the round's budget.
+        let mut drawn: Vec<(u64, usize, &barnraise_protocol::workers::WorkerShare)> = accepted_idx
+            .iter()
+            .flat_map(|&i| {
+                let c = &close.candidates[i];
+                crate::spot::drawn_shares(
+                    spot.key,
+                    run_id,
+                    &c.node,
+                    &c.commit,
+                    ctx.verify.spot_check_fraction,
+                )
+                .into_iter()
+                // What the service fetched states for.
+                .take(ctx.verify.spot_check_max)
+                .map(move |(rank, share)| (rank, i, share))
+            })
+            .collect();
+        drawn.sort_by_key(|(rank, i, share)| (*rank, *i, share.index));
+        drawn.truncate(ctx.verify.spot_check_max);
+        drawn.sort_by_key(|(_, i, share)| (*i, share.index));
+        let mut failed = std::collections::HashSet::new();
+        for (_, i, share) in drawn {
+            let c = &close.candidates[i];
+            if failed.contains(&i) {
+                continue;
+            }
+            let assignment = close.plan.assignments.iter().find(|a| a.node == c.node);
+            let result = match (assignment, spot.states.get(&share.state_hash)) {
+                (Some(assignment), Some(state)) => crate::spot::replay(
+                    ctx.model,
+                    spot.run,
+                    round,
+                    theta,
+                    assignment,
+                    share,
+                    state,
+                    ctx.shard_tokens,
+                ),
+                (a, _) => crate::spot::SpotResult {
+                    worker: share.index,
+                    exact: false,
+                    distance: f64::INFINITY,
+                    replayed_tokens: 0,
+                    claimed_tokens: share.tokens,
+                    unusable: Some(if a.is_none() {
+                        "the node has no assignment this round".into()
+                    } else {
+                        "the worker's state was not served".into()
+                    }),
+                },
+            };
+            let passed = result.passes(ctx.verify.spot_check_tolerance);
+            let worker = result.worker;
+            spot_checks.push(SpotRecord {
+                node: c.node,
+                result,
+                passed,
+            });
+            if !passed {
+                failed.insert(i);
+                rejected.push(RejectedUpdate {
+                    node: c.node,
+                    update_hash: Some(c.commit.update_hash),
+                    reason: RejectReason::SpotCheck { worker },
+                });
+            }
+        }
+        accepted_idx.retain(|i| !failed.contains(i));
+    }
+
     // Weights: tokens over the accepted total, computed in f64 in manifest order.
     let total_tokens: f64 = accepted_idx
         .iter()
@@ -264,7 +360,7 @@ pub fn close_round(
     let mean_loss = (!mean_losses.is_empty())
         .then(|| mean_losses.iter().sum::<f64>() / mean_losses.len() as f64);
 
-    let updates = ledger_rows(ctx, close, &accepted, &rejected, &probes);
+    let updates = ledger_rows(ctx, close, &accepted, &rejected, &probes, &spot_checks);
     let manifest = Manifest {
         run_id: run_id.to_string(),
         round,
@@ -294,6 +390,7 @@ pub fn close_round(
         eval_loss,
         bytes_received,
         probes,
+        spot_checks,
         sketches,
     })
 }
@@ -304,12 +401,25 @@ fn ledger_rows(
     accepted: &[AcceptedUpdate],
     rejected: &[RejectedUpdate],
     probes: &[ProbeRecord],
+    spot_checks: &[SpotRecord],
 ) -> Vec<UpdateRow> {
+    let spot_of = |node: &NodeId| {
+        let text: Vec<String> = spot_checks
+            .iter()
+            .filter(|s| &s.node == node)
+            .map(|s| s.result.describe())
+            .collect();
+        (!text.is_empty()).then(|| text.join("; "))
+    };
     let probe_of = |node: &NodeId| {
-        probes
+        let probe = probes
             .iter()
             .find(|p| &p.node == node)
-            .map(|p| p.result.describe())
+            .map(|p| p.result.describe());
+        match (probe, spot_of(node)) {
+            (Some(p), Some(s)) => Some(format!("{p}; {s}")),
+            (p, s) => p.or(s),
+        }
     };
     let commit_of = |node: &NodeId, hash: &Option<Hash>| {
         close
@@ -349,6 +459,7 @@ fn ledger_rows(
                 "replays the update {of} had accepted in round {round}"
             )),
             RejectReason::NotUseful => probe_of(&r.node),
+            RejectReason::SpotCheck { .. } => spot_of(&r.node),
             _ => None,
         };
         rows.push(UpdateRow {

@@ -64,6 +64,7 @@ fn round_of(payloads: Vec<Vec<u8>>, tokens: &[u64]) -> Round {
                 losses: vec![3.0, 2.0],
                 compute_ms: 7,
                 workers: 1,
+                shares: vec![],
             },
             order: i as u64,
         })
@@ -103,6 +104,7 @@ fn run(round: &Round, rule: &str) -> (Closed, Vec<f32>) {
         flops_per_token: 6.0,
         sketch_seed: 7,
         recent: &[],
+        spot: None,
     };
     let mut theta = vec![0.5f32; P];
     let mut optimizer = OuterOptimizer::new(OuterConfig::default(), P);

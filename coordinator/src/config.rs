@@ -233,6 +233,16 @@ pub struct VerifyConfig {
     /// How much more (in nats) an update may lower the held-out loss than its own
     /// shard's before it counts as trained on other data.
     pub probe_margin: f32,
+    /// Fraction of worker shares the coordinator replays each round to check
+    /// the work was done (docs/security.md, "Spot checks"); 0 turns them off.
+    pub spot_check_fraction: f64,
+    /// Most spot checks in one round (each replays one worker's round on
+    /// the coordinator's CPU).
+    pub spot_check_max: usize,
+    /// How far (relative, on the share's sketch) a replay may land from the
+    /// committed Δ and still pass: 0 demands what the CPU gives, an exact
+    /// replay; GPU nodes do not replay bit for bit.
+    pub spot_check_tolerance: f64,
 }
 
 impl Default for VerifyConfig {
@@ -250,6 +260,9 @@ impl Default for VerifyConfig {
             // end-to-end run lost an honest update at 0.05). Until the probe can
             // separate them, only a gross gap counts against an update.
             probe_margin: 1.0,
+            spot_check_fraction: 0.1,
+            spot_check_max: 8,
+            spot_check_tolerance: 0.05,
         }
     }
 }
@@ -479,6 +492,15 @@ impl CoordinatorConfig {
             return Err(invalid(
                 "retention.keep_checkpoints",
                 "must be at least 1: joining nodes load the newest checkpoint",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.verify.spot_check_fraction) {
+            return Err(invalid("verify.spot_check_fraction", "must be in [0, 1]"));
+        }
+        if self.verify.spot_check_tolerance.is_nan() || self.verify.spot_check_tolerance < 0.0 {
+            return Err(invalid(
+                "verify.spot_check_tolerance",
+                "must be a number of at least 0",
             ));
         }
         if self.retention.keep_update_rounds == Some(0) {

@@ -27,6 +27,7 @@ pub mod reputation;
 pub mod retention;
 pub mod rounds;
 pub mod service;
+pub mod spot;
 pub mod stats;
 pub mod store;
 pub mod summary;

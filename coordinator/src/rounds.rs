@@ -439,6 +439,8 @@ impl Rounds {
             || commit.tokens == 0
         {
             Some(RejectReason::Oversized)
+        } else if !shares_add_up(commit, workers) {
+            Some(RejectReason::BadShares)
         } else {
             None
         };
@@ -691,6 +693,23 @@ impl Rounds {
         self.phase = Phase::Waiting;
         Ok(Vec::new())
     }
+}
+
+/// Whether a commit's worker shares are one per worker it claims, for
+/// distinct workers of its assignment in order, with the right sketch size,
+/// and tokens that sum to the commit's.
+fn shares_add_up(commit: &Commit, planned_workers: u32) -> bool {
+    use barnraise_protocol::workers::SHARE_SKETCH_DIM;
+    let shares = &commit.shares;
+    shares.len() == commit.workers as usize
+        && shares
+            .iter()
+            .all(|s| s.index < planned_workers && s.delta_sketch.len() == SHARE_SKETCH_DIM)
+        && shares.windows(2).all(|w| w[0].index < w[1].index)
+        && shares
+            .iter()
+            .try_fold(0u64, |sum, s| sum.checked_add(s.tokens))
+            == Some(commit.tokens)
 }
 
 /// Counts how often each shard appears in `plans` (to rebuild `Start::shard_uses`).

@@ -43,7 +43,22 @@ fn commit_for(plan: &RoundPlan, tag: u8) -> Commit {
         losses: vec![2.0, 1.9],
         compute_ms: 5,
         workers: 1,
+        shares: shares_for(64, 1),
     }
+}
+
+/// Shares for `workers` workers that sum to `tokens`.
+fn shares_for(tokens: u64, workers: u32) -> Vec<barnraise_protocol::workers::WorkerShare> {
+    (0..workers)
+        .map(|index| barnraise_protocol::workers::WorkerShare {
+            index,
+            tokens: tokens / u64::from(workers)
+                + u64::from(index == 0) * (tokens % u64::from(workers)),
+            delta_hash: Hash::of(&[index as u8]),
+            delta_sketch: vec![0.0; barnraise_protocol::workers::SHARE_SKETCH_DIM],
+            state_hash: Hash::ZERO,
+        })
+        .collect()
 }
 
 fn open_round(m: &mut Rounds, now: u64) -> RoundPlan {
@@ -398,6 +413,7 @@ fn a_cluster_node_may_claim_tokens_for_each_worker() {
     let mut c = commit_for(&plan, 1);
     c.tokens = 2 * 4 * 2 * 8;
     c.workers = 2;
+    c.shares = shares_for(c.tokens, 2);
     assert_eq!(
         m.commit(node(1), &c, Hash::of(&[1])),
         CommitOutcome::Accepted { round: 0 }
@@ -475,6 +491,7 @@ fn joining_again_mid_round_does_not_raise_the_token_cap() {
     );
     let mut honest = commit_for(&plan, 1);
     honest.tokens = per_worker;
+    honest.shares = shares_for(per_worker, 1);
     assert_eq!(
         m.commit(node(1), &honest, Hash::of(b"honest")),
         CommitOutcome::Accepted { round: 0 }

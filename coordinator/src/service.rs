@@ -1035,9 +1035,41 @@ impl Service {
             .open_deadline_ms()
             .unwrap_or(0)
             .max(now_ms() + 1000);
+        // The workers drawn for a spot check: their starting states are
+        // fetched with the update, and replayed when the round closes.
+        let verify = &self.config.verify;
+        let drawn: Vec<(u32, Hash)> = crate::spot::drawn_shares(
+            &self.key,
+            &self.config.run_id,
+            &node,
+            &commit,
+            verify.spot_check_fraction,
+        )
+        .into_iter()
+        .take(verify.spot_check_max)
+        .map(|(_, share)| (share.index, share.state_hash))
+        .collect();
+        let state_bytes = barnraise_trainer::Trainer::optimizer_state_len(params) as u64;
         tokio::spawn(async move {
-            let result =
+            let mut result =
                 fetch_and_check(&client, &store, node, &commit, codec, params, deadline_ms).await;
+            for (worker, hash) in drawn {
+                if result.is_err() {
+                    break;
+                }
+                result = fetch_state(&client, &store, node, hash, state_bytes, deadline_ms)
+                    .await
+                    .map_err(|reason| {
+                        tracing::info!(
+                            node = %node.short(),
+                            round,
+                            worker,
+                            "spot check: the worker's state was not served ({})",
+                            reason.code()
+                        );
+                        RejectReason::SpotCheck { worker }
+                    });
+            }
             if let Err(reason) = &result {
                 tracing::info!(node = %node.short(), round, reason = reason.code(), "update rejected");
             }
@@ -1086,6 +1118,7 @@ impl Service {
             state,
             close,
             recent: self.recent.clone(),
+            run_config: self.run_config.clone(),
         };
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
@@ -1282,6 +1315,76 @@ impl Service {
 /// the deadline).
 const DEFINITE_REFUSALS: u32 = 3;
 
+/// A blob the node `node` committed to, from the store or else from the
+/// node itself, until `deadline_ms`. A node that offers other bytes than it
+/// committed to is `HashMismatch`; one that keeps refusing, or runs out the
+/// clock, `NotServed`.
+async fn fetch_from_author(
+    client: &Client,
+    store: &BlobStore,
+    node: NodeId,
+    hash: Hash,
+    bytes: u64,
+    deadline_ms: u64,
+) -> Result<Arc<Vec<u8>>, RejectReason> {
+    if let Ok(Some(held)) = store.get(&hash) {
+        return Ok(held);
+    }
+    let peer = node.0.to_peer_id().map_err(|_| RejectReason::UnknownNode)?;
+    let mut attempt = 0u32;
+    loop {
+        let left = deadline_ms.saturating_sub(now_ms());
+        if left == 0 {
+            return Err(RejectReason::NotServed);
+        }
+        let fetched = tokio::time::timeout(
+            Duration::from_millis(left),
+            network::fetch_blob(client, peer, hash, bytes),
+        )
+        .await;
+        match fetched {
+            Ok(Ok(fetched)) => return Ok(Arc::new(fetched)),
+            // It offers other bytes than it committed to.
+            Ok(Err(network::FetchError::WrongSize { .. })) => {
+                return Err(RejectReason::HashMismatch);
+            }
+            // A node stores its blobs before committing; one that keeps
+            // saying it has none will not serve them.
+            Ok(Err(network::FetchError::NotFound | network::FetchError::Refused(_)))
+                if attempt + 1 >= DEFINITE_REFUSALS =>
+            {
+                return Err(RejectReason::NotServed);
+            }
+            Ok(Err(e)) => {
+                attempt += 1;
+                tracing::debug!(node = %node.short(), attempt, "fetching {}: {e}", hash.short());
+                tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(8)))).await;
+            }
+            Err(_) => return Err(RejectReason::NotServed),
+        }
+    }
+}
+
+/// Fetches a drawn worker's starting optimizer state and keeps it for the
+/// replay when the round closes.
+async fn fetch_state(
+    client: &Client,
+    store: &BlobStore,
+    node: NodeId,
+    hash: Hash,
+    bytes: u64,
+    deadline_ms: u64,
+) -> Result<(), RejectReason> {
+    let state = fetch_from_author(client, store, node, hash, bytes, deadline_ms).await?;
+    if Hash::of(&state) != hash {
+        return Err(RejectReason::HashMismatch);
+    }
+    store.put(state).map(|_| ()).map_err(|e| {
+        tracing::error!("storing a worker state: {e}");
+        RejectReason::NotServed
+    })
+}
+
 /// Fetches a committed update (unless the store already has it), then runs
 /// stage 2 on a blocking thread and keeps the payload if it passes.
 async fn fetch_and_check(
@@ -1297,45 +1400,15 @@ async fn fetch_and_check(
     if commit.update_bytes != codec.encoded_len(params) as u64 {
         return Err(RejectReason::WrongLength);
     }
-    let payload = match store.get(&commit.update_hash) {
-        Ok(Some(bytes)) => bytes,
-        _ => {
-            let peer = node.0.to_peer_id().map_err(|_| RejectReason::UnknownNode)?;
-            let mut attempt = 0u32;
-            loop {
-                let left = deadline_ms.saturating_sub(now_ms());
-                if left == 0 {
-                    return Err(RejectReason::NotServed);
-                }
-                let fetched = tokio::time::timeout(
-                    Duration::from_millis(left),
-                    network::fetch_blob(client, peer, commit.update_hash, commit.update_bytes),
-                )
-                .await;
-                match fetched {
-                    Ok(Ok(bytes)) => break Arc::new(bytes),
-                    // It offers other bytes than it committed to.
-                    Ok(Err(network::FetchError::WrongSize { .. })) => {
-                        return Err(RejectReason::HashMismatch);
-                    }
-                    // A node stores its update before committing; one that keeps
-                    // saying it has none will not serve it.
-                    Ok(Err(network::FetchError::NotFound | network::FetchError::Refused(_)))
-                        if attempt + 1 >= DEFINITE_REFUSALS =>
-                    {
-                        return Err(RejectReason::NotServed);
-                    }
-                    Ok(Err(e)) => {
-                        attempt += 1;
-                        tracing::debug!(node = %node.short(), attempt, "fetching update: {e}");
-                        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(8))))
-                            .await;
-                    }
-                    Err(_) => return Err(RejectReason::NotServed),
-                }
-            }
-        }
-    };
+    let payload = fetch_from_author(
+        client,
+        store,
+        node,
+        commit.update_hash,
+        commit.update_bytes,
+        deadline_ms,
+    )
+    .await?;
     let checked = {
         let payload = payload.clone();
         let commit = commit.clone();
@@ -1377,6 +1450,7 @@ struct CloseJob {
     state: GlobalState,
     close: CloseRound,
     recent: Arc<Vec<verify::RecentUpdate>>,
+    run_config: RunConfig,
 }
 
 impl CloseJob {
@@ -1388,7 +1462,22 @@ impl CloseJob {
                 payloads.insert(c.commit.update_hash, bytes);
             }
         }
+        // The states fetched for spot checks: whatever the store holds of
+        // the drawn shares (a missing one fails its check).
+        let mut states = HashMap::new();
+        for c in &self.close.candidates {
+            for share in &c.commit.shares {
+                if let Ok(Some(bytes)) = self.store.get(&share.state_hash) {
+                    states.insert(share.state_hash, bytes);
+                }
+            }
+        }
         let ctx = CloseContext {
+            spot: Some(crate::close::SpotContext {
+                key: &self.key,
+                run: &self.run_config,
+                states: &states,
+            }),
             model: &self.resolved.model,
             codec: self.resolved.codec.codec_at(round),
             rule: &self.resolved.aggregation,
@@ -1412,6 +1501,16 @@ impl CloseJob {
             &mut state.theta,
             &mut state.optimizer,
         )?;
+        // The replays are done and their numbers are in the ledger rows;
+        // the states (8 bytes per parameter each) are not kept.
+        for hash in states.keys() {
+            if let Err(e) = self.store.remove(hash) {
+                tracing::warn!(
+                    "could not delete a spot-checked state {}: {e}",
+                    hash.short()
+                );
+            }
+        }
         state.round = round + 1;
         let reference = state.save(&self.resolved.model, &self.config.run_id, &self.store)?;
         let manifest = Signed::sign(&self.key, &closed.manifest)?;

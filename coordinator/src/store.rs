@@ -64,7 +64,12 @@ impl BlobStore {
         let hash = Hash::of(&bytes);
         let path = self.path_of(&hash);
         if !path.exists() {
-            let tmp = self.dir.join(format!(".{}.tmp", hash.to_hex()));
+            // A temp name of its own: two tasks storing the same bytes at once
+            // (two nodes' identical worker states, a copycat's update) must
+            // not write into one file and rename it from under each other.
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = self.dir.join(format!(".{}.{n}.tmp", hash.to_hex()));
             let io = |source| StoreError::Io {
                 path: tmp.clone(),
                 source,

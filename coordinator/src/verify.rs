@@ -327,6 +327,7 @@ pub(crate) mod tests {
             losses: vec![],
             compute_ms: 1,
             workers: 1,
+            shares: vec![],
         }
     }
 

@@ -25,10 +25,11 @@ use barnraise_protocol::codec::{CodecConfig, Encoder};
 use barnraise_protocol::limits::PROTOCOL_VERSION;
 use barnraise_protocol::messages::*;
 use barnraise_protocol::outer::{OuterConfig, OuterOptimizer};
+use barnraise_protocol::workers::{WorkerShare, share_sketch};
 use barnraise_protocol::{Hash, Signed, SigningKey};
 use barnraise_trainer::data::Shard;
 use barnraise_trainer::device::{DeviceSpec, select};
-use barnraise_trainer::{InnerConfig, ModelConfig, Trainer};
+use barnraise_trainer::{ModelConfig, Trainer};
 use libp2p::{Multiaddr, PeerId};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -63,6 +64,12 @@ fn config(data_dir: &Path) -> CoordinatorConfig {
         // exercise the refusal paths behind the rate limit.
         rate_limits: barnraise_coordinator::config::RateLimits {
             commit_burst: 1000,
+            ..Default::default()
+        },
+        // Every worker share is replayed: the honest nodes' work must check
+        // out over the network, state fetch included.
+        verify: barnraise_coordinator::config::VerifyConfig {
+            spot_check_fraction: 1.0,
             ..Default::default()
         },
         ..CoordinatorConfig::default()
@@ -195,33 +202,43 @@ impl FakeNode {
         let tokens = Shard::decode(&bytes, Path::new("shard")).unwrap().tokens;
         let model: ModelConfig = serde_json::from_str(&welcome.config.model_config_json).unwrap();
         let cfg = &welcome.config;
-        let inner = InnerConfig {
-            steps: cfg.inner_steps as usize,
-            batch_size: cfg.batch_size as usize,
-            seq_len: cfg.seq_len as usize,
-            lr: f64::from(cfg.inner_lr),
-            warmup: 1,
-            seed: assignment.seed,
-            ..InnerConfig::default()
-        };
+        // As a node trains: the run's schedule for this round, from a
+        // fresh optimizer state, which it serves for a spot check.
+        let inner = barnraise_trainer::train::inner_for_round(
+            cfg,
+            plan.round,
+            assignment.inner_steps,
+            assignment.seed,
+        );
         let theta = theta.to_vec();
-        let (payload, report) = tokio::task::spawn_blocking(move || {
+        let (payload, report, share, state) = tokio::task::spawn_blocking(move || {
             let mut trainer = Trainer::new(&model, select(DeviceSpec::Cpu).unwrap(), 0).unwrap();
             trainer.set_flat_params(&theta).unwrap();
+            let state = trainer.optimizer_state().unwrap();
             let report = trainer.train_inner(&tokens, &inner).unwrap();
             let local = trainer.flat_params().unwrap();
             let delta: Vec<f32> = theta.iter().zip(&local).map(|(a, b)| a - b).collect();
             let codec: CodecConfig = "int8".parse().unwrap();
+            let share = WorkerShare {
+                index: 0,
+                tokens: report.tokens,
+                delta_hash: Hash::of_f32s(&delta),
+                delta_sketch: share_sketch(&delta),
+                state_hash: Hash::of(&state),
+            };
             (
                 Encoder::new(codec, delta.len())
                     .unwrap()
                     .encode(&delta)
                     .unwrap(),
                 report,
+                share,
+                state,
             )
         })
         .await
         .unwrap();
+        self.store.put(Arc::new(state)).unwrap();
         self.store.put(Arc::new(payload.clone())).unwrap();
         let commit = Commit {
             run_id: plan.run_id.clone(),
@@ -233,6 +250,7 @@ impl FakeNode {
             losses: report.losses,
             compute_ms: report.wall.as_millis() as u64,
             workers: 1,
+            shares: vec![share],
         };
         (commit, payload)
     }
@@ -392,7 +410,7 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
     else {
         unreachable!()
     };
-    assert_eq!((round, accepted), (0, 2));
+    assert_eq!((round, accepted), (0, 2), "{rejected:?}");
     let reason_of = |node: &FakeNode| -> Vec<&str> {
         rejected
             .iter()
@@ -585,6 +603,24 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
     );
     assert_eq!(row(&honest_b).accepted, 2);
     assert_eq!((row(&lazy).accepted, row(&lazy).credit), (0, 0.0));
+    // Every share was drawn for a spot check: the honest fake nodes' rounds
+    // replayed bit for bit on the coordinator, from the states they served.
+    let ledger =
+        Ledger::open_existing(&barnraise_coordinator::service::ledger_path(data.path())).unwrap();
+    let mut exact = 0;
+    for round in 0..2 {
+        for update in ledger.updates(round).unwrap() {
+            if update.verdict == "accepted" {
+                let detail = update.detail.unwrap_or_default();
+                assert!(
+                    detail.contains("spot check of worker 0: exact replay"),
+                    "{detail}"
+                );
+                exact += 1;
+            }
+        }
+    }
+    assert_eq!(exact, 4);
     let from_disk = barnraise_coordinator::stats::read_contributors(data.path()).unwrap();
     assert_eq!(from_disk, summary.contributors);
     shutdown.cancel();

@@ -20,6 +20,7 @@
 
 use barnraise_protocol::Hash;
 use barnraise_protocol::outer::weighted_mean_into;
+use barnraise_protocol::workers::{WorkerShare, share_sketch};
 use barnraise_trainer::{InnerConfig, Trainer};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -27,65 +28,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 /// declare more).
 pub const MAX_WORKERS: usize = barnraise_protocol::limits::MAX_WORKERS_PER_NODE;
 
-/// One worker's part of the node's assignment.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkerPlan {
-    pub index: usize,
-    pub shards: Vec<Hash>,
-    pub seed: u64,
-}
-
-/// The seed worker `index` samples batches with. Worker 0 uses the
-/// assignment's seed itself, so a one-worker node trains exactly as before
-/// cluster mode existed; the others get seeds derived from it, the same on
-/// every machine.
-pub fn worker_seed(seed: u64, index: usize) -> u64 {
-    if index == 0 {
-        return seed;
-    }
-    let mut bytes = [0u8; 24];
-    bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    bytes[8..16].copy_from_slice(b"worker\0\0");
-    bytes[16..].copy_from_slice(&(index as u64).to_le_bytes());
-    let hash = Hash::of(&bytes);
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&hash.0[..8]);
-    u64::from_le_bytes(first)
-}
-
-/// Splits an assignment's shards between `workers` workers in contiguous,
-/// near-equal runs (the first ones take the remainder). The coordinator
-/// gives a node of N workers N shares of shards, so each worker normally gets
-/// exactly one share. With fewer shards than workers (an assignment sized
-/// for fewer workers) every worker trains on all the shards, each with its
-/// own seed, so no worker sits idle and none trains on nothing.
-pub fn split_assignment(shards: &[Hash], seed: u64, workers: usize) -> Vec<WorkerPlan> {
-    let workers = workers.max(1);
-    if shards.len() < workers {
-        return (0..workers)
-            .map(|index| WorkerPlan {
-                index,
-                shards: shards.to_vec(),
-                seed: worker_seed(seed, index),
-            })
-            .collect();
-    }
-    let base = shards.len() / workers;
-    let extra = shards.len() % workers;
-    let mut start = 0;
-    (0..workers)
-        .map(|index| {
-            let len = base + usize::from(index < extra);
-            let plan = WorkerPlan {
-                index,
-                shards: shards[start..start + len].to_vec(),
-                seed: worker_seed(seed, index),
-            };
-            start += len;
-            plan
-        })
-        .collect()
-}
+pub use barnraise_protocol::workers::{WorkerPlan, split_assignment, worker_seed};
 
 /// What one worker produced in a round.
 #[derive(Clone, Debug, PartialEq)]
@@ -96,6 +39,9 @@ pub struct WorkerUpdate {
     pub losses: Vec<f32>,
     /// Δ_i = θ_r − θ_i after the inner steps.
     pub delta: Vec<f32>,
+    /// The worker's inner optimizer state when the round started
+    /// ([`Trainer::optimizer_state`]): what a spot check replays from.
+    pub state: Vec<u8>,
 }
 
 /// A worker that did not finish its round, and why.
@@ -118,6 +64,11 @@ pub struct ClusterUpdate {
     pub workers: u32,
     /// Workers left out, with their errors.
     pub failures: Vec<WorkerFailure>,
+    /// The finished workers' shares, in worker order, for the commit.
+    pub shares: Vec<WorkerShare>,
+    /// Their optimizer states at the round's start, in the same order; the
+    /// node serves them (by `shares[i].state_hash`) until the round closes.
+    pub states: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -230,6 +181,7 @@ pub fn train_workers(
         };
         let trained = (|| {
             trainer.set_flat_params(theta)?;
+            let state = trainer.optimizer_state()?;
             let report = trainer.train_inner_observed(tokens, &inner, &mut |step, loss| {
                 progress(index, step, loss)
             })?;
@@ -241,6 +193,7 @@ pub fn train_workers(
                 tokens: report.tokens,
                 losses: report.losses,
                 delta,
+                state,
             })
         })();
         trained.map_err(|e| e.to_string())
@@ -294,6 +247,20 @@ pub fn reduce(
     }
     finished.sort_by_key(|u| u.index);
     let tokens: u64 = finished.iter().map(|u| u.tokens).sum();
+    let worker_shares: Vec<WorkerShare> = finished
+        .iter()
+        .map(|u| WorkerShare {
+            index: u.index as u32,
+            tokens: u.tokens,
+            delta_hash: Hash::of_f32s(&u.delta),
+            delta_sketch: share_sketch(&u.delta),
+            state_hash: Hash::of(&u.state),
+        })
+        .collect();
+    let states: Vec<Vec<u8>> = finished
+        .iter_mut()
+        .map(|u| std::mem::take(&mut u.state))
+        .collect();
     let shares = token_shares(&finished);
     let delta = if let [only] = finished.as_mut_slice() {
         std::mem::take(&mut only.delta)
@@ -330,6 +297,8 @@ pub fn reduce(
         losses,
         workers: finished.len() as u32,
         failures,
+        shares: worker_shares,
+        states,
     })
 }
 
@@ -365,6 +334,7 @@ mod tests {
             tokens,
             losses: vec![value; 3],
             delta: vec![value; 4],
+            state: vec![index as u8; 8],
         }
     }
 
@@ -401,6 +371,15 @@ mod tests {
         assert_eq!(reduced.workers, 2);
         assert_eq!(reduced.losses, vec![4.0; 3]);
         assert!(reduced.failures.is_empty());
+        // One share per worker, naming its own Δ, tokens and starting state.
+        assert_eq!(reduced.shares.len(), 2);
+        for (i, (share, value)) in reduced.shares.iter().zip([1.0f32, 5.0]).enumerate() {
+            assert_eq!(share.index, i as u32);
+            assert_eq!(share.delta_hash, Hash::of_f32s(&[value; 4]));
+            assert_eq!(share.state_hash, Hash::of(&[i as u8; 8]));
+            assert_eq!(reduced.states[i], vec![i as u8; 8]);
+        }
+        assert_eq!(reduced.shares.iter().map(|s| s.tokens).sum::<u64>(), 400);
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub enum Misbehaviour {
     SignFlip,
     Zero,
     Scale(f32),
+    /// Token inflation: every worker but the first reports worker 0's Δ as
+    /// its own, so the node claims N workers' tokens for one worker's work.
+    Inflate,
 }
 
 impl Misbehaviour {
@@ -72,6 +75,7 @@ impl Misbehaviour {
             Misbehaviour::SignFlip => delta.iter_mut().for_each(|d| *d = -*d),
             Misbehaviour::Zero => delta.fill(0.0),
             Misbehaviour::Scale(f) => delta.iter_mut().for_each(|d| *d *= f),
+            Misbehaviour::Inflate => {}
         }
     }
 }
@@ -82,10 +86,11 @@ impl std::str::FromStr for Misbehaviour {
         match s.trim() {
             "sign-flip" => Ok(Misbehaviour::SignFlip),
             "zero" => Ok(Misbehaviour::Zero),
+            "inflate" => Ok(Misbehaviour::Inflate),
             other => match other.strip_prefix("scale:").map(str::parse::<f32>) {
                 Some(Ok(f)) if f.is_finite() => Ok(Misbehaviour::Scale(f)),
                 _ => Err(format!(
-                    "misbehave `{other}`: expected sign-flip, zero or scale:F"
+                    "misbehave `{other}`: expected sign-flip, zero, scale:F or inflate"
                 )),
             },
         }
@@ -98,6 +103,7 @@ impl std::fmt::Display for Misbehaviour {
             Misbehaviour::SignFlip => f.write_str("sign-flip"),
             Misbehaviour::Zero => f.write_str("zero"),
             Misbehaviour::Scale(x) => write!(f, "scale:{x}"),
+            Misbehaviour::Inflate => f.write_str("inflate"),
         }
     }
 }

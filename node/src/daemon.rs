@@ -35,7 +35,7 @@ use barnraise_protocol::messages::{
 use barnraise_protocol::outer::{OuterConfig, OuterOptimizer};
 use barnraise_protocol::{Hash, NodeId, PublicKey, Signed, SigningKey};
 use barnraise_trainer::device::DeviceSpec;
-use barnraise_trainer::{InnerConfig, ModelConfig, Trainer};
+use barnraise_trainer::{ModelConfig, Trainer};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use std::path::Path;
@@ -286,6 +286,7 @@ pub async fn run_node(
     );
     let data_dir_for_retention = config.data_dir.clone();
     let mut node = Node {
+        spot_states: std::collections::VecDeque::new(),
         state: StateDir::new(&config.data_dir),
         receipts: config.data_dir.join("receipts"),
         config,
@@ -429,6 +430,9 @@ struct Node {
     /// The manifests of the last rounds we applied, to recognise a second,
     /// different manifest for one of them (a fork).
     applied: std::collections::BTreeMap<u64, Signed<Manifest>>,
+    /// Workers' starting optimizer states by round, kept for spot checks
+    /// until the round after next is trained.
+    spot_states: std::collections::VecDeque<(u64, Vec<Hash>)>,
 }
 
 /// Rounds whose applied manifest a node keeps to detect a fork.
@@ -1406,6 +1410,24 @@ impl Node {
         Ok(slots)
     }
 
+    /// Keeps this round's workers' states for spot checks and deletes
+    /// those of rounds before the last one: by then the coordinator has
+    /// closed them.
+    fn forget_old_states(&mut self, round: u64, states: Vec<Hash>) {
+        self.spot_states.push_back((round, states));
+        while let Some((old, _)) = self.spot_states.front()
+            && old.saturating_add(1) < round
+        {
+            if let Some((_, hashes)) = self.spot_states.pop_front() {
+                for hash in hashes {
+                    if let Err(e) = self.store.remove(&hash) {
+                        tracing::debug!("could not delete spot-check state {}: {e}", hash.short());
+                    }
+                }
+            }
+        }
+    }
+
     async fn train_and_commit(
         &mut self,
         state: &mut Synced,
@@ -1474,21 +1496,12 @@ impl Node {
             .collect();
         drop(shard_tokens);
         let worker_seeds: Vec<u64> = worker_plans.iter().map(|p| p.seed).collect();
-        let inner = InnerConfig {
-            steps: assignment.inner_steps as usize,
-            batch_size: state.run.batch_size as usize,
-            seq_len: state.run.seq_len as usize,
-            lr: f64::from(state.run.inner_lr),
-            min_lr: f64::from(state.run.inner_lr) / 10.0,
-            warmup: InnerConfig::default()
-                .warmup
-                .min(assignment.inner_steps as usize),
-            schedule_steps: (state.run.total_rounds.max(1) as usize)
-                .saturating_mul(state.run.inner_steps as usize),
-            start_step: (round as usize).saturating_mul(state.run.inner_steps as usize),
-            seed: assignment.seed,
-            ..InnerConfig::default()
-        };
+        let inner = barnraise_trainer::train::inner_for_round(
+            &state.run,
+            round,
+            assignment.inner_steps,
+            assignment.seed,
+        );
         self.emit(NodeEvent::TrainingStarted {
             round,
             steps: assignment.inner_steps,
@@ -1531,6 +1544,20 @@ impl Node {
             joined = trained => joined.map_err(|e| NodeError::Training(e.to_string()))?,
         };
         state.trainers = slots;
+        let mut results = results;
+        if self.config.misbehave == Some(crate::config::Misbehaviour::Inflate)
+            && let Some(Ok(first)) = results.first().cloned()
+        {
+            tracing::warn!(
+                round,
+                "red-team mode: claiming worker 0's work for every worker"
+            );
+            for update in results.iter_mut().skip(1).flatten() {
+                update.delta = first.delta.clone();
+                update.losses = first.losses.clone();
+                update.tokens = first.tokens;
+            }
+        }
         let compute_ms = started.elapsed().as_millis() as u64;
         NodeMetrics::add(&self.metrics.compute_ms, compute_ms);
         for update in results.iter().filter_map(|r| r.as_ref().ok()) {
@@ -1568,7 +1595,21 @@ impl Node {
         };
         let mut delta = update.delta;
         let workers = update.workers;
-        if let Some(misbehaviour) = self.config.misbehave {
+        // The workers' starting states: served until the round closes, in
+        // case the coordinator spot checks a worker (docs/security.md).
+        let mut state_hashes = Vec::with_capacity(update.states.len());
+        for bytes in update.states {
+            let store = self.store.clone();
+            let hash = tokio::task::spawn_blocking(move || store.put(&bytes))
+                .await
+                .map_err(|e| NodeError::Training(e.to_string()))??;
+            let _ = self.client.start_providing(hash).await;
+            state_hashes.push(hash);
+        }
+        self.forget_old_states(round, state_hashes);
+        if let Some(misbehaviour) = self.config.misbehave
+            && misbehaviour != crate::config::Misbehaviour::Inflate
+        {
             tracing::warn!(
                 round,
                 "red-team mode: corrupting this update ({misbehaviour})"
@@ -1612,6 +1653,7 @@ impl Node {
                 .collect(),
             compute_ms,
             workers,
+            shares: update.shares,
         };
         let signed =
             Signed::sign(&self.key, &commit).map_err(|e| NodeError::Training(e.to_string()))?;

@@ -22,6 +22,7 @@ pub mod outer;
 pub mod record;
 pub mod signed;
 pub mod wire;
+pub mod workers;
 
 pub use hash::Hash;
 pub use identity::{NodeId, OrgId, PublicKey, Signature, SigningKey};

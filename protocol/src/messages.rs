@@ -172,6 +172,11 @@ pub struct Commit {
     pub compute_ms: u64,
     /// Workers whose pseudo-gradients this update reduces (cluster mode).
     pub workers: u32,
+    /// One per worker in the update, in worker order: its tokens, Δ_i's hash
+    /// and sketch, and its optimizer state's hash, for spot checks
+    /// (docs/security.md, "Spot checks").
+    #[serde(deserialize_with = "crate::wire::seq")]
+    pub shares: Vec<crate::workers::WorkerShare>,
 }
 
 /// How a coordinator's refusal that is worth retrying begins (busy, rate
@@ -211,6 +216,15 @@ pub enum RejectReason {
         of: NodeId,
         round: u64,
     },
+    /// The commit's worker shares do not add up: not one per worker, a
+    /// worker the assignment does not have, tokens that do not sum to the
+    /// commit's, or a sketch of the wrong size.
+    BadShares,
+    /// A spot check replayed this worker's round and did not get the Δ the
+    /// commit claims (or the node did not serve the worker's state).
+    SpotCheck {
+        worker: u32,
+    },
 }
 
 impl RejectReason {
@@ -235,6 +249,8 @@ impl RejectReason {
             RejectReason::NotUseful => "not-useful",
             RejectReason::Late => "late",
             RejectReason::Replay { .. } => "replay",
+            RejectReason::BadShares => "bad-shares",
+            RejectReason::SpotCheck { .. } => "spot-check",
         }
     }
 }

@@ -272,6 +272,16 @@ fn commit() -> impl Strategy<Value = Commit> {
         prop::collection::vec(finite(), 0..50),
         any::<u64>(),
         any::<u32>(),
+        prop::collection::vec(
+            (
+                any::<u32>(),
+                any::<u64>(),
+                hash(),
+                prop::collection::vec(finite(), 0..40),
+                hash(),
+            ),
+            0..4,
+        ),
     )
         .prop_map(
             |(
@@ -284,7 +294,20 @@ fn commit() -> impl Strategy<Value = Commit> {
                 losses,
                 compute_ms,
                 workers,
+                shares,
             )| Commit {
+                shares: shares
+                    .into_iter()
+                    .map(|(index, tokens, delta_hash, delta_sketch, state_hash)| {
+                        barnraise_protocol::workers::WorkerShare {
+                            index,
+                            tokens,
+                            delta_hash,
+                            delta_sketch,
+                            state_hash,
+                        }
+                    })
+                    .collect(),
                 run_id,
                 round,
                 base_params_hash,
@@ -440,6 +463,13 @@ fn sample_commit() -> Commit {
         losses: vec![3.0, 2.5, 2.0],
         compute_ms: 900,
         workers: 1,
+        shares: vec![barnraise_protocol::workers::WorkerShare {
+            index: 0,
+            tokens: 4096,
+            delta_hash: Hash::of(b"delta"),
+            delta_sketch: vec![0.25; barnraise_protocol::workers::SHARE_SKETCH_DIM],
+            state_hash: Hash::of(b"state"),
+        }],
     }
 }
 

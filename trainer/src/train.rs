@@ -545,3 +545,27 @@ mod tests {
         assert!(matches!(err, TrainError::Stopped { steps: 2 }), "{err}");
     }
 }
+
+/// The inner configuration of round `round` of a run: `steps` inner steps
+/// (the assignment's) on the run's batch, sequence length and learning-rate
+/// schedule, sampling with `seed`. Nodes train with it and the coordinator's
+/// spot checks replay with it, so the two cannot drift apart.
+pub fn inner_for_round(
+    run: &barnraise_protocol::messages::RunConfig,
+    round: u64,
+    steps: u32,
+    seed: u64,
+) -> InnerConfig {
+    InnerConfig {
+        steps: steps as usize,
+        batch_size: run.batch_size as usize,
+        seq_len: run.seq_len as usize,
+        lr: f64::from(run.inner_lr),
+        min_lr: f64::from(run.inner_lr) / 10.0,
+        warmup: InnerConfig::default().warmup.min(steps as usize),
+        schedule_steps: (run.total_rounds.max(1) as usize).saturating_mul(run.inner_steps as usize),
+        start_step: (round as usize).saturating_mul(run.inner_steps as usize),
+        seed,
+        ..InnerConfig::default()
+    }
+}
