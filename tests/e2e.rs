@@ -1489,5 +1489,18 @@ fn token_inflation_is_caught_by_a_spot_check() {
                 }
             }
         }
+        // Claimed and credited side by side: the cheater claimed two workers'
+        // tokens, then one; it is credited the one it was checked on.
+        for row in ledger.contributors().unwrap() {
+            if row.node == cheater {
+                assert_eq!(
+                    (row.claimed_tokens, row.tokens),
+                    (3 * per_worker_tokens, per_worker_tokens),
+                    "{row:?}"
+                );
+            } else {
+                assert_eq!(row.claimed_tokens, row.tokens, "{row:?}");
+            }
+        }
     });
 }

@@ -221,8 +221,13 @@ pub struct ContributorRow {
     pub node: String,
     pub org: Option<String>,
     pub org_name: Option<String>,
-    /// Tokens of accepted updates.
+    /// Tokens credited: those of accepted updates (capped by the plan and,
+    /// where drawn, replayed by a spot check).
     pub tokens: u64,
+    /// Tokens claimed: those of every committed update, accepted or not;
+    /// `claimed_tokens − tokens` is work claimed and not credited.
+    #[serde(default)]
+    pub claimed_tokens: u64,
     pub accepted: u64,
     pub rejected: u64,
     pub missing: u64,
@@ -249,6 +254,8 @@ pub struct OrgRow {
     pub org_name: Option<String>,
     pub nodes: u64,
     pub tokens: u64,
+    #[serde(default)]
+    pub claimed_tokens: u64,
     pub accepted: u64,
     pub rejected: u64,
     pub missing: u64,
@@ -370,6 +377,7 @@ pub fn roll_up_orgs(rows: &[ContributorRow]) -> Vec<OrgRow> {
                     org_name: None,
                     nodes: 0,
                     tokens: 0,
+                    claimed_tokens: 0,
                     accepted: 0,
                     rejected: 0,
                     missing: 0,
@@ -388,6 +396,7 @@ pub fn roll_up_orgs(rows: &[ContributorRow]) -> Vec<OrgRow> {
         }
         o.nodes += 1;
         o.tokens += r.tokens;
+        o.claimed_tokens += r.claimed_tokens;
         o.accepted += r.accepted;
         o.rejected += r.rejected;
         o.missing += r.missing;
@@ -942,7 +951,7 @@ impl Ledger {
                 SUM(CASE WHEN u.verdict = 'accepted' THEN u.tokens ELSE 0 END),
                 SUM(u.verdict = 'accepted'), SUM(u.verdict = 'rejected'), SUM(u.verdict = 'missing'),
                 SUM(u.bytes), SUM(CASE WHEN u.verdict = 'accepted' THEN u.compute_ms ELSE 0 END), SUM(u.credit),
-                SUM({LATE})
+                SUM({LATE}), SUM(u.tokens)
              FROM updates u LEFT JOIN nodes n ON n.node = u.node
              GROUP BY u.node ORDER BY SUM(u.credit) DESC, u.node"
         );
@@ -959,6 +968,7 @@ impl Ledger {
                 compute_ms: to_u64(r.get(8)?),
                 credit: r.get(9)?,
                 late: to_u64(r.get(10)?),
+                claimed_tokens: to_u64(r.get(11)?),
                 rejections: BTreeMap::new(),
             })
         })?;

@@ -219,8 +219,9 @@ pub fn render(
 }
 
 /// The CSV columns both outputs end with: the [`Tally`] fields.
-const TALLY_COLUMNS: [&str; 9] = [
+const TALLY_COLUMNS: [&str; 10] = [
     "tokens",
+    "claimed_tokens",
     "accepted",
     "rejected",
     "missing",
@@ -303,6 +304,7 @@ mod tests {
             org: None,
             org_name: Some("Lab".into()),
             tokens: 12_345,
+            claimed_tokens: 13_000,
             accepted: 3,
             rejected: 1,
             missing: 0,
