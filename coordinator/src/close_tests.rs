@@ -213,3 +213,111 @@ fn a_round_with_nothing_accepted_keeps_theta() {
     assert!(closed.manifest.accepted.is_empty());
     assert_eq!(theta, vec![0.5f32; P]);
 }
+
+/// Spot checks over budget (issue #13): with every share drawn and room for
+/// one replay, the share replayed is the one with the lowest draw, whatever
+/// the commit order; here no state was fetched, so it fails and only that
+/// update is rejected, with the reason in the ledger detail.
+#[test]
+fn over_budget_spot_checks_replay_the_lowest_draws() {
+    let key = barnraise_protocol::SigningKey::from_seed([9; 32]).unwrap();
+    let payloads: Vec<Vec<u8>> = (1..=3).map(|s| fp32(&honest(s))).collect();
+    let mut round = round_of(payloads, &[100, 100, 100]);
+    for c in &mut round.close.candidates {
+        c.commit.shares = vec![barnraise_protocol::workers::WorkerShare {
+            index: 0,
+            tokens: 100,
+            delta_hash: Hash::of(b"delta"),
+            delta_sketch: vec![0.0; barnraise_protocol::workers::SHARE_SKETCH_DIM],
+            state_hash: Hash::of(&[c.node.0.0[0]]),
+        }];
+    }
+    let rank = |c: &Candidate| {
+        crate::spot::drawn_shares(&key, "r", &c.node, &c.commit, 1.0)
+            .first()
+            .map(|(r, _)| *r)
+            .unwrap()
+    };
+    let lowest = round
+        .close
+        .candidates
+        .iter()
+        .min_by_key(|c| rank(c))
+        .map(|c| c.node)
+        .unwrap();
+
+    let model = barnraise_trainer::ModelConfig::preset("tiny").unwrap();
+    let rule: AggregationRule = "mean".parse().unwrap();
+    let verify = VerifyConfig {
+        probe: false,
+        spot_check_fraction: 1.0,
+        spot_check_max: 1,
+        ..VerifyConfig::default()
+    };
+    let shards = HashMap::new();
+    let states = HashMap::new();
+    let run_config = barnraise_protocol::messages::RunConfig {
+        run_id: "r".into(),
+        model_config_json: String::new(),
+        codec: "fp32".into(),
+        inner_steps: 1,
+        batch_size: 1,
+        seq_len: 8,
+        inner_lr: 1e-3,
+        outer_lr: 1.0,
+        outer_momentum: 0.0,
+        aggregation: "mean".into(),
+        total_rounds: 10,
+        dataset: vec![],
+        held_out: vec![],
+    };
+    let ctx = CloseContext {
+        model: &model,
+        codec: CodecConfig::Fp32,
+        rule: &rule,
+        verify: &verify,
+        seq_len: 8,
+        shard_tokens: &shards,
+        heldout: None,
+        flops_per_token: 6.0,
+        sketch_seed: 7,
+        recent: &[],
+        spot: Some(SpotContext {
+            key: &key,
+            run: &run_config,
+            states: &states,
+        }),
+    };
+    let mut theta = vec![0.5f32; P];
+    let mut optimizer = OuterOptimizer::new(OuterConfig::default(), P);
+    let closed = close_round(
+        &ctx,
+        &round.close,
+        "r",
+        &round.payloads,
+        &mut theta,
+        &mut optimizer,
+    )
+    .unwrap();
+    assert_eq!(closed.spot_checks.len(), 1, "one replay fits the budget");
+    assert_eq!(closed.spot_checks[0].node, lowest);
+    let codes: Vec<(NodeId, &str)> = closed
+        .manifest
+        .rejected
+        .iter()
+        .map(|r| (r.node, r.reason.code()))
+        .collect();
+    assert_eq!(codes, vec![(lowest, "spot-check")]);
+    assert_eq!(closed.manifest.accepted.len(), 2);
+    let row = closed
+        .updates
+        .iter()
+        .find(|u| u.node == lowest.to_string())
+        .unwrap();
+    assert!(
+        row.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("state was not served")),
+        "{row:?}"
+    );
+}
