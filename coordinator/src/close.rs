@@ -55,8 +55,9 @@ pub struct CloseContext<'a> {
 pub struct SpotContext<'a> {
     pub key: &'a barnraise_protocol::SigningKey,
     pub run: &'a barnraise_protocol::messages::RunConfig,
-    /// Fetched starting states, by hash.
-    pub states: &'a HashMap<Hash, Arc<Vec<u8>>>,
+    /// A fetched starting state by hash; called only for the shares the
+    /// round replays, so states drawn over the budget are never read.
+    pub state: &'a dyn Fn(&Hash) -> Option<Arc<Vec<u8>>>,
 }
 
 /// One spot check, kept for the ledger.
@@ -260,7 +261,7 @@ pub fn close_round(
                 continue;
             }
             let assignment = close.plan.assignments.iter().find(|a| a.node == c.node);
-            let result = match (assignment, spot.states.get(&share.state_hash)) {
+            let result = match (assignment, (spot.state)(&share.state_hash)) {
                 (Some(assignment), Some(state)) => crate::spot::replay(
                     ctx.model,
                     spot.run,
@@ -268,7 +269,7 @@ pub fn close_round(
                     theta,
                     assignment,
                     share,
-                    state,
+                    &state,
                     ctx.shard_tokens,
                 ),
                 (a, _) => crate::spot::SpotResult {

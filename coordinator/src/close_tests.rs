@@ -86,25 +86,35 @@ fn round_of(payloads: Vec<Vec<u8>>, tokens: &[u64]) -> Round {
 }
 
 fn run(round: &Round, rule: &str) -> (Closed, Vec<f32>) {
-    let model = barnraise_trainer::ModelConfig::preset("tiny").unwrap();
-    let rule: AggregationRule = rule.parse().unwrap();
     let verify = VerifyConfig {
         probe: false,
         ..VerifyConfig::default()
     };
+    close_with(round, rule, &verify, None)
+}
+
+/// Closes `round` with the tiny model, fp32 and no shards, θ_r all 0.5.
+fn close_with(
+    round: &Round,
+    rule: &str,
+    verify: &VerifyConfig,
+    spot: Option<SpotContext<'_>>,
+) -> (Closed, Vec<f32>) {
+    let model = barnraise_trainer::ModelConfig::preset("tiny").unwrap();
+    let rule: AggregationRule = rule.parse().unwrap();
     let shards = HashMap::new();
     let ctx = CloseContext {
         model: &model,
         codec: CodecConfig::Fp32,
         rule: &rule,
-        verify: &verify,
+        verify,
         seq_len: 8,
         shard_tokens: &shards,
         heldout: None,
         flops_per_token: 6.0,
         sketch_seed: 7,
         recent: &[],
-        spot: None,
+        spot,
     };
     let mut theta = vec![0.5f32; P];
     let mut optimizer = OuterOptimizer::new(OuterConfig::default(), P);
@@ -246,16 +256,12 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
         .map(|c| c.node)
         .unwrap();
 
-    let model = barnraise_trainer::ModelConfig::preset("tiny").unwrap();
-    let rule: AggregationRule = "mean".parse().unwrap();
     let verify = VerifyConfig {
         probe: false,
         spot_check_fraction: 1.0,
         spot_check_max: 1,
         ..VerifyConfig::default()
     };
-    let shards = HashMap::new();
-    let states = HashMap::new();
     let run_config = barnraise_protocol::messages::RunConfig {
         run_id: "r".into(),
         model_config_json: String::new(),
@@ -271,34 +277,13 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
         dataset: vec![],
         held_out: vec![],
     };
-    let ctx = CloseContext {
-        model: &model,
-        codec: CodecConfig::Fp32,
-        rule: &rule,
-        verify: &verify,
-        seq_len: 8,
-        shard_tokens: &shards,
-        heldout: None,
-        flops_per_token: 6.0,
-        sketch_seed: 7,
-        recent: &[],
-        spot: Some(SpotContext {
-            key: &key,
-            run: &run_config,
-            states: &states,
-        }),
+    let no_state = |_: &Hash| None;
+    let spot = SpotContext {
+        key: &key,
+        run: &run_config,
+        state: &no_state,
     };
-    let mut theta = vec![0.5f32; P];
-    let mut optimizer = OuterOptimizer::new(OuterConfig::default(), P);
-    let closed = close_round(
-        &ctx,
-        &round.close,
-        "r",
-        &round.payloads,
-        &mut theta,
-        &mut optimizer,
-    )
-    .unwrap();
+    let (closed, _) = close_with(&round, "mean", &verify, Some(spot));
     assert_eq!(closed.spot_checks.len(), 1, "one replay fits the budget");
     assert_eq!(closed.spot_checks[0].node, lowest);
     let codes: Vec<(NodeId, &str)> = closed

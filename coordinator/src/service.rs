@@ -1462,21 +1462,14 @@ impl CloseJob {
                 payloads.insert(c.commit.update_hash, bytes);
             }
         }
-        // The states fetched for spot checks: whatever the store holds of
-        // the drawn shares (a missing one fails its check).
-        let mut states = HashMap::new();
-        for c in &self.close.candidates {
-            for share in &c.commit.shares {
-                if let Ok(Some(bytes)) = self.store.get(&share.state_hash) {
-                    states.insert(share.state_hash, bytes);
-                }
-            }
-        }
+        // States fetched for spot checks are read from the store only for
+        // the shares the round replays (a missing one fails its check).
+        let state_of = |hash: &Hash| self.store.get(hash).ok().flatten();
         let ctx = CloseContext {
             spot: Some(crate::close::SpotContext {
                 key: &self.key,
                 run: &self.run_config,
-                states: &states,
+                state: &state_of,
             }),
             model: &self.resolved.model,
             codec: self.resolved.codec.codec_at(round),
@@ -1502,13 +1495,24 @@ impl CloseJob {
             &mut state.optimizer,
         )?;
         // The replays are done and their numbers are in the ledger rows;
-        // the states (8 bytes per parameter each) are not kept.
-        for hash in states.keys() {
-            if let Err(e) = self.store.remove(hash) {
-                tracing::warn!(
-                    "could not delete a spot-checked state {}: {e}",
-                    hash.short()
-                );
+        // the fetched states (8 bytes per parameter each) are not kept. A
+        // share names its state by hash, so only a blob of a state's exact
+        // size is deleted: a share naming a shard or a checkpoint must not
+        // make the coordinator delete it.
+        let state_len =
+            barnraise_trainer::Trainer::optimizer_state_len(self.resolved.model.params_count())
+                as u64;
+        for c in &self.close.candidates {
+            for share in &c.commit.shares {
+                if self.store.size(&share.state_hash) != Some(state_len) {
+                    continue;
+                }
+                if let Err(e) = self.store.remove(&share.state_hash) {
+                    tracing::warn!(
+                        "could not delete a spot-checked state {}: {e}",
+                        share.state_hash.short()
+                    );
+                }
             }
         }
         state.round = round + 1;

@@ -17,7 +17,7 @@ use barnraise_protocol::workers::{
 };
 use barnraise_protocol::{Hash, NodeId, SigningKey};
 use barnraise_trainer::device::{DeviceSpec, select};
-use barnraise_trainer::{InnerConfig, ModelConfig, Trainer};
+use barnraise_trainer::{ModelConfig, Trainer};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -98,11 +98,6 @@ impl SpotResult {
     }
 }
 
-/// The inner configuration of one worker's round, as a node builds it.
-pub fn inner_for(run: &RunConfig, round: u64, assignment: &Assignment, seed: u64) -> InnerConfig {
-    barnraise_trainer::train::inner_for_round(run, round, assignment.inner_steps, seed)
-}
-
 /// Replays worker `share.index` of `assignment` from θ_r and `state`.
 #[allow(clippy::too_many_arguments)]
 pub fn replay(
@@ -138,7 +133,8 @@ pub fn replay(
             None => return unusable(format!("shard {} is not in the dataset", shard.short())),
         }
     }
-    let inner = inner_for(run, round, assignment, plan.seed);
+    let inner =
+        barnraise_trainer::train::inner_for_round(run, round, assignment.inner_steps, plan.seed);
     let device = match select(DeviceSpec::Cpu) {
         Ok(device) => device,
         Err(e) => return unusable(format!("no CPU device: {e}")),
