@@ -1596,14 +1596,15 @@ impl Node {
         let mut delta = update.delta;
         let workers = update.workers;
         // The workers' starting states: served until the round closes, in
-        // case the coordinator spot checks a worker (docs/security.md).
+        // case the coordinator spot checks a worker (docs/security.md). Only
+        // the coordinator asks, and it asks this node, so they are not
+        // announced in the DHT.
         let mut state_hashes = Vec::with_capacity(update.states.len());
         for bytes in update.states {
             let store = self.store.clone();
             let hash = tokio::task::spawn_blocking(move || store.put(&bytes))
                 .await
                 .map_err(|e| NodeError::Training(e.to_string()))??;
-            let _ = self.client.start_providing(hash).await;
             state_hashes.push(hash);
         }
         self.forget_old_states(round, state_hashes);
