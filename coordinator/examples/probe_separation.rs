@@ -80,8 +80,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let own_base = probe.base_loss(own)?;
         let h = probe.measure(&honest, own, own_base, heldout, heldout_base)?;
         let o = probe.measure(&off, own, own_base, heldout, heldout_base)?;
-        honest_ok += usize::from(h.verdict(cfg.probe_margin).is_ok());
-        off_ok += usize::from(o.verdict(cfg.probe_margin).is_ok());
+        honest_ok += usize::from(h.verdict(cfg.probe_margin, 0.0).is_ok());
+        off_ok += usize::from(o.verdict(cfg.probe_margin, 0.0).is_ok());
         honest_margins.push(h.own_gain - h.other_gain);
         off_margins.push(o.own_gain - o.other_gain);
         println!(

@@ -72,7 +72,11 @@ pub struct SpotRecord {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProbeRecord {
     pub node: NodeId,
+    /// The candidate's index in the round.
+    pub index: usize,
     pub result: ProbeResult,
+    /// The round's least own-shard gain ([`crate::probe::round_bar`]).
+    pub bar: f32,
 }
 
 /// The result of closing a round; the manifest still needs signing.
@@ -211,10 +215,19 @@ pub fn close_round(
                 .map_err(|source| CloseError::Probe { round, source })?;
             probes.push(ProbeRecord {
                 node: c.node,
+                index: *i,
                 result,
+                bar: 0.0,
             });
-            match result.verdict(ctx.verify.probe_margin) {
-                Ok(()) => accepted_idx.push(*i),
+        }
+        // Judged against the round: the bar is a fraction of the median gain.
+        let results: Vec<_> = probes.iter().map(|r| r.result).collect();
+        let bar = crate::probe::round_bar(&results, ctx.verify.probe_min_relative_gain);
+        for record in &mut probes {
+            record.bar = bar;
+            let c = &close.candidates[record.index];
+            match record.result.verdict(ctx.verify.probe_margin, bar) {
+                Ok(()) => accepted_idx.push(record.index),
                 Err(reason) => rejected.push(RejectedUpdate {
                     node: c.node,
                     update_hash: Some(c.commit.update_hash),
@@ -416,7 +429,7 @@ fn ledger_rows(
         let probe = probes
             .iter()
             .find(|p| &p.node == node)
-            .map(|p| p.result.describe());
+            .map(|p| format!("{}, round's bar {:+.4}", p.result.describe(), p.bar));
         match (probe, spot_of(node)) {
             (Some(p), Some(s)) => Some(format!("{p}; {s}")),
             (p, s) => p.or(s),

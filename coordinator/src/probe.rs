@@ -70,9 +70,14 @@ impl ProbeResult {
         )
     }
 
-    /// The verdict for this measurement.
-    pub fn verdict(&self, margin: f32) -> Result<(), RejectReason> {
-        if !(self.own_gain.is_finite() && self.other_gain.is_finite()) || self.own_gain <= 0.0 {
+    /// The verdict for this measurement: it must lower its own shard's
+    /// loss by more than `bar` (see [`round_bar`]), and not lower the
+    /// held-out loss by `margin` more than its own.
+    pub fn verdict(&self, margin: f32, bar: f32) -> Result<(), RejectReason> {
+        if !(self.own_gain.is_finite() && self.other_gain.is_finite())
+            || self.own_gain <= 0.0
+            || self.own_gain < bar
+        {
             return Err(RejectReason::NotUseful);
         }
         if self.own_gain + margin < self.other_gain {
@@ -80,6 +85,26 @@ impl ProbeResult {
         }
         Ok(())
     }
+}
+
+/// The least own-shard gain an update of this round must show:
+/// `fraction` × the median gain of the round's probed updates (0 when
+/// there is no positive median). An honest update helps about as much as
+/// the round's typical one; noise of the same norm, a stale update or a
+/// near-zero one helps by a sliver of it, which `gain > 0` alone let through
+/// (docs/security.md, "The usefulness probe").
+pub fn round_bar(results: &[ProbeResult], fraction: f32) -> f32 {
+    let mut gains: Vec<f32> = results
+        .iter()
+        .map(|r| r.own_gain)
+        .filter(|g| g.is_finite())
+        .collect();
+    if gains.is_empty() || fraction.is_nan() || fraction <= 0.0 {
+        return 0.0;
+    }
+    gains.sort_by(f32::total_cmp);
+    let median = gains[(gains.len() - 1) / 2];
+    (fraction * median).max(0.0)
 }
 
 /// A model at θ_r and the probe's batch shape.
@@ -186,11 +211,50 @@ mod tests {
             d,
             "probe: own shard 3.5000 -> 3.2500 (gain +0.2500), held-out 3.4000 -> 3.3000 (gain +0.1000)"
         );
-        assert!(r(0.2, 0.1).verdict(0.05).is_ok());
-        assert!(r(0.2, 0.24).verdict(0.05).is_ok());
-        assert_eq!(r(0.2, 0.3).verdict(0.05), Err(RejectReason::NotUseful));
-        assert_eq!(r(-0.1, -0.2).verdict(0.05), Err(RejectReason::NotUseful));
-        assert_eq!(r(f32::NAN, 0.0).verdict(0.05), Err(RejectReason::NotUseful));
+        assert!(r(0.2, 0.1).verdict(0.05, 0.0).is_ok());
+        assert!(r(0.2, 0.24).verdict(0.05, 0.0).is_ok());
+        assert_eq!(r(0.2, 0.3).verdict(0.05, 0.0), Err(RejectReason::NotUseful));
+        assert_eq!(
+            r(-0.1, -0.2).verdict(0.05, 0.0),
+            Err(RejectReason::NotUseful)
+        );
+        assert_eq!(
+            r(f32::NAN, 0.0).verdict(0.05, 0.0),
+            Err(RejectReason::NotUseful)
+        );
+        // Under the round's bar: a sliver of gain is not enough.
+        assert_eq!(
+            r(0.01, 0.01).verdict(0.05, 0.02),
+            Err(RejectReason::NotUseful)
+        );
+        assert!(r(0.03, 0.03).verdict(0.05, 0.02).is_ok());
+    }
+
+    #[test]
+    fn the_round_bar_is_a_fraction_of_the_median_gain() {
+        let g = |own_gain: f32| ProbeResult::from_losses(3.0, 3.0 - own_gain, 3.0, 3.0);
+        // Figures of a `bench attacks` round: seven honest gains near 0.07,
+        // three noise updates near 0.001 (ledger of the noise run, round 3).
+        let round: Vec<ProbeResult> = [
+            0.097, 0.082, 0.069, 0.051, 0.073, 0.066, 0.065, 0.0019, 0.001, -0.003,
+        ]
+        .into_iter()
+        .map(g)
+        .collect();
+        let bar = round_bar(&round, 0.25);
+        assert!((bar - 0.25 * 0.065).abs() < 1e-3, "{bar}");
+        let verdicts: Vec<bool> = round.iter().map(|r| r.verdict(1.0, bar).is_ok()).collect();
+        assert_eq!(
+            verdicts,
+            [
+                true, true, true, true, true, true, true, false, false, false
+            ]
+        );
+        // Off, empty, or a round where nothing helped: no bar beyond gain > 0.
+        assert_eq!(round_bar(&round, 0.0), 0.0);
+        assert_eq!(round_bar(&[], 0.25), 0.0);
+        assert_eq!(round_bar(&[g(-0.2), g(-0.1)], 0.25), 0.0);
+        assert_eq!(round_bar(&[g(f32::NAN)], 0.25), 0.0);
     }
 
     #[test]
@@ -221,13 +285,13 @@ mod tests {
             .measure(&delta, own, own_base, heldout, heldout_base)
             .unwrap();
         assert!(honest.own_gain > 0.0, "{honest:?}");
-        assert_eq!(honest.verdict(cfg.probe_margin), Ok(()));
+        assert_eq!(honest.verdict(cfg.probe_margin, 0.0), Ok(()));
         let flipped: Vec<f32> = delta.iter().map(|d| -d).collect();
         let bad = probe
             .measure(&flipped, own, own_base, heldout, heldout_base)
             .unwrap();
         assert_eq!(
-            bad.verdict(cfg.probe_margin),
+            bad.verdict(cfg.probe_margin, 0.0),
             Err(RejectReason::NotUseful),
             "{bad:?}"
         );
@@ -241,7 +305,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(
-            nothing.verdict(cfg.probe_margin),
+            nothing.verdict(cfg.probe_margin, 0.0),
             Err(RejectReason::NotUseful)
         );
         assert!(

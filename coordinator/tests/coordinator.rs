@@ -1227,7 +1227,7 @@ async fn a_flood_of_relay_reservations_from_one_peer_is_refused() {
     let (granted, refused) = reserve(&mut flooder, &relay_addr, 12).await;
     eprintln!("relay reservations from one peer: {granted} granted, {refused} refused of 12");
     assert!(
-        granted <= 4 && granted >= 1 && refused == 12 - granted,
+        (1..=4).contains(&granted) && refused == 12 - granted,
         "{granted} granted, {refused} refused of 12"
     );
     // Someone else still gets a slot.
