@@ -5,10 +5,13 @@
 //!
 //! - `h=N` — inner steps per round; the arm runs `R·H / N` rounds, so every
 //!   arm still trains on the same tokens (N must divide R·H);
-//! - `olr=X`, `om=X` — outer learning rate and (Nesterov) momentum.
+//! - `olr=X`, `om=X` — outer learning rate and (Nesterov) momentum;
+//! - `rule=R` — the aggregation rule, as a run config's `aggregation`
+//!   (`mean`, `trimmed-mean:F`, `centered-clip:TAU[:ITERS]`).
 //!
 //! For example `topk:4096:128:4,h=60,decay=0.95,warm=1024:4`.
 
+use barnraise_protocol::aggregate::AggregationRule;
 use barnraise_protocol::codec::{CodecConfig, CodecSchedule, split_spec};
 use std::fmt;
 use std::str::FromStr;
@@ -22,6 +25,8 @@ pub struct ArmSpec {
     pub inner_steps: Option<usize>,
     pub outer_lr: Option<f32>,
     pub outer_momentum: Option<f32>,
+    /// How the workers' updates are combined (default: the token-weighted mean).
+    pub rule: Option<AggregationRule>,
 }
 
 impl ArmSpec {
@@ -32,6 +37,7 @@ impl ArmSpec {
             inner_steps: None,
             outer_lr: None,
             outer_momentum: None,
+            rule: None,
         }
     }
 
@@ -67,6 +73,9 @@ impl fmt::Display for ArmSpec {
         if let Some(m) = self.outer_momentum {
             write!(f, ",om={m}")?;
         }
+        if let Some(rule) = &self.rule {
+            write!(f, ",rule={rule}")?;
+        }
         Ok(())
     }
 }
@@ -89,6 +98,7 @@ impl FromStr for ArmSpec {
             inner_steps: None,
             outer_lr: None,
             outer_momentum: None,
+            rule: None,
         };
         for (key, value) in rest {
             let number = |what: &str| {
@@ -108,9 +118,16 @@ impl FromStr for ArmSpec {
                 }
                 "olr" => spec.outer_lr = Some(number("olr")?),
                 "om" => spec.outer_momentum = Some(number("om")?),
+                "rule" => {
+                    spec.rule = Some(
+                        value
+                            .parse::<AggregationRule>()
+                            .map_err(|e| wrap(e.to_string()))?,
+                    )
+                }
                 _ => {
                     return Err(wrap(format!(
-                        "unknown key `{key}` (expected h, olr, om, decay or warm)"
+                        "unknown key `{key}` (expected h, olr, om, rule, decay or warm)"
                     )));
                 }
             }
