@@ -62,6 +62,8 @@ enum BenchCommand {
     Codec(cmd::bench_codec::Args),
     /// DiLoCo vs data-parallel training at equal tokens.
     Diloco(cmd::bench_diloco::Args),
+    /// The attack suite: 12 attacks by 3 of 10 nodes, each against a clean run.
+    Attacks(cmd::bench_attacks::Args),
 }
 
 /// `barnraise up` runs every node's training in one process on a few cores.
@@ -103,10 +105,16 @@ fn fewer_malloc_arenas() {}
 fn main() -> std::process::ExitCode {
     fewer_malloc_arenas();
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Up(_)) {
+    if matches!(
+        cli.command,
+        Command::Up(_) | Command::Bench(BenchCommand::Attacks(_))
+    ) {
         one_matmul_thread_per_node();
     }
-    let default_log = if matches!(cli.command, Command::Up(_)) {
+    let default_log = if matches!(
+        cli.command,
+        Command::Up(_) | Command::Bench(BenchCommand::Attacks(_))
+    ) {
         "warn"
     } else {
         "info"
@@ -127,6 +135,7 @@ fn main() -> std::process::ExitCode {
         Command::Audit(args) => cmd::audit::run(args),
         Command::Bench(BenchCommand::Codec(args)) => cmd::bench_codec::run(args),
         Command::Bench(BenchCommand::Diloco(args)) => cmd::bench_diloco::run(args),
+        Command::Bench(BenchCommand::Attacks(args)) => cmd::bench_attacks::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "e2e/attacks.rs"]
+mod attacks;
 mod support;
 
 use barnraise_coordinator::{CoordinatorEvent, Ledger};

@@ -195,6 +195,18 @@ pub async fn run_node(
     shutdown: CancellationToken,
     events: Option<mpsc::Sender<NodeEvent>>,
 ) -> Result<NodeSummary, NodeError> {
+    run_node_with(config, shutdown, events, None).await
+}
+
+/// [`run_node`] with an [`Adversary`](crate::redteam::Adversary) that may
+/// corrupt what the node sends: the attack suite's hostile nodes
+/// (docs/security.md). `None` is an honest node.
+pub async fn run_node_with(
+    config: NodeConfig,
+    shutdown: CancellationToken,
+    events: Option<mpsc::Sender<NodeEvent>>,
+    adversary: Option<Arc<dyn crate::redteam::Adversary>>,
+) -> Result<NodeSummary, NodeError> {
     // Settings that can be wrong are checked before anything starts.
     let devices = config.worker_devices().map_err(NodeError::Device)?;
     let certificate = match &config.certificate {
@@ -286,6 +298,7 @@ pub async fn run_node(
     );
     let data_dir_for_retention = config.data_dir.clone();
     let mut node = Node {
+        adversary,
         spot_states: std::collections::VecDeque::new(),
         state: StateDir::new(&config.data_dir),
         receipts: config.data_dir.join("receipts"),
@@ -433,6 +446,8 @@ struct Node {
     /// Workers' starting optimizer states by round, kept for spot checks
     /// until the round after next is trained.
     spot_states: std::collections::VecDeque<(u64, Vec<Hash>)>,
+    /// A red-team hook (docs/security.md); `None` for every real node.
+    adversary: Option<Arc<dyn crate::redteam::Adversary>>,
 }
 
 /// Rounds whose applied manifest a node keeps to detect a fork.
@@ -1617,6 +1632,14 @@ impl Node {
             );
             misbehaviour.apply(&mut delta);
         }
+        if let Some(adversary) = self.adversary.clone() {
+            delta = tokio::task::spawn_blocking(move || {
+                adversary.corrupt_delta(round, &mut delta);
+                delta
+            })
+            .await
+            .map_err(|e| NodeError::Training(e.to_string()))?;
+        }
         let round_codec = state.codec.codec_at(round);
         if state.encoder.config() != round_codec {
             // The run's density warm-up moved on: same residual, new codec.
@@ -1628,17 +1651,19 @@ impl Node {
             .map_err(|e| NodeError::Training(format!("codec of round {round}: {e}")))?
             .with_decay(state.codec.decay());
         }
-        let payload = state
+        let mut payload = state
             .encoder
             .encode(&delta)
             .map_err(|e| NodeError::Training(format!("encoding the update: {e}")))?;
+        if let Some(adversary) = &self.adversary {
+            adversary.corrupt_payload(round, &mut payload);
+        }
         let store = self.store.clone();
         let update_bytes = payload.len() as u64;
         let update_hash = tokio::task::spawn_blocking(move || store.put(&payload))
             .await
             .map_err(|e| NodeError::Training(e.to_string()))??;
         self.state.save_residual(state.encoder.residual())?;
-        let _ = self.client.start_providing(update_hash).await;
         let commit = Commit {
             run_id: state.run.run_id.clone(),
             round,
@@ -1680,6 +1705,31 @@ impl Node {
                 _ => break response,
             }
         };
+        // Announced only once the commit is in: a copier who fetched the
+        // blob from the DHT before the coordinator saw our commit would be
+        // the "first" committer, and ours the copy (docs/security.md).
+        let _ = self.client.start_providing(update_hash).await;
+        if let Some(adversary) = &self.adversary {
+            adversary.committed(round);
+        }
+        let spam = match &self.adversary {
+            Some(adversary) => adversary.spam(round, &commit),
+            None => Vec::new(),
+        };
+        if !spam.is_empty() {
+            tracing::warn!(round, "red-team mode: sending {} extra commits", spam.len());
+            for extra in spam {
+                let signed = Signed::sign(&self.key, &extra)
+                    .map_err(|e| NodeError::Training(e.to_string()))?;
+                if self
+                    .ask(CoordinatorRequest::Commit(signed))
+                    .await?
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+            }
+        }
         match response {
             CoordinatorResponse::CommitAccepted { .. } | CoordinatorResponse::Ok => {
                 NodeMetrics::add(&self.metrics.updates_committed, 1);

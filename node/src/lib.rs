@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod network;
 pub mod progress;
 pub mod receipts;
+pub mod redteam;
 pub mod retention;
 pub mod state;
 pub mod store;
@@ -30,5 +31,5 @@ pub mod transfer;
 
 pub use config::{Misbehaviour, NodeConfig};
 pub use daemon::{NodeError, NodeEvent, NodeSummary, SyncSource, run_node};
-pub use libp2p::Multiaddr;
+pub use libp2p::{Multiaddr, PeerId};
 pub use tokio_util::sync::CancellationToken;

@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the logging setup they share.
 
 pub mod audit;
+pub mod bench_attacks;
 pub mod bench_codec;
 pub mod bench_diloco;
 pub mod coordinator;
