@@ -58,7 +58,7 @@ impl SuiteConfig {
             batch_size: 8,
             seq_len: 64,
             codec: "int8".into(),
-            aggregation: "mean".into(),
+            aggregation: "trimmed-mean:0.1".into(),
             seed: 1,
             data_dir,
             flood_peers: 20,
@@ -663,4 +663,61 @@ pub fn tally(outcomes: &[Outcome]) -> BTreeMap<&'static str, usize> {
         *tally.entry(key).or_insert(0) += 1;
     }
     tally
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(attack: Option<&str>, loss: f64, caught: bool) -> Outcome {
+        Outcome {
+            attack: attack.map(str::to_string),
+            caught,
+            neutralised: false,
+            reasons: vec![format!("r{loss}")],
+            final_loss: loss,
+            clean_loss: None,
+            loss_gap: None,
+            coordinator_peak_rss_bytes: (loss * 100.0) as u64,
+            attacker_updates: 4,
+            attacker_accepted: 1,
+            attacker_claimed_tokens: 10,
+            attacker_credited_tokens: 5,
+            refusals_recorded: 1,
+            refusals_unrecorded: 2,
+            rate_limited: 3,
+            join_refusals: 0,
+            largest_manifest_bytes: 100,
+            rounds_closed: 2,
+            wall_seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn seeds_combine_by_mean_loss_and_every_seed_must_catch() {
+        let seeds = vec![
+            vec![outcome(None, 2.0, false), outcome(Some("nan"), 2.02, true)],
+            vec![outcome(None, 2.2, false), outcome(Some("nan"), 2.3, false)],
+        ];
+        let combined = combine(&seeds);
+        assert_eq!(combined.len(), 2);
+        let nan = &combined[1];
+        assert!((nan.final_loss - 2.16).abs() < 1e-9);
+        assert_eq!(nan.clean_loss, Some(2.1));
+        let gap = nan.loss_gap.unwrap();
+        assert!((gap - (2.16 - 2.1) / 2.1).abs() < 1e-9, "{gap}");
+        assert!(!nan.neutralised, "a 2.9% gap is over the bar");
+        assert!(!nan.caught, "caught under one seed only");
+        assert_eq!(nan.attacker_updates, 8);
+        assert_eq!(nan.coordinator_peak_rss_bytes, (2.3f64 * 100.0) as u64);
+        assert_eq!(nan.reasons, vec!["r2.02".to_string(), "r2.3".to_string()]);
+        assert!(combine(&[]).is_empty());
+    }
+
+    #[test]
+    fn counters_are_read_from_prometheus_text() {
+        let text = "# HELP barnraise_rate_limited_total x\n# TYPE barnraise_rate_limited_total counter\nbarnraise_rate_limited_total 17\nbarnraise_rate_limited_total_other 3\n";
+        assert_eq!(metric(text, "barnraise_rate_limited_total"), Some(17));
+        assert_eq!(metric(text, "barnraise_joins_total"), None);
+    }
 }

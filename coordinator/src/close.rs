@@ -357,7 +357,9 @@ pub fn close_round(
             .map_err(|source| CloseError::Aggregate { round, source })?;
     }
     let eval_loss = match (probe.as_mut(), ctx.heldout) {
-        (Some(p), Some(h)) if !accepted.is_empty() => p.loss_of(&next_theta, h).ok().map(f64::from),
+        (Some(p), Some(h)) if !accepted.is_empty() => {
+            p.eval_loss(&next_theta, h).ok().map(f64::from)
+        }
         _ => None,
     };
     theta.copy_from_slice(&next_theta);

@@ -341,7 +341,10 @@ impl Default for CoordinatorConfig {
             outer_lr: 0.7,
             outer_momentum: 0.9,
             codec: "int8".into(),
-            aggregation: "mean".into(),
+            // Measured with `bench diloco` (10 workers, tiny, 2 seeds): no
+            // cost to a clean run (−0.54% against the mean; trimming 0.2
+            // cost +0.48%), and it trims what passes verification (docs/security.md).
+            aggregation: "trimmed-mean:0.1".into(),
             quorum: Quorum::Fraction(1.0),
             round_deadline_secs: 120.0,
             min_nodes: 1,

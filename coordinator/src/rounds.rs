@@ -710,6 +710,7 @@ fn shares_add_up(commit: &Commit, planned_workers: u32) -> bool {
             .iter()
             .try_fold(0u64, |sum, s| sum.checked_add(s.tokens))
             == Some(commit.tokens)
+        && barnraise_protocol::workers::copied_shares(shares).is_none()
 }
 
 /// Counts how often each shard appears in `plans` (to rebuild `Start::shard_uses`).

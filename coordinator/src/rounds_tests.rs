@@ -420,6 +420,46 @@ fn a_cluster_node_may_claim_tokens_for_each_worker() {
     );
 }
 
+/// A cluster node that claims a worker by copying another's Δ — the same
+/// hash, or the same direction at another scale — is refused at commit,
+/// before any spot check.
+#[test]
+fn a_worker_claimed_twice_is_refused_at_commit() {
+    let sketch = |phase: f32, scale: f32| -> Vec<f32> {
+        (0..barnraise_protocol::workers::SHARE_SKETCH_DIM)
+            .map(|i| scale * (i as f32 * 0.7 + phase).sin())
+            .collect()
+    };
+    // (same hash, worker 1's sketch phase, expected outcome)
+    for (same_hash, phase, refused) in [(true, 1.0, true), (false, 0.0, true), (false, 1.0, false)]
+    {
+        let mut m = machine(8, Quorum::Fraction(1.0), 1, 5);
+        m.join(node(1), 2);
+        let plan = open_round(&mut m, 0);
+        let mut c = commit_for(&plan, 1);
+        c.tokens = 2 * 4 * 2 * 8;
+        c.workers = 2;
+        c.shares = shares_for(c.tokens, 2);
+        c.shares[0].delta_sketch = sketch(0.0, 1.0);
+        c.shares[1].delta_sketch = sketch(phase, 1.02);
+        if same_hash {
+            c.shares[1].delta_hash = c.shares[0].delta_hash;
+        }
+        let outcome = m.commit(node(1), &c, Hash::of(&[1]));
+        let was_refused = matches!(
+            outcome,
+            CommitOutcome::Rejected {
+                reason: RejectReason::BadShares,
+                ..
+            }
+        );
+        assert_eq!(was_refused, refused, "{same_hash} {phase}: {outcome:?}");
+        if !refused {
+            assert_eq!(outcome, CommitOutcome::Accepted { round: 0 });
+        }
+    }
+}
+
 /// Commit spam (issue #13): a joined node that sends a thousand refused
 /// commits — each a new signed body — is recorded once per reason, so the
 /// manifest stays small and signable, and its first real commit still

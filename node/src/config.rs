@@ -63,8 +63,9 @@ pub enum Misbehaviour {
     SignFlip,
     Zero,
     Scale(f32),
-    /// Token inflation: every worker but the first reports worker 0's Δ as
-    /// its own, so the node claims N workers' tokens for one worker's work.
+    /// Token inflation: every worker but the first reports worker 0's Δ,
+    /// with 10% noise added, as its own, so the node claims N workers'
+    /// tokens for one worker's work (a plain copy is refused at commit).
     Inflate,
 }
 

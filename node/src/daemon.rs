@@ -1568,7 +1568,16 @@ impl Node {
                 "red-team mode: claiming worker 0's work for every worker"
             );
             for update in results.iter_mut().skip(1).flatten() {
-                update.delta = first.delta.clone();
+                // Worker 0's Δ plus 10% noise: a plain copy is refused as
+                // `bad-shares` at once; this one takes a spot check to catch.
+                let seed = round ^ ((update.index as u64) << 32);
+                let noise = crate::redteam::noise_like(&first.delta, seed);
+                update.delta = first
+                    .delta
+                    .iter()
+                    .zip(&noise)
+                    .map(|(d, n)| d + 0.1 * n)
+                    .collect();
                 update.losses = first.losses.clone();
                 update.tokens = first.tokens;
             }

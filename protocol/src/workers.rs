@@ -149,6 +149,40 @@ pub fn sketch_distance(claimed: &[f32], replayed: &[f32]) -> f64 {
     }
 }
 
+/// Two shares of one commit closer than this cosine (on their sketches, in
+/// either sign) are one worker's Δ claimed twice.
+pub const COPIED_SHARE_COSINE: f64 = 0.9999;
+
+/// The first pair of shares (by index) that are the same Δ: equal hashes, or
+/// sketches pointing the same way whatever their scale. Workers of one node
+/// train on different shards with different seeds, so their Δ_i never
+/// coincide; a node that claims a worker it did not run by copying one it
+/// did is caught here at no cost, before any spot check (docs/security.md).
+pub fn copied_shares(shares: &[WorkerShare]) -> Option<(u32, u32)> {
+    let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    for (i, a) in shares.iter().enumerate() {
+        for b in &shares[i + 1..] {
+            if a.delta_hash == b.delta_hash {
+                return Some((a.index, b.index));
+            }
+            let (na, nb) = (norm(&a.delta_sketch), norm(&b.delta_sketch));
+            if na == 0.0 || nb == 0.0 || a.delta_sketch.len() != b.delta_sketch.len() {
+                continue;
+            }
+            let dot: f64 = a
+                .delta_sketch
+                .iter()
+                .zip(&b.delta_sketch)
+                .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                .sum();
+            if (dot / (na * nb)).abs() >= COPIED_SHARE_COSINE {
+                return Some((a.index, b.index));
+            }
+        }
+    }
+    None
+}
+
 /// What the coordinator signs to draw the spot checks of one commit: the
 /// run, the round, the node, the commit's body hash and the share's index.
 /// The signature is unknown to the node until it has committed, and

@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long, default_value = "int8")]
     pub codec: String,
     /// Aggregation rule of every run: mean, trimmed-mean:F, centered-clip:TAU.
-    #[arg(long, default_value = "mean")]
+    #[arg(long, default_value = "trimmed-mean:0.1")]
     pub aggregation: String,
     /// Seeds the nodes' keys (and so their shards).
     #[arg(long, default_value_t = 1)]

@@ -219,9 +219,45 @@ pub fn generate(seed: u64, bytes: usize) -> String {
     out
 }
 
+/// The corpus's three kinds of paragraph as separate texts of at least
+/// `bytes` bytes each: counting ("Kai: one two three."), sums ("3 + 4 =
+/// 7.") and prose. Shards of one kind each make a corpus of distinct
+/// genres, where what a node trained on shows in its update
+/// (docs/security.md, "The usefulness probe").
+pub fn genres(bytes: usize) -> [String; 3] {
+    let mut out = [String::new(), String::new(), String::new()];
+    let mut seed = 1;
+    while out.iter().any(|g| g.len() < bytes) {
+        for paragraph in generate(seed, 1 << 20).lines() {
+            let genre = if paragraph.starts_with("Kai:") {
+                0
+            } else if paragraph.contains(" + ") {
+                1
+            } else {
+                2
+            };
+            if out[genre].len() < bytes {
+                out[genre].push_str(paragraph);
+                out[genre].push('\n');
+            }
+        }
+        seed += 1;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn genres_are_separate_and_long_enough() {
+        let [counting, sums, prose] = genres(20_000);
+        assert!(counting.len() >= 20_000 && sums.len() >= 20_000 && prose.len() >= 20_000);
+        assert!(counting.lines().all(|l| l.starts_with("Kai:")));
+        assert!(sums.lines().all(|l| l.contains(" = ")));
+        assert!(!prose.contains(" + ") && !prose.contains("Kai:"));
+    }
 
     #[test]
     fn corpus_is_deterministic_and_seeded() {
