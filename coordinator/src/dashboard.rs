@@ -495,6 +495,7 @@ pub fn overview(
             nodes.len() - LEADERBOARD_ROWS
         );
     }
+    body.push_str(&standing_section(&live.reputation));
     body.push_str(r#"<h2 id="orgs">Leaderboard by org</h2>"#);
     body.push_str(&org_table(orgs));
     body.push_str(r#"<h2 id="rounds">Recent rounds</h2>"#);
@@ -546,6 +547,60 @@ pub fn overview(
         &body,
         live.phase != "finished" && !live.phase.is_empty(),
     )
+}
+
+/// Nodes the next plan gives less work or none (docs/security.md,
+/// "Reputation"): on probation or benched, lowest score first.
+fn standing_section(reputation: &[crate::reputation::ReputationView]) -> String {
+    use crate::reputation::Standing;
+    let mut flagged: Vec<_> = reputation
+        .iter()
+        .filter(|r| r.standing != Standing::Good)
+        .collect();
+    let good = reputation.len() - flagged.len();
+    flagged.sort_by(|a, b| a.score.total_cmp(&b.score));
+    let mut out = format!(
+        r#"<h2 id="standing">Standing</h2><p class="muted">{good} of {} nodes with work in good standing; the rest get one worker's share (probation) or none (benched). Scores: <a href="/api/v1/reputation">/api/v1/reputation</a>.</p>"#,
+        reputation.len()
+    );
+    if flagged.is_empty() {
+        return out;
+    }
+    let rows: Vec<Vec<String>> = flagged
+        .iter()
+        .take(LEADERBOARD_ROWS)
+        .map(|r| {
+            vec![
+                node_link(&r.node),
+                match r.standing {
+                    Standing::Good => "good",
+                    Standing::Probation => "probation",
+                    Standing::Benched => "benched",
+                }
+                .to_string(),
+                format!("{:.2}", r.score),
+                r.benched_until
+                    .map_or_else(|| "–".into(), |round| format!("round {round}")),
+                r.accepted.to_string(),
+                r.rejected.to_string(),
+                r.missing.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "node",
+            "standing",
+            "score",
+            "benched until",
+            "accepted",
+            "rejected",
+            "missing",
+        ],
+        &rows,
+        &[0, 1],
+    ));
+    out
 }
 
 /// A node's page at `/nodes/{id}`.
@@ -769,6 +824,41 @@ pub fn unavailable(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standing_lists_nodes_on_probation_or_benched_lowest_first() {
+        use crate::reputation::{ReputationView, Standing};
+        let view = |node: &str, score, standing, benched_until| ReputationView {
+            node: node.into(),
+            score,
+            standing,
+            benched_until,
+            accepted: 1,
+            rejected: 2,
+            missing: 0,
+        };
+        let html = standing_section(&[
+            view("aa11", 0.9, Standing::Good, None),
+            view("bb22", 0.4, Standing::Probation, None),
+            view("cc33", 0.1, Standing::Benched, Some(12)),
+        ]);
+        assert!(
+            html.contains("1 of 3 nodes with work in good standing"),
+            "{html}"
+        );
+        let benched = html.find("benched</td>").unwrap_or(usize::MAX);
+        let probation = html.find("probation</td>").unwrap_or(0);
+        assert!(benched < probation, "lowest score first: {html}");
+        assert!(
+            html.contains("round 12") && !html.contains("aa11"),
+            "{html}"
+        );
+        let all_good = standing_section(&[view("aa11", 0.9, Standing::Good, None)]);
+        assert!(
+            all_good.contains("1 of 1") && !all_good.contains("<table"),
+            "{all_good}"
+        );
+    }
 
     #[test]
     fn escape_leaves_no_markup() {
