@@ -21,7 +21,7 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = cmd::LogFormat::Text, env = "BARNRAISE_LOG_FORMAT")]
     log_format: cmd::LogFormat,
     /// Log filter, e.g. `info` or `barnraise_node=debug` (RUST_LOG syntax)
-    /// [default: info; warn for `up`, whose progress display says the rest].
+    /// [default: info; warn for `up` and `bench attacks`, whose progress display says the rest].
     #[arg(long, global = true, env = "BARNRAISE_LOG")]
     log: Option<String>,
     #[command(subcommand)]
