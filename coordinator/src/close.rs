@@ -285,18 +285,14 @@ pub fn close_round(
                     &state,
                     ctx.shard_tokens,
                 ),
-                (a, _) => crate::spot::SpotResult {
-                    worker: share.index,
-                    exact: false,
-                    distance: f64::INFINITY,
-                    replayed_tokens: 0,
-                    claimed_tokens: share.tokens,
-                    unusable: Some(if a.is_none() {
-                        "the node has no assignment this round".into()
-                    } else {
-                        "the worker's state was not served".into()
-                    }),
-                },
+                (None, _) => crate::spot::SpotResult::unusable(
+                    share,
+                    "the node has no assignment this round".into(),
+                ),
+                (Some(_), None) => crate::spot::SpotResult::unusable(
+                    share,
+                    "the worker's state was not served".into(),
+                ),
             };
             let passed = result.passes(ctx.verify.spot_check_tolerance);
             let worker = result.worker;

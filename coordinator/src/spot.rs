@@ -67,6 +67,18 @@ pub struct SpotResult {
 }
 
 impl SpotResult {
+    /// A share that could not be replayed, and why: it fails its check.
+    pub fn unusable(share: &WorkerShare, why: String) -> SpotResult {
+        SpotResult {
+            worker: share.index,
+            exact: false,
+            distance: f64::INFINITY,
+            replayed_tokens: 0,
+            claimed_tokens: share.tokens,
+            unusable: Some(why),
+        }
+    }
+
     /// Whether the share stands: an exact replay, or one within `tolerance`
     /// of the committed sketch, on the claimed tokens.
     pub fn passes(&self, tolerance: f64) -> bool {
@@ -110,14 +122,7 @@ pub fn replay(
     state: &[u8],
     shard_tokens: &HashMap<Hash, Arc<Vec<u16>>>,
 ) -> SpotResult {
-    let unusable = |why: String| SpotResult {
-        worker: share.index,
-        exact: false,
-        distance: f64::INFINITY,
-        replayed_tokens: 0,
-        claimed_tokens: share.tokens,
-        unusable: Some(why),
-    };
+    let unusable = |why: String| SpotResult::unusable(share, why);
     let workers = assignment.workers.max(1) as usize;
     let plans = split_assignment(&assignment.shards, assignment.seed, workers);
     let Some(plan) = plans.get(share.index as usize) else {

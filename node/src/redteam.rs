@@ -353,10 +353,9 @@ pub fn ipm(updates: &[&[f32]], epsilon: f32) -> Vec<f32> {
 
 /// Gaussian noise, seeded, with the L2 norm of `like`.
 pub fn noise_like(like: &[f32], seed: u64) -> Vec<f32> {
-    let mut rng = SplitMix(seed ^ 0x9e37_79b9_7f4a_7c15);
-    let mut noise: Vec<f32> = (0..like.len()).map(|_| rng.gaussian()).collect();
-    let target = l2(like);
-    let have = l2(&noise);
+    let mut rng = barnraise_trainer::rng::Rng::new(seed);
+    let mut noise: Vec<f32> = (0..like.len()).map(|_| rng.normal() as f32).collect();
+    let (target, have) = (l2(like), l2(&noise));
     if have > 0.0 {
         let scale = (target / have) as f32;
         noise.iter_mut().for_each(|v| *v *= scale);
@@ -366,29 +365,6 @@ pub fn noise_like(like: &[f32], seed: u64) -> Vec<f32> {
 
 fn l2(x: &[f32]) -> f64 {
     x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt()
-}
-
-/// SplitMix64 with a Box–Muller Gaussian: seeded and dependency-free.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-
-    fn gaussian(&mut self) -> f32 {
-        let (u, v) = (self.uniform(), self.uniform());
-        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-    }
 }
 
 /// Φ⁻¹(p) for p in (0, 1), by bisection on the error function's series:

@@ -164,19 +164,39 @@ pub fn aggregate_into(
         dense.push(values);
     }
     let views: Vec<&[f32]> = dense.iter().map(|v| v.as_slice()).collect();
+    combine_dense(rule, &views, &shares, out);
+    Ok(())
+}
+
+/// [`aggregate_into`] for updates already decoded (`bench diloco` keeps
+/// them dense): the same weights and the same rule, so the same result.
+pub fn aggregate_dense_into(
+    rule: &AggregationRule,
+    updates: &[(&[f32], f32)],
+    out: &mut [f32],
+) -> Result<(), AggregateError> {
+    out.fill(0.0);
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let shares = normalised(updates.iter().map(|u| u.1))?;
+    let views: Vec<&[f32]> = updates.iter().map(|u| u.0).collect();
+    combine_dense(rule, &views, &shares, out);
+    Ok(())
+}
+
+fn combine_dense(rule: &AggregationRule, views: &[&[f32]], shares: &[f32], out: &mut [f32]) {
     match *rule {
-        // Handled above without dense copies; kept for completeness.
         AggregationRule::Mean => {
             let pairs: Vec<(&[f32], f32)> =
                 views.iter().copied().zip(shares.iter().copied()).collect();
             crate::outer::weighted_mean_into(&pairs, out);
         }
-        AggregationRule::TrimmedMean { trim } => trimmed_mean_into(&views, &shares, trim, out),
+        AggregationRule::TrimmedMean { trim } => trimmed_mean_into(views, shares, trim, out),
         AggregationRule::CenteredClip { tau, iterations } => {
-            centered_clip_into(&views, &shares, tau, iterations, out)
+            centered_clip_into(views, shares, tau, iterations, out)
         }
     }
-    Ok(())
 }
 
 /// Per coordinate: sort (value, position), drop ⌊trim·n⌋ at each end, take
@@ -290,6 +310,50 @@ mod tests {
             .unwrap()
             .encode(values)
             .unwrap()
+    }
+
+    #[test]
+    fn dense_updates_aggregate_as_their_payloads_do() {
+        let updates = [
+            vec![1.0f32, -2.0, 3.0, 0.5],
+            vec![9.0, 0.0, -1.0, 0.25],
+            vec![2.0, 2.0, 2.0, 2.0],
+            vec![-4.0, 1.0, 0.0, 8.0],
+            vec![0.5, 0.5, 0.5, 0.5],
+        ];
+        let weights = [3.0f32, 1.0, 2.0, 2.0, 5.0];
+        let payloads: Vec<Vec<u8>> = updates.iter().map(|u| encode(u)).collect();
+        for rule in ["mean", "trimmed-mean:0.2", "centered-clip:1.0"] {
+            let rule: AggregationRule = rule.parse().unwrap();
+            let encoded: Vec<(&[u8], f32)> =
+                payloads.iter().map(Vec::as_slice).zip(weights).collect();
+            let dense: Vec<(&[f32], f32)> =
+                updates.iter().map(Vec::as_slice).zip(weights).collect();
+            let (mut a, mut b) = (vec![0.0f32; 4], vec![7.0f32; 4]);
+            aggregate_into(&rule, &encoded, &mut a).unwrap();
+            aggregate_dense_into(&rule, &dense, &mut b).unwrap();
+            if rule == AggregationRule::Mean {
+                // The payload path streams (decode-add), the dense one sums
+                // columns: equal up to rounding.
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-6),
+                    "{a:?} {b:?}"
+                );
+            } else {
+                assert_eq!(a, b, "{rule}");
+            }
+        }
+        let mut out = vec![1.0f32; 4];
+        aggregate_dense_into(&AggregationRule::Mean, &[], &mut out).unwrap();
+        assert_eq!(out, vec![0.0; 4]);
+        assert!(
+            aggregate_dense_into(
+                &AggregationRule::Mean,
+                &[(&[1.0f32][..], f32::NAN)],
+                &mut [0.0]
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::data::corpus;
 use crate::model::ModelConfig;
 use crate::rng::derive_seed;
 use crate::train::{InnerConfig, TrainError, Trainer};
-use barnraise_protocol::aggregate::{AggregationRule, centered_clip_into, trimmed_mean_into};
+use barnraise_protocol::aggregate::{AggregationRule, aggregate_dense_into};
 use barnraise_protocol::codec::{self, CodecConfig, CodecError, Encoder};
 use barnraise_protocol::outer::{OuterConfig, OuterOptimizer, weighted_mean_into};
 use serde::Serialize;
@@ -742,24 +742,11 @@ fn run_diloco_arm(
             codec::decode_into(&payload, &mut decoded[w])?;
             weights.push(report.tokens as f32);
         }
-        match spec.rule {
-            None | Some(AggregationRule::Mean) => {
-                let inputs: Vec<(&[f32], f32)> =
-                    decoded.iter().map(Vec::as_slice).zip(weights).collect();
-                weighted_mean_into(&inputs, &mut average);
-            }
-            Some(AggregationRule::TrimmedMean { trim }) => {
-                let views: Vec<&[f32]> = decoded.iter().map(Vec::as_slice).collect();
-                let total: f32 = weights.iter().sum();
-                let shares: Vec<f32> = weights.iter().map(|w| w / total.max(1.0)).collect();
-                trimmed_mean_into(&views, &shares, trim, &mut average);
-            }
-            Some(AggregationRule::CenteredClip { tau, iterations }) => {
-                let views: Vec<&[f32]> = decoded.iter().map(Vec::as_slice).collect();
-                let total: f32 = weights.iter().sum();
-                let shares: Vec<f32> = weights.iter().map(|w| w / total.max(1.0)).collect();
-                centered_clip_into(&views, &shares, tau, iterations, &mut average);
-            }
+        let inputs: Vec<(&[f32], f32)> = decoded.iter().map(Vec::as_slice).zip(weights).collect();
+        match &spec.rule {
+            None | Some(AggregationRule::Mean) => weighted_mean_into(&inputs, &mut average),
+            Some(rule) => aggregate_dense_into(rule, &inputs, &mut average)
+                .map_err(|e| BenchError::Config(e.to_string()))?,
         }
         outer.step(&mut global, &average);
         wall += started.elapsed().as_secs_f64();
