@@ -35,6 +35,8 @@ pub struct CloseContext<'a> {
     pub rule: &'a AggregationRule,
     pub verify: &'a VerifyConfig,
     pub seq_len: usize,
+    /// The training shards in dataset order: what a plan's shard indices name.
+    pub dataset: &'a [barnraise_protocol::messages::ShardInfo],
     /// Tokens of the training shards (by hash), for the probe.
     pub shard_tokens: &'a HashMap<Hash, Arc<Vec<u16>>>,
     /// The held-out shard's tokens: the probe's "data the node was not given"
@@ -189,9 +191,11 @@ pub fn close_round(
                 .find(|a| a.node == c.node)
                 .and_then(|a| {
                     let pick = crate::plan::derive(seed, "probe-shard", round, &c.node.0.0);
-                    a.shards.get((pick % a.shards.len().max(1) as u64) as usize)
-                })
-                .copied();
+                    let index = a
+                        .shards
+                        .get((pick % a.shards.len().max(1) as u64) as usize)?;
+                    ctx.dataset.get(*index as usize).map(|s| s.hash)
+                });
             let own = own_shard.and_then(|h| ctx.shard_tokens.get(&h).map(|t| (h, t.clone())));
             let (Some((own_hash, own_tokens)), Some(heldout), Some(heldout_base)) =
                 (own, ctx.heldout, heldout_base)

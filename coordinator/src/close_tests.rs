@@ -109,6 +109,7 @@ fn close_with(
         rule: &rule,
         verify,
         seq_len: 8,
+        dataset: &[],
         shard_tokens: &shards,
         heldout: None,
         flops_per_token: 6.0,

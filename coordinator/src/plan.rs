@@ -5,6 +5,7 @@
 //! broken by a key derived from the run seed and the round, so the order
 //! rotates from round to round yet every party can recompute it.
 
+use barnraise_protocol::limits::MAX_ASSIGNMENTS_PER_ROUND;
 use barnraise_protocol::{Hash, NodeId};
 
 /// A 64-bit value derived from the run seed, a label and the inputs; the
@@ -49,8 +50,9 @@ pub fn assign(
         return Vec::new();
     }
     let per_worker = shards_per_worker.min(uses.len());
-    // More workers than shards: a seeded, round-dependent subset trains. A
-    // node that does not fit whole gets as many workers' shares as are left.
+    // More workers than shards, or more nodes than a plan may hold
+    // (`MAX_ASSIGNMENTS_PER_ROUND`): a seeded, round-dependent subset trains.
+    // A node that does not fit whole gets as many workers' shares as are left.
     let mut order: Vec<(u64, NodeId, u32)> = nodes
         .iter()
         .map(|(n, workers)| (derive(seed, "node-order", round, &n.0.0), *n, *workers))
@@ -59,6 +61,9 @@ pub fn assign(
     let mut left = uses.len();
     let mut selected: Vec<(NodeId, usize)> = Vec::new();
     for (_, node, workers) in order {
+        if selected.len() == MAX_ASSIGNMENTS_PER_ROUND {
+            break;
+        }
         let wanted = per_worker.saturating_mul(workers.max(1) as usize);
         let granted = wanted.min(left - left % per_worker);
         if granted == 0 {
@@ -144,6 +149,26 @@ mod tests {
         assert_eq!(shares.len(), 2);
         let all: HashSet<usize> = shares.iter().flat_map(|s| s.shards.clone()).collect();
         assert_eq!(all.len(), 4);
+    }
+
+    #[test]
+    fn a_round_has_at_most_the_plan_limit_of_nodes() {
+        let n = MAX_ASSIGNMENTS_PER_ROUND + 50;
+        let ids: Vec<(NodeId, u32)> = (0..n)
+            .map(|i| {
+                let mut bytes = [0u8; 32];
+                bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                (NodeId::from_bytes(bytes), 1)
+            })
+            .collect();
+        let mut uses = vec![0u32; 2 * n];
+        let first = assign(3, 0, &ids, &mut uses, 1);
+        assert_eq!(first.len(), MAX_ASSIGNMENTS_PER_ROUND);
+        // Which 50 sit out is seeded by the round, so it rotates.
+        let second = assign(3, 1, &ids, &mut uses, 1);
+        assert_eq!(second.len(), MAX_ASSIGNMENTS_PER_ROUND);
+        let chosen = |s: &[Share]| s.iter().map(|x| x.node).collect::<HashSet<_>>();
+        assert_ne!(chosen(&first), chosen(&second));
     }
 
     #[test]

@@ -383,7 +383,10 @@ impl Rounds {
         };
         let round = open.plan.round;
         let reject = |open: &mut OpenRound, reason: RejectReason| {
-            if open.refused.insert((node, reason.code())) {
+            // `refused` holds exactly the refusals listed so far.
+            if open.refused.len() < barnraise_protocol::limits::MAX_REFUSALS_PER_MANIFEST
+                && open.refused.insert((node, reason.code()))
+            {
                 open.rejected.push(RejectedUpdate {
                     node,
                     update_hash: Some(commit.update_hash),
@@ -582,11 +585,7 @@ impl Rounds {
             .into_iter()
             .map(|s| Assignment {
                 node: s.node,
-                shards: s
-                    .shards
-                    .iter()
-                    .filter_map(|&i| self.config.shards.get(i).copied())
-                    .collect(),
+                shards: s.shards.iter().map(|&i| i as u32).collect(),
                 seed: s.seed,
                 inner_steps: self.config.inner_steps,
                 workers: s.workers,
@@ -713,16 +712,15 @@ fn shares_add_up(commit: &Commit, planned_workers: u32) -> bool {
         && barnraise_protocol::workers::copied_shares(shares).is_none()
 }
 
-/// Counts how often each shard appears in `plans` (to rebuild `Start::shard_uses`).
-pub fn count_shard_uses(shards: &[Hash], plans: &[RoundPlan]) -> Vec<u32> {
-    let index: std::collections::HashMap<Hash, usize> =
-        shards.iter().enumerate().map(|(i, h)| (*h, i)).collect();
-    let mut uses = vec![0u32; shards.len()];
+/// Counts how often each of `shards` training shards appears in `plans`
+/// (to rebuild `Start::shard_uses`).
+pub fn count_shard_uses(shards: usize, plans: &[RoundPlan]) -> Vec<u32> {
+    let mut uses = vec![0u32; shards];
     for plan in plans {
         for a in &plan.assignments {
-            for h in &a.shards {
-                if let Some(&i) = index.get(h) {
-                    uses[i] = uses[i].saturating_add(1);
+            for &i in &a.shards {
+                if let Some(u) = uses.get_mut(i as usize) {
+                    *u = u.saturating_add(1);
                 }
             }
         }

@@ -364,10 +364,7 @@ fn restored_round_keeps_its_plan() {
     let mut m = machine(4, Quorum::Fraction(1.0), 1, 3);
     m.join(node(1), 1);
     let plan = open_round(&mut m, 0);
-    let uses = count_shard_uses(
-        &(0..4).map(|i| Hash::of(&[i as u8])).collect::<Vec<_>>(),
-        std::slice::from_ref(&plan),
-    );
+    let uses = count_shard_uses(4, std::slice::from_ref(&plan));
     assert_eq!(uses.iter().sum::<u32>(), 1);
     let mut restarted = machine(4, Quorum::Fraction(1.0), 1, 3);
     // Restarted after the plan's deadline: the round gets a grace period, not an instant close.
@@ -505,6 +502,44 @@ fn commit_spam_is_recorded_once_per_reason() {
         reasons,
         vec![(node(1), "wrong-round"), (node(1), "duplicate-commit")]
     );
+    assert_eq!(close.candidates.len(), 2, "both real updates count");
+}
+
+/// Refusals from many nodes: a manifest lists at most
+/// `MAX_REFUSALS_PER_MANIFEST` of them, so thousands of joined nodes sending
+/// refused commits cannot push it past its size limit, and the round's real
+/// updates still count.
+#[test]
+fn a_manifest_lists_a_bounded_number_of_refusals() {
+    use barnraise_protocol::limits::MAX_REFUSALS_PER_MANIFEST;
+    let many = |i: usize| {
+        let mut bytes = [0xeeu8; 32];
+        bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        NodeId::from_bytes(bytes)
+    };
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 2);
+    let extra = MAX_REFUSALS_PER_MANIFEST + 100;
+    for i in 0..extra {
+        m.join(many(i), 1);
+    }
+    for i in 0..extra {
+        // Joined after the plan: given no work this round.
+        let outcome = m.commit(many(i), &commit_for(&plan, 9), Hash::of(&i.to_le_bytes()));
+        assert!(
+            matches!(
+                outcome,
+                CommitOutcome::Rejected {
+                    reason: RejectReason::WrongRound,
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
+    }
+    deliver(&mut m, &plan, node(1));
+    deliver(&mut m, &plan, node(2));
+    let close = close_of(m.tick(1));
+    assert_eq!(close.rejected.len(), MAX_REFUSALS_PER_MANIFEST);
     assert_eq!(close.candidates.len(), 2, "both real updates count");
 }
 

@@ -403,7 +403,7 @@ fn prepare(
         round: next_round,
         params_hash: state.params_hash(),
         head_manifest,
-        shard_uses: rounds::count_shard_uses(&shards, &plans),
+        shard_uses: rounds::count_shard_uses(shards.len(), &plans),
     };
     let mut rounds = Rounds::new(rounds_config, start);
     rounds.restore_reputation(crate::reputation::replay_rows(
@@ -1416,7 +1416,7 @@ async fn fetch_and_check(
             verify::check_payload(&payload, &commit, codec, params).map(|_| ())
         })
         .await
-        .unwrap_or(Err(RejectReason::Undecodable("the check crashed".into())))
+        .unwrap_or(Err(RejectReason::undecodable("the check crashed")))
     };
     checked?;
     if let Err(e) = store.put(payload) {
@@ -1476,6 +1476,7 @@ impl CloseJob {
             rule: &self.resolved.aggregation,
             verify: &self.config.verify,
             seq_len: self.config.seq_len as usize,
+            dataset: &self.dataset.train,
             shard_tokens: &self.dataset.tokens,
             heldout: self.heldout.as_deref().map(|v| v.as_slice()),
             flops_per_token: self

@@ -124,7 +124,16 @@ pub fn replay(
 ) -> SpotResult {
     let unusable = |why: String| SpotResult::unusable(share, why);
     let workers = assignment.workers.max(1) as usize;
-    let plans = split_assignment(&assignment.shards, assignment.seed, workers);
+    let shards = match assignment.shard_hashes(&run.dataset) {
+        Ok(shards) => shards,
+        Err(index) => {
+            return unusable(format!(
+                "the plan names shard {index}, past the run's {} shards",
+                run.dataset.len()
+            ));
+        }
+    };
+    let plans = split_assignment(&shards, assignment.seed, workers);
     let Some(plan) = plans.get(share.index as usize) else {
         return unusable(format!(
             "the node's assignment has {workers} workers, not a worker {}",

@@ -26,7 +26,7 @@ pub fn open_commit(signed: &Signed<Commit>) -> Result<(NodeId, Commit, Hash), Re
             Err(RejectReason::Oversized)
         }
         Err(barnraise_protocol::signed::SignedError::Wire(e)) => {
-            Err(RejectReason::Undecodable(e.to_string()))
+            Err(RejectReason::undecodable(e.to_string()))
         }
         Err(_) => Err(RejectReason::BadSignature),
     }
@@ -44,9 +44,9 @@ pub fn check_payload(
         return Err(RejectReason::HashMismatch);
     }
     let header =
-        codec::peek_header(payload).map_err(|e| RejectReason::Undecodable(e.to_string()))?;
+        codec::peek_header(payload).map_err(|e| RejectReason::undecodable(e.to_string()))?;
     if header.config != codec_config {
-        return Err(RejectReason::Undecodable(format!(
+        return Err(RejectReason::undecodable(format!(
             "payload uses codec {}, the run uses {codec_config}",
             header.config
         )));
@@ -58,7 +58,7 @@ pub fn check_payload(
         CodecError::NonFiniteValue { .. }
         | CodecError::BadScale { .. }
         | CodecError::BadRange { .. } => RejectReason::NonFinite,
-        other => RejectReason::Undecodable(other.to_string()),
+        other => RejectReason::undecodable(other.to_string()),
     })?;
     // The codec already refuses non-finite values; this is the contract, checked once more.
     if dense.iter().any(|v| !v.is_finite()) {

@@ -185,12 +185,7 @@ impl FakeNode {
             .iter()
             .find(|a| a.node == self.key.node_id())
             .expect("assigned");
-        let info = welcome
-            .config
-            .dataset
-            .iter()
-            .find(|s| s.hash == assignment.shards[0])
-            .unwrap();
+        let info = &welcome.config.dataset[assignment.shards[0] as usize];
         let bytes = network::fetch_blob(&self.client, self.coordinator, info.hash, info.bytes)
             .await
             .unwrap();
@@ -327,7 +322,7 @@ async fn coordinator_runs_rounds_rejects_bad_input_and_resumes_after_restart() {
     // Round 0.
     let plan0 = honest_a.plan(0).await;
     assert_eq!(plan0.assignments.len(), 3);
-    let shards: std::collections::HashSet<Hash> = plan0
+    let shards: std::collections::HashSet<u32> = plan0
         .assignments
         .iter()
         .flat_map(|a| a.shards.clone())

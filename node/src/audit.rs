@@ -174,7 +174,6 @@ pub fn audit(
             format!("'{}', the index says '{}'", run.run_id, index.run_id),
         ));
     }
-    let dataset: BTreeSet<Hash> = run.dataset.iter().map(|s| s.hash).collect();
 
     // 2–4. Signatures, the chain, plans against the config.
     let mut signatures = 0u64;
@@ -262,11 +261,15 @@ pub fn audit(
                     ),
                 ));
             }
-            if let Some(shard) = a.shards.iter().find(|s| !dataset.contains(s)) {
+            if let Err(index) = a.shard_hashes(&run.dataset) {
                 return Err(fault(
                     r,
                     "plan shards",
-                    format!("{} is not a shard of the run's dataset", shard.short()),
+                    format!(
+                        "shard {index} for {} is past the run's dataset of {} shards",
+                        a.node.short(),
+                        run.dataset.len()
+                    ),
                 ));
             }
         }

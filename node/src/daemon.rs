@@ -1462,22 +1462,29 @@ impl Node {
                 "the plan gives work to fewer workers than this node declared"
             );
         }
-        let worker_plans =
-            crate::cluster::split_assignment(&assignment.shards, assignment.seed, active);
+        let shards = match assignment.shard_hashes(&state.run.dataset) {
+            Ok(shards) => shards,
+            Err(index) => {
+                // The coordinator signed a plan our run config cannot read:
+                // sit the round out, the manifest still brings us along.
+                self.warn(format!(
+                    "skipping round {round}'s work: the plan names shard {index}, and the run's \
+                     dataset has {} shards",
+                    state.run.dataset.len()
+                ));
+                return Ok(Some(()));
+            }
+        };
+        let worker_plans = crate::cluster::split_assignment(&shards, assignment.seed, active);
         // Shards: verified by hash on arrival, cached in the store; each
         // distinct shard is fetched and decoded once, whichever workers use it.
         let mut shard_tokens: std::collections::HashMap<Hash, Vec<u16>> =
             std::collections::HashMap::new();
-        for shard in &assignment.shards {
+        for (shard, &index) in shards.iter().zip(&assignment.shards) {
             if shard_tokens.contains_key(shard) {
                 continue;
             }
-            let size = state
-                .run
-                .dataset
-                .iter()
-                .find(|s| s.hash == *shard)
-                .map(|s| s.bytes);
+            let size = state.run.dataset.get(index as usize).map(|s| s.bytes);
             match self.fetch(shard, size, None, "shard").await {
                 Ok(()) => {}
                 Err(NodeError::Fetch(FetchError::Cancelled)) => return Ok(None),

@@ -473,20 +473,31 @@ async fn link_checks(client: &network::Client, peer: libp2p::PeerId, checks: &mu
             Some("it may be overloaded or run another protocol version; ask its operator"),
         )),
     }
-    // Throughput: a few chunks of a shard the current round uses.
-    let shard = plan.as_ref().and_then(|p| {
-        p.assignments
+    // Throughput: a few chunks of the largest update the last closed round
+    // accepted, which the coordinator keeps and serves. (Plans name shards
+    // by their index in the run's dataset, which only a joined node has.)
+    let last_closed = plan.as_ref().and_then(|p| p.round.checked_sub(1));
+    let mut shard = None;
+    if let Some(round) = last_closed
+        && let Ok(Ok(CoordinatorResponse::Manifest(Some(signed)))) = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.coordinator_request(peer, CoordinatorRequest::Manifest { round }),
+        )
+        .await
+        && let Ok(manifest) = signed.verify(PublicKey::from_peer_id(&peer).ok().as_ref())
+    {
+        shard = manifest
+            .accepted
             .iter()
-            .flat_map(|a| a.shards.iter())
-            .next()
-            .copied()
-    });
+            .max_by_key(|a| a.update_bytes)
+            .map(|a| a.update_hash);
+    }
     let Some(shard) = shard else {
         checks.push(check(
             "throughput",
             Verdict::Warn,
-            "not measured: no round is open, so there is no shard to read",
-            Some("run doctor again while a round is open"),
+            "not measured: no round has closed with an accepted update to read",
+            Some("run doctor again once the run has closed a round"),
         ));
         return;
     };
@@ -499,7 +510,7 @@ async fn link_checks(client: &network::Client, peer: libp2p::PeerId, checks: &mu
             checks.push(check(
                 "throughput",
                 Verdict::Warn,
-                "not measured: the coordinator does not serve the round's shard",
+                "not measured: the coordinator does not serve the last round's update",
                 None,
             ));
             return;

@@ -633,7 +633,6 @@ async fn gossip_from_a_non_coordinator_signer_is_rejected() {
 struct FakeCoordinator {
     key: SigningKey,
     run: RunConfig,
-    shard: Hash,
     round: u64,
     theta: Vec<f32>,
     optimizer: OuterOptimizer,
@@ -658,7 +657,8 @@ impl FakeCoordinator {
             previous_manifest: self.head,
             assignments: vec![Assignment {
                 node,
-                shards: vec![self.shard],
+                // The run's dataset is this one shard.
+                shards: vec![0],
                 seed: self.round + 7,
                 inner_steps: 2,
                 workers: 1,
@@ -875,7 +875,6 @@ async fn start_fake_stalling(
         optimizer: OuterOptimizer::new(outer, theta.len()),
         theta,
         run,
-        shard,
         round: 0,
         manifests: BTreeMap::new(),
         forge_first_manifest,

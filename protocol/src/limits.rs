@@ -25,6 +25,15 @@ pub const MAX_COORDINATOR_MESSAGE_BYTES: usize = MAX_WELCOME_BYTES + ENVELOPE_OV
 pub const MAX_REPORTED_LOSSES: usize = 4096;
 /// Shards in one dataset.
 pub const MAX_DATASET_SHARDS: usize = 65_536;
+/// Nodes with work in one round. A seeded subset trains when more are
+/// active; with at most [`MAX_DATASET_SHARDS`] shard indices in a round this
+/// keeps the largest plan under [`MAX_ROUND_PLAN_BYTES`] (a test builds it).
+pub const MAX_ASSIGNMENTS_PER_ROUND: usize = 10_000;
+/// Refusals at commit time (late, wrong round, duplicate, …) one manifest
+/// lists, at most one per node and reason; the rest are only counted. With
+/// at most [`MAX_ASSIGNMENTS_PER_ROUND`] verdicts this keeps the largest
+/// manifest under [`MAX_MANIFEST_BYTES`] (a test builds it).
+pub const MAX_REFUSALS_PER_MANIFEST: usize = 4096;
 /// Workers one node may declare.
 pub const MAX_WORKERS_PER_NODE: usize = 64;
 /// Longest free-text field (names, agent strings, reasons).

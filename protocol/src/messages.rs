@@ -127,8 +127,12 @@ pub struct BootstrapPeer {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
     pub node: NodeId,
+    /// The shards to train on, as indices into the run config's `dataset`
+    /// (which every node has from its welcome): three bytes on the wire
+    /// instead of a 32-byte hash, so a plan for 10,000 nodes stays under
+    /// [`crate::limits::MAX_ROUND_PLAN_BYTES`] (docs/protocol.md, "Plan size").
     #[serde(deserialize_with = "crate::wire::seq")]
-    pub shards: Vec<Hash>,
+    pub shards: Vec<u32>,
     pub seed: u64,
     pub inner_steps: u32,
     /// How many of the node's workers this assignment is for: all it
@@ -136,6 +140,18 @@ pub struct Assignment {
     /// when shards run short a node gets as many shares as are left). The
     /// node trains this many workers and may claim this many workers' tokens.
     pub workers: u32,
+}
+
+impl Assignment {
+    /// The hashes of the assignment's shards, looked up in the run's
+    /// `dataset`; an index past its end (a plan for another dataset, or a
+    /// coordinator's fault) is returned as the error.
+    pub fn shard_hashes(&self, dataset: &[ShardInfo]) -> Result<Vec<Hash>, u32> {
+        self.shards
+            .iter()
+            .map(|&i| dataset.get(i as usize).map(|s| s.hash).ok_or(i))
+            .collect()
+    }
 }
 
 /// The coordinator's signed plan that opens a round.
@@ -228,6 +244,21 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// An `Undecodable` whose text is cut to
+    /// [`crate::limits::MAX_TEXT_BYTES`] (at a character boundary), so a
+    /// decoder's long error cannot grow a manifest.
+    pub fn undecodable(text: impl Into<String>) -> RejectReason {
+        let mut text = text.into();
+        if text.len() > crate::limits::MAX_TEXT_BYTES {
+            let mut end = crate::limits::MAX_TEXT_BYTES;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        RejectReason::Undecodable(text)
+    }
+
     /// A short stable name for tables, metrics and the ledger.
     pub fn code(&self) -> &'static str {
         match self {

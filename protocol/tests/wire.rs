@@ -219,7 +219,7 @@ fn round_plan() -> impl Strategy<Value = RoundPlan> {
         prop::collection::vec(
             (
                 node_id(),
-                prop::collection::vec(hash(), 0..3),
+                prop::collection::vec(any::<u32>(), 0..3),
                 any::<u64>(),
                 any::<u32>(),
             ),
@@ -725,4 +725,101 @@ fn a_length_claim_reserves_little_memory() {
         claims_reserve_little(&commit().new_tree(&mut runner).unwrap().current());
         claims_reserve_little(&manifest().new_tree(&mut runner).unwrap().current());
     }
+}
+
+/// The largest plan and manifest one round can produce — every field at its
+/// widest, [`MAX_ASSIGNMENTS_PER_ROUND`] nodes, every shard of the largest
+/// dataset handed out, the largest rejection for every node and the most
+/// refusals a manifest lists — are signed, sent and verified within their
+/// limits (docs/protocol.md, "Plan and manifest size").
+#[test]
+fn the_largest_round_fits_its_limits() {
+    use barnraise_protocol::limits::{
+        MAX_ASSIGNMENTS_PER_ROUND, MAX_BOOTSTRAP_ADDRS, MAX_BOOTSTRAP_PEERS, MAX_DATASET_SHARDS,
+        MAX_MANIFEST_BYTES, MAX_REFUSALS_PER_MANIFEST, MAX_ROUND_PLAN_BYTES, MAX_TEXT_BYTES,
+        MAX_WORKERS_PER_NODE,
+    };
+    let widest_text = "x".repeat(MAX_TEXT_BYTES);
+    let node = |i: usize| {
+        let mut bytes = [0xffu8; 32];
+        bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        NodeId::from_bytes(bytes)
+    };
+    let widest_shard = (MAX_DATASET_SHARDS - 1) as u32;
+    let per_node = MAX_DATASET_SHARDS / MAX_ASSIGNMENTS_PER_ROUND;
+    let extra = MAX_DATASET_SHARDS % MAX_ASSIGNMENTS_PER_ROUND;
+    let plan = RoundPlan {
+        run_id: widest_text.clone(),
+        round: u64::MAX,
+        params_hash: Hash([0xff; 32]),
+        previous_manifest: Hash([0xff; 32]),
+        assignments: (0..MAX_ASSIGNMENTS_PER_ROUND)
+            .map(|i| Assignment {
+                node: node(i),
+                shards: vec![widest_shard; per_node + usize::from(i < extra)],
+                seed: u64::MAX,
+                inner_steps: u32::MAX,
+                workers: MAX_WORKERS_PER_NODE as u32,
+            })
+            .collect(),
+        opened_at_ms: u64::MAX,
+        deadline_ms: u64::MAX,
+        bootstrap: (0..MAX_BOOTSTRAP_PEERS)
+            .map(|_| BootstrapPeer {
+                peer: widest_text.clone(),
+                addrs: vec![widest_text.clone(); MAX_BOOTSTRAP_ADDRS],
+            })
+            .collect(),
+    };
+    let shards: usize = plan.assignments.iter().map(|a| a.shards.len()).sum();
+    assert_eq!(shards, MAX_DATASET_SHARDS);
+    let signed = Signed::sign(&key(1), &plan).expect("the largest plan encodes");
+    let bytes = signed.to_bytes().unwrap();
+    eprintln!(
+        "largest plan: {} bytes of {MAX_ROUND_PLAN_BYTES}",
+        signed.body.len()
+    );
+    assert!(signed.body.len() <= MAX_ROUND_PLAN_BYTES);
+    let back = Signed::<RoundPlan>::from_bytes(&bytes).unwrap();
+    assert_eq!(back.verify(Some(&key(1).public())).unwrap(), plan);
+
+    let verdict = RejectReason::undecodable("é".repeat(MAX_TEXT_BYTES));
+    assert!(
+        matches!(&verdict, RejectReason::Undecodable(t) if t.len() <= MAX_TEXT_BYTES),
+        "a decoder's long error is cut to the text limit"
+    );
+    let manifest = Manifest {
+        run_id: widest_text.clone(),
+        round: u64::MAX,
+        previous_manifest: Hash([0xff; 32]),
+        base_params_hash: Hash([0xff; 32]),
+        accepted: vec![],
+        rejected: (0..MAX_ASSIGNMENTS_PER_ROUND)
+            .map(|i| RejectedUpdate {
+                node: node(i),
+                update_hash: Some(Hash([0xff; 32])),
+                reason: RejectReason::Undecodable(widest_text.clone()),
+            })
+            .chain((0..MAX_REFUSALS_PER_MANIFEST).map(|i| RejectedUpdate {
+                node: node(i),
+                update_hash: Some(Hash([0xff; 32])),
+                reason: RejectReason::Replay {
+                    of: node(i),
+                    round: u64::MAX,
+                },
+            }))
+            .collect(),
+        missing: vec![],
+        aggregation: widest_text.clone(),
+        next_params_hash: Hash([0xff; 32]),
+        closed_at_ms: u64::MAX,
+    };
+    let signed = Signed::sign(&key(1), &manifest).expect("the largest manifest encodes");
+    eprintln!(
+        "largest manifest: {} bytes of {MAX_MANIFEST_BYTES}",
+        signed.body.len()
+    );
+    assert!(signed.body.len() <= MAX_MANIFEST_BYTES);
+    let back = Signed::<Manifest>::from_bytes(&signed.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.verify(None).unwrap(), manifest);
 }
