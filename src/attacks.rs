@@ -91,9 +91,11 @@ pub struct Outcome {
     /// The attackers' updates, and how many of them counted.
     pub attacker_updates: u64,
     pub attacker_accepted: u64,
-    /// Tokens the attackers claimed and were credited.
+    /// Tokens the attackers claimed and were credited, and credit taken
+    /// back from them by failed spot checks (docs/security.md, "Clawback").
     pub attacker_claimed_tokens: u64,
     pub attacker_credited_tokens: u64,
+    pub attacker_voided_tokens: u64,
     /// Refusal rows in the ledger, and refusals only counted in metrics.
     pub refusals_recorded: u64,
     pub refusals_unrecorded: u64,
@@ -321,11 +323,12 @@ pub async fn run_one(
             }
         }
     }
-    let (mut claimed, mut credited) = (0, 0);
+    let (mut claimed, mut credited, mut voided) = (0, 0, 0);
     for row in &summary.contributors {
         if attacker_ids.contains(&row.node) {
             claimed += row.claimed_tokens;
             credited += row.tokens;
+            voided += row.voided_tokens;
         }
     }
     let refusals = ledger.refusals()?;
@@ -372,6 +375,7 @@ pub async fn run_one(
         attacker_accepted,
         attacker_claimed_tokens: claimed,
         attacker_credited_tokens: credited,
+        attacker_voided_tokens: voided,
         refusals_recorded: refusals.len() as u64,
         refusals_unrecorded,
         rate_limited,
@@ -592,6 +596,7 @@ pub fn combine(per_seed: &[Vec<Outcome>]) -> Vec<Outcome> {
             merged.attacker_accepted = sum(|o| o.attacker_accepted);
             merged.attacker_claimed_tokens = sum(|o| o.attacker_claimed_tokens);
             merged.attacker_credited_tokens = sum(|o| o.attacker_credited_tokens);
+            merged.attacker_voided_tokens = sum(|o| o.attacker_voided_tokens);
             merged.refusals_recorded = sum(|o| o.refusals_recorded);
             merged.refusals_unrecorded = sum(|o| o.refusals_unrecorded);
             merged.rate_limited = sum(|o| o.rate_limited);
@@ -683,6 +688,7 @@ mod tests {
             attacker_accepted: 1,
             attacker_claimed_tokens: 10,
             attacker_credited_tokens: 5,
+            attacker_voided_tokens: 0,
             refusals_recorded: 1,
             refusals_unrecorded: 2,
             rate_limited: 3,

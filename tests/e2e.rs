@@ -1005,6 +1005,39 @@ fn an_exported_record_audits_and_every_tampering_is_caught() {
     forge(&flipped, name, bytes);
     fails_with(&flipped, None, Some(1), "round-000001.manifest");
 
+    // A coordinator that takes back credit the manifests do not give: the
+    // last manifest, re-signed with the coordinator's own key and chained
+    // as the head, voids more than the node was ever credited. The
+    // clawback fold recomputes every void and catches it.
+    let voiding = copy("bogus-void");
+    let name = "manifests/round-000002.manifest";
+    let key =
+        barnraise_protocol::SigningKey::load(&coordinator_dir.join("coordinator.key")).unwrap();
+    let signed = barnraise_protocol::Signed::<barnraise_protocol::messages::Manifest>::from_bytes(
+        &std::fs::read(voiding.join(name)).unwrap(),
+    )
+    .unwrap();
+    let mut manifest = signed.verify(Some(&key.public())).unwrap();
+    let victim = manifest.accepted[0].node;
+    manifest
+        .voided
+        .push(barnraise_protocol::messages::VoidedCredit {
+            node: victim,
+            from_round: 0,
+            tokens: u64::MAX / 2,
+        });
+    let resigned = barnraise_protocol::Signed::sign(&key, &manifest).unwrap();
+    forge(&voiding, name, resigned.to_bytes().unwrap());
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(voiding.join("index.json")).unwrap()).unwrap();
+    index["head_manifest"] = resigned.body_hash().to_hex().into();
+    std::fs::write(
+        voiding.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    fails_with(&voiding, None, Some(2), "voids");
+
     // A forged ledger total.
     let forged = copy("forged-ledger");
     let mut totals: serde_json::Value =

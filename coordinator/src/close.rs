@@ -60,6 +60,9 @@ pub struct SpotContext<'a> {
     /// A fetched starting state by hash; called only for the shares the
     /// round replays, so states drawn over the budget are never read.
     pub state: &'a dyn Fn(&Hash) -> Option<Arc<Vec<u8>>>,
+    /// Every node's credit not yet backed by a passed check (the manifests
+    /// so far, folded): what a failed check voids.
+    pub unverified: &'a barnraise_protocol::credit::Unverified,
 }
 
 /// One spot check, kept for the ledger.
@@ -248,6 +251,8 @@ pub fn close_round(
     // Stage 5: spot checks. Replay the drawn workers of updates that passed
     // everything else, in commit order, up to the round's budget.
     let mut spot_checks = Vec::new();
+    let mut verified_idx = std::collections::HashSet::new();
+    let mut voided = Vec::new();
     if let Some(spot) = &ctx.spot {
         // Every drawn share of the updates still standing, lowest draw first,
         // up to the round's budget.
@@ -305,16 +310,21 @@ pub fn close_round(
                 result,
                 passed,
             });
-            if !passed {
+            if passed {
+                verified_idx.insert(i);
+            } else {
                 failed.insert(i);
                 rejected.push(RejectedUpdate {
                     node: c.node,
                     update_hash: Some(c.commit.update_hash),
                     reason: RejectReason::SpotCheck { worker },
                 });
+                // Clawback: what the node was credited since its last passed check.
+                voided.extend(spot.unverified.void_for(&c.node));
             }
         }
         accepted_idx.retain(|i| !failed.contains(i));
+        verified_idx.retain(|i| !failed.contains(i));
     }
 
     // Weights: tokens over the accepted total, computed in f64 in manifest order.
@@ -385,6 +395,12 @@ pub fn close_round(
         accepted,
         rejected,
         missing: close.missing.clone(),
+        verified: accepted_idx
+            .iter()
+            .filter(|i| verified_idx.contains(*i))
+            .map(|&i| close.candidates[i].node)
+            .collect(),
+        voided,
         aggregation: ctx.rule.to_string(),
         next_params_hash: Hash::of_f32s(theta),
         closed_at_ms: close.closed_at_ms,

@@ -278,15 +278,51 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
         dataset: vec![],
         held_out: vec![],
     };
+    // Rounds 0–2 accepted all three nodes' 100 tokens, with no check passed.
+    let earlier: Vec<Manifest> = (0..3u64)
+        .map(|r| {
+            let mut m = closed_manifest(r, &round.close.plan);
+            m.accepted = round
+                .close
+                .candidates
+                .iter()
+                .map(|c| AcceptedUpdate {
+                    node: c.node,
+                    update_hash: Hash::of(&[r as u8, c.node.0.0[0]]),
+                    update_bytes: 1,
+                    tokens: 100,
+                    weight: 1.0 / 3.0,
+                    compute_ms: 1,
+                })
+                .collect();
+            m
+        })
+        .collect();
+    let unverified = barnraise_protocol::credit::Unverified::replay(&earlier).unwrap();
     let no_state = |_: &Hash| None;
     let spot = SpotContext {
         key: &key,
         run: &run_config,
         state: &no_state,
+        unverified: &unverified,
     };
     let (closed, _) = close_with(&round, "mean", &verify, Some(spot));
     assert_eq!(closed.spot_checks.len(), 1, "one replay fits the budget");
     assert_eq!(closed.spot_checks[0].node, lowest);
+    // Clawback: the failed node loses rounds 0–2's credit; the others,
+    // unchecked, keep theirs, and nobody is verified.
+    assert_eq!(
+        closed.manifest.voided,
+        vec![barnraise_protocol::messages::VoidedCredit {
+            node: lowest,
+            from_round: 0,
+            tokens: 300,
+        }]
+    );
+    assert!(closed.manifest.verified.is_empty());
+    let mut after = unverified.clone();
+    after.apply(&closed.manifest).unwrap();
+    assert_eq!(after.void_for(&lowest), None);
     let codes: Vec<(NodeId, &str)> = closed
         .manifest
         .rejected
@@ -306,4 +342,22 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
             .is_some_and(|d| d.contains("state was not served")),
         "{row:?}"
     );
+}
+
+/// An empty manifest of round `r` for the run of `plan`.
+fn closed_manifest(r: u64, plan: &RoundPlan) -> Manifest {
+    Manifest {
+        run_id: plan.run_id.clone(),
+        round: r,
+        previous_manifest: Hash::ZERO,
+        base_params_hash: Hash::ZERO,
+        accepted: vec![],
+        rejected: vec![],
+        missing: vec![],
+        verified: vec![],
+        voided: vec![],
+        aggregation: "mean".into(),
+        next_params_hash: Hash::ZERO,
+        closed_at_ms: 0,
+    }
 }

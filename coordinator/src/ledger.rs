@@ -134,6 +134,9 @@ const MIGRATIONS: &[&str] = &[
     // 3: which certificate admitted a node, so a certificate revoked while
     // the coordinator was down is enforced when it restarts.
     "ALTER TABLE nodes ADD COLUMN certificate TEXT;",
+    // 4: clawback — the round in which an accepted update's credit was
+    // voided by a failed spot check (docs/security.md, "Clawback").
+    "ALTER TABLE updates ADD COLUMN voided_in INTEGER;",
 ];
 
 /// `(round, node, verdict, reason code)` of one ledger update row.
@@ -213,6 +216,9 @@ pub struct RoundRecord {
     pub manifest: Vec<u8>,
     pub updates: Vec<UpdateRow>,
     pub checkpoint: Option<CheckpointRow>,
+    /// The manifest's voids: `(node, from_round)`; the node's accepted
+    /// updates from that round up to this one lose their credit.
+    pub voided: Vec<(String, u64)>,
 }
 
 /// A node's totals over the run.
@@ -222,8 +228,12 @@ pub struct ContributorRow {
     pub org: Option<String>,
     pub org_name: Option<String>,
     /// Tokens credited: those of accepted updates (capped by the plan and,
-    /// where drawn, replayed by a spot check).
+    /// where drawn, replayed by a spot check), less those voided.
     pub tokens: u64,
+    /// Tokens of accepted updates whose credit a failed spot check took
+    /// back (docs/security.md, "Clawback").
+    #[serde(default)]
+    pub voided_tokens: u64,
     /// Tokens claimed: those of every committed update, accepted or not;
     /// `claimed_tokens − tokens` is work claimed and not credited.
     #[serde(default)]
@@ -254,6 +264,8 @@ pub struct OrgRow {
     pub org_name: Option<String>,
     pub nodes: u64,
     pub tokens: u64,
+    #[serde(default)]
+    pub voided_tokens: u64,
     #[serde(default)]
     pub claimed_tokens: u64,
     pub accepted: u64,
@@ -377,6 +389,7 @@ pub fn roll_up_orgs(rows: &[ContributorRow]) -> Vec<OrgRow> {
                     org_name: None,
                     nodes: 0,
                     tokens: 0,
+                    voided_tokens: 0,
                     claimed_tokens: 0,
                     accepted: 0,
                     rejected: 0,
@@ -396,6 +409,7 @@ pub fn roll_up_orgs(rows: &[ContributorRow]) -> Vec<OrgRow> {
         }
         o.nodes += 1;
         o.tokens += r.tokens;
+        o.voided_tokens += r.voided_tokens;
         o.claimed_tokens += r.claimed_tokens;
         o.accepted += r.accepted;
         o.rejected += r.rejected;
@@ -814,6 +828,15 @@ impl Ledger {
             )
             .map_err(sql)?;
         }
+        for (node, from_round) in &record.voided {
+            tx.execute(
+                "UPDATE updates SET voided_in = ?1, credit = 0
+                 WHERE node = ?2 AND verdict = 'accepted' AND round >= ?3 AND round < ?1
+                   AND voided_in IS NULL",
+                params![to_i64(round), node, to_i64(*from_round)],
+            )
+            .map_err(sql)?;
+        }
         tx.execute("DELETE FROM commits WHERE round = ?1", [to_i64(round)])
             .map_err(sql)?;
         tx.commit().map_err(sql)
@@ -948,10 +971,11 @@ impl Ledger {
     pub fn contributors(&self) -> Result<Vec<ContributorRow>, LedgerError> {
         let sql = format!(
             "SELECT u.node, n.org, n.org_name,
-                SUM(CASE WHEN u.verdict = 'accepted' THEN u.tokens ELSE 0 END),
+                SUM(CASE WHEN u.verdict = 'accepted' AND u.voided_in IS NULL THEN u.tokens ELSE 0 END),
                 SUM(u.verdict = 'accepted'), SUM(u.verdict = 'rejected'), SUM(u.verdict = 'missing'),
                 SUM(u.bytes), SUM(CASE WHEN u.verdict = 'accepted' THEN u.compute_ms ELSE 0 END), SUM(u.credit),
-                SUM({LATE}), SUM(u.tokens)
+                SUM({LATE}), SUM(u.tokens),
+                SUM(CASE WHEN u.voided_in IS NOT NULL THEN u.tokens ELSE 0 END)
              FROM updates u LEFT JOIN nodes n ON n.node = u.node
              GROUP BY u.node ORDER BY SUM(u.credit) DESC, u.node"
         );
@@ -969,6 +993,7 @@ impl Ledger {
                 credit: r.get(9)?,
                 late: to_u64(r.get(10)?),
                 claimed_tokens: to_u64(r.get(11)?),
+                voided_tokens: to_u64(r.get(12)?),
                 rejections: BTreeMap::new(),
             })
         })?;
@@ -1143,6 +1168,7 @@ mod tests {
             },
             manifest: vec![round as u8; 8],
             updates,
+            voided: vec![],
             checkpoint: Some(CheckpointRow {
                 round: round + 1,
                 blob: format!("ck{round}"),
@@ -1190,6 +1216,34 @@ mod tests {
             .find(|c| c.node == "a")
             .unwrap();
         assert_eq!((a.accepted, a.tokens, a.credit), (1, 100, 600.0));
+    }
+
+    /// Clawback: a void takes back the credit of the node's accepted
+    /// updates from its first round up to the voiding round, and only those;
+    /// the counts of accepted updates stay (they are in θ), org totals follow.
+    #[test]
+    fn a_void_takes_back_the_window_credit_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = open(&dir.path().join("ledger.sqlite")).unwrap();
+        ledger.bind_run("run", "{}", 0).unwrap();
+        for round in 0..3 {
+            ledger
+                .close_round(&record(round, &[("a", "accepted"), ("b", "accepted")]))
+                .unwrap();
+        }
+        // Round 3: `a` fails a check; its window began in round 1.
+        let mut voiding = record(3, &[("a", "rejected"), ("b", "accepted")]);
+        voiding.voided = vec![("a".into(), 1)];
+        ledger.close_round(&voiding).unwrap();
+        let rows = ledger.contributors().unwrap();
+        let a = rows.iter().find(|c| c.node == "a").unwrap();
+        let b = rows.iter().find(|c| c.node == "b").unwrap();
+        assert_eq!((a.accepted, a.tokens, a.voided_tokens), (3, 100, 200));
+        assert_eq!(a.credit, 600.0, "round 0 stands");
+        assert_eq!((b.accepted, b.tokens, b.voided_tokens), (4, 400, 0));
+        assert_eq!(b.credit, 2400.0);
+        let orgs = roll_up_orgs(&rows);
+        assert_eq!((orgs[0].tokens, orgs[0].voided_tokens), (500, 200));
     }
 
     #[test]

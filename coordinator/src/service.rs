@@ -27,6 +27,7 @@ use crate::rounds::{self, Action, CloseRound, CommitOutcome, Rounds, RoundsConfi
 use crate::store::{BlobStore, StoreError};
 use crate::summary::{CoordinatorEvent, LiveStatus, NetworkTotals, RunSummary};
 use crate::verify;
+use barnraise_protocol::credit::Unverified;
 use barnraise_protocol::messages::{
     CheckpointRef, Commit, CoordinatorRequest, CoordinatorResponse, Manifest, RejectReason,
     RoundPlan, RunConfig, Welcome,
@@ -259,6 +260,7 @@ pub async fn start(
         metrics,
         traffic,
         recent: Arc::new(Vec::new()),
+        unverified: Arc::new(prepared.unverified),
         join_limiter: crate::ratelimit::PeerLimiter::new(
             rate_limits.join_burst,
             rate_limits.joins_per_minute,
@@ -307,6 +309,7 @@ struct Prepared {
     /// Stored commits of the restored open round, to replay.
     pending: Vec<Signed<Commit>>,
     run_config: RunConfig,
+    unverified: Unverified,
 }
 
 fn outer_config(config: &CoordinatorConfig) -> OuterConfig {
@@ -416,6 +419,24 @@ fn prepare(
                 Some((round, node, outcome))
             }),
     ));
+    // Clawback windows: a fold over every closed round's manifest.
+    let mut unverified = Unverified::default();
+    for round in 0..next_round {
+        let Some(bytes) = ledger.manifest(round)? else {
+            return Err(CoordinatorError::Inconsistent(format!(
+                "the ledger has no manifest for closed round {round}"
+            )));
+        };
+        let manifest = Signed::<Manifest>::from_bytes(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.verify(Some(&key.public())).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                CoordinatorError::Inconsistent(format!("stored manifest of round {round}: {e}"))
+            })?;
+        unverified
+            .apply(&manifest)
+            .map_err(|e| CoordinatorError::Inconsistent(e.to_string()))?;
+    }
     let ledger_nodes = ledger.nodes()?;
     for node in &ledger_nodes {
         if let Ok(id) = node.node.parse::<NodeId>() {
@@ -506,6 +527,7 @@ fn prepare(
         open_plan: open_signed,
         pending,
         run_config,
+        unverified,
     })
 }
 
@@ -601,6 +623,9 @@ struct Service {
     /// (rebuilt from nothing on a restart: a replay of a round before the
     /// restart is left to the other checks).
     recent: Arc<Vec<verify::RecentUpdate>>,
+    /// Every node's credit since its last passed spot check (the manifests
+    /// folded), what a failed check voids.
+    unverified: Arc<Unverified>,
     live: Arc<RwLock<LiveStatus>>,
     internal_tx: mpsc::Sender<Internal>,
     finished_at: Option<tokio::time::Instant>,
@@ -1118,6 +1143,7 @@ impl Service {
             state,
             close,
             recent: self.recent.clone(),
+            unverified: self.unverified.clone(),
             run_config: self.run_config.clone(),
         };
         let tx = self.internal_tx.clone();
@@ -1259,6 +1285,11 @@ impl Service {
             .collect();
         self.recent = Arc::new(recent);
         let m = &done.closed.manifest;
+        if let Err(e) = Arc::make_mut(&mut self.unverified).apply(m) {
+            // The close computed the voids from this very fold; a mismatch
+            // is a bug, and the ledger's credit stands as the manifest says.
+            tracing::error!("clawback windows: {e}");
+        }
         self.metrics.rounds_closed.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .updates_accepted
@@ -1450,6 +1481,7 @@ struct CloseJob {
     state: GlobalState,
     close: CloseRound,
     recent: Arc<Vec<verify::RecentUpdate>>,
+    unverified: Arc<Unverified>,
     run_config: RunConfig,
 }
 
@@ -1470,6 +1502,7 @@ impl CloseJob {
                 key: &self.key,
                 run: &self.run_config,
                 state: &state_of,
+                unverified: &self.unverified,
             }),
             model: &self.resolved.model,
             codec: self.resolved.codec.codec_at(round),
@@ -1544,6 +1577,11 @@ impl CloseJob {
             manifest: manifest_bytes,
             updates: closed.updates.clone(),
             checkpoint: checkpoint.as_ref().map(checkpoint_row),
+            voided: m
+                .voided
+                .iter()
+                .map(|v| (v.node.to_string(), v.from_round))
+                .collect(),
         };
         {
             let mut ledger = self

@@ -219,8 +219,9 @@ pub fn render(
 }
 
 /// The CSV columns both outputs end with: the [`Tally`] fields.
-const TALLY_COLUMNS: [&str; 10] = [
+const TALLY_COLUMNS: [&str; 11] = [
     "tokens",
+    "voided_tokens",
     "claimed_tokens",
     "accepted",
     "rejected",
@@ -304,6 +305,7 @@ mod tests {
             org: None,
             org_name: Some("Lab".into()),
             tokens: 12_345,
+            voided_tokens: 0,
             claimed_tokens: 13_000,
             accepted: 3,
             rejected: 1,

@@ -717,6 +717,7 @@ fn accounting_ledger(data_dir: &Path) -> (Ledger, [String; 3], String) {
             manifest: vec![round as u8],
             updates,
             checkpoint: None,
+            voided: vec![],
         };
         ledger.close_round(&record).unwrap();
         if round == 1 {
@@ -935,11 +936,12 @@ async fn stats_api_and_csv_agree_with_the_ledger() {
         assert_eq!(line[0], row.node);
         assert_eq!(line[1], row.org.clone().unwrap_or_default());
         assert_eq!(line[2], row.org_name.clone().unwrap_or_default());
-        let numbers: Vec<u64> = line[3..11].iter().map(|f| f.parse().unwrap()).collect();
+        let numbers: Vec<u64> = line[3..12].iter().map(|f| f.parse().unwrap()).collect();
         assert_eq!(
             numbers,
             vec![
                 row.tokens,
+                row.voided_tokens,
                 row.claimed_tokens,
                 row.accepted,
                 row.rejected,
@@ -949,13 +951,13 @@ async fn stats_api_and_csv_agree_with_the_ledger() {
                 row.compute_ms
             ]
         );
-        assert_eq!(line[11].parse::<f64>().unwrap(), row.credit);
+        assert_eq!(line[12].parse::<f64>().unwrap(), row.credit);
         let reasons: Vec<String> = row
             .rejections
             .iter()
             .map(|(r, n)| format!("{r}={n}"))
             .collect();
-        assert_eq!(line[12], reasons.join(";"));
+        assert_eq!(line[13], reasons.join(";"));
     }
     let org_csv = parse_csv(&stats::render(&remote, By::Org, Format::Csv).unwrap());
     assert_eq!(org_csv[0], stats::org_columns());
@@ -965,8 +967,9 @@ async fn stats_api_and_csv_agree_with_the_ledger() {
         assert_eq!(line[1], row.org_name.clone().unwrap_or_default());
         assert_eq!(line[2].parse::<u64>().unwrap(), row.nodes);
         assert_eq!(line[3].parse::<u64>().unwrap(), row.tokens);
-        assert_eq!(line[4].parse::<u64>().unwrap(), row.claimed_tokens);
-        assert_eq!(line[11].parse::<f64>().unwrap(), row.credit);
+        assert_eq!(line[4].parse::<u64>().unwrap(), row.voided_tokens);
+        assert_eq!(line[5].parse::<u64>().unwrap(), row.claimed_tokens);
+        assert_eq!(line[12].parse::<f64>().unwrap(), row.credit);
     }
     // The JSON format is the API's rows again.
     let json = stats::render(&remote, By::Org, Format::Json).unwrap();

@@ -12,8 +12,10 @@
 //!    last manifest is the index's head.
 //! 4. Each plan matches the run config (inner steps, shards of the dataset),
 //!    and only nodes with work are accepted.
-//! 5. The ledger's totals per node (tokens, accepted updates) are what the
-//!    manifests add up to.
+//! 5. Every credit a manifest voids is the node's credit since its last
+//!    verified round (docs/security.md, "Clawback"), and the ledger's
+//!    totals per node (tokens, accepted updates) are what the
+//!    manifests add up to, less their voids.
 //! 6. With the blobs (the accepted updates), θ is recomputed from the seeded
 //!    θ_0 with the same `apply_round` every node runs, and each round's params
 //!    hash is checked bit for bit.
@@ -328,13 +330,22 @@ pub fn audit(
         load(name, None)?;
     }
 
-    // 5. Ledger totals against the manifests.
+    // 5. Clawback: every void is the node's credit since its last verified
+    // round, recomputed; then the ledger's totals against the manifests,
+    // less what they voided.
+    if let Err(e) = barnraise_protocol::credit::Unverified::replay(&manifests) {
+        return Err(fault(Some(e.round()), "manifest voided", e.to_string()));
+    }
     let mut from_manifests: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for m in &manifests {
         for a in &m.accepted {
             let entry = from_manifests.entry(a.node.to_string()).or_default();
             entry.0 += a.tokens;
             entry.1 += 1;
+        }
+        for v in &m.voided {
+            let entry = from_manifests.entry(v.node.to_string()).or_default();
+            entry.0 = entry.0.saturating_sub(v.tokens);
         }
     }
     let totals: Vec<Totals> = serde_json::from_slice(&load("ledger.json", None)?)

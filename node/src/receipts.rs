@@ -77,6 +77,11 @@ pub struct Receipt {
     pub signer: String,
     #[serde(flatten)]
     pub verdict: Verdict,
+    /// Credit this manifest takes back from the node: its accepted tokens
+    /// since its last verified round, after a failed spot check
+    /// (docs/security.md, "Clawback").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub voided: Option<barnraise_protocol::messages::VoidedCredit>,
 }
 
 /// A receipt file that did not verify, and why; it counts for nothing.
@@ -93,8 +98,10 @@ pub struct Totals {
     pub accepted: u64,
     pub rejected: u64,
     pub missing: u64,
-    /// Tokens of accepted updates.
+    /// Tokens of accepted updates, less those voided.
     pub tokens: u64,
+    /// Tokens of accepted updates that a failed spot check voided.
+    pub voided_tokens: u64,
     /// Compute time of accepted updates.
     pub compute_ms: u64,
     /// Bytes of accepted updates.
@@ -201,6 +208,7 @@ pub fn parse_receipt(
         manifest: Hash::of(&signed.body).to_hex(),
         signer: signed.signer.to_hex(),
         verdict,
+        voided: manifest.voided.iter().find(|v| v.node == *me).cloned(),
     })
 }
 
@@ -227,8 +235,14 @@ pub fn totals(receipts: &[Receipt], facts: Option<&RunFacts>) -> Totals {
             Verdict::Missing => t.missing += 1,
             Verdict::NotNamed => continue,
         }
+        if let Some(v) = &receipt.voided {
+            t.voided_tokens += v.tokens;
+        }
         t.rounds += 1;
     }
+    // A void takes back tokens of earlier receipts; a node that kept only
+    // some of its receipts cannot go below zero.
+    t.tokens = t.tokens.saturating_sub(t.voided_tokens);
     t.credit = facts.map(|f| t.tokens as f64 * f.flops_per_token);
     t
 }
@@ -279,6 +293,8 @@ mod tests {
             accepted: vec![],
             rejected: vec![],
             missing: vec![],
+            verified: vec![],
+            voided: vec![],
             aggregation: "mean".into(),
             next_params_hash: Hash::of(b"next"),
             closed_at_ms: 1,
@@ -297,6 +313,18 @@ mod tests {
                 update_hash: None,
                 reason: RejectReason::SignFlipped,
             }),
+            "voiding" => {
+                m.rejected.push(RejectedUpdate {
+                    node: me,
+                    update_hash: None,
+                    reason: RejectReason::SpotCheck { worker: 0 },
+                });
+                m.voided.push(barnraise_protocol::messages::VoidedCredit {
+                    node: me,
+                    from_round: round - 1,
+                    tokens: 1000,
+                });
+            }
             "missing" => m.missing.push(me),
             _ => {}
         }
@@ -314,6 +342,8 @@ mod tests {
             (2, "accepted"),
             (3, "missing"),
             (4, "none"),
+            (5, "accepted"),
+            (6, "voiding"),
         ] {
             let signed = Signed::sign(&coordinator, &manifest(round, me, verdict)).unwrap();
             std::fs::write(
@@ -323,24 +353,24 @@ mod tests {
             .unwrap();
         }
         // A tampered receipt and a forged one count for nothing.
-        let mut tampered = Signed::sign(&coordinator, &manifest(5, me, "accepted"))
+        let mut tampered = Signed::sign(&coordinator, &manifest(7, me, "accepted"))
             .unwrap()
             .to_bytes()
             .unwrap();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
-        std::fs::write(dir.path().join("round-000005.manifest"), tampered).unwrap();
+        std::fs::write(dir.path().join("round-000007.manifest"), tampered).unwrap();
         let forger = SigningKey::from_seed([8; 32]).unwrap();
-        let forged = Signed::sign(&forger, &manifest(6, me, "accepted")).unwrap();
+        let forged = Signed::sign(&forger, &manifest(8, me, "accepted")).unwrap();
         std::fs::write(
-            dir.path().join("round-000006.manifest"),
+            dir.path().join("round-000008.manifest"),
             forged.to_bytes().unwrap(),
         )
         .unwrap();
 
         let pinned = coordinator.public();
         let (receipts, bad) = read_receipts(dir.path(), &me, Some(&pinned)).unwrap();
-        assert_eq!(receipts.len(), 5);
+        assert_eq!(receipts.len(), 7);
         assert_eq!(bad.len(), 2, "{bad:?}");
         let facts = RunFacts {
             run_id: "run".into(),
@@ -348,8 +378,10 @@ mod tests {
             flops_per_token: 6.0,
         };
         let t = totals(&receipts, Some(&facts));
-        assert_eq!((t.rounds, t.accepted, t.rejected, t.missing), (4, 2, 1, 1));
-        assert_eq!((t.tokens, t.compute_ms, t.accepted_bytes), (2000, 14, 200));
+        // Round 6's failed check voided round 5's 1000 tokens.
+        assert_eq!((t.rounds, t.accepted, t.rejected, t.missing), (6, 3, 2, 1));
+        assert_eq!((t.tokens, t.voided_tokens), (2000, 1000));
+        assert_eq!((t.compute_ms, t.accepted_bytes), (21, 300));
         assert_eq!(t.credit, Some(12000.0));
         assert_eq!(t.rejections.get("sign-flipped"), Some(&1));
 

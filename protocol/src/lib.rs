@@ -13,6 +13,7 @@
 pub mod aggregate;
 pub mod certificate;
 pub mod codec;
+pub mod credit;
 pub mod framing;
 pub mod hash;
 pub mod identity;

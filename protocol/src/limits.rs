@@ -1,8 +1,9 @@
 //! Every size limit of the protocol, as named constants. Decoders enforce
 //! them before allocating; encoders refuse to produce larger messages.
 
-/// The protocol version a node states in its `Join`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version a node states in its `Join`. 2: plans name shards
+/// by index, manifests carry `verified` and `voided` (clawback).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// libp2p protocol name of the node ⇄ coordinator request-response protocol.
 pub const COORDINATOR_PROTOCOL: &str = "/barnraise/coordinator/1";

@@ -304,6 +304,16 @@ pub struct RejectedUpdate {
     pub reason: RejectReason,
 }
 
+/// Credit a manifest takes back: `node`'s accepted `tokens` from
+/// `from_round` up to the manifest's round, none of them backed by a passed
+/// spot check ([`crate::credit`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoidedCredit {
+    pub node: NodeId,
+    pub from_round: u64,
+    pub tokens: u64,
+}
+
 /// The coordinator's signed result of a round. Manifests form a hash chain
 /// through `previous_manifest` (the body hash of the previous manifest).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -320,6 +330,15 @@ pub struct Manifest {
     /// Nodes that were assigned work and did not commit by the deadline.
     #[serde(deserialize_with = "crate::wire::seq")]
     pub missing: Vec<NodeId>,
+    /// Accepted nodes whose workers a spot check replayed this round and
+    /// found as committed: their unverified credit so far stands
+    /// ([`crate::credit`]).
+    #[serde(deserialize_with = "crate::wire::seq")]
+    pub verified: Vec<NodeId>,
+    /// Credit taken back this round from nodes that failed a spot check:
+    /// what they were credited since their last verified round.
+    #[serde(deserialize_with = "crate::wire::seq")]
+    pub voided: Vec<VoidedCredit>,
     pub aggregation: String,
     /// Hash of θ_{round+1}.
     pub next_params_hash: Hash,

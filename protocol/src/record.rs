@@ -2,7 +2,7 @@
 //! shared by the coordinator that writes a record and the audit that reads it.
 
 /// The record format written and read by this code.
-pub const RECORD_FORMAT: &str = "barnraise-record/1";
+pub const RECORD_FORMAT: &str = "barnraise-record/2";
 
 /// The path, inside a record, of round `round`'s plan (`kind = "plans"`) or
 /// manifest (`kind = "manifests"`).

@@ -349,6 +349,10 @@ fn manifest() -> impl Strategy<Value = Manifest> {
         ),
         prop::collection::vec((node_id(), prop::option::of(hash()), reason()), 0..4),
         prop::collection::vec(node_id(), 0..3),
+        (
+            prop::collection::vec(node_id(), 0..3),
+            prop::collection::vec((node_id(), any::<u64>(), any::<u64>()), 0..3),
+        ),
         (text(), hash(), any::<u64>()),
     )
         .prop_map(
@@ -357,6 +361,7 @@ fn manifest() -> impl Strategy<Value = Manifest> {
                 accepted,
                 rejected,
                 missing,
+                (verified, voided),
                 (aggregation, next_params_hash, closed_at_ms),
             )| Manifest {
                 run_id,
@@ -387,6 +392,15 @@ fn manifest() -> impl Strategy<Value = Manifest> {
                     })
                     .collect(),
                 missing,
+                verified,
+                voided: voided
+                    .into_iter()
+                    .map(|(node, from_round, tokens)| VoidedCredit {
+                        node,
+                        from_round,
+                        tokens,
+                    })
+                    .collect(),
                 aggregation,
                 next_params_hash,
                 closed_at_ms,
@@ -810,6 +824,8 @@ fn the_largest_round_fits_its_limits() {
             }))
             .collect(),
         missing: vec![],
+        verified: vec![],
+        voided: vec![],
         aggregation: widest_text.clone(),
         next_params_hash: Hash([0xff; 32]),
         closed_at_ms: u64::MAX,

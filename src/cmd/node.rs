@@ -356,8 +356,18 @@ fn receipts(config: NodeConfig, json: bool) -> anyhow::Result<()> {
             Verdict::Missing => "missing   (no commit by the deadline)".into(),
             Verdict::NotNamed => "not named".into(),
         };
+        let voided = receipt
+            .voided
+            .as_ref()
+            .map(|v| {
+                format!(
+                    "  voids {} tokens credited since round {}",
+                    v.tokens, v.from_round
+                )
+            })
+            .unwrap_or_default();
         println!(
-            "round {:>6}  {status}  manifest {}  signed by {}",
+            "round {:>6}  {status}{voided}  manifest {}  signed by {}",
             receipt.round,
             &receipt.manifest[..12],
             &receipt.signer[..12]
@@ -372,7 +382,7 @@ fn receipts(config: NodeConfig, json: bool) -> anyhow::Result<()> {
         .map(|(reason, n)| format!("{reason} {n}"))
         .collect();
     println!(
-        "total: {} rounds, {} accepted, {} rejected{}, {} missing, {} tokens, {:.1} s compute, credit {}",
+        "total: {} rounds, {} accepted, {} rejected{}, {} missing, {} tokens{}, {:.1} s compute, credit {}",
         totals.rounds,
         totals.accepted,
         totals.rejected,
@@ -383,6 +393,11 @@ fn receipts(config: NodeConfig, json: bool) -> anyhow::Result<()> {
         },
         totals.missing,
         totals.tokens,
+        if totals.voided_tokens > 0 {
+            format!(" ({} voided by a failed spot check)", totals.voided_tokens)
+        } else {
+            String::new()
+        },
         totals.compute_ms as f64 / 1000.0,
         totals
             .credit
