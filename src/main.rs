@@ -51,6 +51,11 @@ enum Command {
     /// Check a run's public record from scratch: signatures, the manifest
     /// chain, plans, ledger totals, and (with --blobs) every params hash.
     Audit(cmd::audit::Args),
+    /// Export a trained model for the Hugging Face ecosystem, with a model
+    /// card that ties it to the run's record.
+    Export(cmd::export::Args),
+    /// Sample text from a checkpoint.
+    Generate(cmd::generate::Args),
     /// Benchmarks that print ratios measured side by side in one run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -133,6 +138,8 @@ fn main() -> std::process::ExitCode {
         Command::Shard(args) => cmd::shard::run(args),
         Command::Stats(args) => cmd::stats::run(args),
         Command::Audit(args) => cmd::audit::run(args),
+        Command::Export(args) => cmd::export::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
         Command::Bench(BenchCommand::Codec(args)) => cmd::bench_codec::run(args),
         Command::Bench(BenchCommand::Diloco(args)) => cmd::bench_diloco::run(args),
         Command::Bench(BenchCommand::Attacks(args)) => cmd::bench_attacks::run(args),

@@ -898,17 +898,11 @@ fn barnraise_in(home: &std::path::Path, args: &[&str]) -> std::process::Output {
         .expect("the binary runs")
 }
 
-/// The run record (issue #15): `up`, then `coordinator export-record`, then
-/// `audit` passes and recomputes θ bit for bit; each kind of tampering is
-/// caught with a message that names it, and a non-zero exit.
-#[test]
-fn an_exported_record_audits_and_every_tampering_is_caught() {
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let home = tempfile::tempdir().unwrap();
-    let data = home.path().join("run");
-    let data_arg = data.to_str().unwrap();
+/// `up` with 2 nodes for 3 rounds of `tiny` under `home`; the coordinator's data dir.
+fn up_tiny(home: &std::path::Path) -> PathBuf {
+    let data = home.join("run");
     let up = barnraise_in(
-        home.path(),
+        home,
         &[
             "up",
             "--nodes",
@@ -918,7 +912,7 @@ fn an_exported_record_audits_and_every_tampering_is_caught() {
             "--model",
             "tiny",
             "--data-dir",
-            data_arg,
+            data.to_str().unwrap(),
             "--json",
         ],
     );
@@ -927,8 +921,18 @@ fn an_exported_record_audits_and_every_tampering_is_caught() {
         "{}",
         String::from_utf8_lossy(&up.stderr)
     );
+    data.join("coordinator")
+}
+
+/// The run record (issue #15): `up`, then `coordinator export-record`, then
+/// `audit` passes and recomputes θ bit for bit; each kind of tampering is
+/// caught with a message that names it, and a non-zero exit.
+#[test]
+fn an_exported_record_audits_and_every_tampering_is_caught() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let home = tempfile::tempdir().unwrap();
+    let coordinator_dir = up_tiny(home.path());
     let record = home.path().join("record");
-    let coordinator_dir = data.join("coordinator");
     let export = barnraise_in(
         home.path(),
         &[
@@ -1093,6 +1097,149 @@ fn an_exported_record_audits_and_every_tampering_is_caught() {
         Some(&swapped_blobs),
         Some(2),
         "does not hash to its name",
+    );
+}
+
+/// Hugging Face export (issue #15): `up`, then `export --data-dir` writes
+/// Llama files, the run record beside them and a card naming every
+/// contributor from the ledger; the record audits; `generate` samples from
+/// the exported weights; a checkpoint from another run is refused.
+#[test]
+fn an_export_carries_the_record_and_a_card_naming_every_contributor() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let home = tempfile::tempdir().unwrap();
+    let coordinator_dir = up_tiny(home.path());
+    let out = home.path().join("hf");
+    let export = barnraise_in(
+        home.path(),
+        &[
+            "export",
+            "--data-dir",
+            coordinator_dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    for name in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "record/index.json",
+        "record/rounds.json",
+    ] {
+        assert!(out.join(name).exists(), "{name} missing");
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(config["hidden_size"], 64);
+    // The card: the weights after the last round, the record's hash, every
+    // contributor of the ledger and a loss curve.
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let index = std::fs::read(out.join("record/index.json")).unwrap();
+    assert!(card.contains("after round 3"), "{card}");
+    assert!(
+        card.contains(&barnraise_protocol::Hash::of(&index).to_hex()),
+        "{card}"
+    );
+    assert!(card.contains("## Held-out loss"), "{card}");
+    let ledger = Ledger::open_existing(&coordinator_dir.join("ledger.sqlite")).unwrap();
+    let contributors = ledger.contributors().unwrap();
+    assert_eq!(contributors.len(), 2);
+    for c in &contributors {
+        assert!(
+            card.contains(&c.node[..16]),
+            "{} missing from {card}",
+            c.node
+        );
+    }
+    let audit = barnraise_in(
+        home.path(),
+        &["audit", "--record", out.join("record").to_str().unwrap()],
+    );
+    assert!(
+        audit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
+
+    // The exported weights sample text, the same for the same seed.
+    let weights = out.join("model.safetensors");
+    let sample = |seed: &str| {
+        let out = barnraise_in(
+            home.path(),
+            &[
+                "generate",
+                "--checkpoint",
+                weights.to_str().unwrap(),
+                "--prompt",
+                "The barn ",
+                "--max-tokens",
+                "40",
+                "--seed",
+                seed,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = sample("1");
+    assert!(
+        text.starts_with("The barn ") && text.len() > "The barn ".len(),
+        "{text}"
+    );
+    assert_eq!(text, sample("1"));
+
+    // Not over an earlier export; not a checkpoint the record does not have.
+    let again = barnraise_in(
+        home.path(),
+        &[
+            "export",
+            "--data-dir",
+            coordinator_dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(!again.status.success());
+    let model = barnraise_trainer::ModelConfig::preset("tiny").unwrap();
+    let stranger = model.init_flat(99);
+    let meta = barnraise_trainer::checkpoint::CheckpointMeta {
+        run: "another".into(),
+        round: 0,
+        params_hash: barnraise_protocol::Hash::of_f32s(&stranger),
+    };
+    let foreign = home.path().join("foreign.safetensors");
+    barnraise_trainer::checkpoint::save(&foreign, &model, &stranger, None, &meta).unwrap();
+    let refused = barnraise_in(
+        home.path(),
+        &[
+            "export",
+            "--checkpoint",
+            foreign.to_str().unwrap(),
+            "--record",
+            out.join("record").to_str().unwrap(),
+            "--out",
+            home.path().join("hf2").to_str().unwrap(),
+        ],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is not θ of any round"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
     );
 }
 

@@ -955,6 +955,18 @@ impl Ledger {
         )
     }
 
+    /// The published checkpoint of θ_`round`, if there is one.
+    pub fn checkpoint(&self, round: u64) -> Result<Option<CheckpointRow>, LedgerError> {
+        self.conn
+            .query_row(
+                "SELECT round, blob, bytes, params_hash, optimizer_blob, optimizer_bytes FROM checkpoints WHERE round = ?1",
+                [to_i64(round)],
+                checkpoint_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
     /// The latest published checkpoint.
     pub fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>, LedgerError> {
         self.conn

@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod bootstrap;
+pub mod card;
 pub mod close;
 pub mod config;
 pub mod dashboard;

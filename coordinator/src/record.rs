@@ -8,6 +8,7 @@
 //! plans/round-NNNNNN.plan     each round's signed plan, as stored
 //! manifests/round-NNNNNN.manifest   each round's signed manifest, as stored
 //! ledger.json                 the ledger's totals per node (what the dashboard shows)
+//! rounds.json                 each closed round's ledger row: counts, losses, params hashes
 //! ```
 //!
 //! Nothing in it needs trusting: plans and manifests carry the coordinator's
@@ -110,6 +111,13 @@ pub fn export(data_dir: &Path, out: &Path) -> Result<RecordIndex, RecordError> {
             files.insert(round_file("plans", round), bytes);
         }
     }
+    // Each closed round as the ledger has it (`RoundRow`): the held-out loss
+    // curve a model card shows; audit checks its counts and hashes against
+    // the manifests.
+    files.insert(
+        "rounds.json".into(),
+        serde_json::to_vec_pretty(&rounds).map_err(|e| RecordError::Invalid(e.to_string()))?,
+    );
     // The ledger's rows as the HTTP API serves them (`ContributorRow`).
     files.insert(
         "ledger.json".into(),

@@ -83,6 +83,17 @@ struct Index {
     files: BTreeMap<String, String>,
 }
 
+/// What audit checks of a `rounds.json` row (the ledger's `RoundRow`).
+#[derive(Debug, PartialEq, Deserialize)]
+struct RoundRowFacts {
+    round: u64,
+    base_params_hash: String,
+    next_params_hash: String,
+    accepted: u64,
+    rejected: u64,
+    missing: u64,
+}
+
 #[derive(Deserialize)]
 struct Totals {
     node: String,
@@ -311,6 +322,7 @@ pub fn audit(
             .and_then(|n| n.parse::<u64>().ok());
         let checked = name == "run.json"
             || name == "ledger.json"
+            || name == "rounds.json"
             || round.is_some_and(|r| {
                 r < index.rounds
                     && (*name == round_file("plans", r) || *name == round_file("manifests", r))
@@ -328,6 +340,37 @@ pub fn audit(
             ));
         }
         load(name, None)?;
+    }
+
+    // The ledger's round rows, when the record has them (a model card's
+    // loss curve comes from them): the counts and hashes the manifests give.
+    if index.files.contains_key("rounds.json") {
+        let rows: Vec<RoundRowFacts> = serde_json::from_slice(&load("rounds.json", None)?)
+            .map_err(|e| fault(None, "rounds.json", format!("does not parse: {e}")))?;
+        if rows.len() != manifests.len() {
+            return Err(fault(
+                None,
+                "rounds.json",
+                format!("{} rounds, the manifests {}", rows.len(), manifests.len()),
+            ));
+        }
+        for (row, m) in rows.iter().zip(&manifests) {
+            let expected = RoundRowFacts {
+                round: m.round,
+                base_params_hash: m.base_params_hash.to_hex(),
+                next_params_hash: m.next_params_hash.to_hex(),
+                accepted: m.accepted.len() as u64,
+                rejected: m.rejected.len() as u64,
+                missing: m.missing.len() as u64,
+            };
+            if *row != expected {
+                return Err(fault(
+                    Some(m.round),
+                    "rounds.json",
+                    format!("{row:?}; the manifest gives {expected:?}"),
+                ));
+            }
+        }
     }
 
     // 5. Clawback: every void is the node's credit since its last verified

@@ -5,6 +5,8 @@ pub mod bench_attacks;
 pub mod bench_codec;
 pub mod bench_diloco;
 pub mod coordinator;
+pub mod export;
+pub mod generate;
 pub mod id;
 pub mod node;
 pub mod org;

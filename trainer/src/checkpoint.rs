@@ -180,6 +180,59 @@ pub fn load(path: &Path, expected: &ModelConfig) -> Result<Checkpoint, Checkpoin
     from_bytes(&bytes, path, expected)
 }
 
+/// Reads a checkpoint file of whatever model it was saved for: the model
+/// config comes from its metadata (for tools such as `barnraise generate`
+/// and `export`, which serve any run's checkpoint).
+pub fn load_any(path: &Path) -> Result<Checkpoint, CheckpointError> {
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    from_bytes_any(&bytes, path)
+}
+
+/// [`from_bytes`] with the config the checkpoint names, checked first: a
+/// valid architecture, and no more parameters than the file has bytes for
+/// (so a small hostile file cannot ask for a large allocation).
+pub fn from_bytes_any(bytes: &[u8], path: &Path) -> Result<Checkpoint, CheckpointError> {
+    let (config, _) = read_header(bytes, path)?;
+    let bad = |detail: String| CheckpointError::Format {
+        path: path.to_owned(),
+        detail,
+    };
+    config
+        .validate()
+        .map_err(|e| bad(format!("its model config is not usable: {e}")))?;
+    if config.params_count().saturating_mul(4) > bytes.len() {
+        return Err(bad(format!(
+            "{} bytes cannot hold the {} parameters its config names",
+            bytes.len(),
+            config.params_count()
+        )));
+    }
+    from_bytes(bytes, path, &config)
+}
+
+/// The model config and metadata of checkpoint bytes.
+fn read_header(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<(ModelConfig, HashMap<String, String>), CheckpointError> {
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| CheckpointError::Format {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let config = metadata
+        .get(KEY_CONFIG)
+        .and_then(|c| serde_json::from_str(c).ok())
+        .ok_or(CheckpointError::Metadata {
+            path: path.to_owned(),
+            key: KEY_CONFIG,
+        })?;
+    Ok((config, metadata))
+}
+
 /// Parses checkpoint bytes (e.g. a blob fetched from a peer); `path` names
 /// the source in errors.
 pub fn from_bytes(
@@ -191,8 +244,7 @@ pub fn from_bytes(
         path: path.to_owned(),
         detail: e.to_string(),
     };
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format_err(&e))?;
-    let metadata = header.metadata().clone().unwrap_or_default();
+    let (config, metadata) = read_header(bytes, path)?;
     let get = |key: &'static str| -> Result<&String, CheckpointError> {
         metadata.get(key).ok_or(CheckpointError::Metadata {
             path: path.to_owned(),
@@ -203,8 +255,6 @@ pub fn from_bytes(
         path: path.to_owned(),
         key,
     };
-    let config: ModelConfig =
-        serde_json::from_str(get(KEY_CONFIG)?).map_err(|_| bad(KEY_CONFIG))?;
     if &config != expected {
         return Err(CheckpointError::ConfigMismatch {
             path: path.to_owned(),

@@ -198,6 +198,10 @@ impl Trainer {
         &self.device
     }
 
+    pub(crate) fn model(&self) -> &Model {
+        &self.model
+    }
+
     /// All parameters as one f32 vector, in name order.
     pub fn flat_params(&self) -> Result<Vec<f32>, TrainError> {
         let mut flat = Vec::with_capacity(self.config.params_count());

@@ -425,6 +425,26 @@ fn checkpoints_round_trip_and_refuse_other_configs() {
         &[256, 64]
     );
 
+    // Loading without knowing the model reads its config from the metadata.
+    let any = checkpoint::load_any(&path).expect("load_any");
+    assert_eq!((any.config, any.params), (cfg.clone(), params.clone()));
+    // A header that names a model far larger than the file is refused
+    // before anything is allocated for it.
+    let mut huge = cfg.clone();
+    huge.d_model = 4096;
+    huge.n_heads = 32;
+    huge.d_ff = 11008;
+    let header = serde_json::json!({
+        "__metadata__": {"barnraise.model_config": serde_json::to_string(&huge).unwrap()},
+    })
+    .to_string();
+    let mut forged = (header.len() as u64).to_le_bytes().to_vec();
+    forged.extend_from_slice(header.as_bytes());
+    let forged_path = dir.path().join("forged.safetensors");
+    std::fs::write(&forged_path, &forged).expect("write");
+    let err = checkpoint::load_any(&forged_path).expect_err("forged accepted");
+    assert!(err.to_string().contains("cannot hold"), "{err}");
+
     let mut other = cfg.clone();
     other.n_layers = 3;
     let err = checkpoint::load(&path, &other).expect_err("other config accepted");
