@@ -846,6 +846,14 @@ fn up_runs_end_to_end_and_reports_json() {
         Some(2),
         "{report}"
     );
+    // It ends with text from the untrained and the trained model.
+    let samples = &report["samples"];
+    assert_eq!(samples["round"], 2, "{report}");
+    let (untrained, trained) = (
+        samples["untrained"].as_str().unwrap_or_default(),
+        samples["trained"].as_str().unwrap_or_default(),
+    );
+    assert!(!trained.is_empty() && trained != untrained, "{samples}");
 }
 
 #[test]

@@ -46,7 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let Format::Hf = args.format;
     let (checkpoint, record_dir) = match (&args.data_dir, &args.checkpoint, &args.record) {
         (Some(data_dir), _, _) => {
-            let checkpoint = from_data_dir(data_dir, args.round)?;
+            let checkpoint = checkpoint_in(data_dir, args.round)?;
             let record_dir = args.out.join("record");
             barnraise_coordinator::record::export(data_dir, &record_dir)
                 .context("writing the run record")?;
@@ -97,7 +97,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// The checkpoint of θ_`round` (or the latest) from a coordinator's data dir.
-fn from_data_dir(data_dir: &Path, round: Option<u64>) -> anyhow::Result<Checkpoint> {
+pub fn checkpoint_in(data_dir: &Path, round: Option<u64>) -> anyhow::Result<Checkpoint> {
     let ledger = Ledger::open_existing(&barnraise_coordinator::service::ledger_path(data_dir))
         .with_context(|| format!("{} is not a coordinator's data dir", data_dir.display()))?;
     let blob = match round {

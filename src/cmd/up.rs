@@ -241,7 +241,8 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
         .await
         .context("the coordinator stopped with an error")?;
     node_summaries.sort_by_key(|(i, _)| *i);
-    let report = UpReport::new(
+    let samples = samples(&data_dir.join("coordinator"));
+    let mut report = UpReport::new(
         &args,
         &model,
         summary,
@@ -249,6 +250,7 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
         started.elapsed(),
         data_dir,
     );
+    report.samples = samples;
     Ok(Finished {
         report,
         json: args.json,
@@ -329,6 +331,61 @@ pub struct UpReport {
     /// what nodes served each other, and the accepted updates' total size.
     pub network: NetworkTotals,
     pub summary: RunSummary,
+    /// Text from the untrained and the trained model, same prompt and seed.
+    pub samples: Option<Samples>,
+}
+
+/// What the model learned, shown as text (`barnraise generate` on θ_0 and
+/// on the last checkpoint).
+#[derive(Debug, Serialize)]
+pub struct Samples {
+    pub prompt: String,
+    pub temperature: f32,
+    pub round: u64,
+    pub untrained: String,
+    pub trained: String,
+}
+
+const SAMPLE_PROMPT: &str = "The ";
+
+/// Samples the run's first and last checkpoints in `coordinator_dir`; `None`
+/// (with a log line) when either cannot be read.
+fn samples(coordinator_dir: &std::path::Path) -> Option<Samples> {
+    use barnraise_trainer::generate::{SampleConfig, cpu_model, generate};
+    let cfg = SampleConfig {
+        max_new_tokens: 72,
+        ..SampleConfig::default()
+    };
+    let text = |round: Option<u64>| -> anyhow::Result<(u64, String)> {
+        let ckpt = super::export::checkpoint_in(coordinator_dir, round)?;
+        let trainer = cpu_model(&ckpt.config, &ckpt.params)?;
+        let prompt: Vec<u32> = SAMPLE_PROMPT.bytes().map(u32::from).collect();
+        let out = generate(&trainer, &prompt, &cfg, &mut |_| true)?;
+        let bytes: Vec<u8> = out.iter().map(|&t| t as u8).collect();
+        Ok((
+            ckpt.meta.round,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        ))
+    };
+    match (text(Some(0)), text(None)) {
+        (Ok((_, untrained)), Ok((round, trained))) => Some(Samples {
+            prompt: SAMPLE_PROMPT.into(),
+            temperature: cfg.temperature,
+            round,
+            untrained,
+            trained,
+        }),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("no text sample: {e:#}");
+            None
+        }
+    }
+}
+
+/// `text` on one line: line breaks and other control characters shown as
+/// escapes.
+fn one_line(text: &str) -> String {
+    text.chars().flat_map(char::escape_debug).collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -421,6 +478,7 @@ impl UpReport {
             network,
             rounds: summary.rounds.clone(),
             summary,
+            samples: None,
         }
     }
 }
@@ -548,6 +606,25 @@ impl std::fmt::Display for UpReport {
                 human_bytes(c.bytes),
                 c.compute_ms as f64 / 1000.0,
                 c.credit / 1e9
+            )?;
+        }
+        if let Some(s) = &self.samples {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "what the model learned (prompt {:?}, temperature {}, same seed):",
+                s.prompt, s.temperature
+            )?;
+            writeln!(
+                f,
+                "  untrained       {}",
+                one_line(&format!("{}{}", s.prompt, s.untrained))
+            )?;
+            writeln!(
+                f,
+                "  after round {:<3} {}",
+                s.round,
+                one_line(&format!("{}{}", s.prompt, s.trained))
             )?;
         }
         writeln!(f)?;
