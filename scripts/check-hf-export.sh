@@ -43,7 +43,7 @@ export, ours_path, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
 tokenizer = AutoTokenizer.from_pretrained(export)
 ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
 assert ids == list(prompt.encode()), f"the tokenizer does not map bytes to ids: {ids[:8]}"
-model = AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
 model.eval()
 with torch.no_grad():
     theirs = model(torch.tensor([ids])).logits[0]
