@@ -895,6 +895,17 @@ fn wrong_flags_get_clear_errors() {
 
 /// Runs the `barnraise` binary with `args` and a home of its own, so nothing
 /// touches the user's `~/.barnraise`.
+/// [`barnraise_in`] that must succeed (its stderr is the failure message).
+fn barnraise_ok(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let out = barnraise_in(home, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn barnraise_in(home: &std::path::Path, args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_barnraise"))
         .args(args)
@@ -906,30 +917,34 @@ fn barnraise_in(home: &std::path::Path, args: &[&str]) -> std::process::Output {
         .expect("the binary runs")
 }
 
-/// `up` with 2 nodes for 3 rounds of `tiny` under `home`; the coordinator's data dir.
-fn up_tiny(home: &std::path::Path) -> PathBuf {
+/// `up` with 2 nodes of `tiny` under `home` and `extra` arguments; the
+/// coordinator's data dir and the JSON report.
+fn up_json(home: &std::path::Path, extra: &[&str]) -> (PathBuf, serde_json::Value) {
     let data = home.join("run");
-    let up = barnraise_in(
-        home,
-        &[
-            "up",
-            "--nodes",
-            "2",
-            "--rounds",
-            "3",
-            "--model",
-            "tiny",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--json",
-        ],
-    );
+    let mut args = vec![
+        "up",
+        "--nodes",
+        "2",
+        "--model",
+        "tiny",
+        "--json",
+        "--data-dir",
+    ];
+    args.push(data.to_str().unwrap());
+    args.extend_from_slice(extra);
+    let up = barnraise_in(home, &args);
     assert!(
         up.status.success(),
         "{}",
         String::from_utf8_lossy(&up.stderr)
     );
-    data.join("coordinator")
+    let report = serde_json::from_slice(&up.stdout).unwrap();
+    (data.join("coordinator"), report)
+}
+
+/// `up` for 3 rounds (see [`up_json`]); the coordinator's data dir.
+fn up_tiny(home: &std::path::Path) -> PathBuf {
+    up_json(home, &["--rounds", "3"]).0
 }
 
 /// The run record (issue #15): `up`, then `coordinator export-record`, then
@@ -941,7 +956,7 @@ fn an_exported_record_audits_and_every_tampering_is_caught() {
     let home = tempfile::tempdir().unwrap();
     let coordinator_dir = up_tiny(home.path());
     let record = home.path().join("record");
-    let export = barnraise_in(
+    barnraise_ok(
         home.path(),
         &[
             "coordinator",
@@ -951,11 +966,6 @@ fn an_exported_record_audits_and_every_tampering_is_caught() {
             "--out",
             record.to_str().unwrap(),
         ],
-    );
-    assert!(
-        export.status.success(),
-        "{}",
-        String::from_utf8_lossy(&export.stderr)
     );
     let blobs = coordinator_dir.join("blobs");
     let audit = |record: &std::path::Path, blobs: Option<&std::path::Path>| {
@@ -1118,7 +1128,7 @@ fn an_export_carries_the_record_and_a_card_naming_every_contributor() {
     let home = tempfile::tempdir().unwrap();
     let coordinator_dir = up_tiny(home.path());
     let out = home.path().join("hf");
-    let export = barnraise_in(
+    barnraise_ok(
         home.path(),
         &[
             "export",
@@ -1127,11 +1137,6 @@ fn an_export_carries_the_record_and_a_card_naming_every_contributor() {
             "--out",
             out.to_str().unwrap(),
         ],
-    );
-    assert!(
-        export.status.success(),
-        "{}",
-        String::from_utf8_lossy(&export.stderr)
     );
     for name in [
         "config.json",
@@ -1182,7 +1187,7 @@ fn an_export_carries_the_record_and_a_card_naming_every_contributor() {
     // The exported weights sample text, the same for the same seed.
     let weights = out.join("model.safetensors");
     let sample = |seed: &str| {
-        let out = barnraise_in(
+        let out = barnraise_ok(
             home.path(),
             &[
                 "generate",
@@ -1195,11 +1200,6 @@ fn an_export_carries_the_record_and_a_card_naming_every_contributor() {
                 "--seed",
                 seed,
             ],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
     };
@@ -1249,6 +1249,118 @@ fn an_export_carries_the_record_and_a_card_naming_every_contributor() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+}
+
+/// A real tokenizer end to end (issue #15): a BPE trained here with the
+/// `tokenizers` crate on text the test writes, `shard --tokenizer`, `up` on
+/// that dataset (the model's vocabulary becomes the tokenizer's), then
+/// `export` ships the run's own tokenizer and `generate` samples through it.
+#[test]
+fn a_bpe_dataset_trains_exports_and_generates() {
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::models::bpe::{BPE, BpeTrainer};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let home = tempfile::tempdir().unwrap();
+    let text = barnraise_trainer::data::corpus::generate(5, 200_000);
+    let corpus = home.path().join("corpus.txt");
+    std::fs::write(&corpus, &text).unwrap();
+    let mut tokenizer = tokenizers::Tokenizer::new(BPE::default());
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::default()));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    let mut trainer: TrainerWrapper = BpeTrainer::builder()
+        .vocab_size(400)
+        .min_frequency(2)
+        .show_progress(false)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    tokenizer.train(&mut trainer, text.lines()).unwrap();
+    let vocab = tokenizer.get_vocab_size(true);
+    assert!(vocab > 256 && vocab <= 400, "{vocab}");
+    let tokenizer_path = home.path().join("tokenizer.json");
+    tokenizer.save(&tokenizer_path, false).unwrap();
+
+    let dataset = home.path().join("dataset");
+    barnraise_ok(
+        home.path(),
+        &[
+            "shard",
+            "--input",
+            corpus.to_str().unwrap(),
+            "--out",
+            dataset.to_str().unwrap(),
+            "--tokenizer",
+            tokenizer_path.to_str().unwrap(),
+            "--shard-tokens",
+            "4096",
+        ],
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dataset.join("dataset.json")).unwrap()).unwrap();
+    assert_eq!(manifest["vocab_size"], vocab);
+    let tokenizer_hash = barnraise_protocol::Hash::of(&std::fs::read(&tokenizer_path).unwrap());
+    assert_eq!(
+        manifest["tokenizer"],
+        format!("tokenizers:{}", tokenizer_hash.to_hex())
+    );
+
+    // A file that is not a tokenizer is refused with its name.
+    std::fs::write(home.path().join("bad.json"), b"{\"not\": 1}").unwrap();
+    let bad = barnraise_in(
+        home.path(),
+        &[
+            "shard",
+            "--input",
+            corpus.to_str().unwrap(),
+            "--out",
+            home.path().join("bad-ds").to_str().unwrap(),
+            "--tokenizer",
+            home.path().join("bad.json").to_str().unwrap(),
+        ],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad.json"));
+
+    let (coordinator_dir, report) = up_json(
+        home.path(),
+        &["--rounds", "2", "--dataset", dataset.to_str().unwrap()],
+    );
+    assert_eq!(report["nodes_in_agreement"], 2, "{report}");
+    assert!(report["samples"]["trained"].as_str().is_some(), "{report}");
+
+    let out = home.path().join("hf");
+    barnraise_ok(
+        home.path(),
+        &[
+            "export",
+            "--data-dir",
+            coordinator_dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], vocab);
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(&tokenizer_path).unwrap(),
+        "the export ships the run's own tokenizer"
+    );
+    let generated = barnraise_ok(
+        home.path(),
+        &[
+            "generate",
+            "--checkpoint",
+            out.join("model.safetensors").to_str().unwrap(),
+            "--prompt",
+            "The ",
+            "--max-tokens",
+            "12",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&generated.stdout).starts_with("The "));
 }
 
 fn walk(dir: &std::path::Path) -> Vec<PathBuf> {

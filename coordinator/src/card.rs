@@ -36,6 +36,8 @@ pub struct RecordFacts {
     pub params: Vec<Hash>,
     /// Tokens accepted in each round, from the manifests.
     pub round_tokens: Vec<u64>,
+    /// The run's `tokenizer.json`, when it is not byte-level.
+    pub tokenizer_json: Option<Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,11 @@ impl RecordFacts {
         } else {
             Vec::new()
         };
+        let tokenizer_json = if index.files.contains_key(crate::record::TOKENIZER_FILE) {
+            Some(checked(crate::record::TOKENIZER_FILE)?)
+        } else {
+            None
+        };
         let coordinator: PublicKey = index
             .coordinator
             .parse()
@@ -119,6 +126,7 @@ impl RecordFacts {
             rounds,
             params,
             round_tokens,
+            tokenizer_json,
         })
     }
 
@@ -134,7 +142,13 @@ impl RecordFacts {
 
 /// The card for θ_`round` of the record's run, as `README.md` with the
 /// front matter the Hugging Face hub reads.
-pub fn render(facts: &RecordFacts, round: u64, params_hash: &Hash, params: usize) -> String {
+pub fn render(
+    facts: &RecordFacts,
+    round: u64,
+    params_hash: &Hash,
+    model: &barnraise_trainer::ModelConfig,
+) -> String {
+    let params = model.params_count();
     let mut s = String::new();
     let run = &facts.run;
     let tokens: u64 = facts.round_tokens.iter().take(round as usize).sum();
@@ -161,9 +175,17 @@ pub fn render(facts: &RecordFacts, round: u64, params_hash: &Hash, params: usize
         facts.index.rounds,
         params_hash.to_hex()
     );
+    let tokenizer = match &facts.tokenizer_json {
+        Some(json) => format!(
+            "the run's `tokenizer.json` (SHA-256 `{}`)",
+            Hash::of(json).to_hex()
+        ),
+        None => "bytes".into(),
+    };
     let _ = writeln!(
         s,
-        "| model | Llama architecture, {params} parameters, byte-level vocabulary of 256 |"
+        "| model | Llama architecture, {params} parameters, {} layers of width {}, context {}, vocabulary of {} ({tokenizer}) |",
+        model.n_layers, model.d_model, model.max_seq_len, model.vocab_size
     );
     let train_tokens: u64 = run.dataset.iter().map(|d| d.tokens).sum();
     let _ = writeln!(
@@ -201,7 +223,7 @@ pub fn render(facts: &RecordFacts, round: u64, params_hash: &Hash, params: usize
     if !curve.is_empty() {
         let _ = writeln!(
             s,
-            "## Held-out loss\n\nMean next-byte cross-entropy (nats) on the held-out shards after each round.\n\n| after round | held-out loss | updates accepted |\n| --- | --- | --- |"
+            "## Held-out loss\n\nMean next-token cross-entropy (nats) on the held-out shards after each round.\n\n| after round | held-out loss | updates accepted |\n| --- | --- | --- |"
         );
         for r in curve {
             let _ = writeln!(

@@ -428,6 +428,27 @@ impl CoordinatorConfig {
                 )
             })?,
         };
+        let mut model = model;
+        // A dataset cut with a tokenizer sets the vocabulary: a preset takes
+        // it, an explicit model_config must agree. (A manifest that cannot be
+        // read is reported by the dataset loader.)
+        if let DatasetSource::Dir { path } = &self.dataset
+            && let Ok(manifest) = barnraise_trainer::data::manifest::DatasetManifest::load(
+                &path.join(barnraise_trainer::data::manifest::MANIFEST_FILE),
+            )
+            && manifest.vocab_size != model.vocab_size
+        {
+            if self.model_config.is_some() {
+                return Err(invalid(
+                    "model_config.vocab_size",
+                    format!(
+                        "{}, but the dataset's tokenizer ({}) has {} tokens",
+                        model.vocab_size, manifest.tokenizer, manifest.vocab_size
+                    ),
+                ));
+            }
+            model.vocab_size = manifest.vocab_size;
+        }
         model.validate().map_err(|e| invalid("model_config", e))?;
         let codec: CodecSchedule = self.codec.parse().map_err(|e| invalid("codec", e))?;
         let aggregation: AggregationRule = self

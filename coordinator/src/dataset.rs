@@ -27,6 +27,8 @@ pub enum DatasetError {
     Store(#[from] StoreError),
     #[error("dataset {path}: no training shards")]
     Empty { path: String },
+    #[error("dataset {path}: {reason}")]
+    Tokenizer { path: String, reason: String },
     #[error("dataset: {count} shards is more than a run may have ({limit})")]
     TooMany { count: usize, limit: usize },
 }
@@ -38,6 +40,9 @@ pub struct Dataset {
     pub held_out: Vec<ShardInfo>,
     /// Tokens of every shard by hash (training and held-out).
     pub tokens: HashMap<Hash, Arc<Vec<u16>>>,
+    /// The dataset's `tokenizer.json`, when it was cut with one (checked
+    /// against the hash the manifest names); `None` for bytes.
+    pub tokenizer_json: Option<Vec<u8>>,
 }
 
 impl Dataset {
@@ -122,6 +127,30 @@ pub fn load(
             limit,
         });
     }
+    let tokenizer_json = match manifest.tokenizer.strip_prefix("tokenizers:") {
+        None => None,
+        Some(hex) => {
+            let fail = |reason: String| DatasetError::Tokenizer {
+                path: dir.display().to_string(),
+                reason,
+            };
+            let path = dir.join(barnraise_trainer::data::manifest::TOKENIZER_FILE);
+            let bytes = std::fs::read(&path).map_err(|e| {
+                fail(format!(
+                    "the manifest names a tokenizer; {}: {e}",
+                    path.display()
+                ))
+            })?;
+            if Hash::of(&bytes).to_hex() != hex {
+                return Err(fail(format!(
+                    "{} is not the tokenizer the manifest names ({hex})",
+                    path.display()
+                )));
+            }
+            Some(bytes)
+        }
+    };
+    let vocab = manifest.vocab_size;
     let mut tokens = HashMap::new();
     let mut read = |entries: &[ShardEntry]| -> Result<Vec<ShardInfo>, DatasetError> {
         let mut infos = Vec::with_capacity(entries.len());
@@ -142,6 +171,12 @@ pub fn load(
                 }
                 .into());
             }
+            if let Some(&bad) = shard.tokens.iter().find(|&&t| usize::from(t) >= vocab) {
+                return Err(DatasetError::Tokenizer {
+                    path: path.display().to_string(),
+                    reason: format!("token {bad} is outside the manifest's vocabulary of {vocab}"),
+                });
+            }
             let size = bytes.len() as u64;
             store.put(Arc::new(bytes))?;
             infos.push(ShardInfo {
@@ -159,6 +194,7 @@ pub fn load(
         train,
         held_out,
         tokens,
+        tokenizer_json,
     })
 }
 

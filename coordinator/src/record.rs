@@ -9,6 +9,7 @@
 //! manifests/round-NNNNNN.manifest   each round's signed manifest, as stored
 //! ledger.json                 the ledger's totals per node (what the dashboard shows)
 //! rounds.json                 each closed round's ledger row: counts, losses, params hashes
+//! tokenizer.json              the dataset's tokenizer, for runs that are not byte-level
 //! ```
 //!
 //! Nothing in it needs trusting: plans and manifests carry the coordinator's
@@ -26,6 +27,9 @@ use std::path::{Path, PathBuf};
 
 /// Where the coordinator keeps the run config it gives nodes.
 pub const RUN_CONFIG_FILE: &str = "run-config.json";
+/// The dataset's tokenizer, kept in the data dir and in the record when the
+/// run is not byte-level.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// The record's table of contents.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -89,6 +93,11 @@ pub fn export(data_dir: &Path, out: &Path) -> Result<RecordIndex, RecordError> {
     }
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     files.insert("run.json".into(), run_json);
+    let tokenizer_path = data_dir.join(TOKENIZER_FILE);
+    if tokenizer_path.exists() {
+        let bytes = std::fs::read(&tokenizer_path).map_err(io(&tokenizer_path))?;
+        files.insert(TOKENIZER_FILE.into(), bytes);
+    }
     let mut coordinator: Option<PublicKey> = None;
     let mut head = Hash::ZERO;
     let rounds = ledger.rounds()?;

@@ -332,6 +332,11 @@ fn prepare(
 ) -> Result<Prepared, CoordinatorError> {
     let store = BlobStore::open(&config.data_dir.join("blobs"))?;
     let dataset = dataset::load(&config.dataset, &config.data_dir, &store)?;
+    // The run record carries the tokenizer, so an export can ship it.
+    if let Some(json) = &dataset.tokenizer_json {
+        let path = config.data_dir.join(crate::record::TOKENIZER_FILE);
+        std::fs::write(&path, json).map_err(|source| CoordinatorError::Io { path, source })?;
+    }
     let heldout = dataset.held_out_tokens().map(Arc::new);
     let ledger = Ledger::open(&ledger_path(&config.data_dir))?;
     let config_json = serde_json::to_string(config).unwrap_or_default();

@@ -69,12 +69,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             facts.index.rounds
         );
     };
-    let card = card::render(&facts, round, &params_hash, checkpoint.params.len());
+    let card = card::render(&facts, round, &params_hash, &checkpoint.config);
     let written = barnraise_trainer::hf::export(
         &args.out,
         &checkpoint.config,
         &checkpoint.params,
         &checkpoint.meta,
+        facts.tokenizer_json.as_deref(),
         &card,
     )?;
     println!(

@@ -1,8 +1,10 @@
 //! `barnraise generate`: samples text from a checkpoint, to see what a run
-//! has learned (byte-level models: the prompt's bytes are its tokens).
+//! has learned (byte-level models read and write bytes; others use the
+//! run's tokenizer).
 
 use anyhow::Context;
 use barnraise_trainer::checkpoint;
+use barnraise_trainer::data::manifest::TextTokenizer;
 use barnraise_trainer::generate::{SampleConfig, cpu_model, generate};
 use barnraise_trainer::model::BYTE_VOCAB;
 use clap::Args as ClapArgs;
@@ -31,6 +33,11 @@ pub struct Args {
     /// Same seed, same text.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The run's tokenizer (`tokenizer.json`), for models that are not
+    /// byte-level [default: tokenizer.json beside the checkpoint, as in an
+    /// export].
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Instead of sampling, write the logits of every position of the prompt
     /// to this file as JSON (`[[f32; vocab]; prompt bytes]`), for comparing
     /// with another implementation (scripts/check-hf-export.sh).
@@ -40,12 +47,30 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let ckpt = checkpoint::load_any(&args.checkpoint).context("reading the checkpoint")?;
-    if ckpt.config.vocab_size != BYTE_VOCAB {
-        anyhow::bail!(
-            "the model's vocabulary is {} tokens; generate reads and writes bytes (256)",
+    let beside = args
+        .checkpoint
+        .parent()
+        .map(|d| d.join("tokenizer.json"))
+        .filter(|p| p.exists());
+    let tokenizer = match args.tokenizer.clone().or(beside) {
+        Some(path) => {
+            let t = TextTokenizer::load(&path)?;
+            if t.vocab_size != ckpt.config.vocab_size {
+                anyhow::bail!(
+                    "{} has {} tokens, the model {}",
+                    path.display(),
+                    t.vocab_size,
+                    ckpt.config.vocab_size
+                );
+            }
+            Some(t)
+        }
+        None if ckpt.config.vocab_size == BYTE_VOCAB => None,
+        None => anyhow::bail!(
+            "the model's vocabulary is {} tokens, not bytes: give the run's tokenizer with --tokenizer",
             ckpt.config.vocab_size
-        );
-    }
+        ),
+    };
     let cfg = SampleConfig {
         max_new_tokens: args.max_tokens,
         temperature: args.temperature,
@@ -54,7 +79,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     let trainer = cpu_model(&ckpt.config, &ckpt.params)?;
-    let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
+    let prompt: Vec<u32> = match &tokenizer {
+        Some(t) => t
+            .encode(&args.prompt, std::path::Path::new("--prompt"))?
+            .into_iter()
+            .map(u32::from)
+            .collect(),
+        None => args.prompt.bytes().map(u32::from).collect(),
+    };
     if prompt.is_empty() {
         anyhow::bail!("--prompt is empty; give some text to continue");
     }
@@ -75,6 +107,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ckpt.config.vocab_size,
             path.display()
         );
+        return Ok(());
+    }
+    if let Some(t) = &tokenizer {
+        // Subword tokens: decoded as a whole at the end.
+        let out = generate(&trainer, &prompt, &cfg, &mut |_| true)?;
+        let text = t
+            .tokenizer
+            .decode(&out, false)
+            .map_err(|e| anyhow::anyhow!("decoding the sample: {e}"))?;
+        println!("{}{text}", args.prompt);
         return Ok(());
     }
     let mut stdout = std::io::stdout().lock();

@@ -1,10 +1,10 @@
 //! `barnraise shard`: turn text files into content-addressed token shards
-//! (byte-level, llm.c `.bin` layout) plus a dataset manifest with a held-out
-//! split.
+//! (llm.c `.bin` layout; byte-level, or with a Hugging Face tokenizer) plus
+//! a dataset manifest with a held-out split.
 
 use barnraise_trainer::data::manifest::{
-    DEFAULT_SHARD_TOKENS, MANIFEST_FILE, ShardingConfig, build_dataset, collect_input_files,
-    tokenize_files,
+    DEFAULT_SHARD_TOKENS, MANIFEST_FILE, ShardingConfig, TextTokenizer, build_dataset_with,
+    collect_input_files, tokenize_files_with,
 };
 use clap::Args as ClapArgs;
 use std::path::PathBuf;
@@ -23,16 +23,30 @@ pub struct Args {
     /// Fraction of the tokens (from the end) held out for evaluation.
     #[arg(long, default_value_t = 0.05)]
     pub heldout_fraction: f64,
+    /// A Hugging Face tokenizer (`tokenizer.json`, e.g. a BPE) instead of
+    /// bytes. It is copied into the dataset and its hash and vocabulary go in
+    /// the manifest; a run on this dataset sizes its model's vocabulary to it.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let tokenizer = args
+        .tokenizer
+        .as_deref()
+        .map(TextTokenizer::load)
+        .transpose()?;
     let files = collect_input_files(&args.input)?;
-    let tokens = tokenize_files(&files)?;
+    let tokens = tokenize_files_with(&files, tokenizer.as_ref())?;
     let config = ShardingConfig {
         shard_tokens: args.shard_tokens,
         heldout_fraction: args.heldout_fraction,
     };
-    let manifest = build_dataset(&tokens, &args.out, config)?;
+    let manifest = build_dataset_with(&tokens, &args.out, config, tokenizer.as_ref())?;
+    println!(
+        "tokenizer: {} (vocabulary {})",
+        manifest.tokenizer, manifest.vocab_size
+    );
     println!(
         "{} files, {} tokens -> {} training shards ({} tokens) and {} held-out shards ({} tokens)",
         files.len(),

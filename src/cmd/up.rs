@@ -49,6 +49,11 @@ pub struct Args {
     /// Where the ledger, blobs and keys go [default: a new folder under ~/.barnraise/up].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// A dataset directory written by `barnraise shard` (with --tokenizer,
+    /// the model's vocabulary is the tokenizer's) [default: the built-in
+    /// corpus].
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
     /// Address of the HTTP API while the run lasts.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub http: SocketAddr,
@@ -112,10 +117,13 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
     let config = CoordinatorConfig {
         run_id: RUN_ID.into(),
         model: args.model.clone(),
-        dataset: DatasetSource::Builtin {
-            shards: (args.nodes as usize * 4).max(8),
-            shard_tokens: 64 * 1024,
-            seed: 0,
+        dataset: match &args.dataset {
+            Some(path) => DatasetSource::Dir { path: path.clone() },
+            None => DatasetSource::Builtin {
+                shards: (args.nodes as usize * 4).max(8),
+                shard_tokens: 64 * 1024,
+                seed: 0,
+            },
         },
         inner_steps: args.inner_steps,
         batch_size: args.batch_size,
@@ -356,16 +364,37 @@ fn samples(coordinator_dir: &std::path::Path) -> Option<Samples> {
         max_new_tokens: 72,
         ..SampleConfig::default()
     };
+    // A run on a tokenized dataset keeps its tokenizer in the data dir.
+    let tokenizer_path = coordinator_dir.join(barnraise_coordinator::record::TOKENIZER_FILE);
+    let tokenizer = tokenizer_path
+        .exists()
+        .then(|| barnraise_trainer::data::manifest::TextTokenizer::load(&tokenizer_path));
     let text = |round: Option<u64>| -> anyhow::Result<(u64, String)> {
         let ckpt = super::export::checkpoint_in(coordinator_dir, round)?;
         let trainer = cpu_model(&ckpt.config, &ckpt.params)?;
-        let prompt: Vec<u32> = SAMPLE_PROMPT.bytes().map(u32::from).collect();
-        let out = generate(&trainer, &prompt, &cfg, &mut |_| true)?;
-        let bytes: Vec<u8> = out.iter().map(|&t| t as u8).collect();
-        Ok((
-            ckpt.meta.round,
-            String::from_utf8_lossy(&bytes).into_owned(),
-        ))
+        let round = ckpt.meta.round;
+        match &tokenizer {
+            None => {
+                let prompt: Vec<u32> = SAMPLE_PROMPT.bytes().map(u32::from).collect();
+                let out = generate(&trainer, &prompt, &cfg, &mut |_| true)?;
+                let bytes: Vec<u8> = out.iter().map(|&t| t as u8).collect();
+                Ok((round, String::from_utf8_lossy(&bytes).into_owned()))
+            }
+            Some(Err(e)) => anyhow::bail!("the run's tokenizer: {e}"),
+            Some(Ok(t)) => {
+                let prompt: Vec<u32> = t
+                    .encode(SAMPLE_PROMPT, &tokenizer_path)?
+                    .into_iter()
+                    .map(u32::from)
+                    .collect();
+                let out = generate(&trainer, &prompt, &cfg, &mut |_| true)?;
+                let text = t
+                    .tokenizer
+                    .decode(&out, false)
+                    .map_err(|e| anyhow::anyhow!("decoding the sample: {e}"))?;
+                Ok((round, text))
+            }
+        }
     };
     match (text(Some(0)), text(None)) {
         (Ok((_, untrained)), Ok((round, trained))) => Some(Samples {

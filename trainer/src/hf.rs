@@ -142,25 +142,47 @@ pub fn tokenizer_config_json(config: &ModelConfig) -> Value {
 
 /// Writes the export into `out` (created if needed; an earlier export there
 /// is never overwritten): the files of [`FILES`] and `README.md` holding
-/// `card`. The weights are
+/// `card`. `tokenizer_json` is the run's own tokenizer (`None`: a byte-level
+/// run, which gets [`byte_tokenizer_json`]). The weights are
 /// checked against `meta.params_hash` before anything is written.
 pub fn export(
     out: &Path,
     config: &ModelConfig,
     params: &[f32],
     meta: &CheckpointMeta,
+    tokenizer_json: Option<&[u8]>,
     card: &str,
 ) -> Result<Vec<PathBuf>, HfError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| HfError::Io { path, source }
     };
-    if config.vocab_size != BYTE_VOCAB {
-        return Err(HfError::Invalid(format!(
-            "the model's vocabulary is {} tokens; exporting a tokenizer is built for byte-level runs (256) only",
-            config.vocab_size
-        )));
-    }
+    // The run's own tokenizer, or bytes; either must cover the model's vocabulary.
+    let tokenizer_bytes = match tokenizer_json {
+        Some(bytes) => {
+            let tokenizer: tokenizers::Tokenizer = std::str::from_utf8(bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|t| t.parse().map_err(|e: tokenizers::Error| e.to_string()))
+                .map_err(|e| HfError::Invalid(format!("the run's tokenizer.json: {e}")))?;
+            let vocab = tokenizer.get_vocab_size(true);
+            if vocab != config.vocab_size {
+                return Err(HfError::Invalid(format!(
+                    "the tokenizer has {vocab} tokens, the model {}",
+                    config.vocab_size
+                )));
+            }
+            bytes.to_vec()
+        }
+        None if config.vocab_size == BYTE_VOCAB => {
+            serde_json::to_vec_pretty(&byte_tokenizer_json()).unwrap_or_default()
+        }
+        None => {
+            return Err(HfError::Invalid(format!(
+                "the model's vocabulary is {} tokens, not bytes, and no tokenizer was given",
+                config.vocab_size
+            )));
+        }
+    };
     if let Some(existing) = FILES
         .iter()
         .chain(&["README.md"])
@@ -182,7 +204,7 @@ pub fn export(
             pretty(generation_config_json(config)),
         ),
         ("model.safetensors", weights),
-        ("tokenizer.json", pretty(byte_tokenizer_json())),
+        ("tokenizer.json", tokenizer_bytes),
         (
             "tokenizer_config.json",
             pretty(tokenizer_config_json(config)),
@@ -235,7 +257,7 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("hf");
-        let written = export(&out, &config, &params, &meta, "# card").unwrap();
+        let written = export(&out, &config, &params, &meta, None, "# card").unwrap();
         assert_eq!(written.len(), FILES.len() + 1);
         let cfg: Value =
             serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
@@ -266,9 +288,27 @@ mod tests {
             "# card"
         );
         // Not over an earlier export, and not with weights that are not the checkpoint's.
-        assert!(export(&out, &config, &params, &meta, "").is_err());
+        assert!(export(&out, &config, &params, &meta, None, "").is_err());
         let mut other = params.clone();
         other[0] += 1.0;
-        assert!(export(&dir.path().join("b"), &config, &other, &meta, "").is_err());
+        assert!(export(&dir.path().join("b"), &config, &other, &meta, None, "").is_err());
+        // A tokenizer whose vocabulary is not the model's is refused.
+        let json = serde_json::to_vec(&byte_tokenizer_json()).unwrap();
+        let mut wide = config.clone();
+        wide.vocab_size = 300;
+        let wide_params = wide.init_flat(1);
+        let wide_meta = CheckpointMeta {
+            params_hash: Hash::of_f32s(&wide_params),
+            ..meta.clone()
+        };
+        let refused = export(
+            &dir.path().join("c"),
+            &wide,
+            &wide_params,
+            &wide_meta,
+            Some(&json),
+            "",
+        );
+        assert!(refused.is_err());
     }
 }

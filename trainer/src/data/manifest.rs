@@ -12,6 +12,11 @@ use std::path::{Path, PathBuf};
 
 /// File name of the manifest inside a dataset directory.
 pub const MANIFEST_FILE: &str = "dataset.json";
+/// File name of a dataset's tokenizer (the Hugging Face `tokenizers`
+/// format), when it is not byte-level.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Largest vocabulary a shard can hold (tokens are u16).
+pub const MAX_SHARD_VOCAB: usize = 1 << 16;
 /// Manifest format version.
 pub const MANIFEST_VERSION: u32 = 1;
 /// Default shard size in tokens (2 MiB of u16 tokens): small enough to move
@@ -90,6 +95,77 @@ pub enum DatasetError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+}
+
+/// A Hugging Face tokenizer (`tokenizer.json`) read for sharding, with the
+/// SHA-256 of its file, which the dataset manifest records.
+pub struct TextTokenizer {
+    pub tokenizer: tokenizers::Tokenizer,
+    pub hash: Hash,
+    pub bytes: Vec<u8>,
+    pub vocab_size: usize,
+}
+
+impl TextTokenizer {
+    /// Reads and parses `path`; refuses a file that does not parse, and a
+    /// vocabulary that does not fit u16 shard tokens.
+    pub fn load(path: &Path) -> Result<TextTokenizer, DatasetError> {
+        let fail = |reason: String| DatasetError::Tokenizer {
+            path: path.to_owned(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| fail(format!("not UTF-8: {e}")))?;
+        let tokenizer: tokenizers::Tokenizer = text
+            .parse()
+            .map_err(|e| fail(format!("not a tokenizers JSON file: {e}")))?;
+        let vocab_size = tokenizer.get_vocab_size(true);
+        if vocab_size == 0 || vocab_size > MAX_SHARD_VOCAB {
+            return Err(fail(format!(
+                "a vocabulary of {vocab_size} tokens; shards hold 1 to {MAX_SHARD_VOCAB}"
+            )));
+        }
+        Ok(TextTokenizer {
+            tokenizer,
+            hash: Hash::of(&bytes),
+            bytes,
+            vocab_size,
+        })
+    }
+
+    /// How the manifest names it: `tokenizers:<sha256 of tokenizer.json>`.
+    pub fn name(&self) -> String {
+        format!("tokenizers:{}", self.hash.to_hex())
+    }
+
+    /// The token ids of `text`, each below the vocabulary size.
+    pub fn encode(&self, text: &str, path: &Path) -> Result<Vec<u16>, DatasetError> {
+        let fail = |reason: String| DatasetError::Tokenizer {
+            path: path.to_owned(),
+            reason,
+        };
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| fail(format!("cannot encode: {e}")))?;
+        encoding
+            .get_ids()
+            .iter()
+            .map(|&id| {
+                u16::try_from(id)
+                    .ok()
+                    .filter(|&t| usize::from(t) < self.vocab_size)
+                    .ok_or_else(|| {
+                        fail(format!(
+                            "token {id} is outside the vocabulary of {}",
+                            self.vocab_size
+                        ))
+                    })
+            })
+            .collect()
+    }
 }
 
 /// Every file under the given paths (directories recursively), in a stable
@@ -143,6 +219,15 @@ fn walk_dir(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), DatasetError> {
 /// by a blank line. An empty file is an error naming it: it is almost always
 /// a mistake in the input list.
 pub fn tokenize_files(files: &[PathBuf]) -> Result<Vec<u16>, DatasetError> {
+    tokenize_files_with(files, None)
+}
+
+/// [`tokenize_files`] with a tokenizer instead of bytes (`None`: bytes).
+/// With a tokenizer the files must be UTF-8 text.
+pub fn tokenize_files_with(
+    files: &[PathBuf],
+    tokenizer: Option<&TextTokenizer>,
+) -> Result<Vec<u16>, DatasetError> {
     let mut tokens = Vec::new();
     for (i, path) in files.iter().enumerate() {
         let bytes = std::fs::read(path).map_err(|source| DatasetError::ReadInput {
@@ -152,10 +237,21 @@ pub fn tokenize_files(files: &[PathBuf]) -> Result<Vec<u16>, DatasetError> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(DatasetError::EmptyInput { path: path.clone() });
         }
-        if i > 0 {
-            tokens.extend(tokenize_bytes(b"\n\n"));
+        let separator: &[u8] = if i > 0 { b"\n\n" } else { b"" };
+        match tokenizer {
+            None => {
+                tokens.extend(tokenize_bytes(separator));
+                tokens.extend(tokenize_bytes(&bytes));
+            }
+            Some(t) => {
+                let text = std::str::from_utf8(&bytes).map_err(|e| DatasetError::Tokenizer {
+                    path: path.clone(),
+                    reason: format!("the input is not UTF-8 text ({e})"),
+                })?;
+                let text = format!("{}{text}", String::from_utf8_lossy(separator));
+                tokens.extend(t.encode(&text, path)?);
+            }
         }
-        tokens.extend(tokenize_bytes(&bytes));
     }
     if tokens.is_empty() {
         return Err(DatasetError::NoInputs);
@@ -170,6 +266,18 @@ pub fn build_dataset(
     tokens: &[u16],
     out_dir: &Path,
     config: ShardingConfig,
+) -> Result<DatasetManifest, DatasetError> {
+    build_dataset_with(tokens, out_dir, config, None)
+}
+
+/// [`build_dataset`] for tokens of `tokenizer` (`None`: bytes): the manifest
+/// records its name, hash and vocabulary, and its file is copied into the
+/// dataset as [`TOKENIZER_FILE`].
+pub fn build_dataset_with(
+    tokens: &[u16],
+    out_dir: &Path,
+    config: ShardingConfig,
+    tokenizer: Option<&TextTokenizer>,
 ) -> Result<DatasetManifest, DatasetError> {
     let ShardingConfig {
         shard_tokens,
@@ -203,10 +311,14 @@ pub fn build_dataset(
         }
         Ok(entries)
     };
+    if let Some(t) = tokenizer {
+        let path = out_dir.join(TOKENIZER_FILE);
+        std::fs::write(&path, &t.bytes).map_err(|source| ShardError::Write { path, source })?;
+    }
     let manifest = DatasetManifest {
         version: MANIFEST_VERSION,
-        tokenizer: "bytes".to_string(),
-        vocab_size: crate::model::BYTE_VOCAB,
+        tokenizer: tokenizer.map_or_else(|| "bytes".to_string(), TextTokenizer::name),
+        vocab_size: tokenizer.map_or(crate::model::BYTE_VOCAB, |t| t.vocab_size),
         train: write(&tokens[..split])?,
         heldout: write(&tokens[split..])?,
     };
