@@ -4,7 +4,7 @@
 
 use barnraise_trainer::data::manifest::{
     DEFAULT_SHARD_TOKENS, MANIFEST_FILE, ShardingConfig, TextTokenizer, build_dataset_with,
-    collect_input_files, tokenize_files_with,
+    collect_input_files, import_llmc, tokenize_files_with,
 };
 use clap::Args as ClapArgs;
 use std::path::PathBuf;
@@ -28,6 +28,15 @@ pub struct Args {
     /// the manifest; a run on this dataset sizes its model's vocabulary to it.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// The inputs are pre-tokenized llm.c / nanoGPT `.bin` files (e.g.
+    /// GPT-2-tokenized FineWeb), imported as they are: files named `*val*`
+    /// are held out. Needs --vocab-size (or --tokenizer).
+    #[arg(long)]
+    pub llmc: bool,
+    /// With --llmc: the vocabulary the tokens come from (50257 for GPT-2)
+    /// [default: the tokenizer's].
+    #[arg(long, requires = "llmc")]
+    pub vocab_size: Option<usize>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -37,6 +46,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(TextTokenizer::load)
         .transpose()?;
     let files = collect_input_files(&args.input)?;
+    if args.llmc {
+        let vocab = match (args.vocab_size, &tokenizer) {
+            (Some(v), _) => v,
+            (None, Some(t)) => t.vocab_size,
+            (None, None) => {
+                anyhow::bail!("--llmc needs --vocab-size (50257 for GPT-2 tokens) or --tokenizer")
+            }
+        };
+        let manifest = import_llmc(
+            &files,
+            &args.out,
+            args.shard_tokens,
+            vocab,
+            tokenizer.as_ref(),
+        )?;
+        println!(
+            "{} llm.c files -> {} training shards ({} tokens) and {} held-out shards ({} tokens); tokenizer {}, vocabulary {}",
+            files.len(),
+            manifest.train.len(),
+            manifest.train_tokens(),
+            manifest.heldout.len(),
+            manifest.heldout_tokens(),
+            manifest.tokenizer,
+            manifest.vocab_size
+        );
+        println!("manifest: {}", args.out.join(MANIFEST_FILE).display());
+        return Ok(());
+    }
     let tokens = tokenize_files_with(&files, tokenizer.as_ref())?;
     let config = ShardingConfig {
         shard_tokens: args.shard_tokens,

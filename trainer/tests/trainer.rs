@@ -332,6 +332,49 @@ fn bad_shards_are_refused_with_the_file_named() {
 }
 
 #[test]
+fn llmc_files_import_as_they_are_with_val_held_out() {
+    use barnraise_trainer::data::manifest::import_llmc;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // GPT-2-sized token ids, written in llm.c's layout by our own writer.
+    let train: Vec<u16> = (0..10_000u32).map(|i| (i * 7919 % 50_257) as u16).collect();
+    let val: Vec<u16> = (0..3_000u32)
+        .map(|i| (i * 104_729 % 50_257) as u16)
+        .collect();
+    let train_path = dir.path().join("fineweb_train_000001.bin");
+    let val_path = dir.path().join("fineweb_val_000000.bin");
+    barnraise_trainer::data::write_shard(&train_path, &train).expect("write");
+    barnraise_trainer::data::write_shard(&val_path, &val).expect("write");
+    let out = dir.path().join("ds");
+    let files = vec![train_path.clone(), val_path.clone()];
+    let manifest = import_llmc(&files, &out, 4096, 50_257, None).expect("import");
+    assert_eq!(manifest.vocab_size, 50_257);
+    assert_eq!(manifest.tokenizer, "unknown");
+    assert_eq!((manifest.train.len(), manifest.heldout.len()), (3, 1));
+    let read = |entries: &[barnraise_trainer::data::ShardEntry]| -> Vec<u16> {
+        entries
+            .iter()
+            .flat_map(|e| {
+                Shard::read(&shard_path(&out, &e.hash))
+                    .expect("shard")
+                    .tokens
+            })
+            .collect()
+    };
+    assert_eq!(read(&manifest.train), train, "the tokens as they were");
+    assert_eq!(read(&manifest.heldout), val);
+    // A token past the vocabulary, a corrupt file and no validation file
+    // are refused, naming the problem.
+    let err = import_llmc(&files, &dir.path().join("small"), 4096, 1000, None).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    let mut bytes = std::fs::read(&train_path).expect("read");
+    bytes.truncate(bytes.len() - 3);
+    std::fs::write(&train_path, bytes).expect("write");
+    assert!(import_llmc(&files, &dir.path().join("bad"), 4096, 50_257, None).is_err());
+    let err = import_llmc(&[val_path], &dir.path().join("v"), 4096, 50_257, None).unwrap_err();
+    assert!(err.to_string().contains("validation"), "{err}");
+}
+
+#[test]
 fn shard_command_pipeline_builds_a_dataset() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("text");

@@ -5,7 +5,7 @@
 //! hash with its token count, so a node can fetch any shard from any peer and
 //! check it.
 
-use super::{ShardError, tokenize_bytes, write_shard_named};
+use super::{Shard, ShardError, tokenize_bytes, write_shard_named};
 use barnraise_protocol::Hash;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -257,6 +257,94 @@ pub fn tokenize_files_with(
         return Err(DatasetError::NoInputs);
     }
     Ok(tokens)
+}
+
+/// Imports pre-tokenized llm.c / nanoGPT `.bin` files as they are (GPT-2's
+/// FineWeb shards, say): every file's header and length are checked, every
+/// token must be below `vocab_size`, and the tokens are cut into
+/// `shard_tokens`-token shards in `out_dir` — files whose name contains
+/// `val` (llm.c's naming) become the held-out split, the others training.
+/// `tokenizer` (e.g. GPT-2's `tokenizer.json`) is recorded and copied when
+/// given, and must then have `vocab_size` tokens; without it the manifest
+/// names the tokenizer `unknown`. Files are read one at a time.
+pub fn import_llmc(
+    files: &[PathBuf],
+    out_dir: &Path,
+    shard_tokens: usize,
+    vocab_size: usize,
+    tokenizer: Option<&TextTokenizer>,
+) -> Result<DatasetManifest, DatasetError> {
+    if shard_tokens == 0 || vocab_size == 0 || vocab_size > MAX_SHARD_VOCAB {
+        return Err(DatasetError::Tokenizer {
+            path: out_dir.to_owned(),
+            reason: format!(
+                "--shard-tokens must be positive and the vocabulary 1 to {MAX_SHARD_VOCAB} (got {shard_tokens} and {vocab_size})"
+            ),
+        });
+    }
+    if let Some(t) = tokenizer
+        && t.vocab_size != vocab_size
+    {
+        return Err(DatasetError::Tokenizer {
+            path: out_dir.to_owned(),
+            reason: format!(
+                "the tokenizer has {} tokens, the vocabulary given is {vocab_size}",
+                t.vocab_size
+            ),
+        });
+    }
+    let is_val = |p: &PathBuf| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.contains("val"))
+    };
+    if !files.iter().any(is_val) || files.iter().all(is_val) {
+        return Err(DatasetError::Tokenizer {
+            path: out_dir.to_owned(),
+            reason: "give training files and at least one validation file (a name with \
+                     `val` in it, as llm.c names them)"
+                .into(),
+        });
+    }
+    std::fs::create_dir_all(out_dir).map_err(|source| ShardError::Write {
+        path: out_dir.to_owned(),
+        source,
+    })?;
+    let (mut train, mut heldout) = (Vec::new(), Vec::new());
+    for path in files {
+        let shard = Shard::read(path)?;
+        if let Some(&bad) = shard.tokens.iter().find(|&&t| usize::from(t) >= vocab_size) {
+            return Err(DatasetError::Tokenizer {
+                path: path.clone(),
+                reason: format!("token {bad} is outside the vocabulary of {vocab_size}"),
+            });
+        }
+        let entries = if is_val(path) {
+            &mut heldout
+        } else {
+            &mut train
+        };
+        for chunk in shard.tokens.chunks(shard_tokens) {
+            let (hash, _) = write_shard_named(out_dir, chunk)?;
+            entries.push(ShardEntry {
+                hash,
+                tokens: chunk.len() as u64,
+            });
+        }
+    }
+    if let Some(t) = tokenizer {
+        let path = out_dir.join(TOKENIZER_FILE);
+        std::fs::write(&path, &t.bytes).map_err(|source| ShardError::Write { path, source })?;
+    }
+    let manifest = DatasetManifest {
+        version: MANIFEST_VERSION,
+        tokenizer: tokenizer.map_or_else(|| "unknown".to_string(), TextTokenizer::name),
+        vocab_size,
+        train,
+        heldout,
+    };
+    manifest.save(&out_dir.join(MANIFEST_FILE))?;
+    Ok(manifest)
 }
 
 /// Cuts `tokens` into content-addressed shards in `out_dir` and writes the
