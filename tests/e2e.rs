@@ -1363,6 +1363,73 @@ fn a_bpe_dataset_trains_exports_and_generates() {
     assert!(String::from_utf8_lossy(&generated.stdout).starts_with("The "));
 }
 
+/// `audit --coordinator URL` (issue #15): the record a running coordinator
+/// serves over HTTP is fetched file by file and checks out like an exported one.
+#[test]
+fn audit_checks_the_record_a_running_coordinator_serves() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let home = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data = home.path().join("run");
+    let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_barnraise"))
+        .args([
+            "up", "--nodes", "2", "--rounds", "2", "--model", "tiny", "--linger", "60",
+        ])
+        .args([
+            "--http",
+            &format!("127.0.0.1:{port}"),
+            "--json",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env("BARNRAISE_HOME", home.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let saved = home.path().join("fetched");
+    let started = std::time::Instant::now();
+    let verdict = loop {
+        let out = barnraise_in(
+            home.path(),
+            &[
+                "audit",
+                "--coordinator",
+                &url,
+                "--save",
+                saved.to_str().unwrap(),
+                "--json",
+            ],
+        );
+        let verdict: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
+        if let Some(v) = verdict
+            && v["report"]["rounds"] == 2
+        {
+            assert!(out.status.success(), "{v}");
+            break v;
+        }
+        assert!(started.elapsed() < 3 * MINUTES, "the run did not finish");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let _ = up.kill();
+    let _ = up.wait();
+    assert_eq!(verdict["ok"], true);
+    assert_eq!(verdict["report"]["signatures_checked"], 4);
+    for name in [
+        "index.json",
+        "run.json",
+        "ledger.json",
+        "manifests/round-000001.manifest",
+    ] {
+        assert!(saved.join(name).exists(), "{name} was not saved");
+    }
+}
+
 fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {

@@ -1,6 +1,7 @@
 //! The HTTP side: a JSON API under `/api/v1` (`run`, `overview`, `rounds`,
 //! `rounds/{round}`, `nodes`, `nodes/{node}`, `contributors`, `orgs`,
-//! `orgs/{org}`), Prometheus metrics at `/metrics`, and the dashboard's
+//! `orgs/{org}`, and the run record: `record` is its index, `record/{file}`
+//! each file), Prometheus metrics at `/metrics`, and the dashboard's
 //! server-rendered pages (`/`, `/nodes/{node}`, `/orgs/{org}`,
 //! `/rounds/{round}`; see [`crate::dashboard`]). Read-only: nothing a client
 //! sends here changes the run. Ledger reads run on blocking threads. An id
@@ -29,7 +30,16 @@ pub struct HttpState {
     pub ledger: Arc<Mutex<Ledger>>,
     pub live: Arc<RwLock<LiveStatus>>,
     pub metrics: Arc<Metrics>,
+    /// The coordinator's data dir, for the run record (`None`: not served).
+    pub data_dir: Option<std::path::PathBuf>,
+    /// The record as last built, with the closed rounds it covers: rebuilt
+    /// when a round closes, so a client fetching file after file reads one
+    /// consistent snapshot between closes.
+    pub record: RecordCache,
 }
+
+/// The last built run record and the number of closed rounds it covers.
+pub type RecordCache = Arc<Mutex<Option<(usize, Arc<crate::record::Built>)>>>;
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
@@ -47,6 +57,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/reputation", get(reputation))
         .route("/api/v1/orgs", get(orgs))
         .route("/api/v1/orgs/{org}", get(org))
+        .route("/api/v1/record", get(record_index))
+        .route("/api/v1/record/{*file}", get(record_file))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
@@ -73,6 +85,63 @@ fn page(status: StatusCode, html: String) -> Response {
 
 fn page_not_found(what: &str) -> Response {
     page(StatusCode::NOT_FOUND, dashboard::not_found(what))
+}
+
+/// The run record, built afresh when a round has closed since the last build.
+async fn built_record(state: &HttpState) -> Result<Arc<crate::record::Built>, String> {
+    let Some(data_dir) = state.data_dir.clone() else {
+        return Err("this server does not serve the run record".into());
+    };
+    let (ledger, cache) = (state.ledger.clone(), state.record.clone());
+    tokio::task::spawn_blocking(move || {
+        let ledger = ledger
+            .lock()
+            .map_err(|_| "the ledger is unavailable".to_string())?;
+        let closed = ledger.rounds().map_err(|e| e.to_string())?.len();
+        let mut cache = cache
+            .lock()
+            .map_err(|_| "the record cache is unavailable".to_string())?;
+        if let Some((rounds, built)) = cache.as_ref()
+            && *rounds == closed
+        {
+            return Ok(built.clone());
+        }
+        let built = Arc::new(crate::record::build(&ledger, &data_dir).map_err(|e| e.to_string())?);
+        *cache = Some((closed, built.clone()));
+        Ok(built)
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+}
+
+/// `GET /api/v1/record`: the record's `index.json`.
+async fn record_index(State(state): State<HttpState>) -> Response {
+    match built_record(&state).await {
+        Ok(built) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            built.index_json.clone(),
+        )
+            .into_response(),
+        Err(message) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+    }
+}
+
+/// `GET /api/v1/record/{file}`: one file the index lists, as stored.
+async fn record_file(State(state): State<HttpState>, Path(file): Path<String>) -> Response {
+    match built_record(&state).await {
+        Ok(built) => match built.files.get(&file) {
+            Some(bytes) => (
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                bytes.clone(),
+            )
+                .into_response(),
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("the record has no file {file}"),
+            ),
+        },
+        Err(message) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+    }
 }
 
 /// Runs a ledger read on a blocking thread.

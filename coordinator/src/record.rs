@@ -66,6 +66,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
     }
 }
 
+/// A record in memory: its index, the index as written (`index.json`), and
+/// every other file by path.
+#[derive(Clone, Debug)]
+pub struct Built {
+    pub index: RecordIndex,
+    pub index_json: Vec<u8>,
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
 /// Writes the record of the run in `data_dir` (a coordinator's, stopped or
 /// running: the ledger is read in one pass) to `out`, which must not exist
 /// or be empty.
@@ -77,6 +86,22 @@ pub fn export(data_dir: &Path, out: &Path) -> Result<RecordIndex, RecordError> {
         )));
     }
     let ledger = Ledger::open_existing(&crate::service::ledger_path(data_dir))?;
+    let built = build(&ledger, data_dir)?;
+    for dir in ["plans", "manifests"] {
+        std::fs::create_dir_all(out.join(dir)).map_err(io(out))?;
+    }
+    for (path, bytes) in &built.files {
+        let path = out.join(path);
+        std::fs::write(&path, bytes).map_err(io(&path))?;
+    }
+    let index_path = out.join("index.json");
+    std::fs::write(&index_path, &built.index_json).map_err(io(&index_path))?;
+    Ok(built.index)
+}
+
+/// The record of the run whose ledger is `ledger` and data dir `data_dir`,
+/// in memory (what `export` writes and the HTTP API serves).
+pub fn build(ledger: &Ledger, data_dir: &Path) -> Result<Built, RecordError> {
     let run_id = ledger
         .run_id()?
         .ok_or_else(|| RecordError::Invalid("the ledger names no run".into()))?;
@@ -150,16 +175,61 @@ pub fn export(data_dir: &Path, out: &Path) -> Result<RecordIndex, RecordError> {
             .map(|(path, bytes)| (path.clone(), Hash::of(bytes).to_hex()))
             .collect(),
     };
-    for dir in ["plans", "manifests"] {
-        std::fs::create_dir_all(out.join(dir)).map_err(io(out))?;
-    }
-    for (path, bytes) in &files {
-        let path = out.join(path);
-        std::fs::write(&path, bytes).map_err(io(&path))?;
-    }
-    let index_path = out.join("index.json");
-    let text =
+    let index_json =
         serde_json::to_vec_pretty(&index).map_err(|e| RecordError::Invalid(e.to_string()))?;
-    std::fs::write(&index_path, text).map_err(io(&index_path))?;
-    Ok(index)
+    Ok(Built {
+        index,
+        index_json,
+        files,
+    })
+}
+
+/// Whether `name` is a file a record may hold: what an auditor fetching a
+/// record from a server writes to disk, so nothing else (no `..`, no
+/// absolute path) is taken.
+pub fn is_record_file(name: &str) -> bool {
+    let round_file_of = |dir: &str, ext: &str| {
+        name.strip_prefix(dir)
+            .and_then(|rest| rest.strip_prefix("/round-"))
+            .and_then(|rest| rest.strip_suffix(ext))
+            .is_some_and(|n| n.len() >= 6 && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    matches!(
+        name,
+        "run.json" | "ledger.json" | "rounds.json" | TOKENIZER_FILE
+    ) || round_file_of("plans", ".plan")
+        || round_file_of("manifests", ".manifest")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_records_own_file_names_are_taken() {
+        for good in [
+            "run.json",
+            "ledger.json",
+            "rounds.json",
+            "tokenizer.json",
+            "plans/round-000000.plan",
+            "manifests/round-000123.manifest",
+            "manifests/round-1234567.manifest",
+        ] {
+            assert!(is_record_file(good), "{good}");
+        }
+        for bad in [
+            "../run.json",
+            "/etc/passwd",
+            "plans/../../x.plan",
+            "plans/round-00001.plan",
+            "plans/round-0000a0.plan",
+            "manifests/round-000001.plan",
+            "index.json",
+            "blobs/abc",
+            "",
+        ] {
+            assert!(!is_record_file(bad), "{bad}");
+        }
+    }
 }

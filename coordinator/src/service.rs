@@ -221,6 +221,8 @@ pub async fn start(
         ledger: prepared.ledger.clone(),
         live: live.clone(),
         metrics: metrics.clone(),
+        data_dir: Some(data_dir.clone()),
+        record: Arc::default(),
     };
     {
         let children = children.clone();

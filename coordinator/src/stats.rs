@@ -38,6 +38,16 @@ pub async fn fetch_json<T: serde::de::DeserializeOwned>(
     url: &str,
     path: &str,
 ) -> Result<T, StatsError> {
+    let body = fetch_bytes(url, path).await?;
+    serde_json::from_slice(&body).map_err(|e| StatsError::Body {
+        url: url.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// GETs `path` from the coordinator at `url`: the body of a 200 answer (at
+/// most 64 MiB).
+pub async fn fetch_bytes(url: &str, path: &str) -> Result<Vec<u8>, StatsError> {
     let rest = url
         .trim()
         .strip_prefix("http://")
@@ -66,13 +76,14 @@ pub async fn fetch_json<T: serde::de::DeserializeOwned>(
         .read_to_end(&mut response)
         .await
         .map_err(connect)?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| StatsError::Body {
             url: url.into(),
             reason: "no HTTP header".into(),
         })?;
+    let head = String::from_utf8_lossy(&response[..split]);
     let status = head.lines().next().unwrap_or_default();
     if status.split_whitespace().nth(1) != Some("200") {
         return Err(StatsError::Status {
@@ -80,10 +91,7 @@ pub async fn fetch_json<T: serde::de::DeserializeOwned>(
             status: status.to_string(),
         });
     }
-    serde_json::from_str(body).map_err(|e| StatsError::Body {
-        url: url.into(),
-        reason: e.to_string(),
-    })
+    Ok(response[split + 4..].to_vec())
 }
 
 /// Reads the contributors from a stopped coordinator's data dir.

@@ -771,6 +771,8 @@ async fn serve_ledger(
         ledger: ledger.clone(),
         live: Arc::new(RwLock::new(live)),
         metrics: Arc::new(Metrics::new()),
+        data_dir: None,
+        record: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -7,10 +7,18 @@ use clap::Args as ClapArgs;
 use std::path::PathBuf;
 
 #[derive(Debug, ClapArgs)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["record", "coordinator"])))]
 pub struct Args {
     /// The record directory (`barnraise coordinator export-record` writes one).
     #[arg(long)]
-    record: PathBuf,
+    record: Option<PathBuf>,
+    /// A running coordinator's HTTP address (e.g. http://127.0.0.1:8080):
+    /// fetch its record (`/api/v1/record`) and check that.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// With --coordinator: also keep the fetched record in this directory.
+    #[arg(long, requires = "coordinator")]
+    save: Option<PathBuf>,
     /// A directory of blobs named by their SHA-256 in hex (a coordinator's
     /// `blobs/`, or updates gathered from peers): recompute θ for every round
     /// and check each params hash bit for bit.
@@ -32,8 +40,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let verdict =
-        barnraise_node::audit::audit(&args.record, args.blobs.as_deref(), pinned.as_ref());
+    let fetched;
+    let record = match (&args.record, &args.coordinator) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(url)) => {
+            fetched = match &args.save {
+                Some(dir) => Fetched::Kept(dir.clone()),
+                None => Fetched::Temporary(tempfile::tempdir()?),
+            };
+            fetch_record(url, fetched.path())?;
+            fetched.path().to_owned()
+        }
+        (None, None) => anyhow::bail!("give --record or --coordinator"),
+    };
+    let verdict = barnraise_node::audit::audit(&record, args.blobs.as_deref(), pinned.as_ref());
     if args.json {
         let value = match &verdict {
             Ok(report) => serde_json::json!({"ok": true, "report": report}),
@@ -69,4 +89,64 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Err(fault) => anyhow::bail!("the record does not check out: {fault}"),
     }
+}
+
+/// Where a fetched record lives.
+enum Fetched {
+    Kept(PathBuf),
+    Temporary(tempfile::TempDir),
+}
+
+impl Fetched {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Fetched::Kept(p) => p,
+            Fetched::Temporary(t) => t.path(),
+        }
+    }
+}
+
+/// Downloads the record a coordinator serves into `dir`: the index, then
+/// every file it lists (only names a record may hold). A file that does not
+/// hash to its index entry means a round closed between the two requests;
+/// the whole record is fetched again, up to three times.
+fn fetch_record(url: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    use barnraise_coordinator::record::{RecordIndex, is_record_file};
+    use barnraise_coordinator::stats::fetch_bytes;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut last_error = None;
+    for _ in 0..3 {
+        let index_json = runtime.block_on(fetch_bytes(url, "/api/v1/record"))?;
+        let index: RecordIndex = serde_json::from_slice(&index_json)
+            .map_err(|e| anyhow::anyhow!("{url}/api/v1/record is not a record index: {e}"))?;
+        if let Some(bad) = index.files.keys().find(|n| !is_record_file(n)) {
+            anyhow::bail!("{url} lists a file a record does not hold: {bad:?}");
+        }
+        let mut stale = None;
+        for (name, hash) in &index.files {
+            let bytes = runtime.block_on(fetch_bytes(url, &format!("/api/v1/record/{name}")))?;
+            if barnraise_protocol::Hash::of(&bytes).to_hex() != *hash {
+                stale = Some(name.clone());
+                break;
+            }
+            let path = dir.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&path, bytes)?;
+        }
+        match stale {
+            None => {
+                std::fs::write(dir.join("index.json"), &index_json)?;
+                return Ok(());
+            }
+            Some(name) => last_error = Some(name),
+        }
+    }
+    anyhow::bail!(
+        "{url} kept changing while it was fetched ({} did not match its index three times)",
+        last_error.unwrap_or_default()
+    )
 }

@@ -243,7 +243,11 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
             }
         }
     }
-    shutdown.cancel();
+    // The coordinator keeps its API up for --linger seconds after the last
+    // round, then stops by itself; without --linger it stops now.
+    if args.linger <= 0.0 {
+        shutdown.cancel();
+    }
     let summary = coordinator
         .wait()
         .await
