@@ -1060,6 +1060,21 @@ fn an_exported_record_audits_and_every_tampering_is_caught() {
     .unwrap();
     fails_with(&voiding, None, Some(2), "voids");
 
+    // A checkpoint whose params are not θ of its round.
+    let forged_checkpoint = copy("forged-checkpoint");
+    let mut rows: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(forged_checkpoint.join("checkpoints.json")).unwrap())
+            .unwrap();
+    rows[0]["params_hash"] = barnraise_protocol::Hash::of(b"other weights")
+        .to_hex()
+        .into();
+    forge(
+        &forged_checkpoint,
+        "checkpoints.json",
+        serde_json::to_vec(&rows).unwrap(),
+    );
+    fails_with(&forged_checkpoint, None, Some(0), "checkpoints.json");
+
     // A forged ledger total.
     let forged = copy("forged-ledger");
     let mut totals: serde_json::Value =

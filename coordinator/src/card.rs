@@ -38,6 +38,8 @@ pub struct RecordFacts {
     pub round_tokens: Vec<u64>,
     /// The run's `tokenizer.json`, when it is not byte-level.
     pub tokenizer_json: Option<Vec<u8>>,
+    /// SHA-256 of the dataset manifest (`dataset.json`), when the record has it.
+    pub dataset_hash: Option<Hash>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +101,11 @@ impl RecordFacts {
         } else {
             None
         };
+        let dataset_hash = if index.files.contains_key(crate::record::DATASET_FILE) {
+            Some(Hash::of(&checked(crate::record::DATASET_FILE)?))
+        } else {
+            None
+        };
         let coordinator: PublicKey = index
             .coordinator
             .parse()
@@ -127,6 +134,7 @@ impl RecordFacts {
             params,
             round_tokens,
             tokenizer_json,
+            dataset_hash,
         })
     }
 
@@ -188,9 +196,13 @@ pub fn render(
         model.n_layers, model.d_model, model.max_seq_len, model.vocab_size
     );
     let train_tokens: u64 = run.dataset.iter().map(|d| d.tokens).sum();
+    let manifest = facts
+        .dataset_hash
+        .map(|h| format!("; dataset manifest `dataset.json` SHA-256 `{}`", h.to_hex()))
+        .unwrap_or_default();
     let _ = writeln!(
         s,
-        "| dataset | {} training shards ({train_tokens} tokens) and {} held out; every shard's SHA-256 is in the record's `run.json` (SHA-256 `{}`) |",
+        "| dataset | {} training shards ({train_tokens} tokens) and {} held out; every shard's SHA-256 is in the record's `run.json` (SHA-256 `{}`){manifest} |",
         run.dataset.len(),
         run.held_out.len(),
         facts.run_hash.to_hex()

@@ -43,6 +43,8 @@ pub struct Dataset {
     /// The dataset's `tokenizer.json`, when it was cut with one (checked
     /// against the hash the manifest names); `None` for bytes.
     pub tokenizer_json: Option<Vec<u8>>,
+    /// The manifest (`dataset.json`) as read, for the run record.
+    pub manifest_json: Vec<u8>,
 }
 
 impl Dataset {
@@ -115,6 +117,13 @@ pub fn load(
             (dir, manifest)
         }
     };
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let manifest_json = std::fs::read(&manifest_path).map_err(|source| {
+        barnraise_trainer::data::manifest::DatasetError::ReadManifest {
+            path: manifest_path.clone(),
+            source,
+        }
+    })?;
     if manifest.train.is_empty() {
         return Err(DatasetError::Empty {
             path: dir.display().to_string(),
@@ -195,6 +204,7 @@ pub fn load(
         held_out,
         tokens,
         tokenizer_json,
+        manifest_json,
     })
 }
 

@@ -10,6 +10,8 @@
 //! ledger.json                 the ledger's totals per node (what the dashboard shows)
 //! rounds.json                 each closed round's ledger row: counts, losses, params hashes
 //! tokenizer.json              the dataset's tokenizer, for runs that are not byte-level
+//! dataset.json                the dataset manifest (tokenizer, vocabulary, every shard)
+//! checkpoints.json            every published checkpoint: round, blob and params hashes
 //! ```
 //!
 //! Nothing in it needs trusting: plans and manifests carry the coordinator's
@@ -30,6 +32,9 @@ pub const RUN_CONFIG_FILE: &str = "run-config.json";
 /// The dataset's tokenizer, kept in the data dir and in the record when the
 /// run is not byte-level.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The dataset manifest (`barnraise shard`'s `dataset.json`), kept in the
+/// data dir and in the record.
+pub const DATASET_FILE: &str = "dataset.json";
 
 /// The record's table of contents.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -118,11 +123,20 @@ pub fn build(ledger: &Ledger, data_dir: &Path) -> Result<Built, RecordError> {
     }
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     files.insert("run.json".into(), run_json);
-    let tokenizer_path = data_dir.join(TOKENIZER_FILE);
-    if tokenizer_path.exists() {
-        let bytes = std::fs::read(&tokenizer_path).map_err(io(&tokenizer_path))?;
-        files.insert(TOKENIZER_FILE.into(), bytes);
+    for name in [TOKENIZER_FILE, DATASET_FILE] {
+        let path = data_dir.join(name);
+        if path.exists() {
+            let bytes = std::fs::read(&path).map_err(io(&path))?;
+            files.insert(name.into(), bytes);
+        }
     }
+    // Every published checkpoint (`CheckpointRow`: round, blob hashes,
+    // params hash); audit checks each params hash against the manifests.
+    files.insert(
+        "checkpoints.json".into(),
+        serde_json::to_vec_pretty(&ledger.checkpoints()?)
+            .map_err(|e| RecordError::Invalid(e.to_string()))?,
+    );
     let mut coordinator: Option<PublicKey> = None;
     let mut head = Hash::ZERO;
     let rounds = ledger.rounds()?;
@@ -196,7 +210,12 @@ pub fn is_record_file(name: &str) -> bool {
     };
     matches!(
         name,
-        "run.json" | "ledger.json" | "rounds.json" | TOKENIZER_FILE
+        "run.json"
+            | "ledger.json"
+            | "rounds.json"
+            | "checkpoints.json"
+            | TOKENIZER_FILE
+            | DATASET_FILE
     ) || round_file_of("plans", ".plan")
         || round_file_of("manifests", ".manifest")
 }
@@ -212,6 +231,8 @@ mod tests {
             "ledger.json",
             "rounds.json",
             "tokenizer.json",
+            "dataset.json",
+            "checkpoints.json",
             "plans/round-000000.plan",
             "manifests/round-000123.manifest",
             "manifests/round-1234567.manifest",

@@ -334,10 +334,15 @@ fn prepare(
 ) -> Result<Prepared, CoordinatorError> {
     let store = BlobStore::open(&config.data_dir.join("blobs"))?;
     let dataset = dataset::load(&config.dataset, &config.data_dir, &store)?;
-    // The run record carries the tokenizer, so an export can ship it.
+    // The run record carries the dataset manifest and the tokenizer (so an
+    // export can ship it).
+    let keep = |name: &str, bytes: &[u8]| {
+        let path = config.data_dir.join(name);
+        std::fs::write(&path, bytes).map_err(|source| CoordinatorError::Io { path, source })
+    };
+    keep(crate::record::DATASET_FILE, &dataset.manifest_json)?;
     if let Some(json) = &dataset.tokenizer_json {
-        let path = config.data_dir.join(crate::record::TOKENIZER_FILE);
-        std::fs::write(&path, json).map_err(|source| CoordinatorError::Io { path, source })?;
+        keep(crate::record::TOKENIZER_FILE, json)?;
     }
     let heldout = dataset.held_out_tokens().map(Arc::new);
     let ledger = Ledger::open(&ledger_path(&config.data_dir))?;

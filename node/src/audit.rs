@@ -94,6 +94,26 @@ struct RoundRowFacts {
     missing: u64,
 }
 
+/// What audit checks of a `checkpoints.json` row (the ledger's `CheckpointRow`).
+#[derive(Deserialize)]
+struct CheckpointFacts {
+    round: u64,
+    params_hash: String,
+}
+
+/// What audit checks of `dataset.json` (the dataset manifest).
+#[derive(Deserialize)]
+struct DatasetFacts {
+    train: Vec<ShardFacts>,
+    heldout: Vec<ShardFacts>,
+}
+
+#[derive(Deserialize)]
+struct ShardFacts {
+    hash: String,
+    tokens: u64,
+}
+
 #[derive(Deserialize)]
 struct Totals {
     node: String,
@@ -323,6 +343,8 @@ pub fn audit(
         let checked = name == "run.json"
             || name == "ledger.json"
             || name == "rounds.json"
+            || name == "checkpoints.json"
+            || name == "dataset.json"
             || round.is_some_and(|r| {
                 r < index.rounds
                     && (*name == round_file("plans", r) || *name == round_file("manifests", r))
@@ -370,6 +392,51 @@ pub fn audit(
                     format!("{row:?}; the manifest gives {expected:?}"),
                 ));
             }
+        }
+    }
+
+    // The published checkpoints: each is θ of a round the manifests reach.
+    if index.files.contains_key("checkpoints.json") {
+        let rows: Vec<CheckpointFacts> =
+            serde_json::from_slice(&load("checkpoints.json", None)?)
+                .map_err(|e| fault(None, "checkpoints.json", format!("does not parse: {e}")))?;
+        for row in &rows {
+            let expected = match row.round.checked_sub(1) {
+                None => manifests.first().map(|m| m.base_params_hash),
+                Some(r) => manifests.get(r as usize).map(|m| m.next_params_hash),
+            };
+            if expected.map(|h| h.to_hex()) != Some(row.params_hash.clone()) {
+                return Err(fault(
+                    Some(row.round),
+                    "checkpoints.json",
+                    format!(
+                        "the checkpoint of round {} has params {}, the manifests give {}",
+                        row.round,
+                        short(&row.params_hash),
+                        expected.map_or("no such round".into(), |h| h.short())
+                    ),
+                ));
+            }
+        }
+    }
+    // The dataset manifest, when present: the shards the run config names.
+    if index.files.contains_key("dataset.json") {
+        let dataset: DatasetFacts = serde_json::from_slice(&load("dataset.json", None)?)
+            .map_err(|e| fault(None, "dataset.json", format!("does not parse: {e}")))?;
+        let listed = |entries: &[ShardFacts]| -> Vec<(String, u64)> {
+            entries.iter().map(|e| (e.hash.clone(), e.tokens)).collect()
+        };
+        let named = |infos: &[barnraise_protocol::messages::ShardInfo]| -> Vec<(String, u64)> {
+            infos.iter().map(|i| (i.hash.to_hex(), i.tokens)).collect()
+        };
+        if listed(&dataset.train) != named(&run.dataset)
+            || listed(&dataset.heldout) != named(&run.held_out)
+        {
+            return Err(fault(
+                None,
+                "dataset.json",
+                "its shards are not the ones run.json names",
+            ));
         }
     }
 
