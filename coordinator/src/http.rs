@@ -88,9 +88,12 @@ fn page_not_found(what: &str) -> Response {
 }
 
 /// The run record, built afresh when a round has closed since the last build.
-async fn built_record(state: &HttpState) -> Result<Arc<crate::record::Built>, String> {
+async fn built_record(state: &HttpState) -> Result<Arc<crate::record::Built>, Response> {
     let Some(data_dir) = state.data_dir.clone() else {
-        return Err("this server does not serve the run record".into());
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "this server does not serve the run record".into(),
+        ));
     };
     let (ledger, cache) = (state.ledger.clone(), state.record.clone());
     tokio::task::spawn_blocking(move || {
@@ -112,6 +115,7 @@ async fn built_record(state: &HttpState) -> Result<Arc<crate::record::Built>, St
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()))
+    .map_err(|message| error(StatusCode::INTERNAL_SERVER_ERROR, message))
 }
 
 /// `GET /api/v1/record`: the record's `index.json`.
@@ -122,7 +126,7 @@ async fn record_index(State(state): State<HttpState>) -> Response {
             built.index_json.clone(),
         )
             .into_response(),
-        Err(message) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+        Err(response) => response,
     }
 }
 
@@ -140,7 +144,7 @@ async fn record_file(State(state): State<HttpState>, Path(file): Path<String>) -
                 format!("the record has no file {file}"),
             ),
         },
-        Err(message) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+        Err(response) => response,
     }
 }
 

@@ -529,6 +529,10 @@ fn api() -> &'static Api {
             ledger: Arc::new(Mutex::new(ledger)),
             live: Arc::new(RwLock::new(Default::default())),
             metrics: Arc::new(barnraise_coordinator::metrics::Metrics::new()),
+            // No data dir: the record's paths answer 404 (a data dir the
+            // fuzzer's ledger cannot build a record from would be a 500).
+            data_dir: None,
+            record: Arc::default(),
         };
         Api {
             runtime: tokio::runtime::Builder::new_current_thread()
