@@ -266,7 +266,7 @@ pub fn render(
             s,
             "| `{}` | {} | {} | {} |",
             short(&c.node),
-            c.org_name.as_deref().unwrap_or("independent"),
+            cell(c.org_name.as_deref().unwrap_or("independent")),
             c.tokens,
             share(c.credit)
         );
@@ -279,7 +279,7 @@ pub fn render(
     for o in &orgs {
         let name = match (&o.org, &o.org_name) {
             (None, _) => "independent volunteers".to_string(),
-            (Some(key), name) => name.clone().unwrap_or_else(|| short(key)),
+            (Some(key), name) => name.as_deref().map_or_else(|| short(key), cell),
         };
         let _ = writeln!(
             s,
@@ -295,4 +295,38 @@ pub fn render(
         params_hash.to_hex()
     );
     s
+}
+
+/// `text` as one Markdown table cell: org names are free text an org chose,
+/// so a `|`, a line break or HTML in one must not reshape the card.
+fn cell(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '|' => out.push_str("\\|"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hostile_org_name_stays_in_its_cell() {
+        let name = "Evil | Lab\n<script>alert(1)</script> & co";
+        let text = cell(name);
+        assert!(!text.contains('\n') && !text.contains('<'), "{text}");
+        assert_eq!(text.matches('|').count(), text.matches("\\|").count());
+        assert_eq!(
+            text,
+            "Evil \\| Lab &lt;script&gt;alert(1)&lt;/script&gt; &amp; co"
+        );
+    }
 }
