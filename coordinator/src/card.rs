@@ -300,18 +300,11 @@ pub fn render(
 /// `text` as one Markdown table cell: org names are free text an org chose,
 /// so a `|`, a line break or HTML in one must not reshape the card.
 fn cell(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '|' => out.push_str("\\|"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            c if c.is_control() => out.push(' '),
-            c => out.push(c),
-        }
-    }
-    out
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    crate::dashboard::escape(&flat).replace('|', "\\|")
 }
 
 #[cfg(test)]
