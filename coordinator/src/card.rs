@@ -17,10 +17,6 @@ use barnraise_protocol::{Hash, PublicKey, Signed};
 use std::fmt::Write;
 use std::path::Path;
 
-/// Largest record file read (a manifest is at most 4 MiB; the ledger
-/// totals of a big run are more).
-const MAX_FILE: u64 = 256 * 1024 * 1024;
-
 /// What a card says, read from a run record.
 #[derive(Clone, Debug)]
 pub struct RecordFacts {
@@ -60,16 +56,8 @@ impl RecordFacts {
             reason,
         };
         let read = |name: &str| -> Result<Vec<u8>, CardError> {
-            use std::io::Read;
-            let path = dir.join(name);
-            let mut bytes = Vec::new();
-            std::fs::File::open(&path)
-                .and_then(|f| f.take(MAX_FILE + 1).read_to_end(&mut bytes))
-                .map_err(|e| fail(format!("{name}: {e}")))?;
-            if bytes.len() as u64 > MAX_FILE {
-                return Err(fail(format!("{name} is over {MAX_FILE} bytes")));
-            }
-            Ok(bytes)
+            barnraise_protocol::record::read_capped(&dir.join(name))
+                .map_err(|e| fail(format!("{name}: {e}")))
         };
         let index_bytes = read("index.json")?;
         let index: RecordIndex = serde_json::from_slice(&index_bytes)

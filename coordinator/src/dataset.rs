@@ -97,26 +97,21 @@ pub fn load(
     data_dir: &Path,
     store: &BlobStore,
 ) -> Result<Dataset, DatasetError> {
-    let (dir, manifest) = match source {
-        DatasetSource::Dir { path } => (
-            path.clone(),
-            DatasetManifest::load(&path.join(MANIFEST_FILE))?,
-        ),
+    let dir = match source {
+        DatasetSource::Dir { path } => path.clone(),
         DatasetSource::Builtin {
             shards,
             shard_tokens,
             seed,
         } => {
             let dir = data_dir.join("dataset");
-            let manifest_path = dir.join(MANIFEST_FILE);
-            let manifest = if manifest_path.exists() {
-                DatasetManifest::load(&manifest_path)?
-            } else {
-                generate_builtin(&dir, *shards, *shard_tokens, *seed)?
-            };
-            (dir, manifest)
+            if !dir.join(MANIFEST_FILE).exists() {
+                generate_builtin(&dir, *shards, *shard_tokens, *seed)?;
+            }
+            dir
         }
     };
+    // Read once: parsed here, and kept as read for the run record.
     let manifest_path = dir.join(MANIFEST_FILE);
     let manifest_json = std::fs::read(&manifest_path).map_err(|source| {
         barnraise_trainer::data::manifest::DatasetError::ReadManifest {
@@ -124,6 +119,7 @@ pub fn load(
             source,
         }
     })?;
+    let manifest = DatasetManifest::from_json(&manifest_json, &manifest_path)?;
     if manifest.train.is_empty() {
         return Err(DatasetError::Empty {
             path: dir.display().to_string(),

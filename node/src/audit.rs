@@ -24,14 +24,11 @@ use crate::daemon::{INIT_SEED, parse_run_config};
 use barnraise_protocol::aggregate::apply_round;
 use barnraise_protocol::messages::{Manifest, RoundPlan, RunConfig};
 use barnraise_protocol::outer::{OuterConfig, OuterOptimizer};
-use barnraise_protocol::record::{RECORD_FORMAT, round_file};
+use barnraise_protocol::record::{RECORD_FORMAT, read_capped, round_file};
 use barnraise_protocol::{Hash, NodeId, PublicKey, Signed};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-
-/// Largest file of a record the audit reads (a manifest's cap, with room).
-const MAX_RECORD_FILE: u64 = 64 << 20;
 
 /// The first thing wrong with a record.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -119,19 +116,6 @@ struct Totals {
     node: String,
     tokens: u64,
     accepted: u64,
-}
-
-fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut bytes = Vec::new();
-    file.take(MAX_RECORD_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
-    if bytes.len() as u64 > MAX_RECORD_FILE {
-        return Err(format!("larger than {MAX_RECORD_FILE} bytes"));
-    }
-    Ok(bytes)
 }
 
 /// Audits the record in `record`; with `blobs` (a directory of blobs named

@@ -118,11 +118,12 @@ impl Unverified {
         for v in &manifest.voided {
             self.windows.remove(&v.node);
         }
-        for node in &manifest.verified {
-            self.windows.remove(node);
+        let verified: std::collections::HashSet<&NodeId> = manifest.verified.iter().collect();
+        for node in &verified {
+            self.windows.remove(*node);
         }
         for a in &manifest.accepted {
-            if manifest.verified.contains(&a.node) {
+            if verified.contains(&a.node) {
                 continue;
             }
             let w = self.windows.entry(a.node).or_default();

@@ -4,6 +4,25 @@
 /// The record format written and read by this code.
 pub const RECORD_FORMAT: &str = "barnraise-record/2";
 
+/// Largest record file a reader takes (a manifest's cap, with room for the
+/// ledger totals of a large run).
+pub const MAX_RECORD_FILE: u64 = 64 << 20;
+
+/// Reads a record file of at most [`MAX_RECORD_FILE`] bytes: a record comes
+/// from anywhere, so a huge file is refused without being read whole.
+pub fn read_capped(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    file.take(MAX_RECORD_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_RECORD_FILE {
+        return Err(format!("larger than {MAX_RECORD_FILE} bytes"));
+    }
+    Ok(bytes)
+}
+
 /// The path, inside a record, of round `round`'s plan (`kind = "plans"`) or
 /// manifest (`kind = "manifests"`).
 pub fn round_file(kind: &str, round: u64) -> String {
