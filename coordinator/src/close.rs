@@ -17,6 +17,7 @@ use barnraise_protocol::{Hash, NodeId};
 use barnraise_trainer::ModelConfig;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Why a round could not be closed (the coordinator's fault, never a node's:
 /// bad updates are rejected, not errors).
@@ -38,7 +39,7 @@ pub struct CloseContext<'a> {
     /// The training shards in dataset order: what a plan's shard indices name.
     pub dataset: &'a [barnraise_protocol::messages::ShardInfo],
     /// Tokens of the training shards (by hash), for the probe.
-    pub shard_tokens: &'a HashMap<Hash, Arc<Vec<u16>>>,
+    pub shard_tokens: &'a dyn crate::store::ShardTokens,
     /// The held-out shard's tokens: the probe's "data the node was not given"
     /// and the eval set of θ_{r+1}.
     pub heldout: Option<&'a [u16]>,
@@ -96,6 +97,56 @@ pub struct Closed {
     pub spot_checks: Vec<SpotRecord>,
     /// This round's accepted updates, by sketch, for later rounds' replay check.
     pub sketches: Vec<verify::RecentUpdate>,
+    pub timings: CloseTimings,
+}
+
+/// Which of the round's surviving candidates the probe measures (at most
+/// `probe_max`), and which pass without it. Nodes with no update accepted
+/// in the replay window come first: new nodes, and nodes whose recent work
+/// was refused. The rest are ranked by a draw from the probe's seed, which
+/// depends on every committed update, so no node knew its rank when it
+/// committed. Both lists are in commit order.
+fn probe_sample(
+    ctx: &CloseContext<'_>,
+    close: &CloseRound,
+    survivors: &[usize],
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>) {
+    let budget = ctx.verify.probe_max.max(1);
+    if survivors.len() <= budget {
+        return (survivors.to_vec(), Vec::new());
+    }
+    let round = close.plan.round;
+    let established: std::collections::HashSet<NodeId> =
+        ctx.recent.iter().map(|r| r.node).collect();
+    let mut ranked: Vec<(bool, u64, usize)> = survivors
+        .iter()
+        .map(|&i| {
+            let node = &close.candidates[i].node;
+            let draw = crate::plan::derive(seed, "probe-pick", round, &node.0.0);
+            (established.contains(node), draw, i)
+        })
+        .collect();
+    ranked.sort_unstable();
+    let mut probed: Vec<usize> = ranked[..budget].iter().map(|r| r.2).collect();
+    let mut passed: Vec<usize> = ranked[budget..].iter().map(|r| r.2).collect();
+    probed.sort_unstable();
+    passed.sort_unstable();
+    (probed, passed)
+}
+
+/// Where the close spent its time (`crate::metrics::Stage`).
+#[derive(Clone, Debug, Default)]
+pub struct CloseTimings {
+    /// Stage 2 again and stage 3.
+    pub verify: Duration,
+    /// The usefulness probe and the held-out evaluation of θ_{r+1}.
+    pub probe: Duration,
+    pub spot: Duration,
+    /// The aggregate and the outer step.
+    pub aggregate: Duration,
+    /// Pairs of sketches the copy and replay checks compared.
+    pub comparisons: u64,
 }
 
 /// Verifies, aggregates and steps. `theta` and `optimizer` hold θ_r and its
@@ -114,8 +165,12 @@ pub fn close_round(
     let mut rejected: Vec<RejectedUpdate> = close.rejected.clone();
     let mut bytes_received = 0u64;
 
-    // Stage 2 once more on what the store holds (cheap, and the store is disk).
-    let mut dense: Vec<(usize, Vec<f32>)> = Vec::new();
+    // Stage 2 once more on what the store holds (cheap, and the store is
+    // disk), one update at a time: stage 3 keeps each one's norm and
+    // sketch, not its dense values, so the close never holds the round's
+    // updates decoded at once.
+    let started = Instant::now();
+    let mut summaries: Vec<(usize, verify::UpdateSummary)> = Vec::new();
     for (i, c) in close.candidates.iter().enumerate() {
         let reject = |reason| RejectedUpdate {
             node: c.node,
@@ -128,29 +183,29 @@ pub fn close_round(
         };
         bytes_received += payload.len() as u64;
         match verify::check_payload(payload, &c.commit, ctx.codec, params) {
-            Ok(values) => dense.push((i, values)),
+            Ok(values) => {
+                let update = RoundUpdate {
+                    node: c.node,
+                    hash: c.commit.update_hash,
+                    values: &values,
+                };
+                summaries.push((i, verify::UpdateSummary::of(&update, ctx.sketch_seed)));
+            }
             Err(reason) => rejected.push(reject(reason)),
         }
     }
 
     // Stage 3 over the round.
-    let list: Vec<RoundUpdate<'_>> = dense
-        .iter()
-        .map(|(i, v)| RoundUpdate {
-            node: close.candidates[*i].node,
-            hash: close.candidates[*i].commit.update_hash,
-            values: v,
-        })
-        .collect();
-    let stats = verify::round_statistics(&list, ctx.verify, ctx.sketch_seed, ctx.recent);
+    let (order, list): (Vec<usize>, Vec<verify::UpdateSummary>) = summaries.into_iter().unzip();
+    let stats = verify::judge_round(list, ctx.verify, ctx.recent);
     let mut survivors = Vec::new();
     let mut sketch_of: HashMap<usize, verify::Sketch> = HashMap::new();
-    for ((i, values), (verdict, update_stats)) in dense.iter().zip(stats) {
-        let c = &close.candidates[*i];
+    for (&i, (verdict, update_stats)) in order.iter().zip(stats.verdicts) {
+        let c = &close.candidates[i];
         match verdict {
             Ok(()) => {
-                sketch_of.insert(*i, update_stats.sketch);
-                survivors.push((*i, values));
+                sketch_of.insert(i, update_stats.sketch);
+                survivors.push(i);
             }
             Err(reason) => rejected.push(RejectedUpdate {
                 node: c.node,
@@ -159,11 +214,19 @@ pub fn close_round(
             }),
         }
     }
+    let mut timings = CloseTimings {
+        verify: started.elapsed(),
+        comparisons: stats.comparisons,
+        ..CloseTimings::default()
+    };
+    let assignment_of: HashMap<NodeId, &barnraise_protocol::messages::Assignment> =
+        close.plan.assignments.iter().map(|a| (a.node, a)).collect();
 
     // Stage 4: the usefulness probe.
     let mut probes = Vec::new();
     let mut probe = None;
     let mut accepted_idx = Vec::new();
+    let started = Instant::now();
     if ctx.verify.probe && !survivors.is_empty() {
         // Seeded by every update of the round: known to no node when it
         // committed, and recomputable by anyone auditing the round.
@@ -183,28 +246,37 @@ pub fn close_round(
             None => None,
         };
         let mut base_cache: HashMap<Hash, f32> = HashMap::new();
-        for (i, values) in &survivors {
-            let c = &close.candidates[*i];
+        let (probed, passed) = probe_sample(ctx, close, &survivors, seed);
+        accepted_idx.extend(passed);
+        for &i in &probed {
+            let c = &close.candidates[i];
             // A shard drawn at random from the node's assignment, by a seed
             // the node could not know when it committed.
-            let own_shard = close
-                .plan
-                .assignments
-                .iter()
-                .find(|a| a.node == c.node)
-                .and_then(|a| {
-                    let pick = crate::plan::derive(seed, "probe-shard", round, &c.node.0.0);
-                    let index = a
-                        .shards
-                        .get((pick % a.shards.len().max(1) as u64) as usize)?;
-                    ctx.dataset.get(*index as usize).map(|s| s.hash)
-                });
-            let own = own_shard.and_then(|h| ctx.shard_tokens.get(&h).map(|t| (h, t.clone())));
+            let own_shard = assignment_of.get(&c.node).and_then(|a| {
+                let pick = crate::plan::derive(seed, "probe-shard", round, &c.node.0.0);
+                let index = a
+                    .shards
+                    .get((pick % a.shards.len().max(1) as u64) as usize)?;
+                ctx.dataset.get(*index as usize).map(|s| s.hash)
+            });
+            let own = own_shard.and_then(|h| ctx.shard_tokens.tokens(&h).map(|t| (h, t)));
             let (Some((own_hash, own_tokens)), Some(heldout), Some(heldout_base)) =
                 (own, ctx.heldout, heldout_base)
             else {
                 // Nothing to probe against: the probe cannot judge, so it does not reject.
-                accepted_idx.push(*i);
+                accepted_idx.push(i);
+                continue;
+            };
+            // Decoded again (it passed stage 2, so it decodes), one at a time.
+            let values = payloads
+                .get(&c.commit.update_hash)
+                .map(|p| verify::check_payload(p, &c.commit, ctx.codec, params));
+            let Some(Ok(values)) = values else {
+                rejected.push(RejectedUpdate {
+                    node: c.node,
+                    update_hash: Some(c.commit.update_hash),
+                    reason: RejectReason::NotServed,
+                });
                 continue;
             };
             let own_base = match base_cache.get(&own_hash) {
@@ -218,11 +290,11 @@ pub fn close_round(
                 }
             };
             let result = p
-                .measure(values, &own_tokens, own_base, heldout, heldout_base)
+                .measure(&values, &own_tokens, own_base, heldout, heldout_base)
                 .map_err(|source| CloseError::Probe { round, source })?;
             probes.push(ProbeRecord {
                 node: c.node,
-                index: *i,
+                index: i,
                 result,
                 bar: 0.0,
             });
@@ -244,9 +316,11 @@ pub fn close_round(
         }
         probe = Some(p);
     } else {
-        accepted_idx.extend(survivors.iter().map(|(i, _)| *i));
+        accepted_idx.extend(survivors.iter().copied());
     }
     accepted_idx.sort();
+    timings.probe = started.elapsed();
+    let started = Instant::now();
 
     // Stage 5: spot checks. Replay the drawn workers of updates that passed
     // everything else, in commit order, up to the round's budget.
@@ -282,7 +356,7 @@ pub fn close_round(
             if failed.contains(&i) {
                 continue;
             }
-            let assignment = close.plan.assignments.iter().find(|a| a.node == c.node);
+            let assignment = assignment_of.get(&c.node).copied();
             let result = match (assignment, (spot.state)(&share.state_hash)) {
                 (Some(assignment), Some(state)) => crate::spot::replay(
                     ctx.model,
@@ -327,6 +401,9 @@ pub fn close_round(
         verified_idx.retain(|i| !failed.contains(i));
     }
 
+    timings.spot = started.elapsed();
+    let started = Instant::now();
+
     // Weights: tokens over the accepted total, computed in f64 in manifest order.
     let total_tokens: f64 = accepted_idx
         .iter()
@@ -366,12 +443,15 @@ pub fn close_round(
         apply_round(&mut next_theta, &mut next_optimizer, ctx.rule, &inputs)
             .map_err(|source| CloseError::Aggregate { round, source })?;
     }
+    timings.aggregate = started.elapsed();
+    let started = Instant::now();
     let eval_loss = match (probe.as_mut(), ctx.heldout) {
         (Some(p), Some(h)) if !accepted.is_empty() => {
             p.eval_loss(&next_theta, h).ok().map(f64::from)
         }
         _ => None,
     };
+    timings.probe += started.elapsed();
     theta.copy_from_slice(&next_theta);
     *optimizer = next_optimizer;
 
@@ -424,6 +504,7 @@ pub fn close_round(
         probes,
         spot_checks,
         sketches,
+        timings,
     })
 }
 

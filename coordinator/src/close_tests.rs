@@ -361,3 +361,63 @@ fn closed_manifest(r: u64, plan: &RoundPlan) -> Manifest {
         closed_at_ms: 0,
     }
 }
+
+#[test]
+fn the_probe_measures_new_nodes_first_then_a_seeded_draw_up_to_its_budget() {
+    let payloads: Vec<Vec<u8>> = (1..=6).map(|i| fp32(&honest(i))).collect();
+    let round = round_of(payloads, &[10; 6]);
+    let model = barnraise_trainer::ModelConfig::preset("tiny").unwrap();
+    let rule: AggregationRule = "mean".parse().unwrap();
+    let shards = HashMap::new();
+    let verify = VerifyConfig {
+        probe_max: 3,
+        ..VerifyConfig::default()
+    };
+    // Nodes 1 to 4 had an update accepted lately; 5 and 6 did not.
+    let recent: Vec<crate::verify::RecentUpdate> = (1..=4)
+        .map(|i| crate::verify::RecentUpdate {
+            node: node(i),
+            round: 2,
+            sketch: crate::verify::Sketch::of(&honest(u32::from(i)), 7),
+        })
+        .collect();
+    let ctx = CloseContext {
+        model: &model,
+        codec: CodecConfig::Fp32,
+        rule: &rule,
+        verify: &verify,
+        seq_len: 8,
+        dataset: &[],
+        shard_tokens: &shards,
+        heldout: None,
+        flops_per_token: 6.0,
+        sketch_seed: 7,
+        recent: &recent,
+        spot: None,
+    };
+    let survivors: Vec<usize> = (0..6).collect();
+    let mut drawn = std::collections::HashSet::new();
+    for seed in 0..40 {
+        let (probed, passed) = probe_sample(&ctx, &round.close, &survivors, seed);
+        assert_eq!(probed.len(), 3);
+        assert_eq!(passed.len(), 3);
+        assert!(
+            probed.contains(&4) && probed.contains(&5),
+            "new nodes first"
+        );
+        assert!(probed.windows(2).all(|w| w[0] < w[1]), "commit order");
+        let mut all: Vec<usize> = probed.iter().chain(&passed).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, survivors, "every survivor is probed or passed once");
+        assert_eq!(
+            probe_sample(&ctx, &round.close, &survivors, seed),
+            (probed.clone(), passed),
+            "the same seed draws the same sample"
+        );
+        drawn.insert(probed[0]);
+    }
+    assert_eq!(drawn.len(), 4, "every established node is drawn some time");
+    // Within budget, everyone is probed.
+    let (probed, passed) = probe_sample(&ctx, &round.close, &survivors[..3], 1);
+    assert_eq!((probed, passed), (vec![0, 1, 2], vec![]));
+}

@@ -236,6 +236,11 @@ pub struct VerifyConfig {
     /// An update must lower its own shard's loss by at least this fraction
     /// of the round's median gain (docs/security.md); 0 accepts any gain.
     pub probe_min_relative_gain: f32,
+    /// Most updates probed in one round. Past it, updates from nodes with
+    /// no accepted update in the replay window (new, or lately rejected)
+    /// are probed first, then a draw the nodes could not predict; the rest
+    /// pass on stages 1–3 and spot checks (docs/scaling.md).
+    pub probe_max: usize,
     /// Fraction of worker shares the coordinator replays each round to check
     /// the work was done (docs/security.md, "Spot checks"); 0 turns them off.
     pub spot_check_fraction: f64,
@@ -266,6 +271,7 @@ impl Default for VerifyConfig {
             // Measured by `bench attacks`: honest updates gain 0.7–1.4× the
             // round's median, noise and stale updates under 0.1×.
             probe_min_relative_gain: 0.25,
+            probe_max: 64,
             spot_check_fraction: 0.1,
             spot_check_max: 8,
             spot_check_tolerance: 0.05,
@@ -528,6 +534,12 @@ impl CoordinatorConfig {
             return Err(invalid(
                 "verify.probe_min_relative_gain",
                 "must be in [0, 1): a fraction of the round's median gain",
+            ));
+        }
+        if self.verify.probe && self.verify.probe_max == 0 {
+            return Err(invalid(
+                "verify.probe_max",
+                "must be at least 1 while the probe is on (set probe = false to turn it off)",
             ));
         }
         if !(0.0..=1.0).contains(&self.verify.spot_check_fraction) {

@@ -1,18 +1,18 @@
 //! The run's dataset: a directory written by `barnraise shard`, or shards
 //! generated from the trainer's built-in corpus into the data dir. Either
-//! way every shard is read, checked against its hash, put in the blob store
-//! (the coordinator serves shards to nodes) and kept in memory as tokens for
-//! the usefulness probe.
+//! way every shard is read once, checked against its hash and put in the
+//! blob store (the coordinator serves shards to nodes); the probe and spot
+//! checks read a shard's tokens back from the store when they need them, so
+//! memory does not grow with the dataset (docs/scaling.md).
 
 use crate::config::DatasetSource;
-use crate::store::{BlobStore, StoreError};
+use crate::store::{BlobStore, ShardTokens, StoreError};
 use barnraise_protocol::Hash;
 use barnraise_protocol::messages::ShardInfo;
 use barnraise_trainer::data::manifest::{MANIFEST_FILE, MANIFEST_VERSION};
 use barnraise_trainer::data::{
     DatasetManifest, Shard, ShardEntry, corpus, shard_path, tokenize_bytes, write_shard_named,
 };
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -38,8 +38,9 @@ pub enum DatasetError {
 pub struct Dataset {
     pub train: Vec<ShardInfo>,
     pub held_out: Vec<ShardInfo>,
-    /// Tokens of every shard by hash (training and held-out).
-    pub tokens: HashMap<Hash, Arc<Vec<u16>>>,
+    /// Tokens of every shard by hash (training and held-out), read from
+    /// the blob store when asked for.
+    pub tokens: ShardReader,
     /// The dataset's `tokenizer.json`, when it was cut with one (checked
     /// against the hash the manifest names); `None` for bytes.
     pub tokenizer_json: Option<Vec<u8>>,
@@ -47,12 +48,44 @@ pub struct Dataset {
     pub manifest_json: Vec<u8>,
 }
 
+/// Shards' tokens, read and decoded from the blob store on demand (the
+/// shard was checked against its hash and vocabulary when the dataset was
+/// loaded; the store checks the hash again on every read from disk).
+#[derive(Clone, Debug)]
+pub struct ShardReader {
+    store: BlobStore,
+    shards: std::collections::HashSet<Hash>,
+}
+
+impl ShardTokens for ShardReader {
+    fn tokens(&self, hash: &Hash) -> Option<Arc<Vec<u16>>> {
+        if !self.shards.contains(hash) {
+            return None;
+        }
+        let bytes = match self.store.get(hash) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!("reading shard {}: {e}", hash.short());
+                return None;
+            }
+        };
+        match Shard::decode(&bytes, &self.store.path_of(hash)) {
+            Ok(shard) => Some(Arc::new(shard.tokens)),
+            Err(e) => {
+                tracing::warn!("decoding shard {}: {e}", hash.short());
+                None
+            }
+        }
+    }
+}
+
 impl Dataset {
     /// The held-out tokens, all held-out shards concatenated.
     pub fn held_out_tokens(&self) -> Option<Vec<u16>> {
         let mut out = Vec::new();
         for s in &self.held_out {
-            out.extend_from_slice(self.tokens.get(&s.hash)?);
+            out.extend_from_slice(&self.tokens.tokens(&s.hash)?);
         }
         (!out.is_empty()).then_some(out)
     }
@@ -156,7 +189,7 @@ pub fn load(
         }
     };
     let vocab = manifest.vocab_size;
-    let mut tokens = HashMap::new();
+    let mut shards = std::collections::HashSet::new();
     let mut read = |entries: &[ShardEntry]| -> Result<Vec<ShardInfo>, DatasetError> {
         let mut infos = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -189,7 +222,7 @@ pub fn load(
                 tokens: shard.tokens.len() as u64,
                 bytes: size,
             });
-            tokens.insert(entry.hash, Arc::new(shard.tokens));
+            shards.insert(entry.hash);
         }
         Ok(infos)
     };
@@ -198,7 +231,10 @@ pub fn load(
     Ok(Dataset {
         train,
         held_out,
-        tokens,
+        tokens: ShardReader {
+            store: store.clone(),
+            shards,
+        },
         tokenizer_json,
         manifest_json,
     })
@@ -228,5 +264,11 @@ mod tests {
         let b = load(&source, dir.path(), &store).unwrap();
         assert_eq!(a.train, b.train);
         assert!(a.held_out_tokens().is_some_and(|t| t.len() == 2048));
+        let first = a.tokens.tokens(&a.train[0].hash).unwrap();
+        assert_eq!(first.len(), 2048);
+        assert!(a.tokens.tokens(&Hash::ZERO).is_none(), "not a shard");
+        // A blob of the store that is not a shard is not read as one.
+        let other = store.put(Arc::new(vec![1, 2, 3])).unwrap();
+        assert!(a.tokens.tokens(&other).is_none());
     }
 }

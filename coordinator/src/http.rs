@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 /// What the handlers read.
 #[derive(Clone)]
 pub struct HttpState {
-    pub ledger: Arc<Mutex<Ledger>>,
+    /// Read-only connections: pages never wait for the service's writes.
+    pub ledger: crate::ledger::Readers,
     pub live: Arc<RwLock<LiveStatus>>,
     pub metrics: Arc<Metrics>,
     /// The coordinator's data dir, for the run record (`None`: not served).
@@ -97,21 +98,24 @@ async fn built_record(state: &HttpState) -> Result<Arc<crate::record::Built>, Re
     };
     let (ledger, cache) = (state.ledger.clone(), state.record.clone());
     tokio::task::spawn_blocking(move || {
-        let ledger = ledger
-            .lock()
-            .map_err(|_| "the ledger is unavailable".to_string())?;
-        let closed = ledger.rounds().map_err(|e| e.to_string())?.len();
-        let mut cache = cache
-            .lock()
-            .map_err(|_| "the record cache is unavailable".to_string())?;
-        if let Some((rounds, built)) = cache.as_ref()
-            && *rounds == closed
-        {
-            return Ok(built.clone());
-        }
-        let built = Arc::new(crate::record::build(&ledger, &data_dir).map_err(|e| e.to_string())?);
-        *cache = Some((closed, built.clone()));
-        Ok(built)
+        ledger.read(|ledger| {
+            // One read transaction: the record is one snapshot of the ledger.
+            let closed = ledger.rounds().map_err(|e| e.to_string())?.len();
+            let mut cache = cache
+                .lock()
+                .map_err(|_| "the record cache is unavailable".to_string())?;
+            if let Some((rounds, built)) = cache.as_ref()
+                && *rounds == closed
+            {
+                return Ok(built.clone());
+            }
+            let built = ledger
+                .snapshot(|l| crate::record::build(l, &data_dir))
+                .map_err(|e| e.to_string())?;
+            let built = Arc::new(built);
+            *cache = Some((closed, built.clone()));
+            Ok(built)
+        })?
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()))
@@ -155,9 +159,8 @@ where
     F: FnOnce(&Ledger) -> Result<T, LedgerError> + Send + 'static,
 {
     let ledger = state.ledger.clone();
-    let result = tokio::task::spawn_blocking(move || match ledger.lock() {
-        Ok(ledger) => f(&ledger).map_err(|e| e.to_string()),
-        Err(_) => Err("the ledger is unavailable".to_string()),
+    let result = tokio::task::spawn_blocking(move || {
+        ledger.read(|ledger| f(ledger).map_err(|e| e.to_string()))?
     })
     .await;
     result.unwrap_or_else(|e| Err(e.to_string()))

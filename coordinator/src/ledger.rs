@@ -18,6 +18,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// What went wrong with the ledger database.
 #[derive(Debug, thiserror::Error)]
@@ -471,6 +473,51 @@ pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
     Ledger::open(path)
 }
 
+/// Ledger connections for the HTTP API. Opened read-only on the ledger's
+/// file, they read while the service writes (a commit's fsync, a round's
+/// close) instead of queueing behind its lock (docs/scaling.md).
+#[derive(Clone)]
+pub struct Readers {
+    pool: Arc<Vec<Arc<Mutex<Ledger>>>>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Readers {
+    /// `connections` read-only connections to the ledger at `path`.
+    pub fn open(path: &Path, connections: usize) -> Result<Readers, LedgerError> {
+        let pool = (0..connections.max(1))
+            .map(|_| Ledger::open_reader(path).map(|l| Arc::new(Mutex::new(l))))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Readers {
+            pool: Arc::new(pool),
+            next: Arc::default(),
+        })
+    }
+
+    /// Reads through the writer's own connection (tests, and ledgers in memory).
+    pub fn shared(ledger: Arc<Mutex<Ledger>>) -> Readers {
+        Readers {
+            pool: Arc::new(vec![ledger]),
+            next: Arc::default(),
+        }
+    }
+
+    /// Runs `f` on a free connection, or waits for one. Blocks: call it
+    /// off the async runtime's threads.
+    pub fn read<T>(&self, f: impl FnOnce(&Ledger) -> T) -> Result<T, String> {
+        for conn in self.pool.iter() {
+            if let Ok(ledger) = conn.try_lock() {
+                return Ok(f(&ledger));
+            }
+        }
+        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len();
+        match self.pool[at].lock() {
+            Ok(ledger) => Ok(f(&ledger)),
+            Err(_) => Err("the ledger is unavailable".to_string()),
+        }
+    }
+}
+
 fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -518,6 +565,44 @@ impl Ledger {
         };
         ledger.setup()?;
         Ok(ledger)
+    }
+
+    /// Opens a connection that only reads an existing ledger (WAL: it reads
+    /// the last committed state while the writer goes on). No migration:
+    /// the writer has already brought the schema up to date.
+    pub fn open_reader(path: &Path) -> Result<Ledger, LedgerError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| LedgerError::Sqlite {
+            path: path.into(),
+            source,
+        })?;
+        let ledger = Ledger {
+            conn,
+            path: path.into(),
+        };
+        ledger
+            .conn
+            .execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")
+            .map_err(|e| ledger.err(e))?;
+        Ok(ledger)
+    }
+
+    /// Runs `f` inside one read transaction: every query in it sees the
+    /// same snapshot, whatever the writer commits meanwhile.
+    pub fn snapshot<T, E: From<LedgerError>>(
+        &self,
+        f: impl FnOnce(&Ledger) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.conn
+            .execute_batch("BEGIN DEFERRED")
+            .map_err(|e| self.err(e))?;
+        let out = f(self);
+        let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        self.conn.execute_batch(end).map_err(|e| self.err(e))?;
+        out
     }
 
     pub fn path(&self) -> &Path {

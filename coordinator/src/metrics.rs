@@ -30,6 +30,88 @@ pub struct Metrics {
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     /// The network's byte counters, once the network is up.
     pub traffic: OnceLock<CoordinatorTraffic>,
+    /// Time spent in each stage of the coordinator's work.
+    pub stages: StageTimes,
+    /// Pairs of update sketches the copy and replay checks compared.
+    pub copy_comparisons: AtomicU64,
+}
+
+/// The stages of the coordinator's work whose time `/metrics` reports
+/// (`barnraise_stage_seconds_total{stage=...}`) and `barnraise bench
+/// coordinator` breaks a round's cost down by (docs/scaling.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Handling joins, commits, plan and manifest requests on the service
+    /// thread, ledger writes excluded.
+    Admission,
+    /// Checking fetched payloads (hash, decode, length, finite) and storing them.
+    Fetch,
+    /// At close: stage 2 again on the stored payloads, then stage 3 (norms,
+    /// direction, copies and replays).
+    Verify,
+    /// At close: the usefulness probe and the held-out evaluation.
+    Probe,
+    /// At close: spot-check replays.
+    Spot,
+    /// At close: the aggregate and the outer step.
+    Aggregate,
+    /// Every ledger write: joins, commits, refusals and the round's close.
+    Ledger,
+    /// Writing θ and its momentum, signing the manifest and publishing it.
+    Publish,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 8] = [
+        Stage::Admission,
+        Stage::Fetch,
+        Stage::Verify,
+        Stage::Probe,
+        Stage::Spot,
+        Stage::Aggregate,
+        Stage::Ledger,
+        Stage::Publish,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Admission => "admission",
+            Stage::Fetch => "fetch",
+            Stage::Verify => "verify",
+            Stage::Probe => "probe",
+            Stage::Spot => "spot",
+            Stage::Aggregate => "aggregate",
+            Stage::Ledger => "ledger",
+            Stage::Publish => "publish",
+        }
+    }
+}
+
+/// Nanoseconds spent per [`Stage`], summed over the run. The stages are
+/// synchronous compute and disk work, so their time is the thread's busy
+/// time; waiting on the network is in no stage.
+#[derive(Debug, Default)]
+pub struct StageTimes {
+    nanos: [AtomicU64; 8],
+}
+
+impl StageTimes {
+    pub fn add(&self, stage: Stage, elapsed: std::time::Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos[stage as usize].fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Runs `f` and adds its time to `stage`.
+    pub fn time<T>(&self, stage: Stage, f: impl FnOnce() -> T) -> T {
+        let start = std::time::Instant::now();
+        let out = f();
+        self.add(stage, start.elapsed());
+        out
+    }
+
+    pub fn seconds(&self, stage: Stage) -> f64 {
+        self.nanos[stage as usize].load(Ordering::Relaxed) as f64 / 1e9
+    }
 }
 
 impl Metrics {
@@ -96,6 +178,11 @@ impl Metrics {
             get(&self.tokens_accepted),
         );
         counter(
+            "copy_comparisons_total",
+            "Pairs of update sketches the copy and replay checks compared.",
+            get(&self.copy_comparisons),
+        );
+        counter(
             "update_bytes_received_total",
             "Bytes of update payloads fetched from nodes.",
             get(&self.update_bytes_received),
@@ -140,6 +227,19 @@ impl Metrics {
                     "barnraise_updates_rejected_total{{reason=\"{reason}\"}} {n}"
                 );
             }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP barnraise_stage_seconds_total Time the coordinator spent in each stage of its work.\n\
+             # TYPE barnraise_stage_seconds_total counter"
+        );
+        for stage in Stage::ALL {
+            let _ = writeln!(
+                out,
+                "barnraise_stage_seconds_total{{stage=\"{}\"}} {}",
+                stage.name(),
+                self.stages.seconds(stage)
+            );
         }
         let mut gauge = |name: &str, help: &str, value: String| {
             let _ = writeln!(
@@ -196,6 +296,14 @@ mod tests {
         assert!(text.contains("barnraise_updates_rejected_total{reason=\"sign-flipped\"} 2"));
         assert!(text.contains("barnraise_eval_loss 2.5"));
         assert!(text.contains("barnraise_train_loss NaN"));
+        m.stages
+            .add(Stage::Probe, std::time::Duration::from_millis(1500));
+        let text = m.render();
+        assert!(
+            text.contains("barnraise_stage_seconds_total{stage=\"probe\"} 1.5"),
+            "{text}"
+        );
+        assert!(text.contains("barnraise_stage_seconds_total{stage=\"ledger\"} 0"));
         assert!(
             !text.contains("egress"),
             "no traffic series before the network is up"

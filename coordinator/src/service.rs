@@ -20,7 +20,7 @@ use crate::http::{self, HttpState};
 use crate::ledger::{
     CheckpointRow, Ledger, LedgerError, NodeRow, RefusalRow, RoundRecord, RoundRow,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Stage};
 use crate::network::{self, Client, CoordinatorTraffic, NetworkError};
 use crate::params::{GlobalState, StateError};
 use crate::rounds::{self, Action, CloseRound, CommitOutcome, Rounds, RoundsConfig, Start};
@@ -217,8 +217,10 @@ pub async fn start(
         multiaddrs: multiaddrs.iter().map(|a| a.to_string()).collect(),
         ..LiveStatus::default()
     }));
+    let readers = crate::ledger::Readers::open(&ledger_path(&config.data_dir), HTTP_READERS)
+        .map_err(CoordinatorError::from)?;
     let http_state = HttpState {
-        ledger: prepared.ledger.clone(),
+        ledger: readers,
         live: live.clone(),
         metrics: metrics.clone(),
         data_dir: Some(data_dir.clone()),
@@ -606,6 +608,9 @@ struct CloseDone {
     checkpoint: Option<CheckpointRef>,
     /// The blobs of θ_{round+1} and its momentum (written every round).
     state_ref: CheckpointRef,
+    /// Time the close spent writing the ledger, and writing θ and signing.
+    ledger_time: Duration,
+    publish_time: Duration,
 }
 
 struct Service {
@@ -715,11 +720,14 @@ impl Service {
         &self,
         f: impl FnOnce(&Ledger) -> Result<T, LedgerError>,
     ) -> Result<T, CoordinatorError> {
+        let started = std::time::Instant::now();
         let ledger = self
             .ledger
             .lock()
             .map_err(|_| CoordinatorError::Internal("ledger lock poisoned".into()))?;
-        Ok(f(&ledger)?)
+        let out = f(&ledger);
+        self.metrics.stages.add(Stage::Ledger, started.elapsed());
+        Ok(out?)
     }
 
     /// Records a refusal of an authenticated sender in the ledger, once per
@@ -826,7 +834,26 @@ impl Service {
         Ok(())
     }
 
+    /// Answers one request; its time, less its ledger writes, is the
+    /// admission stage's.
     async fn on_request(
+        &mut self,
+        peer: PeerId,
+        observed_ip: Option<std::net::IpAddr>,
+        request: CoordinatorRequest,
+    ) -> CoordinatorResponse {
+        let started = std::time::Instant::now();
+        let ledger_before = self.metrics.stages.seconds(Stage::Ledger);
+        let response = self.answer(peer, observed_ip, request).await;
+        let ledger = self.metrics.stages.seconds(Stage::Ledger) - ledger_before;
+        let elapsed = started
+            .elapsed()
+            .saturating_sub(Duration::from_secs_f64(ledger.max(0.0)));
+        self.metrics.stages.add(Stage::Admission, elapsed);
+        response
+    }
+
+    async fn answer(
         &mut self,
         peer: PeerId,
         observed_ip: Option<std::net::IpAddr>,
@@ -1065,6 +1092,7 @@ impl Service {
         let client = self.net.clone();
         let store = self.store.clone();
         let tx = self.internal_tx.clone();
+        let metrics = self.metrics.clone();
         let codec = self.resolved.codec.codec_at(round);
         let params = self.resolved.model.params_count();
         let deadline_ms = self
@@ -1088,8 +1116,17 @@ impl Service {
         .collect();
         let state_bytes = barnraise_trainer::Trainer::optimizer_state_len(params) as u64;
         tokio::spawn(async move {
-            let mut result =
-                fetch_and_check(&client, &store, node, &commit, codec, params, deadline_ms).await;
+            let mut result = fetch_and_check(
+                &client,
+                &store,
+                &metrics,
+                node,
+                &commit,
+                codec,
+                params,
+                deadline_ms,
+            )
+            .await;
             for (worker, hash) in drawn {
                 if result.is_err() {
                     break;
@@ -1227,6 +1264,18 @@ impl Service {
     }
 
     async fn finish_close(&mut self, done: CloseDone) -> Result<(), CoordinatorError> {
+        let stages = &self.metrics.stages;
+        let t = &done.closed.timings;
+        stages.add(Stage::Verify, t.verify);
+        stages.add(Stage::Probe, t.probe);
+        stages.add(Stage::Spot, t.spot);
+        stages.add(Stage::Aggregate, t.aggregate);
+        stages.add(Stage::Ledger, done.ledger_time);
+        stages.add(Stage::Publish, done.publish_time);
+        self.metrics
+            .copy_comparisons
+            .fetch_add(t.comparisons, Ordering::Relaxed);
+        let published = std::time::Instant::now();
         let manifest_hash = done.manifest.body_hash();
         let actions = self
             .rounds
@@ -1325,6 +1374,7 @@ impl Service {
                 .publish(network::topic(&self.config.run_id, "manifests"), bytes)
                 .await;
         }
+        self.metrics.stages.add(Stage::Publish, published.elapsed());
         tracing::info!(
             round = done.round,
             accepted = m.accepted.len(),
@@ -1430,9 +1480,11 @@ async fn fetch_state(
 
 /// Fetches a committed update (unless the store already has it), then runs
 /// stage 2 on a blocking thread and keeps the payload if it passes.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_and_check(
     client: &Client,
     store: &BlobStore,
+    metrics: &Arc<Metrics>,
     node: NodeId,
     commit: &Commit,
     codec: barnraise_protocol::codec::CodecConfig,
@@ -1455,19 +1507,26 @@ async fn fetch_and_check(
     let checked = {
         let payload = payload.clone();
         let commit = commit.clone();
+        let metrics = metrics.clone();
         tokio::task::spawn_blocking(move || {
-            verify::check_payload(&payload, &commit, codec, params).map(|_| ())
+            metrics.stages.time(Stage::Fetch, || {
+                verify::check_payload(&payload, &commit, codec, params).map(|_| ())
+            })
         })
         .await
         .unwrap_or(Err(RejectReason::undecodable("the check crashed")))
     };
     checked?;
-    if let Err(e) = store.put(payload) {
+    let stored = metrics.stages.time(Stage::Fetch, || store.put(payload));
+    if let Err(e) = stored {
         tracing::error!("storing an update: {e}");
         return Err(RejectReason::NotServed);
     }
     Ok(())
 }
+
+/// Read-only ledger connections the HTTP API reads through.
+const HTTP_READERS: usize = 4;
 
 /// Peers whose request budgets are remembered at once.
 pub const RATE_LIMITED_PEERS: usize = 100_000;
@@ -1562,9 +1621,11 @@ impl CloseJob {
             }
         }
         state.round = round + 1;
+        let started = std::time::Instant::now();
         let reference = state.save(&self.resolved.model, &self.config.run_id, &self.store)?;
         let manifest = Signed::sign(&self.key, &closed.manifest)?;
         let manifest_bytes = manifest.to_bytes()?;
+        let publish_time = started.elapsed();
         let published = state.round.is_multiple_of(self.config.checkpoint_every)
             || state.round >= self.config.total_rounds;
         let checkpoint = published.then(|| reference.clone());
@@ -1595,6 +1656,7 @@ impl CloseJob {
                 .map(|v| (v.node.to_string(), v.from_round))
                 .collect(),
         };
+        let started = std::time::Instant::now();
         {
             let mut ledger = self
                 .ledger
@@ -1602,7 +1664,10 @@ impl CloseJob {
                 .map_err(|_| CoordinatorError::Internal("ledger lock poisoned".into()))?;
             ledger.close_round(&record)?;
         }
+        let ledger_time = started.elapsed();
         Ok(CloseDone {
+            ledger_time,
+            publish_time,
             round,
             state,
             manifest,

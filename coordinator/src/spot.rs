@@ -18,8 +18,6 @@ use barnraise_protocol::workers::{
 use barnraise_protocol::{Hash, NodeId, SigningKey};
 use barnraise_trainer::device::{DeviceSpec, select};
 use barnraise_trainer::{ModelConfig, Trainer};
-use std::collections::HashMap;
-use std::sync::Arc;
 
 /// The shares of `commit` drawn for a spot check, each with its rank (the
 /// draw's number: when a round draws more shares than it may replay, the
@@ -120,7 +118,7 @@ pub fn replay(
     assignment: &Assignment,
     share: &WorkerShare,
     state: &[u8],
-    shard_tokens: &HashMap<Hash, Arc<Vec<u16>>>,
+    shard_tokens: &dyn crate::store::ShardTokens,
 ) -> SpotResult {
     let unusable = |why: String| SpotResult::unusable(share, why);
     let workers = assignment.workers.max(1) as usize;
@@ -142,8 +140,8 @@ pub fn replay(
     };
     let mut tokens = Vec::new();
     for shard in &plan.shards {
-        match shard_tokens.get(shard) {
-            Some(t) => tokens.extend_from_slice(t),
+        match shard_tokens.tokens(shard) {
+            Some(t) => tokens.extend_from_slice(&t),
             None => return unusable(format!("shard {} is not in the dataset", shard.short())),
         }
     }

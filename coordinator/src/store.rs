@@ -27,12 +27,55 @@ pub enum StoreError {
 
 /// Blobs larger than this are served from disk rather than memory.
 const MEMORY_BLOB_BYTES: usize = 64 * 1024 * 1024;
+/// The most bytes of blobs kept in memory at once; past it the oldest kept
+/// go first (they are still on disk). So the coordinator's memory does not
+/// grow with the dataset: a 10 GB dataset is served from disk.
+pub const MEMORY_CACHE_BYTES: usize = 128 * 1024 * 1024;
+
+/// Recently stored or read blobs, oldest first out.
+#[derive(Debug, Default)]
+struct Cache {
+    blobs: HashMap<Hash, Arc<Vec<u8>>>,
+    order: std::collections::VecDeque<Hash>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Cache {
+    fn get(&self, hash: &Hash) -> Option<Arc<Vec<u8>>> {
+        self.blobs.get(hash).cloned()
+    }
+
+    fn insert(&mut self, hash: Hash, bytes: Arc<Vec<u8>>) {
+        if bytes.len() > self.limit.min(MEMORY_BLOB_BYTES) || self.blobs.contains_key(&hash) {
+            return;
+        }
+        self.bytes += bytes.len();
+        self.blobs.insert(hash, bytes);
+        self.order.push_back(hash);
+        while self.bytes > self.limit {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = self.blobs.remove(&oldest) {
+                self.bytes -= gone.len();
+            }
+        }
+    }
+
+    fn remove(&mut self, hash: &Hash) {
+        if let Some(gone) = self.blobs.remove(hash) {
+            self.bytes -= gone.len();
+            self.order.retain(|h| h != hash);
+        }
+    }
+}
 
 /// A content-addressed blob store; cheap to clone and share.
 #[derive(Clone, Debug)]
 pub struct BlobStore {
     dir: PathBuf,
-    cache: Arc<Mutex<HashMap<Hash, Arc<Vec<u8>>>>>,
+    cache: Arc<Mutex<Cache>>,
 }
 
 impl BlobStore {
@@ -41,10 +84,27 @@ impl BlobStore {
             path: dir.into(),
             source,
         })?;
+        BlobStore::with_cache(dir, MEMORY_CACHE_BYTES)
+    }
+
+    /// A store that keeps at most `cache_bytes` of blobs in memory.
+    pub fn with_cache(dir: &Path, cache_bytes: usize) -> Result<BlobStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.into(),
+            source,
+        })?;
         Ok(BlobStore {
             dir: dir.into(),
-            cache: Arc::new(Mutex::new(HashMap::new())),
+            cache: Arc::new(Mutex::new(Cache {
+                limit: cache_bytes,
+                ..Cache::default()
+            })),
         })
+    }
+
+    /// Bytes of blobs held in memory now.
+    pub fn cached_bytes(&self) -> usize {
+        self.cache.lock().map_or(0, |c| c.bytes)
     }
 
     pub fn path_of(&self, hash: &Hash) -> PathBuf {
@@ -52,9 +112,7 @@ impl BlobStore {
     }
 
     fn remember(&self, hash: Hash, bytes: Arc<Vec<u8>>) {
-        if bytes.len() <= MEMORY_BLOB_BYTES
-            && let Ok(mut cache) = self.cache.lock()
-        {
+        if let Ok(mut cache) = self.cache.lock() {
             cache.insert(hash, bytes);
         }
     }
@@ -85,7 +143,7 @@ impl BlobStore {
 
     /// The whole blob, checked against its name when read from disk.
     pub fn get(&self, hash: &Hash) -> Result<Option<Arc<Vec<u8>>>, StoreError> {
-        if let Some(bytes) = self.cache.lock().ok().and_then(|c| c.get(hash).cloned()) {
+        if let Some(bytes) = self.cache.lock().ok().and_then(|c| c.get(hash)) {
             return Ok(Some(bytes));
         }
         let path = self.path_of(hash);
@@ -104,7 +162,7 @@ impl BlobStore {
 
     /// The blob's size, if the store has it.
     pub fn size(&self, hash: &Hash) -> Option<u64> {
-        if let Some(bytes) = self.cache.lock().ok().and_then(|c| c.get(hash).cloned()) {
+        if let Some(bytes) = self.cache.lock().ok().and_then(|c| c.get(hash)) {
             return Some(bytes.len() as u64);
         }
         std::fs::metadata(self.path_of(hash)).ok().map(|m| m.len())
@@ -117,7 +175,7 @@ impl BlobStore {
         offset: u64,
         len: usize,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(bytes) = self.cache.lock().ok().and_then(|c| c.get(hash).cloned()) {
+        if let Some(bytes) = self.cache.lock().ok().and_then(|c| c.get(hash)) {
             let start = usize::try_from(offset)
                 .unwrap_or(usize::MAX)
                 .min(bytes.len());
@@ -162,6 +220,18 @@ impl BlobStore {
     }
 }
 
+/// Where the tokens of a training shard come from, by the shard's hash:
+/// the dataset read from disk on demand, or a map in tests.
+pub trait ShardTokens: Send + Sync {
+    fn tokens(&self, hash: &Hash) -> Option<Arc<Vec<u16>>>;
+}
+
+impl ShardTokens for HashMap<Hash, Arc<Vec<u16>>> {
+    fn tokens(&self, hash: &Hash) -> Option<Arc<Vec<u16>>> {
+        self.get(hash).cloned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +260,31 @@ mod tests {
         store.forget(&hash);
         std::fs::write(store.path_of(&hash), b"tampered").unwrap();
         assert!(matches!(store.get(&hash), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn memory_holds_at_most_its_limit_and_the_rest_is_read_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::with_cache(dir.path(), 10_000).unwrap();
+        let blobs: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; 1000]).collect();
+        let hashes: Vec<Hash> = blobs
+            .iter()
+            .map(|b| store.put(Arc::new(b.clone())).unwrap())
+            .collect();
+        assert!(store.cached_bytes() <= 10_000, "{}", store.cached_bytes());
+        assert_eq!(store.cached_bytes(), 10_000, "the newest ten stay");
+        for (hash, blob) in hashes.iter().zip(&blobs) {
+            assert_eq!(
+                store.get(hash).unwrap().unwrap().as_slice(),
+                blob.as_slice()
+            );
+            assert!(store.cached_bytes() <= 10_000);
+        }
+        // A blob over the limit is never held.
+        let big = store.put(Arc::new(vec![7u8; 20_000])).unwrap();
+        assert!(store.cached_bytes() <= 10_000);
+        assert_eq!(store.size(&big), Some(20_000));
+        store.forget(&hashes[49]);
+        assert_eq!(store.cached_bytes(), 9_000);
     }
 }

@@ -768,7 +768,7 @@ async fn serve_ledger(
         ..LiveStatus::default()
     };
     let state = HttpState {
-        ledger: ledger.clone(),
+        ledger: barnraise_coordinator::ledger::Readers::shared(ledger.clone()),
         live: Arc::new(RwLock::new(live)),
         metrics: Arc::new(Metrics::new()),
         data_dir: None,

@@ -526,7 +526,7 @@ fn api() -> &'static Api {
             })
             .expect("a node row");
         let state = HttpState {
-            ledger: Arc::new(Mutex::new(ledger)),
+            ledger: barnraise_coordinator::ledger::Readers::shared(Arc::new(Mutex::new(ledger))),
             live: Arc::new(RwLock::new(Default::default())),
             metrics: Arc::new(barnraise_coordinator::metrics::Metrics::new()),
             // No data dir: the record's paths answer 404 (a data dir the

@@ -2,8 +2,9 @@
 //! them before allocating; encoders refuse to produce larger messages.
 
 /// The protocol version a node states in its `Join`. 2: plans name shards
-/// by index, manifests carry `verified` and `voided` (clawback).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// by index, manifests carry `verified` and `voided` (clawback). 3: the
+/// trimmed mean sums what it keeps in position order (θ's bits changed).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// libp2p protocol name of the node ⇄ coordinator request-response protocol.
 pub const COORDINATOR_PROTOCOL: &str = "/barnraise/coordinator/1";
