@@ -69,6 +69,9 @@ enum BenchCommand {
     Diloco(cmd::bench_diloco::Args),
     /// The attack suite: 12 attacks by 3 of 10 nodes, each against a clean run.
     Attacks(cmd::bench_attacks::Args),
+    /// One coordinator against N simulated nodes: CPU per round by stage,
+    /// memory, ledger time, message sizes and HTTP latency while rounds close.
+    Coordinator(cmd::bench_coordinator::Args),
 }
 
 /// `barnraise up` runs every node's training in one process on a few cores.
@@ -118,7 +121,7 @@ fn main() -> std::process::ExitCode {
     }
     let default_log = if matches!(
         cli.command,
-        Command::Up(_) | Command::Bench(BenchCommand::Attacks(_))
+        Command::Up(_) | Command::Bench(BenchCommand::Attacks(_) | BenchCommand::Coordinator(_))
     ) {
         "warn"
     } else {
@@ -143,6 +146,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(BenchCommand::Codec(args)) => cmd::bench_codec::run(args),
         Command::Bench(BenchCommand::Diloco(args)) => cmd::bench_diloco::run(args),
         Command::Bench(BenchCommand::Attacks(args)) => cmd::bench_attacks::run(args),
+        Command::Bench(BenchCommand::Coordinator(args)) => cmd::bench_coordinator::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1888,3 +1888,201 @@ fn token_inflation_is_caught_by_a_spot_check() {
         }
     });
 }
+
+/// `bench coordinator` at N = 50: the real coordinator (its own process)
+/// against 50 simulated nodes closes every round with every update
+/// accepted, θ recomputed from the manifests agrees, every stage of the
+/// coordinator's work is counted, and copy detection compares far fewer
+/// than the 1,225 pairs of the round.
+#[test]
+fn the_coordinator_load_generator_closes_rounds_and_counts_its_stages() {
+    let home = tempfile::tempdir().unwrap();
+    let out = barnraise_ok(
+        home.path(),
+        &[
+            "bench",
+            "coordinator",
+            "--nodes",
+            "50",
+            "--rounds",
+            "2",
+            "--http-clients",
+            "2",
+            "--json",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = &report["runs"][0];
+    assert_eq!(run["nodes"], 50);
+    assert_eq!(run["rounds_closed"], 2, "{run}");
+    assert_eq!(run["accepted"], serde_json::json!([50, 50]), "{run}");
+    assert_eq!(run["params_agree"], true);
+    let stages = run["stage_seconds"].as_object().unwrap();
+    let names: Vec<&str> = stages.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "admission",
+            "aggregate",
+            "fetch",
+            "ledger",
+            "probe",
+            "publish",
+            "spot",
+            "verify"
+        ]
+    );
+    for stage in [
+        "admission",
+        "aggregate",
+        "fetch",
+        "ledger",
+        "probe",
+        "publish",
+        "verify",
+    ] {
+        let s = stages[stage].as_f64().unwrap();
+        assert!(s > 0.0, "stage {stage} counted nothing: {run}");
+    }
+    // Spot checks are off in the load generator (its updates are synthetic):
+    // the stage only draws, and replays nothing.
+    assert!(stages["spot"].as_f64().unwrap() < 0.1, "{run}");
+    // The probe ran on every update; the stages happened within the run.
+    let per_round: f64 = run["cpu_seconds_per_round"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    let wall: f64 = run["round_wall_seconds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert!(per_round > 0.0 && wall > 0.0);
+    let close_stages: f64 = ["verify", "probe", "aggregate"]
+        .iter()
+        .map(|s| stages[*s].as_f64().unwrap())
+        .sum();
+    assert!(
+        close_stages <= wall,
+        "{close_stages} s of close work in {wall} s"
+    );
+    assert!(run["copy_comparisons"].as_u64().unwrap() < 100, "{run}");
+    assert!(run["plan_bytes"].as_u64().unwrap() > 0);
+    assert!(run["manifest_bytes"].as_u64().unwrap() > 0);
+    assert!(run["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(run["http"]["requests"].as_u64().unwrap() > 0);
+    assert_eq!(run["http"]["errors"], 0);
+}
+
+/// The coordinator streams shards from disk: on a 400 MB dataset (more
+/// than its bound) its peak resident set stays under 300 MB once it has
+/// read, checked and stored every shard and serves requests.
+#[test]
+fn shard_streaming_keeps_the_coordinators_memory_below_the_dataset_size() {
+    let home = tempfile::tempdir().unwrap();
+    // 200 MB of varied text: 400 MB of byte-level (u16) tokens.
+    let text_dir = home.path().join("text");
+    std::fs::create_dir_all(&text_dir).unwrap();
+    let words = [
+        "barn ", "raise ", "field ", "grain ", "shared ", "compute ", "open ", "weights ",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for file in 0..4 {
+        let mut text = String::with_capacity(50 << 20);
+        while text.len() < 50 << 20 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            text.push_str(words[(state % words.len() as u64) as usize]);
+        }
+        std::fs::write(text_dir.join(format!("{file}.txt")), text).unwrap();
+    }
+    let dataset = home.path().join("dataset");
+    barnraise_ok(
+        home.path(),
+        &[
+            "shard",
+            "--input",
+            text_dir.to_str().unwrap(),
+            "--out",
+            dataset.to_str().unwrap(),
+            "--shard-tokens",
+            "4194304",
+        ],
+    );
+    std::fs::remove_dir_all(&text_dir).unwrap();
+    let shard_bytes: u64 = std::fs::read_dir(&dataset)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(shard_bytes > 400_000_000, "{shard_bytes} bytes of shards");
+    let port = |_: ()| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let http = format!("127.0.0.1:{}", port(()));
+    let config = home.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"run_id = "big-dataset"
+model = "tiny"
+listen = ["/ip4/127.0.0.1/tcp/{}"]
+http = "{http}"
+data_dir = "{}"
+
+[dataset]
+source = "dir"
+path = "{}"
+"#,
+            port(()),
+            home.path().join("coordinator").display(),
+            dataset.display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_barnraise"))
+        .args(["--log", "warn", "coordinator", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answered = loop {
+        if std::net::TcpStream::connect(&http).is_ok() {
+            break true;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(300)
+            || child.try_wait().unwrap().is_some()
+        {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        answered,
+        "the coordinator did not come up: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc status");
+    let peak = peak_kb * 1024;
+    assert!(
+        peak < 300_000_000,
+        "peak RSS {peak} bytes on a {shard_bytes}-byte dataset"
+    );
+}

@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod bench_attacks;
 pub mod bench_codec;
+pub mod bench_coordinator;
 pub mod bench_diloco;
 pub mod coordinator;
 pub mod export;
