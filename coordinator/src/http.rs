@@ -37,6 +37,68 @@ pub struct HttpState {
     /// when a round closes, so a client fetching file after file reads one
     /// consistent snapshot between closes.
     pub record: RecordCache,
+    /// The run's overview and contributor totals, as of the last close.
+    pub closed: Arc<ClosedCache>,
+}
+
+/// Ledger reads that scan every update row of the run (so grow with its
+/// length) and change only when a round closes: kept until the next close,
+/// told by `Metrics::rounds_closed` (docs/scaling.md).
+#[derive(Default)]
+pub struct ClosedCache {
+    overview: Slot<RunOverview>,
+    contributors: Slot<Vec<crate::ledger::ContributorRow>>,
+}
+
+/// The value in `slot` if no round closed since it was read, else `read`
+/// afresh (and kept). The count is taken before the read, so a value read
+/// after a close is never kept under an older count for long: the next
+/// close's count misses and reads again.
+/// One slot of [`ClosedCache`]: the closed-round count it was read at, and the value.
+type Slot<T> = Mutex<Option<(u64, Arc<T>)>>;
+
+async fn cached<T, F>(
+    state: &HttpState,
+    slot: fn(&ClosedCache) -> &Slot<T>,
+    read: F,
+) -> Result<Arc<T>, String>
+where
+    T: Send + Sync + 'static,
+    F: FnOnce(&Ledger) -> Result<T, LedgerError> + Send + 'static,
+{
+    let closed = state
+        .metrics
+        .rounds_closed
+        .load(std::sync::atomic::Ordering::Acquire);
+    if let Ok(held) = slot(&state.closed).lock()
+        && let Some((at, value)) = held.as_ref()
+        && *at == closed
+    {
+        return Ok(value.clone());
+    }
+    let value = Arc::new(read_ledger(state, read).await?);
+    if let Ok(mut held) = slot(&state.closed).lock() {
+        *held = Some((closed, value.clone()));
+    }
+    Ok(value)
+}
+
+async fn cached_overview(state: &HttpState) -> Result<Arc<RunOverview>, String> {
+    cached(state, |c| &c.overview, RunOverview::from_ledger).await
+}
+
+async fn cached_contributors(
+    state: &HttpState,
+) -> Result<Arc<Vec<crate::ledger::ContributorRow>>, String> {
+    cached(state, |c| &c.contributors, |l| l.contributors()).await
+}
+
+/// A cached read as JSON.
+fn json_of<T: serde::Serialize>(read: Result<Arc<T>, String>) -> Response {
+    match read {
+        Ok(value) => Json(&*value).into_response(),
+        Err(message) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+    }
 }
 
 /// The last built run record and the number of closed rounds it covers.
@@ -226,7 +288,7 @@ async fn run(State(state): State<HttpState>) -> Response {
 }
 
 async fn overview(State(state): State<HttpState>) -> Response {
-    query(&state, RunOverview::from_ledger).await
+    json_of(cached_overview(&state).await)
 }
 
 async fn rounds(State(state): State<HttpState>) -> Response {
@@ -272,7 +334,7 @@ async fn reputation(State(state): State<HttpState>) -> Response {
 }
 
 async fn contributors(State(state): State<HttpState>) -> Response {
-    query(&state, |l| l.contributors()).await
+    json_of(cached_contributors(&state).await)
 }
 
 async fn orgs(State(state): State<HttpState>) -> Response {
@@ -289,12 +351,10 @@ async fn org(State(state): State<HttpState>, Path(org): Path<String>) -> Respons
 
 async fn overview_page(State(state): State<HttpState>) -> Response {
     let live = live(&state).unwrap_or_default();
-    let read = read_ledger(&state, |l| {
-        let run = RunOverview::from_ledger(l)?;
-        let nodes = l.contributors()?;
-        Ok((run, nodes))
-    })
-    .await;
+    let read = match cached_overview(&state).await {
+        Ok(run) => cached_contributors(&state).await.map(|nodes| (run, nodes)),
+        Err(e) => Err(e),
+    };
     match read {
         Ok((run, nodes)) => {
             let orgs = roll_up_orgs(&nodes);

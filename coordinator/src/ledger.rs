@@ -1100,9 +1100,14 @@ impl Ledger {
             [],
             |r| Ok((r.get(0)?, r.get(1)?, to_u64(r.get(2)?))),
         )?;
+        let at: std::collections::HashMap<String, usize> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| (row.node.clone(), i))
+            .collect();
         for (node, reason, count) in reasons {
-            if let Some(row) = rows.iter_mut().find(|row| row.node == node) {
-                row.rejections.insert(reason, count);
+            if let Some(&i) = at.get(&node) {
+                rows[i].rejections.insert(reason, count);
             }
         }
         Ok(rows)

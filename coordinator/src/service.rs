@@ -225,6 +225,7 @@ pub async fn start(
         metrics: metrics.clone(),
         data_dir: Some(data_dir.clone()),
         record: Arc::default(),
+        closed: Arc::default(),
     };
     {
         let children = children.clone();

@@ -759,6 +759,17 @@ async fn serve_ledger(
     ledger: Ledger,
     shutdown: &CancellationToken,
 ) -> (std::net::SocketAddr, Arc<Mutex<Ledger>>) {
+    let (addr, ledger, _) = serve_ledger_with(ledger, Arc::new(Metrics::new()), shutdown).await;
+    (addr, ledger)
+}
+
+/// [`serve_ledger`] with the metrics the server reads (its cache follows
+/// `rounds_closed`).
+async fn serve_ledger_with(
+    ledger: Ledger,
+    metrics: Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> (std::net::SocketAddr, Arc<Mutex<Ledger>>, Arc<Metrics>) {
     let ledger = Arc::new(Mutex::new(ledger));
     let live = LiveStatus {
         run_id: "loopback".into(),
@@ -770,9 +781,10 @@ async fn serve_ledger(
     let state = HttpState {
         ledger: barnraise_coordinator::ledger::Readers::shared(ledger.clone()),
         live: Arc::new(RwLock::new(live)),
-        metrics: Arc::new(Metrics::new()),
+        metrics: metrics.clone(),
         data_dir: None,
         record: Arc::default(),
+        closed: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -781,7 +793,49 @@ async fn serve_ledger(
         state,
         shutdown.child_token(),
     ));
-    (addr, ledger)
+    (addr, ledger, metrics)
+}
+
+/// The overview and contributor totals scan every update row, so the API
+/// keeps them until the next round closes: a write to the ledger shows once
+/// `rounds_closed` moves, and not before.
+#[tokio::test]
+async fn run_totals_are_read_again_when_a_round_closes() {
+    let data = tempfile::tempdir().unwrap();
+    let path = barnraise_coordinator::service::ledger_path(data.path());
+    let empty = Ledger::open(&path).unwrap();
+    let shutdown = CancellationToken::new();
+    let (http, _ledger, metrics) =
+        serve_ledger_with(empty, Arc::new(Metrics::new()), &shutdown).await;
+    let count = |body: &str| {
+        serde_json::from_str::<serde_json::Value>(body)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let (status, body) = http_fetch(http, "/api/v1/contributors").await;
+    assert_eq!((status, count(&body)), (200, 0));
+    let (status, before) = http_fetch(http, "/api/v1/overview").await;
+    assert_eq!(status, 200, "{before}");
+    // Three rounds land in the ledger through another connection.
+    drop(accounting_ledger(data.path()));
+    let (_, body) = http_fetch(http, "/api/v1/contributors").await;
+    assert_eq!(count(&body), 0, "kept until a round closes");
+    assert_eq!(http_fetch(http, "/api/v1/overview").await.1, before);
+    metrics
+        .rounds_closed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (_, body) = http_fetch(http, "/api/v1/contributors").await;
+    assert_eq!(count(&body), 3, "read again after the close");
+    assert_ne!(http_fetch(http, "/api/v1/overview").await.1, before);
+    let (status, home) = http_fetch(http, "/").await;
+    assert_eq!(status, 200);
+    assert!(
+        home.contains(&format!("/nodes/{}", node_hex(11))),
+        "the dashboard lists the new contributors"
+    );
+    shutdown.cancel();
 }
 
 /// A minimal RFC 4180 reader for the test: quoted fields, doubled quotes, CRLF.

@@ -533,6 +533,7 @@ fn api() -> &'static Api {
             // fuzzer's ledger cannot build a record from would be a 500).
             data_dir: None,
             record: Arc::default(),
+        closed: Arc::default(),
         };
         Api {
             runtime: tokio::runtime::Builder::new_current_thread()
