@@ -61,6 +61,12 @@ pub struct Args {
     /// rounds close at it.
     #[arg(long, default_value_t = 600.0)]
     pub deadline_secs: f64,
+    /// The run's update codec [default: the coordinator's, int8].
+    #[arg(long)]
+    pub codec: Option<String>,
+    /// The run's aggregation rule [default: the coordinator's, trimmed-mean:0.1].
+    #[arg(long)]
+    pub aggregation: Option<String>,
     /// Run the usefulness probe (as a coordinator does by default).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub probe: bool,
@@ -458,14 +464,15 @@ fn free_port() -> anyhow::Result<u16> {
 /// real training, which synthetic updates are not; their cost is capped
 /// per round by `spot_check_max`, whatever N is).
 fn coordinator_config(
+    args: &Args,
     n: u32,
-    rounds: u64,
-    deadline_secs: f64,
-    probe: bool,
     dir: &Path,
     key: &Path,
 ) -> anyhow::Result<CoordinatorConfig> {
+    let defaults = CoordinatorConfig::default();
     Ok(CoordinatorConfig {
+        codec: args.codec.clone().unwrap_or(defaults.codec),
+        aggregation: args.aggregation.clone().unwrap_or(defaults.aggregation),
         run_id: "bench-coordinator".into(),
         model: "tiny".into(),
         dataset: DatasetSource::Builtin {
@@ -477,12 +484,12 @@ fn coordinator_config(
         batch_size: 4,
         seq_len: 64,
         quorum: Quorum::Fraction(1.0),
-        round_deadline_secs: deadline_secs,
+        round_deadline_secs: args.deadline_secs,
         min_nodes: n as usize,
         shards_per_node: 1,
-        total_rounds: rounds,
+        total_rounds: args.rounds,
         verify: VerifyConfig {
-            probe,
+            probe: args.probe,
             spot_check_fraction: 0.0,
             ..VerifyConfig::default()
         },
@@ -560,14 +567,7 @@ async fn run_one(args: &Args, n: u32, dir: &Path) -> anyhow::Result<RunFigures> 
         coordinator_key.save_new(&key_path)?;
     }
     let coordinator_key = SigningKey::load(&key_path)?;
-    let config = coordinator_config(
-        n,
-        args.rounds,
-        args.deadline_secs,
-        args.probe,
-        dir,
-        &key_path,
-    )?;
+    let config = coordinator_config(args, n, dir, &key_path)?;
     let config_path = dir.join("coordinator.toml");
     std::fs::write(&config_path, toml::to_string(&config)?)?;
     let http = format!("http://{}", config.http);

@@ -25,11 +25,17 @@ pub(crate) fn encode(delta: &[f32], out: &mut Vec<u8>) -> Result<(), CodecError>
 }
 
 /// Checks every value is finite, then writes them into the target.
-pub(crate) fn decode(body: &[u8], target: Target<'_>) -> Result<(), CodecError> {
+/// A checked fp32 body's values, as stored.
+pub(crate) fn checked(body: &[u8]) -> Result<&[[u8; 4]], CodecError> {
     let (values, _) = body.as_chunks::<4>();
     if let Some(index) = first_non_finite(values, u32::from_le_bytes) {
         return Err(CodecError::NonFiniteValue { index });
     }
+    Ok(values)
+}
+
+pub(crate) fn decode(body: &[u8], target: Target<'_>) -> Result<(), CodecError> {
+    let values = checked(body)?;
     match target {
         Target::Overwrite(out) => {
             for (slot, bytes) in out.iter_mut().zip(values) {

@@ -127,13 +127,9 @@ fn quantize(y: f32) -> u8 {
     round_small(y.clamp(-127.0, 127.0)) as i16 as u8
 }
 
-/// Checks every scale, then writes `value * scale` (or adds `weight * that`).
-pub(crate) fn decode(body: &[u8], block: u32, target: Target<'_>) -> Result<(), CodecError> {
-    let block = block as usize;
-    let params = match &target {
-        Target::Overwrite(out) => out.len(),
-        Target::Add { acc, .. } => acc.len(),
-    };
+/// Splits a body into its scales and values and checks every scale: what
+/// [`decode`] and [`View`] both rely on.
+fn checked(body: &[u8], block: usize, params: usize) -> Result<(&[[u8; 4]], &[u8]), CodecError> {
     let blocks = params.div_ceil(block);
     let (scale_bytes, values) =
         body.split_at_checked(blocks * 4)
@@ -152,6 +148,41 @@ pub(crate) fn decode(body: &[u8], block: u32, target: Target<'_>) -> Result<(), 
             });
         }
     }
+    Ok((scales, values))
+}
+
+/// A checked int8 body read one value at a time, with [`decode`]'s arithmetic.
+pub(crate) struct View<'a> {
+    block: usize,
+    scales: &'a [[u8; 4]],
+    values: &'a [u8],
+}
+
+impl<'a> View<'a> {
+    pub(crate) fn new(body: &'a [u8], block: u32, params: usize) -> Result<View<'a>, CodecError> {
+        let block = block as usize;
+        let (scales, values) = checked(body, block, params)?;
+        Ok(View {
+            block,
+            scales,
+            values,
+        })
+    }
+
+    #[inline]
+    pub(crate) fn get(&self, i: usize) -> f32 {
+        f32::from(self.values[i] as i8) * f32::from_le_bytes(self.scales[i / self.block])
+    }
+}
+
+/// Checks every scale, then writes `value * scale` (or adds `weight * that`).
+pub(crate) fn decode(body: &[u8], block: u32, target: Target<'_>) -> Result<(), CodecError> {
+    let block = block as usize;
+    let params = match &target {
+        Target::Overwrite(out) => out.len(),
+        Target::Add { acc, .. } => acc.len(),
+    };
+    let (scales, values) = checked(body, block, params)?;
     let scales = scales.iter().map(|b| f32::from_le_bytes(*b));
     match target {
         Target::Overwrite(out) => {

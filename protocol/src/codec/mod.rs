@@ -86,6 +86,63 @@ pub fn decode(payload: &[u8], max_params: usize) -> Result<Vec<f32>, CodecError>
     Ok(out)
 }
 
+/// Checks a payload as [`decode_into`] does and, for a sparse format
+/// (top-k), calls `visit(index, value)` for every value it keeps, in index
+/// order; every other index decodes to 0. Returns `Ok(false)`, visiting
+/// nothing, for a dense format (fp32, int8), which the caller decodes whole.
+pub fn visit_kept(
+    payload: &[u8],
+    params: usize,
+    visit: impl FnMut(usize, f32),
+) -> Result<bool, CodecError> {
+    let header = peek_header(payload)?;
+    check_buffer(&header, params)?;
+    match header.config {
+        CodecConfig::TopK { chunk, k, bits } => {
+            topk::visit(&payload[HEADER_LEN..], chunk, k, bits, params, visit)?;
+            Ok(true)
+        }
+        CodecConfig::Fp32 | CodecConfig::Int8 { .. } => Ok(false),
+    }
+}
+
+/// A checked dense payload (fp32 or int8) read one value at a time, with
+/// the same arithmetic as [`decode_into`]: a robust rule looks at one
+/// coordinate of every update at once without holding decoded copies.
+pub struct Values<'a>(Stored<'a>);
+
+enum Stored<'a> {
+    Fp32(&'a [[u8; 4]]),
+    Int8(int8::View<'a>),
+}
+
+impl Values<'_> {
+    /// Value `i` (below the payload's param count).
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match &self.0 {
+            Stored::Fp32(values) => f32::from_le_bytes(values[i]),
+            Stored::Int8(view) => view.get(i),
+        }
+    }
+}
+
+/// Checks a payload as [`decode_into`] does and returns its values for
+/// random access; `Ok(None)` for top-k, whose values are bit-packed streams
+/// (see [`visit_kept`]).
+pub fn values(payload: &[u8], params: usize) -> Result<Option<Values<'_>>, CodecError> {
+    let header = peek_header(payload)?;
+    check_buffer(&header, params)?;
+    let body = &payload[HEADER_LEN..];
+    Ok(match header.config {
+        CodecConfig::Fp32 => Some(Values(Stored::Fp32(fp32::checked(body)?))),
+        CodecConfig::Int8 { block } => {
+            Some(Values(Stored::Int8(int8::View::new(body, block, params)?)))
+        }
+        CodecConfig::TopK { .. } => None,
+    })
+}
+
 /// Where decoded values go.
 pub(crate) enum Target<'a> {
     Overwrite(&'a mut [f32]),

@@ -696,12 +696,7 @@ pub(crate) fn decode(
     bits: u8,
     target: Target<'_>,
 ) -> Result<(), CodecError> {
-    let format = Format {
-        chunk: chunk as usize,
-        k: k as usize,
-        bits,
-        mask: uses_mask(u64::from(chunk), u64::from(k)),
-    };
+    let format = Format::new(chunk, k, bits);
     match target {
         Target::Overwrite(out) => {
             let parts = format.check(body, out.len())?;
@@ -721,6 +716,22 @@ pub(crate) fn decode(
             });
         }
     }
+    Ok(())
+}
+
+/// Calls `visit(global index, value)` for every value a checked body keeps,
+/// in index order (`super::visit_kept`).
+pub(crate) fn visit(
+    body: &[u8],
+    chunk: u32,
+    k: u32,
+    bits: u8,
+    params: usize,
+    visit: impl FnMut(usize, f32),
+) -> Result<(), CodecError> {
+    let format = Format::new(chunk, k, bits);
+    let parts = format.check(body, params)?;
+    format.apply(&parts, params, visit);
     Ok(())
 }
 
@@ -749,6 +760,15 @@ fn range(bytes: [u8; 8]) -> (f32, f32) {
 }
 
 impl Format {
+    fn new(chunk: u32, k: u32, bits: u8) -> Format {
+        Format {
+            chunk: chunk as usize,
+            k: k as usize,
+            bits,
+            mask: uses_mask(u64::from(chunk), u64::from(k)),
+        }
+    }
+
     /// Splits the body and checks all that can be wrong with it: ranges,
     /// index range and order, and zero padding in both streams. Value codes
     /// need no check (every code of the right width is a value), so they are
