@@ -272,6 +272,17 @@ pub fn codec(data: &[u8]) {
         "decode_into and decode disagree"
     );
     assert_eq!(add.is_ok(), whole.is_ok(), "decode_add and decode disagree");
+    // The robust rule's readers (no decoded copies) check what decode checks.
+    assert_eq!(
+        codec::visit_kept(data, params, |_, _| {}).is_ok(),
+        whole.is_ok(),
+        "visit_kept and decode disagree"
+    );
+    assert_eq!(
+        codec::values(data, params).is_ok(),
+        whole.is_ok(),
+        "values and decode disagree"
+    );
     let Ok(values) = whole else {
         assert!(same_bits(&out, &start), "decode_into wrote before failing");
         assert!(same_bits(&acc, &start), "decode_add wrote before failing");
@@ -282,6 +293,31 @@ pub fn codec(data: &[u8]) {
         "a decoded value is not finite"
     );
     assert!(same_bits(&out, &values), "decode_into and decode differ");
+    // ... and read the same values: top-k's kept ones in index order (the
+    // rest +0.0), the dense formats' one at a time.
+    let mut kept = vec![0.0f32; params];
+    let mut last: Option<usize> = None;
+    let sparse = codec::visit_kept(data, params, |i, v| {
+        assert!(last.is_none_or(|l| i > l), "visit_kept out of order at {i}");
+        last = Some(i);
+        kept[i] = v;
+    })
+    .expect("visit_kept accepts what decode accepts");
+    assert_eq!(sparse, matches!(header.config, CodecConfig::TopK { .. }));
+    if sparse {
+        assert!(same_bits(&kept, &values), "visit_kept and decode differ");
+    }
+    if let Some(view) = codec::values(data, params).expect("values accepts what decode accepts") {
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(
+                view.get(i).to_bits(),
+                v.to_bits(),
+                "values and decode differ at {i}"
+            );
+        }
+    } else {
+        assert!(sparse, "values refused a dense format");
+    }
     for i in 0..params {
         let expected = start[i] + weight * values[i];
         assert_eq!(
@@ -533,7 +569,7 @@ fn api() -> &'static Api {
             // fuzzer's ledger cannot build a record from would be a 500).
             data_dir: None,
             record: Arc::default(),
-        closed: Arc::default(),
+            closed: Arc::default(),
         };
         Api {
             runtime: tokio::runtime::Builder::new_current_thread()

@@ -102,7 +102,10 @@ pub fn visit_kept(
             topk::visit(&payload[HEADER_LEN..], chunk, k, bits, params, visit)?;
             Ok(true)
         }
-        CodecConfig::Fp32 | CodecConfig::Int8 { .. } => Ok(false),
+        CodecConfig::Fp32 => fp32::checked(&payload[HEADER_LEN..]).map(|_| false),
+        CodecConfig::Int8 { block } => {
+            int8::View::new(&payload[HEADER_LEN..], block, params).map(|_| false)
+        }
     }
 }
 
@@ -139,7 +142,10 @@ pub fn values(payload: &[u8], params: usize) -> Result<Option<Values<'_>>, Codec
         CodecConfig::Int8 { block } => {
             Some(Values(Stored::Int8(int8::View::new(body, block, params)?)))
         }
-        CodecConfig::TopK { .. } => None,
+        CodecConfig::TopK { chunk, k, bits } => {
+            topk::check(body, chunk, k, bits, params)?;
+            None
+        }
     })
 }
 

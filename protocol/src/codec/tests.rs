@@ -970,3 +970,52 @@ fn topk_bytes_and_residual_match_a_full_sort_reference_over_rounds() {
         }
     }
 }
+
+#[test]
+fn payload_readers_refuse_what_decode_refuses() {
+    let delta: Vec<f32> = (0..300).map(|i| (i as f32 * 0.37).sin()).collect();
+    let topk_config = CodecConfig::TopK {
+        chunk: 64,
+        k: 8,
+        bits: 2,
+    };
+    let int8_config = CodecConfig::Int8 { block: 64 };
+    // fp32 with a NaN written in.
+    let mut fp32 = encode_once(CodecConfig::Fp32, &delta);
+    let at = HEADER_LEN + 4 * 7;
+    fp32[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    // int8 whose first scale is negative.
+    let mut int8 = encode_once(int8_config, &delta);
+    int8[HEADER_LEN + 3] |= 0x80;
+    // top-k whose first chunk's range is upside down (ranges come first).
+    let mut topk = encode_once(topk_config, &delta);
+    topk[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    for bad in [&fp32, &int8, &topk] {
+        assert!(decode(bad, 300).is_err());
+        assert!(visit_kept(bad, 300, |_, _| {}).is_err());
+        assert!(values(bad, 300).is_err());
+    }
+    // Good payloads read as decode reads them.
+    for config in [CodecConfig::Fp32, int8_config, topk_config] {
+        let payload = encode_once(config, &delta);
+        let expected = decoded(&payload);
+        let mut kept = vec![0.0f32; 300];
+        let sparse = visit_kept(&payload, 300, |i, v| kept[i] = v).unwrap();
+        assert_eq!(sparse, config == topk_config);
+        match values(&payload, 300).unwrap() {
+            Some(view) => {
+                assert!(!sparse);
+                for (i, v) in expected.iter().enumerate() {
+                    assert_eq!(view.get(i).to_bits(), v.to_bits());
+                }
+            }
+            None => assert_eq!(
+                kept.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            ),
+        }
+        // A wrong length is refused by both, as by decode_into.
+        assert!(visit_kept(&payload, 299, |_, _| {}).is_err());
+        assert!(values(&payload, 301).is_err());
+    }
+}

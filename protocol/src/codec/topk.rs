@@ -719,6 +719,17 @@ pub(crate) fn decode(
     Ok(())
 }
 
+/// Checks a body as [`decode`] does, decoding nothing.
+pub(crate) fn check(
+    body: &[u8],
+    chunk: u32,
+    k: u32,
+    bits: u8,
+    params: usize,
+) -> Result<(), CodecError> {
+    Format::new(chunk, k, bits).check(body, params).map(|_| ())
+}
+
 /// Calls `visit(global index, value)` for every value a checked body keeps,
 /// in index order (`super::visit_kept`).
 pub(crate) fn visit(
