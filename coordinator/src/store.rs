@@ -57,16 +57,23 @@ impl Cache {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
+            // An entry removed earlier is skipped here (see `remove`).
             if let Some(gone) = self.blobs.remove(&oldest) {
                 self.bytes -= gone.len();
             }
         }
     }
 
+    /// O(1): the hash stays in `order` until eviction reaches it, or until
+    /// stale entries are half of it (a close forgets every update of the
+    /// round, one by one).
     fn remove(&mut self, hash: &Hash) {
         if let Some(gone) = self.blobs.remove(hash) {
             self.bytes -= gone.len();
-            self.order.retain(|h| h != hash);
+        }
+        if self.order.len() > 2 * self.blobs.len() + 64 {
+            let blobs = &self.blobs;
+            self.order.retain(|h| blobs.contains_key(h));
         }
     }
 }

@@ -255,15 +255,16 @@ pub fn fit_exponent(points: &[(f64, f64)]) -> Option<f64> {
 
 /// What a simulated node serves: its updates, in memory.
 #[derive(Default)]
-struct Blobs(
-    Mutex<HashMap<Hash, Arc<Vec<u8>>>>,
-    std::sync::atomic::AtomicBool,
-);
+struct Blobs {
+    held: Mutex<HashMap<Hash, Arc<Vec<u8>>>>,
+    /// Never answer a request (`--stall`).
+    stall: std::sync::atomic::AtomicBool,
+}
 
 impl Blobs {
     fn put(&self, bytes: Arc<Vec<u8>>) -> Hash {
         let hash = Hash::of(&bytes);
-        if let Ok(mut map) = self.0.lock() {
+        if let Ok(mut map) = self.held.lock() {
             map.insert(hash, bytes);
         }
         hash
@@ -272,12 +273,12 @@ impl Blobs {
 
 impl BlobSource for Blobs {
     fn size(&self, hash: &Hash) -> Option<u64> {
-        let map = self.0.lock().ok()?;
+        let map = self.held.lock().ok()?;
         map.get(hash).map(|b| b.len() as u64)
     }
     fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, ReadError> {
         let map = self
-            .0
+            .held
             .lock()
             .map_err(|_| ReadError::Failed("lock".into()))?;
         let blob = map.get(hash).ok_or(ReadError::NotFound)?;
@@ -410,7 +411,7 @@ impl SimNode {
                                 ..
                             },
                         )) => {
-                            if source.1.load(std::sync::atomic::Ordering::Relaxed) {
+                            if source.stall.load(std::sync::atomic::Ordering::Relaxed) {
                                 // Stalling: the request is never answered.
                                 stalled.push(channel);
                                 continue;
@@ -617,7 +618,7 @@ async fn run_one(args: &Args, n: u32, dir: &Path) -> anyhow::Result<RunFigures> 
     }
     for node in &nodes[active - stalled as usize..active] {
         node.blobs
-            .1
+            .stall
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
     let run = welcome.config.clone();
@@ -782,7 +783,7 @@ async fn run_one(args: &Args, n: u32, dir: &Path) -> anyhow::Result<RunFigures> 
             .iter()
             .flat_map(|s| {
                 s.blobs
-                    .0
+                    .held
                     .lock()
                     .map(|m| m.clone().into_iter().collect::<Vec<_>>())
                     .unwrap_or_default()
@@ -800,7 +801,7 @@ async fn run_one(args: &Args, n: u32, dir: &Path) -> anyhow::Result<RunFigures> 
         apply_round(&mut theta, &mut optimizer, &rule, &inputs)?;
         params_agree &= Hash::of_f32s(&theta) == manifest.next_params_hash;
         for node in &nodes {
-            if let Ok(mut map) = node.blobs.0.lock() {
+            if let Ok(mut map) = node.blobs.held.lock() {
                 map.clear();
             }
         }
