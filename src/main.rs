@@ -72,6 +72,8 @@ enum BenchCommand {
     /// One coordinator against N simulated nodes: CPU per round by stage,
     /// memory, ledger time, message sizes and HTTP latency while rounds close.
     Coordinator(cmd::bench_coordinator::Args),
+    /// Inner-loop throughput on one device: tokens/s, FLOP/s, MFU, peak memory.
+    Train(cmd::bench_train::Args),
 }
 
 /// `barnraise up` runs every node's training in one process on a few cores.
@@ -147,6 +149,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(BenchCommand::Diloco(args)) => cmd::bench_diloco::run(args),
         Command::Bench(BenchCommand::Attacks(args)) => cmd::bench_attacks::run(args),
         Command::Bench(BenchCommand::Coordinator(args)) => cmd::bench_coordinator::run(args),
+        Command::Bench(BenchCommand::Train(args)) => cmd::bench_train::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

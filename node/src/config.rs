@@ -18,6 +18,9 @@ pub struct NodeConfig {
     pub listen: Vec<Multiaddr>,
     /// "auto", "cpu" or "cuda:N".
     pub device: String,
+    /// "auto" (bf16 matmuls on a GPU that has them, f32 elsewhere), "f32"
+    /// or "bf16": docs/training.md, "GPUs".
+    pub precision: barnraise_trainer::precision::Precision,
     /// Key file; default `<data_dir>/node.key` (created on first run).
     pub key: Option<PathBuf>,
     /// Upload cap in bytes per second (None: no cap).
@@ -129,6 +132,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from(".barnraise"),
             listen: vec![default_listen()],
             device: "auto".into(),
+            precision: barnraise_trainer::precision::Precision::Auto,
             key: None,
             upload_limit: None,
             download_limit: None,

@@ -1415,11 +1415,19 @@ impl Node {
             let device = barnraise_trainer::device::select(*spec)
                 .map_err(|e| NodeError::Device(e.to_string()))?;
             let model = state.model.clone();
-            let trainer =
-                tokio::task::spawn_blocking(move || Trainer::new(&model, device, INIT_SEED))
-                    .await
-                    .map_err(|e| NodeError::Training(e.to_string()))?
-                    .map_err(|e| NodeError::Training(e.to_string()))?;
+            let precision = self.config.precision;
+            let trainer = tokio::task::spawn_blocking(move || {
+                let mut trainer = Trainer::new(&model, device, INIT_SEED)?;
+                let dtype = trainer.set_precision(precision)?;
+                tracing::info!(
+                    precision = barnraise_trainer::precision::dtype_name(dtype),
+                    "worker ready"
+                );
+                Ok::<_, barnraise_trainer::TrainError>(trainer)
+            })
+            .await
+            .map_err(|e| NodeError::Training(e.to_string()))?
+            .map_err(|e| NodeError::Training(e.to_string()))?;
             *slot = Some(trainer);
         }
         Ok(slots)

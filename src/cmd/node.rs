@@ -56,6 +56,9 @@ struct Settings {
     /// one worker per device (cluster mode).
     #[arg(long, env = "BARNRAISE_DEVICE")]
     device: Option<String>,
+    /// Compute precision: auto (bf16 on a GPU that has it, else f32), f32 or bf16.
+    #[arg(long, env = "BARNRAISE_PRECISION")]
+    precision: Option<barnraise_trainer::precision::Precision>,
     /// Cluster mode: drive N workers that split this node's assignment and
     /// upload one reduced update [default: one per listed device].
     #[arg(long, env = "BARNRAISE_WORKERS")]
@@ -144,6 +147,9 @@ impl Settings {
         }
         if let Some(v) = self.device {
             config.device = v;
+        }
+        if let Some(v) = self.precision {
+            config.precision = v;
         }
         if !self.listen.is_empty() {
             config.listen = self.listen;

@@ -29,6 +29,13 @@ pub struct Args {
     /// Model preset: tiny, small, medium, large, xl.
     #[arg(long, default_value = "small")]
     pub model: String,
+    /// Every node's training device: cpu, auto or cuda:N (all nodes share
+    /// it; one GPU trains them in turn).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute precision: auto (bf16 on a GPU that has it, else f32), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub precision: barnraise_trainer::precision::Precision,
     /// Inner steps per round (DiLoCo's H).
     #[arg(long, default_value_t = 12)]
     pub inner_steps: u32,
@@ -179,7 +186,8 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
         let node_config = NodeConfig {
             coordinator: dial.clone(),
             data_dir: data_dir.join(format!("node-{i}")),
-            device: "cpu".into(),
+            device: args.device.clone(),
+            precision: args.precision,
             run_id: RUN_ID.into(),
             max_rounds: Some(args.rounds),
             ..NodeConfig::default()

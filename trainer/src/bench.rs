@@ -24,6 +24,7 @@
 //! and whether it is on the Pareto frontier of traffic against loss.
 
 mod arm;
+pub mod throughput;
 
 pub use arm::ArmSpec;
 pub use barnraise_protocol::codec::{CodecSchedule, DensityWarmup};

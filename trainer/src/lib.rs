@@ -17,6 +17,8 @@ pub mod device;
 pub mod generate;
 pub mod hf;
 pub mod model;
+pub mod ops;
+pub mod precision;
 pub mod rng;
 pub mod train;
 

@@ -8,9 +8,10 @@
 //! the codec and the outer optimizer see is every parameter concatenated in
 //! name order ([`ModelConfig::param_shapes`] is the single source of truth).
 //!
-//! Only ops with candle autograd support are used (the fused candle-nn
-//! kernels for RMSNorm, softmax and rope have no backward pass).
+//! RMSNorm and softmax run as candle-nn's fused kernels with a backward pass
+//! of our own (crate::ops); rope is built from primitives.
 
+use crate::ops::{rms_norm, softmax_last};
 use crate::rng::{Rng, derive_seed};
 use candle_core::{D, DType, Device, Result as CandleResult, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -256,6 +257,9 @@ pub struct Model {
     /// the two rotated halves.
     rope_cos: Tensor,
     rope_sin: Tensor,
+    /// The dtype matmuls and activations compute in (crate::precision);
+    /// f32 makes every cast below a no-op.
+    compute: DType,
 }
 
 impl Model {
@@ -295,10 +299,20 @@ impl Model {
             blocks,
             rope_cos,
             rope_sin,
+            compute: DType::F32,
         })
     }
 
-    /// Logits [batch·seq, vocab] for token ids [batch, seq] (u32).
+    /// Computes in `dtype` from now on (crate::precision has the policy).
+    pub(crate) fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute = dtype;
+    }
+
+    pub(crate) fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
+    /// Logits [batch·seq, vocab], in f32, for token ids [batch, seq] (u32).
     pub fn forward(&self, ids: &Tensor) -> CandleResult<Tensor> {
         let (batch, seq) = ids.dims2()?;
         let cfg = &self.config;
@@ -312,15 +326,21 @@ impl Model {
         let rows = batch * seq;
         // The residual stream is kept 2-D [rows, d] so every projection is
         // one plain matmul against a transposed weight (no copy for gemm).
+        // The residual stream x, the norms, the softmax and the logits stay
+        // f32; matmul operands and the activations between them are in
+        // `c` (crate::precision).
+        let c = self.compute;
+        let f32 = DType::F32;
+        let weight = |w: &Tensor| -> CandleResult<Tensor> { w.to_dtype(c)?.t() };
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
-        let cos = self.rope_cos.narrow(0, 0, seq)?;
-        let sin = self.rope_sin.narrow(0, 0, seq)?;
+        let cos = self.rope_cos.narrow(0, 0, seq)?.to_dtype(c)?;
+        let sin = self.rope_sin.narrow(0, 0, seq)?.to_dtype(c)?;
         let mask = causal_mask(seq, ids.device())?;
         let scale = 1.0 / (head_dim as f64).sqrt();
         for block in &self.blocks {
-            let h = rms_norm(&x, &block.attn_norm, cfg.norm_eps)?;
+            let h = rms_norm(&x, &block.attn_norm, cfg.norm_eps)?.to_dtype(c)?;
             let split = |w: &Tensor| -> CandleResult<Tensor> {
-                h.matmul(&w.t()?)?
+                h.matmul(&weight(w)?)?
                     .reshape((batch, seq, heads, head_dim))?
                     .transpose(1, 2)?
                     .contiguous()
@@ -328,17 +348,19 @@ impl Model {
             let q = rope(&split(&block.q)?, &cos, &sin)?;
             let k = rope(&split(&block.k)?, &cos, &sin)?;
             let v = split(&block.v)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let attn = softmax_last(&scores)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?
+                .to_dtype(f32)?
+                .broadcast_add(&mask)?;
+            let attn = softmax_last(&scores)?.to_dtype(c)?;
             let mixed = attn.matmul(&v)?.transpose(1, 2)?.reshape((rows, d))?;
-            x = (x + mixed.matmul(&block.o.t()?)?)?;
-            let h = rms_norm(&x, &block.mlp_norm, cfg.norm_eps)?;
-            let gate = h.matmul(&block.gate.t()?)?.silu()?;
-            let up = h.matmul(&block.up.t()?)?;
-            x = (x + (gate * up)?.matmul(&block.down.t()?)?)?;
+            x = (x + mixed.matmul(&weight(&block.o)?)?.to_dtype(f32)?)?;
+            let h = rms_norm(&x, &block.mlp_norm, cfg.norm_eps)?.to_dtype(c)?;
+            let gate = h.matmul(&weight(&block.gate)?)?.silu()?;
+            let up = h.matmul(&weight(&block.up)?)?;
+            x = (x + (gate * up)?.matmul(&weight(&block.down)?)?.to_dtype(f32)?)?;
         }
-        let x = rms_norm(&x, &self.final_norm, cfg.norm_eps)?;
-        x.matmul(&self.lm_head.t()?)
+        let x = rms_norm(&x, &self.final_norm, cfg.norm_eps)?.to_dtype(c)?;
+        x.matmul(&weight(&self.lm_head)?)?.to_dtype(f32)
     }
 
     /// Mean next-token cross-entropy of `targets` [batch, seq] given `ids`.
@@ -346,21 +368,6 @@ impl Model {
         let logits = self.forward(ids)?;
         candle_nn::loss::cross_entropy(&logits, &targets.flatten_all()?)
     }
-}
-
-/// RMSNorm over the last dimension, from differentiable primitives.
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> CandleResult<Tensor> {
-    let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (mean_square + f64::from(eps))?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv)?.broadcast_mul(weight)
-}
-
-/// Softmax over the last dimension, from differentiable primitives.
-fn softmax_last(x: &Tensor) -> CandleResult<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let exp = x.broadcast_sub(&max)?.exp()?;
-    let sum = exp.sum_keepdim(D::Minus1)?;
-    exp.broadcast_div(&sum)
 }
 
 /// Rotary embedding in the "rotate half" convention (Llama / Hugging Face):

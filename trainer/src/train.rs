@@ -21,8 +21,9 @@
 
 use crate::data::sampler::{BatchSampler, SampleError, check_vocab};
 use crate::model::{Model, ModelConfig};
+use crate::precision::{Precision, PrecisionError};
 use barnraise_protocol::Hash;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
@@ -132,6 +133,35 @@ pub enum TrainError {
     Stopped { steps: usize },
     #[error("unusable optimizer state: {0}")]
     OptimizerState(String),
+    #[error(transparent)]
+    Precision(#[from] PrecisionError),
+    #[error(
+        "the device ran out of memory at step {step} ({detail}): lower the batch size \
+         (gradient accumulation keeps the tokens per step), shorten the sequence, \
+         or use --precision bf16"
+    )]
+    OutOfMemory { step: usize, detail: String },
+}
+
+impl TrainError {
+    /// A tensor error that is the device running out of memory becomes
+    /// [`TrainError::OutOfMemory`], which names the fix; others pass.
+    fn at_step(self, step: usize) -> TrainError {
+        match self {
+            TrainError::Tensor(e) => {
+                let detail = e.to_string();
+                let lower = detail.to_ascii_lowercase();
+                if lower.contains("out_of_memory") || lower.contains("out of memory") {
+                    TrainError::OutOfMemory { step, detail }
+                } else if let Some(hint) = crate::device::cuda_error_hint(&detail) {
+                    TrainError::Config(format!("the GPU failed at step {step}: {detail}; {hint}"))
+                } else {
+                    TrainError::Tensor(e)
+                }
+            }
+            other => other,
+        }
+    }
 }
 
 /// AdamW moments for one parameter.
@@ -151,6 +181,18 @@ pub struct Trainer {
     moments: Vec<Moments>,
     /// AdamW steps taken so far (for bias correction).
     adam_steps: u64,
+    /// When set, each step waits for the device after its forward, backward
+    /// and optimizer phases and adds their wall time here.
+    phases: Option<PhaseSeconds>,
+}
+
+/// Wall time spent in each phase of the steps taken while phase timing
+/// was on ([`Trainer::time_phases`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseSeconds {
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
 }
 
 impl Trainer {
@@ -179,7 +221,8 @@ impl Trainer {
             });
             vars.push((name, Var::from_tensor(&init)?));
         }
-        let model = Model::new(config, &vars, &device)?;
+        let mut model = Model::new(config, &vars, &device)?;
+        model.set_compute_dtype(Precision::Auto.compute_dtype(&device)?);
         Ok(Trainer {
             config: config.clone(),
             device,
@@ -187,7 +230,49 @@ impl Trainer {
             model,
             moments,
             adam_steps: 0,
+            phases: None,
         })
+    }
+
+    /// Sets the precision policy (crate::precision) and returns the dtype
+    /// the passes will compute in. Weights and optimizer state stay f32.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<DType, TrainError> {
+        let dtype = precision.compute_dtype(&self.device)?;
+        self.model.set_compute_dtype(dtype);
+        Ok(dtype)
+    }
+
+    /// Turns phase timing on (from zero) or off. It synchronises the device
+    /// three times a step, so it slows a GPU a little: `bench train` uses it
+    /// on extra steps only.
+    pub fn time_phases(&mut self, on: bool) {
+        self.phases = on.then(PhaseSeconds::default);
+    }
+
+    /// The phase times gathered since [`Trainer::time_phases`] turned it on.
+    pub fn phase_seconds(&self) -> Option<PhaseSeconds> {
+        self.phases
+    }
+
+    /// Adds the time since `*mark` to one phase, after waiting for the
+    /// device; moves the mark.
+    fn phase_done(
+        &mut self,
+        mark: &mut Instant,
+        phase: fn(&mut PhaseSeconds) -> &mut f64,
+    ) -> Result<(), TrainError> {
+        if let Some(phases) = self.phases.as_mut() {
+            self.device.synchronize()?;
+            let now = Instant::now();
+            *phase(phases) += (now - *mark).as_secs_f64();
+            *mark = now;
+        }
+        Ok(())
+    }
+
+    /// The dtype the forward and backward passes compute in.
+    pub fn compute_dtype(&self) -> DType {
+        self.model.compute_dtype()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -368,14 +453,40 @@ impl Trainer {
         let mut sampler = BatchSampler::new(tokens, cfg.batch_size, cfg.seq_len, cfg.seed)?;
         let mut losses = Vec::with_capacity(cfg.steps);
         for step in 0..cfg.steps {
+            let loss = self
+                .train_step(&mut sampler, cfg, step, accumulation)
+                .map_err(|e| e.at_step(step))?;
+            losses.push(loss);
+            if !on_step(step + 1, loss) {
+                return Err(TrainError::Stopped { steps: step + 1 });
+            }
+        }
+        Ok(InnerReport {
+            tokens: cfg.tokens(),
+            losses,
+            wall: started.elapsed(),
+        })
+    }
+
+    /// One optimizer step of [`Trainer::train_inner_observed`]; its loss.
+    fn train_step(
+        &mut self,
+        sampler: &mut BatchSampler<'_>,
+        cfg: &InnerConfig,
+        step: usize,
+        accumulation: usize,
+    ) -> Result<f32, TrainError> {
+        {
             let mut summed: Option<Vec<Tensor>> = None;
             let mut loss_sum = 0.0f32;
             for _ in 0..accumulation {
-                let (inputs, targets) =
-                    self.batch_tensors(&mut sampler, cfg.batch_size, cfg.seq_len)?;
+                let (inputs, targets) = self.batch_tensors(sampler, cfg.batch_size, cfg.seq_len)?;
+                let mut mark = Instant::now();
                 let loss = self.model.loss(&inputs, &targets)?;
+                self.phase_done(&mut mark, |p| &mut p.forward)?;
                 loss_sum += loss.to_scalar::<f32>()?;
                 let grads = loss.backward()?;
+                self.phase_done(&mut mark, |p| &mut p.backward)?;
                 let mut grads_in_order = Vec::with_capacity(self.vars.len());
                 for (name, var) in &self.vars {
                     let grad = grads.get(var.as_tensor()).cloned().ok_or_else(|| {
@@ -396,18 +507,12 @@ impl Trainer {
             if !loss.is_finite() {
                 return Err(TrainError::Diverged { step, loss });
             }
-            losses.push(loss);
             let grads = summed.unwrap_or_default();
+            let mut mark = Instant::now();
             self.adamw_step(&grads, cfg, cfg.lr_at(cfg.start_step + step), accumulation)?;
-            if !on_step(step + 1, loss) {
-                return Err(TrainError::Stopped { steps: step + 1 });
-            }
+            self.phase_done(&mut mark, |p| &mut p.optimizer)?;
+            Ok(loss)
         }
-        Ok(InnerReport {
-            tokens: cfg.tokens(),
-            losses,
-            wall: started.elapsed(),
-        })
     }
 
     /// One AdamW update from summed gradients.
@@ -437,7 +542,9 @@ impl Trainer {
         let bias1 = 1.0 - cfg.beta1.powi(t);
         let bias2 = 1.0 - cfg.beta2.powi(t);
         for ((grad, moments), (_, var)) in grads.iter().zip(&mut self.moments).zip(&self.vars) {
-            let grad = grad.affine(scale, 0.0)?;
+            // Detached: the moments persist across steps and must not keep this
+            // step's graph (forward activations included) alive.
+            let grad = grad.detach().affine(scale, 0.0)?;
             moments.m = (moments.m.affine(cfg.beta1, 0.0)? + grad.affine(1.0 - cfg.beta1, 0.0)?)?;
             moments.v =
                 (moments.v.affine(cfg.beta2, 0.0)? + grad.sqr()?.affine(1.0 - cfg.beta2, 0.0)?)?;
@@ -510,6 +617,87 @@ mod tests {
             ..InnerConfig::default()
         };
         (trainer, tokens, cfg)
+    }
+
+    fn relative_diff(a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+        (num / den).sqrt()
+    }
+
+    /// The bf16 policy on candle's CPU bf16 kernels: it really computes in
+    /// bf16 (results differ from f32), stays close to f32, keeps weights and
+    /// optimizer state f32, and trains (loss falls).
+    #[test]
+    fn bf16_policy_computes_in_bf16_and_keeps_f32_masters() {
+        let (mut full, tokens, cfg) = setup();
+        let (mut mixed, _, _) = setup();
+        assert_eq!(full.compute_dtype(), DType::F32);
+        assert_eq!(mixed.set_precision(Precision::Bf16).unwrap(), DType::BF16);
+        assert_eq!(mixed.compute_dtype(), DType::BF16);
+
+        let ids = Tensor::from_vec(
+            tokens[..32]
+                .iter()
+                .map(|&t| u32::from(t))
+                .collect::<Vec<_>>(),
+            (2, 16),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let logits_full = full.model().forward(&ids).unwrap();
+        let logits_mixed = mixed.model().forward(&ids).unwrap();
+        assert_eq!(logits_mixed.dtype(), DType::F32, "logits come back in f32");
+        let a: Vec<f32> = logits_full.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = logits_mixed.flatten_all().unwrap().to_vec1().unwrap();
+        let diff = relative_diff(&b, &a);
+        assert!(
+            diff > 0.0,
+            "bf16 logits are bit-identical to f32: no cast happened"
+        );
+        assert!(diff < 3e-2, "bf16 logits are {diff} away from f32");
+
+        let steps = InnerConfig { steps: 12, ..cfg };
+        let full_report = full.train_inner(&tokens, &steps).unwrap();
+        let mixed_report = mixed.train_inner(&tokens, &steps).unwrap();
+        for trainer in [&full, &mixed] {
+            for (_, var) in &trainer.vars {
+                assert_eq!(var.dtype(), DType::F32);
+            }
+            for m in &trainer.moments {
+                assert_eq!((m.m.dtype(), m.v.dtype()), (DType::F32, DType::F32));
+            }
+        }
+        let first = mixed_report.losses[0];
+        let last = *mixed_report.losses.last().unwrap();
+        assert!(last < first, "bf16 loss did not fall: {first} -> {last}");
+        let gap = (last - full_report.losses[11]).abs() / full_report.losses[11];
+        assert!(
+            gap < 0.05,
+            "bf16 final loss {last} vs f32 {}",
+            full_report.losses[11]
+        );
+        let drift = relative_diff(&mixed.flat_params().unwrap(), &full.flat_params().unwrap());
+        assert!(
+            drift < 1e-2,
+            "bf16 params drifted {drift} from f32's after 12 steps"
+        );
+    }
+
+    #[test]
+    fn out_of_memory_errors_name_the_fix() {
+        let oom = TrainError::Tensor(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ))
+        .at_step(3);
+        let text = oom.to_string();
+        assert!(
+            matches!(oom, TrainError::OutOfMemory { step: 3, .. }),
+            "{text}"
+        );
+        assert!(text.contains("lower the batch size"), "{text}");
+        let other = TrainError::Tensor(candle_core::Error::Msg("shape mismatch".into())).at_step(3);
+        assert!(matches!(other, TrainError::Tensor(_)));
     }
 
     #[test]
