@@ -21,6 +21,11 @@ pub struct NodeConfig {
     /// "auto" (bf16 matmuls on a GPU that has them, f32 elsewhere), "f32"
     /// or "bf16": docs/training.md, "GPUs".
     pub precision: barnraise_trainer::precision::Precision,
+    /// Most sequences one forward pass holds: a run's batch larger than
+    /// this is trained as micro-batches with their gradients summed (same
+    /// sequences, same step), for GPUs with less memory than the run's
+    /// batch needs. None: the whole batch at once.
+    pub micro_batch: Option<u32>,
     /// Key file; default `<data_dir>/node.key` (created on first run).
     pub key: Option<PathBuf>,
     /// Upload cap in bytes per second (None: no cap).
@@ -133,6 +138,7 @@ impl Default for NodeConfig {
             listen: vec![default_listen()],
             device: "auto".into(),
             precision: barnraise_trainer::precision::Precision::Auto,
+            micro_batch: None,
             key: None,
             upload_limit: None,
             download_limit: None,

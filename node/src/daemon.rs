@@ -1526,12 +1526,15 @@ impl Node {
             .collect();
         drop(shard_tokens);
         let worker_seeds: Vec<u64> = worker_plans.iter().map(|p| p.seed).collect();
-        let inner = barnraise_trainer::train::inner_for_round(
+        let mut inner = barnraise_trainer::train::inner_for_round(
             &state.run,
             round,
             assignment.inner_steps,
             assignment.seed,
         );
+        if let Some(micro) = self.config.micro_batch {
+            inner = inner.with_micro_batches(micro as usize);
+        }
         self.emit(NodeEvent::TrainingStarted {
             round,
             steps: assignment.inner_steps,

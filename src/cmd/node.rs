@@ -59,6 +59,10 @@ struct Settings {
     /// Compute precision: auto (bf16 on a GPU that has it, else f32), f32 or bf16.
     #[arg(long, env = "BARNRAISE_PRECISION")]
     precision: Option<barnraise_trainer::precision::Precision>,
+    /// Most sequences per forward pass; a larger run batch is split into
+    /// micro-batches (for GPUs short of memory).
+    #[arg(long, env = "BARNRAISE_MICRO_BATCH", value_parser = clap::value_parser!(u32).range(1..))]
+    micro_batch: Option<u32>,
     /// Cluster mode: drive N workers that split this node's assignment and
     /// upload one reduced update [default: one per listed device].
     #[arg(long, env = "BARNRAISE_WORKERS")]
@@ -150,6 +154,9 @@ impl Settings {
         }
         if let Some(v) = self.precision {
             config.precision = v;
+        }
+        if let Some(v) = self.micro_batch {
+            config.micro_batch = Some(v);
         }
         if !self.listen.is_empty() {
             config.listen = self.listen;

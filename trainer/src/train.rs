@@ -90,6 +90,28 @@ impl InnerConfig {
         (self.steps * self.accumulation.max(1) * self.batch_size * self.seq_len) as u64
     }
 
+    /// The same step as micro-batches of at most `max_sequences` sequences
+    /// (the largest divisor of `batch_size` that fits), their gradients
+    /// summed: for a GPU that cannot hold the run's whole batch at once.
+    /// The sampler draws windows one after another from one stream, so the
+    /// micro-batches are the same sequences; only the summation order of
+    /// the gradient differs.
+    pub fn with_micro_batches(&self, max_sequences: usize) -> InnerConfig {
+        let max = max_sequences.max(1);
+        if self.batch_size <= max {
+            return self.clone();
+        }
+        let micro = (1..=max)
+            .rev()
+            .find(|d| self.batch_size.is_multiple_of(*d))
+            .unwrap_or(1);
+        InnerConfig {
+            batch_size: micro,
+            accumulation: self.accumulation.max(1) * (self.batch_size / micro),
+            ..self.clone()
+        }
+    }
+
     /// The learning rate at absolute schedule step `step`: linear warmup to
     /// `lr`, then a cosine down to `min_lr` at the end of the schedule.
     pub fn lr_at(&self, step: usize) -> f64 {
@@ -137,8 +159,8 @@ pub enum TrainError {
     Precision(#[from] PrecisionError),
     #[error(
         "the device ran out of memory at step {step} ({detail}): lower the batch size \
-         (gradient accumulation keeps the tokens per step), shorten the sequence, \
-         or use --precision bf16"
+         (gradient accumulation keeps the tokens per step; a node: --micro-batch), \
+         shorten the sequence, or use --precision bf16"
     )]
     OutOfMemory { step: usize, detail: String },
 }
@@ -682,6 +704,30 @@ mod tests {
             drift < 1e-2,
             "bf16 params drifted {drift} from f32's after 12 steps"
         );
+    }
+
+    /// Micro-batches train on the same sequences as the whole batch: the
+    /// params agree up to the gradient's summation order.
+    #[test]
+    fn micro_batches_train_the_same_step() {
+        let (mut whole, tokens, cfg) = setup();
+        let cfg = InnerConfig {
+            batch_size: 6,
+            ..cfg
+        };
+        let split = cfg.with_micro_batches(4);
+        assert_eq!((split.batch_size, split.accumulation), (3, 2));
+        assert_eq!(split.tokens(), cfg.tokens());
+        assert_eq!(cfg.with_micro_batches(8), cfg);
+        assert_eq!(cfg.with_micro_batches(0).batch_size, 1);
+        let (mut micro, _, _) = setup();
+        let a = whole.train_inner(&tokens, &cfg).unwrap();
+        let b = micro.train_inner(&tokens, &split).unwrap();
+        for (x, y) in a.losses.iter().zip(&b.losses) {
+            assert!((x - y).abs() < 1e-4, "losses {x} vs {y}");
+        }
+        let drift = relative_diff(&micro.flat_params().unwrap(), &whole.flat_params().unwrap());
+        assert!(drift < 1e-5, "micro-batched params drifted {drift}");
     }
 
     #[test]
