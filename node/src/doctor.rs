@@ -142,9 +142,16 @@ fn compute(config: &NodeConfig, checks: &mut Vec<Check>) {
         specs
             .iter()
             .map(|s| {
-                barnraise_trainer::device::select(*s)
-                    .map(|d| format!("{d:?}"))
-                    .map_err(|e| e.to_string())
+                let device = barnraise_trainer::device::select(*s).map_err(|e| e.to_string())?;
+                // The precision policy must hold on this device too.
+                let dtype = config
+                    .precision
+                    .compute_dtype(&device)
+                    .map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "{device:?} in {}",
+                    barnraise_trainer::precision::dtype_name(dtype)
+                ))
             })
             .collect::<Result<Vec<String>, String>>()
     });
@@ -168,7 +175,9 @@ fn compute(config: &NodeConfig, checks: &mut Vec<Check>) {
                 "{finding}; this binary cannot use them and trains on {}",
                 on(&devices)
             ),
-            Some("rebuild with `cargo build --release --features cuda` to train on the GPU"),
+            Some(
+                "rebuild with `cargo build --release --features cuda` to train on the GPU (scripts/cuda-toolchain.sh installs nvcc if you have none)",
+            ),
         )),
         Ok(devices) => checks.push(check(
             "compute",
@@ -709,6 +718,7 @@ mod tests {
         );
         let compute = checks.iter().find(|c| c.name == "compute").unwrap();
         assert_eq!(compute.verdict, Verdict::Ok, "{compute:?}");
+        assert!(compute.finding.contains("Cpu in f32"), "{compute:?}");
     }
 
     #[test]
