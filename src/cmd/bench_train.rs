@@ -66,6 +66,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.batch_size == 0 || args.accumulation == 0 || args.steps == 0 {
         anyhow::bail!("--batch-size, --accumulation and --steps must be at least 1");
     }
+    // Bounds the token buffers (and keeps their sizes from overflowing).
+    const MOST_SEQUENCES: usize = 1 << 16;
+    if args.batch_size.saturating_mul(args.accumulation) > MOST_SEQUENCES {
+        anyhow::bail!("--batch-size × --accumulation is over {MOST_SEQUENCES} sequences a step");
+    }
     if args
         .peak_tflops
         .is_some_and(|p| !(p.is_finite() && p > 0.0))

@@ -268,7 +268,7 @@ fn cuda_memory(device: &candle_core::Device, reset: bool) -> Option<DeviceMemory
     let context = stream.context();
     let (free, total) = context.mem_get_info().ok()?;
     let sampled = DeviceMemory {
-        peak_bytes: (total - free) as u64,
+        peak_bytes: total.saturating_sub(free) as u64,
         source: "cuda-in-use",
         total_bytes: Some(total as u64),
     };

@@ -498,43 +498,48 @@ impl Trainer {
         step: usize,
         accumulation: usize,
     ) -> Result<f32, TrainError> {
-        {
-            let mut summed: Option<Vec<Tensor>> = None;
-            let mut loss_sum = 0.0f32;
-            for _ in 0..accumulation {
-                let (inputs, targets) = self.batch_tensors(sampler, cfg.batch_size, cfg.seq_len)?;
-                let mut mark = Instant::now();
-                let loss = self.model.loss(&inputs, &targets)?;
-                self.phase_done(&mut mark, |p| &mut p.forward)?;
-                loss_sum += loss.to_scalar::<f32>()?;
-                let grads = loss.backward()?;
-                self.phase_done(&mut mark, |p| &mut p.backward)?;
-                let mut grads_in_order = Vec::with_capacity(self.vars.len());
-                for (name, var) in &self.vars {
-                    let grad = grads.get(var.as_tensor()).cloned().ok_or_else(|| {
+        let mut summed: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0.0f32;
+        for _ in 0..accumulation {
+            let (inputs, targets) = self.batch_tensors(sampler, cfg.batch_size, cfg.seq_len)?;
+            let mut mark = Instant::now();
+            let loss = self.model.loss(&inputs, &targets)?;
+            self.phase_done(&mut mark, |p| &mut p.forward)?;
+            loss_sum += loss.to_scalar::<f32>()?;
+            let grads = loss.backward()?;
+            self.phase_done(&mut mark, |p| &mut p.backward)?;
+            let mut grads_in_order = Vec::with_capacity(self.vars.len());
+            for (name, var) in &self.vars {
+                // Detached: a gradient leaves the backward pass as a value.
+                // One that still referenced the forward graph would keep
+                // every activation alive through the AdamW moments, step
+                // after step (`training_steps_do_not_retain_their_graphs`).
+                let grad = grads
+                    .get(var.as_tensor())
+                    .map(Tensor::detach)
+                    .ok_or_else(|| {
                         TrainError::Config(format!("parameter {name} received no gradient"))
                     })?;
-                    grads_in_order.push(grad);
-                }
-                summed = Some(match summed {
-                    None => grads_in_order,
-                    Some(acc) => acc
-                        .iter()
-                        .zip(&grads_in_order)
-                        .map(|(a, g)| a + g)
-                        .collect::<Result<_, _>>()?,
-                });
+                grads_in_order.push(grad);
             }
-            let loss = loss_sum / accumulation as f32;
-            if !loss.is_finite() {
-                return Err(TrainError::Diverged { step, loss });
-            }
-            let grads = summed.unwrap_or_default();
-            let mut mark = Instant::now();
-            self.adamw_step(&grads, cfg, cfg.lr_at(cfg.start_step + step), accumulation)?;
-            self.phase_done(&mut mark, |p| &mut p.optimizer)?;
-            Ok(loss)
+            summed = Some(match summed {
+                None => grads_in_order,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&grads_in_order)
+                    .map(|(a, g)| a + g)
+                    .collect::<Result<_, _>>()?,
+            });
         }
+        let loss = loss_sum / accumulation as f32;
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged { step, loss });
+        }
+        let grads = summed.unwrap_or_default();
+        let mut mark = Instant::now();
+        self.adamw_step(&grads, cfg, cfg.lr_at(cfg.start_step + step), accumulation)?;
+        self.phase_done(&mut mark, |p| &mut p.optimizer)?;
+        Ok(loss)
     }
 
     /// One AdamW update from summed gradients.
@@ -564,9 +569,7 @@ impl Trainer {
         let bias1 = 1.0 - cfg.beta1.powi(t);
         let bias2 = 1.0 - cfg.beta2.powi(t);
         for ((grad, moments), (_, var)) in grads.iter().zip(&mut self.moments).zip(&self.vars) {
-            // Detached: the moments persist across steps and must not keep this
-            // step's graph (forward activations included) alive.
-            let grad = grad.detach().affine(scale, 0.0)?;
+            let grad = grad.affine(scale, 0.0)?;
             moments.m = (moments.m.affine(cfg.beta1, 0.0)? + grad.affine(1.0 - cfg.beta1, 0.0)?)?;
             moments.v =
                 (moments.v.affine(cfg.beta2, 0.0)? + grad.sqr()?.affine(1.0 - cfg.beta2, 0.0)?)?;
