@@ -104,10 +104,11 @@ fn one_matmul_thread_per_node() {
 /// page faults and zeroed pages again (15% of a `small` step's samples in
 /// `perf` were in the kernel's fault and page-clearing paths). A 32 MiB
 /// threshold (glibc's largest) and a 1 GiB trim threshold keep freed
-/// tensors' memory for the next step: `bench train --model small` went
-/// from 1,866-2,135 to 2,531-2,667 tokens/s on one thread and from
-/// 1,921-2,049 to 3,063-3,123 on two, peak memory 410 → 415 MiB (this
-/// machine, alternating runs). `MALLOC_MMAP_THRESHOLD_` and
+/// tensors' memory for the next step: `RAYON_NUM_THREADS=N barnraise bench
+/// train --model small`, builds without and with this, alternating, two
+/// runs each, went from 2,195-2,232 to 2,966-3,042 tokens/s on one thread
+/// and from 1,766-1,920 to 2,280-2,320 on two, peak memory 412-415 →
+/// 416-417 MiB (this 2-core machine). `MALLOC_MMAP_THRESHOLD_` and
 /// `MALLOC_TRIM_THRESHOLD_` in the environment still win.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
