@@ -12,7 +12,7 @@ mod attacks;
 mod support;
 
 use barnraise_coordinator::{CoordinatorEvent, Ledger};
-use barnraise_node::Misbehaviour;
+use barnraise_node::{Misbehaviour, NodeConfig};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -149,6 +149,143 @@ fn three_nodes_three_rounds_learn_and_agree() {
                 "ledger tokens for {node}"
             );
         }
+    });
+}
+
+/// Nodes 1×, 2× and 4× slower (every inner step delayed 100, 200 and 400
+/// ms): with `pace` on, every node counts in every round, and once their
+/// pace is known the plans give each node work in proportion to its speed
+/// (docs/architecture.md, "Work sized to each node").
+#[test]
+fn nodes_of_different_speeds_all_count_with_work_in_proportion() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let rounds = 4;
+        let mut config = tiny_run(dir.path(), 3, rounds);
+        config.inner_steps = 8;
+        let (coordinator, _shutdown) = start_coordinator(config).await;
+        let ledger_path = coordinator.ledger_path().to_path_buf();
+        let delays = [100u64, 200, 400];
+        let nodes: Vec<RunningNode> = delays
+            .iter()
+            .enumerate()
+            .map(|(i, &delay)| {
+                let mut config = node_config(&coordinator, dir.path(), i, rounds);
+                config.fault_step_delay_ms = Some(delay);
+                spawn_node(config, i)
+            })
+            .collect();
+        let summary = finish_run(coordinator).await;
+        let mut ids = Vec::new();
+        for node in nodes {
+            ids.push(join_node(node, 3 * MINUTES).await.node.expect("node id"));
+        }
+        for round in &summary.rounds {
+            assert_eq!(round.accepted, 3, "every node counts: {round:?}");
+        }
+        let ledger = Ledger::open_existing(&ledger_path).unwrap();
+        let mut steps_by_round = Vec::new();
+        for (round, bytes) in ledger.plans().unwrap() {
+            let plan: barnraise_protocol::messages::RoundPlan =
+                barnraise_protocol::Signed::from_bytes(&bytes)
+                    .unwrap()
+                    .verify(None)
+                    .unwrap();
+            let steps: Vec<u32> = ids
+                .iter()
+                .map(|id| {
+                    plan.assignments
+                        .iter()
+                        .find(|a| a.node == *id)
+                        .map_or(0, |a| a.inner_steps)
+                })
+                .collect();
+            eprintln!(
+                "round {round}: steps {steps:?}, deadline {:.1} s",
+                (plan.deadline_ms - plan.opened_at_ms) as f64 / 1e3
+            );
+            steps_by_round.push(steps);
+        }
+        assert_eq!(steps_by_round[0], [8, 8, 8], "no pace is known at first");
+        for steps in &steps_by_round[1..] {
+            assert!(
+                steps[0] > steps[1] && steps[1] > steps[2],
+                "faster nodes get more steps: {steps:?}"
+            );
+            assert!(
+                steps[0] >= 2 * steps[2],
+                "the fastest node does at least twice the slowest one's work: {steps:?}"
+            );
+        }
+    });
+}
+
+/// A volunteer pauses a node mid-run (`barnraise node pause`, SIGUSR1): it
+/// says it is leaving, so the rounds close without waiting for it and never
+/// count it missing; resumed, it joins again and contributes within two
+/// rounds (docs/running-a-node.md, "When the node works").
+#[test]
+fn a_paused_node_is_never_missing_and_contributes_again_after_resuming() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let rounds = 7;
+        let (coordinator, _shutdown) = start_coordinator(tiny_run(dir.path(), 2, rounds)).await;
+        let ledger_path = coordinator.ledger_path().to_path_buf();
+        let mut events = coordinator.events();
+        let steady = spawn_node(node_config(&coordinator, dir.path(), 0, rounds), 0);
+        let (pause, switch) = barnraise_node::activity::pause_switch();
+        let paused = spawn_node(
+            NodeConfig {
+                pause: Some(switch),
+                max_rounds: None,
+                ..node_config(&coordinator, dir.path(), 1, rounds)
+            },
+            1,
+        );
+        wait_for_event(&mut events, 2 * MINUTES, "round 1 closes", |e| {
+            matches!(e, CoordinatorEvent::RoundClosed { round: 1, .. })
+        })
+        .await;
+        pause.send(true).unwrap();
+        wait_for_event(&mut events, 2 * MINUTES, "round 3 closes", |e| {
+            matches!(e, CoordinatorEvent::RoundClosed { round: 3, .. })
+        })
+        .await;
+        pause.send(false).unwrap();
+        let summary = finish_run(coordinator).await;
+        let steady = join_node(steady, MINUTES).await;
+        let paused = join_node(paused, MINUTES).await;
+        let paused_id = paused.node.expect("node id").to_string();
+
+        let ledger = Ledger::open_existing(&ledger_path).unwrap();
+        let mut accepted_rounds = Vec::new();
+        for round in &summary.rounds {
+            assert_eq!(round.missing, 0, "nobody is counted missing: {round:?}");
+            let rows = ledger.updates(round.round).unwrap();
+            if rows
+                .iter()
+                .any(|r| r.node == paused_id && r.verdict == "accepted")
+            {
+                accepted_rounds.push(round.round);
+            }
+        }
+        eprintln!("the paused node's updates were accepted in rounds {accepted_rounds:?}");
+        assert!(accepted_rounds.contains(&0) && accepted_rounds.contains(&1));
+        assert!(
+            !accepted_rounds.contains(&3),
+            "paused during round 3: {accepted_rounds:?}"
+        );
+        assert!(
+            accepted_rounds.iter().any(|&r| r == 4 || r == 5),
+            "back within two rounds of resuming after round 3: {accepted_rounds:?}"
+        );
+        // Both end on the run's final θ.
+        let last = summary.rounds.last().unwrap().next_params_hash.clone();
+        assert_eq!(
+            steady.final_params_hash.map(|h| h.to_hex()),
+            Some(last.clone())
+        );
+        assert_eq!(paused.final_params_hash.map(|h| h.to_hex()), Some(last));
     });
 }
 
@@ -891,6 +1028,92 @@ fn wrong_flags_get_clear_errors() {
     let shown = String::from_utf8_lossy(&shown.stdout);
     let id_line = shown.lines().find(|l| l.starts_with("node id:")).unwrap();
     assert!(created.contains(id_line), "id new and id show agree");
+}
+
+/// `barnraise node pause|resume` signal the daemon on a data dir (through
+/// its pid file), refuse clearly when no node runs there, and a bad
+/// `--schedule` is refused before anything starts.
+#[test]
+#[allow(unsafe_code)]
+fn node_pause_and_resume_reach_the_running_daemon() {
+    let bin = env!("CARGO_BIN_EXE_barnraise");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let data_arg = data.to_str().unwrap();
+    let refused = std::process::Command::new(bin)
+        .args(["node", "pause", "--data-dir", data_arg])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("no node is running"), "{stderr}");
+
+    let bad = std::process::Command::new(bin)
+        .args([
+            "node",
+            "--coordinator",
+            "/ip4/127.0.0.1/tcp/9",
+            "--schedule",
+            "25:00-07:00",
+        ])
+        .args(["--data-dir", data_arg])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("HH:MM-HH:MM"), "{stderr}");
+
+    // A daemon whose coordinator does not answer keeps retrying: enough to
+    // pause and resume it.
+    let mut daemon = std::process::Command::new(bin)
+        .args([
+            "node",
+            "--coordinator",
+            "/ip4/127.0.0.1/tcp/9",
+            "--threads",
+            "1",
+        ])
+        .args(["--data-dir", data_arg, "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid_file = data.join("node.pid");
+    let started = std::time::Instant::now();
+    while !pid_file.exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "no pid file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for command in ["pause", "resume"] {
+        let out = std::process::Command::new(bin)
+            .args(["node", command, "--data-dir", data_arg])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let daemon_pid = daemon.id();
+    // SAFETY: signals the child this test spawned.
+    unsafe { libc::kill(daemon_pid as i32, libc::SIGINT) };
+    let out = daemon.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pausing (SIGUSR1)"), "{stderr}");
+    assert!(stderr.contains("resuming (SIGUSR2)"), "{stderr}");
+    assert!(!pid_file.exists(), "the pid file goes with the daemon");
+    // A pid file left by a process that is gone is called stale, not signalled.
+    std::fs::write(&pid_file, format!("{daemon_pid}\n")).unwrap();
+    let stale = std::process::Command::new(bin)
+        .args(["node", "resume", "--data-dir", data_arg])
+        .output()
+        .unwrap();
+    assert!(!stale.status.success());
+    let stderr = String::from_utf8_lossy(&stale.stderr);
+    assert!(stderr.contains("stale pid file"), "{stderr}");
 }
 
 /// Runs the `barnraise` binary with `args` and a home of its own, so nothing

@@ -292,7 +292,7 @@ fn cell(text: &str) -> String {
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    crate::dashboard::escape(&flat).replace('|', "\\|")
+    crate::svg::escape(&flat).replace('|', "\\|")
 }
 
 #[cfg(test)]

@@ -189,7 +189,14 @@ pub fn close_round(
                     hash: c.commit.update_hash,
                     values: &values,
                 };
-                summaries.push((i, verify::UpdateSummary::of(&update, ctx.sketch_seed)));
+                let steps = close
+                    .plan
+                    .assignments
+                    .iter()
+                    .find(|a| a.node == c.node)
+                    .map_or(1, |a| a.inner_steps);
+                let summary = verify::UpdateSummary::of(&update, ctx.sketch_seed);
+                summaries.push((i, summary.with_steps(steps)));
             }
             Err(reason) => rejected.push(reject(reason)),
         }

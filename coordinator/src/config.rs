@@ -302,8 +302,17 @@ pub struct CoordinatorConfig {
     /// `mean`, `trimmed-mean:F`, `centered-clip:TAU[:ITERS]`.
     pub aggregation: String,
     pub quorum: Quorum,
-    /// Seconds from a round's plan to its deadline.
+    /// Seconds from a round's plan to its deadline. With `pace`, this is
+    /// the deadline of a round that plans a node whose pace is not known
+    /// yet; other rounds end 1.5 × the slowest expected finish + 10 s after
+    /// their plan, at most 4 × this.
     pub round_deadline_secs: f64,
+    /// Size each node's inner steps to its measured pace, within 2× of
+    /// `inner_steps` either way, so that nodes of different speeds finish
+    /// together, and adapt the deadline (docs/architecture.md, "Work sized
+    /// to each node"). `false`: every node gets `inner_steps`, and the
+    /// deadline is `round_deadline_secs`.
+    pub pace: bool,
     /// Nodes that must have joined before the first round opens.
     pub min_nodes: usize,
     /// Shards each node trains on per round.
@@ -353,6 +362,7 @@ impl Default for CoordinatorConfig {
             aggregation: "trimmed-mean:0.1".into(),
             quorum: Quorum::Fraction(1.0),
             round_deadline_secs: 120.0,
+            pace: true,
             min_nodes: 1,
             shards_per_node: 1,
             total_rounds: 10,

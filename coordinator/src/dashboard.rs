@@ -10,7 +10,7 @@
 use crate::ledger::{ContributorRow, NodeDetail, OrgDetail, OrgRow, Tally, UpdateRow};
 use crate::stats::human;
 use crate::summary::{LiveStatus, RoundOverview, RunOverview};
-use crate::svg::{Chart, Series, Style};
+use crate::svg::{Chart, Series, Style, escape};
 use barnraise_trainer::bench::human_bytes;
 use std::fmt::Write;
 
@@ -20,22 +20,6 @@ const LEADERBOARD_ROWS: usize = 50;
 const RECENT_ROUNDS: usize = 20;
 /// The link text of an org without a certificate.
 pub const INDEPENDENT: &str = "independent";
-
-/// Escapes text for HTML element content and quoted attribute values.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 const STYLE: &str = "
 :root{--fg:#1b1f24;--muted:#5b6570;--line:#e3e6ea;--bg:#fff;--accent:#1f6feb;--ok:#2da44e;--bad:#cf222e;--warn:#bf8700}

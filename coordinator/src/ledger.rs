@@ -443,6 +443,11 @@ pub struct RefusalRow {
     pub detail: String,
 }
 
+/// The ledger file inside a coordinator's data dir.
+pub fn ledger_path(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("ledger.sqlite")
+}
+
 /// An open ledger database.
 pub struct Ledger {
     conn: Connection,

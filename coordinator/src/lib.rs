@@ -18,6 +18,7 @@ pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod network;
+pub mod pace;
 pub mod params;
 pub mod plan;
 pub mod probe;

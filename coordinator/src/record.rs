@@ -90,7 +90,7 @@ pub fn export(data_dir: &Path, out: &Path) -> Result<RecordIndex, RecordError> {
             out.display()
         )));
     }
-    let ledger = Ledger::open_existing(&crate::service::ledger_path(data_dir))?;
+    let ledger = Ledger::open_existing(&crate::ledger::ledger_path(data_dir))?;
     let built = build(&ledger, data_dir)?;
     for dir in ["plans", "manifests"] {
         std::fs::create_dir_all(out.join(dir)).map_err(io(out))?;

@@ -11,6 +11,7 @@
 //! manifest per round: the machine can never ask for a second one.
 
 use crate::config::Quorum;
+use crate::pace::{self, PaceBook};
 use crate::plan;
 use crate::reputation::{NodeReputation, Outcome, ReputationView};
 use barnraise_protocol::messages::{Assignment, Commit, RejectReason, RejectedUpdate, RoundPlan};
@@ -29,7 +30,12 @@ pub struct RoundsConfig {
     /// Shards per worker per round: a node of N workers gets N times this many.
     pub shards_per_node: usize,
     pub quorum: Quorum,
+    /// The deadline of a round whose nodes' pace is not known yet (and of
+    /// every round without `pace`).
     pub deadline_ms: u64,
+    /// Size each node's inner steps to its measured pace and the deadline
+    /// to the slowest expected finish (`crate::pace`).
+    pub pace: bool,
     pub min_nodes: usize,
     pub total_rounds: u64,
     /// The training shards, in dataset order.
@@ -113,12 +119,15 @@ enum Slot {
         commit: Commit,
         body: Hash,
         order: u64,
+        /// When the commit arrived (the machine's last tick).
+        arrived_ms: u64,
     },
     /// Fetched and payload-checked.
     Ready {
         commit: Commit,
         body: Hash,
         order: u64,
+        arrived_ms: u64,
     },
     Rejected {
         body: Hash,
@@ -168,6 +177,11 @@ pub struct Rounds {
     shard_uses: Vec<u32>,
     /// Every node that was ever assigned work, by its outcomes so far.
     reputation: BTreeMap<NodeId, NodeReputation>,
+    /// How fast each node delivers (kept in memory: after a restart every
+    /// node is unknown again for one round).
+    pace: PaceBook,
+    /// The time of the last [`Rounds::tick`]: when commits arrive.
+    clock_ms: u64,
 }
 
 impl Rounds {
@@ -188,7 +202,14 @@ impl Rounds {
             head_manifest: start.head_manifest,
             shard_uses,
             reputation: BTreeMap::new(),
+            pace: PaceBook::default(),
+            clock_ms: 0,
         }
+    }
+
+    /// The measured pace of a node, in tokens per second per worker.
+    pub fn pace(&self, node: &NodeId) -> Option<f64> {
+        self.pace.pace(node)
     }
 
     /// Replaces every node's reputation (on a restart, from the ledger).
@@ -264,13 +285,23 @@ impl Rounds {
     /// A round it was assigned closes without it.
     pub fn expel(&mut self, node: &NodeId) {
         self.members.remove(node);
+        self.pace.forget(node);
     }
 
-    /// A node said it is leaving: it gets no more work.
+    /// A node said it is leaving: it gets no more work. If the open round
+    /// planned it and it has not committed, the round stops waiting for it
+    /// and does not count it missing: a volunteer's node that pauses or
+    /// reaches the end of its active hours says so first
+    /// (docs/running-a-node.md, "When the node works").
     pub fn leave(&mut self, node: &NodeId) {
         if let Some(m) = self.members.get_mut(node) {
             m.active = false;
             m.left = true;
+        }
+        if let Phase::Open(open) = &mut self.phase
+            && matches!(open.slots.get(node), Some(Slot::Assigned))
+        {
+            open.slots.remove(node);
         }
     }
 
@@ -359,8 +390,9 @@ impl Rounds {
             };
         };
         let same_run = commit.run_id == self.config.run_id;
-        let tokens_per_worker = self.max_tokens(1);
         let current = self.round;
+        let arrived_ms = self.clock_ms;
+        let step_tokens = self.step_tokens();
         let open = match &mut self.phase {
             Phase::Open(open) => open,
             Phase::Closing(plan) if commit.round == plan.round => {
@@ -424,15 +456,17 @@ impl Rounds {
         // From here the node has used its one commit for the round.
         // Its workers are what the plan gave shards for, whatever it declared
         // since: joining again mid-round with more workers buys nothing.
-        let planned_workers = open
+        let (planned_workers, planned_steps) = open
             .plan
             .assignments
             .iter()
             .find(|a| a.node == node)
-            .map(|a| a.workers.max(1))
-            .unwrap_or(1);
+            .map(|a| (a.workers.max(1), a.inner_steps))
+            .unwrap_or((1, 0));
         let workers = member.workers.min(planned_workers);
-        let max_tokens = tokens_per_worker.saturating_mul(u64::from(workers));
+        let max_tokens = step_tokens
+            .saturating_mul(u64::from(planned_steps))
+            .saturating_mul(u64::from(workers));
         let verdict = if commit.base_params_hash != open.plan.params_hash {
             Some(RejectReason::WrongBase)
         } else if commit.losses.len() > barnraise_protocol::limits::MAX_REPORTED_LOSSES
@@ -459,18 +493,17 @@ impl Rounds {
                 commit: commit.clone(),
                 body,
                 order,
+                arrived_ms,
             },
         );
         CommitOutcome::Accepted { round }
     }
 
-    /// The most tokens a node with `workers` workers can honestly have trained
-    /// on in one round: claimed tokens weigh its update, so they are capped.
-    fn max_tokens(&self, workers: u32) -> u64 {
-        u64::from(self.config.inner_steps)
-            .saturating_mul(u64::from(self.config.batch_size))
-            .saturating_mul(u64::from(self.config.seq_len))
-            .saturating_mul(u64::from(workers.max(1)))
+    /// Tokens one worker trains in one inner step. A node's claimed tokens
+    /// weigh its update, so they are capped at its planned steps times this
+    /// times its workers.
+    fn step_tokens(&self) -> u64 {
+        u64::from(self.config.batch_size).saturating_mul(u64::from(self.config.seq_len))
     }
 
     /// The result of fetching and checking a committed update (stage 2).
@@ -485,6 +518,7 @@ impl Rounds {
             commit,
             body,
             order,
+            arrived_ms,
         }) = open.slots.get(node).cloned()
         else {
             return;
@@ -497,6 +531,7 @@ impl Rounds {
                         commit,
                         body,
                         order,
+                        arrived_ms,
                     },
                 );
             }
@@ -514,6 +549,7 @@ impl Rounds {
     /// Advances time: opens a round when enough nodes are there, closes the
     /// open one at quorum or deadline.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
+        self.clock_ms = self.clock_ms.max(now_ms);
         let mut actions = Vec::new();
         if let Phase::Waiting = self.phase
             && let Some(plan) = self.try_open(now_ms)
@@ -581,13 +617,28 @@ impl Rounds {
         if shares.is_empty() {
             return None;
         }
+        let sized = if self.config.pace {
+            let planned: Vec<NodeId> = shares.iter().map(|s| s.node).collect();
+            self.pace
+                .size(&planned, self.config.inner_steps, self.step_tokens())
+        } else {
+            shares
+                .iter()
+                .map(|_| pace::Sized {
+                    steps: self.config.inner_steps,
+                    expected_ms: None,
+                })
+                .collect()
+        };
+        let deadline_ms = pace::deadline_ms(&sized, self.config.deadline_ms);
         let assignments: Vec<Assignment> = shares
             .into_iter()
-            .map(|s| Assignment {
+            .zip(&sized)
+            .map(|(s, sized)| Assignment {
                 node: s.node,
                 shards: s.shards.iter().map(|&i| i as u32).collect(),
                 seed: s.seed,
-                inner_steps: self.config.inner_steps,
+                inner_steps: sized.steps,
                 workers: s.workers,
             })
             .collect();
@@ -598,7 +649,7 @@ impl Rounds {
             previous_manifest: self.head_manifest,
             assignments,
             opened_at_ms: now_ms,
-            deadline_ms: now_ms.saturating_add(self.config.deadline_ms),
+            deadline_ms: now_ms.saturating_add(deadline_ms),
             // The service knows the peers; it fills these in before signing.
             bootstrap: Vec::new(),
         };
@@ -628,7 +679,39 @@ impl Rounds {
         } = open;
         let mut candidates = Vec::new();
         let mut missing = Vec::new();
+        let step_tokens = self.step_tokens();
         for (node, slot) in slots {
+            // What the plan asked of the node, to learn its pace from.
+            let (workers, planned_tokens) = plan
+                .assignments
+                .iter()
+                .find(|a| a.node == node)
+                .map(|a| {
+                    let workers = a.workers.max(1);
+                    let tokens = step_tokens
+                        .saturating_mul(u64::from(a.inner_steps))
+                        .saturating_mul(u64::from(workers));
+                    (workers, tokens)
+                })
+                .unwrap_or((1, 0));
+            let open_for = now_ms.saturating_sub(plan.opened_at_ms);
+            match &slot {
+                // A commit restored after a restart arrived at an unknown
+                // time (before the machine's first tick): it teaches nothing.
+                Slot::Ready {
+                    commit, arrived_ms, ..
+                } if *arrived_ms > plan.opened_at_ms => self.pace.delivered(
+                    node,
+                    commit.tokens.min(planned_tokens),
+                    commit.workers.clamp(1, workers),
+                    arrived_ms - plan.opened_at_ms,
+                ),
+                Slot::Ready { .. } => {}
+                Slot::Assigned | Slot::Committed { .. } => {
+                    self.pace.missed(node, planned_tokens, workers, open_for)
+                }
+                Slot::Rejected { .. } => {}
+            }
             match slot {
                 Slot::Assigned => missing.push(node),
                 Slot::Committed { commit, .. } => {

@@ -19,6 +19,7 @@ fn machine(shards: usize, quorum: Quorum, min_nodes: usize, total_rounds: u64) -
         shards_per_node: 1,
         quorum,
         deadline_ms: DEADLINE,
+        pace: true,
         min_nodes,
         total_rounds,
         shards: (0..shards).map(|i| Hash::of(&[i as u8])).collect(),
@@ -633,4 +634,152 @@ fn rejected_nodes_get_less_work_then_none_then_probation() {
             .iter()
             .any(|v| v.standing == Standing::Good && v.accepted == rounds)
     );
+}
+
+/// Node `n` delivers `steps` steps of work (one worker) at time `at`.
+fn deliver_at(m: &mut Rounds, plan: &RoundPlan, n: NodeId, at: u64) {
+    m.tick(at);
+    let steps = plan
+        .assignments
+        .iter()
+        .find(|a| a.node == n)
+        .unwrap()
+        .inner_steps;
+    let tokens = u64::from(steps) * 2 * 8;
+    let c = Commit {
+        tokens,
+        shares: shares_for(tokens, 1),
+        ..commit_for(plan, n.0.0[0])
+    };
+    assert_eq!(
+        m.commit(n, &c, Hash::of(&[n.0.0[0], plan.round as u8])),
+        CommitOutcome::Accepted { round: plan.round }
+    );
+    m.update_checked(plan.round, &n, Ok(()));
+}
+
+#[test]
+fn nodes_of_different_speeds_get_work_in_proportion_and_all_count() {
+    // Nodes 1, 2 and 3 take 0.1, 0.2 and 0.4 seconds per step.
+    let mut m = machine(8, Quorum::Fraction(1.0), 3, 5);
+    for i in 1..=3 {
+        m.join(node(i), 1);
+    }
+    let ms_per_step = |n: u8| 100 * (1u64 << (n - 1));
+    let mut now = 0;
+    let mut counted = 0;
+    for round in 0..4u64 {
+        let plan = open_round(&mut m, now);
+        let steps: Vec<u32> = plan.assignments.iter().map(|a| a.inner_steps).collect();
+        if round == 0 {
+            // Nobody's pace is known yet: everyone gets H, and the configured deadline.
+            assert_eq!(steps, [4, 4, 4]);
+            assert_eq!(plan.deadline_ms, now + DEADLINE);
+        } else {
+            // Work proportional to speed, within 2× of H either way.
+            assert_eq!(steps, [8, 4, 2], "round {round}");
+            // Everyone is expected at 0.8 s; the deadline is 1.5 × that + 10 s.
+            assert_eq!(plan.deadline_ms, now + 11_200, "round {round}");
+        }
+        // Each node takes its steps at its own speed; the round closes
+        // when the last commit is in.
+        let mut finish = 0;
+        for a in &plan.assignments {
+            let at = now + u64::from(a.inner_steps) * ms_per_step(a.node.0.0[0]);
+            finish = finish.max(at);
+        }
+        let mut arrivals: Vec<(u64, NodeId)> = plan
+            .assignments
+            .iter()
+            .map(|a| {
+                (
+                    now + u64::from(a.inner_steps) * ms_per_step(a.node.0.0[0]),
+                    a.node,
+                )
+            })
+            .collect();
+        arrivals.sort();
+        for (at, n) in arrivals {
+            deliver_at(&mut m, &plan, n, at);
+        }
+        let close = close_of(m.tick(finish));
+        assert!(close.missing.is_empty() && close.rejected.is_empty());
+        counted += close.candidates.len();
+        if round > 0 {
+            assert_eq!(finish - now, 800, "everyone finished together");
+        }
+        m.round_closed(round, Hash::of(&[round as u8]), Hash::of(&[round as u8, 1]))
+            .unwrap();
+        now = finish + 1;
+    }
+    assert_eq!(counted, 12, "every node counted in every round");
+}
+
+#[test]
+fn a_node_that_misses_gets_less_work_and_cannot_claim_more_than_planned() {
+    let mut m = machine(8, Quorum::Fraction(1.0), 3, 5);
+    for i in 1..=3 {
+        m.join(node(i), 1);
+    }
+    let plan = open_round(&mut m, 0);
+    for i in 1..=3 {
+        deliver_at(&mut m, &plan, node(i), 4_000);
+    }
+    close_of(m.tick(4_000));
+    m.round_closed(0, Hash::of(b"1"), Hash::of(b"m1")).unwrap();
+    let plan = open_round(&mut m, 4_001);
+    assert!(plan.assignments.iter().all(|a| a.inner_steps == 4));
+    // Node 3 misses round 1.
+    deliver_at(&mut m, &plan, node(1), 8_000);
+    deliver_at(&mut m, &plan, node(2), 8_000);
+    let close = close_of(m.tick(plan.deadline_ms));
+    assert_eq!(close.missing, vec![node(3)]);
+    m.round_closed(1, Hash::of(b"2"), Hash::of(b"m2")).unwrap();
+    m.seen(&node(3));
+    let plan = open_round(&mut m, plan.deadline_ms + 1);
+    let steps = |n: u8| {
+        plan.assignments
+            .iter()
+            .find(|a| a.node == node(n))
+            .unwrap()
+            .inner_steps
+    };
+    assert!(steps(3) < steps(1), "{} vs {}", steps(3), steps(1));
+    // Claiming the tokens of a full H is more than its plan allows.
+    let greedy = Commit {
+        tokens: 4 * 2 * 8,
+        shares: shares_for(4 * 2 * 8, 1),
+        ..commit_for(&plan, 3)
+    };
+    assert!(matches!(
+        m.commit(node(3), &greedy, Hash::of(b"greedy")),
+        CommitOutcome::Rejected {
+            reason: RejectReason::Oversized,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_node_that_leaves_before_committing_is_not_missing_and_is_not_waited_for() {
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 3);
+    deliver(&mut m, &plan, node(1));
+    deliver(&mut m, &plan, node(2));
+    // Node 2 committed, then leaves: its update still counts.
+    m.leave(&node(2));
+    assert!(m.tick(10).is_empty(), "node 3 is still expected");
+    // Node 3 leaves before committing: the round closes without it.
+    m.leave(&node(3));
+    let close = close_of(m.tick(20));
+    assert_eq!(
+        close.candidates.iter().map(|c| c.node).collect::<Vec<_>>(),
+        vec![node(1), node(2)]
+    );
+    assert!(close.missing.is_empty(), "{:?}", close.missing);
+    // A commit after leaving is from a node with no work in the round.
+    let late = commit_for(&plan, 3);
+    assert!(matches!(
+        m.commit(node(3), &late, Hash::of(b"after")),
+        CommitOutcome::Rejected { .. }
+    ));
 }

@@ -96,7 +96,7 @@ pub async fn fetch_bytes(url: &str, path: &str) -> Result<Vec<u8>, StatsError> {
 
 /// Reads the contributors from a stopped coordinator's data dir.
 pub fn read_contributors(data_dir: &Path) -> Result<Vec<ContributorRow>, StatsError> {
-    let ledger = Ledger::open_existing(&crate::service::ledger_path(data_dir))?;
+    let ledger = Ledger::open_existing(&crate::ledger::ledger_path(data_dir))?;
     Ok(ledger.contributors()?)
 }
 

@@ -4,8 +4,24 @@
 //! readable as served, and hovering a point shows its value through SVG's
 //! own `<title>` tooltips.
 
-use crate::dashboard::escape;
 use std::fmt::Write;
+
+/// Escapes text for HTML and SVG element content and quoted attribute
+/// values (the dashboard uses it for its pages too).
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
 
 const WIDTH: f64 = 640.0;
 const HEIGHT: f64 = 240.0;

@@ -238,6 +238,10 @@ pub struct UpdateSummary {
     pub hash: Hash,
     pub norm: f64,
     pub sketch: Sketch,
+    /// The inner steps the node was planned for (`crate::pace` varies them):
+    /// the norm check compares `norm / √steps`, since an update of more
+    /// steps moves further.
+    pub steps: u32,
 }
 
 impl UpdateSummary {
@@ -247,7 +251,19 @@ impl UpdateSummary {
             hash: update.hash,
             norm: norm(update.values),
             sketch: Sketch::of(update.values, sketch_seed),
+            steps: 1,
         }
+    }
+
+    /// The same summary for an update of `steps` planned inner steps.
+    pub fn with_steps(mut self, steps: u32) -> UpdateSummary {
+        self.steps = steps.max(1);
+        self
+    }
+
+    /// The norm the round's norm check compares.
+    fn norm_per_step(&self) -> f64 {
+        self.norm / f64::from(self.steps.max(1)).sqrt()
     }
 }
 
@@ -420,13 +436,14 @@ pub fn judge_round(
         .filter(|&i| verdicts[i].is_ok())
         .collect();
     if live.len() >= MIN_UPDATES_FOR_STATISTICS {
-        let mut sorted: Vec<f64> = live.iter().map(|&i| updates[i].norm).collect();
+        let mut sorted: Vec<f64> = live.iter().map(|&i| updates[i].norm_per_step()).collect();
         sorted.sort_by(f64::total_cmp);
         let median = sorted[(sorted.len() - 1) / 2];
         for &i in &live {
-            if updates[i].norm > cfg.max_norm_ratio * median {
+            let scaled = updates[i].norm_per_step();
+            if scaled > cfg.max_norm_ratio * median {
                 verdicts[i] = Err(RejectReason::NormTooLarge);
-            } else if updates[i].norm < cfg.min_norm_ratio * median {
+            } else if scaled < cfg.min_norm_ratio * median {
                 verdicts[i] = Err(RejectReason::NormTooSmall);
             }
         }
@@ -721,6 +738,37 @@ pub(crate) mod tests {
             stats.comparisons
         );
         assert!(stats.comparisons >= 10);
+    }
+
+    #[test]
+    fn the_norm_check_allows_for_a_nodes_planned_steps() {
+        let node = |i: u8| NodeId::from_bytes([i; 32]);
+        // Five honest updates of one step each; node 0's is five times longer.
+        let mut values: Vec<Vec<f32>> = (0..5).map(|i| honest(i, 512)).collect();
+        values[0].iter_mut().for_each(|v| *v *= 5.0);
+        let judge = |steps: u32| {
+            let summaries = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let update = RoundUpdate {
+                        node: node(i as u8),
+                        hash: Hash::of_f32s(v),
+                        values: v,
+                    };
+                    let planned = if i == 0 { steps } else { 1 };
+                    UpdateSummary::of(&update, 7).with_steps(planned)
+                })
+                .collect();
+            judge_round(summaries, &VerifyConfig::default(), &[]).verdicts[0]
+                .0
+                .clone()
+        };
+        // Planned for one step like the others, it is an outlier.
+        assert_eq!(judge(1), Err(RejectReason::NormTooLarge));
+        // Planned for 16 steps (`crate::pace` gives fast nodes more),
+        // 5× the norm is 1.25× per √step: in.
+        assert_eq!(judge(16), Ok(()));
     }
 
     #[test]

@@ -58,11 +58,27 @@ pub struct NodeConfig {
     pub certificate: Option<PathBuf>,
     /// Serve Prometheus metrics at `http://<addr>/metrics`.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Active hours, `"22:00-07:00"` in local time: outside them the node
+    /// stands by (docs/running-a-node.md, "When the node works").
+    pub schedule: Option<crate::activity::Schedule>,
+    /// Most threads training may use (the CPU's matmuls); None: all cores.
+    /// Read by the CLI before anything starts (`RAYON_NUM_THREADS`).
+    pub threads: Option<u32>,
+    /// Pause and resume a running node (the CLI flips it on SIGUSR1 and
+    /// SIGUSR2). Not read from config files.
+    #[serde(skip)]
+    pub pause: Option<crate::activity::PauseSwitch>,
     /// Fault injection for tests of cluster mode: this worker panics in
     /// every round. Not read from config files.
     #[doc(hidden)]
     #[serde(skip)]
     pub fault_crash_worker: Option<usize>,
+    /// Fault injection for tests: every inner step of every worker takes
+    /// this many milliseconds longer (a slow machine, for pacing tests).
+    /// Not read from config files.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub fault_step_delay_ms: Option<u64>,
 }
 
 /// How a red-team node corrupts its pseudo-gradient before encoding it.
@@ -151,7 +167,11 @@ impl Default for NodeConfig {
             workers: None,
             certificate: None,
             metrics_addr: None,
+            schedule: None,
+            threads: None,
+            pause: None,
             fault_crash_worker: None,
+            fault_step_delay_ms: None,
         }
     }
 }

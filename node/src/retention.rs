@@ -23,7 +23,7 @@ const MAX_INDEXED_ROUNDS: usize = 4 * KEEP_ROUNDS as usize;
 const MAX_HASHES_PER_ROUND: usize = 100_000;
 
 /// Which blobs belong to which round.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Retention {
     path: PathBuf,
     rounds: BTreeMap<u64, BTreeSet<Hash>>,

@@ -28,6 +28,9 @@ pub enum StateError {
     },
     #[error("node state {path} is damaged: {reason}")]
     Damaged { path: PathBuf, reason: String },
+    /// The blocking thread that saved the state did not come back.
+    #[error("saving the node state: {0}")]
+    Background(String),
 }
 
 /// The small part of the state, as JSON.
@@ -125,9 +128,28 @@ impl StateDir {
         params: &[f32],
         momentum: &[f32],
     ) -> Result<(), StateError> {
-        write_atomic(&self.path("params.f32"), &f32_bytes(params))?;
-        write_atomic(&self.path("momentum.f32"), &f32_bytes(momentum))?;
+        write_f32s_atomic(&self.path("params.f32"), params)?;
+        write_f32s_atomic(&self.path("momentum.f32"), momentum)?;
         self.save_record(record)
+    }
+
+    /// [`StateDir::save`] on tokio's blocking pool: the vectors travel to
+    /// the blocking thread and come back. θ and momentum are hundreds of
+    /// megabytes on the larger presets and written with fsync; done on an
+    /// async thread, that would stall the node's swarm for seconds.
+    pub async fn save_in_background(
+        &self,
+        record: StateRecord,
+        params: Vec<f32>,
+        momentum: Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>), StateError> {
+        let dir = self.clone();
+        tokio::task::spawn_blocking(move || {
+            dir.save(&record, &params, &momentum)
+                .map(|()| (params, momentum))
+        })
+        .await
+        .map_err(|e| StateError::Background(e.to_string()))?
     }
 
     pub fn save_record(&self, record: &StateRecord) -> Result<(), StateError> {
@@ -146,7 +168,7 @@ impl StateDir {
     }
 
     pub fn save_residual(&self, residual: &[f32]) -> Result<(), StateError> {
-        write_atomic(&self.path("residual.f32"), &f32_bytes(residual))
+        write_f32s_atomic(&self.path("residual.f32"), residual)
     }
 
     pub fn clear_residual(&self) {
@@ -188,6 +210,30 @@ fn read_f32s(path: &Path) -> Result<Vec<f32>, StateError> {
 
 /// Temp file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    write_atomic_with(path, |file| file.write_all(bytes))
+}
+
+/// `values` as little-endian f32s, written atomically a megabyte at a time
+/// (no second copy of a θ-sized vector in memory).
+fn write_f32s_atomic(path: &Path, values: &[f32]) -> Result<(), StateError> {
+    write_atomic_with(path, |file| {
+        let mut buffer = Vec::with_capacity(1 << 20);
+        for chunk in values.chunks(1 << 18) {
+            buffer.clear();
+            for v in chunk {
+                buffer.extend_from_slice(&v.to_le_bytes());
+            }
+            file.write_all(&buffer)?;
+        }
+        Ok(())
+    })
+}
+
+/// Temp file written by `write`, fsync, rename, fsync of the directory.
+fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
+) -> Result<(), StateError> {
     let io = |source| StateError::Io {
         path: path.to_owned(),
         source,
@@ -197,7 +243,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let temp = path.with_extension(format!("tmp.{}", std::process::id()));
     let result = (|| {
         let mut file = fs::File::create(&temp)?;
-        file.write_all(bytes)?;
+        write(&mut file)?;
         file.sync_all()?;
         fs::rename(&temp, path)?;
         if let Ok(d) = fs::File::open(dir) {

@@ -67,6 +67,12 @@ impl OuterOptimizer {
         &self.momentum
     }
 
+    /// The momentum buffer, moved out (to be saved off the async threads;
+    /// [`OuterOptimizer::from_state`] puts it back).
+    pub fn into_momentum(self) -> Vec<f32> {
+        self.momentum
+    }
+
     /// Applies one outer step in place: `params` holds θ_r on entry and
     /// θ_{r+1} on return; `avg_delta` is the round's aggregated
     /// pseudo-gradient.

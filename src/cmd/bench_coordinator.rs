@@ -699,11 +699,22 @@ async fn run_one(args: &Args, n: u32, dir: &Path) -> anyhow::Result<RunFigures> 
                 .collect();
             let run_id = run.run_id.clone();
             let base = plan_body.params_hash;
-            let tokens = report.tokens;
+            // Each node claims the tokens of the steps its plan gave it (the
+            // coordinator paces nodes by their arrival times).
+            let step_tokens = u64::from(run.batch_size) * u64::from(run.seq_len);
+            let steps: std::collections::HashMap<barnraise_protocol::NodeId, u64> = plan_body
+                .assignments
+                .iter()
+                .map(|a| (a.node, u64::from(a.inner_steps)))
+                .collect();
+            let full = report.tokens;
             let losses = report.losses.clone();
             move || -> anyhow::Result<Vec<Signed<Commit>>> {
                 let mut payloads = Vec::new();
                 for (i, (key, blobs)) in nodes.iter().enumerate() {
+                    let tokens = steps
+                        .get(&key.node_id())
+                        .map_or(full, |steps| steps * step_tokens);
                     let noisy = with_noise(&delta, (round << 32) | i as u64);
                     let payload = Encoder::new(codec, noisy.len())?.encode(&noisy)?;
                     let update_bytes = payload.len() as u64;

@@ -99,7 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// The checkpoint of θ_`round` (or the latest) from a coordinator's data dir.
 pub fn checkpoint_in(data_dir: &Path, round: Option<u64>) -> anyhow::Result<Checkpoint> {
-    let ledger = Ledger::open_existing(&barnraise_coordinator::service::ledger_path(data_dir))
+    let ledger = Ledger::open_existing(&barnraise_coordinator::ledger::ledger_path(data_dir))
         .with_context(|| format!("{} is not a coordinator's data dir", data_dir.display()))?;
     let blob = match round {
         None => {

@@ -41,6 +41,19 @@ enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Pause the node running on this data dir: it drops the round it is
+    /// training, tells the coordinator it is leaving, and waits (SIGUSR1).
+    Pause {
+        /// The running node's data dir [default: ~/.barnraise].
+        #[arg(long, env = "BARNRAISE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Resume a paused node: it joins again and takes work (SIGUSR2).
+    Resume {
+        /// The running node's data dir [default: ~/.barnraise].
+        #[arg(long, env = "BARNRAISE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 /// Settings shared by the daemon and its subcommands.
@@ -88,6 +101,13 @@ struct Settings {
     /// Stop after this many rounds.
     #[arg(long, env = "BARNRAISE_MAX_ROUNDS")]
     max_rounds: Option<u64>,
+    /// Active hours in local time, e.g. 22:00-07:00 (past midnight) or
+    /// 09:00-17:00; outside them the node leaves the run and waits.
+    #[arg(long, env = "BARNRAISE_SCHEDULE")]
+    schedule: Option<barnraise_node::activity::Schedule>,
+    /// Most threads training may use [default: all cores].
+    #[arg(long, env = "BARNRAISE_THREADS", value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
     /// The run to join (default: whatever run the coordinator hosts).
     #[arg(long, env = "BARNRAISE_RUN_ID")]
     run_id: Option<String>,
@@ -182,6 +202,12 @@ impl Settings {
         if self.max_rounds.is_some() {
             config.max_rounds = self.max_rounds;
         }
+        if self.schedule.is_some() {
+            config.schedule = self.schedule;
+        }
+        if self.threads.is_some() {
+            config.threads = self.threads;
+        }
         if let Some(v) = self.run_id {
             config.run_id = v;
         }
@@ -225,16 +251,30 @@ fn want_bars() -> bool {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // Before the runtime starts any thread: the thread cap goes through the
+    // environment, which candle's matmuls read.
+    let daemon = match &args.command {
+        None => {
+            let config = args.settings.clone().resolve()?;
+            require_coordinator(&config)?;
+            if let Some(threads) = config.threads {
+                cap_training_threads(threads);
+            }
+            Some(config)
+        }
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     match args.command {
-        None => {
-            let config = args.settings.resolve()?;
-            require_coordinator(&config)?;
-            runtime.block_on(run_daemon(config))
-        }
+        None => match daemon {
+            Some(config) => runtime.block_on(run_daemon(config)),
+            None => anyhow::bail!("no node configuration"),
+        },
+        Some(NodeCommand::Pause { data_dir }) => signal_node(data_dir, Signal::Pause),
+        Some(NodeCommand::Resume { data_dir }) => signal_node(data_dir, Signal::Resume),
         Some(NodeCommand::Doctor { settings, json }) => {
             let config = settings.resolve()?;
             require_coordinator(&config)?;
@@ -244,7 +284,85 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-async fn run_daemon(config: NodeConfig) -> anyhow::Result<()> {
+/// Caps candle's matmul threads (`RAYON_NUM_THREADS`, which `--threads`
+/// overrides).
+#[allow(unsafe_code)]
+fn cap_training_threads(threads: u32) {
+    // SAFETY: called before the async runtime (or any other thread) starts,
+    // so nothing reads the environment concurrently.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+}
+
+/// The file that holds the running daemon's process id.
+fn pid_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("node.pid")
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Signal {
+    Pause,
+    Resume,
+}
+
+/// `barnraise node pause|resume`: signals the daemon whose pid file is in
+/// the data dir, after checking the process is a barnraise node.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn signal_node(data_dir: Option<PathBuf>, signal: Signal) -> anyhow::Result<()> {
+    let data_dir = data_dir.unwrap_or_else(super::default_home);
+    let path = pid_path(&data_dir);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no node is running on {} (no {}); start one with `barnraise node`",
+            data_dir.display(),
+            path.display()
+        )
+    })?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&p| p > 0)
+        .with_context(|| format!("{} does not hold a process id", path.display()))?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let ours = String::from_utf8_lossy(&cmdline).contains("barnraise");
+    if !ours && std::path::Path::new("/proc/self").exists() {
+        anyhow::bail!(
+            "process {pid} from {} is not a running barnraise node (a stale pid file; the node \
+             is not running)",
+            path.display()
+        );
+    }
+    let (number, verb) = match signal {
+        Signal::Pause => (libc::SIGUSR1, "paused"),
+        Signal::Resume => (libc::SIGUSR2, "resumed"),
+    };
+    // SAFETY: kill only sends a signal to the process id read above.
+    if unsafe { libc::kill(pid, number) } != 0 {
+        anyhow::bail!(
+            "could not signal node process {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    eprintln!("node {pid} on {} {verb}", data_dir.display());
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn signal_node(_data_dir: Option<PathBuf>, _signal: Signal) -> anyhow::Result<()> {
+    anyhow::bail!("pause and resume need a Unix signal; stop the node with Ctrl-C instead")
+}
+
+/// Removes the pid file when the daemon stops.
+struct PidFile(PathBuf);
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+async fn run_daemon(mut config: NodeConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -253,6 +371,40 @@ async fn run_daemon(config: NodeConfig) -> anyhow::Result<()> {
             on_signal.cancel();
         }
     });
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let pid = pid_path(&config.data_dir);
+    std::fs::write(&pid, format!("{}\n", std::process::id()))
+        .with_context(|| format!("writing {}", pid.display()))?;
+    let _pid_file = PidFile(pid);
+    let (pause_tx, pause) = barnraise_node::activity::pause_switch();
+    config.pause = Some(pause);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut pause_signal = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
+        let mut resume_signal = signal(SignalKind::user_defined2()).context("SIGUSR2 handler")?;
+        tokio::spawn(async move {
+            loop {
+                let paused = tokio::select! {
+                    Some(()) = pause_signal.recv() => true,
+                    Some(()) = resume_signal.recv() => false,
+                    else => break,
+                };
+                tracing::info!(
+                    "{}",
+                    if paused {
+                        "pausing (SIGUSR1)"
+                    } else {
+                        "resuming (SIGUSR2)"
+                    }
+                );
+                if pause_tx.send(paused).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(256);
     let display = barnraise_node::progress::spawn_display(events_rx, want_bars());
     let summary_path = config.data_dir.join("last-run.json");

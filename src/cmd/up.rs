@@ -115,11 +115,7 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let started = Instant::now();
-    // The default sequence fits whichever preset was picked; an explicit
-    // one too long for the model is the coordinator's clear error.
-    let seq_len = args
-        .seq_len
-        .unwrap_or_else(|| 128.min(model.max_seq_len as u32));
+    let seq_len = seq_len(&args, &model);
 
     let config = CoordinatorConfig {
         run_id: RUN_ID.into(),
@@ -346,6 +342,8 @@ pub struct UpReport {
     pub codec_loss_cost: Option<f64>,
     pub codec_at_parity: Option<bool>,
     pub nodes_in_agreement: usize,
+    /// The nodes' mean utilization (`NodeLine::utilization`).
+    pub mean_utilization: Option<f64>,
     pub node_summaries: Vec<NodeLine>,
     /// Who moved the bytes: the coordinator's egress and ingress by kind,
     /// what nodes served each other, and the accepted updates' total size.
@@ -423,6 +421,14 @@ fn samples(coordinator_dir: &std::path::Path) -> Option<Samples> {
     }
 }
 
+/// The sequence length `up` trains with: the one given, else 128 or the
+/// model's context if shorter. One too long for the model is the
+/// coordinator's clear error.
+fn seq_len(args: &Args, model: &ModelConfig) -> u32 {
+    args.seq_len
+        .unwrap_or_else(|| 128.min(model.max_seq_len as u32))
+}
+
 /// `text` on one line: line breaks and other control characters shown as
 /// escapes.
 fn one_line(text: &str) -> String {
@@ -441,6 +447,11 @@ pub struct NodeLine {
     /// Blob bytes it fetched, and how many of them came from the coordinator.
     pub downloaded_bytes: u64,
     pub from_coordinator_bytes: u64,
+    /// Seconds its workers spent in inner steps.
+    pub compute_seconds: f64,
+    /// `compute_seconds` ÷ the wall clock from its first plan to the last
+    /// manifest it applied: the share of the run it was training.
+    pub utilization: Option<f64>,
 }
 
 impl UpReport {
@@ -459,7 +470,15 @@ impl UpReport {
             .iter()
             .map(|r| r.accepted + r.rejected.len() as u64)
             .sum();
-        let steps = args.inner_steps as u64 * summary.rounds.len() as u64;
+        // Data-parallel at equal tokens: the steps of one replica if the
+        // nodes' tokens had been trained in lock step (pacing gives nodes
+        // unequal steps; without it this is inner_steps × rounds).
+        let tokens: u64 = nodes.iter().map(|(_, s)| s.tokens_trained).sum();
+        let step_tokens = u64::from(args.batch_size) * u64::from(seq_len(args, model));
+        let steps = match tokens / (step_tokens * u64::from(args.nodes.max(1))).max(1) {
+            0 => args.inner_steps as u64 * summary.rounds.len() as u64,
+            steps => steps,
+        };
         let data_parallel_bytes = barnraise_coordinator::summary::data_parallel_bytes(
             params as u64,
             args.nodes as u64,
@@ -486,8 +505,16 @@ impl UpReport {
                 served_to_peers_bytes: s.bytes_served_to_peers,
                 downloaded_bytes: s.bytes_downloaded,
                 from_coordinator_bytes: s.bytes_from_coordinator,
+                compute_seconds: s.compute_ms as f64 / 1e3,
+                utilization: s.utilization(),
             })
             .collect();
+        let utilizations: Vec<f64> = node_summaries
+            .iter()
+            .filter_map(|n| n.utilization)
+            .collect();
+        let mean_utilization = (!utilizations.is_empty())
+            .then(|| utilizations.iter().sum::<f64>() / utilizations.len() as f64);
         let nodes_in_agreement = node_summaries
             .iter()
             .filter(|n| n.final_params_hash.is_some() && n.final_params_hash == final_hash)
@@ -515,6 +542,7 @@ impl UpReport {
             codec_loss_cost: measured_loss_cost(&args.codec),
             codec_at_parity: measured_loss_cost(&args.codec).map(|c| c <= PARITY),
             nodes_in_agreement,
+            mean_utilization,
             node_summaries,
             network,
             rounds: summary.rounds.clone(),
@@ -622,6 +650,20 @@ impl std::fmt::Display for UpReport {
             self.nodes_in_agreement,
             self.node_summaries.len()
         )?;
+        if let Some(mean) = self.mean_utilization {
+            let each: Vec<String> = self
+                .node_summaries
+                .iter()
+                .filter_map(|n| n.utilization.map(|u| format!("{:.0}%", u * 100.0)))
+                .collect();
+            writeln!(
+                f,
+                "utilization: the nodes trained {:.0}% of the time from their first plan to \
+                 their last manifest (each: {})",
+                mean * 100.0,
+                each.join(", ")
+            )?;
+        }
         writeln!(f)?;
         writeln!(
             f,

@@ -257,7 +257,7 @@ impl Node {
                 Some(Applied::Matched(next)) => hash = next,
             }
             head = Some(signed.body_hash());
-            self.keep_receipt(&signed, &manifest);
+            self.keep_receipt(&signed, &manifest).await;
             self.remember_applied(&signed, &manifest);
             self.prune(&manifest, round + 1).await;
             tracing::info!(round, params = %manifest.next_params_hash.short(), "replayed");

@@ -1,0 +1,206 @@
+//! Fetching committed updates: from the store or the node that committed
+//! them, each on its own task, checked (stage 2) on a blocking thread and
+//! kept for the close; and the starting states of workers drawn for a spot
+//! check.
+
+use super::*;
+
+impl Service {
+    pub(super) fn spawn_fetch(&self, round: u64, node: NodeId, commit: Commit) {
+        let client = self.net.clone();
+        let store = self.store.clone();
+        let tx = self.internal_tx.clone();
+        let metrics = self.metrics.clone();
+        let codec = self.resolved.codec.codec_at(round);
+        let params = self.resolved.model.params_count();
+        let deadline_ms = self
+            .rounds
+            .open_deadline_ms()
+            .unwrap_or(0)
+            .max(now_ms() + 1000);
+        // The workers drawn for a spot check: their starting states are
+        // fetched with the update, and replayed when the round closes.
+        let verify = &self.config.verify;
+        let drawn: Vec<(u32, Hash)> = crate::spot::drawn_shares(
+            &self.key,
+            &self.config.run_id,
+            &node,
+            &commit,
+            verify.spot_check_fraction,
+        )
+        .into_iter()
+        .take(verify.spot_check_max)
+        .map(|(_, share)| (share.index, share.state_hash))
+        .collect();
+        let state_bytes = barnraise_trainer::Trainer::optimizer_state_len(params) as u64;
+        tokio::spawn(async move {
+            let mut result = fetch_and_check(
+                &client,
+                &store,
+                &metrics,
+                node,
+                &commit,
+                codec,
+                params,
+                deadline_ms,
+            )
+            .await;
+            for (worker, hash) in drawn {
+                if result.is_err() {
+                    break;
+                }
+                result = fetch_state(&client, &store, node, hash, state_bytes, deadline_ms)
+                    .await
+                    .map_err(|reason| {
+                        tracing::info!(
+                            node = %node.short(),
+                            round,
+                            worker,
+                            "spot check: the worker's state was not served ({})",
+                            reason.code()
+                        );
+                        RejectReason::SpotCheck { worker }
+                    });
+            }
+            if let Err(reason) = &result {
+                tracing::info!(node = %node.short(), round, reason = reason.code(), "update rejected");
+            }
+            let _ = tx
+                .send(Internal::Checked {
+                    round,
+                    node,
+                    result,
+                })
+                .await;
+        });
+    }
+}
+
+/// How many times a node may answer "not found" for its own committed update
+/// before it counts as not serving it (connection failures are retried until
+/// the deadline).
+const DEFINITE_REFUSALS: u32 = 3;
+
+/// A blob the node `node` committed to, from the store or else from the
+/// node itself, until `deadline_ms`. A node that offers other bytes than it
+/// committed to is `HashMismatch`; one that keeps refusing, or runs out the
+/// clock, `NotServed`.
+async fn fetch_from_author(
+    client: &Client,
+    store: &BlobStore,
+    node: NodeId,
+    hash: Hash,
+    bytes: u64,
+    deadline_ms: u64,
+) -> Result<Arc<Vec<u8>>, RejectReason> {
+    let held = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.get(&hash)).await
+    };
+    if let Ok(Ok(Some(held))) = held {
+        return Ok(held);
+    }
+    let peer = node.0.to_peer_id().map_err(|_| RejectReason::UnknownNode)?;
+    let mut attempt = 0u32;
+    loop {
+        let left = deadline_ms.saturating_sub(now_ms());
+        if left == 0 {
+            return Err(RejectReason::NotServed);
+        }
+        let fetched = tokio::time::timeout(
+            Duration::from_millis(left),
+            network::fetch_blob(client, peer, hash, bytes),
+        )
+        .await;
+        match fetched {
+            Ok(Ok(fetched)) => return Ok(Arc::new(fetched)),
+            // It offers other bytes than it committed to.
+            Ok(Err(network::FetchError::WrongSize { .. })) => {
+                return Err(RejectReason::HashMismatch);
+            }
+            // A node stores its blobs before committing; one that keeps
+            // saying it has none will not serve them.
+            Ok(Err(network::FetchError::NotFound | network::FetchError::Refused(_)))
+                if attempt + 1 >= DEFINITE_REFUSALS =>
+            {
+                return Err(RejectReason::NotServed);
+            }
+            Ok(Err(e)) => {
+                attempt += 1;
+                tracing::debug!(node = %node.short(), attempt, "fetching {}: {e}", hash.short());
+                tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(8)))).await;
+            }
+            Err(_) => return Err(RejectReason::NotServed),
+        }
+    }
+}
+
+/// Fetches a drawn worker's starting optimizer state and keeps it for the
+/// replay when the round closes.
+async fn fetch_state(
+    client: &Client,
+    store: &BlobStore,
+    node: NodeId,
+    hash: Hash,
+    bytes: u64,
+    deadline_ms: u64,
+) -> Result<(), RejectReason> {
+    let state = fetch_from_author(client, store, node, hash, bytes, deadline_ms).await?;
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        if Hash::of(&state) != hash {
+            return Err(RejectReason::HashMismatch);
+        }
+        store.put(state).map(|_| ()).map_err(|e| {
+            tracing::error!("storing a worker state: {e}");
+            RejectReason::NotServed
+        })
+    })
+    .await
+    .unwrap_or(Err(RejectReason::NotServed))
+}
+
+/// Fetches a committed update (unless the store already has it), then runs
+/// stage 2 on a blocking thread and keeps the payload if it passes.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_and_check(
+    client: &Client,
+    store: &BlobStore,
+    metrics: &Arc<Metrics>,
+    node: NodeId,
+    commit: &Commit,
+    codec: barnraise_protocol::codec::CodecConfig,
+    params: usize,
+    deadline_ms: u64,
+) -> Result<(), RejectReason> {
+    // The exact size is known from the codec: refuse anything else before fetching a byte.
+    if commit.update_bytes != codec.encoded_len(params) as u64 {
+        return Err(RejectReason::WrongLength);
+    }
+    let payload = fetch_from_author(
+        client,
+        store,
+        node,
+        commit.update_hash,
+        commit.update_bytes,
+        deadline_ms,
+    )
+    .await?;
+    // Stage 2, then the payload is kept: both on a blocking thread.
+    let commit = commit.clone();
+    let metrics = metrics.clone();
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        metrics.stages.time(Stage::Fetch, || {
+            verify::check_payload(&payload, &commit, codec, params)
+        })?;
+        let stored = metrics.stages.time(Stage::Fetch, || store.put(payload));
+        if let Err(e) = stored {
+            tracing::error!("storing an update: {e}");
+            return Err(RejectReason::NotServed);
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or(Err(RejectReason::undecodable("the check crashed")))
+}

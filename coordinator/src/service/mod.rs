@@ -1,0 +1,402 @@
+//! The coordinator service: the I/O around the round state machine.
+//!
+//! [`start`] loads (or resumes) the run from the data dir, starts the libp2p
+//! peer and the HTTP server, and runs one actor loop that alone owns the
+//! [`Rounds`] machine. The loop takes node requests from the network, ticks
+//! the machine, and carries out its actions: plans are signed, stored and
+//! gossiped; committed updates are fetched and checked on their own tasks;
+//! rounds are closed on a blocking thread (verification, aggregation, the
+//! outer step, signing and the ledger transaction) and the result fed back.
+//!
+//! Resuming: the ledger holds every plan, the commits of the open round and
+//! every closed round with the blobs of θ after it, so a coordinator killed
+//! at any point restarts on the same data dir where it stopped.
+
+use crate::admission;
+use crate::close::{self, CloseContext, Closed};
+use crate::config::{ConfigError, CoordinatorConfig, Resolved};
+use crate::dataset::{self, Dataset, DatasetError};
+use crate::http::{self, HttpState};
+use crate::ledger::{
+    CheckpointRow, Ledger, LedgerError, NodeRow, RefusalRow, RoundRecord, RoundRow,
+};
+use crate::metrics::{Metrics, Stage};
+use crate::network::{self, Client, CoordinatorTraffic, NetworkError};
+use crate::params::{GlobalState, StateError};
+use crate::rounds::{self, Action, CloseRound, CommitOutcome, Rounds, RoundsConfig, Start};
+use crate::store::{BlobStore, StoreError};
+use crate::summary::{CoordinatorEvent, LiveStatus, NetworkTotals, RunSummary};
+use crate::verify;
+use barnraise_protocol::credit::Unverified;
+use barnraise_protocol::messages::{
+    CheckpointRef, Commit, CoordinatorRequest, CoordinatorResponse, Manifest, RejectReason,
+    RoundPlan, RunConfig, Welcome,
+};
+use barnraise_protocol::outer::OuterConfig;
+use barnraise_protocol::{Hash, NodeId, OrgId, PublicKey, Signed, SigningKey, messages::now_ms};
+use libp2p::{Multiaddr, PeerId};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+mod closing;
+mod fetch;
+mod requests;
+mod startup;
+
+pub use startup::start;
+
+/// Why the coordinator could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("coordinator key: {0}")]
+    Identity(#[from] barnraise_protocol::identity::IdentityError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("network: {0}")]
+    Network(#[from] NetworkError),
+    #[error("global state: {0}")]
+    State(#[from] StateError),
+    #[error("closing a round: {0}")]
+    Close(#[from] close::CloseError),
+    #[error("data dir {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot sign: {0}")]
+    Sign(#[from] barnraise_protocol::wire::WireError),
+    #[error("the ledger and the blob store disagree: {0}; restore the data dir from one backup")]
+    Inconsistent(String),
+    #[error("listen address `{addr}` is not a multiaddr: {reason}")]
+    BadMultiaddr { addr: String, reason: String },
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// A running coordinator.
+pub struct CoordinatorHandle {
+    multiaddrs: Vec<Multiaddr>,
+    http_addr: SocketAddr,
+    events: broadcast::Sender<CoordinatorEvent>,
+    task: JoinHandle<Result<RunSummary, CoordinatorError>>,
+    ledger_path: PathBuf,
+    public_key: PublicKey,
+}
+
+impl CoordinatorHandle {
+    /// The first listen address, with `/p2p/<peer id>`: what nodes dial.
+    pub fn multiaddr(&self) -> Multiaddr {
+        self.multiaddrs
+            .first()
+            .cloned()
+            .unwrap_or_else(Multiaddr::empty)
+    }
+
+    pub fn multiaddrs(&self) -> &[Multiaddr] {
+        &self.multiaddrs
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The coordinator's signing key: nodes check plans and manifests against it.
+    pub fn public_key(&self) -> PublicKey {
+        self.public_key
+    }
+
+    /// Live events from now on.
+    pub fn events(&self) -> broadcast::Receiver<CoordinatorEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn ledger_path(&self) -> &std::path::Path {
+        &self.ledger_path
+    }
+
+    /// Waits until the run has finished (and lingered) or shutdown was asked for.
+    pub async fn wait(self) -> Result<RunSummary, CoordinatorError> {
+        self.task
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("coordinator task: {e}")))?
+    }
+}
+
+/// Results that come back to the actor loop from its tasks.
+enum Internal {
+    Checked {
+        round: u64,
+        node: NodeId,
+        result: Result<(), RejectReason>,
+    },
+    Closed(Box<Result<CloseDone, CoordinatorError>>),
+}
+
+struct CloseDone {
+    round: u64,
+    state: GlobalState,
+    manifest: Signed<Manifest>,
+    closed: Closed,
+    checkpoint: Option<CheckpointRef>,
+    /// The blobs of θ_{round+1} and its momentum (written every round).
+    state_ref: CheckpointRef,
+    /// Time the close spent writing the ledger, and writing θ and signing.
+    ledger_time: Duration,
+    publish_time: Duration,
+}
+
+struct Service {
+    config: CoordinatorConfig,
+    resolved: Resolved,
+    key: SigningKey,
+    run_config: RunConfig,
+    rounds: Rounds,
+    ledger: Arc<Mutex<Ledger>>,
+    store: BlobStore,
+    dataset: Arc<Dataset>,
+    heldout: Option<Arc<Vec<u16>>>,
+    /// θ_round; `None` while a close is computing θ_{round+1} from it.
+    state: Option<GlobalState>,
+    checkpoint: CheckpointRef,
+    /// The blobs of θ_round as written for restarts.
+    state_ref: CheckpointRef,
+    open_plan: Option<Signed<RoundPlan>>,
+    net: Client,
+    events: broadcast::Sender<CoordinatorEvent>,
+    metrics: Arc<Metrics>,
+    traffic: CoordinatorTraffic,
+    /// Per-peer limits on joins and commits (`crate::ratelimit`).
+    join_limiter: crate::ratelimit::PeerLimiter,
+    commit_limiter: crate::ratelimit::PeerLimiter,
+    /// Sketches of the updates accepted in the last `REPLAY_WINDOW` rounds
+    /// (rebuilt from nothing on a restart: a replay of a round before the
+    /// restart is left to the other checks).
+    recent: Arc<Vec<verify::RecentUpdate>>,
+    /// Every node's credit since its last passed spot check (the manifests
+    /// folded), what a failed check voids.
+    unverified: Arc<Unverified>,
+    live: Arc<RwLock<LiveStatus>>,
+    internal_tx: mpsc::Sender<Internal>,
+    finished_at: Option<tokio::time::Instant>,
+    /// Which refusals reach the ledger (deduplicated, capped per round).
+    refusals: crate::refusals::RefusalLog,
+    /// The coordinator and recently active nodes, for welcomes and plans.
+    bootstrap: crate::bootstrap::BootstrapBook,
+}
+
+impl Service {
+    async fn run(
+        mut self,
+        mut net_events: mpsc::Receiver<network::Event>,
+        mut internal: mpsc::Receiver<Internal>,
+        pending: Vec<Signed<Commit>>,
+        shutdown: CancellationToken,
+        children: CancellationToken,
+    ) -> Result<RunSummary, CoordinatorError> {
+        self.publish_reputation();
+        for signed in pending {
+            self.on_commit(signed, None).await;
+        }
+        if self.rounds.is_finished() {
+            self.finished_at = Some(tokio::time::Instant::now());
+        }
+        let mut ticker = tokio::time::interval(Duration::from_millis(100));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let linger = Duration::from_secs_f64(self.config.linger_secs.max(0.0));
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                Some(message) = internal.recv() => {
+                    if let Err(e) = self.on_internal(message).await {
+                        break Err(e);
+                    }
+                }
+                event = net_events.recv() => match event {
+                    Some(network::Event::Request { peer, observed_ip, request, channel }) => {
+                        let response = self.on_request(peer, observed_ip, request).await;
+                        let _ = self.net.respond(channel, response).await;
+                    }
+                    None => break Err(CoordinatorError::Network(NetworkError::Stopped)),
+                },
+                _ = ticker.tick() => {
+                    if self.finished_at.is_some_and(|at| at.elapsed() >= linger) {
+                        break Ok(());
+                    }
+                    if let Err(e) = self.on_tick().await {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        children.cancel();
+        let ledger = self.ledger.clone();
+        let summary = tokio::task::spawn_blocking(move || match ledger.lock() {
+            Ok(l) => RunSummary::from_ledger(&l).map_err(CoordinatorError::from),
+            Err(_) => Err(CoordinatorError::Internal("ledger lock poisoned".into())),
+        })
+        .await
+        .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+        result?;
+        summary.map(|mut summary| {
+            let update_bytes = summary.network.update_bytes;
+            summary.network = NetworkTotals {
+                update_bytes,
+                ..self.traffic.totals()
+            };
+            summary
+        })
+    }
+
+    /// Runs `f` on the ledger on tokio's blocking pool. SQLite commits with
+    /// `synchronous = FULL` fsync; on the actor's async thread they would
+    /// hold up the swarm's event loop too (docs/architecture.md, "Nothing
+    /// blocks the runtime"). The actor still waits for the answer, so ledger
+    /// writes keep their order.
+    async fn ledger<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Ledger) -> Result<T, LedgerError> + Send + 'static,
+    ) -> Result<T, CoordinatorError> {
+        let ledger = self.ledger.clone();
+        let metrics = self.metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let ledger = ledger
+                .lock()
+                .map_err(|_| CoordinatorError::Internal("ledger lock poisoned".into()))?;
+            let out = f(&ledger);
+            metrics.stages.add(Stage::Ledger, started.elapsed());
+            Ok(out?)
+        })
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("ledger task: {e}")))?
+    }
+
+    /// Records a refusal of an authenticated sender in the ledger, once per
+    /// sender and reason a round and within the per-round cap
+    /// (`crate::refusals`); anything else is only counted in `/metrics`.
+    /// `sender` is `None` when the sender could not be authenticated.
+    async fn refuse(
+        &mut self,
+        round: Option<u64>,
+        sender: Option<&PublicKey>,
+        reason: &'static str,
+        detail: String,
+    ) {
+        let claimed = match sender {
+            Some(key)
+                if self
+                    .refusals
+                    .should_record(self.rounds.current_round(), key, reason) =>
+            {
+                Some(key)
+            }
+            _ => {
+                self.metrics
+                    .refusals_unrecorded
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(reason, "refusal counted, not recorded: {detail}");
+                return;
+            }
+        };
+        let row = RefusalRow {
+            at_ms: now_ms(),
+            round,
+            claimed_node: claimed.map(|k| k.to_hex()),
+            reason: reason.to_string(),
+            detail,
+        };
+        if let Err(e) = self.ledger(move |l| l.record_refusal(&row)).await {
+            tracing::warn!("could not record a refusal: {e}");
+        }
+    }
+
+    /// Publishes every node's reputation to the API.
+    fn publish_reputation(&self) {
+        let views = self.rounds.reputations();
+        if let Ok(mut live) = self.live.write() {
+            live.reputation = views;
+        }
+    }
+
+    fn update_live(&self) {
+        let phase = if self.rounds.is_finished() {
+            "finished"
+        } else if self.rounds.open_plan().is_some() {
+            "open"
+        } else if self.state.is_none() {
+            "closing"
+        } else {
+            "waiting"
+        };
+        let active = self.rounds.active_nodes().len();
+        self.metrics
+            .current_round
+            .store(self.rounds.current_round(), Ordering::Relaxed);
+        self.metrics
+            .active_nodes
+            .store(active as u64, Ordering::Relaxed);
+        if let Ok(mut live) = self.live.write() {
+            live.current_round = self.rounds.current_round();
+            live.phase = phase.into();
+            live.active_nodes = active;
+            live.params_hash = self.rounds.params_hash().to_hex();
+            live.head_manifest = self.rounds.head_manifest().to_hex();
+        }
+    }
+
+    async fn on_tick(&mut self) -> Result<(), CoordinatorError> {
+        for action in self.rounds.tick(now_ms()) {
+            match action {
+                Action::PublishPlan(plan) => self.publish_plan(plan).await?,
+                Action::CloseRound(close) => self.begin_close(close)?,
+                Action::RunFinished => {}
+            }
+        }
+        self.update_live();
+        Ok(())
+    }
+
+    async fn publish_plan(&mut self, mut plan: RoundPlan) -> Result<(), CoordinatorError> {
+        plan.bootstrap = self.bootstrap.peers(None);
+        let signed = Signed::sign(&self.key, &plan)?;
+        let bytes = signed.to_bytes()?;
+        let round = plan.round;
+        let (stored, opened_at_ms) = (bytes.clone(), plan.opened_at_ms);
+        self.ledger(move |l| l.record_plan(round, &stored, opened_at_ms))
+            .await?;
+        self.open_plan = Some(signed);
+        let _ = self
+            .net
+            .publish(network::topic(&self.config.run_id, "plans"), bytes)
+            .await;
+        tracing::info!(round, nodes = plan.assignments.len(), "round opened");
+        let _ = self.events.send(CoordinatorEvent::RoundOpened {
+            round,
+            nodes: plan.assignments.len(),
+        });
+        Ok(())
+    }
+}
+
+/// Read-only ledger connections the HTTP API reads through.
+const HTTP_READERS: usize = 4;
+
+/// Peers whose request budgets are remembered at once.
+pub const RATE_LIMITED_PEERS: usize = 100_000;
+
+/// Rounds whose accepted updates a new update is checked against for replay.
+pub const REPLAY_WINDOW: u64 = 8;

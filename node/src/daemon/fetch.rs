@@ -1,0 +1,118 @@
+//! Getting blobs (shards, updates, checkpoints): peers first, the
+//! coordinator as the provider of last resort, every blob checked by its
+//! hash; and meeting the peers a welcome or plan names.
+
+use super::*;
+
+impl Node {
+    /// Providers of a blob other than the coordinator: the peer that made it
+    /// (for updates) and whoever announced it on the DHT.
+    pub(super) async fn peer_providers(&self, hash: &Hash, author: Option<PeerId>) -> Vec<PeerId> {
+        let mut peers: Vec<PeerId> = author.into_iter().collect();
+        let lookup =
+            tokio::time::timeout(Duration::from_secs(5), self.client.get_providers(*hash)).await;
+        if let Ok(Ok(found)) = lookup {
+            peers.extend(found);
+        }
+        let me = self.client.local_peer_id();
+        peers.retain(|p| Some(*p) != self.coordinator && *p != me);
+        peers.sort();
+        peers.dedup();
+        peers
+    }
+
+    /// Fetches blob `hash` into the store unless it is there, then announces
+    /// it on the DHT: every node provides every blob it holds. Peers are
+    /// asked first (`author`, then the DHT's providers); the coordinator is
+    /// the provider of last resort, asked only when no peer has the blob or
+    /// the peers failed, and only for the chunks still missing.
+    pub(super) async fn fetch(
+        &mut self,
+        hash: &Hash,
+        size: Option<u64>,
+        author: Option<PeerId>,
+        what: &str,
+    ) -> Result<(), NodeError> {
+        if self.store.contains(hash) {
+            return Ok(());
+        }
+        self.emit(NodeEvent::Downloading {
+            what: what.to_string(),
+            done: 0,
+            total: size.unwrap_or(0),
+        });
+        let fetcher = match &self.events {
+            Some(events) => {
+                let events = events.clone();
+                let what = what.to_string();
+                self.fetcher
+                    .clone()
+                    .with_progress(Arc::new(move |done, total| {
+                        let _ = events.try_send(NodeEvent::Downloading {
+                            what: what.clone(),
+                            done,
+                            total,
+                        });
+                    }))
+            }
+            None => self.fetcher.clone(),
+        };
+        let peers = self.peer_providers(hash, author).await;
+        let coordinator: Vec<PeerId> = self.coordinator.into_iter().collect();
+        let report = if peers.is_empty() {
+            fetcher
+                .fetch(*hash, size, &coordinator, &self.shutdown)
+                .await?
+        } else {
+            match fetcher.fetch(*hash, size, &peers, &self.shutdown).await {
+                Ok(report) => report,
+                Err(e @ (FetchError::Cancelled | FetchError::Store { .. })) => return Err(e.into()),
+                Err(e) if coordinator.is_empty() => return Err(e.into()),
+                Err(e) => {
+                    tracing::info!(blob = %hash.short(), "peers could not serve {what} ({e}); asking the coordinator");
+                    fetcher
+                        .fetch(*hash, size, &coordinator, &self.shutdown)
+                        .await?
+                }
+            }
+        };
+        self.summary.bytes_downloaded += report.bytes_fetched;
+        NodeMetrics::add(&self.metrics.blob_bytes_fetched, report.bytes_fetched);
+        if let Some(coordinator) = self.coordinator {
+            let from_coordinator = report.bytes_from(&coordinator);
+            self.summary.bytes_from_coordinator += from_coordinator;
+            NodeMetrics::add(
+                &self.metrics.blob_bytes_fetched_from_coordinator,
+                from_coordinator,
+            );
+        }
+        for (peer, reason) in &report.bad_providers {
+            self.warn(format!(
+                "peer {peer} served bad data for {what} {}: {reason}",
+                hash.short()
+            ));
+        }
+        let _ = self.client.start_providing(*hash).await;
+        Ok(())
+    }
+
+    /// Puts a welcome's or plan's bootstrap peers in the swarm and the DHT,
+    /// so blobs are found on other nodes, not only on the coordinator.
+    pub(super) async fn meet(
+        &mut self,
+        peers: &[barnraise_protocol::messages::BootstrapPeer],
+    ) -> Result<(), NodeError> {
+        // The coordinator is reached the way we dialled it; its other
+        // listen addresses may be on networks we cannot route to.
+        let coordinator = self.coordinator_peer.get().map(|p| p.to_string());
+        let others: Vec<_> = peers
+            .iter()
+            .filter(|p| Some(&p.peer) != coordinator.as_ref())
+            .cloned()
+            .collect();
+        let added = self.client.add_bootstrap(&others).await?;
+        self.summary.bootstrap_addrs = self.summary.bootstrap_addrs.max(added);
+        tracing::debug!(peers = peers.len(), addrs = added, "bootstrap peers added");
+        Ok(())
+    }
+}

@@ -1,0 +1,337 @@
+//! Training our share of a round: the assigned shards are fetched and
+//! decoded, the workers run their inner steps from θ_r, and their updates
+//! are reduced to the node's one update (cluster mode averages them by
+//! tokens). `commit.rs` encodes, stores and commits it.
+
+use super::{INIT_SEED, Node, NodeError, NodeEvent, Synced, off_runtime};
+use crate::cluster::{ClusterUpdate, WorkerFailure, WorkerUpdate};
+use crate::metrics::NodeMetrics;
+use crate::transfer::FetchError;
+use barnraise_protocol::Hash;
+use barnraise_protocol::messages::{Assignment, RoundPlan};
+use barnraise_trainer::Trainer;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// How one phase of our work in a round ended, when nothing failed outright.
+pub(super) enum Phase<T> {
+    Done(T),
+    /// We sit this round out (the reason is logged); the manifest still
+    /// brings θ along.
+    SatOut,
+    /// The node is stopping.
+    Stopped,
+}
+
+/// The node's update for a round, before encoding.
+pub(super) struct Trained {
+    pub update: ClusterUpdate,
+    pub compute_ms: u64,
+}
+
+impl Node {
+    /// The worker trainers, one per device, building the missing ones.
+    pub(super) async fn trainers(
+        &self,
+        state: &mut Synced,
+    ) -> Result<Vec<Option<Trainer>>, NodeError> {
+        let mut slots = std::mem::take(&mut state.trainers);
+        slots.resize_with(self.devices.len(), || None);
+        for (slot, spec) in slots.iter_mut().zip(&self.devices) {
+            if slot.is_some() {
+                continue;
+            }
+            let device = barnraise_trainer::device::select(*spec)
+                .map_err(|e| NodeError::Device(e.to_string()))?;
+            let model = state.model.clone();
+            let precision = self.config.precision;
+            let trainer = off_runtime(move || {
+                let mut trainer = Trainer::new(&model, device, INIT_SEED)?;
+                let dtype = trainer.set_precision(precision)?;
+                tracing::info!(
+                    precision = barnraise_trainer::precision::dtype_name(dtype),
+                    "worker ready"
+                );
+                Ok::<_, barnraise_trainer::TrainError>(trainer)
+            })
+            .await?
+            .map_err(|e| NodeError::Training(e.to_string()))?;
+            *slot = Some(trainer);
+        }
+        Ok(slots)
+    }
+
+    /// Keeps this round's workers' states for spot checks and deletes
+    /// those of rounds before the last one: by then the coordinator has
+    /// closed them.
+    pub(super) fn forget_old_states(&mut self, round: u64, states: Vec<Hash>) {
+        self.spot_states.push_back((round, states));
+        while let Some((old, _)) = self.spot_states.front()
+            && old.saturating_add(1) < round
+        {
+            if let Some((_, hashes)) = self.spot_states.pop_front() {
+                for hash in hashes {
+                    if let Err(e) = self.store.remove(&hash) {
+                        tracing::debug!("could not delete spot-check state {}: {e}", hash.short());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Our work in round `plan.round`: train, then encode and commit
+    /// (`commit.rs`). `None` means we were stopped.
+    pub(super) async fn train_and_commit(
+        &mut self,
+        state: &mut Synced,
+        plan: &RoundPlan,
+        assignment: &Assignment,
+    ) -> Result<Option<()>, NodeError> {
+        let trained = match self.train(state, plan.round, assignment).await? {
+            Phase::Done(trained) => trained,
+            Phase::SatOut => return Ok(Some(())),
+            Phase::Stopped => return Ok(None),
+        };
+        self.commit_update(state, plan, trained).await
+    }
+
+    /// Fetches the assigned shards, runs the planned workers' inner steps
+    /// and reduces their updates to one.
+    async fn train(
+        &mut self,
+        state: &mut Synced,
+        round: u64,
+        assignment: &Assignment,
+    ) -> Result<Phase<Trained>, NodeError> {
+        if let Some(reason) = self.standby_reason() {
+            // Paused, or our hours are ending: say so before the round counts on us.
+            self.warn(format!("leaving round {round}'s work: {reason}"));
+            self.leave().await;
+            return Ok(Phase::SatOut);
+        }
+        // The plan says how many of our workers it gave work to (fewer than
+        // we declared on probation, or when shards run short); the others sit
+        // the round out, since their tokens could not be claimed.
+        let active = self.devices.len().min(assignment.workers.max(1) as usize);
+        if active < self.devices.len() {
+            tracing::info!(
+                round,
+                planned = active,
+                declared = self.devices.len(),
+                "the plan gives work to fewer workers than this node declared"
+            );
+        }
+        let shards = match assignment.shard_hashes(&state.run.dataset) {
+            Ok(shards) => shards,
+            Err(index) => {
+                // The coordinator signed a plan our run config cannot read.
+                self.warn(format!(
+                    "skipping round {round}'s work: the plan names shard {index}, and the run's \
+                     dataset has {} shards",
+                    state.run.dataset.len()
+                ));
+                return Ok(Phase::SatOut);
+            }
+        };
+        let worker_plans = crate::cluster::split_assignment(&shards, assignment.seed, active);
+        let shard_tokens = match self.load_shards(state, round, &shards, assignment).await? {
+            Phase::Done(tokens) => tokens,
+            Phase::SatOut => return Ok(Phase::SatOut),
+            Phase::Stopped => return Ok(Phase::Stopped),
+        };
+        let worker_tokens: Vec<Vec<u16>> = worker_plans
+            .iter()
+            .map(|p| {
+                p.shards
+                    .iter()
+                    .filter_map(|h| shard_tokens.get(h))
+                    .flat_map(|t| t.iter().copied())
+                    .collect()
+            })
+            .collect();
+        drop(shard_tokens);
+        let worker_seeds: Vec<u64> = worker_plans.iter().map(|p| p.seed).collect();
+        let mut inner = barnraise_trainer::train::inner_for_round(
+            &state.run,
+            round,
+            assignment.inner_steps,
+            assignment.seed,
+        );
+        if let Some(micro) = self.config.micro_batch {
+            inner = inner.with_micro_batches(micro as usize);
+        }
+        self.emit(NodeEvent::TrainingStarted {
+            round,
+            steps: assignment.inner_steps,
+        });
+        let mut slots = self.trainers(state).await?;
+        let theta = state.theta.clone();
+        let params = theta.len();
+        let crash_worker = self.config.fault_crash_worker;
+        let inflate = self.config.misbehave == Some(crate::config::Misbehaviour::Inflate);
+        // Live progress from worker 0 (the others run in step with it), and
+        // a prompt stop when the node shuts down mid-loop.
+        let events = self.events.clone();
+        let shutdown = self.shutdown.clone();
+        let pause = self.config.pause.clone();
+        let step_delay = self
+            .config
+            .fault_step_delay_ms
+            .map(std::time::Duration::from_millis);
+        let progress = move |worker: usize, step: usize, loss: f32| {
+            if let Some(delay) = step_delay {
+                std::thread::sleep(delay);
+            }
+            if worker == 0
+                && let Some(events) = &events
+            {
+                let _ = events.try_send(NodeEvent::TrainingProgress {
+                    round,
+                    step: step as u32,
+                    loss,
+                });
+            }
+            !shutdown.is_cancelled() && !pause.as_ref().is_some_and(|p| p.is_paused())
+        };
+        let started = Instant::now();
+        let trained = off_runtime(move || {
+            let mut results = crate::cluster::train_workers(
+                &mut slots[..active],
+                &theta,
+                &worker_tokens,
+                &worker_seeds,
+                &inner,
+                crash_worker,
+                &progress,
+            );
+            drop(theta);
+            if inflate {
+                claim_worker_zero_for_all(&mut results, round);
+            }
+            let tokens: Vec<(usize, u64)> = results
+                .iter()
+                .filter_map(|r| r.as_ref().ok())
+                .map(|u| (u.index, u.tokens))
+                .collect();
+            (slots, tokens, crate::cluster::reduce(results, params))
+        });
+        let (slots, tokens, reduced) = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => return Ok(Phase::Stopped),
+            joined = trained => joined?,
+        };
+        state.trainers = slots;
+        if self.config.pause.as_ref().is_some_and(|p| p.is_paused()) {
+            // Paused mid-round: the workers stopped; this round's work is dropped.
+            self.warn(format!("paused during round {round}: its work is dropped"));
+            self.leave().await;
+            return Ok(Phase::SatOut);
+        }
+        let compute_ms = started.elapsed().as_millis() as u64;
+        NodeMetrics::add(&self.metrics.compute_ms, compute_ms);
+        self.summary.compute_ms += compute_ms;
+        for (worker, tokens) in tokens {
+            self.metrics.add_worker_tokens(worker, tokens);
+        }
+        let update = match reduced {
+            Ok(update) => update,
+            Err(e) => {
+                // A diverged or failed inner loop costs us this round, not the node.
+                NodeMetrics::add(&self.metrics.worker_failures, self.devices.len() as u64);
+                self.warn(format!("skipping round {round}'s commit: {e}"));
+                return Ok(Phase::SatOut);
+            }
+        };
+        for failure in &update.failures {
+            self.worker_failed(round, failure, update.workers);
+        }
+        Ok(Phase::Done(Trained { update, compute_ms }))
+    }
+
+    /// The assigned shards' tokens, by shard hash: each verified by hash on
+    /// arrival, cached in the store, and fetched and decoded once whichever
+    /// workers use it.
+    async fn load_shards(
+        &mut self,
+        state: &Synced,
+        round: u64,
+        shards: &[Hash],
+        assignment: &Assignment,
+    ) -> Result<Phase<HashMap<Hash, Vec<u16>>>, NodeError> {
+        let mut tokens = HashMap::new();
+        for (shard, &index) in shards.iter().zip(&assignment.shards) {
+            if tokens.contains_key(shard) {
+                continue;
+            }
+            let size = state.run.dataset.get(index as usize).map(|s| s.bytes);
+            match self.fetch(shard, size, None, "shard").await {
+                Ok(()) => {}
+                Err(NodeError::Fetch(FetchError::Cancelled)) => return Ok(Phase::Stopped),
+                Err(NodeError::Fetch(e)) => {
+                    self.warn(format!(
+                        "skipping round {round}'s work: could not fetch shard {}: {e}",
+                        shard.short()
+                    ));
+                    return Ok(Phase::SatOut);
+                }
+                Err(e) => return Err(e),
+            }
+            let store = self.store.clone();
+            let hash = *shard;
+            let decoded = off_runtime(move || {
+                let bytes = store.read(&hash)?;
+                barnraise_trainer::data::Shard::decode(
+                    &bytes,
+                    &Path::new("shard").join(hash.to_hex()),
+                )
+                .map_err(|e| NodeError::RunConfig(e.to_string()))
+            })
+            .await??;
+            tokens.insert(*shard, decoded.tokens);
+        }
+        Ok(Phase::Done(tokens))
+    }
+
+    /// Says that a worker failed and was left out of the round's update.
+    fn worker_failed(&self, round: u64, failure: &WorkerFailure, included: u32) {
+        NodeMetrics::add(&self.metrics.worker_failures, 1);
+        self.warn(format!(
+            "round {round}: worker {} failed and is left out of the update ({included} of {} \
+             workers in it): {}",
+            failure.index,
+            self.devices.len(),
+            failure.error
+        ));
+        self.emit(NodeEvent::WorkerFailed {
+            round,
+            worker: failure.index,
+            error: failure.error.clone(),
+        });
+    }
+}
+
+/// Red-team mode `inflate` (docs/security.md): every worker claims worker
+/// 0's work, plus 10% noise. A plain copy is refused as `bad-shares` at
+/// once; this one takes a spot check to catch.
+fn claim_worker_zero_for_all(results: &mut [Result<WorkerUpdate, WorkerFailure>], round: u64) {
+    let Some(Ok(first)) = results.first().cloned() else {
+        return;
+    };
+    tracing::warn!(
+        round,
+        "red-team mode: claiming worker 0's work for every worker"
+    );
+    for update in results.iter_mut().skip(1).flatten() {
+        let seed = round ^ ((update.index as u64) << 32);
+        let noise = crate::redteam::noise_like(&first.delta, seed);
+        update.delta = first
+            .delta
+            .iter()
+            .zip(&noise)
+            .map(|(d, n)| d + 0.1 * n)
+            .collect();
+        update.losses = first.losses.clone();
+        update.tokens = first.tokens;
+    }
+}
