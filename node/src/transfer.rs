@@ -54,6 +54,11 @@ pub const MAX_IN_FLIGHT_PER_PROVIDER: usize = 4;
 pub const MAX_PROVIDER_FAILURES: u32 = 4;
 /// How long to wait for a `Have` answer.
 const HAVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Once a provider has confirmed a blob of the expected size, how much
+/// longer the others' answers are waited for: a frozen peer (a laptop gone
+/// to sleep, a stopped process) must not hold every download for
+/// [`HAVE_TIMEOUT`].
+pub const HAVE_GRACE: Duration = Duration::from_millis(500);
 /// How long to wait for one chunk.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
 /// The least time a chunk is outstanding before it is also asked of
@@ -395,11 +400,19 @@ impl Fetcher {
             })
             .collect();
         let mut claims: Vec<(PeerId, u64)> = Vec::new();
+        let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
+            let graced = async {
+                match grace.as_mut() {
+                    Some(sleep) => sleep.await,
+                    None => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(FetchError::Cancelled),
                 next = asks.next() => next,
+                _ = graced => break,
             };
             let Some((peer, answer)) = next else { break };
             match answer {
@@ -408,6 +421,14 @@ impl Fetcher {
                 Ok(Ok(other)) => tracing::debug!(%peer, "odd answer to Have: {other:?}"),
                 Ok(Err(e)) => tracing::debug!(%peer, "asking for blob {}: {e}", hash.short()),
                 Err(_) => tracing::debug!(%peer, "no answer about blob {} in time", hash.short()),
+            }
+            // With the size known, one confirmation is enough to start; the
+            // slower answers get a short grace, not the full timeout.
+            if grace.is_none()
+                && let Some(size) = expected
+                && claims.iter().any(|(_, claimed)| *claimed == size)
+            {
+                grace = Some(Box::pin(tokio::time::sleep(HAVE_GRACE)));
             }
         }
         if claims.is_empty() {

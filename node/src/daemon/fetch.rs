@@ -9,8 +9,14 @@ impl Node {
     /// (for updates) and whoever announced it on the DHT.
     pub(super) async fn peer_providers(&self, hash: &Hash, author: Option<PeerId>) -> Vec<PeerId> {
         let mut peers: Vec<PeerId> = author.into_iter().collect();
-        let lookup =
-            tokio::time::timeout(Duration::from_secs(5), self.client.get_providers(*hash)).await;
+        // With an author to ask, the DHT only adds alternatives: a lookup
+        // held up by an unresponsive peer must not hold up the download.
+        let patience = if peers.is_empty() {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(1)
+        };
+        let lookup = tokio::time::timeout(patience, self.client.get_providers(*hash)).await;
         if let Ok(Ok(found)) = lookup {
             peers.extend(found);
         }

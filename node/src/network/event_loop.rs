@@ -616,10 +616,21 @@ impl EventLoop {
             }) => {
                 let finished = match result {
                     Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        let some = !providers.is_empty();
                         if let Some((found, _)) = self.pending_providers.get_mut(&id) {
                             found.extend(providers);
                         }
-                        step.last
+                        // The first providers are enough to start a download
+                        // (it hedges and falls back to the coordinator): a
+                        // peer that never answers (asleep, stopped) must not
+                        // hold the lookup until its timeout.
+                        if some
+                            && !step.last
+                            && let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id)
+                        {
+                            query.finish();
+                        }
+                        step.last || some
                     }
                     Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => true,
                     Err(e) => {
