@@ -718,7 +718,12 @@ fn run_diloco_arm(
     let mut per_round = Vec::new();
     let mut decoded: Vec<Vec<f32>> = vec![vec![0.0; params]; cfg.workers];
     let mut average = vec![0.0f32; params];
+    // θ of the last `delay` + 1 rounds: the workers of round r train from
+    // θ_{r−delay} (θ_0 at first) while the outer step moves θ_r.
+    let mut thetas: std::collections::VecDeque<Vec<f32>> =
+        std::collections::VecDeque::from([global.clone()]);
     for round in 0..cfg.rounds {
+        let base = thetas.front().cloned().unwrap_or_else(|| global.clone());
         let started = Instant::now();
         let codec = spec.schedule.codec_at(round as u64);
         let mut weights = Vec::with_capacity(cfg.workers);
@@ -728,13 +733,13 @@ fn run_diloco_arm(
                 *encoder = Encoder::from_residual(codec, params, encoder.residual())?
                     .with_decay(spec.schedule.decay());
             }
-            worker.set_flat_params(&global)?;
+            worker.set_flat_params(&base)?;
             let seed = cfg.batch_seed(w, round);
             let report =
                 worker.train_inner(&data.workers[w], &cfg.inner(round, cfg.batch_size, seed))?;
             tokens += report.tokens;
             let local = worker.flat_params()?;
-            let delta: Vec<f32> = global.iter().zip(&local).map(|(g, l)| g - l).collect();
+            let delta: Vec<f32> = base.iter().zip(&local).map(|(g, l)| g - l).collect();
             let payload = encoder.encode(&delta)?;
             // Each worker's bytes are the same size; count worker 0's.
             if w == 0 {
@@ -750,6 +755,10 @@ fn run_diloco_arm(
                 .map_err(|e| BenchError::Config(e.to_string()))?,
         }
         outer.step(&mut global, &average);
+        thetas.push_back(global.clone());
+        while thetas.len() > spec.delay as usize + 1 {
+            thetas.pop_front();
+        }
         wall += started.elapsed().as_secs_f64();
         if !cfg.evaluates_after(round) {
             continue;

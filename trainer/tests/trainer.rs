@@ -698,6 +698,36 @@ fn diloco_bench_error_feedback_decay_reaches_the_topk_arm() {
     );
 }
 
+/// `delay=1` (overlapped rounds, docs/architecture.md): round 0 trains from
+/// θ_0 either way, so the first score is the synchronous arm's to the bit;
+/// from round 1 the workers train from the θ one round back, and the arms
+/// part ways. `delay=0` is the synchronous arm itself.
+#[test]
+fn diloco_bench_delayed_outer_step_matches_sync_in_round_zero_only() {
+    let mut cfg = quick_bench(2, 3, 3);
+    cfg.eval_every = 1;
+    let arm = |spec: &str| {
+        run_arm(
+            &cfg,
+            &Device::Cpu,
+            "d",
+            ArmKind::Diloco(arm_spec(spec)),
+            &mut |_| {},
+        )
+        .expect("arm")
+    };
+    let (sync, delayed) = (arm("fp32"), arm("fp32,delay=1"));
+    assert_eq!(sync.heldout_per_round.len(), 3);
+    assert_eq!(sync.heldout_per_round[0], delayed.heldout_per_round[0]);
+    assert_ne!(sync.heldout_per_round[1], delayed.heldout_per_round[1]);
+    assert_ne!(sync.heldout_loss, delayed.heldout_loss);
+    assert_eq!(sync.tokens, delayed.tokens);
+    assert_eq!(
+        arm("fp32,delay=0").heldout_per_round,
+        sync.heldout_per_round
+    );
+}
+
 /// `seeds: N` runs the whole bench on seeds `seed`..`seed + N`: each seed's
 /// run is the one-seed bench on that seed (deterministic, independent of the
 /// other seeds), the seeds give different losses, and each arm's summary is

@@ -7,7 +7,11 @@
 //!   arm still trains on the same tokens (N must divide R·H);
 //! - `olr=X`, `om=X` — outer learning rate and (Nesterov) momentum;
 //! - `rule=R` — the aggregation rule, as a run config's `aggregation`
-//!   (`mean`, `trimmed-mean:F`, `centered-clip:TAU[:ITERS]`).
+//!   (`mean`, `trimmed-mean:F`, `centered-clip:TAU[:ITERS]`);
+//! - `delay=N` — overlapped rounds: the workers of round r train from θ of
+//!   N rounds earlier, and the outer step applies their updates to the
+//!   current θ (the one-round-delayed outer step docs/architecture.md,
+//!   "Overlapped rounds", designs; N ≤ 4).
 //!
 //! For example `topk:4096:128:4,h=60,decay=0.95,warm=1024:4`.
 
@@ -27,7 +31,13 @@ pub struct ArmSpec {
     pub outer_momentum: Option<f32>,
     /// How the workers' updates are combined (default: the token-weighted mean).
     pub rule: Option<AggregationRule>,
+    /// Rounds between the θ the workers train from and the θ their updates
+    /// are applied to (0: synchronous).
+    pub delay: u32,
 }
+
+/// The largest `delay=N` an arm takes.
+pub const MAX_DELAY: u32 = 4;
 
 impl ArmSpec {
     /// The codec alone, with the bench's base settings.
@@ -38,6 +48,7 @@ impl ArmSpec {
             outer_lr: None,
             outer_momentum: None,
             rule: None,
+            delay: 0,
         }
     }
 
@@ -57,6 +68,12 @@ impl ArmSpec {
         {
             return Err(format!("outer momentum {m} must be in [0, 1)"));
         }
+        if self.delay > MAX_DELAY {
+            return Err(format!(
+                "delay {} is more than {MAX_DELAY} rounds",
+                self.delay
+            ));
+        }
         Ok(())
     }
 }
@@ -75,6 +92,9 @@ impl fmt::Display for ArmSpec {
         }
         if let Some(rule) = &self.rule {
             write!(f, ",rule={rule}")?;
+        }
+        if self.delay > 0 {
+            write!(f, ",delay={}", self.delay)?;
         }
         Ok(())
     }
@@ -99,6 +119,7 @@ impl FromStr for ArmSpec {
             outer_lr: None,
             outer_momentum: None,
             rule: None,
+            delay: 0,
         };
         for (key, value) in rest {
             let number = |what: &str| {
@@ -117,6 +138,11 @@ impl FromStr for ArmSpec {
                     )
                 }
                 "olr" => spec.outer_lr = Some(number("olr")?),
+                "delay" => {
+                    spec.delay = value
+                        .parse::<u32>()
+                        .map_err(|_| wrap(format!("delay `{value}` is not a whole number")))?
+                }
                 "om" => spec.outer_momentum = Some(number("om")?),
                 "rule" => {
                     spec.rule = Some(
@@ -127,7 +153,7 @@ impl FromStr for ArmSpec {
                 }
                 _ => {
                     return Err(wrap(format!(
-                        "unknown key `{key}` (expected h, olr, om, rule, decay or warm)"
+                        "unknown key `{key}` (expected h, olr, om, rule, delay, decay or warm)"
                     )));
                 }
             }
@@ -174,6 +200,9 @@ mod tests {
             "topk:4096:128:4,decay=0.95,warm=1024:4,h=60,olr=0.8,om=0.5"
         );
         assert_eq!(parse(&spec.to_string()), Ok(spec));
+        let delayed = parse("int8:256,delay=1").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(delayed.delay, 1);
+        assert_eq!(delayed.to_string(), "int8:256,delay=1");
         let plain = parse("int8:256").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(plain, ArmSpec::codec(CodecConfig::Int8 { block: 256 }));
         assert_eq!(plain.to_string(), "int8:256");
@@ -198,6 +227,8 @@ mod tests {
             ("fp32,om=1", "[0, 1)"),
             ("fp32,olr=nan", "not a number"),
             ("fp32,speed=9", "unknown key `speed`"),
+            ("fp32,delay=5", "more than 4 rounds"),
+            ("fp32,delay=-1", "not a whole number"),
             ("fp32,h", "not key=value"),
         ] {
             let error = parse(text).expect_err(text);
