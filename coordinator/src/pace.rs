@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 /// either way. The outer step weights updates by tokens, so unequal steps
 /// need no other correction; the spread is bounded so that stage 3's norm
 /// check (which compares norms scaled by √steps) sees updates of one kind.
-pub const STEP_SPREAD: u32 = 2;
+pub const STEP_SPREAD: u32 = barnraise_protocol::limits::MAX_STEP_SPREAD;
 
 /// Weight of the newest measurement in a node's pace.
 const SMOOTHING: f64 = 0.5;
@@ -112,10 +112,8 @@ impl PaceBook {
         known.sort_by(f64::total_cmp);
         let median = known[(known.len() - 1) / 2];
         let target_secs = f64::from(base) * step_tokens / median;
-        let (low, high) = (
-            (base / STEP_SPREAD).max(1),
-            base.saturating_mul(STEP_SPREAD),
-        );
+        let range = barnraise_protocol::limits::planned_steps_range(base);
+        let (low, high) = (*range.start(), *range.end());
         nodes
             .iter()
             .map(

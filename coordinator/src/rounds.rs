@@ -278,6 +278,15 @@ impl Rounds {
                 workers: workers.max(1),
             },
         );
+        // A node that left the open round before committing and joins again
+        // (resumed, or its active hours opened) gets its place back: the
+        // signed plan still lists it, and it will train what the plan says.
+        if let Phase::Open(open) = &mut self.phase
+            && open.plan.assignments.iter().any(|a| a.node == node)
+            && !open.slots.contains_key(&node)
+        {
+            open.slots.insert(node, Slot::Assigned);
+        }
     }
 
     /// A node the run no longer admits (revoked after a restart): it gets

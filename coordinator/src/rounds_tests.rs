@@ -783,3 +783,17 @@ fn a_node_that_leaves_before_committing_is_not_missing_and_is_not_waited_for() {
         CommitOutcome::Rejected { .. }
     ));
 }
+
+#[test]
+fn a_node_that_left_and_joins_again_in_the_same_round_gets_its_place_back() {
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 2);
+    m.leave(&node(2));
+    deliver(&mut m, &plan, node(1));
+    // Resumed before the round closed: the plan still lists it.
+    m.join(node(2), 1);
+    assert!(m.tick(10).is_empty(), "node 2 is expected again");
+    deliver(&mut m, &plan, node(2));
+    let close = close_of(m.tick(20));
+    assert_eq!(close.candidates.len(), 2);
+    assert!(close.missing.is_empty());
+}

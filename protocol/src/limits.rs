@@ -52,3 +52,30 @@ pub const MAX_BLOB_RESPONSE_BYTES: usize = BLOB_CHUNK_BYTES + 256;
 pub const MAX_BLOB_BYTES: u64 = 16 * 1024 * 1024 * 1024;
 /// Largest compressed update.
 pub const MAX_UPDATE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
+/// A plan may give a node between `inner_steps / MAX_STEP_SPREAD` (at least
+/// one) and `inner_steps × MAX_STEP_SPREAD` inner steps: the coordinator
+/// sizes each node's work to its measured pace within this spread
+/// (docs/architecture.md, "Work sized to each node"), and an audit refuses
+/// a plan outside it.
+pub const MAX_STEP_SPREAD: u32 = 2;
+
+/// The inner steps a plan may give a node of a run with `inner_steps` H.
+pub fn planned_steps_range(inner_steps: u32) -> std::ops::RangeInclusive<u32> {
+    (inner_steps / MAX_STEP_SPREAD).max(1)..=inner_steps.saturating_mul(MAX_STEP_SPREAD)
+}
+
+#[cfg(test)]
+mod step_tests {
+    use super::*;
+
+    #[test]
+    fn planned_steps_stay_within_the_spread_and_at_least_one() {
+        assert_eq!(planned_steps_range(30), 15..=60);
+        assert_eq!(planned_steps_range(1), 1..=2);
+        assert_eq!(planned_steps_range(3), 1..=6);
+        assert!(!planned_steps_range(8).contains(&17));
+        assert!(!planned_steps_range(8).contains(&3));
+        assert_eq!(planned_steps_range(u32::MAX).end(), &u32::MAX);
+    }
+}
