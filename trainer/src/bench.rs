@@ -750,6 +750,7 @@ fn run_diloco_arm(
         }
         let inputs: Vec<(&[f32], f32)> = decoded.iter().map(Vec::as_slice).zip(weights).collect();
         match &spec.rule {
+            None if spec.count_normalized => count_normalized_mean_into(&inputs, &mut average),
             None | Some(AggregationRule::Mean) => weighted_mean_into(&inputs, &mut average),
             Some(rule) => aggregate_dense_into(rule, &inputs, &mut average)
                 .map_err(|e| BenchError::Config(e.to_string()))?,
@@ -803,6 +804,32 @@ fn run_diloco_arm(
         tokens_per_s: tokens as f64 / wall.max(1e-9),
         gflops_per_s: 0.0,
     })
+}
+
+/// The weighted mean of sparse updates, coordinate by coordinate, over the
+/// workers that sent that coordinate (a non-zero value): Σ wᵢxᵢ / Σ_{xᵢ≠0} wᵢ,
+/// 0 where nobody sent anything. For dense updates it is the weighted mean;
+/// for top-k updates whose supports differ it does not shrink a coordinate
+/// by the workers that happened not to pick it (docs/training.md, the
+/// Pareto frontier).
+pub fn count_normalized_mean_into(deltas: &[(&[f32], f32)], out: &mut [f32]) {
+    let mut sums = vec![0.0f64; out.len()];
+    let mut weights = vec![0.0f64; out.len()];
+    for &(delta, weight) in deltas {
+        for ((sum, total), &x) in sums.iter_mut().zip(weights.iter_mut()).zip(delta) {
+            if x != 0.0 {
+                *sum += f64::from(weight) * f64::from(x);
+                *total += f64::from(weight);
+            }
+        }
+    }
+    for ((o, sum), total) in out.iter_mut().zip(&sums).zip(&weights) {
+        *o = if *total > 0.0 {
+            (sum / total) as f32
+        } else {
+            0.0
+        };
+    }
 }
 
 /// Bytes in decimal units for tables (kB, MB, GB).

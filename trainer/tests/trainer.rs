@@ -728,6 +728,27 @@ fn diloco_bench_delayed_outer_step_matches_sync_in_round_zero_only() {
     );
 }
 
+/// `count=1` averages each coordinate over the workers that sent it: a
+/// coordinate only one worker picked keeps that worker's value, one nobody
+/// picked stays 0, and dense updates get the plain weighted mean.
+#[test]
+fn count_normalized_mean_averages_over_the_senders_only() {
+    use barnraise_protocol::outer::weighted_mean_into;
+    use barnraise_trainer::bench::count_normalized_mean_into;
+    let a = [2.0f32, 0.0, 4.0, 0.0];
+    let b = [0.0f32, 0.0, 8.0, 6.0];
+    let mut out = [9.0f32; 4];
+    count_normalized_mean_into(&[(&a, 1.0), (&b, 3.0)], &mut out);
+    assert_eq!(out, [2.0, 0.0, (4.0 + 24.0) / 4.0, 6.0]);
+    let (c, d) = ([1.0f32, -2.0, 3.0], [3.0f32, 2.0, -1.0]);
+    let (mut counted, mut mean) = ([0.0f32; 3], [0.0f32; 3]);
+    count_normalized_mean_into(&[(&c, 1.0), (&d, 1.0)], &mut counted);
+    weighted_mean_into(&[(&c, 1.0), (&d, 1.0)], &mut mean);
+    for (x, y) in counted.iter().zip(&mean) {
+        assert!((x - y).abs() < 1e-6, "{counted:?} vs {mean:?}");
+    }
+}
+
 /// `seeds: N` runs the whole bench on seeds `seed`..`seed + N`: each seed's
 /// run is the one-seed bench on that seed (deterministic, independent of the
 /// other seeds), the seeds give different losses, and each arm's summary is

@@ -11,7 +11,10 @@
 //! - `delay=N` — overlapped rounds: the workers of round r train from θ of
 //!   N rounds earlier, and the outer step applies their updates to the
 //!   current θ (the one-round-delayed outer step docs/architecture.md,
-//!   "Overlapped rounds", designs; N ≤ 4).
+//!   "Overlapped rounds", designs; N ≤ 4);
+//! - `count=1` — for sparse codecs: each coordinate of the average is
+//!   divided by the weight of the workers that sent it, not of all workers
+//!   ([`count_normalized_mean_into`](super::count_normalized_mean_into)).
 //!
 //! For example `topk:4096:128:4,h=60,decay=0.95,warm=1024:4`.
 
@@ -34,6 +37,8 @@ pub struct ArmSpec {
     /// Rounds between the θ the workers train from and the θ their updates
     /// are applied to (0: synchronous).
     pub delay: u32,
+    /// Average each coordinate over the workers that sent it.
+    pub count_normalized: bool,
 }
 
 /// The largest `delay=N` an arm takes.
@@ -49,6 +54,7 @@ impl ArmSpec {
             outer_momentum: None,
             rule: None,
             delay: 0,
+            count_normalized: false,
         }
     }
 
@@ -67,6 +73,9 @@ impl ArmSpec {
             && !(0.0..1.0).contains(&m)
         {
             return Err(format!("outer momentum {m} must be in [0, 1)"));
+        }
+        if self.count_normalized && self.rule.is_some() {
+            return Err("count=1 is its own way of averaging; it takes no rule".to_string());
         }
         if self.delay > MAX_DELAY {
             return Err(format!(
@@ -96,6 +105,9 @@ impl fmt::Display for ArmSpec {
         if self.delay > 0 {
             write!(f, ",delay={}", self.delay)?;
         }
+        if self.count_normalized {
+            write!(f, ",count=1")?;
+        }
         Ok(())
     }
 }
@@ -120,6 +132,7 @@ impl FromStr for ArmSpec {
             outer_momentum: None,
             rule: None,
             delay: 0,
+            count_normalized: false,
         };
         for (key, value) in rest {
             let number = |what: &str| {
@@ -138,6 +151,13 @@ impl FromStr for ArmSpec {
                     )
                 }
                 "olr" => spec.outer_lr = Some(number("olr")?),
+                "count" => {
+                    spec.count_normalized = match value {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(wrap(format!("count `{value}` is not 0 or 1"))),
+                    }
+                }
                 "delay" => {
                     spec.delay = value
                         .parse::<u32>()
@@ -153,7 +173,7 @@ impl FromStr for ArmSpec {
                 }
                 _ => {
                     return Err(wrap(format!(
-                        "unknown key `{key}` (expected h, olr, om, rule, delay, decay or warm)"
+                        "unknown key `{key}` (expected h, olr, om, rule, delay, count, decay or warm)"
                     )));
                 }
             }
@@ -200,6 +220,9 @@ mod tests {
             "topk:4096:128:4,decay=0.95,warm=1024:4,h=60,olr=0.8,om=0.5"
         );
         assert_eq!(parse(&spec.to_string()), Ok(spec));
+        let counted = parse("topk:4096:64:2,count=1").unwrap_or_else(|e| panic!("{e}"));
+        assert!(counted.count_normalized);
+        assert_eq!(counted.to_string(), "topk:4096:64:2,count=1");
         let delayed = parse("int8:256,delay=1").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(delayed.delay, 1);
         assert_eq!(delayed.to_string(), "int8:256,delay=1");
@@ -228,6 +251,8 @@ mod tests {
             ("fp32,olr=nan", "not a number"),
             ("fp32,speed=9", "unknown key `speed`"),
             ("fp32,delay=5", "more than 4 rounds"),
+            ("topk:4096:64:2,count=2", "not 0 or 1"),
+            ("topk:4096:64:2,count=1,rule=mean", "takes no rule"),
             ("fp32,delay=-1", "not a whole number"),
             ("fp32,h", "not key=value"),
         ] {
