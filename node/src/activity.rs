@@ -234,7 +234,13 @@ mod tests {
     }
 
     #[test]
-    fn local_time_is_a_time_of_day() {
+    fn local_time_counts_seconds_and_minutes() {
+        // 2026-06-15 12:00:00 UTC, far from any daylight-saving change: 90
+        // seconds later is 90 seconds later in any time zone.
+        let noon = std::time::UNIX_EPOCH + Duration::from_secs(1_781_524_800);
+        let before = local_second_of_day_at(noon);
+        let after = local_second_of_day_at(noon + Duration::from_secs(90));
+        assert_eq!((after + 86_400 - before) % 86_400, 90);
         assert!(local_second_of_day() < 86_400);
     }
 

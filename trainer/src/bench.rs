@@ -720,10 +720,13 @@ fn run_diloco_arm(
     let mut average = vec![0.0f32; params];
     // θ of the last `delay` + 1 rounds: the workers of round r train from
     // θ_{r−delay} (θ_0 at first) while the outer step moves θ_r.
-    let mut thetas: std::collections::VecDeque<Vec<f32>> =
-        std::collections::VecDeque::from([global.clone()]);
+    // (kept only with a delay: a synchronous arm trains from θ_r itself).
+    let mut thetas: std::collections::VecDeque<Vec<f32>> = std::collections::VecDeque::new();
+    if spec.delay > 0 {
+        thetas.push_back(global.clone());
+    }
     for round in 0..cfg.rounds {
-        let base = thetas.front().cloned().unwrap_or_else(|| global.clone());
+        let base: &[f32] = thetas.front().unwrap_or(&global);
         let started = Instant::now();
         let codec = spec.schedule.codec_at(round as u64);
         let mut weights = Vec::with_capacity(cfg.workers);
@@ -733,7 +736,7 @@ fn run_diloco_arm(
                 *encoder = Encoder::from_residual(codec, params, encoder.residual())?
                     .with_decay(spec.schedule.decay());
             }
-            worker.set_flat_params(&base)?;
+            worker.set_flat_params(base)?;
             let seed = cfg.batch_seed(w, round);
             let report =
                 worker.train_inner(&data.workers[w], &cfg.inner(round, cfg.batch_size, seed))?;
@@ -756,9 +759,11 @@ fn run_diloco_arm(
                 .map_err(|e| BenchError::Config(e.to_string()))?,
         }
         outer.step(&mut global, &average);
-        thetas.push_back(global.clone());
-        while thetas.len() > spec.delay as usize + 1 {
-            thetas.pop_front();
+        if spec.delay > 0 {
+            thetas.push_back(global.clone());
+            while thetas.len() > spec.delay as usize + 1 {
+                thetas.pop_front();
+            }
         }
         wall += started.elapsed().as_secs_f64();
         if !cfg.evaluates_after(round) {

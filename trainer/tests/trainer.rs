@@ -547,6 +547,18 @@ fn arm_spec(text: &str) -> ArmSpec {
     text.parse().unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Runs one DiLoCo arm of `cfg` given by its spec text.
+fn run_spec(cfg: &DilocoBenchConfig, spec: &str) -> barnraise_trainer::bench::ArmReport {
+    run_arm(
+        cfg,
+        &Device::Cpu,
+        "d",
+        ArmKind::Diloco(arm_spec(spec)),
+        &mut |_| {},
+    )
+    .expect("arm")
+}
+
 /// Every arm trains on the same tokens whatever its H, sends exactly its
 /// codec's payloads (the warm-up's denser ones first), and the Pareto table
 /// is computed from the losses and bytes it reports.
@@ -680,16 +692,7 @@ fn diloco_bench_refuses_bad_arms_before_training() {
 #[test]
 fn diloco_bench_error_feedback_decay_reaches_the_topk_arm() {
     let cfg = quick_bench(2, 3, 2);
-    let arm = |spec: &str| {
-        run_arm(
-            &cfg,
-            &Device::Cpu,
-            "d",
-            ArmKind::Diloco(arm_spec(spec)),
-            &mut |_| {},
-        )
-        .expect("arm")
-    };
+    let arm = |spec: &str| run_spec(&cfg, spec);
     let (plain, none) = (arm("topk:4096:64:2"), arm("topk:4096:64:2,decay=0"));
     assert_ne!(plain.heldout_loss, none.heldout_loss);
     assert_eq!(
@@ -706,16 +709,7 @@ fn diloco_bench_error_feedback_decay_reaches_the_topk_arm() {
 fn diloco_bench_delayed_outer_step_matches_sync_in_round_zero_only() {
     let mut cfg = quick_bench(2, 3, 3);
     cfg.eval_every = 1;
-    let arm = |spec: &str| {
-        run_arm(
-            &cfg,
-            &Device::Cpu,
-            "d",
-            ArmKind::Diloco(arm_spec(spec)),
-            &mut |_| {},
-        )
-        .expect("arm")
-    };
+    let arm = |spec: &str| run_spec(&cfg, spec);
     let (sync, delayed) = (arm("fp32"), arm("fp32,delay=1"));
     assert_eq!(sync.heldout_per_round.len(), 3);
     assert_eq!(sync.heldout_per_round[0], delayed.heldout_per_round[0]);

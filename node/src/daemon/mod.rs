@@ -647,11 +647,16 @@ impl Node {
         }
     }
 
+    /// Whether the node's pause switch is on.
+    fn paused(&self) -> bool {
+        self.config.pause.as_ref().is_some_and(|p| p.is_paused())
+    }
+
     /// Why the node should not take work now: paused, outside its active
     /// hours, or too close to their end for a round to finish (the last
     /// round's length with a quarter's headroom).
     fn standby_reason(&self) -> Option<String> {
-        if self.config.pause.as_ref().is_some_and(|p| p.is_paused()) {
+        if self.paused() {
             return Some("paused (`barnraise node resume` or SIGUSR2 resumes it)".into());
         }
         let schedule = self.config.schedule?;

@@ -222,7 +222,7 @@ impl Node {
             joined = trained => joined?,
         };
         state.trainers = slots;
-        if self.config.pause.as_ref().is_some_and(|p| p.is_paused()) {
+        if self.paused() {
             // Paused mid-round: the workers stopped; this round's work is dropped.
             self.warn(format!("paused during round {round}: its work is dropped"));
             self.leave().await;
