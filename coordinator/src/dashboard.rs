@@ -454,8 +454,8 @@ pub fn overview(
     // Which codec and H the ratio is for: it is bought with loss at high
     // compression (docs/training.md, "What the codec costs in `up`").
     let reduction_label = format!(
-        "than data-parallel would move (codec {}, H = {})",
-        live.codec, live.inner_steps
+        "than data-parallel would move (codec {}, H = {}, aggregation {})",
+        live.codec, live.inner_steps, live.aggregation
     );
     body.push_str(&tiles(&[
         (run.rounds.len().to_string(), "rounds closed"),

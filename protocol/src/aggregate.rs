@@ -15,7 +15,13 @@
 //!   outliers per coordinate);
 //! - `centered-clip:TAU[:ITERS]`: start from the coordinate-wise median and
 //!   move towards each update by at most TAU in L2 norm per iteration
-//!   (Karimireddy et al.'s centred clipping), weighted by tokens.
+//!   (Karimireddy et al.'s centred clipping), weighted by tokens;
+//! - `support-mean`: for sparse (top-k) updates, each coordinate is the
+//!   token-weighted mean over the updates that sent it (a non-zero value),
+//!   not over all of them, so a coordinate only some workers picked is not
+//!   shrunk by the others' zeros (docs/training.md, the Pareto frontier).
+//!   On dense updates it is the mean. Streamed like `mean`, with two more
+//!   dense vectors (the decoded payload and each coordinate's weight).
 //!
 //! The robust rules need the decoded updates side by side; they cost n dense
 //! vectors of memory, which is why `mean` is the default.
@@ -38,6 +44,7 @@ pub enum AggregationRule {
         tau: f32,
         iterations: u32,
     },
+    SupportMean,
 }
 
 /// Why a round could not be aggregated.
@@ -50,7 +57,7 @@ pub enum AggregateError {
     #[error("params ({params}) and optimizer momentum ({momentum}) lengths differ")]
     StateLength { params: usize, momentum: usize },
     #[error(
-        "invalid aggregation rule `{0}`: expected mean, trimmed-mean:F (0 <= F < 0.5) or centered-clip:TAU[:ITERS]"
+        "invalid aggregation rule `{0}`: expected mean, support-mean, trimmed-mean:F (0 <= F < 0.5) or centered-clip:TAU[:ITERS]"
     )]
     BadRule(String),
 }
@@ -64,6 +71,7 @@ impl FromStr for AggregationRule {
         let numbers: Vec<&str> = parts.collect();
         let rule = match (name, numbers.as_slice()) {
             ("mean", []) => AggregationRule::Mean,
+            ("support-mean", []) => AggregationRule::SupportMean,
             ("trimmed-mean", [f]) => {
                 let trim: f32 = f.parse().map_err(|_| bad())?;
                 if !(0.0..0.5).contains(&trim) {
@@ -93,6 +101,7 @@ impl fmt::Display for AggregationRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AggregationRule::Mean => f.write_str("mean"),
+            AggregationRule::SupportMean => f.write_str("support-mean"),
             AggregationRule::TrimmedMean { trim } => write!(f, "trimmed-mean:{trim}"),
             AggregationRule::CenteredClip { tau, iterations } => {
                 write!(f, "centered-clip:{tau}:{iterations}")
@@ -134,7 +143,7 @@ pub fn aggregate_into(
         return Ok(());
     }
     let shares = normalised(updates.iter().map(|u| u.1))?;
-    if let AggregationRule::Mean = rule {
+    if let AggregationRule::Mean | AggregationRule::SupportMean = rule {
         // Validate every payload before adding any, so an error leaves `out` zeroed
         // rather than holding a partial sum.
         for (index, (payload, _)) in updates.iter().enumerate() {
@@ -147,6 +156,19 @@ pub fn aggregate_into(
                 };
                 return Err(AggregateError::Decode { index, source });
             }
+        }
+        if let AggregationRule::SupportMean = rule {
+            let mut support = SupportMean::new(out.len());
+            let mut decoded = vec![0.0f32; out.len()];
+            for (index, ((payload, _), &share)) in updates.iter().zip(&shares).enumerate() {
+                if let Err(source) = codec::decode_into(payload, &mut decoded) {
+                    out.fill(0.0);
+                    return Err(AggregateError::Decode { index, source });
+                }
+                support.add(&decoded, share, out);
+            }
+            support.finish(out);
+            return Ok(());
         }
         for (index, ((payload, _), &share)) in updates.iter().zip(&shares).enumerate() {
             if let Err(source) = codec::decode_add(payload, share, out) {
@@ -198,9 +220,50 @@ fn combine_dense(rule: &AggregationRule, views: &[&[f32]], shares: &[f32], out: 
                 views.iter().copied().zip(shares.iter().copied()).collect();
             crate::outer::weighted_mean_into(&pairs, out);
         }
+        AggregationRule::SupportMean => {
+            let mut support = SupportMean::new(out.len());
+            for (view, &share) in views.iter().zip(shares) {
+                support.add(view, share, out);
+            }
+            support.finish(out);
+        }
         AggregationRule::TrimmedMean { trim } => trimmed_mean_into(views, shares, trim, out),
         AggregationRule::CenteredClip { tau, iterations } => {
             centered_clip_into(views, shares, tau, iterations, out)
+        }
+    }
+}
+
+/// The running sums of `support-mean`: `out` holds Σ sᵢxᵢ over the updates
+/// added so far and `weight` Σ sᵢ over those whose value was non-zero, per
+/// coordinate; [`SupportMean::finish`] divides. Every sum runs in f32, in
+/// list order, so the payload and the dense paths (and every machine) get
+/// the same bits.
+struct SupportMean {
+    weight: Vec<f32>,
+}
+
+impl SupportMean {
+    fn new(len: usize) -> Self {
+        SupportMean {
+            weight: vec![0.0; len],
+        }
+    }
+
+    fn add(&mut self, values: &[f32], share: f32, out: &mut [f32]) {
+        for ((o, w), &x) in out.iter_mut().zip(&mut self.weight).zip(values) {
+            if x != 0.0 {
+                *o += share * x;
+                *w += share;
+            }
+        }
+    }
+
+    fn finish(self, out: &mut [f32]) {
+        for (o, w) in out.iter_mut().zip(self.weight) {
+            if w > 0.0 {
+                *o /= w;
+            }
         }
     }
 }
@@ -522,7 +585,12 @@ mod tests {
         ];
         let weights = [3.0f32, 1.0, 2.0, 2.0, 5.0];
         let payloads: Vec<Vec<u8>> = updates.iter().map(|u| encode(u)).collect();
-        for rule in ["mean", "trimmed-mean:0.2", "centered-clip:1.0"] {
+        for rule in [
+            "mean",
+            "support-mean",
+            "trimmed-mean:0.2",
+            "centered-clip:1.0",
+        ] {
             let rule: AggregationRule = rule.parse().unwrap();
             let encoded: Vec<(&[u8], f32)> =
                 payloads.iter().map(Vec::as_slice).zip(weights).collect();
@@ -555,9 +623,88 @@ mod tests {
         );
     }
 
+    /// `support-mean` averages each coordinate over the updates that sent
+    /// it: a coordinate only one update picked keeps that update's value,
+    /// one nobody picked stays 0, and dense updates get the weighted mean.
+    /// Payloads and dense vectors give the same bits; a bad payload leaves
+    /// nothing behind.
+    #[test]
+    fn support_mean_averages_over_the_senders_only() {
+        let rule: AggregationRule = "support-mean".parse().unwrap();
+        assert_eq!(rule, AggregationRule::SupportMean);
+        assert_eq!(rule.to_string(), "support-mean");
+        let (a, b) = ([2.0f32, 0.0, 4.0, 0.0], [0.0f32, 0.0, 8.0, 6.0]);
+        let mut out = [9.0f32; 4];
+        aggregate_dense_into(&rule, &[(&a, 1.0), (&b, 3.0)], &mut out).unwrap();
+        assert_eq!(out, [2.0, 0.0, (4.0 + 24.0) / 4.0, 6.0]);
+        let mut mean = [0.0f32; 4];
+        aggregate_dense_into(&AggregationRule::Mean, &[(&a, 1.0), (&b, 3.0)], &mut mean).unwrap();
+        assert_eq!(
+            mean,
+            [0.5, 0.0, 7.0, 4.5],
+            "the mean shrinks what one update sent"
+        );
+
+        let (c, d) = ([1.0f32, -2.0, 3.0], [3.0f32, 2.0, -1.0]);
+        let (mut supported, mut mean) = ([0.0f32; 3], [0.0f32; 3]);
+        aggregate_dense_into(&rule, &[(&c, 1.0), (&d, 1.0)], &mut supported).unwrap();
+        aggregate_dense_into(&AggregationRule::Mean, &[(&c, 1.0), (&d, 1.0)], &mut mean).unwrap();
+        for (x, y) in supported.iter().zip(&mean) {
+            assert!((x - y).abs() < 1e-6, "{supported:?} vs {mean:?}");
+        }
+
+        // Top-k payloads with disjoint supports: each coordinate is the one
+        // sender's decoded value, where the mean would halve it.
+        let n = 256;
+        let first: Vec<f32> = (0..n)
+            .map(|i| if i < 128 { 1.0 + i as f32 } else { 0.0 })
+            .collect();
+        let second: Vec<f32> = (0..n)
+            .map(|i| if i >= 128 { -(i as f32) } else { 0.0 })
+            .collect();
+        let codec = CodecConfig::TopK {
+            chunk: 256,
+            k: 128,
+            bits: 4,
+        };
+        let payloads: Vec<Vec<u8>> = [&first, &second]
+            .iter()
+            .map(|v| Encoder::new(codec, n).unwrap().encode(v).unwrap())
+            .collect();
+        let mut decoded = vec![vec![0.0f32; n]; 2];
+        for (payload, out) in payloads.iter().zip(&mut decoded) {
+            codec::decode_into(payload, out).unwrap();
+        }
+        let encoded: Vec<(&[u8], f32)> = payloads.iter().map(|p| (p.as_slice(), 1.0)).collect();
+        let mut out = vec![0.0f32; n];
+        aggregate_into(&rule, &encoded, &mut out).unwrap();
+        for i in 0..n {
+            let sent = decoded[0][i] + decoded[1][i];
+            assert!(
+                (out[i] - sent).abs() <= 1e-6 * sent.abs().max(1.0),
+                "{i}: {} vs {sent}",
+                out[i]
+            );
+        }
+        assert!(out.iter().filter(|x| **x != 0.0).count() > n / 2);
+
+        let broken = [(payloads[0].as_slice(), 1.0), (&payloads[1][..20], 1.0)];
+        let mut out = vec![5.0f32; n];
+        assert!(aggregate_into(&rule, &broken, &mut out).is_err());
+        assert!(
+            out.iter().all(|x| *x == 0.0),
+            "a bad payload leaves a zeroed output"
+        );
+    }
+
     #[test]
     fn rules_parse_and_print() {
-        for text in ["mean", "trimmed-mean:0.2", "centered-clip:1.5:4"] {
+        for text in [
+            "mean",
+            "support-mean",
+            "trimmed-mean:0.2",
+            "centered-clip:1.5:4",
+        ] {
             let rule: AggregationRule = text.parse().unwrap();
             assert_eq!(rule.to_string().parse::<AggregationRule>().unwrap(), rule);
         }
@@ -576,6 +723,7 @@ mod tests {
             "trimmed-mean:x",
             "centered-clip:-1",
             "mean:1",
+            "support-mean:1",
         ] {
             assert!(bad.parse::<AggregationRule>().is_err(), "{bad}");
         }

@@ -155,6 +155,12 @@ impl DilocoBenchConfig {
             cfg.inner_steps = h;
             cfg.rounds = steps / h;
         }
+        if spec.overlap as usize >= cfg.inner_steps {
+            return Err(BenchError::Config(format!(
+                "arm `{spec}`: overlap={} must be fewer than the arm's H = {} steps",
+                spec.overlap, cfg.inner_steps
+            )));
+        }
         if let Some(lr) = spec.outer_lr {
             cfg.outer.lr = lr;
         }
@@ -725,6 +731,11 @@ fn run_diloco_arm(
     if spec.delay > 0 {
         thetas.push_back(global.clone());
     }
+    // With `overlap=S`: what each worker's last S steps of the previous
+    // round added, to start this round from θ_r plus it.
+    let overlap = spec.overlap as usize;
+    let mut carried: Vec<Option<Vec<f32>>> = vec![None; cfg.workers];
+    let mut start = Vec::new();
     for round in 0..cfg.rounds {
         let base: &[f32] = thetas.front().unwrap_or(&global);
         let started = Instant::now();
@@ -736,10 +747,19 @@ fn run_diloco_arm(
                 *encoder = Encoder::from_residual(codec, params, encoder.residual())?
                     .with_decay(spec.schedule.decay());
             }
-            worker.set_flat_params(base)?;
+            match carried[w].take() {
+                Some(offset) => {
+                    let carry = spec.carry.unwrap_or(1.0);
+                    start.clear();
+                    start.extend(base.iter().zip(&offset).map(|(b, o)| b + carry * o));
+                    worker.set_flat_params(&start)?;
+                }
+                None => worker.set_flat_params(base)?,
+            }
             let seed = cfg.batch_seed(w, round);
-            let report =
-                worker.train_inner(&data.workers[w], &cfg.inner(round, cfg.batch_size, seed))?;
+            let mut inner = cfg.inner(round, cfg.batch_size, seed);
+            inner.steps -= overlap;
+            let report = worker.train_inner(&data.workers[w], &inner)?;
             tokens += report.tokens;
             let local = worker.flat_params()?;
             let delta: Vec<f32> = base.iter().zip(&local).map(|(g, l)| g - l).collect();
@@ -749,11 +769,26 @@ fn run_diloco_arm(
                 bytes += payload.len() as u64;
             }
             codec::decode_into(&payload, &mut decoded[w])?;
-            weights.push(report.tokens as f32);
+            let mut weight = report.tokens;
+            if overlap > 0 {
+                // The round's last S steps, while the update travels: from
+                // θ_r − decoded Δ (what the node sent, so a replay can start
+                // there too), on the rest of the round's batches.
+                let sent: Vec<f32> = base.iter().zip(&decoded[w]).map(|(b, d)| b - d).collect();
+                worker.set_flat_params(&sent)?;
+                let mut tail = cfg.inner(round, cfg.batch_size, seed ^ OVERLAP_SEED);
+                tail.steps = overlap;
+                tail.start_step += cfg.inner_steps - overlap;
+                let report = worker.train_inner(&data.workers[w], &tail)?;
+                tokens += report.tokens;
+                weight += report.tokens;
+                let after = worker.flat_params()?;
+                carried[w] = Some(after.iter().zip(&sent).map(|(a, s)| a - s).collect());
+            }
+            weights.push(weight as f32);
         }
         let inputs: Vec<(&[f32], f32)> = decoded.iter().map(Vec::as_slice).zip(weights).collect();
         match &spec.rule {
-            None if spec.count_normalized => count_normalized_mean_into(&inputs, &mut average),
             None | Some(AggregationRule::Mean) => weighted_mean_into(&inputs, &mut average),
             Some(rule) => aggregate_dense_into(rule, &inputs, &mut average)
                 .map_err(|e| BenchError::Config(e.to_string()))?,
@@ -811,31 +846,9 @@ fn run_diloco_arm(
     })
 }
 
-/// The weighted mean of sparse updates, coordinate by coordinate, over the
-/// workers that sent that coordinate (a non-zero value): Σ wᵢxᵢ / Σ_{xᵢ≠0} wᵢ,
-/// 0 where nobody sent anything. For dense updates it is the weighted mean;
-/// for top-k updates whose supports differ it does not shrink a coordinate
-/// by the workers that happened not to pick it (docs/training.md, the
-/// Pareto frontier).
-pub fn count_normalized_mean_into(deltas: &[(&[f32], f32)], out: &mut [f32]) {
-    let mut sums = vec![0.0f64; out.len()];
-    let mut weights = vec![0.0f64; out.len()];
-    for &(delta, weight) in deltas {
-        for ((sum, total), &x) in sums.iter_mut().zip(weights.iter_mut()).zip(delta) {
-            if x != 0.0 {
-                *sum += f64::from(weight) * f64::from(x);
-                *total += f64::from(weight);
-            }
-        }
-    }
-    for ((o, sum), total) in out.iter_mut().zip(&sums).zip(&weights) {
-        *o = if *total > 0.0 {
-            (sum / total) as f32
-        } else {
-            0.0
-        };
-    }
-}
+/// Mixed into a worker's batch seed for the steps it trains after its
+/// commit (`overlap=S`), so they draw other batches than the round's first.
+const OVERLAP_SEED: u64 = 0x6f76_6572_6c61_7030;
 
 /// Bytes in decimal units for tables (kB, MB, GB).
 pub fn human_bytes(bytes: u64) -> String {

@@ -722,25 +722,35 @@ fn diloco_bench_delayed_outer_step_matches_sync_in_round_zero_only() {
     );
 }
 
-/// `count=1` averages each coordinate over the workers that sent it: a
-/// coordinate only one worker picked keeps that worker's value, one nobody
-/// picked stays 0, and dense updates get the plain weighted mean.
+/// `overlap=S` (overlap within a round, docs/architecture.md): the first
+/// update leaves after H − S steps, so the arm parts from the synchronous
+/// one in round 0; it trains on the same tokens; `overlap=0` is the
+/// synchronous arm to the bit, and S ≥ H is refused before training.
 #[test]
-fn count_normalized_mean_averages_over_the_senders_only() {
-    use barnraise_protocol::outer::weighted_mean_into;
-    use barnraise_trainer::bench::count_normalized_mean_into;
-    let a = [2.0f32, 0.0, 4.0, 0.0];
-    let b = [0.0f32, 0.0, 8.0, 6.0];
-    let mut out = [9.0f32; 4];
-    count_normalized_mean_into(&[(&a, 1.0), (&b, 3.0)], &mut out);
-    assert_eq!(out, [2.0, 0.0, (4.0 + 24.0) / 4.0, 6.0]);
-    let (c, d) = ([1.0f32, -2.0, 3.0], [3.0f32, 2.0, -1.0]);
-    let (mut counted, mut mean) = ([0.0f32; 3], [0.0f32; 3]);
-    count_normalized_mean_into(&[(&c, 1.0), (&d, 1.0)], &mut counted);
-    weighted_mean_into(&[(&c, 1.0), (&d, 1.0)], &mut mean);
-    for (x, y) in counted.iter().zip(&mean) {
-        assert!((x - y).abs() < 1e-6, "{counted:?} vs {mean:?}");
-    }
+fn diloco_bench_overlap_within_a_round_trains_the_same_tokens() {
+    let mut cfg = quick_bench(2, 4, 3);
+    cfg.eval_every = 1;
+    let arm = |spec: &str| run_spec(&cfg, spec);
+    let (sync, overlapped) = (arm("fp32"), arm("fp32,overlap=2"));
+    assert_eq!(sync.tokens, overlapped.tokens);
+    assert_ne!(sync.heldout_per_round[0], overlapped.heldout_per_round[0]);
+    assert!(overlapped.heldout_loss.is_finite());
+    assert_eq!(
+        arm("fp32,overlap=0").heldout_per_round,
+        sync.heldout_per_round
+    );
+    let error = run_arm(
+        &cfg,
+        &Device::Cpu,
+        "d",
+        ArmKind::Diloco(arm_spec("fp32,overlap=4")),
+        &mut |_| {},
+    )
+    .expect_err("overlap = H");
+    assert!(
+        error.to_string().contains("fewer than the arm's H = 4"),
+        "{error}"
+    );
 }
 
 /// `seeds: N` runs the whole bench on seeds `seed`..`seed + N`: each seed's

@@ -12,9 +12,17 @@
 //!   N rounds earlier, and the outer step applies their updates to the
 //!   current θ (the one-round-delayed outer step docs/architecture.md,
 //!   "Overlapped rounds", designs; N ≤ 4);
-//! - `count=1` — for sparse codecs: each coordinate of the average is
-//!   divided by the weight of the workers that sent it, not of all workers
-//!   ([`count_normalized_mean_into`](super::count_normalized_mean_into)).
+//! - `overlap=S` — overlap within a round: each worker commits its update
+//!   after H − S steps, trains the round's last S steps while the update
+//!   travels (from θ_r minus its decoded update, a point anyone can
+//!   recompute), and starts the next round from θ_{r+1} plus what those S
+//!   steps added, so every update after the first still spans H steps
+//!   (docs/architecture.md, "Overlapped rounds"; S < H, not with a delay);
+//!   `carry=X` scales what those S steps added before it moves onto
+//!   θ_{r+1} (default 1; 0 drops it and restarts from θ_{r+1});
+//! - `count=1` — short for `rule=support-mean`: for sparse codecs, each
+//!   coordinate of the average is divided by the weight of the workers that
+//!   sent it, not of all workers (an aggregation rule a run can name too).
 //!
 //! For example `topk:4096:128:4,h=60,decay=0.95,warm=1024:4`.
 
@@ -37,8 +45,12 @@ pub struct ArmSpec {
     /// Rounds between the θ the workers train from and the θ their updates
     /// are applied to (0: synchronous).
     pub delay: u32,
-    /// Average each coordinate over the workers that sent it.
-    pub count_normalized: bool,
+    /// Steps of each round trained after the commit, carried into the next
+    /// round (0: none).
+    pub overlap: u32,
+    /// The share of the overlapped steps' progress carried onto θ_{r+1}
+    /// (`None`: all of it).
+    pub carry: Option<f32>,
 }
 
 /// The largest `delay=N` an arm takes.
@@ -54,7 +66,8 @@ impl ArmSpec {
             outer_momentum: None,
             rule: None,
             delay: 0,
-            count_normalized: false,
+            overlap: 0,
+            carry: None,
         }
     }
 
@@ -74,8 +87,16 @@ impl ArmSpec {
         {
             return Err(format!("outer momentum {m} must be in [0, 1)"));
         }
-        if self.count_normalized && self.rule.is_some() {
-            return Err("count=1 is its own way of averaging; it takes no rule".to_string());
+        if let Some(carry) = self.carry {
+            if self.overlap == 0 {
+                return Err("carry applies to overlap=S".to_string());
+            }
+            if !(0.0..=1.0).contains(&carry) {
+                return Err(format!("carry {carry} must be in [0, 1]"));
+            }
+        }
+        if self.overlap > 0 && self.delay > 0 {
+            return Err("overlap and delay are two ways of overlapping; give one".to_string());
         }
         if self.delay > MAX_DELAY {
             return Err(format!(
@@ -105,8 +126,11 @@ impl fmt::Display for ArmSpec {
         if self.delay > 0 {
             write!(f, ",delay={}", self.delay)?;
         }
-        if self.count_normalized {
-            write!(f, ",count=1")?;
+        if self.overlap > 0 {
+            write!(f, ",overlap={}", self.overlap)?;
+        }
+        if let Some(carry) = self.carry {
+            write!(f, ",carry={carry}")?;
         }
         Ok(())
     }
@@ -132,7 +156,8 @@ impl FromStr for ArmSpec {
             outer_momentum: None,
             rule: None,
             delay: 0,
-            count_normalized: false,
+            overlap: 0,
+            carry: None,
         };
         for (key, value) in rest {
             let number = |what: &str| {
@@ -152,10 +177,15 @@ impl FromStr for ArmSpec {
                 }
                 "olr" => spec.outer_lr = Some(number("olr")?),
                 "count" => {
-                    spec.count_normalized = match value {
-                        "1" => true,
-                        "0" => false,
+                    let rule = match value {
+                        "1" => AggregationRule::SupportMean,
+                        "0" => AggregationRule::Mean,
                         _ => return Err(wrap(format!("count `{value}` is not 0 or 1"))),
+                    };
+                    if spec.rule.replace(rule).is_some() {
+                        return Err(wrap(
+                            "count=1 is its own rule; give one of count or rule".into(),
+                        ));
                     }
                 }
                 "delay" => {
@@ -163,17 +193,26 @@ impl FromStr for ArmSpec {
                         .parse::<u32>()
                         .map_err(|_| wrap(format!("delay `{value}` is not a whole number")))?
                 }
+                "overlap" => {
+                    spec.overlap = value
+                        .parse::<u32>()
+                        .map_err(|_| wrap(format!("overlap `{value}` is not a whole number")))?
+                }
+                "carry" => spec.carry = Some(number("carry")?),
                 "om" => spec.outer_momentum = Some(number("om")?),
                 "rule" => {
-                    spec.rule = Some(
-                        value
-                            .parse::<AggregationRule>()
-                            .map_err(|e| wrap(e.to_string()))?,
-                    )
+                    let rule = value
+                        .parse::<AggregationRule>()
+                        .map_err(|e| wrap(e.to_string()))?;
+                    if spec.rule.replace(rule).is_some() {
+                        return Err(wrap(
+                            "count=1 is its own rule; give one of count or rule".into(),
+                        ));
+                    }
                 }
                 _ => {
                     return Err(wrap(format!(
-                        "unknown key `{key}` (expected h, olr, om, rule, delay, count, decay or warm)"
+                        "unknown key `{key}` (expected h, olr, om, rule, delay, overlap, carry, count, decay or warm)"
                     )));
                 }
             }
@@ -221,8 +260,14 @@ mod tests {
         );
         assert_eq!(parse(&spec.to_string()), Ok(spec));
         let counted = parse("topk:4096:64:2,count=1").unwrap_or_else(|e| panic!("{e}"));
-        assert!(counted.count_normalized);
-        assert_eq!(counted.to_string(), "topk:4096:64:2,count=1");
+        assert_eq!(counted.rule, Some(AggregationRule::SupportMean));
+        assert_eq!(counted.to_string(), "topk:4096:64:2,rule=support-mean");
+        let overlapped = parse("fp32,overlap=5").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(overlapped.overlap, 5);
+        assert_eq!(overlapped.to_string(), "fp32,overlap=5");
+        let carried = parse("fp32,overlap=5,carry=0.5").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(carried.carry, Some(0.5));
+        assert_eq!(carried.to_string(), "fp32,overlap=5,carry=0.5");
         let delayed = parse("int8:256,delay=1").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(delayed.delay, 1);
         assert_eq!(delayed.to_string(), "int8:256,delay=1");
@@ -252,8 +297,16 @@ mod tests {
             ("fp32,speed=9", "unknown key `speed`"),
             ("fp32,delay=5", "more than 4 rounds"),
             ("topk:4096:64:2,count=2", "not 0 or 1"),
-            ("topk:4096:64:2,count=1,rule=mean", "takes no rule"),
+            (
+                "topk:4096:64:2,count=1,rule=mean",
+                "give one of count or rule",
+            ),
+            ("topk:4096:64:2,rule=median", "invalid aggregation rule"),
             ("fp32,delay=-1", "not a whole number"),
+            ("fp32,overlap=x", "not a whole number"),
+            ("fp32,overlap=2,delay=1", "give one"),
+            ("fp32,carry=0.5", "applies to overlap"),
+            ("fp32,overlap=2,carry=2", "must be in [0, 1]"),
             ("fp32,h", "not key=value"),
         ] {
             let error = parse(text).expect_err(text);
