@@ -441,6 +441,7 @@ async fn raw_client(
         upload: barnraise_node::limiter::RateLimiter::new(None),
         coordinator_key: None,
         serve_coordinator: false,
+        link: None,
     })?;
     tokio::spawn(event_loop.run(shutdown.child_token()));
     // Nobody needs the client's events; drain them so it never blocks.

@@ -959,6 +959,12 @@ fn up_runs_end_to_end_and_reports_json() {
             "--seq-len",
             "64",
             "--json",
+            // Every node behind a userspace link (the shaper's own tests
+            // check its rate and latency on a paused clock).
+            "--link-mbps",
+            "400",
+            "--link-latency-ms",
+            "5",
             "--data-dir",
         ])
         .arg(dir.path())
@@ -985,6 +991,26 @@ fn up_runs_end_to_end_and_reports_json() {
         Some(2),
         "{report}"
     );
+    // All of a node's traffic went through its link: what came in covers
+    // every blob it downloaded (from peers and from the coordinator).
+    let link = &report["link"];
+    assert_eq!(link["latency_ms"], 5, "{report}");
+    let links = link["nodes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(links.len(), 2, "{report}");
+    for (counts, node) in links
+        .iter()
+        .zip(report["node_summaries"].as_array().unwrap())
+    {
+        let received = counts["bytes_received"].as_u64().unwrap_or(0);
+        let downloaded = node["downloaded_bytes"].as_u64().unwrap_or(u64::MAX);
+        assert!(received >= downloaded, "{counts} vs {node}");
+        let served = node["served_to_peers_bytes"].as_u64().unwrap_or(u64::MAX);
+        assert!(counts["bytes_sent"].as_u64().unwrap_or(0) >= served, "{counts} vs {node}");
+        assert!(
+            counts["delayed_chunks"].as_u64().unwrap_or(0) > 0,
+            "{counts}"
+        );
+    }
     // It ends with text from the untrained and the trained model.
     let samples = &report["samples"];
     assert_eq!(samples["round"], 2, "{report}");
@@ -1005,6 +1031,16 @@ fn wrong_flags_get_clear_errors() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("enormous"), "{stderr}");
+    let output = std::process::Command::new(bin)
+        .args(["up", "--link-mbps", "0", "--data-dir", "/nonexistent/x"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--link-mbps 0 must be a positive number"),
+        "{stderr}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("node.key");

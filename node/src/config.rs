@@ -68,6 +68,10 @@ pub struct NodeConfig {
     /// SIGUSR2). Not read from config files.
     #[serde(skip)]
     pub pause: Option<crate::activity::PauseSwitch>,
+    /// Shape the node's TCP traffic through a userspace link (`barnraise up
+    /// --link-mbps/--link-latency-ms`). Not read from config files.
+    #[serde(skip)]
+    pub link: Option<crate::network::shaper::Link>,
     /// Fault injection for tests of cluster mode: this worker panics in
     /// every round. Not read from config files.
     #[doc(hidden)]
@@ -170,6 +174,7 @@ impl Default for NodeConfig {
             schedule: None,
             threads: None,
             pause: None,
+            link: None,
             fault_crash_worker: None,
             fault_step_delay_ms: None,
         }

@@ -332,6 +332,7 @@ async fn network_checks(config: &NodeConfig, key: &SigningKey, checks: &mut Vec<
         upload: RateLimiter::unlimited(),
         coordinator_key: None,
         serve_coordinator: false,
+        link: None,
     };
     let (client, _events, mut event_loop) = match network::new(network_config) {
         Ok(parts) => parts,

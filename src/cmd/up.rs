@@ -7,6 +7,7 @@
 use anyhow::Context;
 use barnraise_coordinator::config::{CoordinatorConfig, DatasetSource, Quorum};
 use barnraise_coordinator::summary::{CoordinatorEvent, NetworkTotals, RunSummary};
+use barnraise_node::network::shaper::{Link, LinkShape};
 use barnraise_node::{NodeConfig, NodeEvent, NodeSummary};
 use barnraise_trainer::ModelConfig;
 use barnraise_trainer::bench::human_bytes;
@@ -14,6 +15,7 @@ use clap::Args as ClapArgs;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -50,8 +52,8 @@ pub struct Args {
     /// most compressed codec measured at parity with fp32 at up's scale.
     #[arg(long, default_value = DEFAULT_CODEC)]
     pub codec: String,
-    /// Aggregation rule: mean, trimmed-mean:F, centered-clip:TAU.
-    #[arg(long, default_value = "mean")]
+    /// Aggregation rule: mean, support-mean (for top-k codecs), trimmed-mean:F, centered-clip:TAU.
+    #[arg(long, default_value = DEFAULT_AGGREGATION)]
     pub aggregation: String,
     /// Where the ledger, blobs and keys go [default: a new folder under ~/.barnraise/up].
     #[arg(long)]
@@ -70,6 +72,21 @@ pub struct Args {
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Give every node a link of N Mbit/s each way, shaped in userspace
+    /// (the coordinator is not shaped; docs/running-a-node.md, "A slow
+    /// link, simulated").
+    #[arg(long, value_name = "MBPS")]
+    pub link_mbps: Option<f64>,
+    /// Delay what every node receives by N ms: N between a node and the
+    /// coordinator a round trip, 2N between two nodes.
+    #[arg(long, value_name = "MS")]
+    pub link_latency_ms: Option<u64>,
+    /// Give the nodes keys derived from this seed, so that runs with the
+    /// same seed plan the same shards for the same nodes (paired
+    /// comparisons: docs/training.md, "What the codec costs in `up`")
+    /// [default: new random keys every run].
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 const RUN_ID: &str = "barnraise-up";
@@ -111,6 +128,8 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
             args.model
         )
     })?;
+    let shape = LinkShape::new(args.link_mbps, args.link_latency_ms).map_err(anyhow::Error::msg)?;
+    let links: Vec<Option<Link>> = (0..args.nodes).map(|_| shape.map(Link::new)).collect();
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -163,6 +182,9 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
         eprintln!("  dashboard  http://{http}/   (while the run lasts)");
         eprintln!("  API        http://{http}/api/v1/run   metrics http://{http}/metrics");
         eprintln!("  dial       {dial}");
+        if let Some(shape) = shape {
+            eprintln!("  links      every node: {shape} (userspace shaper)");
+        }
     }
 
     // Ctrl-C stops everything cleanly; what was committed stays in the ledger.
@@ -179,6 +201,9 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
     let (node_events_tx, mut node_events) = mpsc::channel::<(u32, NodeEvent)>(256);
     let mut nodes = tokio::task::JoinSet::new();
     for i in 0..args.nodes {
+        if let Some(seed) = args.seed {
+            seeded_node_key(&data_dir.join(format!("node-{i}")), seed, i)?;
+        }
         let node_config = NodeConfig {
             coordinator: dial.clone(),
             data_dir: data_dir.join(format!("node-{i}")),
@@ -186,6 +211,7 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
             precision: args.precision,
             run_id: RUN_ID.into(),
             max_rounds: Some(args.rounds),
+            link: links[i as usize].clone(),
             ..NodeConfig::default()
         };
         let (tx, mut rx) = mpsc::channel::<NodeEvent>(64);
@@ -267,54 +293,139 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
         data_dir,
     );
     report.samples = samples;
+    report.link = shape.map(|shape| LinkReport {
+        mbps: shape.mbps,
+        latency_ms: shape.latency_ms,
+        nodes: links
+            .iter()
+            .flatten()
+            .map(|link| {
+                let c = link.counters();
+                LinkCounts {
+                    bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
+                    bytes_received: c.bytes_received.load(Ordering::Relaxed),
+                    rate_waits: c.rate_waits.load(Ordering::Relaxed),
+                    delayed_chunks: c.delayed_chunks.load(Ordering::Relaxed),
+                }
+            })
+            .collect(),
+    });
     Ok(Finished {
         report,
         json: args.json,
     })
 }
 
-/// What is measured about each codec at `up`'s default scale (`small`, 3
-/// nodes, 6 rounds, H = 12): the mean held-out loss after the last round and
-/// the traffic reduction against data-parallel, from `barnraise up --json
-/// --codec C` run one after another on one machine (docs/training.md, "What
-/// the codec costs in `up`"). A run's node ids, and so its shard assignment,
-/// differ every time, and fp32's final loss moved 1.804–1.924 over three
-/// runs: a gap under about 3 points is within one run's noise.
-pub const MEASURED_AT_UP_SCALE: &[(&str, f64, f64)] = &[
-    ("fp32", 1.8604, 16.0),
-    ("int8:256", 1.8217, 63.0),
-    ("topk:4096:2048:4", 1.8125, 169.7),
-    ("topk:4096:64:2,decay=0.95,warm=4096:2", 1.9247, 588.5),
-    ("topk:4096:64:2", 2.1597, 2182.8),
+/// One measured point at `up`'s default scale (`small`, 3 nodes, 6 rounds,
+/// H = 12): a codec and aggregation rule, the mean held-out loss after the
+/// last round and the traffic reduction against data-parallel, from
+/// `barnraise up --json --codec C --aggregation A` run one after another on
+/// one machine (docs/training.md, "What the codec costs in `up`"). A run's
+/// node ids, and so its shard assignment, differ every time, and fp32's
+/// final loss moved 1.804–1.924 over three runs: a gap under about 3 points
+/// is within one run's noise.
+pub struct Measured {
+    pub codec: &'static str,
+    pub aggregation: &'static str,
+    pub loss: f64,
+    pub reduction: f64,
+}
+
+const fn measured(
+    codec: &'static str,
+    aggregation: &'static str,
+    loss: f64,
+    reduction: f64,
+) -> Measured {
+    Measured {
+        codec,
+        aggregation,
+        loss,
+        reduction,
+    }
+}
+
+pub const MEASURED_AT_UP_SCALE: &[Measured] = &[
+    measured("fp32", "mean", 1.8604, 16.0),
+    measured("int8:256", "mean", 1.8217, 63.0),
+    measured("topk:4096:2048:4", "mean", 1.8125, 169.7),
+    measured(
+        "topk:4096:64:2,decay=0.95,warm=4096:2",
+        "mean",
+        1.9247,
+        588.5,
+    ),
+    measured("topk:4096:64:2", "mean", 2.1597, 2182.8),
 ];
 
 /// `up`'s default codec: the most compressed one measured at parity at
 /// `up`'s scale (mean of two runs, 2.6% below fp32's mean of three).
 pub const DEFAULT_CODEC: &str = "topk:4096:2048:4";
 
+/// `up`'s default aggregation rule, measured with [`DEFAULT_CODEC`].
+pub const DEFAULT_AGGREGATION: &str = "mean";
+
 /// Held-out loss above parity with fp32 that still counts as parity (issue #19's bar).
 pub const PARITY: f64 = 0.02;
 
-/// `codec` as the run will name it (a codec with its decay and warm-up),
-/// or `None` when it does not parse.
-fn canonical_codec(codec: &str) -> Option<String> {
-    codec
+/// `codec` and `aggregation` as the run will name them (a codec with its
+/// decay and warm-up), or `None` when either does not parse.
+fn canonical(codec: &str, aggregation: &str) -> Option<(String, String)> {
+    let codec = codec
         .parse::<barnraise_protocol::codec::CodecSchedule>()
-        .ok()
-        .map(|c| c.to_string())
+        .ok()?;
+    let rule = aggregation
+        .parse::<barnraise_protocol::aggregate::AggregationRule>()
+        .ok()?;
+    Some((codec.to_string(), rule.to_string()))
 }
 
-/// The measured loss cost of `codec` against fp32 at `up`'s default scale,
-/// as a fraction (0.236 = 23.6% above), if it was measured.
-pub fn measured_loss_cost(codec: &str) -> Option<f64> {
-    let canonical = canonical_codec(codec)?;
-    let loss = |name: &str| {
+/// How a measured point is named in `up`'s summary.
+fn setting_name(codec: &str, aggregation: &str) -> String {
+    if aggregation == "mean" {
+        codec.to_string()
+    } else {
+        format!("{codec} with {aggregation}")
+    }
+}
+
+/// The measured loss cost of `codec` under `aggregation` against fp32 at
+/// `up`'s default scale, as a fraction (0.236 = 23.6% above), if it was
+/// measured.
+pub fn measured_loss_cost(codec: &str, aggregation: &str) -> Option<f64> {
+    let (codec, aggregation) = canonical(codec, aggregation)?;
+    let loss = |codec: &str, aggregation: &str| {
         MEASURED_AT_UP_SCALE
             .iter()
-            .find(|(c, _, _)| *c == name)
-            .map(|(_, l, _)| *l)
+            .find(|m| m.codec == codec && m.aggregation == aggregation)
+            .map(|m| m.loss)
     };
-    Some(loss(&canonical)? / loss("fp32")? - 1.0)
+    Some(loss(&codec, &aggregation)? / loss("fp32", "mean")? - 1.0)
+}
+
+/// Writes node `index`'s key derived from `seed` into `node_dir`, or checks
+/// that the key already there is that one.
+fn seeded_node_key(node_dir: &std::path::Path, seed: u64, index: u32) -> anyhow::Result<()> {
+    let mut bytes = [0u8; 32];
+    for (i, part) in bytes.chunks_mut(8).enumerate() {
+        let label = format!("barnraise up node {index} key part {i}");
+        part.copy_from_slice(&barnraise_trainer::rng::derive_seed(seed, &label).to_le_bytes());
+    }
+    let key = barnraise_protocol::SigningKey::from_seed(bytes)?;
+    let path = node_dir.join("node.key");
+    if path.exists() {
+        let existing = barnraise_protocol::SigningKey::load(&path)?;
+        anyhow::ensure!(
+            existing.node_id() == key.node_id(),
+            "{} holds another key than --seed {seed} gives node {index}; use a new --data-dir",
+            path.display()
+        );
+        return Ok(());
+    }
+    std::fs::create_dir_all(node_dir)
+        .with_context(|| format!("creating {}", node_dir.display()))?;
+    key.save_new(&path)?;
+    Ok(())
 }
 
 /// What `barnraise up` prints at the end (and as JSON with `--json`).
@@ -324,6 +435,7 @@ pub struct UpReport {
     pub model: String,
     pub params: usize,
     pub codec: String,
+    pub aggregation: String,
     pub nodes: u32,
     pub inner_steps: u32,
     pub wall_seconds: f64,
@@ -351,6 +463,26 @@ pub struct UpReport {
     pub summary: RunSummary,
     /// Text from the untrained and the trained model, same prompt and seed.
     pub samples: Option<Samples>,
+    /// The simulated links (`--link-mbps`, `--link-latency-ms`), if any.
+    pub link: Option<LinkReport>,
+}
+
+/// The userspace links the nodes ran behind, and what went through each.
+#[derive(Debug, Serialize)]
+pub struct LinkReport {
+    pub mbps: Option<f64>,
+    pub latency_ms: u64,
+    /// Per node, in node order.
+    pub nodes: Vec<LinkCounts>,
+}
+
+/// One node's link counters ([`barnraise_node::network::shaper::LinkCounters`]).
+#[derive(Debug, Serialize)]
+pub struct LinkCounts {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub rate_waits: u64,
+    pub delayed_chunks: u64,
 }
 
 /// What the model learned, shown as text (`barnraise generate` on θ_0 and
@@ -524,6 +656,7 @@ impl UpReport {
             model: args.model.clone(),
             params,
             codec: args.codec.clone(),
+            aggregation: args.aggregation.clone(),
             nodes: args.nodes,
             inner_steps: args.inner_steps,
             wall_seconds: wall.as_secs_f64(),
@@ -539,8 +672,9 @@ impl UpReport {
             } else {
                 0.0
             },
-            codec_loss_cost: measured_loss_cost(&args.codec),
-            codec_at_parity: measured_loss_cost(&args.codec).map(|c| c <= PARITY),
+            codec_loss_cost: measured_loss_cost(&args.codec, &args.aggregation),
+            codec_at_parity: measured_loss_cost(&args.codec, &args.aggregation)
+                .map(|c| c <= PARITY),
             nodes_in_agreement,
             mean_utilization,
             node_summaries,
@@ -548,6 +682,7 @@ impl UpReport {
             rounds: summary.rounds.clone(),
             summary,
             samples: None,
+            link: None,
         }
     }
 }
@@ -599,23 +734,29 @@ impl std::fmt::Display for UpReport {
             self.communication_reduction,
             self.compression_ratio
         )?;
+        let setting = setting_name(&self.codec, &self.aggregation);
         match self.codec_loss_cost {
             Some(cost) => writeln!(
                 f,
-                "what the codec costs: at up's default scale, {} ended {:+.1}% from fp32 in held-out loss \
+                "what the codec costs: at up's default scale, {setting} ended {:+.1}% from fp32 in held-out loss \
                  (mean of repeated runs; docs/training.md){}",
-                self.codec,
                 cost * 100.0,
                 if cost <= PARITY {
                     ": at parity".to_string()
                 } else {
-                    let ours = canonical_codec(&self.codec).unwrap_or_default();
+                    let ours = canonical(&self.codec, &self.aggregation).unwrap_or_default();
                     let others: Vec<String> = MEASURED_AT_UP_SCALE
                         .iter()
-                        .filter(|(c, _, _)| *c != ours)
-                        .filter_map(|(c, _, x)| {
-                            measured_loss_cost(c)
-                                .map(|l| format!("{c} {:+.1}% at {x:.0}x", l * 100.0))
+                        .filter(|m| (m.codec, m.aggregation) != (ours.0.as_str(), ours.1.as_str()))
+                        .filter_map(|m| {
+                            measured_loss_cost(m.codec, m.aggregation).map(|l| {
+                                format!(
+                                    "{} {:+.1}% at {:.0}x",
+                                    setting_name(m.codec, m.aggregation),
+                                    l * 100.0,
+                                    m.reduction
+                                )
+                            })
                         })
                         .collect();
                     format!(
@@ -626,8 +767,7 @@ impl std::fmt::Display for UpReport {
             )?,
             None => writeln!(
                 f,
-                "what the codec costs: {} has not been measured against fp32 at up's scale",
-                self.codec
+                "what the codec costs: {setting} has not been measured against fp32 at up's scale"
             )?,
         }
         let n = &self.network;
@@ -662,6 +802,28 @@ impl std::fmt::Display for UpReport {
                  their last manifest (each: {})",
                 mean * 100.0,
                 each.join(", ")
+            )?;
+        }
+        if let Some(link) = &self.link {
+            let shape = LinkShape {
+                mbps: link.mbps,
+                latency_ms: link.latency_ms,
+            };
+            let each: Vec<String> = link
+                .nodes
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{} out, {} in",
+                        human_bytes(n.bytes_sent),
+                        human_bytes(n.bytes_received)
+                    )
+                })
+                .collect();
+            writeln!(
+                f,
+                "links: every node behind {shape}, shaped in userspace (each: {})",
+                each.join("; ")
             )?;
         }
         writeln!(f)?;
@@ -722,47 +884,76 @@ impl std::fmt::Display for UpReport {
 
 #[cfg(test)]
 mod tests {
+    /// `--seed` gives each node its own key, the same one every run, and
+    /// refuses to overwrite another key.
+    #[test]
+    fn seeded_node_keys_repeat_and_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = |path: &std::path::Path| {
+            barnraise_protocol::SigningKey::load(&path.join("node.key"))
+                .unwrap()
+                .node_id()
+        };
+        let (a, b, c) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+        );
+        super::seeded_node_key(&a, 7, 0).unwrap();
+        super::seeded_node_key(&b, 7, 0).unwrap();
+        super::seeded_node_key(&c, 7, 1).unwrap();
+        assert_eq!(id(&a), id(&b));
+        assert_ne!(id(&a), id(&c));
+        super::seeded_node_key(&a, 7, 0).expect("the same key again is fine");
+        let error = super::seeded_node_key(&a, 8, 0).expect_err("another seed's key");
+        assert!(error.to_string().contains("another key"), "{error}");
+    }
+
     #[test]
     fn codec_costs_come_from_the_measured_table() {
-        let topk = super::measured_loss_cost("topk").unwrap_or(f64::NAN);
+        use super::{
+            DEFAULT_AGGREGATION, DEFAULT_CODEC, MEASURED_AT_UP_SCALE, PARITY, measured_loss_cost,
+        };
+        let topk = measured_loss_cost("topk", "mean").unwrap_or(f64::NAN);
         assert!((topk - (2.1597 / 1.8604 - 1.0)).abs() < 1e-12, "{topk}");
-        assert!(
-            topk > super::PARITY,
-            "the old default top-k is not at parity"
-        );
-        assert_eq!(super::measured_loss_cost("fp32"), Some(0.0));
+        assert!(topk > PARITY, "the old default top-k is not at parity");
+        assert_eq!(measured_loss_cost("fp32", "mean"), Some(0.0));
         assert_eq!(
-            super::measured_loss_cost("int8"),
-            super::measured_loss_cost("int8:256"),
+            measured_loss_cost("int8", "mean"),
+            measured_loss_cost("int8:256", "mean"),
             "codec names are compared in canonical form"
         );
-        let default = super::measured_loss_cost(super::DEFAULT_CODEC).unwrap_or(f64::NAN);
-        assert!(
-            default <= super::PARITY,
-            "the default is at parity: {default}"
-        );
-        // No codec measured at parity sends less than the default.
-        let reduction = |c: &str| {
-            super::MEASURED_AT_UP_SCALE
-                .iter()
-                .find(|(name, _, _)| *name == c)
-                .map(|(_, _, x)| *x)
-                .unwrap_or(f64::NAN)
-        };
-        for (codec, _, x) in super::MEASURED_AT_UP_SCALE {
-            if super::measured_loss_cost(codec).is_some_and(|c| c <= super::PARITY) {
+        let default = measured_loss_cost(DEFAULT_CODEC, DEFAULT_AGGREGATION).unwrap_or(f64::NAN);
+        assert!(default <= PARITY, "the default is at parity: {default}");
+        // No setting measured at parity sends less than the default.
+        let canonical = super::canonical(DEFAULT_CODEC, DEFAULT_AGGREGATION).unwrap_or_default();
+        let default_reduction = MEASURED_AT_UP_SCALE
+            .iter()
+            .find(|m| (m.codec, m.aggregation) == (canonical.0.as_str(), canonical.1.as_str()))
+            .map(|m| m.reduction)
+            .unwrap_or(f64::NAN);
+        for m in MEASURED_AT_UP_SCALE {
+            if measured_loss_cost(m.codec, m.aggregation).is_some_and(|c| c <= PARITY) {
                 assert!(
-                    *x <= reduction(super::DEFAULT_CODEC),
-                    "{codec} beats the default"
+                    m.reduction <= default_reduction,
+                    "{} with {} beats the default",
+                    m.codec,
+                    m.aggregation
                 );
             }
         }
         // A schedule is looked up by its canonical name too.
         assert!(
-            super::measured_loss_cost("topk:4096:64:2,warm=4096:2,decay=0.95")
-                .is_some_and(|c| c > super::PARITY)
+            measured_loss_cost("topk:4096:64:2,warm=4096:2,decay=0.95", "mean")
+                .is_some_and(|c| c > PARITY)
         );
-        assert_eq!(super::measured_loss_cost("topk:4096:1024:4"), None);
-        assert_eq!(super::measured_loss_cost("nonsense"), None);
+        assert_eq!(measured_loss_cost("topk:4096:1024:4", "mean"), None);
+        assert_eq!(measured_loss_cost("nonsense", "mean"), None);
+        assert_eq!(measured_loss_cost("fp32", "median"), None);
+        assert_eq!(
+            measured_loss_cost("topk:4096:64:2,decay=0.95,warm=4096:2", "trimmed-mean:0.2"),
+            None,
+            "a codec measured under one rule says nothing about another"
+        );
     }
 }

@@ -309,6 +309,7 @@ pub async fn run_node_with(
         upload: RateLimiter::new(config.upload_limit),
         coordinator_key,
         serve_coordinator: false,
+        link: config.link.clone(),
     };
     let (client, network_events, mut event_loop) = network::new(network_config)?;
     let listen_addrs = event_loop

@@ -3,6 +3,7 @@
 //! blobs (reading them on blocking threads so the swarm never waits on disk).
 
 use super::codec::{BlobCodec, CoordinatorCodec};
+use super::shaper::Shaped;
 use super::{
     BlobSource, Command, Event, MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS_PER_PEER,
     MAX_ESTABLISHED_CONNECTIONS, MAX_PENDING_CONNECTIONS, NetworkConfig, NetworkError,
@@ -15,7 +16,7 @@ use barnraise_protocol::messages::{
 };
 use barnraise_protocol::{PublicKey, Signed};
 use futures::StreamExt;
-use libp2p::core::ConnectedPoint;
+use libp2p::core::{ConnectedPoint, Transport as _, upgrade};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
@@ -112,13 +113,22 @@ impl EventLoop {
         let gossip = gossip_config()?;
         let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
             .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| build(&e))?
             .with_quic()
+            // TCP as `with_tcp` builds it, with every connection's bytes
+            // through the link shaper (a pass-through without a link).
+            .with_other_transport(|key| {
+                let link = config.link.clone();
+                let noise = noise::Config::new(key)
+                    .map_err(Box::<dyn std::error::Error + Send + Sync>::from)?;
+                Ok(
+                    tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                        .map(move |stream, _| Shaped::new(stream, link.clone()))
+                        .upgrade(upgrade::Version::V1Lazy)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default()),
+                )
+            })
+            .map_err(|e| build(&e))?
             .with_relay_client(noise::Config::new, yamux::Config::default)
             .map_err(|e| build(&e))?
             .with_behaviour(|key, relay| {

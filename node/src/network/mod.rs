@@ -1,4 +1,5 @@
-//! The node's network layer: one libp2p swarm (TCP and QUIC, noise, yamux)
+//! The node's network layer: one libp2p swarm (TCP and QUIC, noise, yamux;
+//! TCP optionally through a userspace link shaper, [`shaper`])
 //! running identify, ping, Kademlia, gossipsub, two request-response
 //! protocols, AutoNAT, a relay client and DCUtR, under connection limits.
 //!
@@ -27,6 +28,7 @@
 
 pub mod codec;
 mod event_loop;
+pub mod shaper;
 
 use crate::limiter::RateLimiter;
 use crate::store::{BlobStore, StoreError};
@@ -209,6 +211,9 @@ pub struct NetworkConfig {
     pub coordinator_key: Option<PublicKey>,
     /// Answer the coordinator protocol (a coordinator, or a fake one in tests).
     pub serve_coordinator: bool,
+    /// Shape every TCP connection's bytes through this link (`up
+    /// --link-mbps/--link-latency-ms`; `None` for a real node).
+    pub link: Option<shaper::Link>,
 }
 
 /// The commands a [`Client`] sends the event loop.

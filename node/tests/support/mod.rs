@@ -41,6 +41,7 @@ pub async fn spawn_peer(seed: u8, blobs: Arc<dyn BlobSource>, serve_coordinator:
         upload: RateLimiter::unlimited(),
         coordinator_key: None,
         serve_coordinator,
+        link: None,
     };
     let (client, events, mut event_loop) = network::new(config).unwrap();
     let addrs = event_loop.wait_for_listen_addrs(PATIENCE).await;
