@@ -1005,7 +1005,10 @@ fn up_runs_end_to_end_and_reports_json() {
         let downloaded = node["downloaded_bytes"].as_u64().unwrap_or(u64::MAX);
         assert!(received >= downloaded, "{counts} vs {node}");
         let served = node["served_to_peers_bytes"].as_u64().unwrap_or(u64::MAX);
-        assert!(counts["bytes_sent"].as_u64().unwrap_or(0) >= served, "{counts} vs {node}");
+        assert!(
+            counts["bytes_sent"].as_u64().unwrap_or(0) >= served,
+            "{counts} vs {node}"
+        );
         assert!(
             counts["delayed_chunks"].as_u64().unwrap_or(0) > 0,
             "{counts}"

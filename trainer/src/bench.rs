@@ -754,15 +754,29 @@ fn run_diloco_arm(
                     start.extend(base.iter().zip(&offset).map(|(b, o)| b + carry * o));
                     worker.set_flat_params(&start)?;
                 }
+                // Eager: θ_{r−1} (all a worker knows of the global θ while
+                // round r−1's updates travel) minus its own decoded update
+                // of round r−1, the proxy for the round's average; its
+                // update is then measured from there.
+                None if spec.eager && round > 0 => {
+                    start.clear();
+                    start.extend(base.iter().zip(&decoded[w]).map(|(b, d)| b - d));
+                    worker.set_flat_params(&start)?;
+                }
                 None => worker.set_flat_params(base)?,
             }
+            let origin: &[f32] = if spec.eager && round > 0 {
+                &start
+            } else {
+                base
+            };
             let seed = cfg.batch_seed(w, round);
             let mut inner = cfg.inner(round, cfg.batch_size, seed);
             inner.steps -= overlap;
             let report = worker.train_inner(&data.workers[w], &inner)?;
             tokens += report.tokens;
             let local = worker.flat_params()?;
-            let delta: Vec<f32> = base.iter().zip(&local).map(|(g, l)| g - l).collect();
+            let delta: Vec<f32> = origin.iter().zip(&local).map(|(g, l)| g - l).collect();
             let payload = encoder.encode(&delta)?;
             // Each worker's bytes are the same size; count worker 0's.
             if w == 0 {

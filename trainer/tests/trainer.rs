@@ -722,6 +722,39 @@ fn diloco_bench_delayed_outer_step_matches_sync_in_round_zero_only() {
     );
 }
 
+/// `delay=1,eager=1`: with one worker and plain averaging the worker's own
+/// update is the round's average, so starting from θ_{r−1} minus it is
+/// starting from θ_r, and the arm is the synchronous one up to rounding;
+/// the plain delayed arm is not.
+#[test]
+fn diloco_bench_eager_delayed_step_is_synchronous_for_one_worker() {
+    let mut cfg = quick_bench(1, 3, 4);
+    cfg.eval_every = 1;
+    cfg.outer.lr = 1.0;
+    cfg.outer.momentum = 0.0;
+    let arm = |spec: &str| run_spec(&cfg, spec);
+    let (sync, eager, delayed) = (
+        arm("fp32"),
+        arm("fp32,delay=1,eager=1"),
+        arm("fp32,delay=1"),
+    );
+    assert_eq!(sync.heldout_per_round.len(), 4);
+    for (s, e) in sync.heldout_per_round.iter().zip(&eager.heldout_per_round) {
+        assert!(
+            (s - e).abs() < 1e-4,
+            "{:?} vs {:?}",
+            sync.heldout_per_round,
+            eager.heldout_per_round
+        );
+    }
+    assert!(
+        (sync.heldout_loss - delayed.heldout_loss).abs() > 1e-3,
+        "{} vs {}",
+        sync.heldout_loss,
+        delayed.heldout_loss
+    );
+}
+
 /// `overlap=S` (overlap within a round, docs/architecture.md): the first
 /// update leaves after H − S steps, so the arm parts from the synchronous
 /// one in round 0; it trains on the same tokens; `overlap=0` is the

@@ -18,6 +18,11 @@
 //!   recompute), and starts the next round from θ_{r+1} plus what those S
 //!   steps added, so every update after the first still spans H steps
 //!   (docs/architecture.md, "Overlapped rounds"; S < H, not with a delay);
+//! - `eager=1` — with `delay=1`: each worker starts round r from θ_{r−1}
+//!   minus its own decoded update of round r−1 (its proxy for the round's
+//!   average, which is still travelling) and its update is measured from
+//!   there; a start anyone can recompute from the manifests and the
+//!   node's own committed update (arXiv 2502.12996's eager idea);
 //!   `carry=X` scales what those S steps added before it moves onto
 //!   θ_{r+1} (default 1; 0 drops it and restarts from θ_{r+1});
 //! - `count=1` — short for `rule=support-mean`: for sparse codecs, each
@@ -51,6 +56,9 @@ pub struct ArmSpec {
     /// The share of the overlapped steps' progress carried onto θ_{r+1}
     /// (`None`: all of it).
     pub carry: Option<f32>,
+    /// With `delay=1`: start each round from θ_{r−1} minus the worker's own
+    /// last decoded update.
+    pub eager: bool,
 }
 
 /// The largest `delay=N` an arm takes.
@@ -68,6 +76,7 @@ impl ArmSpec {
             delay: 0,
             overlap: 0,
             carry: None,
+            eager: false,
         }
     }
 
@@ -94,6 +103,9 @@ impl ArmSpec {
             if !(0.0..=1.0).contains(&carry) {
                 return Err(format!("carry {carry} must be in [0, 1]"));
             }
+        }
+        if self.eager && self.delay != 1 {
+            return Err("eager=1 goes with delay=1".to_string());
         }
         if self.overlap > 0 && self.delay > 0 {
             return Err("overlap and delay are two ways of overlapping; give one".to_string());
@@ -132,6 +144,9 @@ impl fmt::Display for ArmSpec {
         if let Some(carry) = self.carry {
             write!(f, ",carry={carry}")?;
         }
+        if self.eager {
+            write!(f, ",eager=1")?;
+        }
         Ok(())
     }
 }
@@ -158,6 +173,7 @@ impl FromStr for ArmSpec {
             delay: 0,
             overlap: 0,
             carry: None,
+            eager: false,
         };
         for (key, value) in rest {
             let number = |what: &str| {
@@ -199,6 +215,13 @@ impl FromStr for ArmSpec {
                         .map_err(|_| wrap(format!("overlap `{value}` is not a whole number")))?
                 }
                 "carry" => spec.carry = Some(number("carry")?),
+                "eager" => {
+                    spec.eager = match value {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(wrap(format!("eager `{value}` is not 0 or 1"))),
+                    }
+                }
                 "om" => spec.outer_momentum = Some(number("om")?),
                 "rule" => {
                     let rule = value
@@ -212,7 +235,7 @@ impl FromStr for ArmSpec {
                 }
                 _ => {
                     return Err(wrap(format!(
-                        "unknown key `{key}` (expected h, olr, om, rule, delay, overlap, carry, count, decay or warm)"
+                        "unknown key `{key}` (expected h, olr, om, rule, delay, eager, overlap, carry, count, decay or warm)"
                     )));
                 }
             }
@@ -268,6 +291,9 @@ mod tests {
         let carried = parse("fp32,overlap=5,carry=0.5").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(carried.carry, Some(0.5));
         assert_eq!(carried.to_string(), "fp32,overlap=5,carry=0.5");
+        let eager = parse("fp32,delay=1,eager=1").unwrap_or_else(|e| panic!("{e}"));
+        assert!(eager.eager);
+        assert_eq!(eager.to_string(), "fp32,delay=1,eager=1");
         let delayed = parse("int8:256,delay=1").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(delayed.delay, 1);
         assert_eq!(delayed.to_string(), "int8:256,delay=1");
@@ -306,6 +332,8 @@ mod tests {
             ("fp32,overlap=x", "not a whole number"),
             ("fp32,overlap=2,delay=1", "give one"),
             ("fp32,carry=0.5", "applies to overlap"),
+            ("fp32,eager=1", "goes with delay=1"),
+            ("fp32,delay=2,eager=1", "goes with delay=1"),
             ("fp32,overlap=2,carry=2", "must be in [0, 1]"),
             ("fp32,h", "not key=value"),
         ] {
