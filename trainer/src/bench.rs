@@ -787,12 +787,14 @@ fn run_diloco_arm(
             if overlap > 0 {
                 // The round's last S steps, while the update travels: from
                 // θ_r − decoded Δ (what the node sent, so a replay can start
-                // there too), on the rest of the round's batches.
+                // there too), on the rest of the round's batches: the ones
+                // the synchronous arm's last S steps draw.
                 let sent: Vec<f32> = base.iter().zip(&decoded[w]).map(|(b, d)| b - d).collect();
                 worker.set_flat_params(&sent)?;
-                let mut tail = cfg.inner(round, cfg.batch_size, seed ^ OVERLAP_SEED);
+                let mut tail = cfg.inner(round, cfg.batch_size, seed);
                 tail.steps = overlap;
                 tail.start_step += cfg.inner_steps - overlap;
+                tail.skip_batches = (cfg.inner_steps - overlap) * tail.accumulation.max(1);
                 let report = worker.train_inner(&data.workers[w], &tail)?;
                 tokens += report.tokens;
                 weight += report.tokens;
@@ -859,10 +861,6 @@ fn run_diloco_arm(
         gflops_per_s: 0.0,
     })
 }
-
-/// Mixed into a worker's batch seed for the steps it trains after its
-/// commit (`overlap=S`), so they draw other batches than the round's first.
-const OVERLAP_SEED: u64 = 0x6f76_6572_6c61_7030;
 
 /// Bytes in decimal units for tables (kB, MB, GB).
 pub fn human_bytes(bytes: u64) -> String {

@@ -60,6 +60,10 @@ pub struct InnerConfig {
     pub eps: f64,
     /// Seed of the batch sampler: same seed, same batches.
     pub seed: u64,
+    /// Batches of the seed's stream to pass over before the first step, so
+    /// that a round trained in two calls draws what one call would
+    /// (`bench diloco`'s `overlap=S`). 0 for nodes.
+    pub skip_batches: usize,
 }
 
 impl Default for InnerConfig {
@@ -80,6 +84,7 @@ impl Default for InnerConfig {
             beta2: 0.95,
             eps: 1e-8,
             seed: 0,
+            skip_batches: 0,
         }
     }
 }
@@ -473,6 +478,7 @@ impl Trainer {
         check_vocab(tokens, self.config.vocab_size)?;
         let accumulation = cfg.accumulation.max(1);
         let mut sampler = BatchSampler::new(tokens, cfg.batch_size, cfg.seq_len, cfg.seed)?;
+        sampler.skip(cfg.skip_batches);
         let mut losses = Vec::with_capacity(cfg.steps);
         for step in 0..cfg.steps {
             let loss = self

@@ -247,6 +247,11 @@ impl Service {
             missing = m.missing.len(),
             train_loss = ?done.closed.mean_loss,
             eval_loss = ?done.closed.eval_loss,
+            verify_ms = t.verify.as_millis() as u64,
+            probe_ms = t.probe.as_millis() as u64,
+            spot_ms = t.spot.as_millis() as u64,
+            aggregate_ms = t.aggregate.as_millis() as u64,
+            ledger_ms = done.ledger_time.as_millis() as u64,
             "round closed"
         );
         let _ = self.events.send(CoordinatorEvent::RoundClosed {

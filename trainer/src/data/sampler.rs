@@ -94,6 +94,15 @@ impl<'a> BatchSampler<'a> {
         }
         (inputs, targets)
     }
+
+    /// Passes over the next `batches` batches: the same draws
+    /// [`BatchSampler::next_batch`] would make, without building them.
+    pub fn skip(&mut self, batches: usize) {
+        let starts = (self.tokens.len() - self.seq_len) as u64;
+        for _ in 0..batches * self.batch_size {
+            self.rng.below(starts);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -113,6 +122,20 @@ mod tests {
         }
         let mut again = BatchSampler::new(&tokens, 3, 5, 42).expect("valid sampler");
         assert_eq!(again.next_batch(), (x, y));
+    }
+
+    #[test]
+    fn skipping_batches_draws_what_taking_them_would() {
+        let tokens: Vec<u16> = (0..1000).collect();
+        let mut taken = BatchSampler::new(&tokens, 4, 8, 9).expect("valid sampler");
+        for _ in 0..3 {
+            taken.next_batch();
+        }
+        let mut skipped = BatchSampler::new(&tokens, 4, 8, 9).expect("valid sampler");
+        skipped.skip(3);
+        assert_eq!(skipped.next_batch(), taken.next_batch());
+        let mut fresh = BatchSampler::new(&tokens, 4, 8, 9).expect("valid sampler");
+        assert_ne!(fresh.next_batch(), taken.next_batch());
     }
 
     #[test]
