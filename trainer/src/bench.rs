@@ -735,7 +735,6 @@ fn run_diloco_arm(
     // round added, to start this round from θ_r plus it.
     let overlap = spec.overlap as usize;
     let mut carried: Vec<Option<Vec<f32>>> = vec![None; cfg.workers];
-    let mut averages: std::collections::VecDeque<Vec<f32>> = std::collections::VecDeque::new();
     let mut start = Vec::new();
     for round in 0..cfg.rounds {
         let base: &[f32] = thetas.front().unwrap_or(&global);
@@ -759,30 +758,14 @@ fn run_diloco_arm(
                 // round r−1's updates travel) minus its own decoded update
                 // of round r−1, the proxy for the round's average; its
                 // update is then measured from there.
-                None if spec.eager == 1 && round > 0 => {
+                None if spec.eager && round > 0 => {
                     start.clear();
                     start.extend(base.iter().zip(&decoded[w]).map(|(b, d)| b - d));
                     worker.set_flat_params(&start)?;
                 }
-                // The mixed proxy: 1/k of the worker's own update and
-                // (k−1)/k of the average before it (none in round 1).
-                None if spec.eager == 2 && round > 0 => {
-                    let own = 1.0 / cfg.workers as f32;
-                    start.clear();
-                    match averages.front() {
-                        Some(older) if averages.len() == 2 => start.extend(
-                            base.iter()
-                                .zip(&decoded[w])
-                                .zip(older)
-                                .map(|((b, d), a)| b - own * d - (1.0 - own) * a),
-                        ),
-                        _ => start.extend(base.iter().zip(&decoded[w]).map(|(b, d)| b - own * d)),
-                    }
-                    worker.set_flat_params(&start)?;
-                }
                 None => worker.set_flat_params(base)?,
             }
-            let origin: &[f32] = if spec.eager > 0 && round > 0 {
+            let origin: &[f32] = if spec.eager && round > 0 {
                 &start
             } else {
                 base
@@ -827,14 +810,6 @@ fn run_diloco_arm(
                 .map_err(|e| BenchError::Config(e.to_string()))?,
         }
         outer.step(&mut global, &average);
-        if spec.eager == 2 {
-            // The averages of the last two rounds: at round r's start the
-            // older one is round r−2's, which θ_{r−1} already holds.
-            averages.push_back(average.clone());
-            while averages.len() > 2 {
-                averages.pop_front();
-            }
-        }
         if spec.delay > 0 {
             thetas.push_back(global.clone());
             while thetas.len() > spec.delay as usize + 1 {

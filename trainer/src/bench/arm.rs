@@ -23,8 +23,6 @@
 //!   average, which is still travelling) and its update is measured from
 //!   there; a start anyone can recompute from the manifests and the
 //!   node's own committed update (arXiv 2502.12996's eager idea);
-//!   `eager=2` stands in for the average with 1/k of the worker's own
-//!   update and (k−1)/k of the previous round's average instead;
 //!   `carry=X` scales what those S steps added before it moves onto
 //!   θ_{r+1} (default 1; 0 drops it and restarts from θ_{r+1});
 //! - `count=1` — short for `rule=support-mean`: for sparse codecs, each
@@ -60,9 +58,7 @@ pub struct ArmSpec {
     pub carry: Option<f32>,
     /// With `delay=1`: start each round from θ_{r−1} minus the worker's own
     /// last decoded update.
-    /// 0: no eager start; 1: the worker's own last update; 2: 1/k of it
-    /// plus (k−1)/k of the round before's average.
-    pub eager: u8,
+    pub eager: bool,
 }
 
 /// The largest `delay=N` an arm takes.
@@ -80,7 +76,7 @@ impl ArmSpec {
             delay: 0,
             overlap: 0,
             carry: None,
-            eager: 0,
+            eager: false,
         }
     }
 
@@ -108,8 +104,8 @@ impl ArmSpec {
                 return Err(format!("carry {carry} must be in [0, 1]"));
             }
         }
-        if self.eager > 0 && self.delay != 1 {
-            return Err("eager goes with delay=1".to_string());
+        if self.eager && self.delay != 1 {
+            return Err("eager=1 goes with delay=1".to_string());
         }
         if self.overlap > 0 && self.delay > 0 {
             return Err("overlap and delay are two ways of overlapping; give one".to_string());
@@ -148,8 +144,8 @@ impl fmt::Display for ArmSpec {
         if let Some(carry) = self.carry {
             write!(f, ",carry={carry}")?;
         }
-        if self.eager > 0 {
-            write!(f, ",eager={}", self.eager)?;
+        if self.eager {
+            write!(f, ",eager=1")?;
         }
         Ok(())
     }
@@ -177,7 +173,7 @@ impl FromStr for ArmSpec {
             delay: 0,
             overlap: 0,
             carry: None,
-            eager: 0,
+            eager: false,
         };
         for (key, value) in rest {
             let number = |what: &str| {
@@ -221,10 +217,9 @@ impl FromStr for ArmSpec {
                 "carry" => spec.carry = Some(number("carry")?),
                 "eager" => {
                     spec.eager = match value {
-                        "0" => 0,
-                        "1" => 1,
-                        "2" => 2,
-                        _ => return Err(wrap(format!("eager `{value}` is not 0, 1 or 2"))),
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(wrap(format!("eager `{value}` is not 0 or 1"))),
                     }
                 }
                 "om" => spec.outer_momentum = Some(number("om")?),
@@ -297,7 +292,7 @@ mod tests {
         assert_eq!(carried.carry, Some(0.5));
         assert_eq!(carried.to_string(), "fp32,overlap=5,carry=0.5");
         let eager = parse("fp32,delay=1,eager=1").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(eager.eager, 1);
+        assert!(eager.eager);
         assert_eq!(eager.to_string(), "fp32,delay=1,eager=1");
         let delayed = parse("int8:256,delay=1").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(delayed.delay, 1);
@@ -338,8 +333,7 @@ mod tests {
             ("fp32,overlap=2,delay=1", "give one"),
             ("fp32,carry=0.5", "applies to overlap"),
             ("fp32,eager=1", "goes with delay=1"),
-            ("fp32,delay=2,eager=2", "goes with delay=1"),
-            ("fp32,delay=1,eager=3", "not 0, 1 or 2"),
+            ("fp32,delay=2,eager=1", "goes with delay=1"),
             ("fp32,overlap=2,carry=2", "must be in [0, 1]"),
             ("fp32,h", "not key=value"),
         ] {
