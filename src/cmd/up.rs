@@ -363,6 +363,18 @@ pub const MEASURED_AT_UP_SCALE: &[Measured] = &[
         231.0,
     ),
     measured(
+        "topk:4096:128:4,decay=0.95,warm=4096:3",
+        "mean",
+        1.9118,
+        302.0,
+    ),
+    measured(
+        "topk:4096:128:4,decay=0.95,warm=4096:3",
+        "support-mean",
+        1.9532,
+        301.0,
+    ),
+    measured(
         "topk:4096:32:2,decay=0.95,warm=4096:3",
         "support-mean",
         1.8838,
