@@ -1027,19 +1027,20 @@ fn up_runs_end_to_end_and_reports_json() {
 #[test]
 fn wrong_flags_get_clear_errors() {
     let bin = env!("CARGO_BIN_EXE_barnraise");
-    let output = std::process::Command::new(bin)
-        .args(["up", "--model", "enormous", "--data-dir", "/nonexistent/x"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    // `up` with a bad flag fails before it creates anything; its stderr.
+    let up_fails = |flags: &[&str]| {
+        let output = std::process::Command::new(bin)
+            .arg("up")
+            .args(flags)
+            .args(["--data-dir", "/nonexistent/x"])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{flags:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let stderr = up_fails(&["--model", "enormous"]);
     assert!(stderr.contains("enormous"), "{stderr}");
-    let output = std::process::Command::new(bin)
-        .args(["up", "--link-mbps", "0", "--data-dir", "/nonexistent/x"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = up_fails(&["--link-mbps", "0"]);
     assert!(
         stderr.contains("--link-mbps 0 must be a positive number"),
         "{stderr}"

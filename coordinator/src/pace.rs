@@ -16,12 +16,6 @@
 use barnraise_protocol::NodeId;
 use std::collections::BTreeMap;
 
-/// A node's inner steps stay within this factor of the run's `inner_steps`
-/// either way. The outer step weights updates by tokens, so unequal steps
-/// need no other correction; the spread is bounded so that stage 3's norm
-/// check (which compares norms scaled by √steps) sees updates of one kind.
-pub const STEP_SPREAD: u32 = barnraise_protocol::limits::MAX_STEP_SPREAD;
-
 /// Weight of the newest measurement in a node's pace.
 const SMOOTHING: f64 = 0.5;
 
@@ -91,7 +85,11 @@ impl PaceBook {
     /// of one worker trains `step_tokens` tokens and `base_steps` is the run's
     /// `inner_steps`. The round's target time is what its median known node
     /// needs for `base_steps`; each known node gets the steps it can do in
-    /// that time, within [`STEP_SPREAD`]; an unknown node gets `base_steps`.
+    /// that time, within `limits::planned_steps_range` (the outer step
+    /// weights updates by tokens, so unequal steps need no other
+    /// correction; the spread is bounded so that stage 3's norm check, which
+    /// scales norms by √steps, sees updates of one kind); an unknown node
+    /// gets `base_steps`.
     pub fn size(&self, nodes: &[NodeId], base_steps: u32, step_tokens: u64) -> Vec<Sized> {
         let base = base_steps.max(1);
         let step_tokens = step_tokens.max(1) as f64;

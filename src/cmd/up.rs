@@ -695,6 +695,7 @@ impl UpReport {
             .iter()
             .filter(|n| n.final_params_hash.is_some() && n.final_params_hash == final_hash)
             .count();
+        let codec_loss_cost = measured_loss_cost(&args.codec, &args.aggregation);
         UpReport {
             data_dir,
             model: args.model.clone(),
@@ -716,9 +717,8 @@ impl UpReport {
             } else {
                 0.0
             },
-            codec_loss_cost: measured_loss_cost(&args.codec, &args.aggregation),
-            codec_at_parity: measured_loss_cost(&args.codec, &args.aggregation)
-                .map(|c| c <= PARITY),
+            codec_loss_cost,
+            codec_at_parity: codec_loss_cost.map(|c| c <= PARITY),
             nodes_in_agreement,
             mean_utilization,
             node_summaries,

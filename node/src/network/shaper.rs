@@ -34,6 +34,9 @@ use tokio::time::{Instant, Sleep};
 /// most this, as a real link sends a packet at line speed.
 const CHUNK: usize = 16 * 1024;
 
+/// The most a connection holds back for the latency, whatever the shape.
+const MAX_RECEIVE_WINDOW: usize = 4 << 20;
+
 /// The longest latency a shape takes (a sanity bound for the CLI).
 pub const MAX_LATENCY_MS: u64 = 10_000;
 
@@ -136,17 +139,19 @@ impl Link {
     }
 
     /// Bytes a connection may hold back for the latency before it stops
-    /// reading from the socket: what the link carries in that time, plus a
-    /// chunk (or 4 MiB without a rate cap).
+    /// reading from the socket: what the link carries in that time, plus two
+    /// chunks, at most [`MAX_RECEIVE_WINDOW`].
     fn receive_window(&self) -> usize {
         match self.shape.bytes_per_second() {
-            Some(rate) => (rate * self.shape.latency().as_secs_f64()) as usize + 2 * CHUNK,
-            None => 4 << 20,
+            Some(rate) => ((rate * self.shape.latency().as_secs_f64()) as usize)
+                .saturating_add(2 * CHUNK)
+                .min(MAX_RECEIVE_WINDOW),
+            None => MAX_RECEIVE_WINDOW,
         }
     }
 }
 
-/// `pace` locked, or the time it lets bytes through again.
+/// `None` when `pace` (if any) lets bytes through now, else when it will.
 fn ready_at(pace: &Option<Arc<Mutex<Pace>>>, now: Instant) -> Option<Instant> {
     let pace = pace.as_ref()?;
     let mut pace = pace.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -201,6 +206,8 @@ pub struct Shaped<S> {
     arrived: VecDeque<(Instant, Vec<u8>)>,
     /// How much of the front chunk was already read.
     front_read: usize,
+    /// Where reads off the wire land before the bytes read are queued.
+    scratch: Vec<u8>,
     held: usize,
     eof: bool,
     read_timer: Option<Pin<Box<Sleep>>>,
@@ -214,6 +221,7 @@ impl<S> Shaped<S> {
             link,
             arrived: VecDeque::new(),
             front_read: 0,
+            scratch: Vec::new(),
             held: 0,
             eof: false,
             read_timer: None,
@@ -272,15 +280,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Shaped<S> {
                         wake = Some(wake.map_or(at, |w| w.min(at)));
                     }
                     None => {
-                        let mut chunk = vec![0u8; CHUNK];
-                        match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
+                        this.scratch.resize(CHUNK, 0);
+                        match Pin::new(&mut this.inner).poll_read(cx, &mut this.scratch) {
                             Poll::Ready(Ok(0)) => {
                                 this.eof = true;
                                 continue;
                             }
                             Poll::Ready(Ok(n)) => {
                                 spend(&link.down, n);
-                                chunk.truncate(n);
+                                // Exactly the bytes read: the queue's memory
+                                // is what `held` counts.
+                                let chunk = this.scratch[..n].to_vec();
                                 let counters = &link.counters;
                                 counters
                                     .bytes_received
