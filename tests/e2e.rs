@@ -2556,9 +2556,12 @@ fn the_coordinator_load_generator_closes_rounds_and_counts_its_stages() {
         .iter()
         .map(|s| stages[*s].as_f64().unwrap())
         .sum();
+    // The probe's jobs run on one thread per core (`verify.threads`), and
+    // each counts its own time.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     assert!(
-        close_stages <= wall,
-        "{close_stages} s of close work in {wall} s"
+        close_stages <= wall * cores,
+        "{close_stages} s of close work in {wall} s on {cores} cores"
     );
     assert!(run["copy_comparisons"].as_u64().unwrap() < 100, "{run}");
     assert!(run["plan_bytes"].as_u64().unwrap() > 0);

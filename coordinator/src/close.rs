@@ -13,6 +13,7 @@ use barnraise_protocol::aggregate::{AggregateError, AggregationRule, apply_round
 use barnraise_protocol::codec::CodecConfig;
 use barnraise_protocol::messages::{AcceptedUpdate, Manifest, RejectReason, RejectedUpdate};
 use barnraise_protocol::outer::OuterOptimizer;
+use barnraise_protocol::workers::WorkerShare;
 use barnraise_protocol::{Hash, NodeId};
 use barnraise_trainer::ModelConfig;
 use std::collections::HashMap;
@@ -51,6 +52,9 @@ pub struct CloseContext<'a> {
     pub recent: &'a [verify::RecentUpdate],
     /// Spot checks (stage 5); `None` runs none.
     pub spot: Option<SpotContext<'a>>,
+    /// Compute θ_{r+1}'s held-out loss in the close ([`Closed::eval_loss`]);
+    /// otherwise it is None and the caller evaluates later.
+    pub evaluate: bool,
 }
 
 /// What spot checks need besides the round: the key that draws them, the
@@ -60,10 +64,14 @@ pub struct SpotContext<'a> {
     pub run: &'a barnraise_protocol::messages::RunConfig,
     /// A fetched starting state by hash; called only for the shares the
     /// round replays, so states drawn over the budget are never read.
-    pub state: &'a dyn Fn(&Hash) -> Option<Arc<Vec<u8>>>,
+    pub state: &'a (dyn Fn(&Hash) -> Option<Arc<Vec<u8>>> + Sync),
     /// Every node's credit not yet backed by a passed check (the manifests
     /// so far, folded): what a failed check voids.
     pub unverified: &'a barnraise_protocol::credit::Unverified,
+    /// Replays already run while the round was open, by update hash and
+    /// worker: used for the shares the close draws instead of replaying
+    /// them again (`crate::service`, "early replays").
+    pub replayed: &'a HashMap<(Hash, u32), crate::spot::SpotResult>,
 }
 
 /// One spot check, kept for the ledger.
@@ -135,14 +143,118 @@ fn probe_sample(
     (probed, passed)
 }
 
+/// The shares stage 5 replays among `candidates`' updates: each
+/// candidate's drawn shares (at most the budget each, what the service
+/// fetched states for), the lowest draws over the round up to the budget,
+/// in commit order.
+fn spot_draws<'c>(
+    ctx: &CloseContext<'_>,
+    spot: &SpotContext<'_>,
+    close: &'c CloseRound,
+    run_id: &str,
+    candidates: &[usize],
+) -> Vec<(usize, &'c WorkerShare)> {
+    let mut drawn: Vec<(u64, usize, &WorkerShare)> = candidates
+        .iter()
+        .flat_map(|&i| {
+            let c = &close.candidates[i];
+            crate::spot::drawn_shares(
+                spot.key,
+                run_id,
+                &c.node,
+                &c.commit,
+                ctx.verify.spot_check_fraction,
+            )
+            .into_iter()
+            .take(ctx.verify.spot_check_max)
+            .map(move |(rank, share)| (rank, i, share))
+        })
+        .collect();
+    drawn.sort_by_key(|(rank, i, share)| (*rank, *i, share.index));
+    drawn.truncate(ctx.verify.spot_check_max);
+    drawn.sort_by_key(|(_, i, share)| (*i, share.index));
+    drawn.into_iter().map(|(_, i, share)| (i, share)).collect()
+}
+
+/// Replays one drawn share of candidate `i`'s update from θ_r.
+fn spot_replay(
+    ctx: &CloseContext<'_>,
+    close: &CloseRound,
+    theta: &[f32],
+    i: usize,
+    share: &WorkerShare,
+) -> crate::spot::SpotResult {
+    let c = &close.candidates[i];
+    let Some(spot) = &ctx.spot else {
+        return crate::spot::SpotResult::unusable(share, "spot checks are off".into());
+    };
+    let assignment = close.plan.assignments.iter().find(|a| a.node == c.node);
+    match (assignment, (spot.state)(&share.state_hash)) {
+        (Some(assignment), Some(state)) => crate::spot::replay(
+            ctx.model,
+            spot.run,
+            close.plan.round,
+            theta,
+            assignment,
+            share,
+            &state,
+            ctx.shard_tokens,
+        ),
+        (None, _) => {
+            crate::spot::SpotResult::unusable(share, "the node has no assignment this round".into())
+        }
+        (Some(_), None) => {
+            crate::spot::SpotResult::unusable(share, "the worker's state was not served".into())
+        }
+    }
+}
+
+/// A thread's probe model at θ_r, made on its first job.
+fn probe_for<'p>(
+    slot: &'p mut Option<Probe>,
+    ctx: &CloseContext<'_>,
+    theta: &[f32],
+    seed: u64,
+) -> Result<&'p mut Probe, ProbeError> {
+    if slot.is_none() {
+        *slot = Some(Probe::new(ctx.model, theta, ctx.verify, ctx.seq_len, seed)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| ProbeError::Device("the probe model was not made".into()))
+}
+
+/// One job of the close's checks.
+enum Check<'c> {
+    /// A spot-check replay of candidate `.0`'s share.
+    Spot(usize, &'c WorkerShare),
+    /// θ_r − Δ's probe losses for the probe's `.0`-th measured candidate.
+    After(usize),
+    /// θ_r's probe loss on the `.0`-th base text.
+    Base(usize),
+}
+
+/// What a [`Check`] found.
+enum CheckOutcome {
+    Spot(crate::spot::SpotResult),
+    /// None: the payload was gone.
+    After(Option<Result<(f32, f32), ProbeError>>),
+    Loss(Result<f32, ProbeError>),
+}
+
 /// Where the close spent its time (`crate::metrics::Stage`).
 #[derive(Clone, Debug, Default)]
 pub struct CloseTimings {
     /// Stage 2 again and stage 3.
     pub verify: Duration,
-    /// The usefulness probe and the held-out evaluation of θ_{r+1}.
+    /// The usefulness probe's jobs, summed over the threads they ran on.
     pub probe: Duration,
+    /// The spot-check replays, summed over their threads.
     pub spot: Duration,
+    /// Wall clock of the probe and the replays together (they share the
+    /// close's threads).
+    pub checks: Duration,
+    /// The held-out evaluation of θ_{r+1}, when the close ran it.
+    pub eval: Duration,
     /// The aggregate and the outer step.
     pub aggregate: Duration,
     /// Pairs of sketches the copy and replay checks compared.
@@ -221,168 +333,223 @@ pub fn close_round(
             }),
         }
     }
-    let mut timings = CloseTimings {
-        verify: started.elapsed(),
-        comparisons: stats.comparisons,
-        ..CloseTimings::default()
-    };
+    let verify_time = started.elapsed();
     let assignment_of: HashMap<NodeId, &barnraise_protocol::messages::Assignment> =
         close.plan.assignments.iter().map(|a| (a.node, a)).collect();
 
-    // Stage 4: the usefulness probe.
-    let mut probes = Vec::new();
-    let mut probe = None;
-    let mut accepted_idx = Vec::new();
+    // Stages 4 and 5 together: every probe loss and every spot-check replay
+    // is an independent job, run on the close's threads (`crate::pool`),
+    // results in job order, so the verdicts are those of running them one
+    // by one. Replays are drawn from every update still standing before
+    // the probe has ruled; if the probe then rejects one whose share was
+    // drawn, the shares that move up into the budget are replayed after.
     let started = Instant::now();
-    if ctx.verify.probe && !survivors.is_empty() {
-        // Seeded by every update of the round: known to no node when it
-        // committed, and recomputable by anyone auditing the round.
-        let committed: Vec<u8> = close
-            .candidates
-            .iter()
-            .flat_map(|c| c.commit.update_hash.0)
-            .collect();
-        let seed = crate::plan::derive(0, "probe", round, &committed);
-        let mut p = Probe::new(ctx.model, theta, ctx.verify, ctx.seq_len, seed)
-            .map_err(|source| CloseError::Probe { round, source })?;
-        let heldout_base = match ctx.heldout {
-            Some(h) => Some(
-                p.base_loss(h)
-                    .map_err(|source| CloseError::Probe { round, source })?,
-            ),
-            None => None,
-        };
-        let mut base_cache: HashMap<Hash, f32> = HashMap::new();
-        let (probed, passed) = probe_sample(ctx, close, &survivors, seed);
-        accepted_idx.extend(passed);
-        for &i in &probed {
-            let c = &close.candidates[i];
-            // A shard drawn at random from the node's assignment, by a seed
-            // the node could not know when it committed.
-            let own_shard = assignment_of.get(&c.node).and_then(|a| {
-                let pick = crate::plan::derive(seed, "probe-shard", round, &c.node.0.0);
-                let index = a
-                    .shards
-                    .get((pick % a.shards.len().max(1) as u64) as usize)?;
-                ctx.dataset.get(*index as usize).map(|s| s.hash)
-            });
-            let own = own_shard.and_then(|h| ctx.shard_tokens.tokens(&h).map(|t| (h, t)));
-            let (Some((own_hash, own_tokens)), Some(heldout), Some(heldout_base)) =
-                (own, ctx.heldout, heldout_base)
-            else {
-                // Nothing to probe against: the probe cannot judge, so it does not reject.
-                accepted_idx.push(i);
-                continue;
-            };
-            // Decoded again (it passed stage 2, so it decodes), one at a time.
-            let values = payloads
-                .get(&c.commit.update_hash)
-                .map(|p| verify::check_payload(p, &c.commit, ctx.codec, params));
-            let Some(Ok(values)) = values else {
-                rejected.push(RejectedUpdate {
-                    node: c.node,
-                    update_hash: Some(c.commit.update_hash),
-                    reason: RejectReason::NotServed,
+    let theta_r: &[f32] = theta;
+    let threads = crate::pool::threads(ctx.verify.threads).max(1);
+    let mut probes = Vec::new();
+    let mut accepted_idx = Vec::new();
+    // The probe's plan: the candidates it measures, each with the shard it
+    // is measured on, and the texts whose θ_r loss it needs (None: the
+    // held-out shard).
+    let mut measured: Vec<(usize, Hash, Arc<Vec<u16>>)> = Vec::new();
+    let mut bases: Vec<(Option<Hash>, Arc<Vec<u16>>)> = Vec::new();
+    let mut seed = 0;
+    match ctx.heldout {
+        Some(heldout) if ctx.verify.probe && !survivors.is_empty() => {
+            // Seeded by every update of the round: known to no node when it
+            // committed, and recomputable by anyone auditing the round.
+            let committed: Vec<u8> = close
+                .candidates
+                .iter()
+                .flat_map(|c| c.commit.update_hash.0)
+                .collect();
+            seed = crate::plan::derive(0, "probe", round, &committed);
+            let (probed, passed) = probe_sample(ctx, close, &survivors, seed);
+            accepted_idx.extend(passed);
+            for &i in &probed {
+                let c = &close.candidates[i];
+                // A shard drawn at random from the node's assignment, by a
+                // seed the node could not know when it committed.
+                let own_shard = assignment_of.get(&c.node).and_then(|a| {
+                    let pick = crate::plan::derive(seed, "probe-shard", round, &c.node.0.0);
+                    let index = a
+                        .shards
+                        .get((pick % a.shards.len().max(1) as u64) as usize)?;
+                    ctx.dataset.get(*index as usize).map(|s| s.hash)
                 });
-                continue;
-            };
-            let own_base = match base_cache.get(&own_hash) {
-                Some(&b) => b,
-                None => {
-                    let b = p
-                        .base_loss(&own_tokens)
-                        .map_err(|source| CloseError::Probe { round, source })?;
-                    base_cache.insert(own_hash, b);
-                    b
+                match own_shard.and_then(|h| ctx.shard_tokens.tokens(&h).map(|t| (h, t))) {
+                    Some((hash, tokens)) => {
+                        if !bases.iter().any(|(h, _)| *h == Some(hash)) {
+                            bases.push((Some(hash), tokens.clone()));
+                        }
+                        measured.push((i, hash, tokens));
+                    }
+                    // Nothing to probe against: the probe cannot judge, so it does not reject.
+                    None => accepted_idx.push(i),
                 }
-            };
-            let result = p
-                .measure(&values, &own_tokens, own_base, heldout, heldout_base)
-                .map_err(|source| CloseError::Probe { round, source })?;
-            probes.push(ProbeRecord {
-                node: c.node,
-                index: i,
-                result,
-                bar: 0.0,
-            });
-        }
-        // Judged against the round: the bar is a fraction of the median gain.
-        let results: Vec<_> = probes.iter().map(|r| r.result).collect();
-        let bar = crate::probe::round_bar(&results, ctx.verify.probe_min_relative_gain);
-        for record in &mut probes {
-            record.bar = bar;
-            let c = &close.candidates[record.index];
-            match record.result.verdict(ctx.verify.probe_margin, bar) {
-                Ok(()) => accepted_idx.push(record.index),
-                Err(reason) => rejected.push(RejectedUpdate {
-                    node: c.node,
-                    update_hash: Some(c.commit.update_hash),
-                    reason,
-                }),
+            }
+            if !measured.is_empty() {
+                bases.insert(0, (None, Arc::new(heldout.to_vec())));
             }
         }
-        probe = Some(p);
-    } else {
-        accepted_idx.extend(survivors.iter().copied());
+        // Off, nothing left to probe, or no held-out shard to probe against.
+        _ => accepted_idx.extend(survivors.iter().copied()),
+    }
+    // Replays the service already ran while the round was open count as
+    // they are (the same function of the same inputs).
+    let mut replayed: HashMap<(usize, u32), crate::spot::SpotResult> = HashMap::new();
+    let mut speculative = Vec::new();
+    if let Some(spot) = &ctx.spot {
+        for (i, share) in spot_draws(ctx, spot, close, run_id, &survivors) {
+            let key = (close.candidates[i].commit.update_hash, share.index);
+            match spot.replayed.get(&key) {
+                Some(result) => {
+                    replayed.insert((i, share.index), result.clone());
+                }
+                None => speculative.push((i, share)),
+            }
+        }
+    }
+    let heldout: &[u16] = bases.first().map_or(&[], |(_, t)| t.as_slice());
+    let mut jobs: Vec<Check<'_>> = Vec::new();
+    // Longest first: a replay trains a worker's round, a probe job is a
+    // few forward passes.
+    jobs.extend(speculative.iter().map(|&(i, share)| Check::Spot(i, share)));
+    jobs.extend((0..measured.len()).map(Check::After));
+    jobs.extend((0..bases.len()).map(Check::Base));
+    let mut states: Vec<Option<Probe>> = (0..threads).map(|_| None).collect();
+    let run_check = |probe: &mut Option<Probe>, _: usize, check: &Check<'_>| {
+        let started = Instant::now();
+        let outcome = match *check {
+            Check::Spot(i, share) => CheckOutcome::Spot(spot_replay(ctx, close, theta_r, i, share)),
+            Check::Base(b) => CheckOutcome::Loss(
+                probe_for(probe, ctx, theta_r, seed).and_then(|p| p.base_loss(&bases[b].1)),
+            ),
+            Check::After(m) => {
+                let (i, _, own) = &measured[m];
+                let c = &close.candidates[*i];
+                // Decoded again (it passed stage 2, so it decodes).
+                match payloads
+                    .get(&c.commit.update_hash)
+                    .map(|p| verify::check_payload(p, &c.commit, ctx.codec, params))
+                {
+                    Some(Ok(values)) => CheckOutcome::After(Some(
+                        probe_for(probe, ctx, theta_r, seed)
+                            .and_then(|p| p.losses_after(&values, own, heldout)),
+                    )),
+                    _ => CheckOutcome::After(None),
+                }
+            }
+        };
+        (outcome, started.elapsed())
+    };
+    let done = crate::pool::run(&mut states, &jobs, run_check);
+    let mut timings = CloseTimings {
+        verify: verify_time,
+        comparisons: stats.comparisons,
+        ..CloseTimings::default()
+    };
+    let mut base_of: HashMap<Option<Hash>, f32> = HashMap::new();
+    let mut after_of: HashMap<usize, Option<(f32, f32)>> = HashMap::new();
+    for (check, (outcome, took)) in jobs.iter().zip(done) {
+        match (check, outcome) {
+            (Check::Spot(i, share), CheckOutcome::Spot(result)) => {
+                timings.spot += took;
+                replayed.insert((*i, share.index), result);
+            }
+            (Check::Base(b), CheckOutcome::Loss(loss)) => {
+                timings.probe += took;
+                let loss = loss.map_err(|source| CloseError::Probe { round, source })?;
+                base_of.insert(bases[*b].0, loss);
+            }
+            (Check::After(m), CheckOutcome::After(losses)) => {
+                timings.probe += took;
+                let losses = losses
+                    .transpose()
+                    .map_err(|source| CloseError::Probe { round, source })?;
+                after_of.insert(*m, losses);
+            }
+            _ => unreachable!("pool::run returns one outcome per job, in job order"),
+        }
+    }
+    for (m, (i, own_hash, _)) in measured.iter().enumerate() {
+        let c = &close.candidates[*i];
+        let (Some(Some((own_after, other_after))), Some(own_base), Some(heldout_base)) = (
+            after_of.get(&m),
+            base_of.get(&Some(*own_hash)),
+            base_of.get(&None),
+        ) else {
+            rejected.push(RejectedUpdate {
+                node: c.node,
+                update_hash: Some(c.commit.update_hash),
+                reason: RejectReason::NotServed,
+            });
+            continue;
+        };
+        probes.push(ProbeRecord {
+            node: c.node,
+            index: *i,
+            result: ProbeResult::from_losses(*own_base, *own_after, *heldout_base, *other_after),
+            bar: 0.0,
+        });
+    }
+    // Judged against the round: the bar is a fraction of the median gain.
+    let results: Vec<_> = probes.iter().map(|r| r.result).collect();
+    let bar = crate::probe::round_bar(&results, ctx.verify.probe_min_relative_gain);
+    for record in &mut probes {
+        record.bar = bar;
+        let c = &close.candidates[record.index];
+        match record.result.verdict(ctx.verify.probe_margin, bar) {
+            Ok(()) => accepted_idx.push(record.index),
+            Err(reason) => rejected.push(RejectedUpdate {
+                node: c.node,
+                update_hash: Some(c.commit.update_hash),
+                reason,
+            }),
+        }
     }
     accepted_idx.sort();
-    timings.probe = started.elapsed();
-    let started = Instant::now();
 
-    // Stage 5: spot checks. Replay the drawn workers of updates that passed
+    // Stage 5's verdicts: the drawn shares of the updates that passed
     // everything else, in commit order, up to the round's budget.
     let mut spot_checks = Vec::new();
     let mut verified_idx = std::collections::HashSet::new();
     let mut voided = Vec::new();
     if let Some(spot) = &ctx.spot {
-        // Every drawn share of the updates still standing, lowest draw first,
-        // up to the round's budget.
-        let mut drawn: Vec<(u64, usize, &barnraise_protocol::workers::WorkerShare)> = accepted_idx
-            .iter()
-            .flat_map(|&i| {
-                let c = &close.candidates[i];
-                crate::spot::drawn_shares(
-                    spot.key,
-                    run_id,
-                    &c.node,
-                    &c.commit,
-                    ctx.verify.spot_check_fraction,
-                )
-                .into_iter()
-                // What the service fetched states for.
-                .take(ctx.verify.spot_check_max)
-                .map(move |(rank, share)| (rank, i, share))
-            })
-            .collect();
-        drawn.sort_by_key(|(rank, i, share)| (*rank, *i, share.index));
-        drawn.truncate(ctx.verify.spot_check_max);
-        drawn.sort_by_key(|(_, i, share)| (*i, share.index));
+        let drawn = spot_draws(ctx, spot, close, run_id, &accepted_idx);
+        let mut late: Vec<(usize, &WorkerShare)> = Vec::new();
+        for &(i, share) in &drawn {
+            let key = (close.candidates[i].commit.update_hash, share.index);
+            if replayed.contains_key(&(i, share.index)) {
+                continue;
+            }
+            match spot.replayed.get(&key) {
+                Some(result) => {
+                    replayed.insert((i, share.index), result.clone());
+                }
+                None => late.push((i, share)),
+            }
+        }
+        let mut none: Vec<()> = vec![(); threads];
+        let late_results = crate::pool::run(&mut none, &late, |_, _, &(i, share)| {
+            let started = Instant::now();
+            (
+                spot_replay(ctx, close, theta_r, i, share),
+                started.elapsed(),
+            )
+        });
+        for (&(i, share), (result, took)) in late.iter().zip(late_results) {
+            timings.spot += took;
+            replayed.insert((i, share.index), result);
+        }
         let mut failed = std::collections::HashSet::new();
-        for (_, i, share) in drawn {
+        for (i, share) in drawn {
             let c = &close.candidates[i];
             if failed.contains(&i) {
                 continue;
             }
-            let assignment = assignment_of.get(&c.node).copied();
-            let result = match (assignment, (spot.state)(&share.state_hash)) {
-                (Some(assignment), Some(state)) => crate::spot::replay(
-                    ctx.model,
-                    spot.run,
-                    round,
-                    theta,
-                    assignment,
-                    share,
-                    &state,
-                    ctx.shard_tokens,
-                ),
-                (None, _) => crate::spot::SpotResult::unusable(
-                    share,
-                    "the node has no assignment this round".into(),
-                ),
-                (Some(_), None) => crate::spot::SpotResult::unusable(
-                    share,
-                    "the worker's state was not served".into(),
-                ),
+            let Some(result) = replayed.remove(&(i, share.index)) else {
+                continue;
             };
             let passed = result.passes(ctx.verify.spot_check_tolerance);
             let worker = result.worker;
@@ -407,8 +574,7 @@ pub fn close_round(
         accepted_idx.retain(|i| !failed.contains(i));
         verified_idx.retain(|i| !failed.contains(i));
     }
-
-    timings.spot = started.elapsed();
+    timings.checks = started.elapsed();
     let started = Instant::now();
 
     // Weights: tokens over the accepted total, computed in f64 in manifest order.
@@ -452,13 +618,17 @@ pub fn close_round(
     }
     timings.aggregate = started.elapsed();
     let started = Instant::now();
-    let eval_loss = match (probe.as_mut(), ctx.heldout) {
-        (Some(p), Some(h)) if !accepted.is_empty() => {
-            p.eval_loss(&next_theta, h).ok().map(f64::from)
+    // The held-out loss of θ_{r+1}: here only when asked (the service
+    // evaluates the other rounds after their manifest is out).
+    let eval_loss = match ctx.heldout {
+        Some(h) if ctx.evaluate && !accepted.is_empty() => {
+            crate::probe::heldout_eval(ctx.model, ctx.verify, ctx.seq_len, &next_theta, h)
+                .ok()
+                .map(f64::from)
         }
         _ => None,
     };
-    timings.probe += started.elapsed();
+    timings.eval = started.elapsed();
     theta.copy_from_slice(&next_theta);
     *optimizer = next_optimizer;
 

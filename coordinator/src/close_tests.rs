@@ -116,11 +116,16 @@ fn close_with(
         sketch_seed: 7,
         recent: &[],
         spot,
+        evaluate: true,
     };
-    let mut theta = vec![0.5f32; P];
-    let mut optimizer = OuterOptimizer::new(OuterConfig::default(), P);
+    close_from(&ctx, round, vec![0.5f32; P])
+}
+
+/// Closes `round` from θ_r = `theta` with a fresh outer optimizer.
+fn close_from(ctx: &CloseContext<'_>, round: &Round, mut theta: Vec<f32>) -> (Closed, Vec<f32>) {
+    let mut optimizer = OuterOptimizer::new(OuterConfig::default(), theta.len());
     let closed = close_round(
-        &ctx,
+        ctx,
         &round.close,
         "r",
         &round.payloads,
@@ -229,11 +234,8 @@ fn a_round_with_nothing_accepted_keeps_theta() {
 /// one replay, the share replayed is the one with the lowest draw, whatever
 /// the commit order; here no state was fetched, so it fails and only that
 /// update is rejected, with the reason in the ledger detail.
-#[test]
-fn over_budget_spot_checks_replay_the_lowest_draws() {
-    let key = barnraise_protocol::SigningKey::from_seed([9; 32]).unwrap();
-    let payloads: Vec<Vec<u8>> = (1..=3).map(|s| fp32(&honest(s))).collect();
-    let mut round = round_of(payloads, &[100, 100, 100]);
+/// One worker share per commit, its state named after the node.
+fn give_one_share_each(round: &mut Round) {
     for c in &mut round.close.candidates {
         c.commit.shares = vec![barnraise_protocol::workers::WorkerShare {
             index: 0,
@@ -243,6 +245,20 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
             state_hash: Hash::of(&[c.node.0.0[0]]),
         }];
     }
+}
+
+/// Three honest fp32 updates, one worker share each, and the spot-check
+/// key; which node's share draws lowest; the run config replays use.
+fn spot_round() -> (
+    barnraise_protocol::SigningKey,
+    Round,
+    NodeId,
+    barnraise_protocol::messages::RunConfig,
+) {
+    let key = barnraise_protocol::SigningKey::from_seed([9; 32]).unwrap();
+    let payloads: Vec<Vec<u8>> = (1..=3).map(|s| fp32(&honest(s))).collect();
+    let mut round = round_of(payloads, &[100, 100, 100]);
+    give_one_share_each(&mut round);
     let rank = |c: &Candidate| {
         crate::spot::drawn_shares(&key, "r", &c.node, &c.commit, 1.0)
             .first()
@@ -257,12 +273,6 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
         .map(|c| c.node)
         .unwrap();
 
-    let verify = VerifyConfig {
-        probe: false,
-        spot_check_fraction: 1.0,
-        spot_check_max: 1,
-        ..VerifyConfig::default()
-    };
     let run_config = barnraise_protocol::messages::RunConfig {
         run_id: "r".into(),
         model_config_json: String::new(),
@@ -278,6 +288,23 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
         dataset: vec![],
         held_out: vec![],
     };
+    (key, round, lowest, run_config)
+}
+
+/// Spot checks only, every share drawn, one replayed a round.
+fn one_replay() -> VerifyConfig {
+    VerifyConfig {
+        probe: false,
+        spot_check_fraction: 1.0,
+        spot_check_max: 1,
+        ..VerifyConfig::default()
+    }
+}
+
+#[test]
+fn over_budget_spot_checks_replay_the_lowest_draws() {
+    let (key, round, lowest, run_config) = spot_round();
+    let verify = one_replay();
     // Rounds 0–2 accepted all three nodes' 100 tokens, with no check passed.
     let earlier: Vec<Manifest> = (0..3u64)
         .map(|r| {
@@ -305,6 +332,7 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
         run: &run_config,
         state: &no_state,
         unverified: &unverified,
+        replayed: &HashMap::new(),
     };
     let (closed, _) = close_with(&round, "mean", &verify, Some(spot));
     assert_eq!(closed.spot_checks.len(), 1, "one replay fits the budget");
@@ -394,6 +422,7 @@ fn the_probe_measures_new_nodes_first_then_a_seeded_draw_up_to_its_budget() {
         sketch_seed: 7,
         recent: &recent,
         spot: None,
+        evaluate: true,
     };
     let survivors: Vec<usize> = (0..6).collect();
     let mut drawn = std::collections::HashSet::new();
@@ -420,4 +449,236 @@ fn the_probe_measures_new_nodes_first_then_a_seeded_draw_up_to_its_budget() {
     // Within budget, everyone is probed.
     let (probed, passed) = probe_sample(&ctx, &round.close, &survivors[..3], 1);
     assert_eq!((probed, passed), (vec![0, 1, 2], vec![]));
+}
+
+#[test]
+fn checks_on_several_threads_reach_the_verdicts_of_one() {
+    // A real probe and drawn replays on the tiny model: three nodes
+    // trained on their own genre and one sent noise of an honest norm.
+    // Every share is drawn and no state is served, so each replay fails
+    // its check; the budget takes the two lowest draws. The key is chosen
+    // so the noise's share is among the two lowest before the probe rules:
+    // replayed early, then dropped, and the next share replayed late.
+    use barnraise_protocol::messages::ShardInfo;
+    use barnraise_trainer::data::{corpus, tokenize_bytes};
+    use barnraise_trainer::device::{DeviceSpec, select};
+    use barnraise_trainer::{InnerConfig, Trainer};
+    let model = barnraise_trainer::ModelConfig::preset("tiny").unwrap();
+    let cpu = || select(DeviceSpec::Cpu).unwrap();
+    let genres: Vec<Arc<Vec<u16>>> = corpus::genres(12_000)
+        .iter()
+        .map(|g| Arc::new(tokenize_bytes(g.as_bytes())))
+        .collect();
+    let heldout = tokenize_bytes(corpus::generate(9, 12_000).as_bytes());
+    let theta = Trainer::new(&model, cpu(), 0)
+        .unwrap()
+        .flat_params()
+        .unwrap();
+    let update_on = |tokens: &[u16]| {
+        let mut t = Trainer::new(&model, cpu(), 0).unwrap();
+        t.set_flat_params(&theta).unwrap();
+        let inner = InnerConfig {
+            steps: 10,
+            batch_size: 8,
+            seq_len: 64,
+            warmup: 1,
+            seed: 2,
+            ..InnerConfig::default()
+        };
+        t.train_inner(tokens, &inner).unwrap();
+        let local = t.flat_params().unwrap();
+        theta
+            .iter()
+            .zip(&local)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<f32>>()
+    };
+    let mut deltas: Vec<Vec<f32>> = genres.iter().map(|g| update_on(g)).collect();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let raw: Vec<f32> = (0..theta.len() as u64)
+        .map(|i| ((i.wrapping_mul(2_654_435_761) % 65_536) as f32 / 65_536.0) - 0.5)
+        .collect();
+    let scale = norm(&deltas[2]) / norm(&raw);
+    deltas.push(raw.iter().map(|x| x * scale).collect());
+    let payloads: Vec<Vec<u8>> = deltas
+        .iter()
+        .map(|d| {
+            Encoder::new(CodecConfig::Fp32, d.len())
+                .unwrap()
+                .encode(d)
+                .unwrap()
+        })
+        .collect();
+    let mut round = round_of(payloads, &[100; 4]);
+    let dataset: Vec<ShardInfo> = genres
+        .iter()
+        .map(|g| ShardInfo {
+            hash: Hash::of(&g.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<u8>>()),
+            tokens: g.len() as u64,
+            bytes: 2 * g.len() as u64,
+        })
+        .collect();
+    let shard_tokens: HashMap<Hash, Arc<Vec<u16>>> = dataset
+        .iter()
+        .zip(&genres)
+        .map(|(info, g)| (info.hash, g.clone()))
+        .collect();
+    for (i, a) in round.close.plan.assignments.iter_mut().enumerate() {
+        // The noise node (4) claims the prose shard.
+        a.shards = vec![i.min(2) as u32];
+    }
+    give_one_share_each(&mut round);
+    let noise = node(4);
+    let rank_of = |key: &barnraise_protocol::SigningKey, c: &Candidate| {
+        crate::spot::drawn_shares(key, "r", &c.node, &c.commit, 1.0)[0].0
+    };
+    let key = (0u8..=255)
+        .map(|s| barnraise_protocol::SigningKey::from_seed([s; 32]).unwrap())
+        .find(|key| {
+            let mut ranks: Vec<(u64, NodeId)> = round
+                .close
+                .candidates
+                .iter()
+                .map(|c| (rank_of(key, c), c.node))
+                .collect();
+            ranks.sort();
+            ranks[..2].iter().any(|(_, n)| *n == noise)
+        })
+        .unwrap();
+    let run_config = barnraise_protocol::messages::RunConfig {
+        run_id: "r".into(),
+        model_config_json: String::new(),
+        codec: "fp32".into(),
+        inner_steps: 1,
+        batch_size: 1,
+        seq_len: 64,
+        inner_lr: 1e-3,
+        outer_lr: 1.0,
+        outer_momentum: 0.0,
+        aggregation: "mean".into(),
+        total_rounds: 10,
+        dataset: dataset.clone(),
+        held_out: vec![],
+    };
+    let unverified = barnraise_protocol::credit::Unverified::default();
+    let no_state = |_: &Hash| None;
+    let rule: AggregationRule = "mean".parse().unwrap();
+    let close_on = |threads: usize| {
+        let verify = VerifyConfig {
+            spot_check_fraction: 1.0,
+            spot_check_max: 2,
+            threads,
+            ..VerifyConfig::default()
+        };
+        let ctx = CloseContext {
+            model: &model,
+            codec: CodecConfig::Fp32,
+            rule: &rule,
+            verify: &verify,
+            seq_len: 64,
+            dataset: &dataset,
+            shard_tokens: &shard_tokens,
+            heldout: Some(&heldout),
+            flops_per_token: 6.0,
+            sketch_seed: 7,
+            recent: &[],
+            spot: Some(SpotContext {
+                key: &key,
+                run: &run_config,
+                state: &no_state,
+                unverified: &unverified,
+                replayed: &HashMap::new(),
+            }),
+            evaluate: true,
+        };
+        close_from(&ctx, &round, theta.clone())
+    };
+    let (one, theta_one) = close_on(1);
+    assert_eq!(reason_of(&one, 4), Some("not-useful"), "{:?}", one.probes);
+    assert_eq!(one.probes.len(), 4, "every update is probed");
+    assert_eq!(
+        one.spot_checks.len(),
+        2,
+        "the budget is filled after the noise drops out"
+    );
+    assert!(one.spot_checks.iter().all(|s| s.node != noise && !s.passed));
+    assert_eq!(one.manifest.accepted.len(), 1);
+    assert!(one.eval_loss.is_some_and(f64::is_finite));
+    for threads in [2, 3] {
+        let (many, theta_many) = close_on(threads);
+        assert_eq!(many.manifest, one.manifest, "{threads} threads");
+        assert_eq!(many.probes, one.probes);
+        assert_eq!(many.spot_checks, one.spot_checks);
+        assert_eq!(many.updates, one.updates);
+        assert_eq!(many.eval_loss, one.eval_loss);
+        assert_eq!(theta_many, theta_one);
+    }
+}
+
+#[test]
+fn replays_run_while_the_round_was_open_are_used_and_others_ignored() {
+    let (key, round, lowest, run_config) = spot_round();
+    let verify = one_replay();
+    let unverified = barnraise_protocol::credit::Unverified::default();
+    // No state is served at close, so a replay there fails its check.
+    let no_state = |_: &Hash| None;
+    let share_of = |node: NodeId| {
+        let c = round
+            .close
+            .candidates
+            .iter()
+            .find(|c| c.node == node)
+            .unwrap();
+        (c.commit.update_hash, c.commit.shares[0].clone())
+    };
+    let (lowest_hash, lowest_share) = share_of(lowest);
+    let other = round
+        .close
+        .candidates
+        .iter()
+        .map(|c| c.node)
+        .find(|n| *n != lowest)
+        .unwrap();
+    let (other_hash, other_share) = share_of(other);
+    let exact = crate::spot::SpotResult {
+        worker: 0,
+        exact: true,
+        distance: 0.0,
+        replayed_tokens: 100,
+        claimed_tokens: 100,
+        unusable: None,
+    };
+    let mut replayed = HashMap::new();
+    // The share the close draws was replayed early and passed...
+    replayed.insert((lowest_hash, lowest_share.index), exact.clone());
+    // ...and a share over the budget failed early: it is not the close's
+    // to count.
+    replayed.insert(
+        (other_hash, other_share.index),
+        crate::spot::SpotResult::unusable(&other_share, "not served".into()),
+    );
+    let spot = SpotContext {
+        key: &key,
+        run: &run_config,
+        state: &no_state,
+        unverified: &unverified,
+        replayed: &replayed,
+    };
+    let (closed, _) = close_with(&round, "mean", &verify, Some(spot));
+    assert_eq!(closed.spot_checks.len(), 1);
+    assert_eq!(closed.spot_checks[0].node, lowest);
+    assert_eq!(closed.spot_checks[0].result, exact);
+    assert!(closed.spot_checks[0].passed);
+    assert!(
+        closed.manifest.rejected.is_empty(),
+        "{:?}",
+        closed.manifest.rejected
+    );
+    assert_eq!(closed.manifest.verified, vec![lowest]);
+    assert_eq!(closed.manifest.accepted.len(), 3);
+    assert_eq!(
+        closed.timings.spot,
+        std::time::Duration::ZERO,
+        "nothing replayed at close"
+    );
 }

@@ -251,6 +251,10 @@ pub struct VerifyConfig {
     /// committed Δ and still pass: 0 demands what the CPU gives, an exact
     /// replay; GPU nodes do not replay bit for bit.
     pub spot_check_tolerance: f64,
+    /// Threads the close runs its probes and spot-check replays on, each
+    /// with its own copy of the model; 0: one per core. The verdicts do
+    /// not depend on it (docs/running-a-coordinator.md).
+    pub threads: usize,
 }
 
 impl Default for VerifyConfig {
@@ -275,6 +279,7 @@ impl Default for VerifyConfig {
             spot_check_fraction: 0.1,
             spot_check_max: 8,
             spot_check_tolerance: 0.05,
+            threads: 0,
         }
     }
 }

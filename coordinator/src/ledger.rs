@@ -960,6 +960,20 @@ impl Ledger {
         self.query_all(&sql, [], Self::round_from)
     }
 
+    /// Records θ_{round+1}'s held-out loss on a closed round, evaluated
+    /// after its manifest went out. Only a round closed without one gets
+    /// it: the figure is written once, like the rest of the row.
+    pub fn set_eval_loss(&self, round: u64, eval_loss: f64) -> Result<bool, LedgerError> {
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE rounds SET eval_loss = ?1 WHERE round = ?2 AND eval_loss IS NULL",
+                params![eval_loss, to_i64(round)],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(changed == 1)
+    }
+
     /// The last closed round, if any.
     pub fn last_round(&self) -> Result<Option<RoundRow>, LedgerError> {
         let sql = format!(
@@ -1301,6 +1315,12 @@ mod tests {
             ledger.pending_commits(0).unwrap().is_empty(),
             "pending commits leave with the close"
         );
+        // The held-out loss is filled in once, after the close.
+        assert_eq!(ledger.rounds().unwrap()[0].eval_loss, None);
+        assert!(ledger.set_eval_loss(0, 2.5).unwrap());
+        assert!(!ledger.set_eval_loss(0, 9.0).unwrap(), "written once");
+        assert!(!ledger.set_eval_loss(7, 1.0).unwrap(), "no such round");
+        assert_eq!(ledger.rounds().unwrap()[0].eval_loss, Some(2.5));
         // A second close of round 0 changes nothing.
         let again = ledger.close_round(&record(0, &[("a", "accepted")]));
         assert!(

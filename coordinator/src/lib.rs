@@ -21,6 +21,7 @@ pub mod network;
 pub mod pace;
 pub mod params;
 pub mod plan;
+pub mod pool;
 pub mod probe;
 pub mod ratelimit;
 pub mod record;

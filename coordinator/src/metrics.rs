@@ -49,9 +49,11 @@ pub enum Stage {
     /// At close: stage 2 again on the stored payloads, then stage 3 (norms,
     /// direction, copies and replays).
     Verify,
-    /// At close: the usefulness probe and the held-out evaluation.
+    /// At close: the usefulness probe's jobs, summed over the threads they
+    /// ran on; and the held-out evaluation of the new θ (after the manifest
+    /// is out, but for the run's last round).
     Probe,
-    /// At close: spot-check replays.
+    /// At close: spot-check replays, summed over their threads.
     Spot,
     /// At close: the aggregate and the outer step.
     Aggregate,

@@ -168,6 +168,24 @@ impl Probe {
         other: &[u16],
         other_base: f32,
     ) -> Result<ProbeResult, ProbeError> {
+        let (own_after, other_after) = self.losses_after(delta, own, other)?;
+        Ok(ProbeResult::from_losses(
+            own_base,
+            own_after,
+            other_base,
+            other_after,
+        ))
+    }
+
+    /// The probe losses of θ_r − Δ on `own` and on `other`: the half of
+    /// [`Probe::measure`] that needs the update, so a close can compute
+    /// the base losses on other threads at the same time.
+    pub fn losses_after(
+        &mut self,
+        delta: &[f32],
+        own: &[u16],
+        other: &[u16],
+    ) -> Result<(f32, f32), ProbeError> {
         if delta.len() != self.theta.len() {
             return Err(ProbeError::Length {
                 expected: self.theta.len(),
@@ -178,14 +196,7 @@ impl Probe {
             *s = t - d;
         }
         self.trainer.set_flat_params(&self.scratch)?;
-        let own_after = self.loss(own)?;
-        let other_after = self.loss(other)?;
-        Ok(ProbeResult::from_losses(
-            own_base,
-            own_after,
-            other_base,
-            other_after,
-        ))
+        Ok((self.loss(own)?, self.loss(other)?))
     }
 
     /// The run's held-out loss of `params`: [`EVAL_BATCHES`] batches drawn
@@ -204,6 +215,19 @@ impl Probe {
             EVAL_SEED,
         )?)
     }
+}
+
+/// The run's held-out loss of `params` ([`Probe::eval_loss`]) on a model of
+/// its own: what the coordinator computes for θ_{r+1} after the manifest
+/// is out, off the round's critical path.
+pub fn heldout_eval(
+    model: &ModelConfig,
+    cfg: &VerifyConfig,
+    seq_len: usize,
+    params: &[f32],
+    heldout: &[u16],
+) -> Result<f32, ProbeError> {
+    Probe::new(model, params, cfg, seq_len, 0)?.eval_loss(params, heldout)
 }
 
 /// Batches of the per-round held-out evaluation.

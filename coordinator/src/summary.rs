@@ -29,6 +29,13 @@ pub enum CoordinatorEvent {
         eval_loss: Option<f64>,
         params_hash: Hash,
     },
+    /// The held-out loss of the θ round `round` closed on, when it was
+    /// evaluated after the round's manifest went out (every round but the
+    /// last; the last one's is in its `RoundClosed`).
+    RoundEvaluated {
+        round: u64,
+        eval_loss: f64,
+    },
     RunFinished,
 }
 

@@ -84,14 +84,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut events = handle.events();
         tokio::spawn(async move {
             while let Ok(event) = events.recv().await {
-                if let CoordinatorEvent::RoundClosed { round, accepted, rejected, mean_loss, eval_loss, .. } = event {
-                    let loss = |l: Option<f64>| l.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
-                    println!(
-                        "round {round}: {accepted} accepted, {} rejected, train loss {}, eval loss {}",
-                        rejected.len(),
-                        loss(mean_loss),
-                        loss(eval_loss)
-                    );
+                let loss =
+                    |l: Option<f64>| l.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+                match event {
+                    CoordinatorEvent::RoundClosed {
+                        round,
+                        accepted,
+                        rejected,
+                        mean_loss,
+                        eval_loss,
+                        ..
+                    } => {
+                        // The held-out loss of every round but the last follows
+                        // the manifest (RoundEvaluated).
+                        let eval = eval_loss
+                            .map(|v| format!(", eval loss {v:.3}"))
+                            .unwrap_or_default();
+                        println!(
+                            "round {round}: {accepted} accepted, {} rejected, train loss {}{eval}",
+                            rejected.len(),
+                            loss(mean_loss),
+                        );
+                    }
+                    CoordinatorEvent::RoundEvaluated { round, eval_loss } => {
+                        println!("round {round}: eval loss {eval_loss:.3}");
+                    }
+                    _ => {}
                 }
             }
         });
@@ -103,7 +121,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         });
         let summary = handle.wait().await?;
-        print!("{}", barnraise_coordinator::stats::render_contributors(&summary.contributors));
+        print!(
+            "{}",
+            barnraise_coordinator::stats::render_contributors(&summary.contributors)
+        );
         Ok(())
     })
 }

@@ -77,11 +77,15 @@ impl RunProgress {
                 self.rounds.inc(1);
                 let loss =
                     |v: &Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+                // Every round but the last is evaluated after its manifest
+                // is out (RoundEvaluated, below).
+                let heldout = eval_loss
+                    .map(|x| format!(", held-out loss {x:.3}"))
+                    .unwrap_or_default();
                 let mut line = format!(
-                    "round {round} closed: {accepted} accepted, {} rejected, {missing} missing; train loss {}, held-out loss {}; θ {}",
+                    "round {round} closed: {accepted} accepted, {} rejected, {missing} missing; train loss {}{heldout}; θ {}",
                     rejected.len(),
                     loss(mean_loss),
-                    loss(eval_loss),
                     params_hash.short()
                 );
                 for r in rejected {
@@ -92,6 +96,9 @@ impl RunProgress {
                     ));
                 }
                 self.say(line);
+            }
+            CoordinatorEvent::RoundEvaluated { round, eval_loss } => {
+                self.say(format!("round {round} held-out loss {eval_loss:.3}"))
             }
             CoordinatorEvent::RunFinished => self.rounds.set_message("finished"),
         }

@@ -21,7 +21,78 @@ impl Service {
                 let done = (*done)?;
                 self.finish_close(done).await
             }
+            Internal::Evaluated {
+                round,
+                eval_loss,
+                took,
+            } => {
+                self.metrics.stages.add(Stage::Probe, took);
+                // Evaluations finish in round order (each close waits for
+                // the one before), so this is the newest figure.
+                Metrics::set_f64(&self.metrics.last_eval_loss, Some(eval_loss));
+                tracing::info!(
+                    round,
+                    eval_loss,
+                    eval_ms = took.as_millis() as u64,
+                    "held-out loss of the round's θ"
+                );
+                let _ = self
+                    .events
+                    .send(CoordinatorEvent::RoundEvaluated { round, eval_loss });
+                Ok(())
+            }
         }
+    }
+
+    /// Evaluates the θ that round `round` closed on (the current state) on
+    /// the held-out shard, on a blocking thread while nodes train the next
+    /// round, and records it in `round`'s ledger row: the evaluation only
+    /// reports, so it stays off the path between the deadline and the
+    /// manifest (docs/architecture.md, "Closing a round").
+    pub(super) fn spawn_eval(&mut self, round: u64) {
+        let (Some(heldout), Some(state)) = (self.heldout.clone(), self.state.as_ref()) else {
+            return;
+        };
+        let theta = state.theta.clone();
+        let model = self.resolved.model.clone();
+        let verify = self.config.verify.clone();
+        let seq_len = self.config.seq_len as usize;
+        let ledger = self.ledger.clone();
+        let tx = self.internal_tx.clone();
+        let previous = self.eval_task.take();
+        self.eval_task = Some(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            let evaluated = tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let loss = crate::probe::heldout_eval(&model, &verify, seq_len, &theta, &heldout)
+                    .map_err(|e| e.to_string())?;
+                let eval_loss = f64::from(loss);
+                ledger
+                    .lock()
+                    .map_err(|_| "ledger lock poisoned".to_string())?
+                    .set_eval_loss(round, eval_loss)
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((eval_loss, started.elapsed()))
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            match evaluated {
+                Ok((eval_loss, took)) => {
+                    let _ = tx
+                        .send(Internal::Evaluated {
+                            round,
+                            eval_loss,
+                            took,
+                        })
+                        .await;
+                }
+                // The run goes on; the round's chart point stays empty.
+                Err(e) => tracing::warn!(round, "held-out evaluation: {e}"),
+            }
+        }));
     }
 
     pub(super) fn begin_close(&mut self, close: CloseRound) -> Result<(), CoordinatorError> {
@@ -44,9 +115,25 @@ impl Service {
             recent: self.recent.clone(),
             unverified: self.unverified.clone(),
             run_config: self.run_config.clone(),
+            replayed: HashMap::new(),
         };
         let tx = self.internal_tx.clone();
+        // The last round's evaluation has had the whole round to finish;
+        // the close waits for it so the two never share the CPU. Early
+        // replays not yet started are dropped, running ones waited for.
+        let evaluating = self.eval_task.take();
+        let early = self
+            .early
+            .take()
+            .filter(|early| early.round() == job.close.plan.round);
         tokio::spawn(async move {
+            let mut job = job;
+            if let Some(evaluating) = evaluating {
+                let _ = evaluating.await;
+            }
+            if let Some(early) = early {
+                job.replayed = early.finish().await;
+            }
             let result = tokio::task::spawn_blocking(move || job.run())
                 .await
                 .unwrap_or_else(|e| {
@@ -129,7 +216,7 @@ impl Service {
         let stages = &self.metrics.stages;
         let t = &done.closed.timings;
         stages.add(Stage::Verify, t.verify);
-        stages.add(Stage::Probe, t.probe);
+        stages.add(Stage::Probe, t.probe + t.eval);
         stages.add(Stage::Spot, t.spot);
         stages.add(Stage::Aggregate, t.aggregate);
         stages.add(Stage::Ledger, done.ledger_time);
@@ -240,6 +327,9 @@ impl Service {
                 .await;
         }
         self.metrics.stages.add(Stage::Publish, published.elapsed());
+        if done.closed.eval_loss.is_none() && !m.accepted.is_empty() {
+            self.spawn_eval(done.round);
+        }
         tracing::info!(
             round = done.round,
             accepted = m.accepted.len(),
@@ -248,8 +338,10 @@ impl Service {
             train_loss = ?done.closed.mean_loss,
             eval_loss = ?done.closed.eval_loss,
             verify_ms = t.verify.as_millis() as u64,
+            checks_ms = t.checks.as_millis() as u64,
             probe_ms = t.probe.as_millis() as u64,
             spot_ms = t.spot.as_millis() as u64,
+            eval_ms = t.eval.as_millis() as u64,
             aggregate_ms = t.aggregate.as_millis() as u64,
             ledger_ms = done.ledger_time.as_millis() as u64,
             "round closed"
@@ -293,6 +385,8 @@ struct CloseJob {
     recent: Arc<Vec<verify::RecentUpdate>>,
     unverified: Arc<Unverified>,
     run_config: RunConfig,
+    /// Spot checks replayed while the round was open (`super::early`).
+    replayed: HashMap<(Hash, u32), crate::spot::SpotResult>,
 }
 
 impl CloseJob {
@@ -313,6 +407,7 @@ impl CloseJob {
                 run: &self.run_config,
                 state: &state_of,
                 unverified: &self.unverified,
+                replayed: &self.replayed,
             }),
             model: &self.resolved.model,
             codec: self.resolved.codec.codec_at(round),
@@ -328,6 +423,10 @@ impl CloseJob {
                 .flops_per_token_at(self.config.seq_len as usize),
             sketch_seed: sketch_seed(&self.config.run_id),
             recent: &self.recent,
+            // The last round's θ is evaluated here, so the run's final
+            // figure is in the ledger before the run reports finished;
+            // the others after their manifest (Service::spawn_eval).
+            evaluate: round + 1 >= self.config.total_rounds,
         };
         let mut state = self.state;
         let closed = close::close_round(

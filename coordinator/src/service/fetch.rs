@@ -1,7 +1,7 @@
 //! Fetching committed updates: from the store or the node that committed
 //! them, each on its own task, checked (stage 2) on a blocking thread and
 //! kept for the close; and the starting states of workers drawn for a spot
-//! check.
+//! check, whose replays then start at once (`super::early`).
 
 use super::*;
 
@@ -19,9 +19,10 @@ impl Service {
             .unwrap_or(0)
             .max(now_ms() + 1000);
         // The workers drawn for a spot check: their starting states are
-        // fetched with the update, and replayed when the round closes.
+        // fetched with the update, and replayed as soon as they are in
+        // (`super::early`), or else when the round closes.
         let verify = &self.config.verify;
-        let drawn: Vec<(u32, Hash)> = crate::spot::drawn_shares(
+        let drawn: Vec<barnraise_protocol::workers::WorkerShare> = crate::spot::drawn_shares(
             &self.key,
             &self.config.run_id,
             &node,
@@ -30,9 +31,31 @@ impl Service {
         )
         .into_iter()
         .take(verify.spot_check_max)
-        .map(|(_, share)| (share.index, share.state_hash))
+        .map(|(_, share)| share.clone())
         .collect();
         let state_bytes = barnraise_trainer::Trainer::optimizer_state_len(params) as u64;
+        // Replayed as soon as their states are in (`early`), when the plan
+        // of this round is the open one.
+        let early = match (&self.early, self.rounds.open_plan()) {
+            (Some(early), Some(plan)) if !drawn.is_empty() && early.round() == round => plan
+                .assignments
+                .iter()
+                .find(|a| a.node == node)
+                .and_then(|assignment| {
+                    let theta = early.theta(|| self.state.as_ref().map(|s| s.theta.clone()))?;
+                    let input = early::ReplayInput {
+                        model: self.resolved.model.clone(),
+                        run: self.run_config.clone(),
+                        assignment: assignment.clone(),
+                        dataset: self.dataset.clone(),
+                        store: self.store.clone(),
+                        metrics: self.metrics.clone(),
+                        budget: verify.spot_check_max,
+                    };
+                    Some((early.clone(), input, theta))
+                }),
+            _ => None,
+        };
         tokio::spawn(async move {
             let mut result = fetch_and_check(
                 &client,
@@ -45,22 +68,35 @@ impl Service {
                 deadline_ms,
             )
             .await;
-            for (worker, hash) in drawn {
+            for share in &drawn {
                 if result.is_err() {
                     break;
                 }
-                result = fetch_state(&client, &store, node, hash, state_bytes, deadline_ms)
-                    .await
-                    .map_err(|reason| {
-                        tracing::info!(
-                            node = %node.short(),
-                            round,
-                            worker,
-                            "spot check: the worker's state was not served ({})",
-                            reason.code()
-                        );
-                        RejectReason::SpotCheck { worker }
-                    });
+                let worker = share.index;
+                result = fetch_state(
+                    &client,
+                    &store,
+                    node,
+                    share.state_hash,
+                    state_bytes,
+                    deadline_ms,
+                )
+                .await
+                .map_err(|reason| {
+                    tracing::info!(
+                        node = %node.short(),
+                        round,
+                        worker,
+                        "spot check: the worker's state was not served ({})",
+                        reason.code()
+                    );
+                    RejectReason::SpotCheck { worker }
+                });
+            }
+            if let (Ok(()), Some((early, input, theta))) = (&result, early) {
+                for share in drawn {
+                    early.start(commit.update_hash, share, input.clone(), theta.clone());
+                }
             }
             if let Err(reason) = &result {
                 tracing::info!(node = %node.short(), round, reason = reason.code(), "update rejected");

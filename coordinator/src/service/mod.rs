@@ -46,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 mod closing;
+mod early;
 mod fetch;
 mod requests;
 mod startup;
@@ -143,6 +144,12 @@ enum Internal {
         result: Result<(), RejectReason>,
     },
     Closed(Box<Result<CloseDone, CoordinatorError>>),
+    /// θ_{round+1}'s held-out loss, evaluated after round's manifest went out.
+    Evaluated {
+        round: u64,
+        eval_loss: f64,
+        took: Duration,
+    },
 }
 
 struct CloseDone {
@@ -195,6 +202,11 @@ struct Service {
     refusals: crate::refusals::RefusalLog,
     /// The coordinator and recently active nodes, for welcomes and plans.
     bootstrap: crate::bootstrap::BootstrapBook,
+    /// The held-out evaluation of the last closed round's θ, running while
+    /// nodes train the next round; the next close waits for it.
+    eval_task: Option<JoinHandle<()>>,
+    /// Spot checks of the open round replayed as their states arrive.
+    early: Option<early::EarlyReplays>,
 }
 
 impl Service {
@@ -207,6 +219,14 @@ impl Service {
         children: CancellationToken,
     ) -> Result<RunSummary, CoordinatorError> {
         self.publish_reputation();
+        // Stopped between a close and its evaluation: evaluate it now.
+        match self.ledger(|l| l.last_round()).await {
+            Ok(Some(last)) if last.eval_loss.is_none() && last.accepted > 0 => {
+                self.spawn_eval(last.round);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("reading the last round: {e}"),
+        }
         for signed in pending {
             self.on_commit(signed, None).await;
         }
@@ -379,6 +399,10 @@ impl Service {
         self.ledger(move |l| l.record_plan(round, &stored, opened_at_ms))
             .await?;
         self.open_plan = Some(signed);
+        self.early = Some(early::EarlyReplays::new(
+            round,
+            crate::pool::threads(self.config.verify.threads),
+        ));
         let _ = self
             .net
             .publish(network::topic(&self.config.run_id, "plans"), bytes)

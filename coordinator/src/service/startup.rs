@@ -155,6 +155,8 @@ pub async fn start(
         finished_at: None,
         refusals: Default::default(),
         bootstrap,
+        eval_task: None,
+        early: None,
     };
     let task = tokio::spawn(service.run(
         net_events,
