@@ -55,6 +55,10 @@ pub struct CloseContext<'a> {
     /// Compute θ_{r+1}'s held-out loss in the close ([`Closed::eval_loss`]);
     /// otherwise it is None and the caller evaluates later.
     pub evaluate: bool,
+    /// The coordinator's key: the probe's seeds are its signatures.
+    pub key: &'a barnraise_protocol::SigningKey,
+    /// Checks already run while the round was open.
+    pub early: &'a Early,
 }
 
 /// What spot checks need besides the round: the key that draws them, the
@@ -68,10 +72,6 @@ pub struct SpotContext<'a> {
     /// Every node's credit not yet backed by a passed check (the manifests
     /// so far, folded): what a failed check voids.
     pub unverified: &'a barnraise_protocol::credit::Unverified,
-    /// Replays already run while the round was open, by update hash and
-    /// worker: used for the shares the close draws instead of replaying
-    /// them again (`crate::service`, "early replays").
-    pub replayed: &'a HashMap<(Hash, u32), crate::spot::SpotResult>,
 }
 
 /// One spot check, kept for the ledger.
@@ -214,10 +214,9 @@ fn probe_for<'p>(
     slot: &'p mut Option<Probe>,
     ctx: &CloseContext<'_>,
     theta: &[f32],
-    seed: u64,
 ) -> Result<&'p mut Probe, ProbeError> {
     if slot.is_none() {
-        *slot = Some(Probe::new(ctx.model, theta, ctx.verify, ctx.seq_len, seed)?);
+        *slot = Some(Probe::new(ctx.model, theta, ctx.verify, ctx.seq_len, 0)?);
     }
     slot.as_mut()
         .ok_or_else(|| ProbeError::Device("the probe model was not made".into()))
@@ -227,18 +226,31 @@ fn probe_for<'p>(
 enum Check<'c> {
     /// A spot-check replay of candidate `.0`'s share.
     Spot(usize, &'c WorkerShare),
-    /// θ_r − Δ's probe losses for the probe's `.0`-th measured candidate.
-    After(usize),
-    /// θ_r's probe loss on the `.0`-th base text.
-    Base(usize),
+    /// The probe of its `.0`-th measured candidate.
+    Measure(usize),
+    /// θ_r's probe loss on the round's held-out batches.
+    HeldoutBase,
 }
 
 /// What a [`Check`] found.
 enum CheckOutcome {
     Spot(crate::spot::SpotResult),
     /// None: the payload was gone.
-    After(Option<Result<(f32, f32), ProbeError>>),
+    Measured(Option<Result<crate::probe::Measured, ProbeError>>),
     Loss(Result<f32, ProbeError>),
+}
+
+/// Checks the service ran while the round was open, for the close to use
+/// instead of running them again (`crate::service`, "early checks"). Each is
+/// the same function of the same inputs as in the close.
+#[derive(Clone, Debug, Default)]
+pub struct Early {
+    /// θ_r's probe loss on the round's held-out batches.
+    pub heldout_base: Option<f32>,
+    /// Probe measurements, by update hash.
+    pub probes: HashMap<Hash, crate::probe::Measured>,
+    /// Spot-check replays, by update hash and worker.
+    pub replays: HashMap<(Hash, u32), crate::spot::SpotResult>,
 }
 
 /// Where the close spent its time (`crate::metrics::Stage`).
@@ -348,61 +360,54 @@ pub fn close_round(
     let threads = crate::pool::threads(ctx.verify.threads).max(1);
     let mut probes = Vec::new();
     let mut accepted_idx = Vec::new();
-    // The probe's plan: the candidates it measures, each with the shard it
-    // is measured on, and the texts whose θ_r loss it needs (None: the
-    // held-out shard).
-    let mut measured: Vec<(usize, Hash, Arc<Vec<u16>>)> = Vec::new();
-    let mut bases: Vec<(Option<Hash>, Arc<Vec<u16>>)> = Vec::new();
-    let mut seed = 0;
+    // The probe's plan: the candidates it measures, each with its seed
+    // and the tokens of the shard it is measured on.
+    let mut measured: Vec<(usize, u64, Arc<Vec<u16>>)> = Vec::new();
+    let heldout_seed = crate::probe::heldout_seed(ctx.key, run_id, round);
     match ctx.heldout {
-        Some(heldout) if ctx.verify.probe && !survivors.is_empty() => {
-            // Seeded by every update of the round: known to no node when it
-            // committed, and recomputable by anyone auditing the round.
+        Some(_) if ctx.verify.probe && !survivors.is_empty() => {
+            // Which updates are probed when there are more than the budget:
+            // a draw seeded by every update of the round, known to no node
+            // when it committed and recomputable by anyone auditing it.
             let committed: Vec<u8> = close
                 .candidates
                 .iter()
                 .flat_map(|c| c.commit.update_hash.0)
                 .collect();
-            seed = crate::plan::derive(0, "probe", round, &committed);
+            let seed = crate::plan::derive(0, "probe", round, &committed);
             let (probed, passed) = probe_sample(ctx, close, &survivors, seed);
             accepted_idx.extend(passed);
             for &i in &probed {
                 let c = &close.candidates[i];
-                // A shard drawn at random from the node's assignment, by a
-                // seed the node could not know when it committed.
-                let own_shard = assignment_of.get(&c.node).and_then(|a| {
-                    let pick = crate::plan::derive(seed, "probe-shard", round, &c.node.0.0);
-                    let index = a
-                        .shards
-                        .get((pick % a.shards.len().max(1) as u64) as usize)?;
-                    ctx.dataset.get(*index as usize).map(|s| s.hash)
-                });
-                match own_shard.and_then(|h| ctx.shard_tokens.tokens(&h).map(|t| (h, t))) {
-                    Some((hash, tokens)) => {
-                        if !bases.iter().any(|(h, _)| *h == Some(hash)) {
-                            bases.push((Some(hash), tokens.clone()));
-                        }
-                        measured.push((i, hash, tokens));
-                    }
+                let seed = crate::probe::commit_seed(
+                    ctx.key,
+                    run_id,
+                    round,
+                    &c.node,
+                    &c.commit.update_hash,
+                );
+                let own = assignment_of
+                    .get(&c.node)
+                    .and_then(|a| crate::probe::own_shard(a, ctx.dataset, seed))
+                    .and_then(|h| ctx.shard_tokens.tokens(&h));
+                match own {
+                    Some(tokens) => measured.push((i, seed, tokens)),
                     // Nothing to probe against: the probe cannot judge, so it does not reject.
                     None => accepted_idx.push(i),
                 }
-            }
-            if !measured.is_empty() {
-                bases.insert(0, (None, Arc::new(heldout.to_vec())));
             }
         }
         // Off, nothing left to probe, or no held-out shard to probe against.
         _ => accepted_idx.extend(survivors.iter().copied()),
     }
-    // Replays the service already ran while the round was open count as
-    // they are (the same function of the same inputs).
+    // Replays and probes the service already ran while the round was open
+    // count as they are (the same functions of the same inputs).
     let mut replayed: HashMap<(usize, u32), crate::spot::SpotResult> = HashMap::new();
     let mut speculative = Vec::new();
     if let Some(spot) = &ctx.spot {
         for (i, share) in spot_draws(ctx, spot, close, run_id, &survivors) {
             let key = (close.candidates[i].commit.update_hash, share.index);
-            match spot.replayed.get(&key) {
+            match ctx.early.replays.get(&key) {
                 Some(result) => {
                     replayed.insert((i, share.index), result.clone());
                 }
@@ -410,34 +415,51 @@ pub fn close_round(
             }
         }
     }
-    let heldout: &[u16] = bases.first().map_or(&[], |(_, t)| t.as_slice());
+    let heldout: &[u16] = ctx.heldout.unwrap_or(&[]);
     let mut jobs: Vec<Check<'_>> = Vec::new();
     // Longest first: a replay trains a worker's round, a probe job is a
     // few forward passes.
     jobs.extend(speculative.iter().map(|&(i, share)| Check::Spot(i, share)));
-    jobs.extend((0..measured.len()).map(Check::After));
-    jobs.extend((0..bases.len()).map(Check::Base));
+    let mut found: HashMap<usize, Option<crate::probe::Measured>> = HashMap::new();
+    for (m, (i, _, _)) in measured.iter().enumerate() {
+        match ctx
+            .early
+            .probes
+            .get(&close.candidates[*i].commit.update_hash)
+        {
+            Some(early) => {
+                found.insert(m, Some(*early));
+            }
+            None => jobs.push(Check::Measure(m)),
+        }
+    }
+    let mut heldout_base = ctx.early.heldout_base;
+    if heldout_base.is_none() && !measured.is_empty() {
+        jobs.push(Check::HeldoutBase);
+    }
     let mut states: Vec<Option<Probe>> = (0..threads).map(|_| None).collect();
     let run_check = |probe: &mut Option<Probe>, _: usize, check: &Check<'_>| {
         let started = Instant::now();
         let outcome = match *check {
             Check::Spot(i, share) => CheckOutcome::Spot(spot_replay(ctx, close, theta_r, i, share)),
-            Check::Base(b) => CheckOutcome::Loss(
-                probe_for(probe, ctx, theta_r, seed).and_then(|p| p.base_loss(&bases[b].1)),
+            Check::HeldoutBase => CheckOutcome::Loss(
+                probe_for(probe, ctx, theta_r)
+                    .and_then(|p| p.base_loss_seeded(heldout, heldout_seed)),
             ),
-            Check::After(m) => {
-                let (i, _, own) = &measured[m];
+            Check::Measure(m) => {
+                let (i, seed, own) = &measured[m];
                 let c = &close.candidates[*i];
                 // Decoded again (it passed stage 2, so it decodes).
                 match payloads
                     .get(&c.commit.update_hash)
                     .map(|p| verify::check_payload(p, &c.commit, ctx.codec, params))
                 {
-                    Some(Ok(values)) => CheckOutcome::After(Some(
-                        probe_for(probe, ctx, theta_r, seed)
-                            .and_then(|p| p.losses_after(&values, own, heldout)),
-                    )),
-                    _ => CheckOutcome::After(None),
+                    Some(Ok(values)) => {
+                        CheckOutcome::Measured(Some(probe_for(probe, ctx, theta_r).and_then(|p| {
+                            p.measure_update(&values, own, *seed, heldout, heldout_seed)
+                        })))
+                    }
+                    _ => CheckOutcome::Measured(None),
                 }
             }
         };
@@ -449,36 +471,29 @@ pub fn close_round(
         comparisons: stats.comparisons,
         ..CloseTimings::default()
     };
-    let mut base_of: HashMap<Option<Hash>, f32> = HashMap::new();
-    let mut after_of: HashMap<usize, Option<(f32, f32)>> = HashMap::new();
     for (check, (outcome, took)) in jobs.iter().zip(done) {
         match (check, outcome) {
             (Check::Spot(i, share), CheckOutcome::Spot(result)) => {
                 timings.spot += took;
                 replayed.insert((*i, share.index), result);
             }
-            (Check::Base(b), CheckOutcome::Loss(loss)) => {
+            (Check::HeldoutBase, CheckOutcome::Loss(loss)) => {
                 timings.probe += took;
-                let loss = loss.map_err(|source| CloseError::Probe { round, source })?;
-                base_of.insert(bases[*b].0, loss);
+                heldout_base = Some(loss.map_err(|source| CloseError::Probe { round, source })?);
             }
-            (Check::After(m), CheckOutcome::After(losses)) => {
+            (Check::Measure(m), CheckOutcome::Measured(losses)) => {
                 timings.probe += took;
                 let losses = losses
                     .transpose()
                     .map_err(|source| CloseError::Probe { round, source })?;
-                after_of.insert(*m, losses);
+                found.insert(*m, losses);
             }
             _ => unreachable!("pool::run returns one outcome per job, in job order"),
         }
     }
-    for (m, (i, own_hash, _)) in measured.iter().enumerate() {
+    for (m, (i, _, _)) in measured.iter().enumerate() {
         let c = &close.candidates[*i];
-        let (Some(Some((own_after, other_after))), Some(own_base), Some(heldout_base)) = (
-            after_of.get(&m),
-            base_of.get(&Some(*own_hash)),
-            base_of.get(&None),
-        ) else {
+        let (Some(Some(losses)), Some(heldout_base)) = (found.get(&m), heldout_base) else {
             rejected.push(RejectedUpdate {
                 node: c.node,
                 update_hash: Some(c.commit.update_hash),
@@ -489,7 +504,7 @@ pub fn close_round(
         probes.push(ProbeRecord {
             node: c.node,
             index: *i,
-            result: ProbeResult::from_losses(*own_base, *own_after, *heldout_base, *other_after),
+            result: losses.result(heldout_base),
             bar: 0.0,
         });
     }
@@ -523,7 +538,7 @@ pub fn close_round(
             if replayed.contains_key(&(i, share.index)) {
                 continue;
             }
-            match spot.replayed.get(&key) {
+            match ctx.early.replays.get(&key) {
                 Some(result) => {
                     replayed.insert((i, share.index), result.clone());
                 }

@@ -93,6 +93,11 @@ fn run(round: &Round, rule: &str) -> (Closed, Vec<f32>) {
     close_with(round, rule, &verify, None)
 }
 
+/// The coordinator key of the tests' closes.
+fn coordinator_key() -> barnraise_protocol::SigningKey {
+    barnraise_protocol::SigningKey::from_seed([5; 32]).unwrap()
+}
+
 /// Closes `round` with the tiny model, fp32 and no shards, θ_r all 0.5.
 fn close_with(
     round: &Round,
@@ -100,6 +105,18 @@ fn close_with(
     verify: &VerifyConfig,
     spot: Option<SpotContext<'_>>,
 ) -> (Closed, Vec<f32>) {
+    close_with_early(round, rule, verify, spot, &Early::default())
+}
+
+/// [`close_with`], given checks run while the round was open.
+fn close_with_early(
+    round: &Round,
+    rule: &str,
+    verify: &VerifyConfig,
+    spot: Option<SpotContext<'_>>,
+    early: &Early,
+) -> (Closed, Vec<f32>) {
+    let key = coordinator_key();
     let model = barnraise_trainer::ModelConfig::preset("tiny").unwrap();
     let rule: AggregationRule = rule.parse().unwrap();
     let shards = HashMap::new();
@@ -117,6 +134,8 @@ fn close_with(
         recent: &[],
         spot,
         evaluate: true,
+        key: &key,
+        early,
     };
     close_from(&ctx, round, vec![0.5f32; P])
 }
@@ -332,7 +351,6 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
         run: &run_config,
         state: &no_state,
         unverified: &unverified,
-        replayed: &HashMap::new(),
     };
     let (closed, _) = close_with(&round, "mean", &verify, Some(spot));
     assert_eq!(closed.spot_checks.len(), 1, "one replay fits the budget");
@@ -423,6 +441,8 @@ fn the_probe_measures_new_nodes_first_then_a_seeded_draw_up_to_its_budget() {
         recent: &recent,
         spot: None,
         evaluate: true,
+        key: &coordinator_key(),
+        early: &Early::default(),
     };
     let survivors: Vec<usize> = (0..6).collect();
     let mut drawn = std::collections::HashSet::new();
@@ -563,7 +583,7 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
     let unverified = barnraise_protocol::credit::Unverified::default();
     let no_state = |_: &Hash| None;
     let rule: AggregationRule = "mean".parse().unwrap();
-    let close_on = |threads: usize| {
+    let close_on = |threads: usize, early: &Early| {
         let verify = VerifyConfig {
             spot_check_fraction: 1.0,
             spot_check_max: 2,
@@ -587,13 +607,14 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
                 run: &run_config,
                 state: &no_state,
                 unverified: &unverified,
-                replayed: &HashMap::new(),
             }),
             evaluate: true,
+            key: &key,
+            early,
         };
         close_from(&ctx, &round, theta.clone())
     };
-    let (one, theta_one) = close_on(1);
+    let (one, theta_one) = close_on(1, &Early::default());
     assert_eq!(reason_of(&one, 4), Some("not-useful"), "{:?}", one.probes);
     assert_eq!(one.probes.len(), 4, "every update is probed");
     assert_eq!(
@@ -605,7 +626,7 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
     assert_eq!(one.manifest.accepted.len(), 1);
     assert!(one.eval_loss.is_some_and(f64::is_finite));
     for threads in [2, 3] {
-        let (many, theta_many) = close_on(threads);
+        let (many, theta_many) = close_on(threads, &Early::default());
         assert_eq!(many.manifest, one.manifest, "{threads} threads");
         assert_eq!(many.probes, one.probes);
         assert_eq!(many.spot_checks, one.spot_checks);
@@ -613,6 +634,53 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
         assert_eq!(many.eval_loss, one.eval_loss);
         assert_eq!(theta_many, theta_one);
     }
+
+    // Probes run while the round was open (of node 1 and of the noise),
+    // with the same seeds and functions, give the close's verdicts.
+    let mut early = Early::default();
+    let mut probe = Probe::new(&model, &theta, &VerifyConfig::default(), 64, 0).unwrap();
+    let heldout_seed = crate::probe::heldout_seed(&key, "r", 3);
+    early.heldout_base = Some(probe.base_loss_seeded(&heldout, heldout_seed).unwrap());
+    for (c, delta) in round.close.candidates.iter().zip(&deltas) {
+        if c.node != node(1) && c.node != noise {
+            continue;
+        }
+        let seed = crate::probe::commit_seed(&key, "r", 3, &c.node, &c.commit.update_hash);
+        let assignment = round
+            .close
+            .plan
+            .assignments
+            .iter()
+            .find(|a| a.node == c.node)
+            .unwrap();
+        let own = crate::probe::own_shard(assignment, &dataset, seed)
+            .and_then(|h| shard_tokens.get(&h).cloned())
+            .unwrap();
+        let measured = probe
+            .measure_update(delta, &own, seed, &heldout, heldout_seed)
+            .unwrap();
+        early.probes.insert(c.commit.update_hash, measured);
+    }
+    let (with_early, theta_early) = close_on(2, &early);
+    assert_eq!(with_early.manifest, one.manifest);
+    assert_eq!(with_early.probes, one.probes);
+    assert_eq!(with_early.spot_checks, one.spot_checks);
+    assert_eq!(with_early.updates, one.updates);
+    assert_eq!(theta_early, theta_one);
+    // And the close takes them as they are: a measurement that says node 1's
+    // update made its shard worse rejects it.
+    let mut forged = early.clone();
+    let hash_1 = round.close.candidates[0].commit.update_hash;
+    forged.probes.insert(
+        hash_1,
+        crate::probe::Measured {
+            own_base: 3.0,
+            own_after: 3.5,
+            other_after: 3.0,
+        },
+    );
+    let (with_forged, _) = close_on(1, &forged);
+    assert_eq!(reason_of(&with_forged, 1), Some("not-useful"));
 }
 
 #[test]
@@ -648,12 +716,14 @@ fn replays_run_while_the_round_was_open_are_used_and_others_ignored() {
         claimed_tokens: 100,
         unusable: None,
     };
-    let mut replayed = HashMap::new();
+    let mut early = Early::default();
     // The share the close draws was replayed early and passed...
-    replayed.insert((lowest_hash, lowest_share.index), exact.clone());
+    early
+        .replays
+        .insert((lowest_hash, lowest_share.index), exact.clone());
     // ...and a share over the budget failed early: it is not the close's
     // to count.
-    replayed.insert(
+    early.replays.insert(
         (other_hash, other_share.index),
         crate::spot::SpotResult::unusable(&other_share, "not served".into()),
     );
@@ -662,9 +732,8 @@ fn replays_run_while_the_round_was_open_are_used_and_others_ignored() {
         run: &run_config,
         state: &no_state,
         unverified: &unverified,
-        replayed: &replayed,
     };
-    let (closed, _) = close_with(&round, "mean", &verify, Some(spot));
+    let (closed, _) = close_with_early(&round, "mean", &verify, Some(spot), &early);
     assert_eq!(closed.spot_checks.len(), 1);
     assert_eq!(closed.spot_checks[0].node, lowest);
     assert_eq!(closed.spot_checks[0].result, exact);

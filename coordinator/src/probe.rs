@@ -11,7 +11,8 @@
 //! same update always gets the same verdict.
 
 use crate::config::VerifyConfig;
-use barnraise_protocol::messages::RejectReason;
+use barnraise_protocol::messages::{Assignment, RejectReason, ShardInfo};
+use barnraise_protocol::{Hash, NodeId, SigningKey};
 use barnraise_trainer::device::{DeviceSpec, select};
 use barnraise_trainer::{ModelConfig, Trainer};
 
@@ -141,21 +142,22 @@ impl Probe {
         })
     }
 
-    fn loss(&self, tokens: &[u16]) -> Result<f32, ProbeError> {
+    fn loss(&self, tokens: &[u16], seed: u64) -> Result<f32, ProbeError> {
         let seq_len = self.seq_len.min(tokens.len().saturating_sub(1)).max(1);
-        Ok(self.trainer.eval_loss_with(
-            tokens,
-            self.batches,
-            self.batch_size,
-            seq_len,
-            self.seed,
-        )?)
+        Ok(self
+            .trainer
+            .eval_loss_with(tokens, self.batches, self.batch_size, seq_len, seed)?)
     }
 
-    /// The probe loss of θ_r on `tokens` (computed once per shard per round).
+    /// The probe loss of θ_r on `tokens`, batches drawn with the probe's seed.
     pub fn base_loss(&mut self, tokens: &[u16]) -> Result<f32, ProbeError> {
+        self.base_loss_seeded(tokens, self.seed)
+    }
+
+    /// The probe loss of θ_r on `tokens`, batches drawn with `seed`.
+    pub fn base_loss_seeded(&mut self, tokens: &[u16], seed: u64) -> Result<f32, ProbeError> {
         self.trainer.set_flat_params(&self.theta)?;
-        self.loss(tokens)
+        self.loss(tokens, seed)
     }
 
     /// The loss of θ_r − Δ (where the node's model ended up) on each text,
@@ -168,7 +170,8 @@ impl Probe {
         other: &[u16],
         other_base: f32,
     ) -> Result<ProbeResult, ProbeError> {
-        let (own_after, other_after) = self.losses_after(delta, own, other)?;
+        let (own_after, other_after) =
+            self.losses_after(delta, own, self.seed, other, self.seed)?;
         Ok(ProbeResult::from_losses(
             own_base,
             own_after,
@@ -177,14 +180,16 @@ impl Probe {
         ))
     }
 
-    /// The probe losses of θ_r − Δ on `own` and on `other`: the half of
-    /// [`Probe::measure`] that needs the update, so a close can compute
-    /// the base losses on other threads at the same time.
+    /// The probe losses of θ_r − Δ on `own` and on `other`, each text's
+    /// batches drawn with its seed: the half of [`Probe::measure`] that
+    /// needs the update.
     pub fn losses_after(
         &mut self,
         delta: &[f32],
         own: &[u16],
+        own_seed: u64,
         other: &[u16],
+        other_seed: u64,
     ) -> Result<(f32, f32), ProbeError> {
         if delta.len() != self.theta.len() {
             return Err(ProbeError::Length {
@@ -196,7 +201,7 @@ impl Probe {
             *s = t - d;
         }
         self.trainer.set_flat_params(&self.scratch)?;
-        Ok((self.loss(own)?, self.loss(other)?))
+        Ok((self.loss(own, own_seed)?, self.loss(other, other_seed)?))
     }
 
     /// The run's held-out loss of `params`: [`EVAL_BATCHES`] batches drawn
@@ -215,6 +220,106 @@ impl Probe {
             EVAL_SEED,
         )?)
     }
+}
+
+/// One update's probe losses, before the round's bar is known.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Measured {
+    /// θ_r on the node's own shard.
+    pub own_base: f32,
+    /// θ_r − Δ on the node's own shard.
+    pub own_after: f32,
+    /// θ_r − Δ on the held-out shard.
+    pub other_after: f32,
+}
+
+impl Measured {
+    /// The result, given θ_r's loss on the held-out batches.
+    pub fn result(&self, heldout_base: f32) -> ProbeResult {
+        ProbeResult::from_losses(
+            self.own_base,
+            self.own_after,
+            heldout_base,
+            self.other_after,
+        )
+    }
+}
+
+impl Probe {
+    /// Measures one update on its own shard (batches drawn with `seed`)
+    /// and on the held-out shard (with `heldout_seed`).
+    pub fn measure_update(
+        &mut self,
+        delta: &[f32],
+        own: &[u16],
+        seed: u64,
+        heldout: &[u16],
+        heldout_seed: u64,
+    ) -> Result<Measured, ProbeError> {
+        let own_base = self.base_loss_seeded(own, seed)?;
+        let (own_after, other_after) =
+            self.losses_after(delta, own, seed, heldout, heldout_seed)?;
+        Ok(Measured {
+            own_base,
+            own_after,
+            other_after,
+        })
+    }
+}
+
+fn first_u64(hash: &Hash) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.0[..8]);
+    u64::from_le_bytes(first)
+}
+
+fn signed_seed(key: &SigningKey, label: &[u8], run_id: &str, round: u64, extra: &[&[u8]]) -> u64 {
+    let mut m = Vec::with_capacity(128 + run_id.len());
+    m.extend_from_slice(label);
+    m.extend_from_slice(&(run_id.len() as u64).to_le_bytes());
+    m.extend_from_slice(run_id.as_bytes());
+    m.extend_from_slice(&round.to_le_bytes());
+    for e in extra {
+        m.extend_from_slice(e);
+    }
+    first_u64(&Hash::of(&key.sign(&m).0))
+}
+
+/// The seed of one commit's probe: which of the node's shards it is
+/// measured on, and the batches drawn from it. It is the coordinator's
+/// signature over the commit, like the spot-check draw: no node can know
+/// it when it commits, the coordinator cannot choose it (Ed25519 signs
+/// deterministically), and it is known the moment the commit arrives, so
+/// the update can be probed before the round closes.
+pub fn commit_seed(
+    key: &SigningKey,
+    run_id: &str,
+    round: u64,
+    node: &NodeId,
+    update: &Hash,
+) -> u64 {
+    signed_seed(
+        key,
+        b"barnraise probe v2\0",
+        run_id,
+        round,
+        &[&node.0.0, &update.0],
+    )
+}
+
+/// The seed of a round's held-out probe batches (one for every update of
+/// the round, so θ_r's held-out loss is computed once).
+pub fn heldout_seed(key: &SigningKey, run_id: &str, round: u64) -> u64 {
+    signed_seed(key, b"barnraise probe held-out v2\0", run_id, round, &[])
+}
+
+/// The shard of its assignment a commit is probed on, drawn by its seed.
+pub fn own_shard(assignment: &Assignment, dataset: &[ShardInfo], seed: u64) -> Option<Hash> {
+    let pick = crate::plan::derive(seed, "probe-shard", 0, &[]);
+    let index = assignment
+        .shards
+        .get((pick % assignment.shards.len().max(1) as u64) as usize)?;
+    dataset.get(*index as usize).map(|s| s.hash)
 }
 
 /// The run's held-out loss of `params` ([`Probe::eval_loss`]) on a model of

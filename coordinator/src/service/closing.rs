@@ -115,7 +115,7 @@ impl Service {
             recent: self.recent.clone(),
             unverified: self.unverified.clone(),
             run_config: self.run_config.clone(),
-            replayed: HashMap::new(),
+            early: close::Early::default(),
         };
         let tx = self.internal_tx.clone();
         // The last round's evaluation has had the whole round to finish;
@@ -132,7 +132,7 @@ impl Service {
                 let _ = evaluating.await;
             }
             if let Some(early) = early {
-                job.replayed = early.finish().await;
+                job.early = early.finish().await;
             }
             let result = tokio::task::spawn_blocking(move || job.run())
                 .await
@@ -385,8 +385,8 @@ struct CloseJob {
     recent: Arc<Vec<verify::RecentUpdate>>,
     unverified: Arc<Unverified>,
     run_config: RunConfig,
-    /// Spot checks replayed while the round was open (`super::early`).
-    replayed: HashMap<(Hash, u32), crate::spot::SpotResult>,
+    /// Checks run while the round was open (`super::early`).
+    early: close::Early,
 }
 
 impl CloseJob {
@@ -407,7 +407,6 @@ impl CloseJob {
                 run: &self.run_config,
                 state: &state_of,
                 unverified: &self.unverified,
-                replayed: &self.replayed,
             }),
             model: &self.resolved.model,
             codec: self.resolved.codec.codec_at(round),
@@ -427,6 +426,8 @@ impl CloseJob {
             // figure is in the ledger before the run reports finished;
             // the others after their manifest (Service::spawn_eval).
             evaluate: round + 1 >= self.config.total_rounds,
+            key: &self.key,
+            early: &self.early,
         };
         let mut state = self.state;
         let closed = close::close_round(

@@ -1,60 +1,76 @@
-//! Early replays: a spot check replayed as soon as the drawn worker's state
-//! has arrived, while the round is still open, instead of in the close.
+//! Early checks: an update probed, and its drawn spot checks replayed, as
+//! soon as it (and the drawn workers' states) have arrived, while the
+//! round is still open, instead of in the close.
 //!
-//! Which shares a commit has drawn is known when it arrives (the draw is
-//! the coordinator's signature over the commit, `crate::spot`), and the
-//! replay is a function of θ_r, the plan, the shards and the state: the
-//! same result whenever it runs. Run early it costs the nodes nothing (on
-//! a coordinator of its own the cores are idle while nodes train) and takes
-//! a worker's round of training off the path between the deadline and the
-//! manifest. The close uses the results for the shares it draws
-//! (`close::SpotContext::replayed`) and replays only the rest.
+//! Both are known the moment a commit arrives: the spot-check draw and the
+//! probe's seed are the coordinator's signatures over the commit
+//! (`crate::spot`, `crate::probe::commit_seed`). Each check is a function
+//! of θ_r, the plan, the shards and what the node sent, so it gives the
+//! same result whenever it runs. Run early they cost the nodes nothing (on
+//! a coordinator of its own the cores are idle while nodes train) and leave
+//! the close only the updates that came last. The close uses the results
+//! (`close::Early`) and runs the rest itself.
 //!
-//! Bounded: at most `verify.spot_check_max` early replays a round (the
-//! most the close would run), half the close's threads at once; once the
-//! round starts closing, replays not yet started are skipped and the close
-//! waits for the ones running.
+//! Bounded: at most `verify.probe_max` probes and `verify.spot_check_max`
+//! replays a round (the most the close would run), on half the close's
+//! threads at once; once the round starts closing, checks not yet started
+//! are skipped and the close waits for the ones running.
 
 use super::*;
+use crate::close::Early;
+use crate::probe::Measured;
 use crate::spot::SpotResult;
+use crate::store::ShardTokens;
 use tokio::sync::Semaphore;
 
-/// One round's early replays.
+/// One round's early checks.
 #[derive(Clone)]
-pub(super) struct EarlyReplays {
+pub(super) struct EarlyChecks {
     round: u64,
-    inner: Arc<Mutex<Early>>,
+    inner: Arc<Mutex<State>>,
     running: Arc<Semaphore>,
 }
 
 #[derive(Default)]
-struct Early {
-    /// Replays started (or queued) this round.
-    started: usize,
+struct State {
+    probes_started: usize,
+    replays_started: usize,
     closing: bool,
-    results: HashMap<(Hash, u32), SpotResult>,
+    found: Early,
     tasks: Vec<JoinHandle<()>>,
-    /// θ_r, copied once for all of the round's replays.
+    /// θ_r, copied once for all of the round's checks.
     theta: Option<Arc<Vec<f32>>>,
 }
 
-/// What a replay needs besides the share.
+/// What the checks of one commit need.
 #[derive(Clone)]
-pub(super) struct ReplayInput {
+pub(super) struct CheckInput {
     pub model: barnraise_trainer::ModelConfig,
     pub run: RunConfig,
+    pub run_id: String,
+    pub verify: crate::config::VerifyConfig,
+    pub seq_len: usize,
+    pub codec: barnraise_protocol::codec::CodecConfig,
+    pub key: SigningKey,
     pub assignment: barnraise_protocol::messages::Assignment,
     pub dataset: Arc<Dataset>,
+    pub heldout: Option<Arc<Vec<u16>>>,
     pub store: BlobStore,
     pub metrics: Arc<Metrics>,
-    pub budget: usize,
+    pub theta: Arc<Vec<f32>>,
 }
 
-impl EarlyReplays {
-    pub(super) fn new(round: u64, threads: usize) -> EarlyReplays {
-        EarlyReplays {
+/// One early check.
+enum Job {
+    Probe(Commit),
+    Replay(Hash, barnraise_protocol::workers::WorkerShare),
+}
+
+impl EarlyChecks {
+    pub(super) fn new(round: u64, threads: usize) -> EarlyChecks {
+        EarlyChecks {
             round,
-            inner: Arc::new(Mutex::new(Early::default())),
+            inner: Arc::new(Mutex::new(State::default())),
             running: Arc::new(Semaphore::new((threads / 2).max(1))),
         }
     }
@@ -63,90 +79,181 @@ impl EarlyReplays {
         self.round
     }
 
-    /// θ_r for the round's replays, copied by `make` the first time.
+    /// θ_r for the round's checks, copied by `make` the first time.
     pub(super) fn theta(&self, make: impl FnOnce() -> Option<Vec<f32>>) -> Option<Arc<Vec<f32>>> {
-        let mut early = self.inner.lock().ok()?;
-        if early.theta.is_none() {
-            early.theta = make().map(Arc::new);
+        let mut state = self.inner.lock().ok()?;
+        if state.theta.is_none() {
+            state.theta = make().map(Arc::new);
         }
-        early.theta.clone()
+        state.theta.clone()
     }
 
-    /// Starts replaying `share` of the update `update` from θ_r on a
-    /// blocking thread, unless the round's budget is spent or it is closing.
-    pub(super) fn start(
+    /// Probes `commit`'s update (stored and checked by stage 2) from θ_r.
+    pub(super) fn probe(&self, commit: Commit, input: CheckInput) {
+        if !input.verify.probe || input.heldout.is_none() {
+            return;
+        }
+        self.spawn(Job::Probe(commit), input);
+    }
+
+    /// Replays `share` of the update `update` (its state stored) from θ_r.
+    pub(super) fn replay(
         &self,
         update: Hash,
         share: barnraise_protocol::workers::WorkerShare,
-        input: ReplayInput,
-        theta: Arc<Vec<f32>>,
+        input: CheckInput,
     ) {
-        let Ok(mut early) = self.inner.lock() else {
+        self.spawn(Job::Replay(update, share), input);
+    }
+
+    fn spawn(&self, job: Job, input: CheckInput) {
+        let Ok(mut state) = self.inner.lock() else {
             return;
         };
-        if early.closing || early.started >= input.budget {
+        let within = match job {
+            Job::Probe(_) => {
+                state.probes_started += 1;
+                state.probes_started <= input.verify.probe_max
+            }
+            Job::Replay(..) => {
+                state.replays_started += 1;
+                state.replays_started <= input.verify.spot_check_max
+            }
+        };
+        if state.closing || !within {
             return;
         }
-        early.started += 1;
         let (inner, running, round) = (self.inner.clone(), self.running.clone(), self.round);
-        early.tasks.push(tokio::spawn(async move {
+        state.tasks.push(tokio::spawn(async move {
             let Ok(_permit) = running.acquire_owned().await else {
                 return;
             };
-            if inner.lock().map_or(true, |e| e.closing) {
+            if inner.lock().map_or(true, |state| state.closing) {
                 return;
             }
-            let key = (update, share.index);
-            let replayed = tokio::task::spawn_blocking(move || {
-                let started = std::time::Instant::now();
-                let state = input.store.get(&share.state_hash).ok().flatten();
-                let result = match state {
-                    Some(state) => crate::spot::replay(
-                        &input.model,
-                        &input.run,
-                        round,
-                        &theta,
-                        &input.assignment,
-                        &share,
-                        &state,
-                        &input.dataset.tokens,
-                    ),
-                    None => {
-                        SpotResult::unusable(&share, "the worker's state was not served".into())
-                    }
-                };
-                input.metrics.stages.add(Stage::Spot, started.elapsed());
-                result
-            })
-            .await;
-            match replayed {
-                Ok(result) => {
-                    if let Ok(mut early) = inner.lock() {
-                        early.results.insert(key, result);
+            let heldout_base = inner.lock().ok().and_then(|s| s.found.heldout_base);
+            let ran =
+                tokio::task::spawn_blocking(move || run(job, &input, round, heldout_base)).await;
+            match ran {
+                Ok(Some(done)) => {
+                    if let Ok(mut state) = inner.lock() {
+                        done.record(&mut state.found);
                     }
                 }
-                // The close replays it again.
-                Err(e) => tracing::warn!(round, "early replay: {e}"),
+                Ok(None) => {}
+                // The close runs it again.
+                Err(e) => tracing::warn!(round, "early check: {e}"),
             }
         }));
     }
 
-    /// Stops new replays, waits for the running ones, and hands over what
+    /// Stops new checks, waits for the running ones, and hands over what
     /// they found.
-    pub(super) async fn finish(self) -> HashMap<(Hash, u32), SpotResult> {
+    pub(super) async fn finish(self) -> Early {
         let tasks = match self.inner.lock() {
-            Ok(mut early) => {
-                early.closing = true;
-                std::mem::take(&mut early.tasks)
+            Ok(mut state) => {
+                state.closing = true;
+                std::mem::take(&mut state.tasks)
             }
-            Err(_) => return HashMap::new(),
+            Err(_) => return Early::default(),
         };
         for task in tasks {
             let _ = task.await;
         }
         self.inner
             .lock()
-            .map(|mut early| std::mem::take(&mut early.results))
+            .map(|mut state| std::mem::take(&mut state.found))
             .unwrap_or_default()
     }
+}
+
+/// What one early check found.
+enum Done {
+    Probe {
+        update: Hash,
+        heldout_base: Option<f32>,
+        measured: Measured,
+    },
+    Replay(Hash, u32, SpotResult),
+}
+
+impl Done {
+    fn record(self, found: &mut Early) {
+        match self {
+            Done::Probe {
+                update,
+                heldout_base,
+                measured,
+            } => {
+                if found.heldout_base.is_none() {
+                    found.heldout_base = heldout_base;
+                }
+                found.probes.insert(update, measured);
+            }
+            Done::Replay(update, worker, result) => {
+                found.replays.insert((update, worker), result);
+            }
+        }
+    }
+}
+
+/// Runs one check on a blocking thread; None when it could not run (the
+/// close then runs it, and says why if it fails there too).
+fn run(job: Job, input: &CheckInput, round: u64, heldout_base: Option<f32>) -> Option<Done> {
+    let started = std::time::Instant::now();
+    let done = match job {
+        Job::Replay(update, share) => {
+            let state = input.store.get(&share.state_hash).ok().flatten()?;
+            let result = crate::spot::replay(
+                &input.model,
+                &input.run,
+                round,
+                &input.theta,
+                &input.assignment,
+                &share,
+                &state,
+                &input.dataset.tokens,
+            );
+            input.metrics.stages.add(Stage::Spot, started.elapsed());
+            Done::Replay(update, share.index, result)
+        }
+        Job::Probe(commit) => {
+            let heldout = input.heldout.as_deref()?;
+            let seed = crate::probe::commit_seed(
+                &input.key,
+                &input.run_id,
+                round,
+                &input.assignment.node,
+                &commit.update_hash,
+            );
+            let own = crate::probe::own_shard(&input.assignment, &input.dataset.train, seed)
+                .and_then(|h| input.dataset.tokens.tokens(&h))?;
+            let payload = input.store.get(&commit.update_hash).ok().flatten()?;
+            let params = input.theta.len();
+            let values = verify::check_payload(&payload, &commit, input.codec, params).ok()?;
+            let mut probe = crate::probe::Probe::new(
+                &input.model,
+                &input.theta,
+                &input.verify,
+                input.seq_len,
+                0,
+            )
+            .ok()?;
+            let heldout_seed = crate::probe::heldout_seed(&input.key, &input.run_id, round);
+            let heldout_base = match heldout_base {
+                Some(base) => Some(base),
+                None => probe.base_loss_seeded(heldout, heldout_seed).ok(),
+            };
+            let measured = probe
+                .measure_update(&values, &own, seed, heldout, heldout_seed)
+                .ok()?;
+            input.metrics.stages.add(Stage::Probe, started.elapsed());
+            Done::Probe {
+                update: commit.update_hash,
+                heldout_base,
+                measured,
+            }
+        }
+    };
+    Some(done)
 }

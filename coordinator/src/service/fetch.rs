@@ -34,25 +34,32 @@ impl Service {
         .map(|(_, share)| share.clone())
         .collect();
         let state_bytes = barnraise_trainer::Trainer::optimizer_state_len(params) as u64;
-        // Replayed as soon as their states are in (`early`), when the plan
-        // of this round is the open one.
+        // Probed as soon as the update is in and checked, and the drawn
+        // shares replayed as soon as their states are (`super::early`),
+        // when this round is the open one.
         let early = match (&self.early, self.rounds.open_plan()) {
-            (Some(early), Some(plan)) if !drawn.is_empty() && early.round() == round => plan
+            (Some(early), Some(plan)) if early.round() == round => plan
                 .assignments
                 .iter()
                 .find(|a| a.node == node)
                 .and_then(|assignment| {
                     let theta = early.theta(|| self.state.as_ref().map(|s| s.theta.clone()))?;
-                    let input = early::ReplayInput {
+                    let input = early::CheckInput {
                         model: self.resolved.model.clone(),
                         run: self.run_config.clone(),
+                        run_id: self.config.run_id.clone(),
+                        verify: verify.clone(),
+                        seq_len: self.config.seq_len as usize,
+                        codec,
+                        key: self.key.clone(),
                         assignment: assignment.clone(),
                         dataset: self.dataset.clone(),
+                        heldout: self.heldout.clone(),
                         store: self.store.clone(),
                         metrics: self.metrics.clone(),
-                        budget: verify.spot_check_max,
+                        theta,
                     };
-                    Some((early.clone(), input, theta))
+                    Some((early.clone(), input))
                 }),
             _ => None,
         };
@@ -93,10 +100,13 @@ impl Service {
                     RejectReason::SpotCheck { worker }
                 });
             }
-            if let (Ok(()), Some((early, input, theta))) = (&result, early) {
+            if let (Ok(()), Some((early, input))) = (&result, early) {
+                // Replays first: they take longest, and the early checks
+                // start in the order they are asked for.
                 for share in drawn {
-                    early.start(commit.update_hash, share, input.clone(), theta.clone());
+                    early.replay(commit.update_hash, share, input.clone());
                 }
+                early.probe(commit.clone(), input);
             }
             if let Err(reason) = &result {
                 tracing::info!(node = %node.short(), round, reason = reason.code(), "update rejected");

@@ -205,8 +205,9 @@ struct Service {
     /// The held-out evaluation of the last closed round's θ, running while
     /// nodes train the next round; the next close waits for it.
     eval_task: Option<JoinHandle<()>>,
-    /// Spot checks of the open round replayed as their states arrive.
-    early: Option<early::EarlyReplays>,
+    /// The open round's updates probed, and drawn shares replayed, as
+    /// they arrive.
+    early: Option<early::EarlyChecks>,
 }
 
 impl Service {
@@ -399,7 +400,7 @@ impl Service {
         self.ledger(move |l| l.record_plan(round, &stored, opened_at_ms))
             .await?;
         self.open_plan = Some(signed);
-        self.early = Some(early::EarlyReplays::new(
+        self.early = Some(early::EarlyChecks::new(
             round,
             crate::pool::threads(self.config.verify.threads),
         ));
