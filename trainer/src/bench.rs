@@ -79,6 +79,10 @@ pub struct DilocoBenchConfig {
     /// How many times the whole bench runs, with seeds `seed`, `seed + 1`,
     /// ...; the report gives every arm's mean, spread and per-seed losses.
     pub seeds: usize,
+    /// Do not train the data-parallel reference (a): a third less time
+    /// with one compressed arm. Its bytes (what the traffic reductions are
+    /// against) need no run; its loss and every gap against it are NaN.
+    pub skip_dp: bool,
 }
 
 impl DilocoBenchConfig {
@@ -121,6 +125,7 @@ impl DilocoBenchConfig {
             eval_every: 1,
             seed: 1,
             seeds: 1,
+            skip_dp: false,
         })
     }
 
@@ -447,9 +452,11 @@ fn mark_pareto(arms: &mut [ArmSummary]) {
         .collect();
     for (i, arm) in arms.iter_mut().enumerate() {
         let (reduction, loss) = points[i];
-        arm.pareto = !points.iter().enumerate().any(|(j, &(r, l))| {
-            j != i && r >= reduction && l <= loss && (r > reduction || l < loss)
-        });
+        // An arm that was not run (a skipped dp) has no loss to be on it.
+        arm.pareto = loss.is_finite()
+            && !points.iter().enumerate().any(|(j, &(r, l))| {
+                j != i && r >= reduction && l <= loss && (r > reduction || l < loss)
+            });
     }
 }
 
@@ -472,7 +479,12 @@ fn summarize<'a>(reports: impl Iterator<Item = &'a ArmReport>, flops_per_token: 
     };
     let wall_s: f64 = reports.iter().map(|r| r.wall_s).sum();
     let tokens: u64 = reports.iter().map(|r| r.tokens).sum();
-    let tokens_per_s = tokens as f64 / wall_s.max(1e-9);
+    // An arm that was not run has no wall time, and no rate.
+    let tokens_per_s = if wall_s > 0.0 {
+        tokens as f64 / wall_s
+    } else {
+        0.0
+    };
     ArmSummary {
         arm: first.arm.clone(),
         name: first.name.clone(),
@@ -600,6 +612,7 @@ fn run_arm_on(
     let init_seed = derive_seed(cfg.seed, "init");
     let eval_seed = derive_seed(cfg.seed, "eval");
     match kind {
+        ArmKind::DataParallel if cfg.skip_dp => Ok(skipped_data_parallel(cfg, arm)),
         ArmKind::DataParallel => {
             run_data_parallel(cfg, device, data, init_seed, eval_seed, arm, progress)
         }
@@ -625,6 +638,32 @@ fn eval(
         cfg.seq_len,
         eval_seed,
     )
+}
+
+/// Arm (a) when it is not run: what it would send, which depends on the
+/// config alone, and NaN for everything a run would have measured.
+fn skipped_data_parallel(cfg: &DilocoBenchConfig, arm: &str) -> ArmReport {
+    let params = cfg.model.params_count() as u64;
+    ArmReport {
+        arm: arm.to_string(),
+        name: "dp (not run)".to_string(),
+        codec: None,
+        spec: None,
+        inner_steps: cfg.inner_steps,
+        rounds: cfg.rounds,
+        heldout_loss: f32::NAN,
+        heldout_per_round: Vec::new(),
+        heldout_residual_flushed: None,
+        tokens: (cfg.rounds * cfg.inner_steps * cfg.workers * cfg.batch_size * cfg.seq_len) as u64,
+        bytes_per_worker: (cfg.rounds * cfg.inner_steps) as u64 * params * 4,
+        bits_per_param: 32.0,
+        reduction_vs_dp: 1.0,
+        gap_vs_fp32_pct: f64::NAN,
+        gap_vs_dp_pct: f64::NAN,
+        wall_s: 0.0,
+        tokens_per_s: 0.0,
+        gflops_per_s: 0.0,
+    }
 }
 
 fn run_data_parallel(
