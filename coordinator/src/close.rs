@@ -247,10 +247,13 @@ enum CheckOutcome {
 pub struct Early {
     /// θ_r's probe loss on the round's held-out batches.
     pub heldout_base: Option<f32>,
-    /// Probe measurements, by update hash.
-    pub probes: HashMap<Hash, crate::probe::Measured>,
-    /// Spot-check replays, by update hash and worker.
-    pub replays: HashMap<(Hash, u32), crate::spot::SpotResult>,
+    /// Probe measurements, by node and update hash: a measurement depends
+    /// on the node (its seed and assignment), and two nodes may commit the
+    /// same bytes.
+    pub probes: HashMap<(NodeId, Hash), crate::probe::Measured>,
+    /// Spot-check replays, by node, update hash and worker (the state
+    /// replayed is the one that node's commit names).
+    pub replays: HashMap<(NodeId, Hash, u32), crate::spot::SpotResult>,
 }
 
 /// Where the close spent its time (`crate::metrics::Stage`).
@@ -406,7 +409,8 @@ pub fn close_round(
     let mut speculative = Vec::new();
     if let Some(spot) = &ctx.spot {
         for (i, share) in spot_draws(ctx, spot, close, run_id, &survivors) {
-            let key = (close.candidates[i].commit.update_hash, share.index);
+            let c = &close.candidates[i];
+            let key = (c.node, c.commit.update_hash, share.index);
             match ctx.early.replays.get(&key) {
                 Some(result) => {
                     replayed.insert((i, share.index), result.clone());
@@ -422,11 +426,8 @@ pub fn close_round(
     jobs.extend(speculative.iter().map(|&(i, share)| Check::Spot(i, share)));
     let mut found: HashMap<usize, Option<crate::probe::Measured>> = HashMap::new();
     for (m, (i, _, _)) in measured.iter().enumerate() {
-        match ctx
-            .early
-            .probes
-            .get(&close.candidates[*i].commit.update_hash)
-        {
+        let c = &close.candidates[*i];
+        match ctx.early.probes.get(&(c.node, c.commit.update_hash)) {
             Some(early) => {
                 found.insert(m, Some(*early));
             }
@@ -534,7 +535,8 @@ pub fn close_round(
         let drawn = spot_draws(ctx, spot, close, run_id, &accepted_idx);
         let mut late: Vec<(usize, &WorkerShare)> = Vec::new();
         for &(i, share) in &drawn {
-            let key = (close.candidates[i].commit.update_hash, share.index);
+            let c = &close.candidates[i];
+            let key = (c.node, c.commit.update_hash, share.index);
             if replayed.contains_key(&(i, share.index)) {
                 continue;
             }

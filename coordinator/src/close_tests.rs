@@ -659,7 +659,9 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
         let measured = probe
             .measure_update(delta, &own, seed, &heldout, heldout_seed)
             .unwrap();
-        early.probes.insert(c.commit.update_hash, measured);
+        early
+            .probes
+            .insert((c.node, c.commit.update_hash), measured);
     }
     let (with_early, theta_early) = close_on(2, &early);
     assert_eq!(with_early.manifest, one.manifest);
@@ -672,7 +674,7 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
     let mut forged = early.clone();
     let hash_1 = round.close.candidates[0].commit.update_hash;
     forged.probes.insert(
-        hash_1,
+        (node(1), hash_1),
         crate::probe::Measured {
             own_base: 3.0,
             own_after: 3.5,
@@ -720,13 +722,18 @@ fn replays_run_while_the_round_was_open_are_used_and_others_ignored() {
     // The share the close draws was replayed early and passed...
     early
         .replays
-        .insert((lowest_hash, lowest_share.index), exact.clone());
-    // ...and a share over the budget failed early: it is not the close's
-    // to count.
-    early.replays.insert(
-        (other_hash, other_share.index),
-        crate::spot::SpotResult::unusable(&other_share, "not served".into()),
-    );
+        .insert((lowest, lowest_hash, lowest_share.index), exact.clone());
+    // ...a share over the budget failed early: it is not the close's to
+    // count...
+    let failed = crate::spot::SpotResult::unusable(&other_share, "not served".into());
+    early
+        .replays
+        .insert((other, other_hash, other_share.index), failed.clone());
+    // ...and another node's replay under the same update hash (it sent the
+    // same bytes) says nothing about this node's worker.
+    early
+        .replays
+        .insert((other, lowest_hash, lowest_share.index), failed);
     let spot = SpotContext {
         key: &key,
         run: &run_config,

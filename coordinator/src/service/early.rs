@@ -170,17 +170,19 @@ impl EarlyChecks {
 /// What one early check found.
 enum Done {
     Probe {
+        node: NodeId,
         update: Hash,
         heldout_base: Option<f32>,
         measured: Measured,
     },
-    Replay(Hash, u32, SpotResult),
+    Replay(NodeId, Hash, u32, SpotResult),
 }
 
 impl Done {
     fn record(self, found: &mut Early) {
         match self {
             Done::Probe {
+                node,
                 update,
                 heldout_base,
                 measured,
@@ -188,10 +190,10 @@ impl Done {
                 if found.heldout_base.is_none() {
                     found.heldout_base = heldout_base;
                 }
-                found.probes.insert(update, measured);
+                found.probes.insert((node, update), measured);
             }
-            Done::Replay(update, worker, result) => {
-                found.replays.insert((update, worker), result);
+            Done::Replay(node, update, worker, result) => {
+                found.replays.insert((node, update, worker), result);
             }
         }
     }
@@ -215,7 +217,7 @@ fn run(job: Job, input: &CheckInput, round: u64, heldout_base: Option<f32>) -> O
                 &input.dataset.tokens,
             );
             input.metrics.stages.add(Stage::Spot, started.elapsed());
-            Done::Replay(update, share.index, result)
+            Done::Replay(input.assignment.node, update, share.index, result)
         }
         Job::Probe(commit) => {
             let heldout = input.heldout.as_deref()?;
@@ -238,6 +240,7 @@ fn run(job: Job, input: &CheckInput, round: u64, heldout_base: Option<f32>) -> O
                 input.seq_len,
                 0,
             )
+            .map_err(|e| tracing::debug!(round, "early probe: {e}"))
             .ok()?;
             let heldout_seed = crate::probe::heldout_seed(&input.key, &input.run_id, round);
             let heldout_base = match heldout_base {
@@ -246,9 +249,11 @@ fn run(job: Job, input: &CheckInput, round: u64, heldout_base: Option<f32>) -> O
             };
             let measured = probe
                 .measure_update(&values, &own, seed, heldout, heldout_seed)
+                .map_err(|e| tracing::debug!(round, "early probe: {e}; the close probes it"))
                 .ok()?;
             input.metrics.stages.add(Stage::Probe, started.elapsed());
             Done::Probe {
+                node: input.assignment.node,
                 update: commit.update_hash,
                 heldout_base,
                 measured,

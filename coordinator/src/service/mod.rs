@@ -264,6 +264,11 @@ impl Service {
             }
         };
         children.cancel();
+        // A held-out evaluation still running goes into the ledger before
+        // the summary reads it (seconds at most).
+        if let Some(evaluating) = self.eval_task.take() {
+            let _ = evaluating.await;
+        }
         let ledger = self.ledger.clone();
         let summary = tokio::task::spawn_blocking(move || match ledger.lock() {
             Ok(l) => RunSummary::from_ledger(&l).map_err(CoordinatorError::from),
