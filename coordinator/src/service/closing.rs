@@ -266,6 +266,7 @@ impl Service {
             self.checkpoint.blob,
             self.checkpoint.optimizer_blob,
         ];
+        self.shared_theta = Some(done.shared_theta);
         self.state = Some(done.state);
         self.state_ref = done.state_ref;
         if let Some(c) = done.checkpoint {
@@ -508,6 +509,7 @@ impl CloseJob {
             ledger_time,
             publish_time,
             round,
+            shared_theta: Arc::new(state.theta.clone()),
             state,
             manifest,
             closed,

@@ -38,7 +38,7 @@ struct State {
     closing: bool,
     found: Early,
     tasks: Vec<JoinHandle<()>>,
-    /// θ_r, copied once for all of the round's checks.
+    /// θ_r, shared by all of the round's checks.
     theta: Option<Arc<Vec<f32>>>,
 }
 
@@ -67,10 +67,14 @@ enum Job {
 }
 
 impl EarlyChecks {
-    pub(super) fn new(round: u64, threads: usize) -> EarlyChecks {
+    /// The checks of round `round`, from θ_r = `theta` (none without it).
+    pub(super) fn new(round: u64, threads: usize, theta: Option<Arc<Vec<f32>>>) -> EarlyChecks {
         EarlyChecks {
             round,
-            inner: Arc::new(Mutex::new(State::default())),
+            inner: Arc::new(Mutex::new(State {
+                theta,
+                ..State::default()
+            })),
             running: Arc::new(Semaphore::new((threads / 2).max(1))),
         }
     }
@@ -79,13 +83,9 @@ impl EarlyChecks {
         self.round
     }
 
-    /// θ_r for the round's checks, copied by `make` the first time.
-    pub(super) fn theta(&self, make: impl FnOnce() -> Option<Vec<f32>>) -> Option<Arc<Vec<f32>>> {
-        let mut state = self.inner.lock().ok()?;
-        if state.theta.is_none() {
-            state.theta = make().map(Arc::new);
-        }
-        state.theta.clone()
+    /// θ_r for the round's checks.
+    pub(super) fn theta(&self) -> Option<Arc<Vec<f32>>> {
+        self.inner.lock().ok()?.theta.clone()
     }
 
     /// Probes `commit`'s update (stored and checked by stage 2) from θ_r.

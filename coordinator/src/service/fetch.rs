@@ -43,7 +43,7 @@ impl Service {
                 .iter()
                 .find(|a| a.node == node)
                 .and_then(|assignment| {
-                    let theta = early.theta(|| self.state.as_ref().map(|s| s.theta.clone()))?;
+                    let theta = early.theta()?;
                     let input = early::CheckInput {
                         model: self.resolved.model.clone(),
                         run: self.run_config.clone(),

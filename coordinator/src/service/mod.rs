@@ -160,6 +160,9 @@ struct CloseDone {
     checkpoint: Option<CheckpointRef>,
     /// The blobs of θ_{round+1} and its momentum (written every round).
     state_ref: CheckpointRef,
+    /// θ_{round+1} for the next round's early checks, copied on the close's
+    /// blocking thread.
+    shared_theta: Arc<Vec<f32>>,
     /// Time the close spent writing the ledger, and writing θ and signing.
     ledger_time: Duration,
     publish_time: Duration,
@@ -208,6 +211,9 @@ struct Service {
     /// The open round's updates probed, and drawn shares replayed, as
     /// they arrive.
     early: Option<early::EarlyChecks>,
+    /// θ_round, shared with the early checks (copied off the service's
+    /// thread: in the close job, or when the coordinator starts).
+    shared_theta: Option<Arc<Vec<f32>>>,
 }
 
 impl Service {
@@ -408,6 +414,7 @@ impl Service {
         self.early = Some(early::EarlyChecks::new(
             round,
             crate::pool::threads(self.config.verify.threads),
+            self.shared_theta.clone(),
         ));
         let _ = self
             .net

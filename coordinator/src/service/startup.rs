@@ -120,6 +120,9 @@ pub async fn start(
     tracing::info!(run = %config.run_id, round = prepared.rounds.current_round(), addr = ?multiaddrs.first(), http = %http_addr, "coordinator started");
     let public_key = key.public();
     let rate_limits = config.rate_limits.clone();
+    // θ for the first round's early checks; later rounds get theirs from
+    // the close job. Copied once here, at start.
+    let shared_theta = Some(Arc::new(prepared.state.theta.clone()));
     let service = Service {
         config,
         resolved,
@@ -157,6 +160,7 @@ pub async fn start(
         bootstrap,
         eval_task: None,
         early: None,
+        shared_theta,
     };
     let task = tokio::spawn(service.run(
         net_events,
