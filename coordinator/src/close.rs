@@ -176,6 +176,26 @@ fn spot_draws<'c>(
     drawn.into_iter().map(|(_, i, share)| (i, share)).collect()
 }
 
+/// Takes the replay of candidate `i`'s `share` that ran while the round
+/// was open into `replayed`, if there is one.
+fn take_early_replay(
+    ctx: &CloseContext<'_>,
+    close: &CloseRound,
+    i: usize,
+    share: &WorkerShare,
+    replayed: &mut HashMap<(usize, u32), crate::spot::SpotResult>,
+) -> bool {
+    let c = &close.candidates[i];
+    let key = (c.node, c.commit.update_hash, share.index);
+    match ctx.early.replays.get(&key) {
+        Some(result) => {
+            replayed.insert((i, share.index), result.clone());
+            true
+        }
+        None => false,
+    }
+}
+
 /// Replays one drawn share of candidate `i`'s update from θ_r.
 fn spot_replay(
     ctx: &CloseContext<'_>,
@@ -409,13 +429,8 @@ pub fn close_round(
     let mut speculative = Vec::new();
     if let Some(spot) = &ctx.spot {
         for (i, share) in spot_draws(ctx, spot, close, run_id, &survivors) {
-            let c = &close.candidates[i];
-            let key = (c.node, c.commit.update_hash, share.index);
-            match ctx.early.replays.get(&key) {
-                Some(result) => {
-                    replayed.insert((i, share.index), result.clone());
-                }
-                None => speculative.push((i, share)),
+            if !take_early_replay(ctx, close, i, share, &mut replayed) {
+                speculative.push((i, share));
             }
         }
     }
@@ -535,16 +550,10 @@ pub fn close_round(
         let drawn = spot_draws(ctx, spot, close, run_id, &accepted_idx);
         let mut late: Vec<(usize, &WorkerShare)> = Vec::new();
         for &(i, share) in &drawn {
-            let c = &close.candidates[i];
-            let key = (c.node, c.commit.update_hash, share.index);
-            if replayed.contains_key(&(i, share.index)) {
-                continue;
-            }
-            match ctx.early.replays.get(&key) {
-                Some(result) => {
-                    replayed.insert((i, share.index), result.clone());
-                }
-                None => late.push((i, share)),
+            if !replayed.contains_key(&(i, share.index))
+                && !take_early_replay(ctx, close, i, share, &mut replayed)
+            {
+                late.push((i, share));
             }
         }
         let mut none: Vec<()> = vec![(); threads];

@@ -253,6 +253,28 @@ fn a_round_with_nothing_accepted_keeps_theta() {
 /// one replay, the share replayed is the one with the lowest draw, whatever
 /// the commit order; here no state was fetched, so it fails and only that
 /// update is rejected, with the reason in the ledger detail.
+/// The run config of the tests' rounds.
+fn run_config(
+    seq_len: u32,
+    dataset: Vec<barnraise_protocol::messages::ShardInfo>,
+) -> barnraise_protocol::messages::RunConfig {
+    barnraise_protocol::messages::RunConfig {
+        run_id: "r".into(),
+        model_config_json: String::new(),
+        codec: "fp32".into(),
+        inner_steps: 1,
+        batch_size: 1,
+        seq_len,
+        inner_lr: 1e-3,
+        outer_lr: 1.0,
+        outer_momentum: 0.0,
+        aggregation: "mean".into(),
+        total_rounds: 10,
+        dataset,
+        held_out: vec![],
+    }
+}
+
 /// One worker share per commit, its state named after the node.
 fn give_one_share_each(round: &mut Round) {
     for c in &mut round.close.candidates {
@@ -292,21 +314,7 @@ fn spot_round() -> (
         .map(|c| c.node)
         .unwrap();
 
-    let run_config = barnraise_protocol::messages::RunConfig {
-        run_id: "r".into(),
-        model_config_json: String::new(),
-        codec: "fp32".into(),
-        inner_steps: 1,
-        batch_size: 1,
-        seq_len: 8,
-        inner_lr: 1e-3,
-        outer_lr: 1.0,
-        outer_momentum: 0.0,
-        aggregation: "mean".into(),
-        total_rounds: 10,
-        dataset: vec![],
-        held_out: vec![],
-    };
+    let run_config = run_config(8, vec![]);
     (key, round, lowest, run_config)
 }
 
@@ -565,21 +573,7 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
             ranks[..2].iter().any(|(_, n)| *n == noise)
         })
         .unwrap();
-    let run_config = barnraise_protocol::messages::RunConfig {
-        run_id: "r".into(),
-        model_config_json: String::new(),
-        codec: "fp32".into(),
-        inner_steps: 1,
-        batch_size: 1,
-        seq_len: 64,
-        inner_lr: 1e-3,
-        outer_lr: 1.0,
-        outer_momentum: 0.0,
-        aggregation: "mean".into(),
-        total_rounds: 10,
-        dataset: dataset.clone(),
-        held_out: vec![],
-    };
+    let run_config = run_config(64, dataset.clone());
     let unverified = barnraise_protocol::credit::Unverified::default();
     let no_state = |_: &Hash| None;
     let rule: AggregationRule = "mean".parse().unwrap();

@@ -27,6 +27,8 @@ use tokio::sync::Semaphore;
 #[derive(Clone)]
 pub(super) struct EarlyChecks {
     round: u64,
+    /// What every check of the round needs; None: no early checks.
+    input: Option<Arc<RoundInput>>,
     inner: Arc<Mutex<State>>,
     running: Arc<Semaphore>,
 }
@@ -38,13 +40,10 @@ struct State {
     closing: bool,
     found: Early,
     tasks: Vec<JoinHandle<()>>,
-    /// θ_r, shared by all of the round's checks.
-    theta: Option<Arc<Vec<f32>>>,
 }
 
-/// What the checks of one commit need.
-#[derive(Clone)]
-pub(super) struct CheckInput {
+/// What every early check of a round needs, made once a round.
+pub(super) struct RoundInput {
     pub model: barnraise_trainer::ModelConfig,
     pub run: RunConfig,
     pub run_id: String,
@@ -52,13 +51,15 @@ pub(super) struct CheckInput {
     pub seq_len: usize,
     pub codec: barnraise_protocol::codec::CodecConfig,
     pub key: SigningKey,
-    pub assignment: barnraise_protocol::messages::Assignment,
     pub dataset: Arc<Dataset>,
     pub heldout: Option<Arc<Vec<u16>>>,
     pub store: BlobStore,
     pub metrics: Arc<Metrics>,
+    /// θ_r.
     pub theta: Arc<Vec<f32>>,
 }
+
+type Assignment = barnraise_protocol::messages::Assignment;
 
 /// One early check.
 enum Job {
@@ -67,14 +68,12 @@ enum Job {
 }
 
 impl EarlyChecks {
-    /// The checks of round `round`, from θ_r = `theta` (none without it).
-    pub(super) fn new(round: u64, threads: usize, theta: Option<Arc<Vec<f32>>>) -> EarlyChecks {
+    /// The checks of round `round` (none without `input`).
+    pub(super) fn new(round: u64, threads: usize, input: Option<RoundInput>) -> EarlyChecks {
         EarlyChecks {
             round,
-            inner: Arc::new(Mutex::new(State {
-                theta,
-                ..State::default()
-            })),
+            input: input.map(Arc::new),
+            inner: Arc::new(Mutex::new(State::default())),
             running: Arc::new(Semaphore::new((threads / 2).max(1))),
         }
     }
@@ -83,17 +82,9 @@ impl EarlyChecks {
         self.round
     }
 
-    /// θ_r for the round's checks.
-    pub(super) fn theta(&self) -> Option<Arc<Vec<f32>>> {
-        self.inner.lock().ok()?.theta.clone()
-    }
-
     /// Probes `commit`'s update (stored and checked by stage 2) from θ_r.
-    pub(super) fn probe(&self, commit: Commit, input: CheckInput) {
-        if !input.verify.probe || input.heldout.is_none() {
-            return;
-        }
-        self.spawn(Job::Probe(commit), input);
+    pub(super) fn probe(&self, commit: Commit, assignment: Assignment) {
+        self.spawn(Job::Probe(commit), assignment);
     }
 
     /// Replays `share` of the update `update` (its state stored) from θ_r.
@@ -101,12 +92,18 @@ impl EarlyChecks {
         &self,
         update: Hash,
         share: barnraise_protocol::workers::WorkerShare,
-        input: CheckInput,
+        assignment: Assignment,
     ) {
-        self.spawn(Job::Replay(update, share), input);
+        self.spawn(Job::Replay(update, share), assignment);
     }
 
-    fn spawn(&self, job: Job, input: CheckInput) {
+    fn spawn(&self, job: Job, assignment: Assignment) {
+        let Some(input) = self.input.clone() else {
+            return;
+        };
+        if matches!(job, Job::Probe(_)) && (!input.verify.probe || input.heldout.is_none()) {
+            return;
+        }
         let Ok(mut state) = self.inner.lock() else {
             return;
         };
@@ -132,8 +129,10 @@ impl EarlyChecks {
                 return;
             }
             let heldout_base = inner.lock().ok().and_then(|s| s.found.heldout_base);
-            let ran =
-                tokio::task::spawn_blocking(move || run(job, &input, round, heldout_base)).await;
+            let ran = tokio::task::spawn_blocking(move || {
+                run(job, &input, &assignment, round, heldout_base)
+            })
+            .await;
             match ran {
                 Ok(Some(done)) => {
                     if let Ok(mut state) = inner.lock() {
@@ -201,7 +200,13 @@ impl Done {
 
 /// Runs one check on a blocking thread; None when it could not run (the
 /// close then runs it, and says why if it fails there too).
-fn run(job: Job, input: &CheckInput, round: u64, heldout_base: Option<f32>) -> Option<Done> {
+fn run(
+    job: Job,
+    input: &RoundInput,
+    assignment: &Assignment,
+    round: u64,
+    heldout_base: Option<f32>,
+) -> Option<Done> {
     let started = std::time::Instant::now();
     let done = match job {
         Job::Replay(update, share) => {
@@ -211,13 +216,13 @@ fn run(job: Job, input: &CheckInput, round: u64, heldout_base: Option<f32>) -> O
                 &input.run,
                 round,
                 &input.theta,
-                &input.assignment,
+                assignment,
                 &share,
                 &state,
                 &input.dataset.tokens,
             );
             input.metrics.stages.add(Stage::Spot, started.elapsed());
-            Done::Replay(input.assignment.node, update, share.index, result)
+            Done::Replay(assignment.node, update, share.index, result)
         }
         Job::Probe(commit) => {
             let heldout = input.heldout.as_deref()?;
@@ -225,10 +230,10 @@ fn run(job: Job, input: &CheckInput, round: u64, heldout_base: Option<f32>) -> O
                 &input.key,
                 &input.run_id,
                 round,
-                &input.assignment.node,
+                &assignment.node,
                 &commit.update_hash,
             );
-            let own = crate::probe::own_shard(&input.assignment, &input.dataset.train, seed)
+            let own = crate::probe::own_shard(assignment, &input.dataset.train, seed)
                 .and_then(|h| input.dataset.tokens.tokens(&h))?;
             let payload = input.store.get(&commit.update_hash).ok().flatten()?;
             let params = input.theta.len();
@@ -253,7 +258,7 @@ fn run(job: Job, input: &CheckInput, round: u64, heldout_base: Option<f32>) -> O
                 .ok()?;
             input.metrics.stages.add(Stage::Probe, started.elapsed());
             Done::Probe {
-                node: input.assignment.node,
+                node: assignment.node,
                 update: commit.update_hash,
                 heldout_base,
                 measured,

@@ -42,25 +42,7 @@ impl Service {
                 .assignments
                 .iter()
                 .find(|a| a.node == node)
-                .and_then(|assignment| {
-                    let theta = early.theta()?;
-                    let input = early::CheckInput {
-                        model: self.resolved.model.clone(),
-                        run: self.run_config.clone(),
-                        run_id: self.config.run_id.clone(),
-                        verify: verify.clone(),
-                        seq_len: self.config.seq_len as usize,
-                        codec,
-                        key: self.key.clone(),
-                        assignment: assignment.clone(),
-                        dataset: self.dataset.clone(),
-                        heldout: self.heldout.clone(),
-                        store: self.store.clone(),
-                        metrics: self.metrics.clone(),
-                        theta,
-                    };
-                    Some((early.clone(), input))
-                }),
+                .map(|assignment| (early.clone(), assignment.clone())),
             _ => None,
         };
         tokio::spawn(async move {
@@ -100,13 +82,13 @@ impl Service {
                     RejectReason::SpotCheck { worker }
                 });
             }
-            if let (Ok(()), Some((early, input))) = (&result, early) {
+            if let (Ok(()), Some((early, assignment))) = (&result, early) {
                 // Replays first: they take longest, and the early checks
                 // start in the order they are asked for.
                 for share in drawn {
-                    early.replay(commit.update_hash, share, input.clone());
+                    early.replay(commit.update_hash, share, assignment.clone());
                 }
-                early.probe(commit.clone(), input);
+                early.probe(commit.clone(), assignment);
             }
             if let Err(reason) = &result {
                 tracing::info!(node = %node.short(), round, reason = reason.code(), "update rejected");

@@ -411,10 +411,24 @@ impl Service {
         self.ledger(move |l| l.record_plan(round, &stored, opened_at_ms))
             .await?;
         self.open_plan = Some(signed);
+        let input = self.shared_theta.clone().map(|theta| early::RoundInput {
+            model: self.resolved.model.clone(),
+            run: self.run_config.clone(),
+            run_id: self.config.run_id.clone(),
+            verify: self.config.verify.clone(),
+            seq_len: self.config.seq_len as usize,
+            codec: self.resolved.codec.codec_at(round),
+            key: self.key.clone(),
+            dataset: self.dataset.clone(),
+            heldout: self.heldout.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            theta,
+        });
         self.early = Some(early::EarlyChecks::new(
             round,
             crate::pool::threads(self.config.verify.threads),
-            self.shared_theta.clone(),
+            input,
         ));
         let _ = self
             .net
