@@ -251,6 +251,14 @@ pub struct VerifyConfig {
     /// committed Δ and still pass: 0 demands what the CPU gives, an exact
     /// replay; GPU nodes do not replay bit for bit.
     pub spot_check_tolerance: f64,
+    /// The slowest uplink (Mbit/s) a node may have and still deliver a
+    /// drawn worker's starting state (8 bytes a parameter): after its
+    /// commit, the coordinator allows the state's bytes at this rate, plus
+    /// 5 s, holding the round past its deadline if need be.
+    pub state_link_mbps: f64,
+    /// The longest a round is held past its deadline for drawn states
+    /// still arriving; 0 never holds it (docs/running-a-coordinator.md).
+    pub state_wait_max_secs: f64,
     /// Threads the close runs its probes and spot-check replays on, each
     /// with its own copy of the model; 0: one per core. The verdicts do
     /// not depend on it (docs/running-a-coordinator.md).
@@ -279,6 +287,9 @@ impl Default for VerifyConfig {
             spot_check_fraction: 0.1,
             spot_check_max: 8,
             spot_check_tolerance: 0.05,
+            // A home uplink; `small`'s 26 MB state takes 21 s at this rate.
+            state_link_mbps: 10.0,
+            state_wait_max_secs: 60.0,
             threads: 0,
         }
     }
@@ -566,6 +577,19 @@ impl CoordinatorConfig {
                 "must be a number of at least 0",
             ));
         }
+        if !(self.verify.state_link_mbps.is_finite() && self.verify.state_link_mbps > 0.0) {
+            return Err(invalid(
+                "verify.state_link_mbps",
+                "must be a rate above 0 (Mbit/s)",
+            ));
+        }
+        if !(self.verify.state_wait_max_secs.is_finite() && self.verify.state_wait_max_secs >= 0.0)
+        {
+            return Err(invalid(
+                "verify.state_wait_max_secs",
+                "must be a number of seconds, at least 0",
+            ));
+        }
         if self.retention.keep_update_rounds == Some(0) {
             return Err(invalid(
                 "retention.keep_update_rounds",
@@ -641,6 +665,11 @@ mod tests {
             (
                 "[verify]\nprobe_min_relative_gain = 1.5",
                 "probe_min_relative_gain",
+            ),
+            ("[verify]\nstate_link_mbps = 0", "verify.state_link_mbps"),
+            (
+                "[verify]\nstate_wait_max_secs = -1",
+                "verify.state_wait_max_secs",
             ),
         ] {
             let config: CoordinatorConfig = toml::from_str(text).unwrap();

@@ -36,6 +36,10 @@ pub struct RoundsConfig {
     /// Size each node's inner steps to its measured pace and the deadline
     /// to the slowest expected finish (`crate::pace`).
     pub pace: bool,
+    /// How long past its deadline a round may be held for a committed
+    /// update whose drawn workers' states are still arriving
+    /// ([`Rounds::hold_for_fetch`]).
+    pub fetch_hold_max_ms: u64,
     pub min_nodes: usize,
     pub total_rounds: u64,
     /// The training shards, in dataset order.
@@ -121,6 +125,9 @@ enum Slot {
         order: u64,
         /// When the commit arrived (the machine's last tick).
         arrived_ms: u64,
+        /// The round's deadline does not close it before this while the
+        /// fetch is still running (0: not held).
+        hold_until_ms: u64,
     },
     /// Fetched and payload-checked.
     Ready {
@@ -503,6 +510,7 @@ impl Rounds {
                 body,
                 order,
                 arrived_ms,
+                hold_until_ms: 0,
             },
         );
         CommitOutcome::Accepted { round }
@@ -528,6 +536,7 @@ impl Rounds {
             body,
             order,
             arrived_ms,
+            ..
         }) = open.slots.get(node).cloned()
         else {
             return;
@@ -555,6 +564,28 @@ impl Rounds {
         }
     }
 
+    /// Holds the open round past its deadline, until `until_ms` at the
+    /// latest (and never more than `fetch_hold_max_ms` past the deadline),
+    /// while `node`'s committed update is still being fetched: a drawn
+    /// worker's starting state is 8 bytes a parameter, and a node behind a
+    /// slow uplink that committed in time must not fail its spot check
+    /// because the upload outlasts the round (docs/architecture.md,
+    /// "Closing a round"). The hold ends as soon as the fetch resolves.
+    pub fn hold_for_fetch(&mut self, round: u64, node: &NodeId, until_ms: u64) {
+        let Phase::Open(open) = &mut self.phase else {
+            return;
+        };
+        if open.plan.round != round {
+            return;
+        }
+        let limit = open
+            .close_at_ms
+            .saturating_add(self.config.fetch_hold_max_ms);
+        if let Some(Slot::Committed { hold_until_ms, .. }) = open.slots.get_mut(node) {
+            *hold_until_ms = until_ms.min(limit);
+        }
+    }
+
     /// Advances time: opens a round when enough nodes are there, closes the
     /// open one at quorum or deadline.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
@@ -567,7 +598,12 @@ impl Rounds {
         }
         let should_close = match &self.phase {
             Phase::Open(open) => {
-                let deadline = now_ms >= open.close_at_ms;
+                // A fetch still bringing in a drawn worker's state holds
+                // the deadline (`hold_for_fetch`).
+                let held = open.slots.values().any(|s| {
+                    matches!(s, Slot::Committed { hold_until_ms, .. } if *hold_until_ms > now_ms)
+                });
+                let deadline = now_ms >= open.close_at_ms && !held;
                 let ready = open
                     .slots
                     .values()

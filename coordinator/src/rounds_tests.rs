@@ -4,6 +4,7 @@ use super::*;
 use barnraise_protocol::messages::Commit;
 
 const DEADLINE: u64 = 10_000;
+const HOLD_MAX: u64 = 30_000;
 
 fn node(i: u8) -> NodeId {
     NodeId::from_bytes([i; 32])
@@ -20,6 +21,7 @@ fn machine(shards: usize, quorum: Quorum, min_nodes: usize, total_rounds: u64) -
         quorum,
         deadline_ms: DEADLINE,
         pace: true,
+        fetch_hold_max_ms: HOLD_MAX,
         min_nodes,
         total_rounds,
         shards: (0..shards).map(|i| Hash::of(&[i as u8])).collect(),
@@ -167,6 +169,48 @@ fn deadline_closes_with_a_missing_node_and_unserved_commit() {
     assert_eq!(m.active_nodes(), vec![node(1), node(2), node(3)]);
     assert_eq!(next.previous_manifest, Hash::of(b"m0"));
     assert_eq!(next.params_hash, Hash::of(b"t1"));
+}
+
+#[test]
+fn a_drawn_state_still_arriving_holds_the_deadline_within_its_bound() {
+    // Node 2 commits in time; its drawn worker's state is still arriving
+    // at the deadline: the round waits for it, then closes with it.
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 3);
+    deliver(&mut m, &plan, node(1));
+    commit_only(&mut m, &plan, node(2));
+    m.hold_for_fetch(0, &node(2), DEADLINE + 8_000);
+    // A hold for a node that has not committed, or for another round, is ignored.
+    m.hold_for_fetch(0, &node(3), DEADLINE + 8_000);
+    m.hold_for_fetch(1, &node(1), DEADLINE + 8_000);
+    assert!(m.tick(DEADLINE).is_empty(), "held for node 2's state");
+    assert!(m.tick(DEADLINE + 7_999).is_empty());
+    m.update_checked(0, &node(2), Ok(()));
+    let close = close_of(m.tick(DEADLINE + 8_000 - 1));
+    assert_eq!(close.candidates.len(), 2);
+    assert_eq!(close.missing, vec![node(3)], "the hold is not for node 3");
+
+    // A hold that runs out closes the round with the update not served,
+    // and no hold reaches past the bound.
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 2);
+    deliver(&mut m, &plan, node(1));
+    commit_only(&mut m, &plan, node(2));
+    m.hold_for_fetch(0, &node(2), u64::MAX);
+    assert!(m.tick(DEADLINE + HOLD_MAX - 1).is_empty());
+    let close = close_of(m.tick(DEADLINE + HOLD_MAX));
+    assert_eq!(close.candidates.len(), 1);
+    assert_eq!(close.rejected[0].reason, RejectReason::NotServed);
+
+    // A fetch that resolved is no longer held for.
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 2);
+    deliver(&mut m, &plan, node(1));
+    commit_only(&mut m, &plan, node(2));
+    m.hold_for_fetch(0, &node(2), DEADLINE + 8_000);
+    m.update_checked(0, &node(2), Err(RejectReason::SpotCheck { worker: 0 }));
+    let close = close_of(m.tick(DEADLINE));
+    assert_eq!(
+        close.rejected[0].reason,
+        RejectReason::SpotCheck { worker: 0 }
+    );
 }
 
 #[test]

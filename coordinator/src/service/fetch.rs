@@ -6,7 +6,10 @@
 use super::*;
 
 impl Service {
-    pub(super) fn spawn_fetch(&self, round: u64, node: NodeId, commit: Commit) {
+    /// Returns until when the round should be held past its deadline for
+    /// the drawn workers' states (`Rounds::hold_for_fetch`), if any are
+    /// drawn.
+    pub(super) fn spawn_fetch(&self, round: u64, node: NodeId, commit: Commit) -> Option<u64> {
         let client = self.net.clone();
         let store = self.store.clone();
         let tx = self.internal_tx.clone();
@@ -34,6 +37,15 @@ impl Service {
         .map(|(_, share)| share.clone())
         .collect();
         let state_bytes = barnraise_trainer::Trainer::optimizer_state_len(params) as u64;
+        // A drawn state is far larger than the update (8 bytes a parameter):
+        // a node that committed in time gets until the round's deadline or
+        // the time the states take at `state_link_mbps`, whichever is later.
+        let state_deadline_ms = (!drawn.is_empty()).then(|| {
+            deadline_ms.max(now_ms().saturating_add(state_upload_ms(
+                state_bytes.saturating_mul(drawn.len() as u64),
+                verify.state_link_mbps,
+            )))
+        });
         // Probed as soon as the update is in and checked, and the drawn
         // shares replayed as soon as their states are (`super::early`),
         // when this round is the open one.
@@ -45,6 +57,7 @@ impl Service {
                 .map(|assignment| (early.clone(), assignment.clone())),
             _ => None,
         };
+        let states_until_ms = state_deadline_ms.unwrap_or(deadline_ms);
         tokio::spawn(async move {
             let mut result = fetch_and_check(
                 &client,
@@ -62,13 +75,14 @@ impl Service {
                     break;
                 }
                 let worker = share.index;
+                let started = tokio::time::Instant::now();
                 result = fetch_state(
                     &client,
                     &store,
                     node,
                     share.state_hash,
                     state_bytes,
-                    deadline_ms,
+                    states_until_ms,
                 )
                 .await
                 .map_err(|reason| {
@@ -81,6 +95,17 @@ impl Service {
                     );
                     RejectReason::SpotCheck { worker }
                 });
+                if result.is_ok() {
+                    tracing::info!(
+                        node = %node.short(),
+                        round,
+                        worker,
+                        bytes = state_bytes,
+                        fetch_ms = started.elapsed().as_millis() as u64,
+                        past_deadline_ms = now_ms().saturating_sub(deadline_ms),
+                        "spot check: the worker's state is in"
+                    );
+                }
             }
             if let (Ok(()), Some((early, assignment))) = (&result, early) {
                 // Replays first: they take longest, and the early checks
@@ -101,7 +126,15 @@ impl Service {
                 })
                 .await;
         });
+        state_deadline_ms
     }
+}
+
+/// The time a state of `bytes` may take to arrive over a link of `mbps`:
+/// its bytes at that rate, plus 5 s for the requests' round trips.
+pub(super) fn state_upload_ms(bytes: u64, mbps: f64) -> u64 {
+    let transfer = bytes as f64 * 8.0 / (mbps.max(1e-3) * 1e3);
+    5_000u64.saturating_add(transfer.min(u64::MAX as f64 / 2.0) as u64)
 }
 
 /// How many times a node may answer "not found" for its own committed update
@@ -231,4 +264,19 @@ async fn fetch_and_check(
     })
     .await
     .unwrap_or(Err(RejectReason::undecodable("the check crashed")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::state_upload_ms;
+
+    #[test]
+    fn a_state_is_given_its_bytes_at_the_link_rate_plus_round_trips() {
+        // `small`'s starting state: 3,296,047 parameters × 8 bytes.
+        assert_eq!(state_upload_ms(26_368_376, 10.0), 5_000 + 21_094);
+        assert_eq!(state_upload_ms(26_368_376, 20.0), 5_000 + 10_547);
+        assert_eq!(state_upload_ms(0, 10.0), 5_000);
+        // No rate is infinitely slow.
+        assert!(state_upload_ms(u64::MAX, 0.0) > 5_000);
+    }
 }

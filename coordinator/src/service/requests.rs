@@ -232,7 +232,9 @@ impl Service {
                         };
                     }
                 }
-                self.spawn_fetch(round, node, commit);
+                if let Some(until_ms) = self.spawn_fetch(round, node, commit) {
+                    self.rounds.hold_for_fetch(round, &node, until_ms);
+                }
                 CoordinatorResponse::CommitAccepted { round }
             }
             CommitOutcome::AlreadyHave { round } => CoordinatorResponse::CommitAccepted { round },

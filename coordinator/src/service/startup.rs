@@ -294,6 +294,7 @@ fn prepare(
         quorum: config.quorum,
         deadline_ms: resolved.deadline_ms,
         pace: config.pace,
+        fetch_hold_max_ms: (config.verify.state_wait_max_secs * 1000.0) as u64,
         min_nodes: config.min_nodes,
         total_rounds: config.total_rounds,
         shards: shards.clone(),

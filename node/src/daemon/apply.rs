@@ -3,6 +3,10 @@
 //! watch for forks, prune what the retention window lets go.
 
 use super::*;
+use futures::StreamExt;
+
+/// Accepted updates a node downloads at once when it applies a manifest.
+const UPDATES_FETCHED_AT_ONCE: usize = 4;
 
 impl Node {
     /// Fetches the updates `manifest` accepted (each checked against its
@@ -19,25 +23,55 @@ impl Node {
         manifest: &Manifest,
     ) -> Result<Option<Applied>, NodeError> {
         let round = manifest.round;
-        for accepted in &manifest.accepted {
-            let author = accepted.node.0.to_peer_id().ok();
-            if let Err(e) = self
-                .fetch(
-                    &accepted.update_hash,
-                    Some(accepted.update_bytes),
-                    author,
-                    "update",
-                )
+        // The updates are fetched a few at a time: one after another, each
+        // pays its provider lookup and round trips in turn (on a 100 ms link
+        // that was most of the wait between a manifest and the next round).
+        type Fetching<'a> = std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<Option<crate::transfer::FetchReport>, NodeError>,
+                    > + Send
+                    + 'a,
+            >,
+        >;
+        let fetched: Vec<Result<Option<crate::transfer::FetchReport>, NodeError>> = {
+            let this = &*self;
+            let fetches: Vec<Fetching<'_>> = manifest
+                .accepted
+                .iter()
+                .map(|accepted| {
+                    let author = accepted.node.0.to_peer_id().ok();
+                    Box::pin(this.fetch_shared(
+                        &accepted.update_hash,
+                        Some(accepted.update_bytes),
+                        author,
+                        "update",
+                    )) as Fetching<'_>
+                })
+                .collect();
+            futures::stream::iter(fetches)
+                .buffered(UPDATES_FETCHED_AT_ONCE)
+                .collect()
                 .await
-            {
-                return match e {
-                    NodeError::Fetch(FetchError::Cancelled) => Ok(None),
-                    NodeError::Fetch(e) => Ok(Some(Applied::Unavailable(format!(
-                        "could not fetch an accepted update of round {round}: {e}"
-                    )))),
-                    other => Err(other),
-                };
+        };
+        let mut failed = None;
+        for result in fetched {
+            match result {
+                Ok(Some(report)) => self.record_fetch(&report, "update"),
+                Ok(None) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
+        }
+        if let Some(e) = failed {
+            return match e {
+                NodeError::Fetch(FetchError::Cancelled) => Ok(None),
+                NodeError::Fetch(e) => Ok(Some(Applied::Unavailable(format!(
+                    "could not fetch an accepted update of round {round}: {e}"
+                )))),
+                other => Err(other),
+            };
         }
         let mut payloads: Vec<(Vec<u8>, f32)> = Vec::with_capacity(manifest.accepted.len());
         for accepted in &manifest.accepted {
