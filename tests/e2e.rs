@@ -1013,6 +1013,26 @@ fn up_runs_end_to_end_and_reports_json() {
             counts["delayed_chunks"].as_u64().unwrap_or(0) > 0,
             "{counts}"
         );
+        // The phases of its rounds cover the span utilization divides by.
+        let phases = &node["phases"];
+        let part = |name: &str| phases[name].as_f64().unwrap_or(-1.0);
+        let names = [
+            "training",
+            "preparing_and_committing",
+            "waiting_for_manifest",
+            "applying",
+            "waiting_for_plan",
+        ];
+        assert!(names.iter().all(|n| part(n) >= 0.0), "{phases}");
+        assert!(part("training") > 0.0 && part("applying") > 0.0, "{phases}");
+        let compute = node["compute_seconds"].as_f64().unwrap_or(0.0);
+        assert_eq!(part("training"), compute, "{node}");
+        let span = compute / node["utilization"].as_f64().unwrap_or(f64::NAN);
+        let total: f64 = names.iter().map(|n| part(n)).sum();
+        assert!(
+            (total - span).abs() <= 0.1 * span + 0.05,
+            "phases sum to {total} s, the span is {span} s: {node}"
+        );
     }
     // It ends with text from the untrained and the trained model.
     let samples = &report["samples"];

@@ -628,6 +628,53 @@ pub struct NodeLine {
     /// `compute_seconds` ÷ the wall clock from its first plan to the last
     /// manifest it applied: the share of the run it was training.
     pub utilization: Option<f64>,
+    /// Where its rounds' wall clock went, in seconds.
+    pub phases: PhaseSeconds,
+}
+
+/// A node's rounds by phase (`barnraise_node::daemon::RoundPhases`), in
+/// seconds: training, and what the rest of the wall clock went to.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PhaseSeconds {
+    /// Inner steps (`compute_seconds`).
+    pub training: f64,
+    /// From the plan to the commit, less the training: shards, encoding,
+    /// storing, the commit's round trip.
+    pub preparing_and_committing: f64,
+    /// From the commit to the manifest: waiting for the other nodes and
+    /// the coordinator's close.
+    pub waiting_for_manifest: f64,
+    /// From the manifest to the round applied: fetching the accepted
+    /// updates and the outer step.
+    pub applying: f64,
+    /// From a round applied to the next plan.
+    pub waiting_for_plan: f64,
+}
+
+impl PhaseSeconds {
+    fn of(summary: &NodeSummary) -> PhaseSeconds {
+        let p = &summary.phases;
+        let s = |ms: u64| ms as f64 / 1e3;
+        PhaseSeconds {
+            training: s(summary.compute_ms),
+            preparing_and_committing: s(p.plan_to_commit_ms.saturating_sub(summary.compute_ms)),
+            waiting_for_manifest: s(p.commit_to_manifest_ms),
+            applying: s(p.applying_ms),
+            waiting_for_plan: s(p.waiting_for_plan_ms),
+        }
+    }
+
+    fn mean(all: &[PhaseSeconds]) -> PhaseSeconds {
+        let n = all.len().max(1) as f64;
+        let sum = |f: fn(&PhaseSeconds) -> f64| all.iter().map(f).sum::<f64>() / n;
+        PhaseSeconds {
+            training: sum(|p| p.training),
+            preparing_and_committing: sum(|p| p.preparing_and_committing),
+            waiting_for_manifest: sum(|p| p.waiting_for_manifest),
+            applying: sum(|p| p.applying),
+            waiting_for_plan: sum(|p| p.waiting_for_plan),
+        }
+    }
 }
 
 impl UpReport {
@@ -683,6 +730,7 @@ impl UpReport {
                 from_coordinator_bytes: s.bytes_from_coordinator,
                 compute_seconds: s.compute_ms as f64 / 1e3,
                 utilization: s.utilization(),
+                phases: PhaseSeconds::of(&s),
             })
             .collect();
         let utilizations: Vec<f64> = node_summaries
@@ -846,6 +894,18 @@ impl std::fmt::Display for UpReport {
                  their last manifest (each: {})",
                 mean * 100.0,
                 each.join(", ")
+            )?;
+            let phases: Vec<PhaseSeconds> = self.node_summaries.iter().map(|n| n.phases).collect();
+            let p = PhaseSeconds::mean(&phases);
+            writeln!(
+                f,
+                "  a node's rounds, mean seconds: training {:.1}, preparing and committing {:.1}, \
+                 waiting for the manifest {:.1}, applying {:.1}, waiting for the next plan {:.1}",
+                p.training,
+                p.preparing_and_committing,
+                p.waiting_for_manifest,
+                p.applying,
+                p.waiting_for_plan
             )?;
         }
         if let Some(link) = &self.link {

@@ -156,6 +156,27 @@ pub struct NodeSummary {
     /// manifest we applied: the span [`NodeSummary::utilization`] divides by.
     pub first_plan_ms: Option<u64>,
     pub last_applied_ms: Option<u64>,
+    /// Where the rounds' wall clock went, summed over rounds.
+    pub phases: RoundPhases,
+}
+
+/// Milliseconds a node spent in each phase of its rounds, summed; together
+/// they cover the span [`NodeSummary::utilization`] divides by, so the
+/// time not training can be told apart (docs/architecture.md, "Slow
+/// links").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoundPhases {
+    /// From a plan to our commit accepted: fetching shards, training
+    /// (`NodeSummary::compute_ms` of it), encoding, storing, committing.
+    pub plan_to_commit_ms: u64,
+    /// From the commit to the round's manifest: the other nodes' commits
+    /// and the coordinator's close.
+    pub commit_to_manifest_ms: u64,
+    /// From the manifest to the round applied: fetching the accepted
+    /// updates and the outer step.
+    pub applying_ms: u64,
+    /// From a round applied to the next plan.
+    pub waiting_for_plan_ms: u64,
 }
 
 impl NodeSummary {

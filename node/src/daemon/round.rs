@@ -111,6 +111,9 @@ impl Node {
             return Ok(None);
         };
         self.summary.first_plan_ms.get_or_insert_with(now_ms);
+        if let Some(applied) = self.summary.last_applied_ms {
+            self.summary.phases.waiting_for_plan_ms += now_ms().saturating_sub(applied);
+        }
         let planned_at = Instant::now();
         self.meet(&plan.bootstrap).await?;
         if plan.round > round {
@@ -147,9 +150,13 @@ impl Node {
                 self.emit(NodeEvent::Idle { round });
             }
         }
+        self.summary.phases.plan_to_commit_ms += planned_at.elapsed().as_millis() as u64;
+        let committed_at = Instant::now();
         let Some(manifest) = self.wait_for_manifest(round).await? else {
             return Ok(None);
         };
+        self.summary.phases.commit_to_manifest_ms += committed_at.elapsed().as_millis() as u64;
+        let manifest_at = Instant::now();
         let (signed, manifest) = match manifest {
             Ok(found) => found,
             Err(reason) => return Ok(Some(RoundOutcome::Resync(reason))),
@@ -211,6 +218,7 @@ impl Node {
         self.prune(&manifest, state.round).await;
         self.summary.rounds_completed += 1;
         self.summary.last_applied_ms = Some(now_ms());
+        self.summary.phases.applying_ms += manifest_at.elapsed().as_millis() as u64;
         self.last_round = Some(planned_at.elapsed());
         NodeMetrics::add(&self.metrics.rounds_applied, 1);
         NodeMetrics::set(&self.metrics.current_round, manifest.round + 1);
