@@ -547,6 +547,16 @@ pub fn close_round(
     let mut verified_idx = std::collections::HashSet::new();
     let mut voided = Vec::new();
     if let Some(spot) = &ctx.spot {
+        // A drawn worker's state that was not served (rejected while the
+        // round was open) is a failed check: without the void, a node
+        // faking workers could withhold the state whenever it is drawn and
+        // keep the rest of its unverified credit.
+        let mut withheld = std::collections::BTreeSet::new();
+        for r in &close.rejected {
+            if matches!(r.reason, RejectReason::SpotCheck { .. }) && withheld.insert(r.node) {
+                voided.extend(spot.unverified.void_for(&r.node));
+            }
+        }
         let drawn = spot_draws(ctx, spot, close, run_id, &accepted_idx);
         let mut late: Vec<(usize, &WorkerShare)> = Vec::new();
         for &(i, share) in &drawn {

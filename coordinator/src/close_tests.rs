@@ -398,6 +398,77 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
     );
 }
 
+#[test]
+fn a_drawn_state_withheld_while_the_round_was_open_voids_the_window() {
+    // Rounds 0–2 credited every node 100 tokens, unchecked. In round 3 one
+    // node's drawn state was not served, so its update was rejected
+    // `spot-check` before the close: that is a failed check, and its window
+    // is voided, or a node faking workers would withhold the state whenever
+    // it is drawn and keep the rest of its credit.
+    let (key, mut round, _, run_config) = spot_round();
+    let earlier: Vec<Manifest> = (0..3u64)
+        .map(|r| {
+            let mut m = closed_manifest(r, &round.close.plan);
+            m.accepted = round
+                .close
+                .candidates
+                .iter()
+                .map(|c| AcceptedUpdate {
+                    node: c.node,
+                    update_hash: Hash::of(&[r as u8, c.node.0.0[0]]),
+                    update_bytes: 1,
+                    tokens: 100,
+                    weight: 1.0 / 3.0,
+                    compute_ms: 1,
+                })
+                .collect();
+            m
+        })
+        .collect();
+    let unverified = barnraise_protocol::credit::Unverified::replay(&earlier).unwrap();
+    let withheld = round.close.candidates.remove(1);
+    round.close.rejected.push(RejectedUpdate {
+        node: withheld.node,
+        update_hash: Some(withheld.commit.update_hash),
+        reason: RejectReason::SpotCheck { worker: 0 },
+    });
+    // A rejection for another reason voids nothing.
+    let refused = round.close.candidates.remove(1);
+    round.close.rejected.push(RejectedUpdate {
+        node: refused.node,
+        update_hash: Some(refused.commit.update_hash),
+        reason: RejectReason::NotServed,
+    });
+    let no_state = |_: &Hash| None;
+    let spot = SpotContext {
+        key: &key,
+        run: &run_config,
+        state: &no_state,
+        unverified: &unverified,
+    };
+    // No share is drawn in the close itself.
+    let verify = VerifyConfig {
+        probe: false,
+        spot_check_fraction: 0.0,
+        ..VerifyConfig::default()
+    };
+    let (closed, _) = close_with(&round, "mean", &verify, Some(spot));
+    assert!(closed.spot_checks.is_empty());
+    assert_eq!(
+        closed.manifest.voided,
+        vec![barnraise_protocol::messages::VoidedCredit {
+            node: withheld.node,
+            from_round: 0,
+            tokens: 300,
+        }]
+    );
+    // The fold (and so the audit) takes the void.
+    let mut after = unverified.clone();
+    after.apply(&closed.manifest).unwrap();
+    assert_eq!(after.void_for(&withheld.node), None);
+    assert_eq!(after.window(&refused.node).tokens, 300);
+}
+
 /// An empty manifest of round `r` for the run of `plan`.
 fn closed_manifest(r: u64, plan: &RoundPlan) -> Manifest {
     Manifest {

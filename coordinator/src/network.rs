@@ -351,8 +351,8 @@ pub async fn fetch_blob(
     Ok(out)
 }
 
-/// Chunk requests one blob fetch keeps in flight (the node's own fetcher
-/// asks one provider for at most as many).
+/// Chunk requests one blob fetch keeps in flight (a node's fetcher asks
+/// one provider for at most as many chunks of one blob).
 pub const FETCH_CHUNKS_IN_FLIGHT: usize = 4;
 
 /// The gossip topic of a run's plans or manifests.

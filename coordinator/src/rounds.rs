@@ -46,6 +46,10 @@ pub struct RoundsConfig {
     pub shards: Vec<Hash>,
 }
 
+/// How much longer than a fetch's own limit a round is held for it, so
+/// that the fetch's verdict (a state served or not) decides, not the clock.
+pub const FETCH_HOLD_GRACE_MS: u64 = 1_000;
+
 /// Where the run stands when the machine starts (fresh or after a restart).
 #[derive(Clone, Debug)]
 pub struct Start {
@@ -469,6 +473,15 @@ impl Rounds {
             }
             _ => return reject(open, RejectReason::DuplicateCommit),
         }
+        // Past the deadline: a round held for a drawn state
+        // (`hold_for_fetch`) takes no new commits.
+        // It is missing, as it would be had the round closed on time.
+        if arrived_ms >= open.close_at_ms {
+            return CommitOutcome::Rejected {
+                reason: RejectReason::Late,
+                in_round: None,
+            };
+        }
         // From here the node has used its one commit for the round.
         // Its workers are what the plan gave shards for, whatever it declared
         // since: joining again mid-round with more workers buys nothing.
@@ -564,13 +577,15 @@ impl Rounds {
         }
     }
 
-    /// Holds the open round past its deadline, until `until_ms` at the
-    /// latest (and never more than `fetch_hold_max_ms` past the deadline),
-    /// while `node`'s committed update is still being fetched: a drawn
-    /// worker's starting state is 8 bytes a parameter, and a node behind a
-    /// slow uplink that committed in time must not fail its spot check
-    /// because the upload outlasts the round (docs/architecture.md,
-    /// "Closing a round"). The hold ends as soon as the fetch resolves.
+    /// Holds the open round past its deadline, until `until_ms` plus
+    /// [`FETCH_HOLD_GRACE_MS`] at the latest (and never more than
+    /// `fetch_hold_max_ms` plus the grace past the deadline), while
+    /// `node`'s committed update is still being fetched: a drawn worker's
+    /// starting state is 8 bytes a parameter, and a node behind a slow
+    /// uplink that committed in time must not fail its spot check because
+    /// the upload outlasts the round (docs/architecture.md, "Slow links").
+    /// The hold ends as soon as the fetch resolves; `fetch_hold_max_ms = 0`
+    /// never holds.
     pub fn hold_for_fetch(&mut self, round: u64, node: &NodeId, until_ms: u64) {
         let Phase::Open(open) = &mut self.phase else {
             return;
@@ -578,11 +593,29 @@ impl Rounds {
         if open.plan.round != round {
             return;
         }
+        if self.config.fetch_hold_max_ms == 0 {
+            return;
+        }
+        // The fetch's own limit is `fetch_limit_ms`; the grace lets its
+        // verdict arrive before the hold runs out.
         let limit = open
             .close_at_ms
-            .saturating_add(self.config.fetch_hold_max_ms);
+            .saturating_add(self.config.fetch_hold_max_ms)
+            .saturating_add(FETCH_HOLD_GRACE_MS);
         if let Some(Slot::Committed { hold_until_ms, .. }) = open.slots.get_mut(node) {
-            *hold_until_ms = until_ms.min(limit);
+            *hold_until_ms = until_ms.saturating_add(FETCH_HOLD_GRACE_MS).min(limit);
+        }
+    }
+
+    /// The latest a drawn worker's state of the open round may still be
+    /// fetched: its deadline plus `fetch_hold_max_ms`.
+    pub fn fetch_limit_ms(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Open(open) => Some(
+                open.close_at_ms
+                    .saturating_add(self.config.fetch_hold_max_ms),
+            ),
+            _ => None,
         }
     }
 

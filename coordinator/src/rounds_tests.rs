@@ -183,21 +183,49 @@ fn a_drawn_state_still_arriving_holds_the_deadline_within_its_bound() {
     m.hold_for_fetch(0, &node(3), DEADLINE + 8_000);
     m.hold_for_fetch(1, &node(1), DEADLINE + 8_000);
     assert!(m.tick(DEADLINE).is_empty(), "held for node 2's state");
-    assert!(m.tick(DEADLINE + 7_999).is_empty());
+    // Held, the round takes no new commits: node 3 is late.
+    let late = commit_for(&plan, 3);
+    assert!(matches!(
+        m.commit(node(3), &late, Hash::of(&[3])),
+        CommitOutcome::Rejected {
+            reason: RejectReason::Late,
+            ..
+        }
+    ));
+    // The hold runs a grace past the fetch's own limit, so the fetch's
+    // verdict lands first.
+    assert!(
+        m.tick(DEADLINE + 8_000 + FETCH_HOLD_GRACE_MS - 1)
+            .is_empty()
+    );
     m.update_checked(0, &node(2), Ok(()));
-    let close = close_of(m.tick(DEADLINE + 8_000 - 1));
+    let close = close_of(m.tick(DEADLINE + 8_000 + FETCH_HOLD_GRACE_MS - 1));
     assert_eq!(close.candidates.len(), 2);
-    assert_eq!(close.missing, vec![node(3)], "the hold is not for node 3");
+    assert_eq!(close.missing, vec![node(3)], "late, so missing");
+    assert!(close.rejected.is_empty());
 
     // A hold that runs out closes the round with the update not served,
-    // and no hold reaches past the bound.
+    // and no hold reaches past the bound (plus the grace).
     let (mut m, plan) = started(Quorum::Fraction(1.0), 2);
     deliver(&mut m, &plan, node(1));
     commit_only(&mut m, &plan, node(2));
+    assert_eq!(m.fetch_limit_ms(), Some(DEADLINE + HOLD_MAX));
     m.hold_for_fetch(0, &node(2), u64::MAX);
-    assert!(m.tick(DEADLINE + HOLD_MAX - 1).is_empty());
-    let close = close_of(m.tick(DEADLINE + HOLD_MAX));
+    assert!(
+        m.tick(DEADLINE + HOLD_MAX + FETCH_HOLD_GRACE_MS - 1)
+            .is_empty()
+    );
+    let close = close_of(m.tick(DEADLINE + HOLD_MAX + FETCH_HOLD_GRACE_MS));
     assert_eq!(close.candidates.len(), 1);
+    assert_eq!(close.rejected[0].reason, RejectReason::NotServed);
+
+    // With no hold allowed, the deadline closes the round as before.
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 2);
+    m.config.fetch_hold_max_ms = 0;
+    deliver(&mut m, &plan, node(1));
+    commit_only(&mut m, &plan, node(2));
+    m.hold_for_fetch(0, &node(2), DEADLINE + 8_000);
+    let close = close_of(m.tick(DEADLINE));
     assert_eq!(close.rejected[0].reason, RejectReason::NotServed);
 
     // A fetch that resolved is no longer held for.

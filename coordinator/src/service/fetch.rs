@@ -40,11 +40,17 @@ impl Service {
         // A drawn state is far larger than the update (8 bytes a parameter):
         // a node that committed in time gets until the round's deadline or
         // the time the states take at `state_link_mbps`, whichever is later.
+        // Never past the longest the round may be held for it
+        // (`Rounds::fetch_limit_ms`); with no hold, the round's deadline.
+        let limit_ms = self.rounds.fetch_limit_ms().unwrap_or(0);
         let state_deadline_ms = (!drawn.is_empty()).then(|| {
-            deadline_ms.max(now_ms().saturating_add(state_upload_ms(
-                state_bytes.saturating_mul(drawn.len() as u64),
-                verify.state_link_mbps,
-            )))
+            now_ms()
+                .saturating_add(state_upload_ms(
+                    state_bytes.saturating_mul(drawn.len() as u64),
+                    verify.state_link_mbps,
+                ))
+                .min(limit_ms)
+                .max(deadline_ms)
         });
         // Probed as soon as the update is in and checked, and the drawn
         // shares replayed as soon as their states are (`super::early`),

@@ -390,6 +390,7 @@ pub async fn run_node_with(
         retention: crate::retention::Retention::load(&data_dir_for_retention),
         applied: std::collections::BTreeMap::new(),
         last_round: None,
+        phase_mark_ms: None,
     };
     let result = node.run().await;
     let mut summary = node.summary.clone();
@@ -538,6 +539,9 @@ struct Node {
     /// Wall clock of our last round, from its plan to its manifest applied:
     /// how much of the active hours a round needs.
     last_round: Option<Duration>,
+    /// Unix ms up to which the round phases in the summary are counted, so
+    /// that a round cut short (a resync) is not counted again as waiting.
+    phase_mark_ms: Option<u64>,
 }
 
 /// Rounds whose applied manifest a node keeps to detect a fork.

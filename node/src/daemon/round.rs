@@ -111,10 +111,11 @@ impl Node {
             return Ok(None);
         };
         self.summary.first_plan_ms.get_or_insert_with(now_ms);
-        if let Some(applied) = self.summary.last_applied_ms {
-            self.summary.phases.waiting_for_plan_ms += now_ms().saturating_sub(applied);
+        if let Some(mark) = self.phase_mark_ms {
+            self.summary.phases.waiting_for_plan_ms += now_ms().saturating_sub(mark);
         }
         let planned_at = Instant::now();
+        self.phase_mark_ms = Some(now_ms());
         self.meet(&plan.bootstrap).await?;
         if plan.round > round {
             return Ok(Some(RoundOutcome::Resync(format!(
@@ -152,11 +153,13 @@ impl Node {
         }
         self.summary.phases.plan_to_commit_ms += planned_at.elapsed().as_millis() as u64;
         let committed_at = Instant::now();
+        self.phase_mark_ms = Some(now_ms());
         let Some(manifest) = self.wait_for_manifest(round).await? else {
             return Ok(None);
         };
         self.summary.phases.commit_to_manifest_ms += committed_at.elapsed().as_millis() as u64;
         let manifest_at = Instant::now();
+        self.phase_mark_ms = Some(now_ms());
         let (signed, manifest) = match manifest {
             Ok(found) => found,
             Err(reason) => return Ok(Some(RoundOutcome::Resync(reason))),
@@ -219,6 +222,7 @@ impl Node {
         self.summary.rounds_completed += 1;
         self.summary.last_applied_ms = Some(now_ms());
         self.summary.phases.applying_ms += manifest_at.elapsed().as_millis() as u64;
+        self.phase_mark_ms = self.summary.last_applied_ms;
         self.last_round = Some(planned_at.elapsed());
         NodeMetrics::add(&self.metrics.rounds_applied, 1);
         NodeMetrics::set(&self.metrics.current_round, manifest.round + 1);
