@@ -333,25 +333,7 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
     let (key, round, lowest, run_config) = spot_round();
     let verify = one_replay();
     // Rounds 0–2 accepted all three nodes' 100 tokens, with no check passed.
-    let earlier: Vec<Manifest> = (0..3u64)
-        .map(|r| {
-            let mut m = closed_manifest(r, &round.close.plan);
-            m.accepted = round
-                .close
-                .candidates
-                .iter()
-                .map(|c| AcceptedUpdate {
-                    node: c.node,
-                    update_hash: Hash::of(&[r as u8, c.node.0.0[0]]),
-                    update_bytes: 1,
-                    tokens: 100,
-                    weight: 1.0 / 3.0,
-                    compute_ms: 1,
-                })
-                .collect();
-            m
-        })
-        .collect();
+    let earlier = unchecked_rounds(&round, 3);
     let unverified = barnraise_protocol::credit::Unverified::replay(&earlier).unwrap();
     let no_state = |_: &Hash| None;
     let spot = SpotContext {
@@ -406,25 +388,7 @@ fn a_drawn_state_withheld_while_the_round_was_open_voids_the_window() {
     // is voided, or a node faking workers would withhold the state whenever
     // it is drawn and keep the rest of its credit.
     let (key, mut round, _, run_config) = spot_round();
-    let earlier: Vec<Manifest> = (0..3u64)
-        .map(|r| {
-            let mut m = closed_manifest(r, &round.close.plan);
-            m.accepted = round
-                .close
-                .candidates
-                .iter()
-                .map(|c| AcceptedUpdate {
-                    node: c.node,
-                    update_hash: Hash::of(&[r as u8, c.node.0.0[0]]),
-                    update_bytes: 1,
-                    tokens: 100,
-                    weight: 1.0 / 3.0,
-                    compute_ms: 1,
-                })
-                .collect();
-            m
-        })
-        .collect();
+    let earlier = unchecked_rounds(&round, 3);
     let unverified = barnraise_protocol::credit::Unverified::replay(&earlier).unwrap();
     let withheld = round.close.candidates.remove(1);
     round.close.rejected.push(RejectedUpdate {
@@ -467,6 +431,30 @@ fn a_drawn_state_withheld_while_the_round_was_open_voids_the_window() {
     after.apply(&closed.manifest).unwrap();
     assert_eq!(after.void_for(&withheld.node), None);
     assert_eq!(after.window(&refused.node).tokens, 300);
+}
+
+/// Manifests of rounds 0..n that accepted every candidate of `round` with
+/// 100 tokens and checked none.
+fn unchecked_rounds(round: &Round, n: u64) -> Vec<Manifest> {
+    (0..n)
+        .map(|r| {
+            let mut m = closed_manifest(r, &round.close.plan);
+            m.accepted = round
+                .close
+                .candidates
+                .iter()
+                .map(|c| AcceptedUpdate {
+                    node: c.node,
+                    update_hash: Hash::of(&[r as u8, c.node.0.0[0]]),
+                    update_bytes: 1,
+                    tokens: 100,
+                    weight: 1.0 / 3.0,
+                    compute_ms: 1,
+                })
+                .collect();
+            m
+        })
+        .collect()
 }
 
 /// An empty manifest of round `r` for the run of `plan`.
