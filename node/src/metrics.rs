@@ -33,7 +33,18 @@ pub struct NodeMetrics {
     pub last_loss: AtomicU64,
     /// Tokens each worker trained, by worker index.
     worker_tokens: Mutex<Vec<u64>>,
+    /// Milliseconds of the rounds' phases, in [`ROUND_PHASES`] order.
+    pub round_phase_ms: [AtomicU64; 4],
 }
+
+/// The phases of a round a node's wall clock goes to, as the metrics
+/// label them (`crate::daemon::RoundPhases` holds the same sums).
+pub const ROUND_PHASES: [&str; 4] = [
+    "plan_to_commit",
+    "commit_to_manifest",
+    "applying",
+    "waiting_for_plan",
+];
 
 impl NodeMetrics {
     pub fn new() -> NodeMetrics {
@@ -186,6 +197,17 @@ impl NodeMetrics {
             out,
             "# HELP barnraise_node_worker_tokens_total Tokens trained, by worker.\n# TYPE barnraise_node_worker_tokens_total counter"
         );
+        let _ = writeln!(
+            out,
+            "# HELP barnraise_node_round_phase_seconds_total Wall time of the rounds by phase: plan_to_commit (shards, training, encoding, committing), commit_to_manifest (the others and the close), applying (fetching the accepted updates, the outer step), waiting_for_plan.\n# TYPE barnraise_node_round_phase_seconds_total counter"
+        );
+        for (phase, ms) in ROUND_PHASES.iter().zip(&self.round_phase_ms) {
+            let _ = writeln!(
+                out,
+                "barnraise_node_round_phase_seconds_total{{phase=\"{phase}\"}} {:.3}",
+                ms.load(Ordering::Relaxed) as f64 / 1000.0
+            );
+        }
         if let Ok(per_worker) = self.worker_tokens.lock() {
             for (worker, tokens) in per_worker.iter().enumerate() {
                 let _ = writeln!(
@@ -257,7 +279,15 @@ mod tests {
         NodeMetrics::add(&metrics.tokens_trained, 1234);
         NodeMetrics::add(&metrics.compute_ms, 1500);
         metrics.add_worker_tokens(1, 77);
+        NodeMetrics::add(&metrics.round_phase_ms[2], 2250);
         let text = metrics.render();
+        assert!(
+            text.contains("barnraise_node_round_phase_seconds_total{phase=\"applying\"} 2.250\n"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "barnraise_node_round_phase_seconds_total{phase=\"waiting_for_plan\"} 0.000\n"
+        ));
         assert!(
             text.contains("barnraise_node_tokens_trained_total 1234\n"),
             "{text}"

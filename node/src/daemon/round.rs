@@ -101,6 +101,22 @@ impl Node {
         }
     }
 
+    /// Counts `ms` of phase `index` (in `metrics::ROUND_PHASES` order) in
+    /// the summary and the metrics.
+    fn add_phase(&mut self, index: usize, ms: u64) {
+        let phases = &mut self.summary.phases;
+        let sum = match index {
+            0 => &mut phases.plan_to_commit_ms,
+            1 => &mut phases.commit_to_manifest_ms,
+            2 => &mut phases.applying_ms,
+            _ => &mut phases.waiting_for_plan_ms,
+        };
+        *sum += ms;
+        if let Some(cell) = self.metrics.round_phase_ms.get(index) {
+            NodeMetrics::add(cell, ms);
+        }
+    }
+
     /// One round. `None` means we were stopped.
     pub(super) async fn round(
         &mut self,
@@ -112,7 +128,7 @@ impl Node {
         };
         self.summary.first_plan_ms.get_or_insert_with(now_ms);
         if let Some(mark) = self.phase_mark_ms {
-            self.summary.phases.waiting_for_plan_ms += now_ms().saturating_sub(mark);
+            self.add_phase(3, now_ms().saturating_sub(mark));
         }
         let planned_at = Instant::now();
         self.phase_mark_ms = Some(now_ms());
@@ -151,13 +167,13 @@ impl Node {
                 self.emit(NodeEvent::Idle { round });
             }
         }
-        self.summary.phases.plan_to_commit_ms += planned_at.elapsed().as_millis() as u64;
+        self.add_phase(0, planned_at.elapsed().as_millis() as u64);
         let committed_at = Instant::now();
         self.phase_mark_ms = Some(now_ms());
         let Some(manifest) = self.wait_for_manifest(round).await? else {
             return Ok(None);
         };
-        self.summary.phases.commit_to_manifest_ms += committed_at.elapsed().as_millis() as u64;
+        self.add_phase(1, committed_at.elapsed().as_millis() as u64);
         let manifest_at = Instant::now();
         self.phase_mark_ms = Some(now_ms());
         let (signed, manifest) = match manifest {
@@ -221,7 +237,7 @@ impl Node {
         self.prune(&manifest, state.round).await;
         self.summary.rounds_completed += 1;
         self.summary.last_applied_ms = Some(now_ms());
-        self.summary.phases.applying_ms += manifest_at.elapsed().as_millis() as u64;
+        self.add_phase(2, manifest_at.elapsed().as_millis() as u64);
         self.phase_mark_ms = self.summary.last_applied_ms;
         self.last_round = Some(planned_at.elapsed());
         NodeMetrics::add(&self.metrics.rounds_applied, 1);
