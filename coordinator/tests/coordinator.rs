@@ -1289,3 +1289,66 @@ async fn a_flood_of_relay_reservations_from_one_peer_is_refused() {
     assert_eq!(reserve(&mut other, &relay_addr, 1).await, (1, 0));
     shutdown.cancel();
 }
+
+/// A swarm of the coordinator's network stack serving `store`.
+async fn blob_peer(
+    seed: u8,
+    store: BlobStore,
+    shutdown: &CancellationToken,
+) -> (Client, Vec<Multiaddr>, PeerId) {
+    let key = SigningKey::from_seed([seed; 32]).unwrap();
+    let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+    let keypair = key.to_libp2p().unwrap();
+    let peer = keypair.public().to_peer_id();
+    let (client, _events, event_loop, addrs) = network::new(
+        keypair,
+        &[listen],
+        store,
+        &[],
+        network::CoordinatorTraffic::default(),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(event_loop.run(shutdown.child_token()));
+    (client, addrs, peer)
+}
+
+/// `fetch_blob` keeps several chunk requests in flight: a blob of several
+/// chunks and a short last one arrives whole and in order, and a peer that
+/// offers another size than asked for is refused before any chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_of_many_chunks_arrives_whole_and_in_order() {
+    let shutdown = CancellationToken::new();
+    let (serving, fetching) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let store = BlobStore::open(serving.path()).unwrap();
+    let chunk = barnraise_protocol::limits::BLOB_CHUNK_BYTES;
+    let blob: Vec<u8> = (0..(2 * network::FETCH_CHUNKS_IN_FLIGHT * chunk + 12_345))
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    let hash = store.put(Arc::new(blob.clone())).unwrap();
+    let (_server, server_addrs, server_peer) = blob_peer(61, store, &shutdown).await;
+    let (client, _, _) = blob_peer(62, BlobStore::open(fetching.path()).unwrap(), &shutdown).await;
+    client
+        .add_addresses(server_peer, server_addrs)
+        .await
+        .unwrap();
+    let size = blob.len() as u64;
+    let got = tokio::time::timeout(
+        Duration::from_secs(60),
+        network::fetch_blob(&client, server_peer, hash, size),
+    )
+    .await
+    .expect("the fetch finishes")
+    .expect("the blob is served");
+    assert_eq!(got.len(), blob.len());
+    assert!(got == blob, "the chunks came back out of order or altered");
+    assert!(matches!(
+        network::fetch_blob(&client, server_peer, hash, size + 1).await,
+        Err(network::FetchError::WrongSize { .. })
+    ));
+    assert!(matches!(
+        network::fetch_blob(&client, server_peer, Hash::of(b"nothing"), 10).await,
+        Err(network::FetchError::NotFound)
+    ));
+    shutdown.cancel();
+}
