@@ -292,6 +292,23 @@ pub async fn fetch_blob(
     hash: Hash,
     size: u64,
 ) -> Result<Vec<u8>, FetchError> {
+    let mut out = Vec::new();
+    fetch_blob_into(client, peer, hash, size, &mut out).await?;
+    Ok(out)
+}
+
+/// [`fetch_blob`] into `out`, which may already hold the start of the blob
+/// from an earlier attempt: only the rest is asked for. On an error (or
+/// when the future is dropped) `out` keeps every chunk that arrived, in
+/// order, for the next attempt, so a transfer cut short on a slow link does
+/// not start over.
+pub async fn fetch_blob_into(
+    client: &Client,
+    peer: PeerId,
+    hash: Hash,
+    size: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), FetchError> {
     match client
         .blob_request(peer, BlobRequest::Have { hash })
         .await?
@@ -320,8 +337,11 @@ pub async fn fetch_blob(
     // Up to `FETCH_CHUNKS_IN_FLIGHT` chunk requests at once, taken in order:
     // one at a time, a link's round trip is paid per chunk (on a 100 ms link
     // a 26 MB state's 26 chunks wait 5 s for round trips alone).
-    let mut out = Vec::with_capacity(total);
-    let mut requested = 0usize;
+    if out.len() > total {
+        out.clear();
+    }
+    out.reserve(total - out.len());
+    let mut requested = out.len();
     let mut pending = futures::stream::FuturesOrdered::new();
     while out.len() < total {
         while requested < total && pending.len() < FETCH_CHUNKS_IN_FLIGHT {
@@ -348,7 +368,7 @@ pub async fn fetch_blob(
             BlobResponse::Have { .. } => return Err(FetchError::Protocol),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Chunk requests one blob fetch keeps in flight (a node's fetcher asks

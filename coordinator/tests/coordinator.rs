@@ -1314,8 +1314,9 @@ async fn blob_peer(
 }
 
 /// `fetch_blob` keeps several chunk requests in flight: a blob of several
-/// chunks and a short last one arrives whole and in order, and a peer that
-/// offers another size than asked for is refused before any chunk.
+/// chunks and a short last one arrives whole and in order, a transfer
+/// resumes from what already arrived, and a peer that offers another size
+/// than asked for is refused before any chunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_of_many_chunks_arrives_whole_and_in_order() {
     let shutdown = CancellationToken::new();
@@ -1342,6 +1343,17 @@ async fn a_blob_of_many_chunks_arrives_whole_and_in_order() {
     .expect("the blob is served");
     assert_eq!(got.len(), blob.len());
     assert!(got == blob, "the chunks came back out of order or altered");
+    // A transfer cut short resumes where it stopped: given a start (here
+    // zeros, so that a fetch from the beginning would show), only the rest
+    // is asked for.
+    let start = chunk + 100;
+    let mut resumed = vec![0u8; start];
+    network::fetch_blob_into(&client, server_peer, hash, size, &mut resumed)
+        .await
+        .expect("the rest is served");
+    assert_eq!(resumed.len(), blob.len());
+    assert!(resumed[..start].iter().all(|&b| b == 0));
+    assert!(resumed[start..] == blob[start..]);
     assert!(matches!(
         network::fetch_blob(&client, server_peer, hash, size + 1).await,
         Err(network::FetchError::WrongSize { .. })

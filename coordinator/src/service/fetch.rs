@@ -169,6 +169,9 @@ async fn fetch_from_author(
     }
     let peer = node.0.to_peer_id().map_err(|_| RejectReason::UnknownNode)?;
     let mut attempt = 0u32;
+    // What arrived before a failed attempt is kept: the next one asks only
+    // for the rest.
+    let mut partial = Vec::new();
     loop {
         let left = deadline_ms.saturating_sub(now_ms());
         if left == 0 {
@@ -176,11 +179,11 @@ async fn fetch_from_author(
         }
         let fetched = tokio::time::timeout(
             Duration::from_millis(left),
-            network::fetch_blob(client, peer, hash, bytes),
+            network::fetch_blob_into(client, peer, hash, bytes, &mut partial),
         )
         .await;
         match fetched {
-            Ok(Ok(fetched)) => return Ok(Arc::new(fetched)),
+            Ok(Ok(())) => return Ok(Arc::new(partial)),
             // It offers other bytes than it committed to.
             Ok(Err(network::FetchError::WrongSize { .. })) => {
                 return Err(RejectReason::HashMismatch);
