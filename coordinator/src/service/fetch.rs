@@ -281,7 +281,7 @@ mod tests {
 
     #[test]
     fn a_state_is_given_its_bytes_at_the_link_rate_plus_round_trips() {
-        // `small`'s starting state: 3,296,047 parameters × 8 bytes.
+        // A state of `small`'s size (about 3.3 M parameters × 8 bytes).
         assert_eq!(state_upload_ms(26_368_376, 10.0), 5_000 + 21_094);
         assert_eq!(state_upload_ms(26_368_376, 20.0), 5_000 + 10_547);
         assert_eq!(state_upload_ms(0, 10.0), 5_000);

@@ -3,15 +3,6 @@
 //! watch for forks, prune what the retention window lets go.
 
 use super::*;
-use futures::StreamExt;
-
-/// Accepted updates a node downloads at once when it applies a manifest.
-/// Four at a time took a 100 ms link's wait from the manifest to the round
-/// applied from 3.8-4.0 s to 2.2-2.3 s, but two end-to-end tests then
-/// failed under load (a provider dropped after failed dials, so one chunk
-/// came from the coordinator): one at a time until that is understood
-/// (docs/architecture.md, "Slow links").
-const UPDATES_FETCHED_AT_ONCE: usize = 1;
 
 impl Node {
     /// Fetches the updates `manifest` accepted (each checked against its
@@ -28,59 +19,31 @@ impl Node {
         manifest: &Manifest,
     ) -> Result<Option<Applied>, NodeError> {
         let round = manifest.round;
-        // The updates are fetched `UPDATES_FETCHED_AT_ONCE` at a time; the
-        // first failure stops the rest.
-        type Fetching<'a> = std::pin::Pin<
-            Box<
-                dyn std::future::Future<
-                        Output = Result<Option<crate::transfer::FetchReport>, NodeError>,
-                    > + Send
-                    + 'a,
-            >,
-        >;
-        let mut reports = Vec::new();
-        let mut failed = None;
-        {
-            let this = &*self;
-            let fetches: Vec<Fetching<'_>> = manifest
-                .accepted
-                .iter()
-                .map(|accepted| {
-                    let author = accepted.node.0.to_peer_id().ok();
-                    Box::pin(this.fetch_shared(
-                        &accepted.update_hash,
-                        Some(accepted.update_bytes),
-                        author,
-                        "update",
-                    )) as Fetching<'_>
-                })
-                .collect();
-            let mut fetching = futures::stream::iter(fetches).buffered(UPDATES_FETCHED_AT_ONCE);
-            while let Some(result) = fetching.next().await {
-                match result {
-                    Ok(Some(report)) => reports.push(report),
-                    Ok(None) => {}
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
+        // One at a time: four at once was faster under a slow link, but two
+        // end-to-end tests then failed under load (a provider dropped after
+        // failed dials); docs/architecture.md, "Slow links".
+        for accepted in &manifest.accepted {
+            let author = accepted.node.0.to_peer_id().ok();
+            if let Err(e) = self
+                .fetch(
+                    &accepted.update_hash,
+                    Some(accepted.update_bytes),
+                    author,
+                    "update",
+                )
+                .await
+            {
+                if self.shutdown.is_cancelled() {
+                    return Ok(None);
                 }
+                return match e {
+                    NodeError::Fetch(FetchError::Cancelled) => Ok(None),
+                    NodeError::Fetch(e) => Ok(Some(Applied::Unavailable(format!(
+                        "could not fetch an accepted update of round {round}: {e}"
+                    )))),
+                    other => Err(other),
+                };
             }
-        }
-        for report in &reports {
-            self.record_fetch(report, "update");
-        }
-        if let Some(e) = failed {
-            if self.shutdown.is_cancelled() {
-                return Ok(None);
-            }
-            return match e {
-                NodeError::Fetch(FetchError::Cancelled) => Ok(None),
-                NodeError::Fetch(e) => Ok(Some(Applied::Unavailable(format!(
-                    "could not fetch an accepted update of round {round}: {e}"
-                )))),
-                other => Err(other),
-            };
         }
         let mut payloads: Vec<(Vec<u8>, f32)> = Vec::with_capacity(manifest.accepted.len());
         for accepted in &manifest.accepted {
