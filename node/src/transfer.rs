@@ -139,6 +139,10 @@ struct Provider {
     peer: PeerId,
     in_flight: usize,
     failures: u32,
+    /// When the last failure that counted came in: requests already in
+    /// flight then fail with it (one dropped connection fails all of
+    /// them) and are not counted again.
+    failed_at: Option<Instant>,
     not_before: Instant,
     active: bool,
 }
@@ -257,6 +261,7 @@ impl Fetcher {
                 peer,
                 in_flight: 0,
                 failures: 0,
+                failed_at: None,
                 not_before: Instant::now(),
                 active: true,
             })
@@ -542,6 +547,7 @@ impl Fetcher {
             let download = self.download.clone();
             let partial = Arc::clone(partial);
             let claimed = Arc::clone(&claimed);
+            let sent = Instant::now();
             async move {
                 let request = BlobRequest::Chunk {
                     hash,
@@ -559,7 +565,7 @@ impl Fetcher {
                             let first =
                                 claimed.lock().map(|mut c| c.insert(chunk)).unwrap_or(false);
                             if !first {
-                                return (index, chunk, Outcome::Lost);
+                                return (index, chunk, Outcome::Lost, sent);
                             }
                             download.acquire(len).await;
                             match tokio::task::spawn_blocking(move || {
@@ -580,7 +586,7 @@ impl Fetcher {
                         Ok(Ok(BlobResponse::Refused { reason })) => Outcome::Refused(reason),
                         Ok(Ok(BlobResponse::Have { .. })) => Outcome::Unexpected,
                     };
-                (index, chunk, outcome)
+                (index, chunk, outcome, sent)
             }
         };
         loop {
@@ -668,7 +674,7 @@ impl Fetcher {
                 }
             }
             let wake = next_hedge.unwrap_or_else(|| now + CHUNK_TIMEOUT);
-            let (index, chunk, outcome) = tokio::select! {
+            let (index, chunk, outcome, sent) = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(FetchError::Cancelled),
                 Some(done) = in_flight.next() => done,
@@ -746,12 +752,20 @@ impl Fetcher {
                 }
                 Outcome::Refused(reason) | Outcome::Failed(reason) => {
                     let provider = &mut providers[index];
-                    provider.failures += 1;
-                    // Exponential backoff: 0.5 s, 1 s, 2 s, ... per provider.
-                    let backoff = Duration::from_millis(250u64 << provider.failures.min(6));
-                    provider.not_before = Instant::now() + backoff;
-                    tracing::debug!(%peer, chunk, failures = provider.failures, "chunk request failed: {reason}");
-                    if provider.failures >= MAX_PROVIDER_FAILURES {
+                    // Requests sent before the last counted failure fail
+                    // with it: a dial that failed, or a connection that
+                    // dropped, is one failure however many chunks were
+                    // riding on it.
+                    let counted = provider.failed_at.is_none_or(|at| sent >= at);
+                    if counted {
+                        provider.failures += 1;
+                        provider.failed_at = Some(Instant::now());
+                        // Exponential backoff: 0.5 s, 1 s, 2 s, ... per provider.
+                        let backoff = Duration::from_millis(250u64 << provider.failures.min(6));
+                        provider.not_before = Instant::now() + backoff;
+                    }
+                    tracing::debug!(%peer, chunk, failures = provider.failures, counted, "chunk request failed: {reason}");
+                    if counted && provider.failures >= MAX_PROVIDER_FAILURES {
                         tracing::warn!(%peer, blob = %hash.short(), "dropping provider after {} failures: {reason}", provider.failures);
                         provider.active = false;
                     }

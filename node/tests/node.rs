@@ -438,6 +438,84 @@ async fn a_stalling_provider_is_routed_around_and_penalized() {
     }
 }
 
+/// A provider whose first reads fail (an I/O error answered with a
+/// refusal), then serves.
+struct FailingFirst {
+    store: Arc<BlobStore>,
+    failures_left: std::sync::atomic::AtomicUsize,
+}
+
+impl BlobSource for FailingFirst {
+    fn size(&self, hash: &Hash) -> Option<u64> {
+        self.store.size(hash)
+    }
+    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, ReadError> {
+        let failing = self
+            .failures_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(ReadError::Failed("disk hiccup".into()));
+        }
+        self.store
+            .read_range(hash, offset, len)
+            .map_err(ReadError::from)
+    }
+}
+
+/// The requests a provider had in flight when it failed fail together (a
+/// dropped connection, a failed dial, a burst of refusals): that is one
+/// failure, not one per request. Counted per request, the four chunks in
+/// flight to the only provider would have dropped it at once
+/// (`MAX_PROVIDER_FAILURES` is 4) and the transfer would have failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_fail_together_count_as_one_failure_of_their_provider() {
+    let size = 6 * BLOB_CHUNK_BYTES + 99;
+    let data = pseudo_random_bytes(size, 5);
+    let hash = Hash::of(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(BlobStore::open(dir.path()).unwrap());
+    store.put(&data).unwrap();
+    let provider = spawn_peer(
+        31,
+        Arc::new(FailingFirst {
+            store,
+            failures_left: std::sync::atomic::AtomicUsize::new(
+                barnraise_node::transfer::MAX_PROVIDER_FAILURES as usize,
+            ),
+        }),
+        false,
+    )
+    .await;
+    let fetch_dir = tempfile::tempdir().unwrap();
+    let fetch_store = Arc::new(BlobStore::open(fetch_dir.path()).unwrap());
+    let fetcher_peer = spawn_peer(32, fetch_store.clone(), false).await;
+    let provider_id = fetcher_peer
+        .client
+        .dial(provider.addr.clone())
+        .await
+        .unwrap();
+    let fetcher = Fetcher::new(
+        fetcher_peer.client.clone(),
+        fetch_store.clone(),
+        RateLimiter::unlimited(),
+    );
+    let report = fetcher
+        .fetch(
+            hash,
+            Some(size as u64),
+            &[provider_id],
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("one failure, then the provider serves");
+    assert!(fetch_store.verify(&hash).is_ok(), "the blob arrived intact");
+    assert_eq!(report.bytes_from(&provider_id), size as u64);
+    for peer in [provider, fetcher_peer] {
+        peer.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_transfer_resumes_after_restart_without_refetching() {
     let size = 12 * BLOB_CHUNK_BYTES + 777;
