@@ -39,8 +39,25 @@ impl Node {
         author: Option<PeerId>,
         what: &str,
     ) -> Result<(), NodeError> {
+        if let Some(report) = self.fetch_shared(hash, size, author, what).await? {
+            self.record_fetch(&report, what);
+        }
+        Ok(())
+    }
+
+    /// [`Node::fetch`] without its bookkeeping, so that several blobs can
+    /// be fetched at once (a manifest's updates); `None` when the store
+    /// already had the blob. The caller passes the report to
+    /// [`Node::record_fetch`].
+    pub(super) async fn fetch_shared(
+        &self,
+        hash: &Hash,
+        size: Option<u64>,
+        author: Option<PeerId>,
+        what: &str,
+    ) -> Result<Option<crate::transfer::FetchReport>, NodeError> {
         if self.store.contains(hash) {
-            return Ok(());
+            return Ok(None);
         }
         self.emit(NodeEvent::Downloading {
             what: what.to_string(),
@@ -82,6 +99,13 @@ impl Node {
                 }
             }
         };
+        let _ = self.client.start_providing(*hash).await;
+        Ok(Some(report))
+    }
+
+    /// Counts a finished fetch in the node's summary and metrics, and warns
+    /// about the peers that served bad data.
+    pub(super) fn record_fetch(&mut self, report: &crate::transfer::FetchReport, what: &str) {
         self.summary.bytes_downloaded += report.bytes_fetched;
         NodeMetrics::add(&self.metrics.blob_bytes_fetched, report.bytes_fetched);
         if let Some(coordinator) = self.coordinator {
@@ -95,11 +119,9 @@ impl Node {
         for (peer, reason) in &report.bad_providers {
             self.warn(format!(
                 "peer {peer} served bad data for {what} {}: {reason}",
-                hash.short()
+                report.hash.short()
             ));
         }
-        let _ = self.client.start_providing(*hash).await;
-        Ok(())
     }
 
     /// Puts a welcome's or plan's bootstrap peers in the swarm and the DHT,
