@@ -72,12 +72,53 @@ pub struct SpotContext<'a> {
     /// Every node's credit not yet backed by a passed check (the manifests
     /// so far, folded): what a failed check voids.
     pub unverified: &'a barnraise_protocol::credit::Unverified,
+    /// Checks settled after their round's close, and checks still pending.
+    pub deferred: DeferredInput<'a>,
+}
+
+/// Spot checks whose state arrives after the round's close
+/// (`verify.defer_state_checks`; docs/security.md, "Deferred spot checks").
+/// A drawn share whose state is not in when the round closes is replayed
+/// later against the same θ_r, and its verdict settles in the next close:
+/// a failure there voids the node's window, which still holds the deferred
+/// round's credit, because a node is never listed `verified` while one of
+/// its checks is pending. A pass lists nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeferredInput<'a> {
+    /// Defer a drawn share whose state has not arrived instead of failing it.
+    pub defer: bool,
+    /// Verdicts of earlier rounds' deferred checks, settled since the last close.
+    pub settled: &'a [Settled],
+    /// Nodes with a deferred check still unsettled.
+    pub pending: &'a [NodeId],
+}
+
+/// A deferred spot check's verdict, for the next close.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settled {
+    /// The round whose update the replayed share belongs to.
+    pub round: u64,
+    pub node: NodeId,
+    pub result: crate::spot::SpotResult,
+}
+
+/// A drawn share the close deferred: its state had not arrived.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeferredShare {
+    pub node: NodeId,
+    pub update_hash: Hash,
+    pub share: WorkerShare,
+    /// The node's assignment in the round, which the replay follows.
+    pub assignment: barnraise_protocol::messages::Assignment,
 }
 
 /// One spot check, kept for the ledger.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SpotRecord {
     pub node: NodeId,
+    /// The round of the replayed share: the closing round's, or an earlier
+    /// one's for a deferred check settled in this close.
+    pub round: u64,
     pub result: crate::spot::SpotResult,
     pub passed: bool,
 }
@@ -105,6 +146,9 @@ pub struct Closed {
     pub spot_checks: Vec<SpotRecord>,
     /// This round's accepted updates, by sketch, for later rounds' replay check.
     pub sketches: Vec<verify::RecentUpdate>,
+    /// Drawn shares whose state had not arrived: replayed when it does,
+    /// their verdicts settled in a later close.
+    pub deferred: Vec<DeferredShare>,
     pub timings: CloseTimings,
 }
 
@@ -196,20 +240,28 @@ fn take_early_replay(
     }
 }
 
-/// Replays one drawn share of candidate `i`'s update from θ_r.
+/// Replays one drawn share of candidate `i`'s update from θ_r; None when
+/// its state has not arrived and such checks are deferred.
 fn spot_replay(
     ctx: &CloseContext<'_>,
     close: &CloseRound,
     theta: &[f32],
     i: usize,
     share: &WorkerShare,
-) -> crate::spot::SpotResult {
+) -> Option<crate::spot::SpotResult> {
     let c = &close.candidates[i];
     let Some(spot) = &ctx.spot else {
-        return crate::spot::SpotResult::unusable(share, "spot checks are off".into());
+        return Some(crate::spot::SpotResult::unusable(
+            share,
+            "spot checks are off".into(),
+        ));
     };
     let assignment = close.plan.assignments.iter().find(|a| a.node == c.node);
-    match (assignment, (spot.state)(&share.state_hash)) {
+    let state = (spot.state)(&share.state_hash);
+    if state.is_none() && spot.deferred.defer && assignment.is_some() {
+        return None;
+    }
+    Some(match (assignment, state) {
         (Some(assignment), Some(state)) => crate::spot::replay(
             ctx.model,
             spot.run,
@@ -226,7 +278,7 @@ fn spot_replay(
         (Some(_), None) => {
             crate::spot::SpotResult::unusable(share, "the worker's state was not served".into())
         }
-    }
+    })
 }
 
 /// A thread's probe model at θ_r, made on its first job.
@@ -254,7 +306,8 @@ enum Check<'c> {
 
 /// What a [`Check`] found.
 enum CheckOutcome {
-    Spot(crate::spot::SpotResult),
+    /// None: deferred, the state is not in.
+    Spot(Option<crate::spot::SpotResult>),
     /// None: the payload was gone.
     Measured(Option<Result<crate::probe::Measured, ProbeError>>),
     Loss(Result<f32, ProbeError>),
@@ -491,7 +544,9 @@ pub fn close_round(
         match (check, outcome) {
             (Check::Spot(i, share), CheckOutcome::Spot(result)) => {
                 timings.spot += took;
-                replayed.insert((*i, share.index), result);
+                if let Some(result) = result {
+                    replayed.insert((*i, share.index), result);
+                }
             }
             (Check::HeldoutBase, CheckOutcome::Loss(loss)) => {
                 timings.probe += took;
@@ -545,17 +600,59 @@ pub fn close_round(
     // everything else, in commit order, up to the round's budget.
     let mut spot_checks = Vec::new();
     let mut verified_idx = std::collections::HashSet::new();
-    let mut voided = Vec::new();
+    let mut voided: Vec<barnraise_protocol::messages::VoidedCredit> = Vec::new();
+    let mut deferred = Vec::new();
+    // Nodes that may not be listed `verified` in this manifest.
+    let mut unsettled: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
     if let Some(spot) = &ctx.spot {
+        let void = |node: &NodeId, voided: &mut Vec<barnraise_protocol::messages::VoidedCredit>| {
+            if !voided.iter().any(|v| &v.node == node) {
+                voided.extend(spot.unverified.void_for(node));
+            }
+        };
         // A drawn worker's state that was not served (rejected while the
         // round was open) is a failed check: without the void, a node
         // faking workers could withhold the state whenever it is drawn and
         // keep the rest of its unverified credit.
-        let mut withheld = std::collections::BTreeSet::new();
         for r in &close.rejected {
-            if matches!(r.reason, RejectReason::SpotCheck { .. }) && withheld.insert(r.node) {
-                voided.extend(spot.unverified.void_for(&r.node));
+            if matches!(r.reason, RejectReason::SpotCheck { .. }) {
+                void(&r.node, &mut voided);
             }
+        }
+        // Checks deferred by earlier closes and settled since: a failure
+        // rejects the node's update of this round, if it has one, and voids
+        // its window, which still holds the deferred round's credit (no
+        // manifest listed the node `verified` while the check was pending).
+        // A pass lists nothing: `verified` would also close the window over
+        // this round's update, which no check saw.
+        unsettled.extend(spot.deferred.pending.iter().copied());
+        let mut settled_failed = std::collections::HashSet::new();
+        for s in spot.deferred.settled {
+            let passed = s.result.passes(ctx.verify.spot_check_tolerance);
+            spot_checks.push(SpotRecord {
+                node: s.node,
+                round: s.round,
+                result: s.result.clone(),
+                passed,
+            });
+            if passed || !settled_failed.insert(s.node) {
+                continue;
+            }
+            unsettled.insert(s.node);
+            if let Some(pos) = accepted_idx
+                .iter()
+                .position(|&i| close.candidates[i].node == s.node)
+            {
+                let c = &close.candidates[accepted_idx.remove(pos)];
+                rejected.push(RejectedUpdate {
+                    node: c.node,
+                    update_hash: Some(c.commit.update_hash),
+                    reason: RejectReason::SpotCheck {
+                        worker: s.result.worker,
+                    },
+                });
+            }
+            void(&s.node, &mut voided);
         }
         let drawn = spot_draws(ctx, spot, close, run_id, &accepted_idx);
         let mut late: Vec<(usize, &WorkerShare)> = Vec::new();
@@ -576,7 +673,24 @@ pub fn close_round(
         });
         for (&(i, share), (result, took)) in late.iter().zip(late_results) {
             timings.spot += took;
-            replayed.insert((i, share.index), result);
+            match result {
+                Some(result) => {
+                    replayed.insert((i, share.index), result);
+                }
+                None => {
+                    let c = &close.candidates[i];
+                    // spot_replay defers only a share with an assignment.
+                    if let Some(assignment) = assignment_of.get(&c.node) {
+                        unsettled.insert(c.node);
+                        deferred.push(DeferredShare {
+                            node: c.node,
+                            update_hash: c.commit.update_hash,
+                            share: share.clone(),
+                            assignment: (*assignment).clone(),
+                        });
+                    }
+                }
+            }
         }
         let mut failed = std::collections::HashSet::new();
         for (i, share) in drawn {
@@ -591,6 +705,7 @@ pub fn close_round(
             let worker = result.worker;
             spot_checks.push(SpotRecord {
                 node: c.node,
+                round,
                 result,
                 passed,
             });
@@ -604,11 +719,12 @@ pub fn close_round(
                     reason: RejectReason::SpotCheck { worker },
                 });
                 // Clawback: what the node was credited since its last passed check.
-                voided.extend(spot.unverified.void_for(&c.node));
+                void(&c.node, &mut voided);
             }
         }
         accepted_idx.retain(|i| !failed.contains(i));
-        verified_idx.retain(|i| !failed.contains(i));
+        verified_idx
+            .retain(|i| !failed.contains(i) && !unsettled.contains(&close.candidates[*i].node));
     }
     timings.checks = started.elapsed();
     let started = Instant::now();
@@ -717,6 +833,7 @@ pub fn close_round(
         probes,
         spot_checks,
         sketches,
+        deferred,
         timings,
     })
 }
@@ -729,11 +846,15 @@ fn ledger_rows(
     probes: &[ProbeRecord],
     spot_checks: &[SpotRecord],
 ) -> Vec<UpdateRow> {
+    let round = close.plan.round;
     let spot_of = |node: &NodeId| {
         let text: Vec<String> = spot_checks
             .iter()
             .filter(|s| &s.node == node)
-            .map(|s| s.result.describe())
+            .map(|s| match s.round {
+                r if r == round => s.result.describe(),
+                r => format!("round {r}'s deferred {}", s.result.describe()),
+            })
             .collect();
         (!text.is_empty()).then(|| text.join("; "))
     };

@@ -341,6 +341,7 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
         run: &run_config,
         state: &no_state,
         unverified: &unverified,
+        deferred: DeferredInput::default(),
     };
     let (closed, _) = close_with(&round, "mean", &verify, Some(spot));
     assert_eq!(closed.spot_checks.len(), 1, "one replay fits the budget");
@@ -409,6 +410,7 @@ fn a_drawn_state_withheld_while_the_round_was_open_voids_the_window() {
         run: &run_config,
         state: &no_state,
         unverified: &unverified,
+        deferred: DeferredInput::default(),
     };
     // No share is drawn in the close itself.
     let verify = VerifyConfig {
@@ -660,6 +662,7 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
                 run: &run_config,
                 state: &no_state,
                 unverified: &unverified,
+                deferred: DeferredInput::default(),
             }),
             evaluate: true,
             key: &key,
@@ -792,6 +795,7 @@ fn replays_run_while_the_round_was_open_are_used_and_others_ignored() {
         run: &run_config,
         state: &no_state,
         unverified: &unverified,
+        deferred: DeferredInput::default(),
     };
     let (closed, _) = close_with_early(&round, "mean", &verify, Some(spot), &early);
     assert_eq!(closed.spot_checks.len(), 1);
@@ -810,4 +814,200 @@ fn replays_run_while_the_round_was_open_are_used_and_others_ignored() {
         std::time::Duration::ZERO,
         "nothing replayed at close"
     );
+}
+
+/// An exact replay of worker 0's 100 tokens.
+fn exact_replay() -> crate::spot::SpotResult {
+    crate::spot::SpotResult {
+        worker: 0,
+        exact: true,
+        distance: 0.0,
+        replayed_tokens: 100,
+        claimed_tokens: 100,
+        unusable: None,
+    }
+}
+
+#[test]
+fn a_drawn_state_not_in_at_the_close_is_deferred_not_failed() {
+    let (key, round, lowest, run_config) = spot_round();
+    let verify = one_replay();
+    let earlier = unchecked_rounds(&round, 3);
+    let unverified = barnraise_protocol::credit::Unverified::replay(&earlier).unwrap();
+    let no_state = |_: &Hash| None;
+    let spot = SpotContext {
+        key: &key,
+        run: &run_config,
+        state: &no_state,
+        unverified: &unverified,
+        deferred: DeferredInput {
+            defer: true,
+            ..DeferredInput::default()
+        },
+    };
+    let (closed, _) = close_with(&round, "mean", &verify, Some(spot));
+    // Without deferral this share fails and voids the window
+    // (`over_budget_spot_checks_replay_the_lowest_draws`); deferred, the
+    // update counts, nothing is voided, and the share waits for its state.
+    assert_eq!(closed.manifest.accepted.len(), 3);
+    assert!(closed.manifest.rejected.is_empty());
+    assert!(closed.manifest.voided.is_empty());
+    assert!(closed.manifest.verified.is_empty());
+    assert!(closed.spot_checks.is_empty());
+    assert_eq!(closed.deferred.len(), 1);
+    let deferred = &closed.deferred[0];
+    let c = round
+        .close
+        .candidates
+        .iter()
+        .find(|c| c.node == lowest)
+        .unwrap();
+    assert_eq!(deferred.node, lowest);
+    assert_eq!(deferred.update_hash, c.commit.update_hash);
+    assert_eq!(deferred.share, c.commit.shares[0]);
+    assert_eq!(deferred.assignment.node, lowest);
+    // The window keeps the deferred round's credit for the verdict.
+    let mut after = unverified.clone();
+    after.apply(&closed.manifest).unwrap();
+    assert_eq!(after.window(&lowest).tokens, 400);
+}
+
+#[test]
+fn a_deferred_check_settles_in_a_later_close_failure_voids_and_pass_lists_nothing() {
+    let (key, round, _, run_config) = spot_round();
+    let earlier = unchecked_rounds(&round, 3);
+    let unverified = barnraise_protocol::credit::Unverified::replay(&earlier).unwrap();
+    let nodes: Vec<NodeId> = round.close.candidates.iter().map(|c| c.node).collect();
+    let (cheat, honest, quiet) = (nodes[0], nodes[1], nodes[2]);
+    // Round 2's deferred checks came in since the last close: one faked
+    // worker, one exact replay.
+    let settled = vec![
+        Settled {
+            round: 2,
+            node: cheat,
+            result: crate::spot::SpotResult {
+                exact: false,
+                distance: 0.9,
+                ..exact_replay()
+            },
+        },
+        Settled {
+            round: 2,
+            node: honest,
+            result: exact_replay(),
+        },
+    ];
+    let no_state = |_: &Hash| None;
+    let spot = SpotContext {
+        key: &key,
+        run: &run_config,
+        state: &no_state,
+        unverified: &unverified,
+        deferred: DeferredInput {
+            defer: true,
+            settled: &settled,
+            pending: &[],
+        },
+    };
+    // No share of this round is drawn.
+    let verify = VerifyConfig {
+        probe: false,
+        spot_check_fraction: 0.0,
+        ..VerifyConfig::default()
+    };
+    let (closed, _) = close_with(&round, "mean", &verify, Some(spot));
+    // The failure rejects the cheat's update of this round and voids its
+    // window, rounds 0–2, the deferred round among them.
+    let codes: Vec<(NodeId, &str)> = closed
+        .manifest
+        .rejected
+        .iter()
+        .map(|r| (r.node, r.reason.code()))
+        .collect();
+    assert_eq!(codes, vec![(cheat, "spot-check")]);
+    assert_eq!(
+        closed.manifest.voided,
+        vec![barnraise_protocol::messages::VoidedCredit {
+            node: cheat,
+            from_round: 0,
+            tokens: 300,
+        }]
+    );
+    // The pass lists nothing: `verified` would also close the window over
+    // this round's update, which no check saw.
+    assert!(closed.manifest.verified.is_empty());
+    let accepted: Vec<NodeId> = closed.manifest.accepted.iter().map(|a| a.node).collect();
+    assert_eq!(accepted, vec![honest, quiet]);
+    assert_eq!(closed.spot_checks.len(), 2);
+    assert!(closed.spot_checks.iter().all(|s| s.round == 2));
+    // The audit's fold takes the manifest.
+    let mut after = unverified.clone();
+    after.apply(&closed.manifest).unwrap();
+    assert_eq!(after.void_for(&cheat), None);
+    assert_eq!(after.window(&honest).tokens, 400);
+    // The ledger says which round the verdicts were for.
+    let detail = |n: NodeId| {
+        closed
+            .updates
+            .iter()
+            .find(|u| u.node == n.to_string())
+            .and_then(|u| u.detail.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        detail(honest).contains("round 2's deferred spot check of worker 0: exact replay"),
+        "{}",
+        detail(honest)
+    );
+    assert!(
+        detail(cheat).contains("round 2's deferred spot check of worker 0: replay differs"),
+        "{}",
+        detail(cheat)
+    );
+}
+
+#[test]
+fn a_node_with_a_deferred_check_out_is_not_listed_verified() {
+    let (key, round, lowest, run_config) = spot_round();
+    let verify = one_replay();
+    let unverified = barnraise_protocol::credit::Unverified::default();
+    let no_state = |_: &Hash| None;
+    let c = round
+        .close
+        .candidates
+        .iter()
+        .find(|c| c.node == lowest)
+        .unwrap();
+    // This round's drawn share replayed exactly while the round was open...
+    let mut early = Early::default();
+    early.replays.insert(
+        (lowest, c.commit.update_hash, c.commit.shares[0].index),
+        exact_replay(),
+    );
+    for pending in [vec![], vec![lowest]] {
+        let spot = SpotContext {
+            key: &key,
+            run: &run_config,
+            state: &no_state,
+            unverified: &unverified,
+            deferred: DeferredInput {
+                defer: true,
+                settled: &[],
+                pending: &pending,
+            },
+        };
+        let (closed, _) = close_with_early(&round, "mean", &verify, Some(spot), &early);
+        assert_eq!(closed.spot_checks.len(), 1);
+        assert!(closed.spot_checks[0].passed);
+        assert_eq!(closed.manifest.accepted.len(), 3);
+        // ...which lists the node verified, unless an earlier round's
+        // check of it is still out: `verified` would close the window over
+        // that round before its verdict.
+        let expected = if pending.is_empty() {
+            vec![lowest]
+        } else {
+            vec![]
+        };
+        assert_eq!(closed.manifest.verified, expected, "pending {pending:?}");
+    }
 }

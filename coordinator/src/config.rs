@@ -251,13 +251,24 @@ pub struct VerifyConfig {
     /// committed Δ and still pass: 0 demands what the CPU gives, an exact
     /// replay; GPU nodes do not replay bit for bit.
     pub spot_check_tolerance: f64,
-    /// The slowest uplink (Mbit/s) a node may have and still deliver a
-    /// drawn worker's starting state (8 bytes a parameter): after its
-    /// commit, the coordinator allows the state's bytes at this rate, plus
-    /// 5 s, holding the round past its deadline if need be.
+    /// Check a drawn worker whose starting state (8 bytes a parameter) has
+    /// not arrived when the round could close after the close, settling
+    /// the verdict in a later round, instead of holding the round for it
+    /// (docs/security.md, "Deferred spot checks"). Off, the hold below
+    /// applies.
+    pub defer_state_checks: bool,
+    /// With deferred checks: how long after a drawn node's update is
+    /// checked a round that could close waits for its states, so that a
+    /// fast link's verdict still lands in the round itself.
+    pub state_grace_secs: f64,
+    /// Without deferred checks: the slowest uplink (Mbit/s) a node may
+    /// have and still deliver a drawn worker's state; after its commit,
+    /// the coordinator allows the state's bytes at this rate, plus 5 s,
+    /// holding the round past its deadline if need be.
     pub state_link_mbps: f64,
-    /// The longest a round is held past its deadline for drawn states
-    /// still arriving; 0 never holds it (docs/running-a-coordinator.md).
+    /// Without deferred checks: the longest a round is held past its
+    /// deadline for drawn states still arriving; 0 never holds it
+    /// (docs/running-a-coordinator.md).
     pub state_wait_max_secs: f64,
     /// Threads the close runs its probes and spot-check replays on, each
     /// with its own copy of the model; 0: one per core. The verdicts do
@@ -287,6 +298,9 @@ impl Default for VerifyConfig {
             spot_check_fraction: 0.1,
             spot_check_max: 8,
             spot_check_tolerance: 0.05,
+            defer_state_checks: true,
+            // `small`'s 26 MB state takes 2.1 s at 100 Mbit/s.
+            state_grace_secs: 2.0,
             // A home uplink; `small`'s 26 MB state takes 21 s at this rate.
             state_link_mbps: 10.0,
             state_wait_max_secs: 60.0,
@@ -583,6 +597,12 @@ impl CoordinatorConfig {
                 "must be a rate above 0 (Mbit/s)",
             ));
         }
+        if !(self.verify.state_grace_secs.is_finite() && self.verify.state_grace_secs >= 0.0) {
+            return Err(invalid(
+                "verify.state_grace_secs",
+                "must be a number of seconds, at least 0",
+            ));
+        }
         if !(self.verify.state_wait_max_secs.is_finite() && self.verify.state_wait_max_secs >= 0.0)
         {
             return Err(invalid(
@@ -667,6 +687,10 @@ mod tests {
                 "probe_min_relative_gain",
             ),
             ("[verify]\nstate_link_mbps = 0", "verify.state_link_mbps"),
+            (
+                "[verify]\nstate_grace_secs = nan",
+                "verify.state_grace_secs",
+            ),
             (
                 "[verify]\nstate_wait_max_secs = -1",
                 "verify.state_wait_max_secs",

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub stages: StageTimes,
     /// Pairs of update sketches the copy and replay checks compared.
     pub copy_comparisons: AtomicU64,
+    /// Drawn shares whose state was not in at their round's close, and of
+    /// those, the ones whose verdict is in (docs/security.md, "Deferred spot checks").
+    pub spot_checks_deferred: AtomicU64,
+    pub spot_checks_settled: AtomicU64,
 }
 
 /// The stages of the coordinator's work whose time `/metrics` reports
@@ -183,6 +187,16 @@ impl Metrics {
             "copy_comparisons_total",
             "Pairs of update sketches the copy and replay checks compared.",
             get(&self.copy_comparisons),
+        );
+        counter(
+            "spot_checks_deferred_total",
+            "Drawn shares whose state was not in at their round's close, checked after it.",
+            get(&self.spot_checks_deferred),
+        );
+        counter(
+            "spot_checks_settled_total",
+            "Deferred spot checks whose verdict is in; it counts in the next close.",
+            get(&self.spot_checks_settled),
         );
         counter(
             "update_bytes_received_total",

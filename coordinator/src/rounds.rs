@@ -158,6 +158,10 @@ struct OpenRound {
     /// that repeats a refused commit is recorded once per reason, so commit
     /// spam cannot grow the manifest past its size limit.
     refused: HashSet<(NodeId, &'static str)>,
+    /// Checked updates whose drawn workers' states are still arriving, and
+    /// until when a round that could close waits for them
+    /// ([`Rounds::states_pending`]).
+    states_wait: BTreeMap<NodeId, u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -276,6 +280,7 @@ impl Rounds {
             next_order: 0,
             rejected: Vec::new(),
             refused: HashSet::new(),
+            states_wait: BTreeMap::new(),
         });
     }
 
@@ -607,6 +612,31 @@ impl Rounds {
         }
     }
 
+    /// `node`'s update is checked, but the states of its drawn workers
+    /// are still arriving: a round that could close (every update in, or
+    /// quorum) waits for them until `until_ms`, never past its deadline.
+    /// What has not arrived by then is checked after the close
+    /// (`verify.defer_state_checks`; docs/security.md, "Deferred spot
+    /// checks").
+    pub fn states_pending(&mut self, round: u64, node: &NodeId, until_ms: u64) {
+        if let Phase::Open(open) = &mut self.phase
+            && open.plan.round == round
+            && open.slots.contains_key(node)
+        {
+            open.states_wait.insert(*node, until_ms);
+        }
+    }
+
+    /// The states [`Rounds::states_pending`] waited for have arrived (or
+    /// failed to).
+    pub fn states_resolved(&mut self, round: u64, node: &NodeId) {
+        if let Phase::Open(open) = &mut self.phase
+            && open.plan.round == round
+        {
+            open.states_wait.remove(node);
+        }
+    }
+
     /// The latest a drawn worker's state of the open round may still be
     /// fetched: its deadline plus `fetch_hold_max_ms`.
     pub fn fetch_limit_ms(&self) -> Option<u64> {
@@ -652,7 +682,10 @@ impl Rounds {
                     .any(|s| matches!(s, Slot::Assigned | Slot::Committed { .. }));
                 // At quorum, updates already being fetched are still waited for.
                 let quorum = ready >= self.config.quorum.target(open.slots.len()) && !in_flight;
-                deadline || quorum || !unresolved
+                // Drawn states still arriving delay the close a little
+                // (`states_pending`), never past the deadline.
+                let states = open.states_wait.values().any(|&until| until > now_ms);
+                deadline || ((quorum || !unresolved) && !states)
             }
             _ => false,
         };
@@ -744,6 +777,7 @@ impl Rounds {
             next_order: 0,
             rejected: Vec::new(),
             refused: HashSet::new(),
+            states_wait: BTreeMap::new(),
         });
         Some(plan)
     }

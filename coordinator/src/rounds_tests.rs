@@ -242,6 +242,45 @@ fn a_drawn_state_still_arriving_holds_the_deadline_within_its_bound() {
 }
 
 #[test]
+fn drawn_states_still_arriving_delay_a_ready_close_by_their_grace_never_past_the_deadline() {
+    // Every update is in and checked at t = 1 s; node 2's drawn state is
+    // still arriving, so the round waits up to its grace (2 s) for it.
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 2);
+    deliver(&mut m, &plan, node(1));
+    deliver(&mut m, &plan, node(2));
+    m.states_pending(0, &node(2), 3_000);
+    // Another round's, or an unassigned node's, is ignored.
+    m.states_pending(1, &node(1), 9_000);
+    m.states_pending(0, &node(7), 9_000);
+    assert!(m.tick(1_000).is_empty(), "waits for node 2's state");
+    assert!(m.tick(2_999).is_empty());
+    let close = close_of(m.tick(3_000));
+    assert_eq!(
+        close.candidates.len(),
+        2,
+        "the update counts; its check is deferred"
+    );
+
+    // The state arrives: the round closes at once.
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 2);
+    deliver(&mut m, &plan, node(1));
+    deliver(&mut m, &plan, node(2));
+    m.states_pending(0, &node(2), 3_000);
+    assert!(m.tick(1_000).is_empty());
+    m.states_resolved(0, &node(2));
+    assert_eq!(close_of(m.tick(1_100)).candidates.len(), 2);
+
+    // A grace past the deadline does not hold the round.
+    let (mut m, plan) = started(Quorum::Fraction(1.0), 2);
+    deliver(&mut m, &plan, node(1));
+    commit_only(&mut m, &plan, node(2));
+    m.update_checked(0, &node(2), Ok(()));
+    m.states_pending(0, &node(2), DEADLINE + 5_000);
+    assert!(m.tick(DEADLINE - 1).is_empty());
+    assert_eq!(close_of(m.tick(DEADLINE)).candidates.len(), 2);
+}
+
+#[test]
 fn never_two_manifests_for_one_round() {
     let mut m = machine(8, Quorum::Fraction(1.0), 1, 5);
     m.join(node(1), 1);

@@ -1364,3 +1364,131 @@ async fn a_blob_of_many_chunks_arrives_whole_and_in_order() {
     ));
     shutdown.cancel();
 }
+
+/// Deferred spot checks (docs/security.md, "Deferred spot checks"): a node
+/// commits in time and withholds its drawn worker's state. The round does
+/// not wait past its grace for the state; the update counts, and the failed
+/// check settles in the next close, which voids the node's credit of the
+/// round before. Run with a grace that outlasts the fetch's refusals (the
+/// failure is known before the close) and with none (it comes after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withheld_state_is_settled_in_the_next_round_without_holding_the_round() {
+    for grace in [5.0, 0.0] {
+        let data = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let mut config = config(data.path());
+        config.min_nodes = 2;
+        config.verify.probe = false;
+        config.verify.state_grace_secs = grace;
+        let coordinator = barnraise_coordinator::start(config, shutdown.clone())
+            .await
+            .unwrap();
+        let mut events = coordinator.events();
+        let addr = coordinator.multiaddr();
+        let honest = FakeNode::start(21, &addr, &shutdown).await;
+        let withholder = FakeNode::start(22, &addr, &shutdown).await;
+        let welcome = honest.join().await;
+        withholder.join().await;
+        let model: ModelConfig = serde_json::from_str(&welcome.config.model_config_json).unwrap();
+        let theta0 = model.init_flat(0);
+
+        let plan0 = honest.plan(0).await;
+        let (commit_h, _) = honest.train(&plan0, &theta0, &welcome).await;
+        let (mut commit_w, _) = withholder.train(&plan0, &theta0, &welcome).await;
+        // Its worker's starting state, named and never served. (Round 0's
+        // states are fresh, the same bytes on every node: the coordinator
+        // would have the honest node's copy.)
+        commit_w.shares[0].state_hash = Hash::of(b"a state never served");
+        let committed = std::time::Instant::now();
+        for (node, commit) in [(&honest, &commit_h), (&withholder, &commit_w)] {
+            assert_eq!(
+                node.commit(commit).await,
+                CoordinatorResponse::CommitAccepted { round: 0 }
+            );
+        }
+        let CoordinatorEvent::RoundClosed {
+            round,
+            accepted,
+            rejected,
+            ..
+        } = next_close(&mut events).await
+        else {
+            unreachable!()
+        };
+        // Closed long before the 60 s deadline, with both updates counted.
+        assert!(
+            committed.elapsed() < Duration::from_secs(30),
+            "grace {grace}: the round waited {:?}",
+            committed.elapsed()
+        );
+        assert_eq!((round, accepted), (0, 2), "grace {grace}: {rejected:?}");
+
+        // The withheld state's verdict is in before round 1 closes (with
+        // no grace it comes after round 0's close), and at least that
+        // share was deferred.
+        let metric = |text: &str, name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap()
+        };
+        for attempt in 0.. {
+            let text = http_get(coordinator.http_addr(), "/metrics").await;
+            let deferred = metric(&text, "barnraise_spot_checks_deferred_total");
+            if deferred >= 1 && metric(&text, "barnraise_spot_checks_settled_total") == deferred {
+                break;
+            }
+            assert!(attempt < 300, "grace {grace}: no verdict: {text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // Round 1: both commit on the wrong base (rejected at once), so it
+        // closes as soon as they have; its manifest settles the check.
+        let plan1 = honest.plan(1).await;
+        for node in [&honest, &withholder] {
+            let mut stale = commit_h.clone();
+            stale.round = plan1.round;
+            stale.update_hash = Hash::of(node.key.node_id().to_string().as_bytes());
+            let _ = node.commit(&stale).await;
+        }
+        let _ = next_close(&mut events).await;
+        let ledger =
+            Ledger::open_existing(&barnraise_coordinator::ledger::ledger_path(data.path()))
+                .unwrap();
+        let manifest: Signed<Manifest> =
+            Signed::from_bytes(&ledger.manifest(1).unwrap().unwrap()).unwrap();
+        let manifest = manifest.verify(None).unwrap();
+        assert_eq!(
+            manifest.voided,
+            vec![VoidedCredit {
+                node: withholder.key.node_id(),
+                from_round: 0,
+                tokens: commit_w.tokens,
+            }],
+            "grace {grace}"
+        );
+        // The honest node's share replayed exactly in round 0: verified
+        // there, given the grace to fetch it (with none it may be deferred
+        // too, and a deferred pass lists nothing).
+        let m0: Signed<Manifest> =
+            Signed::from_bytes(&ledger.manifest(0).unwrap().unwrap()).unwrap();
+        let verified = m0.verify(None).unwrap().verified;
+        if grace > 0.0 {
+            assert_eq!(verified, vec![honest.key.node_id()]);
+        } else {
+            assert!(!verified.contains(&withholder.key.node_id()));
+        }
+        let withheld = ledger
+            .contributors()
+            .unwrap()
+            .into_iter()
+            .find(|c| c.node == withholder.key.node_id().to_string())
+            .unwrap();
+        assert_eq!(
+            (withheld.tokens, withheld.voided_tokens),
+            (0, commit_w.tokens)
+        );
+        shutdown.cancel();
+        let _ = coordinator.wait().await;
+    }
+}

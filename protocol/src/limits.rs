@@ -65,6 +65,15 @@ pub fn planned_steps_range(inner_steps: u32) -> std::ops::RangeInclusive<u32> {
     (inner_steps / MAX_STEP_SPREAD).max(1)..=inner_steps.saturating_mul(MAX_STEP_SPREAD)
 }
 
+/// How long a node keeps serving its workers' starting states after it
+/// commits, at the least (it also keeps them until it commits two rounds
+/// later): 60 s, plus 1 s per MB, which is the state's bytes at 8 Mbit/s.
+/// A coordinator fetching a drawn state for a deferred spot check gives up
+/// before this runs out (docs/protocol.md, "Spot-check states").
+pub fn state_serve_ms(bytes: u64) -> u64 {
+    60_000u64.saturating_add(bytes / 1_000)
+}
+
 #[cfg(test)]
 mod step_tests {
     use super::*;
@@ -77,5 +86,13 @@ mod step_tests {
         assert!(!planned_steps_range(8).contains(&17));
         assert!(!planned_steps_range(8).contains(&3));
         assert_eq!(planned_steps_range(u32::MAX).end(), &u32::MAX);
+    }
+
+    #[test]
+    fn a_state_is_served_a_minute_plus_its_bytes_at_8_mbit() {
+        assert_eq!(state_serve_ms(0), 60_000);
+        // `small`'s state: 26.4 MB.
+        assert_eq!(state_serve_ms(26_368_376), 86_368);
+        assert_eq!(state_serve_ms(u64::MAX), u64::MAX / 1_000 + 60_000);
     }
 }

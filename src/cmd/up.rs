@@ -87,6 +87,12 @@ pub struct Args {
     /// [default: new random keys every run].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Hold a round past its deadline for a drawn worker's state instead of
+    /// closing without it and settling the check in a later round (the
+    /// coordinator's `verify.defer_state_checks = false`; for comparisons:
+    /// docs/architecture.md, "Slow links").
+    #[arg(long)]
+    pub hold_state_checks: bool,
 }
 
 const RUN_ID: &str = "barnraise-up";
@@ -136,7 +142,7 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
     let started = Instant::now();
     let seq_len = seq_len(&args, &model);
 
-    let config = CoordinatorConfig {
+    let mut config = CoordinatorConfig {
         run_id: RUN_ID.into(),
         model: args.model.clone(),
         dataset: match &args.dataset {
@@ -161,6 +167,7 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
         round_deadline_secs: 600.0,
         ..CoordinatorConfig::default()
     };
+    config.verify.defer_state_checks = !args.hold_state_checks;
     let shutdown = CancellationToken::new();
     let coordinator = barnraise_coordinator::start(config, shutdown.clone())
         .await

@@ -13,8 +13,24 @@ impl Service {
                 round,
                 node,
                 result,
+                states_until_ms,
             } => {
                 self.rounds.update_checked(round, &node, result);
+                if let Some(until_ms) = states_until_ms {
+                    self.rounds.states_pending(round, &node, until_ms);
+                }
+                Ok(())
+            }
+            Internal::StatesIn {
+                round,
+                node,
+                results,
+            } => {
+                self.on_states(round, node, results);
+                Ok(())
+            }
+            Internal::DeferredReplayed { key, settled } => {
+                self.on_deferred_replayed(key, settled);
                 Ok(())
             }
             Internal::Closed(done) => {
@@ -102,6 +118,16 @@ impl Service {
             ));
         };
         self.open_plan = None;
+        // Drawn states not in when the round closes are checked after it,
+        // against θ_r as the early checks hold it (`super::deferred`).
+        let input = self
+            .early
+            .as_ref()
+            .filter(|early| early.round() == close.plan.round)
+            .and_then(|early| early.input())
+            .filter(|_| self.config.verify.defer_state_checks);
+        let (settled, pending) = self.deferred.for_close(input);
+        let defer = self.deferred.can_defer();
         let job = CloseJob {
             config: self.config.clone(),
             resolved: self.resolved.clone(),
@@ -116,6 +142,9 @@ impl Service {
             unverified: self.unverified.clone(),
             run_config: self.run_config.clone(),
             early: close::Early::default(),
+            settled,
+            pending,
+            defer,
         };
         let tx = self.internal_tx.clone();
         // The last round's evaluation has had the whole round to finish;
@@ -230,6 +259,7 @@ impl Service {
             .rounds
             .round_closed(done.round, done.state.params_hash(), manifest_hash)
             .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+        self.defer_shares(done.round, done.closed.deferred.clone());
         // Updates and superseded state stay on disk (nodes may resync from
         // them) but leave memory, so memory does not grow with the run.
         let m = &done.closed.manifest;
@@ -388,6 +418,11 @@ struct CloseJob {
     run_config: RunConfig,
     /// Checks run while the round was open (`super::early`).
     early: close::Early,
+    /// Deferred checks settled since the last close, the nodes with one
+    /// still out, and whether this close may defer (`super::deferred`).
+    settled: Vec<close::Settled>,
+    pending: Vec<NodeId>,
+    defer: bool,
 }
 
 impl CloseJob {
@@ -408,6 +443,11 @@ impl CloseJob {
                 run: &self.run_config,
                 state: &state_of,
                 unverified: &self.unverified,
+                deferred: close::DeferredInput {
+                    defer: self.defer,
+                    settled: &self.settled,
+                    pending: &self.pending,
+                },
             }),
             model: &self.resolved.model,
             codec: self.resolved.codec.codec_at(round),
@@ -447,9 +487,14 @@ impl CloseJob {
         let state_len =
             barnraise_trainer::Trainer::optimizer_state_len(self.resolved.model.params_count())
                 as u64;
+        // A deferred share's state is still to be replayed (it is deleted then).
+        let deferred: std::collections::HashSet<Hash> =
+            closed.deferred.iter().map(|d| d.share.state_hash).collect();
         for c in &self.close.candidates {
             for share in &c.commit.shares {
-                if self.store.size(&share.state_hash) != Some(state_len) {
+                if self.store.size(&share.state_hash) != Some(state_len)
+                    || deferred.contains(&share.state_hash)
+                {
                     continue;
                 }
                 if let Err(e) = self.store.remove(&share.state_hash) {

@@ -82,6 +82,11 @@ impl EarlyChecks {
         self.round
     }
 
+    /// What the round's checks run on (θ_r among it), if they run.
+    pub(super) fn input(&self) -> Option<Arc<RoundInput>> {
+        self.input.clone()
+    }
+
     /// Probes `commit`'s update (stored and checked by stage 2) from θ_r.
     pub(super) fn probe(&self, commit: Commit, assignment: Assignment) {
         self.spawn(Job::Probe(commit), assignment);
@@ -210,17 +215,7 @@ fn run(
     let started = std::time::Instant::now();
     let done = match job {
         Job::Replay(update, share) => {
-            let state = input.store.get(&share.state_hash).ok().flatten()?;
-            let result = crate::spot::replay(
-                &input.model,
-                &input.run,
-                round,
-                &input.theta,
-                assignment,
-                &share,
-                &state,
-                &input.dataset.tokens,
-            );
+            let result = replay_now(input, round, assignment, &share)?;
             input.metrics.stages.add(Stage::Spot, started.elapsed());
             Done::Replay(assignment.node, update, share.index, result)
         }
@@ -266,4 +261,25 @@ fn run(
         }
     };
     Some(done)
+}
+
+/// Replays `share` of `assignment` from the round's θ and the state in the
+/// store; None when the state is not there.
+pub(super) fn replay_now(
+    input: &RoundInput,
+    round: u64,
+    assignment: &Assignment,
+    share: &barnraise_protocol::workers::WorkerShare,
+) -> Option<SpotResult> {
+    let state = input.store.get(&share.state_hash).ok().flatten()?;
+    Some(crate::spot::replay(
+        &input.model,
+        &input.run,
+        round,
+        &input.theta,
+        assignment,
+        share,
+        &state,
+        &input.dataset.tokens,
+    ))
 }

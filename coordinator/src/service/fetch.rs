@@ -63,7 +63,58 @@ impl Service {
                 .map(|assignment| (early.clone(), assignment.clone())),
             _ => None,
         };
-        let states_until_ms = state_deadline_ms.unwrap_or(deadline_ms);
+        // Deferred checks (`super::deferred`): the update's verdict goes as
+        // soon as it is checked, and the states follow on their own, as
+        // long as the node must serve them.
+        let defer = verify.defer_state_checks && !drawn.is_empty() && early.is_some();
+        let grace_ms = (verify.state_grace_secs * 1000.0) as u64;
+        let serve_ms = barnraise_protocol::limits::state_serve_ms(
+            state_bytes.saturating_mul(drawn.len() as u64),
+        );
+        let states_until_ms = if defer {
+            now_ms().saturating_add(serve_ms.saturating_sub(STATE_SERVE_MARGIN_MS))
+        } else {
+            state_deadline_ms.unwrap_or(deadline_ms)
+        };
+        let fetch_states = {
+            let client = client.clone();
+            let store = store.clone();
+            move |share: barnraise_protocol::workers::WorkerShare| {
+                let (client, store) = (client.clone(), store.clone());
+                async move {
+                    let worker = share.index;
+                    let started = tokio::time::Instant::now();
+                    let fetched = fetch_state(
+                        &client,
+                        &store,
+                        node,
+                        share.state_hash,
+                        state_bytes,
+                        states_until_ms,
+                    )
+                    .await;
+                    match &fetched {
+                        Ok(()) => tracing::info!(
+                            node = %node.short(),
+                            round,
+                            worker,
+                            bytes = state_bytes,
+                            fetch_ms = started.elapsed().as_millis() as u64,
+                            past_deadline_ms = now_ms().saturating_sub(deadline_ms),
+                            "spot check: the worker's state is in"
+                        ),
+                        Err(reason) => tracing::info!(
+                            node = %node.short(),
+                            round,
+                            worker,
+                            "spot check: the worker's state was not served ({})",
+                            reason.code()
+                        ),
+                    }
+                    (share, fetched)
+                }
+            }
+        };
         tokio::spawn(async move {
             let mut result = fetch_and_check(
                 &client,
@@ -76,42 +127,47 @@ impl Service {
                 deadline_ms,
             )
             .await;
+            if defer && result.is_ok() {
+                let _ = tx
+                    .send(Internal::Checked {
+                        round,
+                        node,
+                        result: Ok(()),
+                        states_until_ms: Some(now_ms().saturating_add(grace_ms)),
+                    })
+                    .await;
+                // Probed now; the states, far larger, follow.
+                if let Some((early, assignment)) = &early {
+                    early.probe(commit.clone(), assignment.clone());
+                }
+                let mut results = Vec::new();
+                for share in drawn {
+                    let (share, fetched) = fetch_states(share).await;
+                    // Replayed at once while the round is open; the close
+                    // replays or defers what this does not reach.
+                    if let (Ok(()), Some((early, assignment))) = (&fetched, &early) {
+                        early.replay(commit.update_hash, share.clone(), assignment.clone());
+                    }
+                    results.push((share, fetched));
+                }
+                let _ = tx
+                    .send(Internal::StatesIn {
+                        round,
+                        node,
+                        results,
+                    })
+                    .await;
+                return;
+            }
             for share in &drawn {
                 if result.is_err() {
                     break;
                 }
                 let worker = share.index;
-                let started = tokio::time::Instant::now();
-                result = fetch_state(
-                    &client,
-                    &store,
-                    node,
-                    share.state_hash,
-                    state_bytes,
-                    states_until_ms,
-                )
-                .await
-                .map_err(|reason| {
-                    tracing::info!(
-                        node = %node.short(),
-                        round,
-                        worker,
-                        "spot check: the worker's state was not served ({})",
-                        reason.code()
-                    );
-                    RejectReason::SpotCheck { worker }
-                });
-                if result.is_ok() {
-                    tracing::info!(
-                        node = %node.short(),
-                        round,
-                        worker,
-                        bytes = state_bytes,
-                        fetch_ms = started.elapsed().as_millis() as u64,
-                        past_deadline_ms = now_ms().saturating_sub(deadline_ms),
-                        "spot check: the worker's state is in"
-                    );
-                }
+                result = fetch_states(share.clone())
+                    .await
+                    .1
+                    .map_err(|_| RejectReason::SpotCheck { worker });
             }
             if let (Ok(()), Some((early, assignment))) = (&result, early) {
                 // Replays first: they take longest, and the early checks
@@ -129,12 +185,19 @@ impl Service {
                     round,
                     node,
                     result,
+                    states_until_ms: None,
                 })
                 .await;
         });
-        state_deadline_ms
+        // Deferred, nothing holds the round.
+        state_deadline_ms.filter(|_| !defer)
     }
 }
+
+/// How much sooner than the node's obligation to serve a state
+/// (`limits::state_serve_ms`) a deferred fetch gives up: the node's clock
+/// starts when it stores the state, a little before its commit arrives.
+const STATE_SERVE_MARGIN_MS: u64 = 10_000;
 
 /// The time a state of `bytes` may take to arrive over a link of `mbps`:
 /// its bytes at that rate, plus 5 s for the requests' round trips.

@@ -46,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 mod closing;
+mod deferred;
 mod early;
 mod fetch;
 mod requests;
@@ -142,6 +143,24 @@ enum Internal {
         round: u64,
         node: NodeId,
         result: Result<(), RejectReason>,
+        /// Until when a round that could close waits for the update's
+        /// drawn states, still arriving (`Rounds::states_pending`).
+        states_until_ms: Option<u64>,
+    },
+    /// The drawn states of `node`'s update of `round`, fetched or not,
+    /// when they were not waited for (`deferred`).
+    StatesIn {
+        round: u64,
+        node: NodeId,
+        results: Vec<(
+            barnraise_protocol::workers::WorkerShare,
+            Result<(), RejectReason>,
+        )>,
+    },
+    /// A deferred spot check's replay; None if it could not run.
+    DeferredReplayed {
+        key: (u64, NodeId, u32),
+        settled: Option<close::Settled>,
     },
     Closed(Box<Result<CloseDone, CoordinatorError>>),
     /// θ_{round+1}'s held-out loss, evaluated after round's manifest went out.
@@ -214,6 +233,8 @@ struct Service {
     /// θ_round, shared with the early checks (copied off the service's
     /// thread: in the close job, or when the coordinator starts).
     shared_theta: Option<Arc<Vec<f32>>>,
+    /// Spot checks whose states arrive after their round's close.
+    deferred: deferred::Deferred,
 }
 
 impl Service {

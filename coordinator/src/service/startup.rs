@@ -160,6 +160,7 @@ pub async fn start(
         bootstrap,
         eval_task: None,
         early: None,
+        deferred: Default::default(),
         shared_theta,
     };
     let task = tokio::spawn(service.run(

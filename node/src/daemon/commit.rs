@@ -29,6 +29,7 @@ impl Node {
         // announced in the DHT.
         let store = self.store.clone();
         let states = update.states;
+        let state_bytes: u64 = states.iter().map(|s| s.len() as u64).sum();
         let state_hashes = off_runtime(move || {
             states
                 .iter()
@@ -36,7 +37,7 @@ impl Node {
                 .collect::<Result<Vec<_>, _>>()
         })
         .await??;
-        self.forget_old_states(round, state_hashes);
+        self.forget_old_states(round, state_hashes, state_bytes);
         let mut delta = update.delta;
         if let Some(misbehaviour) = self.config.misbehave
             && misbehaviour != crate::config::Misbehaviour::Inflate

@@ -532,8 +532,8 @@ struct Node {
     /// different manifest for one of them (a fork).
     applied: std::collections::BTreeMap<u64, Signed<Manifest>>,
     /// Workers' starting optimizer states by round, kept for spot checks
-    /// until the round after next is trained.
-    spot_states: std::collections::VecDeque<(u64, Vec<Hash>)>,
+    /// (`train::states_expired`).
+    spot_states: std::collections::VecDeque<train::KeptStates>,
     /// A red-team hook (docs/security.md); `None` for every real node.
     adversary: Option<Arc<dyn crate::redteam::Adversary>>,
     /// Wall clock of our last round, from its plan to its manifest applied:

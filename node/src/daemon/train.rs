@@ -63,15 +63,19 @@ impl Node {
     }
 
     /// Keeps this round's workers' states for spot checks and deletes
-    /// those of rounds before the last one: by then the coordinator has
-    /// closed them.
-    pub(super) fn forget_old_states(&mut self, round: u64, states: Vec<Hash>) {
-        self.spot_states.push_back((round, states));
-        while let Some((old, _)) = self.spot_states.front()
-            && old.saturating_add(1) < round
+    /// those whose time is up ([`states_expired`]).
+    pub(super) fn forget_old_states(&mut self, round: u64, states: Vec<Hash>, bytes: u64) {
+        self.spot_states.push_back(KeptStates {
+            round,
+            hashes: states,
+            bytes,
+            stored: std::time::Instant::now(),
+        });
+        while let Some(front) = self.spot_states.front()
+            && states_expired(front.round, front.bytes, front.stored.elapsed(), round)
         {
-            if let Some((_, hashes)) = self.spot_states.pop_front() {
-                for hash in hashes {
+            if let Some(kept) = self.spot_states.pop_front() {
+                for hash in kept.hashes {
                     if let Err(e) = self.store.remove(&hash) {
                         tracing::debug!("could not delete spot-check state {}: {e}", hash.short());
                     }
@@ -333,5 +337,50 @@ fn claim_worker_zero_for_all(results: &mut [Result<WorkerUpdate, WorkerFailure>]
             .collect();
         update.losses = first.losses.clone();
         update.tokens = first.tokens;
+    }
+}
+
+/// One round's workers' starting states, kept for spot checks.
+#[derive(Debug)]
+pub(super) struct KeptStates {
+    round: u64,
+    hashes: Vec<Hash>,
+    bytes: u64,
+    stored: std::time::Instant,
+}
+
+/// Whether the states a node committed in `committed` (`bytes` of them,
+/// stored `age` ago) may go now that it commits `round`: once that round's
+/// close is past (two rounds on) and the time the protocol asks a node to
+/// serve them has run out (`limits::state_serve_ms`), since a coordinator
+/// may check a drawn worker after the close (docs/security.md, "Deferred
+/// spot checks").
+fn states_expired(committed: u64, bytes: u64, age: std::time::Duration, round: u64) -> bool {
+    let served_ms = barnraise_protocol::limits::state_serve_ms(bytes);
+    committed.saturating_add(1) < round && age.as_millis() >= u128::from(served_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::states_expired;
+    use std::time::Duration;
+
+    #[test]
+    fn spot_check_states_are_kept_two_rounds_and_the_time_they_are_served() {
+        let mb26 = 26_000_000;
+        // Served 60 s plus 26 s for 26 MB.
+        let served = Duration::from_millis(86_000);
+        assert!(states_expired(3, mb26, served, 5));
+        // Not before two rounds on, however long ago.
+        assert!(!states_expired(3, mb26, Duration::from_secs(3600), 4));
+        // Not before the time is up, however many rounds on.
+        assert!(!states_expired(
+            3,
+            mb26,
+            served - Duration::from_millis(1),
+            50
+        ));
+        // A bigger state is served for longer.
+        assert!(!states_expired(3, 10 * mb26, served, 5));
     }
 }

@@ -1,0 +1,279 @@
+//! Deferred spot checks (`verify.defer_state_checks`; docs/security.md,
+//! "Deferred spot checks"): a drawn worker's starting state is 8 bytes a
+//! parameter, twenty times an update, and behind a slow uplink it arrives
+//! after everything else. Rather than hold the round for it, the round
+//! closes without it ([`crate::close::DeferredShare`]); when the state is
+//! in, the share is replayed against the same θ_r on a blocking thread, and
+//! the verdict settles in the next close ([`crate::close::Settled`]).
+//!
+//! A state fetch runs on the update's fetch task; its outcome comes here
+//! ([`Service::on_states`]) whether it resolved before the round's close
+//! (kept in `arrived` until the close says whether it used the state) or
+//! after (a share the close deferred waits in `pending`). Nothing here
+//! survives a restart: a coordinator that restarts loses its unsettled
+//! checks, and those nodes' windows stay open until a later check.
+
+use super::early::RoundInput;
+use super::*;
+use crate::close::{DeferredShare, Settled};
+use crate::spot::SpotResult;
+use barnraise_protocol::workers::WorkerShare;
+use std::collections::HashSet;
+
+/// A drawn share, by round, node and worker.
+type ShareKey = (u64, NodeId, u32);
+
+/// A deferred share waiting for its state.
+struct Waiting {
+    share: DeferredShare,
+    input: Arc<RoundInput>,
+    /// Past this the share is let go unjudged: its fetch reports well
+    /// before (it gives up when the node may stop serving), so only a fetch
+    /// task that died gets here, and a node must not stay unverifiable for
+    /// the coordinator's fault.
+    expires_ms: u64,
+}
+
+/// How long past the node's serving time a deferred share waits for its
+/// fetch to report.
+const PENDING_SLACK_MS: u64 = 60_000;
+
+/// The deferred checks of a coordinator.
+#[derive(Default)]
+pub(super) struct Deferred {
+    /// State fetches that resolved before their round's close was done.
+    arrived: HashMap<ShareKey, Result<(), RejectReason>>,
+    /// Shares a close deferred whose state has not resolved yet.
+    pending: HashMap<ShareKey, Waiting>,
+    /// Deferred shares being replayed now.
+    replaying: HashSet<ShareKey>,
+    /// Verdicts for the next close.
+    settled: Vec<Settled>,
+    /// The last round whose close the service has taken in.
+    closed_through: Option<u64>,
+    /// The inputs of the round now closing (θ_r among them), for the
+    /// shares its close defers.
+    closing: Option<Arc<RoundInput>>,
+}
+
+impl Deferred {
+    /// What the next close needs: the verdicts settled since the last one
+    /// (taken), and the nodes with a check still out.
+    pub(super) fn for_close(
+        &mut self,
+        input: Option<Arc<RoundInput>>,
+    ) -> (Vec<Settled>, Vec<NodeId>) {
+        self.closing = input;
+        let now = now_ms();
+        self.pending.retain(|(round, node, worker), waiting| {
+            let keep = waiting.expires_ms > now;
+            if !keep {
+                tracing::warn!(
+                    node = %node.short(),
+                    round,
+                    worker,
+                    "deferred spot check: its state fetch never reported; let go unjudged"
+                );
+            }
+            keep
+        });
+        let mut pending: Vec<NodeId> = self
+            .pending
+            .keys()
+            .chain(self.replaying.iter())
+            .map(|(_, node, _)| *node)
+            .collect();
+        pending.sort();
+        pending.dedup();
+        (std::mem::take(&mut self.settled), pending)
+    }
+
+    /// Whether a close may defer shares: only with the round's inputs to
+    /// replay them against.
+    pub(super) fn can_defer(&self) -> bool {
+        self.closing.is_some()
+    }
+
+    fn unserved(key: ShareKey, share: &WorkerShare, reason: &RejectReason) -> Settled {
+        let (round, node, _) = key;
+        tracing::info!(
+            node = %node.short(),
+            round,
+            worker = share.index,
+            "deferred spot check: the worker's state was not served ({})",
+            reason.code()
+        );
+        Settled {
+            round,
+            node,
+            result: SpotResult::unusable(
+                share,
+                format!("the worker's state was not served ({})", reason.code()),
+            ),
+        }
+    }
+}
+
+impl Service {
+    /// A deferred check's verdict, for the next close.
+    fn settle(&mut self, settled: Settled) {
+        self.metrics
+            .spot_checks_settled
+            .fetch_add(1, Ordering::Relaxed);
+        self.deferred.settled.push(settled);
+    }
+
+    /// The outcome of fetching the drawn states of `node`'s update of
+    /// `round`, one per share.
+    pub(super) fn on_states(
+        &mut self,
+        round: u64,
+        node: NodeId,
+        results: Vec<(WorkerShare, Result<(), RejectReason>)>,
+    ) {
+        self.rounds.states_resolved(round, &node);
+        for (share, result) in results {
+            let key = (round, node, share.index);
+            if let Some(waiting) = self.deferred.pending.remove(&key) {
+                self.resolve_deferred(key, waiting, result);
+            } else if self
+                .deferred
+                .closed_through
+                .is_none_or(|closed| closed < round)
+            {
+                // The close decides whether it used the state.
+                self.deferred.arrived.insert(key, result);
+            }
+        }
+    }
+
+    /// Takes in the shares round `round`'s close deferred.
+    pub(super) fn defer_shares(&mut self, round: u64, shares: Vec<DeferredShare>) {
+        let input = self.deferred.closing.take();
+        for share in shares {
+            let key = (round, share.node, share.share.index);
+            self.metrics
+                .spot_checks_deferred
+                .fetch_add(1, Ordering::Relaxed);
+            let Some(input) = input.clone() else {
+                // Not reached: a close defers only with the round's inputs.
+                self.settle(Deferred::unserved(
+                    key,
+                    &share.share,
+                    &RejectReason::NotServed,
+                ));
+                continue;
+            };
+            tracing::info!(
+                node = %share.node.short(),
+                round,
+                worker = share.share.index,
+                "spot check deferred: the worker's state is still arriving"
+            );
+            let state_len =
+                barnraise_trainer::Trainer::optimizer_state_len(self.resolved.model.params_count())
+                    as u64;
+            // A node's drawn states are fetched one after another, each
+            // within what all of them may take.
+            let drawn_most = self.config.verify.spot_check_max.max(1) as u64;
+            let expires_ms = now_ms()
+                .saturating_add(barnraise_protocol::limits::state_serve_ms(
+                    state_len.saturating_mul(drawn_most),
+                ))
+                .saturating_add(PENDING_SLACK_MS);
+            let waiting = Waiting {
+                share,
+                input,
+                expires_ms,
+            };
+            match self.deferred.arrived.remove(&key) {
+                Some(result) => self.resolve_deferred(key, waiting, result),
+                None => {
+                    self.deferred.pending.insert(key, waiting);
+                }
+            }
+        }
+        self.deferred.arrived.retain(|(r, _, _), _| *r > round);
+        self.deferred.closed_through = Some(round);
+    }
+
+    /// A deferred share's state resolved: replay it if it came, or settle
+    /// a failure if it did not.
+    fn resolve_deferred(
+        &mut self,
+        key: ShareKey,
+        waiting: Waiting,
+        result: Result<(), RejectReason>,
+    ) {
+        if let Err(reason) = result {
+            self.settle(Deferred::unserved(key, &waiting.share.share, &reason));
+            return;
+        }
+        self.deferred.replaying.insert(key);
+        let tx = self.internal_tx.clone();
+        let state_len =
+            barnraise_trainer::Trainer::optimizer_state_len(self.resolved.model.params_count())
+                as u64;
+        tokio::spawn(async move {
+            let (round, node, _) = key;
+            let Waiting { share, input, .. } = waiting;
+            let replayed = tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let result =
+                    super::early::replay_now(&input, round, &share.assignment, &share.share);
+                input.metrics.stages.add(Stage::Spot, started.elapsed());
+                // Replayed: the state (8 bytes a parameter) is not kept.
+                // Only a blob of a state's exact size is deleted (a share
+                // may name any blob).
+                if input.store.size(&share.share.state_hash) == Some(state_len)
+                    && let Err(e) = input.store.remove(&share.share.state_hash)
+                {
+                    tracing::warn!("could not delete a spot-checked state: {e}");
+                }
+                result
+            })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(round, "deferred spot check: {e}");
+                None
+            });
+            let _ = tx
+                .send(Internal::DeferredReplayed {
+                    key,
+                    settled: replayed.map(|result| Settled {
+                        round,
+                        node,
+                        result,
+                    }),
+                })
+                .await;
+        });
+    }
+
+    /// A deferred replay finished; `None` when it could not run (the state
+    /// went from the store), which fails the check.
+    pub(super) fn on_deferred_replayed(&mut self, key: ShareKey, settled: Option<Settled>) {
+        self.deferred.replaying.remove(&key);
+        let (round, node, worker) = key;
+        let settled = settled.unwrap_or_else(|| Settled {
+            round,
+            node,
+            result: SpotResult {
+                worker,
+                exact: false,
+                distance: f64::INFINITY,
+                replayed_tokens: 0,
+                claimed_tokens: 0,
+                unusable: Some("the worker's state was lost before its replay".into()),
+            },
+        });
+        tracing::info!(
+            node = %node.short(),
+            round,
+            passed = settled.result.passes(self.config.verify.spot_check_tolerance),
+            "deferred spot check: {}",
+            settled.result.describe()
+        );
+        self.settle(settled);
+    }
+}
