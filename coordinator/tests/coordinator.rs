@@ -1492,3 +1492,69 @@ async fn a_withheld_state_is_settled_in_the_next_round_without_holding_the_round
         let _ = coordinator.wait().await;
     }
 }
+
+/// The run's last round has no later close to settle a deferred check in,
+/// so it holds for its drawn states as before: a state never served fails
+/// the check in that round's own manifest, and nothing is deferred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_round_checks_its_drawn_states_before_it_closes() {
+    let data = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let mut config = config(data.path());
+    config.min_nodes = 2;
+    config.total_rounds = 1;
+    config.verify.probe = false;
+    let coordinator = barnraise_coordinator::start(config, shutdown.clone())
+        .await
+        .unwrap();
+    let mut events = coordinator.events();
+    let addr = coordinator.multiaddr();
+    let honest = FakeNode::start(23, &addr, &shutdown).await;
+    let withholder = FakeNode::start(24, &addr, &shutdown).await;
+    let welcome = honest.join().await;
+    withholder.join().await;
+    let model: ModelConfig = serde_json::from_str(&welcome.config.model_config_json).unwrap();
+    let theta0 = model.init_flat(0);
+    let plan0 = honest.plan(0).await;
+    let (commit_h, _) = honest.train(&plan0, &theta0, &welcome).await;
+    let (mut commit_w, _) = withholder.train(&plan0, &theta0, &welcome).await;
+    commit_w.shares[0].state_hash = Hash::of(b"a state never served");
+    for (node, commit) in [(&honest, &commit_h), (&withholder, &commit_w)] {
+        assert_eq!(
+            node.commit(commit).await,
+            CoordinatorResponse::CommitAccepted { round: 0 }
+        );
+    }
+    let CoordinatorEvent::RoundClosed {
+        round,
+        accepted,
+        rejected,
+        ..
+    } = next_close(&mut events).await
+    else {
+        unreachable!()
+    };
+    assert_eq!((round, accepted), (0, 1), "{rejected:?}");
+    let ledger =
+        Ledger::open_existing(&barnraise_coordinator::ledger::ledger_path(data.path())).unwrap();
+    let manifest: Signed<Manifest> =
+        Signed::from_bytes(&ledger.manifest(0).unwrap().unwrap()).unwrap();
+    let manifest = manifest.verify(None).unwrap();
+    assert_eq!(
+        manifest
+            .rejected
+            .iter()
+            .map(|r| (r.node, r.reason.code()))
+            .collect::<Vec<_>>(),
+        vec![(withholder.key.node_id(), "spot-check")]
+    );
+    assert_eq!(manifest.verified, vec![honest.key.node_id()]);
+    let text = http_get(coordinator.http_addr(), "/metrics").await;
+    assert!(
+        text.lines()
+            .any(|l| l == "barnraise_spot_checks_deferred_total 0"),
+        "{text}"
+    );
+    shutdown.cancel();
+    let _ = coordinator.wait().await;
+}

@@ -125,7 +125,7 @@ impl Service {
             .as_ref()
             .filter(|early| early.round() == close.plan.round)
             .and_then(|early| early.input())
-            .filter(|_| self.config.verify.defer_state_checks);
+            .filter(|_| self.defers_states_of(close.plan.round));
         let (settled, pending) = self.deferred.for_close(input);
         let defer = self.deferred.can_defer();
         let job = CloseJob {

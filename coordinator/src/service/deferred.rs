@@ -115,6 +115,14 @@ impl Deferred {
 }
 
 impl Service {
+    /// Whether round `round`'s drawn states may be checked after its close:
+    /// only with a later close to settle in. The run's last round holds for
+    /// its states as with `verify.defer_state_checks = false`, so that no
+    /// check is left unsettled when the run ends.
+    pub(super) fn defers_states_of(&self, round: u64) -> bool {
+        self.config.verify.defer_state_checks && round.saturating_add(1) < self.config.total_rounds
+    }
+
     /// A deferred check's verdict, for the next close.
     fn settle(&mut self, settled: Settled) {
         self.metrics

@@ -66,7 +66,7 @@ impl Service {
         // Deferred checks (`super::deferred`): the update's verdict goes as
         // soon as it is checked, and the states follow on their own, as
         // long as the node must serve them.
-        let defer = verify.defer_state_checks && !drawn.is_empty() && early.is_some();
+        let defer = self.defers_states_of(round) && !drawn.is_empty() && early.is_some();
         let grace_ms = (verify.state_grace_secs * 1000.0) as u64;
         let serve_ms = barnraise_protocol::limits::state_serve_ms(
             state_bytes.saturating_mul(drawn.len() as u64),
