@@ -603,6 +603,12 @@ impl CoordinatorConfig {
                 "must be a number of seconds, at least 0",
             ));
         }
+        if !(self.linger_secs.is_finite() && self.linger_secs >= 0.0) {
+            return Err(invalid(
+                "linger_secs",
+                "must be a number of seconds, at least 0",
+            ));
+        }
         if !(self.verify.state_wait_max_secs.is_finite() && self.verify.state_wait_max_secs >= 0.0)
         {
             return Err(invalid(
@@ -695,6 +701,7 @@ mod tests {
                 "[verify]\nstate_wait_max_secs = -1",
                 "verify.state_wait_max_secs",
             ),
+            ("linger_secs = inf", "linger_secs"),
         ] {
             let config: CoordinatorConfig = toml::from_str(text).unwrap();
             let err = config

@@ -97,6 +97,20 @@ pub struct Args {
 
 const RUN_ID: &str = "barnraise-up";
 
+/// How long after the run's end the nodes get to apply the final manifest
+/// before they are stopped.
+const NODES_STOP_SECS: f64 = 60.0;
+
+/// `--linger` as seconds a Duration can hold (at most a day; anything not a
+/// number is none).
+fn linger_secs(linger: f64) -> f64 {
+    if linger.is_nan() {
+        0.0
+    } else {
+        linger.clamp(0.0, 86_400.0)
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -163,7 +177,11 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
         total_rounds: args.rounds,
         http: args.http,
         data_dir: data_dir.join("coordinator"),
-        linger_secs: args.linger.max(3.0),
+        // `up` stops the coordinator itself, once every node has stopped
+        // (below): a node behind a slow link may still be fetching the last
+        // round's updates after their authors have left, and the
+        // coordinator is where it turns then. This is only a bound.
+        linger_secs: linger_secs(args.linger) + NODES_STOP_SECS + 30.0,
         round_deadline_secs: 600.0,
         ..CoordinatorConfig::default()
     };
@@ -260,10 +278,11 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
         }
     }
     progress.finish();
+    let run_finished = tokio::time::Instant::now();
 
     // Give the nodes a moment to apply the final manifest, then stop them.
     let mut node_summaries: Vec<(u32, NodeSummary)> = Vec::new();
-    let deadline = tokio::time::sleep(Duration::from_secs(60));
+    let deadline = tokio::time::sleep(Duration::from_secs_f64(NODES_STOP_SECS));
     tokio::pin!(deadline);
     while !nodes.is_empty() {
         tokio::select! {
@@ -274,17 +293,19 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
                 None => break,
             },
             _ = &mut deadline => {
-                tracing::warn!("nodes did not stop within 60 s of the run's end; stopping them");
+                tracing::warn!("nodes did not stop within {NODES_STOP_SECS} s of the run's end; stopping them");
                 shutdown.cancel();
                 deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
             }
         }
     }
     // The coordinator keeps its API up for --linger seconds after the last
-    // round, then stops by itself; without --linger it stops now.
-    if args.linger <= 0.0 {
-        shutdown.cancel();
+    // round, and at least until the nodes have stopped.
+    tokio::select! {
+        _ = tokio::time::sleep_until(run_finished + Duration::from_secs_f64(linger_secs(args.linger))) => {}
+        _ = shutdown.cancelled() => {}
     }
+    shutdown.cancel();
     let summary = coordinator
         .wait()
         .await

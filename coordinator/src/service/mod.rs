@@ -263,7 +263,10 @@ impl Service {
         }
         let mut ticker = tokio::time::interval(Duration::from_millis(100));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let linger = Duration::from_secs_f64(self.config.linger_secs.max(0.0));
+        // Validated finite and at least 0 (`CoordinatorConfig::resolve`); a
+        // value past what a Duration holds lingers for ever.
+        let linger =
+            Duration::try_from_secs_f64(self.config.linger_secs.max(0.0)).unwrap_or(Duration::MAX);
         let result = loop {
             tokio::select! {
                 biased;
