@@ -725,6 +725,12 @@ pub fn close_round(
         accepted_idx.retain(|i| !failed.contains(i));
         verified_idx
             .retain(|i| !failed.contains(i) && !unsettled.contains(&close.candidates[*i].node));
+        // A node that failed a check here is voided now: its other shares'
+        // deferred checks could only void it a second time, in a round
+        // whose credit they did not see.
+        let failed_nodes: std::collections::HashSet<NodeId> =
+            failed.iter().map(|&i| close.candidates[i].node).collect();
+        deferred.retain(|d| !failed_nodes.contains(&d.node));
     }
     timings.checks = started.elapsed();
     let started = Instant::now();

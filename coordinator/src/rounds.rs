@@ -197,6 +197,9 @@ pub struct Rounds {
     pace: PaceBook,
     /// The time of the last [`Rounds::tick`]: when commits arrive.
     clock_ms: u64,
+    /// Until when earlier rounds' deferred spot checks may still settle
+    /// ([`Rounds::checks_out_until`]).
+    checks_out_until_ms: Option<u64>,
 }
 
 impl Rounds {
@@ -219,6 +222,7 @@ impl Rounds {
             reputation: BTreeMap::new(),
             pace: PaceBook::default(),
             clock_ms: 0,
+            checks_out_until_ms: None,
         }
     }
 
@@ -637,6 +641,15 @@ impl Rounds {
         }
     }
 
+    /// Earlier rounds' deferred spot checks are still out, and may settle
+    /// until `until_ms` (`None`: none are out). The run's last round does
+    /// not close before then, even past its deadline: its close is the last
+    /// one a verdict can settle in (docs/security.md, "Deferred spot
+    /// checks"). Other rounds are not held: their checks settle later.
+    pub fn checks_out_until(&mut self, until_ms: Option<u64>) {
+        self.checks_out_until_ms = until_ms;
+    }
+
     /// The latest a drawn worker's state of the open round may still be
     /// fetched: its deadline plus `fetch_hold_max_ms`.
     pub fn fetch_limit_ms(&self) -> Option<u64> {
@@ -685,7 +698,9 @@ impl Rounds {
                 // Drawn states still arriving delay the close a little
                 // (`states_pending`), never past the deadline.
                 let states = open.states_wait.values().any(|&until| until > now_ms);
-                deadline || ((quorum || !unresolved) && !states)
+                let last = open.plan.round.saturating_add(1) >= self.config.total_rounds;
+                let checks_out = last && self.checks_out_until_ms.is_some_and(|u| u > now_ms);
+                (deadline || ((quorum || !unresolved) && !states)) && !checks_out
             }
             _ => false,
         };

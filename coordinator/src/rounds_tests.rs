@@ -281,6 +281,42 @@ fn drawn_states_still_arriving_delay_a_ready_close_by_their_grace_never_past_the
 }
 
 #[test]
+fn the_last_round_waits_for_earlier_deferred_checks_and_no_other_round_does() {
+    // Round 0 of 2: checks out do not hold it.
+    let mut m = machine(8, Quorum::Fraction(1.0), 1, 2);
+    m.join(node(1), 1);
+    let plan = open_round(&mut m, 0);
+    m.checks_out_until(Some(DEADLINE * 10));
+    deliver(&mut m, &plan, node(1));
+    assert_eq!(close_of(m.tick(1_000)).candidates.len(), 1);
+    assert!(
+        m.round_closed(0, Hash::of(b"theta1"), Hash::of(b"m0"))
+            .is_ok()
+    );
+
+    // Round 1, the last: held past its deadline until the checks are in
+    // or their bound passes.
+    let plan = open_round(&mut m, DEADLINE);
+    assert_eq!(plan.round, 1);
+    deliver(&mut m, &plan, node(1));
+    let bound = plan.deadline_ms + 30_000;
+    m.checks_out_until(Some(bound));
+    assert!(m.tick(DEADLINE + 1).is_empty(), "ready, but checks out");
+    assert!(m.tick(plan.deadline_ms + 1).is_empty(), "past its deadline");
+    assert_eq!(close_of(m.tick(bound)).candidates.len(), 1);
+
+    // The checks settle early: it closes at once.
+    let mut m = machine(8, Quorum::Fraction(1.0), 1, 1);
+    m.join(node(1), 1);
+    let plan = open_round(&mut m, 0);
+    deliver(&mut m, &plan, node(1));
+    m.checks_out_until(Some(DEADLINE * 10));
+    assert!(m.tick(1_000).is_empty());
+    m.checks_out_until(None);
+    assert_eq!(close_of(m.tick(1_100)).candidates.len(), 1);
+}
+
+#[test]
 fn never_two_manifests_for_one_round() {
     let mut m = machine(8, Quorum::Fraction(1.0), 1, 5);
     m.join(node(1), 1);

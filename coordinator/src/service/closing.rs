@@ -128,6 +128,7 @@ impl Service {
             .filter(|_| self.defers_states_of(close.plan.round));
         let (settled, pending) = self.deferred.for_close(input);
         let defer = self.deferred.can_defer();
+        let states_out = self.deferred.states_out();
         let job = CloseJob {
             config: self.config.clone(),
             resolved: self.resolved.clone(),
@@ -145,6 +146,7 @@ impl Service {
             settled,
             pending,
             defer,
+            states_out,
         };
         let tx = self.internal_tx.clone();
         // The last round's evaluation has had the whole round to finish;
@@ -423,6 +425,8 @@ struct CloseJob {
     settled: Vec<close::Settled>,
     pending: Vec<NodeId>,
     defer: bool,
+    /// States earlier rounds' deferred checks still need: not deleted here.
+    states_out: std::collections::HashSet<Hash>,
 }
 
 impl CloseJob {
@@ -494,6 +498,7 @@ impl CloseJob {
             for share in &c.commit.shares {
                 if self.store.size(&share.state_hash) != Some(state_len)
                     || deferred.contains(&share.state_hash)
+                    || self.states_out.contains(&share.state_hash)
                 {
                     continue;
                 }

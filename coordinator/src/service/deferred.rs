@@ -20,6 +20,10 @@ use crate::spot::SpotResult;
 use barnraise_protocol::workers::WorkerShare;
 use std::collections::HashSet;
 
+/// The longest a deferred replay is waited for by the run's last close
+/// (a replay takes seconds; this only bounds a stuck one).
+const REPLAY_WAIT_MS: u64 = 600_000;
+
 /// A drawn share, by round, node and worker.
 type ShareKey = (u64, NodeId, u32);
 
@@ -41,12 +45,13 @@ const PENDING_SLACK_MS: u64 = 60_000;
 /// The deferred checks of a coordinator.
 #[derive(Default)]
 pub(super) struct Deferred {
-    /// State fetches that resolved before their round's close was done.
-    arrived: HashMap<ShareKey, Result<(), RejectReason>>,
+    /// State fetches that resolved before their round's close was done,
+    /// with the state each names.
+    arrived: HashMap<ShareKey, (Hash, Result<(), RejectReason>)>,
     /// Shares a close deferred whose state has not resolved yet.
     pending: HashMap<ShareKey, Waiting>,
-    /// Deferred shares being replayed now.
-    replaying: HashSet<ShareKey>,
+    /// Deferred shares being replayed now: since when, and their state.
+    replaying: HashMap<ShareKey, (u64, Hash)>,
     /// Verdicts for the next close.
     settled: Vec<Settled>,
     /// The last round whose close the service has taken in.
@@ -80,12 +85,33 @@ impl Deferred {
         let mut pending: Vec<NodeId> = self
             .pending
             .keys()
-            .chain(self.replaying.iter())
+            .chain(self.replaying.keys())
             .map(|(_, node, _)| *node)
             .collect();
         pending.sort();
         pending.dedup();
         (std::mem::take(&mut self.settled), pending)
+    }
+
+    /// Until when checks now out may still settle (`None`: none are out).
+    /// The run's last close waits for them
+    /// ([`crate::rounds::Rounds::checks_out_until`]).
+    pub(super) fn checks_out_until(&self) -> Option<u64> {
+        let pending = self.pending.values().map(|w| w.expires_ms);
+        let replaying = self
+            .replaying
+            .values()
+            .map(|(since, _)| since.saturating_add(REPLAY_WAIT_MS));
+        pending.chain(replaying).max()
+    }
+
+    /// The states deferred checks still need: no close deletes them.
+    pub(super) fn states_out(&self) -> HashSet<Hash> {
+        self.pending
+            .values()
+            .map(|w| w.share.share.state_hash)
+            .chain(self.replaying.values().map(|(_, hash)| *hash))
+            .collect()
     }
 
     /// Whether a close may defer shares: only with the round's inputs to
@@ -150,7 +176,13 @@ impl Service {
                 .is_none_or(|closed| closed < round)
             {
                 // The close decides whether it used the state.
-                self.deferred.arrived.insert(key, result);
+                self.deferred
+                    .arrived
+                    .insert(key, (share.state_hash, result));
+            } else if result.is_ok() {
+                // Its round closed without it (over the replay budget, or
+                // its update rejected): not kept.
+                self.forget_states(vec![share.state_hash]);
             }
         }
     }
@@ -195,14 +227,48 @@ impl Service {
                 expires_ms,
             };
             match self.deferred.arrived.remove(&key) {
-                Some(result) => self.resolve_deferred(key, waiting, result),
+                Some((_, result)) => self.resolve_deferred(key, waiting, result),
                 None => {
                     self.deferred.pending.insert(key, waiting);
                 }
             }
         }
-        self.deferred.arrived.retain(|(r, _, _), _| *r > round);
+        // States of this round that arrived and were not deferred: the
+        // close replayed and deleted them, or did not use them.
+        let mut unused = Vec::new();
+        self.deferred.arrived.retain(|(r, _, _), (hash, result)| {
+            let keep = *r > round;
+            if !keep && result.is_ok() {
+                unused.push(*hash);
+            }
+            keep
+        });
+        self.forget_states(unused);
         self.deferred.closed_through = Some(round);
+    }
+
+    /// Deletes fetched states no check needs any more (only blobs of a
+    /// state's exact size: a share may name any blob), off the async
+    /// threads.
+    fn forget_states(&self, hashes: Vec<Hash>) {
+        let out = self.deferred.states_out();
+        let hashes: Vec<Hash> = hashes.into_iter().filter(|h| !out.contains(h)).collect();
+        if hashes.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let state_len =
+            barnraise_trainer::Trainer::optimizer_state_len(self.resolved.model.params_count())
+                as u64;
+        tokio::task::spawn_blocking(move || {
+            for hash in hashes {
+                if store.size(&hash) == Some(state_len)
+                    && let Err(e) = store.remove(&hash)
+                {
+                    tracing::warn!("could not delete an unused worker state: {e}");
+                }
+            }
+        });
     }
 
     /// A deferred share's state resolved: replay it if it came, or settle
@@ -217,7 +283,12 @@ impl Service {
             self.settle(Deferred::unserved(key, &waiting.share.share, &reason));
             return;
         }
-        self.deferred.replaying.insert(key);
+        let hash = waiting.share.share.state_hash;
+        // Blobs are named by their bytes, and two shares may name the same
+        // state (every fresh worker's is all zeros): it is deleted after the
+        // last check that needs it.
+        let shared = self.deferred.states_out().contains(&hash);
+        self.deferred.replaying.insert(key, (now_ms(), hash));
         let tx = self.internal_tx.clone();
         let state_len =
             barnraise_trainer::Trainer::optimizer_state_len(self.resolved.model.params_count())
@@ -233,7 +304,8 @@ impl Service {
                 // Replayed: the state (8 bytes a parameter) is not kept.
                 // Only a blob of a state's exact size is deleted (a share
                 // may name any blob).
-                if input.store.size(&share.share.state_hash) == Some(state_len)
+                if !shared
+                    && input.store.size(&share.share.state_hash) == Some(state_len)
                     && let Err(e) = input.store.remove(&share.share.state_hash)
                 {
                     tracing::warn!("could not delete a spot-checked state: {e}");
@@ -259,22 +331,20 @@ impl Service {
     }
 
     /// A deferred replay finished; `None` when it could not run (the state
-    /// went from the store), which fails the check.
+    /// went from the store after it arrived). That is the coordinator's
+    /// doing, not the node's: the check is let go unjudged.
     pub(super) fn on_deferred_replayed(&mut self, key: ShareKey, settled: Option<Settled>) {
         self.deferred.replaying.remove(&key);
         let (round, node, worker) = key;
-        let settled = settled.unwrap_or_else(|| Settled {
-            round,
-            node,
-            result: SpotResult {
+        let Some(settled) = settled else {
+            tracing::warn!(
+                node = %node.short(),
+                round,
                 worker,
-                exact: false,
-                distance: f64::INFINITY,
-                replayed_tokens: 0,
-                claimed_tokens: 0,
-                unusable: Some("the worker's state was lost before its replay".into()),
-            },
-        });
+                "deferred spot check: the worker's state went from the store before its replay; let go unjudged"
+            );
+            return;
+        };
         tracing::info!(
             node = %node.short(),
             round,

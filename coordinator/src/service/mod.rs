@@ -415,6 +415,8 @@ impl Service {
     }
 
     async fn on_tick(&mut self) -> Result<(), CoordinatorError> {
+        self.rounds
+            .checks_out_until(self.deferred.checks_out_until());
         for action in self.rounds.tick(now_ms()) {
             match action {
                 Action::PublishPlan(plan) => self.publish_plan(plan).await?,
