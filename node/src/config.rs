@@ -34,6 +34,12 @@ pub struct NodeConfig {
     pub download_limit: Option<u64>,
     /// Stop after this many applied rounds (None: run until stopped).
     pub max_rounds: Option<u64>,
+    /// After `max_rounds`, keep serving the starting states of the last
+    /// rounds' workers for as long as a coordinator may still fetch them
+    /// for a deferred spot check (60 s plus 1 s per MB after each commit)
+    /// before exiting: leaving sooner fails a drawn check (docs/security.md,
+    /// "Deferred spot checks").
+    pub serve_states_before_exit: bool,
     /// The coordinator's public key (hex). Default: the key inside the
     /// coordinator's peer id, which is the same key.
     pub coordinator_key: Option<String>,
@@ -163,6 +169,7 @@ impl Default for NodeConfig {
             upload_limit: None,
             download_limit: None,
             max_rounds: None,
+            serve_states_before_exit: true,
             coordinator_key: None,
             run_id: String::new(),
             poll_interval_ms: 500,

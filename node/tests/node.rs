@@ -1154,6 +1154,8 @@ async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart()
         data_dir: node_dir.path().to_path_buf(),
         device: "cpu".into(),
         max_rounds: Some(2),
+        // A fake coordinator: no deferred checks to serve for.
+        serve_states_before_exit: false,
         poll_interval_ms: 100,
         ..NodeConfig::default()
     };
@@ -1212,6 +1214,8 @@ async fn node_runs_rounds_against_a_fake_coordinator_and_resumes_after_restart()
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(1024);
     let config = NodeConfig {
         max_rounds: Some(1),
+        // A fake coordinator: no deferred checks to serve for.
+        serve_states_before_exit: false,
         ..config
     };
     let summary2 = run_node(config, CancellationToken::new(), Some(events_tx))
@@ -1262,6 +1266,8 @@ async fn a_manifest_that_breaks_the_chain_stops_the_node() {
         data_dir: node_dir.path().to_path_buf(),
         device: "cpu".into(),
         max_rounds: Some(3),
+        // A fake coordinator: no deferred checks to serve for.
+        serve_states_before_exit: false,
         poll_interval_ms: 100,
         ..NodeConfig::default()
     };
@@ -1305,6 +1311,8 @@ async fn two_manifests_for_one_round_are_a_fork_the_node_refuses() {
         data_dir: node_dir.path().to_path_buf(),
         device: "cpu".into(),
         max_rounds: Some(5),
+        // A fake coordinator: no deferred checks to serve for.
+        serve_states_before_exit: false,
         poll_interval_ms: 100,
         ..NodeConfig::default()
     };

@@ -66,6 +66,10 @@ pub fn node_config(
         device: "cpu".into(),
         run_id: "e2e".into(),
         max_rounds: Some(rounds),
+        // Several tests stop nodes by `max_rounds` while the run goes on;
+        // serving their states a minute more each would add minutes to the
+        // suite (the wait itself is unit-tested in the node).
+        serve_states_before_exit: false,
         ..NodeConfig::default()
     }
 }

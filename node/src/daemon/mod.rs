@@ -635,18 +635,23 @@ impl Node {
             };
             let mut state = state;
             loop {
+                // A finished run checks nothing more: no state is fetched
+                // after its last close.
+                if state.run.total_rounds > 0 && state.round >= state.run.total_rounds {
+                    tracing::info!(rounds = state.run.total_rounds, "the run is complete");
+                    return Ok(());
+                }
                 if self
                     .config
                     .max_rounds
                     .is_some_and(|max| self.summary.rounds_completed >= max)
                 {
+                    if self.config.serve_states_before_exit {
+                        self.serve_kept_states().await;
+                    }
                     return Ok(());
                 }
                 if self.cancelled() {
-                    return Ok(());
-                }
-                if state.run.total_rounds > 0 && state.round >= state.run.total_rounds {
-                    tracing::info!(rounds = state.run.total_rounds, "the run is complete");
                     return Ok(());
                 }
                 if self.standby_reason().is_some() {

@@ -340,6 +340,39 @@ fn claim_worker_zero_for_all(results: &mut [Result<WorkerUpdate, WorkerFailure>]
     }
 }
 
+impl Node {
+    /// Waits, still serving, until no coordinator may fetch a starting
+    /// state this node committed (`limits::state_serve_ms` after each
+    /// commit), or until shutdown.
+    pub(super) async fn serve_kept_states(&self) {
+        let now = std::time::Instant::now();
+        let Some(until) = served_until(self.spot_states.iter()) else {
+            return;
+        };
+        let left = until.saturating_duration_since(now);
+        if left.is_zero() {
+            return;
+        }
+        tracing::info!(
+            seconds = left.as_secs(),
+            "serving the last rounds' spot-check states before leaving (a coordinator may check them after its close; Ctrl-C leaves now)"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(left) => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// Until when a coordinator may still fetch any of `kept`.
+fn served_until<'a>(kept: impl Iterator<Item = &'a KeptStates>) -> Option<std::time::Instant> {
+    kept.map(|k| {
+        k.stored
+            + std::time::Duration::from_millis(barnraise_protocol::limits::state_serve_ms(k.bytes))
+    })
+    .max()
+}
+
 /// One round's workers' starting states, kept for spot checks.
 #[derive(Debug)]
 pub(super) struct KeptStates {
@@ -362,8 +395,27 @@ fn states_expired(committed: u64, bytes: u64, age: std::time::Duration, round: u
 
 #[cfg(test)]
 mod tests {
-    use super::states_expired;
+    use super::{KeptStates, served_until, states_expired};
     use std::time::Duration;
+
+    #[test]
+    fn a_node_leaving_serves_its_states_until_the_last_may_be_fetched() {
+        assert_eq!(served_until(std::iter::empty()), None);
+        let t0 = std::time::Instant::now();
+        let kept = |round, bytes, after_ms| KeptStates {
+            round,
+            hashes: vec![],
+            bytes,
+            stored: t0 + Duration::from_millis(after_ms),
+        };
+        // 26 MB committed at 0 s is served until 86 s; 1 MB committed at
+        // 30 s until 91 s.
+        let states = [kept(4, 26_000_000, 0), kept(5, 1_000_000, 30_000)];
+        assert_eq!(
+            served_until(states.iter()),
+            Some(t0 + Duration::from_millis(91_000))
+        );
+    }
 
     #[test]
     fn spot_check_states_are_kept_two_rounds_and_the_time_they_are_served() {
