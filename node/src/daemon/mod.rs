@@ -394,11 +394,6 @@ pub async fn run_node_with(
     };
     let result = node.run().await;
     let mut summary = node.summary.clone();
-    summary.bytes_uploaded = bytes_up.load(Ordering::Relaxed);
-    summary.bytes_served_to_peers = node
-        .metrics
-        .blob_bytes_served_to_peers
-        .load(Ordering::Relaxed);
     if let Ok(status) = node.client.status().await {
         summary.reachability = Some(status.reachability.label().to_string());
         summary.hole_punches = status.hole_punches;
@@ -407,7 +402,22 @@ pub async fn run_node_with(
     node.leave().await;
     network_shutdown.cancel();
     let _ = network_task.await;
-    router.abort();
+    // The node serves peers until its network stops (a peer may still be
+    // fetching the last round's update while it leaves): the bytes are
+    // read once the router has counted the last of them. Its events end
+    // with the network.
+    let mut router = router;
+    if tokio::time::timeout(std::time::Duration::from_secs(2), &mut router)
+        .await
+        .is_err()
+    {
+        router.abort();
+    }
+    summary.bytes_uploaded = bytes_up.load(Ordering::Relaxed);
+    summary.bytes_served_to_peers = node
+        .metrics
+        .blob_bytes_served_to_peers
+        .load(Ordering::Relaxed);
     match result {
         Ok(()) | Err(NodeError::Network(NetworkError::Closed)) if shutdown.is_cancelled() => {
             Ok(summary)
