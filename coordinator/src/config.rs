@@ -422,6 +422,14 @@ pub struct Resolved {
     pub admission: crate::admission::Policy,
 }
 
+impl Resolved {
+    /// The bytes of one worker's starting state (8 a parameter): the size
+    /// every spot-checked state blob must have.
+    pub fn state_len(&self) -> u64 {
+        barnraise_trainer::Trainer::optimizer_state_len(self.model.params_count()) as u64
+    }
+}
+
 impl CoordinatorConfig {
     /// Reads a TOML run config; relative paths in it are taken from the file's directory.
     pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {

@@ -488,9 +488,7 @@ impl CloseJob {
         // share names its state by hash, so only a blob of a state's exact
         // size is deleted: a share naming a shard or a checkpoint must not
         // make the coordinator delete it.
-        let state_len =
-            barnraise_trainer::Trainer::optimizer_state_len(self.resolved.model.params_count())
-                as u64;
+        let state_len = self.resolved.state_len();
         // A deferred share's state is still to be replayed (it is deleted then).
         let deferred: std::collections::HashSet<Hash> =
             closed.deferred.iter().map(|d| d.share.state_hash).collect();

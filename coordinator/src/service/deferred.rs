@@ -210,9 +210,7 @@ impl Service {
                 worker = share.share.index,
                 "spot check deferred: the worker's state is still arriving"
             );
-            let state_len =
-                barnraise_trainer::Trainer::optimizer_state_len(self.resolved.model.params_count())
-                    as u64;
+            let state_len = self.resolved.state_len();
             // A node's drawn states are fetched one after another, each
             // within what all of them may take.
             let drawn_most = self.config.verify.spot_check_max.max(1) as u64;
@@ -257,9 +255,7 @@ impl Service {
             return;
         }
         let store = self.store.clone();
-        let state_len =
-            barnraise_trainer::Trainer::optimizer_state_len(self.resolved.model.params_count())
-                as u64;
+        let state_len = self.resolved.state_len();
         tokio::task::spawn_blocking(move || {
             for hash in hashes {
                 if store.size(&hash) == Some(state_len)
@@ -290,9 +286,7 @@ impl Service {
         let shared = self.deferred.states_out().contains(&hash);
         self.deferred.replaying.insert(key, (now_ms(), hash));
         let tx = self.internal_tx.clone();
-        let state_len =
-            barnraise_trainer::Trainer::optimizer_state_len(self.resolved.model.params_count())
-                as u64;
+        let state_len = self.resolved.state_len();
         tokio::spawn(async move {
             let (round, node, _) = key;
             let Waiting { share, input, .. } = waiting;
