@@ -832,8 +832,10 @@ seed = 7
     let final_hash = summary.rounds.last().unwrap().next_params_hash.clone();
     for round in &summary.rounds {
         assert_eq!(
-            round.accepted, 3,
-            "every node counted in every round: {round:?}"
+            round.accepted,
+            3,
+            "every node counted in every round: {round:?}\n{:#?}",
+            ledger.updates(round.round)
         );
     }
     let mut served_by_nated = 0;

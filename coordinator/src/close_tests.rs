@@ -616,6 +616,8 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
         // The noise node (4) claims the prose shard.
         a.shards = vec![i.min(2) as u32];
     }
+    // Node 2 was paced to 4 steps (the rest have 1): its bar is √4 = 2 times theirs.
+    round.close.plan.assignments[1].inner_steps = 4;
     give_one_share_each(&mut round);
     let noise = node(4);
     let rank_of = |key: &barnraise_protocol::SigningKey, c: &Candidate| {
@@ -638,11 +640,12 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
     let unverified = barnraise_protocol::credit::Unverified::default();
     let no_state = |_: &Hash| None;
     let rule: AggregationRule = "mean".parse().unwrap();
-    let close_on = |threads: usize, early: &Early| {
+    let close_looking = |threads: usize, early: &Early, second_look_batches: usize| {
         let verify = VerifyConfig {
             spot_check_fraction: 1.0,
             spot_check_max: 2,
             threads,
+            probe_second_look_batches: second_look_batches,
             ..VerifyConfig::default()
         };
         let ctx = CloseContext {
@@ -670,9 +673,27 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
         };
         close_from(&ctx, &round, theta.clone())
     };
+    let close_on = |threads: usize, early: &Early| close_looking(threads, early, 8);
     let (one, theta_one) = close_on(1, &Early::default());
     assert_eq!(reason_of(&one, 4), Some("not-useful"), "{:?}", one.probes);
     assert_eq!(one.probes.len(), 4, "every update is probed");
+    let bar_of = |n: u8| one.probes.iter().find(|p| p.node == node(n)).unwrap().bar;
+    assert!(bar_of(1) > 0.0);
+    assert_eq!(bar_of(2), 2.0 * bar_of(1));
+    assert_eq!(bar_of(3), bar_of(1));
+    // Only the noise failed the first look, and the second confirmed it.
+    for p in &one.probes {
+        assert_eq!(p.second.is_some(), p.node == noise, "{p:?}");
+    }
+    let second = one.probes.iter().find_map(|p| p.second).unwrap();
+    assert!(second.own_gain < one.probes[0].bar, "{second:?}");
+    assert!(
+        one.updates.iter().any(|u| u
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("second look on 8 batches"))),
+        "the ledger shows the second look"
+    );
     assert_eq!(
         one.spot_checks.len(),
         2,
@@ -737,8 +758,26 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
             other_after: 3.0,
         },
     );
-    let (with_forged, _) = close_on(1, &forged);
+    let (with_forged, _) = close_looking(1, &forged, 0);
     assert_eq!(reason_of(&with_forged, 1), Some("not-useful"));
+    // Unless a second look, on fresh batches, finds it useful after all:
+    // what an unlucky first look at an honest update needs.
+    let (second_look, _) = close_on(2, &forged);
+    // Past the probe, to the spot check that no node here can pass (no
+    // state is served).
+    assert_eq!(
+        reason_of(&second_look, 1),
+        Some("spot-check"),
+        "{:?}",
+        second_look.probes
+    );
+    assert_eq!(reason_of(&second_look, 4), Some("not-useful"));
+    let record = second_look
+        .probes
+        .iter()
+        .find(|p| p.node == node(1))
+        .unwrap();
+    assert!(record.result.own_gain < 0.0 && record.second.is_some_and(|s| s.own_gain > record.bar));
 }
 
 #[test]

@@ -241,6 +241,13 @@ pub struct VerifyConfig {
     /// are probed first, then a draw the nodes could not predict; the rest
     /// pass on stages 1–3 and spot checks (docs/scaling.md).
     pub probe_max: usize,
+    /// Batches a text of the second look at an update the probe found not
+    /// useful: measured again on fresh batches before it is refused, so
+    /// that the first look's noise does not refuse honest work
+    /// (docs/security.md, "The usefulness probe"); 0: no second look.
+    pub probe_second_look_batches: usize,
+    /// Most second looks in one round, the updates nearest the bar first.
+    pub probe_second_look_max: usize,
     /// Fraction of worker shares the coordinator replays each round to check
     /// the work was done (docs/security.md, "Spot checks"); 0 turns them off.
     pub spot_check_fraction: f64,
@@ -295,6 +302,8 @@ impl Default for VerifyConfig {
             // round's median, noise and stale updates under 0.1×.
             probe_min_relative_gain: 0.25,
             probe_max: 64,
+            probe_second_look_batches: 8,
+            probe_second_look_max: 8,
             spot_check_fraction: 0.1,
             spot_check_max: 8,
             spot_check_tolerance: 0.05,

@@ -88,16 +88,32 @@ impl ProbeResult {
     }
 }
 
-/// The least own-shard gain an update of this round must show:
-/// `fraction` × the median gain of the round's probed updates (0 when
-/// there is no positive median). An honest update helps about as much as
-/// the round's typical one; noise of the same norm, a stale update or a
-/// near-zero one helps by a sliver of it, which `gain > 0` alone let through
-/// (docs/security.md, "The usefulness probe").
+/// The least own-shard gain an update of this round must show, when every
+/// update had the same inner steps: `fraction` × the median gain of the
+/// round's probed updates (0 when there is no positive median). An honest
+/// update helps about as much as the round's typical one; noise of the same
+/// norm, a stale update or a near-zero one helps by a sliver of it, which
+/// `gain > 0` alone let through (docs/security.md, "The usefulness probe").
 pub fn round_bar(results: &[ProbeResult], fraction: f32) -> f32 {
+    let equal: Vec<(ProbeResult, u32)> = results.iter().map(|r| (*r, 1)).collect();
+    unit_bar(&equal, fraction)
+}
+
+/// The round's bar per unit of work: `fraction` × the median of own-shard
+/// gain ÷ √steps over the round's probed updates (0 when there is no
+/// positive median). An update's bar is this times the square root of its
+/// own assigned steps ([`work_scale`]). The coordinator sizes work to each
+/// node's speed (between H/2 and 2H), and a node given fewer steps gains
+/// less for them: judged on raw gains, a node given H/2 among nodes given
+/// 2H starts at 0.6 of the median and its worst draws reach the bar. Gain
+/// grows about as the square root of steps (`probe_noise`: 0.106 at 5
+/// steps, 0.17 at 20, in round 3 of the tiny model), so √steps evens the
+/// two out where steps themselves would overcorrect. Steps are the
+/// coordinator's own plan, not a node's claim, so no node can lower its bar.
+pub fn unit_bar(results: &[(ProbeResult, u32)], fraction: f32) -> f32 {
     let mut gains: Vec<f32> = results
         .iter()
-        .map(|r| r.own_gain)
+        .map(|(r, steps)| r.own_gain / work_scale(*steps))
         .filter(|g| g.is_finite())
         .collect();
     if gains.is_empty() || fraction.is_nan() || fraction <= 0.0 {
@@ -106,6 +122,12 @@ pub fn round_bar(results: &[ProbeResult], fraction: f32) -> f32 {
     gains.sort_by(f32::total_cmp);
     let median = gains[(gains.len() - 1) / 2];
     (fraction * median).max(0.0)
+}
+
+/// What an update's gain is expected to scale with: √ of its assigned
+/// inner steps (0 counts as 1).
+pub fn work_scale(steps: u32) -> f32 {
+    (steps.max(1) as f32).sqrt()
 }
 
 /// A model at θ_r and the probe's batch shape.
@@ -267,6 +289,44 @@ impl Probe {
     }
 }
 
+impl Probe {
+    /// The second look at an update the first look found not useful: all
+    /// four losses again on `batches` batches a text, drawn with seeds of
+    /// their own ([`second_look_seed`]), so it measures fresh text with
+    /// less noise than the first look's `probe_batches`.
+    pub fn second_look(
+        &mut self,
+        delta: &[f32],
+        own: &[u16],
+        own_seed: u64,
+        heldout: &[u16],
+        heldout_seed: u64,
+        batches: usize,
+    ) -> Result<ProbeResult, ProbeError> {
+        let first = std::mem::replace(&mut self.batches, batches.max(1));
+        let result = (|| {
+            let own_before = self.base_loss_seeded(own, own_seed)?;
+            let other_before = self.base_loss_seeded(heldout, heldout_seed)?;
+            let (own_after, other_after) =
+                self.losses_after(delta, own, own_seed, heldout, heldout_seed)?;
+            Ok(ProbeResult::from_losses(
+                own_before,
+                own_after,
+                other_before,
+                other_after,
+            ))
+        })();
+        self.batches = first;
+        result
+    }
+}
+
+/// The seed of a second look's batches, from the first look's seed: as
+/// unknowable to a node when it commits, and other batches than the first.
+pub fn second_look_seed(first: u64, round: u64) -> u64 {
+    crate::plan::derive(first, "probe-second-look", round, &[])
+}
+
 fn first_u64(hash: &Hash) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&hash.0[..8]);
@@ -400,6 +460,31 @@ mod tests {
         assert_eq!(round_bar(&[], 0.25), 0.0);
         assert_eq!(round_bar(&[g(-0.2), g(-0.1)], 0.25), 0.0);
         assert_eq!(round_bar(&[g(f32::NAN)], 0.25), 0.0);
+    }
+
+    #[test]
+    fn the_bar_scales_with_the_square_root_of_assigned_steps() {
+        let g = |own_gain: f32| ProbeResult::from_losses(3.0, 3.0 - own_gain, 3.0, 3.0);
+        // Two nodes paced at 2H = 20 steps and one at H/2 = 5, with the
+        // short one on an unlucky draw: it gains under a quarter of the
+        // raw median, though 0.45 of the long ones' per √step.
+        let round = [(g(0.17), 20), (g(0.16), 20), (g(0.038), 5)];
+        let raw: Vec<ProbeResult> = round.iter().map(|(r, _)| *r).collect();
+        assert!(raw[2].verdict(1.0, round_bar(&raw, 0.25)).is_err());
+        let unit = unit_bar(&round, 0.25);
+        assert!(
+            (unit - 0.25 * 0.16 / 20f32.sqrt()).abs() < 1e-6,
+            "the median of gain / sqrt(steps): {unit}"
+        );
+        for (r, steps) in &round {
+            assert!(r.verdict(1.0, unit * work_scale(*steps)).is_ok(), "{r:?}");
+        }
+        // A sliver still fails, whatever its steps.
+        assert!(g(0.015).verdict(1.0, unit * work_scale(5)).is_err());
+        assert!(g(0.03).verdict(1.0, unit * work_scale(20)).is_err());
+        // Zero steps count as one, not a division by zero.
+        assert_eq!(work_scale(0), 1.0);
+        assert!((unit_bar(&[(g(0.1), 0)], 0.5) - 0.05).abs() < 1e-6);
     }
 
     #[test]
