@@ -268,6 +268,10 @@ pub struct VerifyConfig {
     /// checked a round that could close waits for its states, so that a
     /// fast link's verdict still lands in the round itself.
     pub state_grace_secs: f64,
+    /// With deferred checks: the most memory (MB) the copies of θ_r kept
+    /// for checks still out may take. A round whose copy would not fit
+    /// holds for its drawn states instead, as without deferred checks.
+    pub deferred_memory_mb: u64,
     /// Without deferred checks: the slowest uplink (Mbit/s) a node may
     /// have and still deliver a drawn worker's state; after its commit,
     /// the coordinator allows the state's bytes at this rate, plus 5 s,
@@ -308,6 +312,7 @@ impl Default for VerifyConfig {
             spot_check_max: 8,
             spot_check_tolerance: 0.05,
             defer_state_checks: true,
+            deferred_memory_mb: 4096,
             // `small`'s 26 MB state takes 2.1 s at 100 Mbit/s.
             state_grace_secs: 2.0,
             // A home uplink; `small`'s 26 MB state takes 21 s at this rate.

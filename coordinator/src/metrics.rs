@@ -38,6 +38,9 @@ pub struct Metrics {
     /// those, the ones whose verdict is in (docs/security.md, "Deferred spot checks").
     pub spot_checks_deferred: AtomicU64,
     pub spot_checks_settled: AtomicU64,
+    /// Rounds that held for their drawn states because deferring them
+    /// would take the θ copies past `verify.deferred_memory_mb`.
+    pub rounds_held_for_memory: AtomicU64,
 }
 
 /// The stages of the coordinator's work whose time `/metrics` reports
@@ -197,6 +200,11 @@ impl Metrics {
             "spot_checks_settled_total",
             "Deferred spot checks whose verdict is in; it counts in the next close.",
             get(&self.spot_checks_settled),
+        );
+        counter(
+            "rounds_held_for_memory_total",
+            "Rounds that held for their drawn states: deferring them would take the kept copies of theta past verify.deferred_memory_mb.",
+            get(&self.rounds_held_for_memory),
         );
         counter(
             "update_bytes_received_total",

@@ -1371,6 +1371,68 @@ async fn a_blob_of_many_chunks_arrives_whole_and_in_order() {
 /// check settles in the next close, which voids the node's credit of the
 /// round before. Run with a grace that outlasts the fetch's refusals (the
 /// failure is known before the close) and with none (it comes after).
+/// With no memory for another round's θ (`verify.deferred_memory_mb = 0`)
+/// a round holds for its drawn states as without deferred checks: the
+/// withheld state fails its check in its own round, nothing is deferred,
+/// and `/metrics` counts the round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_whose_theta_does_not_fit_the_deferral_budget_holds_for_its_states() {
+    let data = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let mut config = config(data.path());
+    config.min_nodes = 2;
+    config.verify.probe = false;
+    config.verify.deferred_memory_mb = 0;
+    config.verify.state_wait_max_secs = 0.0;
+    config.round_deadline_secs = 6.0;
+    let coordinator = barnraise_coordinator::start(config, shutdown.clone())
+        .await
+        .unwrap();
+    let mut events = coordinator.events();
+    let addr = coordinator.multiaddr();
+    let honest = FakeNode::start(23, &addr, &shutdown).await;
+    let withholder = FakeNode::start(24, &addr, &shutdown).await;
+    let welcome = honest.join().await;
+    withholder.join().await;
+    let model: ModelConfig = serde_json::from_str(&welcome.config.model_config_json).unwrap();
+    let theta0 = model.init_flat(0);
+    let plan0 = honest.plan(0).await;
+    let (commit_h, _) = honest.train(&plan0, &theta0, &welcome).await;
+    let (mut commit_w, _) = withholder.train(&plan0, &theta0, &welcome).await;
+    commit_w.shares[0].state_hash = Hash::of(b"a state never served");
+    for (node, commit) in [(&honest, &commit_h), (&withholder, &commit_w)] {
+        assert_eq!(
+            node.commit(commit).await,
+            CoordinatorResponse::CommitAccepted { round: 0 }
+        );
+    }
+    let CoordinatorEvent::RoundClosed {
+        round,
+        accepted,
+        rejected,
+        ..
+    } = next_close(&mut events).await
+    else {
+        unreachable!()
+    };
+    assert_eq!((round, accepted), (0, 1), "{rejected:?}");
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].node, withholder.key.node_id());
+    assert_eq!(rejected[0].reason.code(), "spot-check");
+    let text = http_get(coordinator.http_addr(), "/metrics").await;
+    for (name, value) in [
+        ("barnraise_spot_checks_deferred_total", "0"),
+        ("barnraise_rounds_held_for_memory_total", "1"),
+    ] {
+        assert!(
+            text.lines().any(|l| l == format!("{name} {value}")),
+            "{name} {value}: {text}"
+        );
+    }
+    shutdown.cancel();
+    let _ = coordinator.wait().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withheld_state_is_settled_in_the_next_round_without_holding_the_round() {
     for grace in [5.0, 0.0] {

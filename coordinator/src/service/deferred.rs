@@ -59,6 +59,10 @@ pub(super) struct Deferred {
     /// The inputs of the round now closing (θ_r among them), for the
     /// shares its close defers.
     closing: Option<Arc<RoundInput>>,
+    /// Whether the round of that number defers its drawn states: decided
+    /// once, at its first fetch or its close, so that its fetches and its
+    /// close agree.
+    decided: Option<(u64, bool)>,
 }
 
 impl Deferred {
@@ -114,6 +118,18 @@ impl Deferred {
             .collect()
     }
 
+    /// Rounds other than `round` whose θ_r a deferred check still holds
+    /// (waiting for its state, or being replayed).
+    fn rounds_held(&self, round: u64) -> usize {
+        self.pending
+            .keys()
+            .chain(self.replaying.keys())
+            .map(|(r, _, _)| *r)
+            .filter(|r| *r != round)
+            .collect::<HashSet<u64>>()
+            .len()
+    }
+
     /// Whether a close may defer shares: only with the round's inputs to
     /// replay them against.
     pub(super) fn can_defer(&self) -> bool {
@@ -145,8 +161,42 @@ impl Service {
     /// only with a later close to settle in. The run's last round holds for
     /// its states as with `verify.defer_state_checks = false`, so that no
     /// check is left unsettled when the run ends.
-    pub(super) fn defers_states_of(&self, round: u64) -> bool {
-        self.config.verify.defer_state_checks && round.saturating_add(1) < self.config.total_rounds
+    ///
+    /// Each round with checks out keeps its θ_r (4 bytes a parameter) until
+    /// they settle, up to a state's serving time after its commit: a round
+    /// whose θ_r would take the rounds held past `verify.deferred_memory_mb`
+    /// holds for its states instead. Decided once a round, so that its
+    /// fetches and its close agree.
+    pub(super) fn defers_states_of(&mut self, round: u64) -> bool {
+        if let Some((decided, defers)) = self.deferred.decided
+            && decided == round
+        {
+            return defers;
+        }
+        let wanted = self.config.verify.defer_state_checks
+            && round.saturating_add(1) < self.config.total_rounds;
+        let held = self.deferred.rounds_held(round);
+        let theta_bytes = 4 * self.resolved.model.params_count() as u64;
+        let budget = self
+            .config
+            .verify
+            .deferred_memory_mb
+            .saturating_mul(1 << 20);
+        let defers = wanted && deferral_fits(held, theta_bytes, budget);
+        if wanted && !defers {
+            self.metrics
+                .rounds_held_for_memory
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                round,
+                rounds_held = held,
+                theta_mb = theta_bytes >> 20,
+                "deferred checks of {held} earlier rounds fill verify.deferred_memory_mb ({} MB): this round holds for its drawn states",
+                self.config.verify.deferred_memory_mb
+            );
+        }
+        self.deferred.decided = Some((round, defers));
+        defers
     }
 
     /// A deferred check's verdict, for the next close.
@@ -347,5 +397,33 @@ impl Service {
             settled.result.describe()
         );
         self.settle(settled);
+    }
+}
+
+/// Whether one more round's θ_r (`theta_bytes`) fits beside the `held`
+/// rounds deferred checks keep, within `budget` bytes.
+fn deferral_fits(held: usize, theta_bytes: u64, budget: u64) -> bool {
+    (held as u64).saturating_add(1).saturating_mul(theta_bytes) <= budget
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deferral_fits;
+
+    #[test]
+    fn rounds_defer_while_their_thetas_fit_the_budget() {
+        let mb = 1u64 << 20;
+        // `small` (3.3 M parameters, 13 MB a θ) under the default 4 GB: hundreds of rounds.
+        assert!(deferral_fits(300, 13 * mb, 4096 * mb));
+        assert!(!deferral_fits(315, 13 * mb, 4096 * mb));
+        // A θ of 1.5 GB: the round itself and one more.
+        assert!(deferral_fits(0, 1536 * mb, 4096 * mb));
+        assert!(deferral_fits(1, 1536 * mb, 4096 * mb));
+        assert!(!deferral_fits(2, 1536 * mb, 4096 * mb));
+        // A θ larger than the budget never defers; a budget of 0 turns deferral off.
+        assert!(!deferral_fits(0, 5000 * mb, 4096 * mb));
+        assert!(!deferral_fits(0, 13 * mb, 0));
+        // No overflow, however many rounds are held.
+        assert!(!deferral_fits(usize::MAX, 1 << 30, 4096 * mb));
     }
 }

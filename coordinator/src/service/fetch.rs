@@ -9,7 +9,8 @@ impl Service {
     /// Returns until when the round should be held past its deadline for
     /// the drawn workers' states (`Rounds::hold_for_fetch`), if any are
     /// drawn.
-    pub(super) fn spawn_fetch(&self, round: u64, node: NodeId, commit: Commit) -> Option<u64> {
+    pub(super) fn spawn_fetch(&mut self, round: u64, node: NodeId, commit: Commit) -> Option<u64> {
+        let defers = self.defers_states_of(round);
         let client = self.net.clone();
         let store = self.store.clone();
         let tx = self.internal_tx.clone();
@@ -66,7 +67,7 @@ impl Service {
         // Deferred checks (`super::deferred`): the update's verdict goes as
         // soon as it is checked, and the states follow on their own, as
         // long as the node must serve them.
-        let defer = self.defers_states_of(round) && !drawn.is_empty() && early.is_some();
+        let defer = defers && !drawn.is_empty() && early.is_some();
         let grace_ms = (verify.state_grace_secs * 1000.0) as u64;
         let serve_ms = barnraise_protocol::limits::state_serve_ms(
             state_bytes.saturating_mul(drawn.len() as u64),
