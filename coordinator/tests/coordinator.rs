@@ -1371,6 +1371,62 @@ async fn a_blob_of_many_chunks_arrives_whole_and_in_order() {
 /// check settles in the next close, which voids the node's credit of the
 /// round before. Run with a grace that outlasts the fetch's refusals (the
 /// failure is known before the close) and with none (it comes after).
+/// Round 0 with two nodes, one of which names a starting state it never
+/// serves, both committed: the setting of the deferred-check tests.
+struct WithheldRound {
+    coordinator: CoordinatorHandle,
+    events: broadcast::Receiver<CoordinatorEvent>,
+    honest: FakeNode,
+    withholder: FakeNode,
+    commit_h: Commit,
+    commit_w: Commit,
+    /// When the commits went in.
+    committed: std::time::Instant,
+}
+
+async fn withheld_round(
+    mut config: CoordinatorConfig,
+    seeds: (u8, u8),
+    shutdown: &CancellationToken,
+) -> WithheldRound {
+    config.min_nodes = 2;
+    config.verify.probe = false;
+    let coordinator = barnraise_coordinator::start(config, shutdown.clone())
+        .await
+        .unwrap();
+    let events = coordinator.events();
+    let addr = coordinator.multiaddr();
+    let honest = FakeNode::start(seeds.0, &addr, shutdown).await;
+    let withholder = FakeNode::start(seeds.1, &addr, shutdown).await;
+    let welcome = honest.join().await;
+    withholder.join().await;
+    let model: ModelConfig = serde_json::from_str(&welcome.config.model_config_json).unwrap();
+    let theta0 = model.init_flat(0);
+    let plan0 = honest.plan(0).await;
+    let (commit_h, _) = honest.train(&plan0, &theta0, &welcome).await;
+    let (mut commit_w, _) = withholder.train(&plan0, &theta0, &welcome).await;
+    // Its worker's starting state, named and never served. (Round 0's
+    // states are fresh, the same bytes on every node: the coordinator
+    // would have the honest node's copy.)
+    commit_w.shares[0].state_hash = Hash::of(b"a state never served");
+    let committed = std::time::Instant::now();
+    for (node, commit) in [(&honest, &commit_h), (&withholder, &commit_w)] {
+        assert_eq!(
+            node.commit(commit).await,
+            CoordinatorResponse::CommitAccepted { round: 0 }
+        );
+    }
+    WithheldRound {
+        coordinator,
+        events,
+        honest,
+        withholder,
+        commit_h,
+        commit_w,
+        committed,
+    }
+}
+
 /// With no memory for another round's θ (`verify.deferred_memory_mb = 0`)
 /// a round holds for its drawn states as without deferred checks: the
 /// withheld state fails its check in its own round, nothing is deferred,
@@ -1380,32 +1436,17 @@ async fn a_round_whose_theta_does_not_fit_the_deferral_budget_holds_for_its_stat
     let data = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let mut config = config(data.path());
-    config.min_nodes = 2;
-    config.verify.probe = false;
     config.verify.deferred_memory_mb = 0;
     config.verify.state_wait_max_secs = 0.0;
     config.round_deadline_secs = 6.0;
-    let coordinator = barnraise_coordinator::start(config, shutdown.clone())
-        .await
-        .unwrap();
-    let mut events = coordinator.events();
-    let addr = coordinator.multiaddr();
-    let honest = FakeNode::start(23, &addr, &shutdown).await;
-    let withholder = FakeNode::start(24, &addr, &shutdown).await;
-    let welcome = honest.join().await;
-    withholder.join().await;
-    let model: ModelConfig = serde_json::from_str(&welcome.config.model_config_json).unwrap();
-    let theta0 = model.init_flat(0);
-    let plan0 = honest.plan(0).await;
-    let (commit_h, _) = honest.train(&plan0, &theta0, &welcome).await;
-    let (mut commit_w, _) = withholder.train(&plan0, &theta0, &welcome).await;
-    commit_w.shares[0].state_hash = Hash::of(b"a state never served");
-    for (node, commit) in [(&honest, &commit_h), (&withholder, &commit_w)] {
-        assert_eq!(
-            node.commit(commit).await,
-            CoordinatorResponse::CommitAccepted { round: 0 }
-        );
-    }
+    // The honest node stays up to serve its update.
+    let WithheldRound {
+        coordinator,
+        mut events,
+        honest: _honest,
+        withholder,
+        ..
+    } = withheld_round(config, (23, 24), &shutdown).await;
     let CoordinatorEvent::RoundClosed {
         round,
         accepted,
@@ -1439,35 +1480,16 @@ async fn a_withheld_state_is_settled_in_the_next_round_without_holding_the_round
         let data = tempfile::tempdir().unwrap();
         let shutdown = CancellationToken::new();
         let mut config = config(data.path());
-        config.min_nodes = 2;
-        config.verify.probe = false;
         config.verify.state_grace_secs = grace;
-        let coordinator = barnraise_coordinator::start(config, shutdown.clone())
-            .await
-            .unwrap();
-        let mut events = coordinator.events();
-        let addr = coordinator.multiaddr();
-        let honest = FakeNode::start(21, &addr, &shutdown).await;
-        let withholder = FakeNode::start(22, &addr, &shutdown).await;
-        let welcome = honest.join().await;
-        withholder.join().await;
-        let model: ModelConfig = serde_json::from_str(&welcome.config.model_config_json).unwrap();
-        let theta0 = model.init_flat(0);
-
-        let plan0 = honest.plan(0).await;
-        let (commit_h, _) = honest.train(&plan0, &theta0, &welcome).await;
-        let (mut commit_w, _) = withholder.train(&plan0, &theta0, &welcome).await;
-        // Its worker's starting state, named and never served. (Round 0's
-        // states are fresh, the same bytes on every node: the coordinator
-        // would have the honest node's copy.)
-        commit_w.shares[0].state_hash = Hash::of(b"a state never served");
-        let committed = std::time::Instant::now();
-        for (node, commit) in [(&honest, &commit_h), (&withholder, &commit_w)] {
-            assert_eq!(
-                node.commit(commit).await,
-                CoordinatorResponse::CommitAccepted { round: 0 }
-            );
-        }
+        let WithheldRound {
+            coordinator,
+            mut events,
+            honest,
+            withholder,
+            commit_h,
+            commit_w,
+            committed,
+        } = withheld_round(config, (21, 22), &shutdown).await;
         let CoordinatorEvent::RoundClosed {
             round,
             accepted,
