@@ -156,6 +156,10 @@ pub struct NodeSummary {
     /// manifest we applied: the span [`NodeSummary::utilization`] divides by.
     pub first_plan_ms: Option<u64>,
     pub last_applied_ms: Option<u64>,
+    /// `compute_ms` as it stood when the last manifest was applied: the
+    /// training of rounds inside that span (a round trained and then left
+    /// before its manifest came is outside it).
+    pub compute_ms_applied: u64,
     /// Where the rounds' wall clock went, summed over rounds.
     pub phases: RoundPhases,
 }
@@ -183,10 +187,35 @@ impl NodeSummary {
     /// Seconds training ÷ seconds of wall clock from the first plan to the
     /// last manifest applied; `None` before a round was both planned and
     /// applied.
+    /// Only the training of rounds whose manifest was applied counts: a
+    /// last round trained but never closed would otherwise add training
+    /// time outside the span.
     pub fn utilization(&self) -> Option<f64> {
         let (first, last) = (self.first_plan_ms?, self.last_applied_ms?);
         let span = last.checked_sub(first).filter(|&span| span > 0)?;
-        Some((self.compute_ms as f64 / span as f64).min(1.0))
+        Some((self.compute_ms_applied as f64 / span as f64).min(1.0))
+    }
+}
+
+#[cfg(test)]
+mod summary_tests {
+    use super::NodeSummary;
+
+    #[test]
+    fn utilization_counts_the_training_of_applied_rounds_only() {
+        let mut s = NodeSummary::default();
+        assert_eq!(s.utilization(), None);
+        // Two rounds over 10 s, 6 s of them training, then a third round
+        // trained for 9 s whose manifest never came.
+        s.first_plan_ms = Some(1_000);
+        s.compute_ms = 6_000;
+        s.compute_ms_applied = 6_000;
+        s.last_applied_ms = Some(11_000);
+        s.compute_ms += 9_000;
+        assert_eq!(s.utilization(), Some(0.6));
+        // No span: no figure.
+        s.last_applied_ms = Some(1_000);
+        assert_eq!(s.utilization(), None);
     }
 }
 

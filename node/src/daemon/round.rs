@@ -237,6 +237,7 @@ impl Node {
         self.prune(&manifest, state.round).await;
         self.summary.rounds_completed += 1;
         self.summary.last_applied_ms = Some(now_ms());
+        self.summary.compute_ms_applied = self.summary.compute_ms;
         self.add_phase(2, manifest_at.elapsed().as_millis() as u64);
         self.phase_mark_ms = self.summary.last_applied_ms;
         self.last_round = Some(planned_at.elapsed());
