@@ -1050,3 +1050,58 @@ fn a_node_with_a_deferred_check_out_is_not_listed_verified() {
         assert_eq!(closed.manifest.verified, expected, "pending {pending:?}");
     }
 }
+
+#[test]
+fn a_node_that_fails_a_check_in_the_close_loses_its_deferred_checks_of_that_round() {
+    let (key, mut round, lowest, run_config) = spot_round();
+    // `lowest` ran two workers: worker 0's replay (run while the round was
+    // open) shows a faked worker, worker 1's state has not arrived.
+    let c = round
+        .close
+        .candidates
+        .iter_mut()
+        .find(|c| c.node == lowest)
+        .unwrap();
+    let mut second = c.commit.shares[0].clone();
+    second.index = 1;
+    second.state_hash = Hash::of(b"worker 1's state, still arriving");
+    c.commit.shares.push(second);
+    c.commit.workers = 2;
+    let hash = c.commit.update_hash;
+    let mut faked = exact_replay();
+    faked.exact = false;
+    faked.distance = 0.9;
+    let mut early = Early::default();
+    early.replays.insert((lowest, hash, 0), faked);
+    let verify = VerifyConfig {
+        probe: false,
+        spot_check_fraction: 1.0,
+        spot_check_max: 8,
+        ..VerifyConfig::default()
+    };
+    let earlier = unchecked_rounds(&round, 3);
+    let unverified = barnraise_protocol::credit::Unverified::replay(&earlier).unwrap();
+    let no_state = |_: &Hash| None;
+    let spot = SpotContext {
+        key: &key,
+        run: &run_config,
+        state: &no_state,
+        unverified: &unverified,
+        deferred: DeferredInput {
+            defer: true,
+            ..DeferredInput::default()
+        },
+    };
+    let (closed, _) = close_with_early(&round, "mean", &verify, Some(spot), &early);
+    assert_eq!(reason_of(&closed, lowest.0.0[0]), Some("spot-check"));
+    assert!(closed.manifest.voided.iter().any(|v| v.node == lowest));
+    // Voided now: worker 1's check could only void it again, later, over
+    // credit it never saw. The other nodes' shares (no state either) wait.
+    let deferred: Vec<(NodeId, u32)> = closed
+        .deferred
+        .iter()
+        .map(|d| (d.node, d.share.index))
+        .collect();
+    assert!(deferred.iter().all(|(n, _)| *n != lowest), "{deferred:?}");
+    assert_eq!(deferred.len(), 2, "{deferred:?}");
+}
