@@ -7,7 +7,7 @@
 use crate::config::VerifyConfig;
 use crate::ledger::UpdateRow;
 use crate::probe::{Probe, ProbeError, ProbeResult};
-use crate::rounds::CloseRound;
+use crate::rounds::{Candidate, CloseRound};
 use crate::verify::{self, RoundUpdate};
 use barnraise_protocol::aggregate::{AggregateError, AggregationRule, apply_round};
 use barnraise_protocol::codec::CodecConfig;
@@ -517,18 +517,13 @@ pub fn close_round(
             ),
             Check::Measure(m) => {
                 let (i, seed, own) = &measured[m];
-                let c = &close.candidates[*i];
-                // Decoded again (it passed stage 2, so it decodes).
-                match payloads
-                    .get(&c.commit.update_hash)
-                    .map(|p| verify::check_payload(p, &c.commit, ctx.codec, params))
-                {
-                    Some(Ok(values)) => {
+                match decoded(ctx, &close.candidates[*i], payloads, params) {
+                    Some(values) => {
                         CheckOutcome::Measured(Some(probe_for(probe, ctx, theta_r).and_then(|p| {
                             p.measure_update(&values, own, *seed, heldout, heldout_seed)
                         })))
                     }
-                    _ => CheckOutcome::Measured(None),
+                    None => CheckOutcome::Measured(None),
                 }
             }
         };
@@ -582,15 +577,9 @@ pub fn close_round(
     }
     // Judged against the round: the bar is a fraction of the median gain
     // per √(assigned inner steps), times the update's own √steps.
-    let steps_of = |record: &ProbeResult, index: usize| {
-        (
-            *record,
-            assignment_steps(close, &close.candidates[index].node),
-        )
-    };
     let results: Vec<_> = probes
         .iter()
-        .map(|r| steps_of(&r.result, r.index))
+        .map(|r| (r.result, assignment_steps(close, &r.node)))
         .collect();
     let unit = crate::probe::unit_bar(&results, ctx.verify.probe_min_relative_gain);
     for (record, (_, steps)) in probes.iter_mut().zip(&results) {
@@ -916,17 +905,15 @@ fn second_looks(
     }
     let heldout_seed =
         crate::probe::second_look_seed(crate::probe::heldout_seed(ctx.key, run_id, round), round);
-    let jobs: Vec<(usize, u64, &[u16], Hash)> = failed
+    let jobs: Vec<(usize, u64, &[u16])> = failed
         .iter()
         .filter_map(|&p| {
-            let record = &probes[p];
-            let (_, seed, own) = measured.iter().find(|(i, _, _)| *i == record.index)?;
-            let c = &close.candidates[record.index];
+            let index = probes[p].index;
+            let (_, seed, own) = measured.iter().find(|(i, _, _)| *i == index)?;
             Some((
                 p,
                 crate::probe::second_look_seed(*seed, round),
                 own.as_slice(),
-                c.commit.update_hash,
             ))
         })
         .collect();
@@ -934,12 +921,9 @@ fn second_looks(
     let mut states: Vec<Option<Probe>> = (0..threads.min(jobs.len())).map(|_| None).collect();
     let params = theta_r.len();
     let started = Instant::now();
-    let results = crate::pool::run(&mut states, &jobs, |probe, _, &(p, seed, own, hash)| {
+    let results = crate::pool::run(&mut states, &jobs, |probe, _, &(p, seed, own)| {
         let c = &close.candidates[probes[p].index];
-        let values = match payloads.get(&hash) {
-            Some(payload) => verify::check_payload(payload, &c.commit, ctx.codec, params).ok(),
-            None => None,
-        }?;
+        let values = decoded(ctx, c, payloads, params)?;
         probe_for(probe, ctx, theta_r)
             .and_then(|probe| probe.second_look(&values, own, seed, heldout, heldout_seed, batches))
             .map_err(|e| tracing::warn!(round, node = %c.node, "second probe look: {e}"))
@@ -949,6 +933,18 @@ fn second_looks(
         probes[p].second = result;
     }
     started.elapsed()
+}
+
+/// A candidate's update decoded again for a probe (it passed stage 2, so
+/// it decodes; `None` if its payload is gone).
+fn decoded(
+    ctx: &CloseContext<'_>,
+    c: &Candidate,
+    payloads: &HashMap<Hash, Arc<Vec<u8>>>,
+    params: usize,
+) -> Option<Vec<f32>> {
+    let payload = payloads.get(&c.commit.update_hash)?;
+    verify::check_payload(payload, &c.commit, ctx.codec, params).ok()
 }
 
 /// The inner steps the round's plan gave `node` (1 if it has none).

@@ -867,23 +867,38 @@ fn exact_replay() -> crate::spot::SpotResult {
     }
 }
 
+/// Spot checks over `round` with no state ever fetched and deferral on,
+/// with these earlier verdicts and checks still out.
+fn deferring<'a>(
+    key: &'a barnraise_protocol::SigningKey,
+    run: &'a barnraise_protocol::messages::RunConfig,
+    unverified: &'a barnraise_protocol::credit::Unverified,
+    settled: &'a [Settled],
+    pending: &'a [NodeId],
+) -> SpotContext<'a> {
+    fn no_state(_: &Hash) -> Option<Arc<Vec<u8>>> {
+        None
+    }
+    SpotContext {
+        key,
+        run,
+        state: &no_state,
+        unverified,
+        deferred: DeferredInput {
+            defer: true,
+            settled,
+            pending,
+        },
+    }
+}
+
 #[test]
 fn a_drawn_state_not_in_at_the_close_is_deferred_not_failed() {
     let (key, round, lowest, run_config) = spot_round();
     let verify = one_replay();
     let earlier = unchecked_rounds(&round, 3);
     let unverified = barnraise_protocol::credit::Unverified::replay(&earlier).unwrap();
-    let no_state = |_: &Hash| None;
-    let spot = SpotContext {
-        key: &key,
-        run: &run_config,
-        state: &no_state,
-        unverified: &unverified,
-        deferred: DeferredInput {
-            defer: true,
-            ..DeferredInput::default()
-        },
-    };
+    let spot = deferring(&key, &run_config, &unverified, &[], &[]);
     let (closed, _) = close_with(&round, "mean", &verify, Some(spot));
     // Without deferral this share fails and voids the window
     // (`over_budget_spot_checks_replay_the_lowest_draws`); deferred, the
@@ -936,18 +951,7 @@ fn a_deferred_check_settles_in_a_later_close_failure_voids_and_pass_lists_nothin
             result: exact_replay(),
         },
     ];
-    let no_state = |_: &Hash| None;
-    let spot = SpotContext {
-        key: &key,
-        run: &run_config,
-        state: &no_state,
-        unverified: &unverified,
-        deferred: DeferredInput {
-            defer: true,
-            settled: &settled,
-            pending: &[],
-        },
-    };
+    let spot = deferring(&key, &run_config, &unverified, &settled, &[]);
     // No share of this round is drawn.
     let verify = VerifyConfig {
         probe: false,
@@ -1010,7 +1014,6 @@ fn a_node_with_a_deferred_check_out_is_not_listed_verified() {
     let (key, round, lowest, run_config) = spot_round();
     let verify = one_replay();
     let unverified = barnraise_protocol::credit::Unverified::default();
-    let no_state = |_: &Hash| None;
     let c = round
         .close
         .candidates
@@ -1024,17 +1027,7 @@ fn a_node_with_a_deferred_check_out_is_not_listed_verified() {
         exact_replay(),
     );
     for pending in [vec![], vec![lowest]] {
-        let spot = SpotContext {
-            key: &key,
-            run: &run_config,
-            state: &no_state,
-            unverified: &unverified,
-            deferred: DeferredInput {
-                defer: true,
-                settled: &[],
-                pending: &pending,
-            },
-        };
+        let spot = deferring(&key, &run_config, &unverified, &[], &pending);
         let (closed, _) = close_with_early(&round, "mean", &verify, Some(spot), &early);
         assert_eq!(closed.spot_checks.len(), 1);
         assert!(closed.spot_checks[0].passed);
@@ -1081,17 +1074,7 @@ fn a_node_that_fails_a_check_in_the_close_loses_its_deferred_checks_of_that_roun
     };
     let earlier = unchecked_rounds(&round, 3);
     let unverified = barnraise_protocol::credit::Unverified::replay(&earlier).unwrap();
-    let no_state = |_: &Hash| None;
-    let spot = SpotContext {
-        key: &key,
-        run: &run_config,
-        state: &no_state,
-        unverified: &unverified,
-        deferred: DeferredInput {
-            defer: true,
-            ..DeferredInput::default()
-        },
-    };
+    let spot = deferring(&key, &run_config, &unverified, &[], &[]);
     let (closed, _) = close_with_early(&round, "mean", &verify, Some(spot), &early);
     assert_eq!(reason_of(&closed, lowest.0.0[0]), Some("spot-check"));
     assert!(closed.manifest.voided.iter().any(|v| v.node == lowest));

@@ -1585,30 +1585,14 @@ async fn the_last_round_checks_its_drawn_states_before_it_closes() {
     let data = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let mut config = config(data.path());
-    config.min_nodes = 2;
     config.total_rounds = 1;
-    config.verify.probe = false;
-    let coordinator = barnraise_coordinator::start(config, shutdown.clone())
-        .await
-        .unwrap();
-    let mut events = coordinator.events();
-    let addr = coordinator.multiaddr();
-    let honest = FakeNode::start(23, &addr, &shutdown).await;
-    let withholder = FakeNode::start(24, &addr, &shutdown).await;
-    let welcome = honest.join().await;
-    withholder.join().await;
-    let model: ModelConfig = serde_json::from_str(&welcome.config.model_config_json).unwrap();
-    let theta0 = model.init_flat(0);
-    let plan0 = honest.plan(0).await;
-    let (commit_h, _) = honest.train(&plan0, &theta0, &welcome).await;
-    let (mut commit_w, _) = withholder.train(&plan0, &theta0, &welcome).await;
-    commit_w.shares[0].state_hash = Hash::of(b"a state never served");
-    for (node, commit) in [(&honest, &commit_h), (&withholder, &commit_w)] {
-        assert_eq!(
-            node.commit(commit).await,
-            CoordinatorResponse::CommitAccepted { round: 0 }
-        );
-    }
+    let WithheldRound {
+        coordinator,
+        mut events,
+        honest,
+        withholder,
+        ..
+    } = withheld_round(config, (23, 24), &shutdown).await;
     let CoordinatorEvent::RoundClosed {
         round,
         accepted,
