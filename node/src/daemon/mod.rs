@@ -187,6 +187,7 @@ impl NodeSummary {
     /// Seconds training ÷ seconds of wall clock from the first plan to the
     /// last manifest applied; `None` before a round was both planned and
     /// applied.
+    ///
     /// Only the training of rounds whose manifest was applied counts: a
     /// last round trained but never closed would otherwise add training
     /// time outside the span.
