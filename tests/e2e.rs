@@ -132,6 +132,19 @@ fn three_nodes_three_rounds_learn_and_agree() {
             );
         }
 
+        // Each node fetched the others' updates on the coordinator's
+        // notices, before their manifests (docs/protocol.md, "Update
+        // notices"): of the 6 it applied from others, at least 2 (gossip is
+        // best effort, and the first round's mesh may still be forming).
+        for s in &node_summaries {
+            assert!(
+                s.updates_prefetched >= 2,
+                "node {:?} fetched {} of the others' updates before their manifest",
+                s.node,
+                s.updates_prefetched
+            );
+        }
+
         // The ledger's tokens per node equal what each node trained.
         let ledger = Ledger::open_existing(&ledger_path).unwrap();
         let by_node: HashMap<String, u64> = ledger

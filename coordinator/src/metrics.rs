@@ -41,6 +41,8 @@ pub struct Metrics {
     /// Rounds that held for their drawn states because deferring them
     /// would take the θ copies past `verify.deferred_memory_mb`.
     pub rounds_held_for_memory: AtomicU64,
+    /// Updates announced on the run's updates topic as they passed stage 2.
+    pub update_notices: AtomicU64,
 }
 
 /// The stages of the coordinator's work whose time `/metrics` reports
@@ -205,6 +207,11 @@ impl Metrics {
             "rounds_held_for_memory_total",
             "Rounds that held for their drawn states: deferring them would take the kept copies of theta past verify.deferred_memory_mb.",
             get(&self.rounds_held_for_memory),
+        );
+        counter(
+            "update_notices_total",
+            "Updates of the open round announced to nodes as they passed stage 2, for fetching before the manifest.",
+            get(&self.update_notices),
         );
         counter(
             "update_bytes_received_total",

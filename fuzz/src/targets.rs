@@ -8,7 +8,7 @@ use barnraise_protocol::codec::{self, CodecConfig, Encoder};
 use barnraise_protocol::framing::{INITIAL_BUFFER, read_framed, write_framed};
 use barnraise_protocol::messages::{
     BlobRequest, BlobResponse, Commit, CoordinatorRequest, CoordinatorResponse, Framed, Join,
-    Leave, Manifest, NodeCertificate, RoundPlan, Welcome,
+    Leave, Manifest, NodeCertificate, RoundPlan, UpdateNotice, Welcome,
 };
 use barnraise_protocol::signed::{Message, Signed};
 use barnraise_protocol::{SigningKey, wire};
@@ -116,7 +116,7 @@ pub fn wire(data: &[u8]) {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
-    match selector % 18 {
+    match selector % 20 {
         0 => {
             body::<Join>(rest);
         }
@@ -161,7 +161,11 @@ pub fn wire(data: &[u8]) {
         14 => framed_round_trip::<CoordinatorRequest>(rest, "coordinator request"),
         15 => framed_round_trip::<CoordinatorResponse>(rest, "coordinator response"),
         16 => framed_round_trip::<BlobRequest>(rest, "blob request"),
-        _ => framed_round_trip::<BlobResponse>(rest, "blob response"),
+        17 => framed_round_trip::<BlobResponse>(rest, "blob response"),
+        18 => {
+            body::<UpdateNotice>(rest);
+        }
+        _ => envelope::<UpdateNotice>(rest),
     }
 }
 

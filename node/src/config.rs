@@ -50,6 +50,12 @@ pub struct NodeConfig {
     pub poll_interval_ms: u64,
     /// Blobs fetched in parallel chunks at most (all providers together).
     pub max_parallel_chunks: usize,
+    /// Fetch the other nodes' updates as the coordinator announces them,
+    /// before the round's manifest, so that applying it finds them here
+    /// (docs/running-a-node.md, "Configuration"). An update the manifest
+    /// then rejects has cost its bytes; `false` fetches only what a
+    /// manifest accepts.
+    pub prefetch_updates: bool,
     /// Red-team mode, for testing a coordinator's verification: corrupt this
     /// node's updates on purpose. `sign-flip` (send −Δ), `zero` (a free
     /// rider's empty update) or `scale:F` (send F·Δ). Never set it on a node
@@ -174,6 +180,7 @@ impl Default for NodeConfig {
             run_id: String::new(),
             poll_interval_ms: 500,
             max_parallel_chunks: crate::transfer::MAX_IN_FLIGHT,
+            prefetch_updates: true,
             misbehave: None,
             workers: None,
             certificate: None,

@@ -29,6 +29,8 @@ pub struct NodeMetrics {
     /// Blob bytes fetched, from anyone, and from the coordinator.
     pub blob_bytes_fetched: AtomicU64,
     pub blob_bytes_fetched_from_coordinator: AtomicU64,
+    /// Accepted updates whose fetch started before their manifest.
+    pub updates_prefetched: AtomicU64,
     /// f32 bits of the last inner step's training loss (NaN before any).
     pub last_loss: AtomicU64,
     /// Tokens each worker trained, by worker index.
@@ -81,7 +83,7 @@ impl NodeMetrics {
     pub fn render(&self) -> String {
         let get = |cell: &AtomicU64| cell.load(Ordering::Relaxed).to_string();
         let loss = f64::from_bits(self.last_loss.load(Ordering::Relaxed));
-        let series: [(&str, &str, &str, String); 16] = [
+        let series: [(&str, &str, &str, String); 17] = [
             (
                 "blob_served_bytes_total",
                 "counter",
@@ -105,6 +107,12 @@ impl NodeMetrics {
                 "counter",
                 "Blob bytes this node fetched from the coordinator.",
                 get(&self.blob_bytes_fetched_from_coordinator),
+            ),
+            (
+                "updates_prefetched_total",
+                "counter",
+                "Accepted updates whose fetch started on the coordinator's notice, before their manifest.",
+                get(&self.updates_prefetched),
             ),
             (
                 "rounds_applied_total",

@@ -23,7 +23,9 @@ use barnraise_protocol::limits::BLOB_CHUNK_BYTES;
 use barnraise_protocol::messages::{
     AcceptedUpdate, Assignment, CoordinatorResponse, Manifest, RunConfig, ShardInfo, Welcome,
 };
-use barnraise_protocol::messages::{BlobRequest, BlobResponse, CoordinatorRequest, RoundPlan};
+use barnraise_protocol::messages::{
+    BlobRequest, BlobResponse, CoordinatorRequest, RoundPlan, UpdateNotice,
+};
 use barnraise_protocol::outer::{OuterConfig, OuterOptimizer};
 use barnraise_protocol::{Hash, Signed, SigningKey};
 use barnraise_trainer::ModelConfig;
@@ -716,23 +718,29 @@ async fn oversized_requests_are_refused_without_large_allocations() {
     provider.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gossip_from_a_non_coordinator_signer_is_rejected() {
-    let coordinator_key = SigningKey::from_seed([30; 32]).unwrap();
-    let impostor_key = SigningKey::from_seed([31; 32]).unwrap();
+/// A node that knows the coordinator's key, the coordinator and an
+/// impostor (keys from seeds `seed`, `seed + 1` and `seed + 2`: node,
+/// coordinator, impostor), all on `topic`, the node connected to both.
+struct GossipTrio {
+    node: Peer,
+    coordinator: Peer,
+    impostor: Peer,
+    coordinator_id: libp2p::PeerId,
+    impostor_id: libp2p::PeerId,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+async fn gossip_trio(seed: u8, topic: &Topic) -> GossipTrio {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let stores: Vec<_> = dirs
         .iter()
         .map(|d| Arc::new(BlobStore::open(d.path()).unwrap()))
         .collect();
-    let node = spawn_peer(32, stores[0].clone(), false).await;
-    let coordinator = spawn_peer(30, stores[1].clone(), false).await;
-    let impostor = spawn_peer(31, stores[2].clone(), false).await;
-    let topic = Topic::Plans {
-        run_id: "gossip-test".into(),
-    };
+    let node = spawn_peer(seed, stores[0].clone(), false).await;
+    let coordinator = spawn_peer(seed + 1, stores[1].clone(), false).await;
+    let impostor = spawn_peer(seed + 2, stores[2].clone(), false).await;
     node.client
-        .set_coordinator_key(coordinator_key.public())
+        .set_coordinator_key(coordinator.key.public())
         .await
         .unwrap();
     for peer in [&node, &coordinator, &impostor] {
@@ -740,6 +748,30 @@ async fn gossip_from_a_non_coordinator_signer_is_rejected() {
     }
     let coordinator_id = node.client.dial(coordinator.addr.clone()).await.unwrap();
     let impostor_id = node.client.dial(impostor.addr.clone()).await.unwrap();
+    GossipTrio {
+        node,
+        coordinator,
+        impostor,
+        coordinator_id,
+        impostor_id,
+        _dirs: dirs,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_from_a_non_coordinator_signer_is_rejected() {
+    let topic = Topic::Plans {
+        run_id: "gossip-test".into(),
+    };
+    let GossipTrio {
+        node,
+        coordinator,
+        impostor,
+        coordinator_id,
+        impostor_id,
+        _dirs,
+    } = gossip_trio(30, &topic).await;
+    let (coordinator_key, impostor_key) = (coordinator.key.clone(), impostor.key.clone());
     let mut events = node.events.lock().await;
 
     let plan = |round: u64| RoundPlan {
@@ -855,6 +887,115 @@ async fn gossip_from_a_non_coordinator_signer_is_rejected() {
     eprintln!("{checked} of {FLOOD} flooded forgeries reached validation");
     drop(events);
     for peer in [node, coordinator, impostor] {
+        peer.stop().await;
+    }
+}
+
+/// Publishes `bytes` from `from` and returns who the node then rejected
+/// gossip from, and why.
+async fn rejection(
+    from: &Peer,
+    topic: &Topic,
+    bytes: Vec<u8>,
+    events: &mut tokio::sync::mpsc::Receiver<Event>,
+) -> (libp2p::PeerId, String) {
+    publish_when_possible(&from.client, topic, bytes).await;
+    match wait_for(
+        events,
+        |e| matches!(e, Event::GossipRejected { .. }),
+        "a rejection",
+    )
+    .await
+    {
+        Event::GossipRejected { source, reason, .. } => (source, reason),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Update notices (docs/protocol.md, "Update notices") are taken from the
+/// coordinator only, and only for the run of their topic: a forged or
+/// misdirected notice is rejected before any fetch could start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_notices_are_taken_only_from_the_coordinator_for_its_run() {
+    let topic = Topic::Updates {
+        run_id: "notice-test".into(),
+    };
+    let trio = gossip_trio(40, &topic).await;
+    let (coordinator, impostor) = (&trio.coordinator, &trio.impostor);
+    let (coordinator_key, impostor_key) = (coordinator.key.clone(), impostor.key.clone());
+    let mut events = trio.node.events.lock().await;
+    let notice = |run_id: &str, round: u64| UpdateNotice {
+        run_id: run_id.into(),
+        round,
+        node: impostor_key.node_id(),
+        update_hash: Hash::of(b"update"),
+        update_bytes: 6,
+    };
+    let signed =
+        |key: &SigningKey, n: UpdateNotice| Signed::sign(key, &n).unwrap().to_bytes().unwrap();
+
+    // Signed by a peer that is not the coordinator.
+    let (source, reason) = rejection(
+        impostor,
+        &topic,
+        signed(&impostor_key, notice("notice-test", 1)),
+        &mut events,
+    )
+    .await;
+    assert_eq!(source, trio.impostor_id);
+    assert!(reason.contains("signed by"), "{reason}");
+    // The coordinator's key, another run's notice.
+    let (source, reason) = rejection(
+        coordinator,
+        &topic,
+        signed(&coordinator_key, notice("other-run", 2)),
+        &mut events,
+    )
+    .await;
+    assert_eq!(source, trio.coordinator_id);
+    assert!(reason.contains("other-run"), "{reason}");
+    // Not a notice at all: a plan's bytes on the notices' topic.
+    let plan = RoundPlan {
+        run_id: "notice-test".into(),
+        round: 3,
+        params_hash: Hash::ZERO,
+        previous_manifest: Hash::ZERO,
+        assignments: vec![],
+        opened_at_ms: 0,
+        deadline_ms: 0,
+        bootstrap: vec![],
+    };
+    let wrong = Signed::sign(&coordinator_key, &plan)
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+    let (_, reason) = rejection(coordinator, &topic, wrong, &mut events).await;
+    assert!(reason.contains("update notice"), "{reason}");
+    // The genuine one gets through, as it was signed.
+    publish_when_possible(
+        &coordinator.client,
+        &topic,
+        signed(&coordinator_key, notice("notice-test", 4)),
+    )
+    .await;
+    match wait_for(
+        &mut events,
+        |e| matches!(e, Event::UpdateNotice { .. }),
+        "the genuine notice",
+    )
+    .await
+    {
+        Event::UpdateNotice {
+            source,
+            notice: got,
+        } => {
+            assert_eq!(source, trio.coordinator_id);
+            assert_eq!(got, notice("notice-test", 4));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    drop(events);
+    for peer in [trio.node, trio.coordinator, trio.impostor] {
         peer.stop().await;
     }
 }

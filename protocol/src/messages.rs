@@ -172,6 +172,21 @@ pub struct RoundPlan {
     pub bootstrap: Vec<BootstrapPeer>,
 }
 
+/// The coordinator's word that an update of the open round arrived and
+/// passed its checks of form (stage 2), gossiped so that nodes can fetch it
+/// while the round is still closing (docs/protocol.md, "Update notices").
+/// It promises nothing: only the manifest accepts an update, and the blob
+/// is checked against its hash on arrival like any other.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateNotice {
+    pub run_id: String,
+    pub round: u64,
+    /// The node that committed the update, which serves it first.
+    pub node: NodeId,
+    pub update_hash: Hash,
+    pub update_bytes: u64,
+}
+
 /// A node's claim that it finished its assignment: the update is a blob it serves.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Commit {
@@ -384,6 +399,7 @@ message!(Commit, Commit, MAX_COMMIT_BYTES);
 message!(Manifest, Manifest, MAX_MANIFEST_BYTES);
 message!(NodeCertificate, NodeCertificate, MAX_CERTIFICATE_BYTES);
 message!(Leave, Leave, 1024);
+message!(UpdateNotice, UpdateNotice, 1024);
 
 /// Requests a node sends the coordinator over [`COORDINATOR_PROTOCOL`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

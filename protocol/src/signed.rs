@@ -22,6 +22,7 @@ pub enum MessageKind {
     Manifest = 5,
     NodeCertificate = 6,
     Leave = 7,
+    UpdateNotice = 8,
 }
 
 impl MessageKind {
@@ -35,6 +36,7 @@ impl MessageKind {
             MessageKind::Manifest => b"barnraise/v1/manifest\0",
             MessageKind::NodeCertificate => b"barnraise/v1/node-certificate\0",
             MessageKind::Leave => b"barnraise/v1/leave\0",
+            MessageKind::UpdateNotice => b"barnraise/v1/update-notice\0",
         }
     }
 }

@@ -424,6 +424,7 @@ async fn run_daemon(mut config: NodeConfig) -> anyhow::Result<()> {
         "bytes_served_to_peers": summary.bytes_served_to_peers,
         "bytes_downloaded": summary.bytes_downloaded,
         "bytes_from_coordinator": summary.bytes_from_coordinator,
+        "updates_prefetched": summary.updates_prefetched,
         "reachability": summary.reachability,
         "hole_punches": summary.hole_punches,
         "final_params_hash": summary.final_params_hash.map(|h| h.to_hex()),

@@ -93,6 +93,12 @@ pub struct Args {
     /// docs/architecture.md, "Slow links").
     #[arg(long)]
     pub hold_state_checks: bool,
+    /// Fetch the other nodes' updates only once the manifest names them,
+    /// not as the coordinator announces them (the nodes'
+    /// `prefetch_updates = false`; for comparisons: docs/architecture.md,
+    /// "Slow links").
+    #[arg(long)]
+    pub no_prefetch: bool,
 }
 
 const RUN_ID: &str = "barnraise-up";
@@ -237,6 +243,7 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
             run_id: RUN_ID.into(),
             max_rounds: Some(args.rounds),
             link: links[i as usize].clone(),
+            prefetch_updates: !args.no_prefetch,
             ..NodeConfig::default()
         };
         let (tx, mut rx) = mpsc::channel::<NodeEvent>(64);
@@ -658,6 +665,8 @@ pub struct NodeLine {
     pub utilization: Option<f64>,
     /// Where its rounds' wall clock went, in seconds.
     pub phases: PhaseSeconds,
+    /// Accepted updates it began fetching before their manifest.
+    pub updates_prefetched: u64,
 }
 
 /// A node's rounds by phase (`barnraise_node::daemon::RoundPhases`), in
@@ -759,6 +768,7 @@ impl UpReport {
                 compute_seconds: s.compute_ms as f64 / 1e3,
                 utilization: s.utilization(),
                 phases: PhaseSeconds::of(&s),
+                updates_prefetched: s.updates_prefetched,
             })
             .collect();
         let utilizations: Vec<f64> = node_summaries

@@ -12,9 +12,13 @@ impl Service {
             Internal::Checked {
                 round,
                 node,
+                update,
                 result,
                 states_until_ms,
             } => {
+                if result.is_ok() {
+                    self.announce_update(round, node, update).await;
+                }
                 self.rounds.update_checked(round, &node, result);
                 if let Some(until_ms) = states_until_ms {
                     self.rounds.states_pending(round, &node, until_ms);

@@ -133,6 +133,7 @@ impl Service {
                     .send(Internal::Checked {
                         round,
                         node,
+                        update: (commit.update_hash, commit.update_bytes),
                         result: Ok(()),
                         states_until_ms: Some(now_ms().saturating_add(grace_ms)),
                     })
@@ -185,6 +186,7 @@ impl Service {
                 .send(Internal::Checked {
                     round,
                     node,
+                    update: (commit.update_hash, commit.update_bytes),
                     result,
                     states_until_ms: None,
                 })

@@ -30,7 +30,7 @@ use crate::verify;
 use barnraise_protocol::credit::Unverified;
 use barnraise_protocol::messages::{
     CheckpointRef, Commit, CoordinatorRequest, CoordinatorResponse, Manifest, RejectReason,
-    RoundPlan, RunConfig, Welcome,
+    RoundPlan, RunConfig, UpdateNotice, Welcome,
 };
 use barnraise_protocol::outer::OuterConfig;
 use barnraise_protocol::{Hash, NodeId, OrgId, PublicKey, Signed, SigningKey, messages::now_ms};
@@ -142,6 +142,9 @@ enum Internal {
     Checked {
         round: u64,
         node: NodeId,
+        /// The update's hash and size, announced when it passed
+        /// (`Service::announce_update`).
+        update: (Hash, u64),
         result: Result<(), RejectReason>,
         /// Until when a round that could close waits for the update's
         /// drawn states, still arriving (`Rounds::states_pending`).
@@ -466,6 +469,42 @@ impl Service {
             nodes: plan.assignments.len(),
         });
         Ok(())
+    }
+}
+
+impl Service {
+    /// Gossips that `node`'s update of the open round `round` passed stage
+    /// 2, so that nodes fetch it while the round closes instead of after
+    /// the manifest (docs/protocol.md, "Update notices"). Best effort: a
+    /// notice lost costs a node only the wait it would have had anyway.
+    async fn announce_update(
+        &mut self,
+        round: u64,
+        node: NodeId,
+        (update_hash, update_bytes): (Hash, u64),
+    ) {
+        if self.rounds.open_plan().map(|p| p.round) != Some(round) {
+            return;
+        }
+        let notice = UpdateNotice {
+            run_id: self.config.run_id.clone(),
+            round,
+            node,
+            update_hash,
+            update_bytes,
+        };
+        let bytes = match Signed::sign(&self.key, &notice).and_then(|s| s.to_bytes()) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(round, "could not sign an update notice: {e}");
+                return;
+            }
+        };
+        let _ = self
+            .net
+            .publish(network::topic(&self.config.run_id, "updates"), bytes)
+            .await;
+        self.metrics.update_notices.fetch_add(1, Ordering::Relaxed);
     }
 }
 

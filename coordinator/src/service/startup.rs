@@ -45,6 +45,7 @@ pub async fn start(
     let topics = [
         network::topic(&config.run_id, "plans"),
         network::topic(&config.run_id, "manifests"),
+        network::topic(&config.run_id, "updates"),
     ];
     let keypair = key.to_libp2p()?;
     let local_peer = keypair.public().to_peer_id();

@@ -6,7 +6,7 @@ use super::*;
 use futures::StreamExt;
 
 /// Accepted updates a node downloads at once when it applies a manifest.
-const UPDATES_FETCHED_AT_ONCE: usize = 4;
+pub(super) const UPDATES_FETCHED_AT_ONCE: usize = 4;
 
 impl Node {
     /// Fetches the updates `manifest` accepted (each checked against its
@@ -40,21 +40,49 @@ impl Node {
         >;
         let mut reports = Vec::new();
         let mut failed = None;
+        // Updates fetched since the coordinator announced them
+        // (`super::prefetch`) are awaited rather than fetched again; a
+        // prefetch that failed is retried here like any fetch.
+        let mut started = self.prefetch.take(round);
+        let mut prefetched = 0u64;
         {
-            let this = &*self;
+            let blobs = self.blobs();
             let fetches: Vec<Fetching<'_>> = manifest
                 .accepted
                 .iter()
                 .map(|accepted| {
                     let author = accepted.node.0.to_peer_id().ok();
-                    Box::pin(this.fetch_shared(
-                        &accepted.update_hash,
-                        Some(accepted.update_bytes),
-                        author,
-                        "update",
-                    )) as Fetching<'_>
+                    let ahead = started.remove(&accepted.update_hash);
+                    prefetched += u64::from(ahead.is_some());
+                    let blobs = blobs.clone();
+                    Box::pin(async move {
+                        if let Some(ahead) = ahead {
+                            match ahead.await {
+                                Ok(Ok(report)) => return Ok(report),
+                                Ok(Err(e)) => tracing::debug!(
+                                    update = %accepted.update_hash.short(),
+                                    "fetching ahead failed ({e}); fetching again"
+                                ),
+                                Err(e) => tracing::debug!(
+                                    update = %accepted.update_hash.short(),
+                                    "fetching ahead stopped ({e}); fetching again"
+                                ),
+                            }
+                        }
+                        blobs
+                            .fetch(
+                                &accepted.update_hash,
+                                Some(accepted.update_bytes),
+                                author,
+                                "update",
+                            )
+                            .await
+                    }) as Fetching<'_>
                 })
                 .collect();
+            // What the manifest did not accept was fetched for nothing.
+            let source: Arc<dyn prefetch::Source> = Arc::new(blobs.clone());
+            prefetch::cancel(std::mem::take(&mut started), &source);
             let mut fetching = futures::stream::iter(fetches).buffered(UPDATES_FETCHED_AT_ONCE);
             while let Some(result) = fetching.next().await {
                 match result {
@@ -67,6 +95,8 @@ impl Node {
                 }
             }
         }
+        self.summary.updates_prefetched += prefetched;
+        NodeMetrics::add(&self.metrics.updates_prefetched, prefetched);
         for report in &reports {
             self.record_fetch(report, "update");
         }

@@ -4,27 +4,30 @@
 
 use super::*;
 
+/// What fetching a blob needs, apart from the node: cheap to clone, so
+/// that fetches can run on tasks of their own (a manifest's updates at
+/// once, and updates fetched before their manifest: `super::prefetch`).
+#[derive(Clone)]
+pub(super) struct Blobs {
+    client: Client,
+    fetcher: Fetcher,
+    store: Arc<BlobStore>,
+    coordinator: Option<PeerId>,
+    shutdown: CancellationToken,
+    events: Option<mpsc::Sender<NodeEvent>>,
+}
+
 impl Node {
-    /// Providers of a blob other than the coordinator: the peer that made it
-    /// (for updates) and whoever announced it on the DHT.
-    pub(super) async fn peer_providers(&self, hash: &Hash, author: Option<PeerId>) -> Vec<PeerId> {
-        let mut peers: Vec<PeerId> = author.into_iter().collect();
-        // With an author to ask, the DHT only adds alternatives: a lookup
-        // held up by an unresponsive peer must not hold up the download.
-        let patience = if peers.is_empty() {
-            Duration::from_secs(5)
-        } else {
-            Duration::from_secs(1)
-        };
-        let lookup = tokio::time::timeout(patience, self.client.get_providers(*hash)).await;
-        if let Ok(Ok(found)) = lookup {
-            peers.extend(found);
+    /// The node's fetching, as a handle tasks can own.
+    pub(super) fn blobs(&self) -> Blobs {
+        Blobs {
+            client: self.client.clone(),
+            fetcher: self.fetcher.clone(),
+            store: self.store.clone(),
+            coordinator: self.coordinator,
+            shutdown: self.shutdown.clone(),
+            events: self.events.clone(),
         }
-        let me = self.client.local_peer_id();
-        peers.retain(|p| Some(*p) != self.coordinator && *p != me);
-        peers.sort();
-        peers.dedup();
-        peers
     }
 
     /// Fetches blob `hash` into the store unless it is there, then announces
@@ -39,68 +42,10 @@ impl Node {
         author: Option<PeerId>,
         what: &str,
     ) -> Result<(), NodeError> {
-        if let Some(report) = self.fetch_shared(hash, size, author, what).await? {
+        if let Some(report) = self.blobs().fetch(hash, size, author, what).await? {
             self.record_fetch(&report, what);
         }
         Ok(())
-    }
-
-    /// [`Node::fetch`] without its bookkeeping, so that several blobs can
-    /// be fetched at once (a manifest's updates); `None` when the store
-    /// already had the blob. The caller passes the report to
-    /// [`Node::record_fetch`].
-    pub(super) async fn fetch_shared(
-        &self,
-        hash: &Hash,
-        size: Option<u64>,
-        author: Option<PeerId>,
-        what: &str,
-    ) -> Result<Option<crate::transfer::FetchReport>, NodeError> {
-        if self.store.contains(hash) {
-            return Ok(None);
-        }
-        self.emit(NodeEvent::Downloading {
-            what: what.to_string(),
-            done: 0,
-            total: size.unwrap_or(0),
-        });
-        let fetcher = match &self.events {
-            Some(events) => {
-                let events = events.clone();
-                let what = what.to_string();
-                self.fetcher
-                    .clone()
-                    .with_progress(Arc::new(move |done, total| {
-                        let _ = events.try_send(NodeEvent::Downloading {
-                            what: what.clone(),
-                            done,
-                            total,
-                        });
-                    }))
-            }
-            None => self.fetcher.clone(),
-        };
-        let peers = self.peer_providers(hash, author).await;
-        let coordinator: Vec<PeerId> = self.coordinator.into_iter().collect();
-        let report = if peers.is_empty() {
-            fetcher
-                .fetch(*hash, size, &coordinator, &self.shutdown)
-                .await?
-        } else {
-            match fetcher.fetch(*hash, size, &peers, &self.shutdown).await {
-                Ok(report) => report,
-                Err(e @ (FetchError::Cancelled | FetchError::Store { .. })) => return Err(e.into()),
-                Err(e) if coordinator.is_empty() => return Err(e.into()),
-                Err(e) => {
-                    tracing::info!(blob = %hash.short(), "peers could not serve {what} ({e}); asking the coordinator");
-                    fetcher
-                        .fetch(*hash, size, &coordinator, &self.shutdown)
-                        .await?
-                }
-            }
-        };
-        let _ = self.client.start_providing(*hash).await;
-        Ok(Some(report))
     }
 
     /// Counts a finished fetch in the node's summary and metrics, and warns
@@ -142,5 +87,92 @@ impl Node {
         self.summary.bootstrap_addrs = self.summary.bootstrap_addrs.max(added);
         tracing::debug!(peers = peers.len(), addrs = added, "bootstrap peers added");
         Ok(())
+    }
+}
+
+impl Blobs {
+    pub(super) fn store(&self) -> Arc<BlobStore> {
+        self.store.clone()
+    }
+
+    /// Providers of a blob other than the coordinator: the peer that made it
+    /// (for updates) and whoever announced it on the DHT.
+    pub(super) async fn peer_providers(&self, hash: &Hash, author: Option<PeerId>) -> Vec<PeerId> {
+        let mut peers: Vec<PeerId> = author.into_iter().collect();
+        // With an author to ask, the DHT only adds alternatives: a lookup
+        // held up by an unresponsive peer must not hold up the download.
+        let patience = if peers.is_empty() {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(1)
+        };
+        let lookup = tokio::time::timeout(patience, self.client.get_providers(*hash)).await;
+        if let Ok(Ok(found)) = lookup {
+            peers.extend(found);
+        }
+        let me = self.client.local_peer_id();
+        peers.retain(|p| Some(*p) != self.coordinator && *p != me);
+        peers.sort();
+        peers.dedup();
+        peers
+    }
+
+    /// [`Node::fetch`] without its bookkeeping; `None` when the store
+    /// already had the blob. The caller passes the report to
+    /// [`Node::record_fetch`].
+    pub(super) async fn fetch(
+        &self,
+        hash: &Hash,
+        size: Option<u64>,
+        author: Option<PeerId>,
+        what: &str,
+    ) -> Result<Option<crate::transfer::FetchReport>, NodeError> {
+        if self.store.contains(hash) {
+            return Ok(None);
+        }
+        if let Some(events) = &self.events {
+            let _ = events.try_send(NodeEvent::Downloading {
+                what: what.to_string(),
+                done: 0,
+                total: size.unwrap_or(0),
+            });
+        }
+        let fetcher = match &self.events {
+            Some(events) => {
+                let events = events.clone();
+                let what = what.to_string();
+                self.fetcher
+                    .clone()
+                    .with_progress(Arc::new(move |done, total| {
+                        let _ = events.try_send(NodeEvent::Downloading {
+                            what: what.clone(),
+                            done,
+                            total,
+                        });
+                    }))
+            }
+            None => self.fetcher.clone(),
+        };
+        let peers = self.peer_providers(hash, author).await;
+        let coordinator: Vec<PeerId> = self.coordinator.into_iter().collect();
+        let report = if peers.is_empty() {
+            fetcher
+                .fetch(*hash, size, &coordinator, &self.shutdown)
+                .await?
+        } else {
+            match fetcher.fetch(*hash, size, &peers, &self.shutdown).await {
+                Ok(report) => report,
+                Err(e @ (FetchError::Cancelled | FetchError::Store { .. })) => return Err(e.into()),
+                Err(e) if coordinator.is_empty() => return Err(e.into()),
+                Err(e) => {
+                    tracing::info!(blob = %hash.short(), "peers could not serve {what} ({e}); asking the coordinator");
+                    fetcher
+                        .fetch(*hash, size, &coordinator, &self.shutdown)
+                        .await?
+                }
+            }
+        };
+        let _ = self.client.start_providing(*hash).await;
+        Ok(Some(report))
     }
 }

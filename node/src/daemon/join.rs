@@ -193,6 +193,9 @@ impl Node {
                 Topic::Manifests {
                     run_id: welcome.config.run_id.clone(),
                 },
+                Topic::Updates {
+                    run_id: welcome.config.run_id.clone(),
+                },
             ] {
                 self.client.subscribe(topic).await?;
             }

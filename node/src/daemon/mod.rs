@@ -50,6 +50,7 @@ mod catchup;
 mod commit;
 mod fetch;
 mod join;
+mod prefetch;
 mod round;
 mod train;
 
@@ -162,6 +163,9 @@ pub struct NodeSummary {
     pub compute_ms_applied: u64,
     /// Where the rounds' wall clock went, summed over rounds.
     pub phases: RoundPhases,
+    /// Accepted updates whose fetch started before their manifest, on the
+    /// coordinator's notice (`prefetch_updates`).
+    pub updates_prefetched: u64,
 }
 
 /// Milliseconds a node spent in each phase of its rounds, summed; together
@@ -373,10 +377,12 @@ pub async fn run_node_with(
     let (manifests_tx, manifests_rx) = mpsc::channel(16);
     let bytes_up = Arc::new(AtomicU64::new(0));
     let coordinator_peer = Arc::new(std::sync::OnceLock::new());
+    let prefetch = prefetch::Prefetch::new(config.prefetch_updates);
     let router = tokio::spawn(route_events(
         network_events,
         plans_tx,
         manifests_tx,
+        prefetch.clone(),
         bytes_up.clone(),
         Served {
             coordinator: coordinator_peer.clone(),
@@ -408,6 +414,7 @@ pub async fn run_node_with(
         events,
         plans: plans_rx,
         manifests: manifests_rx,
+        prefetch,
         listen_addrs,
         coordinator: None,
         coordinator_peer,
@@ -464,12 +471,13 @@ struct Served {
     metrics: Arc<NodeMetrics>,
 }
 
-/// Sorts network events: plans and manifests to the round loop, served
-/// bytes to the counters. Full queues drop (the round loop also polls).
+/// Sorts network events: plans and manifests to the round loop, update
+/// notices to the prefetcher, served bytes to the counters. Full queues drop (the round loop also polls).
 async fn route_events(
     mut events: mpsc::Receiver<Event>,
     plans: mpsc::Sender<(PeerId, RoundPlan)>,
     manifests: mpsc::Sender<(PeerId, Signed<Manifest>, Manifest)>,
+    prefetch: prefetch::Prefetch,
     bytes_up: Arc<AtomicU64>,
     served: Served,
 ) {
@@ -484,6 +492,9 @@ async fn route_events(
                 signed,
             } => {
                 let _ = manifests.try_send((source, signed, manifest));
+            }
+            Event::UpdateNotice { notice, .. } => {
+                prefetch.offer(notice);
             }
             Event::BlobServed { peer, bytes } => {
                 bytes_up.fetch_add(bytes, Ordering::Relaxed);
@@ -555,6 +566,8 @@ struct Node {
     events: Option<mpsc::Sender<NodeEvent>>,
     plans: mpsc::Receiver<(PeerId, RoundPlan)>,
     manifests: mpsc::Receiver<(PeerId, Signed<Manifest>, Manifest)>,
+    /// Updates fetched on the coordinator's notice, before their manifest.
+    prefetch: prefetch::Prefetch,
     listen_addrs: Vec<Multiaddr>,
     coordinator: Option<PeerId>,
     /// The coordinator's peer id, once known, for the served-bytes split.

@@ -148,6 +148,15 @@ impl Node {
             ))));
         }
         let me = self.key.node_id();
+        // The others' updates are fetched as they are announced, while we
+        // train and wait (`super::prefetch`).
+        let authors = plan
+            .assignments
+            .iter()
+            .map(|a| a.node)
+            .filter(|node| *node != me)
+            .collect();
+        self.prefetch.arm(round, authors, Arc::new(self.blobs()));
         let assignment = plan.assignments.iter().find(|a| a.node == me).cloned();
         match (&assignment, state.committed) {
             (Some(_), Some((r, hash))) if r == round && self.store.contains(&hash) => {

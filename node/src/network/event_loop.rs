@@ -13,6 +13,7 @@ use crate::limiter::RateLimiter;
 use barnraise_protocol::limits::{BLOB_PROTOCOL, COORDINATOR_PROTOCOL};
 use barnraise_protocol::messages::{
     BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse, Manifest, RoundPlan,
+    UpdateNotice,
 };
 use barnraise_protocol::{PublicKey, Signed};
 use futures::StreamExt;
@@ -883,6 +884,19 @@ fn validate_gossip(
                 manifest,
                 signed,
             })
+        }
+        Topic::Updates { run_id } => {
+            let notice = Signed::<UpdateNotice>::from_bytes(data)
+                .map_err(|e| format!("not a signed update notice: {e}"))?
+                .verify(Some(coordinator))
+                .map_err(|e| format!("update notice: {e}"))?;
+            if !run_id.is_empty() && notice.run_id != *run_id {
+                return Err(format!(
+                    "update notice for run '{}' on the topic of run '{run_id}'",
+                    notice.run_id
+                ));
+            }
+            Ok(Event::UpdateNotice { source, notice })
         }
     }
 }

@@ -14,8 +14,9 @@
 //! - `/barnraise/blob/1`: anyone asks, anyone with the blob answers
 //!   (`Have` → size, `Chunk` → at most `BLOB_CHUNK_BYTES` bytes). Both use
 //!   the length-prefixed framing of [`codec`].
-//! - gossipsub topics `barnraise/{run}/plans/1` and `barnraise/{run}/manifests/1`
-//!   carry the coordinator's signed plans and manifests. Validation is manual
+//! - gossipsub topics `barnraise/{run}/plans/1`, `barnraise/{run}/manifests/1`
+//!   and `barnraise/{run}/updates/1` carry the coordinator's signed plans,
+//!   manifests and update notices. Validation is manual
 //!   and strict: a message is accepted only if it parses, its signature
 //!   verifies, its signer is the coordinator, and its run matches the topic;
 //!   anything else is reported `Reject`, which costs the forwarding peer
@@ -34,6 +35,7 @@ use crate::limiter::RateLimiter;
 use crate::store::{BlobStore, StoreError};
 use barnraise_protocol::messages::{
     BlobRequest, BlobResponse, CoordinatorRequest, CoordinatorResponse, Manifest, RoundPlan,
+    UpdateNotice,
 };
 use barnraise_protocol::{Hash, PublicKey, Signed};
 use libp2p::request_response::ResponseChannel;
@@ -77,8 +79,17 @@ pub enum NetworkError {
 /// Which gossip topic a message came on.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Topic {
-    Plans { run_id: String },
-    Manifests { run_id: String },
+    Plans {
+        run_id: String,
+    },
+    Manifests {
+        run_id: String,
+    },
+    /// The coordinator's notices of updates that passed stage 2, fetched
+    /// before the manifest (`crate::daemon`'s prefetch).
+    Updates {
+        run_id: String,
+    },
 }
 
 impl Topic {
@@ -87,12 +98,15 @@ impl Topic {
         match self {
             Topic::Plans { run_id } => format!("barnraise/{run_id}/plans/1"),
             Topic::Manifests { run_id } => format!("barnraise/{run_id}/manifests/1"),
+            Topic::Updates { run_id } => format!("barnraise/{run_id}/updates/1"),
         }
     }
 
     pub fn run_id(&self) -> &str {
         match self {
-            Topic::Plans { run_id } | Topic::Manifests { run_id } => run_id,
+            Topic::Plans { run_id } | Topic::Manifests { run_id } | Topic::Updates { run_id } => {
+                run_id
+            }
         }
     }
 }
@@ -150,6 +164,11 @@ pub enum Event {
         source: PeerId,
         manifest: Manifest,
         signed: Signed<Manifest>,
+    },
+    /// An update notice that passed validation.
+    UpdateNotice {
+        source: PeerId,
+        notice: UpdateNotice,
     },
     /// Gossip that failed validation and was rejected (the peer was penalized).
     GossipRejected {
