@@ -75,6 +75,11 @@ pub struct Args {
     /// (null in --json).
     #[arg(long)]
     pub skip_dp: bool,
+    /// Do not train the DiLoCo fp32 reference (b) either, when its losses
+    /// are already known (the bench is deterministic on the CPU): its loss
+    /// and the gaps against it print as NaN (null in --json).
+    #[arg(long)]
+    pub skip_fp32: bool,
     /// auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
@@ -94,6 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.seed = args.seed;
     cfg.seeds = args.seeds;
     cfg.skip_dp = args.skip_dp;
+    cfg.skip_fp32 = args.skip_fp32;
     if let Some(v) = args.batch_size {
         cfg.batch_size = v;
     }

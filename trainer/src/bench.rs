@@ -83,6 +83,10 @@ pub struct DilocoBenchConfig {
     /// with one compressed arm. Its bytes (what the traffic reductions are
     /// against) need no run; its loss and every gap against it are NaN.
     pub skip_dp: bool,
+    /// Do not train the DiLoCo fp32 reference (b) either, for a run whose
+    /// reference losses are already known (the bench is deterministic on
+    /// the CPU): its loss and every gap against it are NaN.
+    pub skip_fp32: bool,
 }
 
 impl DilocoBenchConfig {
@@ -126,6 +130,7 @@ impl DilocoBenchConfig {
             seed: 1,
             seeds: 1,
             skip_dp: false,
+            skip_fp32: false,
         })
     }
 
@@ -612,7 +617,19 @@ fn run_arm_on(
     let init_seed = derive_seed(cfg.seed, "init");
     let eval_seed = derive_seed(cfg.seed, "eval");
     match kind {
-        ArmKind::DataParallel if cfg.skip_dp => Ok(skipped_data_parallel(cfg, arm)),
+        ArmKind::DataParallel if cfg.skip_dp => {
+            let bytes = (cfg.rounds * cfg.inner_steps) as u64 * cfg.model.params_count() as u64 * 4;
+            Ok(skipped(cfg, arm, "dp (not run)", bytes))
+        }
+        ArmKind::Diloco(_) if cfg.skip_fp32 && arm == "b" => {
+            let upload = CodecConfig::Fp32.encoded_len(cfg.model.params_count()) as u64;
+            Ok(skipped(
+                cfg,
+                arm,
+                "diloco-fp32 (not run)",
+                cfg.rounds as u64 * upload,
+            ))
+        }
         ArmKind::DataParallel => {
             run_data_parallel(cfg, device, data, init_seed, eval_seed, arm, progress)
         }
@@ -642,11 +659,12 @@ fn eval(
 
 /// Arm (a) when it is not run: what it would send, which depends on the
 /// config alone, and NaN for everything a run would have measured.
-fn skipped_data_parallel(cfg: &DilocoBenchConfig, arm: &str) -> ArmReport {
-    let params = cfg.model.params_count() as u64;
+/// A reference arm not run: its traffic (`bytes_per_worker`) needs no run;
+/// its loss and every gap against it are NaN.
+fn skipped(cfg: &DilocoBenchConfig, arm: &str, name: &str, bytes_per_worker: u64) -> ArmReport {
     ArmReport {
         arm: arm.to_string(),
-        name: "dp (not run)".to_string(),
+        name: name.to_string(),
         codec: None,
         spec: None,
         inner_steps: cfg.inner_steps,
@@ -655,8 +673,9 @@ fn skipped_data_parallel(cfg: &DilocoBenchConfig, arm: &str) -> ArmReport {
         heldout_per_round: Vec::new(),
         heldout_residual_flushed: None,
         tokens: (cfg.rounds * cfg.inner_steps * cfg.workers * cfg.batch_size * cfg.seq_len) as u64,
-        bytes_per_worker: (cfg.rounds * cfg.inner_steps) as u64 * params * 4,
+        bytes_per_worker,
         bits_per_param: 32.0,
+        // Against the data-parallel bytes, set with the other arms'.
         reduction_vs_dp: 1.0,
         gap_vs_fp32_pct: f64::NAN,
         gap_vs_dp_pct: f64::NAN,

@@ -819,23 +819,35 @@ fn diloco_bench_over_seeds_reports_every_seed_and_their_mean() {
             assert_eq!(a.bytes_per_worker, b.bytes_per_worker);
         }
     }
-    // Without the data-parallel arm the other arms are the same runs, and
-    // the reductions are still against its bytes.
+    // Without the references (data-parallel and DiLoCo fp32) the other
+    // arms are the same runs, and the reductions are still against the
+    // data-parallel bytes.
     let mut skipping = cfg.clone();
     skipping.seeds = 1;
     skipping.skip_dp = true;
+    skipping.skip_fp32 = true;
     let skipped = run_diloco(&skipping, &Device::Cpu, &mut |_| {}).expect("bench");
-    let (dp, kept) = (&skipped.runs[0].arms[0], &first.runs[0].arms);
-    assert!(dp.heldout_loss.is_nan() && dp.heldout_per_round.is_empty());
+    let kept = &first.runs[0].arms;
+    for (reference, ran) in skipped.runs[0].arms.iter().zip(kept).take(2) {
+        assert!(reference.heldout_loss.is_nan() && reference.heldout_per_round.is_empty());
+        assert_eq!(
+            reference.bytes_per_worker, ran.bytes_per_worker,
+            "arm {}",
+            ran.arm
+        );
+        assert_eq!(
+            reference.reduction_vs_dp, ran.reduction_vs_dp,
+            "arm {}",
+            ran.arm
+        );
+        assert_eq!(reference.tokens, ran.tokens);
+    }
     let dp_summary = &skipped.arms[0];
     assert!(!dp_summary.pareto && dp_summary.tokens_per_s == 0.0);
-    assert_eq!(dp.bytes_per_worker, kept[0].bytes_per_worker);
-    assert_eq!(dp.tokens, kept[0].tokens);
-    for (a, b) in skipped.runs[0].arms.iter().zip(kept).skip(1) {
+    for (a, b) in skipped.runs[0].arms.iter().zip(kept).skip(2) {
         assert_eq!(a.heldout_per_round, b.heldout_per_round, "arm {}", a.arm);
         assert_eq!(a.reduction_vs_dp, b.reduction_vs_dp);
-        assert_eq!(a.gap_vs_fp32_pct, b.gap_vs_fp32_pct);
-        assert!(a.gap_vs_dp_pct.is_nan());
+        assert!(a.gap_vs_fp32_pct.is_nan() && a.gap_vs_dp_pct.is_nan());
     }
     // One seed: the summary is that seed's run, the gaps its gaps.
     for (summary, arm) in first.arms.iter().zip(&first.runs[0].arms) {
