@@ -375,6 +375,7 @@ pub fn close_round(
     // sketch, not its dense values, so the close never holds the round's
     // updates decoded at once.
     let started = Instant::now();
+    let steps_of = steps_by_node(close);
     let mut summaries: Vec<(usize, verify::UpdateSummary)> = Vec::new();
     for (i, c) in close.candidates.iter().enumerate() {
         let reject = |reason| RejectedUpdate {
@@ -394,7 +395,7 @@ pub fn close_round(
                     hash: c.commit.update_hash,
                     values: &values,
                 };
-                let steps = assignment_steps(close, &c.node);
+                let steps = assigned_steps(&steps_of, &c.node);
                 let summary = verify::UpdateSummary::of(&update, ctx.sketch_seed);
                 summaries.push((i, summary.with_steps(steps)));
             }
@@ -579,7 +580,7 @@ pub fn close_round(
     // per √(assigned inner steps), times the update's own √steps.
     let results: Vec<_> = probes
         .iter()
-        .map(|r| (r.result, assignment_steps(close, &r.node)))
+        .map(|r| (r.result, assigned_steps(&steps_of, &r.node)))
         .collect();
     let unit = crate::probe::unit_bar(&results, ctx.verify.probe_min_relative_gain);
     for (record, (_, steps)) in probes.iter_mut().zip(&results) {
@@ -947,14 +948,20 @@ fn decoded(
     verify::check_payload(payload, &c.commit, ctx.codec, params).ok()
 }
 
-/// The inner steps the round's plan gave `node` (1 if it has none).
-fn assignment_steps(close: &CloseRound, node: &NodeId) -> u32 {
+/// The inner steps the round's plan gave each node, looked up once per
+/// close rather than searched for per update (a thousand nodes a round).
+fn steps_by_node(close: &CloseRound) -> HashMap<NodeId, u32> {
     close
         .plan
         .assignments
         .iter()
-        .find(|a| &a.node == node)
-        .map_or(1, |a| a.inner_steps)
+        .map(|a| (a.node, a.inner_steps))
+        .collect()
+}
+
+/// The inner steps the round's plan gave `node` (1 if it has none).
+fn assigned_steps(steps_of: &HashMap<NodeId, u32>, node: &NodeId) -> u32 {
+    steps_of.get(node).copied().unwrap_or(1)
 }
 
 fn ledger_rows(
@@ -966,10 +973,26 @@ fn ledger_rows(
     spot_checks: &[SpotRecord],
 ) -> Vec<UpdateRow> {
     let round = close.plan.round;
+    // Each looked up per row: maps, not searches, at a thousand nodes.
+    let steps_of = steps_by_node(close);
+    let mut spots_of: HashMap<NodeId, Vec<&SpotRecord>> = HashMap::new();
+    for spot in spot_checks {
+        spots_of.entry(spot.node).or_default().push(spot);
+    }
+    let mut probe_by: HashMap<NodeId, &ProbeRecord> = HashMap::new();
+    for probe in probes {
+        probe_by.entry(probe.node).or_insert(probe);
+    }
+    let commits: HashMap<(NodeId, Hash), &barnraise_protocol::messages::Commit> = close
+        .candidates
+        .iter()
+        .map(|c| ((c.node, c.commit.update_hash), &c.commit))
+        .collect();
     let spot_of = |node: &NodeId| {
-        let text: Vec<String> = spot_checks
-            .iter()
-            .filter(|s| &s.node == node)
+        let text: Vec<String> = spots_of
+            .get(node)
+            .into_iter()
+            .flatten()
             .map(|s| match s.round {
                 r if r == round => s.result.describe(),
                 r => format!("round {r}'s deferred {}", s.result.describe()),
@@ -978,8 +1001,8 @@ fn ledger_rows(
         (!text.is_empty()).then(|| text.join("; "))
     };
     let probe_of = |node: &NodeId| {
-        let probe = probes.iter().find(|p| &p.node == node).map(|p| {
-            let steps = assignment_steps(close, &p.node);
+        let probe = probe_by.get(node).map(|p| {
+            let steps = assigned_steps(&steps_of, &p.node);
             let first = format!(
                 "{}, bar {:+.4} (the round's {:+.5} × √{steps} steps)",
                 p.result.describe(),
@@ -1000,13 +1023,8 @@ fn ledger_rows(
             (p, s) => p.or(s),
         }
     };
-    let commit_of = |node: &NodeId, hash: &Option<Hash>| {
-        close
-            .candidates
-            .iter()
-            .find(|c| &c.node == node && Some(c.commit.update_hash) == *hash)
-            .map(|c| &c.commit)
-    };
+    let commit_of =
+        |node: &NodeId, hash: &Option<Hash>| hash.and_then(|h| commits.get(&(*node, h)).copied());
     let mean = |l: &[f32]| {
         (!l.is_empty()).then(|| l.iter().map(|&x| f64::from(x)).sum::<f64>() / l.len() as f64)
     };
