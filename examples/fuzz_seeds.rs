@@ -18,7 +18,7 @@ use barnraise_protocol::framing::write_framed;
 use barnraise_protocol::messages::{
     BlobRequest, BlobResponse, BootstrapPeer, CheckpointRef, Commit, CoordinatorRequest,
     CoordinatorResponse, Framed, Join, Leave, Manifest, NodeCertificate, RoundPlan, RunConfig,
-    ShardInfo, Welcome, WorkerInfo,
+    ShardInfo, UpdateNotice, Welcome, WorkerInfo,
 };
 use barnraise_protocol::signed::{Message, Signed};
 use barnraise_protocol::{Hash, SigningKey};
@@ -31,6 +31,9 @@ use std::path::{Path, PathBuf};
 const BODY: [u8; 7] = [0, 1, 2, 3, 4, 5, 6];
 const ENVELOPE: u8 = 7;
 const RPC: u8 = 14;
+/// An update notice's body and envelope.
+const NOTICE_BODY: u8 = 18;
+const NOTICE_ENVELOPE: u8 = 19;
 
 struct Corpus {
     out: PathBuf,
@@ -240,6 +243,18 @@ fn wire_and_framing(corpus: &mut Corpus, run: &Run) -> Result<()> {
         },
     )?;
     add_signed(corpus, &leave, 6)?;
+    let notice = Signed::sign(
+        &coordinator,
+        &UpdateNotice {
+            run_id: run.config.run_id.clone(),
+            round: 2,
+            node: node.node_id(),
+            update_hash: Hash::of(b"update"),
+            update_bytes: 1_242_720,
+        },
+    )?;
+    corpus.add_prefixed("wire", &[NOTICE_BODY], &notice.body)?;
+    corpus.add_prefixed("wire", &[NOTICE_ENVELOPE], &notice.to_bytes()?)?;
     add_rpc(corpus, 0, 0, &CoordinatorRequest::Leave(leave))?;
     add_rpc(corpus, 0, 0, &CoordinatorRequest::CurrentPlan)?;
     add_rpc(corpus, 0, 0, &CoordinatorRequest::Manifest { round: 3 })?;
