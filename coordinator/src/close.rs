@@ -375,7 +375,8 @@ pub fn close_round(
     // sketch, not its dense values, so the close never holds the round's
     // updates decoded at once.
     let started = Instant::now();
-    let steps_of = steps_by_node(close);
+    let assignment_of: AssignmentOf<'_> =
+        close.plan.assignments.iter().map(|a| (a.node, a)).collect();
     let mut summaries: Vec<(usize, verify::UpdateSummary)> = Vec::new();
     for (i, c) in close.candidates.iter().enumerate() {
         let reject = |reason| RejectedUpdate {
@@ -395,7 +396,7 @@ pub fn close_round(
                     hash: c.commit.update_hash,
                     values: &values,
                 };
-                let steps = assigned_steps(&steps_of, &c.node);
+                let steps = assigned_steps(&assignment_of, &c.node);
                 let summary = verify::UpdateSummary::of(&update, ctx.sketch_seed);
                 summaries.push((i, summary.with_steps(steps)));
             }
@@ -423,8 +424,6 @@ pub fn close_round(
         }
     }
     let verify_time = started.elapsed();
-    let assignment_of: HashMap<NodeId, &barnraise_protocol::messages::Assignment> =
-        close.plan.assignments.iter().map(|a| (a.node, a)).collect();
 
     // Stages 4 and 5 together: every probe loss and every spot-check replay
     // is an independent job, run on the close's threads (`crate::pool`),
@@ -580,7 +579,7 @@ pub fn close_round(
     // per √(assigned inner steps), times the update's own √steps.
     let results: Vec<_> = probes
         .iter()
-        .map(|r| (r.result, assigned_steps(&steps_of, &r.node)))
+        .map(|r| (r.result, assigned_steps(&assignment_of, &r.node)))
         .collect();
     let unit = crate::probe::unit_bar(&results, ctx.verify.probe_min_relative_gain);
     for (record, (_, steps)) in probes.iter_mut().zip(&results) {
@@ -814,7 +813,15 @@ pub fn close_round(
     let mean_loss = (!mean_losses.is_empty())
         .then(|| mean_losses.iter().sum::<f64>() / mean_losses.len() as f64);
 
-    let updates = ledger_rows(ctx, close, &accepted, &rejected, &probes, &spot_checks);
+    let updates = ledger_rows(
+        ctx,
+        close,
+        &assignment_of,
+        &accepted,
+        &rejected,
+        &probes,
+        &spot_checks,
+    );
     let manifest = Manifest {
         run_id: run_id.to_string(),
         round,
@@ -948,25 +955,19 @@ fn decoded(
     verify::check_payload(payload, &c.commit, ctx.codec, params).ok()
 }
 
-/// The inner steps the round's plan gave each node, looked up once per
-/// close rather than searched for per update (a thousand nodes a round).
-fn steps_by_node(close: &CloseRound) -> HashMap<NodeId, u32> {
-    close
-        .plan
-        .assignments
-        .iter()
-        .map(|a| (a.node, a.inner_steps))
-        .collect()
+/// The inner steps the round's plan gave `node` (1 if it has none).
+fn assigned_steps(assignment_of: &AssignmentOf<'_>, node: &NodeId) -> u32 {
+    assignment_of.get(node).map_or(1, |a| a.inner_steps)
 }
 
-/// The inner steps the round's plan gave `node` (1 if it has none).
-fn assigned_steps(steps_of: &HashMap<NodeId, u32>, node: &NodeId) -> u32 {
-    steps_of.get(node).copied().unwrap_or(1)
-}
+/// The round's assignments by node, built once per close: looked up per
+/// update, not searched for (a thousand nodes a round).
+type AssignmentOf<'a> = HashMap<NodeId, &'a barnraise_protocol::messages::Assignment>;
 
 fn ledger_rows(
     ctx: &CloseContext<'_>,
     close: &CloseRound,
+    assignment_of: &AssignmentOf<'_>,
     accepted: &[AcceptedUpdate],
     rejected: &[RejectedUpdate],
     probes: &[ProbeRecord],
@@ -974,7 +975,6 @@ fn ledger_rows(
 ) -> Vec<UpdateRow> {
     let round = close.plan.round;
     // Each looked up per row: maps, not searches, at a thousand nodes.
-    let steps_of = steps_by_node(close);
     let mut spots_of: HashMap<NodeId, Vec<&SpotRecord>> = HashMap::new();
     for spot in spot_checks {
         spots_of.entry(spot.node).or_default().push(spot);
@@ -1002,7 +1002,7 @@ fn ledger_rows(
     };
     let probe_of = |node: &NodeId| {
         let probe = probe_by.get(node).map(|p| {
-            let steps = assigned_steps(&steps_of, &p.node);
+            let steps = assigned_steps(assignment_of, &p.node);
             let first = format!(
                 "{}, bar {:+.4} (the round's {:+.5} × √{steps} steps)",
                 p.result.describe(),

@@ -82,7 +82,7 @@ impl Node {
                 .collect();
             // What the manifest did not accept was fetched for nothing.
             let source: Arc<dyn prefetch::Source> = Arc::new(blobs.clone());
-            prefetch::cancel(std::mem::take(&mut started), &source);
+            prefetch::cancel(started, &source);
             let mut fetching = futures::stream::iter(fetches).buffered(UPDATES_FETCHED_AT_ONCE);
             while let Some(result) = fetching.next().await {
                 match result {

@@ -848,55 +848,59 @@ fn validate_gossip(
     coordinator: &PublicKey,
     source: PeerId,
 ) -> Result<Event, String> {
+    let run_id = topic.run_id();
     match topic {
-        Topic::Plans { run_id } => {
-            let signed = Signed::<RoundPlan>::from_bytes(data)
-                .map_err(|e| format!("not a signed round plan: {e}"))?;
-            let plan = signed
-                .verify(Some(coordinator))
-                .map_err(|e| format!("round plan: {e}"))?;
-            if !run_id.is_empty() && plan.run_id != *run_id {
-                return Err(format!(
-                    "round plan for run '{}' on the topic of run '{run_id}'",
-                    plan.run_id
-                ));
-            }
+        Topic::Plans { .. } => {
+            let (signed, plan) =
+                from_coordinator::<RoundPlan>(data, coordinator, run_id, "round plan", |p| {
+                    &p.run_id
+                })?;
             Ok(Event::Plan {
                 source,
                 plan,
                 signed,
             })
         }
-        Topic::Manifests { run_id } => {
-            let signed = Signed::<Manifest>::from_bytes(data)
-                .map_err(|e| format!("not a signed manifest: {e}"))?;
-            let manifest = signed
-                .verify(Some(coordinator))
-                .map_err(|e| format!("manifest: {e}"))?;
-            if !run_id.is_empty() && manifest.run_id != *run_id {
-                return Err(format!(
-                    "manifest for run '{}' on the topic of run '{run_id}'",
-                    manifest.run_id
-                ));
-            }
+        Topic::Manifests { .. } => {
+            let (signed, manifest) =
+                from_coordinator::<Manifest>(data, coordinator, run_id, "manifest", |m| &m.run_id)?;
             Ok(Event::Manifest {
                 source,
                 manifest,
                 signed,
             })
         }
-        Topic::Updates { run_id } => {
-            let notice = Signed::<UpdateNotice>::from_bytes(data)
-                .map_err(|e| format!("not a signed update notice: {e}"))?
-                .verify(Some(coordinator))
-                .map_err(|e| format!("update notice: {e}"))?;
-            if !run_id.is_empty() && notice.run_id != *run_id {
-                return Err(format!(
-                    "update notice for run '{}' on the topic of run '{run_id}'",
-                    notice.run_id
-                ));
-            }
+        Topic::Updates { .. } => {
+            let (_, notice) = from_coordinator::<UpdateNotice>(
+                data,
+                coordinator,
+                run_id,
+                "update notice",
+                |n| &n.run_id,
+            )?;
             Ok(Event::UpdateNotice { source, notice })
         }
     }
+}
+
+/// Decodes gossip as a `what` the coordinator signed for the topic's run
+/// (any run when the topic's is empty).
+fn from_coordinator<T: barnraise_protocol::signed::Message>(
+    data: &[u8],
+    coordinator: &PublicKey,
+    run_id: &str,
+    what: &str,
+    run_of: impl Fn(&T) -> &String,
+) -> Result<(Signed<T>, T), String> {
+    let signed = Signed::<T>::from_bytes(data).map_err(|e| format!("not a signed {what}: {e}"))?;
+    let message = signed
+        .verify(Some(coordinator))
+        .map_err(|e| format!("{what}: {e}"))?;
+    let run = run_of(&message);
+    if !run_id.is_empty() && run != run_id {
+        return Err(format!(
+            "{what} for run '{run}' on the topic of run '{run_id}'"
+        ));
+    }
+    Ok((signed, message))
 }
