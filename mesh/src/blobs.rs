@@ -22,6 +22,12 @@ pub enum ReadError {
 pub trait BlobSource: Send + Sync + 'static {
     fn size(&self, hash: &Hash) -> Option<u64>;
     fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, ReadError>;
+    /// Blobs served behind the others: one chunk of them on the uplink at a
+    /// time, so that a large blob nobody waits on (a spot-check state) does
+    /// not queue megabytes ahead of one everybody waits on (an update).
+    fn background(&self, _hash: &Hash) -> bool {
+        false
+    }
 }
 
 /// Answers one blob request from `source`. Chunk requests of 0 bytes or

@@ -85,6 +85,10 @@ pub struct BlobStore {
     dir: PathBuf,
     /// Distinguishes temp files written concurrently by this process.
     temp_counter: AtomicU64,
+    /// Blobs served behind the others (`BlobSource::background`): the
+    /// workers' spot-check states. In memory: a restarted node serves them
+    /// as any other.
+    background: Mutex<std::collections::HashSet<Hash>>,
 }
 
 impl BlobStore {
@@ -104,6 +108,7 @@ impl BlobStore {
         Ok(BlobStore {
             dir: dir.to_owned(),
             temp_counter: AtomicU64::new(0),
+            background: Mutex::new(Default::default()),
         })
     }
 
@@ -257,7 +262,22 @@ impl BlobStore {
     }
 
     /// Removes a blob (e.g. an old update nobody needs any more).
+    /// Serves `hash` behind the other blobs from now on.
+    pub fn serve_in_background(&self, hash: Hash) {
+        if let Ok(mut set) = self.background.lock() {
+            set.insert(hash);
+        }
+    }
+
+    /// Whether `hash` is served behind the other blobs.
+    pub fn is_background(&self, hash: &Hash) -> bool {
+        self.background.lock().is_ok_and(|set| set.contains(hash))
+    }
+
     pub fn remove(&self, hash: &Hash) -> Result<(), StoreError> {
+        if let Ok(mut set) = self.background.lock() {
+            set.remove(hash);
+        }
         let path = self.path(hash);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),

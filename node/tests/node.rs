@@ -366,6 +366,137 @@ impl BlobSource for Stalling {
     }
 }
 
+/// A provider whose background blob's reads block until released, and
+/// which counts them.
+struct GatedBackground {
+    store: Arc<BlobStore>,
+    background: Hash,
+    release: Arc<std::sync::atomic::AtomicBool>,
+    background_reads: Arc<AtomicU64>,
+}
+
+impl BlobSource for GatedBackground {
+    fn size(&self, hash: &Hash) -> Option<u64> {
+        self.store.size(hash)
+    }
+    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, ReadError> {
+        if *hash == self.background {
+            self.background_reads.fetch_add(1, Ordering::SeqCst);
+            while !self.release.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        self.store
+            .read_range(hash, offset, len)
+            .map_err(ReadError::from)
+    }
+    fn background(&self, hash: &Hash) -> bool {
+        *hash == self.background
+    }
+}
+
+/// A background blob (a spot-check state) is served one chunk at a time,
+/// and a foreground blob (an update) is not held behind it: while the
+/// first background chunk is still being served, the second is not read,
+/// and a foreground chunk asked for after both is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_blobs_are_served_one_chunk_at_a_time_behind_the_others() {
+    let state = pseudo_random_bytes(3 * BLOB_CHUNK_BYTES, 41);
+    let update = pseudo_random_bytes(BLOB_CHUNK_BYTES / 2, 42);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(BlobStore::open(dir.path()).unwrap());
+    let state_hash = store.put(&state).unwrap();
+    let update_hash = store.put(&update).unwrap();
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Released however the test ends: the runtime waits for blocked reads.
+    struct Release(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let _release_on_exit = Release(release.clone());
+    let background_reads = Arc::new(AtomicU64::new(0));
+    let provider = spawn_peer(
+        43,
+        Arc::new(GatedBackground {
+            store,
+            background: state_hash,
+            release: release.clone(),
+            background_reads: background_reads.clone(),
+        }),
+        false,
+    )
+    .await;
+    let asker_dir = tempfile::tempdir().unwrap();
+    let asker_store = Arc::new(BlobStore::open(asker_dir.path()).unwrap());
+    let asker = spawn_peer(44, asker_store, false).await;
+    let provider_id = asker.client.dial(provider.addr.clone()).await.unwrap();
+    let chunk = |hash: Hash, index: u64| BlobRequest::Chunk {
+        hash,
+        offset: index * BLOB_CHUNK_BYTES as u64,
+        len: BLOB_CHUNK_BYTES as u32,
+    };
+    let mut background = Vec::new();
+    for index in 0..3 {
+        let client = asker.client.clone();
+        background.push(tokio::spawn(async move {
+            client
+                .blob_request(provider_id, chunk(state_hash, index))
+                .await
+        }));
+    }
+    let patience = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while background_reads.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < patience,
+            "no background chunk was read"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Time for the other two requests to arrive and, ungated, be read.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let foreground = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        asker.client.blob_request(
+            provider_id,
+            BlobRequest::Chunk {
+                hash: update_hash,
+                offset: 0,
+                len: update.len() as u32,
+            },
+        ),
+    )
+    .await
+    .expect("the foreground chunk is not held behind the background blob")
+    .unwrap();
+    assert!(
+        matches!(&foreground, BlobResponse::Chunk { data } if *data == update),
+        "the update's bytes: {foreground:?}"
+    );
+    assert_eq!(
+        background_reads.load(Ordering::SeqCst),
+        1,
+        "no second background chunk is read while the first is out"
+    );
+    release.store(true, Ordering::SeqCst);
+    let mut served = Vec::new();
+    for task in background {
+        match task.await.unwrap().unwrap() {
+            BlobResponse::Chunk { data } => served.push(data),
+            other => panic!("a background chunk: {other:?}"),
+        }
+    }
+    assert!(
+        served.concat() == state,
+        "every background chunk arrived, in order"
+    );
+    assert_eq!(background_reads.load(Ordering::SeqCst), 3);
+    for peer in [provider, asker] {
+        peer.stop().await;
+    }
+}
+
 /// The chunks a stalling provider sits on are hedged to the honest one
 /// once nothing else is left to hand out: the blob arrives whole, nothing of
 /// it came from the staller, and the staller is reported and penalized.

@@ -23,21 +23,27 @@ impl Node {
     ) -> Result<Option<()>, NodeError> {
         let round = plan.round;
         let Trained { update, compute_ms } = trained;
+        let started = std::time::Instant::now();
         // The workers' starting states: served until the round closes, in
         // case the coordinator spot checks a worker (docs/security.md). Only
         // the coordinator asks, and it asks this node, so they are not
-        // announced in the DHT.
+        // announced in the DHT. Written (and synced) while Δ is encoded:
+        // the one waits on the disk, the other on a core.
         let store = self.store.clone();
         let states = update.states;
         let state_bytes: u64 = states.iter().map(|s| s.len() as u64).sum();
-        let state_hashes = off_runtime(move || {
+        // Served behind our updates: a drawn state is checked after the
+        // round if need be, while peers wait on the update to apply it.
+        let stored = tokio::task::spawn_blocking(move || {
             states
                 .iter()
-                .map(|bytes| store.put(bytes))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await??;
-        self.forget_old_states(round, state_hashes, state_bytes);
+                .map(|bytes| {
+                    let hash = store.put(bytes)?;
+                    store.serve_in_background(hash);
+                    Ok(hash)
+                })
+                .collect::<Result<Vec<_>, crate::store::StoreError>>()
+        });
         let mut delta = update.delta;
         if let Some(misbehaviour) = self.config.misbehave
             && misbehaviour != crate::config::Misbehaviour::Inflate
@@ -55,7 +61,12 @@ impl Node {
             })
             .await?;
         }
-        let mut payload = self.encode(state, round, delta).await?;
+        let encoded = self.encode(state, round, delta).await;
+        let state_hashes = stored
+            .await
+            .map_err(|e| NodeError::Background(e.to_string()))??;
+        self.forget_old_states(round, state_hashes, state_bytes);
+        let mut payload = encoded?;
         if let Some(adversary) = &self.adversary {
             adversary.corrupt_payload(round, &mut payload);
         }
@@ -80,9 +91,11 @@ impl Node {
             workers: update.workers,
             shares: update.shares,
         };
+        let prepare_ms = started.elapsed().as_millis() as u64;
         let Some(response) = self.send_commit(&commit).await? else {
             return Ok(None);
         };
+        let commit_ms = started.elapsed().as_millis() as u64 - prepare_ms;
         // Announced only once the commit is in: a copier who fetched the
         // blob from the DHT before the coordinator saw our commit would be
         // the "first" committer, and ours the copy (docs/security.md).
@@ -123,7 +136,7 @@ impl Node {
         if let Some(loss) = last_loss {
             self.metrics.set_loss(loss);
         }
-        tracing::info!(round, update = %update_hash.short(), bytes = update_bytes, loss = last_loss.unwrap_or(f32::NAN), "committed update");
+        tracing::info!(round, update = %update_hash.short(), bytes = update_bytes, loss = last_loss.unwrap_or(f32::NAN), prepare_ms, commit_ms, "committed update");
         self.emit(NodeEvent::Committed {
             round,
             update_hash,

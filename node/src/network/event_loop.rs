@@ -19,7 +19,9 @@ use barnraise_protocol::{PublicKey, Signed};
 use futures::StreamExt;
 use libp2p::core::{ConnectedPoint, Transport as _, upgrade};
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::request_response::{
+    self, InboundRequestId, OutboundRequestId, ProtocolSupport, ResponseChannel,
+};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
@@ -55,6 +57,15 @@ pub(crate) struct Behaviour {
     dcutr: dcutr::Behaviour,
 }
 
+/// A blob response ready to send: to whom, on what, and, for a chunk of a
+/// background blob, the request and the gate's permit it holds.
+type Served = (
+    PeerId,
+    ResponseChannel<BlobResponse>,
+    BlobResponse,
+    Option<(InboundRequestId, tokio::sync::OwnedSemaphorePermit)>,
+);
+
 /// Owns the swarm; run it with [`EventLoop::run`].
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -71,8 +82,13 @@ pub struct EventLoop {
     hole_punches_failed: u64,
     relay_listening: bool,
     penalties: HashMap<PeerId, f64>,
-    served_tx: mpsc::Sender<(PeerId, ResponseChannel<BlobResponse>, BlobResponse)>,
-    served_rx: mpsc::Receiver<(PeerId, ResponseChannel<BlobResponse>, BlobResponse)>,
+    served_tx: mpsc::Sender<Served>,
+    served_rx: mpsc::Receiver<Served>,
+    /// One chunk of a background blob on the uplink at a time
+    /// (`BlobSource::background`): its permit is held from the read until
+    /// the response is written out.
+    background_gate: Arc<tokio::sync::Semaphore>,
+    background_sending: HashMap<InboundRequestId, tokio::sync::OwnedSemaphorePermit>,
     pending_dial: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, NetworkError>>)>,
     pending_coordinator:
         HashMap<OutboundRequestId, oneshot::Sender<Result<CoordinatorResponse, NetworkError>>>,
@@ -226,6 +242,8 @@ impl EventLoop {
             penalties: HashMap::new(),
             served_tx,
             served_rx,
+            background_gate: Arc::new(tokio::sync::Semaphore::new(1)),
+            background_sending: HashMap::new(),
             pending_dial: HashMap::new(),
             pending_coordinator: HashMap::new(),
             pending_blob: HashMap::new(),
@@ -264,10 +282,16 @@ impl EventLoop {
                     Some(command) => self.handle_command(command),
                     None => break,
                 },
-                Some((peer, channel, response)) = self.served_rx.recv() => {
+                Some((peer, channel, response, gate)) = self.served_rx.recv() => {
                     let bytes = match &response { BlobResponse::Chunk { data } => data.len() as u64, _ => 0 };
-                    if self.swarm.behaviour_mut().blob.send_response(channel, response).is_ok() && bytes > 0 {
-                        self.emit(Event::BlobServed { peer, bytes });
+                    if self.swarm.behaviour_mut().blob.send_response(channel, response).is_ok() {
+                        if let Some((request_id, permit)) = gate {
+                            // Held until the chunk is written out (or fails).
+                            self.background_sending.insert(request_id, permit);
+                        }
+                        if bytes > 0 {
+                            self.emit(Event::BlobServed { peer, bytes });
+                        }
                     }
                 }
                 event = self.swarm.select_next_some() => self.handle_swarm_event(event),
@@ -794,14 +818,31 @@ impl EventLoop {
                     }
                 }
                 request_response::Message::Request {
-                    request, channel, ..
+                    request_id,
+                    request,
+                    channel,
                 } => {
                     // Read on a blocking thread and wait for the upload cap
                     // off the loop; the answer comes back through `served_rx`.
+                    // A background blob's chunk first waits for the one
+                    // before it to be written out.
                     let source = Arc::clone(&self.blobs);
                     let upload = self.upload.clone();
                     let served = self.served_tx.clone();
+                    let gate = match &request {
+                        BlobRequest::Chunk { hash, .. } if source.background(hash) => {
+                            Some(self.background_gate.clone())
+                        }
+                        _ => None,
+                    };
                     tokio::spawn(async move {
+                        let permit = match gate {
+                            Some(gate) => match gate.acquire_owned().await {
+                                Ok(permit) => Some((request_id, permit)),
+                                Err(_) => return,
+                            },
+                            None => None,
+                        };
                         let response = tokio::task::spawn_blocking(move || {
                             serve_blob(source.as_ref(), &request)
                         })
@@ -812,7 +853,7 @@ impl EventLoop {
                         if let BlobResponse::Chunk { data } = &response {
                             upload.acquire(data.len() as u64).await;
                         }
-                        let _ = served.send((peer, channel, response)).await;
+                        let _ = served.send((peer, channel, response, permit)).await;
                     });
                 }
             },
@@ -830,12 +871,20 @@ impl EventLoop {
                     }));
                 }
             }
-            request_response::Event::InboundFailure { peer, error, .. } => {
+            request_response::Event::InboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 // Over-cap or malformed requests end up here: the codec
                 // refused them before allocating.
                 tracing::debug!(%peer, "inbound blob request failed: {error}");
+                self.background_sending.remove(&request_id);
             }
-            request_response::Event::ResponseSent { .. } => {}
+            request_response::Event::ResponseSent { request_id, .. } => {
+                self.background_sending.remove(&request_id);
+            }
         }
     }
 }

@@ -206,6 +206,9 @@ impl BlobSource for BlobStore {
     fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, ReadError> {
         self.read_range(hash, offset, len).map_err(ReadError::from)
     }
+    fn background(&self, hash: &Hash) -> bool {
+        self.is_background(hash)
+    }
 }
 
 impl From<StoreError> for ReadError {
