@@ -329,6 +329,9 @@ pub struct Early {
     /// on the node (its seed and assignment), and two nodes may commit the
     /// same bytes.
     pub probes: HashMap<(NodeId, Hash), crate::probe::Measured>,
+    /// θ_r's loss on what an update is probed on (its shard and batches),
+    /// by node and update hash: measured while the update was fetched.
+    pub bases: HashMap<(NodeId, Hash), f32>,
     /// Spot-check replays, by node, update hash and worker (the state
     /// replayed is the one that node's commit names).
     pub replays: HashMap<(NodeId, Hash, u32), crate::spot::SpotResult>,
@@ -517,10 +520,23 @@ pub fn close_round(
             ),
             Check::Measure(m) => {
                 let (i, seed, own) = &measured[m];
-                match decoded(ctx, &close.candidates[*i], payloads, params) {
+                let c = &close.candidates[*i];
+                let base = ctx.early.bases.get(&(c.node, c.commit.update_hash));
+                match decoded(ctx, c, payloads, params) {
                     Some(values) => {
                         CheckOutcome::Measured(Some(probe_for(probe, ctx, theta_r).and_then(|p| {
-                            p.measure_update(&values, own, *seed, heldout, heldout_seed)
+                            match base {
+                                Some(&own_base) => p
+                                    .losses_after(&values, own, *seed, heldout, heldout_seed)
+                                    .map(|(own_after, other_after)| crate::probe::Measured {
+                                        own_base,
+                                        own_after,
+                                        other_after,
+                                    }),
+                                None => {
+                                    p.measure_update(&values, own, *seed, heldout, heldout_seed)
+                                }
+                            }
                         })))
                     }
                     None => CheckOutcome::Measured(None),

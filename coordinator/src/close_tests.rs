@@ -718,10 +718,8 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
     let mut probe = Probe::new(&model, &theta, &VerifyConfig::default(), 64, 0).unwrap();
     let heldout_seed = crate::probe::heldout_seed(&key, "r", 3);
     early.heldout_base = Some(probe.base_loss_seeded(&heldout, heldout_seed).unwrap());
-    for (c, delta) in round.close.candidates.iter().zip(&deltas) {
-        if c.node != node(1) && c.node != noise {
-            continue;
-        }
+    // The seed a candidate is probed with and its shard's tokens.
+    let probed_on = |c: &Candidate| {
         let seed = crate::probe::commit_seed(&key, "r", 3, &c.node, &c.commit.update_hash);
         let assignment = round
             .close
@@ -733,6 +731,13 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
         let own = crate::probe::own_shard(assignment, &dataset, seed)
             .and_then(|h| shard_tokens.get(&h).cloned())
             .unwrap();
+        (seed, own)
+    };
+    for (c, delta) in round.close.candidates.iter().zip(&deltas) {
+        if c.node != node(1) && c.node != noise {
+            continue;
+        }
+        let (seed, own) = probed_on(c);
         let measured = probe
             .measure_update(delta, &own, seed, &heldout, heldout_seed)
             .unwrap();
@@ -746,6 +751,44 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
     assert_eq!(with_early.spot_checks, one.spot_checks);
     assert_eq!(with_early.updates, one.updates);
     assert_eq!(theta_early, theta_one);
+    // Base losses measured while the updates travelled (of every other
+    // update) leave the close only the losses after the update, with the
+    // same verdicts.
+    let mut with_bases = early.clone();
+    for c in &round.close.candidates {
+        if early.probes.contains_key(&(c.node, c.commit.update_hash)) {
+            continue;
+        }
+        let (seed, own) = probed_on(c);
+        with_bases.bases.insert(
+            (c.node, c.commit.update_hash),
+            probe.base_loss_seeded(&own, seed).unwrap(),
+        );
+    }
+    assert!(!with_bases.bases.is_empty());
+    let (based, theta_based) = close_on(2, &with_bases);
+    assert_eq!(based.manifest, one.manifest);
+    assert_eq!(based.probes, one.probes);
+    assert_eq!(based.updates, one.updates);
+    assert_eq!(theta_based, theta_one);
+    // They are taken as they are: a base far below where the update left
+    // the shard makes the update look harmful.
+    let mut low_base = Early::default();
+    let (first, _) = with_bases
+        .bases
+        .iter()
+        .next()
+        .map(|(k, v)| (*k, *v))
+        .unwrap();
+    low_base.bases.insert(first, 0.01);
+    let (with_low, _) = close_looking(1, &low_base, 0);
+    let reason = with_low
+        .manifest
+        .rejected
+        .iter()
+        .find(|r| r.node == first.0)
+        .map(|r| r.reason.code());
+    assert_eq!(reason, Some("not-useful"), "rejected on a base of 0.01");
     // And the close takes them as they are: a measurement that says node 1's
     // update made its shard worse rejects it.
     let mut forged = early.clone();

@@ -266,7 +266,8 @@ pub struct VerifyConfig {
     pub defer_state_checks: bool,
     /// With deferred checks: how long after a drawn node's update is
     /// checked a round that could close waits for its states, so that a
-    /// fast link's verdict still lands in the round itself.
+    /// fast link's verdict still lands in the round itself; only when the
+    /// states can arrive within it at the rate the update came in.
     pub state_grace_secs: f64,
     /// With deferred checks: the most memory (MB) the copies of θ_r kept
     /// for checks still out may take. A round whose copy would not fit

@@ -161,11 +161,13 @@ impl Service {
             .early
             .take()
             .filter(|early| early.round() == job.close.plan.round);
+        tracing::debug!(round = job.close.plan.round, "round closing");
         tokio::spawn(async move {
             let mut job = job;
             if let Some(evaluating) = evaluating {
                 let _ = evaluating.await;
             }
+            tracing::debug!(round = job.close.plan.round, "close job starts");
             if let Some(early) = early {
                 job.early = early.finish().await;
             }

@@ -35,6 +35,7 @@ pub(super) struct EarlyChecks {
 
 #[derive(Default)]
 struct State {
+    bases_started: usize,
     probes_started: usize,
     replays_started: usize,
     closing: bool,
@@ -63,6 +64,9 @@ type Assignment = barnraise_protocol::messages::Assignment;
 
 /// One early check.
 enum Job {
+    /// θ_r's loss on the shard and batches a commit is probed on: known
+    /// from the commit alone, so it runs while the update is fetched.
+    Base(Commit),
     Probe(Commit),
     Replay(Hash, barnraise_protocol::workers::WorkerShare),
 }
@@ -87,6 +91,12 @@ impl EarlyChecks {
         self.input.clone()
     }
 
+    /// Measures θ_r on what `commit`'s update will be probed on, before
+    /// the update is in: the third of its probe that does not need it.
+    pub(super) fn base(&self, commit: Commit, assignment: Assignment) {
+        self.spawn(Job::Base(commit), assignment);
+    }
+
     /// Probes `commit`'s update (stored and checked by stage 2) from θ_r.
     pub(super) fn probe(&self, commit: Commit, assignment: Assignment) {
         self.spawn(Job::Probe(commit), assignment);
@@ -106,13 +116,19 @@ impl EarlyChecks {
         let Some(input) = self.input.clone() else {
             return;
         };
-        if matches!(job, Job::Probe(_)) && (!input.verify.probe || input.heldout.is_none()) {
+        if matches!(job, Job::Probe(_) | Job::Base(_))
+            && (!input.verify.probe || input.heldout.is_none())
+        {
             return;
         }
         let Ok(mut state) = self.inner.lock() else {
             return;
         };
         let within = match job {
+            Job::Base(_) => {
+                state.bases_started += 1;
+                state.bases_started <= input.verify.probe_max
+            }
             Job::Probe(_) => {
                 state.probes_started += 1;
                 state.probes_started <= input.verify.probe_max
@@ -133,9 +149,22 @@ impl EarlyChecks {
             if inner.lock().map_or(true, |state| state.closing) {
                 return;
             }
-            let heldout_base = inner.lock().ok().and_then(|s| s.found.heldout_base);
+            let (heldout_base, own_base) = match inner.lock() {
+                Ok(state) => (
+                    state.found.heldout_base,
+                    match &job {
+                        Job::Probe(commit) => state
+                            .found
+                            .bases
+                            .get(&(assignment.node, commit.update_hash))
+                            .copied(),
+                        _ => None,
+                    },
+                ),
+                Err(_) => (None, None),
+            };
             let ran = tokio::task::spawn_blocking(move || {
-                run(job, &input, &assignment, round, heldout_base)
+                run(job, &input, &assignment, round, heldout_base, own_base)
             })
             .await;
             match ran {
@@ -173,6 +202,12 @@ impl EarlyChecks {
 
 /// What one early check found.
 enum Done {
+    Base {
+        node: NodeId,
+        update: Hash,
+        heldout_base: Option<f32>,
+        own_base: f32,
+    },
     Probe {
         node: NodeId,
         update: Hash,
@@ -185,6 +220,17 @@ enum Done {
 impl Done {
     fn record(self, found: &mut Early) {
         match self {
+            Done::Base {
+                node,
+                update,
+                heldout_base,
+                own_base,
+            } => {
+                if found.heldout_base.is_none() {
+                    found.heldout_base = heldout_base;
+                }
+                found.bases.insert((node, update), own_base);
+            }
             Done::Probe {
                 node,
                 update,
@@ -204,13 +250,15 @@ impl Done {
 }
 
 /// Runs one check on a blocking thread; None when it could not run (the
-/// close then runs it, and says why if it fails there too).
+/// close then runs it, and says why if it fails there too). `own_base`:
+/// the probe's base loss, when an earlier [`Job::Base`] measured it.
 fn run(
     job: Job,
     input: &RoundInput,
     assignment: &Assignment,
     round: u64,
     heldout_base: Option<f32>,
+    own_base: Option<f32>,
 ) -> Option<Done> {
     let started = std::time::Instant::now();
     let done = match job {
@@ -219,38 +267,52 @@ fn run(
             input.metrics.stages.add(Stage::Spot, started.elapsed());
             Done::Replay(assignment.node, update, share.index, result)
         }
+        Job::Base(commit) => {
+            let heldout = input.heldout.as_deref()?;
+            let (seed, own) = probed_on(input, assignment, round, &commit)?;
+            let mut probe = new_probe(input, round)?;
+            let heldout_base = match heldout_base {
+                Some(base) => Some(base),
+                None => probe
+                    .base_loss_seeded(heldout, heldout_seed(input, round))
+                    .ok(),
+            };
+            let own_base = probe
+                .base_loss_seeded(&own, seed)
+                .map_err(|e| tracing::debug!(round, "early probe base: {e}"))
+                .ok()?;
+            input.metrics.stages.add(Stage::Probe, started.elapsed());
+            Done::Base {
+                node: assignment.node,
+                update: commit.update_hash,
+                heldout_base,
+                own_base,
+            }
+        }
         Job::Probe(commit) => {
             let heldout = input.heldout.as_deref()?;
-            let seed = crate::probe::commit_seed(
-                &input.key,
-                &input.run_id,
-                round,
-                &assignment.node,
-                &commit.update_hash,
-            );
-            let own = crate::probe::own_shard(assignment, &input.dataset.train, seed)
-                .and_then(|h| input.dataset.tokens.tokens(&h))?;
+            let (seed, own) = probed_on(input, assignment, round, &commit)?;
             let payload = input.store.get(&commit.update_hash).ok().flatten()?;
             let params = input.theta.len();
             let values = verify::check_payload(&payload, &commit, input.codec, params).ok()?;
-            let mut probe = crate::probe::Probe::new(
-                &input.model,
-                &input.theta,
-                &input.verify,
-                input.seq_len,
-                0,
-            )
-            .map_err(|e| tracing::debug!(round, "early probe: {e}"))
-            .ok()?;
-            let heldout_seed = crate::probe::heldout_seed(&input.key, &input.run_id, round);
+            let mut probe = new_probe(input, round)?;
+            let heldout_seed = heldout_seed(input, round);
             let heldout_base = match heldout_base {
                 Some(base) => Some(base),
                 None => probe.base_loss_seeded(heldout, heldout_seed).ok(),
             };
-            let measured = probe
-                .measure_update(&values, &own, seed, heldout, heldout_seed)
-                .map_err(|e| tracing::debug!(round, "early probe: {e}; the close probes it"))
-                .ok()?;
+            let measured = match own_base {
+                Some(own_base) => probe
+                    .losses_after(&values, &own, seed, heldout, heldout_seed)
+                    .map(|(own_after, other_after)| Measured {
+                        own_base,
+                        own_after,
+                        other_after,
+                    }),
+                None => probe.measure_update(&values, &own, seed, heldout, heldout_seed),
+            }
+            .map_err(|e| tracing::debug!(round, "early probe: {e}; the close probes it"))
+            .ok()?;
             input.metrics.stages.add(Stage::Probe, started.elapsed());
             Done::Probe {
                 node: assignment.node,
@@ -261,6 +323,35 @@ fn run(
         }
     };
     Some(done)
+}
+
+/// The probe's seed for `commit` and the tokens of the shard it draws.
+fn probed_on(
+    input: &RoundInput,
+    assignment: &Assignment,
+    round: u64,
+    commit: &Commit,
+) -> Option<(u64, Arc<Vec<u16>>)> {
+    let seed = crate::probe::commit_seed(
+        &input.key,
+        &input.run_id,
+        round,
+        &assignment.node,
+        &commit.update_hash,
+    );
+    let own = crate::probe::own_shard(assignment, &input.dataset.train, seed)
+        .and_then(|h| input.dataset.tokens.tokens(&h))?;
+    Some((seed, own))
+}
+
+fn new_probe(input: &RoundInput, round: u64) -> Option<crate::probe::Probe> {
+    crate::probe::Probe::new(&input.model, &input.theta, &input.verify, input.seq_len, 0)
+        .map_err(|e| tracing::debug!(round, "early probe: {e}"))
+        .ok()
+}
+
+fn heldout_seed(input: &RoundInput, round: u64) -> u64 {
+    crate::probe::heldout_seed(&input.key, &input.run_id, round)
 }
 
 /// Replays `share` of `assignment` from the round's θ and the state in the

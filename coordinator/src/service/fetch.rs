@@ -116,8 +116,15 @@ impl Service {
                 }
             }
         };
+        // What the probe measures before the update: while it travels.
+        if let Some((early, assignment)) = &early
+            && commit.update_bytes == codec.encoded_len(params) as u64
+        {
+            early.base(commit.clone(), assignment.clone());
+        }
         tokio::spawn(async move {
-            let mut result = fetch_and_check(
+            let started = tokio::time::Instant::now();
+            let fetched = fetch_and_check(
                 &client,
                 &store,
                 &metrics,
@@ -128,14 +135,28 @@ impl Service {
                 deadline_ms,
             )
             .await;
-            if defer && result.is_ok() {
+            tracing::debug!(
+                node = %node.short(),
+                round,
+                took_ms = started.elapsed().as_millis() as u64,
+                from_node_ms = fetched.as_ref().ok().copied().flatten().map(|d| d.as_millis() as u64),
+                ok = fetched.is_ok(),
+                "update fetched and checked"
+            );
+            let mut result = fetched.as_ref().map(|_| ()).map_err(Clone::clone);
+            if let (true, Ok(took)) = (defer, fetched) {
+                // The grace only for states that can arrive within it, at
+                // the rate the update itself came in: over a slow link it
+                // would hold every drawn round for nothing.
+                let states = state_bytes.saturating_mul(drawn.len() as u64);
+                let hold = states_may_arrive_within(states, commit.update_bytes, took, grace_ms);
                 let _ = tx
                     .send(Internal::Checked {
                         round,
                         node,
                         update: (commit.update_hash, commit.update_bytes),
                         result: Ok(()),
-                        states_until_ms: Some(now_ms().saturating_add(grace_ms)),
+                        states_until_ms: hold.then(|| now_ms().saturating_add(grace_ms)),
                     })
                     .await;
                 // Probed now; the states, far larger, follow.
@@ -197,6 +218,27 @@ impl Service {
     }
 }
 
+/// Whether `states` bytes may arrive within `grace_ms`, judged by an
+/// update of `update_bytes` that took `took` to fetch (None: it was in the
+/// store already, so nothing is known of the link and the grace applies).
+/// The update's time includes its requests' round trips, so the estimate
+/// errs towards a slower link.
+pub(super) fn states_may_arrive_within(
+    states: u64,
+    update_bytes: u64,
+    took: Option<Duration>,
+    grace_ms: u64,
+) -> bool {
+    let Some(took) = took else {
+        return true;
+    };
+    if update_bytes == 0 {
+        return true;
+    }
+    let expected_ms = took.as_secs_f64() * 1e3 * states as f64 / update_bytes as f64;
+    expected_ms <= grace_ms as f64
+}
+
 /// How much sooner than the node's obligation to serve a state
 /// (`limits::state_serve_ms`) a deferred fetch gives up: the node's clock
 /// starts when it stores the state, a little before its commit arrives.
@@ -217,7 +259,7 @@ const DEFINITE_REFUSALS: u32 = 3;
 /// A blob the node `node` committed to, from the store or else from the
 /// node itself, until `deadline_ms`. A node that offers other bytes than it
 /// committed to is `HashMismatch`; one that keeps refusing, or runs out the
-/// clock, `NotServed`.
+/// clock, `NotServed`. True with the bytes when they came from the node.
 async fn fetch_from_author(
     client: &Client,
     store: &BlobStore,
@@ -225,13 +267,13 @@ async fn fetch_from_author(
     hash: Hash,
     bytes: u64,
     deadline_ms: u64,
-) -> Result<Arc<Vec<u8>>, RejectReason> {
+) -> Result<(Arc<Vec<u8>>, bool), RejectReason> {
     let held = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.get(&hash)).await
     };
     if let Ok(Ok(Some(held))) = held {
-        return Ok(held);
+        return Ok((held, false));
     }
     let peer = node.0.to_peer_id().map_err(|_| RejectReason::UnknownNode)?;
     let mut attempt = 0u32;
@@ -249,7 +291,7 @@ async fn fetch_from_author(
         )
         .await;
         match fetched {
-            Ok(Ok(())) => return Ok(Arc::new(partial)),
+            Ok(Ok(())) => return Ok((Arc::new(partial), true)),
             // It offers other bytes than it committed to.
             Ok(Err(network::FetchError::WrongSize { .. })) => {
                 return Err(RejectReason::HashMismatch);
@@ -281,7 +323,7 @@ async fn fetch_state(
     bytes: u64,
     deadline_ms: u64,
 ) -> Result<(), RejectReason> {
-    let state = fetch_from_author(client, store, node, hash, bytes, deadline_ms).await?;
+    let (state, _) = fetch_from_author(client, store, node, hash, bytes, deadline_ms).await?;
     let store = store.clone();
     tokio::task::spawn_blocking(move || {
         if Hash::of(&state) != hash {
@@ -308,12 +350,13 @@ async fn fetch_and_check(
     codec: barnraise_protocol::codec::CodecConfig,
     params: usize,
     deadline_ms: u64,
-) -> Result<(), RejectReason> {
+) -> Result<Option<Duration>, RejectReason> {
     // The exact size is known from the codec: refuse anything else before fetching a byte.
     if commit.update_bytes != codec.encoded_len(params) as u64 {
         return Err(RejectReason::WrongLength);
     }
-    let payload = fetch_from_author(
+    let started = tokio::time::Instant::now();
+    let (payload, from_node) = fetch_from_author(
         client,
         store,
         node,
@@ -322,6 +365,7 @@ async fn fetch_and_check(
         deadline_ms,
     )
     .await?;
+    let took = started.elapsed();
     // Stage 2, then the payload is kept: both on a blocking thread.
     let commit = commit.clone();
     let metrics = metrics.clone();
@@ -335,7 +379,7 @@ async fn fetch_and_check(
             tracing::error!("storing an update: {e}");
             return Err(RejectReason::NotServed);
         }
-        Ok(())
+        Ok(from_node.then_some(took))
     })
     .await
     .unwrap_or(Err(RejectReason::undecodable("the check crashed")))
@@ -343,7 +387,56 @@ async fn fetch_and_check(
 
 #[cfg(test)]
 mod tests {
-    use super::state_upload_ms;
+    use super::{state_upload_ms, states_may_arrive_within};
+    use std::time::Duration;
+
+    #[test]
+    fn the_grace_waits_only_for_states_the_link_can_bring_in_time() {
+        let state = 26_368_376; // `small`'s.
+        let update = 1_242_720;
+        // Loopback: the update in 30 ms, so the state in about 0.64 s.
+        assert!(states_may_arrive_within(
+            state,
+            update,
+            Some(Duration::from_millis(30)),
+            2_000
+        ));
+        // 20 Mbit/s: the update in 0.6 s, the state in about 12.7 s.
+        assert!(!states_may_arrive_within(
+            state,
+            update,
+            Some(Duration::from_millis(600)),
+            2_000
+        ));
+        // Two drawn states take twice as long.
+        assert!(states_may_arrive_within(
+            state,
+            update,
+            Some(Duration::from_millis(80)),
+            2_000
+        ));
+        assert!(!states_may_arrive_within(
+            2 * state,
+            update,
+            Some(Duration::from_millis(80)),
+            2_000
+        ));
+        // Nothing measured (the update was in the store): the grace applies.
+        assert!(states_may_arrive_within(state, update, None, 2_000));
+        assert!(states_may_arrive_within(
+            state,
+            0,
+            Some(Duration::from_secs(1)),
+            2_000
+        ));
+        // No grace: nothing may arrive within it but an instant transfer.
+        assert!(!states_may_arrive_within(
+            state,
+            update,
+            Some(Duration::from_millis(1)),
+            0
+        ));
+    }
 
     #[test]
     fn a_state_is_given_its_bytes_at_the_link_rate_plus_round_trips() {

@@ -186,6 +186,7 @@ impl Service {
         signed: Signed<Commit>,
         peer_key: Option<PublicKey>,
     ) -> CoordinatorResponse {
+        tracing::debug!(signer = ?signed.signer, "commit received");
         let from_network = peer_key.is_some();
         if from_network {
             self.metrics.commits.fetch_add(1, Ordering::Relaxed);
