@@ -113,6 +113,24 @@ pub struct FetchReport {
 }
 
 impl FetchReport {
+    /// The report of a fetch of `hash` that has done nothing yet.
+    pub fn nothing_yet(hash: Hash) -> FetchReport {
+        FetchReport {
+            hash,
+            size: 0,
+            already_had: false,
+            chunks_resumed: 0,
+            chunks_fetched: 0,
+            bytes_fetched: 0,
+            providers_used: Vec::new(),
+            bytes_by_provider: BTreeMap::new(),
+            bad_providers: Vec::new(),
+            stalled_providers: Vec::new(),
+        }
+    }
+}
+
+impl FetchReport {
     /// Bytes `peer` served in this fetch.
     pub fn bytes_from(&self, peer: &PeerId) -> u64 {
         self.bytes_by_provider.get(peer).copied().unwrap_or(0)
@@ -211,18 +229,7 @@ impl Fetcher {
         candidates: &[PeerId],
         cancel: &CancellationToken,
     ) -> Result<FetchReport, FetchError> {
-        let mut report = FetchReport {
-            hash,
-            size: 0,
-            already_had: false,
-            chunks_resumed: 0,
-            chunks_fetched: 0,
-            bytes_fetched: 0,
-            providers_used: Vec::new(),
-            bytes_by_provider: BTreeMap::new(),
-            bad_providers: Vec::new(),
-            stalled_providers: Vec::new(),
-        };
+        let mut report = FetchReport::nothing_yet(hash);
         if let Some(size) = self.store.size(&hash) {
             report.size = size;
             report.already_had = true;

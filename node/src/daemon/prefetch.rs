@@ -33,8 +33,9 @@ pub(super) trait Source: Send + Sync + 'static {
         size: u64,
         author: Option<PeerId>,
     ) -> futures::future::BoxFuture<'static, Fetched>;
-    /// Forgets what a stopped fetch of `hash` left half done.
-    fn discard(&self, hash: Hash);
+    /// Forgets what a fetch of `hash` that will not be applied left: its
+    /// partial download, and with `whole` the blob it brought in.
+    fn discard(&self, hash: Hash, whole: bool);
 }
 
 impl Source for Blobs {
@@ -48,8 +49,15 @@ impl Source for Blobs {
         Box::pin(async move { blobs.fetch(&hash, Some(size), author, "update").await })
     }
 
-    fn discard(&self, hash: Hash) {
+    fn discard(&self, hash: Hash, whole: bool) {
         self.store().discard_partial(&hash);
+        // A fetch that finished before it was cancelled (an update the
+        // manifest rejected, or a round the node resynced past) would
+        // otherwise stay in the store for good: nothing indexes it for
+        // retention.
+        if whole && let Err(e) = self.store().remove(&hash) {
+            tracing::debug!("could not delete unapplied update {}: {e}", hash.short());
+        }
     }
 }
 
@@ -195,9 +203,12 @@ pub(super) fn cancel(tasks: HashMap<Hash, JoinHandle<Fetched>>, source: &Arc<dyn
     tokio::spawn(async move {
         for (hash, task) in tasks {
             task.abort();
-            let _ = task.await;
+            // Only what this fetch brought in goes: a blob the store had
+            // before (our own update, if another node committed its bytes)
+            // stays.
+            let whole = matches!(task.await, Ok(Ok(Some(report))) if !report.already_had);
             let source = source.clone();
-            let _ = tokio::task::spawn_blocking(move || source.discard(hash)).await;
+            let _ = tokio::task::spawn_blocking(move || source.discard(hash, whole)).await;
         }
     });
 }
@@ -212,8 +223,11 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         fetched: StdMutex<Vec<(Hash, u64, Option<PeerId>)>>,
-        discarded: StdMutex<Vec<Hash>>,
+        discarded: StdMutex<Vec<(Hash, bool)>>,
         hold: bool,
+        /// What a finished fetch reports: None, or whether the store
+        /// already had the blob.
+        finish: Option<bool>,
         release: Arc<tokio::sync::Notify>,
     }
 
@@ -225,17 +239,20 @@ mod tests {
             author: Option<PeerId>,
         ) -> futures::future::BoxFuture<'static, Fetched> {
             self.fetched.lock().unwrap().push((hash, size, author));
-            let (hold, release) = (self.hold, self.release.clone());
+            let (hold, release, finish) = (self.hold, self.release.clone(), self.finish);
             Box::pin(async move {
                 if hold {
                     release.notified().await;
                 }
-                Ok(None)
+                Ok(finish.map(|already_had| FetchReport {
+                    already_had,
+                    ..FetchReport::nothing_yet(hash)
+                }))
             })
         }
 
-        fn discard(&self, hash: Hash) {
-            self.discarded.lock().unwrap().push(hash);
+        fn discard(&self, hash: Hash, whole: bool) {
+            self.discarded.lock().unwrap().push((hash, whole));
         }
     }
 
@@ -313,7 +330,48 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(*fake.discarded.lock().unwrap(), vec![Hash::of(b"early")]);
+        assert_eq!(
+            *fake.discarded.lock().unwrap(),
+            vec![(Hash::of(b"early"), false)],
+            "a fetch stopped half way leaves only a partial"
+        );
+    }
+
+    /// Fetches that finished before the manifest rejected their updates
+    /// are deleted whole, unless the store had the blob before (our own
+    /// update's bytes, committed by another node too).
+    #[tokio::test]
+    async fn finished_fetches_of_unapplied_updates_are_deleted_unless_already_held() {
+        for (already_had, deleted) in [(false, true), (true, false)] {
+            let fake = Arc::new(Fake {
+                finish: Some(already_had),
+                ..Fake::default()
+            });
+            let prefetch = Prefetch::new(true);
+            prefetch.arm(2, authors(&[1]), fake.clone());
+            assert!(prefetch.offer(notice(2, 1, b"rejected")));
+            let tasks = prefetch.take(2);
+            assert_eq!(tasks.len(), 1);
+            // Finished before the manifest came.
+            for task in tasks.values() {
+                while !task.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            let source: Arc<dyn Source> = fake.clone();
+            cancel(tasks, &source);
+            for _ in 0..200 {
+                if !fake.discarded.lock().unwrap().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(
+                *fake.discarded.lock().unwrap(),
+                vec![(Hash::of(b"rejected"), deleted)],
+                "already had: {already_had}"
+            );
+        }
     }
 
     #[tokio::test]
