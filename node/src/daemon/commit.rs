@@ -96,6 +96,7 @@ impl Node {
             return Ok(None);
         };
         let commit_ms = started.elapsed().as_millis() as u64 - prepare_ms;
+        let announced = std::time::Instant::now();
         // Announced only once the commit is in: a copier who fetched the
         // blob from the DHT before the coordinator saw our commit would be
         // the "first" committer, and ours the copy (docs/security.md).
@@ -128,6 +129,11 @@ impl Node {
         };
         let dir = self.state.clone();
         off_runtime(move || dir.save_record(&record)).await??;
+        tracing::debug!(
+            round,
+            after_ms = announced.elapsed().as_millis() as u64,
+            "commit announced and recorded"
+        );
         self.summary.rounds_trained += 1;
         self.summary.tokens_trained += commit.tokens;
         NodeMetrics::add(&self.metrics.rounds_trained, 1);

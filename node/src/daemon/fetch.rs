@@ -96,16 +96,16 @@ impl Blobs {
     }
 
     /// Providers of a blob other than the coordinator: the peer that made it
-    /// (for updates) and whoever announced it on the DHT.
-    pub(super) async fn peer_providers(&self, hash: &Hash, author: Option<PeerId>) -> Vec<PeerId> {
+    /// (for updates) and whoever announced it on the DHT within
+    /// [`lookup_patience`].
+    pub(super) async fn peer_providers(
+        &self,
+        hash: &Hash,
+        size: Option<u64>,
+        author: Option<PeerId>,
+    ) -> Vec<PeerId> {
         let mut peers: Vec<PeerId> = author.into_iter().collect();
-        // With an author to ask, the DHT only adds alternatives: a lookup
-        // held up by an unresponsive peer must not hold up the download.
-        let patience = if peers.is_empty() {
-            Duration::from_secs(5)
-        } else {
-            Duration::from_secs(1)
-        };
+        let patience = lookup_patience(!peers.is_empty(), size);
         let lookup = tokio::time::timeout(patience, self.client.get_providers(*hash)).await;
         if let Ok(Ok(found)) = lookup {
             peers.extend(found);
@@ -153,7 +153,7 @@ impl Blobs {
             }
             None => self.fetcher.clone(),
         };
-        let peers = self.peer_providers(hash, author).await;
+        let peers = self.peer_providers(hash, size, author).await;
         let coordinator: Vec<PeerId> = self.coordinator.into_iter().collect();
         let report = if peers.is_empty() {
             fetcher
@@ -174,5 +174,51 @@ impl Blobs {
         };
         let _ = self.client.start_providing(*hash).await;
         Ok(Some(report))
+    }
+}
+
+/// How long a fetch waits for the DHT to name providers before it starts.
+/// With an author to ask, the DHT only adds alternatives: a lookup held up
+/// by an unresponsive peer must not hold up the download (1 s). A blob of
+/// one chunk or less (a shard of `up`'s data, 130 KB) moves faster from the
+/// coordinator than a lookup takes over a slow link (0.7-0.9 s at 100 ms
+/// a hop, docs/architecture.md "Slow links"), so it waits 250 ms before it
+/// asks the coordinator. Anything larger waits up to 5 s for peers that
+/// spare the coordinator its bytes.
+pub(super) fn lookup_patience(has_author: bool, size: Option<u64>) -> Duration {
+    if has_author {
+        Duration::from_secs(1)
+    } else if size.is_some_and(|bytes| bytes <= barnraise_protocol::limits::BLOB_CHUNK_BYTES as u64)
+    {
+        Duration::from_millis(250)
+    } else {
+        Duration::from_secs(5)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lookup_patience;
+    use barnraise_protocol::limits::BLOB_CHUNK_BYTES;
+    use std::time::Duration;
+
+    #[test]
+    fn small_blobs_wait_little_for_the_dht_and_large_ones_wait_for_peers() {
+        let chunk = BLOB_CHUNK_BYTES as u64;
+        assert_eq!(
+            lookup_patience(false, Some(130_000)),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            lookup_patience(false, Some(chunk)),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            lookup_patience(false, Some(chunk + 1)),
+            Duration::from_secs(5)
+        );
+        // Size unknown: it may be large.
+        assert_eq!(lookup_patience(false, None), Duration::from_secs(5));
+        assert_eq!(lookup_patience(true, Some(130_000)), Duration::from_secs(1));
     }
 }

@@ -108,6 +108,7 @@ impl Node {
         round: u64,
         assignment: &Assignment,
     ) -> Result<Phase<Trained>, NodeError> {
+        let entered = Instant::now();
         if let Some(reason) = self.standby_reason() {
             // Paused, or our hours are ending: say so before the round counts on us.
             self.warn(format!("leaving round {round}'s work: {reason}"));
@@ -139,6 +140,7 @@ impl Node {
             }
         };
         let worker_plans = crate::cluster::split_assignment(&shards, assignment.seed, active);
+        let loading = Instant::now();
         let shard_tokens = match self.load_shards(state, round, &shards, assignment).await? {
             Phase::Done(tokens) => tokens,
             Phase::SatOut => return Ok(Phase::SatOut),
@@ -155,6 +157,7 @@ impl Node {
             })
             .collect();
         drop(shard_tokens);
+        let shards_ms = loading.elapsed().as_millis() as u64;
         let worker_seeds: Vec<u64> = worker_plans.iter().map(|p| p.seed).collect();
         let mut inner = barnraise_trainer::train::inner_for_round(
             &state.run,
@@ -198,6 +201,13 @@ impl Node {
             }
             !shutdown.is_cancelled() && !pause.as_ref().is_some_and(|p| p.is_paused())
         };
+        tracing::debug!(
+            round,
+            setup_ms = entered.elapsed().as_millis() as u64,
+            shards_ms = shards_ms,
+            shards = shards.len(),
+            "training starts"
+        );
         let started = Instant::now();
         let trained = off_runtime(move || {
             let mut results = crate::cluster::train_workers(
