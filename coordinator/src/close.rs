@@ -521,22 +521,15 @@ pub fn close_round(
             Check::Measure(m) => {
                 let (i, seed, own) = &measured[m];
                 let c = &close.candidates[*i];
-                let base = ctx.early.bases.get(&(c.node, c.commit.update_hash));
+                let base = ctx
+                    .early
+                    .bases
+                    .get(&(c.node, c.commit.update_hash))
+                    .copied();
                 match decoded(ctx, c, payloads, params) {
                     Some(values) => {
                         CheckOutcome::Measured(Some(probe_for(probe, ctx, theta_r).and_then(|p| {
-                            match base {
-                                Some(&own_base) => p
-                                    .losses_after(&values, own, *seed, heldout, heldout_seed)
-                                    .map(|(own_after, other_after)| crate::probe::Measured {
-                                        own_base,
-                                        own_after,
-                                        other_after,
-                                    }),
-                                None => {
-                                    p.measure_update(&values, own, *seed, heldout, heldout_seed)
-                                }
-                            }
+                            p.measure_update(&values, own, *seed, heldout, heldout_seed, base)
                         })))
                     }
                     None => CheckOutcome::Measured(None),

@@ -739,7 +739,7 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
         }
         let (seed, own) = probed_on(c);
         let measured = probe
-            .measure_update(delta, &own, seed, &heldout, heldout_seed)
+            .measure_update(delta, &own, seed, &heldout, heldout_seed, None)
             .unwrap();
         early
             .probes

@@ -269,7 +269,9 @@ impl Measured {
 
 impl Probe {
     /// Measures one update on its own shard (batches drawn with `seed`)
-    /// and on the held-out shard (with `heldout_seed`).
+    /// and on the held-out shard (with `heldout_seed`). `own_base`: θ_r's
+    /// loss on its own shard's batches when already measured (it needs no
+    /// update, so it is measured while the update travels).
     pub fn measure_update(
         &mut self,
         delta: &[f32],
@@ -277,8 +279,12 @@ impl Probe {
         seed: u64,
         heldout: &[u16],
         heldout_seed: u64,
+        own_base: Option<f32>,
     ) -> Result<Measured, ProbeError> {
-        let own_base = self.base_loss_seeded(own, seed)?;
+        let own_base = match own_base {
+            Some(base) => base,
+            None => self.base_loss_seeded(own, seed)?,
+        };
         let (own_after, other_after) =
             self.losses_after(delta, own, seed, heldout, heldout_seed)?;
         Ok(Measured {

@@ -261,7 +261,6 @@ impl BlobStore {
         Ok(buf)
     }
 
-    /// Removes a blob (e.g. an old update nobody needs any more).
     /// Serves `hash` behind the other blobs from now on.
     pub fn serve_in_background(&self, hash: Hash) {
         if let Ok(mut set) = self.background.lock() {
@@ -274,6 +273,7 @@ impl BlobStore {
         self.background.lock().is_ok_and(|set| set.contains(hash))
     }
 
+    /// Removes a blob (e.g. an old update nobody needs any more).
     pub fn remove(&self, hash: &Hash) -> Result<(), StoreError> {
         if let Ok(mut set) = self.background.lock() {
             set.remove(hash);

@@ -128,9 +128,7 @@ impl FetchReport {
             stalled_providers: Vec::new(),
         }
     }
-}
 
-impl FetchReport {
     /// Bytes `peer` served in this fetch.
     pub fn bytes_from(&self, peer: &PeerId) -> u64 {
         self.bytes_by_provider.get(peer).copied().unwrap_or(0)

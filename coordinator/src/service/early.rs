@@ -58,6 +58,10 @@ pub(super) struct RoundInput {
     pub metrics: Arc<Metrics>,
     /// θ_r.
     pub theta: Arc<Vec<f32>>,
+    /// Probe models on θ_r that finished checks left for the next ones
+    /// (an update's base and its probe are two checks); emptied when the
+    /// round closes, so deferred checks that keep this input keep no model.
+    pub probes: Mutex<Vec<crate::probe::Probe>>,
 }
 
 type Assignment = barnraise_protocol::messages::Assignment;
@@ -193,6 +197,12 @@ impl EarlyChecks {
         for task in tasks {
             let _ = task.await;
         }
+        // No check of this round runs any more: its probe models go.
+        if let Some(input) = &self.input
+            && let Ok(mut pool) = input.probes.lock()
+        {
+            pool.clear();
+        }
         self.inner
             .lock()
             .map(|mut state| std::mem::take(&mut state.found))
@@ -226,9 +236,7 @@ impl Done {
                 heldout_base,
                 own_base,
             } => {
-                if found.heldout_base.is_none() {
-                    found.heldout_base = heldout_base;
-                }
+                found.heldout_base = found.heldout_base.or(heldout_base);
                 found.bases.insert((node, update), own_base);
             }
             Done::Probe {
@@ -237,9 +245,7 @@ impl Done {
                 heldout_base,
                 measured,
             } => {
-                if found.heldout_base.is_none() {
-                    found.heldout_base = heldout_base;
-                }
+                found.heldout_base = found.heldout_base.or(heldout_base);
                 found.probes.insert((node, update), measured);
             }
             Done::Replay(node, update, worker, result) => {
@@ -270,17 +276,17 @@ fn run(
         Job::Base(commit) => {
             let heldout = input.heldout.as_deref()?;
             let (seed, own) = probed_on(input, assignment, round, &commit)?;
-            let mut probe = new_probe(input, round)?;
-            let heldout_base = match heldout_base {
-                Some(base) => Some(base),
-                None => probe
+            let mut probe = take_probe(input, round)?;
+            let heldout_base = heldout_base.or_else(|| {
+                probe
                     .base_loss_seeded(heldout, heldout_seed(input, round))
-                    .ok(),
-            };
+                    .ok()
+            });
             let own_base = probe
                 .base_loss_seeded(&own, seed)
                 .map_err(|e| tracing::debug!(round, "early probe base: {e}"))
                 .ok()?;
+            give_back(input, probe);
             input.metrics.stages.add(Stage::Probe, started.elapsed());
             Done::Base {
                 node: assignment.node,
@@ -295,24 +301,15 @@ fn run(
             let payload = input.store.get(&commit.update_hash).ok().flatten()?;
             let params = input.theta.len();
             let values = verify::check_payload(&payload, &commit, input.codec, params).ok()?;
-            let mut probe = new_probe(input, round)?;
+            let mut probe = take_probe(input, round)?;
             let heldout_seed = heldout_seed(input, round);
-            let heldout_base = match heldout_base {
-                Some(base) => Some(base),
-                None => probe.base_loss_seeded(heldout, heldout_seed).ok(),
-            };
-            let measured = match own_base {
-                Some(own_base) => probe
-                    .losses_after(&values, &own, seed, heldout, heldout_seed)
-                    .map(|(own_after, other_after)| Measured {
-                        own_base,
-                        own_after,
-                        other_after,
-                    }),
-                None => probe.measure_update(&values, &own, seed, heldout, heldout_seed),
-            }
-            .map_err(|e| tracing::debug!(round, "early probe: {e}; the close probes it"))
-            .ok()?;
+            let heldout_base =
+                heldout_base.or_else(|| probe.base_loss_seeded(heldout, heldout_seed).ok());
+            let measured = probe
+                .measure_update(&values, &own, seed, heldout, heldout_seed, own_base)
+                .map_err(|e| tracing::debug!(round, "early probe: {e}; the close probes it"))
+                .ok()?;
+            give_back(input, probe);
             input.metrics.stages.add(Stage::Probe, started.elapsed());
             Done::Probe {
                 node: assignment.node,
@@ -344,10 +341,23 @@ fn probed_on(
     Some((seed, own))
 }
 
-fn new_probe(input: &RoundInput, round: u64) -> Option<crate::probe::Probe> {
+/// A probe model on θ_r: one an earlier check left, or a new one (a model
+/// built and θ copied into it). Every loss sets its parameters first, so
+/// what an earlier check did to it does not matter.
+fn take_probe(input: &RoundInput, round: u64) -> Option<crate::probe::Probe> {
+    if let Some(probe) = input.probes.lock().ok().and_then(|mut pool| pool.pop()) {
+        return Some(probe);
+    }
     crate::probe::Probe::new(&input.model, &input.theta, &input.verify, input.seq_len, 0)
         .map_err(|e| tracing::debug!(round, "early probe: {e}"))
         .ok()
+}
+
+/// Leaves `probe` for the round's next check.
+fn give_back(input: &RoundInput, probe: crate::probe::Probe) {
+    if let Ok(mut pool) = input.probes.lock() {
+        pool.push(probe);
+    }
 }
 
 fn heldout_seed(input: &RoundInput, round: u64) -> u64 {

@@ -453,6 +453,7 @@ impl Service {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             theta,
+            probes: Default::default(),
         });
         self.early = Some(early::EarlyChecks::new(
             round,

@@ -34,7 +34,7 @@ impl Node {
         let state_bytes: u64 = states.iter().map(|s| s.len() as u64).sum();
         // Served behind our updates: a drawn state is checked after the
         // round if need be, while peers wait on the update to apply it.
-        let stored = tokio::task::spawn_blocking(move || {
+        let stored = off_runtime(move || {
             states
                 .iter()
                 .map(|bytes| {
@@ -61,11 +61,8 @@ impl Node {
             })
             .await?;
         }
-        let encoded = self.encode(state, round, delta).await;
-        let state_hashes = stored
-            .await
-            .map_err(|e| NodeError::Background(e.to_string()))??;
-        self.forget_old_states(round, state_hashes, state_bytes);
+        let (encoded, stored) = tokio::join!(self.encode(state, round, delta), stored);
+        self.forget_old_states(round, stored??, state_bytes);
         let mut payload = encoded?;
         if let Some(adversary) = &self.adversary {
             adversary.corrupt_payload(round, &mut payload);

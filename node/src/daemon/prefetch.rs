@@ -256,6 +256,16 @@ mod tests {
         }
     }
 
+    /// Waits (up to 2 s) for `cancel`'s task to discard something.
+    async fn discarded_soon(fake: &Fake) {
+        for _ in 0..200 {
+            if !fake.discarded.lock().unwrap().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn node(seed: u8) -> NodeId {
         SigningKey::from_seed([seed; 32]).unwrap().node_id()
     }
@@ -324,12 +334,7 @@ mod tests {
         // The node resynced and took round 6's manifest instead: round 5's
         // fetch, still running, is stopped and its partial forgotten.
         assert!(prefetch.take(6).is_empty());
-        for _ in 0..100 {
-            if !fake.discarded.lock().unwrap().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        discarded_soon(&fake).await;
         assert_eq!(
             *fake.discarded.lock().unwrap(),
             vec![(Hash::of(b"early"), false)],
@@ -360,12 +365,7 @@ mod tests {
             }
             let source: Arc<dyn Source> = fake.clone();
             cancel(tasks, &source);
-            for _ in 0..200 {
-                if !fake.discarded.lock().unwrap().is_empty() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            discarded_soon(&fake).await;
             assert_eq!(
                 *fake.discarded.lock().unwrap(),
                 vec![(Hash::of(b"rejected"), deleted)],
