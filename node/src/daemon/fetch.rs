@@ -181,7 +181,7 @@ impl Blobs {
 /// With an author to ask, the DHT only adds alternatives: a lookup held up
 /// by an unresponsive peer must not hold up the download (1 s). A blob of
 /// one chunk or less (a shard of `up`'s data, 130 KB) moves faster from the
-/// coordinator than a lookup takes over a slow link (0.7-0.9 s at 100 ms
+/// coordinator than a lookup takes over a slow link (about 0.4-0.6 s at 100 ms
 /// a hop, docs/architecture.md "Slow links"), so it waits 250 ms before it
 /// asks the coordinator. Anything larger waits up to 5 s for peers that
 /// spare the coordinator its bytes.
