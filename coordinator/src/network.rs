@@ -309,27 +309,10 @@ pub async fn fetch_blob_into(
     size: u64,
     out: &mut Vec<u8>,
 ) -> Result<(), FetchError> {
-    match client
-        .blob_request(peer, BlobRequest::Have { hash })
-        .await?
-    {
-        BlobResponse::Have {
-            size: Some(offered),
-        } if offered == size => {}
-        BlobResponse::Have {
-            size: Some(offered),
-        } => {
-            return Err(FetchError::WrongSize {
-                expected: size,
-                offered,
-            });
-        }
-        BlobResponse::Have { size: None } | BlobResponse::NotFound => {
-            return Err(FetchError::NotFound);
-        }
-        BlobResponse::Refused { reason } => return Err(FetchError::Refused(reason)),
-        BlobResponse::Chunk { .. } => return Err(FetchError::Protocol),
-    }
+    // The commit names the size, so the chunks are asked for at once: a
+    // `Have` first would only add a round trip to every update the round
+    // waits on (200 ms on a 100 ms link). When a chunk is not served,
+    // `Have` then says why.
     let total = usize::try_from(size).map_err(|_| FetchError::WrongSize {
         expected: size,
         offered: size,
@@ -363,12 +346,39 @@ pub async fn fetch_blob_into(
             // offsets that assume it.
             BlobResponse::Chunk { data } if data.len() == len => out.extend_from_slice(&data),
             BlobResponse::Chunk { .. } => return Err(FetchError::Protocol),
-            BlobResponse::NotFound => return Err(FetchError::NotFound),
-            BlobResponse::Refused { reason } => return Err(FetchError::Refused(reason)),
+            BlobResponse::NotFound => {
+                return Err(why_not_served(client, peer, hash, size, FetchError::NotFound).await);
+            }
+            BlobResponse::Refused { reason } => {
+                let refused = FetchError::Refused(reason);
+                return Err(why_not_served(client, peer, hash, size, refused).await);
+            }
             BlobResponse::Have { .. } => return Err(FetchError::Protocol),
         }
     }
     Ok(())
+}
+
+/// Why `peer` did not serve a chunk of the `size`-byte blob `hash`: it
+/// holds a blob of another size under that name (`WrongSize`), or none at
+/// all (`NotFound`); otherwise its own answer stands.
+async fn why_not_served(
+    client: &Client,
+    peer: PeerId,
+    hash: Hash,
+    size: u64,
+    answer: FetchError,
+) -> FetchError {
+    match client.blob_request(peer, BlobRequest::Have { hash }).await {
+        Ok(BlobResponse::Have {
+            size: Some(offered),
+        }) if offered != size => FetchError::WrongSize {
+            expected: size,
+            offered,
+        },
+        Ok(BlobResponse::Have { size: None } | BlobResponse::NotFound) => FetchError::NotFound,
+        _ => answer,
+    }
 }
 
 /// Chunk requests one blob fetch keeps in flight (a node's fetcher asks

@@ -1315,8 +1315,10 @@ async fn blob_peer(
 
 /// `fetch_blob` keeps several chunk requests in flight: a blob of several
 /// chunks and a short last one arrives whole and in order, a transfer
-/// resumes from what already arrived, and a peer that offers another size
-/// than asked for is refused before any chunk.
+/// resumes from what already arrived, and a peer that holds another size
+/// than asked for is caught: a larger size asked for ends in a refused
+/// chunk, which `Have` then explains, and a smaller one brings bytes that do
+/// not hash to the name (the check every caller makes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_of_many_chunks_arrives_whole_and_in_order() {
     let shutdown = CancellationToken::new();
@@ -1358,6 +1360,10 @@ async fn a_blob_of_many_chunks_arrives_whole_and_in_order() {
         network::fetch_blob(&client, server_peer, hash, size + 1).await,
         Err(network::FetchError::WrongSize { .. })
     ));
+    let short = network::fetch_blob(&client, server_peer, hash, size - 1)
+        .await
+        .expect("a shorter range is served");
+    assert_ne!(Hash::of(&short), hash);
     assert!(matches!(
         network::fetch_blob(&client, server_peer, Hash::of(b"nothing"), 10).await,
         Err(network::FetchError::NotFound)

@@ -2,12 +2,28 @@
 //!
 //! ```text
 //! fetcher                                   providers (any peers)
-//!  | -- Have{hash} to every candidate ------------->|
+//!  | -- Have{hash} to every candidate ------------->|   only when the size is not known
 //!  |<-- Have{size} / Have{None} --------------------|   size must match what we expect
 //!  | -- Chunk{hash, offset, len} (bounded, spread) >|   chunks go to the least busy provider
-//!  |<-- Chunk{data} --------------------------------|   exact length checked, written, journaled
+//!  |<-- Chunk{data} / NotFound ---------------------|   exact length checked, written, journaled
 //!  |   ... all chunks in: hash the whole blob ...
 //! ```
+//!
+//! When the caller knows the size (a manifest, a commit notice or the
+//! dataset names it) and there is one candidate (an update's author, the
+//! coordinator), there is nothing for `Have` to settle: the chunks are
+//! asked for at once, which saves a round trip per blob (200 ms on a 100 ms
+//! link, paid on every update and shard of a round). A candidate without the
+//! blob answers its first chunk `NotFound` and is dropped from the transfer.
+//! `Have` is still asked, beside the first chunks rather than before them: a
+//! frozen candidate (a stopped process, a laptop asleep) that neither
+//! answers it within 10 s nor serves a chunk is dropped, and its chunks go
+//! to whoever else there is, where they would otherwise wait out the 60 s
+//! chunk timeout. With several candidates `Have` goes first as before: it
+//! keeps a frozen peer out of the transfer after a 0.5 s grace, where chunks
+//! handed to it would wait for a hedge (2 s at least). Providers found later
+//! (a DHT lookup still running when the fetch starts) are asked `Have` and
+//! join the transfer under way when they confirm the size.
 //!
 //! Blobs are named by the SHA-256 of the whole, so a single chunk cannot be
 //! checked on arrival; only its length can. When the assembled bytes do not
@@ -53,7 +69,7 @@ pub const MAX_IN_FLIGHT_PER_PROVIDER: usize = 4;
 /// Consecutive failures after which a provider is dropped.
 pub const MAX_PROVIDER_FAILURES: u32 = 4;
 /// How long to wait for a `Have` answer.
-const HAVE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HAVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Once a provider has confirmed a blob of the expected size, how much
 /// longer the others' answers are waited for: a frozen peer (a laptop gone
 /// to sleep, a stopped process) must not hold every download for
@@ -148,6 +164,7 @@ pub struct Fetcher {
     per_provider: usize,
     progress: Option<ProgressFn>,
     hedge_after_min: Duration,
+    have_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -161,6 +178,48 @@ struct Provider {
     failed_at: Option<Instant>,
     not_before: Instant,
     active: bool,
+    /// It answered `NotFound`: it does not have the blob.
+    missing: bool,
+    /// It confirmed the blob's size or served a chunk of it. One that
+    /// joined without `Have` is asked it beside its first chunks, and
+    /// dropped if the answer is no or never comes.
+    confirmed: bool,
+}
+
+impl Provider {
+    fn new(peer: PeerId) -> Provider {
+        Provider {
+            peer,
+            in_flight: 0,
+            failures: 0,
+            failed_at: None,
+            not_before: Instant::now(),
+            active: true,
+            missing: false,
+            confirmed: false,
+        }
+    }
+}
+
+/// A provider's answer to `Have`, as far as a transfer cares.
+enum HaveAnswer {
+    Size(u64),
+    Missing,
+    /// An error, or no answer within [`HAVE_TIMEOUT`].
+    Silent,
+}
+
+/// What woke a transfer's loop.
+enum Next {
+    /// A chunk request finished: the provider's index, the chunk, what
+    /// became of it and when it was sent.
+    Done((usize, u64, Outcome, Instant)),
+    /// Providers found after the transfer started.
+    Joined(Vec<PeerId>),
+    /// A provider's answer to `Have`.
+    Confirmed(PeerId, HaveAnswer),
+    /// Time to hedge, or to ask a provider that was backing off.
+    Wake,
 }
 
 /// What became of one chunk request.
@@ -189,7 +248,15 @@ impl Fetcher {
             per_provider: MAX_IN_FLIGHT_PER_PROVIDER,
             progress: None,
             hedge_after_min: HEDGE_AFTER_MIN,
+            have_timeout: HAVE_TIMEOUT,
         }
+    }
+
+    /// Overrides [`HAVE_TIMEOUT`], how long a provider may take to answer
+    /// `Have` (or, asked beside its first chunks, to answer either).
+    pub fn with_have_timeout(mut self, timeout: Duration) -> Fetcher {
+        self.have_timeout = timeout;
+        self
     }
 
     /// Overrides [`HEDGE_AFTER_MIN`], the least time before a chunk is also
@@ -218,13 +285,31 @@ impl Fetcher {
 
     /// Fetches blob `hash` from `candidates` (any that have it) unless the
     /// store already has it. `expected_size`, when the caller knows it (a
-    /// manifest, a dataset entry), pins the size: providers claiming another
-    /// size are dropped.
+    /// manifest, a dataset entry), pins the size: providers claiming or
+    /// serving another size are dropped, and a lone candidate is asked for
+    /// chunks at once (see the module docs).
     pub async fn fetch(
         &self,
         hash: Hash,
         expected_size: Option<u64>,
         candidates: &[PeerId],
+        cancel: &CancellationToken,
+    ) -> Result<FetchReport, FetchError> {
+        self.fetch_joined(hash, expected_size, candidates, None, cancel)
+            .await
+    }
+
+    /// [`Fetcher::fetch`], with the providers `late` names joining when
+    /// they come (a DHT lookup started with the fetch). With the size known
+    /// the transfer starts with `candidates` and takes the late ones in as
+    /// they confirm the size; without it, `late` is awaited first, since
+    /// `Have` must settle the size among everyone.
+    pub async fn fetch_joined(
+        &self,
+        hash: Hash,
+        expected_size: Option<u64>,
+        candidates: &[PeerId],
+        late: Option<tokio::sync::oneshot::Receiver<Vec<PeerId>>>,
         cancel: &CancellationToken,
     ) -> Result<FetchReport, FetchError> {
         let mut report = FetchReport::nothing_yet(hash);
@@ -233,9 +318,34 @@ impl Fetcher {
             report.already_had = true;
             return Ok(report);
         }
-        let (size, peers) = self
-            .find_size(hash, expected_size, candidates, &mut report, cancel)
-            .await?;
+        let me = self.client.local_peer_id();
+        let mut unique = candidates.to_vec();
+        unique.sort();
+        unique.dedup();
+        unique.retain(|p| *p != me);
+        // Whether the providers have confirmed the size (with `Have`, first).
+        let (size, peers, late, confirmed) = match expected_size {
+            Some(size) if size <= MAX_BLOB_BYTES && unique.len() <= 1 => {
+                (size, unique, late, false)
+            }
+            _ => {
+                if let Some(late) = late {
+                    let found = tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return Err(FetchError::Cancelled),
+                        found = late => found.unwrap_or_default(),
+                    };
+                    unique.extend(found);
+                }
+                let (size, peers) = self
+                    .find_size(hash, expected_size, &unique, &mut report, cancel)
+                    .await?;
+                (size, peers, None, true)
+            }
+        };
+        if peers.is_empty() && late.is_none() {
+            return Err(FetchError::NoProviders { hash, asked: 0 });
+        }
         report.size = size;
         if size == 0 {
             // Nothing to fetch: the empty blob either is the one named, or a lie.
@@ -263,27 +373,40 @@ impl Fetcher {
         let mut providers: Vec<Provider> = peers
             .into_iter()
             .map(|peer| Provider {
-                peer,
-                in_flight: 0,
-                failures: 0,
-                failed_at: None,
-                not_before: Instant::now(),
-                active: true,
+                confirmed,
+                ..Provider::new(peer)
             })
             .collect();
         // Who served each chunk; `None` for chunks resumed from disk.
         let mut served_by: BTreeMap<u64, Option<usize>> = BTreeMap::new();
         let missing = partial.missing();
-        self.fetch_chunks(
-            &partial,
-            missing,
-            &mut providers,
-            &mut served_by,
-            None,
-            &mut report,
-            cancel,
-        )
-        .await?;
+        let fetched = self
+            .fetch_chunks(
+                &partial,
+                missing,
+                &mut providers,
+                &mut served_by,
+                None,
+                late,
+                &mut report,
+                cancel,
+            )
+            .await;
+        if let Err(e) = fetched {
+            // Nobody had it: no partial download is left behind for a
+            // blob none of its bytes arrived for.
+            let nobody_has_it = !providers.is_empty() && providers.iter().all(|p| p.missing);
+            if partial.done_count() == 0 && !matches!(e, FetchError::Cancelled) {
+                self.store.discard_partial(&hash);
+            }
+            return Err(match e {
+                FetchError::ProvidersExhausted { .. } if nobody_has_it => FetchError::NoProviders {
+                    hash,
+                    asked: providers.len(),
+                },
+                e => e,
+            });
+        }
         match self.finish(&partial).await {
             Ok(()) => {
                 self.note_used(&providers, &served_by, &mut report);
@@ -323,6 +446,7 @@ impl Fetcher {
                 &mut providers,
                 &mut served_by,
                 suspect,
+                None,
                 &mut report,
                 cancel,
             )
@@ -391,17 +515,15 @@ impl Fetcher {
         report: &mut FetchReport,
         cancel: &CancellationToken,
     ) -> Result<(u64, Vec<PeerId>), FetchError> {
-        let mut unique = candidates.to_vec();
-        unique.sort();
-        unique.dedup();
-        unique.retain(|p| *p != self.client.local_peer_id());
+        let unique = candidates;
         let mut asks: FuturesUnordered<_> = unique
             .iter()
             .map(|&peer| {
                 let client = self.client.clone();
+                let have_timeout = self.have_timeout;
                 async move {
                     let answer = tokio::time::timeout(
-                        HAVE_TIMEOUT,
+                        have_timeout,
                         client.blob_request(peer, BlobRequest::Have { hash }),
                     )
                     .await;
@@ -521,14 +643,16 @@ impl Fetcher {
     /// Fetches `chunks` into `partial`, spreading them over the active
     /// providers except `exclude`, with bounded concurrency; once all are
     /// handed out, hedges chunks a provider sits on (see the module docs).
+    /// The peers `late` names join the providers when they arrive.
     #[allow(clippy::too_many_arguments)]
     async fn fetch_chunks(
         &self,
         partial: &Arc<Partial>,
         chunks: Vec<u64>,
-        providers: &mut [Provider],
+        providers: &mut Vec<Provider>,
         served_by: &mut BTreeMap<u64, Option<usize>>,
         exclude: Option<usize>,
+        mut late: Option<tokio::sync::oneshot::Receiver<Vec<PeerId>>>,
         report: &mut FetchReport,
         cancel: &CancellationToken,
     ) -> Result<(), FetchError> {
@@ -546,6 +670,33 @@ impl Fetcher {
         // Chunks already written in this call: a hedge's loser is discarded.
         let claimed: Arc<std::sync::Mutex<BTreeSet<u64>>> = Arc::default();
         let mut latencies: VecDeque<Duration> = VecDeque::new();
+        // Providers asked `Have` beside the transfer, not yet answered:
+        // those that joined without it, and those found late.
+        let have_timeout = self.have_timeout;
+        let have = |peer: PeerId| {
+            let client = self.client.clone();
+            async move {
+                let answer = tokio::time::timeout(
+                    have_timeout,
+                    client.blob_request(peer, BlobRequest::Have { hash }),
+                )
+                .await;
+                let answer = match answer {
+                    Ok(Ok(BlobResponse::Have { size: Some(size) })) => HaveAnswer::Size(size),
+                    Ok(Ok(BlobResponse::Have { size: None } | BlobResponse::NotFound)) => {
+                        HaveAnswer::Missing
+                    }
+                    _ => HaveAnswer::Silent,
+                };
+                (peer, answer)
+            }
+        };
+        let mut confirming = FuturesUnordered::new();
+        for (i, provider) in providers.iter().enumerate() {
+            if provider.active && !provider.confirmed && Some(i) != exclude {
+                confirming.push(have(provider.peer));
+            }
+        }
         let request = |index: usize, peer: PeerId, chunk: u64| {
             let (offset, len) = chunk_range(size, chunk);
             let client = self.client.clone();
@@ -598,6 +749,18 @@ impl Fetcher {
             if remaining.is_empty() {
                 // Requests still out are hedges' losers: dropped with the set.
                 return Ok(());
+            }
+            // Nobody left to ask, and nobody on the way: requests still out
+            // went to dropped providers, which are not waited for.
+            let anyone = providers
+                .iter()
+                .enumerate()
+                .any(|(i, p)| p.active && Some(i) != exclude);
+            if !anyone && late.is_none() && confirming.is_empty() {
+                return Err(FetchError::ProvidersExhausted {
+                    hash,
+                    remaining: remaining.len(),
+                });
             }
             let now = Instant::now();
             let usable = |providers: &[Provider], i: usize, now: Instant| {
@@ -653,37 +816,96 @@ impl Fetcher {
                     in_flight.push(request(index, providers[index].peer, chunk));
                 }
             }
-            if in_flight.is_empty() {
-                // Nothing running: either every provider is gone, or all
-                // usable ones are backing off.
-                let waiting = providers
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, p)| p.active && Some(*i) != exclude)
-                    .map(|(_, p)| p.not_before)
-                    .min();
-                match waiting {
-                    None => {
-                        return Err(FetchError::ProvidersExhausted {
-                            hash,
-                            remaining: remaining.len(),
-                        });
+            let wake = next_hedge.unwrap_or_else(|| now + CHUNK_TIMEOUT);
+            // Backing-off providers wake the loop when they may be asked again.
+            let retry_at = providers
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| p.active && Some(*i) != exclude && p.not_before > now)
+                .map(|(_, p)| p.not_before)
+                .min();
+            let next = {
+                let joining = async {
+                    match late.as_mut() {
+                        Some(found) => found.await.unwrap_or_default(),
+                        None => std::future::pending().await,
                     }
-                    Some(at) => {
-                        tokio::select! {
-                            biased;
-                            _ = cancel.cancelled() => return Err(FetchError::Cancelled),
-                            _ = tokio::time::sleep_until(at) => continue,
-                        }
+                };
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Err(FetchError::Cancelled),
+                    Some(done) = in_flight.next() => Next::Done(done),
+                    found = joining => Next::Joined(found),
+                    Some((peer, size)) = confirming.next() => Next::Confirmed(peer, size),
+                    _ = tokio::time::sleep_until(wake), if next_hedge.is_some() => Next::Wake,
+                    _ = tokio::time::sleep_until(retry_at.unwrap_or(now)), if retry_at.is_some() => Next::Wake,
+                    // Not reached: with nothing in flight, someone is backing
+                    // off or being confirmed, or the transfer has already
+                    // failed (checked at the top of the loop).
+                    else => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Next::Wake
                     }
                 }
-            }
-            let wake = next_hedge.unwrap_or_else(|| now + CHUNK_TIMEOUT);
-            let (index, chunk, outcome, sent) = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Err(FetchError::Cancelled),
-                Some(done) = in_flight.next() => done,
-                _ = tokio::time::sleep_until(wake), if next_hedge.is_some() => continue,
+            };
+            let (index, chunk, outcome, sent) = match next {
+                Next::Wake => continue,
+                Next::Done(done) => done,
+                Next::Joined(found) => {
+                    late = None;
+                    let me = self.client.local_peer_id();
+                    for peer in found {
+                        if peer != me && providers.iter().all(|p| p.peer != peer) {
+                            confirming.push(have(peer));
+                        }
+                    }
+                    continue;
+                }
+                Next::Confirmed(peer, answer) => {
+                    let known = providers.iter().position(|p| p.peer == peer);
+                    match (answer, known) {
+                        (HaveAnswer::Size(claimed), None) if claimed == size => {
+                            tracing::debug!(%peer, blob = %hash.short(), "a provider joins the transfer");
+                            providers.push(Provider {
+                                confirmed: true,
+                                ..Provider::new(peer)
+                            });
+                        }
+                        (HaveAnswer::Size(claimed), Some(index)) if claimed == size => {
+                            providers[index].confirmed = true;
+                        }
+                        (HaveAnswer::Size(claimed), known) => {
+                            let reason = format!(
+                                "claims blob {} is {claimed} bytes, expected {size}",
+                                hash.short()
+                            );
+                            match known {
+                                Some(index) => {
+                                    self.drop_bad(providers, index, &reason, report).await;
+                                    requeue_from(index, &asked, &remaining, &mut queue);
+                                }
+                                None => {
+                                    tracing::warn!(%peer, "dropping provider: {reason}");
+                                    let _ = self.client.penalize(peer, reason.clone()).await;
+                                    report.bad_providers.push((peer, reason));
+                                }
+                            }
+                        }
+                        // Neither a yes nor a chunk: it will not serve this
+                        // blob, and what it was asked for goes to the others.
+                        (answer, Some(index)) if !providers[index].confirmed => {
+                            let provider = &mut providers[index];
+                            if provider.active {
+                                tracing::debug!(%peer, blob = %hash.short(), "provider did not confirm the blob; dropped");
+                            }
+                            provider.active = false;
+                            provider.missing |= matches!(answer, HaveAnswer::Missing);
+                            requeue_from(index, &asked, &remaining, &mut queue);
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
             };
             providers[index].in_flight = providers[index].in_flight.saturating_sub(1);
             let outstanding = requests.get_mut(&chunk).map_or(0, |n| {
@@ -701,6 +923,7 @@ impl Fetcher {
             match outcome {
                 Outcome::Written(len) => {
                     providers[index].failures = 0;
+                    providers[index].confirmed = true;
                     remaining.remove(&chunk);
                     served_by.insert(chunk, Some(index));
                     report.chunks_fetched += 1;
@@ -749,10 +972,11 @@ impl Fetcher {
                     requeue(&mut queue, &remaining);
                 }
                 Outcome::NotFound => {
-                    // It said it had the blob and now says it does not: not
-                    // necessarily malice (it may have pruned it), so just drop it.
-                    tracing::info!(%peer, blob = %hash.short(), "provider no longer has the blob");
+                    // It does not have the blob (a stale DHT record, a blob
+                    // it pruned): not malice, so it is only dropped.
+                    tracing::debug!(%peer, blob = %hash.short(), "provider does not have the blob");
                     providers[index].active = false;
+                    providers[index].missing = true;
                     requeue(&mut queue, &remaining);
                 }
                 Outcome::Refused(reason) | Outcome::Failed(reason) => {
@@ -821,6 +1045,22 @@ impl Fetcher {
         report
             .stalled_providers
             .push((provider.peer, reason.to_string()));
+    }
+}
+
+/// Queues again the chunks still missing that were handed to the
+/// provider `index` (dropped with requests in flight): another provider
+/// fetches them while those requests are left to run out.
+fn requeue_from(
+    index: usize,
+    asked: &BTreeMap<u64, (usize, Instant)>,
+    remaining: &BTreeSet<u64>,
+    queue: &mut VecDeque<u64>,
+) {
+    for (&chunk, &(owner, _)) in asked {
+        if owner == index && remaining.contains(&chunk) && !queue.contains(&chunk) {
+            queue.push_front(chunk);
+        }
     }
 }
 

@@ -366,6 +366,30 @@ impl BlobSource for Stalling {
     }
 }
 
+/// Sets its flag when dropped, so that a provider blocked on it is released
+/// however a test ends: the runtime waits for blocked reads.
+struct Release(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A store in a fresh directory holding `data` (kept while the directory is).
+fn store_holding(data: &[u8]) -> (tempfile::TempDir, Arc<BlobStore>) {
+    let (dir, store) = empty_store();
+    store.put(data).unwrap();
+    (dir, store)
+}
+
+/// An empty store in a fresh directory.
+fn empty_store() -> (tempfile::TempDir, Arc<BlobStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(BlobStore::open(dir.path()).unwrap());
+    (dir, store)
+}
+
 /// A provider whose background blob's reads block until released, and
 /// which counts them.
 struct GatedBackground {
@@ -408,13 +432,6 @@ async fn background_blobs_are_served_one_chunk_at_a_time_behind_the_others() {
     let state_hash = store.put(&state).unwrap();
     let update_hash = store.put(&update).unwrap();
     let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Released however the test ends: the runtime waits for blocked reads.
-    struct Release(Arc<std::sync::atomic::AtomicBool>);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
     let _release_on_exit = Release(release.clone());
     let background_reads = Arc::new(AtomicU64::new(0));
     let provider = spawn_peer(
@@ -645,6 +662,279 @@ async fn requests_that_fail_together_count_as_one_failure_of_their_provider() {
     assert!(fetch_store.verify(&hash).is_ok(), "the blob arrived intact");
     assert_eq!(report.bytes_from(&provider_id), size as u64);
     for peer in [provider, fetcher_peer] {
+        peer.stop().await;
+    }
+}
+
+/// A store that counts the `Have` questions it answers (the blob protocol
+/// asks a source for a blob's size only to answer `Have`) and, while
+/// `hold_have` is set, holds each answer until a chunk has been read (at
+/// most 5 s), counting the answers it had to give before any chunk.
+struct CountingHave {
+    store: Arc<BlobStore>,
+    haves: Arc<AtomicU64>,
+    reads: Arc<AtomicU64>,
+    hold_have: Arc<std::sync::atomic::AtomicBool>,
+    answered_before_a_chunk: Arc<AtomicU64>,
+}
+
+impl BlobSource for CountingHave {
+    fn size(&self, hash: &Hash) -> Option<u64> {
+        self.haves.fetch_add(1, Ordering::SeqCst);
+        if self.hold_have.load(Ordering::SeqCst) {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while self.reads.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if self.reads.load(Ordering::SeqCst) == 0 {
+                self.answered_before_a_chunk.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        self.store.size(hash)
+    }
+    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, ReadError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.store
+            .read_range(hash, offset, len)
+            .map_err(ReadError::from)
+    }
+}
+
+/// With the size known and one candidate, a fetch asks for chunks at once:
+/// its `Have` goes beside them, not a round trip ahead (the provider here
+/// holds its `Have` answer until a chunk was asked for, which a fetch that
+/// waited for `Have` would never do). Providers found after the fetch started
+/// are asked `Have` and join it: here the first candidate does not have the
+/// blob, answers `NotFound`, is dropped without blame, and the one found
+/// later serves it all. When nobody has the blob the fetch says so and
+/// leaves no partial download behind. Without a size, `Have` settles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_of_known_size_asks_for_chunks_at_once() {
+    let size = 3 * BLOB_CHUNK_BYTES + 5;
+    let data = pseudo_random_bytes(size, 71);
+    let hash = Hash::of(&data);
+    let (_having_dir, having_store) = store_holding(&data);
+    let haves = Arc::new(AtomicU64::new(0));
+    let hold_have = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let answered_before_a_chunk = Arc::new(AtomicU64::new(0));
+    let having = spawn_peer(
+        71,
+        Arc::new(CountingHave {
+            store: having_store,
+            haves: haves.clone(),
+            reads: Arc::new(AtomicU64::new(0)),
+            hold_have: hold_have.clone(),
+            answered_before_a_chunk: answered_before_a_chunk.clone(),
+        }),
+        false,
+    )
+    .await;
+    let (_empty_dir, empty_store_) = empty_store();
+    let empty = spawn_peer(72, empty_store_, false).await;
+    let (_fetch_dir, fetch_store) = empty_store();
+    let fetcher_peer = spawn_peer(73, fetch_store.clone(), false).await;
+    let having_id = fetcher_peer.client.dial(having.addr.clone()).await.unwrap();
+    let empty_id = fetcher_peer.client.dial(empty.addr.clone()).await.unwrap();
+    let fetcher = |store: &Arc<BlobStore>| {
+        Fetcher::new(
+            fetcher_peer.client.clone(),
+            store.clone(),
+            RateLimiter::unlimited(),
+        )
+    };
+    let cancel = CancellationToken::new();
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(30), f)
+            .await
+            .expect("the fetch ends")
+    }
+
+    let report =
+        within(fetcher(&fetch_store).fetch(hash, Some(size as u64), &[having_id], &cancel))
+            .await
+            .expect("the provider serves it");
+    assert!(fetch_store.verify(&hash).is_ok(), "the blob arrived intact");
+    assert_eq!(
+        answered_before_a_chunk.load(Ordering::SeqCst),
+        0,
+        "the chunks waited for Have"
+    );
+    assert_eq!(report.bytes_from(&having_id), size as u64);
+    hold_have.store(false, Ordering::SeqCst);
+    // Its Have may still be on the way: the counts below are of later ones.
+    let haves_so_far = || haves.load(Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let first = haves_so_far();
+    assert!(first <= 1, "{first} Haves for one fetch");
+
+    // A provider found after the start (here the only one) joins the transfer.
+    let (_late_dir, late_store) = empty_store();
+    let (found_tx, found) = tokio::sync::oneshot::channel();
+    let joined = {
+        let fetcher = fetcher(&late_store);
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            fetcher
+                .fetch_joined(hash, Some(size as u64), &[empty_id], Some(found), &cancel)
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    found_tx.send(vec![having_id]).unwrap();
+    let report = within(joined)
+        .await
+        .unwrap()
+        .expect("the provider that joined serves it");
+    assert!(late_store.verify(&hash).is_ok());
+    assert_eq!(report.bytes_from(&having_id), size as u64);
+    assert_eq!(
+        haves_so_far(),
+        first + 1,
+        "the found provider was asked Have"
+    );
+    assert!(
+        report.bad_providers.is_empty(),
+        "{:?}",
+        report.bad_providers
+    );
+    let score = fetcher_peer.client.peer_score(empty_id).await.unwrap();
+    assert!(
+        score.is_none_or(|s| s >= 0.0),
+        "not having a blob is no offence: {score:?}"
+    );
+
+    // Nobody has it: said so, and no partial download stays behind.
+    let (nobody_dir, nobody_store) = empty_store();
+    let other = Hash::of(b"a blob nobody has");
+    let missing =
+        within(fetcher(&nobody_store).fetch(other, Some(size as u64), &[empty_id], &cancel)).await;
+    assert!(
+        matches!(missing, Err(FetchError::NoProviders { asked: 1, .. })),
+        "{missing:?}"
+    );
+    let partials = std::fs::read_dir(nobody_dir.path().join("partial"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(
+        partials, 0,
+        "a partial download of a blob nobody has was left"
+    );
+    // The lookup finds nobody either: the fetch does not hang on it.
+    let (found_tx, found) = tokio::sync::oneshot::channel::<Vec<_>>();
+    drop(found_tx);
+    let none = within(fetcher(&nobody_store).fetch_joined(
+        other,
+        Some(size as u64),
+        &[],
+        Some(found),
+        &cancel,
+    ))
+    .await;
+    assert!(none.is_err(), "{none:?}");
+
+    // Without a size, Have settles it.
+    let (_sized_dir, sized_store) = empty_store();
+    within(fetcher(&sized_store).fetch(hash, None, &[having_id], &cancel))
+        .await
+        .expect("served");
+    assert_eq!(haves_so_far(), first + 2, "Have was asked");
+    for peer in [having, empty, fetcher_peer] {
+        peer.stop().await;
+    }
+}
+
+/// A provider that answers nothing until released (a stopped process, a
+/// laptop asleep): every question waits.
+struct Frozen {
+    store: Arc<BlobStore>,
+    release: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Frozen {
+    fn wait(&self) {
+        while !self.release.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+impl BlobSource for Frozen {
+    fn size(&self, hash: &Hash) -> Option<u64> {
+        self.wait();
+        self.store.size(hash)
+    }
+    fn read(&self, hash: &Hash, offset: u64, len: u32) -> Result<Vec<u8>, ReadError> {
+        self.wait();
+        self.store
+            .read_range(hash, offset, len)
+            .map_err(ReadError::from)
+    }
+}
+
+/// A fetch that starts on one candidate without asking `Have` first still
+/// asks it beside the chunks: a frozen candidate that answers neither is
+/// dropped once the `Have` timeout passes (not the 60 s a chunk may take),
+/// its chunks go to a provider found meanwhile, and with nobody else the
+/// fetch fails, so that the caller can turn to the coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_candidate_is_dropped_when_it_answers_nothing() {
+    let size = 2 * BLOB_CHUNK_BYTES + 11;
+    let data = pseudo_random_bytes(size, 81);
+    let hash = Hash::of(&data);
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _release_on_exit = Release(release.clone());
+    let (_frozen_dir, frozen_store) = store_holding(&data);
+    let frozen = spawn_peer(
+        81,
+        Arc::new(Frozen {
+            store: frozen_store,
+            release: release.clone(),
+        }),
+        false,
+    )
+    .await;
+    let (_having_dir, having_store) = store_holding(&data);
+    let having = spawn_peer(82, having_store, false).await;
+    let (_fetch_dir, fetch_store) = empty_store();
+    let fetcher_peer = spawn_peer(83, fetch_store.clone(), false).await;
+    let frozen_id = fetcher_peer.client.dial(frozen.addr.clone()).await.unwrap();
+    let having_id = fetcher_peer.client.dial(having.addr.clone()).await.unwrap();
+    let fetcher = Fetcher::new(
+        fetcher_peer.client.clone(),
+        fetch_store.clone(),
+        RateLimiter::unlimited(),
+    )
+    .with_have_timeout(std::time::Duration::from_millis(500));
+    let cancel = CancellationToken::new();
+    let patience = std::time::Duration::from_secs(30);
+
+    // Alone, it fails well within a chunk's 60 s timeout.
+    let alone = tokio::time::timeout(
+        patience,
+        fetcher.fetch(hash, Some(size as u64), &[frozen_id], &cancel),
+    )
+    .await
+    .expect("a frozen candidate does not hold the fetch for a chunk timeout");
+    assert!(
+        matches!(alone, Err(FetchError::ProvidersExhausted { .. })),
+        "{alone:?}"
+    );
+
+    // With a provider found meanwhile, that one serves everything.
+    let (found_tx, found) = tokio::sync::oneshot::channel();
+    found_tx.send(vec![having_id]).unwrap();
+    let report = tokio::time::timeout(
+        patience,
+        fetcher.fetch_joined(hash, Some(size as u64), &[frozen_id], Some(found), &cancel),
+    )
+    .await
+    .expect("the fetch ends")
+    .expect("the found provider serves it");
+    assert!(fetch_store.verify(&hash).is_ok(), "the blob arrived intact");
+    assert_eq!(report.bytes_from(&having_id), size as u64);
+    assert_eq!(report.bytes_from(&frozen_id), 0);
+    release.store(true, Ordering::SeqCst);
+    for peer in [frozen, having, fetcher_peer] {
         peer.stop().await;
     }
 }

@@ -106,15 +106,59 @@ impl Blobs {
     ) -> Vec<PeerId> {
         let mut peers: Vec<PeerId> = author.into_iter().collect();
         let patience = lookup_patience(!peers.is_empty(), size);
-        let lookup = tokio::time::timeout(patience, self.client.get_providers(*hash)).await;
-        if let Ok(Ok(found)) = lookup {
-            peers.extend(found);
+        peers.extend(self.dht_providers(hash, patience).await);
+        self.others(peers)
+    }
+
+    /// Whoever announced `hash` on the DHT within `patience`.
+    async fn dht_providers(&self, hash: &Hash, patience: Duration) -> Vec<PeerId> {
+        match tokio::time::timeout(patience, self.client.get_providers(*hash)).await {
+            Ok(Ok(found)) => found.into_iter().collect(),
+            _ => Vec::new(),
         }
+    }
+
+    /// `peers` less the coordinator and this node, each once.
+    fn others(&self, mut peers: Vec<PeerId>) -> Vec<PeerId> {
         let me = self.client.local_peer_id();
         peers.retain(|p| Some(*p) != self.coordinator && *p != me);
         peers.sort();
         peers.dedup();
         peers
+    }
+
+    /// Fetches from the peers: an update from its author at once, with the
+    /// DHT's providers joining when the lookup finds them (it takes 0.4-0.6 s
+    /// over 100 ms hops, which the last update of a round used to wait out
+    /// before its first byte); anything else from the providers a lookup
+    /// finds within [`lookup_patience`]. `None` when there is no peer to ask.
+    async fn fetch_from_peers(
+        &self,
+        fetcher: &Fetcher,
+        hash: &Hash,
+        size: Option<u64>,
+        author: Option<PeerId>,
+    ) -> Option<Result<crate::transfer::FetchReport, FetchError>> {
+        let author = author.filter(|a| !self.others(vec![*a]).is_empty());
+        if let (Some(author), Some(_)) = (author, size) {
+            let (found_tx, found) = tokio::sync::oneshot::channel();
+            let blobs = self.clone();
+            let hash = *hash;
+            let lookup = tokio::spawn(async move {
+                let found = blobs.dht_providers(&hash, LATE_LOOKUP_PATIENCE).await;
+                let _ = found_tx.send(blobs.others(found));
+            });
+            let result = fetcher
+                .fetch_joined(hash, size, &[author], Some(found), &self.shutdown)
+                .await;
+            lookup.abort();
+            return Some(result);
+        }
+        let peers = self.peer_providers(hash, size, author).await;
+        if peers.is_empty() {
+            return None;
+        }
+        Some(fetcher.fetch(*hash, size, &peers, &self.shutdown).await)
     }
 
     /// [`Node::fetch`] without its bookkeeping; `None` when the store
@@ -153,23 +197,23 @@ impl Blobs {
             }
             None => self.fetcher.clone(),
         };
-        let peers = self.peer_providers(hash, size, author).await;
         let coordinator: Vec<PeerId> = self.coordinator.into_iter().collect();
-        let report = if peers.is_empty() {
-            fetcher
-                .fetch(*hash, size, &coordinator, &self.shutdown)
-                .await?
-        } else {
-            match fetcher.fetch(*hash, size, &peers, &self.shutdown).await {
-                Ok(report) => report,
-                Err(e @ (FetchError::Cancelled | FetchError::Store { .. })) => return Err(e.into()),
-                Err(e) if coordinator.is_empty() => return Err(e.into()),
-                Err(e) => {
-                    tracing::info!(blob = %hash.short(), "peers could not serve {what} ({e}); asking the coordinator");
-                    fetcher
-                        .fetch(*hash, size, &coordinator, &self.shutdown)
-                        .await?
-                }
+        let report = match self.fetch_from_peers(&fetcher, hash, size, author).await {
+            None => {
+                fetcher
+                    .fetch(*hash, size, &coordinator, &self.shutdown)
+                    .await?
+            }
+            Some(Ok(report)) => report,
+            Some(Err(e @ (FetchError::Cancelled | FetchError::Store { .. }))) => {
+                return Err(e.into());
+            }
+            Some(Err(e)) if coordinator.is_empty() => return Err(e.into()),
+            Some(Err(e)) => {
+                tracing::info!(blob = %hash.short(), "peers could not serve {what} ({e}); asking the coordinator");
+                fetcher
+                    .fetch(*hash, size, &coordinator, &self.shutdown)
+                    .await?
             }
         };
         let _ = self.client.start_providing(*hash).await;
@@ -177,9 +221,14 @@ impl Blobs {
     }
 }
 
+/// How long a lookup started beside a fetch from a blob's author may take
+/// to bring in more providers (it ends with the fetch).
+const LATE_LOOKUP_PATIENCE: Duration = Duration::from_secs(5);
+
 /// How long a fetch waits for the DHT to name providers before it starts.
-/// With an author to ask, the DHT only adds alternatives: a lookup held up
-/// by an unresponsive peer must not hold up the download (1 s). A blob of
+/// With an author to ask (and no size known, so that `Have` must settle it),
+/// the DHT only adds alternatives: a lookup held up by an unresponsive peer
+/// must not hold up the download (1 s). A blob of
 /// one chunk or less (a shard of `up`'s data, 130 KB) moves faster from the
 /// coordinator than a lookup takes over a slow link (about 0.4-0.6 s at 100 ms
 /// a hop, docs/architecture.md "Slow links"), so it waits 250 ms before it
