@@ -51,10 +51,11 @@ pub struct NodeConfig {
     /// Blobs fetched in parallel chunks at most (all providers together).
     pub max_parallel_chunks: usize,
     /// Fetch the other nodes' updates as the coordinator announces them,
-    /// before the round's manifest, so that applying it finds them here
-    /// (docs/running-a-node.md, "Configuration"). An update the manifest
-    /// then rejects has cost its bytes; `false` fetches only what a
-    /// manifest accepts.
+    /// before the round's manifest, so that applying it finds them here,
+    /// and our shards as soon as a plan names them (docs/running-a-node.md,
+    /// "Configuration"). An update the manifest then rejects has cost its
+    /// bytes; `false` fetches only what a manifest accepts, and shards when
+    /// training starts.
     pub prefetch_updates: bool,
     /// Red-team mode, for testing a coordinator's verification: corrupt this
     /// node's updates on purpose. `sign-flip` (send −Δ), `zero` (a free

@@ -94,7 +94,8 @@ pub struct Args {
     #[arg(long)]
     pub hold_state_checks: bool,
     /// Fetch the other nodes' updates only once the manifest names them,
-    /// not as the coordinator announces them (the nodes'
+    /// not as the coordinator announces them, and shards only when training
+    /// starts, not when the plan arrives (the nodes'
     /// `prefetch_updates = false`; for comparisons: docs/architecture.md,
     /// "Slow links").
     #[arg(long)]

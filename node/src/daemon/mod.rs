@@ -52,6 +52,7 @@ mod fetch;
 mod join;
 mod prefetch;
 mod round;
+mod shards_ahead;
 mod train;
 
 /// What the node reports as it works (for progress bars and `barnraise up`).
@@ -378,11 +379,13 @@ pub async fn run_node_with(
     let bytes_up = Arc::new(AtomicU64::new(0));
     let coordinator_peer = Arc::new(std::sync::OnceLock::new());
     let prefetch = prefetch::Prefetch::new(config.prefetch_updates);
+    let shards_ahead = shards_ahead::ShardsAhead::new(config.prefetch_updates);
     let router = tokio::spawn(route_events(
         network_events,
         plans_tx,
         manifests_tx,
         prefetch.clone(),
+        shards_ahead.clone(),
         bytes_up.clone(),
         Served {
             coordinator: coordinator_peer.clone(),
@@ -415,6 +418,7 @@ pub async fn run_node_with(
         plans: plans_rx,
         manifests: manifests_rx,
         prefetch,
+        shards_ahead,
         listen_addrs,
         coordinator: None,
         coordinator_peer,
@@ -471,19 +475,22 @@ struct Served {
     metrics: Arc<NodeMetrics>,
 }
 
-/// Sorts network events: plans and manifests to the round loop, update
-/// notices to the prefetcher, served bytes to the counters. Full queues drop (the round loop also polls).
+/// Sorts network events: plans and manifests to the round loop (plans to
+/// the shard fetcher too), update notices to the prefetcher, served bytes
+/// to the counters. Full queues drop (the round loop also polls).
 async fn route_events(
     mut events: mpsc::Receiver<Event>,
     plans: mpsc::Sender<(PeerId, RoundPlan)>,
     manifests: mpsc::Sender<(PeerId, Signed<Manifest>, Manifest)>,
     prefetch: prefetch::Prefetch,
+    shards_ahead: shards_ahead::ShardsAhead,
     bytes_up: Arc<AtomicU64>,
     served: Served,
 ) {
     while let Some(event) = events.recv().await {
         match event {
             Event::Plan { source, plan, .. } => {
+                shards_ahead.offer(&plan);
                 let _ = plans.try_send((source, plan));
             }
             Event::Manifest {
@@ -568,6 +575,8 @@ struct Node {
     manifests: mpsc::Receiver<(PeerId, Signed<Manifest>, Manifest)>,
     /// Updates fetched on the coordinator's notice, before their manifest.
     prefetch: prefetch::Prefetch,
+    /// Our shards fetched as soon as a plan names them.
+    shards_ahead: shards_ahead::ShardsAhead,
     listen_addrs: Vec<Multiaddr>,
     coordinator: Option<PeerId>,
     /// The coordinator's peer id, once known, for the served-bytes split.

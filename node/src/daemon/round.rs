@@ -123,6 +123,18 @@ impl Node {
         state: &mut Synced,
     ) -> Result<Option<RoundOutcome>, NodeError> {
         let round = state.round;
+        if !self.shards_ahead.armed_for(&state.run.run_id) {
+            let blobs = self.blobs();
+            self.shards_ahead.arm(
+                self.key.node_id(),
+                &state.run.run_id,
+                state.run.dataset.clone(),
+                Arc::new(move |hash, bytes| {
+                    let blobs = blobs.clone();
+                    Box::pin(async move { blobs.fetch(&hash, Some(bytes), None, "shard").await })
+                }),
+            );
+        }
         let Some(plan) = self.wait_for_plan(round).await? else {
             return Ok(None);
         };

@@ -279,6 +279,21 @@ impl Node {
                 continue;
             }
             let size = state.run.dataset.get(index as usize).map(|s| s.bytes);
+            // Started when the plan came, perhaps while we applied the last
+            // round (`super::shards_ahead`); whatever it did not bring is
+            // fetched below.
+            if let Some(ahead) = self.shards_ahead.take(shard, round) {
+                match ahead.await {
+                    Ok(Ok(Some(report))) => self.record_fetch(&report, "shard"),
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(shard = %shard.short(), "fetching ahead failed ({e}); fetching again")
+                    }
+                    Err(e) => {
+                        tracing::debug!(shard = %shard.short(), "fetching ahead stopped ({e}); fetching again")
+                    }
+                }
+            }
             match self.fetch(shard, size, None, "shard").await {
                 Ok(()) => {}
                 Err(NodeError::Fetch(FetchError::Cancelled)) => return Ok(Phase::Stopped),
