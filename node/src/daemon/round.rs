@@ -123,11 +123,15 @@ impl Node {
         state: &mut Synced,
     ) -> Result<Option<RoundOutcome>, NodeError> {
         let round = state.round;
-        if !self.shards_ahead.armed_for(&state.run.run_id) {
+        if !self
+            .shards_ahead
+            .armed_for(&state.run.run_id, self.coordinator)
+        {
             let blobs = self.blobs();
             self.shards_ahead.arm(
                 self.key.node_id(),
                 &state.run.run_id,
+                self.coordinator,
                 state.run.dataset.clone(),
                 Arc::new(move |hash, bytes| {
                     let blobs = blobs.clone();

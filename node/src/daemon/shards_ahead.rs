@@ -63,6 +63,8 @@ impl Entry {
 struct Armed {
     me: NodeId,
     run_id: String,
+    /// The coordinator `fetch` falls back on.
+    coordinator: Option<PeerId>,
     dataset: Arc<Vec<ShardInfo>>,
     fetch: FetchShard,
 }
@@ -79,18 +81,26 @@ impl ShardsAhead {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether plans of run `run_id` are taken (the round loop arms once
-    /// per run it joins).
-    pub(super) fn armed_for(&self, run_id: &str) -> bool {
+    /// Whether plans of run `run_id` are taken, with fetches that fall back
+    /// on `coordinator` (the round loop arms again when either changes).
+    pub(super) fn armed_for(&self, run_id: &str, coordinator: Option<PeerId>) -> bool {
         self.lock()
             .armed
             .as_ref()
-            .is_some_and(|a| a.run_id == run_id)
+            .is_some_and(|a| a.run_id == run_id && a.coordinator == coordinator)
     }
 
     /// Takes plans of run `run_id` from now on, fetching the shards they
-    /// give node `me` from `dataset` with `fetch`.
-    pub(super) fn arm(&self, me: NodeId, run_id: &str, dataset: Vec<ShardInfo>, fetch: FetchShard) {
+    /// give node `me` from `dataset` with `fetch` (whose last resort is
+    /// `coordinator`).
+    pub(super) fn arm(
+        &self,
+        me: NodeId,
+        run_id: &str,
+        coordinator: Option<PeerId>,
+        dataset: Vec<ShardInfo>,
+        fetch: FetchShard,
+    ) {
         if !self.enabled {
             return;
         }
@@ -101,6 +111,7 @@ impl ShardsAhead {
         inner.armed = Some(Armed {
             me,
             run_id: run_id.to_string(),
+            coordinator,
             dataset: Arc::new(dataset),
             fetch,
         });
@@ -231,8 +242,11 @@ mod tests {
         let ahead = ShardsAhead::new(true);
         // Not armed: nothing.
         assert_eq!(ahead.offer(&plan("run", 1, vec![(me, vec![0])])), 0);
-        ahead.arm(me, "run", dataset(), fetch);
-        assert!(ahead.armed_for("run") && !ahead.armed_for("other"));
+        let coordinator = Some(PeerId::random());
+        ahead.arm(me, "run", coordinator, dataset(), fetch);
+        assert!(ahead.armed_for("run", coordinator));
+        assert!(!ahead.armed_for("other", coordinator));
+        assert!(!ahead.armed_for("run", Some(PeerId::random())));
         let p = plan("run", 1, vec![(other, vec![0]), (me, vec![2, 3, 9])]);
         // Ours only, of the dataset's sizes; index 9 is not in the dataset.
         assert_eq!(ahead.offer(&p), 2);
@@ -276,7 +290,7 @@ mod tests {
         let me = node(1);
         let (fetch, asked) = recording();
         let ahead = ShardsAhead::new(false);
-        ahead.arm(me, "run", dataset(), fetch);
+        ahead.arm(me, "run", None, dataset(), fetch);
         assert_eq!(ahead.offer(&plan("run", 1, vec![(me, vec![0, 1])])), 0);
         assert!(asked.lock().unwrap().is_empty());
     }
