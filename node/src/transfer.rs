@@ -662,6 +662,11 @@ impl Fetcher {
         let mut remaining: BTreeSet<u64> = chunks.iter().copied().collect();
         let mut queue: VecDeque<u64> = chunks.into();
         let mut in_flight = FuturesUnordered::new();
+        // Requests of an earlier call were dropped with it (hedges' losers,
+        // requests to a dropped provider): none are in flight any more.
+        for provider in providers.iter_mut() {
+            provider.in_flight = 0;
+        }
         // The first request in flight for each chunk: who and since when.
         let mut asked: BTreeMap<u64, (usize, Instant)> = BTreeMap::new();
         // Requests in flight per chunk (2 while hedged), and hedged chunks.
@@ -771,7 +776,16 @@ impl Fetcher {
                     && p.not_before <= now
             };
             // Hand out chunks while there is room.
-            while in_flight.len() < self.max_in_flight && !queue.is_empty() {
+            // Requests to dropped providers run out on their own and do not
+            // hold up the live ones.
+            let live = |providers: &[Provider]| -> usize {
+                providers
+                    .iter()
+                    .filter(|p| p.active)
+                    .map(|p| p.in_flight)
+                    .sum()
+            };
+            while live(providers) < self.max_in_flight && !queue.is_empty() {
                 let pick = (0..providers.len())
                     .filter(|&i| usable(providers, i, now))
                     .min_by_key(|&i| (providers[i].in_flight, providers[i].failures));
@@ -802,7 +816,7 @@ impl Fetcher {
                         next_hedge = Some(next_hedge.map_or(due, |n: Instant| n.min(due)));
                         continue;
                     }
-                    if in_flight.len() >= self.max_in_flight {
+                    if live(providers) >= self.max_in_flight {
                         break;
                     }
                     let pick = (0..providers.len())
@@ -824,6 +838,19 @@ impl Fetcher {
                 .filter(|(i, p)| p.active && Some(*i) != exclude && p.not_before > now)
                 .map(|(_, p)| p.not_before)
                 .min();
+            if in_flight.is_empty()
+                && confirming.is_empty()
+                && late.is_none()
+                && next_hedge.is_none()
+                && retry_at.is_none()
+            {
+                // Nothing can come: no request out, nobody being confirmed
+                // or looked up, nobody to retry.
+                return Err(FetchError::ProvidersExhausted {
+                    hash,
+                    remaining: remaining.len(),
+                });
+            }
             let next = {
                 let joining = async {
                     match late.as_mut() {
@@ -839,13 +866,6 @@ impl Fetcher {
                     Some((peer, size)) = confirming.next() => Next::Confirmed(peer, size),
                     _ = tokio::time::sleep_until(wake), if next_hedge.is_some() => Next::Wake,
                     _ = tokio::time::sleep_until(retry_at.unwrap_or(now)), if retry_at.is_some() => Next::Wake,
-                    // Not reached: with nothing in flight, someone is backing
-                    // off or being confirmed, or the transfer has already
-                    // failed (checked at the top of the loop).
-                    else => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        Next::Wake
-                    }
                 }
             };
             let (index, chunk, outcome, sent) = match next {
@@ -935,7 +955,10 @@ impl Fetcher {
                             if latencies.len() > LATENCY_SAMPLES {
                                 latencies.pop_front();
                             }
-                        } else {
+                        } else if since <= sent {
+                            // The owner was asked first and a hedge beat it.
+                            // (A request that was out before the owner's, to
+                            // a provider dropped meanwhile, blames nobody.)
                             let reason = format!(
                                 "sat on chunk {chunk} for {:.1} s while {peer} delivered it",
                                 since.elapsed().as_secs_f64()

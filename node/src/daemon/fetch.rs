@@ -144,15 +144,18 @@ impl Blobs {
             let (found_tx, found) = tokio::sync::oneshot::channel();
             let blobs = self.clone();
             let hash = *hash;
-            let lookup = tokio::spawn(async move {
-                let found = blobs.dht_providers(&hash, LATE_LOOKUP_PATIENCE).await;
+            // As long as before (1 s): a fetch whose author failed waits
+            // for the lookup before it turns to the coordinator.
+            let patience = lookup_patience(true, size);
+            let _lookup = AbortOnDrop(tokio::spawn(async move {
+                let found = blobs.dht_providers(&hash, patience).await;
                 let _ = found_tx.send(blobs.others(found));
-            });
-            let result = fetcher
-                .fetch_joined(hash, size, &[author], Some(found), &self.shutdown)
-                .await;
-            lookup.abort();
-            return Some(result);
+            }));
+            return Some(
+                fetcher
+                    .fetch_joined(hash, size, &[author], Some(found), &self.shutdown)
+                    .await,
+            );
         }
         let peers = self.peer_providers(hash, size, author).await;
         if peers.is_empty() {
@@ -221,19 +224,25 @@ impl Blobs {
     }
 }
 
-/// How long a lookup started beside a fetch from a blob's author may take
-/// to bring in more providers (it ends with the fetch).
-const LATE_LOOKUP_PATIENCE: Duration = Duration::from_secs(5);
+/// Stops a task when dropped: a lookup started beside a fetch ends with
+/// it, however the fetch ends (finished, failed, or cancelled by dropping).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
-/// How long a fetch waits for the DHT to name providers before it starts.
-/// With an author to ask (and no size known, so that `Have` must settle it),
-/// the DHT only adds alternatives: a lookup held up by an unresponsive peer
-/// must not hold up the download (1 s). A blob of
-/// one chunk or less (a shard of `up`'s data, 130 KB) moves faster from the
-/// coordinator than a lookup takes over a slow link (about 0.4-0.6 s at 100 ms
-/// a hop, docs/architecture.md "Slow links"), so it waits 250 ms before it
-/// asks the coordinator. Anything larger waits up to 5 s for peers that
-/// spare the coordinator its bytes.
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long a fetch looks to the DHT for providers. With an author to ask,
+/// the DHT only adds alternatives (an update's fetch starts on its author
+/// and takes in what the lookup finds meanwhile): a lookup held up by an
+/// unresponsive peer must not hold up a download whose author failed (1 s).
+/// A blob of one chunk or less (a shard of `up`'s data, 130 KB) moves
+/// faster from the coordinator than a lookup takes over a slow link (about
+/// 0.4-0.6 s at 100 ms a hop, docs/architecture.md "Slow links"), so it
+/// waits 250 ms before it asks the coordinator. Anything larger waits up to
+/// 5 s for peers that spare the coordinator its bytes.
 pub(super) fn lookup_patience(has_author: bool, size: Option<u64>) -> Duration {
     if has_author {
         Duration::from_secs(1)

@@ -44,11 +44,15 @@ struct Inner {
     /// Shards started or taken, with the round of the plan that started
     /// them or of the round loop that took them.
     tasks: HashMap<Hash, (u64, Entry)>,
+    /// The latest round a plan was offered for: older plans (replayed
+    /// gossip) start nothing.
+    newest: u64,
 }
 
 enum Entry {
     Started(JoinHandle<Fetched>),
-    /// The round loop fetches it, or has.
+    /// The round loop is fetching it: no plan starts it until the loop
+    /// releases it.
     Taken,
 }
 
@@ -118,31 +122,35 @@ impl ShardsAhead {
     }
 
     /// A plan from the coordinator, already verified by the network layer:
-    /// starts fetching the shards it gives us that are not being fetched
-    /// yet, nor taken by the round loop in the last round. Fetches started
-    /// by plans two or more rounds older, and never taken, are stopped (the
-    /// node moved on without them). Returns how many fetches it started.
+    /// starts fetching the shards it gives us that are neither being
+    /// fetched ahead nor by the round loop. Plans older than the round
+    /// before the newest one seen start nothing (a replay), and fetches
+    /// started by plans two or more rounds older than this one and never
+    /// taken are stopped (the node moved on without them). Returns how many
+    /// fetches it started.
     pub(super) fn offer(&self, plan: &RoundPlan) -> usize {
         let mut inner = self.lock();
         let Some(armed) = inner.armed.as_ref() else {
             return 0;
         };
-        if plan.run_id != armed.run_id {
+        if plan.run_id != armed.run_id || plan.round.saturating_add(1) < inner.newest {
             return 0;
         }
-        let Some(assignment) = plan.assignments.iter().find(|a| a.node == armed.me) else {
-            return 0;
-        };
-        let wanted: Vec<ShardInfo> = assignment
-            .shards
+        let wanted: Vec<ShardInfo> = plan
+            .assignments
             .iter()
+            .filter(|a| a.node == armed.me)
+            .flat_map(|a| &a.shards)
             .filter_map(|&i| armed.dataset.get(i as usize).cloned())
             .collect();
         let fetch = armed.fetch.clone();
+        inner.newest = inner.newest.max(plan.round);
         let stale: Vec<Hash> = inner
             .tasks
             .iter()
-            .filter(|(_, (round, _))| round.saturating_add(1) < plan.round)
+            .filter(|(_, (round, entry))| {
+                matches!(entry, Entry::Started(_)) && round.saturating_add(1) < plan.round
+            })
             .map(|(hash, _)| *hash)
             .collect();
         for hash in stale {
@@ -173,12 +181,23 @@ impl ShardsAhead {
 
     /// The fetch started ahead for shard `hash`, if any, for the round
     /// loop of `round` to await; from now on the loop fetches the shard
-    /// itself, and plans do not start it again until a round later.
+    /// itself, and plans do not start it until [`ShardsAhead::release`].
     pub(super) fn take(&self, hash: &Hash, round: u64) -> Option<JoinHandle<Fetched>> {
-        let previous = self.lock().tasks.insert(*hash, (round, Entry::Taken));
-        match previous {
+        let mut inner = self.lock();
+        // Not armed (or switched off): nothing to keep track of.
+        inner.armed.as_ref()?;
+        match inner.tasks.insert(*hash, (round, Entry::Taken)) {
             Some((_, Entry::Started(task))) => Some(task),
             _ => None,
+        }
+    }
+
+    /// The round loop is done fetching shard `hash` (it is in the store, or
+    /// the fetch failed): a later plan may start it again.
+    pub(super) fn release(&self, hash: &Hash) {
+        let mut inner = self.lock();
+        if matches!(inner.tasks.get(hash), Some((_, Entry::Taken))) {
+            inner.tasks.remove(hash);
         }
     }
 }
@@ -265,13 +284,28 @@ mod tests {
         assert!(matches!(task.await, Ok(Ok(None))));
         assert!(ahead.take(&data[2].hash, 1).is_none());
         // The round loop fetches shard 0 itself (its plan came by a poll):
-        // the plan's gossip arriving later does not start it a second time.
+        // the plan's gossip arriving later does not start it a second time,
+        // nor does any plan until the loop is done with it.
         assert!(ahead.take(&data[0].hash, 1).is_none());
         assert_eq!(ahead.offer(&plan("run", 1, vec![(me, vec![0])])), 0);
-        // Nor does the next round's plan; the one after may.
-        assert_eq!(ahead.offer(&plan("run", 2, vec![(me, vec![2])])), 0);
+        assert_eq!(ahead.offer(&plan("run", 2, vec![(me, vec![0])])), 0);
+        ahead.release(&data[0].hash);
+        // Shard 2 was taken and released with nothing left to do for it.
+        ahead.release(&data[2].hash);
         assert_eq!(ahead.offer(&plan("run", 3, vec![(me, vec![2])])), 1);
-        // Plans two rounds on stop what older plans started and nobody took.
+        // Plans two rounds on stop what older plans started and nobody
+        // took, even plans that give us nothing.
+        assert_eq!(ahead.offer(&plan("run", 5, vec![(other, vec![1])])), 0);
+        assert!(
+            ahead.take(&data[3].hash, 5).is_none(),
+            "round 1's fetch was dropped"
+        );
+        assert!(
+            ahead.take(&data[2].hash, 5).is_none(),
+            "round 3's fetch was dropped"
+        );
+        // A replayed plan of an old round starts nothing.
+        assert_eq!(ahead.offer(&plan("run", 3, vec![(me, vec![1])])), 0);
         assert_eq!(ahead.offer(&plan("run", 5, vec![(me, vec![0])])), 1);
         assert!(
             ahead.take(&data[3].hash, 5).is_none(),
@@ -293,5 +327,8 @@ mod tests {
         ahead.arm(me, "run", None, dataset(), fetch);
         assert_eq!(ahead.offer(&plan("run", 1, vec![(me, vec![0, 1])])), 0);
         assert!(asked.lock().unwrap().is_empty());
+        // Nothing is kept for the round loop's shards either.
+        assert!(ahead.take(&Hash::of(&[0]), 1).is_none());
+        assert!(ahead.lock().tasks.is_empty());
     }
 }

@@ -294,7 +294,9 @@ impl Node {
                     }
                 }
             }
-            match self.fetch(shard, size, None, "shard").await {
+            let fetched = self.fetch(shard, size, None, "shard").await;
+            self.shards_ahead.release(shard);
+            match fetched {
                 Ok(()) => {}
                 Err(NodeError::Fetch(FetchError::Cancelled)) => return Ok(Phase::Stopped),
                 Err(NodeError::Fetch(e)) => {
