@@ -307,14 +307,6 @@ mod tests {
         // A replayed plan of an old round starts nothing.
         assert_eq!(ahead.offer(&plan("run", 3, vec![(me, vec![1])])), 0);
         assert_eq!(ahead.offer(&plan("run", 5, vec![(me, vec![0])])), 1);
-        assert!(
-            ahead.take(&data[3].hash, 5).is_none(),
-            "round 1's fetch was dropped"
-        );
-        assert!(
-            ahead.take(&data[2].hash, 5).is_none(),
-            "round 3's fetch was dropped"
-        );
         assert!(ahead.take(&data[0].hash, 5).is_some());
         assert_eq!(asked.lock().unwrap().len(), 4);
     }
