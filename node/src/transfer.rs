@@ -319,26 +319,30 @@ impl Fetcher {
             return Ok(report);
         }
         let me = self.client.local_peer_id();
-        let mut unique = candidates.to_vec();
-        unique.sort();
-        unique.dedup();
-        unique.retain(|p| *p != me);
+        let distinct = |mut peers: Vec<PeerId>| {
+            peers.sort();
+            peers.dedup();
+            peers.retain(|p| *p != me);
+            peers
+        };
+        let unique = distinct(candidates.to_vec());
         // Whether the providers have confirmed the size (with `Have`, first).
         let (size, peers, late, confirmed) = match expected_size {
             Some(size) if size <= MAX_BLOB_BYTES && unique.len() <= 1 => {
                 (size, unique, late, false)
             }
             _ => {
+                let mut everyone = unique;
                 if let Some(late) = late {
                     let found = tokio::select! {
                         biased;
                         _ = cancel.cancelled() => return Err(FetchError::Cancelled),
                         found = late => found.unwrap_or_default(),
                     };
-                    unique.extend(found);
+                    everyone = distinct([everyone, found].concat());
                 }
                 let (size, peers) = self
-                    .find_size(hash, expected_size, &unique, &mut report, cancel)
+                    .find_size(hash, expected_size, &everyone, &mut report, cancel)
                     .await?;
                 (size, peers, None, true)
             }
@@ -515,8 +519,7 @@ impl Fetcher {
         report: &mut FetchReport,
         cancel: &CancellationToken,
     ) -> Result<(u64, Vec<PeerId>), FetchError> {
-        let unique = candidates;
-        let mut asks: FuturesUnordered<_> = unique
+        let mut asks: FuturesUnordered<_> = candidates
             .iter()
             .map(|&peer| {
                 let client = self.client.clone();
@@ -566,7 +569,7 @@ impl Fetcher {
         if claims.is_empty() {
             return Err(FetchError::NoProviders {
                 hash,
-                asked: unique.len(),
+                asked: candidates.len(),
             });
         }
         // With a known size, anyone claiming another is wrong; without one,

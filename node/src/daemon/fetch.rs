@@ -120,11 +120,15 @@ impl Blobs {
 
     /// `peers` less the coordinator and this node, each once.
     fn others(&self, mut peers: Vec<PeerId>) -> Vec<PeerId> {
-        let me = self.client.local_peer_id();
-        peers.retain(|p| Some(*p) != self.coordinator && *p != me);
+        peers.retain(|p| self.is_other(p));
         peers.sort();
         peers.dedup();
         peers
+    }
+
+    /// Whether `peer` is neither the coordinator nor this node.
+    fn is_other(&self, peer: &PeerId) -> bool {
+        Some(*peer) != self.coordinator && *peer != self.client.local_peer_id()
     }
 
     /// Fetches from the peers: an update from its author at once, with the
@@ -139,7 +143,7 @@ impl Blobs {
         size: Option<u64>,
         author: Option<PeerId>,
     ) -> Option<Result<crate::transfer::FetchReport, FetchError>> {
-        let author = author.filter(|a| !self.others(vec![*a]).is_empty());
+        let author = author.filter(|a| self.is_other(a));
         if let (Some(author), Some(_)) = (author, size) {
             let (found_tx, found) = tokio::sync::oneshot::channel();
             let blobs = self.clone();
@@ -147,7 +151,8 @@ impl Blobs {
             // As long as before (1 s): a fetch whose author failed waits
             // for the lookup before it turns to the coordinator.
             let patience = lookup_patience(true, size);
-            let _lookup = AbortOnDrop(tokio::spawn(async move {
+            // Stopped however the fetch ends (finished, failed, or dropped).
+            let _lookup = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
                 let found = blobs.dht_providers(&hash, patience).await;
                 let _ = found_tx.send(blobs.others(found));
             }));
@@ -221,16 +226,6 @@ impl Blobs {
         };
         let _ = self.client.start_providing(*hash).await;
         Ok(Some(report))
-    }
-}
-
-/// Stops a task when dropped: a lookup started beside a fetch ends with
-/// it, however the fetch ends (finished, failed, or cancelled by dropping).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
