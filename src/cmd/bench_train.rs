@@ -46,6 +46,11 @@ pub struct Args {
     /// Seed of the weights and batches.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// f32 on the CPU through candle's primitive ops instead of barnraise's
+    /// one-pass kernels (rotary, SwiGLU, causal softmax, RMSNorm's
+    /// backward), to compare the two.
+    #[arg(long)]
+    pub no_cpu_kernels: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -89,6 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         precision: args.precision,
         peak_flops: args.peak_tflops.map(|t| t * 1e12),
         seed: args.seed,
+        cpu_kernels: !args.no_cpu_kernels,
     };
     eprintln!(
         "bench train: {} on {}, {} warm-up + {} timed steps of {} × {} × {}",

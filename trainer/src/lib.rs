@@ -12,6 +12,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+mod cpu_ops;
 pub mod data;
 pub mod device;
 pub mod generate;

@@ -11,7 +11,8 @@
 //! RMSNorm and softmax run as candle-nn's fused kernels with a backward pass
 //! of our own (crate::ops); rope is built from primitives.
 
-use crate::ops::{rms_norm, softmax_last};
+use crate::cpu_ops::{RopeTables, causal_softmax, swiglu};
+use crate::ops::{rms_norm_with, softmax_last};
 use crate::rng::{Rng, derive_seed};
 use candle_core::{D, DType, Device, Result as CandleResult, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -260,6 +261,11 @@ pub struct Model {
     /// The dtype matmuls and activations compute in (crate::precision);
     /// f32 makes every cast below a no-op.
     compute: DType,
+    /// The rotary tables for crate::cpu_ops, on the CPU only.
+    cpu_rope: Option<RopeTables>,
+    /// Whether f32 on the CPU runs crate::cpu_ops' one-pass kernels (the
+    /// default) or candle's primitives.
+    cpu_kernels: bool,
 }
 
 impl Model {
@@ -291,6 +297,11 @@ impl Model {
             });
         }
         let (rope_cos, rope_sin) = rope_tables(config, device)?;
+        let cpu_rope = if device.is_cpu() {
+            Some(RopeTables::new(&rope_cos, &rope_sin)?)
+        } else {
+            None
+        };
         Ok(Model {
             config: config.clone(),
             embed: find("model.embed_tokens.weight")?,
@@ -300,6 +311,8 @@ impl Model {
             rope_cos,
             rope_sin,
             compute: DType::F32,
+            cpu_rope,
+            cpu_kernels: true,
         })
     }
 
@@ -310,6 +323,15 @@ impl Model {
 
     pub(crate) fn compute_dtype(&self) -> DType {
         self.compute
+    }
+
+    /// Runs f32 on the CPU through candle's primitives instead of the
+    /// one-pass kernels (crate::cpu_ops) when `on` is false: for comparing
+    /// the two (`bench train --cpu-kernels off`) and testing one against
+    /// the other. The two agree to float rounding, not bit for bit, so
+    /// every node of a run must use the same.
+    pub fn set_cpu_kernels(&mut self, on: bool) {
+        self.cpu_kernels = on;
     }
 
     /// Logits [batch·seq, vocab], in f32, for token ids [batch, seq] (u32).
@@ -335,31 +357,54 @@ impl Model {
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
         let cos = self.rope_cos.narrow(0, 0, seq)?.to_dtype(c)?;
         let sin = self.rope_sin.narrow(0, 0, seq)?.to_dtype(c)?;
-        let mask = causal_mask(seq, ids.device())?;
         let scale = 1.0 / (head_dim as f64).sqrt();
+        // One-pass kernels for f32 on the CPU (crate::cpu_ops).
+        let kernels = match &self.cpu_rope {
+            Some(tables) if self.cpu_kernels && c == f32 && ids.device().is_cpu() => Some(tables),
+            _ => None,
+        };
+        let mask = match kernels {
+            Some(_) => None,
+            None => Some(causal_mask(seq, ids.device())?),
+        };
+        let rms_norm =
+            |x: &Tensor, w: &Tensor| rms_norm_with(x, w, cfg.norm_eps, kernels.is_some());
         for block in &self.blocks {
-            let h = rms_norm(&x, &block.attn_norm, cfg.norm_eps)?.to_dtype(c)?;
+            let h = rms_norm(&x, &block.attn_norm)?.to_dtype(c)?;
             let split = |w: &Tensor| -> CandleResult<Tensor> {
                 h.matmul(&weight(w)?)?
                     .reshape((batch, seq, heads, head_dim))?
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let q = rope(&split(&block.q)?, &cos, &sin)?;
-            let k = rope(&split(&block.k)?, &cos, &sin)?;
+            let rotate = |x: Tensor| match kernels {
+                Some(tables) => tables.apply(&x),
+                None => rope(&x, &cos, &sin),
+            };
+            let q = rotate(split(&block.q)?)?;
+            let k = rotate(split(&block.k)?)?;
             let v = split(&block.v)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?
-                .to_dtype(f32)?
-                .broadcast_add(&mask)?;
-            let attn = softmax_last(&scores)?.to_dtype(c)?;
+            let attn = match &mask {
+                None => causal_softmax(&q.matmul(&k.t()?)?, scale as f32)?,
+                Some(mask) => {
+                    let scores = (q.matmul(&k.t()?)? * scale)?
+                        .to_dtype(f32)?
+                        .broadcast_add(mask)?;
+                    softmax_last(&scores)?.to_dtype(c)?
+                }
+            };
             let mixed = attn.matmul(&v)?.transpose(1, 2)?.reshape((rows, d))?;
             x = (x + mixed.matmul(&weight(&block.o)?)?.to_dtype(f32)?)?;
-            let h = rms_norm(&x, &block.mlp_norm, cfg.norm_eps)?.to_dtype(c)?;
-            let gate = h.matmul(&weight(&block.gate)?)?.silu()?;
+            let h = rms_norm(&x, &block.mlp_norm)?.to_dtype(c)?;
+            let gate = h.matmul(&weight(&block.gate)?)?;
             let up = h.matmul(&weight(&block.up)?)?;
-            x = (x + (gate * up)?.matmul(&weight(&block.down)?)?.to_dtype(f32)?)?;
+            let mixed = match kernels {
+                Some(_) => swiglu(&gate, &up)?,
+                None => (gate.silu()? * up)?,
+            };
+            x = (x + mixed.matmul(&weight(&block.down)?)?.to_dtype(f32)?)?;
         }
-        let x = rms_norm(&x, &self.final_norm, cfg.norm_eps)?.to_dtype(c)?;
+        let x = rms_norm(&x, &self.final_norm)?.to_dtype(c)?;
         x.matmul(&weight(&self.lm_head)?)?.to_dtype(f32)
     }
 
@@ -372,7 +417,7 @@ impl Model {
 
 /// Rotary embedding in the "rotate half" convention (Llama / Hugging Face):
 /// x·cos + rotate_half(x)·sin, for x [batch, heads, seq, head_dim].
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CandleResult<Tensor> {
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CandleResult<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let first = x.narrow(D::Minus1, 0, half)?;
     let second = x.narrow(D::Minus1, half, half)?;
@@ -404,7 +449,7 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> CandleResult<(Tensor, Tens
 
 /// Additive mask [seq, seq]: 0 where a position may attend, −∞ above the
 /// diagonal. Every row keeps its diagonal, so softmax never sees an all −∞ row.
-fn causal_mask(seq: usize, device: &Device) -> CandleResult<Tensor> {
+pub(crate) fn causal_mask(seq: usize, device: &Device) -> CandleResult<Tensor> {
     let mask: Vec<f32> = (0..seq)
         .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();

@@ -27,13 +27,28 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// RMSNorm over the last dimension with gain `weight`, differentiable in
 /// both.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    rms_norm_with(x, weight, eps, false)
+}
+
+/// [`rms_norm`], whose backward runs crate::cpu_ops' one-pass kernel when
+/// `cpu_kernel` is set and the inputs are f32 on the CPU.
+pub(crate) fn rms_norm_with(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    cpu_kernel: bool,
+) -> Result<Tensor> {
     let y = candle_nn::ops::rms_norm(&x.detach(), &weight.detach(), eps)?;
-    x.apply_op3(weight, &y, RmsNormGrad { eps })
+    let cpu_kernel = cpu_kernel
+        && x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && weight.dtype() == candle_core::DType::F32;
+    x.apply_op3(weight, &y, RmsNormGrad { eps, cpu_kernel })
 }
 
 /// Forward: the last argument (the fused kernel's result), copied. Every
 /// op here hands on its last argument.
-fn hand_on_cpu(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+pub(crate) fn hand_on_cpu(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
     Ok((s.try_clone(l)?, l.shape().clone()))
 }
 
@@ -89,6 +104,7 @@ impl CustomOp2 for SoftmaxGrad {
 
 struct RmsNormGrad {
     eps: f32,
+    cpu_kernel: bool,
 }
 
 impl CustomOp3 for RmsNormGrad {
@@ -131,6 +147,16 @@ impl CustomOp3 for RmsNormGrad {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Detached: the gradients must not hold on to the forward graph.
         let (x, weight, grad) = (&x.detach(), &weight.detach(), &grad.detach());
+        if self.cpu_kernel {
+            let (x, weight, grad) = (&x.contiguous()?, &weight.contiguous()?, &grad.contiguous()?);
+            let kernel = |wrt_x| crate::cpu_ops::RmsNormGradCpu {
+                eps: self.eps,
+                wrt_x,
+            };
+            let gx = x.apply_op3_no_bwd(weight, grad, &kernel(true))?;
+            let gweight = x.apply_op3_no_bwd(weight, grad, &kernel(false))?;
+            return Ok((Some(gx), Some(gweight), None));
+        }
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + f64::from(self.eps))?
             .sqrt()?
             .recip()?;

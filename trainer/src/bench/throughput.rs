@@ -9,7 +9,7 @@ use crate::device::{DeviceMemory, peak_memory, reset_peak_memory};
 use crate::model::ModelConfig;
 use crate::precision::{Precision, dtype_name};
 use crate::train::{InnerConfig, PhaseSeconds, TrainError, Trainer};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -30,6 +30,9 @@ pub struct ThroughputConfig {
     /// GPU up in [`dense_bf16_peak`].
     pub peak_flops: Option<f64>,
     pub seed: u64,
+    /// The one-pass CPU kernels (the default) or candle's primitives, for
+    /// f32 on the CPU (crate::cpu_ops).
+    pub cpu_kernels: bool,
 }
 
 /// One measurement; `barnraise bench train --json` prints it.
@@ -43,6 +46,9 @@ pub struct ThroughputReport {
     pub device_name: String,
     /// The dtype matmuls and activations computed in.
     pub precision: &'static str,
+    /// Whether f32 on the CPU ran the one-pass kernels (crate::cpu_ops)
+    /// rather than candle's primitives; false on a GPU and in bf16.
+    pub cpu_kernels: bool,
     /// CPU threads (rayon's pool); also reported for GPU runs.
     pub threads: usize,
     pub batch_size: usize,
@@ -114,6 +120,7 @@ pub fn run_throughput(
     }
     let mut trainer = Trainer::new(&cfg.model, device.clone(), cfg.seed)?;
     let dtype = trainer.set_precision(cfg.precision)?;
+    trainer.set_cpu_kernels(cfg.cpu_kernels);
     let tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.accumulation.max(1);
     // Enough text that every batch is a fresh window.
     let corpus_bytes = (tokens_per_step * 4).clamp(1 << 16, 1 << 24);
@@ -168,6 +175,7 @@ pub fn run_throughput(
         device: device_label,
         device_name,
         precision: dtype_name(dtype),
+        cpu_kernels: cfg.cpu_kernels && device.is_cpu() && dtype == DType::F32,
         threads: candle_core::utils::get_num_threads(),
         batch_size: cfg.batch_size,
         seq_len: cfg.seq_len,
@@ -212,12 +220,17 @@ impl std::fmt::Display for ThroughputReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} ({:.1}M params) on {} ({}), {} compute, batch {} × {} × {} accumulated",
+            "{} ({:.1}M params) on {} ({}), {} compute{}, batch {} × {} × {} accumulated",
             self.preset,
             self.params as f64 / 1e6,
             self.device,
             self.device_name,
             self.precision,
+            if self.cpu_kernels {
+                " (one-pass CPU kernels)"
+            } else {
+                ""
+            },
             self.batch_size,
             self.seq_len,
             self.accumulation
@@ -288,6 +301,7 @@ mod tests {
             precision: Precision::Auto,
             peak_flops: Some(1e12),
             seed: 4,
+            cpu_kernels: true,
         };
         let report = run_throughput(&cfg, &Device::Cpu).unwrap();
         assert_eq!(report.tokens_per_step, 2 * 32 * 2);
@@ -309,6 +323,7 @@ mod tests {
             "device",
             "device_name",
             "precision",
+            "cpu_kernels",
             "threads",
             "batch_size",
             "seq_len",
@@ -332,6 +347,7 @@ mod tests {
             assert!(json.get(field).is_some(), "missing {field}");
         }
         assert_eq!(json["device"], "cpu");
+        assert_eq!(json["cpu_kernels"], true);
         let phases = report.phase_seconds.unwrap();
         assert!(phases.forward > 0.0 && phases.backward > 0.0 && phases.optimizer > 0.0);
         assert!(run_throughput(&ThroughputConfig { steps: 0, ..cfg }, &Device::Cpu).is_err());

@@ -1,0 +1,641 @@
+//! One-pass CPU kernels for the model's element-wise work, with their
+//! backward passes, for f32 on the CPU (docs/training.md, "Against PyTorch
+//! on the CPU").
+//!
+//! Built from candle's primitives, each of these is several passes forward
+//! and more backward, each pass a new tensor, run on one thread: rotary
+//! embedding is six forward, SwiGLU three, the attention's scale, causal mask
+//! and softmax four, and autograd adds a zeroed gradient and an add for every
+//! intermediate. Here each is one pass forward and one or two backward, split
+//! over rayon's threads by rows.
+//!
+//! Every row is computed by one thread in a fixed order, and the only
+//! reduction across rows (RMSNorm's gain gradient) sums fixed blocks of rows
+//! and then the blocks in order, so the results do not depend on the number
+//! of threads: a spot check replays a round bit for bit on any CPU
+//! (docs/security.md, "Spot checks"). Tested against the primitive versions'
+//! autograd (`cpu_kernels_match_the_primitives_and_their_gradients`) and for
+//! thread-count independence.
+//!
+//! The GPU and bf16 paths keep candle's primitives (crate::model picks).
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task at least, so tiny rows do not pay a task
+/// each.
+const MIN_TASK_ELEMS: usize = 16 * 1024;
+
+/// The f32 slice a contiguous storage holds.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: f32 only, got {:?}", s.dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("{op}: the input must be contiguous"),
+    }
+}
+
+/// Rows of `width` per task, whole rows, at least [`MIN_TASK_ELEMS`].
+fn rows_per_task(width: usize) -> usize {
+    MIN_TASK_ELEMS.div_ceil(width.max(1)).max(1)
+}
+
+/// Runs `f(first_row, out_rows)` over `out` in row blocks, in parallel.
+fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let per = rows_per_task(width);
+    out.par_chunks_mut(per * width)
+        .enumerate()
+        .for_each(|(block, chunk)| f(block * per, chunk));
+}
+
+fn same_len(op: &str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        candle_core::bail!("{op}: inputs of {a} and {b} elements");
+    }
+    Ok(())
+}
+
+/// Rotary tables for the CPU kernels: cos and sin, [max_seq, head_dim],
+/// duplicated across the two halves as in crate::model.
+#[derive(Clone)]
+pub(crate) struct RopeTables {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    head_dim: usize,
+}
+
+impl RopeTables {
+    pub(crate) fn new(cos: &Tensor, sin: &Tensor) -> Result<Self> {
+        let (_, head_dim) = cos.dims2()?;
+        if head_dim % 2 != 0 {
+            candle_core::bail!("rotary: head_dim {head_dim} is odd");
+        }
+        Ok(RopeTables {
+            cos: Arc::new(cos.flatten_all()?.to_vec1()?),
+            sin: Arc::new(sin.flatten_all()?.to_vec1()?),
+            head_dim,
+        })
+    }
+
+    /// Rotary embedding of x [batch, heads, seq, head_dim] (contiguous),
+    /// differentiable: y = x·cos + rotate_half(x)·sin.
+    pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, seq, dim) = x.dims4()?;
+        if dim != self.head_dim || seq * dim > self.cos.len() {
+            candle_core::bail!(
+                "rotary: input [.., {seq}, {dim}] does not fit tables of head_dim {} and {} positions",
+                self.head_dim,
+                self.cos.len() / self.head_dim
+            );
+        }
+        x.contiguous()?
+            .apply_op1_no_bwd(&Rope {
+                tables: self.clone(),
+                seq,
+                inverse: false,
+            })
+            .and_then(|y| x.apply_op2(&y, Attach(AttachKind::Rope(self.clone(), seq))))
+    }
+}
+
+/// Rotates each row of `dim` by its position's angles; `inverse` rotates
+/// back (sin negated), which is the backward pass: the rotation is
+/// orthogonal.
+struct Rope {
+    tables: RopeTables,
+    seq: usize,
+    inverse: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "barnraise-rope-cpu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "rotary")?;
+        let dim = self.tables.head_dim;
+        let half = dim / 2;
+        let sign = if self.inverse { -1.0f32 } else { 1.0 };
+        let (cos, sin) = (&self.tables.cos[..], &self.tables.sin[..]);
+        let mut out = vec![0f32; x.len()];
+        for_rows(&mut out, dim, |first, rows| {
+            for (k, y) in rows.chunks_exact_mut(dim).enumerate() {
+                let row = first + k;
+                let pos = row % self.seq;
+                let xr = &x[row * dim..(row + 1) * dim];
+                let (c, sn) = (&cos[pos * dim..][..dim], &sin[pos * dim..][..dim]);
+                for j in 0..half {
+                    let (a, b) = (xr[j], xr[j + half]);
+                    y[j] = a * c[j] - sign * b * sn[j];
+                    y[j + half] = b * c[j + half] + sign * a * sn[j + half];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// SiLU(a) ⊙ b, differentiable in both.
+pub(crate) fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let y = a.apply_op2_no_bwd(&b, &Swiglu)?;
+    a.apply_op3(&b, &y, Attach(AttachKind::Swiglu))
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+struct Swiglu;
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "barnraise-swiglu-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (slice(sa, la, "swiglu")?, slice(sb, lb, "swiglu")?);
+        same_len("swiglu", a.len(), b.len())?;
+        let mut out = vec![0f32; a.len()];
+        for_rows(&mut out, 1, |first, ys| {
+            for (k, y) in ys.iter_mut().enumerate() {
+                let (x, u) = (a[first + k], b[first + k]);
+                *y = x * sigmoid(x) * u;
+            }
+        });
+        Ok((CpuStorage::F32(out), la.shape().clone()))
+    }
+}
+
+/// The gradient of SiLU(a) ⊙ b for `wrt_a` (∂a = g ⊙ b ⊙ σ(a)(1 + a(1 − σ(a))))
+/// or b (∂b = g ⊙ SiLU(a)), from (a, b, g).
+struct SwigluGrad {
+    wrt_a: bool,
+}
+
+impl CustomOp3 for SwigluGrad {
+    fn name(&self) -> &'static str {
+        "barnraise-swiglu-grad-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "swiglu backward";
+        let (a, b, g) = (slice(sa, la, op)?, slice(sb, lb, op)?, slice(sg, lg, op)?);
+        same_len(op, a.len(), b.len())?;
+        same_len(op, a.len(), g.len())?;
+        let mut out = vec![0f32; a.len()];
+        for_rows(&mut out, 1, |first, ys| {
+            for (k, y) in ys.iter_mut().enumerate() {
+                let i = first + k;
+                let s = sigmoid(a[i]);
+                *y = if self.wrt_a {
+                    g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s))
+                } else {
+                    g[i] * a[i] * s
+                };
+            }
+        });
+        Ok((CpuStorage::F32(out), la.shape().clone()))
+    }
+}
+
+/// softmax(scale · s) over the last dimension of s [.., t, t] with the
+/// causal mask (position i sees 0..=i), differentiable; masked entries are
+/// exactly 0.
+pub(crate) fn causal_softmax(s: &Tensor, scale: f32) -> Result<Tensor> {
+    let dims = s.dims();
+    if dims.len() < 2 || dims[dims.len() - 1] != dims[dims.len() - 2] {
+        candle_core::bail!(
+            "causal softmax: scores {dims:?} are not square in the last two dimensions"
+        );
+    }
+    let s = s.contiguous()?;
+    let y = s.apply_op1_no_bwd(&CausalSoftmax { scale })?;
+    s.apply_op2(&y, Attach(AttachKind::CausalSoftmax(scale)))
+}
+
+struct CausalSoftmax {
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "barnraise-causal-softmax-cpu"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let s = slice(st, l, "causal softmax")?;
+        let t = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; s.len()];
+        for_rows(&mut out, t, |first, rows| {
+            for (k, y) in rows.chunks_exact_mut(t).enumerate() {
+                let row = first + k;
+                let seen = row % t + 1;
+                let x = &s[row * t..][..seen];
+                let max = x
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
+                let mut sum = 0f32;
+                for (yj, &xj) in y[..seen].iter_mut().zip(x) {
+                    *yj = (xj * self.scale - max).exp();
+                    sum += *yj;
+                }
+                let inv = 1.0 / sum;
+                y[..seen].iter_mut().for_each(|v| *v *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// ∂s = scale · y ⊙ (g − Σ g ⊙ y) per row, from (y, g).
+struct CausalSoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for CausalSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "barnraise-causal-softmax-grad-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sy: &CpuStorage,
+        ly: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "causal softmax backward";
+        let (y, g) = (slice(sy, ly, op)?, slice(sg, lg, op)?);
+        same_len(op, y.len(), g.len())?;
+        let t = ly.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; y.len()];
+        for_rows(&mut out, t, |first, rows| {
+            for (k, d) in rows.chunks_exact_mut(t).enumerate() {
+                let row = first + k;
+                let seen = row % t + 1;
+                let (yr, gr) = (&y[row * t..][..seen], &g[row * t..][..seen]);
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for ((dj, &yj), &gj) in d[..seen].iter_mut().zip(yr).zip(gr) {
+                    *dj = self.scale * yj * (gj - dot);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), ly.shape().clone()))
+    }
+}
+
+/// RMSNorm's backward from (x, w, g): ∂x = r ⊙ (g ⊙ w) − x ⊙ r³ ⊙ mean(g ⊙ w ⊙ x)
+/// when `wrt_x`, else ∂w = Σ_rows g ⊙ x ⊙ r, summed over fixed blocks of
+/// rows and then the blocks in order.
+pub(crate) struct RmsNormGradCpu {
+    pub(crate) eps: f32,
+    pub(crate) wrt_x: bool,
+}
+
+/// Rows per block of RMSNorm's gain gradient: fixed, so the sum's order
+/// does not follow the thread count.
+const GAIN_BLOCK_ROWS: usize = 64;
+
+impl CustomOp3 for RmsNormGradCpu {
+    fn name(&self) -> &'static str {
+        "barnraise-rms-norm-grad-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "rms-norm backward";
+        let (x, w, g) = (slice(sx, lx, op)?, slice(sw, lw, op)?, slice(sg, lg, op)?);
+        let d = w.len().max(1);
+        same_len(op, x.len(), g.len())?;
+        if x.len() % d != 0 {
+            candle_core::bail!("{op}: {} elements are not rows of {d}", x.len());
+        }
+        let rms = |row: &[f32]| -> f32 {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            1.0 / (ms + self.eps).sqrt()
+        };
+        if self.wrt_x {
+            let mut out = vec![0f32; x.len()];
+            for_rows(&mut out, d, |first, rows| {
+                for (k, dx) in rows.chunks_exact_mut(d).enumerate() {
+                    let row = first + k;
+                    let (xr, gr) = (&x[row * d..][..d], &g[row * d..][..d]);
+                    let r = rms(xr);
+                    let mean = xr
+                        .iter()
+                        .zip(gr)
+                        .zip(w)
+                        .map(|((a, b), c)| a * b * c)
+                        .sum::<f32>()
+                        / d as f32;
+                    let r3m = r * r * r * mean;
+                    for j in 0..d {
+                        dx[j] = r * gr[j] * w[j] - xr[j] * r3m;
+                    }
+                }
+            });
+            return Ok((CpuStorage::F32(out), lx.shape().clone()));
+        }
+        let rows = x.len() / d;
+        let blocks: Vec<Vec<f32>> = (0..rows.div_ceil(GAIN_BLOCK_ROWS))
+            .into_par_iter()
+            .map(|block| {
+                let mut acc = vec![0f32; d];
+                let end = ((block + 1) * GAIN_BLOCK_ROWS).min(rows);
+                for row in block * GAIN_BLOCK_ROWS..end {
+                    let (xr, gr) = (&x[row * d..][..d], &g[row * d..][..d]);
+                    let r = rms(xr);
+                    for j in 0..d {
+                        acc[j] += gr[j] * xr[j] * r;
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut out = vec![0f32; d];
+        for block in &blocks {
+            out.iter_mut().zip(block).for_each(|(o, b)| *o += b);
+        }
+        Ok((CpuStorage::F32(out), lw.shape().clone()))
+    }
+}
+
+/// What [`Attach`] differentiates.
+#[derive(Clone)]
+enum AttachKind {
+    Rope(RopeTables, usize),
+    Swiglu,
+    CausalSoftmax(f32),
+}
+
+/// Hands on its last argument (a kernel's result, computed detached) and
+/// attaches that kernel's backward to the other arguments, as crate::ops
+/// does for the fused softmax and RMSNorm.
+struct Attach(AttachKind);
+
+impl CustomOp2 for Attach {
+    fn name(&self) -> &'static str {
+        "barnraise-attach-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        crate::ops::hand_on_cpu(y, l)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.detach().contiguous()?;
+        let gx = match &self.0 {
+            AttachKind::Rope(tables, seq) => grad.apply_op1_no_bwd(&Rope {
+                tables: tables.clone(),
+                seq: *seq,
+                inverse: true,
+            })?,
+            AttachKind::CausalSoftmax(scale) => res
+                .detach()
+                .apply_op2_no_bwd(&grad, &CausalSoftmaxGrad { scale: *scale })?,
+            AttachKind::Swiglu => candle_core::bail!("swiglu has two inputs"),
+        };
+        Ok((Some(gx), None))
+    }
+}
+
+impl CustomOp3 for Attach {
+    fn name(&self) -> &'static str {
+        "barnraise-attach-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        crate::ops::hand_on_cpu(y, l)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let AttachKind::Swiglu = self.0 else {
+            candle_core::bail!("only swiglu attaches to two inputs");
+        };
+        let (a, b, g) = (a.detach(), b.detach(), grad.detach().contiguous()?);
+        let ga = a.apply_op3_no_bwd(&b, &g, &SwigluGrad { wrt_a: true })?;
+        let gb = a.apply_op3_no_bwd(&b, &g, &SwigluGrad { wrt_a: false })?;
+        Ok((Some(ga), Some(gb), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .unwrap_or(f32::INFINITY)
+    }
+
+    /// Gradients of Σ probe ⊙ f(vars) with respect to each var.
+    fn grads(out: &Tensor, probe: &Tensor, vars: &[&Var]) -> Vec<Tensor> {
+        let store = (out * probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        vars.iter()
+            .map(|v| store.get(v.as_tensor()).unwrap().clone())
+            .collect()
+    }
+
+    fn close(what: &str, kernel: &Tensor, plain: &Tensor, tolerance: f32) {
+        assert_eq!(kernel.dims(), plain.dims(), "{what}: shapes");
+        let diff = max_abs_diff(kernel, plain);
+        assert!(diff < tolerance, "{what}: off by {diff}");
+    }
+
+    fn tables(seq: usize, dim: usize, dev: &Device) -> (Tensor, Tensor) {
+        let angles = Tensor::randn(0f32, 2.0, (seq, dim / 2), dev).unwrap();
+        let doubled = Tensor::cat(&[&angles, &angles], 1).unwrap();
+        (doubled.cos().unwrap(), doubled.sin().unwrap())
+    }
+
+    #[test]
+    fn cpu_kernels_match_the_primitives_and_their_gradients() {
+        let dev = Device::Cpu;
+        // Rotary: [batch 2, heads 3, seq 5, head_dim 8], tables for 7
+        // positions of which the first 5 are used.
+        let (cos, sin) = tables(7, 8, &dev);
+        let rope = RopeTables::new(&cos, &sin).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let kernel = rope.apply(x.as_tensor()).unwrap();
+        let (c5, s5) = (cos.narrow(0, 0, 5).unwrap(), sin.narrow(0, 0, 5).unwrap());
+        let plain = crate::model::rope(x.as_tensor(), &c5, &s5).unwrap();
+        close("rotary", &kernel, &plain, 1e-6);
+        let (gk, gp) = (grads(&kernel, &probe, &[&x]), grads(&plain, &probe, &[&x]));
+        close("rotary grad", &gk[0], &gp[0], 1e-5);
+
+        // SwiGLU, both inputs.
+        let a = Var::from_tensor(&Tensor::randn(0f32, 2.0, (6, 40), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 40), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (6, 40), &dev).unwrap();
+        let kernel = swiglu(a.as_tensor(), b.as_tensor()).unwrap();
+        let plain = (a.as_tensor().silu().unwrap() * b.as_tensor()).unwrap();
+        close("swiglu", &kernel, &plain, 1e-6);
+        let (gk, gp) = (
+            grads(&kernel, &probe, &[&a, &b]),
+            grads(&plain, &probe, &[&a, &b]),
+        );
+        close("swiglu grad a", &gk[0], &gp[0], 1e-5);
+        close("swiglu grad b", &gk[1], &gp[1], 1e-5);
+
+        // Scaled causal softmax against scale, mask and softmax.
+        let (t, scale) = (9, 0.35f32);
+        let s = Var::from_tensor(&Tensor::randn(0f32, 3.0, (2, 2, t, t), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 2, t, t), &dev).unwrap();
+        let kernel = causal_softmax(s.as_tensor(), scale).unwrap();
+        let mask = crate::model::causal_mask(t, &dev).unwrap();
+        let scores = (s.as_tensor() * f64::from(scale))
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap();
+        let plain = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        close("causal softmax", &kernel, &plain, 1e-6);
+        let masked_sum = kernel
+            .broadcast_mul(&mask.exp().unwrap().affine(-1.0, 1.0).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(masked_sum, 0.0, "masked positions must be exactly 0");
+        let plain_graph = crate::ops::softmax_last(&scores).unwrap();
+        let (gk, gp) = (
+            grads(&kernel, &probe, &[&s]),
+            grads(&plain_graph, &probe, &[&s]),
+        );
+        close("causal softmax grad", &gk[0], &gp[0], 1e-5);
+
+        // RMSNorm's backward, kernel against primitives (crate::ops).
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (130, 16), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 16, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (130, 16), &dev).unwrap();
+        let kernel = crate::ops::rms_norm_with(x.as_tensor(), w.as_tensor(), 1e-5, true).unwrap();
+        let plain = crate::ops::rms_norm_with(x.as_tensor(), w.as_tensor(), 1e-5, false).unwrap();
+        let (gk, gp) = (
+            grads(&kernel, &probe, &[&x, &w]),
+            grads(&plain, &probe, &[&x, &w]),
+        );
+        close("rms-norm grad x", &gk[0], &gp[0], 1e-4);
+        close("rms-norm grad w", &gk[1], &gp[1], 1e-3);
+    }
+
+    #[test]
+    fn cpu_kernels_give_the_same_bits_on_any_number_of_threads() {
+        let dev = Device::Cpu;
+        // Large enough that every kernel splits into several tasks.
+        let (cos, sin) = tables(64, 32, &dev);
+        let rope = RopeTables::new(&cos, &sin).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 8, 64, 32), &dev).unwrap()).unwrap();
+        let s = Var::from_tensor(&Tensor::randn(0f32, 2.0, (4, 8, 64, 64), &dev).unwrap()).unwrap();
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (256, 300), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 300, &dev).unwrap()).unwrap();
+        let run = || -> Vec<Vec<f32>> {
+            let r = rope.apply(x.as_tensor()).unwrap();
+            let p = causal_softmax(s.as_tensor(), 0.2).unwrap();
+            let g = swiglu(
+                a.as_tensor(),
+                w.as_tensor()
+                    .broadcast_as((256, 300))
+                    .unwrap()
+                    .contiguous()
+                    .as_ref()
+                    .unwrap(),
+            )
+            .unwrap();
+            let n = crate::ops::rms_norm_with(a.as_tensor(), w.as_tensor(), 1e-5, true).unwrap();
+            let loss = (r.sqr().unwrap().sum_all().unwrap()
+                + p.sqr().unwrap().sum_all().unwrap()
+                + g.sqr().unwrap().sum_all().unwrap()
+                + n.sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+            let store = loss.backward().unwrap();
+            let mut out = vec![r, p, g, n]
+                .into_iter()
+                .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect::<Vec<_>>();
+            for v in [&x, &s, &a, &w] {
+                let grad = store.get(v.as_tensor()).unwrap();
+                out.push(grad.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            out
+        };
+        let on = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(run)
+        };
+        let one = on(1);
+        for threads in [2, 3, 5] {
+            let many = on(threads);
+            for (i, (a, b)) in one.iter().zip(&many).enumerate() {
+                let same =
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "output {i} differs between 1 and {threads} threads");
+            }
+        }
+    }
+}
