@@ -90,6 +90,25 @@ fn one_matmul_thread_per_node() {
     }
 }
 
+/// candle runs its element-wise CPU ops on a pool of its own beside rayon's
+/// (which runs its matmuls and our kernels, trainer/src/cpu_ops.rs), both
+/// sized to the core count, and the element-wise pool's threads spin about
+/// a millisecond after each op waiting for the next: on two cores that spin
+/// took a fifth of the CPU time of a `bench train --model small` step away
+/// from the matmuls. With one thread (the caller's) for candle's element-wise
+/// ops, `RAYON_NUM_THREADS=2 barnraise bench train --model small --steps
+/// 40` gave 4,232-4,454 tokens/s against 3,508-3,702 (this 2-core machine,
+/// alternating, two runs each). `CANDLE_NUM_THREADS` in the environment still
+/// wins.
+#[allow(unsafe_code)]
+fn one_elementwise_thread() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called first thing in main, before any thread exists, so no
+        // other thread can be reading the environment.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
 /// glibc gives every thread that allocates its own malloc arena (up to 8 per
 /// core) and keeps each arena's freed memory. Training runs on blocking and
 /// worker threads that come and go, so a node's resident memory settled at
@@ -132,6 +151,7 @@ fn tune_malloc() {}
 
 fn main() -> std::process::ExitCode {
     tune_malloc();
+    one_elementwise_thread();
     let cli = Cli::parse();
     if matches!(
         cli.command,
