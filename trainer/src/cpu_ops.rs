@@ -45,12 +45,27 @@ fn rows_per_task(width: usize) -> usize {
     MIN_TASK_ELEMS.div_ceil(width.max(1)).max(1)
 }
 
-/// Runs `f(first_row, out_rows)` over `out` in row blocks, in parallel.
+/// Whether to hand work to rayon's pool. With one thread (`barnraise up`
+/// runs each node so, several nodes in one process) the caller computes
+/// the rows itself: handing them over would queue every node's kernels on
+/// that one pool thread while the callers wait.
+fn parallel() -> bool {
+    rayon::current_num_threads() > 1
+}
+
+/// Runs `f(first_row, out_rows)` over `out` in row blocks, in parallel
+/// when [`parallel`]; the blocks are the same either way.
 fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let per = rows_per_task(width);
-    out.par_chunks_mut(per * width)
-        .enumerate()
-        .for_each(|(block, chunk)| f(block * per, chunk));
+    if parallel() {
+        out.par_chunks_mut(per * width)
+            .enumerate()
+            .for_each(|(block, chunk)| f(block * per, chunk));
+    } else {
+        out.chunks_mut(per * width)
+            .enumerate()
+            .for_each(|(block, chunk)| f(block * per, chunk));
+    }
 }
 
 fn same_len(op: &str, a: usize, b: usize) -> Result<()> {
@@ -365,21 +380,24 @@ impl CustomOp3 for RmsNormGradCpu {
             return Ok((CpuStorage::F32(out), lx.shape().clone()));
         }
         let rows = x.len() / d;
-        let blocks: Vec<Vec<f32>> = (0..rows.div_ceil(GAIN_BLOCK_ROWS))
-            .into_par_iter()
-            .map(|block| {
-                let mut acc = vec![0f32; d];
-                let end = ((block + 1) * GAIN_BLOCK_ROWS).min(rows);
-                for row in block * GAIN_BLOCK_ROWS..end {
-                    let (xr, gr) = (&x[row * d..][..d], &g[row * d..][..d]);
-                    let r = rms(xr);
-                    for j in 0..d {
-                        acc[j] += gr[j] * xr[j] * r;
-                    }
+        let block_sum = |block: usize| {
+            let mut acc = vec![0f32; d];
+            let end = ((block + 1) * GAIN_BLOCK_ROWS).min(rows);
+            for row in block * GAIN_BLOCK_ROWS..end {
+                let (xr, gr) = (&x[row * d..][..d], &g[row * d..][..d]);
+                let r = rms(xr);
+                for j in 0..d {
+                    acc[j] += gr[j] * xr[j] * r;
                 }
-                acc
-            })
-            .collect();
+            }
+            acc
+        };
+        let count = rows.div_ceil(GAIN_BLOCK_ROWS);
+        let blocks: Vec<Vec<f32>> = if parallel() {
+            (0..count).into_par_iter().map(block_sum).collect()
+        } else {
+            (0..count).map(block_sum).collect()
+        };
         let mut out = vec![0f32; d];
         for block in &blocks {
             out.iter_mut().zip(block).for_each(|(o, b)| *o += b);
