@@ -6,8 +6,8 @@
 //! and more backward, each pass a new tensor, run on one thread: rotary
 //! embedding is six forward, SwiGLU three, the attention's scale, causal mask
 //! and softmax four, and autograd adds a zeroed gradient and an add for every
-//! intermediate. Here each is one pass forward and one or two backward, split
-//! over rayon's threads by rows.
+//! intermediate. Here each is one custom op carrying its own backward: one
+//! pass forward and one or two backward, split over rayon's threads by rows.
 //!
 //! Every row is computed by one thread in a fixed order, and the only
 //! reduction across rows (RMSNorm's gain gradient) sums fixed blocks of rows
@@ -87,12 +87,28 @@ pub(crate) struct RopeTables {
 impl RopeTables {
     pub(crate) fn new(cos: &Tensor, sin: &Tensor) -> Result<Self> {
         let (_, head_dim) = cos.dims2()?;
-        if head_dim % 2 != 0 {
-            candle_core::bail!("rotary: head_dim {head_dim} is odd");
+        if head_dim == 0 || head_dim % 2 != 0 || sin.dims() != cos.dims() {
+            candle_core::bail!(
+                "rotary: tables {:?} and {:?} need the same shape and an even, non-zero head_dim",
+                cos.dims(),
+                sin.dims()
+            );
+        }
+        let cos: Vec<f32> = cos.flatten_all()?.to_vec1()?;
+        let sin: Vec<f32> = sin.flatten_all()?.to_vec1()?;
+        // The backward rotates back with the same angles, which is the
+        // transpose only when both halves of a row hold the same angle.
+        let half = head_dim / 2;
+        let doubled = |t: &[f32]| {
+            t.chunks_exact(head_dim)
+                .all(|row| row[..half] == row[half..])
+        };
+        if !doubled(&cos) || !doubled(&sin) {
+            candle_core::bail!("rotary: each table row must repeat its first half");
         }
         Ok(RopeTables {
-            cos: Arc::new(cos.flatten_all()?.to_vec1()?),
-            sin: Arc::new(sin.flatten_all()?.to_vec1()?),
+            cos: Arc::new(cos),
+            sin: Arc::new(sin),
             head_dim,
         })
     }
@@ -108,13 +124,11 @@ impl RopeTables {
                 self.cos.len() / self.head_dim
             );
         }
-        x.contiguous()?
-            .apply_op1_no_bwd(&Rope {
-                tables: self.clone(),
-                seq,
-                inverse: false,
-            })
-            .and_then(|y| x.apply_op2(&y, Attach(AttachKind::Rope(self.clone(), seq))))
+        x.contiguous()?.apply_op1(Rope {
+            tables: self.clone(),
+            seq,
+            inverse: false,
+        })
     }
 }
 
@@ -154,13 +168,20 @@ impl CustomOp1 for Rope {
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let back = Rope {
+            tables: self.tables.clone(),
+            seq: self.seq,
+            inverse: !self.inverse,
+        };
+        Ok(Some(grad.detach().contiguous()?.apply_op1_no_bwd(&back)?))
+    }
 }
 
 /// SiLU(a) ⊙ b, differentiable in both.
 pub(crate) fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (a, b) = (a.contiguous()?, b.contiguous()?);
-    let y = a.apply_op2_no_bwd(&b, &Swiglu)?;
-    a.apply_op3(&b, &y, Attach(AttachKind::Swiglu))
+    a.contiguous()?.apply_op2(&b.contiguous()?, Swiglu)
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -191,6 +212,19 @@ impl CustomOp2 for Swiglu {
             }
         });
         Ok((CpuStorage::F32(out), la.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (a, b, g) = (a.detach(), b.detach(), grad.detach().contiguous()?);
+        let ga = a.apply_op3_no_bwd(&b, &g, &SwigluGrad { wrt_a: true })?;
+        let gb = a.apply_op3_no_bwd(&b, &g, &SwigluGrad { wrt_a: false })?;
+        Ok((Some(ga), Some(gb)))
     }
 }
 
@@ -244,9 +278,7 @@ pub(crate) fn causal_softmax(s: &Tensor, scale: f32) -> Result<Tensor> {
             "causal softmax: scores {dims:?} are not square in the last two dimensions"
         );
     }
-    let s = s.contiguous()?;
-    let y = s.apply_op1_no_bwd(&CausalSoftmax { scale })?;
-    s.apply_op2(&y, Attach(AttachKind::CausalSoftmax(scale)))
+    s.contiguous()?.apply_op1(CausalSoftmax { scale })
 }
 
 struct CausalSoftmax {
@@ -280,6 +312,12 @@ impl CustomOp1 for CausalSoftmax {
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _s: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.detach().contiguous()?;
+        let back = CausalSoftmaxGrad { scale: self.scale };
+        Ok(Some(y.detach().apply_op2_no_bwd(&grad, &back)?))
     }
 }
 
@@ -406,92 +444,6 @@ impl CustomOp3 for RmsNormGradCpu {
     }
 }
 
-/// What [`Attach`] differentiates.
-#[derive(Clone)]
-enum AttachKind {
-    Rope(RopeTables, usize),
-    Swiglu,
-    CausalSoftmax(f32),
-}
-
-/// Hands on its last argument (a kernel's result, computed detached) and
-/// attaches that kernel's backward to the other arguments, as crate::ops
-/// does for the fused softmax and RMSNorm.
-struct Attach(AttachKind);
-
-impl CustomOp2 for Attach {
-    fn name(&self) -> &'static str {
-        "barnraise-attach-cpu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        crate::ops::hand_on_cpu(y, l)
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.detach().contiguous()?;
-        let gx = match &self.0 {
-            AttachKind::Rope(tables, seq) => grad.apply_op1_no_bwd(&Rope {
-                tables: tables.clone(),
-                seq: *seq,
-                inverse: true,
-            })?,
-            AttachKind::CausalSoftmax(scale) => res
-                .detach()
-                .apply_op2_no_bwd(&grad, &CausalSoftmaxGrad { scale: *scale })?,
-            AttachKind::Swiglu => candle_core::bail!("swiglu has two inputs"),
-        };
-        Ok((Some(gx), None))
-    }
-}
-
-impl CustomOp3 for Attach {
-    fn name(&self) -> &'static str {
-        "barnraise-attach-cpu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        crate::ops::hand_on_cpu(y, l)
-    }
-
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let AttachKind::Swiglu = self.0 else {
-            candle_core::bail!("only swiglu attaches to two inputs");
-        };
-        let (a, b, g) = (a.detach(), b.detach(), grad.detach().contiguous()?);
-        let ga = a.apply_op3_no_bwd(&b, &g, &SwigluGrad { wrt_a: true })?;
-        let gb = a.apply_op3_no_bwd(&b, &g, &SwigluGrad { wrt_a: false })?;
-        Ok((Some(ga), Some(gb), None))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,6 +487,11 @@ mod tests {
         // positions of which the first 5 are used.
         let (cos, sin) = tables(7, 8, &dev);
         let rope = RopeTables::new(&cos, &sin).unwrap();
+        // Tables the inverse rotation would not undo, or of two shapes,
+        // are refused rather than trained through.
+        let skewed = Tensor::randn(0f32, 1.0, (7, 8), &dev).unwrap();
+        assert!(RopeTables::new(&skewed, &sin).is_err());
+        assert!(RopeTables::new(&cos, &sin.narrow(0, 0, 6).unwrap()).is_err());
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
         let kernel = rope.apply(x.as_tensor()).unwrap();

@@ -9,7 +9,10 @@
 //! name order ([`ModelConfig::param_shapes`] is the single source of truth).
 //!
 //! RMSNorm and softmax run as candle-nn's fused kernels with a backward pass
-//! of our own (crate::ops); rope is built from primitives.
+//! of our own (crate::ops). On the CPU in f32, rotary embedding, SwiGLU, the
+//! causal softmax and RMSNorm's backward run as one-pass kernels
+//! (crate::cpu_ops); on a GPU and in bf16 rotary and SwiGLU are built from
+//! primitives.
 
 use crate::cpu_ops::{RopeTables, causal_softmax, swiglu};
 use crate::ops::{rms_norm_with, softmax_last};
@@ -327,7 +330,7 @@ impl Model {
 
     /// Runs f32 on the CPU through candle's primitives instead of the
     /// one-pass kernels (crate::cpu_ops) when `on` is false: for comparing
-    /// the two (`bench train --cpu-kernels off`) and testing one against
+    /// the two (`bench train --no-cpu-kernels`) and testing one against
     /// the other. The two agree to float rounding, not bit for bit, so
     /// every node of a run must use the same.
     pub fn set_cpu_kernels(&mut self, on: bool) {

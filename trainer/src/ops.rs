@@ -48,7 +48,7 @@ pub(crate) fn rms_norm_with(
 
 /// Forward: the last argument (the fused kernel's result), copied. Every
 /// op here hands on its last argument.
-pub(crate) fn hand_on_cpu(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+fn hand_on_cpu(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
     Ok((s.try_clone(l)?, l.shape().clone()))
 }
 

@@ -261,14 +261,14 @@ impl Trainer {
         })
     }
 
-    /// Sets the precision policy (crate::precision) and returns the dtype
-    /// the passes will compute in. Weights and optimizer state stay f32.
     /// Whether f32 on the CPU runs the one-pass kernels (the default) or
     /// candle's primitives; see [`Model::set_cpu_kernels`].
     pub fn set_cpu_kernels(&mut self, on: bool) {
         self.model.set_cpu_kernels(on);
     }
 
+    /// Sets the precision policy (crate::precision) and returns the dtype
+    /// the passes will compute in. Weights and optimizer state stay f32.
     pub fn set_precision(&mut self, precision: Precision) -> Result<DType, TrainError> {
         let dtype = precision.compute_dtype(&self.device)?;
         self.model.set_compute_dtype(dtype);

@@ -99,10 +99,6 @@ fn same_seed_gives_bit_identical_params_on_cpu() {
     assert_ne!(a, run(4, 2), "init seed has no effect");
 }
 
-/// A spot check replays one worker's round on another machine from θ_r and
-/// the worker's optimizer state: restoring the state must reproduce the
-/// round bit for bit, and a state of the wrong length or with a negative
-/// second moment is refused, leaving the trainer as it was.
 /// The one-pass CPU kernels (trainer/src/cpu_ops.rs) are the same
 /// arithmetic as candle's primitives up to float rounding: a round trained
 /// through each from the same θ, moments and batches ends at nearly the same
@@ -135,6 +131,10 @@ fn cpu_kernels_train_as_candles_primitives_do() {
     );
 }
 
+/// A spot check replays one worker's round on another machine from θ_r and
+/// the worker's optimizer state: restoring the state must reproduce the
+/// round bit for bit, and a state of the wrong length or with a negative
+/// second moment is refused, leaving the trainer as it was.
 #[test]
 fn a_round_replays_bit_for_bit_from_the_saved_optimizer_state() {
     let tokens = corpus_tokens(5, 20_000);
