@@ -756,13 +756,17 @@ fn nodes_behind_nat_take_part_through_the_relay() {
     use support::netns::{Internet, Process};
     let dir = tempfile::tempdir().unwrap();
     let rounds = 4;
+    // Rounds long enough (60 inner steps) that a NATed node's AutoNAT
+    // probe and relay reservation finish before the run does: with 10
+    // steps the whole run took 8 s once training got faster, and a home
+    // node ended it still "unknown".
     let config = dir.path().join("run.toml");
     std::fs::write(
         &config,
         format!(
             r#"run_id = "nat"
 model = "tiny"
-inner_steps = 10
+inner_steps = 60
 batch_size = 8
 seq_len = 64
 codec = "int8"
