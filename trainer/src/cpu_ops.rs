@@ -53,19 +53,24 @@ fn parallel() -> bool {
     rayon::current_num_threads() > 1
 }
 
-/// Runs `f(first_row, out_rows)` over `out` in row blocks, in parallel
-/// when [`parallel`]; the blocks are the same either way.
-fn for_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+/// A new buffer of `len` values, rows of `width`, each row written by
+/// `f(row, out_row)`: in blocks of whole rows in parallel when
+/// [`parallel`], the same blocks either way.
+fn map_rows(len: usize, width: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let width = width.max(1);
+    let mut out = vec![0f32; len];
     let per = rows_per_task(width);
+    let block = |(index, chunk): (usize, &mut [f32])| {
+        for (k, row) in chunk.chunks_exact_mut(width).enumerate() {
+            f(index * per + k, row);
+        }
+    };
     if parallel() {
-        out.par_chunks_mut(per * width)
-            .enumerate()
-            .for_each(|(block, chunk)| f(block * per, chunk));
+        out.par_chunks_mut(per * width).enumerate().for_each(block);
     } else {
-        out.chunks_mut(per * width)
-            .enumerate()
-            .for_each(|(block, chunk)| f(block * per, chunk));
+        out.chunks_mut(per * width).enumerate().for_each(block);
     }
+    out
 }
 
 fn same_len(op: &str, a: usize, b: usize) -> Result<()> {
@@ -152,18 +157,14 @@ impl CustomOp1 for Rope {
         let half = dim / 2;
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
         let (cos, sin) = (&self.tables.cos[..], &self.tables.sin[..]);
-        let mut out = vec![0f32; x.len()];
-        for_rows(&mut out, dim, |first, rows| {
-            for (k, y) in rows.chunks_exact_mut(dim).enumerate() {
-                let row = first + k;
-                let pos = row % self.seq;
-                let xr = &x[row * dim..(row + 1) * dim];
-                let (c, sn) = (&cos[pos * dim..][..dim], &sin[pos * dim..][..dim]);
-                for j in 0..half {
-                    let (a, b) = (xr[j], xr[j + half]);
-                    y[j] = a * c[j] - sign * b * sn[j];
-                    y[j + half] = b * c[j + half] + sign * a * sn[j + half];
-                }
+        let out = map_rows(x.len(), dim, |row, y| {
+            let pos = row % self.seq;
+            let xr = &x[row * dim..(row + 1) * dim];
+            let (c, sn) = (&cos[pos * dim..][..dim], &sin[pos * dim..][..dim]);
+            for j in 0..half {
+                let (a, b) = (xr[j], xr[j + half]);
+                y[j] = a * c[j] - sign * b * sn[j];
+                y[j + half] = b * c[j + half] + sign * a * sn[j + half];
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -204,12 +205,9 @@ impl CustomOp2 for Swiglu {
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (slice(sa, la, "swiglu")?, slice(sb, lb, "swiglu")?);
         same_len("swiglu", a.len(), b.len())?;
-        let mut out = vec![0f32; a.len()];
-        for_rows(&mut out, 1, |first, ys| {
-            for (k, y) in ys.iter_mut().enumerate() {
-                let (x, u) = (a[first + k], b[first + k]);
-                *y = x * sigmoid(x) * u;
-            }
+        let out = map_rows(a.len(), 1, |i, y| {
+            let (x, u) = (a[i], b[i]);
+            y[0] = x * sigmoid(x) * u;
         });
         Ok((CpuStorage::F32(out), la.shape().clone()))
     }
@@ -252,17 +250,13 @@ impl CustomOp3 for SwigluGrad {
         let (a, b, g) = (slice(sa, la, op)?, slice(sb, lb, op)?, slice(sg, lg, op)?);
         same_len(op, a.len(), b.len())?;
         same_len(op, a.len(), g.len())?;
-        let mut out = vec![0f32; a.len()];
-        for_rows(&mut out, 1, |first, ys| {
-            for (k, y) in ys.iter_mut().enumerate() {
-                let i = first + k;
-                let s = sigmoid(a[i]);
-                *y = if self.wrt_a {
-                    g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s))
-                } else {
-                    g[i] * a[i] * s
-                };
-            }
+        let out = map_rows(a.len(), 1, |i, y| {
+            let s = sigmoid(a[i]);
+            y[0] = if self.wrt_a {
+                g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s))
+            } else {
+                g[i] * a[i] * s
+            };
         });
         Ok((CpuStorage::F32(out), la.shape().clone()))
     }
@@ -293,23 +287,19 @@ impl CustomOp1 for CausalSoftmax {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let s = slice(st, l, "causal softmax")?;
         let t = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; s.len()];
-        for_rows(&mut out, t, |first, rows| {
-            for (k, y) in rows.chunks_exact_mut(t).enumerate() {
-                let row = first + k;
-                let seen = row % t + 1;
-                let x = &s[row * t..][..seen];
-                let max = x
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
-                let mut sum = 0f32;
-                for (yj, &xj) in y[..seen].iter_mut().zip(x) {
-                    *yj = (xj * self.scale - max).exp();
-                    sum += *yj;
-                }
-                let inv = 1.0 / sum;
-                y[..seen].iter_mut().for_each(|v| *v *= inv);
+        let out = map_rows(s.len(), t, |row, y| {
+            let seen = row % t + 1;
+            let x = &s[row * t..][..seen];
+            let max = x
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
+            let mut sum = 0f32;
+            for (yj, &xj) in y[..seen].iter_mut().zip(x) {
+                *yj = (xj * self.scale - max).exp();
+                sum += *yj;
             }
+            let inv = 1.0 / sum;
+            y[..seen].iter_mut().for_each(|v| *v *= inv);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -342,16 +332,12 @@ impl CustomOp2 for CausalSoftmaxGrad {
         let (y, g) = (slice(sy, ly, op)?, slice(sg, lg, op)?);
         same_len(op, y.len(), g.len())?;
         let t = ly.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; y.len()];
-        for_rows(&mut out, t, |first, rows| {
-            for (k, d) in rows.chunks_exact_mut(t).enumerate() {
-                let row = first + k;
-                let seen = row % t + 1;
-                let (yr, gr) = (&y[row * t..][..seen], &g[row * t..][..seen]);
-                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                for ((dj, &yj), &gj) in d[..seen].iter_mut().zip(yr).zip(gr) {
-                    *dj = self.scale * yj * (gj - dot);
-                }
+        let out = map_rows(y.len(), t, |row, d| {
+            let seen = row % t + 1;
+            let (yr, gr) = (&y[row * t..][..seen], &g[row * t..][..seen]);
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((dj, &yj), &gj) in d[..seen].iter_mut().zip(yr).zip(gr) {
+                *dj = self.scale * yj * (gj - dot);
             }
         });
         Ok((CpuStorage::F32(out), ly.shape().clone()))
@@ -396,23 +382,19 @@ impl CustomOp3 for RmsNormGradCpu {
             1.0 / (ms + self.eps).sqrt()
         };
         if self.wrt_x {
-            let mut out = vec![0f32; x.len()];
-            for_rows(&mut out, d, |first, rows| {
-                for (k, dx) in rows.chunks_exact_mut(d).enumerate() {
-                    let row = first + k;
-                    let (xr, gr) = (&x[row * d..][..d], &g[row * d..][..d]);
-                    let r = rms(xr);
-                    let mean = xr
-                        .iter()
-                        .zip(gr)
-                        .zip(w)
-                        .map(|((a, b), c)| a * b * c)
-                        .sum::<f32>()
-                        / d as f32;
-                    let r3m = r * r * r * mean;
-                    for j in 0..d {
-                        dx[j] = r * gr[j] * w[j] - xr[j] * r3m;
-                    }
+            let out = map_rows(x.len(), d, |row, dx| {
+                let (xr, gr) = (&x[row * d..][..d], &g[row * d..][..d]);
+                let r = rms(xr);
+                let mean = xr
+                    .iter()
+                    .zip(gr)
+                    .zip(w)
+                    .map(|((a, b), c)| a * b * c)
+                    .sum::<f32>()
+                    / d as f32;
+                let r3m = r * r * r * mean;
+                for j in 0..d {
+                    dx[j] = r * gr[j] * w[j] - xr[j] * r3m;
                 }
             });
             return Ok((CpuStorage::F32(out), lx.shape().clone()));
