@@ -426,6 +426,254 @@ impl CustomOp3 for RmsNormGradCpu {
     }
 }
 
+/// Moves heads between the rows a projection writes and the per-head
+/// blocks attention multiplies, with the rotary embedding on the way.
+///
+/// Split: x [batch·seq, heads·head_dim] → [batch·heads, seq, head_dim],
+/// rotated when `rope` is set. Merge, the reverse and the split's backward:
+/// [batch·heads, seq, head_dim] → [batch·seq, heads·head_dim], rotated
+/// back first when `rope` is set. Either is one parallel copy where
+/// candle's reshape, transpose and contiguous make one on one thread.
+struct Heads {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    rope: Option<RopeTables>,
+    split: bool,
+}
+
+impl Heads {
+    /// Row `src` (head_dim values) into `dst`, rotated by position `pos`
+    /// forward (`sign` 1) or back (−1) when there are tables.
+    fn copy_row(&self, src: &[f32], dst: &mut [f32], pos: usize, sign: f32) {
+        match &self.rope {
+            None => dst.copy_from_slice(src),
+            Some(t) => {
+                let dim = self.head_dim;
+                let half = dim / 2;
+                let (c, sn) = (&t.cos[pos * dim..][..dim], &t.sin[pos * dim..][..dim]);
+                for j in 0..half {
+                    let (a, b) = (src[j], src[j + half]);
+                    dst[j] = a * c[j] - sign * b * sn[j];
+                    dst[j + half] = b * c[j + half] + sign * a * sn[j + half];
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        "barnraise-heads-cpu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "heads")?;
+        let (b, t, h, dim) = (self.batch, self.seq, self.heads, self.head_dim);
+        same_len("heads", x.len(), b * t * h * dim)?;
+        if let Some(tables) = &self.rope
+            && (tables.head_dim != dim || t * dim > tables.cos.len())
+        {
+            candle_core::bail!("heads: rotary tables do not fit [.., {t}, {dim}]");
+        }
+        if self.split {
+            // Output row (bi, hi, ti) comes from input row bi·t + ti, head hi.
+            let out = map_rows(x.len(), dim, |row, y| {
+                let (bh, ti) = (row / t, row % t);
+                let (bi, hi) = (bh / h, bh % h);
+                let src = &x[((bi * t + ti) * h + hi) * dim..][..dim];
+                self.copy_row(src, y, ti, 1.0);
+            });
+            return Ok((CpuStorage::F32(out), Shape::from((b * h, t, dim))));
+        }
+        // Output row bi·t + ti gathers head hi from (bi, hi, ti).
+        let out = map_rows(x.len(), h * dim, |row, y| {
+            let (bi, ti) = (row / t, row % t);
+            for (hi, dst) in y.chunks_exact_mut(dim).enumerate() {
+                let src = &x[((bi * h + hi) * t + ti) * dim..][..dim];
+                self.copy_row(src, dst, ti, -1.0);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b * t, h * dim))))
+    }
+}
+
+/// The shape of the per-head blocks [`split_heads`] makes.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadShape {
+    pub(crate) batch: usize,
+    pub(crate) seq: usize,
+    pub(crate) heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+impl HeadShape {
+    fn op(self, rope: Option<&RopeTables>, split: bool) -> Heads {
+        Heads {
+            batch: self.batch,
+            seq: self.seq,
+            heads: self.heads,
+            head_dim: self.head_dim,
+            rope: rope.cloned(),
+            split,
+        }
+    }
+}
+
+/// [batch·seq, heads·head_dim] → [batch·heads, seq, head_dim], rotated
+/// when `rope` is given. No backward: for crate::model's hand-written pass.
+pub(crate) fn split_heads(
+    x: &Tensor,
+    shape: HeadShape,
+    rope: Option<&RopeTables>,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&shape.op(rope, true))
+}
+
+/// The reverse of [`split_heads`] (so its backward): rotated back first
+/// when `rope` is given.
+pub(crate) fn merge_heads(
+    x: &Tensor,
+    shape: HeadShape,
+    rope: Option<&RopeTables>,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&shape.op(rope, false))
+}
+
+/// [`causal_softmax`] without a backward, for the hand-written pass.
+pub(crate) fn causal_softmax_value(s: &Tensor, scale: f32) -> Result<Tensor> {
+    s.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { scale })
+}
+
+/// The scores' gradient from the causal softmax's output `y` and the
+/// output's gradient `g`.
+pub(crate) fn causal_softmax_grad(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
+    y.contiguous()?
+        .apply_op2_no_bwd(&g.contiguous()?, &CausalSoftmaxGrad { scale })
+}
+
+/// [`swiglu`] without a backward, for the hand-written pass.
+pub(crate) fn swiglu_value(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Swiglu)
+}
+
+/// SwiGLU's gradients (∂a, ∂b) from its inputs and the output's gradient.
+pub(crate) fn swiglu_grads(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (a, b, g) = (a.contiguous()?, b.contiguous()?, g.contiguous()?);
+    let ga = a.apply_op3_no_bwd(&b, &g, &SwigluGrad { wrt_a: true })?;
+    let gb = a.apply_op3_no_bwd(&b, &g, &SwigluGrad { wrt_a: false })?;
+    Ok((ga, gb))
+}
+
+/// RMSNorm's gradients (∂x, ∂gain) from its input, gain and the output's
+/// gradient.
+pub(crate) fn rms_norm_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
+    let gx = x.apply_op3_no_bwd(&w, &g, &RmsNormGradCpu { eps, wrt_x: true })?;
+    let gw = x.apply_op3_no_bwd(&w, &g, &RmsNormGradCpu { eps, wrt_x: false })?;
+    Ok((gx, gw))
+}
+
+/// a + b, element-wise, in parallel (candle's add runs on one thread).
+pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Add)
+}
+
+struct Add;
+
+impl CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "barnraise-add-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (slice(sa, la, "add")?, slice(sb, lb, "add")?);
+        same_len("add", a.len(), b.len())?;
+        let out = map_rows(a.len(), 1, |i, y| y[0] = a[i] + b[i]);
+        Ok((CpuStorage::F32(out), la.shape().clone()))
+    }
+}
+
+/// Mean next-token cross-entropy of `logits` [rows, vocab] against
+/// `targets` (one per row), and its gradient with respect to the logits,
+/// (softmax − one-hot) / rows, in one pass over each row. The per-row
+/// losses are summed in row order, so the mean does not follow the thread
+/// count.
+pub(crate) fn cross_entropy_with_grad(logits: &Tensor, targets: &[u32]) -> Result<(f32, Tensor)> {
+    let logits = logits.contiguous()?;
+    let (rows, vocab) = logits.dims2()?;
+    if rows != targets.len() || rows == 0 {
+        candle_core::bail!(
+            "cross-entropy: {rows} rows of logits for {} targets",
+            targets.len()
+        );
+    }
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("cross-entropy: target {bad} is outside the vocabulary of {vocab}");
+    }
+    let (storage, layout) = logits.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("cross-entropy: the logits must be on the CPU");
+    };
+    let x = slice(cpu, layout, "cross-entropy")?;
+    let log_sum_exp = |row: &[f32]| -> f32 {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        max + row.iter().map(|&v| (v - max).exp()).sum::<f32>().ln()
+    };
+    // Column 0 of each "row" of width 1 is that row's loss.
+    let losses = map_rows(rows, 1, |row, out| {
+        let xr = &x[row * vocab..][..vocab];
+        out[0] = log_sum_exp(xr) - xr[targets[row] as usize];
+    });
+    let inv_rows = 1.0 / rows as f32;
+    let grad = map_rows(x.len(), vocab, |row, g| {
+        let xr = &x[row * vocab..][..vocab];
+        let lse = log_sum_exp(xr);
+        for (gj, &v) in g.iter_mut().zip(xr) {
+            *gj = (v - lse).exp() * inv_rows;
+        }
+        g[targets[row] as usize] -= inv_rows;
+    });
+    let loss = losses.iter().sum::<f32>() * inv_rows;
+    let grad = Tensor::from_vec(grad, (rows, vocab), logits.device())?;
+    Ok((loss, grad))
+}
+
+#[cfg(test)]
+/// Runs `run` on rayon pools of 1, 2, 3 and 5 threads and asserts that
+/// every output has the same bits as on one thread.
+pub(crate) fn assert_same_bits_on_any_thread_count(run: impl Fn() -> Vec<Vec<f32>> + Sync) {
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map(|pool| pool.install(&run))
+            .unwrap_or_else(|e| panic!("a pool of {threads} threads: {e}"))
+    };
+    let one = on(1);
+    for threads in [2, 3, 5] {
+        let many = on(threads);
+        assert_eq!(one.len(), many.len());
+        for (i, (a, b)) in one.iter().zip(&many).enumerate() {
+            let same =
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "output {i} differs between 1 and {threads} threads");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,21 +826,6 @@ mod tests {
             }
             out
         };
-        let on = |threads: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(run)
-        };
-        let one = on(1);
-        for threads in [2, 3, 5] {
-            let many = on(threads);
-            for (i, (a, b)) in one.iter().zip(&many).enumerate() {
-                let same =
-                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-                assert!(same, "output {i} differs between 1 and {threads} threads");
-            }
-        }
+        assert_same_bits_on_any_thread_count(run);
     }
 }

@@ -14,6 +14,8 @@
 //! (crate::cpu_ops); on a GPU and in bf16 rotary and SwiGLU are built from
 //! primitives.
 
+mod backprop;
+
 use crate::cpu_ops::{RopeTables, causal_softmax, swiglu};
 use crate::ops::{rms_norm_with, softmax_last};
 use crate::rng::{Rng, derive_seed};

@@ -515,10 +515,19 @@ impl Trainer {
         for _ in 0..accumulation {
             let (inputs, targets) = self.batch_tensors(sampler, cfg.batch_size, cfg.seq_len)?;
             let mut mark = Instant::now();
-            let loss = self.model.loss(&inputs, &targets)?;
-            self.phase_done(&mut mark, |p| &mut p.forward)?;
-            loss_sum += loss.to_scalar::<f32>()?;
-            let grads = loss.backward()?;
+            let grads = if self.model.hand_written_backward(&inputs) {
+                // f32 on the CPU: the model's own backward, without
+                // autograd's bookkeeping (crate::model::backprop).
+                let tape = self.model.cpu_forward(&inputs, &targets)?;
+                self.phase_done(&mut mark, |p| &mut p.forward)?;
+                loss_sum += tape.loss;
+                tape.backward(&self.model)?
+            } else {
+                let loss = self.model.loss(&inputs, &targets)?;
+                self.phase_done(&mut mark, |p| &mut p.forward)?;
+                loss_sum += loss.to_scalar::<f32>()?;
+                loss.backward()?
+            };
             self.phase_done(&mut mark, |p| &mut p.backward)?;
             let mut grads_in_order = Vec::with_capacity(self.vars.len());
             for (name, var) in &self.vars {

@@ -99,10 +99,11 @@ fn same_seed_gives_bit_identical_params_on_cpu() {
     assert_ne!(a, run(4, 2), "init seed has no effect");
 }
 
-/// The one-pass CPU kernels (trainer/src/cpu_ops.rs) are the same
-/// arithmetic as candle's primitives up to float rounding: a round trained
-/// through each from the same θ, moments and batches ends at nearly the same
-/// update and held-out loss.
+/// The one-pass CPU kernels (trainer/src/cpu_ops.rs) and the hand-written
+/// backward they run under (trainer/src/model/backprop.rs) are the same
+/// arithmetic as candle's primitives and autograd up to float rounding: a
+/// round trained through each from the same θ, moments and batches ends at
+/// nearly the same update and held-out loss.
 #[test]
 fn cpu_kernels_train_as_candles_primitives_do() {
     let tokens = corpus_tokens(3, 20_000);
