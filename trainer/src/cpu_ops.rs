@@ -651,6 +651,126 @@ pub(crate) fn cross_entropy_with_grad(logits: &Tensor, targets: &[u32]) -> Resul
     Ok((loss, grad))
 }
 
+/// The f32 values of a contiguous CPU storage (the guard
+/// `Tensor::storage_and_layout` gives), for kernels that take tensors.
+fn cpu_slice<'a>(storage: &'a candle_core::Storage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("{op}: the tensor must be on the CPU");
+    };
+    slice(cpu, l, op)
+}
+
+/// Σ x² over all the tensors, each summed in f64 in order and the tensors
+/// in order, one tensor per rayon task: the total does not follow the
+/// thread count.
+pub(crate) fn sum_of_squares(tensors: &[Tensor]) -> Result<f64> {
+    let one = |t: &Tensor| -> Result<f64> {
+        let t = t.contiguous()?;
+        let (guard, layout) = t.storage_and_layout();
+        let x = cpu_slice(&guard, layout, "sum of squares")?;
+        Ok(x.iter().map(|&v| f64::from(v * v)).sum())
+    };
+    let sums: Vec<f64> = if parallel() {
+        tensors.par_iter().map(one).collect::<Result<_>>()?
+    } else {
+        tensors.iter().map(one).collect::<Result<_>>()?
+    };
+    Ok(sums.iter().sum())
+}
+
+/// One AdamW step's constants, each as candle's `affine` would cast it.
+#[derive(Clone, Copy)]
+pub(crate) struct AdamStep {
+    /// Multiplies the gradient (averaging and clipping).
+    pub(crate) grad_scale: f32,
+    /// β1 and 1 − β1 (computed in f64, then cast), and the same for β2.
+    pub(crate) beta1: f32,
+    pub(crate) one_minus_beta1: f32,
+    pub(crate) beta2: f32,
+    pub(crate) one_minus_beta2: f32,
+    /// 1 / (1 − β2ᵗ).
+    pub(crate) inv_bias2: f32,
+    /// lr / (1 − β1ᵗ).
+    pub(crate) step: f32,
+    pub(crate) eps: f32,
+    /// 1 − lr · weight decay, or 1 for parameters without decay.
+    pub(crate) decay: f32,
+}
+
+/// One parameter's AdamW inputs: θ, its gradient, its two moments, and
+/// the step's constants.
+pub(crate) struct AdamInput<'a> {
+    pub(crate) theta: &'a Tensor,
+    pub(crate) grad: &'a Tensor,
+    pub(crate) m: &'a Tensor,
+    pub(crate) v: &'a Tensor,
+    pub(crate) step: AdamStep,
+}
+
+/// One AdamW update of every parameter, (θ′, m′, v′) each, in the order
+/// given: one pass over each parameter, the parameters spread over rayon's
+/// threads (candle's ops took a dozen passes each, on one thread). The
+/// arithmetic is the same sequence of f32 operations crate::train's tensor
+/// version performs, element by element.
+pub(crate) fn adamw(params: &[AdamInput<'_>]) -> Result<Vec<(Tensor, Tensor, Tensor)>> {
+    let one = |p: &AdamInput<'_>| -> Result<(Tensor, Tensor, Tensor)> {
+        let op = "adamw";
+        let n = p.theta.elem_count();
+        for t in [p.grad, p.m, p.v] {
+            same_len(op, n, t.elem_count())?;
+        }
+        let contiguous = |t: &Tensor| t.contiguous();
+        let (theta, grad, m, v) = (
+            contiguous(p.theta)?,
+            contiguous(p.grad)?,
+            contiguous(p.m)?,
+            contiguous(p.v)?,
+        );
+        let (sg, lg) = grad.storage_and_layout();
+        let (sm, lm) = m.storage_and_layout();
+        let (sv, lv) = v.storage_and_layout();
+        let (st, lt) = theta.storage_and_layout();
+        let (g, m, v, th) = (
+            cpu_slice(&sg, lg, op)?,
+            cpu_slice(&sm, lm, op)?,
+            cpu_slice(&sv, lv, op)?,
+            cpu_slice(&st, lt, op)?,
+        );
+        let c = p.step;
+        // Three passes, each a plain map the compiler vectorizes (one
+        // loop pushing three outputs does not vectorize, and was slower).
+        let m_new: Vec<f32> = m
+            .iter()
+            .zip(g)
+            .map(|(&m, &g)| m * c.beta1 + (g * c.grad_scale) * c.one_minus_beta1)
+            .collect();
+        let v_new: Vec<f32> = v
+            .iter()
+            .zip(g)
+            .map(|(&v, &g)| {
+                let g = g * c.grad_scale;
+                v * c.beta2 + (g * g) * c.one_minus_beta2
+            })
+            .collect();
+        let th_new: Vec<f32> = th
+            .iter()
+            .zip(m_new.iter().zip(&v_new))
+            .map(|(&t, (&m, &v))| t * c.decay - (m * c.step) / ((v * c.inv_bias2).sqrt() + c.eps))
+            .collect();
+        let (shape, dev) = (theta.shape(), theta.device());
+        Ok((
+            Tensor::from_vec(th_new, shape, dev)?,
+            Tensor::from_vec(m_new, shape, dev)?,
+            Tensor::from_vec(v_new, shape, dev)?,
+        ))
+    };
+    if parallel() {
+        params.par_iter().map(one).collect()
+    } else {
+        params.iter().map(one).collect()
+    }
+}
+
 #[cfg(test)]
 /// Runs `run` on rayon pools of 1, 2, 3 and 5 threads and asserts that
 /// every output has the same bits as on one thread.

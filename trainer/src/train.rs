@@ -574,13 +574,20 @@ impl Trainer {
         // The mean over micro-batches, then clipped by global norm: one
         // scalar factor applied to every gradient.
         let mut scale = 1.0 / accumulation as f64;
+        // f32 on the CPU: crate::cpu_ops' parallel kernels, the same
+        // arithmetic in a few passes instead of a dozen on one thread.
+        let fused = self.model.cpu_kernels_apply();
         if cfg.grad_clip > 0.0 {
-            let squares: Vec<Tensor> = grads
-                .iter()
-                .map(|g| g.sqr()?.sum_all())
-                .collect::<Result<_, _>>()?;
-            let norm = f64::from(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?).sqrt()
-                * scale;
+            let sum_sq = if fused {
+                crate::cpu_ops::sum_of_squares(grads)?
+            } else {
+                let squares: Vec<Tensor> = grads
+                    .iter()
+                    .map(|g| g.sqr()?.sum_all())
+                    .collect::<Result<_, _>>()?;
+                f64::from(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?)
+            };
+            let norm = sum_sq.sqrt() * scale;
             if norm > cfg.grad_clip {
                 scale *= cfg.grad_clip / norm;
             }
@@ -589,6 +596,43 @@ impl Trainer {
         let t = self.adam_steps as i32;
         let bias1 = 1.0 - cfg.beta1.powi(t);
         let bias2 = 1.0 - cfg.beta2.powi(t);
+        if fused {
+            let inputs: Vec<crate::cpu_ops::AdamInput<'_>> = grads
+                .iter()
+                .zip(&self.moments)
+                .zip(&self.vars)
+                .map(|((grad, moments), (_, var))| crate::cpu_ops::AdamInput {
+                    theta: var.as_tensor(),
+                    grad,
+                    m: &moments.m,
+                    v: &moments.v,
+                    step: crate::cpu_ops::AdamStep {
+                        grad_scale: scale as f32,
+                        beta1: cfg.beta1 as f32,
+                        one_minus_beta1: (1.0 - cfg.beta1) as f32,
+                        beta2: cfg.beta2 as f32,
+                        one_minus_beta2: (1.0 - cfg.beta2) as f32,
+                        inv_bias2: (1.0 / bias2) as f32,
+                        step: (lr / bias1) as f32,
+                        eps: cfg.eps as f32,
+                        decay: if moments.decay {
+                            (1.0 - lr * cfg.weight_decay) as f32
+                        } else {
+                            1.0
+                        },
+                    },
+                })
+                .collect();
+            let updated = crate::cpu_ops::adamw(&inputs)?;
+            for ((theta, m, v), (moments, (_, var))) in updated
+                .into_iter()
+                .zip(self.moments.iter_mut().zip(&self.vars))
+            {
+                (moments.m, moments.v) = (m, v);
+                var.set(&theta)?;
+            }
+            return Ok(());
+        }
         for ((grad, moments), (_, var)) in grads.iter().zip(&mut self.moments).zip(&self.vars) {
             let grad = grad.affine(scale, 0.0)?;
             moments.m = (moments.m.affine(cfg.beta1, 0.0)? + grad.affine(1.0 - cfg.beta1, 0.0)?)?;
@@ -669,6 +713,64 @@ mod tests {
         let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
         let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
         (num / den).sqrt()
+    }
+
+    /// The CPU's fused AdamW (crate::cpu_ops::adamw) is the tensor
+    /// version's arithmetic: the same bits without clipping, and with
+    /// clipping (whose norm is summed differently) the same to rounding.
+    #[test]
+    fn fused_adamw_is_the_tensor_versions_arithmetic() {
+        for clip in [0.0, 0.05] {
+            let (mut fused, _, mut cfg) = setup();
+            let (mut tensors, _, _) = setup();
+            tensors.set_cpu_kernels(false);
+            assert!(fused.model.cpu_kernels_apply() && !tensors.model.cpu_kernels_apply());
+            cfg.grad_clip = clip;
+            let mut rng = crate::rng::Rng::new(9);
+            for step in 0..3 {
+                let grads: Vec<Tensor> = fused
+                    .vars
+                    .iter()
+                    .map(|(_, v)| {
+                        let values: Vec<f32> = (0..v.elem_count())
+                            .map(|_| rng.normal() as f32 * 0.1)
+                            .collect();
+                        Tensor::from_vec(values, v.shape(), &Device::Cpu).unwrap()
+                    })
+                    .collect();
+                let lr = cfg.lr_at(step);
+                fused.adamw_step(&grads, &cfg, lr, 2).unwrap();
+                tensors.adamw_step(&grads, &cfg, lr, 2).unwrap();
+            }
+            let flat = |t: &Trainer| -> Vec<f32> {
+                t.vars
+                    .iter()
+                    .flat_map(|(_, v)| v.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                    .collect()
+            };
+            let (a, b) = (flat(&fused), flat(&tensors));
+            let moments = |t: &Trainer| -> Vec<f32> {
+                t.moments
+                    .iter()
+                    .flat_map(|m| {
+                        let mut v = m.m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        v.extend(m.v.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                        v
+                    })
+                    .collect()
+            };
+            if clip == 0.0 {
+                assert!(a == b, "parameters differ without clipping");
+                assert!(moments(&fused) == moments(&tensors), "moments differ");
+            } else {
+                let gap = relative_diff(&a, &b);
+                assert!(gap < 1e-6, "parameters {gap} apart with clipping");
+                assert!(relative_diff(&moments(&fused), &moments(&tensors)) < 1e-5);
+            }
+            // And the step moved something.
+            let (start, _, _) = setup();
+            assert!(relative_diff(&flat(&start), &a) > 1e-4);
+        }
     }
 
     /// The bf16 policy on candle's CPU bf16 kernels: it really computes in

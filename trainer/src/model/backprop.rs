@@ -103,10 +103,13 @@ impl Model {
     /// Whether [`Model::cpu_forward`] applies: f32 on the CPU with the
     /// one-pass kernels on.
     pub(crate) fn hand_written_backward(&self, ids: &Tensor) -> bool {
-        self.cpu_rope.is_some()
-            && self.cpu_kernels
-            && self.compute == DType::F32
-            && ids.device().is_cpu()
+        self.cpu_kernels_apply() && ids.device().is_cpu()
+    }
+
+    /// Whether this model computes f32 on the CPU with crate::cpu_ops'
+    /// kernels (the trainer's optimizer follows it).
+    pub(crate) fn cpu_kernels_apply(&self) -> bool {
+        self.cpu_rope.is_some() && self.cpu_kernels && self.compute == DType::F32
     }
 
     /// The forward pass for token ids [batch, seq] against `targets`
