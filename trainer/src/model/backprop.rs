@@ -65,9 +65,27 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.matmul(&w.t()?)
 }
 
-/// The gradients of [`linear`]: (∂x = g · w, ∂w = gᵀ · x).
+/// The gradients of [`linear`]: (∂x = g · w, ∂w = gᵀ · x), the two
+/// side by side ([`both`]).
 fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
-    Ok((g.matmul(w)?, g.t()?.matmul(x)?))
+    both(|| g.matmul(w), || g.t()?.matmul(x))
+}
+
+/// Runs two independent computations side by side on rayon's threads
+/// (one after the other with one thread). Two whole matmuls at once keep
+/// both cores busier than each matmul split over both: gemm's own split
+/// pays a synchronization and a share of the packing per call. Each result
+/// is the same computation either way.
+fn both<A: Send, B: Send>(
+    a: impl FnOnce() -> Result<A> + Send,
+    b: impl FnOnce() -> Result<B> + Send,
+) -> Result<(A, B)> {
+    if rayon::current_num_threads() > 1 {
+        let (a, b) = rayon::join(a, b);
+        Ok((a?, b?))
+    } else {
+        Ok((a()?, b()?))
+    }
 }
 
 /// Runs `f(start, len)` over `n` heads split into one contiguous chunk per
@@ -145,9 +163,17 @@ impl Model {
         for block in &self.blocks {
             let w = |t: &Tensor| t.detach();
             let h_attn = candle_nn::ops::rms_norm(&x, &w(&block.attn_norm), eps)?;
-            let q = split_heads(&linear(&h_attn, &w(&block.q))?, shape, Some(tables))?;
-            let k = split_heads(&linear(&h_attn, &w(&block.k))?, shape, Some(tables))?;
-            let v = split_heads(&linear(&h_attn, &w(&block.v))?, shape, None)?;
+            let project =
+                |weight: &Tensor, rope| split_heads(&linear(&h_attn, &w(weight))?, shape, rope);
+            let (q, (k, v)) = both(
+                || project(&block.q, Some(tables)),
+                || {
+                    both(
+                        || project(&block.k, Some(tables)),
+                        || project(&block.v, None),
+                    )
+                },
+            )?;
             let n = batch * shape.heads;
             let chunks = in_chunks(n, |start, len| {
                 let (qc, kc, vc) = (
@@ -163,8 +189,10 @@ impl Model {
             let mixed = merge_heads(&joined(outs)?, shape, None)?;
             let x_mid = add(&x, &linear(&mixed, &w(&block.o))?)?;
             let h_mlp = candle_nn::ops::rms_norm(&x_mid, &w(&block.mlp_norm), eps)?;
-            let gate = linear(&h_mlp, &w(&block.gate))?;
-            let up = linear(&h_mlp, &w(&block.up))?;
+            let (gate, up) = both(
+                || linear(&h_mlp, &w(&block.gate)),
+                || linear(&h_mlp, &w(&block.up)),
+            )?;
             let act = swiglu_value(&gate, &up)?;
             let next = add(&x_mid, &linear(&act, &w(&block.down))?)?;
             blocks.push(BlockTape {
@@ -242,8 +270,10 @@ fn block_backward(
     let (g_act, g_down) = linear_grads(&tape.act, &w(&block.down), &g_out)?;
     grads.insert(&block.down, g_down);
     let (g_gate, g_up) = swiglu_grads(&tape.gate, &tape.up, &g_act)?;
-    let (g_h_gate, g_w_gate) = linear_grads(&tape.h_mlp, &w(&block.gate), &g_gate)?;
-    let (g_h_up, g_w_up) = linear_grads(&tape.h_mlp, &w(&block.up), &g_up)?;
+    let ((g_h_gate, g_w_gate), (g_h_up, g_w_up)) = both(
+        || linear_grads(&tape.h_mlp, &w(&block.gate), &g_gate),
+        || linear_grads(&tape.h_mlp, &w(&block.up), &g_up),
+    )?;
     grads.insert(&block.gate, g_w_gate);
     grads.insert(&block.up, g_w_up);
     let g_h = add(&g_h_gate, &g_h_up)?;
@@ -293,12 +323,19 @@ fn block_backward(
         g_k.push(k);
         g_v.push(v);
     }
-    let g_q = merge_heads(&joined(g_q)?, shape, Some(tables))?;
-    let g_k = merge_heads(&joined(g_k)?, shape, Some(tables))?;
-    let g_v = merge_heads(&joined(g_v)?, shape, None)?;
-    let (g_h_q, g_wq) = linear_grads(&tape.h_attn, &w(&block.q), &g_q)?;
-    let (g_h_k, g_wk) = linear_grads(&tape.h_attn, &w(&block.k), &g_k)?;
-    let (g_h_v, g_wv) = linear_grads(&tape.h_attn, &w(&block.v), &g_v)?;
+    let project = |g: Vec<Tensor>, weight: &Tensor, rope| {
+        let g = merge_heads(&joined(g)?, shape, rope)?;
+        linear_grads(&tape.h_attn, &w(weight), &g)
+    };
+    let ((g_h_q, g_wq), ((g_h_k, g_wk), (g_h_v, g_wv))) = both(
+        || project(g_q, &block.q, Some(tables)),
+        || {
+            both(
+                || project(g_k, &block.k, Some(tables)),
+                || project(g_v, &block.v, None),
+            )
+        },
+    )?;
     grads.insert(&block.q, g_wq);
     grads.insert(&block.k, g_wk);
     grads.insert(&block.v, g_wv);
