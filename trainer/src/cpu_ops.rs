@@ -73,6 +73,49 @@ fn map_rows(len: usize, width: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> V
     out
 }
 
+/// f(a[i], b[i]) for every i: a plain map the compiler vectorizes,
+/// written once into a new buffer (no zeroed buffer first), in parallel
+/// when [`parallel`]. Each element depends on its inputs only, so the bits
+/// do not follow the split.
+fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
+    if parallel() {
+        let mut out = Vec::with_capacity(a.len());
+        a.par_iter()
+            .zip(b)
+            .with_min_len(MIN_TASK_ELEMS)
+            .map(|(&x, &y)| f(x, y))
+            .collect_into_vec(&mut out);
+        out
+    } else {
+        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+    }
+}
+
+/// [`map2`] over three inputs.
+fn map3(
+    a: &[f32],
+    b: &[f32],
+    c: &[f32],
+    f: impl Fn(f32, f32, f32) -> f32 + Sync + Send,
+) -> Vec<f32> {
+    if parallel() {
+        let mut out = Vec::with_capacity(a.len());
+        a.par_iter()
+            .zip(b)
+            .zip(c)
+            .with_min_len(MIN_TASK_ELEMS)
+            .map(|((&x, &y), &z)| f(x, y, z))
+            .collect_into_vec(&mut out);
+        out
+    } else {
+        a.iter()
+            .zip(b)
+            .zip(c)
+            .map(|((&x, &y), &z)| f(x, y, z))
+            .collect()
+    }
+}
+
 fn same_len(op: &str, a: usize, b: usize) -> Result<()> {
     if a != b {
         candle_core::bail!("{op}: inputs of {a} and {b} elements");
@@ -205,10 +248,7 @@ impl CustomOp2 for Swiglu {
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (slice(sa, la, "swiglu")?, slice(sb, lb, "swiglu")?);
         same_len("swiglu", a.len(), b.len())?;
-        let out = map_rows(a.len(), 1, |i, y| {
-            let (x, u) = (a[i], b[i]);
-            y[0] = x * sigmoid(x) * u;
-        });
+        let out = map2(a, b, |x, u| x * sigmoid(x) * u);
         Ok((CpuStorage::F32(out), la.shape().clone()))
     }
 
@@ -250,14 +290,14 @@ impl CustomOp3 for SwigluGrad {
         let (a, b, g) = (slice(sa, la, op)?, slice(sb, lb, op)?, slice(sg, lg, op)?);
         same_len(op, a.len(), b.len())?;
         same_len(op, a.len(), g.len())?;
-        let out = map_rows(a.len(), 1, |i, y| {
-            let s = sigmoid(a[i]);
-            y[0] = if self.wrt_a {
-                g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s))
-            } else {
-                g[i] * a[i] * s
-            };
-        });
+        let out = if self.wrt_a {
+            map3(a, b, g, |a, b, g| {
+                let s = sigmoid(a);
+                g * b * s * (1.0 + a * (1.0 - s))
+            })
+        } else {
+            map3(a, b, g, |a, _, g| g * a * sigmoid(a))
+        };
         Ok((CpuStorage::F32(out), la.shape().clone()))
     }
 }
@@ -601,7 +641,7 @@ impl CustomOp2 for Add {
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (slice(sa, la, "add")?, slice(sb, lb, "add")?);
         same_len("add", a.len(), b.len())?;
-        let out = map_rows(a.len(), 1, |i, y| y[0] = a[i] + b[i]);
+        let out = map2(a, b, |x, y| x + y);
         Ok((CpuStorage::F32(out), la.shape().clone()))
     }
 }
