@@ -46,9 +46,9 @@ pub struct Args {
     /// Seed of the weights and batches.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// f32 on the CPU through candle's primitive ops instead of barnraise's
-    /// one-pass kernels (rotary, SwiGLU, causal softmax, RMSNorm's
-    /// backward), to compare the two.
+    /// f32 on the CPU through candle's primitive ops, autograd and
+    /// optimizer ops instead of barnraise's CPU path (one-pass kernels, a
+    /// hand-written backward, a fused AdamW), to compare the two.
     #[arg(long)]
     pub no_cpu_kernels: bool,
 }

@@ -330,8 +330,10 @@ impl Model {
         self.compute
     }
 
-    /// Runs f32 on the CPU through candle's primitives instead of the
-    /// one-pass kernels (crate::cpu_ops) when `on` is false: for comparing
+    /// Runs f32 on the CPU through candle's primitives and autograd (and
+    /// the trainer's tensor AdamW) instead of the one-pass kernels
+    /// (crate::cpu_ops) and the hand-written backward (`backprop`) when
+    /// `on` is false: for comparing
     /// the two (`bench train --no-cpu-kernels`) and testing one against
     /// the other. The two agree to float rounding, not bit for bit, so
     /// every node of a run must use the same.
