@@ -427,6 +427,7 @@ async fn run_daemon(mut config: NodeConfig) -> anyhow::Result<()> {
         "updates_prefetched": summary.updates_prefetched,
         "reachability": summary.reachability,
         "hole_punches": summary.hole_punches,
+        "relay_reservations": summary.relay_reservations,
         "final_params_hash": summary.final_params_hash.map(|h| h.to_hex()),
     });
     if let Err(e) = std::fs::write(&summary_path, format!("{record:#}\n")) {

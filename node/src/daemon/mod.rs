@@ -146,6 +146,8 @@ pub struct NodeSummary {
     pub reachability: Option<String>,
     /// Relayed links that hole punching made direct.
     pub hole_punches: u64,
+    /// Relay reservations accepted over the run.
+    pub relay_reservations: u64,
     pub resyncs: u64,
     /// Closed rounds replayed from their manifests while catching up.
     pub rounds_replayed: u64,
@@ -438,6 +440,7 @@ pub async fn run_node_with(
     if let Ok(status) = node.client.status().await {
         summary.reachability = Some(status.reachability.label().to_string());
         summary.hole_punches = status.hole_punches;
+        summary.relay_reservations = status.relay_reservations;
     }
     // Say goodbye if we can; the coordinator copes if we cannot.
     node.leave().await;

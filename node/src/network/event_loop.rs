@@ -80,6 +80,9 @@ pub struct EventLoop {
     quic_dialled: HashSet<PeerId>,
     hole_punches: u64,
     hole_punches_failed: u64,
+    /// Relay reservations accepted over the run (a relay will forward
+    /// to us), however long each lasted.
+    relay_reservations: u64,
     relay_listening: bool,
     penalties: HashMap<PeerId, f64>,
     served_tx: mpsc::Sender<Served>,
@@ -238,6 +241,7 @@ impl EventLoop {
             quic_dialled: HashSet::new(),
             hole_punches: 0,
             hole_punches_failed: 0,
+            relay_reservations: 0,
             relay_listening: false,
             penalties: HashMap::new(),
             served_tx,
@@ -507,6 +511,7 @@ impl EventLoop {
             connected_peers: self.swarm.connected_peers().copied().collect(),
             hole_punches: self.hole_punches,
             hole_punches_failed: self.hole_punches_failed,
+            relay_reservations: self.relay_reservations,
         }
     }
 
@@ -689,6 +694,7 @@ impl EventLoop {
                 relay_peer_id,
                 ..
             }) => {
+                self.relay_reservations += 1;
                 tracing::info!(%relay_peer_id, "relay reservation accepted");
             }
             BehaviourEvent::Dcutr(dcutr::Event {

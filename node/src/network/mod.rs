@@ -148,6 +148,10 @@ pub struct NetworkStatus {
     /// attempts that failed.
     pub hole_punches: u64,
     pub hole_punches_failed: u64,
+    /// Relay reservations accepted since start: whether the node was ever
+    /// reachable through a relay, which `reachability` (the state now)
+    /// does not say once a reservation has lapsed or before one is made.
+    pub relay_reservations: u64,
 }
 
 /// What the network reports to the node.
