@@ -162,7 +162,7 @@ impl Service {
             .take()
             .filter(|early| early.round() == job.close.plan.round);
         tracing::debug!(round = job.close.plan.round, "round closing");
-        tokio::spawn(async move {
+        self.close_task = Some(tokio::spawn(async move {
             let mut job = job;
             if let Some(evaluating) = evaluating {
                 let _ = evaluating.await;
@@ -177,7 +177,7 @@ impl Service {
                     Err(CoordinatorError::Internal(format!("round close task: {e}")))
                 });
             let _ = tx.send(Internal::Closed(Box::new(result))).await;
-        });
+        }));
         Ok(())
     }
 

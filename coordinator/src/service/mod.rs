@@ -230,6 +230,10 @@ struct Service {
     /// The held-out evaluation of the last closed round's θ, running while
     /// nodes train the next round; the next close waits for it.
     eval_task: Option<JoinHandle<()>>,
+    /// The round close in flight (it writes the ledger off the actor's
+    /// thread); shutdown waits for it, so nothing of a stopped coordinator
+    /// writes the ledger after `Coordinator::wait` returns.
+    close_task: Option<JoinHandle<()>>,
     /// The open round's updates probed, and drawn shares replayed, as
     /// they arrive.
     early: Option<early::EarlyChecks>,
@@ -297,6 +301,16 @@ impl Service {
             }
         };
         children.cancel();
+        // A close in flight finishes and records its round (its result,
+        // sent to the actor, is dropped with the receiver: a restart reads
+        // the round from the ledger as closed). Stopping without waiting
+        // let a restarted coordinator resume the round and record it a
+        // second time, which the ledger refuses
+        // (`coordinator_restart_resumes_and_counts_once`).
+        drop(internal);
+        if let Some(closing) = self.close_task.take() {
+            let _ = closing.await;
+        }
         // A held-out evaluation still running goes into the ledger before
         // the summary reads it (seconds at most).
         if let Some(evaluating) = self.eval_task.take() {

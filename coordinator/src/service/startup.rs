@@ -160,6 +160,7 @@ pub async fn start(
         refusals: Default::default(),
         bootstrap,
         eval_task: None,
+        close_task: None,
         early: None,
         deferred: Default::default(),
         shared_theta,
