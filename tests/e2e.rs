@@ -2534,6 +2534,41 @@ fn token_inflation_is_caught_by_a_spot_check() {
     });
 }
 
+/// A CPU training step's bits do not follow the thread count, gemm's own
+/// split included: candle hands gemm a parallelism taken from
+/// `RAYON_NUM_THREADS` when the process starts, so only separate processes
+/// vary it. A spot check replays a node's steps on whatever threads the
+/// coordinator has (docs/security.md, "Spot checks"). serde writes an f32
+/// in the fewest digits that read back to the same bits, so equal JSON
+/// numbers are equal bits.
+#[test]
+fn cpu_training_gives_the_same_bits_on_one_and_two_threads() {
+    let home = tempfile::tempdir().unwrap();
+    let run = |threads: &str| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_barnraise"))
+            .args([
+                "bench", "train", "--model", "small", "--steps", "3", "--json",
+            ])
+            .env("BARNRAISE_HOME", home.path())
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (one, two) = (run("1"), run("2"));
+    assert_eq!(one["threads"], 1, "{one}");
+    assert_eq!(two["threads"], 2, "{two}");
+    assert_eq!(one["cpu_kernels"], true);
+    assert!(one["loss_last"].as_f64().unwrap() < one["loss_first"].as_f64().unwrap());
+    assert_eq!(one["loss_first"], two["loss_first"]);
+    assert_eq!(one["loss_last"], two["loss_last"]);
+}
+
 /// `bench coordinator` at N = 50: the real coordinator (its own process)
 /// against 50 simulated nodes closes every round with every update
 /// accepted, θ recomputed from the manifests agrees, every stage of the
