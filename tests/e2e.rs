@@ -1550,8 +1550,18 @@ fn barnraise_ok(home: &std::path::Path, args: &[&str]) -> std::process::Output {
 }
 
 fn barnraise_in(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    barnraise_env(home, args, &[])
+}
+
+/// [`barnraise_in`] with extra environment variables.
+fn barnraise_env(
+    home: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_barnraise"))
         .args(args)
+        .envs(env.iter().copied())
         .env("BARNRAISE_HOME", home)
         .env_remove("BARNRAISE_KEY")
         .env_remove("BARNRAISE_ORG_KEY")
@@ -2545,14 +2555,13 @@ fn token_inflation_is_caught_by_a_spot_check() {
 fn cpu_training_gives_the_same_bits_on_one_and_two_threads() {
     let home = tempfile::tempdir().unwrap();
     let run = |threads: &str| -> serde_json::Value {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_barnraise"))
-            .args([
+        let out = barnraise_env(
+            home.path(),
+            &[
                 "bench", "train", "--model", "small", "--steps", "3", "--json",
-            ])
-            .env("BARNRAISE_HOME", home.path())
-            .env("RAYON_NUM_THREADS", threads)
-            .output()
-            .unwrap();
+            ],
+            &[("RAYON_NUM_THREADS", threads)],
+        );
         assert!(
             out.status.success(),
             "{}",

@@ -91,6 +91,19 @@ fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<
     }
 }
 
+/// A two-input element-wise op's forward: [`map2`] over the two
+/// storages, which must hold as many values, shaped as the first.
+fn elementwise2(
+    op: &str,
+    (sa, la): (&CpuStorage, &Layout),
+    (sb, lb): (&CpuStorage, &Layout),
+    f: impl Fn(f32, f32) -> f32 + Sync + Send,
+) -> Result<(CpuStorage, Shape)> {
+    let (a, b) = (slice(sa, la, op)?, slice(sb, lb, op)?);
+    same_len(op, a.len(), b.len())?;
+    Ok((CpuStorage::F32(map2(a, b, f)), la.shape().clone()))
+}
+
 /// [`map2`] over three inputs.
 fn map3(
     a: &[f32],
@@ -276,10 +289,7 @@ impl CustomOp2 for Swiglu {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (slice(sa, la, "swiglu")?, slice(sb, lb, "swiglu")?);
-        same_len("swiglu", a.len(), b.len())?;
-        let out = map2(a, b, |x, u| x * sigmoid(x) * u);
-        Ok((CpuStorage::F32(out), la.shape().clone()))
+        elementwise2("swiglu", (sa, la), (sb, lb), |x, u| x * sigmoid(x) * u)
     }
 
     fn bwd(
@@ -668,10 +678,7 @@ impl CustomOp2 for Add {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (slice(sa, la, "add")?, slice(sb, lb, "add")?);
-        same_len("add", a.len(), b.len())?;
-        let out = map2(a, b, |x, y| x + y);
-        Ok((CpuStorage::F32(out), la.shape().clone()))
+        elementwise2("add", (sa, la), (sb, lb), |x, y| x + y)
     }
 }
 
@@ -701,21 +708,24 @@ pub(crate) fn cross_entropy_with_grad(logits: &Tensor, targets: &[u32]) -> Resul
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         max + row.iter().map(|&v| exp(v - max)).sum::<f32>().ln()
     };
-    // Column 0 of each "row" of width 1 is that row's loss.
-    let losses = map_rows(rows, 1, |row, out| {
-        let xr = &x[row * vocab..][..vocab];
-        out[0] = log_sum_exp(xr) - xr[targets[row] as usize];
+    // Each row's log-sum-exp once; the loss and the gradient both use it.
+    let lse = map_rows(rows, 1, |row, out| {
+        out[0] = log_sum_exp(&x[row * vocab..][..vocab])
     });
     let inv_rows = 1.0 / rows as f32;
     let grad = map_rows(x.len(), vocab, |row, g| {
         let xr = &x[row * vocab..][..vocab];
-        let lse = log_sum_exp(xr);
         for (gj, &v) in g.iter_mut().zip(xr) {
-            *gj = exp(v - lse) * inv_rows;
+            *gj = exp(v - lse[row]) * inv_rows;
         }
         g[targets[row] as usize] -= inv_rows;
     });
-    let loss = losses.iter().sum::<f32>() * inv_rows;
+    let losses = lse
+        .iter()
+        .zip(targets)
+        .enumerate()
+        .map(|(row, (l, &t))| l - x[row * vocab + t as usize]);
+    let loss = losses.sum::<f32>() * inv_rows;
     let grad = Tensor::from_vec(grad, (rows, vocab), logits.device())?;
     Ok((loss, grad))
 }

@@ -515,7 +515,7 @@ impl Trainer {
         for _ in 0..accumulation {
             let (inputs, targets) = self.batch_tensors(sampler, cfg.batch_size, cfg.seq_len)?;
             let mut mark = Instant::now();
-            let grads = if self.model.hand_written_backward(&inputs) {
+            let grads = if self.model.cpu_kernels_apply() {
                 // f32 on the CPU: the model's own backward, without
                 // autograd's bookkeeping (crate::model::backprop).
                 let tape = self.model.cpu_forward(&inputs, &targets)?;

@@ -34,7 +34,7 @@ struct BlockTape {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// The softmax's output per chunk of heads ([`in_chunks`]).
+    /// The softmax's output per chunk of heads ([`Tape::chunks`]).
     probs: Vec<Tensor>,
     /// The heads' outputs merged back into rows, before the out projection.
     mixed: Tensor,
@@ -49,6 +49,13 @@ struct BlockTape {
 
 /// A forward pass kept for its backward: [`Model::cpu_forward`].
 pub(crate) struct Tape {
+    /// The per-head layout, the attention's score scale, and the chunks
+    /// of heads (start, count) the attention was split into.
+    shape: HeadShape,
+    scale: f32,
+    chunks: Vec<(usize, usize)>,
+    /// RMSNorm's epsilon.
+    eps: f32,
     ids: Tensor,
     blocks: Vec<BlockTape>,
     /// The last block's output, the final norm's output, and the logits'
@@ -88,25 +95,27 @@ fn both<A: Send, B: Send>(
     }
 }
 
-/// Runs `f(start, len)` over `n` heads split into one contiguous chunk per
-/// rayon thread (one chunk, on the caller, with one thread), results in
-/// chunk order. Each head is one whole gemm call whichever chunk holds it.
-fn in_chunks<T: Send>(n: usize, f: impl Fn(usize, usize) -> Result<T> + Sync) -> Result<Vec<T>> {
-    let parts = if rayon::current_num_threads() > 1 {
-        rayon::current_num_threads().min(n).max(1)
-    } else {
-        1
-    };
-    if parts == 1 {
-        return Ok(vec![f(0, n)?]);
-    }
-    let bounds: Vec<(usize, usize)> = (0..parts)
+/// `n` heads split into contiguous chunks (start, count), one per rayon
+/// thread (one chunk with one thread). Each head is one whole gemm call
+/// whichever chunk holds it, so the split does not change the bits.
+fn head_chunks(n: usize) -> Vec<(usize, usize)> {
+    let parts = rayon::current_num_threads().min(n).max(1);
+    (0..parts)
         .map(|i| {
             let start = n * i / parts;
             (start, n * (i + 1) / parts - start)
         })
-        .collect();
-    bounds.into_par_iter().map(|(s, len)| f(s, len)).collect()
+        .collect()
+}
+
+/// `f` over `items` in order, on rayon's threads when there are several
+/// (on the caller with one).
+fn map_chunks<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> Result<R> + Sync) -> Result<Vec<R>> {
+    if items.len() > 1 && rayon::current_num_threads() > 1 {
+        items.par_iter().map(&f).collect()
+    } else {
+        items.iter().map(f).collect()
+    }
 }
 
 /// One tensor from chunks along dimension 0 (no copy for one chunk).
@@ -118,14 +127,9 @@ fn joined(parts: Vec<Tensor>) -> Result<Tensor> {
 }
 
 impl Model {
-    /// Whether [`Model::cpu_forward`] applies: f32 on the CPU with the
-    /// one-pass kernels on.
-    pub(crate) fn hand_written_backward(&self, ids: &Tensor) -> bool {
-        self.cpu_kernels_apply() && ids.device().is_cpu()
-    }
-
     /// Whether this model computes f32 on the CPU with crate::cpu_ops'
-    /// kernels (the trainer's optimizer follows it).
+    /// kernels: [`Model::cpu_forward`] applies, and the trainer's
+    /// optimizer follows.
     pub(crate) fn cpu_kernels_apply(&self) -> bool {
         self.cpu_rope.is_some() && self.cpu_kernels && self.compute == DType::F32
     }
@@ -136,7 +140,7 @@ impl Model {
         let Some(tables) = self
             .cpu_rope
             .as_ref()
-            .filter(|_| self.hand_written_backward(ids))
+            .filter(|_| self.cpu_kernels_apply() && ids.device().is_cpu())
         else {
             candle_core::bail!("the hand-written backward runs f32 on the CPU only");
         };
@@ -159,6 +163,7 @@ impl Model {
         let ids = ids.flatten_all()?;
         let targets: Vec<u32> = targets.flatten_all()?.to_vec1()?;
         let mut x = self.embed.detach().index_select(&ids, 0)?;
+        let bounds = head_chunks(batch * shape.heads);
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
             let w = |t: &Tensor| t.detach();
@@ -174,8 +179,7 @@ impl Model {
                     )
                 },
             )?;
-            let n = batch * shape.heads;
-            let chunks = in_chunks(n, |start, len| {
+            let chunks = map_chunks(&bounds, |&(start, len)| {
                 let (qc, kc, vc) = (
                     q.narrow(0, start, len)?,
                     k.narrow(0, start, len)?,
@@ -215,6 +219,10 @@ impl Model {
         let logits = linear(&h_final, &self.lm_head.detach())?;
         let (loss, grad_logits) = cross_entropy_with_grad(&logits, &targets)?;
         Ok(Tape {
+            shape,
+            scale,
+            chunks: bounds,
+            eps,
             ids,
             blocks,
             x_last: x,
@@ -230,8 +238,7 @@ impl Tape {
     /// made this tape, keyed by its variables as candle's `backward` would
     /// give it.
     pub(crate) fn backward(self, model: &Model) -> Result<GradStore> {
-        let cfg = &model.config;
-        let eps = cfg.norm_eps;
+        let eps = self.eps;
         let Some(tables) = model.cpu_rope.as_ref() else {
             candle_core::bail!("the hand-written backward runs on the CPU only");
         };
@@ -242,7 +249,7 @@ impl Tape {
             rms_norm_grads(&self.x_last, &model.final_norm.detach(), &g_h, eps)?;
         grads.insert(&model.final_norm, g_norm);
         for (block, tape) in model.blocks.iter().zip(&self.blocks).rev() {
-            g_x = block_backward(block, tape, tables, cfg, g_x, &mut grads)?;
+            g_x = block_backward(block, tape, &self, tables, g_x, &mut grads)?;
         }
         let g_embed = model
             .embed
@@ -259,13 +266,14 @@ impl Tape {
 fn block_backward(
     block: &Block,
     tape: &BlockTape,
+    run: &Tape,
     tables: &crate::cpu_ops::RopeTables,
-    cfg: &super::ModelConfig,
     g_out: Tensor,
     grads: &mut GradStore,
 ) -> Result<Tensor> {
     let w = |t: &Tensor| t.detach();
-    let eps = cfg.norm_eps;
+    let eps = run.eps;
+    let (shape, scale) = (run.shape, run.scale);
     // MLP: out = x_mid + down(swiglu(gate(h), up(h))), h = norm(x_mid).
     let (g_act, g_down) = linear_grads(&tape.act, &w(&block.down), &g_out)?;
     grads.insert(&block.down, g_down);
@@ -283,42 +291,24 @@ fn block_backward(
     // Attention: x_mid = x + o(merge(softmax(q kᵀ) v)), q k v from norm(x).
     let (g_mixed, g_o) = linear_grads(&tape.mixed, &w(&block.o), &g_mid)?;
     grads.insert(&block.o, g_o);
-    let (batch_heads, seq, head_dim) = tape.q.dims3()?;
-    let shape = HeadShape {
-        batch: batch_heads / cfg.n_heads,
-        seq,
-        heads: cfg.n_heads,
-        head_dim,
-    };
-    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
     let g_heads = split_heads(&g_mixed, shape, None)?;
-    let mut starts = Vec::with_capacity(tape.probs.len());
-    let mut at = 0;
-    for p in &tape.probs {
-        starts.push(at);
-        at += p.dim(0)?;
-    }
-    let parts = in_chunks(tape.probs.len(), |first, count| {
-        let mut out = Vec::with_capacity(count);
-        let range = first..first + count;
-        for (&start, p) in starts[range.clone()].iter().zip(&tape.probs[range]) {
-            let len = p.dim(0)?;
-            let g = g_heads.narrow(0, start, len)?;
-            let (q, k, v) = (
-                tape.q.narrow(0, start, len)?,
-                tape.k.narrow(0, start, len)?,
-                tape.v.narrow(0, start, len)?,
-            );
-            let g_v = p.t()?.matmul(&g)?;
-            let g_s = causal_softmax_grad(p, &g.matmul(&v.t()?)?, scale)?;
-            let g_q = g_s.matmul(&k)?;
-            let g_k = g_s.t()?.matmul(&q)?;
-            out.push((g_q, g_k, g_v));
-        }
-        Ok(out)
+    let work: Vec<((usize, usize), &Tensor)> =
+        run.chunks.iter().copied().zip(&tape.probs).collect();
+    let parts = map_chunks(&work, |&((start, len), p)| {
+        let g = g_heads.narrow(0, start, len)?;
+        let (q, k, v) = (
+            tape.q.narrow(0, start, len)?,
+            tape.k.narrow(0, start, len)?,
+            tape.v.narrow(0, start, len)?,
+        );
+        let g_v = p.t()?.matmul(&g)?;
+        let g_s = causal_softmax_grad(p, &g.matmul(&v.t()?)?, scale)?;
+        let g_q = g_s.matmul(&k)?;
+        let g_k = g_s.t()?.matmul(&q)?;
+        Ok((g_q, g_k, g_v))
     })?;
     let (mut g_q, mut g_k, mut g_v) = (Vec::new(), Vec::new(), Vec::new());
-    for (q, k, v) in parts.into_iter().flatten() {
+    for (q, k, v) in parts {
         g_q.push(q);
         g_k.push(k);
         g_v.push(v);
@@ -412,7 +402,7 @@ mod tests {
     fn backprop_matches_candles_autograd() {
         let (cfg, vars, model) = model(7);
         let (inputs, targets) = batch(&cfg, 3, 40, 8);
-        assert!(model.hand_written_backward(&inputs));
+        assert!(model.cpu_kernels_apply());
         let tape = model.cpu_forward(&inputs, &targets).unwrap();
         let loss = tape.loss;
         let ours = tape.backward(&model).unwrap();
@@ -469,7 +459,7 @@ mod tests {
         assert!(model.cpu_forward(&inputs, &bad).is_err());
         // The primitives' path: autograd, not this one.
         model.set_cpu_kernels(false);
-        assert!(!model.hand_written_backward(&inputs));
+        assert!(!model.cpu_kernels_apply());
         assert!(model.cpu_forward(&inputs, &targets).is_err());
     }
 
