@@ -148,6 +148,7 @@ fn run_config(run: &Run) -> Result<(RunConfig, ModelConfig)> {
         outer_momentum: run.config.outer_momentum,
         aggregation: resolved.aggregation.to_string(),
         total_rounds: run.config.total_rounds,
+        overlap_steps: 0,
         dataset: (0..3).map(shard).collect(),
         held_out: vec![shard(9)],
     };

@@ -67,6 +67,9 @@ enum BenchCommand {
     Codec(cmd::bench_codec::Args),
     /// DiLoCo vs data-parallel training at equal tokens.
     Diloco(cmd::bench_diloco::Args),
+    /// Node utilization with synchronous and with overlapped rounds: the
+    /// same `up` run twice, side by side.
+    Overlap(cmd::bench_overlap::Args),
     /// The attack suite: 12 attacks by 3 of 10 nodes, each against a clean run.
     Attacks(cmd::bench_attacks::Args),
     /// One coordinator against N simulated nodes: CPU per round by stage,
@@ -155,13 +158,16 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Up(_) | Command::Bench(BenchCommand::Attacks(_))
+        Command::Up(_) | Command::Bench(BenchCommand::Attacks(_) | BenchCommand::Overlap(_))
     ) {
         one_matmul_thread_per_node();
     }
     let default_log = if matches!(
         cli.command,
-        Command::Up(_) | Command::Bench(BenchCommand::Attacks(_) | BenchCommand::Coordinator(_))
+        Command::Up(_)
+            | Command::Bench(
+                BenchCommand::Attacks(_) | BenchCommand::Coordinator(_) | BenchCommand::Overlap(_)
+            )
     ) {
         "warn"
     } else {
@@ -185,6 +191,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Bench(BenchCommand::Codec(args)) => cmd::bench_codec::run(args),
         Command::Bench(BenchCommand::Diloco(args)) => cmd::bench_diloco::run(args),
+        Command::Bench(BenchCommand::Overlap(args)) => cmd::bench_overlap::run(args),
         Command::Bench(BenchCommand::Attacks(args)) => cmd::bench_attacks::run(args),
         Command::Bench(BenchCommand::Coordinator(args)) => cmd::bench_coordinator::run(args),
         Command::Bench(BenchCommand::Train(args)) => cmd::bench_train::run(args),

@@ -11,7 +11,7 @@
 mod attacks;
 mod support;
 
-use barnraise_coordinator::{CoordinatorEvent, Ledger};
+use barnraise_coordinator::{CoordinatorConfig, CoordinatorEvent, Ledger};
 use barnraise_node::{Misbehaviour, NodeConfig};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -912,32 +912,41 @@ seed = 7
     drop(internet);
 }
 
+/// Runs 2 nodes for the 4 rounds of `config`, kills the coordinator `into`
+/// round 2 (after round 1 closes) and restarts it on the same port, so
+/// that nodes that keep dialling the old address find it again. The nodes,
+/// the ledger's path and the run's summary.
+async fn restart_in_round_two(
+    mut config: CoordinatorConfig,
+    dir: &std::path::Path,
+    into: Duration,
+) -> (Vec<RunningNode>, PathBuf, barnraise_coordinator::RunSummary) {
+    let (coordinator, shutdown) = start_coordinator(config.clone()).await;
+    let listen = coordinator.multiaddr().to_string();
+    let listen = listen.split("/p2p/").next().unwrap().to_string();
+    config.listen = vec![listen];
+    let mut events = coordinator.events();
+    let nodes = spawn_nodes(&coordinator, dir, 2, 4);
+    wait_for_event(&mut events, 3 * MINUTES, "round 1 closes", |e| {
+        matches!(e, CoordinatorEvent::RoundClosed { round: 1, .. })
+    })
+    .await;
+    tokio::time::sleep(into).await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(MINUTES, coordinator.wait()).await;
+    let (coordinator, _shutdown) = start_coordinator(config).await;
+    let ledger_path = coordinator.ledger_path().to_path_buf();
+    (nodes, ledger_path, finish_run(coordinator).await)
+}
+
 #[test]
 fn coordinator_restart_resumes_and_counts_once() {
     run(async {
         let dir = tempfile::tempdir().unwrap();
         let mut config = tiny_run(dir.path(), 2, 4);
         config.round_deadline_secs = 30.0;
-        let (coordinator, shutdown) = start_coordinator(config.clone()).await;
-        // Restart on the same port, so nodes that keep dialling the old address find it again.
-        let listen = coordinator.multiaddr().to_string();
-        let listen = listen.split("/p2p/").next().unwrap().to_string();
-        config.listen = vec![listen];
-        let mut events = coordinator.events();
-        let nodes = spawn_nodes(&coordinator, dir.path(), 2, 4);
-
-        wait_for_event(&mut events, 3 * MINUTES, "round 1 closes", |e| {
-            matches!(e, CoordinatorEvent::RoundClosed { round: 1, .. })
-        })
-        .await;
-        // Kill it in the middle of round 2.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        shutdown.cancel();
-        let _ = tokio::time::timeout(MINUTES, coordinator.wait()).await;
-
-        let (coordinator, _shutdown) = start_coordinator(config).await;
-        let ledger_path = coordinator.ledger_path().to_path_buf();
-        let summary = finish_run(coordinator).await;
+        let (nodes, ledger_path, summary) =
+            restart_in_round_two(config, dir.path(), Duration::from_millis(500)).await;
         assert_eq!(
             summary.rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
             vec![0, 1, 2, 3]
@@ -2541,6 +2550,121 @@ fn token_inflation_is_caught_by_a_spot_check() {
                 assert_eq!(row.claimed_tokens, row.tokens, "{row:?}");
             }
         }
+    });
+}
+
+/// Overlapped rounds (docs/architecture.md, "Overlapped rounds"): each node
+/// trains the last 3 of a round's 10 steps after its commit and carries
+/// them into its next round. Every node stays on every manifest's θ, every
+/// update counts, and every share, carried steps included, replays exactly
+/// on the coordinator.
+#[test]
+fn overlapped_rounds_keep_every_node_on_the_manifest_and_replay_exactly() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let rounds = 6u64;
+        let mut config = tiny_run(dir.path(), 3, rounds);
+        config.overlap_steps = 3;
+        config.verify.spot_check_fraction = 1.0;
+        // Every node gets H steps, so the tokens of each round are known.
+        config.pace = false;
+        let step_tokens = u64::from(config.batch_size) * u64::from(config.seq_len);
+        let (coordinator, _shutdown) = start_coordinator(config).await;
+        let ledger_path = coordinator.ledger_path().to_path_buf();
+        let nodes = spawn_nodes(&coordinator, dir.path(), 3, rounds);
+        let summary = finish_run(coordinator).await;
+        let mut node_summaries = Vec::new();
+        for node in nodes {
+            node_summaries.push(join_node(node, MINUTES).await);
+        }
+        assert_eq!(summary.rounds.len(), rounds as usize, "{summary:?}");
+        for round in &summary.rounds {
+            assert_eq!(round.accepted, 3, "every update counts: {round:?}");
+        }
+        let final_hash = summary.rounds.last().unwrap().next_params_hash.clone();
+        for s in &node_summaries {
+            assert_eq!(s.rounds_completed, rounds, "{s:?}");
+            assert_eq!(s.resyncs, 0, "no node left the manifests' θ: {s:?}");
+            assert_eq!(
+                s.final_params_hash.map(|h| h.to_hex()),
+                Some(final_hash.clone()),
+                "{s:?}"
+            );
+        }
+        // Round 0 commits 7 steps; the middle rounds carry 3 and commit 7;
+        // the last carries 3 and holds nothing back.
+        let expected_steps = |round: u64| match round {
+            0 => 7,
+            r if r + 1 == rounds => 13,
+            _ => 10,
+        };
+        let ledger = Ledger::open_existing(&ledger_path).unwrap();
+        for round in 0..rounds {
+            let mut replays = 0;
+            for row in ledger.updates(round).unwrap() {
+                assert_eq!(row.verdict, "accepted", "round {round}: {row:?}");
+                assert_eq!(
+                    row.tokens,
+                    expected_steps(round) * step_tokens,
+                    "round {round}: {row:?}"
+                );
+                let detail = row.detail.clone().unwrap_or_default();
+                assert!(
+                    !detail.contains("differs") && !detail.contains("could not replay"),
+                    "round {round}: {row:?}"
+                );
+                replays += detail.matches("exact replay").count();
+            }
+            // Every round after the first replays shares with carried steps.
+            assert!(replays >= 1, "round {round}: no exact replay recorded");
+        }
+    });
+}
+
+/// Overlapped rounds across a coordinator restart in the middle of a round:
+/// the restarted coordinator restores from its ledger what the last closed
+/// round's accepted commits held back and that round's θ, so the nodes'
+/// next commits may carry their steps in and every drawn share still
+/// replays exactly.
+#[test]
+fn overlapped_rounds_survive_a_coordinator_restart() {
+    run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_run(dir.path(), 2, 4);
+        config.round_deadline_secs = 30.0;
+        config.overlap_steps = 3;
+        config.verify.spot_check_fraction = 1.0;
+        let (nodes, ledger_path, summary) =
+            restart_in_round_two(config, dir.path(), Duration::from_millis(300)).await;
+        let final_hash = summary.rounds.last().unwrap().next_params_hash.clone();
+        for node in nodes {
+            let s = join_node(node, MINUTES).await;
+            assert_eq!(
+                s.final_params_hash.map(|h| h.to_hex()),
+                Some(final_hash.clone())
+            );
+        }
+        let ledger = Ledger::open_existing(&ledger_path).unwrap();
+        let mut carried_after_restart = 0;
+        for round in 0..4 {
+            for row in ledger.updates(round).unwrap() {
+                assert_eq!(row.verdict, "accepted", "round {round}: {row:?}");
+                let detail = row.detail.clone().unwrap_or_default();
+                assert!(
+                    !detail.contains("differs") && !detail.contains("could not replay"),
+                    "round {round}: {row:?}"
+                );
+                // 10 planned steps per node (pace needs a round to know a
+                // node): more than that is carried steps, counted.
+                if round >= 2 && row.tokens > 10 * 8 * 64 {
+                    carried_after_restart += 1;
+                }
+            }
+        }
+        assert!(
+            carried_after_restart > 0,
+            "no commit carried steps after the restart"
+        );
     });
 }
 

@@ -66,9 +66,13 @@ pub struct CloseContext<'a> {
 pub struct SpotContext<'a> {
     pub key: &'a barnraise_protocol::SigningKey,
     pub run: &'a barnraise_protocol::messages::RunConfig,
-    /// A fetched starting state by hash; called only for the shares the
-    /// round replays, so states drawn over the budget are never read.
+    /// A blob from the store by hash: a fetched starting state (read only
+    /// for the shares the round replays, so states drawn over the budget
+    /// are never read), or round r − 1's update for carried steps.
     pub state: &'a (dyn Fn(&Hash) -> Option<Arc<Vec<u8>>> + Sync),
+    /// Round r − 1, for shares with carried steps (docs/architecture.md,
+    /// "Overlapped rounds"); `None` after a restart.
+    pub prev: Option<&'a crate::spot::PrevRound>,
     /// Every node's credit not yet backed by a passed check (the manifests
     /// so far, folded): what a failed check voids.
     pub unverified: &'a barnraise_protocol::credit::Unverified,
@@ -268,14 +272,18 @@ fn spot_replay(
     }
     Some(match (assignment, state) {
         (Some(assignment), Some(state)) => crate::spot::replay(
-            ctx.model,
-            spot.run,
+            &crate::spot::ReplayInput {
+                model: ctx.model,
+                run: spot.run,
+                shard_tokens: ctx.shard_tokens,
+                prev: spot.prev,
+                payload: spot.state,
+            },
             close.plan.round,
             theta,
             assignment,
             share,
             &state,
-            ctx.shard_tokens,
         ),
         (None, _) => {
             crate::spot::SpotResult::unusable(share, "the node has no assignment this round".into())

@@ -270,6 +270,7 @@ fn run_config(
         outer_momentum: 0.0,
         aggregation: "mean".into(),
         total_rounds: 10,
+        overlap_steps: 0,
         dataset,
         held_out: vec![],
     }
@@ -284,6 +285,8 @@ fn give_one_share_each(round: &mut Round) {
             delta_hash: Hash::of(b"delta"),
             delta_sketch: vec![0.0; barnraise_protocol::workers::SHARE_SKETCH_DIM],
             state_hash: Hash::of(&[c.node.0.0[0]]),
+            carried: 0,
+            held_back: 0,
         }];
     }
 }
@@ -340,6 +343,7 @@ fn over_budget_spot_checks_replay_the_lowest_draws() {
         key: &key,
         run: &run_config,
         state: &no_state,
+        prev: None,
         unverified: &unverified,
         deferred: DeferredInput::default(),
     };
@@ -409,6 +413,7 @@ fn a_drawn_state_withheld_while_the_round_was_open_voids_the_window() {
         key: &key,
         run: &run_config,
         state: &no_state,
+        prev: None,
         unverified: &unverified,
         deferred: DeferredInput::default(),
     };
@@ -674,6 +679,7 @@ fn checks_on_several_threads_reach_the_verdicts_of_one() {
                 key: &key,
                 run: &run_config,
                 state: &no_state,
+                prev: None,
                 unverified: &unverified,
                 deferred: DeferredInput::default(),
             }),
@@ -886,6 +892,7 @@ fn replays_run_while_the_round_was_open_are_used_and_others_ignored() {
         key: &key,
         run: &run_config,
         state: &no_state,
+        prev: None,
         unverified: &unverified,
         deferred: DeferredInput::default(),
     };
@@ -936,6 +943,7 @@ fn deferring<'a>(
         key,
         run,
         state: &no_state,
+        prev: None,
         unverified,
         deferred: DeferredInput {
             defer: true,

@@ -358,6 +358,11 @@ pub struct CoordinatorConfig {
     /// to each node"). `false`: every node gets `inner_steps`, and the
     /// deadline is `round_deadline_secs`.
     pub pace: bool,
+    /// Overlapped rounds (docs/architecture.md, "Overlapped rounds"): the
+    /// most inner steps of a round a node trains after its commit, while
+    /// its update travels and the round closes, carrying what they add into
+    /// its next round. 0 (the default): synchronous rounds.
+    pub overlap_steps: u32,
     /// Nodes that must have joined before the first round opens.
     pub min_nodes: usize,
     /// Shards each node trains on per round.
@@ -408,6 +413,7 @@ impl Default for CoordinatorConfig {
             quorum: Quorum::Fraction(1.0),
             round_deadline_secs: 120.0,
             pace: true,
+            overlap_steps: 0,
             min_nodes: 1,
             shards_per_node: 1,
             total_rounds: 10,
@@ -542,6 +548,22 @@ impl CoordinatorConfig {
             return Err(invalid(
                 "inner_steps/batch_size/seq_len",
                 "must be positive",
+            ));
+        }
+        if self.overlap_steps >= self.inner_steps {
+            return Err(invalid(
+                "overlap_steps",
+                format!(
+                    "{} must be fewer than inner_steps ({}): a node commits after the rest",
+                    self.overlap_steps, self.inner_steps
+                ),
+            ));
+        }
+        if self.overlap_steps > 0 && self.retention.keep_update_rounds == Some(1) {
+            return Err(invalid(
+                "retention.keep_update_rounds",
+                "must be at least 2 with overlap_steps: the next round's spot checks read the \
+                 last round's updates",
             ));
         }
         if self.seq_len as usize > model.max_seq_len {

@@ -927,7 +927,10 @@ impl Ledger {
             )
             .map_err(sql)?;
         }
-        tx.execute("DELETE FROM commits WHERE round = ?1", [to_i64(round)])
+        // The closed round's commits stay until the next close: a restart
+        // reads what they held back (overlapped rounds,
+        // docs/architecture.md); older ones go.
+        tx.execute("DELETE FROM commits WHERE round < ?1", [to_i64(round)])
             .map_err(sql)?;
         tx.commit().map_err(sql)
     }
@@ -1311,9 +1314,10 @@ mod tests {
         ledger
             .close_round(&record(0, &[("a", "accepted"), ("b", "rejected")]))
             .unwrap();
-        assert!(
-            ledger.pending_commits(0).unwrap().is_empty(),
-            "pending commits leave with the close"
+        assert_eq!(
+            ledger.pending_commits(0).unwrap(),
+            vec![b"commit-a".to_vec()],
+            "a closed round's commits stay until the next close"
         );
         // The held-out loss is filled in once, after the close.
         assert_eq!(ledger.rounds().unwrap()[0].eval_loss, None);
@@ -1348,6 +1352,22 @@ mod tests {
     /// Clawback: a void takes back the credit of the node's accepted
     /// updates from its first round up to the voiding round, and only those;
     /// the counts of accepted updates stay (they are in θ), org totals follow.
+    #[test]
+    fn commits_stay_one_close_past_their_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = open(&dir.path().join("ledger.sqlite")).unwrap();
+        ledger.bind_run("run", "{}", 0).unwrap();
+        for round in 0..3 {
+            ledger.record_commit(round, "a", &[round as u8], 1).unwrap();
+            ledger
+                .close_round(&record(round, &[("a", "accepted")]))
+                .unwrap();
+        }
+        assert!(ledger.pending_commits(0).unwrap().is_empty());
+        assert!(ledger.pending_commits(1).unwrap().is_empty());
+        assert_eq!(ledger.pending_commits(2).unwrap(), vec![vec![2u8]]);
+    }
+
     #[test]
     fn a_void_takes_back_the_window_credit_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();

@@ -44,6 +44,9 @@ pub struct RoundsConfig {
     pub total_rounds: u64,
     /// The training shards, in dataset order.
     pub shards: Vec<Hash>,
+    /// The most steps a worker may hold back past its commit
+    /// (`RunConfig::overlap_steps`; 0: synchronous rounds).
+    pub overlap_steps: u32,
 }
 
 /// How much longer than a fetch's own limit a round is held for it, so
@@ -200,6 +203,33 @@ pub struct Rounds {
     /// Until when earlier rounds' deferred spot checks may still settle
     /// ([`Rounds::checks_out_until`]).
     checks_out_until_ms: Option<u64>,
+    /// Each node's last commit's held-back steps, per worker: what its
+    /// next round's shares must say they carried, if that commit was
+    /// accepted (in memory: after a restart nothing is carried).
+    held_back: BTreeMap<NodeId, HeldBack>,
+}
+
+/// What a node's commit of `round` held back past the commit, per worker.
+#[derive(Clone, Debug)]
+struct HeldBack {
+    round: u64,
+    /// (worker index, steps held back).
+    shares: Vec<(u32, u32)>,
+    accepted: bool,
+}
+
+impl HeldBack {
+    fn of(round: u64, commit: &Commit, accepted: bool) -> HeldBack {
+        HeldBack {
+            round,
+            shares: commit
+                .shares
+                .iter()
+                .map(|s| (s.index, s.held_back))
+                .collect(),
+            accepted,
+        }
+    }
 }
 
 impl Rounds {
@@ -223,6 +253,7 @@ impl Rounds {
             pace: PaceBook::default(),
             clock_ms: 0,
             checks_out_until_ms: None,
+            held_back: BTreeMap::new(),
         }
     }
 
@@ -239,10 +270,22 @@ impl Rounds {
     /// Folds in what became of `node`'s work in `round` (one call per node
     /// and round, in round order).
     pub fn record_outcome(&mut self, round: u64, node: NodeId, outcome: Outcome) {
+        if let Some(held) = self.held_back.get_mut(&node)
+            && held.round == round
+        {
+            held.accepted = matches!(outcome, Outcome::Accepted);
+        }
         self.reputation
             .entry(node)
             .or_default()
             .record(round, outcome);
+    }
+
+    /// After a restart: `node`'s accepted `commit` of round `round` (the
+    /// last closed one), so that its next commit may carry what it held back.
+    pub fn restore_held_back(&mut self, round: u64, node: NodeId, commit: &Commit) {
+        self.held_back
+            .insert(node, HeldBack::of(round, commit, true));
     }
 
     /// A node's reputation (the starting one if it never had work).
@@ -502,9 +545,29 @@ impl Rounds {
             .map(|a| (a.workers.max(1), a.inner_steps))
             .unwrap_or((1, 0));
         let workers = member.workers.min(planned_workers);
-        let max_tokens = step_tokens
-            .saturating_mul(u64::from(planned_steps))
-            .saturating_mul(u64::from(workers));
+        // Steps carried from the last round (overlapped rounds) are claimed
+        // on top of this round's plan.
+        let carried: u64 = commit.shares.iter().map(|s| u64::from(s.carried)).sum();
+        let max_tokens = step_tokens.saturating_mul(
+            u64::from(planned_steps)
+                .saturating_mul(u64::from(workers))
+                .saturating_add(carried),
+        );
+        let expected_carry = |index: u32| {
+            self.held_back
+                .get(&node)
+                .filter(|h| h.accepted && h.round.checked_add(1) == Some(round))
+                .and_then(|h| h.shares.iter().find(|(i, _)| *i == index))
+                .map_or(0, |(_, steps)| *steps)
+        };
+        let overlap_ok = commit.shares.iter().all(|s| {
+            s.held_back <= self.config.overlap_steps
+                && s.held_back < planned_steps.max(1)
+                // Carrying nothing is always honest (a node that restarted
+                // lost its tail); carrying anything else, exactly the steps
+                // its accepted last commit held back.
+                && (s.carried == 0 || s.carried == expected_carry(s.index))
+        });
         let verdict = if commit.base_params_hash != open.plan.params_hash {
             Some(RejectReason::WrongBase)
         } else if commit.losses.len() > barnraise_protocol::limits::MAX_REPORTED_LOSSES
@@ -514,7 +577,7 @@ impl Rounds {
             || commit.tokens == 0
         {
             Some(RejectReason::Oversized)
-        } else if !shares_add_up(commit, workers) {
+        } else if !shares_add_up(commit, workers) || !overlap_ok {
             Some(RejectReason::BadShares)
         } else {
             None
@@ -523,6 +586,8 @@ impl Rounds {
             open.slots.insert(node, Slot::Rejected { body });
             return reject(open, reason);
         }
+        self.held_back
+            .insert(node, HeldBack::of(round, commit, false));
         let order = open.next_order;
         open.next_order += 1;
         open.slots.insert(

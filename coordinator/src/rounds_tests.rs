@@ -25,6 +25,7 @@ fn machine(shards: usize, quorum: Quorum, min_nodes: usize, total_rounds: u64) -
         min_nodes,
         total_rounds,
         shards: (0..shards).map(|i| Hash::of(&[i as u8])).collect(),
+        overlap_steps: 2,
     };
     let start = Start {
         round: 0,
@@ -60,6 +61,8 @@ fn shares_for(tokens: u64, workers: u32) -> Vec<barnraise_protocol::workers::Wor
             delta_hash: Hash::of(&[index as u8]),
             delta_sketch: vec![0.0; barnraise_protocol::workers::SHARE_SKETCH_DIM],
             state_hash: Hash::ZERO,
+            carried: 0,
+            held_back: 0,
         })
         .collect()
 }
@@ -943,4 +946,108 @@ fn a_node_that_left_and_joins_again_in_the_same_round_gets_its_place_back() {
     let close = close_of(m.tick(20));
     assert_eq!(close.candidates.len(), 2);
     assert!(close.missing.is_empty());
+}
+
+/// A commit of `steps` of `plan`'s steps for node `n`, with one worker that
+/// carried `carried` steps in and holds `held_back` back.
+fn overlapped(plan: &RoundPlan, n: NodeId, steps: u64, carried: u32, held_back: u32) -> Commit {
+    let mut c = commit_for(plan, n.0.0[0]);
+    c.tokens = steps * 2 * 8;
+    c.shares = shares_for(c.tokens, 1);
+    c.shares[0].carried = carried;
+    c.shares[0].held_back = held_back;
+    c
+}
+
+/// Overlapped rounds (docs/architecture.md, "Overlapped rounds"): a share
+/// may hold back at most `overlap_steps` and fewer than its plan, and may
+/// carry in exactly what its node's accepted last commit held back, or
+/// nothing; carried steps are claimed on top of the plan's.
+#[test]
+fn carried_steps_must_be_what_the_accepted_last_commit_held_back() {
+    let mut m = machine(8, Quorum::Fraction(1.0), 1, 5);
+    for i in 1..=4 {
+        m.join(node(i), 1);
+    }
+    let plan = open_round(&mut m, 0);
+    let steps = |plan: &RoundPlan, n: NodeId| {
+        u64::from(
+            plan.assignments
+                .iter()
+                .find(|a| a.node == n)
+                .unwrap()
+                .inner_steps,
+        )
+    };
+    for i in 1..=3 {
+        let c = overlapped(&plan, node(i), steps(&plan, node(i)) - 2, 0, 2);
+        assert_eq!(
+            m.commit(node(i), &c, Hash::of(&[i])),
+            CommitOutcome::Accepted { round: 0 }
+        );
+        m.update_checked(0, &node(i), Ok(()));
+    }
+    // More than the run allows.
+    let c = overlapped(&plan, node(4), steps(&plan, node(4)) - 3, 0, 3);
+    assert!(matches!(
+        m.commit(node(4), &c, Hash::of(&[4])),
+        CommitOutcome::Rejected {
+            reason: RejectReason::BadShares,
+            ..
+        }
+    ));
+    let close = close_of(m.tick(DEADLINE + 1));
+    m.round_closed(close.plan.round, Hash::of(b"t1"), Hash::of(b"m0"))
+        .unwrap();
+    // The manifest accepted nodes 1 and 3, not node 2 (no outcome is
+    // recorded for it, so that its reputation still gets it work).
+    m.record_outcome(0, node(1), Outcome::Accepted);
+    m.record_outcome(0, node(3), Outcome::Accepted);
+    let plan = open_round(&mut m, DEADLINE + 2);
+    let body = |i: u8| Hash::of(&[i, 1]);
+    // Node 1 carries its 2 steps, claimed on top of the whole plan.
+    let c = overlapped(&plan, node(1), steps(&plan, node(1)) + 2, 2, 0);
+    assert_eq!(
+        m.commit(node(1), &c, body(1)),
+        CommitOutcome::Accepted { round: 1 }
+    );
+    // Node 2's update was not accepted: it has nothing to carry.
+    let c = overlapped(&plan, node(2), steps(&plan, node(2)) + 2, 2, 0);
+    assert!(matches!(
+        m.commit(node(2), &c, body(2)),
+        CommitOutcome::Rejected {
+            reason: RejectReason::BadShares,
+            ..
+        }
+    ));
+    // Node 3 lost its tail (a restart, say): carrying nothing is honest,
+    // but then it cannot claim more than the plan.
+    let c = overlapped(&plan, node(3), steps(&plan, node(3)), 0, 0);
+    assert_eq!(
+        m.commit(node(3), &c, body(3)),
+        CommitOutcome::Accepted { round: 1 }
+    );
+    // Carrying other than what was held back is refused.
+    let mut m2 = machine(8, Quorum::Fraction(1.0), 1, 5);
+    m2.join(node(1), 1);
+    let plan = open_round(&mut m2, 0);
+    let c = overlapped(&plan, node(1), steps(&plan, node(1)) - 2, 0, 2);
+    assert_eq!(
+        m2.commit(node(1), &c, Hash::of(&[1])),
+        CommitOutcome::Accepted { round: 0 }
+    );
+    m2.update_checked(0, &node(1), Ok(()));
+    let close = close_of(m2.tick(1));
+    m2.round_closed(close.plan.round, Hash::of(b"t1"), Hash::of(b"m0"))
+        .unwrap();
+    m2.record_outcome(0, node(1), Outcome::Accepted);
+    let plan = open_round(&mut m2, 2);
+    let c = overlapped(&plan, node(1), steps(&plan, node(1)) + 1, 1, 0);
+    assert!(matches!(
+        m2.commit(node(1), &c, Hash::of(&[1, 1])),
+        CommitOutcome::Rejected {
+            reason: RejectReason::BadShares,
+            ..
+        }
+    ));
 }

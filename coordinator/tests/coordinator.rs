@@ -220,6 +220,8 @@ impl FakeNode {
                 delta_hash: Hash::of_f32s(&delta),
                 delta_sketch: share_sketch(&delta),
                 state_hash: Hash::of(&state),
+                carried: 0,
+                held_back: 0,
             };
             (
                 Encoder::new(codec, delta.len())

@@ -40,8 +40,13 @@ pub struct WorkerUpdate {
     /// Δ_i = θ_r − θ_i after the inner steps.
     pub delta: Vec<f32>,
     /// The worker's inner optimizer state when the round started
-    /// ([`Trainer::optimizer_state`]): what a spot check replays from.
+    /// ([`Trainer::optimizer_state`]), or where its carried steps did: what
+    /// a spot check replays from.
     pub state: Vec<u8>,
+    /// Steps of its last round it carried into this one ([`Carried`]).
+    pub carried: u32,
+    /// Steps of this round's plan it trains after the commit.
+    pub held_back: u32,
 }
 
 /// A worker that did not finish its round, and why.
@@ -105,9 +110,23 @@ where
     T: Send,
     F: Fn(usize, &mut T) -> Result<WorkerUpdate, String> + Sync,
 {
-    let guarded = |index: usize, slot: &mut T| -> Result<WorkerUpdate, WorkerFailure> {
+    run_each(workers, train)
+        .into_iter()
+        .enumerate()
+        .map(|(index, result)| result.map(|update| WorkerUpdate { index, ..update }))
+        .collect()
+}
+
+/// [`run_workers`] for any result.
+fn run_each<T, R, F>(workers: &mut [T], train: F) -> Vec<Result<R, WorkerFailure>>
+where
+    T: Send,
+    R: Send,
+    F: Fn(usize, &mut T) -> Result<R, String> + Sync,
+{
+    let guarded = |index: usize, slot: &mut T| -> Result<R, WorkerFailure> {
         match catch_unwind(AssertUnwindSafe(|| train(index, slot))) {
-            Ok(Ok(update)) => Ok(WorkerUpdate { index, ..update }),
+            Ok(Ok(done)) => Ok(done),
             Ok(Err(error)) => Err(WorkerFailure { index, error }),
             Err(panic) => Err(WorkerFailure {
                 index,
@@ -148,6 +167,76 @@ where
     })
 }
 
+/// A worker's tail (overlapped rounds, docs/architecture.md): the last
+/// steps of its round's plan, trained after the node's commit while the
+/// update travelled, and carried into its next round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Carried {
+    pub steps: u32,
+    pub tokens: u64,
+    /// What the tail added (`barnraise_trainer::train::tail_offset`).
+    pub offset: Vec<f32>,
+    /// The worker's optimizer state where the tail started: what a spot
+    /// check of the next round replays from.
+    pub state: Vec<u8>,
+}
+
+/// Overlapped rounds in one round's training: each worker's carried steps
+/// (by worker index; none for synchronous rounds) and how many steps of
+/// the plan every worker holds back past the commit (`inner` excludes them).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Overlap<'a> {
+    pub carried: &'a [Option<Carried>],
+    pub held_back: u32,
+}
+
+/// Trains every worker's tail: worker `i` starts from `start` (θ_r minus
+/// the node's decoded update, `barnraise_trainer::train::tail_start`) and
+/// trains `tail` (with `seeds[i]`) on `tokens[i]`. A worker whose trainer
+/// is missing or fails carries nothing (and its slot is emptied).
+pub fn train_tails(
+    slots: &mut [Option<Trainer>],
+    start: &[f32],
+    tokens: &[Vec<u16>],
+    seeds: &[u64],
+    tail: &InnerConfig,
+    progress: &(dyn Fn(usize, usize, f32) -> bool + Sync),
+) -> Vec<Result<Carried, WorkerFailure>> {
+    let results = run_each(slots, |index, slot| {
+        let trainer = slot
+            .as_mut()
+            .ok_or_else(|| "the worker has no trainer".to_string())?;
+        let (Some(tokens), Some(&seed)) = (tokens.get(index), seeds.get(index)) else {
+            return Err(format!("worker {index} has no share of the assignment"));
+        };
+        let inner = InnerConfig {
+            seed,
+            ..tail.clone()
+        };
+        let trained = (|| {
+            trainer.set_flat_params(start)?;
+            let state = trainer.optimizer_state()?;
+            let report = trainer.train_inner_observed(tokens, &inner, &mut |step, loss| {
+                progress(index, step, loss)
+            })?;
+            let end = trainer.flat_params()?;
+            Ok::<_, barnraise_trainer::TrainError>(Carried {
+                steps: inner.steps as u32,
+                tokens: report.tokens,
+                offset: barnraise_trainer::train::tail_offset(start, &end),
+                state,
+            })
+        })();
+        trained.map_err(|e| e.to_string())
+    });
+    for failed in results.iter().filter_map(|r| r.as_ref().err()) {
+        if let Some(slot) = slots.get_mut(failed.index) {
+            *slot = None;
+        }
+    }
+    results
+}
+
 /// One round of training on every worker: worker `i` starts from `theta`,
 /// trains `inner` (with `seeds[i]`) on `tokens[i]`, and reports
 /// Δ_i = θ_r − θ_i. Workers whose trainer is missing, fails or panics come
@@ -156,12 +245,14 @@ where
 /// `crash` makes that worker panic, to test the path a real crash takes.
 /// `progress(worker, step, loss)` is called after every inner step of every
 /// worker; returning `false` stops that worker (the node is shutting down).
+#[allow(clippy::too_many_arguments)]
 pub fn train_workers(
     slots: &mut [Option<Trainer>],
     theta: &[f32],
     tokens: &[Vec<u16>],
     seeds: &[u64],
     inner: &InnerConfig,
+    overlap: &Overlap<'_>,
     crash: Option<usize>,
     progress: &(dyn Fn(usize, usize, f32) -> bool + Sync),
 ) -> Vec<Result<WorkerUpdate, WorkerFailure>> {
@@ -179,9 +270,32 @@ pub fn train_workers(
             seed,
             ..inner.clone()
         };
+        let carry = overlap.carried.get(index).and_then(Option::as_ref);
+        if let Some(carry) = carry
+            && carry.offset.len() != theta.len()
+        {
+            return Err(format!(
+                "worker {index}'s carried steps moved {} values, θ has {}",
+                carry.offset.len(),
+                theta.len()
+            ));
+        }
         let trained = (|| {
-            trainer.set_flat_params(theta)?;
-            let state = trainer.optimizer_state()?;
+            // With carried steps the worker starts from θ_r plus what they
+            // added, and a replay starts where they did.
+            let state = match carry {
+                Some(carry) => {
+                    trainer.set_flat_params(&barnraise_trainer::train::carried_start(
+                        theta,
+                        &carry.offset,
+                    ))?;
+                    carry.state.clone()
+                }
+                None => {
+                    trainer.set_flat_params(theta)?;
+                    trainer.optimizer_state()?
+                }
+            };
             let report = trainer.train_inner_observed(tokens, &inner, &mut |step, loss| {
                 progress(index, step, loss)
             })?;
@@ -190,10 +304,12 @@ pub fn train_workers(
             let delta: Vec<f32> = theta.iter().zip(&local).map(|(t, l)| t - l).collect();
             Ok::<_, barnraise_trainer::TrainError>(WorkerUpdate {
                 index,
-                tokens: report.tokens,
+                tokens: report.tokens + carry.map_or(0, |c| c.tokens),
                 losses: report.losses,
                 delta,
                 state,
+                carried: carry.map_or(0, |c| c.steps),
+                held_back: overlap.held_back,
             })
         })();
         trained.map_err(|e| e.to_string())
@@ -255,6 +371,8 @@ pub fn reduce(
             delta_hash: Hash::of_f32s(&u.delta),
             delta_sketch: share_sketch(&u.delta),
             state_hash: Hash::of(&u.state),
+            carried: u.carried,
+            held_back: u.held_back,
         })
         .collect();
     let states: Vec<Vec<u8>> = finished
@@ -335,6 +453,8 @@ mod tests {
             losses: vec![value; 3],
             delta: vec![value; 4],
             state: vec![index as u8; 8],
+            carried: 0,
+            held_back: 0,
         }
     }
 

@@ -1654,6 +1654,7 @@ async fn start_fake_stalling(
         outer_momentum: 0.9,
         aggregation: "mean".into(),
         total_rounds: 10,
+        overlap_steps: 0,
         dataset: vec![ShardInfo {
             hash: shard,
             tokens: tokens.len() as u64,
@@ -2019,6 +2020,7 @@ fn a_cluster_node_matches_separate_nodes_and_uploads_one_update() {
             &tokens,
             &seeds,
             &inner,
+            &Default::default(),
             None,
             &|worker, step, _| {
                 reported.lock().unwrap().push((worker, step));
@@ -2056,6 +2058,7 @@ fn a_cluster_node_matches_separate_nodes_and_uploads_one_update() {
                 &tokens[i..=i],
                 &seeds[i..=i],
                 &inner,
+                &Default::default(),
                 None,
                 &|_, _, _| true,
             );
@@ -2136,6 +2139,7 @@ fn a_crashing_worker_is_left_out_of_the_cluster_update() {
         &shares,
         &seeds,
         &inner,
+        &Default::default(),
         Some(1),
         &|_, _, _| true,
     );
@@ -2158,6 +2162,7 @@ fn a_crashing_worker_is_left_out_of_the_cluster_update() {
         &shares,
         &seeds,
         &inner,
+        &Default::default(),
         None,
         &|_, _, _| true,
     );
@@ -2189,6 +2194,7 @@ fn a_crashing_worker_is_left_out_of_the_cluster_update() {
         &shares[..1],
         &seeds[..1],
         &inner,
+        &Default::default(),
         Some(0),
         &|_, _, _| true,
     );
@@ -2217,6 +2223,7 @@ fn a_welcome_naming_an_impossible_model_is_refused() {
         outer_momentum: 0.9,
         aggregation: "mean".into(),
         total_rounds: 3,
+        overlap_steps: 0,
         dataset: Vec::new(),
         held_out: Vec::new(),
     };

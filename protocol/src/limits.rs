@@ -4,7 +4,9 @@
 /// The protocol version a node states in its `Join`. 2: plans name shards
 /// by index, manifests carry `verified` and `voided` (clawback). 3: the
 /// trimmed mean sums what it keeps in position order (θ's bits changed).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: overlapped rounds (`RunConfig::overlap_steps`, a share's `carried`
+/// and `held_back` steps).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// libp2p protocol name of the node ⇄ coordinator request-response protocol.
 pub const COORDINATOR_PROTOCOL: &str = "/barnraise/coordinator/1";

@@ -74,6 +74,11 @@ pub struct RunConfig {
     /// Aggregation rule name, e.g. "mean", "trimmed-mean:0.2".
     pub aggregation: String,
     pub total_rounds: u64,
+    /// The most inner steps of a round a node may train after its commit,
+    /// while its update travels, carrying them into its next round
+    /// (docs/architecture.md, "Overlapped rounds"); 0: synchronous rounds.
+    #[serde(default)]
+    pub overlap_steps: u32,
     #[serde(deserialize_with = "crate::wire::seq")]
     pub dataset: Vec<ShardInfo>,
     /// Shards held out for evaluation; never assigned for training.

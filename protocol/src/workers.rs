@@ -37,8 +37,22 @@ pub struct WorkerShare {
     /// when the hashes differ (a GPU does not replay bit for bit).
     #[serde(deserialize_with = "crate::wire::seq")]
     pub delta_sketch: Vec<f32>,
-    /// Hash of the worker's inner optimizer state at the round's start.
+    /// Hash of the worker's inner optimizer state where its replay begins:
+    /// the round's start, or with `carried` steps the start of those.
     pub state_hash: Hash,
+    /// Overlap (docs/architecture.md, "Overlapped rounds"): steps of the
+    /// previous round's plan this worker trained at the start of this
+    /// round, after its previous commit, while that update travelled. They
+    /// began from θ_{r−1} minus the node's decoded update of round r − 1
+    /// (a point anyone can recompute), on the last `carried` steps' batches
+    /// of the worker's round r − 1 share, and what they added moved onto
+    /// θ_r, where this round's steps start. Equal to the node's
+    /// `held_back` of round r − 1 for the same worker, and 0 when that
+    /// update was not accepted.
+    pub carried: u32,
+    /// Steps of this round's plan the worker trains after this commit (it
+    /// committed after the plan's steps minus these); carried into the next.
+    pub held_back: u32,
 }
 
 /// One worker's part of a node's assignment.

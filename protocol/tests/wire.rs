@@ -153,6 +153,7 @@ fn run_config() -> impl Strategy<Value = RunConfig> {
                 outer_momentum,
                 aggregation,
                 total_rounds,
+                overlap_steps: 0,
                 dataset,
                 held_out,
             },
@@ -305,6 +306,8 @@ fn commit() -> impl Strategy<Value = Commit> {
                             delta_hash,
                             delta_sketch,
                             state_hash,
+                            carried: 0,
+                            held_back: 0,
                         }
                     })
                     .collect(),
@@ -483,6 +486,8 @@ fn sample_commit() -> Commit {
             delta_hash: Hash::of(b"delta"),
             delta_sketch: vec![0.25; barnraise_protocol::workers::SHARE_SKETCH_DIM],
             state_hash: Hash::of(b"state"),
+            carried: 0,
+            held_back: 0,
         }],
     }
 }

@@ -735,6 +735,8 @@ async fn run_one(args: &Args, n: u32, dir: &Path) -> anyhow::Result<RunFigures> 
                             delta_hash: Hash::of_f32s(&noisy),
                             delta_sketch: share_sketch(&noisy),
                             state_hash: Hash::of(&update_hash.0),
+                            carried: 0,
+                            held_back: 0,
                         }],
                     };
                     payloads.push(Signed::sign(key, &commit)?);

@@ -5,6 +5,7 @@ pub mod bench_attacks;
 pub mod bench_codec;
 pub mod bench_coordinator;
 pub mod bench_diloco;
+pub mod bench_overlap;
 pub mod bench_train;
 pub mod coordinator;
 pub mod export;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, ClapArgs)]
+#[derive(Clone, Debug, ClapArgs)]
 pub struct Args {
     /// Nodes to run.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
@@ -41,6 +41,12 @@ pub struct Args {
     /// Inner steps per round (DiLoCo's H).
     #[arg(long, default_value_t = 12)]
     pub inner_steps: u32,
+    /// Overlapped rounds: each node trains up to this many of a round's
+    /// inner steps after its commit, while its update travels and the
+    /// round closes, and carries them into its next round (0: synchronous;
+    /// docs/architecture.md, "Overlapped rounds").
+    #[arg(long, default_value_t = 0)]
+    pub overlap_steps: u32,
     /// Sequences per inner step.
     #[arg(long, default_value_t = 4)]
     pub batch_size: u32,
@@ -133,8 +139,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Finished {
-    report: UpReport,
+pub(crate) struct Finished {
+    pub report: UpReport,
     json: bool,
 }
 
@@ -148,7 +154,7 @@ fn default_data_dir() -> PathBuf {
         .join(format!("run-{stamp}"))
 }
 
-async fn run_async(args: Args) -> anyhow::Result<Finished> {
+pub(crate) async fn run_async(args: Args) -> anyhow::Result<Finished> {
     let model = ModelConfig::preset(&args.model).with_context(|| {
         format!(
             "unknown model preset `{}` (try tiny, small, medium)",
@@ -175,6 +181,7 @@ async fn run_async(args: Args) -> anyhow::Result<Finished> {
             },
         },
         inner_steps: args.inner_steps,
+        overlap_steps: args.overlap_steps,
         batch_size: args.batch_size,
         seq_len,
         codec: args.codec.clone(),
@@ -518,6 +525,8 @@ pub struct UpReport {
     pub aggregation: String,
     pub nodes: u32,
     pub inner_steps: u32,
+    /// Steps each node could train past its commit (`--overlap-steps`).
+    pub overlap_steps: u32,
     pub wall_seconds: f64,
     pub rounds: Vec<barnraise_coordinator::summary::RoundSummary>,
     /// Bytes of updates the nodes uploaded in the run.
@@ -791,6 +800,7 @@ impl UpReport {
             aggregation: args.aggregation.clone(),
             nodes: args.nodes,
             inner_steps: args.inner_steps,
+            overlap_steps: args.overlap_steps,
             wall_seconds: wall.as_secs_f64(),
             update_bytes_sent,
             data_parallel_bytes,

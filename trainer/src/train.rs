@@ -933,3 +933,54 @@ pub fn inner_for_round(
         ..InnerConfig::default()
     }
 }
+
+/// Overlapped rounds (docs/architecture.md, "Overlapped rounds"): the part
+/// of a round's `inner` (its whole plan, as [`inner_for_round`] gives it)
+/// a worker trains before its commit when it holds back `held_back` steps
+/// for after it.
+pub fn before_commit(inner: &InnerConfig, held_back: u32) -> InnerConfig {
+    InnerConfig {
+        steps: inner.steps.saturating_sub(held_back as usize),
+        ..inner.clone()
+    }
+}
+
+/// The last `steps` steps of a round's `inner`: a worker's tail, trained
+/// after its commit on the batches and learning rates a worker that did
+/// not hold them back would have used.
+pub fn tail_of(inner: &InnerConfig, steps: u32) -> InnerConfig {
+    let steps = (steps as usize).min(inner.steps);
+    let before = inner.steps - steps;
+    InnerConfig {
+        steps,
+        start_step: inner.start_step + before,
+        skip_batches: inner.skip_batches + before * inner.accumulation.max(1),
+        ..inner.clone()
+    }
+}
+
+/// Where a worker's tail starts: θ_{r−1} minus the node's decoded update
+/// of round r − 1, the point its commit sent (a replay can start there too).
+pub fn tail_start(theta: &[f32], decoded_update: &[f32]) -> Vec<f32> {
+    theta
+        .iter()
+        .zip(decoded_update)
+        .map(|(t, d)| t - d)
+        .collect()
+}
+
+/// What a worker's tail added: `tail_end − tail_start`, element by element.
+pub fn tail_offset(tail_start: &[f32], tail_end: &[f32]) -> Vec<f32> {
+    tail_start
+        .iter()
+        .zip(tail_end)
+        .map(|(s, e)| e - s)
+        .collect()
+}
+
+/// Where a worker with a carried tail starts round r: θ_r plus what the
+/// tail added ([`tail_offset`]), element by element, so that the node and a
+/// replay land on the same bits.
+pub fn carried_start(theta: &[f32], offset: &[f32]) -> Vec<f32> {
+    theta.iter().zip(offset).map(|(t, o)| t + o).collect()
+}

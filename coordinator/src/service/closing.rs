@@ -151,6 +151,7 @@ impl Service {
             pending,
             defer,
             states_out,
+            prev: self.prev_round.clone(),
         };
         let tx = self.internal_tx.clone();
         // The last round's evaluation has had the whole round to finish;
@@ -304,7 +305,20 @@ impl Service {
             self.checkpoint.blob,
             self.checkpoint.optimizer_blob,
         ];
-        self.shared_theta = Some(done.shared_theta);
+        // θ_r, the plan's assignments and the accepted updates: what the
+        // next round's replays of carried steps start from.
+        let previous_theta = self.shared_theta.replace(done.shared_theta);
+        self.prev_round = match previous_theta {
+            Some(theta) if self.run_config.overlap_steps > 0 => {
+                Some(Arc::new(crate::spot::PrevRound {
+                    round: done.round,
+                    theta,
+                    assignments: done.assignments,
+                    accepted: m.accepted.iter().map(|a| (a.node, a.update_hash)).collect(),
+                }))
+            }
+            _ => None,
+        };
         self.state = Some(done.state);
         self.state_ref = done.state_ref;
         if let Some(c) = done.checkpoint {
@@ -433,6 +447,8 @@ struct CloseJob {
     defer: bool,
     /// States earlier rounds' deferred checks still need: not deleted here.
     states_out: std::collections::HashSet<Hash>,
+    /// Round r − 1, for replays of carried steps.
+    prev: Option<Arc<crate::spot::PrevRound>>,
 }
 
 impl CloseJob {
@@ -452,6 +468,7 @@ impl CloseJob {
                 key: &self.key,
                 run: &self.run_config,
                 state: &state_of,
+                prev: self.prev.as_deref(),
                 unverified: &self.unverified,
                 deferred: close::DeferredInput {
                     defer: self.defer,
@@ -564,6 +581,7 @@ impl CloseJob {
             publish_time,
             round,
             shared_theta: Arc::new(state.theta.clone()),
+            assignments: self.close.plan.assignments.clone(),
             state,
             manifest,
             closed,

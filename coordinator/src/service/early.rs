@@ -58,6 +58,8 @@ pub(super) struct RoundInput {
     pub metrics: Arc<Metrics>,
     /// θ_r.
     pub theta: Arc<Vec<f32>>,
+    /// Round r − 1, for replays of carried steps; `None` after a restart.
+    pub prev: Option<Arc<crate::spot::PrevRound>>,
     /// Probe models on θ_r that finished checks left for the next ones
     /// (an update's base and its probe are two checks); emptied when the
     /// round closes, so deferred checks that keep this input keep no model.
@@ -373,14 +375,19 @@ pub(super) fn replay_now(
     share: &barnraise_protocol::workers::WorkerShare,
 ) -> Option<SpotResult> {
     let state = input.store.get(&share.state_hash).ok().flatten()?;
+    let payload = |hash: &Hash| input.store.get(hash).ok().flatten();
     Some(crate::spot::replay(
-        &input.model,
-        &input.run,
+        &crate::spot::ReplayInput {
+            model: &input.model,
+            run: &input.run,
+            shard_tokens: &input.dataset.tokens,
+            prev: input.prev.as_deref(),
+            payload: &payload,
+        },
         round,
         &input.theta,
         assignment,
         share,
         &state,
-        &input.dataset.tokens,
     ))
 }

@@ -185,6 +185,8 @@ struct CloseDone {
     /// θ_{round+1} for the next round's early checks, copied on the close's
     /// blocking thread.
     shared_theta: Arc<Vec<f32>>,
+    /// The closed round's assignments (`crate::spot::PrevRound`).
+    assignments: Vec<barnraise_protocol::messages::Assignment>,
     /// Time the close spent writing the ledger, and writing θ and signing.
     ledger_time: Duration,
     publish_time: Duration,
@@ -240,6 +242,9 @@ struct Service {
     /// θ_round, shared with the early checks (copied off the service's
     /// thread: in the close job, or when the coordinator starts).
     shared_theta: Option<Arc<Vec<f32>>>,
+    /// The last closed round, for replays of carried steps (overlapped
+    /// rounds); `None` after a restart until a round closes.
+    prev_round: Option<Arc<crate::spot::PrevRound>>,
     /// Spot checks whose states arrive after their round's close.
     deferred: deferred::Deferred,
 }
@@ -467,6 +472,7 @@ impl Service {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             theta,
+            prev: self.prev_round.clone(),
             probes: Default::default(),
         });
         self.early = Some(early::EarlyChecks::new(

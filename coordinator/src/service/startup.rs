@@ -164,6 +164,7 @@ pub async fn start(
         early: None,
         deferred: Default::default(),
         shared_theta,
+        prev_round: prepared.prev_round.clone(),
     };
     let task = tokio::spawn(service.run(
         net_events,
@@ -198,6 +199,8 @@ struct Prepared {
     pending: Vec<Signed<Commit>>,
     run_config: RunConfig,
     unverified: Unverified,
+    /// The last closed round, for replays of carried steps (overlapped rounds).
+    prev_round: Option<Arc<crate::spot::PrevRound>>,
 }
 
 fn outer_config(config: &CoordinatorConfig) -> OuterConfig {
@@ -297,6 +300,7 @@ fn prepare(
         quorum: config.quorum,
         deadline_ms: resolved.deadline_ms,
         pace: config.pace,
+        overlap_steps: config.overlap_steps,
         fetch_hold_max_ms: (config.verify.state_wait_max_secs * 1000.0) as u64,
         min_nodes: config.min_nodes,
         total_rounds: config.total_rounds,
@@ -395,6 +399,7 @@ fn prepare(
         outer_momentum: config.outer_momentum,
         aggregation: resolved.aggregation.to_string(),
         total_rounds: config.total_rounds,
+        overlap_steps: config.overlap_steps,
         dataset: dataset.train.clone(),
         held_out: dataset.held_out.clone(),
     };
@@ -414,7 +419,21 @@ fn prepare(
         }
         Err(e) => tracing::warn!("could not write the run config for the record: {e}"),
     }
+    let prev_round = if config.overlap_steps > 0 {
+        restore_overlap(
+            &ledger,
+            &store,
+            &resolved.model,
+            outer,
+            &plans,
+            next_round,
+            &mut rounds,
+        )?
+    } else {
+        None
+    };
     Ok(Prepared {
+        prev_round,
         store,
         dataset,
         heldout,
@@ -432,6 +451,77 @@ fn prepare(
 }
 
 /// The state blobs a closed round left, as a reference.
+/// Overlapped rounds after a restart: what the last closed round's
+/// accepted commits held back (so their nodes' next commits may carry it)
+/// and that round as [`crate::spot::PrevRound`] (so carried steps can be
+/// replayed), both from the ledger and the store. None for the round when
+/// its θ is no longer stored (a drawn share with carried steps then fails
+/// its check, as an unserved state does).
+fn restore_overlap(
+    ledger: &Ledger,
+    store: &BlobStore,
+    model: &barnraise_trainer::ModelConfig,
+    outer: OuterConfig,
+    plans: &[RoundPlan],
+    next_round: u64,
+    rounds: &mut Rounds,
+) -> Result<Option<Arc<crate::spot::PrevRound>>, CoordinatorError> {
+    let Some(last) = next_round.checked_sub(1) else {
+        return Ok(None);
+    };
+    let accepted: Vec<(NodeId, Hash)> = ledger
+        .updates(last)?
+        .into_iter()
+        .filter(|row| row.verdict == "accepted")
+        .filter_map(|row| {
+            let node = row.node.parse::<NodeId>().ok()?;
+            let update = row.update_hash.as_deref()?.parse::<Hash>().ok()?;
+            Some((node, update))
+        })
+        .collect();
+    for bytes in ledger.pending_commits(last)? {
+        let Some(commit) = Signed::<Commit>::from_bytes(&bytes)
+            .ok()
+            .and_then(|s| s.verify(None).ok())
+        else {
+            continue;
+        };
+        if let Some((node, _)) = accepted.iter().find(|(_, u)| *u == commit.update_hash) {
+            rounds.restore_held_back(last, *node, &commit);
+        }
+    }
+    // θ_last: θ_0, or what round last − 1 closed on.
+    let theta = if last == 0 {
+        Some(GlobalState::initial(model, outer).theta)
+    } else {
+        ledger
+            .rounds()?
+            .into_iter()
+            .find(|row| row.round + 1 == last)
+            .and_then(|row| resume_reference(&row).ok())
+            .and_then(|reference| GlobalState::load(model, outer, store, &reference).ok())
+            .map(|state| state.theta)
+    };
+    let Some(theta) = theta else {
+        tracing::warn!(
+            round = last,
+            "θ of the last closed round is no longer stored: its carried steps cannot be replayed"
+        );
+        return Ok(None);
+    };
+    let assignments = plans
+        .iter()
+        .find(|p| p.round == last)
+        .map(|p| p.assignments.clone())
+        .unwrap_or_default();
+    Ok(Some(Arc::new(crate::spot::PrevRound {
+        round: last,
+        theta: Arc::new(theta),
+        assignments,
+        accepted,
+    })))
+}
+
 fn resume_reference(row: &RoundRow) -> Result<CheckpointRef, CoordinatorError> {
     Ok(CheckpointRef {
         round: row.round + 1,

@@ -22,7 +22,9 @@ impl Node {
         trained: Trained,
     ) -> Result<Option<()>, NodeError> {
         let round = plan.round;
-        let Trained { update, compute_ms } = trained;
+        let Trained {
+            update, compute_ms, ..
+        } = trained;
         let started = std::time::Instant::now();
         // The workers' starting states: served until the round closes, in
         // case the coordinator spot checks a worker (docs/security.md). Only

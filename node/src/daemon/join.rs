@@ -295,6 +295,7 @@ impl Node {
             encoder: Some(encoder),
             trainers: Vec::new(),
             committed,
+            tails: None,
             head_manifest: welcome.head_manifest,
         }))
     }

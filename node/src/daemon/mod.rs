@@ -544,6 +544,9 @@ struct Synced {
     /// rebuilt at the next round.
     trainers: Vec<Option<Trainer>>,
     committed: Option<(u64, Hash)>,
+    /// What the workers trained after the last commit, once its manifest
+    /// accepted it (overlapped rounds): carried into the next round.
+    tails: Option<train::Tails>,
     /// Body hash of the last manifest applied (the Welcome's head right
     /// after a sync): the next manifest must name it as `previous_manifest`.
     head_manifest: Hash,

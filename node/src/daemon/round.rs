@@ -174,6 +174,7 @@ impl Node {
             .collect();
         self.prefetch.arm(round, authors, Arc::new(self.blobs()));
         let assignment = plan.assignments.iter().find(|a| a.node == me).cloned();
+        let mut tail = None;
         match (&assignment, state.committed) {
             (Some(_), Some((r, hash))) if r == round && self.store.contains(&hash) => {
                 tracing::info!(
@@ -183,9 +184,10 @@ impl Node {
                 );
             }
             (Some(assignment), _) => {
-                let Some(()) = self.train_and_commit(state, &plan, assignment).await? else {
+                let Some(planned) = self.train_and_commit(state, &plan, assignment).await? else {
                     return Ok(None);
                 };
+                tail = planned;
             }
             (None, _) => {
                 tracing::info!(round, "not assigned work this round");
@@ -195,6 +197,9 @@ impl Node {
         self.add_phase(0, planned_at.elapsed().as_millis() as u64);
         let committed_at = Instant::now();
         self.phase_mark_ms = Some(now_ms());
+        // Overlapped rounds: the held-back steps train while the update
+        // travels and the round closes.
+        let tail = tail.and_then(|plan| self.start_tail(state, plan));
         let Some(manifest) = self.wait_for_manifest(round).await? else {
             return Ok(None);
         };
@@ -260,6 +265,16 @@ impl Node {
         self.keep_receipt(&signed, &manifest).await;
         self.remember_applied(&signed, &manifest);
         self.prune(&manifest, state.round).await;
+        if let Some(tail) = tail {
+            let accepted = manifest.accepted.iter().any(|a| a.node == me);
+            if self
+                .finish_tail(state, round, tail, accepted)
+                .await?
+                .is_none()
+            {
+                return Ok(None);
+            }
+        }
         self.summary.rounds_completed += 1;
         self.summary.last_applied_ms = Some(now_ms());
         self.summary.compute_ms_applied = self.summary.compute_ms;

@@ -4,7 +4,7 @@
 //! tokens). `commit.rs` encodes, stores and commits it.
 
 use super::{INIT_SEED, Node, NodeError, NodeEvent, Synced, off_runtime};
-use crate::cluster::{ClusterUpdate, WorkerFailure, WorkerUpdate};
+use crate::cluster::{Carried, ClusterUpdate, WorkerFailure, WorkerUpdate};
 use crate::metrics::NodeMetrics;
 use crate::transfer::FetchError;
 use barnraise_protocol::Hash;
@@ -28,6 +28,35 @@ pub(super) enum Phase<T> {
 pub(super) struct Trained {
     pub update: ClusterUpdate,
     pub compute_ms: u64,
+    /// The steps the workers hold back past the commit, if any.
+    pub tail: Option<TailPlan>,
+}
+
+/// Overlapped rounds (docs/architecture.md, "Overlapped rounds"): the
+/// steps of a round's plan the workers train after the commit, while the
+/// update travels and the round closes.
+pub(super) struct TailPlan {
+    pub round: u64,
+    /// The workers' tokens and seeds in the round.
+    pub tokens: Vec<Vec<u16>>,
+    pub seeds: Vec<u64>,
+    /// The last steps of the round's plan (`barnraise_trainer::train::tail_of`).
+    pub inner: barnraise_trainer::InnerConfig,
+}
+
+/// The tails of [`Node::start_tail`], training: the trainers, each
+/// worker's tail, and the milliseconds it took.
+pub(super) type TailJob = tokio::task::JoinHandle<(
+    Vec<Option<Trainer>>,
+    Vec<Result<Carried, WorkerFailure>>,
+    u64,
+)>;
+
+/// Tails trained after round `round`'s commit, by worker index (`None`
+/// for a worker whose tail failed), for round `round` + 1.
+pub(super) struct Tails {
+    pub round: u64,
+    pub carried: Vec<Option<Carried>>,
 }
 
 impl Node {
@@ -85,19 +114,122 @@ impl Node {
     }
 
     /// Our work in round `plan.round`: train, then encode and commit
-    /// (`commit.rs`). `None` means we were stopped.
+    /// (`commit.rs`), and what to train after the commit. `None` means we
+    /// were stopped.
     pub(super) async fn train_and_commit(
         &mut self,
         state: &mut Synced,
         plan: &RoundPlan,
         assignment: &Assignment,
-    ) -> Result<Option<()>, NodeError> {
-        let trained = match self.train(state, plan.round, assignment).await? {
+    ) -> Result<Option<Option<TailPlan>>, NodeError> {
+        let mut trained = match self.train(state, plan.round, assignment).await? {
             Phase::Done(trained) => trained,
-            Phase::SatOut => return Ok(Some(())),
+            Phase::SatOut => return Ok(Some(None)),
             Phase::Stopped => return Ok(None),
         };
-        self.commit_update(state, plan, trained).await
+        let tail = trained.tail.take();
+        Ok(self
+            .commit_update(state, plan, trained)
+            .await?
+            .map(|()| tail.filter(|_| state.committed.is_some_and(|(r, _)| r == plan.round))))
+    }
+
+    /// Starts training the workers' tails on a blocking thread, from θ_r
+    /// minus our decoded update (the point the commit sent, so a replay can
+    /// start there too). The workers' trainers go with it until
+    /// [`Node::finish_tail`]. None when the update cannot be read back
+    /// (then nothing is carried).
+    pub(super) fn start_tail(&mut self, state: &mut Synced, plan: TailPlan) -> Option<TailJob> {
+        let (round, update) = state.committed?;
+        if round != plan.round {
+            return None;
+        }
+        let mut slots = std::mem::take(&mut state.trainers);
+        let theta = state.theta.clone();
+        let store = self.store.clone();
+        let shutdown = self.shutdown.clone();
+        let pause = self.config.pause.clone();
+        let progress = move |_worker: usize, _step: usize, _loss: f32| {
+            !shutdown.is_cancelled() && !pause.as_ref().is_some_and(|p| p.is_paused())
+        };
+        tracing::debug!(
+            round,
+            steps = plan.inner.steps,
+            "training the held-back steps"
+        );
+        Some(tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let start = store
+                .read(&update)
+                .map_err(|e| e.to_string())
+                .and_then(|payload| {
+                    let mut decoded = vec![0.0f32; theta.len()];
+                    barnraise_protocol::codec::decode_into(&payload, &mut decoded)
+                        .map_err(|e| e.to_string())?;
+                    Ok(barnraise_trainer::train::tail_start(&theta, &decoded))
+                });
+            drop(theta);
+            let results = match start {
+                Ok(start) => {
+                    let workers = plan.tokens.len().min(slots.len());
+                    crate::cluster::train_tails(
+                        &mut slots[..workers],
+                        &start,
+                        &plan.tokens,
+                        &plan.seeds,
+                        &plan.inner,
+                        &progress,
+                    )
+                }
+                Err(error) => vec![Err(WorkerFailure {
+                    index: 0,
+                    error: format!("reading our update back: {error}"),
+                })],
+            };
+            (slots, results, started.elapsed().as_millis() as u64)
+        }))
+    }
+
+    /// Waits for the tails [`Node::start_tail`] started, takes the
+    /// trainers back and keeps the tails for the next round if the
+    /// manifest `accepted` our update. `None` means we were stopped.
+    pub(super) async fn finish_tail(
+        &mut self,
+        state: &mut Synced,
+        round: u64,
+        job: TailJob,
+        accepted: bool,
+    ) -> Result<Option<()>, NodeError> {
+        let (slots, results, compute_ms) = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => return Ok(None),
+            joined = job => joined.map_err(|e| NodeError::Background(e.to_string()))?,
+        };
+        state.trainers = slots;
+        NodeMetrics::add(&self.metrics.compute_ms, compute_ms);
+        self.summary.compute_ms += compute_ms;
+        let mut carried = Vec::new();
+        for result in results {
+            match result {
+                Ok(tail) => {
+                    self.metrics.add_worker_tokens(carried.len(), tail.tokens);
+                    carried.push(Some(tail));
+                }
+                Err(failure) => {
+                    // Not an error of the round: the next one starts from θ as synchronous rounds do.
+                    tracing::info!(
+                        round,
+                        worker = failure.index,
+                        "held-back steps not carried: {}",
+                        failure.error
+                    );
+                    carried.push(None);
+                }
+            }
+        }
+        state.tails =
+            (accepted && carried.iter().any(Option::is_some)).then_some(Tails { round, carried });
+        Ok(Some(()))
     }
 
     /// Fetches the assigned shards, runs the planned workers' inner steps
@@ -159,15 +291,42 @@ impl Node {
         drop(shard_tokens);
         let shards_ms = loading.elapsed().as_millis() as u64;
         let worker_seeds: Vec<u64> = worker_plans.iter().map(|p| p.seed).collect();
-        let mut inner = barnraise_trainer::train::inner_for_round(
+        let mut whole = barnraise_trainer::train::inner_for_round(
             &state.run,
             round,
             assignment.inner_steps,
             assignment.seed,
         );
         if let Some(micro) = self.config.micro_batch {
-            inner = inner.with_micro_batches(micro as usize);
+            whole = whole.with_micro_batches(micro as usize);
         }
+        // Overlapped rounds: the last steps wait until after the commit
+        // (none in the run's last round, which has no next one to carry
+        // them into), and the last round's tails start this one.
+        let held_back = if round.saturating_add(1) < state.run.total_rounds {
+            state
+                .run
+                .overlap_steps
+                .min(assignment.inner_steps.saturating_sub(1))
+        } else {
+            0
+        };
+        let inner = barnraise_trainer::train::before_commit(&whole, held_back);
+        let carried = state
+            .tails
+            .take()
+            .filter(|t| t.round.checked_add(1) == Some(round))
+            .map(|t| t.carried)
+            .unwrap_or_default();
+        if carried.iter().any(Option::is_some) {
+            tracing::debug!(round, "starting from the steps carried from the last round");
+        }
+        let tail = (held_back > 0).then(|| TailPlan {
+            round,
+            tokens: worker_tokens.clone(),
+            seeds: worker_seeds.clone(),
+            inner: barnraise_trainer::train::tail_of(&whole, held_back),
+        });
         self.emit(NodeEvent::TrainingStarted {
             round,
             steps: assignment.inner_steps,
@@ -210,12 +369,17 @@ impl Node {
         );
         let started = Instant::now();
         let trained = off_runtime(move || {
+            let overlap = crate::cluster::Overlap {
+                carried: &carried,
+                held_back,
+            };
             let mut results = crate::cluster::train_workers(
                 &mut slots[..active],
                 &theta,
                 &worker_tokens,
                 &worker_seeds,
                 &inner,
+                &overlap,
                 crash_worker,
                 &progress,
             );
@@ -260,7 +424,11 @@ impl Node {
         for failure in &update.failures {
             self.worker_failed(round, failure, update.workers);
         }
-        Ok(Phase::Done(Trained { update, compute_ms }))
+        Ok(Phase::Done(Trained {
+            update,
+            compute_ms,
+            tail,
+        }))
     }
 
     /// The assigned shards' tokens, by shard hash: each verified by hash on
