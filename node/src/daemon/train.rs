@@ -211,10 +211,9 @@ impl Node {
         let mut carried = Vec::new();
         for result in results {
             match result {
-                Ok(tail) => {
-                    self.metrics.add_worker_tokens(carried.len(), tail.tokens);
-                    carried.push(Some(tail));
-                }
+                // Its tokens are counted with the next round's, whose
+                // commit claims them.
+                Ok(tail) => carried.push(Some(tail)),
                 Err(failure) => {
                     // Not an error of the round: the next one starts from θ as synchronous rounds do.
                     tracing::info!(
