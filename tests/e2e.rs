@@ -939,6 +939,24 @@ async fn restart_in_round_two(
     (nodes, ledger_path, finish_run(coordinator).await)
 }
 
+/// Waits for every node and asserts each ended on θ hashing to `final_hash`.
+async fn join_all_on(
+    nodes: Vec<RunningNode>,
+    final_hash: &str,
+) -> Vec<barnraise_node::NodeSummary> {
+    let mut summaries = Vec::new();
+    for node in nodes {
+        let s = join_node(node, MINUTES).await;
+        assert_eq!(
+            s.final_params_hash.map(|h| h.to_hex()).as_deref(),
+            Some(final_hash),
+            "{s:?}"
+        );
+        summaries.push(s);
+    }
+    summaries
+}
+
 #[test]
 fn coordinator_restart_resumes_and_counts_once() {
     run(async {
@@ -952,15 +970,11 @@ fn coordinator_restart_resumes_and_counts_once() {
             vec![0, 1, 2, 3]
         );
         let final_hash = summary.rounds[3].next_params_hash.clone();
-        let mut trained = 0;
-        for node in nodes {
-            let s = join_node(node, MINUTES).await;
-            assert_eq!(
-                s.final_params_hash.map(|h| h.to_hex()),
-                Some(final_hash.clone())
-            );
-            trained += s.tokens_trained;
-        }
+        let trained: u64 = join_all_on(nodes, &final_hash)
+            .await
+            .iter()
+            .map(|s| s.tokens_trained)
+            .sum();
         // Each (round, node) appears once in the ledger, and accepted tokens never exceed what was trained.
         let ledger = Ledger::open_existing(&ledger_path).unwrap();
         let mut seen = HashSet::new();
@@ -2637,13 +2651,7 @@ fn overlapped_rounds_survive_a_coordinator_restart() {
         let (nodes, ledger_path, summary) =
             restart_in_round_two(config, dir.path(), Duration::from_millis(300)).await;
         let final_hash = summary.rounds.last().unwrap().next_params_hash.clone();
-        for node in nodes {
-            let s = join_node(node, MINUTES).await;
-            assert_eq!(
-                s.final_params_hash.map(|h| h.to_hex()),
-                Some(final_hash.clone())
-            );
-        }
+        join_all_on(nodes, &final_hash).await;
         let ledger = Ledger::open_existing(&ledger_path).unwrap();
         let mut carried_after_restart = 0;
         for round in 0..4 {

@@ -203,16 +203,7 @@ pub fn train_tails(
     progress: &(dyn Fn(usize, usize, f32) -> bool + Sync),
 ) -> Vec<Result<Carried, WorkerFailure>> {
     let results = run_each(slots, |index, slot| {
-        let trainer = slot
-            .as_mut()
-            .ok_or_else(|| "the worker has no trainer".to_string())?;
-        let (Some(tokens), Some(&seed)) = (tokens.get(index), seeds.get(index)) else {
-            return Err(format!("worker {index} has no share of the assignment"));
-        };
-        let inner = InnerConfig {
-            seed,
-            ..tail.clone()
-        };
+        let (trainer, tokens, inner) = worker_inputs(slot, index, tokens, seeds, tail)?;
         let trained = (|| {
             trainer.set_flat_params(start)?;
             let state = trainer.optimizer_state()?;
@@ -229,12 +220,39 @@ pub fn train_tails(
         })();
         trained.map_err(|e| e.to_string())
     });
+    empty_failed_slots(slots, &results);
+    results
+}
+
+/// Worker `index`'s trainer, tokens and `inner` with its seed.
+fn worker_inputs<'a>(
+    slot: &'a mut Option<Trainer>,
+    index: usize,
+    tokens: &'a [Vec<u16>],
+    seeds: &[u64],
+    inner: &InnerConfig,
+) -> Result<(&'a mut Trainer, &'a [u16], InnerConfig), String> {
+    let trainer = slot
+        .as_mut()
+        .ok_or_else(|| "the worker has no trainer".to_string())?;
+    let (Some(tokens), Some(&seed)) = (tokens.get(index), seeds.get(index)) else {
+        return Err(format!("worker {index} has no share of the assignment"));
+    };
+    let inner = InnerConfig {
+        seed,
+        ..inner.clone()
+    };
+    Ok((trainer, tokens, inner))
+}
+
+/// Empties the slot of every worker that failed: it may hold a broken
+/// optimizer or device state, and the node rebuilds it next round.
+fn empty_failed_slots<R>(slots: &mut [Option<Trainer>], results: &[Result<R, WorkerFailure>]) {
     for failed in results.iter().filter_map(|r| r.as_ref().err()) {
         if let Some(slot) = slots.get_mut(failed.index) {
             *slot = None;
         }
     }
-    results
 }
 
 /// One round of training on every worker: worker `i` starts from `theta`,
@@ -260,16 +278,7 @@ pub fn train_workers(
         if crash == Some(index) {
             panic!("fault injection: worker {index} crashes mid-round");
         }
-        let trainer = slot
-            .as_mut()
-            .ok_or_else(|| "the worker has no trainer".to_string())?;
-        let (Some(tokens), Some(&seed)) = (tokens.get(index), seeds.get(index)) else {
-            return Err(format!("worker {index} has no share of the assignment"));
-        };
-        let inner = InnerConfig {
-            seed,
-            ..inner.clone()
-        };
+        let (trainer, tokens, inner) = worker_inputs(slot, index, tokens, seeds, inner)?;
         let carry = overlap.carried.get(index).and_then(Option::as_ref);
         if let Some(carry) = carry
             && carry.offset.len() != theta.len()
@@ -314,11 +323,7 @@ pub fn train_workers(
         })();
         trained.map_err(|e| e.to_string())
     });
-    for failed in results.iter().filter_map(|r| r.as_ref().err()) {
-        if let Some(slot) = slots.get_mut(failed.index) {
-            *slot = None;
-        }
-    }
+    empty_failed_slots(slots, &results);
     results
 }
 
