@@ -81,38 +81,65 @@ impl OuterOptimizer {
     /// If the three lengths differ: that is a programming error, since every
     /// update is checked for length when it is decoded.
     pub fn step(&mut self, params: &mut [f32], avg_delta: &[f32]) {
-        assert_eq!(
-            params.len(),
-            avg_delta.len(),
-            "outer step: params and delta lengths differ"
-        );
-        assert_eq!(
-            params.len(),
-            self.momentum.len(),
-            "outer step: params and momentum lengths differ"
-        );
-        let lr = self.config.lr;
-        let mu = self.config.momentum;
-        let nesterov = self.config.nesterov;
+        self.check_lengths(params.len(), avg_delta.len());
+        let config = self.config;
         for ((p, m), &d) in params
             .iter_mut()
             .zip(self.momentum.iter_mut())
             .zip(avg_delta)
         {
-            // Each line is one rounded f32 operation; keep them separate.
-            let decayed = mu * *m;
-            let buffer = decayed + d;
+            let (moved, buffer) = element_step(&config, *p, *m, d);
             *m = buffer;
-            let update = if nesterov {
-                let look_ahead = mu * buffer;
-                d + look_ahead
-            } else {
-                buffer
-            };
-            let scaled = lr * update;
-            *p -= scaled;
+            *p = moved;
         }
     }
+
+    /// Where [`OuterOptimizer::step`] would take `params` if `avg_delta`
+    /// were the round's average, written into `out`, leaving the momentum
+    /// as it is: the same rounded operations, so a node and a replay that
+    /// preview from the same state land on the same bits (a `bench diloco`
+    /// arm starts held-back steps there: docs/architecture.md, "How many
+    /// steps a round can hold back").
+    ///
+    /// # Panics
+    /// If the lengths differ, as [`OuterOptimizer::step`].
+    pub fn preview_into(&self, params: &[f32], avg_delta: &[f32], out: &mut Vec<f32>) {
+        self.check_lengths(params.len(), avg_delta.len());
+        out.clear();
+        out.extend(
+            params
+                .iter()
+                .zip(&self.momentum)
+                .zip(avg_delta)
+                .map(|((&p, &m), &d)| element_step(&self.config, p, m, d).0),
+        );
+    }
+
+    fn check_lengths(&self, params: usize, delta: usize) {
+        assert_eq!(params, delta, "outer step: params and delta lengths differ");
+        assert_eq!(
+            params,
+            self.momentum.len(),
+            "outer step: params and momentum lengths differ"
+        );
+    }
+}
+
+/// One element of the outer step: `(θ's new value, the new momentum)` from
+/// θ's value `p`, the momentum `m` and the average's `d`. Each line is one
+/// rounded f32 operation; keep them separate.
+#[inline]
+fn element_step(config: &OuterConfig, p: f32, m: f32, d: f32) -> (f32, f32) {
+    let decayed = config.momentum * m;
+    let buffer = decayed + d;
+    let update = if config.nesterov {
+        let look_ahead = config.momentum * buffer;
+        d + look_ahead
+    } else {
+        buffer
+    };
+    let scaled = config.lr * update;
+    (p - scaled, buffer)
 }
 
 /// Writes the weighted mean of `deltas` into `out`: Σ_j (w_j / Σw) · Δ_j,
@@ -235,6 +262,35 @@ mod tests {
         a.step(&mut pa, &[0.03, 0.04]);
         b.step(&mut pb, &[0.03, 0.04]);
         assert_eq!(pa.map(f32::to_bits), pb.map(f32::to_bits));
+    }
+
+    #[test]
+    fn a_preview_lands_where_the_step_does_and_moves_no_momentum() {
+        for cfg in [
+            OuterConfig::default(),
+            OuterConfig {
+                nesterov: false,
+                ..OuterConfig::default()
+            },
+        ] {
+            let mut opt = OuterOptimizer::new(cfg, 3);
+            let mut params = [0.5f32, -0.25, 2.0];
+            opt.step(&mut params, &[0.1, 0.2, -0.3]);
+            let momentum = opt.momentum().to_vec();
+            let delta = [0.07f32, -0.011, 0.3];
+            let mut preview = Vec::new();
+            opt.preview_into(&params, &delta, &mut preview);
+            assert_eq!(
+                opt.momentum(),
+                &momentum[..],
+                "the preview moved the momentum"
+            );
+            opt.step(&mut params, &delta);
+            assert_eq!(
+                preview.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                params.map(f32::to_bits).to_vec()
+            );
+        }
     }
 
     #[test]

@@ -106,6 +106,14 @@ pub struct Args {
     /// "Slow links").
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Fraction of workers' shares replayed by a spot check (the
+    /// coordinator's `verify.spot_check_fraction`, 0 to 1) [default: the
+    /// coordinator's, 0.1]. A drawn state costs every node's round about
+    /// its size over the link, so runs compared for utilization are steadier
+    /// with draws fixed (0 turns them off; docs/architecture.md,
+    /// "Overlapped rounds, measured in `up`").
+    #[arg(long, value_name = "F")]
+    pub spot_check_fraction: Option<f64>,
 }
 
 const RUN_ID: &str = "barnraise-up";
@@ -200,6 +208,9 @@ pub(crate) async fn run_async(args: Args) -> anyhow::Result<Finished> {
         ..CoordinatorConfig::default()
     };
     config.verify.defer_state_checks = !args.hold_state_checks;
+    if let Some(fraction) = args.spot_check_fraction {
+        config.verify.spot_check_fraction = fraction;
+    }
     let shutdown = CancellationToken::new();
     let coordinator = barnraise_coordinator::start(config, shutdown.clone())
         .await

@@ -805,7 +805,14 @@ fn run_diloco_arm(
                 *encoder = Encoder::from_residual(codec, params, encoder.residual())?
                     .with_decay(spec.schedule.decay());
             }
+            // With `fold=1` the carried steps' progress joins this round's
+            // update instead of moving its start.
+            let mut folded = None;
             match carried[w].take() {
+                Some(offset) if spec.fold => {
+                    worker.set_flat_params(base)?;
+                    folded = Some(offset);
+                }
                 Some(offset) => {
                     let carry = spec.carry.unwrap_or(1.0);
                     start.clear();
@@ -816,14 +823,14 @@ fn run_diloco_arm(
                 // round r−1's updates travel) minus its own decoded update
                 // of round r−1, the proxy for the round's average; its
                 // update is then measured from there.
-                None if spec.eager && round > 0 => {
+                None if spec.eager && spec.delay > 0 && round > 0 => {
                     start.clear();
                     start.extend(base.iter().zip(&decoded[w]).map(|(b, d)| b - d));
                     worker.set_flat_params(&start)?;
                 }
                 None => worker.set_flat_params(base)?,
             }
-            let origin: &[f32] = if spec.eager && round > 0 {
+            let origin: &[f32] = if spec.eager && spec.delay > 0 && round > 0 {
                 &start
             } else {
                 base
@@ -834,7 +841,12 @@ fn run_diloco_arm(
             let report = worker.train_inner(&data.workers[w], &inner)?;
             tokens += report.tokens;
             let local = worker.flat_params()?;
-            let delta: Vec<f32> = origin.iter().zip(&local).map(|(g, l)| g - l).collect();
+            let mut delta: Vec<f32> = origin.iter().zip(&local).map(|(g, l)| g - l).collect();
+            if let Some(offset) = &folded {
+                // Δ is θ minus where the worker got to; the steps carried
+                // in moved it by `offset` on top.
+                delta.iter_mut().zip(offset).for_each(|(d, o)| *d -= o);
+            }
             let payload = encoder.encode(&delta)?;
             // Each worker's bytes are the same size; count worker 0's.
             if w == 0 {
@@ -847,7 +859,15 @@ fn run_diloco_arm(
                 // θ_r − decoded Δ (what the node sent, so a replay can start
                 // there too), on the rest of the round's batches: the ones
                 // the synchronous arm's last S steps draw.
-                let sent: Vec<f32> = base.iter().zip(&decoded[w]).map(|(b, d)| b - d).collect();
+                // With `eager=1`: from where the outer step would take θ_r
+                // were the worker's own update the round's average.
+                let sent: Vec<f32> = if spec.eager {
+                    let mut preview = Vec::with_capacity(params);
+                    outer.preview_into(base, &decoded[w], &mut preview);
+                    preview
+                } else {
+                    base.iter().zip(&decoded[w]).map(|(b, d)| b - d).collect()
+                };
                 worker.set_flat_params(&sent)?;
                 let mut tail = cfg.inner(round, cfg.batch_size, seed);
                 tail.steps = overlap;

@@ -805,6 +805,30 @@ fn diloco_bench_overlap_within_a_round_trains_the_same_tokens() {
         arm("fp32,overlap=0").heldout_per_round,
         sync.heldout_per_round
     );
+    // `fold=1` moves the carried steps into the next update instead of
+    // the next start: round 0 carries nothing yet, so it is the overlap
+    // arm's to the bit; from round 1 they part.
+    let folded = arm("fp32,overlap=2,fold=1");
+    assert_eq!(folded.tokens, sync.tokens);
+    assert_eq!(folded.heldout_per_round[0], overlapped.heldout_per_round[0]);
+    assert_ne!(folded.heldout_per_round[1], overlapped.heldout_per_round[1]);
+    assert!(folded.heldout_loss.is_finite());
+    // `eager=1` starts the S steps from the outer step's preview with the
+    // worker's own update: with plain averaging (outer lr 1, no momentum)
+    // that is θ_r minus the update, the plain arm's start, to the bit; with
+    // momentum it is not.
+    assert_eq!(
+        arm("fp32,overlap=2,eager=1").heldout_per_round,
+        overlapped.heldout_per_round
+    );
+    let mut momentum = cfg.clone();
+    momentum.outer.lr = 0.7;
+    momentum.outer.momentum = 0.9;
+    let with_momentum = |spec: &str| run_spec(&momentum, spec);
+    assert_ne!(
+        with_momentum("fp32,overlap=2,eager=1").heldout_per_round[1],
+        with_momentum("fp32,overlap=2").heldout_per_round[1]
+    );
     let error = run_arm(
         &cfg,
         &Device::Cpu,

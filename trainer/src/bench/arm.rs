@@ -18,13 +18,19 @@
 //!   recompute), and starts the next round from θ_{r+1} plus what those S
 //!   steps added, so every update after the first still spans H steps
 //!   (docs/architecture.md, "Overlapped rounds"; S < H, not with a delay);
+//!   `carry=X` scales what those S steps added before it moves onto
+//!   θ_{r+1} (default 1; 0 drops it and restarts from θ_{r+1}); `fold=1`
+//!   instead starts the next round from θ_{r+1} itself and adds what the S
+//!   steps added to the next update, so no worker restarts away from the
+//!   average and the steps still count, one outer step late;
 //! - `eager=1` — with `delay=1`: each worker starts round r from θ_{r−1}
 //!   minus its own decoded update of round r−1 (its proxy for the round's
 //!   average, which is still travelling) and its update is measured from
 //!   there; a start anyone can recompute from the manifests and the
-//!   node's own committed update (arXiv 2502.12996's eager idea);
-//!   `carry=X` scales what those S steps added before it moves onto
-//!   θ_{r+1} (default 1; 0 drops it and restarts from θ_{r+1});
+//!   node's own committed update (arXiv 2502.12996's eager idea); with
+//!   `overlap=S` instead, the S steps start from where the outer step would
+//!   take θ_r if the worker's own decoded update were the round's average
+//!   (the same stand-in, for the tail), not from θ_r minus that update;
 //! - `count=1` — short for `rule=support-mean`: for sparse codecs, each
 //!   coordinate of the average is divided by the weight of the workers that
 //!   sent it, not of all workers (an aggregation rule a run can name too).
@@ -56,8 +62,12 @@ pub struct ArmSpec {
     /// The share of the overlapped steps' progress carried onto θ_{r+1}
     /// (`None`: all of it).
     pub carry: Option<f32>,
+    /// With `overlap=S`: the next round starts from θ_{r+1} and the S steps'
+    /// progress joins the next update instead of moving the start.
+    pub fold: bool,
     /// With `delay=1`: start each round from θ_{r−1} minus the worker's own
-    /// last decoded update.
+    /// last decoded update; with `overlap=S`: start the S steps from the
+    /// outer step taken with it.
     pub eager: bool,
 }
 
@@ -76,6 +86,7 @@ impl ArmSpec {
             delay: 0,
             overlap: 0,
             carry: None,
+            fold: false,
             eager: false,
         }
     }
@@ -104,8 +115,16 @@ impl ArmSpec {
                 return Err(format!("carry {carry} must be in [0, 1]"));
             }
         }
-        if self.eager && self.delay != 1 {
-            return Err("eager=1 goes with delay=1".to_string());
+        if self.fold {
+            if self.overlap == 0 {
+                return Err("fold applies to overlap=S".to_string());
+            }
+            if self.carry.is_some() {
+                return Err("fold and carry are two ways of moving the steps; give one".to_string());
+            }
+        }
+        if self.eager && self.delay != 1 && self.overlap == 0 {
+            return Err("eager=1 goes with delay=1 or overlap=S".to_string());
         }
         if self.overlap > 0 && self.delay > 0 {
             return Err("overlap and delay are two ways of overlapping; give one".to_string());
@@ -144,6 +163,9 @@ impl fmt::Display for ArmSpec {
         if let Some(carry) = self.carry {
             write!(f, ",carry={carry}")?;
         }
+        if self.fold {
+            write!(f, ",fold=1")?;
+        }
         if self.eager {
             write!(f, ",eager=1")?;
         }
@@ -173,6 +195,7 @@ impl FromStr for ArmSpec {
             delay: 0,
             overlap: 0,
             carry: None,
+            fold: false,
             eager: false,
         };
         for (key, value) in rest {
@@ -215,11 +238,16 @@ impl FromStr for ArmSpec {
                         .map_err(|_| wrap(format!("overlap `{value}` is not a whole number")))?
                 }
                 "carry" => spec.carry = Some(number("carry")?),
-                "eager" => {
-                    spec.eager = match value {
+                "eager" | "fold" => {
+                    let on = match value {
                         "1" => true,
                         "0" => false,
-                        _ => return Err(wrap(format!("eager `{value}` is not 0 or 1"))),
+                        _ => return Err(wrap(format!("{key} `{value}` is not 0 or 1"))),
+                    };
+                    if key == "eager" {
+                        spec.eager = on;
+                    } else {
+                        spec.fold = on;
                     }
                 }
                 "om" => spec.outer_momentum = Some(number("om")?),
@@ -235,7 +263,7 @@ impl FromStr for ArmSpec {
                 }
                 _ => {
                     return Err(wrap(format!(
-                        "unknown key `{key}` (expected h, olr, om, rule, delay, eager, overlap, carry, count, decay or warm)"
+                        "unknown key `{key}` (expected h, olr, om, rule, delay, eager, overlap, carry, fold, count, decay or warm)"
                     )));
                 }
             }
@@ -291,6 +319,12 @@ mod tests {
         let carried = parse("fp32,overlap=5,carry=0.5").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(carried.carry, Some(0.5));
         assert_eq!(carried.to_string(), "fp32,overlap=5,carry=0.5");
+        let eager_tail = parse("fp32,overlap=5,eager=1").unwrap_or_else(|e| panic!("{e}"));
+        assert!(eager_tail.eager && eager_tail.overlap == 5);
+        assert_eq!(eager_tail.to_string(), "fp32,overlap=5,eager=1");
+        let folded = parse("fp32,overlap=5,fold=1").unwrap_or_else(|e| panic!("{e}"));
+        assert!(folded.fold && folded.carry.is_none());
+        assert_eq!(folded.to_string(), "fp32,overlap=5,fold=1");
         let eager = parse("fp32,delay=1,eager=1").unwrap_or_else(|e| panic!("{e}"));
         assert!(eager.eager);
         assert_eq!(eager.to_string(), "fp32,delay=1,eager=1");
@@ -335,6 +369,9 @@ mod tests {
             ("fp32,eager=1", "goes with delay=1"),
             ("fp32,delay=2,eager=1", "goes with delay=1"),
             ("fp32,overlap=2,carry=2", "must be in [0, 1]"),
+            ("fp32,fold=1", "applies to overlap"),
+            ("fp32,overlap=2,fold=1,carry=0.5", "give one"),
+            ("fp32,overlap=2,fold=2", "not 0 or 1"),
             ("fp32,h", "not key=value"),
         ] {
             let error = parse(text).expect_err(text);
