@@ -40,13 +40,15 @@ pub struct Args {
     #[arg(long)]
     pub outer_momentum: Option<f32>,
     /// A compressed arm, repeatable:
-    /// `CODEC[,h=N][,olr=X][,om=X][,rule=R][,count=1][,delay=N[,eager=1]][,overlap=S[,carry=X]][,decay=X][,warm=K0:N]`,
+    /// `CODEC[,h=N][,olr=X][,om=X][,rule=R][,count=1][,delay=N[,eager=1]][,overlap=S[,carry=X|,fold=1][,from=K][,eager=1]][,decay=X][,warm=K0:N]`,
     /// e.g. `--arm topk:4096:128:4,h=60,decay=0.95`. h sets the arm's inner
     /// steps (its rounds keep the tokens equal), olr/om its outer step, rule
     /// the aggregation (count=1 is rule=support-mean), delay a delayed outer
     /// step (eager: started from a stand-in for the average still
     /// travelling), overlap the steps trained after each commit (carry: the
-    /// share of their progress moved onto the new θ), decay the
+    /// share of their progress moved onto the new θ; fold: added to the next
+    /// update instead; from: none held back before round K; eager: started
+    /// from the outer step's preview), decay the
     /// error-feedback decay, warm a top-k density falling from K0 to k over N
     /// rounds (docs/training.md, "bench diloco"). Default: int8:256 and
     /// topk:4096:2048:4. Arms (a) dp and (b) fp32 always run as the

@@ -791,10 +791,16 @@ fn run_diloco_arm(
     }
     // With `overlap=S`: what each worker's last S steps of the previous
     // round added, to start this round from θ_r plus it.
-    let overlap = spec.overlap as usize;
+    let held_back = spec.overlap as usize;
     let mut carried: Vec<Option<Vec<f32>>> = vec![None; cfg.workers];
     let mut start = Vec::new();
     for round in 0..cfg.rounds {
+        // `from=K`: no steps held back before round K.
+        let overlap = if round >= spec.overlap_from as usize {
+            held_back
+        } else {
+            0
+        };
         let base: &[f32] = thetas.front().unwrap_or(&global);
         let started = Instant::now();
         let codec = spec.schedule.codec_at(round as u64);

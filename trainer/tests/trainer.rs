@@ -813,6 +813,16 @@ fn diloco_bench_overlap_within_a_round_trains_the_same_tokens() {
     assert_eq!(folded.heldout_per_round[0], overlapped.heldout_per_round[0]);
     assert_ne!(folded.heldout_per_round[1], overlapped.heldout_per_round[1]);
     assert!(folded.heldout_loss.is_finite());
+    // `from=K` holds nothing back before round K: with K past the last
+    // round it is the synchronous arm to the bit; with K = 1 round 0 is.
+    assert_eq!(
+        arm("fp32,overlap=2,from=3").heldout_per_round,
+        sync.heldout_per_round
+    );
+    let late = arm("fp32,overlap=2,from=1");
+    assert_eq!(late.heldout_per_round[0], sync.heldout_per_round[0]);
+    assert_ne!(late.heldout_per_round[1], sync.heldout_per_round[1]);
+    assert_eq!(late.tokens, sync.tokens);
     // `eager=1` starts the S steps from the outer step's preview with the
     // worker's own update: with plain averaging (outer lr 1, no momentum)
     // that is θ_r minus the update, the plain arm's start, to the bit; with

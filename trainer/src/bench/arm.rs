@@ -18,6 +18,7 @@
 //!   recompute), and starts the next round from θ_{r+1} plus what those S
 //!   steps added, so every update after the first still spans H steps
 //!   (docs/architecture.md, "Overlapped rounds"; S < H, not with a delay);
+//!   `from=K` holds nothing back before round K;
 //!   `carry=X` scales what those S steps added before it moves onto
 //!   θ_{r+1} (default 1; 0 drops it and restarts from θ_{r+1}); `fold=1`
 //!   instead starts the next round from θ_{r+1} itself and adds what the S
@@ -62,6 +63,8 @@ pub struct ArmSpec {
     /// The share of the overlapped steps' progress carried onto θ_{r+1}
     /// (`None`: all of it).
     pub carry: Option<f32>,
+    /// With `overlap=S`: the first round that holds steps back (0: every one).
+    pub overlap_from: u32,
     /// With `overlap=S`: the next round starts from θ_{r+1} and the S steps'
     /// progress joins the next update instead of moving the start.
     pub fold: bool,
@@ -86,6 +89,7 @@ impl ArmSpec {
             delay: 0,
             overlap: 0,
             carry: None,
+            overlap_from: 0,
             fold: false,
             eager: false,
         }
@@ -114,6 +118,9 @@ impl ArmSpec {
             if !(0.0..=1.0).contains(&carry) {
                 return Err(format!("carry {carry} must be in [0, 1]"));
             }
+        }
+        if self.overlap_from > 0 && self.overlap == 0 {
+            return Err("from applies to overlap=S".to_string());
         }
         if self.fold {
             if self.overlap == 0 {
@@ -163,6 +170,9 @@ impl fmt::Display for ArmSpec {
         if let Some(carry) = self.carry {
             write!(f, ",carry={carry}")?;
         }
+        if self.overlap_from > 0 {
+            write!(f, ",from={}", self.overlap_from)?;
+        }
         if self.fold {
             write!(f, ",fold=1")?;
         }
@@ -195,6 +205,7 @@ impl FromStr for ArmSpec {
             delay: 0,
             overlap: 0,
             carry: None,
+            overlap_from: 0,
             fold: false,
             eager: false,
         };
@@ -238,6 +249,11 @@ impl FromStr for ArmSpec {
                         .map_err(|_| wrap(format!("overlap `{value}` is not a whole number")))?
                 }
                 "carry" => spec.carry = Some(number("carry")?),
+                "from" => {
+                    spec.overlap_from = value
+                        .parse::<u32>()
+                        .map_err(|_| wrap(format!("from `{value}` is not a whole number")))?
+                }
                 "eager" | "fold" => {
                     let on = match value {
                         "1" => true,
@@ -263,7 +279,7 @@ impl FromStr for ArmSpec {
                 }
                 _ => {
                     return Err(wrap(format!(
-                        "unknown key `{key}` (expected h, olr, om, rule, delay, eager, overlap, carry, fold, count, decay or warm)"
+                        "unknown key `{key}` (expected h, olr, om, rule, delay, eager, overlap, carry, from, fold, count, decay or warm)"
                     )));
                 }
             }
@@ -322,6 +338,9 @@ mod tests {
         let eager_tail = parse("fp32,overlap=5,eager=1").unwrap_or_else(|e| panic!("{e}"));
         assert!(eager_tail.eager && eager_tail.overlap == 5);
         assert_eq!(eager_tail.to_string(), "fp32,overlap=5,eager=1");
+        let late = parse("fp32,overlap=5,from=2").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((late.overlap, late.overlap_from), (5, 2));
+        assert_eq!(late.to_string(), "fp32,overlap=5,from=2");
         let folded = parse("fp32,overlap=5,fold=1").unwrap_or_else(|e| panic!("{e}"));
         assert!(folded.fold && folded.carry.is_none());
         assert_eq!(folded.to_string(), "fp32,overlap=5,fold=1");
@@ -370,6 +389,7 @@ mod tests {
             ("fp32,delay=2,eager=1", "goes with delay=1"),
             ("fp32,overlap=2,carry=2", "must be in [0, 1]"),
             ("fp32,fold=1", "applies to overlap"),
+            ("fp32,from=2", "applies to overlap"),
             ("fp32,overlap=2,fold=1,carry=0.5", "give one"),
             ("fp32,overlap=2,fold=2", "not 0 or 1"),
             ("fp32,h", "not key=value"),
