@@ -32,7 +32,7 @@ pub use barnraise_protocol::codec::{CodecSchedule, DensityWarmup};
 use crate::data::corpus;
 use crate::model::ModelConfig;
 use crate::rng::derive_seed;
-use crate::train::{InnerConfig, TrainError, Trainer};
+use crate::train::{InnerConfig, TrainError, Trainer, tail_start};
 use barnraise_protocol::aggregate::{AggregationRule, aggregate_dense_into};
 use barnraise_protocol::codec::{self, CodecConfig, CodecError, Encoder};
 use barnraise_protocol::outer::{OuterConfig, OuterOptimizer, weighted_mean_into};
@@ -872,7 +872,7 @@ fn run_diloco_arm(
                     outer.preview_into(base, &decoded[w], &mut preview);
                     preview
                 } else {
-                    base.iter().zip(&decoded[w]).map(|(b, d)| b - d).collect()
+                    tail_start(base, &decoded[w])
                 };
                 worker.set_flat_params(&sent)?;
                 let mut tail = cfg.inner(round, cfg.batch_size, seed);
