@@ -90,9 +90,10 @@ pub struct NodeConfig {
     #[doc(hidden)]
     #[serde(skip)]
     pub fault_crash_worker: Option<usize>,
-    /// Fault injection for tests: every inner step of every worker takes
-    /// this many milliseconds longer (a slow machine, for pacing tests).
-    /// Not read from config files.
+    /// Fault injection for tests: every inner step of every worker, held-back
+    /// steps included, takes this many milliseconds longer (a slow machine,
+    /// for pacing tests; `barnraise up --step-delay-ms`, a step that leaves
+    /// the CPU free). Not read from config files.
     #[doc(hidden)]
     #[serde(skip)]
     pub fault_step_delay_ms: Option<u64>,

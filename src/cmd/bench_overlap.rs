@@ -39,6 +39,10 @@ pub struct Arm {
     pub mean_utilization: Option<f64>,
     /// Per node, in node order.
     pub utilization: Vec<Option<f64>>,
+    /// The run's throughput (`up --json`'s `tokens_per_second`): where the
+    /// nodes share this machine's cores, the check that a higher
+    /// utilization is more work done and not slower steps.
+    pub tokens_per_second: Option<f64>,
     /// Updates accepted per round.
     pub accepted: Vec<u64>,
     /// θ's held-out loss after the last round.
@@ -57,6 +61,8 @@ pub struct Pair {
     pub overlapped: Arm,
     /// Overlapped mean utilization over synchronous.
     pub utilization_ratio: Option<f64>,
+    /// Overlapped tokens per second over synchronous.
+    pub throughput_ratio: Option<f64>,
     /// Overlapped final held-out loss over synchronous, minus one.
     pub heldout_loss_gap: Option<f64>,
 }
@@ -68,6 +74,8 @@ pub struct Report {
     pub synchronous_mean_utilization: Option<f64>,
     pub overlapped_mean_utilization: Option<f64>,
     pub utilization_ratio: Option<f64>,
+    /// The mean of the pairs' throughput ratios.
+    pub mean_throughput_ratio: Option<f64>,
     pub mean_heldout_loss_gap: Option<f64>,
 }
 
@@ -120,8 +128,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("the {name} run of seed {seed}"))?;
             let arm = arm_of(finished.report, overlap);
             eprintln!(
-                "bench overlap: seed {seed}, {name}: mean utilization {}, held-out {}, {:.1} s",
+                "bench overlap: seed {seed}, {name}: mean utilization {}, {} tokens/s, held-out {}, \
+                 {:.1} s",
                 fmt(arm.mean_utilization, 3),
+                fmt(arm.tokens_per_second, 0),
                 fmt(arm.final_heldout_loss, 4),
                 arm.wall_seconds
             );
@@ -134,6 +144,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             seed,
             first: ARMS[order[0]],
             utilization_ratio: ratio(overlapped.mean_utilization, synchronous.mean_utilization),
+            throughput_ratio: ratio(overlapped.tokens_per_second, synchronous.tokens_per_second),
             heldout_loss_gap: ratio(
                 overlapped.final_heldout_loss,
                 synchronous.final_heldout_loss,
@@ -147,6 +158,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let overlapped_mean_utilization = mean(pairs.iter().map(|p| p.overlapped.mean_utilization));
     let report = Report {
         utilization_ratio: ratio(overlapped_mean_utilization, synchronous_mean_utilization),
+        mean_throughput_ratio: mean(pairs.iter().map(|p| p.throughput_ratio)),
         mean_heldout_loss_gap: mean(pairs.iter().map(|p| p.heldout_loss_gap)),
         synchronous_mean_utilization,
         overlapped_mean_utilization,
@@ -167,29 +179,40 @@ fn table(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>6}  {:>11}  {:>10}  {:>9}  {:>13}  {:>13}  {:>9}  {:>8}",
-        "seed", "first", "sync util", "ovl util", "sync held-out", "ovl held-out", "ratio", "gap"
+        "{:>6}  {:>11}  {:>10}  {:>9}  {:>9}  {:>11}  {:>13}  {:>13}  {:>8}",
+        "seed",
+        "first",
+        "sync util",
+        "ovl util",
+        "ratio",
+        "tokens/s ×",
+        "sync held-out",
+        "ovl held-out",
+        "gap"
     );
     for p in &report.pairs {
         let _ = writeln!(
             out,
-            "{:>6}  {:>11}  {:>10}  {:>9}  {:>13}  {:>13}  {:>9}  {:>8}",
+            "{:>6}  {:>11}  {:>10}  {:>9}  {:>9}  {:>11}  {:>13}  {:>13}  {:>8}",
             p.seed,
             p.first,
             fmt(p.synchronous.mean_utilization, 3),
             fmt(p.overlapped.mean_utilization, 3),
+            fmt(p.utilization_ratio, 3),
+            fmt(p.throughput_ratio, 3),
             fmt(p.synchronous.final_heldout_loss, 4),
             fmt(p.overlapped.final_heldout_loss, 4),
-            fmt(p.utilization_ratio, 3),
             gap(p.heldout_loss_gap)
         );
     }
     let _ = writeln!(
         out,
-        "mean utilization {} synchronous, {} overlapped (ratio {}); mean held-out gap {}",
+        "mean utilization {} synchronous, {} overlapped (ratio {}); throughput ratio {}; mean \
+         held-out gap {}",
         fmt(report.synchronous_mean_utilization, 3),
         fmt(report.overlapped_mean_utilization, 3),
         fmt(report.utilization_ratio, 3),
+        fmt(report.mean_throughput_ratio, 3),
         gap(report.mean_heldout_loss_gap)
     );
     out
@@ -211,6 +234,7 @@ fn arm_of(report: up::UpReport, overlap_steps: u32) -> Arm {
             .iter()
             .map(|n| n.utilization)
             .collect(),
+        tokens_per_second: report.tokens_per_second,
         accepted: report.summary.rounds.iter().map(|r| r.accepted).collect(),
         final_heldout_loss: report.summary.rounds.last().and_then(|r| r.eval_loss),
         nodes_in_agreement: report.nodes_in_agreement,
@@ -239,6 +263,7 @@ mod tests {
             wall_seconds: 1.0,
             mean_utilization: utilization,
             utilization: vec![utilization],
+            tokens_per_second: utilization.map(|u| 1000.0 * u),
             accepted: vec![1],
             final_heldout_loss: loss,
             nodes_in_agreement: 1,
@@ -256,6 +281,7 @@ mod tests {
             synchronous: arm(0, Some(s), Some(2.0)),
             overlapped: arm(3, Some(o), Some(2.02)),
             utilization_ratio: Some(o / s),
+            throughput_ratio: Some(0.96),
             heldout_loss_gap: Some(0.01),
         };
         let report = Report {
@@ -266,6 +292,7 @@ mod tests {
             synchronous_mean_utilization: Some(0.5),
             overlapped_mean_utilization: Some(0.55),
             utilization_ratio: Some(1.1),
+            mean_throughput_ratio: Some(0.96),
             mean_heldout_loss_gap: Some(0.01),
         };
         let text = table(&report);
@@ -274,9 +301,10 @@ mod tests {
         assert!(rows[1].trim_start().starts_with("7  synchronous"), "{text}");
         assert!(rows[2].trim_start().starts_with("8   overlapped"), "{text}");
         assert!(
-            rows[1].contains("1.250") && rows[1].contains("+1.00%"),
+            rows[1].contains("1.250") && rows[1].contains("0.960") && rows[1].contains("+1.00%"),
             "{text}"
         );
         assert!(rows[3].contains("ratio 1.100"), "{text}");
+        assert!(rows[3].contains("throughput ratio 0.960"), "{text}");
     }
 }

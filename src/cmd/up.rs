@@ -114,6 +114,13 @@ pub struct Args {
     /// "Overlapped rounds, measured in `up`").
     #[arg(long, value_name = "F")]
     pub spot_check_fraction: Option<f64>,
+    /// Make every inner step of every node also wait N ms: a model of a
+    /// node whose steps run on an accelerator and leave the CPU free, so
+    /// that what a round waits for is the link, not cores the nodes share
+    /// (for comparisons: docs/architecture.md, "Overlapped rounds where the
+    /// CPU is free").
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub step_delay_ms: Option<u64>,
 }
 
 const RUN_ID: &str = "barnraise-up";
@@ -263,6 +270,7 @@ pub(crate) async fn run_async(args: Args) -> anyhow::Result<Finished> {
             max_rounds: Some(args.rounds),
             link: links[i as usize].clone(),
             prefetch_updates: !args.no_prefetch,
+            fault_step_delay_ms: args.step_delay_ms,
             ..NodeConfig::default()
         };
         let (tx, mut rx) = mpsc::channel::<NodeEvent>(64);
@@ -556,6 +564,11 @@ pub struct UpReport {
     pub nodes_in_agreement: usize,
     /// The nodes' mean utilization (`NodeLine::utilization`).
     pub mean_utilization: Option<f64>,
+    /// Tokens the nodes committed ÷ seconds from the earliest first plan to
+    /// the latest manifest applied: the run's throughput. On a machine whose
+    /// cores the nodes share, training seconds stretch when other work
+    /// competes, so utilization can rise while this does not; compare both.
+    pub tokens_per_second: Option<f64>,
     pub node_summaries: Vec<NodeLine>,
     /// Who moved the bytes: the coordinator's egress and ingress by kind,
     /// what nodes served each other, and the accepted updates' total size.
@@ -735,6 +748,22 @@ impl PhaseSeconds {
     }
 }
 
+/// The nodes' committed tokens ÷ seconds from the earliest first plan to
+/// the latest manifest applied (`UpReport::tokens_per_second`); `None`
+/// before any node both started and applied a round.
+fn run_throughput<'a>(nodes: impl Iterator<Item = &'a NodeSummary>) -> Option<f64> {
+    let (mut tokens, mut first, mut last) = (0u64, u64::MAX, 0u64);
+    for node in nodes {
+        tokens = tokens.saturating_add(node.tokens_trained);
+        if let (Some(start), Some(end)) = (node.first_plan_ms, node.last_applied_ms) {
+            first = first.min(start);
+            last = last.max(end);
+        }
+    }
+    let span = last.checked_sub(first).filter(|&ms| ms > 0)?;
+    Some(tokens as f64 / (span as f64 / 1e3))
+}
+
 impl UpReport {
     fn new(
         args: &Args,
@@ -775,6 +804,7 @@ impl UpReport {
             peer_served_bytes: nodes.iter().map(|(_, s)| s.bytes_served_to_peers).sum(),
             ..summary.network.clone()
         };
+        let tokens_per_second = run_throughput(nodes.iter().map(|(_, s)| s));
         let node_summaries: Vec<NodeLine> = nodes
             .into_iter()
             .map(|(index, s)| NodeLine {
@@ -829,6 +859,7 @@ impl UpReport {
             codec_at_parity: codec_loss_cost.map(|c| c <= PARITY),
             nodes_in_agreement,
             mean_utilization,
+            tokens_per_second,
             node_summaries,
             network,
             rounds: summary.rounds.clone(),
@@ -1071,6 +1102,27 @@ mod tests {
         super::seeded_node_key(&a, 7, 0).expect("the same key again is fine");
         let error = super::seeded_node_key(&a, 8, 0).expect_err("another seed's key");
         assert!(error.to_string().contains("another key"), "{error}");
+    }
+
+    #[test]
+    fn throughput_spans_the_earliest_plan_to_the_latest_manifest() {
+        use barnraise_node::NodeSummary;
+        let node = |tokens, first, last| NodeSummary {
+            tokens_trained: tokens,
+            first_plan_ms: first,
+            last_applied_ms: last,
+            ..NodeSummary::default()
+        };
+        // 3,000 tokens over 2 s to 12 s; a node that never applied a
+        // round still counts its tokens but not its clock.
+        let nodes = [
+            node(1_000, Some(2_000), Some(10_000)),
+            node(1_500, Some(4_000), Some(12_000)),
+            node(500, Some(1_000), None),
+        ];
+        assert_eq!(super::run_throughput(nodes.iter()), Some(300.0));
+        assert_eq!(super::run_throughput(nodes[2..].iter()), None);
+        assert_eq!(super::run_throughput([].iter()), None);
     }
 
     #[test]

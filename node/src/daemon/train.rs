@@ -149,7 +149,14 @@ impl Node {
         let store = self.store.clone();
         let shutdown = self.shutdown.clone();
         let pause = self.config.pause.clone();
+        let step_delay = self
+            .config
+            .fault_step_delay_ms
+            .map(std::time::Duration::from_millis);
         let progress = move |_worker: usize, _step: usize, _loss: f32| {
+            if let Some(delay) = step_delay {
+                std::thread::sleep(delay);
+            }
             !shutdown.is_cancelled() && !pause.as_ref().is_some_and(|p| p.is_paused())
         };
         tracing::debug!(
