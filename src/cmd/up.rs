@@ -986,6 +986,13 @@ impl std::fmt::Display for UpReport {
                 mean * 100.0,
                 each.join(", ")
             )?;
+            if let Some(rate) = self.tokens_per_second {
+                writeln!(
+                    f,
+                    "  throughput: {rate:.0} tokens/s committed from the first plan to the last \
+                     manifest"
+                )?;
+            }
             let phases: Vec<PhaseSeconds> = self.node_summaries.iter().map(|n| n.phases).collect();
             let p = PhaseSeconds::mean(&phases);
             writeln!(
