@@ -220,6 +220,13 @@ pub enum ConfigError {
 }
 
 impl NodeConfig {
+    /// What every inner step waits on top of training
+    /// (`fault_step_delay_ms`), if anything.
+    pub(crate) fn step_delay(&self) -> Option<std::time::Duration> {
+        self.fault_step_delay_ms
+            .map(std::time::Duration::from_millis)
+    }
+
     /// Reads a TOML config file; fields it leaves out keep their defaults.
     pub fn from_toml_file(path: &Path) -> Result<NodeConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -149,10 +149,7 @@ impl Node {
         let store = self.store.clone();
         let shutdown = self.shutdown.clone();
         let pause = self.config.pause.clone();
-        let step_delay = self
-            .config
-            .fault_step_delay_ms
-            .map(std::time::Duration::from_millis);
+        let step_delay = self.config.step_delay();
         let progress = move |_worker: usize, _step: usize, _loss: f32| {
             if let Some(delay) = step_delay {
                 std::thread::sleep(delay);
@@ -347,10 +344,7 @@ impl Node {
         let events = self.events.clone();
         let shutdown = self.shutdown.clone();
         let pause = self.config.pause.clone();
-        let step_delay = self
-            .config
-            .fault_step_delay_ms
-            .map(std::time::Duration::from_millis);
+        let step_delay = self.config.step_delay();
         let progress = move |worker: usize, step: usize, loss: f32| {
             if let Some(delay) = step_delay {
                 std::thread::sleep(delay);
